@@ -1,0 +1,745 @@
+"""Policy-gradient math for RL fine-tuning of language models, as pure tensor functions.
+
+Nothing here knows about models, tokenizers or Accelerate: every function maps tensors to
+tensors, so the trainer, the tests and user code can call them alike.
+
+Vocabulary and shapes (used in every docstring):
+    B             number of sequences (responses) in the batch
+    T             number of response tokens (padded)
+    mask          [B, T] float/bool, 1 = real response token, 0 = padding after EOS
+    token_rewards [B, T] per-token rewards (score at the last real token, minus KL penalty)
+    logprobs      [B, T] log pi_theta(a_t | s_t) of the sampled tokens
+    old_logprobs  [B, T] the same under the policy that generated the rollout
+    ref_logprobs  [B, T] the same under the frozen reference policy
+    values        [B, T] critic estimates V(s_t)
+    advantages    [B, T], returns [B, T]
+    group_ids     [B] integer id of the prompt group each sequence belongs to
+
+Inputs may be float32 or bfloat16; anything that reduces or accumulates runs and returns in
+float32 so that low-precision activations never decide the loss math. No function changes its
+inputs in place.
+
+Registries: ``ADVANTAGE_ESTIMATORS`` and ``POLICY_LOSSES`` map config names to functions that
+share one signature each; an unknown name raises ``ValueError`` listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "agg_loss",
+    "LOSS_AGG_MODES",
+    "kl_penalty",
+    "KL_ESTIMATORS",
+    "token_level_rewards",
+    "FixedKLController",
+    "AdaptiveKLController",
+    "MovingAverageBaseline",
+    "discounted_returns",
+    "sequence_scores",
+    "group_stats",
+    "ADVANTAGE_ESTIMATORS",
+    "POLICY_LOSSES",
+    "Registry",
+    "value_loss",
+    "entropy_from_logits",
+    "logprobs_from_logits",
+    "conjugate_gradient",
+    "trpo_step_size",
+    "backtracking_line_search",
+]
+
+
+class Registry(dict):
+    """A name -> function dict whose missing keys raise ``ValueError`` naming the valid keys."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def __missing__(self, name: str):
+        raise ValueError(f"unknown {self.kind} {name!r}; valid names: {', '.join(sorted(self))}")
+
+    def register(self, name: str) -> Callable[[Callable], Callable]:
+        def decorator(fn: Callable) -> Callable:
+            self[name] = fn
+            return fn
+
+        return decorator
+
+
+ADVANTAGE_ESTIMATORS: Registry = Registry("advantage estimator")
+POLICY_LOSSES: Registry = Registry("policy loss")
+
+
+# ----------------------------------------------------------------------------------------------
+# Masked statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``x`` over positions where ``mask`` is set, in float32.
+
+    x, mask: same shape (e.g. [B, T]); dim=None reduces everything to a scalar.
+    """
+    masked = x.float() * mask.float()
+    return masked.sum() if dim is None else masked.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over masked positions: sum(x * mask) / sum(mask), in float32.
+
+    x, mask: same shape (e.g. [B, T]). dim=None -> scalar; dim=d reduces only dimension d
+    (rows with an empty mask give 0 rather than NaN).
+    """
+    mask = mask.float()
+    if dim is None:
+        return masked_sum(x, mask) / mask.sum().clamp(min=1.0)
+    return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of the masked entries of ``x`` (all dimensions pooled), float32 scalar.
+
+    x, mask: same shape (e.g. [B, T]).
+    var = sum(mask * (x - mean)^2) / (n - 1)   with n = sum(mask)   (unbiased, Bessel)
+    var = sum(mask * (x - mean)^2) / n                               (unbiased=False)
+    """
+    mask = mask.float()
+    mean = masked_mean(x, mask)
+    centered_sq = (x.float() - mean) ** 2
+    n = mask.sum()
+    sum_sq = masked_sum(centered_sq, mask)
+    if unbiased:
+        if n <= 1:
+            return torch.zeros((), dtype=torch.float32, device=x.device)
+        return sum_sq / (n - 1)
+    return sum_sq / n.clamp(min=1.0)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise masked entries of ``x`` to zero mean and unit variance, float32, same shape.
+
+    x, mask: same shape (e.g. [B, T]).
+    out = (x - mean) / sqrt(var + eps)      mean, var (unbiased) over entries with mask = 1
+    shift_mean=False adds the mean back:  out = (x - mean) / sqrt(var + eps) + mean
+    Masked-out positions are set to 0 so padding can never leak into a loss.
+    """
+    mask_f = mask.float()
+    mean = masked_mean(x, mask_f)
+    var = masked_var(x, mask_f, unbiased=True)
+    whitened = (x.float() - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask_f
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss aggregation
+# ----------------------------------------------------------------------------------------------
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def agg_loss(loss: Tensor, mask: Tensor, mode: str = "token-mean", norm_length: int | None = None) -> Tensor:
+    """Reduce a per-token loss [B, T] to a float32 scalar.
+
+    loss, mask: [B, T].
+    token-mean               = sum(loss * mask) / sum(mask)              (DAPO; no length bias)
+    seq-mean-token-mean      = mean_i( sum_t(loss * mask)_i / sum_t(mask)_i )   (original GRPO)
+    seq-mean-token-sum       = mean_i( sum_t(loss * mask)_i )
+    seq-mean-token-sum-norm  = sum(loss * mask) / (B * norm_length), norm_length defaults to T
+                             (Dr. GRPO: a constant divisor, so no per-sequence length bias)
+    """
+    mask = mask.float()
+    if mode == "token-mean":
+        return masked_mean(loss, mask)
+    if mode == "seq-mean-token-mean":
+        per_seq = masked_sum(loss, mask, dim=-1) / mask.sum(-1).clamp(min=1.0)
+        return per_seq.mean()
+    if mode == "seq-mean-token-sum":
+        return masked_sum(loss, mask, dim=-1).mean()
+    if mode == "seq-mean-token-sum-norm":
+        length = loss.shape[-1] if norm_length is None else norm_length
+        return masked_sum(loss, mask) / (loss.shape[0] * length)
+    raise ValueError(f"unknown loss_agg_mode {mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# KL penalty and reward shaping
+# ----------------------------------------------------------------------------------------------
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1", mask: Tensor | None = None) -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from sampled-token logprobs, float32 [B, T].
+
+    With log_ratio = lp - ref (Schulman, "Approximating KL divergence", 2020):
+        k1 = lp - ref                                 unbiased, can be negative per token
+        k2 = 0.5 * (lp - ref)^2                       biased, low variance, >= 0
+        k3 = exp(ref - lp) - (ref - lp) - 1           unbiased, >= 0 (GRPO's loss term)
+    Positions where ``mask`` is 0 are 0 (mask defaults to all ones). The log-ratio inside the
+    k3 exponential is clamped to [-20, 20] so one outlier token cannot overflow to inf.
+    """
+    log_ratio = logprobs.float() - ref_logprobs.float()
+    if estimator == "k1":
+        kl = log_ratio
+    elif estimator == "k2":
+        kl = 0.5 * log_ratio.square()
+    elif estimator == "k3":
+        neg = (-log_ratio).clamp(-20.0, 20.0)
+        kl = torch.exp(neg) - neg - 1.0
+    else:
+        raise ValueError(f"unknown kl_estimator {estimator!r}; valid names: {', '.join(KL_ESTIMATORS)}")
+    if mask is not None:
+        kl = kl * mask.float()
+    return kl
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index of the last real token of each row, [B] long (0 for rows without real tokens).
+
+    mask: [B, T].
+    """
+    T = mask.shape[-1]
+    positions = torch.arange(T, device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), positions, torch.zeros_like(positions)).max(dim=-1).values
+
+
+def token_level_rewards(scores: Tensor, mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0) -> Tensor:
+    """Spread sequence scores [B] into per-token rewards [B, T] (float32), Ziegler et al. 2019.
+
+    r_{i,t} = -kl_coef * kl_{i,t} * mask_{i,t}  +  scores_i * [t == last real token of row i]
+    Rows with no real token receive nothing (there is no action to credit).
+    """
+    mask_f = mask.float()
+    rewards = torch.zeros_like(mask_f)
+    if kl is not None and kl_coef != 0.0:
+        rewards = rewards - kl_coef * kl.float() * mask_f
+    last = last_token_index(mask)
+    has_tokens = mask_f.sum(-1) > 0
+    score_at_last = torch.zeros_like(mask_f).scatter(
+        1, last.unsqueeze(1), (scores.float() * has_tokens.float()).unsqueeze(1)
+    )
+    return rewards + score_at_last
+
+
+class FixedKLController:
+    """A constant KL coefficient: ``value`` never changes."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """No-op: the coefficient is fixed."""
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient of Ziegler et al. 2019 ("Fine-Tuning LMs from Human Preferences").
+
+    err   = clip(current_kl / target - 1, -0.2, 0.2)
+    value = value * (1 + err * n_steps / horizon)
+    The coefficient grows while the policy drifts past ``target`` nats and shrinks below it.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        if target <= 0 or horizon <= 0:
+            raise ValueError("AdaptiveKLController needs target > 0 and horizon > 0")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class MovingAverageBaseline:
+    """Exponential moving average of batch returns, the classic REINFORCE baseline b.
+
+    value = 0.0 before the first update; the first update sets value = mean(batch_returns);
+    later updates: value <- decay * value + (1 - decay) * mean(batch_returns).
+    Use ``value`` for a batch *before* calling ``update`` with that batch, so the baseline never
+    depends on the sample it is subtracted from (keeps the gradient estimate unbiased).
+    """
+
+    def __init__(self, decay: float = 0.9):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"baseline decay must be in [0, 1), got {decay}")
+        self.decay = float(decay)
+        self.value = 0.0
+        self.initialized = False
+
+    def update(self, batch_returns: Tensor | list[float] | float) -> None:
+        batch_mean = float(torch.as_tensor(batch_returns, dtype=torch.float32).mean())
+        if not self.initialized:
+            self.value = batch_mean
+            self.initialized = True
+        else:
+            self.value = self.decay * self.value + (1.0 - self.decay) * batch_mean
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "initialized": self.initialized, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+        self.initialized = bool(state["initialized"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantage estimators:  fn(token_rewards, mask, *, values, group_ids, gamma, lam, baseline, eps)
+#                        -> (advantages [B, T], returns [B, T])
+# ----------------------------------------------------------------------------------------------
+
+
+def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """Reward-to-go G_t = sum_{l >= t} gamma^(l - t) r_l over real tokens, float32 [B, T].
+
+    token_rewards, mask: [B, T]. Padding contributes no reward and is 0 in the output.
+    """
+    mask_f = mask.float()
+    rewards = token_rewards.float() * mask_f
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns * mask_f
+
+
+def sequence_scores(token_rewards: Tensor, mask: Tensor) -> Tensor:
+    """Total reward of each sequence s_i = sum_t r_{i,t} * mask_{i,t}, float32 [B]."""
+    return masked_sum(token_rewards, mask, dim=-1)
+
+
+def group_stats(scores: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample statistics of each sample's group, each float32 [B].
+
+    scores: [B]; group_ids: [B] ints (any values, groups may differ in size).
+    Returns (group_sum, group_count, group_std) broadcast back to samples; std is unbiased
+    (torch.std default) and 0 for groups of one sample.
+    """
+    scores = scores.float()
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    sums = torch.zeros(n_groups, dtype=torch.float32, device=scores.device).index_add(0, inverse, scores)
+    counts = torch.zeros(n_groups, dtype=torch.float32, device=scores.device).index_add(
+        0, inverse, torch.ones_like(scores)
+    )
+    means = sums / counts
+    sq_dev = (scores - means[inverse]) ** 2
+    sum_sq = torch.zeros(n_groups, dtype=torch.float32, device=scores.device).index_add(0, inverse, sq_dev)
+    stds = torch.where(counts > 1, (sum_sq / (counts - 1).clamp(min=1.0)).sqrt(), torch.zeros_like(sums))
+    return sums[inverse], counts[inverse], stds[inverse]
+
+
+def _require_group_ids(group_ids: Tensor | None, name: str) -> Tensor:
+    if group_ids is None:
+        raise ValueError(f"advantage estimator {name!r} needs group_ids [B] (num_generations samples per prompt)")
+    return group_ids
+
+
+@ADVANTAGE_ESTIMATORS.register("reinforce")
+def reinforce_advantages(
+    token_rewards: Tensor,
+    mask: Tensor,
+    *,
+    values: Tensor | None = None,
+    group_ids: Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    baseline: float = 0.0,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE with a baseline (Williams 1992): A_t = G_t - b.
+
+    G_t = sum_{l >= t} gamma^(l - t) r_l over real tokens; b = ``baseline``, the moving average
+    of earlier batches' returns (value *before* this batch updates it).
+    token_rewards, mask: [B, T] -> advantages [B, T], returns G [B, T] (float32, 0 on padding).
+    """
+    returns = discounted_returns(token_rewards, mask, gamma)
+    advantages = (returns - float(baseline)) * mask.float()
+    return advantages, returns
+
+
+@ADVANTAGE_ESTIMATORS.register("gae")
+def gae_advantages(
+    token_rewards: Tensor,
+    mask: Tensor,
+    *,
+    values: Tensor | None = None,
+    group_ids: Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    baseline: float = 0.0,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """Generalised Advantage Estimation (Schulman et al. 2016) on response tokens.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t         with V = 0 after the last real token
+    A_t     = sum_{l >= 0} (gamma * lam)^l delta_{t+l}
+    returns = A + V                               (the critic's regression target)
+    token_rewards, values, mask: [B, T] -> advantages [B, T], returns [B, T] (float32).
+    """
+    if values is None:
+        raise ValueError("advantage estimator 'gae' needs values [B, T] from a value head")
+    mask_f = mask.float()
+    rewards = token_rewards.float() * mask_f
+    values_f = values.float() * mask_f
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values_f[:, t + 1] if t + 1 < T else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values_f[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages[:, t] = last_gae
+    advantages = advantages * mask_f
+    returns = (advantages + values_f) * mask_f
+    return advantages, returns
+
+
+@ADVANTAGE_ESTIMATORS.register("grpo")
+def grpo_advantages(
+    token_rewards: Tensor,
+    mask: Tensor,
+    *,
+    values: Tensor | None = None,
+    group_ids: Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    baseline: float = 0.0,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """Group-relative advantages of GRPO (Shao et al. 2024, DeepSeekMath).
+
+    s_i = sum_t r_{i,t};  A_i = (s_i - mean_{j in g(i)} s_j) / (std_{j in g(i)} s_j + eps)
+    std unbiased; a group of one sample gets A = 0. A_i is broadcast over row i's real tokens.
+    token_rewards, mask: [B, T]; group_ids: [B] -> advantages [B, T], returns = advantages.
+    """
+    group_ids = _require_group_ids(group_ids, "grpo")
+    scores = sequence_scores(token_rewards, mask)
+    group_sum, group_count, group_std = group_stats(scores, group_ids)
+    seq_adv = (scores - group_sum / group_count) / (group_std + eps)
+    advantages = seq_adv.unsqueeze(1) * mask.float()
+    return advantages, advantages.clone()
+
+
+@ADVANTAGE_ESTIMATORS.register("dr_grpo")
+def dr_grpo_advantages(
+    token_rewards: Tensor,
+    mask: Tensor,
+    *,
+    values: Tensor | None = None,
+    group_ids: Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    baseline: float = 0.0,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """Dr. GRPO (Liu et al. 2025): group-mean baseline without the std division.
+
+    A_i = s_i - mean_{j in g(i)} s_j, broadcast over real tokens. Dividing by the std favours
+    questions that are too easy or too hard; dropping it removes that difficulty bias.
+    token_rewards, mask: [B, T]; group_ids: [B] -> advantages [B, T], returns = advantages.
+    """
+    group_ids = _require_group_ids(group_ids, "dr_grpo")
+    scores = sequence_scores(token_rewards, mask)
+    group_sum, group_count, _ = group_stats(scores, group_ids)
+    advantages = (scores - group_sum / group_count).unsqueeze(1) * mask.float()
+    return advantages, advantages.clone()
+
+
+@ADVANTAGE_ESTIMATORS.register("rloo")
+def rloo_advantages(
+    token_rewards: Tensor,
+    mask: Tensor,
+    *,
+    values: Tensor | None = None,
+    group_ids: Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    baseline: float = 0.0,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE Leave-One-Out (Kool et al. 2019; Ahmadian et al. 2024).
+
+    The whole response is one action: A_i = s_i - (sum_{j in g(i), j != i} s_j) / (k - 1),
+    k = size of i's group; a group of one sample has no baseline and gets A = 0.
+    token_rewards, mask: [B, T]; group_ids: [B] -> advantages [B, T], returns = advantages.
+    """
+    group_ids = _require_group_ids(group_ids, "rloo")
+    scores = sequence_scores(token_rewards, mask)
+    group_sum, group_count, _ = group_stats(scores, group_ids)
+    leave_one_out = (group_sum - scores) / (group_count - 1).clamp(min=1.0)
+    seq_adv = torch.where(group_count > 1, scores - leave_one_out, torch.zeros_like(scores))
+    advantages = seq_adv.unsqueeze(1) * mask.float()
+    return advantages, advantages.clone()
+
+
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp")
+def reinforce_pp_advantages(
+    token_rewards: Tensor,
+    mask: Tensor,
+    *,
+    values: Tensor | None = None,
+    group_ids: Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    baseline: float = 0.0,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE++ (Hu 2025): reward-to-go whitened over the whole batch.
+
+    G_t = sum_{l >= t} gamma^(l - t) r_l (token rewards already carry the per-token KL);
+    A = masked_whiten(G, mask) — the batch statistics act as the baseline, no critic, no groups.
+    token_rewards, mask: [B, T] -> advantages [B, T], returns G [B, T] (float32).
+    """
+    returns = discounted_returns(token_rewards, mask, gamma)
+    advantages = masked_whiten(returns, mask)
+    return advantages, returns
+
+
+# ----------------------------------------------------------------------------------------------
+# Policy losses:  fn(logprobs, old_logprobs, advantages, mask, *, clip_range, clip_range_high,
+#                    dual_clip, loss_agg_mode) -> (loss scalar, stats dict)
+# ----------------------------------------------------------------------------------------------
+
+
+def _approx_kl(logprobs: Tensor, old_logprobs: Tensor | None, mask: Tensor) -> float:
+    if old_logprobs is None:
+        return 0.0
+    return float(masked_mean(0.5 * (logprobs.detach().float() - old_logprobs.float()) ** 2, mask))
+
+
+@POLICY_LOSSES.register("pg")
+def pg_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_range: float = 0.2,
+    clip_range_high: float | None = None,
+    dual_clip: float | None = None,
+    loss_agg_mode: str = "token-mean",
+) -> tuple[Tensor, dict[str, float]]:
+    """Vanilla policy gradient (REINFORCE): per-token loss = -A_t * log pi(a_t | s_t).
+
+    Its gradient is the policy-gradient theorem's estimator -A_t * grad log pi. old_logprobs is
+    only used for the ``approx_kl`` diagnostic. logprobs, old_logprobs, advantages, mask: [B, T].
+    Returns (float32 scalar loss, {"clip_frac": 0.0, "approx_kl": ...}).
+    """
+    per_token = -advantages.float().detach() * logprobs.float()
+    loss = agg_loss(per_token, mask, loss_agg_mode)
+    return loss, {"clip_frac": 0.0, "approx_kl": _approx_kl(logprobs, old_logprobs, mask)}
+
+
+@POLICY_LOSSES.register("ppo_clip")
+def ppo_clip_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_range: float = 0.2,
+    clip_range_high: float | None = None,
+    dual_clip: float | None = None,
+    loss_agg_mode: str = "token-mean",
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO clipped surrogate (Schulman et al. 2017), with DAPO clip-higher and dual-clip.
+
+    ratio = exp(lp - old)
+    l1 = -A * ratio;  l2 = -A * clamp(ratio, 1 - clip_range, 1 + (clip_range_high or clip_range))
+    per-token loss = max(l1, l2)
+    dual_clip = c > 1 (Ye et al. 2020): for A < 0, loss = min(max(l1, l2), -A * c), which caps
+    the loss when a very unlikely token got a negative advantage.
+    logprobs, old_logprobs, advantages, mask: [B, T]. Returns (float32 scalar loss, stats) with
+    clip_frac = token-mean[l2 > l1], approx_kl = token-mean[0.5 (lp - old)^2], dual_clip_frac.
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (e.g. 3.0), got {dual_clip}")
+    upper = clip_range if clip_range_high is None else clip_range_high
+    adv = advantages.float().detach()
+    # Clamp the log-ratio before exp: a single token with a huge ratio would otherwise give inf*0.
+    log_ratio = (logprobs.float() - old_logprobs.float().detach()).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + upper)
+    per_token = torch.maximum(loss_unclipped, loss_clipped)
+    stats = {
+        "clip_frac": float(masked_mean((loss_clipped > loss_unclipped).float(), mask)),
+        "approx_kl": _approx_kl(logprobs, old_logprobs, mask),
+    }
+    if dual_clip is not None:
+        capped = torch.minimum(per_token, -adv * dual_clip)
+        stats["dual_clip_frac"] = float(masked_mean(((adv < 0) & (capped < per_token)).float(), mask))
+        per_token = torch.where(adv < 0, capped, per_token)
+    loss = agg_loss(per_token, mask, loss_agg_mode)
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_range: float | None = 0.2,
+    loss_agg_mode: str = "token-mean",
+) -> tuple[Tensor, dict[str, float]]:
+    """Clipped value-function loss of PPO.
+
+    v_clip = old + clamp(v - old, -c, c)
+    per-token loss = 0.5 * max((v - R)^2, (v_clip - R)^2);   clip_range=None -> 0.5 * (v - R)^2
+    values, old_values, returns, mask: [B, T]. Returns (float32 scalar, {"vf_clip_frac": ...}),
+    vf_clip_frac = token-mean of tokens where the clipped term is the larger one.
+    """
+    v = values.float()
+    target = returns.float().detach()
+    loss_unclipped = (v - target) ** 2
+    if clip_range is None:
+        per_token = 0.5 * loss_unclipped
+        clip_frac = 0.0
+    else:
+        old = old_values.float().detach()
+        v_clipped = old + torch.clamp(v - old, -clip_range, clip_range)
+        loss_clipped = (v_clipped - target) ** 2
+        per_token = 0.5 * torch.maximum(loss_unclipped, loss_clipped)
+        clip_frac = float(masked_mean((loss_clipped > loss_unclipped).float(), mask))
+    return agg_loss(per_token, mask, loss_agg_mode), {"vf_clip_frac": clip_frac}
+
+
+# ----------------------------------------------------------------------------------------------
+# Logits helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the categorical distribution at each position, float32 [B, T].
+
+    logits: [B, T, V].  H = logsumexp(z) - sum_v softmax(z)_v * z_v  (stable for large logits).
+    """
+    # Shift by the max first: for logits around 1e3 float32 would otherwise lose the entropy's digits.
+    logits = logits.float()
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    log_normalizer = torch.logsumexp(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    return log_normalizer - (probs * logits).sum(-1)
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """log softmax(logits)[labels] per position, float32 [B, T].
+
+    logits: [B, T, V]; labels: [B, T] long.  lp = z[label] - logsumexp(z).
+    Gathers before normalising, so no second [B, T, V] tensor is built for float32 input;
+    lower-precision logits are upcast one row at a time to bound the extra memory.
+    """
+    labels = labels.long().unsqueeze(-1)
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = logits.gather(-1, labels).squeeze(-1)
+        return (picked - torch.logsumexp(logits, dim=-1)).float()
+    rows = []
+    for row_logits, row_labels in zip(logits, labels):
+        row_logits = row_logits.float()
+        picked = row_logits.gather(-1, row_labels).squeeze(-1)
+        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# TRPO (Schulman et al. 2015): natural-gradient step inside a KL trust region
+# ----------------------------------------------------------------------------------------------
+
+
+def conjugate_gradient(
+    Avp: Callable[[Tensor], Tensor], b: Tensor, iters: int = 10, residual_tol: float = 1e-10
+) -> Tensor:
+    """Solve A x = b for symmetric positive-definite A, given only x -> A x.
+
+    b: [N] flat vector; Avp: [N] -> [N] (e.g. a Fisher-vector product). Returns x [N] float32.
+    Standard CG (Hestenes & Stiefel 1952); stops after ``iters`` or when r.r < residual_tol.
+    """
+    b = b.float()
+    x = torch.zeros_like(b)
+    residual = b.clone()
+    direction = b.clone()
+    residual_sq = residual.dot(residual)
+    for _ in range(iters):
+        if residual_sq < residual_tol:
+            break
+        A_direction = Avp(direction).float()
+        alpha = residual_sq / direction.dot(A_direction)
+        x = x + alpha * direction
+        residual = residual - alpha * A_direction
+        new_residual_sq = residual.dot(residual)
+        direction = residual + (new_residual_sq / residual_sq) * direction
+        residual_sq = new_residual_sq
+    return x
+
+
+def trpo_step_size(step_dir: Tensor, Avp_of_step_dir: Tensor, max_kl: float) -> float:
+    """Scale beta so that the quadratic KL model of beta * s equals max_kl.
+
+    0.5 * beta^2 * s^T A s = max_kl  =>  beta = sqrt(2 * max_kl / (s^T A s))
+    step_dir, Avp_of_step_dir: [N]. Returns 0.0 when s^T A s <= 0 (no trustworthy curvature).
+    """
+    curvature = float(step_dir.float().dot(Avp_of_step_dir.float()))
+    if not math.isfinite(curvature) or curvature <= 0.0:
+        return 0.0
+    return math.sqrt(2.0 * max_kl / curvature)
+
+
+def backtracking_line_search(
+    f: Callable[[Tensor], float],
+    x0: Tensor,
+    full_step: Tensor,
+    expected_improve: float,
+    max_backtracks: int = 10,
+    accept_ratio: float = 0.1,
+    constraint: Callable[[Tensor], bool] | None = None,
+) -> tuple[bool, Tensor]:
+    """Shrink a step until it really improves the objective (TRPO's line search).
+
+    f: x -> loss to *minimise*; x0, full_step: [N]; expected_improve: the first-order predicted
+    decrease of f for the full step (-g . full_step). Tries x = x0 + 0.5^k * full_step for
+    k = 0 .. max_backtracks-1 and accepts the first one with
+        actual = f(x0) - f(x) > 0   and   actual / (0.5^k * expected_improve) > accept_ratio
+    and, when given, ``constraint(x)`` true (e.g. measured KL <= max_kl).
+    Returns (True, x) for the accepted step, or (False, x0) when none qualifies.
+    """
+    f0 = float(f(x0))
+    for k in range(max_backtracks):
+        fraction = 0.5**k
+        candidate = x0 + fraction * full_step
+        actual_improve = f0 - float(f(candidate))
+        expected = expected_improve * fraction
+        if (
+            actual_improve > 0
+            and expected > 0
+            and actual_improve / expected > accept_ratio
+            and (constraint is None or constraint(candidate))
+        ):
+            return True, candidate
+    return False, x0
