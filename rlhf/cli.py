@@ -1,0 +1,57 @@
+"""Entry points shared by scripts/*.py and the ``rlhf`` console command.
+
+Bad input (rlhf.errors.UserError) becomes one line on stderr and exit code 2; anything else is
+a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from rlhf.errors import UserError
+
+# What each train script means by its name; a --config file or CLI flag can still override.
+ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ppo": {"advantage_estimator": "gae", "policy_loss": "ppo_clip", "whiten_advantages": True},
+    "reinforce": {"advantage_estimator": "reinforce", "policy_loss": "pg", "whiten_advantages": False},
+}
+
+
+def exit_on_user_error(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def train_main(algorithm: str, argv: list[str] | None = None) -> None:
+    """``python scripts/train_<algorithm>.py [--config FILE] [--key value ...]``."""
+
+    def run() -> None:
+        from rlhf.config import parse_config
+
+        config = parse_config(argv, ALGORITHM_DEFAULTS[algorithm], prog=f"train_{algorithm}.py",
+                              description=f"{algorithm.upper()} fine-tuning of a LoRA policy (see README).")
+        from rlhf.trainer import RLTrainer  # heavy imports only after the config is valid
+
+        RLTrainer(config).train()
+
+    exit_on_user_error(run)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``rlhf train <algorithm> [flags]`` — the same code as scripts/train_<algorithm>.py."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    usage = f"usage: rlhf train {{{','.join(ALGORITHM_DEFAULTS)}}} [--config FILE] [--key value ...]"
+    if len(argv) < 2 or argv[0] != "train" or argv[1] not in ALGORITHM_DEFAULTS:
+        if argv and argv[0] in ("-h", "--help"):
+            print(usage)
+            return
+        print(f"error: {usage}", file=sys.stderr)
+        sys.exit(2)
+    train_main(argv[1], argv[2:])

@@ -1,0 +1,336 @@
+"""One dataclass config for every RL script: YAML defaults, CLI overrides, validation.
+
+    python scripts/train_ppo.py --config configs/ppo.yaml --max_steps 10 --kl_coef 0.1
+
+Precedence: dataclass default < the script's algorithm defaults < YAML file < CLI flags.
+Unknown keys and impossible values raise ``ConfigError`` whose message says what to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
+from rlhf.errors import ConfigError
+
+REPORT_TARGETS = ("none", "jsonl", "tensorboard", "wandb")
+# Estimators that compare samples of the same prompt and so need num_generations >= 2.
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+
+
+def _field(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class RLConfig:
+    """Every knob of an RL run. Field docs are the ``--help`` text."""
+
+    # --- model
+    model_name_or_path: str = _field(
+        "smollm2-135m-instruct",
+        "Policy base model: 'smollm2-135m-instruct' (embedded, no download), a local HF model dir, or a hub id.",
+    )
+    lora_r: int = _field(16, "LoRA rank.")
+    lora_alpha: int = _field(32, "LoRA scaling numerator (scale = lora_alpha / lora_r).")
+    lora_dropout: float = _field(
+        0.0, "LoRA dropout. Keep 0: dropout makes recomputed logprobs differ from the rollout's (RL_NOTES 15)."
+    )
+    lora_target_modules: list[str] = _field(["all-linear"], "Modules that get LoRA adapters; 'all-linear' = every linear layer but the LM head.")
+    bf16: bool = _field(False, "Run the model in bfloat16 (loss math stays float32). Faster on CPUs with avx512_bf16 and on GPUs.")
+    gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass to save memory.")
+
+    # --- data
+    dataset: str = _field("builtin:prompts", "Prompt data: .jsonl/.json/.csv/.parquet file, a `datasets` save_to_disk dir, or 'builtin:prompts'.")
+    dataset_split: str = _field("train", "Split to use when the dataset has several (built-in: train / eval).")
+    prompt_column: str = _field("prompt", "Column holding the prompt: a string, or a list of chat messages {role, content}.")
+    eval_dataset: str | None = _field(None, "Prompt data for periodic evaluation (same formats); default: the eval split of the built-in set.")
+    max_prompt_length: int = _field(96, "Prompts longer than this many tokens are truncated from the left.")
+
+    # --- generation
+    max_new_tokens: int = _field(32, "Maximum response length in tokens.")
+    temperature: float = _field(1.0, "Sampling temperature; logprobs are recomputed with the same temperature.")
+    top_p: float = _field(1.0, "Nucleus sampling threshold (1.0 = off).")
+    missing_eos_penalty: float | None = _field(None, "Subtract this from the score of responses cut off without EOS (None = off).")
+
+    # --- reward
+    reward_funcs: list[str] = _field(["sentiment"], "Reward functions: built-in names, path/to/file.py:function, or package.module:function.")
+    reward_weights: list[float] | None = _field(None, "Weight of each reward function (default: all 1.0).")
+
+    # --- batch sizes and optimisation
+    max_steps: int = _field(20, "Number of RL steps (one rollout + update each).")
+    rollout_batch_size: int = _field(16, "Prompts per step, across all processes.")
+    num_generations: int = _field(1, "Responses sampled per prompt (>= 2 for group baselines).")
+    mini_batch_size: int = _field(16, "Sequences per optimizer step (global); the rollout is split into such minibatches.")
+    ppo_epochs: int = _field(1, "Passes over each rollout (TRL 4, OpenRLHF 1).")
+    gradient_accumulation_steps: int = _field(1, "Micro-batches per minibatch (mini_batch_size is split this many ways).")
+    learning_rate: float = _field(1e-4, "Adam learning rate of the LoRA weights (LoRA wants 1e-5 .. 5e-4).")
+    value_learning_rate: float | None = _field(None, "Learning rate of the value head (default: learning_rate).")
+    weight_decay: float = _field(0.0, "AdamW weight decay.")
+    lr_scheduler_type: str = _field("constant", "Scheduler from transformers.get_scheduler: constant, linear, cosine, ...")
+    warmup_steps: int = _field(0, "Learning-rate warm-up in optimizer steps.")
+    max_grad_norm: float | None = _field(1.0, "Clip the global gradient norm to this (None = no clipping).")
+    seed: int = _field(42, "Random seed (sampling seeds differ per process).")
+
+    # --- algorithm
+    advantage_estimator: str = _field("gae", f"Advantage estimator: one of {', '.join(ADVANTAGE_ESTIMATORS)}.")
+    policy_loss: str = _field("ppo_clip", f"Policy loss: one of {', '.join(POLICY_LOSSES)}.")
+    loss_agg_mode: str = _field("token-mean", f"Loss aggregation: one of {', '.join(LOSS_AGG_MODES)}.")
+    clip_range: float = _field(0.2, "PPO ratio clip epsilon.")
+    clip_range_high: float | None = _field(None, "Upper clip epsilon (DAPO clip-higher, e.g. 0.28); default clip_range.")
+    dual_clip: float | None = _field(None, "Dual-clip constant c > 1 for negative advantages (None = off).")
+    value_clip_range: float | None = _field(0.2, "Value clipping around the rollout's values (None = off).")
+    vf_coef: float = _field(0.1, "Weight of the value loss.")
+    gamma: float = _field(1.0, "Discount factor over response tokens.")
+    lam: float = _field(0.95, "GAE lambda.")
+    baseline_decay: float = _field(0.9, "Decay of the REINFORCE moving-average baseline.")
+    whiten_advantages: bool = _field(True, "Normalise advantages to mean 0, std 1 over the rollout batch.")
+    kl_coef: float = _field(0.05, "KL penalty coefficient beta (initial value when adaptive).")
+    kl_estimator: str = _field("k1", "KL estimator: k1 (unbiased), k2, k3 (non-negative).")
+    kl_in_reward: bool = _field(True, "Put -beta*KL into per-token rewards (PPO style); false = KL as a loss term (GRPO style).")
+    adaptive_kl_target: float | None = _field(None, "Target KL per sequence in nats for the adaptive controller (None = fixed kl_coef).")
+    adaptive_kl_horizon: float = _field(10000.0, "Horizon of the adaptive KL controller (Ziegler et al. 2019).")
+
+    # --- output, logging, checkpoints
+    output_dir: str = _field("outputs/run", "Where config.yaml, metrics.jsonl, checkpoints/ and final/ go.")
+    overwrite_output_dir: bool = _field(False, "Allow writing into a non-empty output_dir of another run.")
+    logging_steps: int = _field(1, "Log metrics every this many steps.")
+    num_samples_to_log: int = _field(4, "Prompt/response rows written to samples.jsonl per logged step.")
+    report_to: list[str] = _field(["jsonl"], "Trackers besides metrics.jsonl: none, jsonl, tensorboard, wandb (WANDB_MODE=offline works).")
+    save_steps: int = _field(0, "Save a checkpoint every this many steps (0 = only the final adapter).")
+    save_total_limit: int | None = _field(2, "Keep at most this many checkpoints (newest kept).")
+    eval_steps: int = _field(0, "Evaluate on eval_dataset every this many steps (0 = off).")
+    eval_num_prompts: int = _field(32, "Prompts used per evaluation.")
+    resume_from_checkpoint: str | None = _field(None, "Checkpoint dir to resume from, or 'latest' (newest in output_dir/checkpoints).")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # Rules are grouped by what they protect; each message names the key to change.
+    def validate(self) -> None:
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        for name in ("max_steps", "rollout_batch_size", "num_generations", "mini_batch_size", "ppo_epochs",
+                     "gradient_accumulation_steps", "max_new_tokens", "max_prompt_length", "lora_r",
+                     "logging_steps", "eval_num_prompts"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_steps", "eval_steps", "warmup_steps", "num_samples_to_log"):
+            require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        require(self.value_learning_rate is None or self.value_learning_rate > 0, "value_learning_rate must be > 0")
+        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        require(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        require(self.clip_range > 0, f"clip_range must be > 0 (typical 0.2), got {self.clip_range}")
+        require(self.clip_range_high is None or self.clip_range_high > 0, "clip_range_high must be > 0 (e.g. 0.28)")
+        require(self.dual_clip is None or self.dual_clip > 1, f"dual_clip must be > 1 (e.g. 3.0), got {self.dual_clip}")
+        require(self.value_clip_range is None or self.value_clip_range > 0, "value_clip_range must be > 0 or none")
+        require(self.vf_coef >= 0, f"vf_coef must be >= 0, got {self.vf_coef}")
+        require(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
+        require(0 <= self.lam <= 1, f"lam must be in [0, 1], got {self.lam}")
+        require(0 <= self.baseline_decay < 1, f"baseline_decay must be in [0, 1), got {self.baseline_decay}")
+        require(self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}")
+        require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or none")
+        require(self.adaptive_kl_target is None or self.adaptive_kl_target > 0, "adaptive_kl_target must be > 0 or none")
+        require(self.adaptive_kl_horizon > 0, "adaptive_kl_horizon must be > 0")
+        require(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be >= 1 or none")
+
+        for key, value, valid in (
+            ("advantage_estimator", self.advantage_estimator, tuple(ADVANTAGE_ESTIMATORS)),
+            ("policy_loss", self.policy_loss, tuple(POLICY_LOSSES)),
+            ("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES),
+            ("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
+        ):
+            require(value in valid, f"{key} {value!r} is not one of: {', '.join(valid)}")
+        for target in self.report_to:
+            require(target in REPORT_TARGETS, f"report_to {target!r} is not one of: {', '.join(REPORT_TARGETS)}")
+
+        require(len(self.reward_funcs) >= 1, "reward_funcs needs at least one reward function (e.g. sentiment)")
+        if self.reward_weights is not None:
+            require(
+                len(self.reward_weights) == len(self.reward_funcs),
+                f"reward_weights has {len(self.reward_weights)} values but reward_funcs has {len(self.reward_funcs)}; "
+                "give one weight per function",
+            )
+        if self.advantage_estimator in GROUP_ESTIMATORS:
+            require(
+                self.num_generations >= 2,
+                f"advantage_estimator {self.advantage_estimator} compares samples of one prompt: set num_generations >= 2",
+            )
+
+        rollout_sequences = self.rollout_batch_size * self.num_generations
+        require(
+            rollout_sequences % self.mini_batch_size == 0,
+            f"mini_batch_size {self.mini_batch_size} must divide rollout_batch_size*num_generations = {rollout_sequences}; "
+            f"e.g. --mini_batch_size {rollout_sequences}",
+        )
+        require(
+            self.mini_batch_size % self.gradient_accumulation_steps == 0,
+            f"gradient_accumulation_steps {self.gradient_accumulation_steps} must divide mini_batch_size {self.mini_batch_size}",
+        )
+
+    @property
+    def needs_value_head(self) -> bool:
+        """Derived: a critic is trained only for estimators that read values."""
+        return self.advantage_estimator == "gae"
+
+    def check_world_size(self, num_processes: int) -> None:
+        """Batch sizes are global; each process must get whole prompts and whole micro-batches."""
+        if self.rollout_batch_size % num_processes:
+            raise ConfigError(
+                f"rollout_batch_size {self.rollout_batch_size} must be divisible by the number of processes "
+                f"({num_processes}); use a multiple of {num_processes}"
+            )
+        if self.mini_batch_size % (num_processes * self.gradient_accumulation_steps):
+            raise ConfigError(
+                f"mini_batch_size {self.mini_batch_size} must be divisible by processes x gradient_accumulation_steps "
+                f"= {num_processes * self.gradient_accumulation_steps}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing
+# ----------------------------------------------------------------------------------------------
+
+_TYPE_HINTS = typing.get_type_hints(RLConfig)
+_NONE_WORDS = {"none", "null", "~"}
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return inner, True
+    return tp, False
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert a YAML or CLI value to the field's type, or raise ConfigError naming the key."""
+    tp, optional = _unwrap_optional(_TYPE_HINTS[key])
+    if value is None or (optional and isinstance(value, str) and value.lower() in _NONE_WORDS):
+        if optional:
+            return None
+        raise ConfigError(f"{key} cannot be empty")
+    try:
+        if typing.get_origin(tp) is list:
+            (item_type,) = typing.get_args(tp)
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return [_scalar(item_type, v) for v in items]
+        return _scalar(tp, value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} expects {getattr(tp, '__name__', tp)}, got {value!r}") from None
+
+
+def _scalar(tp: Any, value: Any) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in ("true", "1", "yes"):
+            return True
+        if text in ("false", "0", "no"):
+            return False
+        raise ValueError(value)
+    if tp is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if tp is float:
+        return float(value)
+    return str(value)
+
+
+def _unknown_key_message(key: str, where: str) -> str:
+    names = [f.name for f in dataclasses.fields(RLConfig)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "; see --help for the valid keys"
+    return f"unknown config key {key!r} in {where}{hint}"
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of key: value")
+    return data
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (-> one line, exit 2) instead of printing usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            flag = message.split(":", 1)[1].split()[0]
+            raise ConfigError(_unknown_key_message(flag.lstrip("-").split("=")[0], "the command line"))
+        raise ConfigError(message)
+
+
+def build_parser(defaults: dict[str, Any], prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog=prog, description=description, allow_abbrev=False,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML file of key: value defaults (CLI flags override it).")
+    for f in dataclasses.fields(RLConfig):
+        tp, _ = _unwrap_optional(_TYPE_HINTS[f.name])
+        nargs = "+" if typing.get_origin(tp) is list else None
+        parser.add_argument(f"--{f.name}", nargs=nargs, default=defaults.get(f.name), help=f.metadata["help"],
+                            metavar=f.name.upper())
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, script_defaults: dict[str, Any] | None = None,
+                 prog: str | None = None, description: str | None = None) -> RLConfig:
+    """CLI + YAML -> validated RLConfig. Raises ConfigError with a one-line message."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+
+    values: dict[str, Any] = {f.name: _default_of(f) for f in dataclasses.fields(RLConfig)}
+    values.update(script_defaults or {})
+    if known.config:
+        for key, value in load_yaml(known.config).items():
+            if key not in values:
+                raise ConfigError(_unknown_key_message(key, known.config))
+            values[key] = _coerce(key, value)
+
+    parser = build_parser(values, prog=prog, description=description)
+    args = vars(parser.parse_args(argv))
+    args.pop("config")
+    for key, value in args.items():
+        values[key] = _coerce(key, value)
+    try:
+        return RLConfig(**values)
+    except TypeError as exc:  # pragma: no cover - guarded by the key checks above
+        raise ConfigError(str(exc)) from None
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return f.default
+
+
+def save_config(config: RLConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

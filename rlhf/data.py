@@ -1,0 +1,153 @@
+"""Prompt datasets: files, `datasets` dirs or the built-in set; chat templates; resumable order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from rlhf.errors import DataError
+
+# Package data lives in rlhf/data/ next to this module (a plain folder, not a package).
+BUILTIN_DIR = Path(__file__).parent / "data"
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DATASETS = {"prompts": {"train": "prompts_train.jsonl", "eval": "prompts_eval.jsonl"}}
+FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _builtin_file(name: str, split: str) -> Path:
+    if name not in BUILTIN_DATASETS:
+        raise DataError(f"unknown built-in dataset {name!r}; available: {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_DATASETS)}")
+    files = BUILTIN_DATASETS[name]
+    if split not in files:
+        raise DataError(f"built-in dataset {name!r} has splits {', '.join(files)}, not {split!r}")
+    return BUILTIN_DIR / files[split]
+
+
+def load_prompt_dataset(spec: str, split: str = "train", prompt_column: str = "prompt") -> datasets.Dataset:
+    """Load prompts from a file, a `save_to_disk` directory or ``builtin:<name>`` and check them.
+
+    Every row must have ``prompt_column`` holding a non-empty string or a list of chat messages
+    ({"role", "content"}); other columns are kept and reach reward functions as keyword args.
+    """
+    datasets.disable_progress_bars()
+    if spec.startswith(BUILTIN_PREFIX) or spec in BUILTIN_DATASETS:
+        path = _builtin_file(spec.removeprefix(BUILTIN_PREFIX), split)
+        dataset = _load_file(path)
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            dataset = _load_dir(path, split)
+        elif path.is_file():
+            dataset = _load_file(path)
+        else:
+            raise DataError(f"dataset not found: {spec} (give a .jsonl/.json/.csv/.parquet file, a datasets dir, or builtin:prompts)")
+    _check_prompts(dataset, prompt_column, spec)
+    return dataset
+
+
+def _load_file(path: Path) -> datasets.Dataset:
+    loader = FILE_LOADERS.get(path.suffix.lower())
+    if loader is None:
+        raise DataError(f"unsupported dataset file type {path.suffix!r} for {path}; use one of {', '.join(FILE_LOADERS)}")
+    try:
+        return datasets.load_dataset(loader, data_files=str(path), split="train")
+    except Exception as exc:  # datasets wraps parser errors in many types; all mean a malformed file
+        cause = exc.__cause__ or exc
+        first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise DataError(f"cannot read dataset {path}: {first_line}") from None
+
+
+def _load_dir(path: Path, split: str) -> datasets.Dataset:
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise DataError(f"{path} is not a directory saved by datasets.save_to_disk: {str(exc).splitlines()[0]}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"dataset {path} has splits {', '.join(loaded)}, not {split!r}; set dataset_split")
+        return loaded[split]
+    return loaded
+
+
+def _check_prompts(dataset: datasets.Dataset, prompt_column: str, spec: str) -> None:
+    if prompt_column not in dataset.column_names:
+        raise DataError(
+            f"dataset {spec} has no column {prompt_column!r} (columns: {', '.join(dataset.column_names)}); set prompt_column"
+        )
+    if len(dataset) == 0:
+        raise DataError(f"dataset {spec} has no rows")
+    for index, prompt in enumerate(dataset[prompt_column]):
+        if not _is_valid_prompt(prompt):
+            raise DataError(
+                f"dataset {spec} row {index}: {prompt_column!r} must be a non-empty string or a list of "
+                f"{{role, content}} messages, got {str(prompt)[:60]!r}"
+            )
+
+
+def _is_valid_prompt(prompt: Any) -> bool:
+    if isinstance(prompt, str):
+        return bool(prompt.strip())
+    return (
+        isinstance(prompt, list)
+        and len(prompt) > 0
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt)
+    )
+
+
+def format_prompt(prompt: str | list[dict[str, str]], tokenizer: Any) -> str:
+    """Text the policy sees: the chat template with a generation prompt when the tokenizer has
+    one (plain strings become one user message), else the raw string."""
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt) + "\nassistant:"
+
+
+def prompt_text(prompt: str | list[dict[str, str]]) -> str:
+    """The user's words without template, as reward functions receive them (TRL convention)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(m["content"] for m in prompt)
+
+
+class PromptSampler:
+    """Yields global batches of dataset indices in a seeded order, reshuffled every epoch.
+
+    The order depends only on (seed, epoch), and the state is just (epoch, position), so a
+    resumed run sees exactly the prompts the uninterrupted run would have seen.
+    """
+
+    def __init__(self, dataset_size: int, batch_size: int, seed: int):
+        self.dataset_size = dataset_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+
+    def _order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.dataset_size, generator=generator).tolist()
+
+    def next_batch(self) -> list[int]:
+        batch: list[int] = []
+        while len(batch) < self.batch_size:
+            order = self._order(self.epoch)
+            take = order[self.position : self.position + self.batch_size - len(batch)]
+            batch.extend(take)
+            self.position += len(take)
+            if self.position >= self.dataset_size:
+                self.epoch += 1
+                self.position = 0
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])

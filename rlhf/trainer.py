@@ -1,0 +1,420 @@
+"""The RL loop: rollout -> score -> advantages -> update, for every estimator and loss.
+
+    for step in range(max_steps):
+        rollout = self.rollout(prompt batch)          # sample responses (LoRA policy)
+        scores  = self.score(rollout)                 # reward functions on the decoded text
+        batch   = self.compute_advantages(rollout, scores)   # old/ref logprobs, values, KL, A, R
+        stats   = self.update(batch)                  # ppo_epochs x shuffled minibatches
+        log, save
+
+The algorithm is chosen only through ``ADVANTAGE_ESTIMATORS[config.advantage_estimator]`` and
+``POLICY_LOSSES[config.policy_loss]``; nothing here branches on their names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from reward_models import CombinedReward
+from rlhf import checkpoint as ckpt
+from rlhf.algorithms import (
+    ADVANTAGE_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController, FixedKLController, MovingAverageBaseline,
+    agg_loss, kl_penalty, masked_mean, token_level_rewards, value_loss,
+)
+from rlhf.config import RLConfig, save_config
+from rlhf.data import PromptSampler, format_prompt, load_prompt_dataset, prompt_text
+from rlhf.errors import ConfigError
+from rlhf.models import PolicyWithValue, ValueHead, add_lora, load_base_model, load_tokenizer, trainable_parameter_groups
+from rlhf.rollout import Rollout, forward_response, generate_rollout
+from rlhf.tracking import METRIC_KEYS, JSONLTracker, truncate_metrics
+
+# Distinct sampling streams per process (RL_NOTES 5): a large prime keeps seeds of ranks apart.
+RANK_SEED_STRIDE = 100003
+
+
+@dataclass
+class Experience:
+    """A scored rollout with everything the update needs; all [B, T] unless noted."""
+
+    rollout: Rollout
+    old_logprobs: Tensor
+    ref_logprobs: Tensor | None
+    values: Tensor | None
+    advantages: Tensor
+    returns: Tensor
+
+
+class RLTrainer:
+    def __init__(self, config: RLConfig):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        trackers = [t for t in config.report_to if t in ("tensorboard", "wandb")]
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            log_with=[JSONLTracker("rlhf", self.output_dir), *trackers],
+            project_dir=str(self.output_dir),
+            # We step the scheduler once per optimizer step ourselves; Accelerate would step it
+            # once per process, assuming sharded dataloaders.
+            step_scheduler_with_optimizer=False,
+        )
+        config.check_world_size(self.accelerator.num_processes)
+        self._check_output_dir()
+        set_seed(config.seed + self.accelerator.process_index * RANK_SEED_STRIDE)
+
+        self.dataset = load_prompt_dataset(config.dataset, config.dataset_split, config.prompt_column)
+        self.reward = CombinedReward(config.reward_funcs, config.reward_weights)
+        self.tokenizer = load_tokenizer(config.model_name_or_path)
+        with self.accelerator.main_process_first():  # the embedded model is converted once, by rank 0
+            base = load_base_model(config.model_name_or_path, bf16=config.bf16)
+        if config.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy = add_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+        value_head = ValueHead(base.config.hidden_size) if config.needs_value_head else None
+        model = PolicyWithValue(policy, value_head)
+        optimizer = torch.optim.AdamW(
+            trainable_parameter_groups(model, config.learning_rate, config.value_learning_rate, config.weight_decay)
+        )
+        updates_per_step = config.ppo_epochs * config.rollout_batch_size * config.num_generations // config.mini_batch_size
+        scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
+                                  num_training_steps=config.max_steps * updates_per_step)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        ckpt.skip_model_weights_in_accelerate_state(self.accelerator)
+
+        self.estimator = ADVANTAGE_ESTIMATORS[config.advantage_estimator]
+        self.policy_loss = POLICY_LOSSES[config.policy_loss]
+        self.kl_controller = (
+            AdaptiveKLController(config.kl_coef, config.adaptive_kl_target, config.adaptive_kl_horizon)
+            if config.adaptive_kl_target else FixedKLController(config.kl_coef)
+        )
+        self.baseline = MovingAverageBaseline(config.baseline_decay)
+        self.sampler = PromptSampler(len(self.dataset), config.rollout_batch_size, config.seed)
+        self.step = 0
+
+    # ------------------------------------------------------------------------------ helpers
+
+    @property
+    def unwrapped(self) -> PolicyWithValue:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.config.kl_coef > 0 or self.config.adaptive_kl_target is not None
+
+    def _check_output_dir(self) -> None:
+        """Never write over another run's results (a resumed run continues its own)."""
+        config = self.config
+        existing = [p for p in ("metrics.jsonl", "final", "checkpoints") if (self.output_dir / p).exists()]
+        if existing and not config.resume_from_checkpoint and not config.overwrite_output_dir:
+            raise ConfigError(
+                f"output_dir {self.output_dir} already holds a run ({', '.join(existing)}); choose another output_dir, "
+                "resume it with --resume_from_checkpoint latest, or pass --overwrite_output_dir true"
+            )
+
+    def _global_mean(self, value: float | Tensor) -> float:
+        tensor = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device)
+        return float(self.accelerator.reduce(tensor, reduction="mean"))
+
+    def _global_sum(self, value: float | Tensor) -> Tensor:
+        tensor = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device)
+        return self.accelerator.reduce(tensor.clone(), reduction="sum")
+
+    # ------------------------------------------------------------------------------ the loop
+
+    def train(self) -> None:
+        config, accelerator = self.config, self.accelerator
+        self._start_run()
+        progress = tqdm(range(self.step, config.max_steps), initial=self.step, total=config.max_steps,
+                        disable=not accelerator.is_main_process, desc="rl")
+        for _ in progress:
+            step_start = time.perf_counter()
+            rollout = self.rollout()
+            rollout_time = time.perf_counter() - step_start
+            scores, reward_metrics = self.score(rollout)
+            batch, advantage_metrics = self.compute_advantages(rollout, scores)
+            update_start = time.perf_counter()
+            update_metrics = self.update(batch)
+            update_time = time.perf_counter() - update_start
+            self.step += 1
+
+            step_time = time.perf_counter() - step_start
+            metrics = {**reward_metrics, **advantage_metrics, **update_metrics,
+                       **self._throughput(rollout, step_time, rollout_time, update_time)}
+            self.kl_controller.update(metrics["kl"], config.rollout_batch_size * config.num_generations)
+            if self.step % config.logging_steps == 0 or self.step == config.max_steps:
+                self._log(metrics, rollout, scores)
+            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
+            if config.save_steps and self.step % config.save_steps == 0:
+                self.save_checkpoint()
+        self.save_final()
+        accelerator.end_training()
+
+    def _start_run(self) -> None:
+        config, accelerator = self.config, self.accelerator
+        if config.resume_from_checkpoint:
+            self._resume(ckpt.resolve_checkpoint(config.resume_from_checkpoint, self.output_dir))
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output_dir / "config.yaml")
+        accelerator.init_trackers(
+            "rlhf", config=_flat_config(config),
+            init_kwargs={"wandb": {"dir": str(self.output_dir), "name": self.output_dir.name}},
+        )
+
+    def rollout(self) -> Rollout:
+        """Sample num_generations responses for this process's share of the next prompt batch.
+
+        Every process draws the same global batch and takes a contiguous slice of prompts, so the
+        samples of one prompt (a group) never straddle processes.
+        """
+        config, accelerator = self.config, self.accelerator
+        indices = self.sampler.next_batch()
+        per_process = len(indices) // accelerator.num_processes
+        local = indices[accelerator.process_index * per_process:(accelerator.process_index + 1) * per_process]
+        rows = self.dataset.select(local)
+        raw_prompts = [p for p in rows[config.prompt_column] for _ in range(config.num_generations)]
+        columns = {name: [v for v in rows[name] for _ in range(config.num_generations)]
+                   for name in rows.column_names if name != config.prompt_column}
+        self.model.eval()
+        return generate_rollout(
+            self.unwrapped.policy, self.tokenizer, [format_prompt(p, self.tokenizer) for p in raw_prompts],
+            prompts=[prompt_text(p) for p in raw_prompts],
+            group_ids=[accelerator.process_index * per_process + i
+                       for i in range(len(local)) for _ in range(config.num_generations)],
+            columns=columns, max_prompt_length=config.max_prompt_length, max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature, top_p=config.top_p,
+        )
+
+    def score(self, rollout: Rollout) -> tuple[Tensor, dict[str, float]]:
+        """Sequence scores [B] from the reward functions, minus the no-EOS penalty if set."""
+        output = self.reward(rollout.prompts, rollout.completions, **rollout.columns)
+        device = rollout.mask.device
+        scores = torch.tensor(output.total, dtype=torch.float32, device=device)
+        if self.config.missing_eos_penalty is not None:
+            scores = scores - self.config.missing_eos_penalty * (~rollout.eos_found).float()
+        all_scores = self.accelerator.gather(scores)
+        metrics = {"reward_mean": float(all_scores.mean()),
+                   "reward_std": float(all_scores.std()) if all_scores.numel() > 1 else 0.0}
+        for name, values in output.components.items():
+            metrics[f"reward/{name}"] = self._global_mean(torch.tensor(values).mean())
+        return scores, metrics
+
+    @torch.no_grad()
+    def compute_advantages(self, rollout: Rollout, scores: Tensor) -> tuple[Experience, dict[str, float]]:
+        """Old and reference logprobs, values, per-token rewards with KL, and advantages."""
+        config = self.config
+        old_logprobs, values, entropy = self._no_grad_pass(rollout, with_adapter=True)
+        ref_logprobs = self._no_grad_pass(rollout, with_adapter=False)[0] if self.uses_reference else None
+        mask = rollout.mask
+        kl = kl_penalty(old_logprobs, ref_logprobs, config.kl_estimator, mask) if ref_logprobs is not None else None
+        in_reward_coef = self.kl_controller.value if config.kl_in_reward else 0.0
+        token_rewards = token_level_rewards(scores, mask, kl=kl, kl_coef=in_reward_coef)
+        advantages, returns = self.estimator(
+            token_rewards, mask, values=values, group_ids=rollout.group_ids,
+            gamma=config.gamma, lam=config.lam, baseline=self.baseline.value,
+        )
+        self.baseline.update(self.accelerator.gather(returns[:, 0]))
+        if config.whiten_advantages:
+            advantages = self._global_whiten(advantages, mask)
+        metrics = {
+            "kl": self._global_mean(kl.sum(-1).mean()) if kl is not None else math.nan,
+            "entropy": self._global_mean(masked_mean(entropy, mask)),
+            "adv_mean": self._global_mean(masked_mean(advantages, mask)),
+            "kl_coef": self.kl_controller.value,
+        }
+        return Experience(rollout, old_logprobs, ref_logprobs, values, advantages, returns), metrics
+
+    def _no_grad_pass(self, rollout: Rollout, with_adapter: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Logprobs [B, T], values [B, T] | None, entropy [B, T] | None in micro-batches, no grad.
+
+        with_adapter=False is the reference policy: the same weights with LoRA switched off, so
+        there is one copy of the base model in memory.
+        """
+        model = self.unwrapped
+        micro = self.config.mini_batch_size // (self.accelerator.num_processes * self.config.gradient_accumulation_steps)
+        logprobs, values, entropy = [], [], []
+        for start in range(0, len(rollout), micro):
+            rows = slice(start, start + micro)
+            if with_adapter:
+                lp, v, h = forward_response(model, rollout, rows, self.config.temperature, with_entropy=True)
+                values.append(v)
+                entropy.append(h)
+            else:
+                with model.policy.disable_adapter():
+                    lp, _, _ = forward_response(model, rollout, rows, self.config.temperature)
+            logprobs.append(lp)
+        has_values = with_adapter and model.value_head is not None
+        return (torch.cat(logprobs), torch.cat(values) if has_values else None,
+                torch.cat(entropy) if with_adapter else None)
+
+    def _global_whiten(self, x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+        """masked_whiten with mean and variance over all processes (TRL whitens per rank, RL_NOTES 10)."""
+        stats = self._global_sum(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]))
+        total, total_sq, count = stats.tolist()
+        mean = total / count
+        var = (total_sq - count * mean * mean) / max(count - 1, 1)
+        return (x - mean) * torch.rsqrt(torch.tensor(max(var, 0.0) + eps)) * mask
+
+    # ------------------------------------------------------------------------------ update
+
+    def update(self, batch: Experience) -> dict[str, float]:
+        """ppo_epochs passes of shuffled minibatches; one optimizer step per minibatch."""
+        config, accelerator = self.config, self.accelerator
+        rollout = batch.rollout
+        local_minibatch = config.mini_batch_size // accelerator.num_processes
+        micro = local_minibatch // config.gradient_accumulation_steps
+        sums: dict[str, float] = {}
+        count = 0
+        self.model.train()
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(len(rollout), device=rollout.mask.device)
+            for start in range(0, len(rollout), local_minibatch):
+                minibatch = order[start:start + local_minibatch]
+                normaliser = self._global_sum(self._agg_units(rollout.mask[minibatch]))
+                for micro_start in range(0, len(minibatch), micro):
+                    rows = minibatch[micro_start:micro_start + micro]
+                    stats = self._micro_step(batch, rows, normaliser)
+                    for key, value in stats.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                    count += 1
+        self.model.eval()
+        means = {key: self._global_mean(value / count) for key, value in sums.items()}
+        means.setdefault("value_loss", math.nan)
+        means["learning_rate"] = self.scheduler.get_last_lr()[0]
+        return means
+
+    def _agg_units(self, mask: Tensor) -> Tensor:
+        """What the loss averages over: tokens for token-mean, sequences for the seq-* modes."""
+        return mask.sum() if self.config.loss_agg_mode == "token-mean" else torch.tensor(float(mask.shape[0]))
+
+    def _micro_step(self, batch: Experience, rows: Tensor, normaliser: Tensor) -> dict[str, float]:
+        """Forward + backward of one micro-batch; steps the optimizer on the minibatch's last one.
+
+        Each micro-batch's mean loss is rescaled by (its units / the minibatch's global units) x
+        processes x accumulation steps, undoing DDP's and Accelerate's averaging, so the summed
+        gradient is exactly the minibatch loss normalised by global counts (RL_NOTES 14).
+        """
+        config, accelerator = self.config, self.accelerator
+        rollout, mask = batch.rollout, batch.rollout.mask[rows]
+        scale = (self._agg_units(mask) / normaliser) * accelerator.num_processes * config.gradient_accumulation_steps
+        with accelerator.accumulate(self.model):
+            logprobs, values, _ = forward_response(self.model, rollout, rows, config.temperature)
+            pg_loss, stats = self.policy_loss(
+                logprobs, batch.old_logprobs[rows], batch.advantages[rows], mask, clip_range=config.clip_range,
+                clip_range_high=config.clip_range_high, dual_clip=config.dual_clip, loss_agg_mode=config.loss_agg_mode,
+            )
+            loss = pg_loss
+            stats["policy_loss"] = float(pg_loss.detach())
+            if values is not None:
+                vf_loss, vf_stats = value_loss(values, batch.values[rows], batch.returns[rows], mask,
+                                               clip_range=config.value_clip_range, loss_agg_mode=config.loss_agg_mode)
+                loss = loss + config.vf_coef * vf_loss
+                stats.update(vf_stats, value_loss=float(vf_loss.detach()))
+            if not config.kl_in_reward and batch.ref_logprobs is not None:
+                kl_loss = agg_loss(kl_penalty(logprobs, batch.ref_logprobs[rows], config.kl_estimator), mask,
+                                   config.loss_agg_mode)
+                loss = loss + self.kl_controller.value * kl_loss
+                stats["kl_loss"] = float(kl_loss.detach())
+            accelerator.backward(loss * scale)
+            if accelerator.sync_gradients and config.max_grad_norm is not None:
+                stats["grad_norm"] = float(accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm))
+            self.optimizer.step()
+            if accelerator.sync_gradients:
+                self.scheduler.step()
+            self.optimizer.zero_grad()
+        return stats
+
+    # ------------------------------------------------------------------------------ logging, saving
+
+    def _throughput(self, rollout: Rollout, step_time: float, rollout_time: float, update_time: float) -> dict[str, float]:
+        sequences = self._global_sum(float(len(rollout)))
+        tokens = self._global_sum(rollout.mask.sum())
+        return {
+            "response_length_mean": float(tokens / sequences),
+            "eos_rate": self._global_mean(rollout.eos_found.float().mean()),
+            "samples_per_second": float(sequences) / step_time,
+            "tokens_per_second": float(tokens) / step_time,
+            "step_time_s": step_time, "rollout_time_s": rollout_time, "update_time_s": update_time,
+        }
+
+    def _log(self, metrics: dict[str, float], rollout: Rollout, scores: Tensor) -> None:
+        row = {key: metrics.get(key, math.nan) for key in METRIC_KEYS if key != "step"}
+        row.update({k: v for k, v in metrics.items() if k not in row})
+        self.accelerator.log(row, step=self.step)
+        if self.accelerator.is_main_process and self.config.num_samples_to_log:
+            with (self.output_dir / "samples.jsonl").open("a") as handle:
+                for i in range(min(self.config.num_samples_to_log, len(rollout))):
+                    handle.write(json.dumps({"step": self.step, "prompt": rollout.prompts[i],
+                                             "completion": rollout.completions[i], "reward": float(scores[i])}) + "\n")
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "kl_controller": self.kl_controller.state_dict(),
+            "baseline": self.baseline.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "python_rng": _encode_python_rng(random.getstate()),
+            "compatibility": self._compatibility(),
+        }
+
+    def _compatibility(self) -> dict[str, Any]:
+        c = self.config
+        return {"model_name_or_path": c.model_name_or_path, "lora_r": c.lora_r, "lora_alpha": c.lora_alpha,
+                "lora_target_modules": c.lora_target_modules, "advantage_estimator": c.advantage_estimator,
+                "policy_loss": c.policy_loss, "value_head": c.needs_value_head}
+
+    def save_checkpoint(self) -> Path:
+        unwrapped = self.unwrapped
+        return ckpt.save_checkpoint(self.accelerator, unwrapped.policy, unwrapped.value_head, self.trainer_state(),
+                                    self.output_dir / "checkpoints", self.step, self.config.save_total_limit)
+
+    def _resume(self, path: Path) -> None:
+        unwrapped = self.unwrapped
+        state = ckpt.load_checkpoint(self.accelerator, unwrapped.policy, unwrapped.value_head, path, self._compatibility())
+        self.step = int(state["step"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.baseline.load_state_dict(state["baseline"])
+        self.sampler.load_state_dict(state["sampler"])
+        random.setstate(_decode_python_rng(state["python_rng"]))
+        if self.accelerator.is_main_process:
+            truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
+        self.accelerator.print(f"resumed from {path} at step {self.step}")
+
+    def save_final(self) -> Path:
+        final = self.output_dir / "final"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            unwrapped = self.unwrapped
+            ckpt.save_adapter_and_head(unwrapped.policy, unwrapped.value_head, final)
+            self.tokenizer.save_pretrained(final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+
+def _flat_config(config: RLConfig) -> dict[str, Any]:
+    # TensorBoard's hparams accept only scalars and strings.
+    return {k: (", ".join(map(str, v)) if isinstance(v, list) else "none" if v is None else v)
+            for k, v in config.to_dict().items()}
+
+
+def _encode_python_rng(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _decode_python_rng(state: list) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
