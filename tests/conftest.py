@@ -39,7 +39,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run scripts/<script> in a subprocess the way a user would."""
-    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", **(env or {})}
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+                **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=ROOT)
 
@@ -48,4 +49,5 @@ def tiny_args(model_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     """Flags for a fast run of any train script on the tiny model."""
     return ["--model_name_or_path", str(model_dir), "--output_dir", str(output_dir), "--max_steps", "2",
             "--rollout_batch_size", "4", "--mini_batch_size", "4", "--max_new_tokens", "8",
-            "--max_prompt_length", "48", "--lora_r", "4", "--lora_alpha", "8", *extra]
+            "--max_prompt_length", "48", "--lora_r", "4", "--lora_alpha", "8",
+            "--reward_funcs", f"{FIXTURES / 'rewards.py'}:char_diversity", *extra]

@@ -1,0 +1,110 @@
+"""Bad input: one clear line on stderr, exit code 2, no traceback, earlier outputs intact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ROOT, run_script, tiny_args
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["--clip_rnage", "0.1"], ["clip_rnage", "did you mean 'clip_range'"]),
+        (["--clip_range", "-1"], ["clip_range must be > 0"]),
+        (["--mini_batch_size", "5"], ["mini_batch_size 5 must divide", "16"]),
+        (["--learning_rate", "fast"], ["learning_rate expects float"]),
+        (["--advantage_estimator", "vtrace"], ["advantage_estimator 'vtrace'", "gae"]),
+        (["--config", "does/not/exist.yaml"], ["config file not found"]),
+        (["--reward_weights", "1.0", "2.0"], ["reward_weights has 2 values"]),
+        (["--gradient_accumulation_steps", "3"], ["gradient_accumulation_steps 3 must divide"]),
+    ],
+)
+def test_bad_cli_values_exit_2(args, fragments, tmp_path):
+    result = run_script("train_ppo.py", "--output_dir", str(tmp_path / "out"), *args)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("learning_rate: 1e-4\nkl_coeff: 0.1\n")
+    assert_one_line_error(run_script("train_ppo.py", "--config", str(config)), "kl_coeff", "kl_coef")
+
+
+def test_help_lists_every_key_with_default():
+    result = run_script("train_ppo.py", "--help")
+    assert result.returncode == 0
+    from rlhf.config import RLConfig
+    import dataclasses
+
+    for f in dataclasses.fields(RLConfig):
+        assert f"--{f.name}" in result.stdout, f.name
+    assert "default: 0.2" in result.stdout  # clip_range
+
+
+@pytest.mark.parametrize(
+    "content,fragments",
+    [
+        ('{"prompt": "ok"}\n{"prompt": \n', ["cannot read dataset"]),
+        ('{"text": "no prompt column"}\n', ["no column 'prompt'", "text"]),
+        ('{"prompt": "fine"}\n{"prompt": ""}\n', ["row 1"]),
+    ],
+)
+def test_bad_dataset_files(content, fragments, tiny_model_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--dataset", str(data)))
+    assert_one_line_error(result, *fragments)
+
+
+def test_missing_dataset_file(tiny_model_dir, tmp_path):
+    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--dataset", "nope.jsonl"))
+    assert_one_line_error(result, "dataset not found: nope.jsonl")
+
+
+@pytest.mark.parametrize(
+    "body,fragments",
+    [
+        ("    return [None] * len(completions)\n", ["returned None for sample 0"]),
+        ("    return [1.0]\n", ["returned 1 values for 4 completions"]),
+        ("    raise KeyError('score')\n", ["raised KeyError"]),
+        ("    return [float('nan')] * len(completions)\n", ["returned nan"]),
+    ],
+)
+def test_broken_reward_functions(body, fragments, tiny_model_dir, tmp_path):
+    reward_file = tmp_path / "reward.py"
+    reward_file.write_text("def broken(prompts, completions, **kwargs):\n" + body)
+    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--reward_funcs",
+                                                         f"{reward_file}:broken"))
+    assert_one_line_error(result, "broken", *fragments)
+
+
+@pytest.mark.parametrize(
+    "spec,fragments",
+    [
+        ("no_such_reward", ["unknown reward 'no_such_reward'", "sentiment"]),
+        ("missing_file.py:fn", ["reward file not found"]),
+        ("json:not_there", ["has no function 'not_there'"]),
+    ],
+)
+def test_unloadable_rewards(spec, fragments, tiny_model_dir, tmp_path):
+    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--reward_funcs", spec))
+    assert_one_line_error(result, *fragments)
+
+
+def test_missing_model_dir(tmp_path):
+    result = run_script("train_reinforce.py", "--model_name_or_path", str(tmp_path / "nope"), "--output_dir",
+                        str(tmp_path / "out"))
+    assert_one_line_error(result, "cannot load")

@@ -1,0 +1,128 @@
+"""End-to-end runs of the real train scripts on a tiny random model, in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_script, tiny_args
+from rlhf.tracking import METRIC_KEYS
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def lora_b_norm(adapter_dir) -> float:
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    b_weights = [t for name, t in tensors.items() if "lora_B" in name]
+    assert b_weights, "adapter has no LoRA B matrices"
+    return float(sum(t.float().norm() for t in b_weights))
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "reinforce"])
+def test_two_steps_through_the_script(algorithm, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_script(f"train_{algorithm}.py", "--config", str(ROOT / "configs" / f"{algorithm}.yaml"),
+                        *tiny_args(tiny_model_dir, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        missing = [k for k in METRIC_KEYS if k not in row]
+        assert not missing, missing
+        for key in ("reward_mean", "kl", "entropy", "policy_loss", "response_length_mean", "eos_rate",
+                    "samples_per_second", "step_time_s"):
+            assert row[key] is not None and math.isfinite(row[key]), key
+    assert (rows[0]["value_loss"] is not None) == (algorithm == "ppo")
+
+    # LoRA B starts at zero and the value head is zero-initialised: non-zero means they trained.
+    assert lora_b_norm(out / "final") > 0
+    if algorithm == "ppo":
+        head = load_file(str(out / "final" / "value_head.safetensors"))
+        assert any(t.abs().sum() > 0 for t in head.values())
+    assert (out / "config.yaml").is_file()
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"prompt", "completion", "reward", "step"} <= samples[0].keys()
+
+
+def test_final_adapter_loads_with_peft_and_generates(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, str(out / "final"))
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    inputs = tokenizer("Hello there", return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+def test_custom_reward_file_and_dataset_columns(tiny_model_dir, tmp_path):
+    reward_file = tmp_path / "my_reward.py"
+    reward_file.write_text(
+        "def reward_topic(prompts, completions, topic, **kwargs):\n"
+        "    assert len(topic) == len(completions)\n"
+        "    return [1.0 if t == 'cats' else -1.0 for t in topic]\n"
+    )
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Tell me about {t}.", "topic": t}) + "\n" for t in ["cats"] * 4))
+    out = tmp_path / "run"
+    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, out, "--dataset", str(data),
+                                                          "--reward_funcs", f"{reward_file}:reward_topic"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(out)
+    assert rows[0]["reward/reward_topic"] == 1.0 and rows[0]["reward_mean"] == 1.0
+
+
+def test_resume_from_latest_restores_and_continues(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model_dir, out, "--save_steps", "1", "--save_total_limit", "2")
+    assert run_script("train_ppo.py", *args).returncode == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    state = json.loads((out / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["sampler"]["position"] == 8
+    result = run_script("train_ppo.py", *args, "--max_steps", "3", "--resume_from_checkpoint", "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout + result.stderr
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
+
+
+def test_resume_with_other_lora_shape_exits_2(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1", "--save_steps", "1")).returncode == 0
+    result = run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, "--lora_r", "8", "--max_steps", "2",
+                                                   "--resume_from_checkpoint", "latest"))
+    assert result.returncode == 2
+    assert "lora_r" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_accelerate_launch_cpu_config(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "cpu.yaml"), str(ROOT / "scripts" / "train_ppo.py"),
+               *tiny_args(tiny_model_dir, out, "--max_steps", "1")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(out)] == [1]
+
+
+def test_existing_run_is_not_overwritten(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_script("train_reinforce.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1")).returncode == 0
+    before = (out / "metrics.jsonl").read_text()
+    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1"))
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+    assert (out / "metrics.jsonl").read_text() == before
