@@ -35,7 +35,7 @@ from rlhf.algorithms import (
     agg_loss, kl_penalty, masked_mean, token_level_rewards, value_loss,
 )
 from rlhf.config import RLConfig, save_config
-from rlhf.data import PromptSampler, format_prompt, load_prompt_dataset, prompt_text
+from rlhf.data import BUILTIN_PREFIX, PromptSampler, format_prompt, load_prompt_dataset, prompt_text
 from rlhf.errors import ConfigError
 from rlhf.models import PolicyWithValue, ValueHead, add_lora, load_base_model, load_tokenizer, trainable_parameter_groups
 from rlhf.rollout import Rollout, forward_response, generate_rollout
@@ -75,6 +75,7 @@ class RLTrainer:
         set_seed(config.seed + self.accelerator.process_index * RANK_SEED_STRIDE)
 
         self.dataset = load_prompt_dataset(config.dataset, config.dataset_split, config.prompt_column)
+        self.eval_dataset = self._load_eval_dataset() if config.eval_steps else None
         self.reward = CombinedReward(config.reward_funcs, config.reward_weights)
         self.tokenizer = load_tokenizer(config.model_name_or_path)
         with self.accelerator.main_process_first():  # the embedded model is converted once, by rank 0
@@ -123,6 +124,14 @@ class RLTrainer:
                 "resume it with --resume_from_checkpoint latest, or pass --overwrite_output_dir true"
             )
 
+    def _load_eval_dataset(self) -> Any:
+        config = self.config
+        if config.eval_dataset:
+            return load_prompt_dataset(config.eval_dataset, config.dataset_split, config.prompt_column)
+        if config.dataset.startswith(BUILTIN_PREFIX):
+            return load_prompt_dataset(config.dataset, "eval", config.prompt_column)
+        raise ConfigError("eval_steps > 0 needs eval_dataset (a prompt file) when dataset is not built in")
+
     def _global_mean(self, value: float | Tensor) -> float:
         tensor = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device)
         return float(self.accelerator.reduce(tensor, reduction="mean"))
@@ -153,6 +162,8 @@ class RLTrainer:
             metrics = {**reward_metrics, **advantage_metrics, **update_metrics,
                        **self._throughput(rollout, step_time, rollout_time, update_time)}
             self.kl_controller.update(metrics["kl"], config.rollout_batch_size * config.num_generations)
+            if config.eval_steps and (self.step % config.eval_steps == 0 or self.step == config.max_steps):
+                metrics.update(self.evaluate())
             if self.step % config.logging_steps == 0 or self.step == config.max_steps:
                 self._log(metrics, rollout, scores)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
@@ -179,23 +190,46 @@ class RLTrainer:
         Every process draws the same global batch and takes a contiguous slice of prompts, so the
         samples of one prompt (a group) never straddle processes.
         """
-        config, accelerator = self.config, self.accelerator
         indices = self.sampler.next_batch()
-        per_process = len(indices) // accelerator.num_processes
-        local = indices[accelerator.process_index * per_process:(accelerator.process_index + 1) * per_process]
-        rows = self.dataset.select(local)
-        raw_prompts = [p for p in rows[config.prompt_column] for _ in range(config.num_generations)]
-        columns = {name: [v for v in rows[name] for _ in range(config.num_generations)]
+        per_process = len(indices) // self.accelerator.num_processes
+        start = self.accelerator.process_index * per_process
+        return self._generate(self.dataset, indices[start:start + per_process], self.config.num_generations,
+                              group_offset=start)
+
+    def _generate(self, dataset: Any, indices: list[int], num_generations: int, group_offset: int = 0) -> Rollout:
+        config = self.config
+        rows = dataset.select(indices)
+        raw_prompts = [p for p in rows[config.prompt_column] for _ in range(num_generations)]
+        columns = {name: [v for v in rows[name] for _ in range(num_generations)]
                    for name in rows.column_names if name != config.prompt_column}
         self.model.eval()
         return generate_rollout(
             self.unwrapped.policy, self.tokenizer, [format_prompt(p, self.tokenizer) for p in raw_prompts],
             prompts=[prompt_text(p) for p in raw_prompts],
-            group_ids=[accelerator.process_index * per_process + i
-                       for i in range(len(local)) for _ in range(config.num_generations)],
+            group_ids=[group_offset + i for i in range(len(indices)) for _ in range(num_generations)],
             columns=columns, max_prompt_length=config.max_prompt_length, max_new_tokens=config.max_new_tokens,
             temperature=config.temperature, top_p=config.top_p,
         )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean reward and KL to the reference on the first eval_num_prompts eval prompts.
+
+        Sampling runs in a forked RNG with a fixed seed: evaluations are comparable across steps
+        and do not change the training run's random stream.
+        """
+        accelerator = self.accelerator
+        count = min(self.config.eval_num_prompts, len(self.eval_dataset))
+        local = list(range(count))[accelerator.process_index::accelerator.num_processes]
+        with torch.random.fork_rng(devices=[] if accelerator.device.type == "cpu" else [accelerator.device]):
+            torch.manual_seed(self.config.seed + accelerator.process_index * RANK_SEED_STRIDE)
+            rollout = self._generate(self.eval_dataset, local, num_generations=1)
+        output = self.reward(rollout.prompts, rollout.completions, **rollout.columns)
+        policy_logprobs = self._no_grad_pass(rollout, with_adapter=True)[0]
+        ref_logprobs = self._no_grad_pass(rollout, with_adapter=False)[0]
+        kl = kl_penalty(policy_logprobs, ref_logprobs, "k1", rollout.mask).sum(-1)
+        rewards = self.accelerator.gather(torch.tensor(output.total, device=accelerator.device))
+        return {"eval/reward_mean": float(rewards.mean()), "eval/kl": float(self.accelerator.gather(kl).mean())}
 
     def score(self, rollout: Rollout) -> tuple[Tensor, dict[str, float]]:
         """Sequence scores [B] from the reward functions, minus the no-EOS penalty if set."""

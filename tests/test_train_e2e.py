@@ -31,10 +31,12 @@ def lora_b_norm(adapter_dir) -> float:
 def test_two_steps_through_the_script(algorithm, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     result = run_script(f"train_{algorithm}.py", "--config", str(ROOT / "configs" / f"{algorithm}.yaml"),
-                        *tiny_args(tiny_model_dir, out))
+                        *tiny_args(tiny_model_dir, out, "--eval_steps", "2", "--eval_num_prompts", "3"))
     assert result.returncode == 0, result.stderr[-3000:]
 
     rows = read_metrics(out)
+    assert "eval/reward_mean" not in rows[0] and math.isfinite(rows[1]["eval/reward_mean"])
+    assert rows[1]["eval/kl"] is not None
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         missing = [k for k in METRIC_KEYS if k not in row]
