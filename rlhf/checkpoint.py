@@ -129,3 +129,14 @@ def load_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Mo
         value_head.load_state_dict(load_file(str(head_file)))
     accelerator.load_state(str(path / "accelerate"))
     return state
+
+
+def encode_python_rng(state: tuple) -> list:
+    """``random.getstate()`` as JSON-safe lists (trainer_state.json holds no pickles)."""
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def decode_python_rng(state: list) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)

@@ -399,7 +399,7 @@ class RLTrainer:
             "kl_controller": self.kl_controller.state_dict(),
             "baseline": self.baseline.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "python_rng": _encode_python_rng(random.getstate()),
+            "python_rng": ckpt.encode_python_rng(random.getstate()),
             "compatibility": self._compatibility(),
         }
 
@@ -421,7 +421,7 @@ class RLTrainer:
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.baseline.load_state_dict(state["baseline"])
         self.sampler.load_state_dict(state["sampler"])
-        random.setstate(_decode_python_rng(state["python_rng"]))
+        random.setstate(ckpt.decode_python_rng(state["python_rng"]))
         if self.accelerator.is_main_process:
             truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
         self.accelerator.print(f"resumed from {path} at step {self.step}")
@@ -441,14 +441,3 @@ def _flat_config(config: RLConfig) -> dict[str, Any]:
     # TensorBoard's hparams accept only scalars and strings.
     return {k: (", ".join(map(str, v)) if isinstance(v, list) else "none" if v is None else v)
             for k, v in config.to_dict().items()}
-
-
-def _encode_python_rng(state: tuple) -> list:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _decode_python_rng(state: list) -> tuple:
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)
-

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_script, tiny_args
@@ -56,10 +55,13 @@ def test_two_steps_through_the_script(algorithm, tiny_model_dir, tmp_path):
     assert samples and {"prompt", "completion", "reward", "step"} <= samples[0].keys()
 
 
-def test_final_adapter_loads_with_peft_and_generates(tiny_model_dir, tmp_path):
+def test_final_adapter_loads_with_peft_and_generates_and_trackers_write(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1"))
+    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1",
+                                                         "--report_to", "jsonl", "tensorboard", "wandb"))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert list(out.glob("rlhf/events.out.tfevents.*")), "no TensorBoard events"
+    assert list(out.glob("wandb/offline-run-*")), "no offline W&B run"
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -128,3 +130,26 @@ def test_existing_run_is_not_overwritten(tiny_model_dir, tmp_path):
     result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1"))
     assert result.returncode == 2 and "already holds a run" in result.stderr
     assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_rlhf_console_command(tmp_path):
+    console = Path(sys.executable).parent / "rlhf"
+    result = subprocess.run([str(console), "train", "reinforce", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--baseline_decay" in result.stdout
+    result = subprocess.run([str(console), "fly"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "usage: rlhf train" in result.stderr
+
+
+@pytest.mark.slow
+def test_embedded_model_ppo_step(tmp_path):
+    """One PPO step on the real embedded SmolLM2 (converted from the GGUF on first use)."""
+    out = tmp_path / "run"
+    result = run_script("train_ppo.py", "--config", str(ROOT / "configs" / "ppo.yaml"), "--output_dir", str(out),
+                        "--max_steps", "1", "--rollout_batch_size", "2", "--mini_batch_size", "2", "--ppo_epochs", "1",
+                        "--max_new_tokens", "8", "--save_steps", "0", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = read_metrics(out)[0]
+    assert -1.0 <= row["reward_mean"] <= 1.0 and row["response_length_mean"] > 0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert any(s["completion"].strip() for s in samples)  # the real model writes text
+    assert lora_b_norm(out / "final") > 0
