@@ -51,7 +51,7 @@ class JSONLTracker(GeneralTracker):
             handle.write(json.dumps(row) + "\n")
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
+def truncate_metrics(path: Path, last_step: int) -> None:  # also used for samples.jsonl
     """Drop rows logged after ``last_step`` (a resumed run re-logs them; never double a step)."""
     if not path.is_file():
         return

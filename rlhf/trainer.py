@@ -176,6 +176,9 @@ class RLTrainer:
         config, accelerator = self.config, self.accelerator
         if config.resume_from_checkpoint:
             self._resume(ckpt.resolve_checkpoint(config.resume_from_checkpoint, self.output_dir))
+        elif config.overwrite_output_dir and accelerator.is_main_process:
+            for name in ("metrics.jsonl", "samples.jsonl"):  # a fresh run must not append to old rows
+                (self.output_dir / name).unlink(missing_ok=True)
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / "config.yaml")
@@ -423,7 +426,8 @@ class RLTrainer:
         self.sampler.load_state_dict(state["sampler"])
         random.setstate(ckpt.decode_python_rng(state["python_rng"]))
         if self.accelerator.is_main_process:
-            truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                truncate_metrics(self.output_dir / name, self.step)
         self.accelerator.print(f"resumed from {path} at step {self.step}")
 
     def save_final(self) -> Path:
