@@ -2,15 +2,25 @@
 
 Every reward follows TRL's convention ``fn(prompts, completions, **columns) -> list[float]``;
 ``columns`` carries the dataset's other columns (e.g. ``answer``) for verifiable rewards.
+
+Kinds of entry:
+    sentiment, length, format, ...     a built-in (reward_models.builtins), configured by reward_kwargs
+    path/to/file.py:function           a function in a file; ``async def`` works too
+    package.module:function            an importable function
+    path/to/model_dir or org/model     a learned reward model (sequence classification, 1 logit)
+    http(s)://host:port/path           a remote reward endpoint (see reward_models.remote)
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import importlib
 import importlib.util
 import inspect
 import math
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,23 +28,50 @@ from typing import Any, Callable
 from reward_models.builtins import BUILTIN_REWARDS
 from rlhf.errors import RewardError
 
-RewardFn = Callable[..., list[float]]
+RewardFn = Callable[..., Any]
 
 
-def load_reward_function(spec: str) -> RewardFn:
-    """Resolve one ``reward_funcs`` entry.
-
-    - a built-in name (``sentiment``)
-    - ``path/to/file.py:function``  (a file anywhere on disk)
-    - ``package.module:function``   (an importable module)
-    """
+def load_reward_function(spec: str, kwargs: dict[str, Any] | None = None, device: Any = None) -> RewardFn:
+    """Resolve one ``reward_funcs`` entry; ``kwargs`` are its ``reward_kwargs``."""
+    kwargs = dict(kwargs or {})
     if spec in BUILTIN_REWARDS:
-        return BUILTIN_REWARDS[spec]
-    if ":" not in spec:
-        raise RewardError(
-            f"unknown reward {spec!r}: use a built-in ({', '.join(BUILTIN_REWARDS)}), "
-            "path/to/file.py:function or package.module:function"
-        )
+        try:
+            return BUILTIN_REWARDS[spec](**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise RewardError(f"reward_kwargs for {spec!r}: {exc}") from None
+    if spec.startswith(("http://", "https://")):
+        from reward_models.remote import RemoteReward
+
+        return RemoteReward(spec, **kwargs)
+    if ":" in spec:
+        fn = _load_user_function(spec)
+        if kwargs:  # user functions receive their reward_kwargs as extra keyword arguments
+            return _with_kwargs(fn, kwargs)
+        return fn
+    if Path(spec).is_dir() or (spec.count("/") == 1 and not Path(spec).exists()):
+        from reward_models.learned import LearnedReward
+
+        return LearnedReward(spec, device=device, **kwargs)
+    raise RewardError(
+        f"unknown reward {spec!r}: use a built-in ({', '.join(BUILTIN_REWARDS)}), path/to/file.py:function, "
+        "package.module:function, a reward-model dir, or an http(s):// URL"
+    )
+
+
+def _with_kwargs(fn: RewardFn, extra: dict[str, Any]) -> RewardFn:
+    if inspect.iscoroutinefunction(fn):
+        async def call_async(*args: Any, **kwargs: Any) -> Any:
+            return await fn(*args, **{**extra, **kwargs})
+        call_async.__name__ = fn.__name__
+        return call_async
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **{**extra, **kwargs})
+    call.__name__ = fn.__name__
+    return call
+
+
+def _load_user_function(spec: str) -> RewardFn:
     target, _, function_name = spec.rpartition(":")
     if target.endswith(".py"):
         module = _import_file(Path(target), spec)
@@ -42,17 +79,28 @@ def load_reward_function(spec: str) -> RewardFn:
         try:
             module = importlib.import_module(target)
         except Exception as exc:
-            raise RewardError(f"cannot import module {target!r} for reward {spec!r}: {type(exc).__name__}: {exc}") from None
+            raise RewardError(f"cannot import module {target!r} for reward {spec!r}: {_describe(exc)}") from None
     fn = getattr(module, function_name, None)
     if not callable(fn):
         raise RewardError(f"reward {spec!r}: {target} has no function {function_name!r}")
     return fn
 
 
+def _describe(exc: BaseException) -> str:
+    """The exception plus the user's line that raised it (the innermost frame)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    if isinstance(exc, SyntaxError) and exc.lineno:
+        where = f" at {Path(exc.filename or '?').name}:{exc.lineno}"
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
 def _import_file(path: Path, spec: str) -> Any:
     if not path.is_file():
         raise RewardError(f"reward file not found: {path} (from reward_funcs entry {spec!r})")
-    module_name = f"rlhf_user_reward_{abs(hash(str(path.resolve())))}"
+    module_name = "rlhf_user_reward_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    if module_name in sys.modules:  # several functions of one file share one module (and its state)
+        return sys.modules[module_name]
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
@@ -61,13 +109,29 @@ def _import_file(path: Path, spec: str) -> Any:
         module_spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[module_name]
-        raise RewardError(f"reward file {path} failed to import: {type(exc).__name__}: {exc}") from None
+        raise RewardError(f"reward file {path} failed to import: {_describe(exc)}") from None
     return module
 
 
+def _failing_sample(fn: RewardFn, call_kwargs: dict[str, Any]) -> str:
+    """Re-run a failed batch one sample at a time to tell the user which sample breaks it."""
+    count = len(call_kwargs["completions"])
+    for i in range(count):
+        single = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == count else v) for k, v in call_kwargs.items()}
+        try:
+            fn(**single)
+        except Exception:
+            return f" on sample {i} (completion {call_kwargs['completions'][i][:50]!r})"
+    return ""
+
+
 def reward_name(spec: str) -> str:
-    """Short name for logging: the built-in or function name (``reward/<name>`` in metrics)."""
-    return spec.rpartition(":")[2] if ":" in spec else spec
+    """Short name for logging (``reward/<name>``) and for ``reward_kwargs`` keys."""
+    if spec.startswith(("http://", "https://")):
+        return spec.split("://", 1)[1].split("/", 1)[0]
+    if ":" in spec:
+        return spec.rpartition(":")[2]
+    return Path(spec).name or spec
 
 
 @dataclass
@@ -79,17 +143,22 @@ class RewardOutput:
 class CombinedReward:
     """Weighted sum of several reward functions with every output checked.
 
-    A function that raises, returns the wrong number of values, None, or a non-finite number is
-    reported by name together with the offending sample.
+    Async functions of one batch run concurrently. A function that raises, returns the wrong
+    number of values, None, or a non-finite number is reported by name with the sample index.
     """
 
-    def __init__(self, specs: list[str], weights: list[float] | None = None):
+    def __init__(self, specs: list[str], weights: list[float] | None = None,
+                 kwargs: dict[str, dict[str, Any]] | None = None, device: Any = None):
         self.specs = list(specs)
         self.weights = list(weights) if weights is not None else [1.0] * len(specs)
         if len(self.weights) != len(self.specs):
             raise RewardError(f"{len(self.weights)} reward_weights for {len(self.specs)} reward_funcs")
-        self.functions = [load_reward_function(spec) for spec in self.specs]
         self.names = self._unique_names()
+        kwargs = dict(kwargs or {})
+        unknown = set(kwargs) - set(self.names)
+        if unknown:
+            raise RewardError(f"reward_kwargs for {sorted(unknown)} match no reward_funcs entry (names: {self.names})")
+        self.functions = [load_reward_function(spec, kwargs.get(name), device) for spec, name in zip(self.specs, self.names)]
 
     def _unique_names(self) -> list[str]:
         names: list[str] = []
@@ -101,25 +170,44 @@ class CombinedReward:
         return names
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> RewardOutput:
-        components: dict[str, list[float]] = {}
+        call_kwargs = {"prompts": prompts, "completions": completions, **columns}
+        raw: dict[str, Any] = {}
+        pending: dict[str, Any] = {}
         for name, spec, fn in zip(self.names, self.specs, self.functions):
-            components[name] = self._call_one(spec, fn, prompts, completions, columns)
-        total = [
-            sum(w * components[name][i] for name, w in zip(self.names, self.weights)) for i in range(len(completions))
-        ]
+            try:
+                result = fn(**call_kwargs)
+            except RewardError:
+                raise
+            except Exception as exc:
+                raise RewardError(f"reward {spec!r} raised {_describe(exc)}{_failing_sample(fn, call_kwargs)}") from None
+            if inspect.isawaitable(result):
+                pending[name] = result
+            else:
+                raw[name] = result
+        if pending:
+            raw.update(self._await_all(pending))
+        components = {name: self._check(spec, raw[name], completions) for name, spec in zip(self.names, self.specs)}
+        total = [sum(w * components[name][i] for name, w in zip(self.names, self.weights))
+                 for i in range(len(completions))]
         return RewardOutput(total=total, components=components)
 
+    def _await_all(self, pending: dict[str, Any]) -> dict[str, Any]:
+        async def gather() -> list[Any]:
+            return await asyncio.gather(*pending.values(), return_exceptions=True)
+
+        results = asyncio.run(gather())
+        for (name, _), result in zip(pending.items(), results):
+            if isinstance(result, BaseException):
+                spec = self.specs[self.names.index(name)]
+                raise RewardError(f"reward {spec!r} raised {_describe(result)}")
+        return dict(zip(pending, results))
+
     @staticmethod
-    def _call_one(spec: str, fn: RewardFn, prompts: list[str], completions: list[str], columns: dict[str, Any]) -> list[float]:
+    def _check(spec: str, values: Any, completions: list[str]) -> list[float]:
         try:
-            values = fn(prompts=prompts, completions=completions, **columns)
-            if inspect.isawaitable(values):
-                raise RewardError(f"reward {spec!r} is async; async rewards are not supported yet — make it a plain def")
             values = list(values)
-        except RewardError:
-            raise
-        except Exception as exc:
-            raise RewardError(f"reward {spec!r} raised {type(exc).__name__}: {exc}") from None
+        except TypeError:
+            raise RewardError(f"reward {spec!r} returned {type(values).__name__}, not a list of floats") from None
         if len(values) != len(completions):
             raise RewardError(f"reward {spec!r} returned {len(values)} values for {len(completions)} completions")
         checked = []

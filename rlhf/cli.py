@@ -6,6 +6,7 @@ a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any, Callable
 
@@ -40,6 +41,21 @@ def train_main(algorithm: str, argv: list[str] | None = None) -> None:
         from rlhf.trainer import RLTrainer  # heavy imports only after the config is valid
 
         RLTrainer(config).train()
+
+    exit_on_user_error(run)
+
+
+def reward_model_main(argv: list[str] | None = None) -> None:
+    """``python scripts/train_reward_model.py [--config configs/reward_model.yaml] [--key value ...]``."""
+
+    def run() -> None:
+        from rlhf.config import parse_config
+        from rlhf.reward_training import RewardModelConfig, train_reward_model
+
+        config = parse_config(argv, prog="train_reward_model.py", cls=RewardModelConfig,
+                              description="Train a Bradley-Terry reward model with TRL's RewardTrainer.")
+        metrics = train_reward_model(config)
+        print(json.dumps(metrics))
 
     exit_on_user_error(run)
 

@@ -9,6 +9,8 @@ Unknown keys and impossible values raise ``ConfigError`` whose message says what
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import dataclasses
 import difflib
 import sys
@@ -29,8 +31,8 @@ GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help, **kwargs})
     return field(default=default, metadata={"help": help, **kwargs})
 
 
@@ -68,6 +70,11 @@ class RLConfig:
     # --- reward
     reward_funcs: list[str] = _field(["sentiment"], "Reward functions: built-in names, path/to/file.py:function, or package.module:function.")
     reward_weights: list[float] | None = _field(None, "Weight of each reward function (default: all 1.0).")
+    reward_kwargs: dict[str, Any] = _field(
+        {}, "Parameters per reward name, e.g. {length: {target: 40}} (YAML) or a JSON string on the CLI."
+    )
+    reward_clip: float | None = _field(None, "Clip combined rewards to [-reward_clip, reward_clip] (OpenRLHF uses 10).")
+    normalize_rewards: bool = _field(False, "Normalise combined rewards to mean 0, std 1 over each global batch.")
 
     # --- batch sizes and optimisation
     max_steps: int = _field(20, "Number of RL steps (one rollout + update each).")
@@ -159,6 +166,9 @@ class RLConfig:
         for target in self.report_to:
             require(target in REPORT_TARGETS, f"report_to {target!r} is not one of: {', '.join(REPORT_TARGETS)}")
 
+        require(self.reward_clip is None or self.reward_clip > 0, "reward_clip must be > 0 or none")
+        require(all(isinstance(v, dict) for v in self.reward_kwargs.values()),
+                "reward_kwargs maps reward names to mappings of parameters, e.g. {length: {target: 40}}")
         require(len(self.reward_funcs) >= 1, "reward_funcs needs at least one reward function (e.g. sentiment)")
         if self.reward_weights is not None:
             require(
@@ -209,7 +219,6 @@ class RLConfig:
 # Parsing
 # ----------------------------------------------------------------------------------------------
 
-_TYPE_HINTS = typing.get_type_hints(RLConfig)
 _NONE_WORDS = {"none", "null", "~"}
 
 
@@ -221,21 +230,27 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _coerce(key: str, value: Any) -> Any:
+def _coerce(cls: type, key: str, value: Any) -> Any:
     """Convert a YAML or CLI value to the field's type, or raise ConfigError naming the key."""
-    tp, optional = _unwrap_optional(_TYPE_HINTS[key])
+    tp, optional = _unwrap_optional(typing.get_type_hints(cls)[key])
     if value is None or (optional and isinstance(value, str) and value.lower() in _NONE_WORDS):
         if optional:
             return None
         raise ConfigError(f"{key} cannot be empty")
     try:
+        if typing.get_origin(tp) is dict:
+            parsed = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(parsed, dict):
+                raise ValueError(value)
+            return parsed
         if typing.get_origin(tp) is list:
             (item_type,) = typing.get_args(tp)
             items = value if isinstance(value, (list, tuple)) else [value]
             return [_scalar(item_type, v) for v in items]
         return _scalar(tp, value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key} expects {getattr(tp, '__name__', tp)}, got {value!r}") from None
+        expected = "a JSON object" if typing.get_origin(tp) is dict else getattr(tp, "__name__", tp)
+        raise ConfigError(f"{key} expects {expected}, got {value!r}") from None
 
 
 def _scalar(tp: Any, value: Any) -> Any:
@@ -257,8 +272,8 @@ def _scalar(tp: Any, value: Any) -> Any:
     return str(value)
 
 
-def _unknown_key_message(key: str, where: str) -> str:
-    names = [f.name for f in dataclasses.fields(RLConfig)]
+def _unknown_key_message(cls: type, key: str, where: str) -> str:
+    names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else "; see --help for the valid keys"
     return f"unknown config key {key!r} in {where}{hint}"
@@ -280,19 +295,24 @@ def load_yaml(path: str) -> dict[str, Any]:
 class _OneLineParser(argparse.ArgumentParser):
     """argparse that raises ConfigError (-> one line, exit 2) instead of printing usage."""
 
+    config_cls: type = object
+
     def error(self, message: str) -> typing.NoReturn:
         if message.startswith("unrecognized arguments:"):
             flag = message.split(":", 1)[1].split()[0]
-            raise ConfigError(_unknown_key_message(flag.lstrip("-").split("=")[0], "the command line"))
+            raise ConfigError(_unknown_key_message(self.config_cls, flag.lstrip("-").split("=")[0], "the command line"))
         raise ConfigError(message)
 
 
-def build_parser(defaults: dict[str, Any], prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(cls: type, defaults: dict[str, Any], prog: str | None = None,
+                 description: str | None = None) -> argparse.ArgumentParser:
     parser = _OneLineParser(prog=prog, description=description, allow_abbrev=False,
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.config_cls = cls
     parser.add_argument("--config", help="YAML file of key: value defaults (CLI flags override it).")
-    for f in dataclasses.fields(RLConfig):
-        tp, _ = _unwrap_optional(_TYPE_HINTS[f.name])
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _unwrap_optional(hints[f.name])
         nargs = "+" if typing.get_origin(tp) is list else None
         parser.add_argument(f"--{f.name}", nargs=nargs, default=defaults.get(f.name), help=f.metadata["help"],
                             metavar=f.name.upper())
@@ -300,28 +320,28 @@ def build_parser(defaults: dict[str, Any], prog: str | None = None, description:
 
 
 def parse_config(argv: list[str] | None = None, script_defaults: dict[str, Any] | None = None,
-                 prog: str | None = None, description: str | None = None) -> RLConfig:
-    """CLI + YAML -> validated RLConfig. Raises ConfigError with a one-line message."""
+                 prog: str | None = None, description: str | None = None, cls: type = RLConfig) -> Any:
+    """CLI + YAML -> a validated ``cls`` (RLConfig by default). Raises ConfigError (one line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
 
-    values: dict[str, Any] = {f.name: _default_of(f) for f in dataclasses.fields(RLConfig)}
+    values: dict[str, Any] = {f.name: _default_of(f) for f in dataclasses.fields(cls)}
     values.update(script_defaults or {})
     if known.config:
         for key, value in load_yaml(known.config).items():
             if key not in values:
-                raise ConfigError(_unknown_key_message(key, known.config))
-            values[key] = _coerce(key, value)
+                raise ConfigError(_unknown_key_message(cls, key, known.config))
+            values[key] = _coerce(cls, key, value)
 
-    parser = build_parser(values, prog=prog, description=description)
+    parser = build_parser(cls, values, prog=prog, description=description)
     args = vars(parser.parse_args(argv))
     args.pop("config")
     for key, value in args.items():
-        values[key] = _coerce(key, value)
+        values[key] = _coerce(cls, key, value)
     try:
-        return RLConfig(**values)
+        return cls(**values)
     except TypeError as exc:  # pragma: no cover - guarded by the key checks above
         raise ConfigError(str(exc)) from None
 
@@ -332,5 +352,5 @@ def _default_of(f: dataclasses.Field) -> Any:
     return f.default
 
 
-def save_config(config: RLConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+def save_config(config: Any, path: Path) -> None:
+    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

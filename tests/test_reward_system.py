@@ -1,0 +1,226 @@
+"""The reward system: built-ins, user functions (sync/async), learned and remote rewards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import ROOT, run_script, tiny_args
+from reward_models import CombinedReward, load_reward_function
+from reward_models.builtins import extract_final_answer
+from reward_models.remote import RemoteReward
+from reward_models.server import make_server
+from rlhf.errors import RewardError
+
+
+def call(spec, completions, kwargs=None, **columns):
+    return load_reward_function(spec, kwargs)(prompts=[""] * len(completions), completions=completions, **columns)
+
+
+# ---------------------------------------------------------------------------- built-ins
+
+
+def test_length_reward():
+    texts = ["one two three", "w " * 10, "w " * 20, "w " * 30]
+    assert call("length", texts, {"target": 10, "tolerance": 2}) == [0.5, 1.0, pytest.approx(0.2), 0.0]
+    assert call("length", ["abcd"], {"target": 4, "tolerance": 0, "unit": "chars"}) == [1.0]
+
+
+def test_format_reward():
+    assert call("format", ["Hello there.", "hello there", "Yes!"]) == [1.0, 0.0, 1.0]
+    assert call("format", ["Answer: 42", "no"], {"pattern": r"Answer: \d+", "mode": "fullmatch"}) == [1.0, 0.0]
+
+
+def test_keywords_reward():
+    kwargs = {"include": ["thanks", "great"], "avoid": ["bad"]}
+    assert call("keywords", ["Thanks, great job", "great but bad", "nothing"], kwargs) == [1.0, 0.5 - 1.0, 0.0]
+
+
+def test_no_repeat_reward():
+    assert call("no_repeat", ["a b c d e", "a b a b a b", "short"], {"n": 2}) == [0.0, pytest.approx(-3 / 5), 0.0]
+
+
+def test_exact_answer_reward():
+    completions = ["so the total is \\boxed{1,000}", "The answer is 12.", "I think 7 then 9", "no idea"]
+    assert call("exact_answer", completions, answer=["1000", "12", "9", "3"]) == [1.0, 1.0, 1.0, 0.0]
+    assert extract_final_answer("x = 5, y = 6") == "6"
+    with pytest.raises(KeyError, match="answer"):
+        call("exact_answer", ["1"])
+
+
+def test_builtin_kwargs_errors_are_reward_errors():
+    with pytest.raises(RewardError, match="length"):
+        load_reward_function("length", {"target": 0})
+    with pytest.raises(RewardError, match="unexpected keyword"):
+        load_reward_function("format", {"patern": "x"})
+    with pytest.raises(RewardError, match="match no reward_funcs entry"):
+        CombinedReward(["sentiment"], kwargs={"length": {"target": 3}})
+
+
+# ---------------------------------------------------------------------------- user functions
+
+
+def test_async_rewards_run_concurrently(tmp_path):
+    module = tmp_path / "async_rewards.py"
+    # first() waits for an event that only second() sets: sequential awaiting would time out.
+    module.write_text(
+        "import asyncio\n"
+        "EVENT = None\n"
+        "def _event():\n"
+        "    global EVENT\n"
+        "    EVENT = EVENT or asyncio.Event()\n"
+        "    return EVENT\n"
+        "async def first(prompts, completions, **kw):\n"
+        "    await asyncio.wait_for(_event().wait(), timeout=5)\n"
+        "    return [1.0] * len(completions)\n"
+        "async def second(prompts, completions, **kw):\n"
+        "    _event().set()\n"
+        "    return [2.0] * len(completions)\n"
+    )
+    combined = CombinedReward([f"{module}:first", f"{module}:second"])
+    assert combined(["p"], ["c"]).total == [3.0]
+
+
+def test_user_function_errors_name_the_line_and_sample(tmp_path):
+    broken_import = tmp_path / "broken_import.py"
+    broken_import.write_text("import math\nvalue = 1 / 0\n")
+    with pytest.raises(RewardError, match=r"ZeroDivisionError.*broken_import.py:2"):
+        load_reward_function(f"{broken_import}:f")
+    picky = tmp_path / "picky.py"
+    picky.write_text("def f(prompts, completions, **kw):\n    return [1.0 / (c != 'bad') for c in completions]\n")
+    with pytest.raises(RewardError, match=r"ZeroDivisionError.*on sample 1"):
+        CombinedReward([f"{picky}:f"])(["a", "b", "c"], ["good", "bad", "ok"])
+    with pytest.raises(RewardError, match="returned inf"):
+        CombinedReward._check("f", [float("inf")], ["c"])
+
+
+def test_user_function_receives_reward_kwargs(tmp_path):
+    module = tmp_path / "scaled.py"
+    module.write_text("def f(prompts, completions, scale=1.0, **kw):\n    return [scale] * len(completions)\n")
+    assert CombinedReward([f"{module}:f"], kwargs={"f": {"scale": 3.0}})(["p"], ["c"]).total == [3.0]
+
+
+# ---------------------------------------------------------------------------- remote
+
+
+@pytest.fixture()
+def reward_server():
+    server = make_server(CombinedReward(["sentiment", "length"], [1.0, 0.5]), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_remote_reward_matches_local(reward_server):
+    completions = ["I love this wonderful day", "This is terrible"]
+    local = CombinedReward(["sentiment", "length"], [1.0, 0.5])(["a", "b"], completions).total
+    remote = RemoteReward(reward_server)(prompts=["a", "b"], completions=completions)
+    assert remote == pytest.approx(local)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_remote_unreachable_and_malformed():
+    url = f"http://127.0.0.1:{free_port()}/"
+    with pytest.raises(RewardError, match=rf"remote reward {url} failed after 2 tries"):
+        RemoteReward(url, timeout=2, max_retries=1, backoff=0.01)(prompts=["p"], completions=["c"])
+
+    class Garbage(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>not json")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Garbage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(RewardError, match="malformed JSON"):
+            RemoteReward(f"http://127.0.0.1:{server.server_port}/", max_retries=0)(prompts=["p"], completions=["c"])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_reward_script(tmp_path):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve_reward.py"), "--reward_funcs", "sentiment",
+                                "--port", str(port)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert "serving sentiment" in process.stdout.readline()
+        rewards = RemoteReward(f"http://127.0.0.1:{port}")(prompts=["p"], completions=["What a great, happy day!"])
+        assert rewards[0] > 0.5
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------- training through every kind
+
+
+def test_ppo_with_remote_reward_and_bad_endpoint(tiny_model_dir, tmp_path, reward_server):
+    out = tmp_path / "run"
+    result = run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1", "--reward_funcs", reward_server))
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert f"reward/{reward_server.split('//')[1].rstrip('/')}" in row
+    result = run_script("train_ppo.py", *tiny_args(tiny_model_dir, tmp_path / "run2", "--max_steps", "1",
+                                                   "--reward_funcs", f"http://127.0.0.1:{free_port()}/"))
+    assert result.returncode == 2 and "failed after" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------- learned reward models
+
+
+def test_learned_reward_scores_in_batches(tiny_reward_backbone):
+    from reward_models.learned import LearnedReward
+
+    prompts = ["Say hi", "Describe rain", "Tell a joke"]
+    completions = ["Hello!", "It is wet and grey outside.", "Why did the chicken cross the road?"]
+    whole = LearnedReward(str(tiny_reward_backbone), batch_size=8)(prompts, completions)
+    split = LearnedReward(str(tiny_reward_backbone), batch_size=1)(prompts, completions)
+    assert whole == pytest.approx(split, abs=1e-5) and len(set(whole)) == 3
+    spec_fn = load_reward_function(str(tiny_reward_backbone))
+    assert spec_fn(prompts=prompts, completions=completions) == pytest.approx(whole, abs=1e-5)
+    with pytest.raises(RewardError, match="no calibration"):
+        LearnedReward(str(tiny_reward_backbone), normalize=True)
+
+
+def test_train_reward_model_then_use_it_in_ppo(tiny_reward_backbone, tiny_model_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": "Happy to help, great question!",
+                                         "rejected": "Go away."}) + "\n" for i in range(16)))
+    rm_dir = tmp_path / "rm"
+    result = run_script("train_reward_model.py", "--model_name_or_path", str(tiny_reward_backbone), "--dataset",
+                        str(pairs), "--eval_dataset", str(pairs), "--output_dir", str(rm_dir), "--num_train_epochs", "3",
+                        "--learning_rate", "1e-3", "--per_device_train_batch_size", "8", "--logging_steps", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = json.loads((rm_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["eval_pairwise_accuracy"] == 1.0  # 16 identical pairs: trivially separable
+    metadata = json.loads((rm_dir / "rlhf_reward_model.json").read_text())
+    assert metadata["score_std"] > 0
+
+    out = tmp_path / "ppo"
+    result = run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1", "--reward_funcs", str(rm_dir),
+                                                   "--reward_kwargs", json.dumps({"rm": {"normalize": True}})))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reward/rm" in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+    again = run_script("train_reward_model.py", "--model_name_or_path", str(tiny_reward_backbone), "--dataset", str(pairs),
+                       "--output_dir", str(rm_dir))
+    assert again.returncode == 2 and "not empty" in again.stderr  # never overwrite a trained model
