@@ -120,3 +120,12 @@ def test_reward_file_with_import_error_shows_user_line(tiny_model_dir, tmp_path)
     result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--reward_funcs",
                                                          f"{reward_file}:f"))
     assert_one_line_error(result, "failed to import", "NameError", "typo.py:3")
+
+
+def test_reward_model_training_bad_pairs(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "q", "chosen": "a"}\n')
+    result = run_script("train_reward_model.py", "--dataset", str(pairs), "--output_dir", str(tmp_path / "rm"))
+    assert_one_line_error(result, "lacks column(s) rejected")
+    result = run_script("train_reward_model.py", "--num_train_epochs", "0", "--output_dir", str(tmp_path / "rm"))
+    assert_one_line_error(result, "num_train_epochs")

@@ -224,3 +224,15 @@ def test_train_reward_model_then_use_it_in_ppo(tiny_reward_backbone, tiny_model_
     again = run_script("train_reward_model.py", "--model_name_or_path", str(tiny_reward_backbone), "--dataset", str(pairs),
                        "--output_dir", str(rm_dir))
     assert again.returncode == 2 and "not empty" in again.stderr  # never overwrite a trained model
+
+
+def test_readme_custom_reward_example_works(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Custom rewards"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    (tmp_path / "my_rewards.py").write_text(code)
+    combined = CombinedReward(["sentiment", f"{tmp_path / 'my_rewards.py'}:polite_and_brief"], [1.0, 0.5],
+                              kwargs={"polite_and_brief": {"max_words": 20}})
+    output = combined(["p", "p"], ["Thank you so much!", "word " * 40])
+    assert output.components["polite_and_brief"] == [1.0, pytest.approx(-1.0)]

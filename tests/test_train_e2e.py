@@ -84,10 +84,12 @@ def test_custom_reward_file_and_dataset_columns(tiny_model_dir, tmp_path):
     data.write_text("".join(json.dumps({"prompt": f"Tell me about {t}.", "topic": t}) + "\n" for t in ["cats"] * 4))
     out = tmp_path / "run"
     result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, out, "--dataset", str(data),
-                                                          "--reward_funcs", f"{reward_file}:reward_topic"))
+                                                          "--reward_funcs", f"{reward_file}:reward_topic",
+                                                          "--reward_clip", "0.5", "--normalize_rewards", "true"))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(out)
-    assert rows[0]["reward/reward_topic"] == 1.0 and rows[0]["reward_mean"] == 1.0
+    assert rows[0]["reward/reward_topic"] == 1.0 and rows[0]["reward_mean"] == 1.0  # logged raw
+    assert rows[0]["reward_clip_frac"] == 1.0
 
 
 def test_resume_from_latest_restores_and_continues(tiny_model_dir, tmp_path):
