@@ -451,5 +451,11 @@ class RLTrainer:
 
 def _flat_config(config: RLConfig) -> dict[str, Any]:
     # TensorBoard's hparams accept only scalars and strings.
-    return {k: (", ".join(map(str, v)) if isinstance(v, list) else "none" if v is None else v)
-            for k, v in config.to_dict().items()}
+    def scalar(value: Any) -> Any:
+        if isinstance(value, list):
+            return ", ".join(map(str, value))
+        if isinstance(value, dict):
+            return json.dumps(value)
+        return "none" if value is None else value
+
+    return {key: scalar(value) for key, value in config.to_dict().items()}
