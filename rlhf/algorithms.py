@@ -36,6 +36,7 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "whiten_with_stats",
     "agg_loss",
     "LOSS_AGG_MODES",
     "kl_penalty",
@@ -135,12 +136,20 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     Masked-out positions are set to 0 so padding can never leak into a loss.
     """
     mask_f = mask.float()
-    mean = masked_mean(x, mask_f)
-    var = masked_var(x, mask_f, unbiased=True)
+    return whiten_with_stats(x, mask_f, masked_mean(x, mask_f), masked_var(x, mask_f), shift_mean, eps)
+
+
+def whiten_with_stats(x: Tensor, mask: Tensor, mean: Tensor | float, var: Tensor | float,
+                      shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """masked_whiten with given statistics, e.g. mean and variance reduced over all processes.
+
+    x, mask: same shape. out = (x - mean) / sqrt(var + eps) (+ mean if not shift_mean), 0 on padding.
+    """
+    var = torch.as_tensor(var, dtype=torch.float32, device=x.device)
     whitened = (x.float() - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return whitened * mask_f
+    return whitened * mask.float()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from reward_models import CombinedReward
 from rlhf import checkpoint as ckpt
 from rlhf.algorithms import (
     ADVANTAGE_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController, FixedKLController, MovingAverageBaseline,
-    agg_loss, kl_penalty, masked_mean, token_level_rewards, value_loss,
+    agg_loss, kl_penalty, masked_mean, token_level_rewards, value_loss, whiten_with_stats,
 )
 from rlhf.config import RLConfig, save_config
 from rlhf.data import BUILTIN_PREFIX, PromptSampler, format_prompt, load_prompt_dataset, prompt_text
@@ -310,7 +310,7 @@ class RLTrainer:
         total, total_sq, count = stats.tolist()
         mean = total / count
         var = (total_sq - count * mean * mean) / max(count - 1, 1)
-        return (x - mean) * torch.rsqrt(torch.tensor(max(var, 0.0) + eps)) * mask
+        return whiten_with_stats(x, mask, mean, max(var, 0.0), eps=eps)
 
     # ------------------------------------------------------------------------------ update
 
