@@ -71,6 +71,9 @@ class RLTrainer:
             step_scheduler_with_optimizer=False,
         )
         config.check_world_size(self.accelerator.num_processes)
+        # Derived once: sequences per forward pass on this process (no-grad passes use it too).
+        self.micro_batch_size = config.mini_batch_size // (self.accelerator.num_processes
+                                                           * config.gradient_accumulation_steps)
         self._check_output_dir()
         set_seed(config.seed + self.accelerator.process_index * RANK_SEED_STRIDE)
 
@@ -229,7 +232,7 @@ class RLTrainer:
             torch.manual_seed(self.config.seed + accelerator.process_index * RANK_SEED_STRIDE)
             rollout = self._generate(self.eval_dataset, local, num_generations=1)
         output = self.reward(rollout.prompts, rollout.completions, **rollout.columns)
-        policy_logprobs = self._no_grad_pass(rollout, with_adapter=True)[0]
+        policy_logprobs = self._no_grad_pass(rollout, with_adapter=True, with_entropy=False)[0]
         ref_logprobs = self._no_grad_pass(rollout, with_adapter=False)[0]
         kl = kl_penalty(policy_logprobs, ref_logprobs, "k1", rollout.mask).sum(-1)
         rewards = self.accelerator.gather(torch.tensor(output.total, device=accelerator.device))
@@ -260,7 +263,7 @@ class RLTrainer:
     def compute_advantages(self, rollout: Rollout, scores: Tensor) -> tuple[Experience, dict[str, float]]:
         """Old and reference logprobs, values, per-token rewards with KL, and advantages."""
         config = self.config
-        old_logprobs, values, entropy = self._no_grad_pass(rollout, with_adapter=True)
+        old_logprobs, values, entropy = self._no_grad_pass(rollout, with_adapter=True, with_entropy=True)
         ref_logprobs = self._no_grad_pass(rollout, with_adapter=False)[0] if self.uses_reference else None
         mask = rollout.mask
         kl = kl_penalty(old_logprobs, ref_logprobs, config.kl_estimator, mask) if ref_logprobs is not None else None
@@ -281,19 +284,20 @@ class RLTrainer:
         }
         return Experience(rollout, old_logprobs, ref_logprobs, values, advantages, returns), metrics
 
-    def _no_grad_pass(self, rollout: Rollout, with_adapter: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _no_grad_pass(self, rollout: Rollout, with_adapter: bool,
+                      with_entropy: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Logprobs [B, T], values [B, T] | None, entropy [B, T] | None in micro-batches, no grad.
 
         with_adapter=False is the reference policy: the same weights with LoRA switched off, so
         there is one copy of the base model in memory.
         """
         model = self.unwrapped
-        micro = self.config.mini_batch_size // (self.accelerator.num_processes * self.config.gradient_accumulation_steps)
+        micro = self.micro_batch_size
         logprobs, values, entropy = [], [], []
         for start in range(0, len(rollout), micro):
             rows = slice(start, start + micro)
             if with_adapter:
-                lp, v, h = forward_response(model, rollout, rows, self.config.temperature, with_entropy=True)
+                lp, v, h = forward_response(model, rollout, rows, self.config.temperature, with_entropy=with_entropy)
                 values.append(v)
                 entropy.append(h)
             else:
@@ -302,7 +306,7 @@ class RLTrainer:
             logprobs.append(lp)
         has_values = with_adapter and model.value_head is not None
         return (torch.cat(logprobs), torch.cat(values) if has_values else None,
-                torch.cat(entropy) if with_adapter else None)
+                torch.cat(entropy) if with_adapter and with_entropy else None)
 
     def _global_whiten(self, x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
         """masked_whiten with mean and variance over all processes (TRL whitens per rank, RL_NOTES 10)."""
@@ -319,7 +323,7 @@ class RLTrainer:
         config, accelerator = self.config, self.accelerator
         rollout = batch.rollout
         local_minibatch = config.mini_batch_size // accelerator.num_processes
-        micro = local_minibatch // config.gradient_accumulation_steps
+        micro = self.micro_batch_size
         sums: dict[str, float] = {}
         count = 0
         self.model.train()
