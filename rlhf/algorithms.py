@@ -364,6 +364,16 @@ def group_stats(scores: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tens
     return sums[inverse], counts[inverse], stds[inverse]
 
 
+def zero_spread_groups(scores: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
+    """Bool [B]: True for samples whose group's scores are all equal (std <= eps).
+
+    scores, group_ids: [B]. Such groups get zero group-relative advantage and carry no signal
+    (DAPO's dynamic sampling drops them). Groups of one sample count as zero-spread.
+    """
+    _, _, stds = group_stats(scores, group_ids)
+    return stds <= eps
+
+
 def _require_group_ids(group_ids: Tensor | None, name: str) -> Tensor:
     if group_ids is None:
         raise ValueError(f"advantage estimator {name!r} needs group_ids [B] (num_generations samples per prompt)")

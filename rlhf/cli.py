@@ -13,9 +13,18 @@ from typing import Any, Callable
 from rlhf.errors import UserError
 
 # What each train script means by its name; a --config file or CLI flag can still override.
+# The group methods differ only in their estimator (and RLOO/REINFORCE++ put KL in the reward);
+# train_grpo.py runs all four, picked by --config or --advantage_estimator.
+_GROUP = {"policy_loss": "ppo_clip", "num_generations": 4, "whiten_advantages": False}
 ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     "ppo": {"advantage_estimator": "gae", "policy_loss": "ppo_clip", "whiten_advantages": True},
     "reinforce": {"advantage_estimator": "reinforce", "policy_loss": "pg", "whiten_advantages": False},
+    "grpo": {**_GROUP, "advantage_estimator": "grpo", "kl_in_reward": False, "kl_estimator": "k3"},
+    "dr_grpo": {**_GROUP, "advantage_estimator": "dr_grpo", "kl_in_reward": False, "kl_estimator": "k3",
+                "loss_agg_mode": "seq-mean-token-sum-norm"},
+    "rloo": {**_GROUP, "advantage_estimator": "rloo", "kl_in_reward": True, "kl_estimator": "k1"},
+    "reinforce_pp": {**_GROUP, "advantage_estimator": "reinforce_pp", "kl_in_reward": True, "kl_estimator": "k1"},
+    "trpo": {"advantage_estimator": "gae", "update_method": "trpo", "whiten_advantages": True},
 }
 
 
@@ -56,6 +65,20 @@ def reward_model_main(argv: list[str] | None = None) -> None:
                               description="Train a Bradley-Terry reward model with TRL's RewardTrainer.")
         metrics = train_reward_model(config)
         print(json.dumps(metrics))
+
+    exit_on_user_error(run)
+
+
+def dpo_main(argv: list[str] | None = None) -> None:
+    """``python scripts/train_dpo.py [--config configs/dpo.yaml] [--key value ...]``."""
+
+    def run() -> None:
+        from rlhf.config import parse_config
+        from rlhf.dpo import DPORunConfig, train_dpo
+
+        config = parse_config(argv, prog="train_dpo.py", cls=DPORunConfig,
+                              description="DPO on a LoRA adapter with TRL's DPOTrainer (output: final/ adapter).")
+        print(json.dumps(train_dpo(config)))
 
     exit_on_user_error(run)
 

@@ -26,6 +26,8 @@ from rlhf.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES,
 from rlhf.errors import ConfigError
 
 REPORT_TARGETS = ("none", "jsonl", "tensorboard", "wandb")
+# How the policy is updated: first-order steps on the policy loss, or TRPO's natural-gradient step.
+UPDATE_METHODS = ("optimizer", "trpo")
 # Estimators that compare samples of the same prompt and so need num_generations >= 2.
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 
@@ -53,6 +55,10 @@ class RLConfig:
     lora_target_modules: list[str] = _field(["all-linear"], "Modules that get LoRA adapters; 'all-linear' = every linear layer but the LM head.")
     bf16: bool = _field(False, "Run the model in bfloat16 (loss math stays float32). Faster on CPUs with avx512_bf16 and on GPUs.")
     gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass to save memory.")
+    init_adapter: str | None = _field(
+        None, "PEFT adapter dir (e.g. a DPO run's final/) merged into the base before RL; the merged model is then "
+        "both the starting policy and the KL reference.",
+    )
 
     # --- data
     dataset: str = _field("builtin:prompts", "Prompt data: .jsonl/.json/.csv/.parquet file, a `datasets` save_to_disk dir, or 'builtin:prompts'.")
@@ -104,11 +110,25 @@ class RLConfig:
     lam: float = _field(0.95, "GAE lambda.")
     baseline_decay: float = _field(0.9, "Decay of the REINFORCE moving-average baseline.")
     whiten_advantages: bool = _field(True, "Normalise advantages to mean 0, std 1 over the rollout batch.")
+    filter_zero_std_groups: bool = _field(
+        False, "Drop groups whose num_generations rewards are all equal from the update (no signal; DAPO-style).",
+    )
     kl_coef: float = _field(0.05, "KL penalty coefficient beta (initial value when adaptive).")
     kl_estimator: str = _field("k1", "KL estimator: k1 (unbiased), k2, k3 (non-negative).")
     kl_in_reward: bool = _field(True, "Put -beta*KL into per-token rewards (PPO style); false = KL as a loss term (GRPO style).")
     adaptive_kl_target: float | None = _field(None, "Target KL per sequence in nats for the adaptive controller (None = fixed kl_coef).")
     adaptive_kl_horizon: float = _field(10000.0, "Horizon of the adaptive KL controller (Ziegler et al. 2019).")
+
+    # --- TRPO (update_method: trpo)
+    update_method: str = _field(
+        "optimizer", "Policy update: 'optimizer' (AdamW on policy_loss, ppo_epochs x minibatches) or 'trpo' "
+        "(one natural-gradient step per rollout inside a KL trust region; the value head keeps AdamW).",
+    )
+    max_kl: float = _field(0.01, "TRPO trust region: largest allowed mean per-token KL(old || new) of one step.")
+    cg_iters: int = _field(10, "TRPO conjugate-gradient iterations for the step direction F^-1 g.")
+    cg_damping: float = _field(0.1, "TRPO damping added to the Fisher-vector product (F + damping I) v.")
+    line_search_backtracks: int = _field(10, "TRPO line search: step fractions 1, 1/2, ... tried at most.")
+    line_search_accept_ratio: float = _field(0.1, "TRPO line search: accept when actual/expected improvement exceeds this.")
 
     # --- output, logging, checkpoints
     output_dir: str = _field("outputs/run", "Where config.yaml, metrics.jsonl, checkpoints/ and final/ go.")
@@ -155,12 +175,18 @@ class RLConfig:
         require(self.adaptive_kl_target is None or self.adaptive_kl_target > 0, "adaptive_kl_target must be > 0 or none")
         require(self.adaptive_kl_horizon > 0, "adaptive_kl_horizon must be > 0")
         require(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be >= 1 or none")
+        require(self.max_kl > 0, f"max_kl must be > 0 (typical 0.01), got {self.max_kl}")
+        require(self.cg_iters >= 1, f"cg_iters must be >= 1, got {self.cg_iters}")
+        require(self.cg_damping >= 0, f"cg_damping must be >= 0, got {self.cg_damping}")
+        require(self.line_search_backtracks >= 1, f"line_search_backtracks must be >= 1, got {self.line_search_backtracks}")
+        require(0 <= self.line_search_accept_ratio < 1, "line_search_accept_ratio must be in [0, 1)")
 
         for key, value, valid in (
             ("advantage_estimator", self.advantage_estimator, tuple(ADVANTAGE_ESTIMATORS)),
             ("policy_loss", self.policy_loss, tuple(POLICY_LOSSES)),
             ("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES),
             ("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
+            ("update_method", self.update_method, UPDATE_METHODS),
         ):
             require(value in valid, f"{key} {value!r} is not one of: {', '.join(valid)}")
         for target in self.report_to:
@@ -181,6 +207,8 @@ class RLConfig:
                 self.num_generations >= 2,
                 f"advantage_estimator {self.advantage_estimator} compares samples of one prompt: set num_generations >= 2",
             )
+        require(not self.filter_zero_std_groups or self.num_generations >= 2,
+                "filter_zero_std_groups needs groups: set num_generations >= 2")
 
         rollout_sequences = self.rollout_batch_size * self.num_generations
         require(
@@ -199,11 +227,13 @@ class RLConfig:
         return self.advantage_estimator == "gae"
 
     def check_world_size(self, num_processes: int) -> None:
-        """Batch sizes are global; each process must get whole prompts and whole micro-batches."""
+        """Batch sizes are global; each process must get whole groups and whole micro-batches."""
         if self.rollout_batch_size % num_processes:
+            suggestion = -(-self.rollout_batch_size // num_processes) * num_processes
             raise ConfigError(
-                f"rollout_batch_size {self.rollout_batch_size} must be divisible by the number of processes "
-                f"({num_processes}); use a multiple of {num_processes}"
+                f"rollout_batch_size {self.rollout_batch_size} prompts (x num_generations {self.num_generations} "
+                f"samples each) cannot be split into whole groups over {num_processes} processes; set "
+                f"--rollout_batch_size to a multiple of {num_processes} (e.g. {suggestion}) or change --num_processes"
             )
         if self.mini_batch_size % (num_processes * self.gradient_accumulation_steps):
             raise ConfigError(

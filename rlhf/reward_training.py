@@ -16,6 +16,7 @@ from typing import Any
 
 from rlhf.config import save_config
 from rlhf.errors import ConfigError
+from rlhf.tracking import write_trainer_log
 
 EMBEDDED_REWARD_BACKBONE = "all-minilm-l6-v2"
 # TRL's RewardTrainer concatenates prompt + chosen with nothing between; we add this separator to
@@ -121,7 +122,8 @@ def train_reward_model(config: RewardModelConfig) -> dict[str, float]:
     final = {"train_pairwise_accuracy": _accuracy(train_scores), "train_time_s": train_time}
     if eval_pairs is not None:
         final["eval_pairwise_accuracy"] = _accuracy(_score_pairs(scorer, eval_pairs))
-    _write_metrics(output_dir, trainer.state.log_history, final)
+    write_trainer_log(output_dir, trainer.state.log_history, final,
+                      {"loss": "loss", "accuracy": "accuracy", "epoch": "epoch"})
     save_config(config, output_dir / "config.yaml")
     return final
 
@@ -136,14 +138,4 @@ def _accuracy(scored: list[tuple[float, float]]) -> float:
     """Fraction of pairs where the chosen reply outscores the rejected one (ties count half)."""
     wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in scored)
     return wins / len(scored)
-
-
-def _write_metrics(output_dir: Path, log_history: list[dict[str, Any]], final: dict[str, float]) -> None:
-    with (output_dir / "metrics.jsonl").open("w") as handle:
-        for entry in log_history:
-            if "loss" in entry:
-                handle.write(json.dumps({"step": entry.get("step"), "loss": entry["loss"],
-                                         "accuracy": entry.get("accuracy"), "epoch": entry.get("epoch")}) + "\n")
-        last_step = log_history[-1].get("step") if log_history else 0
-        handle.write(json.dumps({"step": last_step, **final}) + "\n")
 

@@ -57,3 +57,16 @@ def truncate_metrics(path: Path, last_step: int) -> None:  # also used for sampl
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def write_trainer_log(output_dir: Path, log_history: list[dict[str, Any]], final: dict[str, Any],
+                      columns: dict[str, str]) -> None:
+    """metrics.jsonl for runs driven by a transformers/TRL Trainer: one row per logged training
+    step (``columns`` maps our name -> the Trainer's log key), then one row of final metrics."""
+    with (output_dir / "metrics.jsonl").open("w") as handle:
+        for entry in log_history:
+            if "loss" in entry:
+                row = {"step": entry.get("step"), **{name: entry.get(key) for name, key in columns.items()}}
+                handle.write(json.dumps(row) + "\n")
+        last_step = log_history[-1].get("step") if log_history else 0
+        handle.write(json.dumps({"step": last_step, **final}) + "\n")

@@ -32,14 +32,18 @@ from reward_models import CombinedReward
 from rlhf import checkpoint as ckpt
 from rlhf.algorithms import (
     ADVANTAGE_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController, FixedKLController, MovingAverageBaseline,
-    agg_loss, kl_penalty, masked_mean, token_level_rewards, value_loss, whiten_with_stats,
+    agg_loss, group_stats, kl_penalty, masked_mean, token_level_rewards, value_loss, whiten_with_stats,
+    zero_spread_groups,
 )
 from rlhf.config import RLConfig, save_config
 from rlhf.data import BUILTIN_PREFIX, PromptSampler, format_prompt, load_prompt_dataset, prompt_text
 from rlhf.errors import ConfigError
-from rlhf.models import PolicyWithValue, ValueHead, add_lora, load_base_model, load_tokenizer, trainable_parameter_groups
+from rlhf.models import (
+    PolicyWithValue, ValueHead, add_lora, load_base_model, load_tokenizer, merge_adapter, trainable_parameter_groups,
+)
 from rlhf.rollout import Rollout, forward_response, generate_rollout
 from rlhf.tracking import METRIC_KEYS, JSONLTracker, truncate_metrics
+from rlhf.trpo import trpo_step
 
 # Distinct sampling streams per process (RL_NOTES 5): a large prime keeps seeds of ranks apart.
 RANK_SEED_STRIDE = 100003
@@ -55,6 +59,7 @@ class Experience:
     values: Tensor | None
     advantages: Tensor
     returns: Tensor
+    loss_mask: Tensor  # rollout.mask without the rows of dropped (zero-spread) groups
 
 
 class RLTrainer:
@@ -84,17 +89,21 @@ class RLTrainer:
         self.tokenizer = load_tokenizer(config.model_name_or_path)
         with self.accelerator.main_process_first():  # the embedded model is converted once, by rank 0
             base = load_base_model(config.model_name_or_path, bf16=config.bf16)
+        if config.init_adapter:
+            base = merge_adapter(base, config.init_adapter)
         if config.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy = add_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
         value_head = ValueHead(base.config.hidden_size) if config.needs_value_head else None
         model = PolicyWithValue(policy, value_head)
-        optimizer = torch.optim.AdamW(
-            trainable_parameter_groups(model, config.learning_rate, config.value_learning_rate, config.weight_decay)
-        )
+        param_groups = trainable_parameter_groups(model, config.learning_rate, config.value_learning_rate,
+                                                  config.weight_decay)
+        if self.uses_trpo:  # the policy moves by natural-gradient steps; AdamW only fits the value head
+            param_groups = param_groups[1:]
+        optimizer = torch.optim.AdamW(param_groups) if param_groups else None
         updates_per_step = config.ppo_epochs * config.rollout_batch_size * config.num_generations // config.mini_batch_size
         scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
-                                  num_training_steps=config.max_steps * updates_per_step)
+                                  num_training_steps=config.max_steps * updates_per_step) if optimizer else None
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         ckpt.skip_model_weights_in_accelerate_state(self.accelerator)
 
@@ -113,6 +122,10 @@ class RLTrainer:
     @property
     def unwrapped(self) -> PolicyWithValue:
         return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def uses_trpo(self) -> bool:
+        return self.config.update_method == "trpo"
 
     @property
     def uses_reference(self) -> bool:
@@ -266,6 +279,7 @@ class RLTrainer:
         old_logprobs, values, entropy = self._no_grad_pass(rollout, with_adapter=True, with_entropy=True)
         ref_logprobs = self._no_grad_pass(rollout, with_adapter=False)[0] if self.uses_reference else None
         mask = rollout.mask
+        loss_mask, group_metrics = self._group_filter(scores, rollout)
         kl = kl_penalty(old_logprobs, ref_logprobs, config.kl_estimator, mask) if ref_logprobs is not None else None
         in_reward_coef = self.kl_controller.value if config.kl_in_reward else 0.0
         token_rewards = token_level_rewards(scores, mask, kl=kl, kl_coef=in_reward_coef)
@@ -275,14 +289,30 @@ class RLTrainer:
         )
         self.baseline.update(self.accelerator.gather(returns[:, 0]))
         if config.whiten_advantages:
-            advantages = self._global_whiten(advantages, mask)
+            advantages = self._global_whiten(advantages, loss_mask)
         metrics = {
+            **group_metrics,
             "kl": self._global_mean(kl.sum(-1).mean()) if kl is not None else math.nan,
             "entropy": self._global_mean(masked_mean(entropy, mask)),
             "adv_mean": self._global_mean(masked_mean(advantages, mask)),
             "kl_coef": self.kl_controller.value,
         }
-        return Experience(rollout, old_logprobs, ref_logprobs, values, advantages, returns), metrics
+        return Experience(rollout, old_logprobs, ref_logprobs, values, advantages, returns, loss_mask), metrics
+
+    def _group_filter(self, scores: Tensor, rollout: Rollout) -> tuple[Tensor, dict[str, float]]:
+        """Groups (samples of one prompt) whose scores are all equal get zero group-relative
+        advantage: count them, and with filter_zero_std_groups drop them from the update."""
+        if self.config.num_generations < 2:
+            return rollout.mask, {}
+        zero_spread = zero_spread_groups(scores, rollout.group_ids)
+        counts = group_stats(scores, rollout.group_ids)[1]
+        # Each group lives on one process, so per-process group counts add up (a group of n
+        # samples contributes n * 1/n).
+        totals = self._global_sum(torch.stack([(zero_spread.float() / counts).sum(), (1.0 / counts).sum()]))
+        metrics = {"frac_zero_std_groups": float(totals[0] / totals[1])}
+        if not self.config.filter_zero_std_groups:
+            return rollout.mask, metrics
+        return rollout.mask * (~zero_spread).unsqueeze(-1).to(rollout.mask.dtype), metrics
 
     def _no_grad_pass(self, rollout: Rollout, with_adapter: bool,
                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -320,6 +350,8 @@ class RLTrainer:
 
     def update(self, batch: Experience) -> dict[str, float]:
         """ppo_epochs passes of shuffled minibatches; one optimizer step per minibatch."""
+        if self.uses_trpo:
+            return self._trpo_update(batch)
         config, accelerator = self.config, self.accelerator
         rollout = batch.rollout
         local_minibatch = config.mini_batch_size // accelerator.num_processes
@@ -331,7 +363,9 @@ class RLTrainer:
             order = torch.randperm(len(rollout), device=rollout.mask.device)
             for start in range(0, len(rollout), local_minibatch):
                 minibatch = order[start:start + local_minibatch]
-                normaliser = self._global_sum(self._agg_units(rollout.mask[minibatch]))
+                normaliser = self._global_sum(self._agg_units(batch.loss_mask[minibatch]))
+                if float(normaliser) == 0:  # every row dropped by filter_zero_std_groups, on all processes
+                    continue
                 for micro_start in range(0, len(minibatch), micro):
                     rows = minibatch[micro_start:micro_start + micro]
                     stats = self._micro_step(batch, rows, normaliser)
@@ -343,6 +377,65 @@ class RLTrainer:
         means.setdefault("value_loss", math.nan)
         means["learning_rate"] = self.scheduler.get_last_lr()[0]
         return means
+
+    def _trpo_update(self, batch: Experience) -> dict[str, float]:
+        """One natural-gradient step of the LoRA weights in the KL trust region (rlhf.trpo), then
+        the value head (if any) fitted by AdamW on frozen features for ppo_epochs passes."""
+        config, model, rollout = self.config, self.unwrapped, batch.rollout
+        lora_params = [p for p in model.policy.parameters() if p.requires_grad]
+
+        def policy_logprobs_full(rows: Tensor) -> Tensor:
+            logits, _ = model(input_ids=rollout.input_ids[rows], attention_mask=rollout.attention_mask[rows],
+                              position_ids=rollout.position_ids[rows], response_length=rollout.response_length)
+            return torch.log_softmax(logits.float() / config.temperature, dim=-1)
+
+        micro_batches = list(torch.arange(len(rollout), device=rollout.mask.device).split(self.micro_batch_size))
+        stats = trpo_step(
+            lora_params, policy_logprobs_full, micro_batches, rollout.response_ids, batch.old_logprobs,
+            batch.advantages, batch.loss_mask, max_kl=config.max_kl, cg_iters=config.cg_iters,
+            cg_damping=config.cg_damping, line_search_backtracks=config.line_search_backtracks,
+            line_search_accept_ratio=config.line_search_accept_ratio, loss_agg_mode=config.loss_agg_mode,
+            ref_logprobs=None if config.kl_in_reward else batch.ref_logprobs, kl_coef=self.kl_controller.value,
+            kl_estimator=config.kl_estimator, all_reduce=lambda t: self._global_sum(t).to(t.dtype),
+        )
+        stats["approx_kl"] = stats["trpo/kl_after_step"]
+        stats["value_loss"] = self._fit_value_head(batch) if model.value_head is not None else math.nan
+        stats["learning_rate"] = self.scheduler.get_last_lr()[0] if self.scheduler is not None else math.nan
+        return stats
+
+    def _fit_value_head(self, batch: Experience) -> float:
+        """Regress the value head on the returns with its own optimizer. The backbone is frozen
+        here, so its features are computed once and the head's gradients are summed over
+        processes by hand (there is no DDP backward)."""
+        config, model, rollout, mask = self.config, self.unwrapped, batch.rollout, batch.loss_mask
+        with torch.no_grad():
+            hidden = torch.cat([
+                model.response_hidden_states(rollout.input_ids[rows], rollout.attention_mask[rows],
+                                             rollout.position_ids[rows], rollout.response_length)
+                for rows in torch.arange(len(rollout), device=mask.device).split(self.micro_batch_size)
+            ])
+        head_params = list(model.value_head.parameters())
+        local_minibatch = config.mini_batch_size // self.accelerator.num_processes
+        losses = []
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(len(rollout), device=mask.device)
+            for start in range(0, len(rollout), local_minibatch):
+                rows = order[start:start + local_minibatch]
+                normaliser = self._global_sum(self._agg_units(mask[rows]))
+                if float(normaliser) == 0:
+                    continue
+                loss, _ = value_loss(model.value_head(hidden[rows]), batch.values[rows], batch.returns[rows], mask[rows],
+                                     clip_range=config.value_clip_range, loss_agg_mode=config.loss_agg_mode)
+                (loss * self._agg_units(mask[rows]) / normaliser).backward()
+                for param in head_params:
+                    param.grad = self._global_sum(param.grad)
+                if config.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(head_params, config.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
+                losses.append(float(loss.detach()))
+        return self._global_mean(sum(losses) / len(losses)) if losses else math.nan
 
     def _agg_units(self, mask: Tensor) -> Tensor:
         """What the loss averages over: tokens for token-mean, sequences for the seq-* modes."""
@@ -356,7 +449,7 @@ class RLTrainer:
         gradient is exactly the minibatch loss normalised by global counts (RL_NOTES 14).
         """
         config, accelerator = self.config, self.accelerator
-        rollout, mask = batch.rollout, batch.rollout.mask[rows]
+        rollout, mask = batch.rollout, batch.loss_mask[rows]
         scale = (self._agg_units(mask) / normaliser) * accelerator.num_processes * config.gradient_accumulation_steps
         with accelerator.accumulate(self.model):
             logprobs, values, _ = forward_response(self.model, rollout, rows, config.temperature)
@@ -420,9 +513,10 @@ class RLTrainer:
 
     def _compatibility(self) -> dict[str, Any]:
         c = self.config
-        return {"model_name_or_path": c.model_name_or_path, "lora_r": c.lora_r, "lora_alpha": c.lora_alpha,
-                "lora_target_modules": c.lora_target_modules, "advantage_estimator": c.advantage_estimator,
-                "policy_loss": c.policy_loss, "value_head": c.needs_value_head}
+        return {"model_name_or_path": c.model_name_or_path, "init_adapter": c.init_adapter, "lora_r": c.lora_r,
+                "lora_alpha": c.lora_alpha, "lora_target_modules": c.lora_target_modules,
+                "advantage_estimator": c.advantage_estimator, "policy_loss": c.policy_loss,
+                "update_method": c.update_method, "value_head": c.needs_value_head}
 
     def save_checkpoint(self) -> Path:
         unwrapped = self.unwrapped

@@ -48,6 +48,6 @@ def test_impossible_values_raise(overrides, fragment):
 
 def test_world_size_checks():
     config = RLConfig(rollout_batch_size=6, mini_batch_size=6)
-    with pytest.raises(ConfigError, match="divisible by the number of processes"):
+    with pytest.raises(ConfigError, match="cannot be split into whole groups over 4 processes"):
         config.check_world_size(4)
     config.check_world_size(2)

@@ -1,0 +1,182 @@
+"""TRPO's update (Schulman et al. 2015) on the LoRA parameters: a natural-gradient step inside a
+KL trust region, built from the pure pieces of ``rlhf.algorithms``.
+
+    g      = grad L(theta_old)                      L = surrogate loss (minimised), below
+    F v    = grad (grad KLbar(theta_old || theta) . v) + damping * v    (double backward)
+    s      = conjugate_gradient(F, -g)              s ~ F^-1 (-g), the natural-gradient direction
+    beta   = trpo_step_size(s, F s, max_kl)         0.5 beta^2 s'Fs = max_kl
+    theta  = backtracking_line_search(L, theta_old, beta s, expected = -g . beta s,
+                                      constraint = measured KLbar <= max_kl)
+
+KLbar is the mean over response tokens of the exact categorical KL between the old and the new
+next-token distributions (full vocabulary), so its Hessian at theta_old is the Fisher matrix; the
+sampled-token estimate (k1) would have an indefinite Hessian. Under several processes every sum
+goes through ``all_reduce`` so all processes take the identical step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from rlhf.algorithms import (
+    agg_loss, backtracking_line_search, conjugate_gradient, kl_penalty, masked_sum, trpo_step_size,
+)
+
+
+def trpo_surrogate_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, loss_agg_mode: str = "token-mean"
+) -> Tensor:
+    """Importance-sampled surrogate to minimise: L = -agg( exp(lp - old) * A ).
+
+    logprobs, old_logprobs, advantages, mask: [B, T] -> float32 scalar. At theta = theta_old its
+    gradient is the policy-gradient estimator -agg(A * grad log pi); unlike PPO nothing is
+    clipped, the trust region is enforced by the line search instead.
+    """
+    ratio = torch.exp((logprobs.float() - old_logprobs.float().detach()).clamp(-20.0, 20.0))
+    return agg_loss(-advantages.float().detach() * ratio, mask, loss_agg_mode)
+
+
+def categorical_kl(old_logprobs_full: Tensor, new_logprobs_full: Tensor) -> Tensor:
+    """Exact per-token KL(old || new) = sum_v p_old(v) (log p_old(v) - log p_new(v)).
+
+    old_logprobs_full, new_logprobs_full: [B, T, V] log-softmax outputs -> [B, T] float32.
+    """
+    old = old_logprobs_full.float().detach()
+    return (old.exp() * (old - new_logprobs_full.float())).sum(-1)
+
+
+def _units(mask: Tensor, loss_agg_mode: str) -> Tensor:
+    """What agg_loss averages over: tokens (token-mean) or sequences (seq-* modes)."""
+    return mask.sum().float() if loss_agg_mode == "token-mean" else torch.tensor(float(mask.shape[0]))
+
+
+def trpo_step(
+    params: list[Tensor],
+    policy_logprobs_full: Callable[[Tensor], Tensor],
+    micro_batches: list[Tensor],
+    response_ids: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    max_kl: float,
+    cg_iters: int = 10,
+    cg_damping: float = 0.1,
+    line_search_backtracks: int = 10,
+    line_search_accept_ratio: float = 0.1,
+    loss_agg_mode: str = "token-mean",
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    all_reduce: Callable[[Tensor], Tensor] = lambda t: t,
+) -> dict[str, float]:
+    """One TRPO step; updates ``params`` in place and returns diagnostics.
+
+    params: the trainable (LoRA) tensors. policy_logprobs_full(rows) -> [b, T, V] temperature-
+    scaled log-softmax of the current policy for rollout rows ``rows`` (with grad).
+    micro_batches: row-index tensors covering this process's rollout. response_ids, old_logprobs,
+    advantages, mask: [B, T]. ref_logprobs with kl_coef > 0 adds kl_coef * agg(KL to reference)
+    to the surrogate (GRPO-style KL loss). all_reduce sums a tensor over processes.
+
+    Returns {"policy_loss", "trpo/accepted", "trpo/line_search_steps", "trpo/kl_after_step",
+    "trpo/expected_improve", "trpo/actual_improve", "trpo/step_size", "trpo/grad_norm"}.
+    """
+    global_units = float(all_reduce(_units(mask, loss_agg_mode).to(mask.device)))
+    global_tokens = float(all_reduce(mask.sum().float()))
+    if global_units == 0 or global_tokens == 0:
+        return {"trpo/accepted": 0.0, "trpo/line_search_steps": 0.0, "trpo/kl_after_step": 0.0}
+
+    def surrogate(rows: Tensor, full: Tensor) -> Tensor:
+        """This micro-batch's share of the global surrogate (sums to L over all rows and processes)."""
+        logprobs = full.gather(-1, response_ids[rows].unsqueeze(-1)).squeeze(-1)
+        rows_mask = mask[rows]
+        per_token_loss = trpo_surrogate_loss(logprobs, old_logprobs[rows], advantages[rows], rows_mask, loss_agg_mode)
+        if ref_logprobs is not None and kl_coef > 0:
+            kl = kl_penalty(logprobs, ref_logprobs[rows], kl_estimator)
+            per_token_loss = per_token_loss + kl_coef * agg_loss(kl, rows_mask, loss_agg_mode)
+        return per_token_loss * _units(rows_mask, loss_agg_mode).to(full.device) / global_units
+
+    def mean_kl(rows: Tensor, old_full: Tensor, full: Tensor) -> Tensor:
+        return masked_sum(categorical_kl(old_full, full), mask[rows]) / global_tokens
+
+    # Gradient of the surrogate and the graphs of grad KL for the Fisher-vector products.
+    theta_old = parameters_to_vector(params).detach()
+    gradient = torch.zeros_like(theta_old, dtype=torch.float32)
+    loss_old = torch.zeros((), device=theta_old.device)
+    kl_gradients, old_fulls = [], []
+    for rows in micro_batches:
+        # Fisher-vector products differentiate twice; the fused attention kernels (flash,
+        # memory-efficient) have no double backward, the math kernel has.
+        with sdpa_kernel(SDPBackend.MATH):
+            full = policy_logprobs_full(rows)
+        old_full = full.detach()
+        loss = surrogate(rows, full)
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        gradient += _flat(grads, params)
+        loss_old += loss.detach()
+        kl_grad = torch.autograd.grad(mean_kl(rows, old_full, full), params, create_graph=True, allow_unused=True)
+        kl_gradients.append(_flat(kl_grad, params))
+        old_fulls.append(old_full)
+    gradient = all_reduce(gradient)
+    loss_old = float(all_reduce(loss_old))
+
+    def fisher_vector_product(vector: Tensor) -> Tensor:
+        product = torch.zeros_like(vector)
+        for kl_grad in kl_gradients:
+            if kl_grad.requires_grad:
+                hv = torch.autograd.grad(kl_grad @ vector, params, retain_graph=True, allow_unused=True)
+                product += _flat(hv, params)
+        return all_reduce(product) + cg_damping * vector
+
+    step_dir = conjugate_gradient(fisher_vector_product, -gradient, iters=cg_iters)
+    step_size = trpo_step_size(step_dir, fisher_vector_product(step_dir), max_kl)
+    full_step = step_size * step_dir
+    expected_improve = float(-(gradient @ full_step))
+    del kl_gradients  # frees the double-backward graphs before the line search's forwards
+
+    measured = {"tries": 0}
+
+    @torch.no_grad()
+    def evaluate(theta: Tensor) -> float:
+        """Surrogate at theta; also records the measured KL for the constraint check."""
+        if theta is theta_old:
+            measured.update(loss=loss_old, kl=0.0)
+            return loss_old
+        vector_to_parameters(theta.to(params[0].dtype), params)
+        loss = torch.zeros((), device=theta.device)
+        kl = torch.zeros((), device=theta.device)
+        for rows, old_full in zip(micro_batches, old_fulls):
+            with sdpa_kernel(SDPBackend.MATH):  # the same kernel as old_full: no numerical KL floor
+                full = policy_logprobs_full(rows)
+            loss += surrogate(rows, full)
+            kl += mean_kl(rows, old_full, full)
+        measured.update(loss=float(all_reduce(loss)), kl=float(all_reduce(kl)), tries=measured["tries"] + 1)
+        return measured["loss"]
+
+    # The constraint is checked right after evaluate(candidate), so measured["kl"] is the candidate's.
+    accepted, theta_new = backtracking_line_search(
+        evaluate, theta_old, full_step, expected_improve, max_backtracks=line_search_backtracks,
+        accept_ratio=line_search_accept_ratio, constraint=lambda theta: measured["kl"] <= max_kl,
+    )
+    with torch.no_grad():  # a rejected search leaves the last candidate loaded
+        vector_to_parameters(theta_new.to(params[0].dtype), params)
+    return {
+        "policy_loss": loss_old,
+        "trpo/accepted": float(accepted),
+        "trpo/line_search_steps": float(measured["tries"]),
+        "trpo/kl_after_step": measured["kl"] if accepted else 0.0,
+        "trpo/expected_improve": expected_improve,
+        "trpo/actual_improve": loss_old - measured["loss"] if accepted else 0.0,
+        "trpo/step_size": step_size,
+        "trpo/grad_norm": float(gradient.norm()),
+    }
+
+
+def _flat(grads: tuple[Tensor | None, ...], params: list[Tensor]) -> Tensor:
+    """Concatenate gradients into one float32 vector; parameters the loss did not reach give zeros."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)])

@@ -1,0 +1,112 @@
+"""DPO through TRL on the tiny model, and RL starting from the DPO adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ROOT, run_script, tiny_args
+from test_train_e2e import lora_b_norm, read_metrics
+
+
+def write_pairs(path, count):
+    rows = [{"prompt": f"Say something about topic {i}.", "chosen": f"Gladly! Topic {i} is lovely and fun.",
+             "rejected": "No."} for i in range(count)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def dpo_args(model_dir, out, tmp_path, *extra):
+    return ["--model_name_or_path", str(model_dir), "--output_dir", str(out),
+            "--dataset", str(write_pairs(tmp_path / "train.jsonl", 8)),
+            "--eval_dataset", str(write_pairs(tmp_path / "eval.jsonl", 4)),
+            "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length", "48",
+            "--lora_r", "4", "--lora_alpha", "8", "--logging_steps", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tiny_model_dir, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("dpo")
+    out = tmp_path / "dpo"
+    result = run_script("train_dpo.py", "--config", str(ROOT / "configs" / "dpo.yaml"),
+                        *dpo_args(tiny_model_dir, out, tmp_path, "--beta", "0.2", "--loss_type", "ipo"))
+    return result, out
+
+
+def test_dpo_two_steps_saves_adapter_and_reports_accuracy(dpo_run):
+    result, out = dpo_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "beta: 0.2" in (out / "config.yaml").read_text() and "loss_type: ipo" in (out / "config.yaml").read_text()
+    rows = read_metrics(out)
+    final = rows[-1]
+    assert final["train_steps"] == 2
+    # Before training the policy is the reference: every implicit margin is exactly 0.
+    assert final["eval_accuracy_before"] == 0.0 and final["eval_margin_before"] == 0.0
+    assert 0.0 <= final["eval_accuracy_after"] <= 1.0 and final["eval_margin_after"] != 0.0
+    assert [r["step"] for r in rows[:-1]] == [1, 2]
+    assert lora_b_norm(out / "final") > 0
+
+
+def test_dpo_adapter_loads_with_peft(dpo_run, tiny_model_dir):
+    _, out = dpo_run
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out / "final"))
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_rl_starts_from_the_dpo_adapter(dpo_run, tiny_model_dir, tmp_path):
+    _, out = dpo_run
+    rl_out = tmp_path / "rl"
+    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, rl_out, "--max_steps", "1",
+                                                         "--init_adapter", str(out / "final")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = read_metrics(rl_out)[0]
+    # The merged DPO model is the reference: at the first rollout policy == reference.
+    assert row["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert f"init_adapter: {out / 'final'}" in (rl_out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--loss_type", "nope"], "loss_type 'nope' is not one of: sigmoid, hinge, ipo"),
+    (["--beta", "0"], "beta must be > 0"),
+    (["--dataset", "missing.jsonl"], "missing.jsonl"),
+])
+def test_dpo_bad_input_exits_2(flags, message, tmp_path):
+    result = run_script("train_dpo.py", "--output_dir", str(tmp_path / "out"), *flags)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dpo_refuses_to_overwrite_a_run(dpo_run, tiny_model_dir, tmp_path):
+    _, out = dpo_run
+    before = (out / "metrics.jsonl").read_text()
+    result = run_script("train_dpo.py", *dpo_args(tiny_model_dir, out, tmp_path))
+    assert result.returncode == 2 and "is not empty" in result.stderr
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_init_adapter_that_is_not_an_adapter_exits_2(tiny_model_dir, tmp_path):
+    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "rl", "--init_adapter",
+                                                         str(tmp_path)))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: init_adapter {tmp_path} is not a PEFT adapter dir (no adapter_config.json)")
+
+
+def test_init_adapter_from_another_base_exits_2(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    adapter_dir = tmp_path / "other_adapter"
+    get_peft_model(other, LoraConfig(r=2, target_modules="all-linear")).save_pretrained(adapter_dir)
+    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "rl", "--init_adapter",
+                                                         str(adapter_dir)))
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: init_adapter {adapter_dir} does not fit model_name_or_path")
+    assert not (tmp_path / "rl" / "metrics.jsonl").exists()
