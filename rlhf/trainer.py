@@ -390,13 +390,15 @@ class RLTrainer:
             return torch.log_softmax(logits.float() / config.temperature, dim=-1)
 
         micro_batches = list(torch.arange(len(rollout), device=rollout.mask.device).split(self.micro_batch_size))
+        fisher_count = max(1, round(config.fisher_sample_fraction * len(rollout)))
+        fisher_rows = torch.linspace(0, len(rollout) - 1, fisher_count, device=rollout.mask.device).round().long().unique()
         stats = trpo_step(
             lora_params, policy_logprobs_full, micro_batches, rollout.response_ids, batch.old_logprobs,
             batch.advantages, batch.loss_mask, max_kl=config.max_kl, cg_iters=config.cg_iters,
             cg_damping=config.cg_damping, line_search_backtracks=config.line_search_backtracks,
             line_search_accept_ratio=config.line_search_accept_ratio, loss_agg_mode=config.loss_agg_mode,
             ref_logprobs=None if config.kl_in_reward else batch.ref_logprobs, kl_coef=self.kl_controller.value,
-            kl_estimator=config.kl_estimator, all_reduce=lambda t: self._global_sum(t).to(t.dtype),
+            kl_estimator=config.kl_estimator, fisher_rows=fisher_rows, all_reduce=lambda t: self._global_sum(t).to(t.dtype),
         )
         stats["approx_kl"] = stats["trpo/kl_after_step"]
         stats["value_loss"] = self._fit_value_head(batch) if model.value_head is not None else math.nan

@@ -73,6 +73,7 @@ def trpo_step(
     ref_logprobs: Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    fisher_rows: Tensor | None = None,
     all_reduce: Callable[[Tensor], Tensor] = lambda t: t,
 ) -> dict[str, float]:
     """One TRPO step; updates ``params`` in place and returns diagnostics.
@@ -81,7 +82,9 @@ def trpo_step(
     scaled log-softmax of the current policy for rollout rows ``rows`` (with grad).
     micro_batches: row-index tensors covering this process's rollout. response_ids, old_logprobs,
     advantages, mask: [B, T]. ref_logprobs with kl_coef > 0 adds kl_coef * agg(KL to reference)
-    to the surrogate (GRPO-style KL loss). all_reduce sums a tensor over processes.
+    to the surrogate (GRPO-style KL loss). fisher_rows: the rows whose KL Hessian estimates the
+    Fisher matrix (None = all; a subsample makes each CG iteration proportionally cheaper, as in
+    OpenAI baselines' TRPO). all_reduce sums a tensor over processes.
 
     Returns {"policy_loss", "trpo/accepted", "trpo/line_search_steps", "trpo/kl_after_step",
     "trpo/expected_improve", "trpo/actual_improve", "trpo/step_size", "trpo/grad_norm"}.
@@ -104,26 +107,32 @@ def trpo_step(
     def mean_kl(rows: Tensor, old_full: Tensor, full: Tensor) -> Tensor:
         return masked_sum(categorical_kl(old_full, full), mask[rows]) / global_tokens
 
-    # Gradient of the surrogate and the graphs of grad KL for the Fisher-vector products.
+    # Gradient of the surrogate; the old distributions are kept for the line search's KL.
     theta_old = parameters_to_vector(params).detach()
     gradient = torch.zeros_like(theta_old, dtype=torch.float32)
     loss_old = torch.zeros((), device=theta_old.device)
-    kl_gradients, old_fulls = [], []
+    old_fulls = []
     for rows in micro_batches:
-        # Fisher-vector products differentiate twice; the fused attention kernels (flash,
-        # memory-efficient) have no double backward, the math kernel has.
+        # All passes use the math attention kernel: the fused ones (flash, memory-efficient) have
+        # no double backward, and one kernel everywhere keeps the measured KL free of kernel noise.
         with sdpa_kernel(SDPBackend.MATH):
             full = policy_logprobs_full(rows)
-        old_full = full.detach()
         loss = surrogate(rows, full)
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        gradient += _flat(grads, params)
+        gradient += _flat(torch.autograd.grad(loss, params, allow_unused=True), params)
         loss_old += loss.detach()
-        kl_grad = torch.autograd.grad(mean_kl(rows, old_full, full), params, create_graph=True, allow_unused=True)
-        kl_gradients.append(_flat(kl_grad, params))
-        old_fulls.append(old_full)
+        old_fulls.append(full.detach())
     gradient = all_reduce(gradient)
     loss_old = float(all_reduce(loss_old))
+
+    # Graphs of grad KLbar on the Fisher rows, differentiated again in every Fisher-vector product.
+    fisher_rows = torch.cat(micro_batches) if fisher_rows is None else fisher_rows
+    fisher_tokens = float(all_reduce(mask[fisher_rows].sum().float()))
+    kl_gradients = []
+    for rows in fisher_rows.split(max(len(r) for r in micro_batches)):
+        with sdpa_kernel(SDPBackend.MATH):
+            full = policy_logprobs_full(rows)
+        kl = masked_sum(categorical_kl(full.detach(), full), mask[rows]) / max(fisher_tokens, 1.0)
+        kl_gradients.append(_flat(torch.autograd.grad(kl, params, create_graph=True, allow_unused=True), params))
 
     def fisher_vector_product(vector: Tensor) -> Tensor:
         product = torch.zeros_like(vector)

@@ -120,3 +120,12 @@ def test_no_improving_direction_leaves_weights_unchanged(setup):
     stats = run_step(model, rollout, old_logprobs, torch.zeros_like(advantages), max_kl=1e-2)
     assert stats["trpo/accepted"] == 0.0
     assert torch.equal(parameters_to_vector(params).detach(), start)
+
+
+def test_fisher_subsample_still_respects_the_trust_region(setup):
+    model, rollout, old_logprobs, advantages = setup
+    before, _, old_probs = measure(model, rollout, old_logprobs, advantages)
+    stats = run_step(model, rollout, old_logprobs, advantages, max_kl=1e-3, fisher_rows=torch.tensor([0, 3]))
+    after, kl, _ = measure(model, rollout, old_logprobs, advantages, old_probs)
+    assert stats["trpo/accepted"] == 1.0
+    assert kl <= 1e-3 * (1 + 1e-4) and after < before
