@@ -83,10 +83,62 @@ def dpo_main(argv: list[str] | None = None) -> None:
     exit_on_user_error(run)
 
 
+def evaluate_main(argv: list[str] | None = None) -> None:
+    """``python scripts/evaluate.py --checkpoints A B [--include_base] [--key value ...]``."""
+
+    def run() -> None:
+        from rlhf.config import parse_config
+        from rlhf.evaluate import EvalConfig, evaluate_from_config
+
+        args = sys.argv[1:] if argv is None else list(argv)
+        # --include_base works as a bare switch (as in the README); the parser wants a value.
+        for index in reversed(range(len(args))):
+            if args[index] == "--include_base" and (index + 1 == len(args) or args[index + 1].startswith("--")):
+                args.insert(index + 1, "true")
+        config = parse_config(args, prog="evaluate.py", cls=EvalConfig,
+                              description="Compare checkpoints on a prompt set (report.md, report.json, plots).")
+        report = evaluate_from_config(config)
+        from rlhf.report import render_markdown
+
+        print(render_markdown(report))
+
+    exit_on_user_error(run)
+
+
+def plot_metrics_main(argv: list[str] | None = None) -> None:
+    """``python scripts/plot_metrics.py RUN_DIR [RUN_DIR ...] [--output_dir DIR]``."""
+
+    def run() -> None:
+        import argparse
+        from pathlib import Path
+
+        from rlhf.config import OneLineParser
+        from rlhf.plots import plot_training_curves
+
+        parser = OneLineParser(prog="plot_metrics.py", description="Training curves from metrics.jsonl files.")
+        parser.add_argument("run_dirs", nargs="+", help="Run output dirs holding metrics.jsonl.")
+        parser.add_argument("--output_dir", default=None, help="Where the PNGs go (default: RUN_DIR/plots).")
+        args = parser.parse_args(argv)
+        output = Path(args.output_dir) if args.output_dir else Path(args.run_dirs[0]) / "plots"
+        for path in plot_training_curves([Path(d) for d in args.run_dirs], output):
+            print(path)
+
+    exit_on_user_error(run)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``rlhf train <algorithm> [flags]`` — the same code as scripts/train_<algorithm>.py."""
+    """``rlhf train <algorithm> | train-dpo | train-reward-model | evaluate | plot-metrics [flags]``:
+    the same code as the scripts."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    usage = f"usage: rlhf train {{{','.join(ALGORITHM_DEFAULTS)}}} [--config FILE] [--key value ...]"
+    commands: dict[str, Callable[[list[str]], None]] = {
+        "train-dpo": dpo_main, "train-reward-model": reward_model_main, "evaluate": evaluate_main,
+        "plot-metrics": plot_metrics_main,
+    }
+    usage = (f"usage: rlhf train {{{','.join(ALGORITHM_DEFAULTS)}}} [--config FILE] [--key value ...] | "
+             f"rlhf {{{','.join(commands)}}} [flags]")
+    if argv and argv[0] in commands:
+        commands[argv[0]](argv[1:])
+        return
     if len(argv) < 2 or argv[0] != "train" or argv[1] not in ALGORITHM_DEFAULTS:
         if argv and argv[0] in ("-h", "--help"):
             print(usage)

@@ -328,13 +328,13 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse that raises ConfigError (-> one line, exit 2) instead of printing usage."""
 
     config_cls: type = object
 
     def error(self, message: str) -> typing.NoReturn:
-        if message.startswith("unrecognized arguments:"):
+        if message.startswith("unrecognized arguments:") and dataclasses.is_dataclass(self.config_cls):
             flag = message.split(":", 1)[1].split()[0]
             raise ConfigError(_unknown_key_message(self.config_cls, flag.lstrip("-").split("=")[0], "the command line"))
         raise ConfigError(message)
@@ -342,7 +342,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser(cls: type, defaults: dict[str, Any], prog: str | None = None,
                  description: str | None = None) -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog=prog, description=description, allow_abbrev=False,
+    parser = OneLineParser(prog=prog, description=description, allow_abbrev=False,
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.config_cls = cls
     parser.add_argument("--config", help="YAML file of key: value defaults (CLI flags override it).")

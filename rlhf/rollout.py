@@ -65,11 +65,14 @@ def generate_rollout(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
+    row_seeds: list[int] | None = None,
 ) -> Rollout:
     """Sample one response per entry of ``prompt_texts`` (already chat-formatted) with KV cache.
 
     top_k is switched off explicitly: transformers defaults to top_k=50, which would silently
-    sample from a different distribution than the one the loss assumes.
+    sample from a different distribution than the one the loss assumes. With ``row_seeds`` (one
+    per row) the draws come from ``seeded_sample`` instead of the global RNG, so a row's response
+    does not depend on the batch it is in (evaluation).
     """
     device = next(policy.parameters()).device
     tokenizer.truncation_side = "left"
@@ -78,18 +81,24 @@ def generate_rollout(
         add_special_tokens=False, return_tensors="pt",
     ).to(device)
     prompt_length = encoded["input_ids"].shape[1]
-    sequences = policy.generate(
-        input_ids=encoded["input_ids"],
-        attention_mask=encoded["attention_mask"],
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=0,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-    )
+    if row_seeds is not None:
+        response_ids = seeded_sample(policy, encoded["input_ids"], encoded["attention_mask"], row_seeds,
+                                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        sequences = torch.cat([encoded["input_ids"], response_ids], dim=1)
+    else:
+        sequences = policy.generate(
+            input_ids=encoded["input_ids"],
+            attention_mask=encoded["attention_mask"],
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+        )
     response_ids = sequences[:, prompt_length:]
     mask, eos_found = response_mask(response_ids, tokenizer.eos_token_id)
     # Drop columns where every row is already finished, so later passes do not pay for them.
@@ -110,6 +119,60 @@ def generate_rollout(
         completions=completions,
         columns=columns,
     )
+
+
+@torch.no_grad()
+def seeded_sample(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    row_seeds: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> Tensor:
+    """Batched sampling whose randomness belongs to each row: token t of row i is the inverse-CDF
+    draw of u[i, t] ~ U(0, 1) from ``torch.Generator().manual_seed(row_seeds[i])``.
+
+    input_ids, attention_mask: [B, P] left-padded prompts -> response ids [B, T<=max_new_tokens],
+    pad after EOS. temperature 0 = greedy. Batch size, batch order and the process a row runs on
+    do not change its response (up to float rounding of the logits).
+    """
+    batch = input_ids.shape[0]
+    device = input_ids.device
+    uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(int(seed)))
+                            for seed in row_seeds]).to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    step_ids, cache, tokens = input_ids, None, []
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        outputs = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        cache=cache, use_cache=True)
+        cache = outputs.cache
+        logits = outputs.logits[:, -1].float()
+        if temperature == 0:
+            token = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            if top_p < 1.0:
+                sorted_probs, order = probs.sort(dim=-1, descending=True)
+                outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the top token always stays
+                probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+            cdf = probs.cumsum(-1)
+            draw = (uniforms[:, t] * cdf[:, -1]).unsqueeze(-1)
+            token = torch.searchsorted(cdf, draw).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        tokens.append(token)
+        finished |= token == eos_token_id
+        if bool(finished.all()):
+            break
+        step_ids = token.unsqueeze(-1)
+        position_ids = position_ids[:, -1:] + 1
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+    return torch.stack(tokens, dim=1)
 
 
 def forward_response(

@@ -38,6 +38,7 @@ from rlhf.algorithms import (
 from rlhf.config import RLConfig, save_config
 from rlhf.data import BUILTIN_PREFIX, PromptSampler, format_prompt, load_prompt_dataset, prompt_text
 from rlhf.errors import ConfigError
+from rlhf.evaluate import adapter_disabled, sample_and_score
 from rlhf.models import (
     PolicyWithValue, ValueHead, add_lora, load_base_model, load_tokenizer, merge_adapter, trainable_parameter_groups,
 )
@@ -235,21 +236,23 @@ class RLTrainer:
     def evaluate(self) -> dict[str, float]:
         """Mean reward and KL to the reference on the first eval_num_prompts eval prompts.
 
-        Sampling runs in a forked RNG with a fixed seed: evaluations are comparable across steps
-        and do not change the training run's random stream.
+        Uses rlhf.evaluate's seeded sampling: the same prompts and draws at every evaluation (so
+        steps are comparable), and the training run's random stream is left untouched.
         """
-        accelerator = self.accelerator
-        count = min(self.config.eval_num_prompts, len(self.eval_dataset))
+        config, accelerator = self.config, self.accelerator
+        count = min(config.eval_num_prompts, len(self.eval_dataset))
         local = list(range(count))[accelerator.process_index::accelerator.num_processes]
-        with torch.random.fork_rng(devices=[] if accelerator.device.type == "cpu" else [accelerator.device]):
-            torch.manual_seed(self.config.seed + accelerator.process_index * RANK_SEED_STRIDE)
-            rollout = self._generate(self.eval_dataset, local, num_generations=1)
-        output = self.reward(rollout.prompts, rollout.completions, **rollout.columns)
-        policy_logprobs = self._no_grad_pass(rollout, with_adapter=True, with_entropy=False)[0]
-        ref_logprobs = self._no_grad_pass(rollout, with_adapter=False)[0]
-        kl = kl_penalty(policy_logprobs, ref_logprobs, "k1", rollout.mask).sum(-1)
-        rewards = self.accelerator.gather(torch.tensor(output.total, device=accelerator.device))
-        return {"eval/reward_mean": float(rewards.mean()), "eval/kl": float(self.accelerator.gather(kl).mean())}
+        policy = self.unwrapped.policy
+        self.model.eval()
+        records = sample_and_score(
+            policy, self.tokenizer, self.eval_dataset, local, self.reward, base=lambda: adapter_disabled(policy),
+            seed=config.seed, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+            top_p=config.top_p, max_prompt_length=config.max_prompt_length, prompt_column=config.prompt_column,
+            batch_size=config.rollout_batch_size * config.num_generations // accelerator.num_processes,
+        )
+        reward_sum, kl_sum, evaluated = self._global_sum(
+            [sum(r["reward"] for r in records), sum(r["kl"] for r in records), float(len(records))]).tolist()
+        return {"eval/reward_mean": reward_sum / evaluated, "eval/kl": kl_sum / evaluated}
 
     def score(self, rollout: Rollout) -> tuple[Tensor, dict[str, float]]:
         """Sequence scores [B] from the reward functions, minus the no-EOS penalty if set."""

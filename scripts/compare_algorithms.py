@@ -6,13 +6,14 @@
 Each algorithm runs its own configs/<name>.yaml through its train script, one after another (so
 timings do not compete). Existing runs in output_dir/<name> are reused, not retrained.
 Columns: reward_mean averaged over the first and the last `--window` steps, the last step's KL
-(nats per sequence), and the mean wall time per step.
+(nats per sequence), and the median wall time per step (robust to a busy machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ def summarise(name: str, rows: list[dict], window: int) -> str:
     rewards = [r["reward_mean"] for r in rows]
     head = sum(rewards[:window]) / len(rewards[:window])
     tail = sum(rewards[-window:]) / len(rewards[-window:])
-    step_time = sum(r["step_time_s"] for r in rows) / len(rows)
+    step_time = statistics.median(r["step_time_s"] for r in rows)
     kl = rows[-1]["kl"]
     return f"| {name} | {len(rows)} | {head:.3f} → {tail:.3f} | {kl:.2f} | {step_time:.1f} |"
 
@@ -44,7 +45,7 @@ def main() -> None:
     parser.add_argument("--output_dir", default="outputs/compare")
     args, extra = parser.parse_known_args()
     extra = [flag for flag in extra if flag != "--"]
-    table = ["| algorithm | steps | reward_mean first→last | final KL | s/step |", "|---|---|---|---|---|"]
+    table = ["| algorithm | steps | reward_mean first→last | final KL | median s/step |", "|---|---|---|---|---|"]
     for name in args.algorithms:
         run_dir = Path(args.output_dir) / name
         if not (run_dir / "final").is_dir():

@@ -1,0 +1,379 @@
+"""Evaluate and compare checkpoints on a prompt set: rewards with bootstrap CIs, KL to the base,
+length, EOS rate, diversity, base perplexity, win rates; report.json/.md, samples.jsonl, plots.
+
+    python scripts/evaluate.py --checkpoints out_a/final out_b/final --include_base \\
+        --dataset builtin:prompts --reward_funcs sentiment --output_dir report/
+    rlhf.evaluate.evaluate([...], dataset=..., reward_funcs=[...]) -> the same report dict
+
+Sampling is seeded per (prompt, sample) (``rlhf.rollout.seeded_sample``), so a prompt's
+response depends only on the seed and the settings: not on batch size, batch order or the
+number of processes. Every checkpoint uses the same seeds (paired comparison). The training
+loop's periodic evaluation calls ``sample_and_score`` too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from rlhf.algorithms import kl_penalty
+from rlhf.data import BUILTIN_PREFIX, format_prompt, load_prompt_dataset, prompt_text
+from rlhf.errors import CheckpointError, ConfigError
+from rlhf.rollout import Rollout, forward_response, generate_rollout
+
+BASE_LABEL = "base"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class Candidate:
+    """One model to evaluate: an adapter on ``base`` or a plain model (adapter_dir None)."""
+
+    label: str
+    base: str
+    adapter_dir: Path | None = None
+
+
+def resolve_candidate(spec: str) -> Candidate:
+    """final/ dir, checkpoints/step-N/ dir, a run's output_dir (-> final/), or a model dir / hub id."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / ADAPTER_CONFIG).is_file():
+            return Candidate(spec, _adapter_base(path), path)
+        if (path / "final" / ADAPTER_CONFIG).is_file():
+            return Candidate(spec, _adapter_base(path / "final"), path / "final")
+        if (path / "config.json").is_file():
+            return Candidate(spec, spec)
+        if (path / "checkpoints").is_dir():
+            raise CheckpointError(f"run dir {spec} has no final/ adapter yet; pass one of its checkpoints/step-N dirs")
+        raise CheckpointError(f"{spec} is neither an adapter dir, a run dir with final/, nor a model dir")
+    if path.exists() or not _looks_like_hub_id(spec):
+        raise CheckpointError(f"checkpoint dir not found: {spec}")
+    return Candidate(spec, spec)  # a hub id (or the embedded model's name)
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec)) and not re.search(r"(^|/)(final|step-\d+)$", spec) \
+        and not spec.startswith(".")
+
+
+def _adapter_base(adapter_dir: Path) -> str:
+    try:
+        base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {adapter_dir / ADAPTER_CONFIG}: {exc}") from None
+    if not base:
+        raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG} does not name its base model")
+    return base
+
+
+def _same_model(a: str, b: str) -> bool:
+    from rlhf.models import resolve_model_path
+
+    a, b = resolve_model_path(a), resolve_model_path(b)
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
+def common_base(candidates: list[Candidate]) -> str:
+    """The base every adapter was trained on; adapters of different bases cannot be compared."""
+    adapters = [c for c in candidates if c.adapter_dir is not None]
+    base = adapters[0].base if adapters else candidates[0].base
+    for candidate in adapters:
+        if not _same_model(candidate.base, base):
+            raise CheckpointError(
+                f"adapter {candidate.label} was trained on base model {candidate.base}, but {adapters[0].label} on "
+                f"{base}; compare adapters of one base model"
+            )
+    return base
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and per-sample scores (shared with the training loop's evaluation)
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The sampling seed of one (prompt, sample): independent of batching and processes."""
+    return (seed * 1_000_003 + prompt_index) * 1009 + sample_index
+
+
+def sample_and_score(
+    policy: Any,
+    tokenizer: Any,
+    dataset: Any,
+    prompt_indices: list[int],
+    reward: Callable[..., Any],
+    *,
+    base: Callable[[], contextlib.AbstractContextManager[Any]] | None,
+    num_samples: int = 1,
+    seed: int = 0,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_prompt_length: int = 256,
+    prompt_column: str = "prompt",
+    batch_size: int = 16,
+) -> list[dict[str, Any]]:
+    """Sample ``num_samples`` responses per prompt from ``policy`` and score each one.
+
+    base() enters a context yielding the base model (e.g. the policy with its adapter disabled);
+    None means the policy is the base (KL 0). Returns one record per (prompt, sample) with the
+    response, rewards per function and combined, the sequence KL to the base at the sampling
+    temperature (k1, nats), token count, EOS flag and the response's NLL under the base (T=1).
+    """
+    jobs = [(p, s) for p in prompt_indices for s in range(num_samples)]
+    records = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        rows = dataset.select([p for p, _ in chunk])
+        raw = rows[prompt_column]
+        columns = {name: rows[name] for name in rows.column_names if name != prompt_column}
+        rollout = generate_rollout(
+            policy, tokenizer, [format_prompt(p, tokenizer) for p in raw], prompts=[prompt_text(p) for p in raw],
+            group_ids=[p for p, _ in chunk], columns=columns, max_prompt_length=max_prompt_length,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            row_seeds=[sample_seed(seed, p, s) for p, s in chunk],
+        )
+        output = reward(rollout.prompts, rollout.completions, **rollout.columns)
+        scores = _base_scores(policy, rollout, base, temperature)
+        for i, (prompt_index, sample_index) in enumerate(chunk):
+            records.append({
+                "prompt_index": prompt_index, "sample_index": sample_index, "prompt": rollout.prompts[i],
+                "response": rollout.completions[i], "rewards": {k: float(v[i]) for k, v in output.components.items()},
+                "reward": float(output.total[i]), "kl": float(scores["kl"][i]), "tokens": int(rollout.mask[i].sum()),
+                "eos": bool(rollout.eos_found[i]), "base_nll": float(scores["base_nll"][i]),
+            })
+    return records
+
+
+@torch.no_grad()
+def _base_scores(policy: Any, rollout: Rollout, base: Callable[[], Any] | None, temperature: float) -> dict[str, Any]:
+    """Per-row KL to the base and base NLL. Each row is scored alone, without the padding of its
+    batch, so the numbers are bit-identical whatever the batch size or process count."""
+    from rlhf.models import PolicyWithValue
+
+    # Greedy decoding (T = 0) has no sampling distribution; its KL is measured at T = 1.
+    temperature = temperature if temperature > 0 else 1.0
+    rows = list(_unpadded_rows(rollout))
+    # The policy passes must run before entering base(): for a PEFT policy that context switches
+    # the adapter off.
+    policy_lps = [forward_response(PolicyWithValue(policy, None), row, slice(None), temperature)[0] for row in rows]
+    kls, nlls = [], []
+    with base() if base is not None else contextlib.nullcontext(policy) as base_model:
+        base_wrapped = PolicyWithValue(base_model, None)
+        for row, policy_lp in zip(rows, policy_lps):
+            base_lp = forward_response(base_wrapped, row, slice(None), temperature)[0] if base is not None else policy_lp
+            base_lp_t1 = base_lp if temperature == 1.0 else forward_response(base_wrapped, row, slice(None), 1.0)[0]
+            kls.append(float(kl_penalty(policy_lp, base_lp, "k1", row.mask).sum()))
+            nlls.append(float(-(base_lp_t1 * row.mask).sum()))
+    return {"kl": kls, "base_nll": nlls}
+
+
+def _unpadded_rows(rollout: Rollout) -> Iterator[Rollout]:
+    """Each sequence as its own one-row rollout: prompt padding and tokens after EOS removed."""
+    prompt_length = rollout.input_ids.shape[1] - rollout.response_length
+    for i in range(len(rollout)):
+        start = int((rollout.attention_mask[i, :prompt_length] == 0).sum())
+        length = max(int(rollout.mask[i].sum()), 1)
+        yield Rollout(
+            input_ids=rollout.input_ids[i:i + 1, start:prompt_length + length],
+            attention_mask=rollout.attention_mask[i:i + 1, start:prompt_length + length],
+            response_ids=rollout.response_ids[i:i + 1, :length], mask=rollout.mask[i:i + 1, :length],
+            eos_found=rollout.eos_found[i:i + 1], group_ids=rollout.group_ids[i:i + 1],
+            prompts=rollout.prompts[i:i + 1], completions=rollout.completions[i:i + 1],
+        )
+
+
+@contextlib.contextmanager
+def adapter_disabled(peft_model: Any) -> Iterator[Any]:
+    """The base model as a context: the same weights with the LoRA adapter switched off."""
+    with peft_model.disable_adapter():
+        yield peft_model
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    checkpoints: list[str],
+    dataset: str = "builtin:prompts",
+    reward_funcs: list[str] | None = None,
+    output_dir: str | None = None,
+    *,
+    include_base: bool = False,
+    num_samples: int = 1,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    num_prompts: int | None = None,
+    dataset_split: str | None = None,
+    prompt_column: str = "prompt",
+    max_prompt_length: int = 256,
+    reward_weights: list[float] | None = None,
+    reward_kwargs: dict[str, dict[str, Any]] | None = None,
+    bootstrap_resamples: int = 2000,
+    accelerator: Any = None,
+) -> dict[str, Any]:
+    """Evaluate ``checkpoints`` (and the base with include_base); returns report.json's dict and,
+    with output_dir, writes report.json, report.md, samples.jsonl and the PNG plots."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    from reward_models import CombinedReward
+    from rlhf import report as reporting
+    from rlhf.models import load_base_model, load_tokenizer
+
+    _check_settings(checkpoints, include_base, num_samples, max_new_tokens, temperature, top_p, batch_size, num_prompts)
+    candidates = [resolve_candidate(spec) for spec in checkpoints]
+    base_id = common_base(candidates)
+    split = dataset_split or ("eval" if dataset.startswith(BUILTIN_PREFIX) else "train")
+    prompts = load_prompt_dataset(dataset, split, prompt_column)
+    count = len(prompts) if num_prompts is None else min(num_prompts, len(prompts))
+    accelerator = accelerator or Accelerator()
+    reward = CombinedReward(reward_funcs or ["sentiment"], reward_weights, reward_kwargs or {},
+                            device=accelerator.device)
+    local_prompts = list(range(count))[accelerator.process_index::accelerator.num_processes]
+
+    tokenizer = load_tokenizer(base_id)
+    with accelerator.main_process_first():
+        base_model = load_base_model(base_id).to(accelerator.device).eval()
+    peft_model, names = _attach_adapters(base_model, candidates)
+    settings = dict(num_samples=num_samples, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_p=top_p, max_prompt_length=max_prompt_length, prompt_column=prompt_column,
+                    batch_size=batch_size)
+
+    def the_base() -> contextlib.AbstractContextManager[Any]:
+        # PeftModel.from_pretrained injects LoRA layers into base_model itself: the plain base
+        # is the PEFT model with its adapters switched off.
+        return adapter_disabled(peft_model) if peft_model is not None else contextlib.nullcontext(base_model)
+
+    labels = ([BASE_LABEL] if include_base else []) + [c.label for c in candidates]
+    by_label = {c.label: c for c in candidates}
+    records: dict[str, list[dict[str, Any]]] = {}
+    for label in labels:
+        candidate = by_label.get(label)
+        if candidate is not None and candidate.adapter_dir is not None:
+            peft_model.set_adapter(names[label])
+            local = sample_and_score(peft_model, tokenizer, prompts, local_prompts, reward, base=the_base, **settings)
+        elif candidate is None or _same_model(candidate.base, base_id):
+            with the_base() as model:
+                local = sample_and_score(model, tokenizer, prompts, local_prompts, reward, base=None, **settings)
+        else:  # a different full model, compared against the base
+            other = load_base_model(candidate.base).to(accelerator.device).eval()
+            local = sample_and_score(other, tokenizer, prompts, local_prompts, reward, base=the_base, **settings)
+            del other
+        gathered = gather_object(local) if accelerator.num_processes > 1 else local
+        records[label] = sorted(gathered, key=lambda r: (r["prompt_index"], r["sample_index"]))
+
+    report = reporting.build_report(
+        records, baseline=BASE_LABEL if include_base else None, seed=seed, resamples=bootstrap_resamples,
+        settings={"checkpoints": checkpoints, "base_model": base_id, "dataset": dataset, "dataset_split": split,
+                  "num_prompts": count, "reward_funcs": reward_funcs or ["sentiment"], "reward_weights": reward_weights,
+                  "reward_kwargs": reward_kwargs or {}, "include_base": include_base, "num_samples": num_samples,
+                  "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+                  "max_prompt_length": max_prompt_length, "bootstrap_resamples": bootstrap_resamples,
+                  "num_processes": accelerator.num_processes},
+    )
+    if output_dir is not None and accelerator.is_main_process:
+        reporting.write_outputs(Path(output_dir), report, records)
+    accelerator.wait_for_everyone()
+    return report
+
+
+def _attach_adapters(base_model: Any, candidates: list[Candidate]) -> tuple[Any, dict[str, str]]:
+    """One PeftModel holding every adapter by name; the base weights are loaded once."""
+    from peft import PeftModel
+
+    names: dict[str, str] = {}
+    peft_model = None
+    for i, candidate in enumerate(c for c in candidates if c.adapter_dir is not None):
+        name = f"candidate{i}"
+        try:
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(base_model, str(candidate.adapter_dir), adapter_name=name)
+            else:
+                peft_model.load_adapter(str(candidate.adapter_dir), adapter_name=name)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"adapter {candidate.label} does not fit its base model: "
+                                  f"{str(exc).strip().splitlines()[0][:200]}") from None
+        names[candidate.label] = name
+    if peft_model is not None:
+        peft_model.eval()
+    return peft_model, names
+
+
+def _check_settings(checkpoints: list[str], include_base: bool, num_samples: int, max_new_tokens: int,
+                    temperature: float, top_p: float, batch_size: int, num_prompts: int | None) -> None:
+    if not checkpoints:
+        raise ConfigError("give at least one checkpoint (--checkpoints DIR [DIR ...])")
+    if len(set(checkpoints)) != len(checkpoints) or (include_base and BASE_LABEL in checkpoints):
+        raise ConfigError("each checkpoint may be given once")
+    for name, value in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if num_prompts is not None and num_prompts < 1:
+        raise ConfigError(f"num_prompts must be >= 1, got {num_prompts}")
+    if temperature < 0 or not math.isfinite(temperature):
+        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+
+
+
+@dataclass
+class EvalConfig:
+    """Flags of scripts/evaluate.py (also a YAML file via --config)."""
+
+    checkpoints: list[str] = field(default_factory=list, metadata={
+        "help": "Adapter dirs (final/ or checkpoints/step-N/), run output dirs, or model dirs / hub ids."})
+    include_base: bool = field(default=False, metadata={"help": "Also evaluate the base model (and win rates vs it)."})
+    dataset: str = field(default="builtin:prompts", metadata={
+        "help": "Prompts: .jsonl/.json/.csv/.parquet, a datasets dir, or builtin:prompts (its eval split)."})
+    dataset_split: str | None = field(default=None, metadata={"help": "Split (default: eval for built-in sets)."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt."})
+    num_prompts: int | None = field(default=None, metadata={"help": "Use the first N prompts (default: all)."})
+    reward_funcs: list[str] = field(default_factory=lambda: ["sentiment"], metadata={
+        "help": "Reward functions, as in training (built-in names, file.py:fn, module:fn, RM dir, URL)."})
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "Weight per reward function."})
+    reward_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Parameters per reward name (JSON on the CLI)."})
+    output_dir: str = field(default="outputs/eval", metadata={"help": "Where report.json/.md, samples.jsonl, PNGs go."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing report in output_dir."})
+    num_samples: int = field(default=1, metadata={"help": "Responses per prompt."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Maximum response length in tokens."})
+    max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this are truncated from the left."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0 = greedy)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    seed: int = field(default=0, metadata={"help": "Seed of every (prompt, sample) draw and of the bootstrap."})
+    batch_size: int = field(default=16, metadata={"help": "Responses generated per batch (does not change results)."})
+    bootstrap_resamples: int = field(default=2000, metadata={"help": "Bootstrap resamples for the 95% intervals."})
+
+    def __post_init__(self) -> None:
+        _check_settings(self.checkpoints, self.include_base, self.num_samples, self.max_new_tokens, self.temperature,
+                        self.top_p, self.batch_size, self.num_prompts)
+        if self.bootstrap_resamples < 100:
+            raise ConfigError(f"bootstrap_resamples must be >= 100, got {self.bootstrap_resamples}")
+
+
+def evaluate_from_config(config: EvalConfig) -> dict[str, Any]:
+    """The command: refuses to overwrite an earlier report unless asked, then evaluates."""
+    output_dir = Path(config.output_dir)
+    if (output_dir / "report.json").exists() and not config.overwrite_output_dir:
+        raise ConfigError(f"{output_dir} already holds a report; choose another --output_dir or pass "
+                          "--overwrite_output_dir true")
+    options = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("checkpoints", "overwrite_output_dir")}
+    return evaluate(config.checkpoints, **options)

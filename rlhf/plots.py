@@ -1,0 +1,110 @@
+"""PNG plots with matplotlib (Agg backend, no display needed): evaluation reports and training
+curves from metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from rlhf.errors import DataError  # noqa: E402
+
+
+def plot_reward_distribution(records: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Box plot of the combined reward per sample, one box per checkpoint, mean as a triangle."""
+    labels = list(records)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(labels)), 4.5))
+    ax.boxplot([[r["reward"] for r in records[label]] for label in labels], showmeans=True)
+    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=15 if len(labels) > 3 else 0)
+    ax.set_ylabel("combined reward per response")
+    ax.set_xlabel("checkpoint")
+    ax.set_title("Reward distribution (box: quartiles, line: median, triangle: mean)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_reward_vs_kl(records: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Each response as a point (KL to the base, reward); each checkpoint's mean as a large marker."""
+    fig, ax = plt.subplots(figsize=(7.0, 5.0))
+    for index, (label, rows) in enumerate(records.items()):
+        color = f"C{index % 10}"
+        kls, rewards = [r["kl"] for r in rows], [r["reward"] for r in rows]
+        ax.scatter(kls, rewards, s=14, alpha=0.35, color=color)
+        ax.scatter([sum(kls) / len(kls)], [sum(rewards) / len(rewards)], s=140, marker="D", color=color,
+                   edgecolor="black", label=f"{label} (mean)")
+    ax.set_xlabel("KL to the base model (nats per response, k1 on the sampled tokens)")
+    ax.set_ylabel("combined reward per response")
+    ax.set_title("Reward vs KL to the base (small dots: responses)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# Training curves: file name -> (title, y label, [(metrics.jsonl key, line style, legend suffix)]).
+TRAINING_PLOTS: dict[str, tuple[str, str, list[tuple[str, str, str]]]] = {
+    "reward.png": ("Reward", "mean reward per response",
+                   [("reward_mean", "-", "train"), ("eval/reward_mean", "--", "eval")]),
+    "kl.png": ("KL to the reference", "KL (nats per response)", [("kl", "-", "train"), ("eval/kl", "--", "eval")]),
+    "loss.png": ("Losses", "loss", [("policy_loss", "-", "policy"), ("value_loss", "--", "value")]),
+    "length.png": ("Response length", "tokens per response", [("response_length_mean", "-", "")]),
+}
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"no metrics.jsonl in {run_dir}")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise DataError(f"{path} line {number} is not valid JSON") from None
+    if not rows:
+        raise DataError(f"{path} is empty")
+    return rows
+
+
+def plot_training_curves(run_dirs: list[Path], output_dir: Path) -> list[Path]:
+    """One PNG per quantity (reward, KL, loss, length) with one line per run, x = RL step."""
+    runs = {Path(d).name if Path(d).name not in ("", ".") else str(d): read_metrics(Path(d)) for d in run_dirs}
+    if len(runs) < len(run_dirs):  # two runs with the same dir name: label them by full path
+        runs = {str(d): read_metrics(Path(d)) for d in run_dirs}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for filename, (title, ylabel, series) in TRAINING_PLOTS.items():
+        fig, ax = plt.subplots(figsize=(7.0, 4.5))
+        drawn = 0
+        for index, (name, rows) in enumerate(runs.items()):
+            for key, style, suffix in series:
+                points = [(r["step"], r[key]) for r in rows
+                          if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and "step" in r]
+                if points:
+                    ax.plot(*zip(*points), style, color=f"C{index % 10}", marker="." if len(points) < 30 else None,
+                            label=f"{name} {suffix}".strip())
+                    drawn += 1
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_title(title)
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(output_dir / filename, dpi=120)
+        plt.close(fig)
+        written.append(output_dir / filename)
+    return written

@@ -1,0 +1,211 @@
+"""Numbers and files of an evaluation report (rlhf.evaluate): bootstrap confidence intervals,
+win rates, diversity, report.json / report.md / samples.jsonl / plots.
+
+All statistics resample *prompts* (the samples of one prompt stay together), so the intervals
+describe what another draw of prompts from the same distribution would give.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CI_LEVEL = 0.95
+
+
+def bootstrap_ci(values: list[float] | np.ndarray, seed: int = 0, resamples: int = 2000,
+                 level: float = CI_LEVEL) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (one value per prompt).
+
+    Draws ``resamples`` samples of len(values) with replacement from numpy's default_rng(seed);
+    returns the (1-level)/2 and (1+level)/2 quantiles of their means. One value -> (v, v).
+    """
+    data = np.asarray(values, dtype=np.float64)
+    if data.size == 0:
+        return (math.nan, math.nan)
+    if data.size == 1:
+        return (float(data[0]), float(data[0]))
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
+    tail = (1.0 - level) / 2
+    return (float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail)))
+
+
+def per_prompt(records: list[dict[str, Any]], value: Any) -> np.ndarray:
+    """Mean of value(record) over each prompt's samples, ordered by prompt index."""
+    groups: dict[int, list[float]] = defaultdict(list)
+    for record in records:
+        groups[record["prompt_index"]].append(float(value(record)))
+    return np.array([np.mean(groups[p]) for p in sorted(groups)])
+
+
+def win_scores(records_a: list[dict[str, Any]], records_b: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (prompt, sample): 1 if a's combined reward beats b's on the same prompt and seed,
+    0.5 for a tie, 0 otherwise (records carry prompt_index, sample_index, reward)."""
+    other = {(r["prompt_index"], r["sample_index"]): r["reward"] for r in records_b}
+    scores = []
+    for record in records_a:
+        theirs = other[(record["prompt_index"], record["sample_index"])]
+        score = 1.0 if record["reward"] > theirs else 0.5 if record["reward"] == theirs else 0.0
+        scores.append({"prompt_index": record["prompt_index"], "score": score})
+    return scores
+
+
+def win_rate(records_a: list[dict[str, Any]], records_b: list[dict[str, Any]], seed: int = 0,
+             resamples: int = 2000) -> dict[str, float]:
+    """Share of paired samples where a beats b (ties count half), with a bootstrap CI over prompts."""
+    values = per_prompt(win_scores(records_a, records_b), lambda r: r["score"])
+    low, high = bootstrap_ci(values, seed, resamples)
+    return {"rate": float(values.mean()), "ci_low": low, "ci_high": high}
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct n-grams / all n-grams over whitespace tokens of all texts (Li et al. 2016)."""
+    grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _mean_ci(values: np.ndarray, seed: int, resamples: int) -> dict[str, float]:
+    low, high = bootstrap_ci(values, seed, resamples)
+    return {"mean": float(values.mean()), "ci_low": low, "ci_high": high}
+
+
+def summarise(records: list[dict[str, Any]], seed: int = 0, resamples: int = 2000) -> dict[str, Any]:
+    """Every per-checkpoint number of the report from its records (see sample_and_score)."""
+    tokens = sum(r["tokens"] for r in records)
+    names = list(records[0]["rewards"]) if records else []
+    return {
+        "reward": _mean_ci(per_prompt(records, lambda r: r["reward"]), seed, resamples),
+        "rewards": {name: _mean_ci(per_prompt(records, lambda r, n=name: r["rewards"][n]), seed, resamples)
+                    for name in names},
+        "kl_per_sequence": _mean_ci(per_prompt(records, lambda r: r["kl"]), seed, resamples),
+        "kl_per_token": sum(r["kl"] for r in records) / max(tokens, 1),
+        "response_length": sum(r["tokens"] for r in records) / len(records),
+        "eos_rate": sum(r["eos"] for r in records) / len(records),
+        "distinct_1": distinct_n([r["response"] for r in records], 1),
+        "distinct_2": distinct_n([r["response"] for r in records], 2),
+        "base_perplexity": math.exp(sum(r["base_nll"] for r in records) / tokens) if tokens else math.nan,
+        "num_samples": len(records),
+    }
+
+
+def build_report(records: dict[str, list[dict[str, Any]]], baseline: str | None, seed: int, resamples: int,
+                 settings: dict[str, Any]) -> dict[str, Any]:
+    labels = list(records)
+    checkpoints = {label: summarise(records[label], seed, resamples) for label in labels}
+    if baseline is not None:
+        for label in labels:
+            if label != baseline:
+                checkpoints[label]["win_rate_vs_base"] = win_rate(records[label], records[baseline], seed, resamples)
+    pairwise = {a: {b: win_rate(records[a], records[b], seed, resamples) for b in labels if b != a} for a in labels}
+    return {"settings": settings, "versions": package_versions(), "checkpoints": checkpoints, "pairwise_win_rate": pairwise}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for package in ("rlhf", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "vaderSentiment"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+def _columns(report: dict[str, Any]) -> list[tuple[str, Any, int]]:
+    """(header, getter, direction) per column: +1 higher is better, -1 lower, 0 not ranked."""
+    first = next(iter(report["checkpoints"].values()))
+    columns: list[tuple[str, Any, int]] = [("reward ↑ (95% CI)", lambda c: c["reward"], 1)]
+    if len(first["rewards"]) > 1:
+        columns += [(f"{name} ↑", lambda c, n=name: c["rewards"][n], 1) for name in first["rewards"]]
+    columns += [
+        ("KL/seq ↓ (nats)", lambda c: c["kl_per_sequence"]["mean"], -1),
+        ("KL/token ↓", lambda c: c["kl_per_token"], -1),
+        ("length (tokens)", lambda c: c["response_length"], 0),
+        ("EOS rate ↑", lambda c: c["eos_rate"], 1),
+        ("distinct-1 ↑", lambda c: c["distinct_1"], 1),
+        ("distinct-2 ↑", lambda c: c["distinct_2"], 1),
+        ("base ppl ↓", lambda c: c["base_perplexity"], -1),
+    ]
+    if any("win_rate_vs_base" in c for c in report["checkpoints"].values()):
+        columns.append(("win vs base ↑ (95% CI)", lambda c: c.get("win_rate_vs_base"), 1))
+    return columns
+
+
+def _scalar(value: Any) -> float:
+    if isinstance(value, dict):
+        return value.get("mean", value.get("rate", math.nan))
+    return math.nan if value is None else float(value)
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, dict):
+        return f"{_scalar(value):.3f} [{value['ci_low']:.3f}, {value['ci_high']:.3f}]"
+    return f"{value:.3f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """One row per checkpoint; the best value of each ranked column in bold. KL columns rank the
+    trained checkpoints only (the base's KL to itself is 0 by definition)."""
+    checkpoints, settings = report["checkpoints"], report["settings"]
+    columns = _columns(report)
+    best: dict[str, set[str]] = {}
+    for header, get, direction in columns:
+        values = {label: _scalar(get(numbers)) for label, numbers in checkpoints.items()
+                  if not (header.startswith("KL") and label == "base")}
+        values = {label: v for label, v in values.items() if math.isfinite(v)}
+        if direction and len(set(values.values())) > 1:  # all equal: nothing to mark
+            top = max(direction * v for v in values.values())
+            best[header] = {label for label, v in values.items() if direction * v == top}
+    lines = [
+        "# Evaluation report", "",
+        f"{settings['num_prompts']} prompts from `{settings['dataset']}` ({settings['dataset_split']}), "
+        f"{settings['num_samples']} sample(s) each, max_new_tokens {settings['max_new_tokens']}, temperature "
+        f"{settings['temperature']}, seed {settings['seed']}; reward = {' + '.join(settings['reward_funcs'])}; "
+        f"base model `{settings['base_model']}`. Best per column in bold; ↑/↓ = higher/lower is better.", "",
+        "| checkpoint | " + " | ".join(h for h, _, _ in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for label, numbers in checkpoints.items():
+        cells = []
+        for header, get, _ in columns:
+            text = _format(get(numbers))
+            cells.append(f"**{text}**" if label in best.get(header, ()) else text)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    labels = list(checkpoints)
+    if len(labels) > 1:
+        lines += ["", "Pairwise win rate of the row over the column (same prompt and seed, ties count half):", "",
+                  "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for a in labels:
+            row = [_format(report["pairwise_win_rate"][a][b]) if b != a else "—" for b in labels]
+            lines.append(f"| {a} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(output_dir: Path, report: dict[str, Any], records: dict[str, list[dict[str, Any]]]) -> None:
+    from rlhf.plots import plot_reward_distribution, plot_reward_vs_kl
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (output_dir / "report.md").write_text(render_markdown(report))
+    first = next(iter(records.values()))
+    with (output_dir / "samples.jsonl").open("w") as handle:
+        for i, record in enumerate(first):
+            row = {"prompt_index": record["prompt_index"], "sample_index": record["sample_index"],
+                   "prompt": record["prompt"],
+                   "responses": {label: {key: records[label][i][key] for key in ("response", "reward", "rewards", "kl")}
+                                 for label in records}}
+            handle.write(json.dumps(row) + "\n")
+    plot_reward_distribution(records, output_dir / "reward_distribution.png")
+    plot_reward_vs_kl(records, output_dir / "reward_vs_kl.png")

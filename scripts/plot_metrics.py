@@ -1,0 +1,9 @@
+"""Training curves: `python scripts/plot_metrics.py outputs/ppo outputs/grpo [--output_dir plots/]`.
+
+Draws reward.png, kl.png, loss.png and length.png with one line per run from metrics.jsonl.
+"""
+
+from rlhf.cli import plot_metrics_main
+
+if __name__ == "__main__":
+    plot_metrics_main()

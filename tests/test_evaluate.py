@@ -1,0 +1,255 @@
+"""scripts/evaluate.py, rlhf.evaluate and rlhf.report on the tiny model; plot_metrics.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import FIXTURES, run_script
+from rlhf.report import bootstrap_ci, distinct_n, render_markdown, win_rate
+
+REWARD = f"{FIXTURES / 'rewards.py'}:char_diversity"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_adapter(model_dir, directory, seed):
+    """A LoRA adapter with random B (so it changes the model), saved like a training run's final/."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    run_a = root / "run_a"
+    make_adapter(tiny_model_dir, run_a / "final", seed=1)
+    (run_a / "metrics.jsonl").write_text("")
+    step_dir = make_adapter(tiny_model_dir, root / "run_b" / "checkpoints" / "step-3", seed=2)
+    return {"final": run_a / "final", "run_dir": run_a, "step": step_dir}
+
+
+def eval_kwargs(**extra):
+    return {"dataset": "builtin:prompts", "reward_funcs": [REWARD, "sentiment"], "include_base": True,
+            "num_prompts": 5, "num_samples": 2, "max_new_tokens": 6, "seed": 3, **extra}
+
+
+# --------------------------------------------------------------------------------- statistics
+
+
+def test_bootstrap_ci_hand_checked():
+    # Means of 4 draws from {1,1,1,0}: P(<=0)=1/256, P(<=.25)=13/256=.051, P(<=.75)=.684 ->
+    # the 2.5% quantile is 0.25 and the 97.5% quantile is 1.0.
+    assert bootstrap_ci([1.0, 1.0, 1.0, 0.0], seed=0, resamples=4000) == (0.25, 1.0)
+    # Means of 2 draws from {0,1}: 0 w.p. 1/4, 0.5 w.p. 1/2, 1 w.p. 1/4 -> (0, 1).
+    assert bootstrap_ci([0.0, 1.0], seed=5, resamples=4000) == (0.0, 1.0)
+    assert bootstrap_ci([2.0, 2.0, 2.0]) == (2.0, 2.0)
+    assert bootstrap_ci([0.7]) == (0.7, 0.7)
+    assert bootstrap_ci([0.1, 0.4, 0.9, 0.3], seed=1) == bootstrap_ci([0.1, 0.4, 0.9, 0.3], seed=1)
+
+
+def records(rewards_per_prompt):
+    return [{"prompt_index": p, "sample_index": s, "reward": r}
+            for p, rewards in enumerate(rewards_per_prompt) for s, r in enumerate(rewards)]
+
+
+def test_win_rate_counts_ties_half():
+    a = records([[1.0], [0.5], [0.2], [0.7]])
+    b = records([[0.5], [0.5], [0.3], [0.7]])
+    result = win_rate(a, b)  # win, tie, loss, tie -> (1 + .5 + 0 + .5) / 4
+    assert result["rate"] == pytest.approx(0.5)
+    assert 0.0 <= result["ci_low"] <= 0.5 <= result["ci_high"] <= 1.0
+    assert win_rate(b, a)["rate"] == pytest.approx(0.5)
+    # Samples of one prompt are averaged first: prompt 0 -> (1 + 0) / 2, prompt 1 -> 1.
+    assert win_rate(records([[0.9, 0.1], [0.8, 0.8]]), records([[0.5, 0.5], [0.2, 0.2]]))["rate"] == pytest.approx(0.75)
+
+
+def test_distinct_n():
+    assert distinct_n(["a b a", "b c"], 1) == pytest.approx(3 / 5)
+    assert distinct_n(["a b a", "b c"], 2) == pytest.approx(1.0)
+    assert distinct_n(["x x x x"], 2) == pytest.approx(1 / 3)
+    assert distinct_n(["", "one"], 2) == 0.0
+
+
+def test_markdown_marks_the_best_and_not_ties():
+    numbers = {"reward": {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6}, "rewards": {"r": {}}, "kl_per_sequence": {"mean": 0.0},
+               "kl_per_token": 0.0, "response_length": 5.0, "eos_rate": 0.5, "distinct_1": 1.0, "distinct_2": 1.0,
+               "base_perplexity": 10.0}
+    better = {**numbers, "reward": {"mean": 0.7, "ci_low": 0.6, "ci_high": 0.8}, "kl_per_sequence": {"mean": 1.0},
+              "kl_per_token": 0.1, "base_perplexity": 12.0}
+    report = {"settings": {"num_prompts": 2, "dataset": "d", "dataset_split": "eval", "num_samples": 1,
+                           "max_new_tokens": 4, "temperature": 1.0, "seed": 0, "reward_funcs": ["r"], "base_model": "m"},
+              "checkpoints": {"base": numbers, "ckpt": better}, "pairwise_win_rate": {
+                  "base": {"ckpt": {"rate": 0.25, "ci_low": 0.0, "ci_high": 0.5}},
+                  "ckpt": {"base": {"rate": 0.75, "ci_low": 0.5, "ci_high": 1.0}}}}
+    lines = render_markdown(report).splitlines()
+    base_row = next(line for line in lines if line.startswith("| base |"))
+    ckpt_row = next(line for line in lines if line.startswith("| ckpt |"))
+    assert "**0.700 [0.600, 0.800]**" in ckpt_row and "**10.000**" in base_row
+    assert "**1.000 |" not in base_row + ckpt_row  # equal distinct-n: nobody marked
+    assert "| 1.000 | 0.100 |" in ckpt_row  # KL ranks trained checkpoints only: one alone is not "best"
+
+
+# --------------------------------------------------------------------------------- determinism
+
+
+def test_report_identical_across_batch_sizes(adapters):
+    from rlhf.evaluate import evaluate
+
+    checkpoints = [str(adapters["final"]), str(adapters["step"])]
+    small = evaluate(checkpoints, batch_size=1, **eval_kwargs())
+    large = evaluate(checkpoints, batch_size=7, **eval_kwargs())
+    assert small == large
+    assert set(small["checkpoints"]) == {"base", *checkpoints}
+    assert small["checkpoints"]["base"]["kl_per_sequence"]["mean"] == 0.0
+    assert small["checkpoints"][checkpoints[0]]["kl_per_sequence"]["mean"] > 0.0
+    other_seed = evaluate(checkpoints, batch_size=7, **eval_kwargs(seed=4))
+    assert other_seed["checkpoints"]["base"]["reward"] != small["checkpoints"]["base"]["reward"]
+
+
+def test_sharded_sampling_equals_one_process(tiny_model_dir):
+    from reward_models import CombinedReward
+    from rlhf.data import load_prompt_dataset
+    from rlhf.evaluate import sample_and_score
+    from rlhf.models import load_base_model, load_tokenizer
+
+    model, tokenizer = load_base_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    prompts = load_prompt_dataset("builtin:prompts", "eval")
+    reward = CombinedReward([REWARD])
+    settings = dict(base=None, num_samples=2, seed=9, max_new_tokens=6, batch_size=4)
+    whole = sample_and_score(model, tokenizer, prompts, list(range(6)), reward, **settings)
+    shards = [sample_and_score(model, tokenizer, prompts, list(range(6))[rank::3], reward, **settings)
+              for rank in range(3)]
+    merged = sorted((r for shard in shards for r in shard), key=lambda r: (r["prompt_index"], r["sample_index"]))
+    assert merged == whole
+
+
+# --------------------------------------------------------------------------------- the command
+
+
+def test_script_writes_every_output_for_every_checkpoint_kind(adapters, tiny_model_dir, tmp_path):
+    out = tmp_path / "report"
+    checkpoints = [str(adapters["run_dir"]), str(adapters["step"]), str(tiny_model_dir)]
+    result = run_script("evaluate.py", "--checkpoints", *checkpoints, "--include_base", "--dataset", "builtin:prompts",
+                        "--reward_funcs", REWARD, "sentiment", "--output_dir", str(out), "--num_prompts", "4",
+                        "--num_samples", "2", "--max_new_tokens", "6", "--seed", "3", "--batch_size", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["checkpoints"]) == ["base", *checkpoints]
+    assert report["settings"]["seed"] == 3 and report["settings"]["num_prompts"] == 4
+    assert {"torch", "transformers", "peft"} <= set(report["versions"])
+    trained = report["checkpoints"][str(adapters["run_dir"])]
+    for key in ("reward", "kl_per_sequence", "kl_per_token", "response_length", "eos_rate", "distinct_1",
+                "distinct_2", "base_perplexity", "win_rate_vs_base"):
+        assert key in trained, key
+    assert set(trained["rewards"]) == {"char_diversity", "sentiment"}
+    assert trained["reward"]["ci_low"] <= trained["reward"]["mean"] <= trained["reward"]["ci_high"]
+    # The plain model dir is the base itself: same samples, KL 0, every comparison a tie.
+    plain = report["checkpoints"][str(tiny_model_dir)]
+    assert plain["reward"] == report["checkpoints"]["base"]["reward"] and plain["kl_per_token"] == 0.0
+    assert plain["win_rate_vs_base"]["rate"] == 0.5
+
+    markdown = (out / "report.md").read_text()
+    assert all(f"| {label} |" in markdown for label in report["checkpoints"]) and "**" in markdown
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 * 2
+    assert set(samples[0]["responses"]) == set(report["checkpoints"])
+    for name in ("reward_distribution.png", "reward_vs_kl.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+    # The Python API returns the same numbers.
+    from rlhf.evaluate import evaluate
+
+    again = evaluate(checkpoints, dataset="builtin:prompts", reward_funcs=[REWARD, "sentiment"], include_base=True,
+                     num_prompts=4, num_samples=2, max_new_tokens=6, seed=3, batch_size=5)
+    assert again["checkpoints"] == report["checkpoints"]
+    assert again["pairwise_win_rate"] == report["pairwise_win_rate"]
+
+
+def test_refuses_to_overwrite_a_report(adapters, tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    result = run_script("evaluate.py", "--checkpoints", str(adapters["final"]), "--output_dir", str(out))
+    assert result.returncode == 2 and "already holds a report" in result.stderr
+    assert (out / "report.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("case", ["missing_dir", "other_base", "empty_dataset", "malformed_row", "unknown_reward",
+                                  "no_checkpoints", "bad_flag"])
+def test_bad_input_exits_2_with_one_line(case, adapters, tiny_model_dir, tmp_path):
+    args = ["--checkpoints", str(adapters["final"]), "--output_dir", str(tmp_path / "out"),
+            "--num_prompts", "2", "--max_new_tokens", "4", "--reward_funcs", REWARD]
+    expected = {
+        "missing_dir": "checkpoint dir not found: ",
+        "other_base": "was trained on base model",
+        "empty_dataset": "empty.jsonl",
+        "malformed_row": "row 1",
+        "unknown_reward": "nonexistent_reward",
+        "no_checkpoints": "at least one checkpoint",
+        "bad_flag": "--nun_samples",
+    }[case]
+    if case == "missing_dir":
+        args[1] = str(tmp_path / "run_x" / "final")
+    elif case == "other_base":
+        other = tmp_path / "other"
+        shutil.copytree(adapters["final"], other)
+        config = json.loads((other / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str(tmp_path / "some_other_model")
+        (other / "adapter_config.json").write_text(json.dumps(config))
+        args[1:2] = [str(adapters["final"]), str(other)]
+    elif case == "empty_dataset":
+        (tmp_path / "empty.jsonl").write_text("")
+        args += ["--dataset", str(tmp_path / "empty.jsonl")]
+    elif case == "malformed_row":
+        (tmp_path / "bad.jsonl").write_text('{"prompt": "fine"}\n{"prompt": ""}\n')
+        args += ["--dataset", str(tmp_path / "bad.jsonl")]
+    elif case == "unknown_reward":
+        args[-1] = "nonexistent_reward"
+    elif case == "no_checkpoints":
+        args = args[2:]
+    elif case == "bad_flag":
+        args += ["--nun_samples", "2"]
+    result = run_script("evaluate.py", *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and expected.lstrip("-") in lines[-1], lines[-1]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+# --------------------------------------------------------------------------------- training curves
+
+
+def test_plot_metrics_draws_curves_for_several_runs(tmp_path):
+    for name, slope in (("ppo", 0.02), ("grpo", 0.03)):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"step": s, "reward_mean": 0.3 + slope * s, "kl": 0.1 * s, "policy_loss": -0.01 * s,
+                 "value_loss": 0.05 if name == "ppo" else None, "response_length_mean": 20 + s,
+                 **({"eval/reward_mean": 0.3 + slope * s} if s % 2 == 0 else {})} for s in range(1, 9)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_script("plot_metrics.py", str(tmp_path / "ppo"), str(tmp_path / "grpo"), "--output_dir",
+                        str(tmp_path / "plots"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("reward.png", "kl.png", "loss.png", "length.png"):
+        data = (tmp_path / "plots" / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+
+def test_plot_metrics_bad_run_dir_exits_2(tmp_path):
+    result = run_script("plot_metrics.py", str(tmp_path / "nowhere"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: no metrics.jsonl in {tmp_path / 'nowhere'}"
