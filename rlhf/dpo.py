@@ -119,13 +119,12 @@ def train_dpo(config: DPORunConfig) -> dict[str, float]:
     train_time = time.perf_counter() - start
     after = _preference_metrics(trainer, "after") if eval_pairs is not None else {}
 
-    final_dir = output_dir / "final"
-    trainer.model.save_pretrained(str(final_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(final_dir))
+    trainer.save_model(str(output_dir / "final"))  # the PEFT adapter + tokenizer, written by the main process
     final = {**before, **after, "train_time_s": train_time, "train_steps": trainer.state.global_step}
-    write_trainer_log(output_dir, trainer.state.log_history, final,
-                      {"loss": "loss", "epoch": "epoch", "accuracy": "rewards/accuracies", "margin": "rewards/margins"})
-    save_config(config, output_dir / "config.yaml")
+    if trainer.accelerator.is_main_process:
+        write_trainer_log(output_dir, trainer.state.log_history, final,
+                          {"loss": "loss", "epoch": "epoch", "accuracy": "rewards/accuracies", "margin": "rewards/margins"})
+        save_config(config, output_dir / "config.yaml")
     return final
 
 

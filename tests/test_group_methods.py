@@ -140,3 +140,18 @@ def test_group_and_trpo_config_errors(flags, message, tmp_path):
     result = run_script("train_grpo.py", "--output_dir", str(tmp_path / "x"), *flags)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_trpo_checkpoint_and_resume(tiny_model_dir, tmp_path):
+    out = tmp_path / "trpo"
+    args = [*tiny_args(tiny_model_dir, out, "--save_steps", "1"), "--config", str(ROOT / "configs" / "trpo.yaml")]
+    result = run_script("train_trpo.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "checkpoints" / "step-2" / "value_head.safetensors").is_file()
+    result = run_script("train_trpo.py", *args, "--max_steps", "3", "--resume_from_checkpoint", "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    result = run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "4"),
+                        "--resume_from_checkpoint", "latest")
+    assert result.returncode == 2
+    assert "was trained with update_method='trpo', this run has 'optimizer'" in result.stderr
