@@ -72,6 +72,12 @@ def _adapter_base(adapter_dir: Path) -> str:
         raise CheckpointError(f"cannot read {adapter_dir / ADAPTER_CONFIG}: {exc}") from None
     if not base:
         raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG} does not name its base model")
+    from rlhf.models import EMBEDDED_MODEL
+
+    # Adapters of the embedded model record its converted cache dir; on another machine (or with
+    # another RLHF_CACHE_DIR) that dir is missing, and the embedded name rebuilds it.
+    if Path(base).name == EMBEDDED_MODEL and not Path(base).exists():
+        return EMBEDDED_MODEL
     return base
 
 

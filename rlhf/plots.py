@@ -16,15 +16,28 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from rlhf.errors import DataError  # noqa: E402
 
 
+def short_labels(labels: list[str]) -> list[str]:
+    """Shortest trailing path parts that still tell the checkpoints apart, e.g.
+    /tmp/runs/ppo/final -> ppo/final (plots have little room for full paths)."""
+    for depth in range(1, max(len(Path(label).parts) for label in labels) + 1):
+        short = ["/".join(Path(label).parts[-depth:]) for label in labels]
+        generic = any(Path(label).name == "final" or Path(label).name.startswith("step-") for label in labels)
+        if len(set(short)) == len(labels) and (depth > 1 or not generic):
+            return short
+    return list(labels)
+
+
 def plot_reward_distribution(records: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """Box plot of the combined reward per sample, one box per checkpoint, mean as a triangle."""
     labels = list(records)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(labels)), 4.5))
+    names = short_labels(labels)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.8 * len(labels)), 4.8))
     ax.boxplot([[r["reward"] for r in records[label]] for label in labels], showmeans=True)
-    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=15 if len(labels) > 3 else 0)
+    ax.set_xticks(range(1, len(labels) + 1), names, rotation=20 if max(map(len, names)) > 14 else 0,
+                  ha="right" if max(map(len, names)) > 14 else "center")
     ax.set_ylabel("combined reward per response")
     ax.set_xlabel("checkpoint")
-    ax.set_title("Reward distribution (box: quartiles, line: median, triangle: mean)")
+    ax.set_title("Reward distribution\n(box: quartiles, orange line: median, triangle: mean)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -34,12 +47,12 @@ def plot_reward_distribution(records: dict[str, list[dict[str, Any]]], path: Pat
 def plot_reward_vs_kl(records: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """Each response as a point (KL to the base, reward); each checkpoint's mean as a large marker."""
     fig, ax = plt.subplots(figsize=(7.0, 5.0))
-    for index, (label, rows) in enumerate(records.items()):
+    for index, ((label, rows), name) in enumerate(zip(records.items(), short_labels(list(records)))):
         color = f"C{index % 10}"
         kls, rewards = [r["kl"] for r in rows], [r["reward"] for r in rows]
         ax.scatter(kls, rewards, s=14, alpha=0.35, color=color)
         ax.scatter([sum(kls) / len(kls)], [sum(rewards) / len(rewards)], s=140, marker="D", color=color,
-                   edgecolor="black", label=f"{label} (mean)")
+                   edgecolor="black", label=f"{name} (mean)")
     ax.set_xlabel("KL to the base model (nats per response, k1 on the sampled tokens)")
     ax.set_ylabel("combined reward per response")
     ax.set_title("Reward vs KL to the base (small dots: responses)")
