@@ -253,3 +253,25 @@ def test_plot_metrics_bad_run_dir_exits_2(tmp_path):
     result = run_script("plot_metrics.py", str(tmp_path / "nowhere"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: no metrics.jsonl in {tmp_path / 'nowhere'}"
+
+
+def test_two_processes_give_the_one_process_report(adapters, tmp_path):
+    """Prompts sharded over a 2-process gloo group and gathered: the same report as one process
+    (both with one thread per process, so float reductions run in the same order)."""
+    import os
+    import subprocess
+    import sys
+
+    script = str(FIXTURES / "evaluate_distributed.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    outputs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"report_{processes}.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_port", str(29500 + processes + os.getpid() % 1000), script, str(out), str(adapters["final"])]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[processes] = json.loads(out.read_text())
+    assert outputs[2]["num_processes"] == 2 and outputs[1]["num_processes"] == 1
+    assert outputs[2]["checkpoints"] == outputs[1]["checkpoints"]
+    assert outputs[2]["pairwise"] == outputs[1]["pairwise"]
