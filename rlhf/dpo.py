@@ -53,7 +53,7 @@ class DPORunConfig:
     logging_steps: int = _f(5, "Log the training loss every this many steps.")
     seed: int = _f(42, "Random seed.")
     bf16: bool = _f(False, "Train in bfloat16 (TRL's default; needs a GPU or a CPU with bf16 support).")
-    gradient_checkpointing: bool = _f(False, "Recompute activations to save memory (TRL defaults to on; ~20% slower).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations to save memory (TRL defaults to on; about 20 percent slower).")
 
     def __post_init__(self) -> None:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",

@@ -366,7 +366,7 @@ class EvalConfig:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
     seed: int = field(default=0, metadata={"help": "Seed of every (prompt, sample) draw and of the bootstrap."})
     batch_size: int = field(default=16, metadata={"help": "Responses generated per batch (does not change results)."})
-    bootstrap_resamples: int = field(default=2000, metadata={"help": "Bootstrap resamples for the 95% intervals."})
+    bootstrap_resamples: int = field(default=2000, metadata={"help": "Bootstrap resamples for the 95 percent intervals."})
 
     def __post_init__(self) -> None:
         _check_settings(self.checkpoints, self.include_base, self.num_samples, self.max_new_tokens, self.temperature,

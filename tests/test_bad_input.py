@@ -129,3 +129,11 @@ def test_reward_model_training_bad_pairs(tmp_path):
     assert_one_line_error(result, "lacks column(s) rejected")
     result = run_script("train_reward_model.py", "--num_train_epochs", "0", "--output_dir", str(tmp_path / "rm"))
     assert_one_line_error(result, "num_train_epochs")
+
+
+@pytest.mark.parametrize("script", ["train_grpo.py", "train_trpo.py", "train_dpo.py", "train_reward_model.py",
+                                    "evaluate.py", "plot_metrics.py", "compare_algorithms.py"])
+def test_every_script_prints_help(script):
+    result = run_script(script, "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage:" in result.stdout and "Traceback" not in result.stderr
