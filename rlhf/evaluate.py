@@ -236,7 +236,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate ``checkpoints`` (and the base with include_base); returns report.json's dict and,
     with output_dir, writes report.json, report.md, samples.jsonl and the PNG plots."""
-    from accelerate import Accelerator
+    from rlhf.distributed import make_accelerator
     from accelerate.utils import gather_object
 
     from reward_models import CombinedReward
@@ -249,7 +249,7 @@ def evaluate(
     split = dataset_split or ("eval" if dataset.startswith(BUILTIN_PREFIX) else "train")
     prompts = load_prompt_dataset(dataset, split, prompt_column)
     count = len(prompts) if num_prompts is None else min(num_prompts, len(prompts))
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator()
     reward = CombinedReward(reward_funcs or ["sentiment"], reward_weights, reward_kwargs or {},
                             device=accelerator.device)
     local_prompts = list(range(count))[accelerator.process_index::accelerator.num_processes]

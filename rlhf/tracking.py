@@ -30,11 +30,12 @@ class JSONLTracker(GeneralTracker):
     name = "jsonl"
     requires_logging_directory = True
 
-    @on_main_process
+    # No @on_main_process here: it would build Accelerate's process state before the trainer's
+    # Accelerator does, without the cpu flag, and under torchrun on CPU every process would then
+    # believe it is alone. Only log() writes, and only on the main process.
     def __init__(self, run_name: str, logging_dir: str | Path):
         super().__init__()
         self.path = Path(logging_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     @property
     def tracker(self) -> Path:
@@ -47,6 +48,7 @@ class JSONLTracker(GeneralTracker):
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
         row = {"step": step, **{k: _json_number(v) for k, v in values.items()}}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
 

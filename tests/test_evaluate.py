@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import FIXTURES, run_script
+from conftest import FIXTURES, ROOT, run_script
 from rlhf.report import bootstrap_ci, distinct_n, render_markdown, win_rate
 
 REWARD = f"{FIXTURES / 'rewards.py'}:char_diversity"
@@ -256,22 +256,26 @@ def test_plot_metrics_bad_run_dir_exits_2(tmp_path):
 
 
 def test_two_processes_give_the_one_process_report(adapters, tmp_path):
-    """Prompts sharded over a 2-process gloo group and gathered: the same report as one process
-    (both with one thread per process, so float reductions run in the same order)."""
+    """scripts/evaluate.py under torchrun on CPU: prompts sharded over a 2-process gloo group and
+    gathered give the one-process report (both with one thread per process, so float reductions
+    run in the same order), and only the main process writes."""
     import os
     import subprocess
     import sys
 
-    script = str(FIXTURES / "evaluate_distributed.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    outputs = {}
+    reports = {}
     for processes in (1, 2):
-        out = tmp_path / f"report_{processes}.json"
+        out = tmp_path / f"report_{processes}"
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(29500 + processes + os.getpid() % 1000), script, str(out), str(adapters["final"])]
+                   "--master_port", str(29500 + processes + os.getpid() % 1000), str(ROOT / "scripts" / "evaluate.py"),
+                   "--checkpoints", str(adapters["final"]), "--include_base", "--dataset", "builtin:prompts",
+                   "--reward_funcs", "sentiment", "--num_prompts", "5", "--num_samples", "2", "--max_new_tokens", "6",
+                   "--seed", "3", "--batch_size", "3", "--output_dir", str(out)]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
-        outputs[processes] = json.loads(out.read_text())
-    assert outputs[2]["num_processes"] == 2 and outputs[1]["num_processes"] == 1
-    assert outputs[2]["checkpoints"] == outputs[1]["checkpoints"]
-    assert outputs[2]["pairwise"] == outputs[1]["pairwise"]
+        reports[processes] = json.loads((out / "report.json").read_text())
+        assert len((out / "samples.jsonl").read_text().splitlines()) == 5 * 2
+    assert reports[2]["settings"]["num_processes"] == 2 and reports[1]["settings"]["num_processes"] == 1
+    assert reports[2]["checkpoints"] == reports[1]["checkpoints"]
+    assert reports[2]["pairwise_win_rate"] == reports[1]["pairwise_win_rate"]
