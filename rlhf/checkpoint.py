@@ -41,15 +41,26 @@ def skip_model_weights_in_accelerate_state(accelerator: Any) -> None:
     accelerator.register_load_state_pre_hook(drop_models_on_load)
 
 
-def save_adapter_and_head(policy: PeftModel, value_head: torch.nn.Module | None, directory: Path) -> None:
-    policy.save_pretrained(directory, safe_serialization=True)
+def save_adapter_and_head(policy: PeftModel, value_head: torch.nn.Module | None, directory: Path,
+                          full_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the adapter (PEFT layout) and value head. ``full_state`` is the gathered state dict of
+    the whole PolicyWithValue when weights are sharded (ZeRO-3, FSDP): the local modules then hold
+    only this process's shards."""
+    def part(prefix: str) -> dict[str, torch.Tensor] | None:
+        if full_state is None:
+            return None
+        return {key[len(prefix):]: value for key, value in full_state.items() if key.startswith(prefix)}
+
+    policy.save_pretrained(directory, safe_serialization=True, state_dict=part("policy."))
     if value_head is not None:
-        tensors = {k: v.detach().float().contiguous().cpu() for k, v in value_head.state_dict().items()}
+        head_state = part("value_head.") or value_head.state_dict()
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in head_state.items()}
         save_file(tensors, str(directory / VALUE_HEAD_FILE))
 
 
 def save_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Module | None,
-                    trainer_state: dict[str, Any], checkpoints_dir: Path, step: int, total_limit: int | None) -> Path:
+                    trainer_state: dict[str, Any], checkpoints_dir: Path, step: int, total_limit: int | None,
+                    full_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``step-<step>`` atomically (all processes must call this)."""
     final = checkpoints_dir / f"step-{step}"
     staging = checkpoints_dir / f".tmp-step-{step}"
@@ -59,7 +70,7 @@ def save_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Mo
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging / "accelerate"))
     if accelerator.is_main_process:
-        save_adapter_and_head(policy, value_head, staging)
+        save_adapter_and_head(policy, value_head, staging, full_state)
         (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         if final.exists():
             shutil.rmtree(final)

@@ -53,8 +53,13 @@ class RLConfig:
         0.0, "LoRA dropout. Keep 0: dropout makes recomputed logprobs differ from the rollout's (RL_NOTES 15)."
     )
     lora_target_modules: list[str] = _field(["all-linear"], "Modules that get LoRA adapters; 'all-linear' = every linear layer but the LM head.")
-    bf16: bool = _field(False, "Run the model in bfloat16 (loss math stays float32). Faster on CPUs with avx512_bf16 and on GPUs.")
-    gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass to save memory.")
+    bf16: bool = _field(
+        False, "Base model weights in bfloat16; LoRA, value head, optimizer state and loss math stay float32. "
+        "Refused on GPUs without bf16 (pre-Ampere); on CPUs without avx512_bf16/AMX it works but is slow.",
+    )
+    gradient_checkpointing: bool = _field(
+        False, "Recompute activations in the backward pass: less activation memory, one extra forward per micro-batch.",
+    )
     init_adapter: str | None = _field(
         None, "PEFT adapter dir (e.g. a DPO run's final/) merged into the base before RL; the merged model is then "
         "both the starting policy and the KL reference.",
@@ -89,6 +94,14 @@ class RLConfig:
     mini_batch_size: int = _field(16, "Sequences per optimizer step (global); the rollout is split into such minibatches.")
     ppo_epochs: int = _field(1, "Passes over each rollout (TRL 4, OpenRLHF 1).")
     gradient_accumulation_steps: int = _field(1, "Micro-batches per minibatch (mini_batch_size is split this many ways).")
+    generation_batch_size: int | None = _field(
+        None, "Sequences generated at once per process (default: the whole per-process rollout). Lower it to cap "
+        "the KV cache's memory; results do not depend on it beyond float rounding.",
+    )
+    logprob_batch_size: int | None = _field(
+        None, "Sequences per no-grad forward (old/reference logprobs, values) per process (default: the training "
+        "micro-batch). No activations are kept, so it can usually be larger than the micro-batch.",
+    )
     learning_rate: float = _field(1e-4, "Adam learning rate of the LoRA weights (LoRA wants 1e-5 .. 5e-4).")
     value_learning_rate: float | None = _field(None, "Learning rate of the value head (default: learning_rate).")
     weight_decay: float = _field(0.0, "AdamW weight decay.")
@@ -159,6 +172,9 @@ class RLConfig:
                      "gradient_accumulation_steps", "max_new_tokens", "max_prompt_length", "lora_r",
                      "logging_steps", "eval_num_prompts"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("generation_batch_size", "logprob_batch_size"):
+            require(getattr(self, name) is None or getattr(self, name) >= 1,
+                    f"{name} must be >= 1 or none (= automatic), got {getattr(self, name)}")
         for name in ("save_steps", "eval_steps", "warmup_steps", "num_samples_to_log"):
             require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")

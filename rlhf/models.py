@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,24 @@ def disable_dropout(model: nn.Module) -> None:
     for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if config is not None and isinstance(getattr(config, name, None), float):
             setattr(config, name, 0.0)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bfloat16 matmuls in hardware (else torch emulates them, slowly)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_bf16(device: torch.device) -> None:
+    """Refuse bf16 where the device cannot run it; warn where it only runs emulated."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"bf16 is not supported by {torch.cuda.get_device_name(device)} (needs compute capability "
+                          ">= 8.0, e.g. A100/H100/RTX 30xx); set --bf16 false")
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("bf16 on a CPU without avx512_bf16/AMX is emulated and usually slower than float32", stacklevel=2)
 
 
 def load_base_model(name_or_path: str, bf16: bool = False) -> nn.Module:

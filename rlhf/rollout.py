@@ -38,6 +38,45 @@ class Rollout:
     def __len__(self) -> int:
         return self.response_ids.shape[0]
 
+    def select(self, rows: list[int]) -> "Rollout":
+        """The given rows, with the batch's padding kept (so their logprobs do not change)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        return Rollout(
+            input_ids=self.input_ids[index], attention_mask=self.attention_mask[index],
+            response_ids=self.response_ids[index], mask=self.mask[index], eos_found=self.eos_found[index],
+            group_ids=self.group_ids[index], prompts=[self.prompts[i] for i in rows],
+            completions=[self.completions[i] for i in rows],
+            columns={name: [values[i] for i in rows] for name, values in self.columns.items()},
+        )
+
+
+def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """Stack rollouts generated in chunks: prompts are re-padded on the left to the widest chunk,
+    responses on the right to the longest one (padding is masked everywhere)."""
+    if len(parts) == 1:
+        return parts[0]
+    prompt_width = max(p.input_ids.shape[1] - p.response_length for p in parts)
+    response_width = max(p.response_length for p in parts)
+
+    def pad(tensor: Tensor, left: int, right: int, value: float) -> Tensor:
+        return torch.nn.functional.pad(tensor, (left, right), value=value)
+
+    input_ids, attention, responses, masks = [], [], [], []
+    for part in parts:
+        prompt_len = part.input_ids.shape[1] - part.response_length
+        left, right = prompt_width - prompt_len, response_width - part.response_length
+        input_ids.append(pad(part.input_ids, left, right, pad_token_id))
+        attention.append(pad(part.attention_mask, left, right, 0))
+        responses.append(pad(part.response_ids, 0, right, pad_token_id))
+        masks.append(pad(part.mask, 0, right, 0.0))
+    return Rollout(
+        input_ids=torch.cat(input_ids), attention_mask=torch.cat(attention), response_ids=torch.cat(responses),
+        mask=torch.cat(masks), eos_found=torch.cat([p.eos_found for p in parts]),
+        group_ids=torch.cat([p.group_ids for p in parts]), prompts=[t for p in parts for t in p.prompts],
+        completions=[t for p in parts for t in p.completions],
+        columns={name: [v for p in parts for v in p.columns[name]] for name in parts[0].columns},
+    )
+
 
 def response_mask(response_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
     """Mask of real response tokens: everything up to and including the first EOS.
@@ -66,6 +105,7 @@ def generate_rollout(
     temperature: float,
     top_p: float,
     row_seeds: list[int] | None = None,
+    synced_gpus: bool = False,
 ) -> Rollout:
     """Sample one response per entry of ``prompt_texts`` (already chat-formatted) with KV cache.
 
@@ -98,6 +138,7 @@ def generate_rollout(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             use_cache=True,
+            synced_gpus=synced_gpus,
         )
     response_ids = sequences[:, prompt_length:]
     mask, eos_found = response_mask(response_ids, tokenizer.eos_token_id)

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -32,17 +31,19 @@ from reward_models import CombinedReward
 from rlhf import checkpoint as ckpt
 from rlhf.algorithms import (
     ADVANTAGE_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController, FixedKLController, MovingAverageBaseline,
-    agg_loss, group_stats, kl_penalty, masked_mean, token_level_rewards, value_loss, whiten_with_stats,
+    agg_loss, group_stats, kl_penalty, token_level_rewards, value_loss, whiten_with_stats,
     zero_spread_groups,
 )
 from rlhf.config import RLConfig, save_config
 from rlhf.data import BUILTIN_PREFIX, PromptSampler, format_prompt, load_prompt_dataset, prompt_text
+from rlhf.distributed import make_accelerator, needs_synced_generation, unwrapped_full_weights
 from rlhf.errors import ConfigError
 from rlhf.evaluate import adapter_disabled, sample_and_score
 from rlhf.models import (
-    PolicyWithValue, ValueHead, add_lora, load_base_model, load_tokenizer, merge_adapter, trainable_parameter_groups,
+    PolicyWithValue, ValueHead, add_lora, check_bf16, load_base_model, load_tokenizer, merge_adapter,
+    trainable_parameter_groups,
 )
-from rlhf.rollout import Rollout, forward_response, generate_rollout
+from rlhf.rollout import Rollout, concat_rollouts, forward_response, generate_rollout
 from rlhf.tracking import METRIC_KEYS, JSONLTracker, truncate_metrics
 from rlhf.trpo import trpo_step
 
@@ -68,7 +69,7 @@ class RLTrainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         trackers = [t for t in config.report_to if t in ("tensorboard", "wandb")]
-        self.accelerator = Accelerator(
+        self.accelerator = make_accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with=[JSONLTracker("rlhf", self.output_dir), *trackers],
             project_dir=str(self.output_dir),
@@ -80,6 +81,7 @@ class RLTrainer:
         # Derived once: sequences per forward pass on this process (no-grad passes use it too).
         self.micro_batch_size = config.mini_batch_size // (self.accelerator.num_processes
                                                            * config.gradient_accumulation_steps)
+        self._configure_sharding()
         self._check_output_dir()
         set_seed(config.seed + self.accelerator.process_index * RANK_SEED_STRIDE)
 
@@ -88,12 +90,17 @@ class RLTrainer:
         self.reward = CombinedReward(config.reward_funcs, config.reward_weights, config.reward_kwargs,
                                      device=self.accelerator.device)
         self.tokenizer = load_tokenizer(config.model_name_or_path)
+        if config.bf16:
+            check_bf16(self.accelerator.device)
         with self.accelerator.main_process_first():  # the embedded model is converted once, by rank 0
             base = load_base_model(config.model_name_or_path, bf16=config.bf16)
         if config.init_adapter:
             base = merge_adapter(base, config.init_adapter)
         if config.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # With a frozen base nothing before the first LoRA layer needs grad; the embedding
+            # output must, or checkpointed blocks could return activations without a graph.
+            base.enable_input_require_grads()
         policy = add_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
         value_head = ValueHead(base.config.hidden_size) if config.needs_value_head else None
         model = PolicyWithValue(policy, value_head)
@@ -117,6 +124,27 @@ class RLTrainer:
         self.baseline = MovingAverageBaseline(config.baseline_decay)
         self.sampler = PromptSampler(len(self.dataset), config.rollout_batch_size, config.seed)
         self.step = 0
+
+    def _configure_sharding(self) -> None:
+        """DeepSpeed and FSDP (configs/accelerate/deepspeed_*.yaml, fsdp.yaml) take their batch
+        sizes and clipping from the run config; what they cannot do is refused here."""
+        config, accelerator = self.config, self.accelerator
+        if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            return
+        backend = "DeepSpeed" if accelerator.distributed_type == DistributedType.DEEPSPEED else "FSDP"
+        if config.update_method == "trpo":
+            raise ConfigError(f"update_method trpo needs unsharded LoRA weights for its natural-gradient step; "
+                              f"run it without {backend} (e.g. configs/accelerate/multi_gpu.yaml)")
+        if config.bf16:
+            raise ConfigError(f"with {backend} set mixed_precision: bf16 in the accelerate config and keep --bf16 false "
+                              "(it keeps float32 master weights; a bfloat16 base would mix dtypes in one shard)")
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # No dataloader goes through prepare(), so DeepSpeed cannot infer these ("auto").
+            ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+            ds_config["train_micro_batch_size_per_gpu"] = self.micro_batch_size
+            ds_config["gradient_accumulation_steps"] = config.gradient_accumulation_steps
+            ds_config["train_batch_size"] = config.mini_batch_size
+            ds_config["gradient_clipping"] = config.max_grad_norm or 0.0
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -153,6 +181,11 @@ class RLTrainer:
     def _global_mean(self, value: float | Tensor) -> float:
         tensor = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device)
         return float(self.accelerator.reduce(tensor, reduction="mean"))
+
+    def _global_token_mean(self, x: Tensor, mask: Tensor) -> float:
+        """Mean over every response token of every process (processes may hold different token counts)."""
+        total, count = self._global_sum(torch.stack([(x * mask).sum(), mask.sum()])).tolist()
+        return total / max(count, 1.0)
 
     def _global_sum(self, value: float | Tensor) -> Tensor:
         tensor = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device)
@@ -223,14 +256,22 @@ class RLTrainer:
         raw_prompts = [p for p in rows[config.prompt_column] for _ in range(num_generations)]
         columns = {name: [v for v in rows[name] for _ in range(num_generations)]
                    for name in rows.column_names if name != config.prompt_column}
+        group_ids = [group_offset + i for i in range(len(indices)) for _ in range(num_generations)]
+        chunk = config.generation_batch_size or len(raw_prompts)
         self.model.eval()
-        return generate_rollout(
-            self.unwrapped.policy, self.tokenizer, [format_prompt(p, self.tokenizer) for p in raw_prompts],
-            prompts=[prompt_text(p) for p in raw_prompts],
-            group_ids=[group_offset + i for i in range(len(indices)) for _ in range(num_generations)],
-            columns=columns, max_prompt_length=config.max_prompt_length, max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature, top_p=config.top_p,
-        )
+        parts = []
+        with unwrapped_full_weights(self.model, self.accelerator) as model:
+            for start in range(0, len(raw_prompts), chunk):
+                part = slice(start, start + chunk)
+                parts.append(generate_rollout(
+                    model.policy, self.tokenizer, [format_prompt(p, self.tokenizer) for p in raw_prompts[part]],
+                    prompts=[prompt_text(p) for p in raw_prompts[part]], group_ids=group_ids[part],
+                    columns={name: values[part] for name, values in columns.items()},
+                    max_prompt_length=config.max_prompt_length, max_new_tokens=config.max_new_tokens,
+                    temperature=config.temperature, top_p=config.top_p,
+                    synced_gpus=needs_synced_generation(self.accelerator),
+                ))
+        return concat_rollouts(parts, self.tokenizer.pad_token_id)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -242,14 +283,15 @@ class RLTrainer:
         config, accelerator = self.config, self.accelerator
         count = min(config.eval_num_prompts, len(self.eval_dataset))
         local = list(range(count))[accelerator.process_index::accelerator.num_processes]
-        policy = self.unwrapped.policy
         self.model.eval()
-        records = sample_and_score(
-            policy, self.tokenizer, self.eval_dataset, local, self.reward, base=lambda: adapter_disabled(policy),
-            seed=config.seed, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-            top_p=config.top_p, max_prompt_length=config.max_prompt_length, prompt_column=config.prompt_column,
-            batch_size=config.rollout_batch_size * config.num_generations // accelerator.num_processes,
-        )
+        with unwrapped_full_weights(self.model, accelerator) as model:
+            records = sample_and_score(
+                model.policy, self.tokenizer, self.eval_dataset, local, self.reward,
+                base=lambda: adapter_disabled(model.policy), seed=config.seed, max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature, top_p=config.top_p, max_prompt_length=config.max_prompt_length,
+                prompt_column=config.prompt_column,
+                batch_size=config.generation_batch_size or config.rollout_batch_size * config.num_generations // accelerator.num_processes,
+            )
         reward_sum, kl_sum, evaluated = self._global_sum(
             [sum(r["reward"] for r in records), sum(r["kl"] for r in records), float(len(records))]).tolist()
         return {"eval/reward_mean": reward_sum / evaluated, "eval/kl": kl_sum / evaluated}
@@ -296,8 +338,8 @@ class RLTrainer:
         metrics = {
             **group_metrics,
             "kl": self._global_mean(kl.sum(-1).mean()) if kl is not None else math.nan,
-            "entropy": self._global_mean(masked_mean(entropy, mask)),
-            "adv_mean": self._global_mean(masked_mean(advantages, mask)),
+            "entropy": self._global_token_mean(entropy, mask),
+            "adv_mean": self._global_token_mean(advantages, mask),
             "kl_coef": self.kl_controller.value,
         }
         return Experience(rollout, old_logprobs, ref_logprobs, values, advantages, returns, loss_mask), metrics
@@ -324,19 +366,19 @@ class RLTrainer:
         with_adapter=False is the reference policy: the same weights with LoRA switched off, so
         there is one copy of the base model in memory.
         """
-        model = self.unwrapped
-        micro = self.micro_batch_size
+        chunk = self.config.logprob_batch_size or self.micro_batch_size
         logprobs, values, entropy = [], [], []
-        for start in range(0, len(rollout), micro):
-            rows = slice(start, start + micro)
-            if with_adapter:
-                lp, v, h = forward_response(model, rollout, rows, self.config.temperature, with_entropy=with_entropy)
-                values.append(v)
-                entropy.append(h)
-            else:
-                with model.policy.disable_adapter():
-                    lp, _, _ = forward_response(model, rollout, rows, self.config.temperature)
-            logprobs.append(lp)
+        with unwrapped_full_weights(self.model, self.accelerator) as model:
+            for start in range(0, len(rollout), chunk):
+                rows = slice(start, start + chunk)
+                if with_adapter:
+                    lp, v, h = forward_response(model, rollout, rows, self.config.temperature, with_entropy=with_entropy)
+                    values.append(v)
+                    entropy.append(h)
+                else:
+                    with model.policy.disable_adapter():
+                        lp, _, _ = forward_response(model, rollout, rows, self.config.temperature)
+                logprobs.append(lp)
         has_values = with_adapter and model.value_head is not None
         return (torch.cat(logprobs), torch.cat(values) if has_values else None,
                 torch.cat(entropy) if with_adapter and with_entropy else None)
@@ -476,7 +518,9 @@ class RLTrainer:
                 stats["kl_loss"] = float(kl_loss.detach())
             accelerator.backward(loss * scale)
             if accelerator.sync_gradients and config.max_grad_norm is not None:
-                stats["grad_norm"] = float(accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm))
+                grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                if grad_norm is not None:  # DeepSpeed clips inside its own step and returns None
+                    stats["grad_norm"] = float(grad_norm)
             self.optimizer.step()
             if accelerator.sync_gradients:
                 self.scheduler.step()
@@ -523,10 +567,17 @@ class RLTrainer:
                 "advantage_estimator": c.advantage_estimator, "policy_loss": c.policy_loss,
                 "update_method": c.update_method, "value_head": c.needs_value_head}
 
+    def _gathered_state(self) -> dict[str, Tensor] | None:
+        """Full weights when ZeRO-3/FSDP shard them (every process must call this), else None."""
+        if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            return self.accelerator.get_state_dict(self.model)
+        return None
+
     def save_checkpoint(self) -> Path:
         unwrapped = self.unwrapped
         return ckpt.save_checkpoint(self.accelerator, unwrapped.policy, unwrapped.value_head, self.trainer_state(),
-                                    self.output_dir / "checkpoints", self.step, self.config.save_total_limit)
+                                    self.output_dir / "checkpoints", self.step, self.config.save_total_limit,
+                                    full_state=self._gathered_state())
 
     def _resume(self, path: Path) -> None:
         unwrapped = self.unwrapped
@@ -544,9 +595,10 @@ class RLTrainer:
     def save_final(self) -> Path:
         final = self.output_dir / "final"
         self.accelerator.wait_for_everyone()
+        full_state = self._gathered_state()
         if self.accelerator.is_main_process:
             unwrapped = self.unwrapped
-            ckpt.save_adapter_and_head(unwrapped.policy, unwrapped.value_head, final)
+            ckpt.save_adapter_and_head(unwrapped.policy, unwrapped.value_head, final, full_state)
             self.tokenizer.save_pretrained(final)
         self.accelerator.wait_for_everyone()
         return final
