@@ -21,7 +21,7 @@ import inspect
 import math
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -125,6 +125,34 @@ def _failing_sample(fn: RewardFn, call_kwargs: dict[str, Any]) -> str:
     return ""
 
 
+def _tolerant_values(fn: RewardFn, call_kwargs: dict[str, Any], count: int) -> tuple[list[float], list[bool], bool]:
+    """(values with failures as 0.0, failure flag per sample, whether the call as a whole failed):
+    nothing a reward function does raises here."""
+    try:
+        result = fn(**call_kwargs)
+        if inspect.isawaitable(result):
+            result = asyncio.run(_awaited(result))
+        values = list(result)
+    except Exception:
+        return [0.0] * count, [True] * count, True
+    if len(values) != count:
+        return [0.0] * count, [True] * count, True
+    out, bad = [], []
+    for value in values:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        ok = value is not None and not isinstance(value, bool) and math.isfinite(number)
+        out.append(number if ok else 0.0)
+        bad.append(not ok)
+    return out, bad, False
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
 def reward_name(spec: str) -> str:
     """Short name for logging (``reward/<name>``) and for ``reward_kwargs`` keys."""
     if spec.startswith(("http://", "https://")):
@@ -138,6 +166,7 @@ def reward_name(spec: str) -> str:
 class RewardOutput:
     total: list[float]                      # weighted sum per sample
     components: dict[str, list[float]]     # unweighted values per reward name
+    failed: list[bool] = field(default_factory=list)  # a function failed on this sample (scored 0)
 
 
 class CombinedReward:
@@ -145,10 +174,13 @@ class CombinedReward:
 
     Async functions of one batch run concurrently. A function that raises, returns the wrong
     number of values, None, or a non-finite number is reported by name with the sample index.
+    With ``on_error`` "skip_batch" or "zero" failures are not raised: the failing samples score 0
+    and are flagged in ``RewardOutput.failed`` (the trainer then skips the batch or goes on).
     """
 
     def __init__(self, specs: list[str], weights: list[float] | None = None,
-                 kwargs: dict[str, dict[str, Any]] | None = None, device: Any = None):
+                 kwargs: dict[str, dict[str, Any]] | None = None, device: Any = None, on_error: str = "raise"):
+        self.on_error = on_error
         self.specs = list(specs)
         self.weights = list(weights) if weights is not None else [1.0] * len(specs)
         if len(self.weights) != len(self.specs):
@@ -171,6 +203,8 @@ class CombinedReward:
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> RewardOutput:
         call_kwargs = {"prompts": prompts, "completions": completions, **columns}
+        if self.on_error != "raise":
+            return self._call_tolerant(call_kwargs, completions)
         raw: dict[str, Any] = {}
         pending: dict[str, Any] = {}
         for name, spec, fn in zip(self.names, self.specs, self.functions):
@@ -190,6 +224,25 @@ class CombinedReward:
         total = [sum(w * components[name][i] for name, w in zip(self.names, self.weights))
                  for i in range(len(completions))]
         return RewardOutput(total=total, components=components)
+
+    def _call_tolerant(self, call_kwargs: dict[str, Any], completions: list[str]) -> RewardOutput:
+        count = len(completions)
+        components: dict[str, list[float]] = {}
+        failed = [False] * count
+        for name, fn in zip(self.names, self.functions):
+            values, bad, batch_failed = _tolerant_values(fn, call_kwargs, count)
+            if batch_failed:  # it raised on the batch: find the failing samples one at a time
+                values, bad = [], []
+                for i in range(count):
+                    single = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == count else v)
+                              for k, v in call_kwargs.items()}
+                    value, one_bad, _ = _tolerant_values(fn, single, 1)
+                    values += value
+                    bad += one_bad
+            components[name] = values
+            failed = [f or b for f, b in zip(failed, bad)]
+        total = [sum(w * components[name][i] for name, w in zip(self.names, self.weights)) for i in range(count)]
+        return RewardOutput(total=total, components=components, failed=failed)
 
     def _await_all(self, pending: dict[str, Any]) -> dict[str, Any]:
         async def gather() -> list[Any]:

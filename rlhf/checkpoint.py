@@ -5,12 +5,14 @@ Layout of ``output_dir/checkpoints/step-N/``:
     value_head.safetensors                            when the run has a critic
     trainer_state.json                                step, KL controller, baseline, data order
     accelerate/                                       optimizer, scheduler, RNG of every process
-A checkpoint is written to ``.tmp-step-N`` and renamed, so ``step-N`` is always complete.
+A checkpoint is written to ``.tmp-step-N``, fsynced and renamed, so ``step-N`` is always complete.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rlhf.errors import CheckpointError
@@ -61,23 +64,90 @@ def save_adapter_and_head(policy: PeftModel, value_head: torch.nn.Module | None,
 def save_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Module | None,
                     trainer_state: dict[str, Any], checkpoints_dir: Path, step: int, total_limit: int | None,
                     full_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``step-<step>`` atomically (all processes must call this)."""
+    """Write ``step-<step>`` atomically (all processes must call this).
+
+    Everything goes to ``.tmp-step-<step>``, is fsynced, and only then renamed; a crash at any
+    moment leaves the earlier checkpoints complete and loadable. A failed write (disk full, no
+    permission) removes the staging dir and raises CheckpointError on every process.
+    """
     final = checkpoints_dir / f"step-{step}"
     staging = checkpoints_dir / f".tmp-step-{step}"
+    error: OSError | None = None
+    try:
+        if accelerator.is_main_process:
+            _remove_leftovers(checkpoints_dir)
+            staging.mkdir(parents=True)
+    except OSError as exc:
+        error = exc
+    _raise_if_any_failed(accelerator, error, final, staging)
+    try:
+        accelerator.save_state(str(staging / "accelerate"))
+    except OSError as exc:
+        error = exc
+    _raise_if_any_failed(accelerator, error, final, staging)
+    try:
+        if accelerator.is_main_process:
+            save_adapter_and_head(policy, value_head, staging, full_state)
+            (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+            fsync_tree(staging)
+            publish(staging, final)
+            _rotate(checkpoints_dir, total_limit)
+    except OSError as exc:
+        error = exc
+    _raise_if_any_failed(accelerator, error, final, staging)
+    return final
+
+
+def _raise_if_any_failed(accelerator: Any, error: OSError | None, final: Path, staging: Path) -> None:
+    """All processes learn whether any of them failed, so none waits forever at the next barrier."""
+    failed = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(failed, reduction="sum")
+    if float(failed) == 0:
+        return
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging / "accelerate"))
-    if accelerator.is_main_process:
-        save_adapter_and_head(policy, value_head, staging, full_state)
-        (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-        _rotate(checkpoints_dir, total_limit)
-    accelerator.wait_for_everyone()
-    return final
+    reason = f"{error.strerror or error}" if error is not None else "another process failed to write its part"
+    raise CheckpointError(f"could not write checkpoint {final}: {reason}; the earlier checkpoints are intact")
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` to disk, so a later rename publishes
+    complete data even after a power loss."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    for directory in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Rename a complete ``staging`` dir to ``final``; an existing ``final`` is swapped out
+    first and deleted last, so some complete version exists at every moment."""
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_leftovers(checkpoints_dir: Path) -> None:
+    """Staging dirs of a run that was killed mid-save are incomplete by definition."""
+    if checkpoints_dir.is_dir():
+        for path in checkpoints_dir.iterdir():
+            if path.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _rotate(checkpoints_dir: Path, total_limit: int | None) -> None:
@@ -119,7 +189,10 @@ def load_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Mo
     ``expected`` holds the settings that must match (model, LoRA shape, algorithm); a mismatch is
     a CheckpointError naming the key, because continuing would silently train something else.
     """
-    state = json.loads((path / TRAINER_STATE).read_text())
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupted: {TRAINER_STATE} unreadable ({exc})") from None
     saved = state.get("compatibility", {})
     for key, value in expected.items():
         if key in saved and saved[key] != value:
@@ -129,6 +202,8 @@ def load_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Mo
         raise CheckpointError(f"checkpoint {path} has no adapter_model.safetensors")
     try:
         result = set_peft_model_state_dict(policy, load_file(str(adapter_file)))
+    except SafetensorError as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupted: adapter_model.safetensors unreadable ({exc})") from None
     except RuntimeError as exc:
         raise CheckpointError(f"adapter in {path} does not fit this model: {str(exc).splitlines()[0]}") from None
     if getattr(result, "unexpected_keys", None):
@@ -137,8 +212,16 @@ def load_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Mo
         head_file = path / VALUE_HEAD_FILE
         if not head_file.is_file():
             raise CheckpointError(f"checkpoint {path} has no {VALUE_HEAD_FILE} but this run trains a value head")
-        value_head.load_state_dict(load_file(str(head_file)))
-    accelerator.load_state(str(path / "accelerate"))
+        try:
+            value_head.load_state_dict(load_file(str(head_file)))
+        except (SafetensorError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint {path}: {VALUE_HEAD_FILE} unreadable or of another shape ({exc})") from None
+    try:
+        # Accelerate loads optimizer/scheduler/RNG with torch.load(weights_only=True): no pickled code runs.
+        accelerator.load_state(str(path / "accelerate"))
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupted: optimizer/RNG state unreadable "
+                              f"({str(exc).splitlines()[0][:200]})") from None
     return state
 
 

@@ -11,6 +11,7 @@ import sys
 from typing import Any, Callable
 
 from rlhf.errors import UserError
+from rlhf.signals import TrainingInterrupted
 
 # What each train script means by its name; a --config file or CLI flag can still override.
 # The group methods differ only in their estimator (and RLOO/REINFORCE++ put KL in the reward);
@@ -34,6 +35,9 @@ def exit_on_user_error(fn: Callable[[], Any]) -> Any:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except TrainingInterrupted as exc:  # a signal, after the checkpoint was written
+        print(str(exc), file=sys.stderr)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

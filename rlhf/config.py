@@ -28,6 +28,8 @@ from rlhf.errors import ConfigError
 REPORT_TARGETS = ("none", "jsonl", "tensorboard", "wandb")
 # How the policy is updated: first-order steps on the policy loss, or TRPO's natural-gradient step.
 UPDATE_METHODS = ("optimizer", "trpo")
+REWARD_ERROR_MODES = ("raise", "skip_batch", "zero")
+PROMPT_OVERFLOW_MODES = ("truncate", "error")
 # Estimators that compare samples of the same prompt and so need num_generations >= 2.
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 
@@ -71,6 +73,9 @@ class RLConfig:
     prompt_column: str = _field("prompt", "Column holding the prompt: a string, or a list of chat messages {role, content}.")
     eval_dataset: str | None = _field(None, "Prompt data for periodic evaluation (same formats); default: the eval split of the built-in set.")
     max_prompt_length: int = _field(96, "Prompts longer than this many tokens are truncated from the left.")
+    prompt_overflow: str = _field(
+        "truncate", "Prompts over max_prompt_length: truncate (keep the end, warn with a count) or error (refuse the dataset).",
+    )
 
     # --- generation
     max_new_tokens: int = _field(32, "Maximum response length in tokens.")
@@ -85,6 +90,11 @@ class RLConfig:
         {}, "Parameters per reward name, e.g. {length: {target: 40}} (YAML) or a JSON string on the CLI."
     )
     reward_clip: float | None = _field(None, "Clip combined rewards to [-reward_clip, reward_clip] (OpenRLHF uses 10).")
+    reward_error: str = _field(
+        "raise", "When a reward function fails (raises, returns None/NaN) on some samples: raise = stop with the "
+        "failing sample; skip_batch = skip this step's update; zero = score the failed samples 0. Failures are "
+        "counted as reward_errors in metrics.",
+    )
     normalize_rewards: bool = _field(False, "Normalise combined rewards to mean 0, std 1 over each global batch.")
 
     # --- batch sizes and optimisation
@@ -108,6 +118,10 @@ class RLConfig:
     lr_scheduler_type: str = _field("constant", "Scheduler from transformers.get_scheduler: constant, linear, cosine, ...")
     warmup_steps: int = _field(0, "Learning-rate warm-up in optimizer steps.")
     max_grad_norm: float | None = _field(1.0, "Clip the global gradient norm to this (None = no clipping).")
+    max_consecutive_skips: int = _field(
+        5, "An optimizer step with a non-finite loss or gradient is skipped (counted as skipped_steps); after "
+        "this many in a row the run stops with a checkpoint of the last good weights.",
+    )
     seed: int = _field(42, "Random seed (sampling seeds differ per process).")
 
     # --- algorithm
@@ -170,7 +184,7 @@ class RLConfig:
 
         for name in ("max_steps", "rollout_batch_size", "num_generations", "mini_batch_size", "ppo_epochs",
                      "gradient_accumulation_steps", "max_new_tokens", "max_prompt_length", "lora_r",
-                     "logging_steps", "eval_num_prompts"):
+                     "logging_steps", "eval_num_prompts", "max_consecutive_skips"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("generation_batch_size", "logprob_batch_size"):
             require(getattr(self, name) is None or getattr(self, name) >= 1,
@@ -187,7 +201,7 @@ class RLConfig:
         require(self.dual_clip is None or self.dual_clip > 1, f"dual_clip must be > 1 (e.g. 3.0), got {self.dual_clip}")
         require(self.value_clip_range is None or self.value_clip_range > 0, "value_clip_range must be > 0 or none")
         require(self.vf_coef >= 0, f"vf_coef must be >= 0, got {self.vf_coef}")
-        require(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
+        require(0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma}")
         require(0 <= self.lam <= 1, f"lam must be in [0, 1], got {self.lam}")
         require(0 <= self.baseline_decay < 1, f"baseline_decay must be in [0, 1), got {self.baseline_decay}")
         require(self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}")
@@ -209,6 +223,8 @@ class RLConfig:
             ("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES),
             ("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
             ("update_method", self.update_method, UPDATE_METHODS),
+            ("reward_error", self.reward_error, REWARD_ERROR_MODES),
+            ("prompt_overflow", self.prompt_overflow, PROMPT_OVERFLOW_MODES),
         ):
             require(value in valid, f"{key} {value!r} is not one of: {', '.join(valid)}")
         for target in self.report_to:
@@ -338,7 +354,10 @@ def load_yaml(path: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {where}: not valid YAML ({problem}); check that line and the one before it") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must be a mapping of key: value")
     return data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +73,32 @@ def _load_file(path: Path) -> datasets.Dataset:
     loader = FILE_LOADERS.get(path.suffix.lower())
     if loader is None:
         raise DataError(f"unsupported dataset file type {path.suffix!r} for {path}; use one of {', '.join(FILE_LOADERS)}")
+    if path.suffix.lower() == ".jsonl":
+        _check_jsonl_lines(path)
     try:
         return datasets.load_dataset(loader, data_files=str(path), split="train")
     except Exception as exc:  # datasets wraps parser errors in many types; all mean a malformed file
         cause = exc.__cause__ or exc
         first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise DataError(f"cannot read dataset {path}: {first_line}") from None
+
+
+def _check_jsonl_lines(path: Path) -> None:
+    """Name the file and line of the first malformed row (the datasets parser reports neither)."""
+    rows = 0
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: malformed JSON row ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+            rows += 1
+    if rows == 0:
+        raise DataError(f"dataset {path} has no rows")
 
 
 def _load_dir(path: Path, split: str) -> datasets.Dataset:

@@ -23,3 +23,7 @@ class RewardError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, incomplete or incompatible with the run."""
+
+
+class TrainingDiverged(UserError):
+    """Too many optimizer steps in a row with a non-finite loss or gradient (settings to change)."""

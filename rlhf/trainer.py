@@ -16,12 +16,15 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate.utils import DistributedType, set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -37,13 +40,14 @@ from rlhf.algorithms import (
 from rlhf.config import RLConfig, save_config
 from rlhf.data import BUILTIN_PREFIX, PromptSampler, format_prompt, load_prompt_dataset, prompt_text
 from rlhf.distributed import make_accelerator, needs_synced_generation, unwrapped_full_weights
-from rlhf.errors import ConfigError
+from rlhf.errors import ConfigError, DataError, TrainingDiverged
 from rlhf.evaluate import adapter_disabled, sample_and_score
 from rlhf.models import (
     PolicyWithValue, ValueHead, add_lora, check_bf16, load_base_model, load_tokenizer, merge_adapter,
     trainable_parameter_groups,
 )
 from rlhf.rollout import Rollout, concat_rollouts, forward_response, generate_rollout
+from rlhf.signals import StopOnSignal, TrainingInterrupted
 from rlhf.tracking import METRIC_KEYS, JSONLTracker, truncate_metrics
 from rlhf.trpo import trpo_step
 
@@ -88,8 +92,9 @@ class RLTrainer:
         self.dataset = load_prompt_dataset(config.dataset, config.dataset_split, config.prompt_column)
         self.eval_dataset = self._load_eval_dataset() if config.eval_steps else None
         self.reward = CombinedReward(config.reward_funcs, config.reward_weights, config.reward_kwargs,
-                                     device=self.accelerator.device)
+                                     device=self.accelerator.device, on_error=config.reward_error)
         self.tokenizer = load_tokenizer(config.model_name_or_path)
+        self._check_prompt_lengths(self.dataset, config.dataset)
         if config.bf16:
             check_bf16(self.accelerator.device)
         with self.accelerator.main_process_first():  # the embedded model is converted once, by rank 0
@@ -124,6 +129,7 @@ class RLTrainer:
         self.baseline = MovingAverageBaseline(config.baseline_decay)
         self.sampler = PromptSampler(len(self.dataset), config.rollout_batch_size, config.seed)
         self.step = 0
+        self.consecutive_skips = 0  # optimizer steps in a row skipped for a non-finite loss/gradient
 
     def _configure_sharding(self) -> None:
         """DeepSpeed and FSDP (configs/accelerate/deepspeed_*.yaml, fsdp.yaml) take their batch
@@ -163,12 +169,38 @@ class RLTrainer:
     def _check_output_dir(self) -> None:
         """Never write over another run's results (a resumed run continues its own)."""
         config = self.config
+        try:  # fail now, not after the first step's compute
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.output_dir / f".write-test-{self.accelerator.process_index}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"output_dir {self.output_dir} is not writable ({exc.strerror or exc}); "
+                              "choose another --output_dir") from None
         existing = [p for p in ("metrics.jsonl", "final", "checkpoints") if (self.output_dir / p).exists()]
         if existing and not config.resume_from_checkpoint and not config.overwrite_output_dir:
             raise ConfigError(
                 f"output_dir {self.output_dir} already holds a run ({', '.join(existing)}); choose another output_dir, "
                 "resume it with --resume_from_checkpoint latest, or pass --overwrite_output_dir true"
             )
+
+    def _check_prompt_lengths(self, dataset: Any, name: str) -> None:
+        """Count prompts that max_prompt_length cuts (their beginning would silently disappear)."""
+        config = self.config
+        texts = [format_prompt(p, self.tokenizer) for p in dataset[config.prompt_column]]
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        too_long = [i for i, length in enumerate(lengths) if length > config.max_prompt_length]
+        if not too_long:
+            return
+        first = f"first: row {too_long[0]}, {lengths[too_long[0]]} tokens"
+        if config.prompt_overflow == "error":
+            raise DataError(f"{len(too_long)} of {len(lengths)} prompts in {name} are longer than max_prompt_length "
+                            f"{config.max_prompt_length} tokens ({first}); raise max_prompt_length or set "
+                            "prompt_overflow: truncate")
+        if self.accelerator.is_main_process:
+            warnings.warn(f"{len(too_long)} of {len(lengths)} prompts in {name} are longer than max_prompt_length "
+                          f"{config.max_prompt_length} tokens ({first}) and lose their beginning; raise "
+                          "max_prompt_length, or set prompt_overflow: error to refuse them", stacklevel=2)
 
     def _load_eval_dataset(self) -> Any:
         config = self.config
@@ -181,6 +213,10 @@ class RLTrainer:
     def _global_mean(self, value: float | Tensor) -> float:
         tensor = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device)
         return float(self.accelerator.reduce(tensor, reduction="mean"))
+
+    def _global_max(self, value: float) -> float:
+        tensor = torch.tensor(value, dtype=torch.float32, device=self.accelerator.device)
+        return float(self.accelerator.reduce(tensor, reduction="max")) if self.accelerator.num_processes > 1 else value
 
     def _global_token_mean(self, x: Tensor, mask: Tensor) -> float:
         """Mean over every response token of every process (processes may hold different token counts)."""
@@ -198,36 +234,67 @@ class RLTrainer:
         self._start_run()
         progress = tqdm(range(self.step, config.max_steps), initial=self.step, total=config.max_steps,
                         disable=not accelerator.is_main_process, desc="rl")
-        for _ in progress:
-            step_start = time.perf_counter()
-            rollout = self.rollout()
-            rollout_time = time.perf_counter() - step_start
-            scores, reward_metrics = self.score(rollout)
-            batch, advantage_metrics = self.compute_advantages(rollout, scores)
-            update_start = time.perf_counter()
-            update_metrics = self.update(batch)
-            update_time = time.perf_counter() - update_start
-            self.step += 1
-
-            step_time = time.perf_counter() - step_start
-            metrics = {**reward_metrics, **advantage_metrics, **update_metrics,
-                       **self._throughput(rollout, step_time, rollout_time, update_time)}
-            self.kl_controller.update(metrics["kl"], config.rollout_batch_size * config.num_generations)
-            if config.eval_steps and (self.step % config.eval_steps == 0 or self.step == config.max_steps):
-                metrics.update(self.evaluate())
-            if self.step % config.logging_steps == 0 or self.step == config.max_steps:
-                self._log(metrics, rollout, scores)
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
-            if config.save_steps and self.step % config.save_steps == 0:
-                self.save_checkpoint()
+        with StopOnSignal() as stop:
+            for _ in progress:
+                metrics = self.train_step()
+                progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
+                periodic = config.save_steps and self.step % config.save_steps == 0
+                checkpoint = self.save_checkpoint() if periodic else None
+                if self.consecutive_skips >= config.max_consecutive_skips:
+                    checkpoint = checkpoint or self.save_checkpoint()
+                    raise TrainingDiverged(
+                        f"{self.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient "
+                        f"(up to step {self.step}); skipped updates leave the weights as they were, saved in "
+                        f"{checkpoint}; lower learning_rate, set max_grad_norm, or check the reward values"
+                    )
+                signum = int(self._global_max(float(stop.received or 0)))
+                if signum and self.step < config.max_steps:  # after the last step, just finish
+                    checkpoint = checkpoint or self.save_checkpoint()
+                    accelerator.end_training()
+                    raise TrainingInterrupted(signum, self.step, checkpoint)
         self.save_final()
         accelerator.end_training()
 
+    def train_step(self) -> dict[str, float]:
+        """One RL step: rollout -> score -> advantages -> update, then evaluation and logging."""
+        config = self.config
+        step_start = time.perf_counter()
+        rollout = self.rollout()
+        rollout_time = time.perf_counter() - step_start
+        scores, reward_metrics = self.score(rollout)
+        update_start = time.perf_counter()
+        if reward_metrics.get("reward_errors", 0) and config.reward_error == "skip_batch":
+            warnings.warn(f"step {self.step + 1}: {int(reward_metrics['reward_errors'])} reward failures; "
+                          "batch skipped (reward_error: skip_batch)", stacklevel=2)
+            advantage_metrics, update_metrics = {}, {"skipped_batches": 1.0}
+        else:
+            batch, advantage_metrics = self.compute_advantages(rollout, scores)
+            update_metrics = self.update(batch)
+        update_time = time.perf_counter() - update_start
+        self.step += 1
+
+        step_time = time.perf_counter() - step_start
+        metrics = {**reward_metrics, **advantage_metrics, **update_metrics,
+                   **self._throughput(rollout, step_time, rollout_time, update_time)}
+        metrics.setdefault("kl", math.nan)
+        if "kl" in advantage_metrics:
+            self.kl_controller.update(metrics["kl"], config.rollout_batch_size * config.num_generations)
+        if config.eval_steps and (self.step % config.eval_steps == 0 or self.step == config.max_steps):
+            metrics.update(self.evaluate())
+        if self.step % config.logging_steps == 0 or self.step == config.max_steps:
+            self._log(metrics, rollout, scores)
+        return metrics
+
     def _start_run(self) -> None:
         config, accelerator = self.config, self.accelerator
-        if config.resume_from_checkpoint:
+        restart = (config.resume_from_checkpoint == "latest" and (self.output_dir / "config.yaml").is_file()
+                   and not ckpt.list_checkpoints(self.output_dir / "checkpoints"))
+        if restart:  # this run was killed before its first checkpoint: nothing to load, start over
+            accelerator.print(f"no complete checkpoint in {self.output_dir / 'checkpoints'} yet; starting from step 0")
+        elif config.resume_from_checkpoint:
             self._resume(ckpt.resolve_checkpoint(config.resume_from_checkpoint, self.output_dir))
-        elif config.overwrite_output_dir and accelerator.is_main_process:
+            self._report_changed_settings()
+        if (restart or (config.overwrite_output_dir and not config.resume_from_checkpoint)) and accelerator.is_main_process:
             for name in ("metrics.jsonl", "samples.jsonl"):  # a fresh run must not append to old rows
                 (self.output_dir / name).unlink(missing_ok=True)
         if accelerator.is_main_process:
@@ -237,6 +304,19 @@ class RLTrainer:
             "rlhf", config=_flat_config(config),
             init_kwargs={"wandb": {"dir": str(self.output_dir), "name": self.output_dir.name}},
         )
+
+    def _report_changed_settings(self) -> None:
+        """Settings that do not change what is trained (logging, saving, max_steps ...) may change
+        on resume (the compatibility check in the checkpoint refuses the others); say which did."""
+        previous_file = self.output_dir / "config.yaml"
+        if not previous_file.is_file():
+            return
+        previous = yaml.safe_load(previous_file.read_text()) or {}
+        current = self.config.to_dict()
+        changed = [f"{key} {previous[key]!r} -> {current[key]!r}" for key in current
+                   if key in previous and previous[key] != current[key] and key != "resume_from_checkpoint"]
+        if changed:
+            self.accelerator.print(f"resuming with changed settings: {', '.join(changed)}")
 
     def rollout(self) -> Rollout:
         """Sample num_generations responses for this process's share of the next prompt batch.
@@ -304,7 +384,11 @@ class RLTrainer:
         if self.config.missing_eos_penalty is not None:
             scores = scores - self.config.missing_eos_penalty * (~rollout.eos_found).float()
         all_scores = self.accelerator.gather(scores)
-        metrics = {"reward_mean": float(all_scores.mean()),
+        errors = float(self._global_sum(float(sum(output.failed))))
+        if errors and self.config.reward_error == "zero":
+            warnings.warn(f"step {self.step + 1}: {int(errors)} samples failed a reward function and score 0 "
+                          "(reward_error: zero)", stacklevel=2)
+        metrics = {"reward_errors": errors, "reward_mean": float(all_scores.mean()),
                    "reward_std": float(all_scores.std()) if all_scores.numel() > 1 else 0.0}
         for name, values in output.components.items():
             metrics[f"reward/{name}"] = self._global_mean(torch.tensor(values).mean())
@@ -402,7 +486,7 @@ class RLTrainer:
         local_minibatch = config.mini_batch_size // accelerator.num_processes
         micro = self.micro_batch_size
         sums: dict[str, float] = {}
-        count = 0
+        counts: dict[str, int] = {}  # grad_norm exists only on the micro-batch that steps
         self.model.train()
         for _ in range(config.ppo_epochs):
             order = torch.randperm(len(rollout), device=rollout.mask.device)
@@ -413,12 +497,17 @@ class RLTrainer:
                     continue
                 for micro_start in range(0, len(minibatch), micro):
                     rows = minibatch[micro_start:micro_start + micro]
-                    stats = self._micro_step(batch, rows, normaliser)
-                    for key, value in stats.items():
+                    for key, value in self._micro_step(batch, rows, normaliser).items():
                         sums[key] = sums.get(key, 0.0) + value
-                    count += 1
+                        counts[key] = counts.get(key, 0) + 1
         self.model.eval()
-        means = {key: self._global_mean(value / count) for key, value in sums.items()}
+        skipped = sums.pop("skipped_steps", 0.0)  # a count (the same on every process), not a mean
+        counts.pop("skipped_steps", None)
+        means = {key: self._global_mean(value / counts[key]) for key, value in sums.items()}
+        means["skipped_steps"] = skipped
+        if skipped:
+            warnings.warn(f"step {self.step + 1}: skipped {int(skipped)} optimizer step(s) with a non-finite "
+                          f"loss or gradient ({self.consecutive_skips} in a row)", stacklevel=2)
         means.setdefault("value_loss", math.nan)
         means["learning_rate"] = self.scheduler.get_last_lr()[0]
         return means
@@ -517,10 +606,19 @@ class RLTrainer:
                 loss = loss + self.kl_controller.value * kl_loss
                 stats["kl_loss"] = float(kl_loss.detach())
             accelerator.backward(loss * scale)
-            if accelerator.sync_gradients and config.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+            if accelerator.sync_gradients:
+                # inf = measure without clipping; the norm of the synchronised gradient is the same
+                # on every process, so all of them skip together.
+                grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm or math.inf)
                 if grad_norm is not None:  # DeepSpeed clips inside its own step and returns None
                     stats["grad_norm"] = float(grad_norm)
+                    if not math.isfinite(stats["grad_norm"]):
+                        self.optimizer.zero_grad()
+                        self.consecutive_skips += 1
+                        stats["skipped_steps"] = 1.0
+                        return stats
+                self.consecutive_skips = 0
+                stats["skipped_steps"] = 0.0
             self.optimizer.step()
             if accelerator.sync_gradients:
                 self.scheduler.step()
@@ -553,6 +651,7 @@ class RLTrainer:
     def trainer_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "consecutive_skips": self.consecutive_skips,
             "kl_controller": self.kl_controller.state_dict(),
             "baseline": self.baseline.state_dict(),
             "sampler": self.sampler.state_dict(),
@@ -583,6 +682,7 @@ class RLTrainer:
         unwrapped = self.unwrapped
         state = ckpt.load_checkpoint(self.accelerator, unwrapped.policy, unwrapped.value_head, path, self._compatibility())
         self.step = int(state["step"])
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.baseline.load_state_dict(state["baseline"])
         self.sampler.load_state_dict(state["sampler"])
@@ -597,9 +697,12 @@ class RLTrainer:
         self.accelerator.wait_for_everyone()
         full_state = self._gathered_state()
         if self.accelerator.is_main_process:
-            unwrapped = self.unwrapped
-            ckpt.save_adapter_and_head(unwrapped.policy, unwrapped.value_head, final, full_state)
-            self.tokenizer.save_pretrained(final)
+            unwrapped, staging = self.unwrapped, self.output_dir / ".tmp-final"
+            shutil.rmtree(staging, ignore_errors=True)
+            ckpt.save_adapter_and_head(unwrapped.policy, unwrapped.value_head, staging, full_state)
+            self.tokenizer.save_pretrained(staging)
+            ckpt.fsync_tree(staging)
+            ckpt.publish(staging, final)
         self.accelerator.wait_for_everyone()
         return final
 

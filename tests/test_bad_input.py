@@ -29,6 +29,15 @@ def assert_one_line_error(result, *fragments):
         (["--config", "does/not/exist.yaml"], ["config file not found"]),
         (["--reward_weights", "1.0", "2.0"], ["reward_weights has 2 values"]),
         (["--gradient_accumulation_steps", "3"], ["gradient_accumulation_steps 3 must divide"]),
+        (["--learning_rate=-1e-4"], ["learning_rate must be > 0, got -0.0001"]),
+        (["--temperature", "0"], ["temperature must be > 0, got 0.0"]),
+        (["--top_p", "1.5"], ["top_p must be in (0, 1], got 1.5"]),
+        (["--top_p", "0"], ["top_p must be in (0, 1], got 0.0"]),
+        (["--gamma", "1.01"], ["gamma must be in [0, 1], got 1.01"]),
+        (["--lam=-0.1"], ["lam must be in [0, 1], got -0.1"]),
+        (["--max_consecutive_skips", "0"], ["max_consecutive_skips must be >= 1"]),
+        (["--reward_error", "ignore"], ["reward_error 'ignore' is not one of: raise, skip_batch, zero"]),
+        (["--rollout_batch_size", "0"], ["rollout_batch_size must be >= 1"]),
     ],
 )
 def test_bad_cli_values_exit_2(args, fragments, tmp_path):
@@ -57,7 +66,10 @@ def test_help_lists_every_key_with_default():
 @pytest.mark.parametrize(
     "content,fragments",
     [
-        ('{"prompt": "ok"}\n{"prompt": \n', ["cannot read dataset"]),
+        ('{"prompt": "ok"}\n{"prompt": \n', ["data.jsonl:2: malformed JSON row"]),
+        ('{"prompt": "ok"}\n["a list"]\n', ["data.jsonl:2: each line must be a JSON object"]),
+        ("", ["has no rows"]),
+        ("\n\n", ["has no rows"]),
         ('{"text": "no prompt column"}\n', ["no column 'prompt'", "text"]),
         ('{"prompt": "fine"}\n{"prompt": ""}\n', ["row 1"]),
     ],
@@ -137,3 +149,59 @@ def test_every_script_prints_help(script):
     result = run_script(script, "--help")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("learning_rate: 1e-4\nlora_target_modules: [q_proj, v_proj\nkl_coef: 0.1\n")
+    result = run_script("train_ppo.py", "--config", str(config), "--output_dir", str(tmp_path / "out"))
+    assert_one_line_error(result, f"config file {config}:3: not valid YAML")
+    assert not (tmp_path / "out").exists()
+
+
+def test_long_prompts_are_truncated_with_a_count_or_refused(tiny_model_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"prompt": "word " * 200}) + "\n" + json.dumps({"prompt": "short"}) + "\n")
+    args = tiny_args(tiny_model_dir, tmp_path / "out", "--dataset", str(data), "--max_steps", "1",
+                     "--rollout_batch_size", "2", "--mini_batch_size", "2")
+    refused = run_script("train_reinforce.py", *args, "--prompt_overflow", "error")
+    assert_one_line_error(refused, f"1 of 2 prompts in {data} are longer than max_prompt_length 48 tokens",
+                          "first: row 0", "prompt_overflow: truncate")
+    truncated = run_script("train_reinforce.py", *args)
+    assert truncated.returncode == 0, truncated.stderr[-2000:]
+    assert f"1 of 2 prompts in {data} are longer than max_prompt_length 48 tokens" in truncated.stderr
+
+
+def test_resume_from_missing_or_corrupted_checkpoint(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, "--save_steps", "1")).returncode == 0
+    resume = ("--max_steps", "3", "--resume_from_checkpoint")
+    before = (out / "metrics.jsonl").read_text()
+
+    missing = run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, *resume, str(out / "checkpoints" / "step-9")))
+    assert_one_line_error(missing, "step-9 is not a complete checkpoint")
+
+    step = out / "checkpoints" / "step-2"
+    (step / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    broken_adapter = run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, *resume, "latest"))
+    assert_one_line_error(broken_adapter, f"checkpoint {step} is corrupted: adapter_model.safetensors unreadable")
+
+    (step / "trainer_state.json").write_text("{ half a json")
+    broken_state = run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, *resume, "latest"))
+    assert_one_line_error(broken_state, f"checkpoint {step} is corrupted: trainer_state.json unreadable")
+
+    for name in (out / "checkpoints" / "step-1" / "accelerate").iterdir():
+        if name.name.startswith("optimizer"):
+            name.write_bytes(b"garbage")
+    broken_optimizer = run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, *resume,
+                                                             str(out / "checkpoints" / "step-1")))
+    assert_one_line_error(broken_optimizer, "is corrupted: optimizer/RNG state unreadable")
+    assert (out / "metrics.jsonl").read_text() == before  # a failed resume drops no rows
+
+
+def test_output_dir_that_cannot_be_written(tiny_model_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("I am a file, not a directory")
+    result = run_script("train_ppo.py", *tiny_args(tiny_model_dir, blocker / "run"))
+    assert_one_line_error(result, f"output_dir {blocker / 'run'} is not writable", "choose another --output_dir")
+    assert blocker.read_text() == "I am a file, not a directory"

@@ -1,0 +1,54 @@
+"""Graceful stop: the first SIGINT/SIGTERM lets the current step finish and a checkpoint be
+written; a second one stops at once."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(Exception):
+    """Raised by the trainer after it saved a checkpoint because of a signal."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint}; "
+            "continue with --resume_from_checkpoint latest (same output_dir)"
+        )
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class StopOnSignal:
+    """Context manager; ``received`` holds the first signal number caught (None before)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in HANDLED}
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:  # second signal: give up on the clean stop
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            sys.exit(128 + signum)
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)

@@ -1,0 +1,206 @@
+"""A killed run continues exactly where it stopped; checkpoints are atomic; signals, non-finite
+losses and failing rewards are handled; nothing written earlier is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURES, ROOT, tiny_args
+
+# Wall-clock and throughput columns differ between any two runs; everything else must not.
+TIMING_KEYS = {"step_time_s", "rollout_time_s", "update_time_s", "samples_per_second", "tokens_per_second"}
+STEPS = 5
+
+
+def environment() -> dict[str, str]:
+    # The same thread count in every run: float reductions then run in the same order.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def train_command(*args: str, script: str = "train_ppo.py", fault: tuple[str, str] | None = None) -> list[str]:
+    if fault:
+        return [sys.executable, str(FIXTURES / "faults.py"), *fault, str(ROOT / "scripts" / script), *args]
+    return [sys.executable, str(ROOT / "scripts" / script), *args]
+
+
+def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(train_command(*args, **kwargs), capture_output=True, text=True, env=environment(),
+                          timeout=600, cwd=ROOT)
+
+
+def run_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return tiny_args(model_dir, out, "--max_steps", str(STEPS), "--save_steps", "1", "--save_total_limit", "2",
+                     "--num_samples_to_log", "2", *extra)
+
+
+def comparable_rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = run(*run_args(tiny_model_dir, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    assert comparable_rows(out) == comparable_rows(reference)
+    assert [r["step"] for r in comparable_rows(out)] == list(range(1, STEPS + 1))  # no doubled or missing rows
+    for name in ("adapter_model.safetensors", "value_head.safetensors"):
+        assert (out / "final" / name).read_bytes() == (reference / "final" / name).read_bytes(), name
+    assert (out / "samples.jsonl").read_text() == (reference / "samples.jsonl").read_text()
+
+
+def test_sigkill_at_a_random_step_then_resume_is_exact(reference, tiny_model_dir, tmp_path):
+    kill_after = random.Random().randint(1, STEPS - 2)
+    out = tmp_path / "run"
+    process = subprocess.Popen(train_command(*run_args(tiny_model_dir, out)), env=environment(), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_after:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # wherever it is now: mid-step, mid-save or between
+    assert process.wait() == -signal.SIGKILL, f"the run ended before the kill after step {kill_after}"
+
+    resumed = run(*run_args(tiny_model_dir, out, "--resume_from_checkpoint", "latest"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # killed before the first checkpoint was complete, the run starts over (and must still match)
+    assert "resumed from" in resumed.stdout or "starting from step 0" in resumed.stdout, kill_after
+    assert_same_run(out, reference)
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(reference, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    killed = run(*run_args(tiny_model_dir, out), fault=("kill-during-save", "3"))
+    assert killed.returncode == -signal.SIGKILL
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / ".tmp-step-3" / "adapter_model.safetensors").is_file()  # the half-written one
+    assert sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith(".")) == ["step-1", "step-2"]
+
+    resumed = run(*run_args(tiny_model_dir, out, "--resume_from_checkpoint", "latest"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {checkpoints / 'step-2'}" in resumed.stdout + resumed.stderr
+    assert not any(p.name.startswith(".") for p in checkpoints.iterdir())  # leftovers cleaned up
+    assert_same_run(out, reference)
+
+
+def test_disk_full_while_saving_exits_2_and_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run(*run_args(tiny_model_dir, out), fault=("disk-full-during-save", "2"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert last_line(result) == (f"error: could not write checkpoint {out / 'checkpoints' / 'step-2'}: "
+                                 "No space left on device; the earlier checkpoints are intact")
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
+    assert (out / "checkpoints" / "step-1" / "trainer_state.json").is_file()
+
+
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_path, signum, exit_code):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model_dir, out, "--max_steps", "50", "--save_steps", "0")
+    process = subprocess.Popen(train_command(*args), env=environment(), cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == exit_code, stderr[-3000:]
+    step = len(metrics.read_text().splitlines())
+    name = signal.Signals(signum).name
+    assert stderr.strip().splitlines()[-1] == (
+        f"stopped by {name} after step {step}; checkpoint {out / 'checkpoints' / f'step-{step}'}; "
+        "continue with --resume_from_checkpoint latest (same output_dir)")
+    assert "Traceback" not in stderr
+    resumed = run(*tiny_args(tiny_model_dir, out, "--max_steps", str(step + 1), "--resume_from_checkpoint", "latest"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [row["step"] for row in comparable_rows(out)] == list(range(1, step + 2))
+
+
+def test_a_non_finite_loss_skips_the_step_and_training_goes_on(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run(*tiny_args(tiny_model_dir, out, "--max_steps", "3"), fault=("nan-loss", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped 1 optimizer step(s) with a non-finite loss or gradient" in result.stderr
+    rows = comparable_rows(out)
+    assert [row["skipped_steps"] for row in rows] == [0, 1, 0]
+    from safetensors.torch import load_file
+
+    assert all(bool(t.isfinite().all()) for t in load_file(str(out / "final" / "adapter_model.safetensors")).values())
+
+
+def test_too_many_non_finite_steps_stop_with_a_checkpoint(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run(*tiny_args(tiny_model_dir, out, "--max_steps", "10", "--max_consecutive_skips", "2",
+                            "--save_steps", "0"), fault=("nan-loss", "all"))
+    assert result.returncode == 2
+    assert last_line(result) == (
+        f"error: 2 optimizer steps in a row had a non-finite loss or gradient (up to step 2); skipped updates "
+        f"leave the weights as they were, saved in {out / 'checkpoints' / 'step-2'}; lower learning_rate, "
+        "set max_grad_norm, or check the reward values")
+    assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+    assert not (out / "final").exists()
+
+
+REWARD_FAILING_ON_SHORT = """
+def picky(prompts, completions, **kwargs):
+    if any(len(c) < 4 for c in completions):
+        raise ValueError("too short")
+    return [1.0 for _ in completions]
+
+def sometimes_none(prompts, completions, **kwargs):
+    return [None if i == 0 else 0.5 for i, _ in enumerate(completions)]
+"""
+
+
+@pytest.mark.parametrize("mode", ["zero", "skip_batch"])
+def test_reward_error_modes(tiny_model_dir, tmp_path, mode):
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(REWARD_FAILING_ON_SHORT)
+    out = tmp_path / "run"
+    result = run(*tiny_args(tiny_model_dir, out, "--reward_funcs", f"{rewards}:sometimes_none",
+                            "--reward_error", mode))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = comparable_rows(out)
+    assert [row["reward_errors"] for row in rows] == [1, 1]  # one failed sample per step (4 sequences)
+    if mode == "zero":
+        assert all(row["reward_mean"] == pytest.approx(0.5 * 3 / 4) for row in rows)
+        assert all(row["policy_loss"] is not None for row in rows)
+    else:
+        assert all(row.get("skipped_batches") == 1 and row["policy_loss"] is None for row in rows)
+
+
+def test_reward_error_zero_finds_the_failing_samples_of_a_raising_function(tmp_path):
+    from reward_models import CombinedReward
+
+    module = tmp_path / "picky_rewards.py"
+    module.write_text(REWARD_FAILING_ON_SHORT)
+    picky = CombinedReward([f"{module}:picky", f"{module}:sometimes_none"], on_error="zero")
+    output = picky(["p"] * 3, ["long enough", "no", "also long"])
+    assert output.failed == [True, True, False]  # sample 0: None from sometimes_none; 1: picky raised
+    assert output.components == {"picky": [1.0, 0.0, 1.0], "sometimes_none": [0.0, 0.5, 0.5]}
+    assert output.total == [1.0, 0.5, 1.5]
+    with pytest.raises(Exception, match="picky"):  # the default still stops with the culprit
+        CombinedReward([f"{module}:picky"])(["p"] * 2, ["long enough", "no"])
