@@ -37,9 +37,15 @@ def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
                           timeout=600, cwd=ROOT)
 
 
+# Six prompts and four per step: the 5-step runs cross three epoch boundaries of the sampler.
+PROMPTS = ["Say hi.", "Name a colour.", "Why is the sky blue?", "Count to three.", "Write a haiku.", "Ok?"]
+
+
 def run_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    dataset = out.parent / "prompts.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     return tiny_args(model_dir, out, "--max_steps", str(STEPS), "--save_steps", "1", "--save_total_limit", "2",
-                     "--num_samples_to_log", "2", *extra)
+                     "--num_samples_to_log", "2", "--dataset", str(dataset), *extra)
 
 
 def comparable_rows(out: Path) -> list[dict]:
