@@ -258,24 +258,31 @@ class RLTrainer:
     def train_step(self) -> dict[str, float]:
         """One RL step: rollout -> score -> advantages -> update, then evaluation and logging."""
         config = self.config
-        step_start = time.perf_counter()
+        clock = time.perf_counter
+        step_start = clock()
         rollout = self.rollout()
-        rollout_time = time.perf_counter() - step_start
+        rollout_time = clock() - step_start
         scores, reward_metrics = self.score(rollout)
-        update_start = time.perf_counter()
+        score_time = clock() - step_start - rollout_time
+        advantage_metrics: dict[str, float] = {}
+        logprob_time = 0.0
+        update_start = clock()
         if reward_metrics.get("reward_errors", 0) and config.reward_error == "skip_batch":
             warnings.warn(f"step {self.step + 1}: {int(reward_metrics['reward_errors'])} reward failures; "
                           "batch skipped (reward_error: skip_batch)", stacklevel=2)
-            advantage_metrics, update_metrics = {}, {"skipped_batches": 1.0}
+            update_metrics = {"skipped_batches": 1.0}
         else:
             batch, advantage_metrics = self.compute_advantages(rollout, scores)
+            logprob_time = clock() - update_start  # old/reference logprobs and values: no-grad passes
+            update_start = clock()
             update_metrics = self.update(batch)
-        update_time = time.perf_counter() - update_start
+        update_time = clock() - update_start
         self.step += 1
 
-        step_time = time.perf_counter() - step_start
+        step_time = clock() - step_start
         metrics = {**reward_metrics, **advantage_metrics, **update_metrics,
-                   **self._throughput(rollout, step_time, rollout_time, update_time)}
+                   **self._throughput(rollout, step_time, rollout_time, update_time),
+                   "score_time_s": score_time, "logprob_time_s": logprob_time}
         metrics.setdefault("kl", math.nan)
         if "kl" in advantage_metrics:
             self.kl_controller.update(metrics["kl"], config.rollout_batch_size * config.num_generations)

@@ -144,7 +144,7 @@ def test_reward_model_training_bad_pairs(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["train_grpo.py", "train_trpo.py", "train_dpo.py", "train_reward_model.py",
-                                    "evaluate.py", "plot_metrics.py", "compare_algorithms.py"])
+                                    "evaluate.py", "plot_metrics.py", "compare_algorithms.py", "benchmark.py"])
 def test_every_script_prints_help(script):
     result = run_script(script, "--help")
     assert result.returncode == 0, result.stderr[-2000:]
