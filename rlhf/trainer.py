@@ -60,7 +60,7 @@ class Experience:
     """A scored rollout with everything the update needs; all [B, T] unless noted."""
 
     rollout: Rollout
-    old_logprobs: Tensor
+    old_logprobs: Tensor | None  # None: taken from the update's own forward (old_logprobs_from_update)
     ref_logprobs: Tensor | None
     values: Tensor | None
     advantages: Tensor
@@ -161,6 +161,18 @@ class RLTrainer:
     @property
     def uses_trpo(self) -> bool:
         return self.config.update_method == "trpo"
+
+    @property
+    def old_logprobs_from_update(self) -> bool:
+        """With one epoch and one minibatch the policy is still the rollout's policy when the
+        update's forward runs, so the old logprobs are exactly that forward's detached logprobs
+        (ratio 1, the same gradient) and the separate no-grad pass is skipped. It is needed when
+        values feed GAE, when KL to the reference goes into the reward, and for TRPO."""
+        config = self.config
+        single_update = (config.ppo_epochs == 1
+                         and config.mini_batch_size == config.rollout_batch_size * config.num_generations)
+        return (single_update and not self.uses_trpo and not config.needs_value_head
+                and not (self.uses_reference and config.kl_in_reward))
 
     @property
     def uses_reference(self) -> bool:
@@ -284,7 +296,7 @@ class RLTrainer:
                    **self._throughput(rollout, step_time, rollout_time, update_time),
                    "score_time_s": score_time, "logprob_time_s": logprob_time}
         metrics.setdefault("kl", math.nan)
-        if "kl" in advantage_metrics:
+        if math.isfinite(metrics["kl"]):
             self.kl_controller.update(metrics["kl"], config.rollout_batch_size * config.num_generations)
         if config.eval_steps and (self.step % config.eval_steps == 0 or self.step == config.max_steps):
             metrics.update(self.evaluate())
@@ -412,11 +424,15 @@ class RLTrainer:
     def compute_advantages(self, rollout: Rollout, scores: Tensor) -> tuple[Experience, dict[str, float]]:
         """Old and reference logprobs, values, per-token rewards with KL, and advantages."""
         config = self.config
-        old_logprobs, values, entropy = self._no_grad_pass(rollout, with_adapter=True, with_entropy=True)
+        if self.old_logprobs_from_update:
+            old_logprobs, values, entropy = None, None, None
+        else:
+            old_logprobs, values, entropy = self._no_grad_pass(rollout, with_adapter=True, with_entropy=True)
         ref_logprobs = self._no_grad_pass(rollout, with_adapter=False)[0] if self.uses_reference else None
         mask = rollout.mask
         loss_mask, group_metrics = self._group_filter(scores, rollout)
-        kl = kl_penalty(old_logprobs, ref_logprobs, config.kl_estimator, mask) if ref_logprobs is not None else None
+        kl = (kl_penalty(old_logprobs, ref_logprobs, config.kl_estimator, mask)
+              if ref_logprobs is not None and old_logprobs is not None else None)
         in_reward_coef = self.kl_controller.value if config.kl_in_reward else 0.0
         token_rewards = token_level_rewards(scores, mask, kl=kl, kl_coef=in_reward_coef)
         advantages, returns = self.estimator(
@@ -428,11 +444,12 @@ class RLTrainer:
             advantages = self._global_whiten(advantages, loss_mask)
         metrics = {
             **group_metrics,
-            "kl": self._global_mean(kl.sum(-1).mean()) if kl is not None else math.nan,
-            "entropy": self._global_token_mean(entropy, mask),
             "adv_mean": self._global_token_mean(advantages, mask),
             "kl_coef": self.kl_controller.value,
         }
+        if old_logprobs is not None:  # else the update measures both on the same forward
+            metrics["kl"] = self._global_mean(kl.sum(-1).mean()) if kl is not None else math.nan
+            metrics["entropy"] = self._global_token_mean(entropy, mask)
         return Experience(rollout, old_logprobs, ref_logprobs, values, advantages, returns, loss_mask), metrics
 
     def _group_filter(self, scores: Tensor, rollout: Rollout) -> tuple[Tensor, dict[str, float]]:
@@ -594,14 +611,23 @@ class RLTrainer:
         config, accelerator = self.config, self.accelerator
         rollout, mask = batch.rollout, batch.loss_mask[rows]
         scale = (self._agg_units(mask) / normaliser) * accelerator.num_processes * config.gradient_accumulation_steps
+        measure_here = batch.old_logprobs is None  # see old_logprobs_from_update
         with accelerator.accumulate(self.model):
-            logprobs, values, _ = forward_response(self.model, rollout, rows, config.temperature)
+            logprobs, values, entropy = forward_response(self.model, rollout, rows, config.temperature,
+                                                         with_entropy=measure_here)
+            old_logprobs = logprobs.detach() if measure_here else batch.old_logprobs[rows]
             pg_loss, stats = self.policy_loss(
-                logprobs, batch.old_logprobs[rows], batch.advantages[rows], mask, clip_range=config.clip_range,
+                logprobs, old_logprobs, batch.advantages[rows], mask, clip_range=config.clip_range,
                 clip_range_high=config.clip_range_high, dual_clip=config.dual_clip, loss_agg_mode=config.loss_agg_mode,
             )
             loss = pg_loss
             stats["policy_loss"] = float(pg_loss.detach())
+            if measure_here:  # the metrics the skipped no-grad pass would have given
+                real = rollout.mask[rows]
+                stats["entropy"] = float((entropy * real).sum() / real.sum().clamp(min=1))
+                if batch.ref_logprobs is not None:
+                    stats["kl"] = float(kl_penalty(old_logprobs, batch.ref_logprobs[rows], config.kl_estimator,
+                                                   real).sum(-1).mean())
             if values is not None:
                 vf_loss, vf_stats = value_loss(values, batch.values[rows], batch.returns[rows], mask,
                                                clip_range=config.value_clip_range, loss_agg_mode=config.loss_agg_mode)
