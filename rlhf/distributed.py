@@ -77,3 +77,9 @@ def needs_synced_generation(accelerator: Accelerator) -> bool:
     """FSDP2 all-gathers weights inside every forward, a collective: a process whose rows all hit
     EOS early must keep stepping until every process is done (``generate(synced_gpus=True)``)."""
     return accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version == 2
+
+
+def shards_weights(accelerator: Accelerator) -> bool:
+    """DeepSpeed or FSDP: weights are partitioned and gathered by hooks, so the speed-ups that
+    swap weight tensors or run a module twice per forward (rlhf.models) stay off there."""
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)

@@ -13,6 +13,7 @@ The algorithm is chosen only through ``ADVANTAGE_ESTIMATORS[config.advantage_est
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -39,12 +40,12 @@ from rlhf.algorithms import (
 )
 from rlhf.config import RLConfig, save_config
 from rlhf.data import BUILTIN_PREFIX, PromptSampler, format_prompt, load_prompt_dataset, prompt_text
-from rlhf.distributed import make_accelerator, needs_synced_generation, unwrapped_full_weights
+from rlhf.distributed import make_accelerator, needs_synced_generation, shards_weights, unwrapped_full_weights
 from rlhf.errors import ConfigError, DataError, TrainingDiverged
 from rlhf.evaluate import adapter_disabled, sample_and_score
 from rlhf.models import (
     PolicyWithValue, ValueHead, add_lora, check_bf16, load_base_model, load_tokenizer, merge_adapter,
-    trainable_parameter_groups,
+    merged_lora_weights, trainable_parameter_groups,
 )
 from rlhf.rollout import Rollout, concat_rollouts, forward_response, generate_rollout
 from rlhf.signals import StopOnSignal, TrainingInterrupted
@@ -359,11 +360,11 @@ class RLTrainer:
         chunk = config.generation_batch_size or len(raw_prompts)
         self.model.eval()
         parts = []
-        with unwrapped_full_weights(self.model, self.accelerator) as model:
+        with unwrapped_full_weights(self.model, self.accelerator) as model, self._sampling_policy(model) as policy:
             for start in range(0, len(raw_prompts), chunk):
                 part = slice(start, start + chunk)
                 parts.append(generate_rollout(
-                    model.policy, self.tokenizer, [format_prompt(p, self.tokenizer) for p in raw_prompts[part]],
+                    policy, self.tokenizer, [format_prompt(p, self.tokenizer) for p in raw_prompts[part]],
                     prompts=[prompt_text(p) for p in raw_prompts[part]], group_ids=group_ids[part],
                     columns={name: values[part] for name, values in columns.items()},
                     max_prompt_length=config.max_prompt_length, max_new_tokens=config.max_new_tokens,
@@ -371,6 +372,13 @@ class RLTrainer:
                     synced_gpus=needs_synced_generation(self.accelerator),
                 ))
         return concat_rollouts(parts, self.tokenizer.pad_token_id)
+
+    def _sampling_policy(self, model: PolicyWithValue) -> contextlib.AbstractContextManager[Any]:
+        """LoRA folded into the weights while sampling (rlhf.models.merged_lora_weights), except
+        where DeepSpeed/FSDP own the weight tensors."""
+        if shards_weights(self.accelerator):
+            return contextlib.nullcontext(model.policy)
+        return merged_lora_weights(model.policy)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

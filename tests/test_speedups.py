@@ -60,3 +60,59 @@ def test_old_logprob_pass_is_kept_where_it_is_needed():
     assert not trainer_for(kl_in_reward=True).old_logprobs_from_update  # KL in the reward needs them first
     assert not trainer_for(advantage_estimator="gae").old_logprobs_from_update  # values feed GAE
     assert not trainer_for(update_method="trpo").old_logprobs_from_update
+
+
+def _trained_lora(model_dir, dtype=None):
+    import torch
+
+    from rlhf.models import add_lora, load_base_model
+
+    torch.manual_seed(0)
+    policy = add_lora(load_base_model(str(model_dir)), 4, 8, 0.0, ["all-linear"])
+    with torch.no_grad():  # a non-zero adapter, as after some training
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    if dtype is not None:
+        for name, param in policy.named_parameters():
+            if "lora_" not in name:
+                param.data = param.data.to(dtype)
+    return policy.eval()
+
+
+def test_merged_lora_weights_sample_the_same_distribution_and_restore_the_base_bitwise(tiny_model_dir):
+    import torch
+
+    from rlhf.models import merged_lora_weights
+
+    policy = _trained_lora(tiny_model_dir)
+    input_ids = torch.randint(0, 1000, (3, 12))
+    base_before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    with torch.no_grad():
+        unmerged = policy(input_ids=input_ids).logits
+        with policy.disable_adapter():
+            reference = policy(input_ids=input_ids).logits
+        with merged_lora_weights(policy) as merged_policy:
+            merged = merged_policy(input_ids=input_ids).logits
+            assert sum(m.disable_adapters for m in policy.modules() if hasattr(m, "lora_A")) > 0  # LoRA path off
+        after = policy(input_ids=input_ids).logits
+    assert (unmerged - reference).abs().max() > 1e-2  # the adapter matters ...
+    assert torch.allclose(merged, unmerged, atol=1e-5)  # ... and merging keeps it
+    assert torch.equal(after, unmerged)
+    for name, param in policy.named_parameters():
+        assert torch.equal(param, base_before[name]), name  # nothing drifted, base and adapter
+    assert all(not m.disable_adapters for m in policy.modules() if hasattr(m, "lora_A"))
+
+
+def test_merged_lora_weights_leave_bfloat16_bases_unmerged(tiny_model_dir):
+    import torch
+
+    from rlhf.models import merged_lora_weights
+
+    policy = _trained_lora(tiny_model_dir, dtype=torch.bfloat16)
+    weights = [m.get_base_layer().weight for m in policy.modules() if hasattr(m, "lora_A")]
+    with merged_lora_weights(policy) as same:
+        assert same is policy
+        assert all(m.get_base_layer().weight is w for m, w in zip(
+            [m for m in policy.modules() if hasattr(m, "lora_A")], weights))
+        assert all(not m.disable_adapters for m in policy.modules() if hasattr(m, "lora_A"))
