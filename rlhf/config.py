@@ -62,6 +62,11 @@ class RLConfig:
     gradient_checkpointing: bool = _field(
         False, "Recompute activations in the backward pass: less activation memory, one extra forward per micro-batch.",
     )
+    share_prompt_prefix: bool = _field(
+        True, "Rows with the same prompt (a GRPO/RLOO group) run the prompt once, in generation and in every "
+        "forward, through a KV cache copied to each row; same result up to float rounding. Off by itself under "
+        "DeepSpeed/FSDP and with gradient_checkpointing.",
+    )
     init_adapter: str | None = _field(
         None, "PEFT adapter dir (e.g. a DPO run's final/) merged into the base before RL; the merged model is then "
         "both the starting policy and the KL reference.",

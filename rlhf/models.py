@@ -217,17 +217,60 @@ class ValueHead(nn.Module):
         return self.summary(hidden_states.float()).squeeze(-1)
 
 
+def distinct_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Rows that share a (left-padded) prompt, as in a GRPO group.
+
+    prompt_ids, prompt_mask: [B, P] -> (representatives [U]: one row index per distinct prompt,
+    inverse [B]: which distinct prompt each row has), or None when every prompt is distinct.
+    """
+    keys = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    if unique.shape[0] == keys.shape[0]:
+        return None
+    rows = torch.arange(keys.shape[0], device=keys.device)
+    representatives = torch.full((unique.shape[0],), keys.shape[0], device=keys.device, dtype=rows.dtype)
+    return representatives.scatter_reduce(0, inverse, rows, reduce="amin"), inverse
+
+
+def shared_prompt_cache(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, prefix_length: int
+) -> Any | None:
+    """KV cache of the first ``prefix_length`` tokens of every row, computed once per distinct prompt.
+
+    input_ids, attention_mask, position_ids: [B, L >= prefix_length]. The distinct prefixes run
+    through ``model`` (gradients flow back through the cache when enabled), then each layer's
+    keys/values are indexed out to all B rows. A GRPO rollout of G samples per prompt pays the
+    prompt's compute once instead of G times. None when no two rows share the prefix.
+    """
+    if prefix_length < 1:
+        return None
+    shared = distinct_prompts(input_ids[:, :prefix_length], attention_mask[:, :prefix_length])
+    if shared is None:
+        return None
+    representatives, inverse = shared
+    prefix = (representatives, slice(None, prefix_length))
+    outputs = model(input_ids=input_ids[prefix], attention_mask=attention_mask[prefix],
+                    position_ids=position_ids[prefix], use_cache=True, logits_to_keep=1)
+    cache = outputs.cache
+    cache.batch_select_indices(inverse)
+    return cache
+
+
 class PolicyWithValue(nn.Module):
     """The trainable unit handed to Accelerate: LoRA policy plus an optional value head.
 
     ``forward`` returns logits and values for the response positions only, so the LM head never
-    projects prompt positions (a large share of compute with a 49k vocabulary).
+    projects prompt positions (a large share of compute with a 49k vocabulary). With
+    ``share_prompt_prefix`` rows with the same prompt (a GRPO group) run that prompt once, through
+    a KV cache copied to each row (``shared_prompt_cache``); the result equals the plain forward
+    up to float rounding, gradients included.
     """
 
-    def __init__(self, policy: PeftModel, value_head: ValueHead | None):
+    def __init__(self, policy: PeftModel, value_head: ValueHead | None, share_prompt_prefix: bool = False):
         super().__init__()
         self.policy = policy
         self.value_head = value_head
+        self.share_prompt_prefix = share_prompt_prefix
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_length: int
@@ -237,13 +280,19 @@ class PolicyWithValue(nn.Module):
         Position p's logits predict token p+1, so the response tokens P..P+T-1 are predicted by
         positions P-1..P+T-2 (RL_NOTES 1).
         """
+        # The last prompt token stays outside the shared prefix: its logits predict response token 0.
+        prefix_length = input_ids.shape[1] - response_length - 1
+        cache = (shared_prompt_cache(self.policy, input_ids, attention_mask, position_ids, prefix_length)
+                 if self.share_prompt_prefix else None)
+        suffix = slice(prefix_length if cache is not None else 0, None)
         outputs = self.policy(
-            input_ids=input_ids,
+            input_ids=input_ids[:, suffix],
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=position_ids[:, suffix],
+            cache=cache,
             logits_to_keep=response_length + 1,
             output_hidden_states=self.value_head is not None,
-            use_cache=False,
+            use_cache=cache is not None,
         )
         logits = outputs.logits[:, :-1]
         values = None
@@ -251,7 +300,6 @@ class PolicyWithValue(nn.Module):
             hidden = outputs.hidden_states[-1][:, -(response_length + 1) : -1]
             values = self.value_head(hidden)
         return logits, values
-
 
     def response_hidden_states(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_length: int

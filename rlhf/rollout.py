@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from rlhf.algorithms import entropy_from_logits, logprobs_from_logits
-from rlhf.models import PolicyWithValue
+from rlhf.models import PolicyWithValue, shared_prompt_cache
 
 
 @dataclass
@@ -106,13 +106,15 @@ def generate_rollout(
     top_p: float,
     row_seeds: list[int] | None = None,
     synced_gpus: bool = False,
+    share_prompt_prefix: bool = False,
 ) -> Rollout:
     """Sample one response per entry of ``prompt_texts`` (already chat-formatted) with KV cache.
 
     top_k is switched off explicitly: transformers defaults to top_k=50, which would silently
     sample from a different distribution than the one the loss assumes. With ``row_seeds`` (one
     per row) the draws come from ``seeded_sample`` instead of the global RNG, so a row's response
-    does not depend on the batch it is in (evaluation).
+    does not depend on the batch it is in (evaluation). With ``share_prompt_prefix`` a prompt that
+    several rows share (a GRPO group) is prefilled once and its KV cache copied to those rows.
     """
     device = next(policy.parameters()).device
     tokenizer.truncation_side = "left"
@@ -127,9 +129,15 @@ def generate_rollout(
                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         sequences = torch.cat([encoded["input_ids"], response_ids], dim=1)
     else:
+        cache = None
+        if share_prompt_prefix:  # generate() then feeds only the last prompt token and on
+            position_ids = (encoded["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            cache = shared_prompt_cache(policy, encoded["input_ids"], encoded["attention_mask"], position_ids,
+                                        prompt_length - 1)
         sequences = policy.generate(
             input_ids=encoded["input_ids"],
             attention_mask=encoded["attention_mask"],
+            cache=cache,
             do_sample=True,
             temperature=temperature,
             top_p=top_p,

@@ -109,7 +109,11 @@ class RLTrainer:
             base.enable_input_require_grads()
         policy = add_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
         value_head = ValueHead(base.config.hidden_size) if config.needs_value_head else None
-        model = PolicyWithValue(policy, value_head)
+        # Sharing runs the policy twice in one forward with a cache: fine for DDP, not for sharding
+        # hooks; checkpointed layers switch the cache off.
+        share_prompt_prefix = (config.share_prompt_prefix and not config.gradient_checkpointing
+                               and not shards_weights(self.accelerator))
+        model = PolicyWithValue(policy, value_head, share_prompt_prefix=share_prompt_prefix)
         param_groups = trainable_parameter_groups(model, config.learning_rate, config.value_learning_rate,
                                                   config.weight_decay)
         if self.uses_trpo:  # the policy moves by natural-gradient steps; AdamW only fits the value head
@@ -370,6 +374,7 @@ class RLTrainer:
                     max_prompt_length=config.max_prompt_length, max_new_tokens=config.max_new_tokens,
                     temperature=config.temperature, top_p=config.top_p,
                     synced_gpus=needs_synced_generation(self.accelerator),
+                    share_prompt_prefix=model.share_prompt_prefix,
                 ))
         return concat_rollouts(parts, self.tokenizer.pad_token_id)
 

@@ -116,3 +116,72 @@ def test_merged_lora_weights_leave_bfloat16_bases_unmerged(tiny_model_dir):
         assert all(m.get_base_layer().weight is w for m, w in zip(
             [m for m in policy.modules() if hasattr(m, "lora_A")], weights))
         assert all(not m.disable_adapters for m in policy.modules() if hasattr(m, "lora_A"))
+
+
+def _grouped_rollout(model_dir, share_prompt_prefix):
+    import torch
+
+    from rlhf.models import PolicyWithValue, ValueHead, load_tokenizer
+    from rlhf.rollout import generate_rollout
+
+    policy = _trained_lora(model_dir)
+    model = PolicyWithValue(policy, ValueHead(policy.config.hidden_size), share_prompt_prefix=share_prompt_prefix)
+    with torch.no_grad():
+        model.value_head.summary.weight.normal_()
+    tokenizer = load_tokenizer(str(model_dir))
+    prompts = ["Hi", "Hi", "A much longer prompt with more tokens", "Hi", "A much longer prompt with more tokens",
+               "Something else"]
+    torch.manual_seed(1)
+    rollout = generate_rollout(policy, tokenizer, prompts, prompts=prompts, group_ids=[0, 0, 1, 0, 1, 2], columns={},
+                               max_prompt_length=32, max_new_tokens=7, temperature=1.0, top_p=1.0,
+                               share_prompt_prefix=share_prompt_prefix)
+    return model, rollout
+
+
+def test_shared_prompt_prefix_gives_the_same_samples_logprobs_values_and_gradients(tiny_model_dir):
+    """Rows with the same prompt run it once (KV cache copied per row), in generation and in the
+    forward with grad; everything downstream matches the plain computation."""
+    import torch
+
+    from rlhf.rollout import forward_response
+
+    results = {}
+    for shared in (False, True):
+        model, rollout = _grouped_rollout(tiny_model_dir, shared)
+        logprobs, values, entropy = forward_response(model, rollout, slice(None), 0.7, with_entropy=True)
+        ((logprobs * rollout.mask).sum() + (values * rollout.mask).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[shared] = rollout, logprobs.detach(), values.detach(), entropy, grads
+    (plain_rollout, *plain), (shared_rollout, *shared) = results[False], results[True]
+    assert torch.equal(plain_rollout.input_ids, shared_rollout.input_ids)  # same RNG, same logits -> same tokens
+    for a, b in zip(plain[:3], shared[:3]):
+        assert torch.allclose(a, b, atol=1e-5)
+    plain_grads, shared_grads = plain[3], shared[3]
+    assert plain_grads.keys() == shared_grads.keys() and len(plain_grads) > 10
+    for name in plain_grads:
+        assert torch.allclose(plain_grads[name], shared_grads[name], atol=1e-5, rtol=1e-4), name
+    # the prompt layers' LoRA weights get gradient only through the copied cache: it must flow
+    assert any(float(g.abs().max()) > 0 for n, g in shared_grads.items() if "layers.0." in n and "lora_A" in n)
+
+
+def test_shared_prompt_prefix_runs_each_distinct_prompt_once(tiny_model_dir):
+    import torch
+
+    from rlhf.models import distinct_prompts
+
+    model, rollout = _grouped_rollout(tiny_model_dir, True)
+    prompt_length = rollout.input_ids.shape[1] - rollout.response_length
+    representatives, inverse = distinct_prompts(rollout.input_ids[:, :prompt_length],
+                                                rollout.attention_mask[:, :prompt_length])
+    assert sorted(representatives.tolist()) == [0, 2, 5]
+    assert inverse[[0, 1, 3]].unique().numel() == 1 and inverse[2] == inverse[4] and inverse[5] != inverse[0]
+    assert distinct_prompts(torch.tensor([[1, 2], [1, 3]]), torch.ones(2, 2)) is None
+    seen = []
+    handle = model.policy.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape),
+                                                    with_kwargs=True)
+    from rlhf.rollout import forward_response
+
+    with torch.no_grad():
+        forward_response(model, rollout, slice(None), 1.0)
+    handle.remove()
+    assert seen == [(3, prompt_length - 1), (6, rollout.response_length + 1)]
