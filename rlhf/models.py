@@ -285,16 +285,20 @@ class PolicyWithValue(nn.Module):
         cache = (shared_prompt_cache(self.policy, input_ids, attention_mask, position_ids, prefix_length)
                  if self.share_prompt_prefix else None)
         suffix = slice(prefix_length if cache is not None else 0, None)
+        suffix_length = input_ids.shape[1] - (prefix_length if cache is not None else 0)
+        # Positions as an index tensor, not logits_to_keep=T+1 and [:, :-1]: the LM head skips the
+        # last position and the logits come out contiguous (log_softmax would copy a strided view).
+        predicting = torch.arange(suffix_length - response_length - 1, suffix_length - 1, device=input_ids.device)
         outputs = self.policy(
             input_ids=input_ids[:, suffix],
             attention_mask=attention_mask,
             position_ids=position_ids[:, suffix],
             cache=cache,
-            logits_to_keep=response_length + 1,
+            logits_to_keep=predicting,
             output_hidden_states=self.value_head is not None,
             use_cache=cache is not None,
         )
-        logits = outputs.logits[:, :-1]
+        logits = outputs.logits
         values = None
         if self.value_head is not None:
             hidden = outputs.hidden_states[-1][:, -(response_length + 1) : -1]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlhf.algorithms import entropy_from_logits, logprobs_from_logits
+from rlhf.algorithms import logprobs_and_entropy_from_logits, logprobs_from_logits
 from rlhf.models import PolicyWithValue, shared_prompt_cache
 
 
@@ -242,7 +242,10 @@ def forward_response(
         position_ids=rollout.position_ids[index],
         response_length=rollout.response_length,
     )
-    logits = logits / temperature
-    logprobs = logprobs_from_logits(logits, rollout.response_ids[index])
-    entropy = entropy_from_logits(logits.detach()) if with_entropy else None
-    return logprobs, values, entropy
+    if temperature != 1.0:  # a full [b, T, V] copy, worth skipping at the default temperature
+        logits = logits / temperature
+    labels = rollout.response_ids[index]
+    if with_entropy:
+        logprobs, entropy = logprobs_and_entropy_from_logits(logits, labels)
+        return logprobs, values, entropy
+    return logprobs_from_logits(logits, labels), values, None

@@ -68,6 +68,7 @@ SIGNATURES = {
     "token_level_rewards": "(scores, mask, kl=None, kl_coef=0.0)",
     "entropy_from_logits": "(logits)",
     "logprobs_from_logits": "(logits, labels)",
+    "logprobs_and_entropy_from_logits": "(logits, labels)",
     "conjugate_gradient": "(Avp, b, iters=10, residual_tol=1e-10)",
     "trpo_step_size": "(step_dir, Avp_of_step_dir, max_kl)",
 }
@@ -432,6 +433,22 @@ def test_logprobs_from_logits_float_and_bf16():
     expected = torch.log_softmax(logits.double(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1).float()
     close(A.logprobs_from_logits(logits, labels), expected, 1e-5)
     close(A.logprobs_from_logits(logits.bfloat16(), labels), expected, 0.15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_and_entropy_from_one_log_softmax(dtype):
+    g = torch.Generator().manual_seed(9)
+    logits = (torch.randn(3, 4, 50, generator=g) * 5).to(dtype).requires_grad_()
+    labels = torch.randint(0, 50, (3, 4), generator=g)
+    logprobs, entropy = A.logprobs_and_entropy_from_logits(logits, labels)
+    close(logprobs, A.logprobs_from_logits(logits, labels), 1e-6)
+    close(entropy, A.entropy_from_logits(logits.detach()), 1e-5)
+    assert logprobs.dtype == entropy.dtype == torch.float32
+    assert logprobs.requires_grad and not entropy.requires_grad
+    logprobs.sum().backward()
+    probs = torch.softmax(logits.detach().double(), -1)
+    expected_grad = torch.nn.functional.one_hot(labels, 50).double() - probs  # d lp / d z = onehot - p
+    assert torch.allclose(logits.grad.double(), expected_grad, atol=1e-5 if dtype == torch.float32 else 0.02)
 
 
 # ---------------------------------------------------------------------------- TRPO math
