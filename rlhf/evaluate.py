@@ -5,7 +5,7 @@ length, EOS rate, diversity, base perplexity, win rates; report.json/.md, sample
         --dataset builtin:prompts --reward_funcs sentiment --output_dir report/
     rlhf.evaluate.evaluate([...], dataset=..., reward_funcs=[...]) -> the same report dict
 
-Sampling is seeded per (prompt, sample) (``rlhf.rollout.seeded_sample``), so a prompt's
+Sampling is seeded per (prompt, sample) (``rlhf.rollout.sample_responses`` with ``row_seeds``), so a prompt's
 response depends only on the seed and the settings: not on batch size, batch order or the
 number of processes. Every checkpoint uses the same seeds (paired comparison). The training
 loop's periodic evaluation calls ``sample_and_score`` too.

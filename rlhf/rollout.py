@@ -110,11 +110,12 @@ def generate_rollout(
 ) -> Rollout:
     """Sample one response per entry of ``prompt_texts`` (already chat-formatted) with KV cache.
 
-    top_k is switched off explicitly: transformers defaults to top_k=50, which would silently
-    sample from a different distribution than the one the loss assumes. With ``row_seeds`` (one
-    per row) the draws come from ``seeded_sample`` instead of the global RNG, so a row's response
-    does not depend on the batch it is in (evaluation). With ``share_prompt_prefix`` a prompt that
-    several rows share (a GRPO group) is prefilled once and its KV cache copied to those rows.
+    Sampling is ``sample_responses`` (full vocabulary, no top-k: the distribution the loss
+    assumes); with ``row_seeds`` (one per row) a row's response does not depend on the batch it is
+    in (evaluation). With ``share_prompt_prefix`` a prompt that several rows share (a GRPO group)
+    is prefilled once and its KV cache copied to those rows. Under FSDP2 (``synced_gpus``)
+    transformers' ``generate`` runs instead, with top_k=0 (its default of 50 would silently change
+    the distribution).
     """
     device = next(policy.parameters()).device
     tokenizer.truncation_side = "left"
@@ -123,31 +124,18 @@ def generate_rollout(
         add_special_tokens=False, return_tensors="pt",
     ).to(device)
     prompt_length = encoded["input_ids"].shape[1]
-    if row_seeds is not None:
-        response_ids = seeded_sample(policy, encoded["input_ids"], encoded["attention_mask"], row_seeds,
-                                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        sequences = torch.cat([encoded["input_ids"], response_ids], dim=1)
-    else:
-        cache = None
-        if share_prompt_prefix:  # generate() then feeds only the last prompt token and on
-            position_ids = (encoded["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            cache = shared_prompt_cache(policy, encoded["input_ids"], encoded["attention_mask"], position_ids,
-                                        prompt_length - 1)
+    if synced_gpus and row_seeds is None:  # FSDP2: every process must run as many forwards; generate() syncs them
         sequences = policy.generate(
-            input_ids=encoded["input_ids"],
-            attention_mask=encoded["attention_mask"],
-            cache=cache,
-            do_sample=True,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=0,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            use_cache=True,
-            synced_gpus=synced_gpus,
+            input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], do_sample=True,
+            temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True, synced_gpus=True,
         )
+    else:
+        response_ids = sample_responses(policy, encoded["input_ids"], encoded["attention_mask"],
+                                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                        row_seeds=row_seeds, share_prompt_prefix=share_prompt_prefix)
+        sequences = torch.cat([encoded["input_ids"], response_ids], dim=1)
     response_ids = sequences[:, prompt_length:]
     mask, eos_found = response_mask(response_ids, tokenizer.eos_token_id)
     # Drop columns where every row is already finished, so later passes do not pay for them.
@@ -171,35 +159,47 @@ def generate_rollout(
 
 
 @torch.no_grad()
-def seeded_sample(
+def sample_responses(
     model: Any,
     input_ids: Tensor,
     attention_mask: Tensor,
-    row_seeds: list[int],
     *,
     max_new_tokens: int,
     temperature: float,
     top_p: float,
     eos_token_id: int,
     pad_token_id: int,
+    row_seeds: list[int] | None = None,
+    share_prompt_prefix: bool = False,
 ) -> Tensor:
-    """Batched sampling whose randomness belongs to each row: token t of row i is the inverse-CDF
-    draw of u[i, t] ~ U(0, 1) from ``torch.Generator().manual_seed(row_seeds[i])``.
+    """Batched KV-cache sampling by inverse CDF: token t of row i is the first token whose
+    cumulative probability reaches u[i, t] ~ U(0, 1).
 
     input_ids, attention_mask: [B, P] left-padded prompts -> response ids [B, T<=max_new_tokens],
-    pad after EOS. temperature 0 = greedy. Batch size, batch order and the process a row runs on
-    do not change its response (up to float rounding of the logits).
+    pad after EOS; stops once every row has ended. temperature 0 = greedy. u comes from the
+    global torch RNG, or with ``row_seeds`` from ``torch.Generator().manual_seed(row_seeds[i])``
+    per row, so batch size, batch order and the process a row runs on do not change its response
+    (up to float rounding of the logits; evaluation). One uniform per token instead of
+    ``torch.multinomial``'s vocabulary-sized exponential draw; with ``share_prompt_prefix`` rows
+    with the same prompt prefill it once (rlhf.models.shared_prompt_cache).
     """
-    batch = input_ids.shape[0]
+    batch, prompt_length = input_ids.shape
     device = input_ids.device
-    uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(int(seed)))
-                            for seed in row_seeds]).to(device)
+    if row_seeds is None:
+        uniforms = torch.rand(batch, max_new_tokens)
+    else:
+        uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(int(seed)))
+                                for seed in row_seeds])
+    uniforms = uniforms.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    step_ids, cache, tokens = input_ids, None, []
+    cache = (shared_prompt_cache(model, input_ids, attention_mask, position_ids, prompt_length - 1)
+             if share_prompt_prefix else None)
+    step_ids, step_positions = (input_ids[:, -1:], position_ids[:, -1:]) if cache is not None else (input_ids, position_ids)
+    tokens = []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        outputs = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        cache=cache, use_cache=True)
+        outputs = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=step_positions,
+                        cache=cache, use_cache=True, logits_to_keep=1)
         cache = outputs.cache
         logits = outputs.logits[:, -1].float()
         if temperature == 0:
@@ -219,7 +219,7 @@ def seeded_sample(
         if bool(finished.all()):
             break
         step_ids = token.unsqueeze(-1)
-        position_ids = position_ids[:, -1:] + 1
+        step_positions = step_positions[:, -1:] + 1
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
     return torch.stack(tokens, dim=1)
 

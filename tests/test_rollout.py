@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rlhf.models import PolicyWithValue, ValueHead, add_lora, load_base_model, load_tokenizer
-from rlhf.rollout import forward_response, generate_rollout, response_mask
+from rlhf.rollout import forward_response, generate_rollout, response_mask, sample_responses
 
 
 def test_response_mask_stops_after_first_eos():
@@ -72,3 +73,40 @@ def test_recomputed_logprobs_use_the_sampling_temperature(tiny_model_dir):
     manual = torch.log_softmax(logits / 0.5, -1).gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(at_half, manual, atol=1e-5)
     assert not torch.allclose(at_half, at_one)
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'model' whose next-token logits are always the same 5 numbers."""
+
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0])
+
+    def forward(self, input_ids, cache=None, **kwargs):
+        from types import SimpleNamespace
+
+        batch, length = input_ids.shape
+        return SimpleNamespace(logits=self.logits.expand(batch, length, 5), cache=cache)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
+def test_sampler_draws_from_the_temperature_and_top_p_distribution(temperature, top_p):
+    torch.manual_seed(0)
+    rows = 20000
+    tokens = sample_responses(FixedLogits(), torch.ones(rows, 3, dtype=torch.long), torch.ones(rows, 3, dtype=torch.long),
+                              max_new_tokens=1, temperature=temperature, top_p=top_p, eos_token_id=99,
+                              pad_token_id=98)[:, 0]
+    probs = torch.softmax(FixedLogits.logits / temperature, -1)
+    sorted_probs, order = probs.sort(descending=True)
+    keep = (sorted_probs.cumsum(-1) - sorted_probs) <= top_p
+    expected = torch.zeros(5).scatter(0, order, sorted_probs * keep)
+    expected = expected / expected.sum()
+    observed = torch.bincount(tokens, minlength=5).float() / rows
+    assert torch.allclose(observed, expected, atol=0.012), (observed, expected)  # ~4 standard errors
+    if top_p < 1.0:
+        assert observed[expected == 0].sum() == 0
+
+
+def test_sampler_is_greedy_at_temperature_zero_and_stops_after_eos():
+    ids = torch.ones(3, 2, dtype=torch.long)
+    tokens = sample_responses(FixedLogits(), ids, torch.ones_like(ids), max_new_tokens=4, temperature=0.0, top_p=1.0,
+                              eos_token_id=0, pad_token_id=98)
+    assert tokens.tolist() == [[0]] * 3  # token 0 is the argmax and EOS: every row ends at once
