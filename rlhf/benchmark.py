@@ -36,6 +36,8 @@ class BenchmarkConfig:
     seed: int = field(default=0, metadata={"help": "Seed of every system."})
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS), metadata={"help": f"Any of {', '.join(SYSTEMS)}."})
     floor: bool = field(default=False, metadata={"help": "Also time generate / forward / forward+backward alone."})
+    profile: bool = field(default=False, metadata={"help": "torch.profiler over the first measured step of ours-grpo "
+                                                           "(phases marked); the op table goes next to --out."})
     out: str = field(default="bench.json", metadata={"help": "Where the JSON results go."})
 
     def __post_init__(self) -> None:
@@ -86,11 +88,40 @@ def run_ours(algorithm: str, config: BenchmarkConfig, output_dir: Path) -> list[
         "lora_r": config.lora_r, "lora_alpha": 2 * config.lora_r, "kl_coef": 0.0, "save_steps": 0,
         "num_samples_to_log": 0, "seed": config.seed, "report_to": ["jsonl"],
     })
-    RLTrainer(run).train()
+    trainer = RLTrainer(run)
+    if config.profile and algorithm == "grpo":
+        _profile_one_step(trainer, config.warmup_steps, Path(config.out).with_suffix(".profile.txt"))
+    trainer.train()
     metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return [{"step": m["step_time_s"], "tokens": m["tokens_per_second"] * m["step_time_s"],
              "generation": m["rollout_time_s"], "scoring": m["score_time_s"], "logprobs": m["logprob_time_s"],
              "update": m["update_time_s"]} for m in metrics[config.warmup_steps:]]
+
+
+def _profile_one_step(trainer: Any, warmup_steps: int, table_path: Path) -> None:
+    """Profile the trainer's step number warmup_steps + 1 with each phase under its own label."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    for phase in ("rollout", "score", "compute_advantages", "update"):
+        method = getattr(trainer, phase)
+
+        def labelled(*args: Any, _method: Any = method, _phase: str = phase, **kwargs: Any) -> Any:
+            with record_function(f"## {_phase}"):
+                return _method(*args, **kwargs)
+        setattr(trainer, phase, labelled)
+    train_step = trainer.train_step
+
+    def profiled_step() -> dict[str, float]:
+        if trainer.step != warmup_steps:
+            return train_step()
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            metrics = train_step()
+        table = profiler.key_averages().table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60)
+        table_path.write_text(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+                              f"phases are the '## ' rows (CPU total includes children)\n{table}\n")
+        return metrics
+    trainer.train_step = profiled_step
 
 
 def run_trl_grpo(config: BenchmarkConfig, output_dir: Path) -> list[dict[str, float]]:
@@ -166,12 +197,14 @@ def math_nan() -> float:
 
 
 def run_floor(config: BenchmarkConfig) -> dict[str, float]:
-    """generate, one no-grad forward, one forward+backward on one batch of the benchmark's shape."""
+    """Bare transformers ``generate`` (LoRA unmerged, every prompt prefilled in full, all
+    max_new_tokens), one no-grad forward and one forward+backward of the plain model (no shared
+    prompts) on one batch of the benchmark's shape: what a step costs done the ordinary way."""
     import torch
 
     from rlhf.data import format_prompt, load_prompt_dataset
     from rlhf.models import PolicyWithValue, add_lora, load_base_model, load_tokenizer
-    from rlhf.rollout import forward_response, generate_rollout
+    from rlhf.rollout import Rollout, forward_response, response_mask
 
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.model)
@@ -180,10 +213,19 @@ def run_floor(config: BenchmarkConfig) -> dict[str, float]:
     prompts = load_prompt_dataset("builtin:prompts")["prompt"][:config.prompts_per_step]
     texts = [format_prompt(p, tokenizer) for p in prompts for _ in range(config.num_generations)]
 
+    encoded = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+
     def generate() -> Any:
-        return generate_rollout(model.policy, tokenizer, texts, prompts=texts, group_ids=list(range(len(texts))),
-                                columns={}, max_prompt_length=96, max_new_tokens=config.max_new_tokens,
-                                temperature=1.0, top_p=1.0)
+        """transformers' own generate on the LoRA model, as anyone would call it."""
+        sequences = model.policy.generate(
+            **encoded, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=config.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        response = sequences[:, encoded["input_ids"].shape[1]:]
+        mask, eos_found = response_mask(response, tokenizer.eos_token_id)
+        return Rollout(input_ids=sequences, attention_mask=torch.cat([encoded["attention_mask"], mask.long()], 1),
+                       response_ids=response, mask=mask, eos_found=eos_found, group_ids=torch.arange(len(texts)),
+                       prompts=texts, completions=[""] * len(texts))
 
     timings: dict[str, list[float]] = {"generate_s": [], "forward_no_grad_s": [], "forward_backward_s": []}
     for repeat in range(config.warmup_steps + config.steps):
@@ -281,5 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         Path(config.out).write_text(json.dumps(report, indent=2))
         print(render_table(report))
         print(f"written: {config.out}")
+        if config.profile and "ours-grpo" in config.systems:
+            print(f"profile of one ours-grpo step: {Path(config.out).with_suffix('.profile.txt')}")
 
     exit_on_user_error(run)

@@ -12,7 +12,8 @@ def test_benchmark_runs_ours_and_trl_and_the_floor(tiny_model_dir, tmp_path):
     out = tmp_path / "bench.json"
     result = run_script("benchmark.py", "--model", str(tiny_model_dir), "--systems", "ours-grpo", "trl-grpo",
                         "--steps", "1", "--warmup_steps", "1", "--prompts_per_step", "2", "--num_generations", "2",
-                        "--max_new_tokens", "4", "--lora_r", "4", "--floor", "true", "--out", str(out), timeout=600)
+                        "--max_new_tokens", "4", "--lora_r", "4", "--floor", "true", "--profile", "true",
+                        "--out", str(out), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     for system in ("ours-grpo", "trl-grpo"):
@@ -27,6 +28,10 @@ def test_benchmark_runs_ours_and_trl_and_the_floor(tiny_model_dir, tmp_path):
                         ours["samples_per_second"] / trl["samples_per_second"])
     assert report["results"]["floor"]["floor_step_s"] > 0 and report["ours_grpo_step_over_floor"] > 0
     assert "ours-grpo / trl-grpo: samples/s x" in result.stdout
+    profile = (tmp_path / "bench.profile.txt").read_text()
+    for phase in ("rollout", "score", "compute_advantages", "update"):
+        assert f"## {phase}" in profile
+    assert "aten::mm" in profile
 
 
 def test_benchmark_unknown_system_exits_2(tmp_path):
