@@ -113,13 +113,17 @@ def _import_file(path: Path, spec: str) -> Any:
     return module
 
 
+def _single_sample(call_kwargs: dict[str, Any], index: int) -> dict[str, Any]:
+    """The keyword arguments of a reward call cut down to sample ``index`` (per-sample lists only)."""
+    count = len(call_kwargs["completions"])
+    return {k: (v[index:index + 1] if isinstance(v, list) and len(v) == count else v) for k, v in call_kwargs.items()}
+
+
 def _failing_sample(fn: RewardFn, call_kwargs: dict[str, Any]) -> str:
     """Re-run a failed batch one sample at a time to tell the user which sample breaks it."""
-    count = len(call_kwargs["completions"])
-    for i in range(count):
-        single = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == count else v) for k, v in call_kwargs.items()}
+    for i in range(len(call_kwargs["completions"])):
         try:
-            fn(**single)
+            fn(**_single_sample(call_kwargs, i))
         except Exception:
             return f" on sample {i} (completion {call_kwargs['completions'][i][:50]!r})"
     return ""
@@ -234,9 +238,7 @@ class CombinedReward:
             if batch_failed:  # it raised on the batch: find the failing samples one at a time
                 values, bad = [], []
                 for i in range(count):
-                    single = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == count else v)
-                              for k, v in call_kwargs.items()}
-                    value, one_bad, _ = _tolerant_values(fn, single, 1)
+                    value, one_bad, _ = _tolerant_values(fn, _single_sample(call_kwargs, i), 1)
                     values += value
                     bad += one_bad
             components[name] = values

@@ -36,8 +36,9 @@ class BenchmarkConfig:
     seed: int = field(default=0, metadata={"help": "Seed of every system."})
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS), metadata={"help": f"Any of {', '.join(SYSTEMS)}."})
     floor: bool = field(default=False, metadata={"help": "Also time generate / forward / forward+backward alone."})
-    profile: bool = field(default=False, metadata={"help": "torch.profiler over the first measured step of ours-grpo "
-                                                           "(phases marked); the op table goes next to --out."})
+    profile: bool = field(default=False, metadata={"help": "Also run ours-grpo once more under torch.profiler (its own "
+                                                           "process, not in the table); the op table of the first step "
+                                                           "after warm-up, phases labelled, goes next to --out."})
     out: str = field(default="bench.json", metadata={"help": "Where the JSON results go."})
 
     def __post_init__(self) -> None:
@@ -72,7 +73,8 @@ def _summarise(rows: list[dict[str, float]], sequences: int) -> dict[str, Any]:
     }
 
 
-def run_ours(algorithm: str, config: BenchmarkConfig, output_dir: Path) -> list[dict[str, float]]:
+def run_ours(algorithm: str, config: BenchmarkConfig, output_dir: Path,
+             profile_to: Path | None = None) -> list[dict[str, float]]:
     from rlhf.cli import ALGORITHM_DEFAULTS
     from rlhf.config import RLConfig
     from rlhf.trainer import RLTrainer
@@ -89,8 +91,8 @@ def run_ours(algorithm: str, config: BenchmarkConfig, output_dir: Path) -> list[
         "num_samples_to_log": 0, "seed": config.seed, "report_to": ["jsonl"],
     })
     trainer = RLTrainer(run)
-    if config.profile and algorithm == "grpo":
-        _profile_one_step(trainer, config.warmup_steps, Path(config.out).with_suffix(".profile.txt"))
+    if profile_to is not None:
+        _profile_one_step(trainer, config.warmup_steps, profile_to)
     trainer.train()
     metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return [{"step": m["step_time_s"], "tokens": m["tokens_per_second"] * m["step_time_s"],
@@ -257,6 +259,10 @@ def _child(system: str, config_dict: dict[str, Any], queue: Any) -> None:
         try:
             if system == "floor":
                 result: Any = run_floor(config)
+            elif system == "profile":
+                run_ours("grpo", dataclasses.replace(config, steps=1), Path(tmp) / "run",
+                         profile_to=Path(config.out).with_suffix(".profile.txt"))
+                result = {}
             elif system == "trl-grpo":
                 result = _summarise(run_trl_grpo(config, Path(tmp) / "run"), config.sequences)
             else:
@@ -270,7 +276,7 @@ def _child(system: str, config_dict: dict[str, Any], queue: Any) -> None:
 def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: RSS and caches are per system
     results: dict[str, Any] = {}
-    for system in [*config.systems, *(["floor"] if config.floor else [])]:
+    for system in [*config.systems, *(["floor"] if config.floor else []), *(["profile"] if config.profile else [])]:
         queue = context.Queue()
         process = context.Process(target=_child, args=(system, dataclasses.asdict(config), queue))
         process.start()
@@ -294,7 +300,7 @@ def render_table(report: dict[str, Any]) -> str:
     columns = ("samples_per_second", "tokens_per_second", "step_time_s", *(f"{p}_s" for p in PHASES), "peak_rss_mb")
     lines = ["| system | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, result in report["results"].items():
-        if name == "floor":
+        if name in ("floor", "profile"):
             continue
         if "error" in result:
             lines.append(f"| {name} | {result['error']} |")
@@ -323,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         Path(config.out).write_text(json.dumps(report, indent=2))
         print(render_table(report))
         print(f"written: {config.out}")
-        if config.profile and "ours-grpo" in config.systems:
+        if config.profile and "error" not in report["results"]["profile"]:
             print(f"profile of one ours-grpo step: {Path(config.out).with_suffix('.profile.txt')}")
 
     exit_on_user_error(run)

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,40 +62,54 @@ def save_adapter_and_head(policy: PeftModel, value_head: torch.nn.Module | None,
         save_file(tensors, str(directory / VALUE_HEAD_FILE))
 
 
-def save_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Module | None,
-                    trainer_state: dict[str, Any], checkpoints_dir: Path, step: int, total_limit: int | None,
-                    full_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``step-<step>`` atomically (all processes must call this).
+def write_atomically(accelerator: Any, final: Path, write_on_main: Callable[[Path], None],
+                     write_on_every_process: Callable[[Path], None] | None = None) -> Path:
+    """Build ``final`` in ``.tmp-<name>`` next to it, fsync, rename (all processes must call this).
 
-    Everything goes to ``.tmp-step-<step>``, is fsynced, and only then renamed; a crash at any
-    moment leaves the earlier checkpoints complete and loadable. A failed write (disk full, no
-    permission) removes the staging dir and raises CheckpointError on every process.
+    Leftover staging dirs of killed saves are removed first. A crash at any moment leaves the
+    earlier version of ``final`` (if any) complete; a failed write (disk full, no permission)
+    removes the staging dir and raises CheckpointError on every process, so none of them waits
+    forever at the next barrier.
     """
-    final = checkpoints_dir / f"step-{step}"
-    staging = checkpoints_dir / f".tmp-step-{step}"
+    staging = final.with_name(f".tmp-{final.name}")
     error: OSError | None = None
     try:
         if accelerator.is_main_process:
-            _remove_leftovers(checkpoints_dir)
+            _remove_leftovers(final.parent, final.name)
             staging.mkdir(parents=True)
     except OSError as exc:
         error = exc
     _raise_if_any_failed(accelerator, error, final, staging)
-    try:
-        accelerator.save_state(str(staging / "accelerate"))
-    except OSError as exc:
-        error = exc
-    _raise_if_any_failed(accelerator, error, final, staging)
+    if write_on_every_process is not None:
+        try:
+            write_on_every_process(staging)
+        except OSError as exc:
+            error = exc
+        _raise_if_any_failed(accelerator, error, final, staging)
     try:
         if accelerator.is_main_process:
-            save_adapter_and_head(policy, value_head, staging, full_state)
-            (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+            write_on_main(staging)
             fsync_tree(staging)
             publish(staging, final)
-            _rotate(checkpoints_dir, total_limit)
     except OSError as exc:
         error = exc
     _raise_if_any_failed(accelerator, error, final, staging)
+    return final
+
+
+def save_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Module | None,
+                    trainer_state: dict[str, Any], checkpoints_dir: Path, step: int, total_limit: int | None,
+                    full_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``checkpoints_dir/step-<step>`` atomically (``write_atomically``), then delete the
+    complete checkpoints beyond ``total_limit``, oldest first."""
+    def write_weights_and_state(staging: Path) -> None:
+        save_adapter_and_head(policy, value_head, staging, full_state)
+        (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+
+    final = write_atomically(accelerator, checkpoints_dir / f"step-{step}", write_weights_and_state,
+                             write_on_every_process=lambda staging: accelerator.save_state(str(staging / "accelerate")))
+    if accelerator.is_main_process:
+        _rotate(checkpoints_dir, total_limit)
     return final
 
 
@@ -114,12 +129,11 @@ def _raise_if_any_failed(accelerator: Any, error: OSError | None, final: Path, s
 def fsync_tree(root: Path) -> None:
     """Flush every file and directory under ``root`` to disk, so a later rename publishes
     complete data even after a power loss."""
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as handle:
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as handle:
                 os.fsync(handle.fileno())
-    for directory in [root, *(p for p in root.rglob("*") if p.is_dir())]:
-        _fsync_dir(directory)
+        _fsync_dir(Path(directory))
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -142,11 +156,13 @@ def publish(staging: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _remove_leftovers(checkpoints_dir: Path) -> None:
-    """Staging dirs of a run that was killed mid-save are incomplete by definition."""
-    if checkpoints_dir.is_dir():
-        for path in checkpoints_dir.iterdir():
-            if path.name.startswith((".tmp-", ".old-")):
+def _remove_leftovers(parent: Path, name: str) -> None:
+    """Staging (and swapped-out) dirs of a run killed mid-save are incomplete by definition: those
+    of ``name`` and of any ``step-N`` in ``parent``, nothing else a user may keep there."""
+    if parent.is_dir():
+        for path in parent.iterdir():
+            if path.name.startswith((".tmp-", ".old-")) and (
+                    path.name[5:] == name or CHECKPOINT_PATTERN.match(path.name[5:])):
                 shutil.rmtree(path, ignore_errors=True)
 
 

@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import random
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from rlhf.errors import ConfigError, DataError, TrainingDiverged
 from rlhf.evaluate import adapter_disabled, sample_and_score
 from rlhf.models import (
     PolicyWithValue, ValueHead, add_lora, check_bf16, load_base_model, load_tokenizer, merge_adapter,
-    merged_lora_weights, trainable_parameter_groups,
+    fuse_lora_layers, merged_lora_weights, trainable_parameter_groups,
 )
 from rlhf.rollout import Rollout, concat_rollouts, forward_response, generate_rollout
 from rlhf.signals import StopOnSignal, TrainingInterrupted
@@ -108,6 +107,8 @@ class RLTrainer:
             # output must, or checkpointed blocks could return activations without a graph.
             base.enable_input_require_grads()
         policy = add_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+        if not shards_weights(self.accelerator):
+            fuse_lora_layers(policy)
         value_head = ValueHead(base.config.hidden_size) if config.needs_value_head else None
         # Sharing runs the policy twice in one forward with a cache: fine for DDP, not for sharding
         # hooks; checkpointed layers switch the cache off.
@@ -739,16 +740,14 @@ class RLTrainer:
         self.accelerator.print(f"resumed from {path} at step {self.step}")
 
     def save_final(self) -> Path:
-        final = self.output_dir / "final"
-        self.accelerator.wait_for_everyone()
         full_state = self._gathered_state()
-        if self.accelerator.is_main_process:
-            unwrapped, staging = self.unwrapped, self.output_dir / ".tmp-final"
-            shutil.rmtree(staging, ignore_errors=True)
+        unwrapped = self.unwrapped
+
+        def write_adapter_and_tokenizer(staging: Path) -> None:
             ckpt.save_adapter_and_head(unwrapped.policy, unwrapped.value_head, staging, full_state)
             self.tokenizer.save_pretrained(staging)
-            ckpt.fsync_tree(staging)
-            ckpt.publish(staging, final)
+
+        final = ckpt.write_atomically(self.accelerator, self.output_dir / "final", write_adapter_and_tokenizer)
         self.accelerator.wait_for_everyone()
         return final
 

@@ -185,3 +185,59 @@ def test_shared_prompt_prefix_runs_each_distinct_prompt_once(tiny_model_dir):
         forward_response(model, rollout, slice(None), 1.0)
     handle.remove()
     assert seen == [(3, prompt_length - 1), (6, rollout.response_length + 1)]
+
+
+def test_fused_lora_layers_give_peft_outputs_and_gradients(tiny_model_dir):
+    import torch
+
+    from rlhf.models import fuse_lora_layers
+
+    input_ids = torch.randint(0, 1000, (3, 10))
+
+    def forward_backward(policy):
+        policy.zero_grad()
+        logits = policy(input_ids=input_ids).logits
+        (logits.log_softmax(-1)[..., :7] * torch.linspace(-1, 1, 7)).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+    peft_policy, fused_policy = _trained_lora(tiny_model_dir), _trained_lora(tiny_model_dir)
+    layers = sum(1 for m in fused_policy.modules() if hasattr(m, "lora_A"))
+    assert fuse_lora_layers(fused_policy) == layers > 0
+    expected_logits, expected_grads = forward_backward(peft_policy)
+    calls = []
+    from rlhf import models
+
+    original_apply = models._LoraLinearFunction.apply
+    models._LoraLinearFunction.apply = lambda *a: calls.append(1) or original_apply(*a)
+    try:
+        logits, grads = forward_backward(fused_policy)
+    finally:
+        models._LoraLinearFunction.apply = original_apply
+    assert len(calls) == layers  # every layer took the fused path
+    assert torch.allclose(logits, expected_logits, atol=1e-5)
+    assert grads.keys() == expected_grads.keys() and any("lora_A" in n for n in grads)
+    for name in grads:
+        assert torch.allclose(grads[name], expected_grads[name], atol=1e-6, rtol=1e-4), name
+    with torch.no_grad(), fused_policy.disable_adapter(), peft_policy.disable_adapter():  # the reference
+        assert torch.allclose(fused_policy(input_ids=input_ids).logits, peft_policy(input_ids=input_ids).logits)
+
+
+def test_fused_lora_layers_gradcheck():
+    import torch
+
+    from rlhf.models import _LoraLinearFunction
+
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 3, 5, dtype=torch.double), torch.randn(4, 5, dtype=torch.double), torch.randn(4, dtype=torch.double)
+    lora_a, lora_b = torch.randn(2, 5, dtype=torch.double), torch.randn(4, 2, dtype=torch.double)
+    inputs = [t.requires_grad_() for t in (x, weight, bias, lora_a, lora_b)]
+    assert torch.autograd.gradcheck(lambda *t: _LoraLinearFunction.apply(*t, 0.7), inputs)
+
+
+def test_fusing_skips_bfloat16_and_dropout_layers(tiny_model_dir):
+    import torch
+
+    from rlhf.models import add_lora, fuse_lora_layers, load_base_model
+
+    assert fuse_lora_layers(_trained_lora(tiny_model_dir, dtype=torch.bfloat16)) == 0
+    assert fuse_lora_layers(add_lora(load_base_model(str(tiny_model_dir)), 4, 8, 0.1, ["all-linear"])) == 0
