@@ -224,10 +224,13 @@ def fuse_lora_layers(policy: PeftModel) -> int:
 
         def forward(x: Tensor, *args: Any, _layer: Any = layer, _name: str = name, _peft_forward: Any = peft_forward,
                     **kwargs: Any) -> Tensor:
-            if (args or kwargs or _layer.disable_adapters or _layer.merged or list(_layer.active_adapters) != [_name]
-                    or x.dtype != torch.float32):
-                return _peft_forward(x, *args, **kwargs)
             base_layer = _layer.base_layer
+            if args or kwargs or _layer.merged:
+                return _peft_forward(x, *args, **kwargs)
+            if _layer.disable_adapters:  # reference passes and merged sampling: the base layer alone
+                return base_layer(x)
+            if list(_layer.active_adapters) != [_name] or x.dtype != torch.float32:
+                return _peft_forward(x, *args, **kwargs)
             return _LoraLinearFunction.apply(x, base_layer.weight, base_layer.bias, _layer.lora_A[_name].weight,
                                              _layer.lora_B[_name].weight, _layer.scaling[_name])
         layer.forward = forward
@@ -263,9 +266,15 @@ def merged_lora_weights(policy: PeftModel) -> Iterator[PeftModel]:
     with torch.no_grad():
         for layer in layers:
             base = layer.get_base_layer()
-            delta = sum(layer.get_delta_weight(name) for name in layer.active_adapters if name in layer.lora_A)
+            merged = base.weight.data
+            for name in (name for name in layer.active_adapters if name in layer.lora_A):
+                if layer.fan_in_fan_out or layer.lora_A[name].weight.dtype != torch.float32:
+                    merged = merged + layer.get_delta_weight(name)
+                else:  # W + s*B@A in one pass: no separate delta tensor
+                    merged = torch.addmm(merged, layer.lora_B[name].weight, layer.lora_A[name].weight,
+                                         alpha=layer.scaling[name])
             originals.append((base, base.weight.data))
-            base.weight.data = base.weight.data + delta
+            base.weight.data = merged
     try:
         with policy.disable_adapter():
             yield policy
