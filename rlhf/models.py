@@ -204,8 +204,9 @@ class _LoraLinearFunction(torch.autograd.Function):
 def fuse_lora_layers(policy: PeftModel) -> int:
     """Route every plain float32 LoRA linear layer through ``_LoraLinearFunction``; returns how
     many. Layers with DoRA, dropout, fan_in_fan_out, a LoRA bias, another dtype or several
-    adapters keep peft's forward, and so does any call with adapters disabled or merged, or
-    with peft's per-call arguments (adapter_names). Not for DeepSpeed ZeRO-3/FSDP, whose hooks
+    adapters keep peft's forward, and so does any call with adapters merged, under autocast, or
+    with peft's per-call arguments (adapter_names); with adapters disabled the base layer runs
+    alone. Not for DeepSpeed ZeRO-3/FSDP, whose hooks
     gather the weights only when the base layer itself is called.
     """
     from peft.tuners.lora import Linear as LoraLinear
@@ -229,7 +230,8 @@ def fuse_lora_layers(policy: PeftModel) -> int:
                 return _peft_forward(x, *args, **kwargs)
             if _layer.disable_adapters:  # reference passes and merged sampling: the base layer alone
                 return base_layer(x)
-            if list(_layer.active_adapters) != [_name] or x.dtype != torch.float32:
+            if (list(_layer.active_adapters) != [_name] or x.dtype != torch.float32
+                    or torch.is_autocast_enabled(x.device.type)):  # autocast would mix dtypes in addmm_
                 return _peft_forward(x, *args, **kwargs)
             return _LoraLinearFunction.apply(x, base_layer.weight, base_layer.bias, _layer.lora_A[_name].weight,
                                              _layer.lora_B[_name].weight, _layer.scaling[_name])
@@ -242,8 +244,8 @@ def fuse_lora_layers(policy: PeftModel) -> int:
 def merged_lora_weights(policy: PeftModel) -> Iterator[PeftModel]:
     """The policy with every LoRA delta folded into its base weight, for generation only.
 
-    Sampling then runs one matmul per linear layer instead of three (base, A, B) -- on a CPU the
-    decode step is bound by these small matmuls and their call overhead. Each merged weight
+    Sampling then runs one matmul per linear layer instead of three (base, A, B); a decode step
+    is bound by reading weights and by per-op overhead, both of which this cuts. Each merged weight
     W + s*B@A is a new tensor, and the original W is put back untouched on exit, so the base
     (which is also the reference policy) never drifts the way peft's in-place merge/unmerge
     round trip would. Falls back to the unmerged model where merging would change the

@@ -241,3 +241,17 @@ def test_fusing_skips_bfloat16_and_dropout_layers(tiny_model_dir):
 
     assert fuse_lora_layers(_trained_lora(tiny_model_dir, dtype=torch.bfloat16)) == 0
     assert fuse_lora_layers(add_lora(load_base_model(str(tiny_model_dir)), 4, 8, 0.1, ["all-linear"])) == 0
+
+
+def test_fused_lora_layers_leave_autocast_to_peft(tiny_model_dir):
+    import torch
+
+    from rlhf.models import fuse_lora_layers
+
+    input_ids = torch.randint(0, 1000, (2, 6))
+    peft_policy, fused_policy = _trained_lora(tiny_model_dir), _trained_lora(tiny_model_dir)
+    fuse_lora_layers(fused_policy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = peft_policy(input_ids=input_ids).logits
+        got = fused_policy(input_ids=input_ids).logits  # the fused addmm_ would fail on mixed dtypes
+    assert torch.equal(got, expected)
