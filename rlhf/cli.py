@@ -113,7 +113,6 @@ def plot_metrics_main(argv: list[str] | None = None) -> None:
     """``python scripts/plot_metrics.py RUN_DIR [RUN_DIR ...] [--output_dir DIR]``."""
 
     def run() -> None:
-        import argparse
         from pathlib import Path
 
         from rlhf.config import OneLineParser

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, run_script, tiny_args
+from conftest import run_script, tiny_args
 
 
 def assert_one_line_error(result, *fragments):
