@@ -136,3 +136,28 @@ def test_sharded_backends_refuse_what_they_cannot_do(backend, overrides, message
 
     with pytest.raises(ConfigError, match=message):
         RLTrainer._configure_sharding(_sharded_trainer(DistributedType[backend], **overrides))
+
+
+def test_processes_on_one_cpu_share_its_cores(monkeypatch):
+    import torch
+
+    from rlhf.distributed import share_cpu_cores
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("WORLD_SIZE", "4")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two hosts with two processes each
+        assert share_cpu_cores() == max(1, cores // 2)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 4))
+        assert share_cpu_cores() == 1
+        torch.set_num_threads(before)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
+        assert share_cpu_cores() == before
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.delenv("WORLD_SIZE")
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        assert share_cpu_cores() == before  # one process keeps every core
+    finally:
+        torch.set_num_threads(before)
