@@ -688,9 +688,10 @@ def logprobs_and_entropy_from_logits(logits: Tensor, labels: Tensor) -> tuple[Te
     logits: [B, T, V]; labels: [B, T].  log p = log_softmax(z); lp = log p[label];
     H = -sum_v exp(log p_v) log p_v.  The entropy is a metric and carries no gradient.
     """
-    if logits.dtype not in (torch.float32, torch.float64):
-        entropy = torch.stack([entropy_from_logits(row) for row in logits.detach()])
-        return logprobs_from_logits(logits, labels), entropy
+    if logits.dtype not in (torch.float32, torch.float64):  # upcast one row at a time, one log_softmax each
+        rows = [logprobs_and_entropy_from_logits(row.float().unsqueeze(0), row_labels.unsqueeze(0))
+                for row, row_labels in zip(logits, labels)]
+        return torch.cat([lp for lp, _ in rows]), torch.cat([h for _, h in rows])
     log_probs = torch.log_softmax(logits, dim=-1)
     logprobs = log_probs.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1).float()
     with torch.no_grad():  # row by row: the temporaries stay one row's size instead of two more [B, T, V]
