@@ -25,6 +25,7 @@ share one signature each; an unknown name raises ``ValueError`` listing the vali
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -38,6 +39,8 @@ __all__ = [
     "masked_whiten",
     "whiten_with_stats",
     "agg_loss",
+    "agg_units",
+    "declared_kwargs",
     "LOSS_AGG_MODES",
     "kl_penalty",
     "KL_ESTIMATORS",
@@ -128,16 +131,26 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return sum_sq / n.clamp(min=1.0)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  all_reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Normalise masked entries of ``x`` to zero mean and unit variance, float32, same shape.
 
     x, mask: same shape (e.g. [B, T]).
     out = (x - mean) / sqrt(var + eps)      mean, var (unbiased) over entries with mask = 1
     shift_mean=False adds the mean back:  out = (x - mean) / sqrt(var + eps) + mean
     Masked-out positions are set to 0 so padding can never leak into a loss.
+    all_reduce (sums a tensor over processes) makes mean and var those of the global batch: a
+    per-process whitening gives different advantages on 2 processes than on 1 (RL_NOTES 10).
     """
     mask_f = mask.float()
-    return whiten_with_stats(x, mask_f, masked_mean(x, mask_f), masked_var(x, mask_f), shift_mean, eps)
+    if all_reduce is None:
+        return whiten_with_stats(x, mask_f, masked_mean(x, mask_f), masked_var(x, mask_f), shift_mean, eps)
+    x_f = x.float()
+    total, total_sq, count = all_reduce(torch.stack([
+        masked_sum(x_f, mask_f), masked_sum(x_f * x_f, mask_f), mask_f.sum()])).tolist()
+    mean = total / max(count, 1.0)
+    var = (total_sq - count * mean * mean) / max(count - 1.0, 1.0)
+    return whiten_with_stats(x, mask_f, mean, max(var, 0.0), shift_mean, eps)
 
 
 def whiten_with_stats(x: Tensor, mask: Tensor, mean: Tensor | float, var: Tensor | float,
@@ -160,28 +173,60 @@ def whiten_with_stats(x: Tensor, mask: Tensor, mean: Tensor | float, var: Tensor
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
+def agg_units(mask: Tensor, mode: str = "token-mean") -> Tensor:
+    """What ``agg_loss`` averages over, float32 scalar: real tokens for token-mean, rows with at
+    least one real token for the seq-* modes.
+
+    mask: [B, T]. Rows whose mask is all 0 (groups dropped by filter_zero_std_groups) are no
+    sequences of the batch, so no mode counts them. Summed over micro-batches and processes this
+    is the global normaliser: micro-batch loss * its units / global units adds up to the loss of
+    the whole batch (RL_NOTES 14).
+    """
+    mask = mask.float()
+    if mode == "token-mean":
+        return mask.sum()
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss_agg_mode {mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
+    return (mask.sum(-1) > 0).float().sum()
+
+
 def agg_loss(loss: Tensor, mask: Tensor, mode: str = "token-mean", norm_length: int | None = None) -> Tensor:
     """Reduce a per-token loss [B, T] to a float32 scalar.
 
-    loss, mask: [B, T].
+    loss, mask: [B, T]; K = rows with at least one real token (``agg_units``).
     token-mean               = sum(loss * mask) / sum(mask)              (DAPO; no length bias)
-    seq-mean-token-mean      = mean_i( sum_t(loss * mask)_i / sum_t(mask)_i )   (original GRPO)
-    seq-mean-token-sum       = mean_i( sum_t(loss * mask)_i )
-    seq-mean-token-sum-norm  = sum(loss * mask) / (B * norm_length), norm_length defaults to T
-                             (Dr. GRPO: a constant divisor, so no per-sequence length bias)
+    seq-mean-token-mean      = (1/K) sum_i ( sum_t(loss * mask)_i / sum_t(mask)_i )   (original GRPO)
+    seq-mean-token-sum       = (1/K) sum_i ( sum_t(loss * mask)_i )
+    seq-mean-token-sum-norm  = sum(loss * mask) / (K * norm_length)
+                             (Dr. GRPO: norm_length is a constant such as max_new_tokens; the
+                             padded width T would change with every batch and every process)
     """
     mask = mask.float()
     if mode == "token-mean":
         return masked_mean(loss, mask)
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss_agg_mode {mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
+    rows = agg_units(mask, mode).clamp(min=1.0)
     if mode == "seq-mean-token-mean":
-        per_seq = masked_sum(loss, mask, dim=-1) / mask.sum(-1).clamp(min=1.0)
-        return per_seq.mean()
+        return (masked_sum(loss, mask, dim=-1) / mask.sum(-1).clamp(min=1.0)).sum() / rows
     if mode == "seq-mean-token-sum":
-        return masked_sum(loss, mask, dim=-1).mean()
-    if mode == "seq-mean-token-sum-norm":
-        length = loss.shape[-1] if norm_length is None else norm_length
-        return masked_sum(loss, mask) / (loss.shape[0] * length)
-    raise ValueError(f"unknown loss_agg_mode {mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
+        return masked_sum(loss, mask) / rows
+    if norm_length is None:
+        raise ValueError("loss_agg_mode 'seq-mean-token-sum-norm' needs norm_length, a constant divisor "
+                         "such as max_new_tokens")
+    return masked_sum(loss, mask) / (rows * norm_length)
+
+
+def declared_kwargs(fn: Callable, available: dict[str, object]) -> dict[str, object]:
+    """The entries of ``available`` that ``fn`` names as parameters (all of them if it takes **kwargs).
+
+    Lets the trainer offer every input it has (e.g. ``all_reduce``, ``norm_length``) while a
+    registered function, ours or a user's, declares only the ones it reads.
+    """
+    parameters = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(available)
+    return {name: value for name, value in available.items() if name in parameters}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -530,21 +575,24 @@ def reinforce_pp_advantages(
     lam: float = 0.95,
     baseline: float = 0.0,
     eps: float = 1e-6,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """REINFORCE++ (Hu 2025): reward-to-go whitened over the whole batch.
 
     G_t = sum_{l >= t} gamma^(l - t) r_l (token rewards already carry the per-token KL);
     A = masked_whiten(G, mask) — the batch statistics act as the baseline, no critic, no groups.
+    The batch is the global one: ``all_reduce`` (a sum over processes) makes the statistics those
+    of every process's tokens, as in OpenRLHF; None = this tensor is the whole batch.
     token_rewards, mask: [B, T] -> advantages [B, T], returns G [B, T] (float32).
     """
     returns = discounted_returns(token_rewards, mask, gamma)
-    advantages = masked_whiten(returns, mask)
+    advantages = masked_whiten(returns, mask, all_reduce=all_reduce)
     return advantages, returns
 
 
 # ----------------------------------------------------------------------------------------------
 # Policy losses:  fn(logprobs, old_logprobs, advantages, mask, *, clip_range, clip_range_high,
-#                    dual_clip, loss_agg_mode) -> (loss scalar, stats dict)
+#                    dual_clip, loss_agg_mode, norm_length) -> (loss scalar, stats dict)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -565,6 +613,7 @@ def pg_loss(
     clip_range_high: float | None = None,
     dual_clip: float | None = None,
     loss_agg_mode: str = "token-mean",
+    norm_length: int | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Vanilla policy gradient (REINFORCE): per-token loss = -A_t * log pi(a_t | s_t).
 
@@ -573,7 +622,7 @@ def pg_loss(
     Returns (float32 scalar loss, {"clip_frac": 0.0, "approx_kl": ...}).
     """
     per_token = -advantages.float().detach() * logprobs.float()
-    loss = agg_loss(per_token, mask, loss_agg_mode)
+    loss = agg_loss(per_token, mask, loss_agg_mode, norm_length)
     return loss, {"clip_frac": 0.0, "approx_kl": _approx_kl(logprobs, old_logprobs, mask)}
 
 
@@ -588,6 +637,7 @@ def ppo_clip_loss(
     clip_range_high: float | None = None,
     dual_clip: float | None = None,
     loss_agg_mode: str = "token-mean",
+    norm_length: int | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO clipped surrogate (Schulman et al. 2017), with DAPO clip-higher and dual-clip.
 
@@ -617,7 +667,7 @@ def ppo_clip_loss(
         capped = torch.minimum(per_token, -adv * dual_clip)
         stats["dual_clip_frac"] = float(masked_mean(((adv < 0) & (capped < per_token)).float(), mask))
         per_token = torch.where(adv < 0, capped, per_token)
-    loss = agg_loss(per_token, mask, loss_agg_mode)
+    loss = agg_loss(per_token, mask, loss_agg_mode, norm_length)
     return loss, stats
 
 
@@ -628,8 +678,9 @@ def value_loss(
     mask: Tensor,
     clip_range: float | None = 0.2,
     loss_agg_mode: str = "token-mean",
+    norm_length: int | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Clipped value-function loss of PPO.
+    """Clipped value-function loss of PPO (aggregated like the policy loss, ``agg_loss``).
 
     v_clip = old + clamp(v - old, -c, c)
     per-token loss = 0.5 * max((v - R)^2, (v_clip - R)^2);   clip_range=None -> 0.5 * (v - R)^2
@@ -648,7 +699,7 @@ def value_loss(
         loss_clipped = (v_clipped - target) ** 2
         per_token = 0.5 * torch.maximum(loss_unclipped, loss_clipped)
         clip_frac = float(masked_mean((loss_clipped > loss_unclipped).float(), mask))
-    return agg_loss(per_token, mask, loss_agg_mode), {"vf_clip_frac": clip_frac}
+    return agg_loss(per_token, mask, loss_agg_mode, norm_length), {"vf_clip_frac": clip_frac}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 Layout of ``output_dir/checkpoints/step-N/``:
     adapter_model.safetensors, adapter_config.json   PEFT adapter (PeftModel.from_pretrained works)
+    init_adapter/, rl_adapter/                        runs with an init_adapter (rlhf.adapters): the
+                                                      adapter above is then init + RL concatenated
     value_head.safetensors                            when the run has a critic
     trainer_state.json                                step, KL controller, baseline, data order
     accelerate/                                       optimizer, scheduler, RNG of every process
@@ -24,6 +26,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from rlhf.adapters import INIT_ADAPTER_DIR, RL_ADAPTER_DIR, SavedLora, concatenate_loras
 from rlhf.errors import CheckpointError
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
@@ -46,16 +49,26 @@ def skip_model_weights_in_accelerate_state(accelerator: Any) -> None:
 
 
 def save_adapter_and_head(policy: PeftModel, value_head: torch.nn.Module | None, directory: Path,
-                          full_state: dict[str, torch.Tensor] | None = None) -> None:
+                          full_state: dict[str, torch.Tensor] | None = None,
+                          init_adapter: SavedLora | None = None) -> None:
     """Write the adapter (PEFT layout) and value head. ``full_state`` is the gathered state dict of
     the whole PolicyWithValue when weights are sharded (ZeRO-3, FSDP): the local modules then hold
-    only this process's shards."""
+    only this process's shards. With ``init_adapter`` (merged into the base for training) the
+    top-level adapter is init + RL in one LoRA, so it loads on the original base as the trained
+    policy; ``init_adapter/`` and ``rl_adapter/`` keep the parts (rlhf.adapters)."""
     def part(prefix: str) -> dict[str, torch.Tensor] | None:
         if full_state is None:
             return None
         return {key[len(prefix):]: value for key, value in full_state.items() if key.startswith(prefix)}
 
-    policy.save_pretrained(directory, safe_serialization=True, state_dict=part("policy."))
+    if init_adapter is None:
+        policy.save_pretrained(directory, safe_serialization=True, state_dict=part("policy."))
+    else:
+        rl_dir = directory / RL_ADAPTER_DIR
+        policy.save_pretrained(rl_dir, safe_serialization=True, state_dict=part("policy."))
+        rl_adapter = SavedLora(policy.peft_config["default"], load_file(str(rl_dir / "adapter_model.safetensors")))
+        concatenate_loras(init_adapter, rl_adapter).save(directory)
+        init_adapter.save(directory / INIT_ADAPTER_DIR)
     if value_head is not None:
         head_state = part("value_head.") or value_head.state_dict()
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in head_state.items()}
@@ -99,11 +112,11 @@ def write_atomically(accelerator: Any, final: Path, write_on_main: Callable[[Pat
 
 def save_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Module | None,
                     trainer_state: dict[str, Any], checkpoints_dir: Path, step: int, total_limit: int | None,
-                    full_state: dict[str, torch.Tensor] | None = None) -> Path:
+                    full_state: dict[str, torch.Tensor] | None = None, init_adapter: SavedLora | None = None) -> Path:
     """Write ``checkpoints_dir/step-<step>`` atomically (``write_atomically``), then delete the
     complete checkpoints beyond ``total_limit``, oldest first."""
     def write_weights_and_state(staging: Path) -> None:
-        save_adapter_and_head(policy, value_head, staging, full_state)
+        save_adapter_and_head(policy, value_head, staging, full_state, init_adapter)
         (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
 
     final = write_atomically(accelerator, checkpoints_dir / f"step-{step}", write_weights_and_state,
@@ -213,9 +226,11 @@ def load_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Mo
     for key, value in expected.items():
         if key in saved and saved[key] != value:
             raise CheckpointError(f"checkpoint {path} was trained with {key}={saved[key]!r}, this run has {value!r}")
-    adapter_file = path / "adapter_model.safetensors"
+    # With an init adapter the top-level adapter is init + RL concatenated; training resumes the RL part.
+    adapter_dir = path / RL_ADAPTER_DIR if (path / RL_ADAPTER_DIR).is_dir() else path
+    adapter_file = adapter_dir / "adapter_model.safetensors"
     if not adapter_file.is_file():
-        raise CheckpointError(f"checkpoint {path} has no adapter_model.safetensors")
+        raise CheckpointError(f"checkpoint {path} has no {adapter_file.relative_to(path)}")
     try:
         result = set_peft_model_state_dict(policy, load_file(str(adapter_file)))
     except SafetensorError as exc:

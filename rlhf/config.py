@@ -52,7 +52,9 @@ class RLConfig:
     lora_r: int = _field(16, "LoRA rank.")
     lora_alpha: int = _field(32, "LoRA scaling numerator (scale = lora_alpha / lora_r).")
     lora_dropout: float = _field(
-        0.0, "LoRA dropout. Keep 0: dropout makes recomputed logprobs differ from the rollout's (RL_NOTES 15)."
+        0.0, "LoRA dropout: ignored by RL training (with a warning), which switches every dropout off so that "
+        "recomputed logprobs equal the rollout's (RL_NOTES 15); the saved adapter records 0. Accepted so that "
+        "TRL/peft configs (lora_dropout 0.05) run unchanged."
     )
     lora_target_modules: list[str] = _field(["all-linear"], "Modules that get LoRA adapters; 'all-linear' = every linear layer but the LM head.")
     bf16: bool = _field(

@@ -24,22 +24,35 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from rlhf.adapters import ADAPTER_WEIGHTS, INIT_ADAPTER_DIR
 from rlhf.algorithms import kl_penalty
 from rlhf.data import BUILTIN_PREFIX, format_prompt, load_prompt_dataset, prompt_text
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.rollout import Rollout, forward_response, generate_rollout
 
 BASE_LABEL = "base"
+REFERENCE_SUFFIX = "-reference"  # adapter name of a candidate's init adapter
 ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
 class Candidate:
-    """One model to evaluate: an adapter on ``base`` or a plain model (adapter_dir None)."""
+    """One model to evaluate: an adapter on ``base`` or a plain model (adapter_dir None).
+
+    ``reference_dir``: the run's init adapter (saved as ``init_adapter/`` next to the adapter), the
+    policy training started from and measured its KL against; None = the base model itself.
+    """
 
     label: str
     base: str
     adapter_dir: Path | None = None
+
+    @property
+    def reference_dir(self) -> Path | None:
+        if self.adapter_dir is None:
+            return None
+        reference = self.adapter_dir / INIT_ADAPTER_DIR
+        return reference if (reference / ADAPTER_CONFIG).is_file() else None
 
 
 def resolve_candidate(spec: str) -> Candidate:
@@ -207,6 +220,27 @@ def adapter_disabled(peft_model: Any) -> Iterator[Any]:
         yield peft_model
 
 
+@contextlib.contextmanager
+def adapter_active(peft_model: Any, name: str) -> Iterator[Any]:
+    """The PEFT model with adapter ``name`` active (e.g. a run's init adapter), then the previous one again."""
+    previous = peft_model.active_adapter
+    peft_model.set_adapter(name)
+    try:
+        yield peft_model
+    finally:
+        peft_model.set_adapter(previous)
+
+
+def shared_reference(candidates: list[Candidate]) -> Candidate | None:
+    """The candidate whose init adapter every adapter candidate shares (the same weights), if any:
+    then the "base" row is that starting policy, the one their KL is measured against."""
+    adapters = [c for c in candidates if c.adapter_dir is not None]
+    if not adapters or any(c.reference_dir is None for c in adapters):
+        return None
+    contents = {(c.reference_dir / ADAPTER_WEIGHTS).read_bytes() for c in adapters}
+    return adapters[0] if len(contents) == 1 else None
+
+
 # ---------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------
@@ -258,14 +292,24 @@ def evaluate(
     with accelerator.main_process_first():
         base_model = load_base_model(base_id).to(accelerator.device).eval()
     peft_model, names = _attach_adapters(base_model, candidates)
+    starting_policy = shared_reference(candidates)
     settings = dict(num_samples=num_samples, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_p=top_p, max_prompt_length=max_prompt_length, prompt_column=prompt_column,
                     batch_size=batch_size)
 
     def the_base() -> contextlib.AbstractContextManager[Any]:
+        """The "base" row: the shared starting policy of init-adapter runs, else the base model."""
+        if starting_policy is not None:
+            return adapter_active(peft_model, names[starting_policy.label] + REFERENCE_SUFFIX)
         # PeftModel.from_pretrained injects LoRA layers into base_model itself: the plain base
         # is the PEFT model with its adapters switched off.
         return adapter_disabled(peft_model) if peft_model is not None else contextlib.nullcontext(base_model)
+
+    def reference_of(candidate: Candidate) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+        """What a candidate's KL is measured against: its run's init adapter, else the base model."""
+        if candidate.reference_dir is None:
+            return lambda: adapter_disabled(peft_model)
+        return lambda: adapter_active(peft_model, names[candidate.label] + REFERENCE_SUFFIX)
 
     labels = ([BASE_LABEL] if include_base else []) + [c.label for c in candidates]
     by_label = {c.label: c for c in candidates}
@@ -274,7 +318,8 @@ def evaluate(
         candidate = by_label.get(label)
         if candidate is not None and candidate.adapter_dir is not None:
             peft_model.set_adapter(names[label])
-            local = sample_and_score(peft_model, tokenizer, prompts, local_prompts, reward, base=the_base, **settings)
+            local = sample_and_score(peft_model, tokenizer, prompts, local_prompts, reward,
+                                     base=reference_of(candidate), **settings)
         elif candidate is None or _same_model(candidate.base, base_id):
             with the_base() as model:
                 local = sample_and_score(model, tokenizer, prompts, local_prompts, reward, base=None, **settings)
@@ -287,7 +332,9 @@ def evaluate(
 
     report = reporting.build_report(
         records, baseline=BASE_LABEL if include_base else None, seed=seed, resamples=bootstrap_resamples,
-        settings={"checkpoints": checkpoints, "base_model": base_id, "dataset": dataset, "dataset_split": split,
+        settings={"checkpoints": checkpoints, "base_model": base_id,
+                  "base_row": f"init adapter of {starting_policy.label}" if starting_policy else "base model",
+                  "dataset": dataset, "dataset_split": split,
                   "num_prompts": count, "reward_funcs": reward_funcs or ["sentiment"], "reward_weights": reward_weights,
                   "reward_kwargs": reward_kwargs or {}, "include_base": include_base, "num_samples": num_samples,
                   "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
@@ -313,6 +360,8 @@ def _attach_adapters(base_model: Any, candidates: list[Candidate]) -> tuple[Any,
                 peft_model = PeftModel.from_pretrained(base_model, str(candidate.adapter_dir), adapter_name=name)
             else:
                 peft_model.load_adapter(str(candidate.adapter_dir), adapter_name=name)
+            if candidate.reference_dir is not None:
+                peft_model.load_adapter(str(candidate.reference_dir), adapter_name=name + REFERENCE_SUFFIX)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"adapter {candidate.label} does not fit its base model: "
                                   f"{str(exc).strip().splitlines()[0][:200]}") from None

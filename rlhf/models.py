@@ -171,6 +171,9 @@ class _LoraLinearFunction(torch.autograd.Function):
     scaled LoRA product is accumulated into the base output by one addmm and the backward is
       dB = s g^T (x A^T),  dA = s (g B)^T x,  dx = g W + s (g B) A   (g = dL/dy)
     with the adds fused the same way -- on a CPU about 20% off a LoRA forward+backward.
+    The backward is itself differentiable (TRPO's Fisher-vector products differentiate the
+    gradient again): under create_graph it recomputes x A^T from the inputs, so the second
+    derivatives reach x and A instead of stopping at a saved tensor without history.
     """
 
     @staticmethod
@@ -179,14 +182,17 @@ class _LoraLinearFunction(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])
         low_rank = rows @ lora_a.t()
         out = nn.functional.linear(rows, weight, bias).addmm_(low_rank, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(rows, low_rank, weight, lora_a, lora_b)
+        ctx.save_for_backward(x, low_rank, weight, lora_a, lora_b)
         ctx.scaling = scaling
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        rows, low_rank, weight, lora_a, lora_b = ctx.saved_tensors
+        x, low_rank, weight, lora_a, lora_b = ctx.saved_tensors
         scaling = ctx.scaling
+        rows = x.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled():  # double backward: the saved x A^T has no graph back to x and A
+            low_rank = rows @ lora_a.t()
         g = grad.reshape(-1, grad.shape[-1])
         g_low_rank = g @ lora_b
         grad_x = grad_weight = grad_bias = None
@@ -250,7 +256,9 @@ def merged_lora_weights(policy: PeftModel) -> Iterator[PeftModel]:
     (which is also the reference policy) never drifts the way peft's in-place merge/unmerge
     round trip would. Falls back to the unmerged model where merging would change the
     distribution: DoRA or non-linear LoRA layers, and base weights below float32 (a bfloat16
-    weight cannot hold the small early deltas).
+    weight cannot hold the small early deltas). The merged tensor is a new Parameter put into the
+    layer in place of its own, never written into the existing one: a weight tied to another
+    module (lm_head and the input embedding of tied-embedding models) must keep its value there.
     """
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
@@ -275,14 +283,14 @@ def merged_lora_weights(policy: PeftModel) -> Iterator[PeftModel]:
                 else:  # W + s*B@A in one pass: no separate delta tensor
                     merged = torch.addmm(merged, layer.lora_B[name].weight, layer.lora_A[name].weight,
                                          alpha=layer.scaling[name])
-            originals.append((base, base.weight.data))
-            base.weight.data = merged
+            originals.append((base, base.weight))
+            base.weight = nn.Parameter(merged, requires_grad=False)
     try:
         with policy.disable_adapter():
             yield policy
     finally:
         for base, original in originals:
-            base.weight.data = original
+            base.weight = original
 
 
 class ValueHead(nn.Module):

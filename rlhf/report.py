@@ -173,7 +173,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{settings['num_prompts']} prompts from `{settings['dataset']}` ({settings['dataset_split']}), "
         f"{settings['num_samples']} sample(s) each, max_new_tokens {settings['max_new_tokens']}, temperature "
         f"{settings['temperature']}, seed {settings['seed']}; reward = {' + '.join(settings['reward_funcs'])}; "
-        f"base model `{settings['base_model']}`. Best per column in bold; ↑/↓ = higher/lower is better.", "",
+        f"base model `{settings['base_model']}`"
+        + (f"; the base row and KL are against the {settings['base_row']}" if settings.get("base_row", "base model")
+           != "base model" else "")
+        + ". Best per column in bold; ↑/↓ = higher/lower is better.", "",
         "| checkpoint | " + " | ".join(h for h, _, _ in columns) + " |",
         "|---|" + "---|" * len(columns),
     ]

@@ -158,6 +158,20 @@ def generate_rollout(
     )
 
 
+def inverse_cdf_sample(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """Token i of each row with cdf[i-1] <= u * total < cdf[i], i.e. drawn from probs / total.
+
+    probs: [B, V] non-negative (need not sum to 1: top-p zeroes some); uniforms: [B] in [0, 1)
+    -> tokens [B] long. The strict inequality on the right (searchsorted's right side) means a
+    token with zero probability is never drawn, also at u = 0 where the left side would pick
+    token 0; the draw is kept below the total so rounding cannot step past the last token with mass.
+    """
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    draw = torch.minimum(uniforms.to(cdf.dtype).unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, draw, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def sample_responses(
     model: Any,
@@ -210,9 +224,7 @@ def sample_responses(
                 sorted_probs, order = probs.sort(dim=-1, descending=True)
                 outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the top token always stays
                 probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-            cdf = probs.cumsum(-1)
-            draw = (uniforms[:, t] * cdf[:, -1]).unsqueeze(-1)
-            token = torch.searchsorted(cdf, draw).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+            token = inverse_cdf_sample(probs, uniforms[:, t])
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         finished |= token == eos_token_id

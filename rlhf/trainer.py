@@ -32,9 +32,10 @@ from transformers import get_scheduler
 
 from reward_models import CombinedReward
 from rlhf import checkpoint as ckpt
+from rlhf.adapters import read_init_adapter
 from rlhf.algorithms import (
     ADVANTAGE_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController, FixedKLController, MovingAverageBaseline,
-    agg_loss, group_stats, kl_penalty, token_level_rewards, value_loss, whiten_with_stats,
+    agg_loss, agg_units, declared_kwargs, group_stats, kl_penalty, masked_whiten, token_level_rewards, value_loss,
     zero_spread_groups,
 )
 from rlhf.config import RLConfig, save_config
@@ -97,6 +98,9 @@ class RLTrainer:
         self._check_prompt_lengths(self.dataset, config.dataset)
         if config.bf16:
             check_bf16(self.accelerator.device)
+        # Read (and refused if it cannot be saved with the RL LoRA) before any model loads, so final/
+        # and checkpoints can hold init + RL as one adapter of the original base (rlhf.adapters).
+        self.init_adapter = read_init_adapter(config.init_adapter) if config.init_adapter else None
         with self.accelerator.main_process_first():  # the embedded model is converted once, by rank 0
             base = load_base_model(config.model_name_or_path, bf16=config.bf16)
         if config.init_adapter:
@@ -106,7 +110,11 @@ class RLTrainer:
             # With a frozen base nothing before the first LoRA layer needs grad; the embedding
             # output must, or checkpointed blocks could return activations without a graph.
             base.enable_input_require_grads()
-        policy = add_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+        if config.lora_dropout > 0 and self.accelerator.is_main_process:
+            warnings.warn(f"lora_dropout {config.lora_dropout} is ignored: RL trains with every dropout off, so the "
+                          "update's logprobs are those of the policy that sampled (RL_NOTES 15); the saved adapter "
+                          "records lora_dropout 0", stacklevel=2)
+        policy = add_lora(base, config.lora_r, config.lora_alpha, 0.0, config.lora_target_modules)
         if not shards_weights(self.accelerator):
             fuse_lora_layers(policy)
         value_head = ValueHead(base.config.hidden_size) if config.needs_value_head else None
@@ -449,10 +457,10 @@ class RLTrainer:
               if ref_logprobs is not None and old_logprobs is not None else None)
         in_reward_coef = self.kl_controller.value if config.kl_in_reward else 0.0
         token_rewards = token_level_rewards(scores, mask, kl=kl, kl_coef=in_reward_coef)
-        advantages, returns = self.estimator(
-            token_rewards, mask, values=values, group_ids=rollout.group_ids,
-            gamma=config.gamma, lam=config.lam, baseline=self.baseline.value,
-        )
+        advantages, returns = self.estimator(token_rewards, mask, **declared_kwargs(self.estimator, dict(
+            values=values, group_ids=rollout.group_ids, gamma=config.gamma, lam=config.lam,
+            baseline=self.baseline.value, all_reduce=self._global_sum,
+        )))
         self.baseline.update(self.accelerator.gather(returns[:, 0]))
         if config.whiten_advantages:
             advantages = self._global_whiten(advantages, loss_mask)
@@ -505,13 +513,9 @@ class RLTrainer:
         return (torch.cat(logprobs), torch.cat(values) if has_values else None,
                 torch.cat(entropy) if with_adapter and with_entropy else None)
 
-    def _global_whiten(self, x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    def _global_whiten(self, x: Tensor, mask: Tensor) -> Tensor:
         """masked_whiten with mean and variance over all processes (TRL whitens per rank, RL_NOTES 10)."""
-        stats = self._global_sum(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]))
-        total, total_sq, count = stats.tolist()
-        mean = total / count
-        var = (total_sq - count * mean * mean) / max(count - 1, 1)
-        return whiten_with_stats(x, mask, mean, max(var, 0.0), eps=eps)
+        return masked_whiten(x, mask, all_reduce=self._global_sum)
 
     # ------------------------------------------------------------------------------ update
 
@@ -525,6 +529,7 @@ class RLTrainer:
         micro = self.micro_batch_size
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}  # grad_norm exists only on the micro-batch that steps
+        minibatches = 0
         self.model.train()
         for _ in range(config.ppo_epochs):
             order = torch.randperm(len(rollout), device=rollout.mask.device)
@@ -533,6 +538,7 @@ class RLTrainer:
                 normaliser = self._global_sum(self._agg_units(batch.loss_mask[minibatch]))
                 if float(normaliser) == 0:  # every row dropped by filter_zero_std_groups, on all processes
                     continue
+                minibatches += 1
                 for micro_start in range(0, len(minibatch), micro):
                     rows = minibatch[micro_start:micro_start + micro]
                     for key, value in self._micro_step(batch, rows, normaliser).items():
@@ -540,9 +546,20 @@ class RLTrainer:
                         counts[key] = counts.get(key, 0) + 1
         self.model.eval()
         skipped = sums.pop("skipped_steps", 0.0)  # a count (the same on every process), not a mean
-        counts.pop("skipped_steps", None)
+        # Token and sequence means over every process (micro-batches hold different token counts).
+        totals = {key: sums.pop(key) for key in ("entropy_sum", "response_tokens", "kl_sum", "sequences") if key in sums}
+        shares = {key: sums.pop(key) for key in ("policy_loss", "value_loss", "kl_loss") if key in sums}
+        for key in ("skipped_steps", *totals, *shares):
+            counts.pop(key, None)
         means = {key: self._global_mean(value / counts[key]) for key, value in sums.items()}
+        if shares:  # the mean over minibatches of each minibatch's global loss
+            means.update(zip(shares, (self._global_sum(list(shares.values())) / max(minibatches, 1)).tolist()))
         means["skipped_steps"] = skipped
+        if totals:
+            global_totals = dict(zip(totals, self._global_sum(list(totals.values())).tolist()))
+            means["entropy"] = global_totals["entropy_sum"] / max(global_totals["response_tokens"], 1.0)
+            if "kl_sum" in global_totals:
+                means["kl"] = global_totals["kl_sum"] / max(global_totals["sequences"], 1.0)
         if skipped:
             warnings.warn(f"step {self.step + 1}: skipped {int(skipped)} optimizer step(s) with a non-finite "
                           f"loss or gradient ({self.consecutive_skips} in a row)", stacklevel=2)
@@ -562,20 +579,31 @@ class RLTrainer:
             return torch.log_softmax(logits.float() / config.temperature, dim=-1)
 
         micro_batches = list(torch.arange(len(rollout), device=rollout.mask.device).split(self.micro_batch_size))
-        fisher_count = max(1, round(config.fisher_sample_fraction * len(rollout)))
-        fisher_rows = torch.linspace(0, len(rollout) - 1, fisher_count, device=rollout.mask.device).round().long().unique()
+        fisher_rows = self._fisher_rows(len(rollout), rollout.mask.device)
         stats = trpo_step(
             lora_params, policy_logprobs_full, micro_batches, rollout.response_ids, batch.old_logprobs,
             batch.advantages, batch.loss_mask, max_kl=config.max_kl, cg_iters=config.cg_iters,
             cg_damping=config.cg_damping, line_search_backtracks=config.line_search_backtracks,
             line_search_accept_ratio=config.line_search_accept_ratio, loss_agg_mode=config.loss_agg_mode,
-            ref_logprobs=None if config.kl_in_reward else batch.ref_logprobs, kl_coef=self.kl_controller.value,
+            norm_length=config.max_new_tokens, ref_logprobs=None if config.kl_in_reward else batch.ref_logprobs, kl_coef=self.kl_controller.value,
             kl_estimator=config.kl_estimator, fisher_rows=fisher_rows, all_reduce=lambda t: self._global_sum(t).to(t.dtype),
         )
         stats["approx_kl"] = stats["trpo/kl_after_step"]
         stats["value_loss"] = self._fit_value_head(batch) if model.value_head is not None else math.nan
         stats["learning_rate"] = self.scheduler.get_last_lr()[0] if self.scheduler is not None else math.nan
         return stats
+
+    def _fisher_rows(self, local_rows: int, device: torch.device) -> Tensor:
+        """This process's rows of the evenly spaced fisher_sample_fraction of the global rollout.
+
+        Chosen on the global row numbers, so the Fisher estimate (and the step) does not depend on
+        how the batch is split over processes."""
+        processes, rank = self.accelerator.num_processes, self.accelerator.process_index
+        global_rows = local_rows * processes
+        count = max(1, round(self.config.fisher_sample_fraction * global_rows))
+        chosen = torch.linspace(0, global_rows - 1, count, device=device).round().long().unique()
+        mine = chosen[(chosen >= rank * local_rows) & (chosen < (rank + 1) * local_rows)]
+        return mine - rank * local_rows
 
     def _fit_value_head(self, batch: Experience) -> float:
         """Regress the value head on the returns with its own optimizer. The backbone is frozen
@@ -599,8 +627,10 @@ class RLTrainer:
                 if float(normaliser) == 0:
                     continue
                 loss, _ = value_loss(model.value_head(hidden[rows]), batch.values[rows], batch.returns[rows], mask[rows],
-                                     clip_range=config.value_clip_range, loss_agg_mode=config.loss_agg_mode)
-                (loss * self._agg_units(mask[rows]) / normaliser).backward()
+                                     clip_range=config.value_clip_range, loss_agg_mode=config.loss_agg_mode,
+                                     norm_length=config.max_new_tokens)
+                share = self._agg_units(mask[rows]) / normaliser
+                (loss * share).backward()
                 for param in head_params:
                     param.grad = self._global_sum(param.grad)
                 if config.max_grad_norm is not None:
@@ -608,12 +638,12 @@ class RLTrainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad()
-                losses.append(float(loss.detach()))
-        return self._global_mean(sum(losses) / len(losses)) if losses else math.nan
+                losses.append(float(loss.detach() * share))  # summed over processes: the minibatch's loss
+        return float(self._global_sum(sum(losses))) / len(losses) if losses else math.nan
 
     def _agg_units(self, mask: Tensor) -> Tensor:
-        """What the loss averages over: tokens for token-mean, sequences for the seq-* modes."""
-        return mask.sum() if self.config.loss_agg_mode == "token-mean" else torch.tensor(float(mask.shape[0]))
+        """What the loss averages over (rlhf.algorithms.agg_units): tokens, or kept sequences."""
+        return agg_units(mask, self.config.loss_agg_mode)
 
     def _micro_step(self, batch: Experience, rows: Tensor, normaliser: Tensor) -> dict[str, float]:
         """Forward + backward of one micro-batch; steps the optimizer on the minibatch's last one.
@@ -624,34 +654,39 @@ class RLTrainer:
         """
         config, accelerator = self.config, self.accelerator
         rollout, mask = batch.rollout, batch.loss_mask[rows]
-        scale = (self._agg_units(mask) / normaliser) * accelerator.num_processes * config.gradient_accumulation_steps
+        share = float(self._agg_units(mask) / normaliser)  # this micro-batch's part of the minibatch loss
+        scale = share * accelerator.num_processes * config.gradient_accumulation_steps
         measure_here = batch.old_logprobs is None  # see old_logprobs_from_update
         with accelerator.accumulate(self.model):
             logprobs, values, entropy = forward_response(self.model, rollout, rows, config.temperature,
                                                          with_entropy=measure_here)
             old_logprobs = logprobs.detach() if measure_here else batch.old_logprobs[rows]
-            pg_loss, stats = self.policy_loss(
-                logprobs, old_logprobs, batch.advantages[rows], mask, clip_range=config.clip_range,
-                clip_range_high=config.clip_range_high, dual_clip=config.dual_clip, loss_agg_mode=config.loss_agg_mode,
-            )
+            pg_loss, stats = self.policy_loss(logprobs, old_logprobs, batch.advantages[rows], mask, **declared_kwargs(
+                self.policy_loss, dict(clip_range=config.clip_range, clip_range_high=config.clip_range_high,
+                                       dual_clip=config.dual_clip, loss_agg_mode=config.loss_agg_mode,
+                                       norm_length=config.max_new_tokens)))
             loss = pg_loss
-            stats["policy_loss"] = float(pg_loss.detach())
-            if measure_here:  # the metrics the skipped no-grad pass would have given
+            # Loss metrics as shares: summed over micro-batches and processes they give the minibatch's loss.
+            stats["policy_loss"] = float(pg_loss.detach()) * share
+            if measure_here:  # sums for the metrics the skipped no-grad pass would have given (update() divides)
                 real = rollout.mask[rows]
-                stats["entropy"] = float((entropy * real).sum() / real.sum().clamp(min=1))
+                stats["entropy_sum"] = float((entropy * real).sum())
+                stats["response_tokens"] = float(real.sum())
                 if batch.ref_logprobs is not None:
-                    stats["kl"] = float(kl_penalty(old_logprobs, batch.ref_logprobs[rows], config.kl_estimator,
-                                                   real).sum(-1).mean())
+                    stats["kl_sum"] = float(kl_penalty(old_logprobs, batch.ref_logprobs[rows], config.kl_estimator,
+                                                       real).sum())
+                    stats["sequences"] = float(len(rows))
             if values is not None:
                 vf_loss, vf_stats = value_loss(values, batch.values[rows], batch.returns[rows], mask,
-                                               clip_range=config.value_clip_range, loss_agg_mode=config.loss_agg_mode)
+                                               clip_range=config.value_clip_range, loss_agg_mode=config.loss_agg_mode,
+                                               norm_length=config.max_new_tokens)
                 loss = loss + config.vf_coef * vf_loss
-                stats.update(vf_stats, value_loss=float(vf_loss.detach()))
+                stats.update(vf_stats, value_loss=float(vf_loss.detach()) * share)
             if not config.kl_in_reward and batch.ref_logprobs is not None:
                 kl_loss = agg_loss(kl_penalty(logprobs, batch.ref_logprobs[rows], config.kl_estimator), mask,
-                                   config.loss_agg_mode)
+                                   config.loss_agg_mode, config.max_new_tokens)
                 loss = loss + self.kl_controller.value * kl_loss
-                stats["kl_loss"] = float(kl_loss.detach())
+                stats["kl_loss"] = float(kl_loss.detach()) * share
             accelerator.backward(loss * scale)
             if accelerator.sync_gradients:
                 # inf = measure without clipping; the norm of the synchronised gradient is the same
@@ -723,7 +758,7 @@ class RLTrainer:
         unwrapped = self.unwrapped
         return ckpt.save_checkpoint(self.accelerator, unwrapped.policy, unwrapped.value_head, self.trainer_state(),
                                     self.output_dir / "checkpoints", self.step, self.config.save_total_limit,
-                                    full_state=self._gathered_state())
+                                    full_state=self._gathered_state(), init_adapter=self.init_adapter)
 
     def _resume(self, path: Path) -> None:
         unwrapped = self.unwrapped
@@ -744,7 +779,7 @@ class RLTrainer:
         unwrapped = self.unwrapped
 
         def write_adapter_and_tokenizer(staging: Path) -> None:
-            ckpt.save_adapter_and_head(unwrapped.policy, unwrapped.value_head, staging, full_state)
+            ckpt.save_adapter_and_head(unwrapped.policy, unwrapped.value_head, staging, full_state, self.init_adapter)
             self.tokenizer.save_pretrained(staging)
 
         final = ckpt.write_atomically(self.accelerator, self.output_dir / "final", write_adapter_and_tokenizer)

@@ -24,12 +24,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from rlhf.algorithms import (
-    agg_loss, backtracking_line_search, conjugate_gradient, kl_penalty, masked_sum, trpo_step_size,
+    agg_loss, agg_units, backtracking_line_search, conjugate_gradient, kl_penalty, masked_sum, trpo_step_size,
 )
 
 
 def trpo_surrogate_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, loss_agg_mode: str = "token-mean"
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, loss_agg_mode: str = "token-mean",
+    norm_length: int | None = None,
 ) -> Tensor:
     """Importance-sampled surrogate to minimise: L = -agg( exp(lp - old) * A ).
 
@@ -38,7 +39,7 @@ def trpo_surrogate_loss(
     clipped, the trust region is enforced by the line search instead.
     """
     ratio = torch.exp((logprobs.float() - old_logprobs.float().detach()).clamp(-20.0, 20.0))
-    return agg_loss(-advantages.float().detach() * ratio, mask, loss_agg_mode)
+    return agg_loss(-advantages.float().detach() * ratio, mask, loss_agg_mode, norm_length)
 
 
 def categorical_kl(old_logprobs_full: Tensor, new_logprobs_full: Tensor) -> Tensor:
@@ -48,11 +49,6 @@ def categorical_kl(old_logprobs_full: Tensor, new_logprobs_full: Tensor) -> Tens
     """
     old = old_logprobs_full.float().detach()
     return (old.exp() * (old - new_logprobs_full.float())).sum(-1)
-
-
-def _units(mask: Tensor, loss_agg_mode: str) -> Tensor:
-    """What agg_loss averages over: tokens (token-mean) or sequences (seq-* modes)."""
-    return mask.sum().float() if loss_agg_mode == "token-mean" else torch.tensor(float(mask.shape[0]))
 
 
 def trpo_step(
@@ -70,6 +66,7 @@ def trpo_step(
     line_search_backtracks: int = 10,
     line_search_accept_ratio: float = 0.1,
     loss_agg_mode: str = "token-mean",
+    norm_length: int | None = None,
     ref_logprobs: Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
@@ -81,7 +78,7 @@ def trpo_step(
     params: the trainable (LoRA) tensors. policy_logprobs_full(rows) -> [b, T, V] temperature-
     scaled log-softmax of the current policy for rollout rows ``rows`` (with grad).
     micro_batches: row-index tensors covering this process's rollout. response_ids, old_logprobs,
-    advantages, mask: [B, T]. ref_logprobs with kl_coef > 0 adds kl_coef * agg(KL to reference)
+    advantages, mask: [B, T]. loss_agg_mode, norm_length: as in ``agg_loss``. ref_logprobs with kl_coef > 0 adds kl_coef * agg(KL to reference)
     to the surrogate (GRPO-style KL loss). fisher_rows: the rows whose KL Hessian estimates the
     Fisher matrix (None = all; a subsample makes each CG iteration proportionally cheaper, as in
     OpenAI baselines' TRPO). all_reduce sums a tensor over processes.
@@ -89,7 +86,7 @@ def trpo_step(
     Returns {"policy_loss", "trpo/accepted", "trpo/line_search_steps", "trpo/kl_after_step",
     "trpo/expected_improve", "trpo/actual_improve", "trpo/step_size", "trpo/grad_norm"}.
     """
-    global_units = float(all_reduce(_units(mask, loss_agg_mode).to(mask.device)))
+    global_units = float(all_reduce(agg_units(mask, loss_agg_mode)))
     global_tokens = float(all_reduce(mask.sum().float()))
     if global_units == 0 or global_tokens == 0:
         return {"trpo/accepted": 0.0, "trpo/line_search_steps": 0.0, "trpo/kl_after_step": 0.0}
@@ -98,11 +95,12 @@ def trpo_step(
         """This micro-batch's share of the global surrogate (sums to L over all rows and processes)."""
         logprobs = full.gather(-1, response_ids[rows].unsqueeze(-1)).squeeze(-1)
         rows_mask = mask[rows]
-        per_token_loss = trpo_surrogate_loss(logprobs, old_logprobs[rows], advantages[rows], rows_mask, loss_agg_mode)
+        loss = trpo_surrogate_loss(logprobs, old_logprobs[rows], advantages[rows], rows_mask, loss_agg_mode,
+                                   norm_length)
         if ref_logprobs is not None and kl_coef > 0:
             kl = kl_penalty(logprobs, ref_logprobs[rows], kl_estimator)
-            per_token_loss = per_token_loss + kl_coef * agg_loss(kl, rows_mask, loss_agg_mode)
-        return per_token_loss * _units(rows_mask, loss_agg_mode).to(full.device) / global_units
+            loss = loss + kl_coef * agg_loss(kl, rows_mask, loss_agg_mode, norm_length)
+        return loss * agg_units(rows_mask, loss_agg_mode) / global_units
 
     def mean_kl(rows: Tensor, old_full: Tensor, full: Tensor) -> Tensor:
         return masked_sum(categorical_kl(old_full, full), mask[rows]) / global_tokens
@@ -129,6 +127,8 @@ def trpo_step(
     fisher_tokens = float(all_reduce(mask[fisher_rows].sum().float()))
     kl_gradients = []
     for rows in fisher_rows.split(max(len(r) for r in micro_batches)):
+        if len(rows) == 0:  # this process holds none of the Fisher rows
+            continue
         with sdpa_kernel(SDPBackend.MATH):
             full = policy_logprobs_full(rows)
         kl = masked_sum(categorical_kl(full.detach(), full), mask[rows]) / max(fisher_tokens, 1.0)
