@@ -70,8 +70,9 @@ class RLConfig:
         "DeepSpeed/FSDP and with gradient_checkpointing.",
     )
     init_adapter: str | None = _field(
-        None, "PEFT adapter dir (e.g. a DPO run's final/) merged into the base before RL; the merged model is then "
-        "both the starting policy and the KL reference.",
+        None, "PEFT LoRA adapter dir (e.g. a DPO run's final/) merged into the base before RL; the merged model is then "
+        "both the starting policy and the KL reference. final/ and checkpoints then hold init + RL LoRA as one "
+        "adapter of the original base, with init_adapter/ (the reference) and rl_adapter/ next to it.",
     )
 
     # --- data
@@ -134,7 +135,8 @@ class RLConfig:
     # --- algorithm
     advantage_estimator: str = _field("gae", f"Advantage estimator: one of {', '.join(ADVANTAGE_ESTIMATORS)}.")
     policy_loss: str = _field("ppo_clip", f"Policy loss: one of {', '.join(POLICY_LOSSES)}.")
-    loss_agg_mode: str = _field("token-mean", f"Loss aggregation: one of {', '.join(LOSS_AGG_MODES)}.")
+    loss_agg_mode: str = _field("token-mean", f"Loss aggregation: one of {', '.join(LOSS_AGG_MODES)} "
+                                "(seq-mean-token-sum-norm = Dr. GRPO, divides by max_new_tokens).")
     clip_range: float = _field(0.2, "PPO ratio clip epsilon.")
     clip_range_high: float | None = _field(None, "Upper clip epsilon (DAPO clip-higher, e.g. 0.28); default clip_range.")
     dual_clip: float | None = _field(None, "Dual-clip constant c > 1 for negative advantages (None = off).")

@@ -78,8 +78,8 @@ def trpo_step(
     params: the trainable (LoRA) tensors. policy_logprobs_full(rows) -> [b, T, V] temperature-
     scaled log-softmax of the current policy for rollout rows ``rows`` (with grad).
     micro_batches: row-index tensors covering this process's rollout. response_ids, old_logprobs,
-    advantages, mask: [B, T]. loss_agg_mode, norm_length: as in ``agg_loss``. ref_logprobs with kl_coef > 0 adds kl_coef * agg(KL to reference)
-    to the surrogate (GRPO-style KL loss). fisher_rows: the rows whose KL Hessian estimates the
+    advantages, mask: [B, T]. loss_agg_mode, norm_length: as in ``agg_loss``. ref_logprobs with
+    kl_coef > 0 adds kl_coef * agg(KL to reference) to the surrogate (GRPO-style KL loss). fisher_rows: the rows whose KL Hessian estimates the
     Fisher matrix (None = all; a subsample makes each CG iteration proportionally cheaper, as in
     OpenAI baselines' TRPO). all_reduce sums a tensor over processes.
 
