@@ -58,8 +58,9 @@ def _modules(adapter: SavedLora, source: str) -> dict[str, dict[str, Tensor | st
     for key, tensor in adapter.weights.items():
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         if suffix is None or not key.startswith(_PREFIX):
-            raise CheckpointError(f"{source} holds {key!r}, which is not a LoRA A/B weight; merge it into the base "
-                                  "model (peft merge_and_unload + save_pretrained) and pass that as model_name_or_path")
+            raise CheckpointError(f"{source} holds {key!r}, which is not a LoRA A/B weight (e.g. a saved embedding "
+                                  "layer); merge it into the base model (peft merge_and_unload + save_pretrained) and "
+                                  "pass that dir as model_name_or_path")
         module = modules.setdefault(key[len(_PREFIX):-len(suffix)], {})
         module[_SUFFIXES[suffix]] = tensor
         module["suffixes"] = ((".lora_embedding_A", ".lora_embedding_B") if "embedding" in suffix
@@ -100,6 +101,21 @@ def read_init_adapter(adapter_dir: str) -> SavedLora:
     adapter = SavedLora(config, dict(weights))
     _modules(adapter, f"init_adapter {adapter_dir}")
     return adapter
+
+
+def check_untied_targets(adapter: SavedLora, model: torch.nn.Module, adapter_dir: str) -> None:
+    """Refuse an init adapter on a weight tied to another module (lm_head and embed_tokens with
+    tie_word_embeddings): merging it moves both modules, which no LoRA of one of them reproduces."""
+    shared: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        shared[param.data_ptr()] = shared.get(param.data_ptr(), 0) + 1
+    for path in _modules(adapter, f"init_adapter {adapter_dir}"):
+        weight = getattr(model.get_submodule(path), "weight", None)
+        if weight is not None and shared.get(weight.data_ptr(), 0) > 1:
+            raise CheckpointError(
+                f"init_adapter {adapter_dir} adapts {path}, whose weight is tied to another module; merging it "
+                "changes both, which the saved RL adapter could not reproduce: merge it into the model (peft "
+                "merge_and_unload + save_pretrained) and pass that dir as model_name_or_path")
 
 
 def concatenate_loras(first: SavedLora, second: SavedLora) -> SavedLora:

@@ -145,12 +145,13 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     mask_f = mask.float()
     if all_reduce is None:
         return whiten_with_stats(x, mask_f, masked_mean(x, mask_f), masked_var(x, mask_f), shift_mean, eps)
-    x_f = x.float()
-    total, total_sq, count = all_reduce(torch.stack([
-        masked_sum(x_f, mask_f), masked_sum(x_f * x_f, mask_f), mask_f.sum()])).tolist()
+    # Two reductions (mean, then squared deviations from it): the one-pass E[x^2] - E[x]^2 loses
+    # the variance in float32 when the mean is large against the spread.
+    total, count = all_reduce(torch.stack([masked_sum(x, mask_f), mask_f.sum()])).tolist()
     mean = total / max(count, 1.0)
-    var = (total_sq - count * mean * mean) / max(count - 1.0, 1.0)
-    return whiten_with_stats(x, mask_f, mean, max(var, 0.0), shift_mean, eps)
+    sum_sq = float(all_reduce(masked_sum((x.float() - mean) ** 2, mask_f).reshape(1)))
+    var = sum_sq / max(count - 1.0, 1.0)
+    return whiten_with_stats(x, mask_f, mean, var, shift_mean, eps)
 
 
 def whiten_with_stats(x: Tensor, mask: Tensor, mean: Tensor | float, var: Tensor | float,

@@ -65,7 +65,9 @@ def save_adapter_and_head(policy: PeftModel, value_head: torch.nn.Module | None,
         policy.save_pretrained(directory, safe_serialization=True, state_dict=part("policy."))
     else:
         rl_dir = directory / RL_ADAPTER_DIR
-        policy.save_pretrained(rl_dir, safe_serialization=True, state_dict=part("policy."))
+        # The frozen embedding weights peft adds when embed_tokens/lm_head carry LoRA are the merged base's
+        # own: not part of the RL LoRA (and no LoRA tensor to concatenate).
+        policy.save_pretrained(rl_dir, safe_serialization=True, state_dict=part("policy."), save_embedding_layers=False)
         rl_adapter = SavedLora(policy.peft_config["default"], load_file(str(rl_dir / "adapter_model.safetensors")))
         concatenate_loras(init_adapter, rl_adapter).save(directory)
         init_adapter.save(directory / INIT_ADAPTER_DIR)

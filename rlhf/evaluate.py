@@ -297,18 +297,21 @@ def evaluate(
                     top_p=top_p, max_prompt_length=max_prompt_length, prompt_column=prompt_column,
                     batch_size=batch_size)
 
-    def the_base() -> contextlib.AbstractContextManager[Any]:
-        """The "base" row: the shared starting policy of init-adapter runs, else the base model."""
-        if starting_policy is not None:
-            return adapter_active(peft_model, names[starting_policy.label] + REFERENCE_SUFFIX)
+    def base_model_itself() -> contextlib.AbstractContextManager[Any]:
         # PeftModel.from_pretrained injects LoRA layers into base_model itself: the plain base
         # is the PEFT model with its adapters switched off.
         return adapter_disabled(peft_model) if peft_model is not None else contextlib.nullcontext(base_model)
 
+    def the_base() -> contextlib.AbstractContextManager[Any]:
+        """The "base" row: the shared starting policy of init-adapter runs, else the base model."""
+        if starting_policy is not None:
+            return adapter_active(peft_model, names[starting_policy.label] + REFERENCE_SUFFIX)
+        return base_model_itself()
+
     def reference_of(candidate: Candidate) -> Callable[[], contextlib.AbstractContextManager[Any]]:
         """What a candidate's KL is measured against: its run's init adapter, else the base model."""
         if candidate.reference_dir is None:
-            return lambda: adapter_disabled(peft_model)
+            return base_model_itself
         return lambda: adapter_active(peft_model, names[candidate.label] + REFERENCE_SUFFIX)
 
     labels = ([BASE_LABEL] if include_base else []) + [c.label for c in candidates]
@@ -320,12 +323,13 @@ def evaluate(
             peft_model.set_adapter(names[label])
             local = sample_and_score(peft_model, tokenizer, prompts, local_prompts, reward,
                                      base=reference_of(candidate), **settings)
-        elif candidate is None or _same_model(candidate.base, base_id):
-            with the_base() as model:
+        elif candidate is None or _same_model(candidate.base, base_id):  # the base row, or the base model by name
+            with (the_base() if candidate is None else base_model_itself()) as model:
                 local = sample_and_score(model, tokenizer, prompts, local_prompts, reward, base=None, **settings)
-        else:  # a different full model, compared against the base
+        else:  # a different full model, compared against the base model
             other = load_base_model(candidate.base).to(accelerator.device).eval()
-            local = sample_and_score(other, tokenizer, prompts, local_prompts, reward, base=the_base, **settings)
+            local = sample_and_score(other, tokenizer, prompts, local_prompts, reward, base=base_model_itself,
+                                     **settings)
             del other
         gathered = gather_object(local) if accelerator.num_processes > 1 else local
         records[label] = sorted(gathered, key=lambda r: (r["prompt_index"], r["sample_index"]))
@@ -334,6 +338,7 @@ def evaluate(
         records, baseline=BASE_LABEL if include_base else None, seed=seed, resamples=bootstrap_resamples,
         settings={"checkpoints": checkpoints, "base_model": base_id,
                   "base_row": f"init adapter of {starting_policy.label}" if starting_policy else "base model",
+                  "kl_reference": {c.label: "init adapter" if c.reference_dir else "base model" for c in candidates},
                   "dataset": dataset, "dataset_split": split,
                   "num_prompts": count, "reward_funcs": reward_funcs or ["sentiment"], "reward_weights": reward_weights,
                   "reward_kwargs": reward_kwargs or {}, "include_base": include_base, "num_samples": num_samples,

@@ -168,6 +168,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         if direction and len(set(values.values())) > 1:  # all equal: nothing to mark
             top = max(direction * v for v in values.values())
             best[header] = {label for label, v in values.items() if direction * v == top}
+    references = settings.get("kl_reference", {})
     lines = [
         "# Evaluation report", "",
         f"{settings['num_prompts']} prompts from `{settings['dataset']}` ({settings['dataset_split']}), "
@@ -176,6 +177,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"base model `{settings['base_model']}`"
         + (f"; the base row and KL are against the {settings['base_row']}" if settings.get("base_row", "base model")
            != "base model" else "")
+        + (f"; KL and base ppl are against each run's init adapter for {', '.join(sorted(k for k, v in references.items() if v != 'base model'))}"
+           f" and against the base model for the others" if len(set(references.values())) > 1 else "")
         + ". Best per column in bold; ↑/↓ = higher/lower is better.", "",
         "| checkpoint | " + " | ".join(h for h, _, _ in columns) + " |",
         "|---|" + "---|" * len(columns),

@@ -32,7 +32,7 @@ from transformers import get_scheduler
 
 from reward_models import CombinedReward
 from rlhf import checkpoint as ckpt
-from rlhf.adapters import read_init_adapter
+from rlhf.adapters import check_untied_targets, read_init_adapter
 from rlhf.algorithms import (
     ADVANTAGE_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController, FixedKLController, MovingAverageBaseline,
     agg_loss, agg_units, declared_kwargs, group_stats, kl_penalty, masked_whiten, token_level_rewards, value_loss,
@@ -104,6 +104,7 @@ class RLTrainer:
         with self.accelerator.main_process_first():  # the embedded model is converted once, by rank 0
             base = load_base_model(config.model_name_or_path, bf16=config.bf16)
         if config.init_adapter:
+            check_untied_targets(self.init_adapter, base, config.init_adapter)
             base = merge_adapter(base, config.init_adapter)
         if config.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

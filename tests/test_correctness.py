@@ -59,12 +59,14 @@ def test_reinforce_pp_whitens_over_the_global_batch():
     assert torch.allclose(torch.cat(global_parts), whole, atol=1e-6)
 
 
-def test_global_whitening_matches_whitening_the_concatenated_batch():
+@pytest.mark.parametrize("mean, std", [(0.0, 1.0), (100.0, 0.01)])
+def test_global_whitening_matches_whitening_the_concatenated_batch(mean, std):
     torch.manual_seed(1)
-    x, mask = torch.randn(6, 5), (torch.rand(6, 5) > 0.3).float()
-    parts = as_processes(lambda shard, reduce: A.masked_whiten(*shard, all_reduce=reduce),
-                         [(x[:2], mask[:2]), (x[2:], mask[2:])])
-    assert torch.allclose(torch.cat(parts), A.masked_whiten(x, mask), atol=1e-6)
+    x, mask = torch.randn(6, 5) * std + mean, (torch.rand(6, 5) > 0.3).float()
+    parts = torch.cat(as_processes(lambda shard, reduce: A.masked_whiten(*shard, all_reduce=reduce),
+                                   [(x[:2], mask[:2]), (x[2:], mask[2:])]))
+    assert torch.allclose(parts, A.masked_whiten(x, mask), atol=1e-4)
+    assert float(parts[mask.bool()].std()) == pytest.approx(1.0, abs=1e-3)  # no one-pass E[x^2] - E[x]^2 rounding
 
 
 # ---------------------------------------------------------------------------- 2. Dr. GRPO's constant
@@ -316,12 +318,14 @@ def _logits(model, input_ids):
         return model(input_ids=input_ids).logits
 
 
-def test_a_run_from_an_init_adapter_saves_the_policy_it_trained(tiny_model_dir, tmp_path, init_adapter_dir):
+@pytest.mark.parametrize("rl_targets", [["all-linear"], ["q_proj", "lm_head"]])
+def test_a_run_from_an_init_adapter_saves_the_policy_it_trained(tiny_model_dir, tmp_path, init_adapter_dir, rl_targets):
     from peft import PeftModel
 
     from rlhf.models import load_base_model
 
-    trainer = make_trainer(tiny_model_dir, tmp_path / "run", init_adapter=str(init_adapter_dir), save_steps=1)
+    trainer = make_trainer(tiny_model_dir, tmp_path / "run", init_adapter=str(init_adapter_dir), save_steps=1,
+                           lora_target_modules=rl_targets)
     trainer.train()
     input_ids = torch.randint(0, 1000, (2, 11))
     trained = _logits(trainer.unwrapped.policy, input_ids)
@@ -364,6 +368,15 @@ def test_evaluate_measures_kl_against_the_init_adapter(tiny_model_dir, tmp_path,
     assert rows["base"]["reward"]["mean"] == pytest.approx(rows[str(final)]["reward"]["mean"], abs=1e-6)
     assert report["settings"]["base_row"] == f"init adapter of {final}"
 
+    # The base model named as a candidate is the base model, not the starting policy of the base row.
+    mixed = evaluate([str(final), str(tiny_model_dir)], dataset="builtin:prompts", reward_funcs=[REWARD],
+                     include_base=True, max_new_tokens=6, num_prompts=3, bootstrap_resamples=10, max_prompt_length=48)
+    alone = evaluate([str(tiny_model_dir)], dataset="builtin:prompts", reward_funcs=[REWARD], max_new_tokens=6,
+                     num_prompts=3, bootstrap_resamples=10, max_prompt_length=48)
+    base_by_name = mixed["checkpoints"][str(tiny_model_dir)]
+    assert base_by_name["reward"]["mean"] == pytest.approx(alone["checkpoints"][str(tiny_model_dir)]["reward"]["mean"])
+    assert mixed["settings"]["kl_reference"] == {str(final): "init adapter", str(tiny_model_dir): "base model"}
+
 
 def test_init_adapters_that_cannot_be_saved_with_the_rl_lora_are_refused(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
@@ -375,3 +388,8 @@ def test_init_adapters_that_cannot_be_saved_with_the_rl_lora_are_refused(tiny_mo
     dora.save_pretrained(tmp_path / "dora")
     with pytest.raises(CheckpointError, match="DoRA.*merge_and_unload"):
         make_trainer(tiny_model_dir, tmp_path / "run", init_adapter=str(tmp_path / "dora"))
+    # On a tied model, merging an lm_head LoRA moves the input embedding too: no LoRA of lm_head holds that.
+    tied = get_peft_model(load_base_model(str(tiny_model_dir)), LoraConfig(r=2, target_modules=["lm_head"]))
+    tied.save_pretrained(tmp_path / "tied", save_embedding_layers=False)
+    with pytest.raises(CheckpointError, match="lm_head, whose weight is tied"):
+        make_trainer(tiny_model_dir, tmp_path / "run2", init_adapter=str(tmp_path / "tied"))
