@@ -124,29 +124,11 @@ def test_inverse_cdf_never_draws_a_zero_probability_token():
 # ---------------------------------------------------------------------------- 5. double backward
 
 
-def test_fused_lora_function_has_correct_second_derivatives():
-    from rlhf.models import _LoraLinearFunction
-
-    torch.manual_seed(0)
-    x, weight, bias = torch.randn(2, 3, 5, dtype=torch.double), torch.randn(4, 5, dtype=torch.double), torch.randn(4, dtype=torch.double)
-    lora_a, lora_b = torch.randn(2, 5, dtype=torch.double), torch.randn(4, 2, dtype=torch.double)
-    inputs = [t.requires_grad_() for t in (x, weight, bias, lora_a, lora_b)]
-    assert torch.autograd.gradgradcheck(lambda *t: _LoraLinearFunction.apply(*t, 0.7), inputs)
-
-
 def test_fused_lora_layers_give_peft_hessian_vector_products(tiny_model_dir):
     """TRPO's Fisher-vector products differentiate the gradient again; away from the old weights
     (where the KL gradient is not 0) the fused layers must give peft's second derivatives."""
-    from rlhf.models import add_lora, fuse_lora_layers, load_base_model
-
-    def policy():
-        torch.manual_seed(0)
-        model = add_lora(load_base_model(str(tiny_model_dir)), 4, 8, 0.0, ["all-linear"])
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 0.05)
-        return model.eval()
+    from rlhf.models import fuse_lora_layers
+    from test_speedups import _trained_lora
 
     input_ids = torch.randint(0, 1000, (2, 7))
 
@@ -162,8 +144,8 @@ def test_fused_lora_layers_give_peft_hessian_vector_products(tiny_model_dir):
         return torch.cat([h.reshape(-1) for h in torch.autograd.grad(
             sum((g * v).sum() for g, v in zip(grads, vector)), params)])
 
-    expected = hessian_vector_product(policy())
-    fused = policy()
+    expected = hessian_vector_product(_trained_lora(tiny_model_dir))
+    fused = _trained_lora(tiny_model_dir)
     assert fuse_lora_layers(fused) > 0
     got = hessian_vector_product(fused)
     assert expected.abs().max() > 1e-3

@@ -232,6 +232,8 @@ def test_fused_lora_layers_gradcheck():
     lora_a, lora_b = torch.randn(2, 5, dtype=torch.double), torch.randn(4, 2, dtype=torch.double)
     inputs = [t.requires_grad_() for t in (x, weight, bias, lora_a, lora_b)]
     assert torch.autograd.gradcheck(lambda *t: _LoraLinearFunction.apply(*t, 0.7), inputs)
+    # Second derivatives too (TRPO's Fisher-vector products; issue 16: they were wrong before).
+    assert torch.autograd.gradgradcheck(lambda *t: _LoraLinearFunction.apply(*t, 0.7), inputs)
 
 
 def test_fusing_skips_bfloat16_and_dropout_layers(tiny_model_dir):
