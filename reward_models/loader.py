@@ -3,6 +3,12 @@
 Every reward follows TRL's convention ``fn(prompts, completions, **columns) -> list[float]``;
 ``columns`` carries the dataset's other columns (e.g. ``answer``) for verifiable rewards.
 
+Process (per-token) rewards: instead of a number, a sample's value may be a list of
+``(char_position, reward)`` pairs. Each reward lands on the completion token that holds character
+``char_position`` of the completion string (0-based; positions at or past the end land on the
+last token), adds to the outcome rewards of the other functions, and flows through GAE and
+reward-to-go like any per-token reward. An empty list = no reward for that sample.
+
 Kinds of entry:
     sentiment, length, format, ...     a built-in (reward_models.builtins), configured by reward_kwargs
     path/to/file.py:function           a function in a file; ``async def`` works too
@@ -19,6 +25,7 @@ import importlib
 import importlib.util
 import inspect
 import math
+import numbers
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -129,7 +136,41 @@ def _failing_sample(fn: RewardFn, call_kwargs: dict[str, Any]) -> str:
     return ""
 
 
-def _tolerant_values(fn: RewardFn, call_kwargs: dict[str, Any], count: int) -> tuple[list[float], list[bool], bool]:
+Steps = list[tuple[int, float]]  # process rewards of one sample: (char_position, reward)
+
+
+def _as_reward(value: Any) -> float | Steps:
+    """A sample's value as a finite number or as process rewards; ValueError otherwise."""
+    if isinstance(value, (list, tuple)):
+        steps = []
+        for item in value:
+            try:
+                position, reward = item
+            except (TypeError, ValueError):
+                raise ValueError(item) from None
+            if isinstance(position, bool) or not isinstance(position, numbers.Integral) or position < 0:
+                raise ValueError(item)
+            steps.append((int(position), _finite(reward)))
+        return steps
+    return _finite(value)
+
+
+def _finite(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(value) from None
+    if value is None or isinstance(value, bool) or not math.isfinite(number):
+        raise ValueError(value)
+    return number
+
+
+def _value_of(reward: float | Steps) -> float:
+    """What reward/<name> logs for a sample: the number, or the sum of its process rewards."""
+    return float(sum(r for _, r in reward)) if isinstance(reward, list) else reward
+
+
+def _tolerant_values(fn: RewardFn, call_kwargs: dict[str, Any], count: int) -> tuple[list[Any], list[bool], bool]:
     """(values with failures as 0.0, failure flag per sample, whether the call as a whole failed):
     nothing a reward function does raises here."""
     try:
@@ -144,12 +185,11 @@ def _tolerant_values(fn: RewardFn, call_kwargs: dict[str, Any], count: int) -> t
     out, bad = [], []
     for value in values:
         try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        ok = value is not None and not isinstance(value, bool) and math.isfinite(number)
-        out.append(number if ok else 0.0)
-        bad.append(not ok)
+            out.append(_as_reward(value))
+            bad.append(False)
+        except ValueError:
+            out.append(0.0)
+            bad.append(True)
     return out, bad, False
 
 
@@ -168,9 +208,22 @@ def reward_name(spec: str) -> str:
 
 @dataclass
 class RewardOutput:
-    total: list[float]                      # weighted sum per sample
-    components: dict[str, list[float]]     # unweighted values per reward name
+    total: list[float]                      # weighted sum of the outcome (number) rewards per sample
+    components: dict[str, list[float]]     # unweighted values per reward name (process rewards summed)
     failed: list[bool] = field(default_factory=list)  # a function failed on this sample (scored 0)
+    steps: list[Steps] | None = None        # weighted process rewards per sample; None when no function gave any
+
+
+def _combine(names: list[str], weights: list[float], raw: dict[str, list[Any]], count: int) -> RewardOutput:
+    """Weighted outcome totals, logged components and weighted process rewards of checked values."""
+    total = [sum(w * raw[name][i] for name, w in zip(names, weights) if not isinstance(raw[name][i], list))
+             for i in range(count)]
+    components = {name: [_value_of(v) for v in raw[name]] for name in names}
+    steps = None
+    if any(isinstance(v, list) for name in names for v in raw[name]):
+        steps = [[(position, w * reward) for name, w in zip(names, weights) if isinstance(raw[name][i], list)
+                  for position, reward in raw[name][i]] for i in range(count)]
+    return RewardOutput(total=total, components=components, steps=steps)
 
 
 class CombinedReward:
@@ -224,10 +277,8 @@ class CombinedReward:
                 raw[name] = result
         if pending:
             raw.update(self._await_all(pending))
-        components = {name: self._check(spec, raw[name], completions) for name, spec in zip(self.names, self.specs)}
-        total = [sum(w * components[name][i] for name, w in zip(self.names, self.weights))
-                 for i in range(len(completions))]
-        return RewardOutput(total=total, components=components)
+        checked = {name: self._check(spec, raw[name], completions) for name, spec in zip(self.names, self.specs)}
+        return _combine(self.names, self.weights, checked, len(completions))
 
     def _call_tolerant(self, call_kwargs: dict[str, Any], completions: list[str]) -> RewardOutput:
         count = len(completions)
@@ -243,8 +294,9 @@ class CombinedReward:
                     bad += one_bad
             components[name] = values
             failed = [f or b for f, b in zip(failed, bad)]
-        total = [sum(w * components[name][i] for name, w in zip(self.names, self.weights)) for i in range(count)]
-        return RewardOutput(total=total, components=components, failed=failed)
+        output = _combine(self.names, self.weights, components, count)
+        output.failed = failed
+        return output
 
     def _await_all(self, pending: dict[str, Any]) -> dict[str, Any]:
         async def gather() -> list[Any]:
@@ -258,7 +310,7 @@ class CombinedReward:
         return dict(zip(pending, results))
 
     @staticmethod
-    def _check(spec: str, values: Any, completions: list[str]) -> list[float]:
+    def _check(spec: str, values: Any, completions: list[str]) -> list[float | Steps]:
         try:
             values = list(values)
         except TypeError:
@@ -268,13 +320,10 @@ class CombinedReward:
         checked = []
         for i, value in enumerate(values):
             try:
-                number = float(value)
-            except (TypeError, ValueError):
-                number = math.nan
-            if value is None or isinstance(value, bool) or not math.isfinite(number):
+                checked.append(_as_reward(value))
+            except ValueError:
                 raise RewardError(
                     f"reward {spec!r} returned {value!r} for sample {i} (completion {completions[i][:50]!r}); "
-                    "rewards must be finite numbers"
-                )
-            checked.append(number)
+                    "rewards must be finite numbers, or lists of (char_position, reward) pairs for process rewards"
+                ) from None
         return checked

@@ -105,7 +105,7 @@ def _profile_one_step(trainer: Any, warmup_steps: int, table_path: Path) -> None
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    for phase in ("rollout", "score", "compute_advantages", "update"):
+    for phase in ("rollout", "score", "make_experience", "update"):
         method = getattr(trainer, phase)
 
         def labelled(*args: Any, _method: Any = method, _phase: str = phase, **kwargs: Any) -> Any:

@@ -267,3 +267,33 @@ def encode_python_rng(state: tuple) -> list:
 def decode_python_rng(state: list) -> tuple:
     version, internal, gauss = state
     return (version, tuple(internal), gauss)
+
+
+def check_output_dir(output_dir: Path, process_index: int, resuming: bool, overwrite: bool) -> None:
+    """Fail before the first step's compute when output_dir is not writable, and never write
+    over another run's results (a resumed run continues its own)."""
+    from rlhf.errors import ConfigError
+
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{process_index}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output_dir {output_dir} is not writable ({exc.strerror or exc}); "
+                          "choose another --output_dir") from None
+    existing = [p for p in ("metrics.jsonl", "final", "checkpoints") if (output_dir / p).exists()]
+    if existing and not resuming and not overwrite:
+        raise ConfigError(
+            f"output_dir {output_dir} already holds a run ({', '.join(existing)}); choose another output_dir, "
+            "resume it with --resume_from_checkpoint latest, or pass --overwrite_output_dir true"
+        )
+
+
+def compatibility(config: Any) -> dict[str, Any]:
+    """The settings a checkpoint must share with the run that resumes it (load_checkpoint checks)."""
+    c = config
+    return {"model_name_or_path": c.model_name_or_path, "init_adapter": c.init_adapter, "lora_r": c.lora_r,
+            "lora_alpha": c.lora_alpha, "lora_target_modules": c.lora_target_modules,
+            "advantage_estimator": c.advantage_estimator, "policy_loss": c.policy_loss,
+            "update_method": c.update_method, "value_head": c.needs_value_head}

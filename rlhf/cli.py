@@ -116,12 +116,13 @@ def plot_metrics_main(argv: list[str] | None = None) -> None:
         from pathlib import Path
 
         from rlhf.config import OneLineParser
-        from rlhf.plots import plot_training_curves
 
         parser = OneLineParser(prog="plot_metrics.py", description="Training curves from metrics.jsonl files.")
         parser.add_argument("run_dirs", nargs="+", help="Run output dirs holding metrics.jsonl.")
         parser.add_argument("--output_dir", default=None, help="Where the PNGs go (default: RUN_DIR/plots).")
         args = parser.parse_args(argv)
+        from rlhf.plots import plot_training_curves  # matplotlib only once the arguments are valid
+
         output = Path(args.output_dir) if args.output_dir else Path(args.run_dirs[0]) / "plots"
         for path in plot_training_curves([Path(d) for d in args.run_dirs], output):
             print(path)

@@ -26,12 +26,11 @@ from rlhf.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES,
 from rlhf.errors import ConfigError
 
 REPORT_TARGETS = ("none", "jsonl", "tensorboard", "wandb")
-# How the policy is updated: first-order steps on the policy loss, or TRPO's natural-gradient step.
+# How the policy is updated (rlhf.update.UPDATERS, whose import needs transformers; a test keeps
+# the two in step): first-order steps on the policy loss, or TRPO's natural-gradient step.
 UPDATE_METHODS = ("optimizer", "trpo")
 REWARD_ERROR_MODES = ("raise", "skip_batch", "zero")
 PROMPT_OVERFLOW_MODES = ("truncate", "error")
-# Estimators that compare samples of the same prompt and so need num_generations >= 2.
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -135,10 +134,20 @@ class RLConfig:
     # --- algorithm
     advantage_estimator: str = _field("gae", f"Advantage estimator: one of {', '.join(ADVANTAGE_ESTIMATORS)}.")
     policy_loss: str = _field("ppo_clip", f"Policy loss: one of {', '.join(POLICY_LOSSES)}.")
+    policy_loss_kwargs: dict[str, Any] = _field(
+        {}, "Hyperparameters of the policy loss beyond the flat keys, by the loss function's own parameter names, "
+        "e.g. {epsilon_high: 5.0} for cispo (YAML, or a JSON string on the CLI); they override clip_range etc.",
+    )
+    advantage_kwargs: dict[str, Any] = _field(
+        {}, "Hyperparameters of the advantage estimator by its parameter names, e.g. {eps: 1.0e-4} for grpo; "
+        "they override gamma/lam.",
+    )
     loss_agg_mode: str = _field("token-mean", f"Loss aggregation: one of {', '.join(LOSS_AGG_MODES)} "
                                 "(seq-mean-token-sum-norm = Dr. GRPO, divides by max_new_tokens).")
-    clip_range: float = _field(0.2, "PPO ratio clip epsilon.")
-    clip_range_high: float | None = _field(None, "Upper clip epsilon (DAPO clip-higher, e.g. 0.28); default clip_range.")
+    clip_range: float | None = _field(
+        None, "Ratio clip epsilon of the clipped losses (none = the loss's own default: ppo_clip 0.2, gspo 3e-4).")
+    clip_range_high: float | None = _field(
+        None, "Upper clip epsilon (DAPO clip-higher, e.g. 0.28; none = the loss's default: ppo_clip clip_range, gspo 4e-4).")
     dual_clip: float | None = _field(None, "Dual-clip constant c > 1 for negative advantages (None = off).")
     value_clip_range: float | None = _field(0.2, "Value clipping around the rollout's values (None = off).")
     vf_coef: float = _field(0.1, "Weight of the value loss.")
@@ -148,6 +157,20 @@ class RLConfig:
     whiten_advantages: bool = _field(True, "Normalise advantages to mean 0, std 1 over the rollout batch.")
     filter_zero_std_groups: bool = _field(
         False, "Drop groups whose num_generations rewards are all equal from the update (no signal; DAPO-style).",
+    )
+    dynamic_sampling: bool = _field(
+        False, "DAPO dynamic sampling: sample further prompt batches until every process holds rollout_batch_size "
+        "groups whose rewards differ (at most dynamic_sampling_max_rounds batches; short batches are topped up with "
+        "zero-spread groups that the update drops). Logged as dynamic_sampling/rounds and /missing_groups.",
+    )
+    dynamic_sampling_max_rounds: int = _field(4, "Most prompt batches sampled per step with dynamic_sampling (verl's max_num_gen_batches).")
+    overlong_buffer_length: int = _field(
+        0, "DAPO soft overlong punishment: responses in the last this many tokens before max_new_tokens lose "
+        "overlong_penalty_factor * (length - (max_new_tokens - buffer)) / buffer from their score (0 = off).",
+    )
+    overlong_penalty_factor: float = _field(1.0, "Largest overlong penalty (at max_new_tokens).")
+    mask_truncated_completions: bool = _field(
+        False, "Responses cut at max_new_tokens without EOS are excluded from the loss (TRL's setting; DAPO).",
     )
     kl_coef: float = _field(0.05, "KL penalty coefficient beta (initial value when adaptive).")
     kl_estimator: str = _field("k1", "KL estimator: k1 (unbiased), k2, k3 (non-negative).")
@@ -205,7 +228,7 @@ class RLConfig:
         require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         require(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        require(self.clip_range > 0, f"clip_range must be > 0 (typical 0.2), got {self.clip_range}")
+        require(self.clip_range is None or self.clip_range > 0, f"clip_range must be > 0 (typical 0.2), got {self.clip_range}")
         require(self.clip_range_high is None or self.clip_range_high > 0, "clip_range_high must be > 0 (e.g. 0.28)")
         require(self.dual_clip is None or self.dual_clip > 1, f"dual_clip must be > 1 (e.g. 3.0), got {self.dual_clip}")
         require(self.value_clip_range is None or self.value_clip_range > 0, "value_clip_range must be > 0 or none")
@@ -249,13 +272,28 @@ class RLConfig:
                 f"reward_weights has {len(self.reward_weights)} values but reward_funcs has {len(self.reward_funcs)}; "
                 "give one weight per function",
             )
-        if self.advantage_estimator in GROUP_ESTIMATORS:
+        estimator = ADVANTAGE_ESTIMATORS[self.advantage_estimator]
+        if estimator.needs["groups"]:
             require(
                 self.num_generations >= 2,
                 f"advantage_estimator {self.advantage_estimator} compares samples of one prompt: set num_generations >= 2",
             )
+        for setting, registry, name in (("policy_loss_kwargs", POLICY_LOSSES, self.policy_loss),
+                                        ("advantage_kwargs", ADVANTAGE_ESTIMATORS, self.advantage_estimator)):
+            try:
+                registry[name].check_kwargs(getattr(self, setting), setting)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         require(not self.filter_zero_std_groups or self.num_generations >= 2,
                 "filter_zero_std_groups needs groups: set num_generations >= 2")
+        require(not self.dynamic_sampling or self.num_generations >= 2,
+                "dynamic_sampling keeps groups whose rewards differ: set num_generations >= 2")
+        require(self.dynamic_sampling_max_rounds >= 1,
+                f"dynamic_sampling_max_rounds must be >= 1, got {self.dynamic_sampling_max_rounds}")
+        require(0 <= self.overlong_buffer_length < self.max_new_tokens,
+                f"overlong_buffer_length must be in [0, max_new_tokens={self.max_new_tokens}), "
+                f"got {self.overlong_buffer_length}")
+        require(self.overlong_penalty_factor >= 0, f"overlong_penalty_factor must be >= 0, got {self.overlong_penalty_factor}")
 
         rollout_sequences = self.rollout_batch_size * self.num_generations
         require(
@@ -270,8 +308,8 @@ class RLConfig:
 
     @property
     def needs_value_head(self) -> bool:
-        """Derived: a critic is trained only for estimators that read values."""
-        return self.advantage_estimator == "gae"
+        """Derived: a critic is trained only for estimators that read values (registry metadata)."""
+        return ADVANTAGE_ESTIMATORS[self.advantage_estimator].needs["values"]
 
     def check_world_size(self, num_processes: int) -> None:
         """Batch sizes are global; each process must get whole groups and whole micro-batches."""
@@ -434,3 +472,13 @@ def _default_of(f: dataclasses.Field) -> Any:
 
 def save_config(config: Any, path: Path) -> None:
     path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+
+
+def changed_settings(previous_file: Path, config: Any) -> list[str]:
+    """'key old -> new' for each setting that differs from the config.yaml a run saved before."""
+    if not previous_file.is_file():
+        return []
+    previous = yaml.safe_load(previous_file.read_text()) or {}
+    current = config.to_dict()
+    return [f"{key} {previous[key]!r} -> {current[key]!r}" for key in current
+            if key in previous and previous[key] != current[key] and key != "resume_from_checkpoint"]

@@ -192,3 +192,35 @@ class PromptSampler:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+
+
+def check_prompt_lengths(dataset: datasets.Dataset, tokenizer: Any, config: Any, name: str, warn: bool) -> None:
+    """Count prompts that max_prompt_length cuts (their beginning would silently disappear):
+    refused with prompt_overflow error, else a warning (when ``warn``) with the count."""
+    import warnings
+
+    texts = [format_prompt(p, tokenizer) for p in dataset[config.prompt_column]]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    too_long = [i for i, length in enumerate(lengths) if length > config.max_prompt_length]
+    if not too_long:
+        return
+    first = f"first: row {too_long[0]}, {lengths[too_long[0]]} tokens"
+    if config.prompt_overflow == "error":
+        raise DataError(f"{len(too_long)} of {len(lengths)} prompts in {name} are longer than max_prompt_length "
+                        f"{config.max_prompt_length} tokens ({first}); raise max_prompt_length or set "
+                        "prompt_overflow: truncate")
+    if warn:
+        warnings.warn(f"{len(too_long)} of {len(lengths)} prompts in {name} are longer than max_prompt_length "
+                      f"{config.max_prompt_length} tokens ({first}) and lose their beginning; raise "
+                      "max_prompt_length, or set prompt_overflow: error to refuse them", stacklevel=3)
+
+
+def load_eval_dataset(config: Any) -> datasets.Dataset:
+    """eval_dataset, or the eval split of the built-in prompts."""
+    from rlhf.errors import ConfigError
+
+    if config.eval_dataset:
+        return load_prompt_dataset(config.eval_dataset, config.dataset_split, config.prompt_column)
+    if config.dataset.startswith(BUILTIN_PREFIX):
+        return load_prompt_dataset(config.dataset, "eval", config.prompt_column)
+    raise ConfigError("eval_steps > 0 needs eval_dataset (a prompt file) when dataset is not built in")

@@ -99,3 +99,61 @@ def shards_weights(accelerator: Accelerator) -> bool:
     """DeepSpeed or FSDP: weights are partitioned and gathered by hooks, so the speed-ups that
     swap weight tensors or run a module twice per forward (rlhf.models) stay off there."""
     return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+class Reducer:
+    """Sums, means and maxima over all processes, as float32 tensors on the accelerator's device.
+
+    Every process must make the same calls in the same order (each is a collective)."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+
+    def sum(self, value: float | list[float] | torch.Tensor) -> torch.Tensor:
+        tensor = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device)
+        return self.accelerator.reduce(tensor.clone(), reduction="sum")
+
+    def mean(self, value: float | torch.Tensor) -> float:
+        tensor = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device)
+        return float(self.accelerator.reduce(tensor, reduction="mean"))
+
+    def max(self, value: float) -> float:
+        if self.accelerator.num_processes == 1:
+            return value
+        tensor = torch.tensor(value, dtype=torch.float32, device=self.accelerator.device)
+        return float(self.accelerator.reduce(tensor, reduction="max"))
+
+    def token_mean(self, x: torch.Tensor, mask: torch.Tensor) -> float:
+        """Mean over every response token of every process (processes may hold different token counts)."""
+        total, count = self.sum(torch.stack([(x * mask).sum(), mask.sum()])).tolist()
+        return total / max(count, 1.0)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(tensor)
+
+
+def configure_sharding(accelerator: Accelerator, config: Any, micro_batch_size: int, unsharded_weights: bool) -> None:
+    """DeepSpeed and FSDP (configs/accelerate/deepspeed_*.yaml, fsdp.yaml) take their batch sizes
+    and clipping from the run config; what they cannot do is refused here. unsharded_weights: the
+    update method needs the LoRA weights whole (TRPO's natural-gradient step)."""
+    if not shards_weights(accelerator):
+        return
+    backend = "DeepSpeed" if accelerator.distributed_type == DistributedType.DEEPSPEED else "FSDP"
+    if unsharded_weights:
+        raise ConfigError(f"update_method {config.update_method} needs unsharded LoRA weights; run it without "
+                          f"{backend} (e.g. configs/accelerate/multi_gpu.yaml)")
+    if config.bf16:
+        raise ConfigError(f"with {backend} set mixed_precision: bf16 in the accelerate config and keep --bf16 false "
+                          "(it keeps float32 master weights; a bfloat16 base would mix dtypes in one shard)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # No dataloader goes through prepare(), so DeepSpeed cannot infer these ("auto").
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        ds_config["gradient_accumulation_steps"] = config.gradient_accumulation_steps
+        ds_config["train_batch_size"] = config.mini_batch_size
+        ds_config["gradient_clipping"] = config.max_grad_norm or 0.0
+
+
+def gathered_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Full weights when ZeRO-3/FSDP shard them (every process must call this), else None."""
+    return accelerator.get_state_dict(model) if shards_weights(accelerator) else None

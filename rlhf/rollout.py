@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -261,3 +262,37 @@ def forward_response(
         logprobs, entropy = logprobs_and_entropy_from_logits(logits, labels)
         return logprobs, values, entropy
     return logprobs_from_logits(logits, labels), values, None
+
+
+def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dataset: Any, indices: list[int],
+                   config: Any, num_generations: int, group_offset: int = 0) -> Rollout:
+    """num_generations responses to each of ``dataset``'s rows ``indices`` from the prepared model,
+    in chunks of generation_batch_size; group ids start at group_offset (this process's first
+    prompt in the global batch). The other dataset columns travel along for the reward functions."""
+    from rlhf.data import format_prompt, prompt_text
+    from rlhf.distributed import needs_synced_generation, shards_weights, unwrapped_full_weights
+    from rlhf.models import merged_lora_weights
+
+    rows = dataset.select(indices)
+    raw_prompts = [p for p in rows[config.prompt_column] for _ in range(num_generations)]
+    columns = {name: [v for v in rows[name] for _ in range(num_generations)]
+               for name in rows.column_names if name != config.prompt_column}
+    group_ids = [group_offset + i for i in range(len(indices)) for _ in range(num_generations)]
+    chunk = config.generation_batch_size or len(raw_prompts)
+    model.eval()
+    parts = []
+    with unwrapped_full_weights(model, accelerator) as plain:
+        # LoRA folded into the weights while sampling, except where DeepSpeed/FSDP own the tensors.
+        folded = contextlib.nullcontext(plain.policy) if shards_weights(accelerator) else merged_lora_weights(plain.policy)
+        with folded as policy:
+            for start in range(0, len(raw_prompts), chunk):
+                part = slice(start, start + chunk)
+                parts.append(generate_rollout(
+                    policy, tokenizer, [format_prompt(p, tokenizer) for p in raw_prompts[part]],
+                    prompts=[prompt_text(p) for p in raw_prompts[part]], group_ids=group_ids[part],
+                    columns={name: values[part] for name, values in columns.items()},
+                    max_prompt_length=config.max_prompt_length, max_new_tokens=config.max_new_tokens,
+                    temperature=config.temperature, top_p=config.top_p,
+                    synced_gpus=needs_synced_generation(accelerator), share_prompt_prefix=plain.share_prompt_prefix,
+                ))
+    return concat_rollouts(parts, tokenizer.pad_token_id)

@@ -72,3 +72,43 @@ def write_trainer_log(output_dir: Path, log_history: list[dict[str, Any]], final
                 handle.write(json.dumps(row) + "\n")
         last_step = log_history[-1].get("step") if log_history else 0
         handle.write(json.dumps({"step": last_step, **final}) + "\n")
+
+
+def throughput(rollout: Any, reducer: Any, step_time: float, rollout_time: float, update_time: float) -> dict[str, float]:
+    """Global lengths, EOS rate and speed of one step (every process calls it)."""
+    sequences = reducer.sum(float(len(rollout)))
+    tokens = reducer.sum(rollout.mask.sum())
+    return {
+        "response_length_mean": float(tokens / sequences),
+        "eos_rate": reducer.mean(rollout.eos_found.float().mean()),
+        "samples_per_second": float(sequences) / step_time,
+        "tokens_per_second": float(tokens) / step_time,
+        "step_time_s": step_time, "rollout_time_s": rollout_time, "update_time_s": update_time,
+    }
+
+
+def metrics_row(metrics: dict[str, float]) -> dict[str, float]:
+    """METRIC_KEYS first (NaN where a run has no such metric), then the rest in their order."""
+    row = {key: metrics.get(key, math.nan) for key in METRIC_KEYS if key != "step"}
+    row.update({k: v for k, v in metrics.items() if k not in row})
+    return row
+
+
+def append_samples(path: Path, step: int, rollout: Any, scores: Any, count: int) -> None:
+    """The first ``count`` prompt/completion/reward rows of a step, one JSON object per line."""
+    with path.open("a") as handle:
+        for i in range(min(count, len(rollout))):
+            handle.write(json.dumps({"step": step, "prompt": rollout.prompts[i],
+                                     "completion": rollout.completions[i], "reward": float(scores[i])}) + "\n")
+
+
+def flat_config(config: Any) -> dict[str, Any]:
+    """The config as scalars and strings (TensorBoard's hparams accept nothing else)."""
+    def scalar(value: Any) -> Any:
+        if isinstance(value, list):
+            return ", ".join(map(str, value))
+        if isinstance(value, dict):
+            return json.dumps(value)
+        return "none" if value is None else value
+
+    return {key: scalar(value) for key, value in config.to_dict().items()}

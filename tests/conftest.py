@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
+# What run_script gives a script; in this process too, before anything imports huggingface_hub
+# (it reads HF_HUB_OFFLINE once, at import).
+SCRIPT_ENV = {"TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+for _key in ("TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE"):
+    os.environ.setdefault(_key, SCRIPT_ENV[_key])
 
 
 def build_tiny_model(directory: Path, seed: int = 0) -> Path:
@@ -38,10 +45,96 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run scripts/<script> in a subprocess the way a user would."""
-    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
-                **(env or {})}
+    full_env = {**os.environ, **SCRIPT_ENV, **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=ROOT)
+
+
+def _show_warnings_on_stderr() -> None:
+    """Python's default warning filters and output, as a fresh ``python script.py`` has them
+    (pytest records warnings instead, and they would be missing from a run's stderr)."""
+    warnings.resetwarnings()
+    warnings.simplefilter("default")
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.simplefilter("ignore", category)
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    warnings.showwarning = show
+
+
+def _fresh_accelerate_state() -> None:
+    """Accelerate keeps process-wide singletons; a new process would start without them."""
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+        state.GradientState._reset_state()
+
+
+def run_in_process(script: str, *args: str, env: dict | None = None, threads: int | None = None,
+                   capture=None) -> subprocess.CompletedProcess:
+    """``run_script`` in this process: runs scripts/<script> as ``__main__`` with these arguments,
+    the same environment and working directory, and returns the same exit code (and, given
+    ``capture``, pytest's capfd, the same stdout and stderr; without it they stay in pytest's
+    captured output). ``threads`` pins torch's thread count for the run, as OMP_NUM_THREADS does
+    for a subprocess.
+
+    For runs where the process is not what is tested (bad input, the outputs of a tiny run): it
+    saves the ~6 s of torch/transformers imports each new interpreter pays. Each entry point
+    keeps a real subprocess run elsewhere.
+    """
+    path = ROOT / "scripts" / script
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    saved_env = {key: os.environ.get(key) for key in {**SCRIPT_ENV, **(env or {})}}
+    saved_threads = None
+    if threads is not None:
+        import torch
+
+        saved_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+    if capture is not None:
+        capture.readouterr()
+    code: int | str | None = 0
+    try:
+        os.environ.update({**SCRIPT_ENV, **(env or {})})
+        sys.argv = [str(path), *args]
+        os.chdir(ROOT)
+        with warnings.catch_warnings():
+            _show_warnings_on_stderr()
+            try:
+                runpy.run_path(str(path), run_name="__main__")
+            except SystemExit as exc:
+                code = exc.code
+                if isinstance(code, str):  # sys.exit("message"): printed, exit status 1
+                    print(code, file=sys.stderr)
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if saved_threads is not None:
+            import torch
+
+            torch.set_num_threads(saved_threads)
+        _fresh_accelerate_state()
+    out, err = capture.readouterr() if capture is not None else ("", "")
+    returncode = 0 if code is None else code if isinstance(code, int) else 1
+    return subprocess.CompletedProcess([str(path), *args], returncode, out, err)
+
+
+@pytest.fixture
+def run_here(capfd):
+    """``run_in_process`` with the run's stdout and stderr in the result, like ``run_script``."""
+
+    def run(script: str, *args: str, env: dict | None = None, threads: int | None = None) -> subprocess.CompletedProcess:
+        return run_in_process(script, *args, env=env, threads=threads, capture=capfd)
+
+    return run
 
 
 def tiny_args(model_dir: Path, output_dir: Path, *extra: str) -> list[str]:

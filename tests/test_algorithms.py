@@ -94,22 +94,18 @@ def test_prefix_signatures_of_extended_functions():
     assert ls["max_backtracks"].default == 10 and ls["accept_ratio"].default == 0.1
 
 
-def test_registry_signatures_are_shared():
-    expected_adv = ["token_rewards", "mask", "values", "group_ids", "gamma", "lam", "baseline", "eps"]
-    for name, fn in A.ADVANTAGE_ESTIMATORS.items():
-        params = inspect.signature(fn).parameters
-        assert list(params)[:len(expected_adv)] == expected_adv, name  # reinforce_pp adds all_reduce
-        assert params["gamma"].default == 1.0 and params["lam"].default == 0.95
-        assert params["baseline"].default == 0.0 and params["eps"].default == 1e-6
-        assert params["values"].kind is inspect.Parameter.KEYWORD_ONLY
-    expected_loss = ["logprobs", "old_logprobs", "advantages", "mask", "clip_range", "clip_range_high",
-                     "dual_clip", "loss_agg_mode", "norm_length"]
-    for name, fn in A.POLICY_LOSSES.items():
-        params = inspect.signature(fn).parameters
-        assert list(params) == expected_loss, name
-        assert params["clip_range"].default == 0.2 and params["loss_agg_mode"].default == "token-mean"
+def test_registered_functions_share_only_their_positional_inputs():
+    """Positional: what every estimator / loss reads; the rest is keyword-only and named by need."""
+    for registry, positional in ((A.ADVANTAGE_ESTIMATORS, ["token_rewards", "mask"]),
+                                 (A.POLICY_LOSSES, ["logprobs", "old_logprobs", "advantages", "mask"])):
+        for name, entry in registry.items():
+            params = inspect.signature(entry.fn).parameters
+            assert list(params)[:len(positional)] == positional, name
+            assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in list(params.values())[len(positional):]), name
     assert set(A.ADVANTAGE_ESTIMATORS) >= {"reinforce", "gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"}
     assert set(A.POLICY_LOSSES) >= {"pg", "ppo_clip"}
+    assert A.ADVANTAGE_ESTIMATORS["gae"].hyperparameters == {"gamma": 1.0, "lam": 0.95}
+    assert A.POLICY_LOSSES["ppo_clip"].hyperparameters == {"clip_range": 0.2, "clip_range_high": None, "dual_clip": None}
 
 
 def test_unknown_registry_names_list_valid_ones():

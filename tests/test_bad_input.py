@@ -1,4 +1,7 @@
-"""Bad input: one clear line on stderr, exit code 2, no traceback, earlier outputs intact."""
+"""Bad input: one clear line on stderr, exit code 2, no traceback, earlier outputs intact.
+
+Every case runs its script in this process (run_here): the exit code and stderr are what a user
+sees, without a new interpreter per case; the scripts' subprocess runs live in test_train_e2e.py."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import run_script, tiny_args
+from conftest import tiny_args
 
 
 def assert_one_line_error(result, *fragments):
@@ -40,20 +43,20 @@ def assert_one_line_error(result, *fragments):
         (["--rollout_batch_size", "0"], ["rollout_batch_size must be >= 1"]),
     ],
 )
-def test_bad_cli_values_exit_2(args, fragments, tmp_path):
-    result = run_script("train_ppo.py", "--output_dir", str(tmp_path / "out"), *args)
+def test_bad_cli_values_exit_2(args, fragments, tmp_path, run_here):
+    result = run_here("train_ppo.py", "--output_dir", str(tmp_path / "out"), *args)
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_key_in_yaml(tmp_path):
+def test_unknown_key_in_yaml(tmp_path, run_here):
     config = tmp_path / "bad.yaml"
     config.write_text("learning_rate: 1e-4\nkl_coeff: 0.1\n")
-    assert_one_line_error(run_script("train_ppo.py", "--config", str(config)), "kl_coeff", "kl_coef")
+    assert_one_line_error(run_here("train_ppo.py", "--config", str(config)), "kl_coeff", "kl_coef")
 
 
-def test_help_lists_every_key_with_default():
-    result = run_script("train_ppo.py", "--help")
+def test_help_lists_every_key_with_default(run_here):
+    result = run_here("train_ppo.py", "--help")
     assert result.returncode == 0
     from rlhf.config import RLConfig
     import dataclasses
@@ -74,15 +77,15 @@ def test_help_lists_every_key_with_default():
         ('{"prompt": "fine"}\n{"prompt": ""}\n', ["row 1"]),
     ],
 )
-def test_bad_dataset_files(content, fragments, tiny_model_dir, tmp_path):
+def test_bad_dataset_files(content, fragments, tiny_model_dir, tmp_path, run_here):
     data = tmp_path / "data.jsonl"
     data.write_text(content)
-    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--dataset", str(data)))
+    result = run_here("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--dataset", str(data)))
     assert_one_line_error(result, *fragments)
 
 
-def test_missing_dataset_file(tiny_model_dir, tmp_path):
-    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--dataset", "nope.jsonl"))
+def test_missing_dataset_file(tiny_model_dir, tmp_path, run_here):
+    result = run_here("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--dataset", "nope.jsonl"))
     assert_one_line_error(result, "dataset not found: nope.jsonl")
 
 
@@ -97,11 +100,11 @@ def test_missing_dataset_file(tiny_model_dir, tmp_path):
         ("    return ['high'] * len(completions)\n", ["returned 'high'"]),
     ],
 )
-def test_broken_reward_functions(body, fragments, tiny_model_dir, tmp_path):
+def test_broken_reward_functions(body, fragments, tiny_model_dir, tmp_path, run_here):
     reward_file = tmp_path / "reward.py"
     reward_file.write_text("def broken(prompts, completions, **kwargs):\n" + body)
-    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--reward_funcs",
-                                                         f"{reward_file}:broken"))
+    result = run_here("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--reward_funcs",
+                                                       f"{reward_file}:broken"))
     assert_one_line_error(result, "broken", *fragments)
 
 
@@ -115,93 +118,93 @@ def test_broken_reward_functions(body, fragments, tiny_model_dir, tmp_path):
         ("http://127.0.0.1:9/", ["remote reward http://127.0.0.1:9/ failed after"]),
     ],
 )
-def test_unloadable_rewards(spec, fragments, tiny_model_dir, tmp_path):
-    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--reward_funcs", spec))
+def test_unloadable_rewards(spec, fragments, tiny_model_dir, tmp_path, run_here):
+    result = run_here("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--reward_funcs", spec))
     assert_one_line_error(result, *fragments)
 
 
-def test_missing_model_dir(tmp_path):
-    result = run_script("train_reinforce.py", "--model_name_or_path", str(tmp_path / "nope"), "--output_dir",
-                        str(tmp_path / "out"))
+def test_missing_model_dir(tmp_path, run_here):
+    result = run_here("train_reinforce.py", "--model_name_or_path", str(tmp_path / "nope"), "--output_dir",
+                      str(tmp_path / "out"))
     assert_one_line_error(result, "cannot load")
 
 
-def test_reward_file_with_import_error_shows_user_line(tiny_model_dir, tmp_path):
+def test_reward_file_with_import_error_shows_user_line(tiny_model_dir, tmp_path, run_here):
     reward_file = tmp_path / "typo.py"
     reward_file.write_text("import math\n\nSCALE = math.tau / undefined_name\n")
-    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--reward_funcs",
-                                                         f"{reward_file}:f"))
+    result = run_here("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--reward_funcs",
+                                                       f"{reward_file}:f"))
     assert_one_line_error(result, "failed to import", "NameError", "typo.py:3")
 
 
-def test_reward_model_training_bad_pairs(tmp_path):
+def test_reward_model_training_bad_pairs(tmp_path, run_here):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "q", "chosen": "a"}\n')
-    result = run_script("train_reward_model.py", "--dataset", str(pairs), "--output_dir", str(tmp_path / "rm"))
+    result = run_here("train_reward_model.py", "--dataset", str(pairs), "--output_dir", str(tmp_path / "rm"))
     assert_one_line_error(result, "lacks column(s) rejected")
-    result = run_script("train_reward_model.py", "--num_train_epochs", "0", "--output_dir", str(tmp_path / "rm"))
+    result = run_here("train_reward_model.py", "--num_train_epochs", "0", "--output_dir", str(tmp_path / "rm"))
     assert_one_line_error(result, "num_train_epochs")
 
 
 @pytest.mark.parametrize("script", ["train_grpo.py", "train_trpo.py", "train_dpo.py", "train_reward_model.py",
                                     "evaluate.py", "plot_metrics.py", "compare_algorithms.py", "benchmark.py"])
-def test_every_script_prints_help(script):
-    result = run_script(script, "--help")
+def test_every_script_prints_help(script, run_here):
+    result = run_here(script, "--help")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout and "Traceback" not in result.stderr
 
 
-def test_yaml_syntax_error_names_the_line(tmp_path):
+def test_yaml_syntax_error_names_the_line(tmp_path, run_here):
     config = tmp_path / "broken.yaml"
     config.write_text("learning_rate: 1e-4\nlora_target_modules: [q_proj, v_proj\nkl_coef: 0.1\n")
-    result = run_script("train_ppo.py", "--config", str(config), "--output_dir", str(tmp_path / "out"))
+    result = run_here("train_ppo.py", "--config", str(config), "--output_dir", str(tmp_path / "out"))
     assert_one_line_error(result, f"config file {config}:3: not valid YAML")
     assert not (tmp_path / "out").exists()
 
 
-def test_long_prompts_are_truncated_with_a_count_or_refused(tiny_model_dir, tmp_path):
+def test_long_prompts_are_truncated_with_a_count_or_refused(tiny_model_dir, tmp_path, run_here):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"prompt": "word " * 200}) + "\n" + json.dumps({"prompt": "short"}) + "\n")
     args = tiny_args(tiny_model_dir, tmp_path / "out", "--dataset", str(data), "--max_steps", "1",
                      "--rollout_batch_size", "2", "--mini_batch_size", "2")
-    refused = run_script("train_reinforce.py", *args, "--prompt_overflow", "error")
+    refused = run_here("train_reinforce.py", *args, "--prompt_overflow", "error")
     assert_one_line_error(refused, f"1 of 2 prompts in {data} are longer than max_prompt_length 48 tokens",
                           "first: row 0", "prompt_overflow: truncate")
-    truncated = run_script("train_reinforce.py", *args)
+    truncated = run_here("train_reinforce.py", *args)
     assert truncated.returncode == 0, truncated.stderr[-2000:]
     assert f"1 of 2 prompts in {data} are longer than max_prompt_length 48 tokens" in truncated.stderr
 
 
-def test_resume_from_missing_or_corrupted_checkpoint(tiny_model_dir, tmp_path):
+def test_resume_from_missing_or_corrupted_checkpoint(tiny_model_dir, tmp_path, run_here):
     out = tmp_path / "run"
-    assert run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, "--save_steps", "1")).returncode == 0
+    assert run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--save_steps", "1")).returncode == 0
     resume = ("--max_steps", "3", "--resume_from_checkpoint")
     before = (out / "metrics.jsonl").read_text()
 
-    missing = run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, *resume, str(out / "checkpoints" / "step-9")))
+    missing = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, *resume, str(out / "checkpoints" / "step-9")))
     assert_one_line_error(missing, "step-9 is not a complete checkpoint")
 
     step = out / "checkpoints" / "step-2"
     (step / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    broken_adapter = run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, *resume, "latest"))
+    broken_adapter = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, *resume, "latest"))
     assert_one_line_error(broken_adapter, f"checkpoint {step} is corrupted: adapter_model.safetensors unreadable")
 
     (step / "trainer_state.json").write_text("{ half a json")
-    broken_state = run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, *resume, "latest"))
+    broken_state = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, *resume, "latest"))
     assert_one_line_error(broken_state, f"checkpoint {step} is corrupted: trainer_state.json unreadable")
 
     for name in (out / "checkpoints" / "step-1" / "accelerate").iterdir():
         if name.name.startswith("optimizer"):
             name.write_bytes(b"garbage")
-    broken_optimizer = run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, *resume,
-                                                             str(out / "checkpoints" / "step-1")))
+    broken_optimizer = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, *resume,
+                                                           str(out / "checkpoints" / "step-1")))
     assert_one_line_error(broken_optimizer, "is corrupted: optimizer/RNG state unreadable")
     assert (out / "metrics.jsonl").read_text() == before  # a failed resume drops no rows
 
 
-def test_output_dir_that_cannot_be_written(tiny_model_dir, tmp_path):
+def test_output_dir_that_cannot_be_written(tiny_model_dir, tmp_path, run_here):
     blocker = tmp_path / "a_file"
     blocker.write_text("I am a file, not a directory")
-    result = run_script("train_ppo.py", *tiny_args(tiny_model_dir, blocker / "run"))
+    result = run_here("train_ppo.py", *tiny_args(tiny_model_dir, blocker / "run"))
     assert_one_line_error(result, f"output_dir {blocker / 'run'} is not writable", "choose another --output_dir")
     assert blocker.read_text() == "I am a file, not a directory"

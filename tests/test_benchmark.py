@@ -29,13 +29,13 @@ def test_benchmark_runs_ours_and_trl_and_the_floor(tiny_model_dir, tmp_path):
     assert report["results"]["floor"]["floor_step_s"] > 0 and report["ours_grpo_step_over_floor"] > 0
     assert "ours-grpo / trl-grpo: samples/s x" in result.stdout
     profile = (tmp_path / "bench.profile.txt").read_text()
-    for phase in ("rollout", "score", "compute_advantages", "update"):
+    for phase in ("rollout", "score", "make_experience", "update"):
         assert f"## {phase}" in profile
     assert "aten::mm" in profile
 
 
-def test_benchmark_unknown_system_exits_2(tmp_path):
-    result = run_script("benchmark.py", "--systems", "openrlhf", "--out", str(tmp_path / "b.json"))
+def test_benchmark_unknown_system_exits_2(tmp_path, run_here):
+    result = run_here("benchmark.py", "--systems", "openrlhf", "--out", str(tmp_path / "b.json"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: unknown system(s) openrlhf; choose from ours-grpo, ours-ppo, ours-reinforce, trl-grpo")

@@ -17,7 +17,7 @@ def test_precedence_default_script_yaml_cli(tmp_path):
     assert config.learning_rate == 2e-5                # yaml over script default
     assert config.kl_coef == 0.3                       # cli over yaml
     assert config.reward_funcs == ["sentiment", "a.py:f"]
-    assert config.clip_range == 0.2                    # dataclass default
+    assert config.value_clip_range == 0.2 and config.clip_range is None  # dataclass defaults (none = the loss's own)
 
 
 def test_cli_types_lists_bools_and_none():

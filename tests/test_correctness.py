@@ -203,7 +203,7 @@ def uneven_rollout(trainer):
 # ---------------------------------------------------------------------------- padding invariance
 
 
-@pytest.mark.parametrize("update", ["pg", "ppo_clip", "trpo"])
+@pytest.mark.parametrize("update", [*A.POLICY_LOSSES, "trpo"])
 def test_the_same_rollout_padded_to_two_widths_gives_the_same_update(tiny_model_dir, tmp_path, update):
     """Every loss_agg_mode and policy loss (and TRPO's surrogate): padding is no data."""
     overrides = ({"update_method": "trpo", "advantage_estimator": "grpo", "fisher_sample_fraction": 1.0}
@@ -226,7 +226,7 @@ def test_the_same_rollout_padded_to_two_widths_gives_the_same_update(tiny_model_
             if optimizer_state is not None:
                 trainer.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
             torch.manual_seed(7)
-            batch, _ = trainer.compute_advantages(with_response_width(rollout, width, pad), scores)
+            batch, _ = trainer.make_experience(with_response_width(rollout, width, pad), scores)
             trainer.update(batch)
             results.append({n: p.detach().clone() for n, p in trained.items()})
         moved = max(float((results[0][n] - start[n]).abs().max()) for n in start)
@@ -254,7 +254,7 @@ def test_entropy_on_the_skip_old_logprob_path_is_the_global_token_mean(tiny_mode
     halves = [slice(0, 4), slice(4, 8)]
     mean_of_means = sum(float((entropy[h] * rollout.mask[h]).sum() / rollout.mask[h].sum()) for h in halves) / 2
     assert abs(token_mean - mean_of_means) > 1e-2  # the two answers differ here
-    batch, metrics = trainer.compute_advantages(rollout, torch.linspace(-1, 1, len(rollout)))
+    batch, metrics = trainer.make_experience(rollout, torch.linspace(-1, 1, len(rollout)))
     torch.manual_seed(0)
     logged = trainer.update(batch)["entropy"]
     assert logged == pytest.approx(token_mean, abs=1e-5)

@@ -109,26 +109,30 @@ def test_two_process_run_writes_once_and_resumes(tiny_model_dir, tmp_path):
     assert (out / "checkpoints" / "step-3").is_dir()
 
 
-def _sharded_trainer(distributed_type, **overrides):
-    """Just enough of an RLTrainer for _configure_sharding (no GPU, no DeepSpeed install needed)."""
+def _sharded(distributed_type, **overrides):
+    """An accelerator stand-in and a config for configure_sharding (no GPU, no DeepSpeed install needed)."""
     from types import SimpleNamespace
 
     from rlhf.config import RLConfig
 
     config = RLConfig(**{"mini_batch_size": 8, "gradient_accumulation_steps": 2, "max_grad_norm": 0.5, **overrides})
     state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config={"train_micro_batch_size_per_gpu": "auto"}))
-    return SimpleNamespace(config=config, micro_batch_size=2,
-                           accelerator=SimpleNamespace(distributed_type=distributed_type, state=state))
+    return SimpleNamespace(distributed_type=distributed_type, state=state), config
+
+
+def _configure(accelerator, config):
+    from rlhf.distributed import configure_sharding
+    from rlhf.update import UPDATERS
+
+    configure_sharding(accelerator, config, 2, UPDATERS[config.update_method].needs["unsharded_weights"])
 
 
 def test_deepspeed_gets_batch_sizes_and_clipping_from_the_run_config():
     from accelerate.utils import DistributedType
 
-    from rlhf.trainer import RLTrainer
-
-    fake = _sharded_trainer(DistributedType.DEEPSPEED)
-    RLTrainer._configure_sharding(fake)
-    assert fake.accelerator.state.deepspeed_plugin.deepspeed_config == {
+    accelerator, config = _sharded(DistributedType.DEEPSPEED)
+    _configure(accelerator, config)
+    assert accelerator.state.deepspeed_plugin.deepspeed_config == {
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_batch_size": 8,
         "gradient_clipping": 0.5}
 
@@ -142,10 +146,9 @@ def test_sharded_backends_refuse_what_they_cannot_do(backend, overrides, message
     from accelerate.utils import DistributedType
 
     from rlhf.errors import ConfigError
-    from rlhf.trainer import RLTrainer
 
     with pytest.raises(ConfigError, match=message):
-        RLTrainer._configure_sharding(_sharded_trainer(DistributedType[backend], **overrides))
+        _configure(*_sharded(DistributedType[backend], **overrides))
 
 
 def test_processes_on_one_cpu_share_its_cores(monkeypatch):

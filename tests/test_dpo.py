@@ -1,4 +1,7 @@
-"""DPO through TRL on the tiny model, and RL starting from the DPO adapter."""
+"""DPO through TRL on the tiny model, and RL starting from the DPO adapter.
+
+train_dpo.py runs once in a subprocess (dpo_run, shared by the tests that read its outputs); the
+other runs and the bad-input cases call the scripts in this process (run_here)."""
 
 from __future__ import annotations
 
@@ -57,11 +60,11 @@ def test_dpo_adapter_loads_with_peft(dpo_run, tiny_model_dir):
     assert any("lora_A" in name for name, _ in model.named_parameters())
 
 
-def test_rl_starts_from_the_dpo_adapter(dpo_run, tiny_model_dir, tmp_path):
+def test_rl_starts_from_the_dpo_adapter(dpo_run, tiny_model_dir, tmp_path, run_here):
     _, out = dpo_run
     rl_out = tmp_path / "rl"
-    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, rl_out, "--max_steps", "1",
-                                                         "--init_adapter", str(out / "final")))
+    result = run_here("train_reinforce.py", *tiny_args(tiny_model_dir, rl_out, "--max_steps", "1",
+                                                       "--init_adapter", str(out / "final")))
     assert result.returncode == 0, result.stderr[-3000:]
     row = read_metrics(rl_out)[0]
     # The merged DPO model is the reference: at the first rollout policy == reference.
@@ -74,29 +77,29 @@ def test_rl_starts_from_the_dpo_adapter(dpo_run, tiny_model_dir, tmp_path):
     (["--beta", "0"], "beta must be > 0"),
     (["--dataset", "missing.jsonl"], "missing.jsonl"),
 ])
-def test_dpo_bad_input_exits_2(flags, message, tmp_path):
-    result = run_script("train_dpo.py", "--output_dir", str(tmp_path / "out"), *flags)
+def test_dpo_bad_input_exits_2(flags, message, tmp_path, run_here):
+    result = run_here("train_dpo.py", "--output_dir", str(tmp_path / "out"), *flags)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_dpo_refuses_to_overwrite_a_run(dpo_run, tiny_model_dir, tmp_path):
+def test_dpo_refuses_to_overwrite_a_run(dpo_run, tiny_model_dir, tmp_path, run_here):
     _, out = dpo_run
     before = (out / "metrics.jsonl").read_text()
-    result = run_script("train_dpo.py", *dpo_args(tiny_model_dir, out, tmp_path))
+    result = run_here("train_dpo.py", *dpo_args(tiny_model_dir, out, tmp_path))
     assert result.returncode == 2 and "is not empty" in result.stderr
     assert (out / "metrics.jsonl").read_text() == before
 
 
-def test_init_adapter_that_is_not_an_adapter_exits_2(tiny_model_dir, tmp_path):
-    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "rl", "--init_adapter",
-                                                         str(tmp_path)))
+def test_init_adapter_that_is_not_an_adapter_exits_2(tiny_model_dir, tmp_path, run_here):
+    result = run_here("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "rl", "--init_adapter",
+                                                       str(tmp_path)))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: init_adapter {tmp_path} is not a PEFT adapter dir (no adapter_config.json)")
 
 
-def test_init_adapter_from_another_base_exits_2(tiny_model_dir, tmp_path):
+def test_init_adapter_from_another_base_exits_2(tiny_model_dir, tmp_path, run_here):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -104,8 +107,8 @@ def test_init_adapter_from_another_base_exits_2(tiny_model_dir, tmp_path):
                                          num_attention_heads=2, num_key_value_heads=2))
     adapter_dir = tmp_path / "other_adapter"
     get_peft_model(other, LoraConfig(r=2, target_modules="all-linear")).save_pretrained(adapter_dir)
-    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "rl", "--init_adapter",
-                                                         str(adapter_dir)))
+    result = run_here("train_reinforce.py", *tiny_args(tiny_model_dir, tmp_path / "rl", "--init_adapter",
+                                                       str(adapter_dir)))
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: init_adapter {adapter_dir} does not fit model_name_or_path")

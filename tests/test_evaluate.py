@@ -1,4 +1,7 @@
-"""scripts/evaluate.py, rlhf.evaluate and rlhf.report on the tiny model; plot_metrics.py."""
+"""scripts/evaluate.py, rlhf.evaluate and rlhf.report on the tiny model; plot_metrics.py.
+
+Each script runs for real in a subprocess once (evaluate.py also under torchrun); the refusals
+and bad-input cases call them in this process (run_here)."""
 
 from __future__ import annotations
 
@@ -178,18 +181,18 @@ def test_script_writes_every_output_for_every_checkpoint_kind(adapters, tiny_mod
     assert again["pairwise_win_rate"] == report["pairwise_win_rate"]
 
 
-def test_refuses_to_overwrite_a_report(adapters, tmp_path):
+def test_refuses_to_overwrite_a_report(adapters, tmp_path, run_here):
     out = tmp_path / "report"
     out.mkdir()
     (out / "report.json").write_text("{}")
-    result = run_script("evaluate.py", "--checkpoints", str(adapters["final"]), "--output_dir", str(out))
+    result = run_here("evaluate.py", "--checkpoints", str(adapters["final"]), "--output_dir", str(out))
     assert result.returncode == 2 and "already holds a report" in result.stderr
     assert (out / "report.json").read_text() == "{}"
 
 
 @pytest.mark.parametrize("case", ["missing_dir", "other_base", "empty_dataset", "malformed_row", "unknown_reward",
                                   "no_checkpoints", "bad_flag"])
-def test_bad_input_exits_2_with_one_line(case, adapters, tiny_model_dir, tmp_path):
+def test_bad_input_exits_2_with_one_line(case, adapters, tiny_model_dir, tmp_path, run_here):
     args = ["--checkpoints", str(adapters["final"]), "--output_dir", str(tmp_path / "out"),
             "--num_prompts", "2", "--max_new_tokens", "4", "--reward_funcs", REWARD]
     expected = {
@@ -222,7 +225,7 @@ def test_bad_input_exits_2_with_one_line(case, adapters, tiny_model_dir, tmp_pat
         args = args[2:]
     elif case == "bad_flag":
         args += ["--nun_samples", "2"]
-    result = run_script("evaluate.py", *args)
+    result = run_here("evaluate.py", *args)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and expected.lstrip("-") in lines[-1], lines[-1]
@@ -249,8 +252,8 @@ def test_plot_metrics_draws_curves_for_several_runs(tmp_path):
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
 
 
-def test_plot_metrics_bad_run_dir_exits_2(tmp_path):
-    result = run_script("plot_metrics.py", str(tmp_path / "nowhere"))
+def test_plot_metrics_bad_run_dir_exits_2(tmp_path, run_here):
+    result = run_here("plot_metrics.py", str(tmp_path / "nowhere"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: no metrics.jsonl in {tmp_path / 'nowhere'}"
 

@@ -1,5 +1,6 @@
 """Memory and precision options: generation_batch_size, logprob_batch_size, gradient checkpointing
-with LoRA, bf16. Each must leave the numbers unchanged (up to float rounding) or be refused."""
+with LoRA, bf16. Each must leave the numbers unchanged (up to float rounding) or be refused.
+The script runs call train_ppo.py in this process (run_here)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_script, tiny_args
+from conftest import tiny_args
 from rlhf.errors import ConfigError
 from rlhf.models import PolicyWithValue, ValueHead, add_lora, check_bf16, load_base_model, load_tokenizer
 from rlhf.rollout import concat_rollouts, forward_response, generate_rollout
@@ -78,9 +79,9 @@ def test_gradient_checkpointing_with_lora_gives_the_same_gradients(tiny_model_di
         assert torch.allclose(grads[True][name], grads[False][name], atol=1e-6), name
 
 
-def test_memory_options_through_the_script(tiny_model_dir, tmp_path):
+def test_memory_options_through_the_script(tiny_model_dir, tmp_path, run_here):
     out = tmp_path / "run"
-    result = run_script("train_ppo.py", *tiny_args(
+    result = run_here("train_ppo.py", *tiny_args(
         tiny_model_dir, out, "--rollout_batch_size", "6", "--mini_batch_size", "6", "--generation_batch_size", "4",
         "--logprob_batch_size", "5", "--gradient_checkpointing", "true"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -88,9 +89,9 @@ def test_memory_options_through_the_script(tiny_model_dir, tmp_path):
     assert len(rows) == 2 and all(row["policy_loss"] is not None for row in rows)
 
 
-def test_bf16_run_keeps_lora_and_head_in_float32(tiny_model_dir, tmp_path):
+def test_bf16_run_keeps_lora_and_head_in_float32(tiny_model_dir, tmp_path, run_here):
     out = tmp_path / "run"
-    result = run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, "--bf16", "true"))
+    result = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--bf16", "true"))
     assert result.returncode == 0, result.stderr[-3000:]
     adapter = load_file(str(out / "final" / "adapter_model.safetensors"))
     assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
@@ -107,7 +108,7 @@ def test_bf16_refused_on_a_gpu_without_it(monkeypatch):
 
 
 @pytest.mark.parametrize("key", ["generation_batch_size", "logprob_batch_size"])
-def test_batch_size_options_must_be_positive(tiny_model_dir, tmp_path, key):
-    result = run_script("train_ppo.py", *tiny_args(tiny_model_dir, tmp_path / "run", f"--{key}", "0"))
+def test_batch_size_options_must_be_positive(tiny_model_dir, tmp_path, key, run_here):
+    result = run_here("train_ppo.py", *tiny_args(tiny_model_dir, tmp_path / "run", f"--{key}", "0"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: {key} must be >= 1 or none (= automatic), got 0"

@@ -1,5 +1,9 @@
 """A killed run continues exactly where it stopped; checkpoints are atomic; signals, non-finite
-losses and failing rewards are handled; nothing written earlier is lost."""
+losses and failing rewards are handled; nothing written earlier is lost.
+
+A run that is killed or signalled is a real process (subprocess); every other run (the reference,
+the resumes, the injected disk-full/NaN/reward faults) runs the script in this process, with one
+torch thread as the subprocesses have (OMP_NUM_THREADS=1), so all of them compute the same bytes."""
 
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, ROOT, tiny_args
+from conftest import FIXTURES, ROOT, run_in_process, tiny_args
+from fixtures import faults
 
 # Wall-clock and throughput columns differ between any two runs; everything else must not.
 def is_timing(key: str) -> bool:
@@ -36,6 +41,19 @@ def train_command(*args: str, script: str = "train_ppo.py", fault: tuple[str, st
 def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(train_command(*args, **kwargs), capture_output=True, text=True, env=environment(),
                           timeout=600, cwd=ROOT)
+
+
+@pytest.fixture
+def train_here(run_here, monkeypatch):
+    """``run`` in this process: the same script, thread count and fault (undone after the run)."""
+
+    def train(*args: str, script: str = "train_ppo.py", fault: tuple[str, str] | None = None) -> subprocess.CompletedProcess:
+        with monkeypatch.context() as patches:
+            if fault:
+                faults.install(*fault, patch=patches.setattr)
+            return run_here(script, *args, env={"OMP_NUM_THREADS": "1"}, threads=1)
+
+    return train
 
 
 # Six prompts and four per step: the 5-step runs cross three epoch boundaries of the sampler.
@@ -62,8 +80,8 @@ def last_line(result: subprocess.CompletedProcess) -> str:
 def reference(tiny_model_dir, tmp_path_factory) -> Path:
     """The uninterrupted run every interrupted one must reproduce."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    result = run(*run_args(tiny_model_dir, out))
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_in_process("train_ppo.py", *run_args(tiny_model_dir, out), env={"OMP_NUM_THREADS": "1"}, threads=1)
+    assert result.returncode == 0, "see the captured stderr of this setup"
     return out
 
 
@@ -75,7 +93,7 @@ def assert_same_run(out: Path, reference: Path) -> None:
     assert (out / "samples.jsonl").read_text() == (reference / "samples.jsonl").read_text()
 
 
-def test_sigkill_at_a_random_step_then_resume_is_exact(reference, tiny_model_dir, tmp_path):
+def test_sigkill_at_a_random_step_then_resume_is_exact(reference, tiny_model_dir, tmp_path, train_here):
     kill_after = random.Random().randint(1, STEPS - 2)
     out = tmp_path / "run"
     process = subprocess.Popen(train_command(*run_args(tiny_model_dir, out)), env=environment(), cwd=ROOT,
@@ -89,14 +107,14 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(reference, tiny_model_dir
     process.send_signal(signal.SIGKILL)  # wherever it is now: mid-step, mid-save or between
     assert process.wait() == -signal.SIGKILL, f"the run ended before the kill after step {kill_after}"
 
-    resumed = run(*run_args(tiny_model_dir, out, "--resume_from_checkpoint", "latest"))
+    resumed = train_here(*run_args(tiny_model_dir, out, "--resume_from_checkpoint", "latest"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # killed before the first checkpoint was complete, the run starts over (and must still match)
     assert "resumed from" in resumed.stdout or "starting from step 0" in resumed.stdout, kill_after
     assert_same_run(out, reference)
 
 
-def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(reference, tiny_model_dir, tmp_path):
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(reference, tiny_model_dir, tmp_path, train_here):
     out = tmp_path / "run"
     killed = run(*run_args(tiny_model_dir, out), fault=("kill-during-save", "3"))
     assert killed.returncode == -signal.SIGKILL
@@ -105,17 +123,17 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(reference, ti
     assert sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith(".")) == ["step-1", "step-2"]
 
     # the optimizer/scheduler/RNG files are read with torch.load(weights_only=True) only
-    resumed = run(*run_args(tiny_model_dir, out, "--resume_from_checkpoint", "latest"),
-                  fault=("strict-torch-load", "-"))
+    resumed = train_here(*run_args(tiny_model_dir, out, "--resume_from_checkpoint", "latest"),
+                         fault=("strict-torch-load", "-"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {checkpoints / 'step-2'}" in resumed.stdout + resumed.stderr
     assert not any(p.name.startswith(".") for p in checkpoints.iterdir())  # leftovers cleaned up
     assert_same_run(out, reference)
 
 
-def test_disk_full_while_saving_exits_2_and_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path):
+def test_disk_full_while_saving_exits_2_and_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, train_here):
     out = tmp_path / "run"
-    result = run(*run_args(tiny_model_dir, out), fault=("disk-full-during-save", "2"))
+    result = train_here(*run_args(tiny_model_dir, out), fault=("disk-full-during-save", "2"))
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert last_line(result) == (f"error: could not write checkpoint {out / 'checkpoints' / 'step-2'}: "
@@ -125,7 +143,7 @@ def test_disk_full_while_saving_exits_2_and_keeps_the_previous_checkpoint(tiny_m
 
 
 @pytest.mark.parametrize("signum, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_path, signum, exit_code):
+def test_signal_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_path, signum, exit_code, train_here):
     out = tmp_path / "run"
     args = tiny_args(tiny_model_dir, out, "--max_steps", "50", "--save_steps", "0")
     process = subprocess.Popen(train_command(*args), env=environment(), cwd=ROOT, stdout=subprocess.PIPE,
@@ -143,15 +161,16 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_pa
         f"stopped by {name} after step {step}; checkpoint {out / 'checkpoints' / f'step-{step}'}; "
         "continue with --resume_from_checkpoint latest (same output_dir)")
     assert "Traceback" not in stderr
-    resumed = run(*tiny_args(tiny_model_dir, out, "--max_steps", str(step + 1), "--resume_from_checkpoint", "latest"))
+    resumed = train_here(*tiny_args(tiny_model_dir, out, "--max_steps", str(step + 1), "--resume_from_checkpoint",
+                                    "latest"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming with changed settings: max_steps 50 -> {step + 1}" in resumed.stdout
     assert [row["step"] for row in comparable_rows(out)] == list(range(1, step + 2))
 
 
-def test_a_non_finite_loss_skips_the_step_and_training_goes_on(tiny_model_dir, tmp_path):
+def test_a_non_finite_loss_skips_the_step_and_training_goes_on(tiny_model_dir, tmp_path, train_here):
     out = tmp_path / "run"
-    result = run(*tiny_args(tiny_model_dir, out, "--max_steps", "3"), fault=("nan-loss", "2"))
+    result = train_here(*tiny_args(tiny_model_dir, out, "--max_steps", "3"), fault=("nan-loss", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped 1 optimizer step(s) with a non-finite loss or gradient" in result.stderr
     rows = comparable_rows(out)
@@ -161,10 +180,10 @@ def test_a_non_finite_loss_skips_the_step_and_training_goes_on(tiny_model_dir, t
     assert all(bool(t.isfinite().all()) for t in load_file(str(out / "final" / "adapter_model.safetensors")).values())
 
 
-def test_too_many_non_finite_steps_stop_with_a_checkpoint(tiny_model_dir, tmp_path):
+def test_too_many_non_finite_steps_stop_with_a_checkpoint(tiny_model_dir, tmp_path, train_here):
     out = tmp_path / "run"
-    result = run(*tiny_args(tiny_model_dir, out, "--max_steps", "10", "--max_consecutive_skips", "2",
-                            "--save_steps", "0"), fault=("nan-loss", "all"))
+    result = train_here(*tiny_args(tiny_model_dir, out, "--max_steps", "10", "--max_consecutive_skips", "2",
+                                   "--save_steps", "0"), fault=("nan-loss", "all"))
     assert result.returncode == 2
     assert last_line(result) == (
         f"error: 2 optimizer steps in a row had a non-finite loss or gradient (up to step 2); skipped updates "
@@ -186,12 +205,12 @@ def sometimes_none(prompts, completions, **kwargs):
 
 
 @pytest.mark.parametrize("mode", ["zero", "skip_batch"])
-def test_reward_error_modes(tiny_model_dir, tmp_path, mode):
+def test_reward_error_modes(tiny_model_dir, tmp_path, mode, train_here):
     rewards = tmp_path / "rewards.py"
     rewards.write_text(REWARD_FAILING_ON_SHORT)
     out = tmp_path / "run"
-    result = run(*tiny_args(tiny_model_dir, out, "--reward_funcs", f"{rewards}:sometimes_none",
-                            "--reward_error", mode))
+    result = train_here(*tiny_args(tiny_model_dir, out, "--reward_funcs", f"{rewards}:sometimes_none",
+                                   "--reward_error", mode))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = comparable_rows(out)
     assert [row["reward_errors"] for row in rows] == [1, 1]  # one failed sample per step (4 sequences)

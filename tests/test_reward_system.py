@@ -172,14 +172,14 @@ def test_serve_reward_script(tmp_path):
 # ---------------------------------------------------------------------------- training through every kind
 
 
-def test_ppo_with_remote_reward_and_bad_endpoint(tiny_model_dir, tmp_path, reward_server):
+def test_ppo_with_remote_reward_and_bad_endpoint(tiny_model_dir, tmp_path, reward_server, run_here):
     out = tmp_path / "run"
-    result = run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1", "--reward_funcs", reward_server))
+    result = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1", "--reward_funcs", reward_server))
     assert result.returncode == 0, result.stderr[-2000:]
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert f"reward/{reward_server.split('//')[1].rstrip('/')}" in row
-    result = run_script("train_ppo.py", *tiny_args(tiny_model_dir, tmp_path / "run2", "--max_steps", "1",
-                                                   "--reward_funcs", f"http://127.0.0.1:{free_port()}/"))
+    result = run_here("train_ppo.py", *tiny_args(tiny_model_dir, tmp_path / "run2", "--max_steps", "1",
+                                                 "--reward_funcs", f"http://127.0.0.1:{free_port()}/"))
     assert result.returncode == 2 and "failed after" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -200,7 +200,7 @@ def test_learned_reward_scores_in_batches(tiny_reward_backbone):
         LearnedReward(str(tiny_reward_backbone), normalize=True)
 
 
-def test_train_reward_model_then_use_it_in_ppo(tiny_reward_backbone, tiny_model_dir, tmp_path):
+def test_train_reward_model_then_use_it_in_ppo(tiny_reward_backbone, tiny_model_dir, tmp_path, run_here):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": "Happy to help, great question!",
                                          "rejected": "Go away."}) + "\n" for i in range(16)))
@@ -215,13 +215,13 @@ def test_train_reward_model_then_use_it_in_ppo(tiny_reward_backbone, tiny_model_
     assert metadata["score_std"] > 0
 
     out = tmp_path / "ppo"
-    result = run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1", "--reward_funcs", str(rm_dir),
-                                                   "--reward_kwargs", json.dumps({"rm": {"normalize": True}})))
+    result = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1", "--reward_funcs", str(rm_dir),
+                                                 "--reward_kwargs", json.dumps({"rm": {"normalize": True}})))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reward/rm" in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
 
-    again = run_script("train_reward_model.py", "--model_name_or_path", str(tiny_reward_backbone), "--dataset", str(pairs),
-                       "--output_dir", str(rm_dir))
+    again = run_here("train_reward_model.py", "--model_name_or_path", str(tiny_reward_backbone), "--dataset", str(pairs),
+                     "--output_dir", str(rm_dir))
     assert again.returncode == 2 and "not empty" in again.stderr  # never overwrite a trained model
 
 

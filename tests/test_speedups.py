@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -14,9 +15,9 @@ from rlhf.trainer import RLTrainer
 
 
 class AlwaysRecomputeOldLogprobs(RLTrainer):
-    @property
-    def old_logprobs_from_update(self) -> bool:
-        return False
+    def __init__(self, config):
+        super().__init__(config)
+        self.passes = dataclasses.replace(self.passes, old=True)
 
 
 @pytest.mark.parametrize("kl_coef", [0.0, 0.1])
@@ -47,19 +48,23 @@ def test_skipping_the_old_logprob_pass_gives_the_same_update(tiny_model_dir, tmp
 
 
 def test_old_logprob_pass_is_kept_where_it_is_needed():
-    def trainer_for(**overrides):
+    from rlhf.algorithms import ADVANTAGE_ESTIMATORS
+    from rlhf.experience import plan_passes
+    from rlhf.update import UPDATERS
+
+    def from_update(**overrides):
         config = RLConfig(**{**ALGORITHM_DEFAULTS["grpo"], "rollout_batch_size": 4, "num_generations": 4,
                              "mini_batch_size": 16, "ppo_epochs": 1, **overrides})
-        fake = object.__new__(RLTrainer)
-        fake.config = config
-        return fake
+        passes = plan_passes(config, ADVANTAGE_ESTIMATORS[config.advantage_estimator], UPDATERS[config.update_method])
+        return not passes.old
 
-    assert trainer_for().old_logprobs_from_update
-    assert not trainer_for(ppo_epochs=2).old_logprobs_from_update  # later epochs see a moved policy
-    assert not trainer_for(mini_batch_size=8).old_logprobs_from_update  # so do later minibatches
-    assert not trainer_for(kl_in_reward=True).old_logprobs_from_update  # KL in the reward needs them first
-    assert not trainer_for(advantage_estimator="gae").old_logprobs_from_update  # values feed GAE
-    assert not trainer_for(update_method="trpo").old_logprobs_from_update
+    assert from_update()
+    assert not from_update(ppo_epochs=2)  # later epochs see a moved policy
+    assert not from_update(mini_batch_size=8)  # so do later minibatches
+    assert not from_update(kl_in_reward=True)  # KL in the reward needs them first
+    assert not from_update(advantage_estimator="gae")  # values feed GAE (registry: values=True)
+    assert not from_update(update_method="trpo")  # TRPO's entry asks for them (old_logprobs=True)
+    assert from_update(kl_in_reward=True, kl_coef=0.0)  # no reference, no KL in the reward
 
 
 def _trained_lora(model_dir, dtype=None):

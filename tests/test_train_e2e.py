@@ -1,4 +1,9 @@
-"""End-to-end runs of the real train scripts on a tiny random model, in subprocesses."""
+"""End-to-end runs of the real train scripts on a tiny random model.
+
+train_ppo.py and train_reinforce.py each run once in a subprocess, as a user runs them (the
+other scripts' subprocess runs are in their own test files); tests that only read a run's outputs
+share those runs, and the rest call the scripts in this process (run_here) to save ~6 s of
+imports each."""
 
 from __future__ import annotations
 
@@ -26,11 +31,27 @@ def lora_b_norm(adapter_dir) -> float:
     return float(sum(t.float().norm() for t in b_weights))
 
 
+@pytest.fixture(scope="module")
+def script_runs(tiny_model_dir, tmp_path_factory):
+    """One two-step run of train_ppo.py and of train_reinforce.py (their configs, an evaluation at
+    step 2), each in a subprocess; the reinforce run also reports to TensorBoard and W&B."""
+    runs = {}
+
+    def get(algorithm):
+        if algorithm not in runs:
+            out = tmp_path_factory.mktemp(algorithm) / "run"
+            trackers = ("--report_to", "jsonl", "tensorboard", "wandb") if algorithm == "reinforce" else ()
+            result = run_script(f"train_{algorithm}.py", "--config", str(ROOT / "configs" / f"{algorithm}.yaml"),
+                                *tiny_args(tiny_model_dir, out, "--eval_steps", "2", "--eval_num_prompts", "3", *trackers))
+            runs[algorithm] = result, out
+        return runs[algorithm]
+
+    return get
+
+
 @pytest.mark.parametrize("algorithm", ["ppo", "reinforce"])
-def test_two_steps_through_the_script(algorithm, tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    result = run_script(f"train_{algorithm}.py", "--config", str(ROOT / "configs" / f"{algorithm}.yaml"),
-                        *tiny_args(tiny_model_dir, out, "--eval_steps", "2", "--eval_num_prompts", "3"))
+def test_two_steps_through_the_script(algorithm, script_runs):
+    result, out = script_runs(algorithm)
     assert result.returncode == 0, result.stderr[-3000:]
 
     rows = read_metrics(out)
@@ -55,10 +76,8 @@ def test_two_steps_through_the_script(algorithm, tiny_model_dir, tmp_path):
     assert samples and {"prompt", "completion", "reward", "step"} <= samples[0].keys()
 
 
-def test_final_adapter_loads_with_peft_and_generates_and_trackers_write(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1",
-                                                         "--report_to", "jsonl", "tensorboard", "wandb"))
+def test_final_adapter_loads_with_peft_and_generates_and_trackers_write(tiny_model_dir, script_runs):
+    result, out = script_runs("reinforce")
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(out.glob("rlhf/events.out.tfevents.*")), "no TensorBoard events"
     assert list(out.glob("wandb/offline-run-*")), "no offline W&B run"
@@ -73,7 +92,7 @@ def test_final_adapter_loads_with_peft_and_generates_and_trackers_write(tiny_mod
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 4
 
 
-def test_custom_reward_file_and_dataset_columns(tiny_model_dir, tmp_path):
+def test_custom_reward_file_and_dataset_columns(tiny_model_dir, tmp_path, run_here):
     reward_file = tmp_path / "my_reward.py"
     reward_file.write_text(
         "def reward_topic(prompts, completions, topic, **kwargs):\n"
@@ -83,34 +102,34 @@ def test_custom_reward_file_and_dataset_columns(tiny_model_dir, tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Tell me about {t}.", "topic": t}) + "\n" for t in ["cats"] * 4))
     out = tmp_path / "run"
-    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, out, "--dataset", str(data),
-                                                          "--reward_funcs", f"{reward_file}:reward_topic",
-                                                          "--reward_clip", "0.5", "--normalize_rewards", "true"))
+    result = run_here("train_reinforce.py", *tiny_args(tiny_model_dir, out, "--dataset", str(data),
+                                                        "--reward_funcs", f"{reward_file}:reward_topic",
+                                                        "--reward_clip", "0.5", "--normalize_rewards", "true"))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(out)
     assert rows[0]["reward/reward_topic"] == 1.0 and rows[0]["reward_mean"] == 1.0  # logged raw
     assert rows[0]["reward_clip_frac"] == 1.0
 
 
-def test_resume_from_latest_restores_and_continues(tiny_model_dir, tmp_path):
+def test_resume_from_latest_restores_and_continues(tiny_model_dir, tmp_path, run_here):
     out = tmp_path / "run"
     args = tiny_args(tiny_model_dir, out, "--save_steps", "1", "--save_total_limit", "2")
-    assert run_script("train_ppo.py", *args).returncode == 0
+    assert run_here("train_ppo.py", *args).returncode == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
     state = json.loads((out / "checkpoints" / "step-2" / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["sampler"]["position"] == 8
-    result = run_script("train_ppo.py", *args, "--max_steps", "3", "--resume_from_checkpoint", "latest")
+    result = run_here("train_ppo.py", *args, "--max_steps", "3", "--resume_from_checkpoint", "latest")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout + result.stderr
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
 
 
-def test_resume_with_other_lora_shape_exits_2(tiny_model_dir, tmp_path):
+def test_resume_with_other_lora_shape_exits_2(tiny_model_dir, tmp_path, run_here):
     out = tmp_path / "run"
-    assert run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1", "--save_steps", "1")).returncode == 0
-    result = run_script("train_ppo.py", *tiny_args(tiny_model_dir, out, "--lora_r", "8", "--max_steps", "2",
-                                                   "--resume_from_checkpoint", "latest"))
+    assert run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1", "--save_steps", "1")).returncode == 0
+    result = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--lora_r", "8", "--max_steps", "2",
+                                                 "--resume_from_checkpoint", "latest"))
     assert result.returncode == 2
     assert "lora_r" in result.stderr and "Traceback" not in result.stderr
 
@@ -125,11 +144,11 @@ def test_accelerate_launch_cpu_config(tiny_model_dir, tmp_path):
     assert [r["step"] for r in read_metrics(out)] == [1]
 
 
-def test_existing_run_is_not_overwritten(tiny_model_dir, tmp_path):
+def test_existing_run_is_not_overwritten(tiny_model_dir, tmp_path, run_here):
     out = tmp_path / "run"
-    assert run_script("train_reinforce.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1")).returncode == 0
+    assert run_here("train_reinforce.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1")).returncode == 0
     before = (out / "metrics.jsonl").read_text()
-    result = run_script("train_reinforce.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1"))
+    result = run_here("train_reinforce.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1"))
     assert result.returncode == 2 and "already holds a run" in result.stderr
     assert (out / "metrics.jsonl").read_text() == before
 

@@ -9,7 +9,7 @@ from torch.nn.utils import parameters_to_vector
 
 from rlhf.models import PolicyWithValue, add_lora, load_base_model, load_tokenizer
 from rlhf.rollout import forward_response, generate_rollout
-from rlhf.trpo import categorical_kl, trpo_step, trpo_surrogate_loss
+from rlhf.algorithms.trpo import categorical_kl, trpo_step, trpo_surrogate_loss
 
 TEMPERATURE = 0.9
 

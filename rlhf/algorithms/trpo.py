@@ -1,5 +1,5 @@
 """TRPO's update (Schulman et al. 2015) on the LoRA parameters: a natural-gradient step inside a
-KL trust region, built from the pure pieces of ``rlhf.algorithms``.
+KL trust region, from the pure pieces below (CG, step size, line search).
 
     g      = grad L(theta_old)                      L = surrogate loss (minimised), below
     F v    = grad (grad KLbar(theta_old || theta) . v) + damping * v    (double backward)
@@ -16,6 +16,7 @@ goes through ``all_reduce`` so all processes take the identical step.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -23,9 +24,84 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from rlhf.algorithms import (
-    agg_loss, agg_units, backtracking_line_search, conjugate_gradient, kl_penalty, masked_sum, trpo_step_size,
-)
+from rlhf.algorithms.aggregation import agg_loss, agg_units, masked_sum
+from rlhf.algorithms.kl import kl_penalty
+
+# ----------------------------------------------------------------------------------------------
+# TRPO (Schulman et al. 2015): natural-gradient step inside a KL trust region
+# ----------------------------------------------------------------------------------------------
+
+
+def conjugate_gradient(
+    Avp: Callable[[Tensor], Tensor], b: Tensor, iters: int = 10, residual_tol: float = 1e-10
+) -> Tensor:
+    """Solve A x = b for symmetric positive-definite A, given only x -> A x.
+
+    b: [N] flat vector; Avp: [N] -> [N] (e.g. a Fisher-vector product). Returns x [N] float32.
+    Standard CG (Hestenes & Stiefel 1952); stops after ``iters`` or when r.r < residual_tol.
+    """
+    b = b.float()
+    x = torch.zeros_like(b)
+    residual = b.clone()
+    direction = b.clone()
+    residual_sq = residual.dot(residual)
+    for _ in range(iters):
+        if residual_sq < residual_tol:
+            break
+        A_direction = Avp(direction).float()
+        alpha = residual_sq / direction.dot(A_direction)
+        x = x + alpha * direction
+        residual = residual - alpha * A_direction
+        new_residual_sq = residual.dot(residual)
+        direction = residual + (new_residual_sq / residual_sq) * direction
+        residual_sq = new_residual_sq
+    return x
+
+
+def trpo_step_size(step_dir: Tensor, Avp_of_step_dir: Tensor, max_kl: float) -> float:
+    """Scale beta so that the quadratic KL model of beta * s equals max_kl.
+
+    0.5 * beta^2 * s^T A s = max_kl  =>  beta = sqrt(2 * max_kl / (s^T A s))
+    step_dir, Avp_of_step_dir: [N]. Returns 0.0 when s^T A s <= 0 (no trustworthy curvature).
+    """
+    curvature = float(step_dir.float().dot(Avp_of_step_dir.float()))
+    if not math.isfinite(curvature) or curvature <= 0.0:
+        return 0.0
+    return math.sqrt(2.0 * max_kl / curvature)
+
+
+def backtracking_line_search(
+    f: Callable[[Tensor], float],
+    x0: Tensor,
+    full_step: Tensor,
+    expected_improve: float,
+    max_backtracks: int = 10,
+    accept_ratio: float = 0.1,
+    constraint: Callable[[Tensor], bool] | None = None,
+) -> tuple[bool, Tensor]:
+    """Shrink a step until it really improves the objective (TRPO's line search).
+
+    f: x -> loss to *minimise*; x0, full_step: [N]; expected_improve: the first-order predicted
+    decrease of f for the full step (-g . full_step). Tries x = x0 + 0.5^k * full_step for
+    k = 0 .. max_backtracks-1 and accepts the first one with
+        actual = f(x0) - f(x) > 0   and   actual / (0.5^k * expected_improve) > accept_ratio
+    and, when given, ``constraint(x)`` true (e.g. measured KL <= max_kl).
+    Returns (True, x) for the accepted step, or (False, x0) when none qualifies.
+    """
+    f0 = float(f(x0))
+    for k in range(max_backtracks):
+        fraction = 0.5**k
+        candidate = x0 + fraction * full_step
+        actual_improve = f0 - float(f(candidate))
+        expected = expected_improve * fraction
+        if (
+            actual_improve > 0
+            and expected > 0
+            and actual_improve / expected > accept_ratio
+            and (constraint is None or constraint(candidate))
+        ):
+            return True, candidate
+    return False, x0
 
 
 def trpo_surrogate_loss(

@@ -1,0 +1,60 @@
+"""The trained model from a config: base (+ merged init adapter), LoRA, optional value head,
+AdamW and its learning-rate schedule, all through ``accelerator.prepare``."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from transformers import get_scheduler
+
+from rlhf import checkpoint as ckpt
+from rlhf.adapters import SavedLora, check_untied_targets
+from rlhf.distributed import shards_weights
+from rlhf.models import (
+    PolicyWithValue, ValueHead, add_lora, check_bf16, fuse_lora_layers, load_base_model, merge_adapter,
+    trainable_parameter_groups,
+)
+
+
+def build_model(config: Any, accelerator: Any, init_adapter: SavedLora | None,
+                optimizer_trains_policy: bool = True) -> tuple[Any, Any, Any]:
+    """(prepared PolicyWithValue, optimizer | None, scheduler | None). optimizer_trains_policy=False
+    (an update method that moves the policy itself, e.g. TRPO) leaves only the value head to AdamW."""
+    if config.bf16:
+        check_bf16(accelerator.device)
+    with accelerator.main_process_first():  # the embedded model is converted once, by rank 0
+        base = load_base_model(config.model_name_or_path, bf16=config.bf16)
+    if config.init_adapter:
+        check_untied_targets(init_adapter, base, config.init_adapter)
+        base = merge_adapter(base, config.init_adapter)
+    if config.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # With a frozen base nothing before the first LoRA layer needs grad; the embedding
+        # output must, or checkpointed blocks could return activations without a graph.
+        base.enable_input_require_grads()
+    if config.lora_dropout > 0 and accelerator.is_main_process:
+        warnings.warn(f"lora_dropout {config.lora_dropout} is ignored: RL trains with every dropout off, so the "
+                      "update's logprobs are those of the policy that sampled (RL_NOTES 15); the saved adapter "
+                      "records lora_dropout 0", stacklevel=3)
+    policy = add_lora(base, config.lora_r, config.lora_alpha, 0.0, config.lora_target_modules)
+    if not shards_weights(accelerator):
+        fuse_lora_layers(policy)
+    value_head = ValueHead(base.config.hidden_size) if config.needs_value_head else None
+    # Sharing runs the policy twice in one forward with a cache: fine for DDP, not for sharding
+    # hooks; checkpointed layers switch the cache off.
+    share_prompt_prefix = (config.share_prompt_prefix and not config.gradient_checkpointing
+                           and not shards_weights(accelerator))
+    model = PolicyWithValue(policy, value_head, share_prompt_prefix=share_prompt_prefix)
+    param_groups = trainable_parameter_groups(model, config.learning_rate, config.value_learning_rate,
+                                              config.weight_decay)
+    if not optimizer_trains_policy:  # e.g. TRPO moves the policy itself; AdamW only fits the value head
+        param_groups = param_groups[1:]
+    optimizer = torch.optim.AdamW(param_groups) if param_groups else None
+    updates_per_step = config.ppo_epochs * config.rollout_batch_size * config.num_generations // config.mini_batch_size
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
+                              num_training_steps=config.max_steps * updates_per_step) if optimizer else None
+    prepared = accelerator.prepare(model, optimizer, scheduler)
+    ckpt.skip_model_weights_in_accelerate_state(accelerator)
+    return prepared

@@ -1,0 +1,158 @@
+"""score(): the reward functions on a rollout -> outcome scores [B], process rewards [B, T] | None.
+
+Also DAPO's two reward-side pieces (Yu et al. 2025): the soft overlong punishment and dynamic
+sampling (``sample_with_spread``: sample more prompts until the batch holds enough groups whose
+rewards differ).
+"""
+
+from __future__ import annotations
+
+import bisect
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from rlhf.algorithms import zero_spread_groups
+from rlhf.distributed import Reducer
+from rlhf.rollout import Rollout, concat_rollouts
+
+Scored = tuple[Rollout, Tensor, "Tensor | None", dict[str, float]]
+# Added to the group ids of each further dynamic-sampling round (ids are prompt positions in one
+# global batch, far below it), so groups of different rounds never merge.
+ROUND_GROUP_STRIDE = 1_000_003
+
+
+def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: int,
+          tokenizer: Any = None) -> tuple[Tensor, Tensor | None, dict[str, float]]:
+    """Outcome scores [B] from the reward functions, minus the no-EOS and overlong penalties if
+    set, clipped and normalised over the global batch when asked; process rewards [B, T] on the
+    tokens they name (None when no function returned any). reward_mean/std in the metrics are
+    before clipping and normalising so runs stay comparable."""
+    output = reward(rollout.prompts, rollout.completions, **rollout.columns)
+    scores = torch.tensor(output.total, dtype=torch.float32, device=rollout.mask.device)
+    token_scores = None
+    if output.steps is not None:
+        token_scores = process_rewards_to_tokens(output.steps, rollout, tokenizer)
+    if config.missing_eos_penalty is not None:
+        scores = scores - config.missing_eos_penalty * (~rollout.eos_found).float()
+    metrics: dict[str, float] = {}
+    if config.overlong_buffer_length:
+        penalty = overlong_penalty(rollout.mask.sum(-1), config.max_new_tokens, config.overlong_buffer_length,
+                                   config.overlong_penalty_factor)
+        scores = scores - penalty
+        metrics["overlong_penalty_mean"] = reducer.mean(penalty.mean())
+    # Logged totals include the process rewards; the update gets those token by token.
+    all_scores = reducer.gather(scores if token_scores is None else scores + token_scores.sum(-1))
+    errors = float(reducer.sum(float(sum(output.failed))))
+    if errors and config.reward_error == "zero":
+        warnings.warn(f"step {step}: {int(errors)} samples failed a reward function and score 0 "
+                      "(reward_error: zero)", stacklevel=2)
+    metrics.update({"reward_errors": errors, "reward_mean": float(all_scores.mean()),
+                    "reward_std": float(all_scores.std()) if all_scores.numel() > 1 else 0.0})
+    for name, values in output.components.items():
+        metrics[f"reward/{name}"] = reducer.mean(torch.tensor(values).mean())
+    if token_scores is not None:  # clipping and normalising act on the outcome scores alone
+        all_scores = reducer.gather(scores)
+    if config.reward_clip is not None:
+        metrics["reward_clip_frac"] = float((all_scores.abs() > config.reward_clip).float().mean())
+        scores = scores.clamp(-config.reward_clip, config.reward_clip)
+        all_scores = all_scores.clamp(-config.reward_clip, config.reward_clip)
+    if config.normalize_rewards:
+        scores = (scores - all_scores.mean()) / (all_scores.std() + 1e-6) if all_scores.numel() > 1 else scores * 0
+    return scores, token_scores, metrics
+
+
+def overlong_penalty(lengths: Tensor, max_new_tokens: int, buffer_length: int, factor: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment, float32 [B] (subtracted from the score).
+
+    lengths: [B] response tokens. With L = max_new_tokens and C = buffer_length:
+    penalty = 0 for |y| <= L - C;   factor * (|y| - (L - C)) / C in the last C tokens (up to factor at L).
+    """
+    start = max_new_tokens - buffer_length
+    return factor * ((lengths.float() - start) / buffer_length).clamp(min=0.0, max=1.0)
+
+
+def process_rewards_to_tokens(steps: list[list[tuple[int, float]]], rollout: Rollout, tokenizer: Any) -> Tensor:
+    """Per-sample (char_position, reward) pairs -> [B, T] float32 rewards on the completion tokens.
+
+    A pair lands on the first token whose decoded prefix is longer than char_position, i.e. the
+    token that writes that character; positions at or past the end go to the last real token.
+    Each lookup is a binary search over decoded prefixes (about log2(T) decodes per pair).
+    """
+    token_scores = torch.zeros(rollout.mask.shape, dtype=torch.float32, device=rollout.mask.device)
+    for row, pairs in enumerate(steps):
+        length = int(rollout.mask[row].sum())
+        if not pairs or length == 0:
+            continue
+        ids = rollout.response_ids[row, :length].tolist()
+        decoded: dict[int, int] = {}
+
+        def prefix_chars(tokens: int) -> int:
+            if tokens not in decoded:
+                decoded[tokens] = len(tokenizer.decode(ids[:tokens], skip_special_tokens=True))
+            return decoded[tokens]
+
+        for position, value in pairs:
+            # smallest k >= 1 with prefix_chars(k) > position; token k - 1 writes that character
+            k = bisect.bisect_right(range(1, length + 1), position, key=prefix_chars) + 1
+            token_scores[row, min(k, length) - 1] += value
+    return token_scores
+
+
+def sample_with_spread(sample: Callable[[], Rollout], score_rollout: Callable[[Rollout], tuple[Tensor, Any, dict]],
+                       groups_needed: int, max_rounds: int, reducer: Reducer, pad_token_id: int) -> Scored:
+    """DAPO dynamic sampling: keep sampling prompt batches until this process holds groups_needed
+    groups whose rewards differ (every process, so all run the same rounds), at most max_rounds.
+
+    Returns the first groups_needed spread groups (topped up with zero-spread groups when the
+    rounds run out; the update drops those, as filter_zero_std_groups does), their scores and
+    process rewards, and the first round's reward metrics (the policy on fresh prompts) plus
+    dynamic_sampling/rounds and dynamic_sampling/missing_groups (global).
+    """
+    spread_parts: list[tuple[Rollout, Tensor, Tensor | None]] = []
+    flat_parts: list[tuple[Rollout, Tensor, Tensor | None]] = []
+    first_metrics: dict[str, float] = {}
+    have, rounds = 0, 0
+    while rounds < max_rounds:
+        rollout = sample()
+        scores, token_scores, metrics = score_rollout(rollout)
+        first_metrics = first_metrics or metrics
+        rollout.group_ids = rollout.group_ids + rounds * ROUND_GROUP_STRIDE  # each round's prompts are new groups
+        zero = zero_spread_groups(scores + (token_scores.sum(-1) if token_scores is not None else 0.0), rollout.group_ids)
+        for keep, parts in ((~zero, spread_parts), (zero, flat_parts)):
+            rows = keep.nonzero().flatten().tolist()
+            if rows:
+                parts.append((rollout.select(rows), scores[rows], token_scores[rows] if token_scores is not None else None))
+        have = sum(len(torch.unique(part[0].group_ids)) for part in spread_parts)
+        rounds += 1
+        if reducer.max(float(groups_needed - have)) <= 0:
+            break
+    chosen = _first_groups(spread_parts, groups_needed) + _first_groups(flat_parts, max(groups_needed - have, 0))
+    rollout = concat_rollouts([part[0] for part in chosen], pad_token_id)
+    scores = torch.cat([part[1] for part in chosen])
+    token_parts = [part[2] for part in chosen]
+    token_scores = None
+    if any(t is not None for t in token_parts):
+        width = rollout.response_length
+        token_scores = torch.cat([torch.nn.functional.pad(t if t is not None else torch.zeros_like(p[0].mask),
+                                                          (0, width - p[0].response_length))
+                                  for t, p in zip(token_parts, chosen)])
+    missing = float(reducer.sum(float(max(groups_needed - have, 0))))
+    return rollout, scores, token_scores, {**first_metrics, "dynamic_sampling/rounds": float(rounds),
+                                           "dynamic_sampling/missing_groups": missing}
+
+
+def _first_groups(parts: list[tuple[Rollout, Tensor, Tensor | None]],
+                  count: int) -> list[tuple[Rollout, Tensor, Tensor | None]]:
+    """The rows of the first ``count`` groups (in sampling order) of a list of scored parts."""
+    chosen = []
+    for rollout, scores, token_scores in parts:
+        if count <= 0:
+            break
+        groups = list(dict.fromkeys(rollout.group_ids.tolist()))[:count]
+        rows = [i for i, g in enumerate(rollout.group_ids.tolist()) if g in set(groups)]
+        chosen.append((rollout.select(rows), scores[rows], token_scores[rows] if token_scores is not None else None))
+        count -= len(groups)
+    return chosen
