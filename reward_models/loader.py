@@ -213,6 +213,20 @@ class RewardOutput:
     failed: list[bool] = field(default_factory=list)  # a function failed on this sample (scored 0)
     steps: list[Steps] | None = None        # weighted process rewards per sample; None when no function gave any
 
+    def combined(self) -> list[float]:
+        """Outcome plus process rewards per sample: what a sample earned in all."""
+        if self.steps is None:
+            return list(self.total)
+        return [total + sum(r for _, r in steps) for total, steps in zip(self.total, self.steps)]
+
+    def per_sample(self, completions: list[str]) -> list[float | Steps]:
+        """Each sample's reward in the form a reward function returns it: the number, or (with process
+        rewards) its pairs plus the outcome as a pair at the end (which lands on the last token)."""
+        if self.steps is None:
+            return list(self.total)
+        return [steps + [(len(text), total)] if steps else total
+                for total, steps, text in zip(self.total, self.steps, completions)]
+
 
 def _combine(names: list[str], weights: list[float], raw: dict[str, list[Any]], count: int) -> RewardOutput:
     """Weighted outcome totals, logged components and weighted process rewards of checked values."""

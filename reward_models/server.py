@@ -28,7 +28,7 @@ def make_server(reward: CombinedReward, host: str = "127.0.0.1", port: int = 800
             except (ValueError, RewardError) as exc:
                 self._reply(400, {"error": str(exc)})
                 return
-            self._reply(200, {"rewards": output.total, "components": output.components})
+            self._reply(200, {"rewards": output.per_sample(completions), "components": output.components})
 
         def _reply(self, status: int, body: dict[str, Any]) -> None:
             payload = json.dumps(body).encode()

@@ -142,8 +142,10 @@ class RLConfig:
         {}, "Hyperparameters of the advantage estimator by its parameter names, e.g. {eps: 1.0e-4} for grpo; "
         "they override gamma/lam.",
     )
-    loss_agg_mode: str = _field("token-mean", f"Loss aggregation: one of {', '.join(LOSS_AGG_MODES)} "
-                                "(seq-mean-token-sum-norm = Dr. GRPO, divides by max_new_tokens).")
+    loss_agg_mode: str | None = _field(
+        None, f"Loss aggregation: one of {', '.join(LOSS_AGG_MODES)} (seq-mean-token-sum-norm = Dr. GRPO, divides by "
+        "max_new_tokens); none = the policy loss's own default (token-mean; gspo: seq-mean-token-mean). The value, "
+        "KL and TRPO losses aggregate the same way.")
     clip_range: float | None = _field(
         None, "Ratio clip epsilon of the clipped losses (none = the loss's own default: ppo_clip 0.2, gspo 3e-4).")
     clip_range_high: float | None = _field(
@@ -252,7 +254,7 @@ class RLConfig:
         for key, value, valid in (
             ("advantage_estimator", self.advantage_estimator, tuple(ADVANTAGE_ESTIMATORS)),
             ("policy_loss", self.policy_loss, tuple(POLICY_LOSSES)),
-            ("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES),
+            ("loss_agg_mode", self.aggregation, LOSS_AGG_MODES),
             ("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
             ("update_method", self.update_method, UPDATE_METHODS),
             ("reward_error", self.reward_error, REWARD_ERROR_MODES),
@@ -278,12 +280,7 @@ class RLConfig:
                 self.num_generations >= 2,
                 f"advantage_estimator {self.advantage_estimator} compares samples of one prompt: set num_generations >= 2",
             )
-        for setting, registry, name in (("policy_loss_kwargs", POLICY_LOSSES, self.policy_loss),
-                                        ("advantage_kwargs", ADVANTAGE_ESTIMATORS, self.advantage_estimator)):
-            try:
-                registry[name].check_kwargs(getattr(self, setting), setting)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+        self._check_algorithm_settings()
         require(not self.filter_zero_std_groups or self.num_generations >= 2,
                 "filter_zero_std_groups needs groups: set num_generations >= 2")
         require(not self.dynamic_sampling or self.num_generations >= 2,
@@ -305,6 +302,43 @@ class RLConfig:
             self.mini_batch_size % self.gradient_accumulation_steps == 0,
             f"gradient_accumulation_steps {self.gradient_accumulation_steps} must divide mini_batch_size {self.mini_batch_size}",
         )
+
+    def _check_algorithm_settings(self) -> None:
+        """policy_loss_kwargs / advantage_kwargs: names the function has, and values it accepts (one
+        call on a 1 x 2 dummy batch, so a refused value stops the run now, not mid-training)."""
+        import torch  # rlhf.algorithms has imported it already
+
+        zeros, ones = torch.zeros(1, 2), torch.ones(1, 2)
+        flat = {k: v for k, v in (("clip_range", self.clip_range), ("clip_range_high", self.clip_range_high),
+                                  ("dual_clip", self.dual_clip)) if v is not None}
+        probes = (
+            ("policy_loss_kwargs", POLICY_LOSSES[self.policy_loss], lambda entry, kwargs: entry(
+                zeros, zeros, zeros, ones, loss_agg_mode=self.aggregation, norm_length=self.max_new_tokens,
+                **{**flat, **kwargs})),
+            ("advantage_kwargs", ADVANTAGE_ESTIMATORS[self.advantage_estimator], lambda entry, kwargs: entry(
+                zeros, ones, values=zeros, group_ids=torch.zeros(1, dtype=torch.long), baseline=0.0,
+                **{"gamma": self.gamma, "lam": self.lam, **kwargs})),
+        )
+        for setting, entry, probe in probes:
+            kwargs = entry.coerce_kwargs(getattr(self, setting))
+            setattr(self, setting, kwargs)
+            try:
+                entry.check_kwargs(kwargs, setting)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            if not kwargs:
+                continue
+            try:
+                probe(entry, kwargs)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{setting} {json.dumps(kwargs, default=str)}: {entry.kind} {entry.name!r} refuses them ({exc})") from None
+
+    @property
+    def aggregation(self) -> str:
+        """loss_agg_mode, or the policy loss's own default for it when unset."""
+        if self.loss_agg_mode is not None:
+            return self.loss_agg_mode
+        return POLICY_LOSSES[self.policy_loss].fn_defaults.get("loss_agg_mode", "token-mean")
 
     @property
     def needs_value_head(self) -> bool:

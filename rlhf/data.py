@@ -212,7 +212,7 @@ def check_prompt_lengths(dataset: datasets.Dataset, tokenizer: Any, config: Any,
     if warn:
         warnings.warn(f"{len(too_long)} of {len(lengths)} prompts in {name} are longer than max_prompt_length "
                       f"{config.max_prompt_length} tokens ({first}) and lose their beginning; raise "
-                      "max_prompt_length, or set prompt_overflow: error to refuse them", stacklevel=3)
+                      "max_prompt_length, or set prompt_overflow: error to refuse them", stacklevel=2)
 
 
 def load_eval_dataset(config: Any) -> datasets.Dataset:

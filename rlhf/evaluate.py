@@ -164,12 +164,13 @@ def sample_and_score(
             row_seeds=[sample_seed(seed, p, s) for p, s in chunk],
         )
         output = reward(rollout.prompts, rollout.completions, **rollout.columns)
+        rewards = output.combined()  # outcome + process rewards
         scores = _base_scores(policy, rollout, base, temperature)
         for i, (prompt_index, sample_index) in enumerate(chunk):
             records.append({
                 "prompt_index": prompt_index, "sample_index": sample_index, "prompt": rollout.prompts[i],
                 "response": rollout.completions[i], "rewards": {k: float(v[i]) for k, v in output.components.items()},
-                "reward": float(output.total[i]), "kl": float(scores["kl"][i]), "tokens": int(rollout.mask[i].sum()),
+                "reward": float(rewards[i]), "kl": float(scores["kl"][i]), "tokens": int(rollout.mask[i].sum()),
                 "eos": bool(rollout.eos_found[i]), "base_nll": float(scores["base_nll"][i]),
             })
     return records

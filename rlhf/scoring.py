@@ -108,17 +108,19 @@ def sample_with_spread(sample: Callable[[], Rollout], score_rollout: Callable[[R
 
     Returns the first groups_needed spread groups (topped up with zero-spread groups when the
     rounds run out; the update drops those, as filter_zero_std_groups does), their scores and
-    process rewards, and the first round's reward metrics (the policy on fresh prompts) plus
-    dynamic_sampling/rounds and dynamic_sampling/missing_groups (global).
+    process rewards, and the first round's reward metrics (the policy on fresh prompts) with
+    reward_errors summed over all rounds, plus dynamic_sampling/rounds and
+    dynamic_sampling/missing_groups (global).
     """
     spread_parts: list[tuple[Rollout, Tensor, Tensor | None]] = []
     flat_parts: list[tuple[Rollout, Tensor, Tensor | None]] = []
     first_metrics: dict[str, float] = {}
-    have, rounds = 0, 0
+    have, rounds, errors = 0, 0, 0.0
     while rounds < max_rounds:
         rollout = sample()
         scores, token_scores, metrics = score_rollout(rollout)
         first_metrics = first_metrics or metrics
+        errors += metrics.get("reward_errors", 0.0)  # any round's failures count (reward_error: skip_batch)
         rollout.group_ids = rollout.group_ids + rounds * ROUND_GROUP_STRIDE  # each round's prompts are new groups
         zero = zero_spread_groups(scores + (token_scores.sum(-1) if token_scores is not None else 0.0), rollout.group_ids)
         for keep, parts in ((~zero, spread_parts), (zero, flat_parts)):
@@ -140,7 +142,8 @@ def sample_with_spread(sample: Callable[[], Rollout], score_rollout: Callable[[R
                                                           (0, width - p[0].response_length))
                                   for t, p in zip(token_parts, chosen)])
     missing = float(reducer.sum(float(max(groups_needed - have, 0))))
-    return rollout, scores, token_scores, {**first_metrics, "dynamic_sampling/rounds": float(rounds),
+    return rollout, scores, token_scores, {**first_metrics, "reward_errors": errors,
+                                           "dynamic_sampling/rounds": float(rounds),
                                            "dynamic_sampling/missing_groups": missing}
 
 

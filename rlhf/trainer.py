@@ -219,6 +219,10 @@ class RLTrainer:
 
     def update(self, batch: Experience) -> dict[str, float]:
         metrics = self.updater(batch, self.kl_controller.value)
+        if metrics.get("empty_updates"):
+            warnings.warn(f"step {self.step + 1}: every response was left out of the loss (all groups without reward "
+                          "spread dropped, or all cut off at max_new_tokens with mask_truncated_completions); no "
+                          "update this step", stacklevel=2)
         if metrics.get("skipped_steps"):
             warnings.warn(f"step {self.step + 1}: skipped {int(metrics['skipped_steps'])} optimizer step(s) with a "
                           f"non-finite loss or gradient ({self.consecutive_skips} in a row)", stacklevel=2)

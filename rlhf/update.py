@@ -45,7 +45,7 @@ class GradientUpdate:
         the loss's own defaults; policy_loss_kwargs win over both."""
         config = self.config
         flat = {"clip_range": config.clip_range, "clip_range_high": config.clip_range_high, "dual_clip": config.dual_clip}
-        return {**{k: v for k, v in flat.items() if v is not None}, "loss_agg_mode": config.loss_agg_mode,
+        return {**{k: v for k, v in flat.items() if v is not None}, "loss_agg_mode": config.aggregation,
                 "norm_length": config.max_new_tokens, **config.policy_loss_kwargs}
 
     def __call__(self, batch: Experience, kl_coef: float) -> dict[str, float]:
@@ -59,7 +59,7 @@ class GradientUpdate:
             order = torch.randperm(len(rollout), device=rollout.mask.device)
             for start in range(0, len(rollout), local_minibatch):
                 minibatch = order[start:start + local_minibatch]
-                normaliser = self.reducer.sum(agg_units(batch.loss_mask[minibatch], config.loss_agg_mode))
+                normaliser = self.reducer.sum(agg_units(batch.loss_mask[minibatch], config.aggregation))
                 if float(normaliser) == 0:  # every row dropped by filter_zero_std_groups, on all processes
                     continue
                 minibatches += 1
@@ -69,7 +69,10 @@ class GradientUpdate:
                         sums[key] = sums.get(key, 0.0) + value
                         counts[key] = counts.get(key, 0) + 1
         self.model.eval()
-        return self._global_metrics(sums, counts, minibatches)
+        metrics = self._global_metrics(sums, counts, minibatches)
+        if minibatches == 0:
+            metrics["empty_updates"] = 1.0
+        return metrics
 
     def _global_metrics(self, sums: dict[str, float], counts: dict[str, int], minibatches: int) -> dict[str, float]:
         reducer = self.reducer
@@ -98,7 +101,7 @@ class GradientUpdate:
         gradient is exactly the minibatch loss normalised by global counts (RL_NOTES 14).
         """
         config, accelerator = self.config, self.accelerator
-        rollout, mask, mode = batch.rollout, batch.loss_mask[rows], config.loss_agg_mode
+        rollout, mask, mode = batch.rollout, batch.loss_mask[rows], config.aggregation
         share = float(agg_units(mask, mode) / normaliser)  # this micro-batch's part of the minibatch loss
         scale = share * accelerator.num_processes * config.gradient_accumulation_steps
         measure_here = batch.old_logprobs is None  # see rlhf.experience.plan_passes
@@ -178,7 +181,7 @@ class TRPOUpdate:
             lora_params, policy_logprobs_full, micro_batches, rollout.response_ids, batch.old_logprobs,
             batch.advantages, batch.loss_mask, max_kl=config.max_kl, cg_iters=config.cg_iters,
             cg_damping=config.cg_damping, line_search_backtracks=config.line_search_backtracks,
-            line_search_accept_ratio=config.line_search_accept_ratio, loss_agg_mode=config.loss_agg_mode,
+            line_search_accept_ratio=config.line_search_accept_ratio, loss_agg_mode=config.aggregation,
             norm_length=config.max_new_tokens, ref_logprobs=None if config.kl_in_reward else batch.ref_logprobs,
             kl_coef=kl_coef, kl_estimator=config.kl_estimator,
             fisher_rows=self.fisher_rows(len(rollout), rollout.mask.device),
@@ -206,7 +209,7 @@ class TRPOUpdate:
         here, so its features are computed once and the head's gradients are summed over
         processes by hand (there is no DDP backward)."""
         config, rollout, mask = self.config, batch.rollout, batch.loss_mask
-        model, reducer, mode = self.accelerator.unwrap_model(self.model), self.reducer, config.loss_agg_mode
+        model, reducer, mode = self.accelerator.unwrap_model(self.model), self.reducer, config.aggregation
         with torch.no_grad():
             hidden = torch.cat([
                 model.response_hidden_states(rollout.input_ids[rows], rollout.attention_mask[rows],

@@ -72,6 +72,16 @@ def test_kwargs_settings_are_checked_against_the_functions_parameters():
         RLConfig(advantage_estimator="grpo", num_generations=2, advantage_kwargs={"lam": 0.9})
     with pytest.raises(ConfigError, match="has no parameter 'values'"):  # inputs are no settings
         RLConfig(advantage_estimator="gae", advantage_kwargs={"values": 1})
+    # YAML reads 1e-4 as a string; a float hyperparameter takes it as the number
+    assert RLConfig(advantage_estimator="grpo", num_generations=2, advantage_kwargs={"eps": "1e-4"}).advantage_kwargs == {"eps": 1e-4}
+    with pytest.raises(ConfigError, match=r"advantage estimator 'grpo' refuses them \(grpo: eps must be > 0"):
+        RLConfig(advantage_estimator="grpo", num_generations=2, advantage_kwargs={"eps": 0})
+
+
+def test_loss_agg_mode_left_unset_is_the_losss_own_default():
+    assert RLConfig(policy_loss="gspo").aggregation == "seq-mean-token-mean"
+    assert RLConfig(policy_loss="ppo_clip").aggregation == "token-mean"
+    assert RLConfig(policy_loss="gspo", loss_agg_mode="token-mean").aggregation == "token-mean"
 
 
 def test_a_newcomers_loss_with_its_own_hyperparameter_trains_from_one_file(tiny_model_dir, tmp_path):
@@ -95,6 +105,6 @@ def test_a_newcomers_loss_with_its_own_hyperparameter_trains_from_one_file(tiny_
         RLTrainer(config).train()
     finally:
         del A.POLICY_LOSSES["scaled_pg"]
-    assert calls == [3.0]
+    assert calls and all(scale == 3.0 for scale in calls)  # the config's check of the value, then the update
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert row["grad_norm"] > 0

@@ -78,6 +78,8 @@ def test_combined_reward_keeps_process_rewards_apart_from_outcomes(tmp_path):
     assert output.total == [1.0, 1.0]  # outcome rewards only
     assert output.components["steps"] == [0.75, 0.0]  # logged: the sum of a sample's process rewards
     assert output.steps == [[(0, 1.0), (2, 0.5)], []]  # weighted
+    assert output.combined() == [2.5, 1.0]  # what evaluation reports: outcome + process rewards
+    assert output.per_sample(["abc", "d"]) == [[(0, 1.0), (2, 0.5), (3, 1.0)], 1.0]  # what serve_reward.py returns
     with pytest.raises(RewardError, match=r"char_position, reward"):
         CombinedReward([f"{rewards}:broken"])(["p", "p"], ["abc", "d"])
     tolerant = CombinedReward([f"{rewards}:broken", f"{rewards}:steps"], on_error="zero")(["p", "p"], ["abc", "d"])
@@ -124,6 +126,17 @@ def test_dynamic_sampling_resamples_until_enough_groups_have_spread():
     assert scores.tolist() == [0.0, 1.0, 2.0, 3.0] and token_scores is None
     assert rollout.completions == ["round 0 row 2", "round 0 row 3", "round 1 row 0", "round 1 row 1"]
     assert rollout.group_ids.tolist() == [1, 1, ROUND_GROUP_STRIDE, ROUND_GROUP_STRIDE]  # never merged across rounds
+
+
+def test_dynamic_sampling_counts_reward_failures_of_every_round():
+    sample, score, _ = scored_rounds([[1.0, 1.0, 0.0, 0.0], [2.0, 3.0, 4.0, 5.0]])
+
+    def failing_score(rollout):
+        scores, token_scores, metrics = score(rollout)
+        return scores, token_scores, {**metrics, "reward_errors": 1.0}  # one failed sample per round
+
+    _, _, _, metrics = sample_with_spread(sample, failing_score, 2, 4, OneProcess(), TOKENIZER.pad_token_id)
+    assert metrics["dynamic_sampling/rounds"] == 2.0 and metrics["reward_errors"] == 2.0  # skip_batch sees both
 
 
 def test_dynamic_sampling_stops_at_max_rounds_and_tops_up_with_flat_groups():

@@ -185,6 +185,8 @@ def grpo_advantages(
     scale_rewards=False (TRL's name) drops the std division: Dr. GRPO.
     token_rewards, mask: [B, T]; group_ids: [B] -> advantages [B, T], returns = advantages.
     """
+    if scale_rewards and not eps > 0:  # a group of equal rewards would give 0 / 0
+        raise ValueError(f"grpo: eps must be > 0 when dividing by the group std, got {eps}")
     scores = sequence_scores(token_rewards, mask)
     group_sum, group_count, group_std = group_stats(scores, group_ids)
     seq_adv = scores - group_sum / group_count

@@ -21,6 +21,11 @@ POLICY_LOSSES: Registry = Registry("policy loss", inputs=("logprobs", "old_logpr
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_clip_ranges(name: str, clip_range: float, clip_range_high: float | None) -> None:
+    if not clip_range > 0 or (clip_range_high is not None and not clip_range_high > 0):
+        raise ValueError(f"{name}: clip_range and clip_range_high must be > 0, got {clip_range}, {clip_range_high}")
+
+
 def _approx_kl(logprobs: Tensor, old_logprobs: Tensor | None, mask: Tensor) -> float:
     if old_logprobs is None:
         return 0.0
@@ -59,6 +64,7 @@ def ppo_clip_loss(
     logprobs, old_logprobs, advantages, mask: [B, T]. Returns (float32 scalar loss, stats) with
     clip_frac = token-mean[l2 > l1], approx_kl = token-mean[0.5 (lp - old)^2], dual_clip_frac.
     """
+    _check_clip_ranges("ppo_clip", clip_range, clip_range_high)
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (e.g. 3.0), got {dual_clip}")
     upper = clip_range if clip_range_high is None else clip_range_high
@@ -122,7 +128,7 @@ def _sequence_log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) ->
 @POLICY_LOSSES.register("gspo")
 def gspo_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_range: float = 3e-4,
-    clip_range_high: float | None = 4e-4, importance_sampling_level: str = "sequence",
+    clip_range_high: float | None = None, token_level_gradient: bool = False,
     loss_agg_mode: str = "seq-mean-token-mean", norm_length: int | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Group Sequence Policy Optimization (Zheng et al. 2025, Qwen3): one importance ratio per response.
@@ -131,19 +137,20 @@ def gspo_loss(
     per-sequence loss = max(-A_i s_i, -A_i clamp(s_i, 1 - clip_range, 1 + clip_range_high)),
     spread over row i's tokens and aggregated by ``agg_loss`` (seq-mean-token-mean = the paper's
     mean over responses). A_i is row i's per-token advantage (constant over the row for GRPO).
-    The ranges are far smaller than PPO's because a sequence ratio moves less (paper: 3e-4, 4e-4).
-    importance_sampling_level="token" (TRL's name) is GSPO-token: s_{i,t} = sg[s_i] * pi(y_t) /
+    The ranges are far smaller than PPO's because a sequence ratio moves less (paper: 3e-4, 4e-4);
+    clip_range_high=None means 4/3 x clip_range, the paper's proportion. This is TRL's
+    importance_sampling_level="sequence". token_level_gradient=True is GSPO-token (not in TRL;
+    TRL's "token" level is plain per-token ratios, i.e. ppo_clip): s_{i,t} = sg[s_i] * pi(y_t) /
     sg[pi(y_t)], numerically s_i (the same responses are clipped) but token t's gradient is
     s_i * A_{i,t} * grad log pi(y_t), so per-token advantages steer single tokens.
     logprobs, old_logprobs, advantages, mask: [B, T] -> (float32 scalar, {"clip_frac": share of
     responses clipped, "approx_kl"}).
     """
-    if importance_sampling_level not in ("sequence", "token"):
-        raise ValueError(f"gspo: importance_sampling_level must be 'sequence' or 'token', got {importance_sampling_level!r}")
-    upper = clip_range if clip_range_high is None else clip_range_high
+    _check_clip_ranges("gspo", clip_range, clip_range_high)
+    upper = clip_range * 4.0 / 3.0 if clip_range_high is None else clip_range_high
     adv = advantages.float().detach()
     log_seq_ratio = _sequence_log_ratio(logprobs, old_logprobs, mask).clamp(-20.0, 20.0)
-    if importance_sampling_level == "token":
+    if token_level_gradient:
         log_seq_ratio = log_seq_ratio.detach() + logprobs.float() - logprobs.float().detach()
     ratio = torch.exp(log_seq_ratio).expand_as(adv)
     loss_unclipped = -adv * ratio
@@ -160,9 +167,9 @@ def gspo_loss(
 
 
 gspo_token_loss = POLICY_LOSSES.register("gspo_token")(variant(
-    gspo_loss, "gspo_token_loss", importance_sampling_level="token", doc="""GSPO-token (Zheng et al. 2025): GSPO's clipping with a per-token advantage.
+    gspo_loss, "gspo_token_loss", token_level_gradient=True, doc="""GSPO-token (Zheng et al. 2025): GSPO's clipping with a per-token advantage.
 
-    gspo_loss with importance_sampling_level="token": s_{i,t} = sg[s_i] * pi(y_t) / sg[pi(y_t)],
+    gspo_loss with token_level_gradient=True: s_{i,t} = sg[s_i] * pi(y_t) / sg[pi(y_t)],
     numerically s_i, gradient of token t = s_i * A_{i,t} * grad log pi(y_t). With A constant over
     a row it equals GSPO. logprobs, old_logprobs, advantages, mask: [B, T] -> (scalar, stats).
     """))

@@ -66,12 +66,32 @@ class Algorithm:
         return self.fn(*args, **kwargs)
 
     @property
+    def fn_defaults(self) -> dict[str, Any]:
+        """Every keyword parameter's default (inputs included), e.g. a loss's own loss_agg_mode."""
+        return {name: p.default for name, p in inspect.signature(self.fn).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
+
+    @property
     def hyperparameters(self) -> dict[str, Any]:
         """Keyword parameters with a default that the trainer does not supply: what a user may set
         in ``policy_loss_kwargs`` / ``advantage_kwargs``."""
         return {name: p.default for name, p in inspect.signature(self.fn).parameters.items()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
                 and name not in self.inputs}
+
+    def coerce_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Strings given for a numeric hyperparameter (YAML reads 1e-4 as a string) as that number type."""
+        defaults = self.hyperparameters
+        out = {}
+        for key, value in kwargs.items():
+            default = defaults.get(key)
+            if isinstance(value, str) and isinstance(default, float):
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+            out[key] = value
+        return out
 
     def check_kwargs(self, kwargs: dict[str, Any], setting: str) -> None:
         """Raise ValueError naming ``setting`` when a key is no hyperparameter of this function."""
