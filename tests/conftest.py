@@ -18,6 +18,11 @@ FIXTURES = Path(__file__).parent / "fixtures"
 SCRIPT_ENV = {"TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
 for _key in ("TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE"):
     os.environ.setdefault(_key, SCRIPT_ENV[_key])
+# Under pytest-xdist (pyproject's -n auto) each worker gets its share of the cores, it and the
+# scripts it starts: workers that each spin all cores' threads slow each other down.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def build_tiny_model(directory: Path, seed: int = 0) -> Path:
