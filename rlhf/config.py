@@ -248,13 +248,14 @@ class RLConfig:
         for key, value, valid in (
             ("advantage_estimator", self.advantage_estimator, tuple(ADVANTAGE_ESTIMATORS)),
             ("policy_loss", self.policy_loss, tuple(POLICY_LOSSES)),
-            ("loss_agg_mode", self.aggregation, LOSS_AGG_MODES),
             ("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
             ("update_method", self.update_method, UPDATE_METHODS),
             ("reward_error", self.reward_error, REWARD_ERROR_MODES),
             ("prompt_overflow", self.prompt_overflow, PROMPT_OVERFLOW_MODES),
         ):
             require(value in valid, f"{key} {value!r} is not one of: {', '.join(valid)}")
+        require(self.loss_agg_mode is None or self.loss_agg_mode in LOSS_AGG_MODES,
+                f"loss_agg_mode {self.loss_agg_mode!r} is not one of: {', '.join(LOSS_AGG_MODES)} (or none)")
         for target in self.report_to:
             require(target in REPORT_TARGETS, f"report_to {target!r} is not one of: {', '.join(REPORT_TARGETS)}")
 
