@@ -53,8 +53,10 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
                     "reward_std": float(all_scores.std()) if all_scores.numel() > 1 else 0.0})
     for name, values in output.components.items():
         metrics[f"reward/{name}"] = reducer.mean(torch.tensor(values).mean())
-    if token_scores is not None:  # clipping and normalising act on the outcome scores alone
-        all_scores = reducer.gather(scores)
+    # Clipping and normalising act on the outcome scores alone. Gathered on every process even
+    # without process rewards: some processes may have them and others not, and a gather is a
+    # collective that all of them must make.
+    all_scores = reducer.gather(scores)
     if config.reward_clip is not None:
         metrics["reward_clip_frac"] = float((all_scores.abs() > config.reward_clip).float().mean())
         scores = scores.clamp(-config.reward_clip, config.reward_clip)

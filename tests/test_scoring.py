@@ -176,3 +176,39 @@ def test_a_process_reward_function_trains_end_to_end(tiny_model_dir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["reward_mean"] == pytest.approx(r["reward/reward_each_e"] + r["reward/char_diversity"], abs=1e-5)
                for r in rows)
+
+
+def test_score_makes_the_same_collectives_with_and_without_process_rewards():
+    """Processes whose samples got no process reward must still join every gather, or a run whose
+    process rewards appear on one process only would hang."""
+    from types import SimpleNamespace
+
+    from rlhf.config import RLConfig
+    from rlhf.scoring import score
+
+    class CountingReducer(OneProcess):
+        def __init__(self):
+            self.calls = []
+
+        def gather(self, tensor):
+            self.calls.append("gather")
+            return tensor
+
+        def sum(self, value):
+            self.calls.append("sum")
+            return super().sum(value)
+
+        def mean(self, value):
+            self.calls.append("mean")
+            return float(torch.as_tensor(value).float().mean())
+
+    rollout = text_rollout(["The cat sat", "no cat here"])
+    config = RLConfig(reward_clip=1.0, normalize_rewards=True)
+    calls = {}
+    for name, values in (("outcome", [0.5, 0.25]), ("process", [[(4, 1.0)], []])):
+        output = SimpleNamespace(total=[0.0, 0.0] if name == "process" else values, failed=[False, False],
+                                 components={"r": [0.0, 0.0]}, steps=values if name == "process" else None)
+        reducer = CountingReducer()
+        score(lambda *a, **k: output, rollout, config, reducer, 1, TOKENIZER)
+        calls[name] = reducer.calls
+    assert calls["outcome"] == calls["process"]
