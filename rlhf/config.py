@@ -155,8 +155,8 @@ class RLConfig:
         False, "Drop groups whose num_generations rewards are all equal from the update (no signal; DAPO-style).",
     )
     dynamic_sampling: bool = _field(
-        False, "DAPO dynamic sampling: sample further prompt batches until every process holds rollout_batch_size "
-        "groups whose rewards differ (at most dynamic_sampling_max_rounds batches; short batches are topped up with "
+        False, "DAPO dynamic sampling: sample further prompt batches until every process holds its share of "
+        "rollout_batch_size groups whose rewards differ (at most dynamic_sampling_max_rounds batches; short batches are topped up with "
         "zero-spread groups that the update drops). Logged as dynamic_sampling/rounds and /missing_groups.",
     )
     dynamic_sampling_max_rounds: int = _field(4, "Most prompt batches sampled per step with dynamic_sampling (verl's max_num_gen_batches).")
@@ -304,15 +304,12 @@ class RLConfig:
         import torch  # rlhf.algorithms has imported it already
 
         zeros, ones = torch.zeros(1, 2), torch.ones(1, 2)
-        flat = {k: v for k, v in (("clip_range", self.clip_range), ("clip_range_high", self.clip_range_high),
-                                  ("dual_clip", self.dual_clip)) if v is not None}
-        probes = (
-            ("policy_loss_kwargs", POLICY_LOSSES[self.policy_loss], lambda entry, kwargs: entry(
-                zeros, zeros, zeros, ones, loss_agg_mode=self.aggregation, norm_length=self.max_new_tokens,
-                **{**flat, **kwargs})),
-            ("advantage_kwargs", ADVANTAGE_ESTIMATORS[self.advantage_estimator], lambda entry, kwargs: entry(
+        probes = (  # offered exactly what the trainer offers (policy_loss_settings, advantage_settings)
+            ("policy_loss_kwargs", POLICY_LOSSES[self.policy_loss], lambda entry: entry(
+                zeros, zeros, zeros, ones, **self.policy_loss_settings())),
+            ("advantage_kwargs", ADVANTAGE_ESTIMATORS[self.advantage_estimator], lambda entry: entry(
                 zeros, ones, values=zeros, group_ids=torch.zeros(1, dtype=torch.long), baseline=0.0,
-                **{"gamma": self.gamma, "lam": self.lam, **kwargs})),
+                **self.advantage_settings())),
         )
         for setting, entry, probe in probes:
             kwargs = entry.coerce_kwargs(getattr(self, setting))
@@ -324,9 +321,20 @@ class RLConfig:
             if not kwargs:
                 continue
             try:
-                probe(entry, kwargs)
+                probe(entry)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"{setting} {json.dumps(kwargs, default=str)}: {entry.kind} {entry.name!r} refuses them ({exc})") from None
+
+    def policy_loss_settings(self) -> dict[str, Any]:
+        """What the policy loss is offered besides tensors. Flat settings left at none give way to
+        the loss's own defaults; policy_loss_kwargs win over both."""
+        flat = {"clip_range": self.clip_range, "clip_range_high": self.clip_range_high, "dual_clip": self.dual_clip}
+        return {**{k: v for k, v in flat.items() if v is not None}, "loss_agg_mode": self.aggregation,
+                "norm_length": self.max_new_tokens, **self.policy_loss_kwargs}
+
+    def advantage_settings(self) -> dict[str, Any]:
+        """The estimator's hyperparameters besides its tensors: gamma, lam, then advantage_kwargs."""
+        return {"gamma": self.gamma, "lam": self.lam, **self.advantage_kwargs}
 
     @property
     def aggregation(self) -> str:

@@ -79,9 +79,8 @@ def make_experience(model: torch.nn.Module, rollout: Rollout, scores: Tensor, *,
     token_rewards = token_level_rewards(scores, mask, kl=kl, kl_coef=kl_coef if config.kl_in_reward else 0.0)
     if token_scores is not None:
         token_rewards = token_rewards + token_scores.float() * mask.float()
-    hyperparameters = {"gamma": config.gamma, "lam": config.lam, **config.advantage_kwargs}
     advantages, returns = estimator(token_rewards, mask, values=values, group_ids=rollout.group_ids,
-                                    baseline=baseline.value, all_reduce=reducer.sum, **hyperparameters)
+                                    baseline=baseline.value, all_reduce=reducer.sum, **config.advantage_settings())
     baseline.update(reducer.gather(returns[:, 0]))
     if config.whiten_advantages:  # over all processes (TRL whitens per rank, RL_NOTES 10)
         advantages = masked_whiten(advantages, loss_mask, all_reduce=reducer.sum)

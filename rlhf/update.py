@@ -40,14 +40,6 @@ class GradientUpdate:
         self.config, self.policy_loss, self.reducer, self.micro_batch_size = config, policy_loss, reducer, micro_batch_size
         self.consecutive_skips = 0  # optimizer steps in a row skipped for a non-finite loss/gradient
 
-    def loss_settings(self) -> dict[str, Any]:
-        """What the policy loss is offered besides tensors. Flat settings left at none give way to
-        the loss's own defaults; policy_loss_kwargs win over both."""
-        config = self.config
-        flat = {"clip_range": config.clip_range, "clip_range_high": config.clip_range_high, "dual_clip": config.dual_clip}
-        return {**{k: v for k, v in flat.items() if v is not None}, "loss_agg_mode": config.aggregation,
-                "norm_length": config.max_new_tokens, **config.policy_loss_kwargs}
-
     def __call__(self, batch: Experience, kl_coef: float) -> dict[str, float]:
         config, rollout = self.config, batch.rollout
         local_minibatch = config.mini_batch_size // self.accelerator.num_processes
@@ -109,7 +101,7 @@ class GradientUpdate:
             logprobs, values, entropy = forward_response(self.model, rollout, rows, config.temperature,
                                                          with_entropy=measure_here)
             old_logprobs = logprobs.detach() if measure_here else batch.old_logprobs[rows]
-            loss, stats = self.policy_loss(logprobs, old_logprobs, batch.advantages[rows], mask, **self.loss_settings())
+            loss, stats = self.policy_loss(logprobs, old_logprobs, batch.advantages[rows], mask, **config.policy_loss_settings())
             stats["policy_loss"] = float(loss.detach()) * share
             if measure_here:  # sums for the metrics the skipped no-grad pass would have given
                 real = rollout.mask[rows]

@@ -56,28 +56,23 @@ class Algorithm:
         self.name, self.fn, self.kind, self.inputs = name, fn, kind, inputs
         self.needs = {**NEEDS, **needs}
         functools.update_wrapper(self, fn, updated=())  # a class's __dict__ is no attribute of the entry
+        # Read once: the entry is called on every micro-batch.
+        parameters = inspect.signature(fn).parameters
+        self._takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        self._parameters = set(parameters)
+        keyword = {name: p.default for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        self._required = [name for name, default in keyword.items() if default is inspect.Parameter.empty]
+        # Every keyword parameter's default (inputs included), e.g. a loss's own loss_agg_mode.
+        self.fn_defaults = {name: default for name, default in keyword.items() if default is not inspect.Parameter.empty}
+        # The defaults the trainer does not supply: what a user may set in policy_loss_kwargs / advantage_kwargs.
+        self.hyperparameters = {name: default for name, default in self.fn_defaults.items() if name not in inputs}
 
     def __call__(self, *args: Any, **available: Any) -> Any:
-        kwargs = declared_kwargs(self.fn, available)
-        for name, parameter in inspect.signature(self.fn).parameters.items():
-            required = parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.default is inspect.Parameter.empty
-            if required and kwargs.get(name) is None:
+        kwargs = available if self._takes_any else {k: v for k, v in available.items() if k in self._parameters}
+        for name in self._required:
+            if kwargs.get(name) is None:
                 raise ValueError(f"{self.kind} {self.name!r} needs {name} (see its docstring)")
         return self.fn(*args, **kwargs)
-
-    @property
-    def fn_defaults(self) -> dict[str, Any]:
-        """Every keyword parameter's default (inputs included), e.g. a loss's own loss_agg_mode."""
-        return {name: p.default for name, p in inspect.signature(self.fn).parameters.items()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
-
-    @property
-    def hyperparameters(self) -> dict[str, Any]:
-        """Keyword parameters with a default that the trainer does not supply: what a user may set
-        in ``policy_loss_kwargs`` / ``advantage_kwargs``."""
-        return {name: p.default for name, p in inspect.signature(self.fn).parameters.items()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
-                and name not in self.inputs}
 
     def coerce_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Strings given for a numeric hyperparameter (YAML reads 1e-4 as a string) as that number type."""
