@@ -69,10 +69,20 @@ class RLConfig:
     )
 
     # --- data
-    dataset: str = _field("builtin:prompts", "Prompt data: .jsonl/.json/.csv/.parquet file, a `datasets` save_to_disk dir, or 'builtin:prompts'.")
-    dataset_split: str = _field("train", "Split to use when the dataset has several (built-in: train / eval).")
+    dataset: str = _field(
+        "builtin:prompts", "Prompt data: a .jsonl/.json/.csv/.parquet file, a dir of such files or one saved by "
+        "datasets.save_to_disk, 'builtin:prompts', or a Hugging Face hub dataset id (e.g. trl-lib/tldr; TRL: "
+        "dataset_name). The Python API also takes a datasets.Dataset.",
+    )
+    dataset_config: str | None = _field(None, "Configuration (subset) name of a hub dataset (TRL: dataset_config).")
+    dataset_split: str = _field("train", "Split to train on when the dataset has several (built-in: train / eval; TRL: dataset_train_split).")
     prompt_column: str = _field("prompt", "Column holding the prompt: a string, or a list of chat messages {role, content}.")
-    eval_dataset: str | None = _field(None, "Prompt data for periodic evaluation (same formats); default: the eval split of the built-in set.")
+    eval_dataset: str | None = _field(
+        None, "Prompt data for periodic evaluation (same forms as dataset); default: eval_dataset_split of dataset.")
+    eval_dataset_split: str | None = _field(
+        None, "Split used for evaluation: of eval_dataset, or of dataset when eval_dataset is unset (TRL: "
+        "dataset_test_split). Default: eval_dataset's dataset_split; for dataset itself 'eval' (built-in) or 'test'.",
+    )
     max_prompt_length: int = _field(96, "Prompts longer than this many tokens are truncated from the left.")
     prompt_overflow: str = _field(
         "truncate", "Prompts over max_prompt_length: truncate (keep the end, warn with a count) or error (refuse the dataset).",
