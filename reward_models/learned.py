@@ -2,8 +2,11 @@
 
 Text is built the way TRL's RewardTrainer built it in training: with the model's chat template
 (user prompt + assistant completion) when it has one, else ``prompt + separator + completion +
-eos``. ``scripts/train_reward_model.py`` writes ``rlhf_reward_model.json`` next to the weights
-with that separator and the score mean/std of a calibration pass, used when ``normalize`` is on.
+eos``. Prompts and completions in TRL's conversational form (message lists) go through the chat
+template as prompt messages + completion messages, as TRL's GRPOTrainer scores them with a reward
+model; without a template their contents are joined. ``scripts/train_reward_model.py`` writes
+``rlhf_reward_model.json`` next to the weights with that separator and the score mean/std of a
+calibration pass, used when ``normalize`` is on.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 import torch
 
+from reward_models.builtins import Messages, completion_text, content_text
 from rlhf.errors import RewardError
 
 METADATA_FILE = "rlhf_reward_model.json"
@@ -46,15 +50,16 @@ class LearnedReward:
                 "train it with scripts/train_reward_model.py or set normalize: false"
             )
 
-    def format(self, prompt: str, completion: str) -> str:
+    def format(self, prompt: str | Messages, completion: str | Messages) -> str:
         if self.tokenizer.chat_template:
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            messages = _as_messages(prompt, "user") + _as_messages(completion, "assistant")
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         eos = self.tokenizer.eos_token or ""
-        return prompt + self.separator + completion + eos
+        prompt_text = prompt if isinstance(prompt, str) else "\n".join(content_text(m.get("content")) for m in prompt)
+        return prompt_text + self.separator + completion_text(completion) + eos
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+    def __call__(self, prompts: list[str | Messages], completions: list[str | Messages], **columns: Any) -> list[float]:
         texts = [self.format(p, c) for p, c in zip(prompts, completions)]
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
@@ -65,3 +70,9 @@ class LearnedReward:
             mean, std = self.metadata["score_mean"], self.metadata["score_std"]
             scores = [(s - mean) / max(std, 1e-6) for s in scores]
         return scores
+
+
+def _as_messages(text_or_messages: str | Messages, role: str) -> Messages:
+    if isinstance(text_or_messages, str):
+        return [{"role": role, "content": text_or_messages}]
+    return list(text_or_messages)
