@@ -6,8 +6,11 @@ a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import json
+import runpy
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from rlhf.errors import UserError
@@ -29,6 +32,54 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# The repository's configs/ and scripts/ (absent from a plain `pip install`; then the built-in
+# defaults above apply and the repo-only commands say so).
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+# The config each script documents; without --config the script reads it, so that a run with no
+# --config trains as the README describes, and --help shows those values.
+DOCUMENTED_CONFIGS = {"ppo": "ppo.yaml", "reinforce": "reinforce.yaml", "grpo": "grpo.yaml", "trpo": "trpo.yaml",
+                      "dr_grpo": "dr_grpo.yaml", "rloo": "rloo.yaml", "reinforce_pp": "reinforce_pp.yaml",
+                      "dpo": "dpo.yaml", "reward_model": "reward_model.yaml"}
+
+
+def documented_config(name: str) -> tuple[Path | None, str]:
+    """(the documented config of ``name`` if present, a --help sentence saying where defaults come from)."""
+    path = CONFIG_DIR / DOCUMENTED_CONFIGS[name]
+    if path.is_file():
+        return path, f"Defaults from configs/{path.name}; --config FILE is read instead of it, flags override either."
+    return None, f"Defaults built in (configs/{path.name} is not here); --config FILE and flags override them."
+
+
+def parse_train_args(algorithm: str, argv: list[str] | None = None, prog: str | None = None) -> Any:
+    """What ``train_<algorithm>.py ARGV`` trains with."""
+    from rlhf.config import RLConfig
+    from rlhf.parsing import parse_dataclass
+
+    path, defaults = documented_config(algorithm)
+    return parse_dataclass(RLConfig, argv, ALGORITHM_DEFAULTS[algorithm], prog=prog or f"train_{algorithm}.py",
+                           description=f"{algorithm.upper()} fine-tuning of a LoRA policy (see README). {defaults}",
+                           default_config=path)
+
+
+def parse_reward_model_args(argv: list[str] | None = None, prog: str | None = None) -> Any:
+    from rlhf.parsing import parse_dataclass
+    from rlhf.reward_training import RewardModelConfig
+
+    path, defaults = documented_config("reward_model")
+    return parse_dataclass(RewardModelConfig, argv, prog=prog or "train_reward_model.py", default_config=path,
+                           description=f"Train a Bradley-Terry reward model with TRL's RewardTrainer. {defaults}")
+
+
+def parse_dpo_args(argv: list[str] | None = None, prog: str | None = None) -> Any:
+    from rlhf.dpo import DPORunConfig
+    from rlhf.parsing import parse_dataclass
+
+    path, defaults = documented_config("dpo")
+    return parse_dataclass(DPORunConfig, argv, prog=prog or "train_dpo.py", default_config=path,
+                           description=f"DPO on a LoRA adapter with TRL's DPOTrainer (output: final/ adapter). {defaults}")
+
+
 def exit_on_user_error(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
@@ -43,14 +94,11 @@ def exit_on_user_error(fn: Callable[[], Any]) -> Any:
         sys.exit(130)
 
 
-def train_main(algorithm: str, argv: list[str] | None = None) -> None:
+def train_main(algorithm: str, argv: list[str] | None = None, prog: str | None = None) -> None:
     """``python scripts/train_<algorithm>.py [--config FILE] [--key value ...]``."""
 
     def run() -> None:
-        from rlhf.config import parse_config
-
-        config = parse_config(argv, ALGORITHM_DEFAULTS[algorithm], prog=f"train_{algorithm}.py",
-                              description=f"{algorithm.upper()} fine-tuning of a LoRA policy (see README).")
+        config = parse_train_args(algorithm, argv, prog)
         from rlhf.trainer import RLTrainer  # heavy imports only after the config is valid
 
         RLTrainer(config).train()
@@ -58,48 +106,39 @@ def train_main(algorithm: str, argv: list[str] | None = None) -> None:
     exit_on_user_error(run)
 
 
-def reward_model_main(argv: list[str] | None = None) -> None:
+def reward_model_main(argv: list[str] | None = None, prog: str | None = None) -> None:
     """``python scripts/train_reward_model.py [--config configs/reward_model.yaml] [--key value ...]``."""
 
     def run() -> None:
-        from rlhf.config import parse_config
-        from rlhf.reward_training import RewardModelConfig, train_reward_model
+        config = parse_reward_model_args(argv, prog)
+        from rlhf.reward_training import train_reward_model
 
-        config = parse_config(argv, prog="train_reward_model.py", cls=RewardModelConfig,
-                              description="Train a Bradley-Terry reward model with TRL's RewardTrainer.")
         metrics = train_reward_model(config)
         print(json.dumps(metrics))
 
     exit_on_user_error(run)
 
 
-def dpo_main(argv: list[str] | None = None) -> None:
+def dpo_main(argv: list[str] | None = None, prog: str | None = None) -> None:
     """``python scripts/train_dpo.py [--config configs/dpo.yaml] [--key value ...]``."""
 
     def run() -> None:
-        from rlhf.config import parse_config
-        from rlhf.dpo import DPORunConfig, train_dpo
+        config = parse_dpo_args(argv, prog)
+        from rlhf.dpo import train_dpo
 
-        config = parse_config(argv, prog="train_dpo.py", cls=DPORunConfig,
-                              description="DPO on a LoRA adapter with TRL's DPOTrainer (output: final/ adapter).")
         print(json.dumps(train_dpo(config)))
 
     exit_on_user_error(run)
 
 
-def evaluate_main(argv: list[str] | None = None) -> None:
+def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> None:
     """``python scripts/evaluate.py --checkpoints A B [--include_base] [--key value ...]``."""
 
     def run() -> None:
         from rlhf.config import parse_config
         from rlhf.evaluate import EvalConfig, evaluate_from_config
 
-        args = sys.argv[1:] if argv is None else list(argv)
-        # --include_base works as a bare switch (as in the README); the parser wants a value.
-        for index in reversed(range(len(args))):
-            if args[index] == "--include_base" and (index + 1 == len(args) or args[index + 1].startswith("--")):
-                args.insert(index + 1, "true")
-        config = parse_config(args, prog="evaluate.py", cls=EvalConfig,
+        config = parse_config(argv, prog=prog or "evaluate.py", cls=EvalConfig,
                               description="Compare checkpoints on a prompt set (report.md, report.json, plots).")
         report = evaluate_from_config(config)
         from rlhf.report import render_markdown
@@ -109,7 +148,7 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     exit_on_user_error(run)
 
 
-def plot_metrics_main(argv: list[str] | None = None) -> None:
+def plot_metrics_main(argv: list[str] | None = None, prog: str | None = None) -> None:
     """``python scripts/plot_metrics.py RUN_DIR [RUN_DIR ...] [--output_dir DIR]``."""
 
     def run() -> None:
@@ -117,7 +156,7 @@ def plot_metrics_main(argv: list[str] | None = None) -> None:
 
         from rlhf.config import OneLineParser
 
-        parser = OneLineParser(prog="plot_metrics.py", description="Training curves from metrics.jsonl files.")
+        parser = OneLineParser(prog=prog or "plot_metrics.py", description="Training curves from metrics.jsonl files.")
         parser.add_argument("run_dirs", nargs="+", help="Run output dirs holding metrics.jsonl.")
         parser.add_argument("--output_dir", default=None, help="Where the PNGs go (default: RUN_DIR/plots).")
         args = parser.parse_args(argv)
@@ -130,18 +169,80 @@ def plot_metrics_main(argv: list[str] | None = None) -> None:
     exit_on_user_error(run)
 
 
+def serve_reward_main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """``python scripts/serve_reward.py --reward_funcs sentiment my_rewards.py:brevity --port 8000``."""
+
+    def run() -> None:
+        from rlhf.parsing import OneLineParser
+
+        parser = OneLineParser(prog=prog or "serve_reward.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                               description="Serve reward functions over HTTP for `--reward_funcs http://HOST:PORT` "
+                                           "in another process.")
+        parser.add_argument("--reward_funcs", nargs="+", default=["sentiment"], help="Reward specs, as in training.")
+        parser.add_argument("--reward_weights", nargs="+", type=float, default=None, help="One weight per reward.")
+        parser.add_argument("--reward_kwargs", type=json.loads, default={}, help="JSON: parameters per reward name.")
+        parser.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 for all).")
+        parser.add_argument("--port", type=int, default=8000, help="TCP port.")
+        args = parser.parse_args(argv)
+        from reward_models.loader import CombinedReward
+        from reward_models.server import make_server
+
+        server = make_server(CombinedReward(args.reward_funcs, args.reward_weights, args.reward_kwargs),
+                             args.host, args.port)
+        print(f"serving {', '.join(args.reward_funcs)} on http://{args.host}:{server.server_port}", flush=True)
+        server.serve_forever()
+
+    exit_on_user_error(run)
+
+
+def benchmark_main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """``python scripts/benchmark.py [--steps N] [--floor true] [--out bench.json]``."""
+
+    def run() -> None:
+        from rlhf.benchmark import BenchmarkConfig, render_table, run_benchmark
+        from rlhf.config import parse_config
+
+        config = parse_config(argv, cls=BenchmarkConfig, prog=prog or "benchmark.py",
+                              description="This project's trainers vs TRL's GRPOTrainer on identical work.")
+        report = run_benchmark(config)
+        Path(config.out).write_text(json.dumps(report, indent=2))
+        print(render_table(report))
+        print(f"written: {config.out}")
+        if config.profile and "error" not in report["results"]["profile"]:
+            print(f"profile of one ours-grpo step: {Path(config.out).with_suffix('.profile.txt')}")
+
+    exit_on_user_error(run)
+
+
+def repo_script(name: str) -> Callable[[list[str], str], None]:
+    """A developer tool that lives in the repository's scripts/ (it reads configs/ or writes
+    rlhf/data/), run as ``rlhf <command>`` from a checkout."""
+
+    def run(argv: list[str], prog: str) -> None:
+        path = ROOT / "scripts" / f"{name}.py"
+        if not path.is_file():
+            print(f"error: {prog} runs scripts/{name}.py of the repository checkout, which this install lacks",
+                  file=sys.stderr)
+            sys.exit(2)
+        runpy.run_path(str(path), run_name=f"scripts.{name}")["main"](argv, prog)
+
+    return run
+
+
+COMMANDS: dict[str, Callable[[list[str], str], None]] = {
+    "train-dpo": dpo_main, "train-reward-model": reward_model_main, "evaluate": evaluate_main,
+    "plot-metrics": plot_metrics_main, "serve-reward": serve_reward_main, "benchmark": benchmark_main,
+    "compare-algorithms": repo_script("compare_algorithms"), "make-preference-data": repo_script("make_preference_data"),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``rlhf train <algorithm> | train-dpo | train-reward-model | evaluate | plot-metrics [flags]``:
-    the same code as the scripts."""
+    """``rlhf train <algorithm> | <command> [flags]``: the same code as scripts/*.py."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands: dict[str, Callable[[list[str]], None]] = {
-        "train-dpo": dpo_main, "train-reward-model": reward_model_main, "evaluate": evaluate_main,
-        "plot-metrics": plot_metrics_main,
-    }
     usage = (f"usage: rlhf train {{{','.join(ALGORITHM_DEFAULTS)}}} [--config FILE] [--key value ...] | "
-             f"rlhf {{{','.join(commands)}}} [flags]")
-    if argv and argv[0] in commands:
-        commands[argv[0]](argv[1:])
+             f"rlhf {{{','.join(COMMANDS)}}} [flags]")
+    if argv and argv[0] in COMMANDS:
+        COMMANDS[argv[0]](argv[1:], f"rlhf {argv[0]}")
         return
     if len(argv) < 2 or argv[0] != "train" or argv[1] not in ALGORITHM_DEFAULTS:
         if argv and argv[0] in ("-h", "--help"):
@@ -149,4 +250,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         print(f"error: {usage}", file=sys.stderr)
         sys.exit(2)
-    train_main(argv[1], argv[2:])
+    train_main(argv[1], argv[2:], prog=f"rlhf train {argv[1]}")
+
+
+if __name__ == "__main__":
+    main()

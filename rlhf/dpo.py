@@ -17,6 +17,7 @@ from typing import Any
 from rlhf.config import save_config
 from rlhf.errors import ConfigError
 from rlhf.tracking import write_trainer_log
+from rlhf.trainer_keys import TrainerKeys, trainer_kwargs
 
 # The pairwise losses of TRL 1.x's DPOTrainer (DPOConfig.loss_type).
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -30,8 +31,8 @@ def _f(default: Any, help: str) -> Any:
 
 
 @dataclass
-class DPORunConfig:
-    """Keys of scripts/train_dpo.py (YAML or CLI)."""
+class DPORunConfig(TrainerKeys):
+    """Keys of scripts/train_dpo.py (YAML or CLI); the Trainer's keys come from TrainerKeys."""
 
     model_name_or_path: str = _f("smollm2-135m-instruct", "Policy base: 'smollm2-135m-instruct' (embedded), a local dir, or a hub id.")
     dataset: str = _f("builtin:preferences", "Preference pairs (prompt, chosen, rejected): jsonl/json/csv/parquet, datasets dir, or builtin:preferences.")
@@ -40,32 +41,20 @@ class DPORunConfig:
     overwrite_output_dir: bool = _f(False, "Allow replacing an existing DPO run.")
     beta: float = _f(0.1, "DPO temperature beta: strength of the implicit KL to the reference.")
     loss_type: str = _f("sigmoid", f"TRL loss: one of {', '.join(DPO_LOSS_TYPES)}.")
-    num_train_epochs: float = _f(1.0, "Passes over the training pairs.")
-    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1 = run num_train_epochs).")
     learning_rate: float = _f(2e-4, "AdamW learning rate of the LoRA weights.")
-    per_device_train_batch_size: int = _f(8, "Pairs per device per step.")
     per_device_eval_batch_size: int = _f(16, "Pairs per device per evaluation step.")
-    gradient_accumulation_steps: int = _f(1, "Steps to accumulate before an update.")
     max_length: int = _f(256, "Truncate prompt + reply to this many tokens.")
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA scaling numerator.")
     lora_target_modules: list[str] = _f(["all-linear"], "Modules that get LoRA adapters.")
-    logging_steps: int = _f(5, "Log the training loss every this many steps.")
-    seed: int = _f(42, "Random seed.")
-    bf16: bool = _f(False, "Train in bfloat16 (TRL's default; needs a GPU or a CPU with bf16 support).")
-    gradient_checkpointing: bool = _f(False, "Recompute activations to save memory (TRL defaults to on; about 20 percent slower).")
 
     def __post_init__(self) -> None:
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "max_length", "logging_steps", "lora_r"):
+        self.check_trainer_keys()
+        for name in ("per_device_eval_batch_size", "max_length", "lora_r"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.beta <= 0:
             raise ConfigError(f"beta must be > 0 (typical 0.1), got {self.beta}")
-        if self.num_train_epochs <= 0 or self.learning_rate <= 0:
-            raise ConfigError("num_train_epochs and learning_rate must be > 0")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ConfigError(f"max_steps must be >= 1, or -1 for num_train_epochs, got {self.max_steps}")
         if self.loss_type not in DPO_LOSS_TYPES:
             raise ConfigError(f"loss_type {self.loss_type!r} is not one of: {', '.join(DPO_LOSS_TYPES)}")
 
@@ -100,15 +89,9 @@ def train_dpo(config: DPORunConfig) -> dict[str, float]:
     targets: Any = "all-linear" if config.lora_target_modules == ["all-linear"] else config.lora_target_modules
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=targets,
                       task_type="CAUSAL_LM")
-    args = DPOConfig(
-        output_dir=str(output_dir), beta=config.beta, loss_type=[config.loss_type],
-        num_train_epochs=config.num_train_epochs, max_steps=config.max_steps, learning_rate=config.learning_rate,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        per_device_eval_batch_size=config.per_device_eval_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps, max_length=config.max_length,
-        logging_steps=config.logging_steps, save_strategy="no", report_to=[], seed=config.seed, bf16=config.bf16,
-        gradient_checkpointing=config.gradient_checkpointing,
-    )
+    args = DPOConfig(output_dir=str(output_dir), beta=config.beta, loss_type=[config.loss_type],
+                     per_device_eval_batch_size=config.per_device_eval_batch_size, max_length=config.max_length,
+                     **trainer_kwargs(config))
     try:
         trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=train_pairs,
                              eval_dataset=eval_pairs, peft_config=lora)

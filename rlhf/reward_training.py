@@ -17,6 +17,7 @@ from typing import Any
 from rlhf.config import save_config
 from rlhf.errors import ConfigError
 from rlhf.tracking import write_trainer_log
+from rlhf.trainer_keys import TrainerKeys, trainer_kwargs
 
 EMBEDDED_REWARD_BACKBONE = "all-minilm-l6-v2"
 # TRL's RewardTrainer concatenates prompt + chosen with nothing between; we add this separator to
@@ -25,8 +26,8 @@ PROMPT_SEPARATOR = "\n"
 
 
 @dataclass
-class RewardModelConfig:
-    """Keys of scripts/train_reward_model.py (YAML or CLI)."""
+class RewardModelConfig(TrainerKeys):
+    """Keys of scripts/train_reward_model.py (YAML or CLI); the Trainer's keys come from TrainerKeys."""
 
     model_name_or_path: str = field(default=EMBEDDED_REWARD_BACKBONE, metadata={
         "help": "Backbone: 'all-minilm-l6-v2' (embedded MiniLM, no download), a local HF model dir, or a hub id."})
@@ -36,21 +37,13 @@ class RewardModelConfig:
         "help": "Held-out pairs for pairwise accuracy (default: the eval split of the built-in set)."})
     output_dir: str = field(default="outputs/reward_model", metadata={"help": "Where the trained reward model goes."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow replacing an existing reward model."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training pairs."})
-    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Pairs per device per step."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps to accumulate before an update."})
     max_length: int = field(default=256, metadata={"help": "Pairs longer than this many tokens are dropped (TRL)."})
-    logging_steps: int = field(default=5, metadata={"help": "Log the training loss every this many steps."})
-    seed: int = field(default=42, metadata={"help": "Random seed."})
-    bf16: bool = field(default=False, metadata={"help": "Train in bfloat16 (TRL defaults to it; it needs a GPU or a recent CPU)."})
 
     def __post_init__(self) -> None:
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_train_epochs <= 0 or self.learning_rate <= 0:
-            raise ConfigError("num_train_epochs and learning_rate must be > 0")
+        self.check_trainer_keys()
+        if self.max_length < 1:
+            raise ConfigError(f"max_length must be >= 1, got {self.max_length}")
 
 
 def resolve_backbone(name_or_path: str) -> str:
@@ -94,13 +87,7 @@ def train_reward_model(config: RewardModelConfig) -> dict[str, float]:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
 
-    args = RewardConfig(
-        output_dir=str(output_dir), num_train_epochs=config.num_train_epochs, learning_rate=config.learning_rate,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps, max_length=config.max_length,
-        logging_steps=config.logging_steps, save_strategy="no", report_to=[], seed=config.seed,
-        bf16=config.bf16,
-    )
+    args = RewardConfig(output_dir=str(output_dir), max_length=config.max_length, **trainer_kwargs(config))
     start = time.perf_counter()
     trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=_with_separator(train_pairs))
     trainer.train()
@@ -119,7 +106,8 @@ def train_reward_model(config: RewardModelConfig) -> dict[str, float]:
                 "backbone": config.model_name_or_path}
     (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
 
-    final = {"train_pairwise_accuracy": _accuracy(train_scores), "train_time_s": train_time}
+    final = {"train_pairwise_accuracy": _accuracy(train_scores), "train_time_s": train_time,
+             "train_steps": trainer.state.global_step}
     if eval_pairs is not None:
         final["eval_pairwise_accuracy"] = _accuracy(_score_pairs(scorer, eval_pairs))
     write_trainer_log(output_dir, trainer.state.log_history, final,

@@ -4,7 +4,7 @@ Runs this project's GRPO, PPO and REINFORCE and TRL's GRPOTrainer back to back, 
 process; prints a table and writes JSON. See rlhf/benchmark.py.
 """
 
-from rlhf.benchmark import main
+from rlhf.cli import benchmark_main
 
 if __name__ == "__main__":
-    main()
+    benchmark_main()

@@ -37,13 +37,13 @@ def summarise(name: str, rows: list[dict], window: int) -> str:
     return f"| {name} | {len(rows)} | {head:.3f} → {tail:.3f} | {kl:.2f} | {step_time:.1f} |"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algorithms", nargs="+", default=list(SCRIPTS), choices=list(SCRIPTS))
     parser.add_argument("--max_steps", type=int, default=10)
     parser.add_argument("--window", type=int, default=3, help="Steps averaged at the start and at the end.")
     parser.add_argument("--output_dir", default="outputs/compare")
-    args, extra = parser.parse_known_args()
+    args, extra = parser.parse_known_args(argv)
     extra = [flag for flag in extra if flag != "--"]
     table = ["| algorithm | steps | reward_mean first→last | final KL | median s/step |", "|---|---|---|---|---|"]
     for name in args.algorithms:

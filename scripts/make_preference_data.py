@@ -8,6 +8,7 @@ and eval, so held-out accuracy measures generalisation to unseen wording, not me
     python scripts/make_preference_data.py    # deterministic (seed 0)
 """
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -83,7 +84,9 @@ def pairs(prompts: list[str], fragments: dict[str, list[str]], count: int, rng: 
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+                            ).parse_args(argv)
     rng = random.Random(0)
     read = lambda name: [json.loads(line)["prompt"] for line in (DATA / name).read_text().splitlines()]  # noqa: E731
     train_prompts, eval_prompts = read("prompts_train.jsonl"), read("prompts_eval.jsonl")
