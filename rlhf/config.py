@@ -46,7 +46,7 @@ class RLConfig:
     lora_alpha: int = _field(32, "LoRA scaling numerator (scale = lora_alpha / lora_r).")
     lora_dropout: float = _field(
         0.0, "LoRA dropout: ignored by RL training (with a warning), which switches every dropout off so that "
-        "recomputed logprobs equal the rollout's (RL_NOTES 15); the saved adapter records 0. Accepted so that "
+        "recomputed logprobs equal the rollout's; the saved adapter records 0. Accepted so that "
         "TRL/peft configs (lora_dropout 0.05) run unchanged."
     )
     lora_target_modules: list[str] = _field(["all-linear"], "Modules that get LoRA adapters; 'all-linear' = every linear layer but the LM head.")
@@ -109,7 +109,7 @@ class RLConfig:
     normalize_rewards: bool = _field(False, "Normalise combined rewards to mean 0, std 1 over each global batch.")
 
     # --- batch sizes and optimisation
-    max_steps: int = _field(20, "Number of RL steps (one rollout + update each).")
+    max_steps: int = _field(20, "Number of RL steps (one rollout + update each; TRL's max_steps counts optimizer steps).")
     rollout_batch_size: int = _field(16, "Prompts per step, across all processes.")
     num_generations: int = _field(1, "Responses sampled per prompt (>= 2 for group baselines).")
     mini_batch_size: int = _field(16, "Sequences per optimizer step (global); the rollout is split into such minibatches.")
@@ -117,7 +117,8 @@ class RLConfig:
     gradient_accumulation_steps: int = _field(1, "Micro-batches per minibatch (mini_batch_size is split this many ways).")
     generation_batch_size: int | None = _field(
         None, "Sequences generated at once per process (default: the whole per-process rollout). Lower it to cap "
-        "the KV cache's memory; results do not depend on it beyond float rounding.",
+        "the KV cache's memory; results do not depend on it beyond float rounding. Not TRL's generation_batch_size, "
+        "which counts the completions of one rollout: that is rollout_batch_size x num_generations here.",
     )
     logprob_batch_size: int | None = _field(
         None, "Sequences per no-grad forward (old/reference logprobs, values) per process (default: the training "

@@ -1,14 +1,14 @@
 """YAML + CLI -> a validated config dataclass, with one-line errors (rlhf.config's parsing).
 
-Precedence: dataclass default < the script's defaults < YAML file < CLI flags. Unknown keys,
-wrong types and invalid YAML raise ``ConfigError`` naming the key or the line.
+Precedence: dataclass default < the script's defaults < YAML file (--config, or the script's
+documented config without one) < CLI flags. TRL's names for our settings (rlhf.aliases) work in
+both; unknown keys, wrong types and invalid YAML raise ``ConfigError`` naming the key or the line.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import sys
 import types
@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from rlhf import aliases
 from rlhf.errors import ConfigError
 
 _NONE_WORDS = {"none", "null", "~"}
@@ -74,10 +75,7 @@ def _scalar(tp: Any, value: Any) -> Any:
 
 
 def _unknown_key_message(cls: type, key: str, where: str) -> str:
-    names = [f.name for f in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(key, names, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else "; see --help for the valid keys"
-    return f"unknown config key {key!r} in {where}{hint}"
+    return aliases.unknown_key_message(cls.__name__, {f.name for f in dataclasses.fields(cls)}, key, where)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -108,24 +106,74 @@ class OneLineParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+_ALIAS_DEST = "trl:"  # argparse dest of a TRL-named flag, kept apart from the fields
+
+
 def build_parser(cls: type, defaults: dict[str, Any], prog: str | None = None,
                  description: str | None = None) -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=prog, description=description, allow_abbrev=False,
+    parser = OneLineParser(prog=prog, description=description, allow_abbrev=False, epilog=aliases.help_epilog(cls.__name__),
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.config_cls = cls
     parser.add_argument("--config", help="YAML file of key: value defaults (CLI flags override it).")
     hints = typing.get_type_hints(cls)
+    trl_names = aliases.aliases_of(cls.__name__)
     for f in dataclasses.fields(cls):
         tp, _ = _unwrap_optional(hints[f.name])
+        help_text = f.metadata["help"].replace("%", "%%")
+        missing = [name for name in trl_names.get(f.name, []) if name not in help_text]
+        if missing:
+            help_text += f" (TRL: {', '.join(missing)})"
+        if tp is bool:  # a bare --flag means true; --flag false still works
+            parser.add_argument(f"--{f.name}", nargs="?", const="true", default=defaults.get(f.name),
+                                help=help_text, metavar="BOOL")
+            continue
         nargs = "+" if typing.get_origin(tp) is list else None
-        parser.add_argument(f"--{f.name}", nargs=nargs, default=defaults.get(f.name), help=f.metadata["help"],
+        parser.add_argument(f"--{f.name}", nargs=nargs, default=defaults.get(f.name), help=help_text,
                             metavar=f.name.upper())
+    for name in aliases.alias_names(cls.__name__):
+        if name in hints:
+            continue
+        switch = {"nargs": "?", "const": "true"} if name in aliases.SWITCHES else {}
+        parser.add_argument(f"--{name}", dest=_ALIAS_DEST + name, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                            **switch)
     return parser
 
 
+def _flags_given(argv: list[str]) -> set[str]:
+    """The --names on a command line (to tell a flag given from its default)."""
+    return {token[2:].split("=", 1)[0] for token in argv if token.startswith("--") and len(token) > 2}
+
+
+def _apply(cls: type, values: dict[str, Any], origin: dict[str, str], given: dict[str, Any],
+           native: set[str], where: str) -> None:
+    """One source's keys into ``values``: ours as they are, TRL's through rlhf.aliases."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in native:
+        values[key] = _coerce(cls, key, given[key])
+        origin.pop(key, None)
+    translated, came_from = aliases.translate(cls.__name__, fields, given, {key: values[key] for key in native}, where)
+    for key, value in translated.items():
+        try:
+            value = _coerce(cls, key, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{came_from[key]} (TRL's name for {key}): {exc}") from None
+        values[key] = {**(values[key] or {}), **value} if isinstance(value, dict) else value
+        origin[key] = came_from[key]
+
+
+def _settle(values: dict[str, Any], origin: dict[str, str]) -> None:
+    """TRL's epsilon_high is the cap on the ratio itself under loss_type cispo (our cispo's own
+    epsilon_high), the upper clip epsilon otherwise (our clip_range_high)."""
+    if origin.get("clip_range_high") == "epsilon_high" and values.get("policy_loss") == "cispo":
+        values["policy_loss_kwargs"] = {"epsilon_high": values["clip_range_high"], **(values["policy_loss_kwargs"] or {})}
+        values["clip_range_high"] = None
+
+
 def parse_dataclass(cls: type, argv: list[str] | None = None, script_defaults: dict[str, Any] | None = None,
-                    prog: str | None = None, description: str | None = None) -> Any:
-    """CLI + YAML -> a validated ``cls``. Raises ConfigError (one line)."""
+                    prog: str | None = None, description: str | None = None,
+                    default_config: str | Path | None = None) -> Any:
+    """CLI + YAML -> a validated ``cls``. ``default_config``: the YAML read when no --config is
+    given (a script's documented config). Raises ConfigError (one line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
@@ -133,17 +181,20 @@ def parse_dataclass(cls: type, argv: list[str] | None = None, script_defaults: d
 
     values: dict[str, Any] = {f.name: _default_of(f) for f in dataclasses.fields(cls)}
     values.update(script_defaults or {})
-    if known.config:
-        for key, value in load_yaml(known.config).items():
-            if key not in values:
-                raise ConfigError(_unknown_key_message(cls, key, known.config))
-            values[key] = _coerce(cls, key, value)
+    origin: dict[str, str] = {}
+    config_file = known.config or (str(default_config) if default_config else None)
+    if config_file:
+        data = load_yaml(config_file)
+        _apply(cls, values, origin, data, {key for key in data if key in values}, config_file)
 
     parser = build_parser(cls, values, prog=prog, description=description)
     args = vars(parser.parse_args(argv))
     args.pop("config")
-    for key, value in args.items():
-        values[key] = _coerce(cls, key, value)
+    given = _flags_given(argv)
+    cli = {key.removeprefix(_ALIAS_DEST): value for key, value in args.items()
+           if key.startswith(_ALIAS_DEST) or key in given}
+    _apply(cls, values, origin, cli, {key for key in cli if key in values and key in given}, "the command line")
+    _settle(values, origin)
     try:
         return cls(**values)
     except TypeError as exc:  # pragma: no cover - guarded by the key checks above
