@@ -92,7 +92,7 @@ def test_missing_dataset_file(tiny_model_dir, tmp_path, run_here):
 @pytest.mark.parametrize(
     "body,fragments",
     [
-        ("    return [None] * len(completions)\n", ["returned None for sample 0"]),
+        ("    return [{'score': 1}] * len(completions)\n", ["returned {'score': 1} for sample 0"]),
         ("    return [1.0]\n", ["returned 1 values for 4 completions"]),
         ("    raise KeyError('score')\n", ["raised KeyError"]),
         ("    return [float('nan')] * len(completions)\n", ["returned nan"]),
@@ -147,7 +147,8 @@ def test_reward_model_training_bad_pairs(tmp_path, run_here):
 
 
 @pytest.mark.parametrize("script", ["train_grpo.py", "train_trpo.py", "train_dpo.py", "train_reward_model.py",
-                                    "evaluate.py", "plot_metrics.py", "compare_algorithms.py", "benchmark.py"])
+                                    "evaluate.py", "plot_metrics.py", "compare_algorithms.py", "benchmark.py",
+                                    "serve_reward.py", "make_preference_data.py"])
 def test_every_script_prints_help(script, run_here):
     result = run_here(script, "--help")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -208,3 +209,39 @@ def test_output_dir_that_cannot_be_written(tiny_model_dir, tmp_path, run_here):
     result = run_here("train_ppo.py", *tiny_args(tiny_model_dir, blocker / "run"))
     assert_one_line_error(result, f"output_dir {blocker / 'run'} is not writable", "choose another --output_dir")
     assert blocker.read_text() == "I am a file, not a directory"
+
+
+@pytest.mark.parametrize(
+    "script,args,fragments",
+    [
+        ("train_grpo.py", ["--per_device_train_batch_size", "4"],
+         ["per_device_train_batch_size (TRL's setting)", "mini_batch_size = completions per optimizer step"]),
+        ("train_grpo.py", ["--generation_batch_size", "0"], ["generation_batch_size must be >= 1"]),
+        ("train_grpo.py", ["--loss_type", "sapo"], ["loss_type 'sapo'", "policy_loss pg, ppo_clip"]),
+        ("train_grpo.py", ["--loss_type", "bnpo"], ["loss_type 'bnpo'", "loss_type dapo"]),
+        ("train_grpo.py", ["--scale_rewards", "batch"], ["scale_rewards 'batch'", "dr_grpo"]),
+        ("train_grpo.py", ["--max_completion_length", "8", "--max_new_tokens", "8"],
+         ["max_completion_length (TRL's name) and max_new_tokens both set max_new_tokens"]),
+        ("train_grpo.py", ["--num_iterations", "two"], ["num_iterations (TRL's name for ppo_epochs)", "expects int"]),
+        ("train_grpo.py", ["--warmup_ratio", "0.1"], ["set warmup_steps = warmup_ratio x"]),
+        ("train_grpo.py", ["--vllm_mode", "colocate"], ["vllm_mode", "no vLLM mode"]),
+        ("train_grpo.py", ["--bf16", "maybe"], ["bf16 expects bool, got 'maybe'"]),
+        ("train_grpo.py", ["--kl_beta", "0.1"], ["did you mean 'kl_coef'"]),
+        ("train_reward_model.py", ["--max_steps", "0"], ["max_steps must be >= 1, or -1"]),
+        ("train_reward_model.py", ["--lr_scheduler_type", "fast"], ["lr_scheduler_type 'fast' is not one of"]),
+        ("train_dpo.py", ["--dtype", "float16"], ["dtype 'float16'", "bf16 true"]),
+    ],
+)
+def test_trl_names_that_differ_exit_2(script, args, fragments, tmp_path, run_here):
+    result = run_here(script, "--output_dir", str(tmp_path / "out"), *args)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_trl_alias_and_own_name_in_one_yaml_exit_2(tmp_path, run_here):
+    config = tmp_path / "trl.yaml"
+    config.write_text("beta: 0.1\nkl_coef: 0.2\n")
+    assert_one_line_error(run_here("train_grpo.py", "--config", str(config)),
+                          "beta (TRL's name) and kl_coef both set kl_coef", str(config))
+    config.write_text("per_device_train_batch_size: 4\n")
+    assert_one_line_error(run_here("train_grpo.py", "--config", str(config)), "mini_batch_size")

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
+import re
 
-from rlhf.config import RLConfig, parse_config
+import pytest
+import yaml
+
+from conftest import ROOT
+from rlhf import cli
+from rlhf.cli import ALGORITHM_DEFAULTS, DOCUMENTED_CONFIGS, parse_dpo_args, parse_reward_model_args, parse_train_args
+from rlhf.config import RLConfig, parse_config, save_config
+from rlhf.dpo import DPORunConfig
 from rlhf.errors import ConfigError
+from rlhf.evaluate import EvalConfig
+from rlhf.parsing import parse_dataclass
+from rlhf.reward_training import RewardModelConfig
 
 
 def test_precedence_default_script_yaml_cli(tmp_path):
@@ -51,3 +62,201 @@ def test_world_size_checks():
     with pytest.raises(ConfigError, match="cannot be split into whole groups over 4 processes"):
         config.check_world_size(4)
     config.check_world_size(2)
+
+
+# ---------------------------------------------------------------------------- TRL's names (issue 18 part 6)
+
+TRL_FLAGS = ["--max_completion_length", "20", "--num_iterations", "3", "--beta", "0.1", "--epsilon", "0.3",
+             "--epsilon_high", "0.35", "--dataset_name", "data.jsonl", "--dataset_train_split", "tr",
+             "--dataset_test_split", "te", "--loss_type", "dr_grpo", "--scale_rewards", "none"]
+OUR_FLAGS = ["--max_new_tokens", "20", "--ppo_epochs", "3", "--kl_coef", "0.1", "--clip_range", "0.3",
+             "--clip_range_high", "0.35", "--dataset", "data.jsonl", "--dataset_split", "tr",
+             "--eval_dataset_split", "te", "--policy_loss", "ppo_clip", "--loss_agg_mode", "seq-mean-token-sum-norm",
+             "--advantage_kwargs", '{"scale_rewards": false}']
+GROUP = ["--advantage_estimator", "grpo", "--num_generations", "4"]
+
+
+def test_trl_names_on_the_cli_and_in_yaml_are_ours(tmp_path):
+    ours = parse_config(OUR_FLAGS + GROUP)
+    assert parse_config(TRL_FLAGS + GROUP) == ours
+    yaml_file = tmp_path / "trl.yaml"
+    yaml_file.write_text("".join(f"{k[2:]}: {v}\n" for k, v in zip(TRL_FLAGS[::2], TRL_FLAGS[1::2])))
+    assert parse_config(["--config", str(yaml_file), *GROUP]) == ours
+    save_config(ours, tmp_path / "config.yaml")  # what a run saves: our names only
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert "max_new_tokens" in saved and not {"max_completion_length", "beta", "loss_type"} & set(saved)
+
+
+@pytest.mark.parametrize("loss_type,policy_loss,agg", [
+    ("grpo", "ppo_clip", "seq-mean-token-mean"),        # per-sequence token mean, then mean over sequences
+    ("dapo", "ppo_clip", "token-mean"),                 # tokens of the whole accumulated batch
+    ("dr_grpo", "ppo_clip", "seq-mean-token-sum-norm"),  # B x max_completion_length
+    ("cispo", "cispo", "token-mean"),
+])
+def test_trl_loss_types(loss_type, policy_loss, agg):
+    config = parse_config(["--loss_type", loss_type, *GROUP])
+    assert (config.policy_loss, config.loss_agg_mode) == (policy_loss, agg)
+
+
+def test_trl_epsilon_high_is_the_cispo_cap_and_sequence_level_is_gspo(tmp_path):
+    config = parse_config(["--loss_type", "cispo", "--epsilon_high", "5", *GROUP])
+    assert config.policy_loss_kwargs == {"epsilon_high": 5.0} and config.clip_range_high is None
+    yaml_file = tmp_path / "c.yaml"  # loss_type in the file, epsilon_high on the command line
+    yaml_file.write_text("loss_type: cispo\nadvantage_estimator: grpo\nnum_generations: 4\n")
+    assert parse_config(["--config", str(yaml_file), "--epsilon_high", "4"]).policy_loss_kwargs == {"epsilon_high": 4.0}
+    config = parse_config(["--loss_type", "grpo", "--importance_sampling_level", "sequence", *GROUP])
+    assert (config.policy_loss, config.loss_agg_mode) == ("gspo", "seq-mean-token-mean")
+
+
+@pytest.mark.parametrize("value,scale", [("group", True), ("true", True), ("none", False), ("false", False)])
+def test_trl_scale_rewards(value, scale):
+    assert parse_config(["--scale_rewards", value, *GROUP]).advantage_kwargs == {"scale_rewards": scale}
+
+
+def test_trl_model_keys():
+    assert parse_config(["--dtype", "bfloat16"]).bf16 is True
+    assert parse_config(["--torch_dtype", "float32", "--use_peft"]).bf16 is False
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--loss_type", "bnpo"], "loss_type 'bnpo'"),
+    (["--loss_type", "sapo"], "policy_loss pg, ppo_clip"),
+    (["--scale_rewards", "batch"], "scale_rewards 'batch'"),
+    (["--beta", "0.1", "--kl_coef", "0.2"], "beta (TRL's name) and kl_coef both set kl_coef"),
+    (["--scale_rewards", "none", "--advantage_kwargs", '{"scale_rewards": true}'], "both set advantage_kwargs.scale_rewards"),
+    (["--per_device_train_batch_size", "4"], "mini_batch_size = completions per optimizer step"),
+    (["--warmup_ratio", "0.1"], "set warmup_steps = warmup_ratio x"),
+    (["--num_train_epochs", "2"], "set max_steps = num_train_epochs x"),
+    (["--steps_per_generation", "2"], "set rollout_batch_size = steps_per_generation x"),
+    (["--use_peft", "false"], "always LoRA"),
+])
+def test_trl_names_refused_with_our_key(argv, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        parse_config(argv + GROUP)
+
+
+def test_alias_and_own_name_in_one_yaml_file(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("max_completion_length: 20\nmax_new_tokens: 30\n")
+    with pytest.raises(ConfigError, match=f"both set max_new_tokens in {re.escape(str(yaml_file))}"):
+        parse_config(["--config", str(yaml_file)])
+    yaml_file.write_text("max_completion_length: 20\n")  # a flag overrides a file, whichever name each uses
+    assert parse_config(["--config", str(yaml_file), "--max_new_tokens", "30"]).max_new_tokens == 30
+
+
+@pytest.mark.parametrize("key,suggestion", [("kl_beta", "kl_coef"), ("max_length", "max_new_tokens"),
+                                            ("cliprange", "clip_range"), ("gae_lambda", "lam"),
+                                            ("num_ppo_epochs", "ppo_epochs"), ("lr", "learning_rate")])
+def test_did_you_mean_by_meaning_before_spelling(key, suggestion):
+    with pytest.raises(ConfigError, match=f"did you mean '{suggestion}'"):
+        parse_config([f"--{key}", "1"])
+
+
+def _bool_fields(cls):
+    return [f.name for f in dataclasses.fields(cls) if f.type in ("bool", bool)]
+
+
+@pytest.mark.parametrize("cls", ["RLConfig", "DPORunConfig", "RewardModelConfig", "EvalConfig"])
+def test_bare_boolean_flags(cls):
+    classes = {"RLConfig": RLConfig, "DPORunConfig": DPORunConfig, "RewardModelConfig": RewardModelConfig,
+               "EvalConfig": EvalConfig}
+    extra = ["--checkpoints", "a"] if cls == "EvalConfig" else []
+    for name in _bool_fields(classes[cls]):
+        for argv, value in (([f"--{name}"], True), ([f"--{name}", "false"], False), ([f"--{name}=true"], True)):
+            if name == "dynamic_sampling" or name == "filter_zero_std_groups":
+                argv = argv + GROUP
+            config = parse_dataclass(classes[cls], argv + extra)
+            assert getattr(config, name) is value, (name, argv)
+    assert parse_dataclass(RLConfig, ["--bf16", "--max_steps", "3"]).max_steps == 3
+
+
+def test_trainer_keys_of_reward_model_and_dpo_reach_their_training_arguments(tmp_path):
+    from trl import DPOConfig, RewardConfig
+
+    from rlhf.trainer_keys import TrainerKeys, trainer_kwargs
+
+    flags = ["--max_steps", "7", "--per_device_train_batch_size", "3", "--learning_rate", "1e-3",
+             "--num_train_epochs", "2", "--logging_steps", "2", "--save_steps", "4", "--save_total_limit", "1",
+             "--gradient_accumulation_steps", "2", "--seed", "5", "--weight_decay", "0.01", "--lr_scheduler_type",
+             "cosine", "--warmup_steps", "3", "--max_grad_norm", "0.5", "--report_to", "tensorboard",
+             "--gradient_checkpointing"]
+    for parse, trl_cls in ((parse_reward_model_args, RewardConfig), (parse_dpo_args, DPOConfig)):
+        config = parse(flags)
+        args = trl_cls(output_dir=str(tmp_path), **trainer_kwargs(config))
+        for f in dataclasses.fields(TrainerKeys):
+            expected = getattr(config, f.name)
+            assert getattr(args, f.name) == (expected if f.name != "report_to" else ["tensorboard"]), f.name
+        assert args.save_strategy == "steps"
+    assert RewardConfig(output_dir=str(tmp_path), **trainer_kwargs(parse_reward_model_args([]))).save_strategy == "no"
+    assert parse_dpo_args(["--warmup_ratio", "0.1", "--dataset_name", "p.jsonl"]).warmup_steps == 0.1
+
+
+def test_reward_model_max_steps_stops_the_trainer(tiny_reward_backbone, tmp_path):
+    import json
+
+    from rlhf.reward_training import train_reward_model
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": "Glad to help!", "rejected": "No."}) + "\n"
+                             for i in range(32)))
+    config = parse_reward_model_args(["--model_name_or_path", str(tiny_reward_backbone), "--dataset", str(pairs),
+                                      "--output_dir", str(tmp_path / "rm"), "--max_steps", "2",
+                                      "--per_device_train_batch_size", "2", "--save_steps", "1"])
+    assert train_reward_model(config)["train_steps"] == 2  # 16 steps in one epoch without max_steps
+    assert sorted(p.name for p in (tmp_path / "rm").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+# ---------------------------------------------------------------------------- script defaults, prog (part 7)
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED_CONFIGS))
+def test_no_config_trains_as_the_documented_config(name, tmp_path, monkeypatch):
+    parse = {"dpo": parse_dpo_args, "reward_model": parse_reward_model_args}.get(
+        name, lambda argv: parse_train_args(name, argv))
+    documented = ROOT / "configs" / DOCUMENTED_CONFIGS[name]
+    monkeypatch.chdir(tmp_path)  # a run from elsewhere finds it too
+    assert parse([]) == parse(["--config", str(documented)])
+    if name not in ("dpo", "reward_model"):  # and equals what the old entry point made of the file
+        assert parse([]) == parse_config(["--config", str(documented)], ALGORITHM_DEFAULTS[name])
+
+
+def test_grpo_help_shows_the_documented_values(run_here):
+    result = run_here("train_grpo.py", "--help")
+    text = " ".join(result.stdout.split())
+    assert "Defaults from configs/grpo.yaml" in text
+    assert re.search(r"--mini_batch_size MINI_BATCH_SIZE [^-]*\(default: 8\)", text)
+    assert re.search(r"--ppo_epochs PPO_EPOCHS [^-]*\(default: 2\)", text)
+
+
+def test_documented_config_absent_falls_back_to_built_in_defaults(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "CONFIG_DIR", tmp_path)
+    assert parse_train_args("grpo", []) == parse_config([], ALGORITHM_DEFAULTS["grpo"])
+    assert "Defaults built in" in cli.documented_config("grpo")[1]
+
+
+@pytest.mark.parametrize("argv,prog", [(["train", "ppo"], "rlhf train ppo"), (["train", "dr_grpo"], "rlhf train dr_grpo"),
+                                       *[([name], f"rlhf {name}") for name in cli.COMMANDS]])
+def test_rlhf_subcommand_help_names_itself(argv, prog, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {prog} ")
+
+
+def test_every_script_is_an_rlhf_command():
+    commands = {name.replace("-", "_") for name in cli.COMMANDS} | {f"train_{a}" for a in ALGORITHM_DEFAULTS}
+    scripts = {path.stem for path in (ROOT / "scripts").glob("*.py")}
+    aliases_of_scripts = {"train_dpo": "train_dpo", "evaluate": "evaluate"}
+    assert scripts - commands - set(aliases_of_scripts) == set()
+
+
+def test_help_texts_name_only_files_in_the_repository():
+    from rlhf.benchmark import BenchmarkConfig
+
+    texts = [f.metadata["help"] for cls in (RLConfig, DPORunConfig, RewardModelConfig, EvalConfig, BenchmarkConfig)
+             for f in dataclasses.fields(cls)]
+    texts += [cli.documented_config(name)[1] for name in DOCUMENTED_CONFIGS]
+    for text in texts:
+        assert "RL_NOTES" not in text, text
+        for name in re.findall(r"[\w/-]*\w\.md\b|configs/[\w/-]+\.yaml", text):
+            assert (ROOT / name).is_file(), (name, text)
