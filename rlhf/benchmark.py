@@ -210,11 +210,12 @@ def run_floor(config: BenchmarkConfig) -> dict[str, float]:
     import torch
 
     from rlhf.data import format_prompt, load_prompt_dataset
-    from rlhf.models import PolicyWithValue, add_lora, load_base_model, load_tokenizer
+    from rlhf.models import PolicyWithValue, add_lora, load_base_model, load_tokenizer, stop_token_ids
     from rlhf.rollout import Rollout, forward_response, response_mask
 
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.model)
+    stops = stop_token_ids(config.model, tokenizer)
     model = PolicyWithValue(add_lora(load_base_model(config.model), config.lora_r, 2 * config.lora_r, 0.0,
                                      ["all-linear"]), None)
     prompts = load_prompt_dataset("builtin:prompts")["prompt"][:config.prompts_per_step]
@@ -226,10 +227,10 @@ def run_floor(config: BenchmarkConfig) -> dict[str, float]:
         """transformers' own generate on the LoRA model, as anyone would call it."""
         sequences = model.policy.generate(
             **encoded, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=config.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
         )
         response = sequences[:, encoded["input_ids"].shape[1]:]
-        mask, eos_found = response_mask(response, tokenizer.eos_token_id)
+        mask, eos_found = response_mask(response, stops)
         return Rollout(input_ids=sequences, attention_mask=torch.cat([encoded["attention_mask"], mask.long()], 1),
                        response_ids=response, mask=mask, eos_found=eos_found, group_ids=torch.arange(len(texts)),
                        prompts=texts, completions=[""] * len(texts))

@@ -62,7 +62,11 @@ def save_adapter_and_head(policy: PeftModel, value_head: torch.nn.Module | None,
         return {key[len(prefix):]: value for key, value in full_state.items() if key.startswith(prefix)}
 
     if init_adapter is None:
-        policy.save_pretrained(directory, safe_serialization=True, state_dict=part("policy."))
+        # peft would also save the frozen base weight of an adapted lm_head/embed_tokens (vocab x hidden,
+        # GBs for an untied Llama-3 head) in every checkpoint; the base has it, and an adapter holding it
+        # could not be a later run's init_adapter (rlhf.adapters accepts LoRA tensors only).
+        policy.save_pretrained(directory, safe_serialization=True, state_dict=part("policy."),
+                               save_embedding_layers=False)
     else:
         rl_dir = directory / RL_ADAPTER_DIR
         # The frozen embedding weights peft adds when embed_tokens/lm_head carry LoRA are the merged base's

@@ -140,10 +140,26 @@ def _is_valid_prompt(prompt: Any) -> bool:
 
 def format_prompt(prompt: str | list[dict[str, str]], tokenizer: Any) -> str:
     """Text the policy sees: the chat template with a generation prompt when the tokenizer has
-    one (plain strings become one user message), else the raw string."""
+    one (plain strings become one user message), else the raw string.
+
+    A template that rejects the system role (Gemma's raises 'System role not supported') gets the
+    system message folded into the first user message, as Gemma's own templates do with it.
+    """
     if tokenizer.chat_template:
+        from jinja2 import TemplateError
+
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError:
+            if not messages or messages[0]["role"] != "system":
+                raise
+        system, rest = messages[0]["content"], list(messages[1:])
+        if rest and rest[0]["role"] == "user":
+            rest[0] = {**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}
+        else:
+            rest.insert(0, {"role": "user", "content": system})
+        return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=True)
     if isinstance(prompt, str):
         return prompt
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt) + "\nassistant:"

@@ -142,6 +142,7 @@ def sample_and_score(
     max_prompt_length: int = 256,
     prompt_column: str = "prompt",
     batch_size: int = 16,
+    eos_token_ids: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Sample ``num_samples`` responses per prompt from ``policy`` and score each one.
 
@@ -149,6 +150,7 @@ def sample_and_score(
     None means the policy is the base (KL 0). Returns one record per (prompt, sample) with the
     response, rewards per function and combined, the sequence KL to the base at the sampling
     temperature (k1, nats), token count, EOS flag and the response's NLL under the base (T=1).
+    ``eos_token_ids``: the model's stop set (rlhf.models.stop_token_ids; None = read off ``policy``).
     """
     jobs = [(p, s) for p in prompt_indices for s in range(num_samples)]
     records = []
@@ -161,7 +163,7 @@ def sample_and_score(
             policy, tokenizer, [format_prompt(p, tokenizer) for p in raw], prompts=[prompt_text(p) for p in raw],
             group_ids=[p for p, _ in chunk], columns=columns, max_prompt_length=max_prompt_length,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            row_seeds=[sample_seed(seed, p, s) for p, s in chunk],
+            row_seeds=[sample_seed(seed, p, s) for p, s in chunk], eos_token_ids=eos_token_ids,
         )
         output = reward(rollout.prompts, rollout.completions, **rollout.columns)
         rewards = output.combined()  # outcome + process rewards
@@ -276,7 +278,7 @@ def evaluate(
 
     from reward_models import CombinedReward
     from rlhf import report as reporting
-    from rlhf.models import load_base_model, load_tokenizer
+    from rlhf.models import load_base_model, load_tokenizer, stop_token_ids
 
     _check_settings(checkpoints, include_base, num_samples, max_new_tokens, temperature, top_p, batch_size, num_prompts)
     candidates = [resolve_candidate(spec) for spec in checkpoints]
@@ -290,13 +292,14 @@ def evaluate(
     local_prompts = list(range(count))[accelerator.process_index::accelerator.num_processes]
 
     tokenizer = load_tokenizer(base_id)
+    stops = stop_token_ids(base_id, tokenizer)
     with accelerator.main_process_first():
         base_model = load_base_model(base_id).to(accelerator.device).eval()
     peft_model, names = _attach_adapters(base_model, candidates)
     starting_policy = shared_reference(candidates)
     settings = dict(num_samples=num_samples, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_p=top_p, max_prompt_length=max_prompt_length, prompt_column=prompt_column,
-                    batch_size=batch_size)
+                    batch_size=batch_size, eos_token_ids=stops)
 
     def base_model_itself() -> contextlib.AbstractContextManager[Any]:
         # PeftModel.from_pretrained injects LoRA layers into base_model itself: the plain base
@@ -330,7 +333,7 @@ def evaluate(
         else:  # a different full model, compared against the base model
             other = load_base_model(candidate.base).to(accelerator.device).eval()
             local = sample_and_score(other, tokenizer, prompts, local_prompts, reward, base=base_model_itself,
-                                     **settings)
+                                     **{**settings, "eos_token_ids": stop_token_ids(candidate.base, tokenizer)})
             del other
         gathered = gather_object(local) if accelerator.num_processes > 1 else local
         records[label] = sorted(gathered, key=lambda r: (r["prompt_index"], r["sample_index"]))

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from rlhf.errors import CheckpointError, ConfigError
 
@@ -74,8 +74,10 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Tokenizer with left padding and, where possible, a pad token distinct from EOS.
 
-    pad == EOS makes the EOS look like padding, so the model never learns to stop (trl#734);
-    we borrow the unknown token when it exists and differs from EOS.
+    pad == EOS makes the EOS look like padding where a mask is read off the pad id, so the model
+    never learns to stop (trl#734); we borrow the unknown token when it exists and differs from
+    EOS. A tokenizer with neither (Llama-3, Qwen2.5 style) pads with EOS: that is safe here, as
+    response masks end at the first stop token (``stop_token_ids``), never at a pad.
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
@@ -90,6 +92,39 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         else:
             tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def stop_token_ids(model: str | nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end a response: the tokenizer's EOS, then every id of the model's
+    ``generation_config.eos_token_id`` (an int or a list).
+
+    Chat models often end a turn on a token other than the tokenizer's EOS (Llama-3's
+    <|eot_id|>, Gemma's <end_of_turn>) and list several (Qwen2.5: <|im_end|>, <|endoftext|>);
+    sampling, response masks, EOS flags and decoded completions all use this one set. ``model``
+    is a name or path (generation_config.json when the dir has one, else the model config) or a
+    loaded model (its ``generation_config``, else its ``config``).
+    """
+    if isinstance(model, str):
+        path = resolve_model_path(model)
+        try:
+            declared = GenerationConfig.from_pretrained(path).eos_token_id
+        except OSError:
+            declared = None
+        if declared is None:
+            try:
+                declared = AutoConfig.from_pretrained(path).get_text_config().eos_token_id
+            except (OSError, ValueError):
+                declared = None
+    else:
+        declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if declared is None and getattr(model, "config", None) is not None:
+            declared = getattr(model.config.get_text_config(), "eos_token_id", None)
+    if declared is None:
+        declared = []
+    elif isinstance(declared, int):
+        declared = [declared]
+    ids = [tokenizer.eos_token_id, *declared]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 
 from rlhf.algorithms import logprobs_and_entropy_from_logits, logprobs_from_logits
-from rlhf.models import PolicyWithValue, shared_prompt_cache
+from rlhf.models import PolicyWithValue, shared_prompt_cache, stop_token_ids
 
 
 @dataclass
@@ -19,12 +20,12 @@ class Rollout:
 
     input_ids: Tensor            # [B, P+T] left-padded prompt + right-padded response
     attention_mask: Tensor       # [B, P+T] 1 on real prompt tokens and real response tokens
-    response_ids: Tensor         # [B, T] response tokens, pad after the first EOS
+    response_ids: Tensor         # [B, T] response tokens, pad after the first stop token (EOS)
     mask: Tensor                 # [B, T] float, 1 on response tokens up to and including the first EOS
-    eos_found: Tensor            # [B] bool, the response ended with EOS (not cut at max_new_tokens)
+    eos_found: Tensor            # [B] bool, the response ended with a stop token (not cut at max_new_tokens)
     group_ids: Tensor            # [B] long, index of the prompt each sequence answers
     prompts: list[str]           # user text per sequence (reward functions' `prompts`)
-    completions: list[str]       # decoded response up to EOS (what rewards score)
+    completions: list[str]       # decoded response before its stop token (what rewards score)
     columns: dict[str, list[Any]] = field(default_factory=dict)  # other dataset columns per sequence
 
     @property
@@ -79,13 +80,16 @@ def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
     )
 
 
-def response_mask(response_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
-    """Mask of real response tokens: everything up to and including the first EOS.
+def response_mask(response_ids: Tensor, eos_token_ids: int | Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Mask of real response tokens: everything up to and including the first stop token.
 
-    response_ids: [B, T] -> (mask [B, T] float, eos_found [B] bool). Rows without an EOS keep
-    all T tokens (they were truncated by max_new_tokens).
+    response_ids: [B, T] -> (mask [B, T] float, eos_found [B] bool). ``eos_token_ids``: one id or
+    the model's stop set (rlhf.models.stop_token_ids). Rows without a stop token keep all T tokens
+    (they were truncated by max_new_tokens). Anything after the first stop token is outside the
+    mask, so a pad id that is itself a stop id (pad == EOS) changes nothing.
     """
-    is_eos = response_ids == eos_token_id
+    stops = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+    is_eos = torch.isin(response_ids, torch.tensor(stops, dtype=response_ids.dtype, device=response_ids.device))
     eos_found = is_eos.any(dim=1)
     # number of EOS tokens strictly before each position; 0 means "still inside the response"
     eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
@@ -108,8 +112,13 @@ def generate_rollout(
     row_seeds: list[int] | None = None,
     synced_gpus: bool = False,
     share_prompt_prefix: bool = False,
+    eos_token_ids: list[int] | None = None,
 ) -> Rollout:
     """Sample one response per entry of ``prompt_texts`` (already chat-formatted) with KV cache.
+
+    A response ends at the first of ``eos_token_ids`` (the model's stop set,
+    rlhf.models.stop_token_ids; None = read it off ``policy``); its completion is the text before
+    that token.
 
     Sampling is ``sample_responses`` (full vocabulary, no top-k: the distribution the loss
     assumes); with ``row_seeds`` (one per row) a row's response does not depend on the batch it is
@@ -119,6 +128,7 @@ def generate_rollout(
     the distribution).
     """
     device = next(policy.parameters()).device
+    stops = eos_token_ids if eos_token_ids is not None else stop_token_ids(policy, tokenizer)
     tokenizer.truncation_side = "left"
     encoded = tokenizer(
         prompt_texts, padding=True, truncation=True, max_length=max_prompt_length,
@@ -129,22 +139,24 @@ def generate_rollout(
         sequences = policy.generate(
             input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], do_sample=True,
             temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True, synced_gpus=True,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, use_cache=True, synced_gpus=True,
         )
     else:
         response_ids = sample_responses(policy, encoded["input_ids"], encoded["attention_mask"],
                                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                        eos_token_ids=stops, pad_token_id=tokenizer.pad_token_id,
                                         row_seeds=row_seeds, share_prompt_prefix=share_prompt_prefix)
         sequences = torch.cat([encoded["input_ids"], response_ids], dim=1)
     response_ids = sequences[:, prompt_length:]
-    mask, eos_found = response_mask(response_ids, tokenizer.eos_token_id)
+    mask, eos_found = response_mask(response_ids, stops)
     # Drop columns where every row is already finished, so later passes do not pay for them.
     length = max(int(mask.sum(1).max().item()), 1)
     response_ids = torch.where(mask.bool(), response_ids, tokenizer.pad_token_id)[:, :length]
     mask = mask[:, :length]
+    # The stop token itself is left out: a turn-end token need not be special (skip_special_tokens).
     completions = tokenizer.batch_decode(
-        [row[: int(m.sum())] for row, m in zip(response_ids, mask)], skip_special_tokens=True
+        [row[: int(m.sum()) - int(ended)] for row, m, ended in zip(response_ids, mask, eos_found)],
+        skip_special_tokens=True,
     )
     return Rollout(
         input_ids=torch.cat([encoded["input_ids"], response_ids], dim=1),
@@ -182,7 +194,7 @@ def sample_responses(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
-    eos_token_id: int,
+    eos_token_ids: int | Sequence[int],
     pad_token_id: int,
     row_seeds: list[int] | None = None,
     share_prompt_prefix: bool = False,
@@ -191,10 +203,11 @@ def sample_responses(
     cumulative probability reaches u[i, t] ~ U(0, 1).
 
     input_ids, attention_mask: [B, P] left-padded prompts -> response ids [B, T<=max_new_tokens],
-    pad after EOS; stops once every row has ended. temperature 0 = greedy. u comes from the
-    global torch RNG, or with ``row_seeds`` from ``torch.Generator().manual_seed(row_seeds[i])``
-    per row, so batch size, batch order and the process a row runs on do not change its response
-    (up to float rounding of the logits; evaluation). One uniform per token instead of
+    pad after a row's first stop token (any of ``eos_token_ids``); stops once every row has ended.
+    temperature 0 = greedy. u comes from the global torch RNG, or with ``row_seeds`` from
+    ``torch.Generator().manual_seed(row_seeds[i])`` per row, so batch size, batch order and the
+    process a row runs on do not change its response (up to float rounding of the logits;
+    evaluation). One uniform per token instead of
     ``torch.multinomial``'s vocabulary-sized exponential draw; with ``share_prompt_prefix`` rows
     with the same prompt prefill it once (rlhf.models.shared_prompt_cache).
     """
@@ -212,6 +225,7 @@ def sample_responses(
     step_ids, step_positions = (input_ids[:, -1:], position_ids[:, -1:]) if cache is not None else (input_ids, position_ids)
     tokens = []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    stops = torch.tensor([eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids), device=device)
     for t in range(max_new_tokens):
         outputs = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=step_positions,
                         cache=cache, use_cache=True, logits_to_keep=1)
@@ -228,7 +242,7 @@ def sample_responses(
             token = inverse_cdf_sample(probs, uniforms[:, t])
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
-        finished |= token == eos_token_id
+        finished |= torch.isin(token, stops)
         if bool(finished.all()):
             break
         step_ids = token.unsqueeze(-1)
@@ -265,10 +279,12 @@ def forward_response(
 
 
 def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dataset: Any, indices: list[int],
-                   config: Any, num_generations: int, group_offset: int = 0) -> Rollout:
+                   config: Any, num_generations: int, group_offset: int = 0,
+                   eos_token_ids: list[int] | None = None) -> Rollout:
     """num_generations responses to each of ``dataset``'s rows ``indices`` from the prepared model,
     in chunks of generation_batch_size; group ids start at group_offset (this process's first
-    prompt in the global batch). The other dataset columns travel along for the reward functions."""
+    prompt in the global batch). The other dataset columns travel along for the reward functions.
+    ``eos_token_ids``: the model's stop set (rlhf.models.stop_token_ids; None = read off the model)."""
     from rlhf.data import format_prompt, prompt_text
     from rlhf.distributed import needs_synced_generation, shards_weights, unwrapped_full_weights
     from rlhf.models import merged_lora_weights
@@ -294,5 +310,6 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
                     max_prompt_length=config.max_prompt_length, max_new_tokens=config.max_new_tokens,
                     temperature=config.temperature, top_p=config.top_p,
                     synced_gpus=needs_synced_generation(accelerator), share_prompt_prefix=plain.share_prompt_prefix,
+                    eos_token_ids=eos_token_ids,
                 ))
     return concat_rollouts(parts, tokenizer.pad_token_id)

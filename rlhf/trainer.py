@@ -40,7 +40,7 @@ from rlhf.distributed import Reducer, configure_sharding, gathered_state, make_a
 from rlhf.errors import TrainingDiverged
 from rlhf.evaluate import adapter_disabled, sample_and_score
 from rlhf.experience import Experience, make_experience, plan_passes
-from rlhf.models import PolicyWithValue, load_tokenizer
+from rlhf.models import PolicyWithValue, load_tokenizer, stop_token_ids
 from rlhf.rollout import Rollout, sample_rollout
 from rlhf.scoring import sample_with_spread, score
 from rlhf.signals import StopOnSignal, TrainingInterrupted
@@ -80,6 +80,7 @@ class RLTrainer:
         self.reward = CombinedReward(config.reward_funcs, config.reward_weights, config.reward_kwargs,
                                      device=accelerator.device, on_error=config.reward_error)
         self.tokenizer = load_tokenizer(config.model_name_or_path)
+        self.stop_ids = stop_token_ids(config.model_name_or_path, self.tokenizer)  # every id that ends a response
         check_prompt_lengths(self.dataset, self.tokenizer, config, config.dataset, warn=accelerator.is_main_process)
         # Read (and refused if it cannot be saved with the RL LoRA) before any model loads, so final/
         # and checkpoints can hold init + RL as one adapter of the original base (rlhf.adapters).
@@ -206,7 +207,7 @@ class RLTrainer:
 
     def _generate(self, dataset: Any, indices: list[int], num_generations: int, group_offset: int = 0) -> Rollout:
         return sample_rollout(self.model, self.accelerator, self.tokenizer, dataset, indices, self.config,
-                              num_generations, group_offset)
+                              num_generations, group_offset, eos_token_ids=self.stop_ids)
 
     def score(self, rollout: Rollout) -> tuple[Tensor, Tensor | None, dict[str, float]]:
         return score(self.reward, rollout, self.config, self.reducer, self.step + 1, self.tokenizer)
@@ -244,7 +245,7 @@ class RLTrainer:
                 model.policy, self.tokenizer, self.eval_dataset, local, self.reward,
                 base=lambda: adapter_disabled(model.policy), seed=config.seed, max_new_tokens=config.max_new_tokens,
                 temperature=config.temperature, top_p=config.top_p, max_prompt_length=config.max_prompt_length,
-                prompt_column=config.prompt_column,
+                prompt_column=config.prompt_column, eos_token_ids=self.stop_ids,
                 batch_size=config.generation_batch_size or config.rollout_batch_size * config.num_generations // accelerator.num_processes,
             )
         reward_sum, kl_sum, evaluated = self.reducer.sum(

@@ -25,8 +25,9 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.e
     os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
-def build_tiny_model(directory: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 32) whose vocabulary matches the SmolLM2 tokenizer."""
+def build_tiny_model(directory: Path, seed: int = 0, tie_word_embeddings: bool = True) -> Path:
+    """A 2-layer Llama (hidden 32) whose vocabulary matches the SmolLM2 tokenizer
+    (``tie_word_embeddings=False``: an LM head of its own, as Llama-3-8B and Qwen2.5-7B have)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -34,7 +35,8 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -1,0 +1,273 @@
+"""Any causal LM (issue 18): stop sets from generation_config (Llama-3, Qwen2.5, Gemma style),
+tokenizers with neither pad nor unk token, chat templates that reject a system role, and
+untied LM heads, each on a tiny random model built to have that property."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURES, build_tiny_model
+from transformers import GenerationConfig
+
+from rlhf.cli import ALGORITHM_DEFAULTS
+from rlhf.config import RLConfig
+from rlhf.data import format_prompt
+from rlhf.models import load_base_model, load_tokenizer, stop_token_ids
+from rlhf.rollout import generate_rollout, response_mask, sample_responses
+
+REWARD = f"{FIXTURES / 'rewards.py'}:char_diversity"
+EOS = 2  # the fixture tokenizer's <|im_end|>
+TURN_END = 17  # "!": an ordinary (not special) token standing in for a turn-end id such as Llama-3's <|eot_id|>
+PROMPTS = ["Hi", "Tell me a story", "What is 2 + 2?", "Name a colour", "Why is the sky blue?", "Hello there"]
+
+
+def build_model(directory: Path, *, stop_ids: list[int] | None = None, pad_and_unk: bool = True,
+                tie_word_embeddings: bool = True) -> Path:
+    """The tiny model with generation_config.json's eos_token_id = ``stop_ids`` and/or a tokenizer
+    whose config names neither a pad nor an unknown token."""
+    build_tiny_model(directory, tie_word_embeddings=tie_word_embeddings)
+    if stop_ids is not None:
+        generation = GenerationConfig.from_pretrained(directory)
+        generation.eos_token_id = stop_ids
+        generation.save_pretrained(directory)
+    if not pad_and_unk:
+        path = directory / "tokenizer_config.json"
+        settings = json.loads(path.read_text())
+        settings.pop("pad_token"), settings.pop("unk_token")
+        path.write_text(json.dumps(settings))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def listed_stop_dir(tmp_path_factory) -> Path:
+    return build_model(tmp_path_factory.mktemp("listed-stop"), stop_ids=[EOS, TURN_END])
+
+
+def favour(model: torch.nn.Module, logits: dict[int, float]) -> torch.utils.hooks.RemovableHandle:
+    """Add ``logits`` to the LM head's output: the random model then emits those tokens often."""
+    head = model.get_output_embeddings()
+    bias = torch.zeros(head.out_features)
+    for token, value in logits.items():
+        bias[token] = value
+    return head.register_forward_hook(lambda module, args, output: output + bias)
+
+
+def check_rows(rollout, stops: list[int], tokenizer, max_new_tokens: int) -> None:
+    """Each row ends at its first stop id: mask, attention, padding, EOS flag and completion agree."""
+    pad = tokenizer.pad_token_id
+    prompt_width = rollout.input_ids.shape[1] - rollout.response_length
+    for row in range(len(rollout)):
+        ids = rollout.response_ids[row].tolist()
+        first = next((i for i, token in enumerate(ids) if token in stops), None)
+        length = first + 1 if first is not None else max_new_tokens
+        assert bool(rollout.eos_found[row]) == (first is not None), (row, ids)
+        assert rollout.mask[row].tolist() == [1.0] * length + [0.0] * (len(ids) - length), (row, ids)
+        assert rollout.attention_mask[row, prompt_width:].tolist() == [1] * length + [0] * (len(ids) - length)
+        assert ids[length:] == [pad] * (len(ids) - length)
+        text_ids = ids[:first] if first is not None else ids
+        assert rollout.completions[row] == tokenizer.decode(text_ids, skip_special_tokens=True)
+
+
+def make_trainer(model_dir: Path, output_dir: Path, algorithm: str = "grpo", **overrides):
+    from rlhf.trainer import RLTrainer
+
+    return RLTrainer(RLConfig(**{
+        **ALGORITHM_DEFAULTS[algorithm], "model_name_or_path": str(model_dir), "output_dir": str(output_dir),
+        "max_steps": 1, "rollout_batch_size": 2, "num_generations": 4, "mini_batch_size": 8, "ppo_epochs": 1,
+        "max_new_tokens": 16, "max_prompt_length": 64, "lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-2,
+        "save_steps": 0, "num_samples_to_log": 0, "reward_funcs": [REWARD], **overrides,
+    }))
+
+
+# ---------------------------------------------------------------------------- stop sets
+
+
+def test_response_mask_ends_at_the_first_of_any_stop_id():
+    ids = torch.tensor([
+        [5, 7, 2, 2, 2],   # ends at the second stop id; pad (= EOS 2, itself a stop id) after it
+        [5, 6, 8, 9, 4],   # no stop id: truncated
+        [2, 2, 2, 2, 2],   # EOS at once, then pad == EOS
+        [5, 6, 2, 7, 2],   # EOS first; the later 7 is after the end
+    ])
+    mask, eos_found = response_mask(ids, [2, 7])
+    assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]]
+    assert eos_found.tolist() == [True, False, True, True]
+    one_id, _ = response_mask(ids, 2)
+    assert one_id.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]]
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'model' whose next-token logits always make token 3 the argmax."""
+
+    def forward(self, input_ids, cache=None, **kwargs):
+        from types import SimpleNamespace
+
+        logits = torch.tensor([1.0, 0.0, 0.5, 2.0, -1.0])
+        return SimpleNamespace(logits=logits.expand(*input_ids.shape, 5), cache=cache)
+
+
+def test_sampler_stops_at_any_stop_id():
+    ids = torch.ones(3, 2, dtype=torch.long)
+    tokens = sample_responses(FixedLogits(), ids, torch.ones_like(ids), max_new_tokens=4, temperature=0.0, top_p=1.0,
+                              eos_token_ids=[0, 3], pad_token_id=4)
+    assert tokens.tolist() == [[3]] * 3  # the argmax is the second stop id: every row ends at once
+    tokens = sample_responses(FixedLogits(), ids, torch.ones_like(ids), max_new_tokens=4, temperature=0.0, top_p=1.0,
+                              eos_token_ids=0, pad_token_id=4)
+    assert tokens.tolist() == [[3] * 4] * 3
+
+
+def test_stop_token_ids_come_from_generation_config(listed_stop_dir, tiny_model_dir, tmp_path):
+    tokenizer = load_tokenizer(str(listed_stop_dir))
+    assert stop_token_ids(str(listed_stop_dir), tokenizer) == [EOS, TURN_END]
+    assert stop_token_ids(load_base_model(str(listed_stop_dir)), tokenizer) == [EOS, TURN_END]
+    assert stop_token_ids(str(tiny_model_dir), load_tokenizer(str(tiny_model_dir))) == [EOS]  # the default model
+    # Tokenizer EOS first, no duplicates; an int is one id.
+    generation = GenerationConfig.from_pretrained(listed_stop_dir)
+    generation.eos_token_id = 9
+    generation.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text((listed_stop_dir / "config.json").read_text())
+    assert stop_token_ids(str(tmp_path), tokenizer) == [EOS, 9]
+    # Without generation_config.json the model config's eos_token_id (int or list) counts.
+    (tmp_path / "generation_config.json").unlink()
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "eos_token_id": [TURN_END, EOS]}))
+    assert stop_token_ids(str(tmp_path), tokenizer) == [EOS, TURN_END]
+
+
+def test_training_rollout_and_evaluation_stop_at_the_generation_config_ids(listed_stop_dir, tmp_path):
+    """The trainer's rollout, its metrics and rlhf.evaluate's sampling end responses at TURN_END."""
+    from rlhf.evaluate import sample_and_score
+
+    trainer = make_trainer(listed_stop_dir, tmp_path)
+    favour(trainer.unwrapped.policy, {TURN_END: 10.0})
+    torch.manual_seed(0)
+    rollout = trainer.rollout()
+    check_rows(rollout, [EOS, TURN_END], trainer.tokenizer, trainer.config.max_new_tokens)
+    assert rollout.eos_found.float().mean() >= 0.75, rollout.response_ids  # old code: 0, every row ran to 16
+    assert rollout.mask.sum(1).max() > 1  # not only one-token responses
+    metrics = trainer.train_step()
+    assert metrics["eos_rate"] >= 0.75 and metrics["response_length_mean"] < trainer.config.max_new_tokens
+    assert trainer.stop_ids == [EOS, TURN_END]
+    records = sample_and_score(trainer.unwrapped.policy, trainer.tokenizer, trainer.dataset, [0, 1, 2], trainer.reward,
+                               base=None, num_samples=2, max_new_tokens=16, eos_token_ids=trainer.stop_ids)
+    assert sum(r["eos"] for r in records) >= 4
+    assert all(r["eos"] or r["tokens"] == 16 for r in records)
+
+
+def test_fsdp_generate_path_stops_at_the_models_stop_ids(listed_stop_dir, monkeypatch):
+    """Under FSDP2 transformers' generate samples; it gets the whole stop set (read off the model)."""
+    tokenizer = load_tokenizer(str(listed_stop_dir))
+    model = load_base_model(str(listed_stop_dir)).eval()
+    favour(model, {TURN_END: 10.0})
+    generate = model.generate
+    # synced_gpus needs a process group; one process computes the same without it.
+    monkeypatch.setattr(model, "generate", lambda **kwargs: generate(**{**kwargs, "synced_gpus": False}))
+    torch.manual_seed(0)
+    texts = [format_prompt(p, tokenizer) for p in PROMPTS]
+    rollout = generate_rollout(model, tokenizer, texts, prompts=PROMPTS, group_ids=list(range(len(PROMPTS))),
+                               columns={}, max_prompt_length=64, max_new_tokens=16, temperature=1.0, top_p=1.0,
+                               synced_gpus=True)
+    check_rows(rollout, [EOS, TURN_END], tokenizer, 16)
+    assert rollout.eos_found.float().mean() >= 0.75, rollout.response_ids
+
+
+# ---------------------------------------------------------------------------- no pad token
+
+
+def test_tokenizer_without_pad_or_unk_pads_with_eos_and_masks_stay_right(tmp_path):
+    """Llama-3 style: no pad, no unk, so pad = EOS, a stop id itself; rows end at EOS or at the
+    turn-end id and the EOS padding after either is never part of a response."""
+    model_dir = build_model(tmp_path / "model", stop_ids=[EOS, TURN_END], pad_and_unk=False)
+    tokenizer = load_tokenizer(str(model_dir))
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == EOS
+    stops = stop_token_ids(str(model_dir), tokenizer)
+    model = load_base_model(str(model_dir)).eval()
+    favour(model, {TURN_END: 9.5, EOS: 9.5})
+    torch.manual_seed(0)
+    texts = [format_prompt(p, tokenizer) for p in PROMPTS] * 2
+    rollout = generate_rollout(model, tokenizer, texts, prompts=PROMPTS * 2, group_ids=list(range(len(texts))),
+                               columns={}, max_prompt_length=64, max_new_tokens=16, temperature=1.0, top_p=1.0,
+                               eos_token_ids=stops)
+    check_rows(rollout, [EOS, TURN_END], tokenizer, 16)
+    last = [rollout.response_ids[row, int(rollout.mask[row].sum()) - 1].item() for row in range(len(rollout))]
+    assert EOS in last and TURN_END in last, rollout.response_ids  # both kinds of ending happened
+    assert stops == [EOS, TURN_END]
+    # The prompt's left padding (EOS as well) stays outside the attention mask.
+    prompt_width = rollout.input_ids.shape[1] - rollout.response_length
+    assert rollout.attention_mask[:, :prompt_width].sum(1).tolist() == [
+        len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
+# ---------------------------------------------------------------------------- chat templates
+
+
+GEMMA_STYLE_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{{ '<start_of_turn>' + message['role'] + '\n' + message['content'] | trim + "
+    "'<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def test_chat_template_without_system_role_gets_the_system_message_in_the_first_user_turn():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "tokenizer")
+    system_first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    # A template that accepts a system role: byte for byte what the template itself renders.
+    for prompt in ("Hi", system_first):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        assert format_prompt(prompt, tokenizer) == tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True)
+    tokenizer.chat_template = GEMMA_STYLE_TEMPLATE
+    bos = tokenizer.bos_token
+    assert format_prompt(system_first, tokenizer) == (
+        f"{bos}<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n")
+    assert format_prompt("Hi", tokenizer) == f"{bos}<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert format_prompt([{"role": "system", "content": "Be brief."}], tokenizer) == (
+        f"{bos}<start_of_turn>user\nBe brief.<end_of_turn>\n<start_of_turn>model\n")
+
+
+# ---------------------------------------------------------------------------- untied LM head
+
+
+@pytest.mark.parametrize("targets", [["all-linear"], ["q_proj", "v_proj", "lm_head"]])
+def test_untied_lm_head_trains_one_step_and_saves(tmp_path, targets):
+    """tie_word_embeddings False (Llama-3-8B, Qwen2.5-7B): policy, reference, value head and the
+    saved adapter work with an LM head of its own, also with LoRA on that head."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    model_dir = build_model(tmp_path / "model", tie_word_embeddings=False)
+    trainer = make_trainer(model_dir, tmp_path / "run", "ppo", lora_target_modules=targets)
+    base = trainer.unwrapped.policy.get_base_model()
+    assert base.lm_head.weight.data_ptr() != base.model.embed_tokens.weight.data_ptr()
+    frozen = {name: p.detach().clone() for name, p in base.named_parameters() if not p.requires_grad}
+    trained = {name: p.detach().clone() for name, p in trainer.unwrapped.named_parameters() if p.requires_grad}
+    assert any("lm_head" in name for name in trained) == ("lm_head" in targets)
+    trainer.train_step()
+    after = dict(trainer.unwrapped.named_parameters())
+    assert any(not torch.equal(after[name], value) for name, value in trained.items() if "lora_B" in name)
+    assert not torch.equal(after["value_head.summary.weight"], trained["value_head.summary.weight"])
+    for name, value in frozen.items():  # the reference (adapter off) stays the base model
+        assert torch.equal(dict(base.named_parameters())[name], value), name
+    final = trainer.save_final()
+    reloaded = PeftModel.from_pretrained(load_base_model(str(model_dir)), str(final)).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    policy = trainer.unwrapped.policy.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-5)
+        with policy.disable_adapter():
+            reference = policy(input_ids=ids).logits
+        assert torch.allclose(reference, load_base_model(str(model_dir))(input_ids=ids).logits, atol=1e-5)
+    head = load_file(str(final / "value_head.safetensors"))
+    assert torch.equal(head["summary.weight"], after["value_head.summary.weight"].detach().float())
+    # Only LoRA tensors are saved (not the frozen vocab x hidden head), so the adapter can start a
+    # new run: its merged policy is the trained one.
+    assert all(".lora_" in key for key in load_file(str(final / "adapter_model.safetensors")))
+    chained = make_trainer(model_dir, tmp_path / "chained", "ppo", init_adapter=str(final))
+    with torch.no_grad():
+        assert torch.allclose(chained.unwrapped.policy.eval()(input_ids=ids).logits, policy(input_ids=ids).logits,
+                              atol=1e-5)
