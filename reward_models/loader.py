@@ -1,7 +1,18 @@
 """Turn ``reward_funcs`` entries into callables and combine them with validated outputs.
 
-Every reward follows TRL's convention ``fn(prompts, completions, **columns) -> list[float]``;
-``columns`` carries the dataset's other columns (e.g. ``answer``) for verifiable rewards.
+Every reward follows TRL's GRPOTrainer convention (``_calculate_rewards``, TRL 1.16):
+``fn(prompts=..., completions=..., completion_ids=..., **columns) -> list[float | None]``.
+
+- Plain-text data: ``prompts`` and ``completions`` are strings. Conversational data (the prompt
+  column holds {role, content} messages): ``prompts`` are the message lists and each completion
+  is ``[{"role": "assistant", "content": text}]``.
+- ``completion_ids``: the response's token ids (up to and including EOS) per sample.
+- Every other dataset column arrives as a keyword (not ``prompt``, ``completion``,
+  ``completion_ids``), and so do ``trainer_state`` (``global_step``, ``max_steps``),
+  ``log_metric(name, value)`` and ``log_extra(column, values)`` when a trainer calls.
+- ``None`` for a sample means "not applicable": it is left out of the weighted sum and of that
+  function's mean. A sample for which every function returns None is *unscorable*
+  (``RewardOutput.unscorable``); the trainer warns and leaves it out of the update.
 
 Process (per-token) rewards: instead of a number, a sample's value may be a list of
 ``(char_position, reward)`` pairs. Each reward lands on the completion token that holds character
@@ -38,9 +49,12 @@ from rlhf.errors import RewardError
 RewardFn = Callable[..., Any]
 
 
-def load_reward_function(spec: str, kwargs: dict[str, Any] | None = None, device: Any = None) -> RewardFn:
-    """Resolve one ``reward_funcs`` entry; ``kwargs`` are its ``reward_kwargs``."""
+def load_reward_function(spec: str | RewardFn, kwargs: dict[str, Any] | None = None, device: Any = None) -> RewardFn:
+    """Resolve one ``reward_funcs`` entry (a spec string, or a Python callable given through the
+    API); ``kwargs`` are its ``reward_kwargs``."""
     kwargs = dict(kwargs or {})
+    if callable(spec):
+        return _with_kwargs(spec, kwargs) if kwargs else spec
     if spec in BUILTIN_REWARDS:
         try:
             return BUILTIN_REWARDS[spec](**kwargs)
@@ -66,16 +80,23 @@ def load_reward_function(spec: str, kwargs: dict[str, Any] | None = None, device
 
 
 def _with_kwargs(fn: RewardFn, extra: dict[str, Any]) -> RewardFn:
-    if inspect.iscoroutinefunction(fn):
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
         async def call_async(*args: Any, **kwargs: Any) -> Any:
             return await fn(*args, **{**extra, **kwargs})
-        call_async.__name__ = fn.__name__
+        call_async.__name__ = callable_name(fn)
         return call_async
 
     def call(*args: Any, **kwargs: Any) -> Any:
         return fn(*args, **{**extra, **kwargs})
-    call.__name__ = fn.__name__
+    call.__name__ = callable_name(fn)
     return call
+
+
+def callable_name(fn: Any) -> str:
+    """A Python reward's name as TRL shows it: the function's __name__ (a partial's function's, a
+    callable object's class name)."""
+    inner = getattr(fn, "func", fn)  # functools.partial
+    return getattr(inner, "__name__", None) or type(inner).__name__
 
 
 def _load_user_function(spec: str) -> RewardFn:
@@ -91,6 +112,18 @@ def _load_user_function(spec: str) -> RewardFn:
     if not callable(fn):
         raise RewardError(f"reward {spec!r}: {target} has no function {function_name!r}")
     return fn
+
+
+def _label(spec: Any) -> str:
+    """How messages name a reward: its spec string, or a Python callable's name."""
+    return spec if isinstance(spec, str) else callable_name(spec)
+
+
+def _text(completion: Any) -> str:
+    """A completion's text for messages: the string, or its messages' contents."""
+    if isinstance(completion, list):
+        return " ".join(str(m.get("content", "")) for m in completion if isinstance(m, dict))
+    return str(completion)
 
 
 def _describe(exc: BaseException) -> str:
@@ -132,15 +165,19 @@ def _failing_sample(fn: RewardFn, call_kwargs: dict[str, Any]) -> str:
         try:
             fn(**_single_sample(call_kwargs, i))
         except Exception:
-            return f" on sample {i} (completion {call_kwargs['completions'][i][:50]!r})"
+            return f" on sample {i} (completion {_text(call_kwargs['completions'][i])[:50]!r})"
     return ""
 
 
 Steps = list[tuple[int, float]]  # process rewards of one sample: (char_position, reward)
+Value = "float | Steps | None"  # one sample's checked value; None = not applicable (TRL)
 
 
-def _as_reward(value: Any) -> float | Steps:
-    """A sample's value as a finite number or as process rewards; ValueError otherwise."""
+def _as_reward(value: Any) -> float | Steps | None:
+    """A sample's value as a finite number, process rewards or None (not applicable); ValueError
+    otherwise."""
+    if value is None:
+        return None
     if isinstance(value, (list, tuple)):
         steps = []
         for item in value:
@@ -165,8 +202,11 @@ def _finite(value: Any) -> float:
     return number
 
 
-def _value_of(reward: float | Steps) -> float:
-    """What reward/<name> logs for a sample: the number, or the sum of its process rewards."""
+def _value_of(reward: float | Steps | None) -> float:
+    """What reward/<name> logs for a sample: the number, the sum of its process rewards, or NaN
+    when not applicable (left out of the function's mean)."""
+    if reward is None:
+        return math.nan
     return float(sum(r for _, r in reward)) if isinstance(reward, list) else reward
 
 
@@ -197,8 +237,10 @@ async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
 
-def reward_name(spec: str) -> str:
+def reward_name(spec: str | RewardFn) -> str:
     """Short name for logging (``reward/<name>``) and for ``reward_kwargs`` keys."""
+    if callable(spec):
+        return callable_name(spec)
     if spec.startswith(("http://", "https://")):
         return spec.split("://", 1)[1].split("/", 1)[0]
     if ":" in spec:
@@ -208,36 +250,55 @@ def reward_name(spec: str) -> str:
 
 @dataclass
 class RewardOutput:
-    total: list[float]                      # weighted sum of the outcome (number) rewards per sample
-    components: dict[str, list[float]]     # unweighted values per reward name (process rewards summed)
+    total: list[float]                      # weighted sum of the applicable outcome (number) rewards per sample
+    components: dict[str, list[float]]     # unweighted values per reward name (process rewards summed; NaN = None)
     failed: list[bool] = field(default_factory=list)  # a function failed on this sample (scored 0)
     steps: list[Steps] | None = None        # weighted process rewards per sample; None when no function gave any
+    unscorable: list[bool] = field(default_factory=list)  # every function returned None for this sample
 
     def combined(self) -> list[float]:
-        """Outcome plus process rewards per sample: what a sample earned in all."""
-        if self.steps is None:
-            return list(self.total)
-        return [total + sum(r for _, r in steps) for total, steps in zip(self.total, self.steps)]
+        """Outcome plus process rewards per sample: what a sample earned in all (NaN: unscorable)."""
+        steps = self.steps or [[] for _ in self.total]
+        unscorable = self.unscorable or [False] * len(self.total)
+        return [math.nan if skip else total + sum(r for _, r in pairs)
+                for total, pairs, skip in zip(self.total, steps, unscorable)]
 
     def per_sample(self, completions: list[str]) -> list[float | Steps]:
         """Each sample's reward in the form a reward function returns it: the number, or (with process
         rewards) its pairs plus the outcome as a pair at the end (which lands on the last token)."""
+        unscorable = self.unscorable or [False] * len(self.total)
         if self.steps is None:
-            return list(self.total)
-        return [steps + [(len(text), total)] if steps else total
-                for total, steps, text in zip(self.total, self.steps, completions)]
+            return [None if skip else total for total, skip in zip(self.total, unscorable)]
+        return [None if skip else steps + [(len(text), total)] if steps else total
+                for total, steps, text, skip in zip(self.total, self.steps, completions, unscorable)]
 
 
 def _combine(names: list[str], weights: list[float], raw: dict[str, list[Any]], count: int) -> RewardOutput:
-    """Weighted outcome totals, logged components and weighted process rewards of checked values."""
-    total = [sum(w * raw[name][i] for name, w in zip(names, weights) if not isinstance(raw[name][i], list))
+    """Weighted outcome totals, logged components and weighted process rewards of checked values.
+    None (not applicable) adds nothing; a sample where every function gave None is unscorable."""
+    total = [sum(w * raw[name][i] for name, w in zip(names, weights) if isinstance(raw[name][i], float))
              for i in range(count)]
     components = {name: [_value_of(v) for v in raw[name]] for name in names}
     steps = None
     if any(isinstance(v, list) for name in names for v in raw[name]):
         steps = [[(position, w * reward) for name, w in zip(names, weights) if isinstance(raw[name][i], list)
                   for position, reward in raw[name][i]] for i in range(count)]
-    return RewardOutput(total=total, components=components, steps=steps)
+    unscorable = [all(raw[name][i] is None for name in names) for i in range(count)]
+    return RewardOutput(total=total, components=components, steps=steps, unscorable=unscorable)
+
+
+def is_conversational(prompt: Any) -> bool:
+    """TRL's test: a prompt given as a list of {role, content} messages."""
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
+def trl_inputs(prompts: list[Any], completions: list[Any]) -> tuple[list[Any], list[Any]]:
+    """Prompts and completions in the form TRL's reward functions expect: with conversational
+    prompts each completion string becomes ``[{"role": "assistant", "content": text}]``."""
+    prompts, completions = list(prompts), list(completions)
+    if prompts and is_conversational(prompts[0]):
+        completions = [[{"role": "assistant", "content": c}] if isinstance(c, str) else c for c in completions]
+    return prompts, completions
 
 
 class CombinedReward:
@@ -249,7 +310,7 @@ class CombinedReward:
     and are flagged in ``RewardOutput.failed`` (the trainer then skips the batch or goes on).
     """
 
-    def __init__(self, specs: list[str], weights: list[float] | None = None,
+    def __init__(self, specs: list[str | RewardFn], weights: list[float] | None = None,
                  kwargs: dict[str, dict[str, Any]] | None = None, device: Any = None, on_error: str = "raise"):
         self.on_error = on_error
         self.specs = list(specs)
@@ -272,7 +333,11 @@ class CombinedReward:
             names.append(name)
         return names
 
-    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> RewardOutput:
+    def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> RewardOutput:
+        """Score a batch. ``prompts``: strings or message lists; ``completions``: strings (turned
+        into assistant messages for conversational prompts, as TRL passes them) or already in
+        TRL's form; ``columns``: completion_ids, the dataset's other columns, trainer extras."""
+        prompts, completions = trl_inputs(prompts, completions)
         call_kwargs = {"prompts": prompts, "completions": completions, **columns}
         if self.on_error != "raise":
             return self._call_tolerant(call_kwargs, completions)
@@ -284,7 +349,7 @@ class CombinedReward:
             except RewardError:
                 raise
             except Exception as exc:
-                raise RewardError(f"reward {spec!r} raised {_describe(exc)}{_failing_sample(fn, call_kwargs)}") from None
+                raise RewardError(f"reward {_label(spec)!r} raised {_describe(exc)}{_failing_sample(fn, call_kwargs)}") from None
             if inspect.isawaitable(result):
                 pending[name] = result
             else:
@@ -310,6 +375,8 @@ class CombinedReward:
             failed = [f or b for f, b in zip(failed, bad)]
         output = _combine(self.names, self.weights, components, count)
         output.failed = failed
+        # A failed sample scores 0 (it is flagged), so it is not also "unscorable".
+        output.unscorable = [u and not f for u, f in zip(output.unscorable, failed)]
         return output
 
     def _await_all(self, pending: dict[str, Any]) -> dict[str, Any]:
@@ -320,24 +387,25 @@ class CombinedReward:
         for (name, _), result in zip(pending.items(), results):
             if isinstance(result, BaseException):
                 spec = self.specs[self.names.index(name)]
-                raise RewardError(f"reward {spec!r} raised {_describe(result)}")
+                raise RewardError(f"reward {_label(spec)!r} raised {_describe(result)}")
         return dict(zip(pending, results))
 
     @staticmethod
-    def _check(spec: str, values: Any, completions: list[str]) -> list[float | Steps]:
+    def _check(spec: Any, values: Any, completions: list[Any]) -> list[float | Steps | None]:
         try:
             values = list(values)
         except TypeError:
-            raise RewardError(f"reward {spec!r} returned {type(values).__name__}, not a list of floats") from None
+            raise RewardError(f"reward {_label(spec)!r} returned {type(values).__name__}, not a list of floats") from None
         if len(values) != len(completions):
-            raise RewardError(f"reward {spec!r} returned {len(values)} values for {len(completions)} completions")
+            raise RewardError(f"reward {_label(spec)!r} returned {len(values)} values for {len(completions)} completions")
         checked = []
         for i, value in enumerate(values):
             try:
                 checked.append(_as_reward(value))
             except ValueError:
                 raise RewardError(
-                    f"reward {spec!r} returned {value!r} for sample {i} (completion {completions[i][:50]!r}); "
-                    "rewards must be finite numbers, or lists of (char_position, reward) pairs for process rewards"
+                    f"reward {_label(spec)!r} returned {value!r} for sample {i} (completion "
+                    f"{_text(completions[i])[:50]!r}); rewards must be finite numbers, None (not applicable), "
+                    "or lists of (char_position, reward) pairs for process rewards"
                 ) from None
         return checked

@@ -1,7 +1,7 @@
 """Rewards computed by another process or machine over HTTP (JSON in, JSON out).
 
-Request:  POST {"prompts": [...], "completions": [...], <other dataset columns>: [...]}
-Response: {"rewards": [float, ...]}   (one per completion)
+Request:  POST {"prompts": [...], "completions": [...], "completion_ids": [...], <other dataset columns>: [...]}
+Response: {"rewards": [float | null, ...]}   (one per completion; null = not applicable)
 ``scripts/serve_reward.py`` serves any reward spec this way.
 """
 
@@ -26,9 +26,11 @@ class RemoteReward:
         self.backoff = backoff
         self.__name__ = url
 
-    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+    def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> list[Any]:
+        # Per-sample columns only: trainer extras (trainer_state, log_metric, ...) stay here.
         body = json.dumps({"prompts": list(prompts), "completions": list(completions),
-                           **{k: list(v) for k, v in columns.items()}}, default=str).encode()
+                           **{k: list(v) for k, v in columns.items() if isinstance(v, (list, tuple))}},
+                          default=str).encode()
         last_error = ""
         for attempt in range(self.max_retries + 1):
             if attempt:

@@ -13,19 +13,24 @@ from rlhf import checkpoint as ckpt
 from rlhf.adapters import SavedLora, check_untied_targets
 from rlhf.distributed import shards_weights
 from rlhf.models import (
-    PolicyWithValue, ValueHead, add_lora, check_bf16, fuse_lora_layers, load_base_model, merge_adapter,
+    PolicyWithValue, ValueHead, add_lora, check_bf16, disable_dropout, fuse_lora_layers, load_base_model, merge_adapter,
     trainable_parameter_groups,
 )
 
 
 def build_model(config: Any, accelerator: Any, init_adapter: SavedLora | None,
-                optimizer_trains_policy: bool = True) -> tuple[Any, Any, Any]:
+                optimizer_trains_policy: bool = True, base: torch.nn.Module | None = None) -> tuple[Any, Any, Any]:
     """(prepared PolicyWithValue, optimizer | None, scheduler | None). optimizer_trains_policy=False
-    (an update method that moves the policy itself, e.g. TRPO) leaves only the value head to AdamW."""
+    (an update method that moves the policy itself, e.g. TRPO) leaves only the value head to AdamW.
+    ``base``: a model loaded by the caller (the Python API) instead of config.model_name_or_path."""
     if config.bf16:
         check_bf16(accelerator.device)
-    with accelerator.main_process_first():  # the embedded model is converted once, by rank 0
-        base = load_base_model(config.model_name_or_path, bf16=config.bf16)
+    if base is not None:
+        base = base.to(torch.bfloat16) if config.bf16 else base
+        disable_dropout(base)
+    else:
+        with accelerator.main_process_first():  # the embedded model is converted once, by rank 0
+            base = load_base_model(config.model_name_or_path, bf16=config.bf16)
     if config.init_adapter:
         check_untied_targets(init_adapter, base, config.init_adapter)
         base = merge_adapter(base, config.init_adapter)
@@ -36,7 +41,7 @@ def build_model(config: Any, accelerator: Any, init_adapter: SavedLora | None,
         base.enable_input_require_grads()
     if config.lora_dropout > 0 and accelerator.is_main_process:
         warnings.warn(f"lora_dropout {config.lora_dropout} is ignored: RL trains with every dropout off, so the "
-                      "update's logprobs are those of the policy that sampled (RL_NOTES 15); the saved adapter "
+                      "update's logprobs are those of the policy that sampled; the saved adapter "
                       "records lora_dropout 0", stacklevel=3)
     policy = add_lora(base, config.lora_r, config.lora_alpha, 0.0, config.lora_target_modules)
     if not shards_weights(accelerator):

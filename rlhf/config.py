@@ -274,6 +274,11 @@ class RLConfig:
         require(all(isinstance(v, dict) for v in self.reward_kwargs.values()),
                 "reward_kwargs maps reward names to mappings of parameters, e.g. {length: {target: 40}}")
         require(len(self.reward_funcs) >= 1, "reward_funcs needs at least one reward function (e.g. sentiment)")
+        for entry in self.reward_funcs:
+            require(isinstance(entry, str) or callable(entry),
+                    f"reward_funcs entries are names, paths, URLs or Python callables, got {type(entry).__name__}")
+        require(isinstance(self.dataset, str) or hasattr(self.dataset, "column_names"),
+                f"dataset must be a path, a hub id, builtin:<name> or a datasets.Dataset, got {type(self.dataset).__name__}")
         if self.reward_weights is not None:
             require(
                 len(self.reward_weights) == len(self.reward_funcs),
@@ -374,8 +379,57 @@ class RLConfig:
                 f"= {num_processes * self.gradient_accumulation_steps}"
             )
 
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> "RLConfig":
+        """A config from keyword settings in which TRL's GRPOConfig names may stand for ours, e.g.
+        ``RLConfig.from_dict({"max_completion_length": 64, "beta": 0.0, "loss_type": "dapo"})``;
+        settings of another meaning are refused with the conversion (ConfigError)."""
+        from rlhf.parsing import dataclass_from_dict
+
+        return dataclass_from_dict(cls, settings, "RLConfig.from_dict")
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting as plain data (what config.yaml holds): a Python reward function becomes
+        'python:module.name', a Dataset object '<Dataset N rows>'."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if hasattr(value, "column_names"):  # a datasets.Dataset given through the API
+        return f"<{type(value).__name__} {getattr(value, 'num_rows', '?')} rows>"
+    if callable(value):
+        inner = getattr(value, "func", value)  # functools.partial
+        name = getattr(inner, "__qualname__", None) or type(inner).__name__
+        return f"python:{getattr(inner, '__module__', None) or type(inner).__module__}.{name}"
+    return copy.deepcopy(value)
+
+
+def with_overrides(config: RLConfig, *, model: Any = None, reward_funcs: Any = None, train_dataset: Any = None) -> RLConfig:
+    """A copy of ``config`` with what the Python API (RLTrainer's keywords) gives instead: a model
+    name or loaded model (its name_or_path is recorded), reward functions, a training dataset."""
+    changes: dict[str, Any] = {}
+    if model is not None:
+        if isinstance(model, str):
+            changes["model_name_or_path"] = model
+        else:
+            if hasattr(model, "peft_config"):
+                raise ConfigError("model is a PEFT model: pass its base model and the adapter dir as init_adapter "
+                                  "(or merge_and_unload() it first)")
+            if not hasattr(model, "generate") or not hasattr(model, "config"):
+                raise ConfigError(f"model must be a hub id, a local dir or a transformers PreTrainedModel, got "
+                                  f"{type(model).__name__}")
+            changes["model_name_or_path"] = getattr(model, "name_or_path", "") or type(model).__name__
+    if reward_funcs is not None:
+        changes["reward_funcs"] = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if train_dataset is not None:
+        changes["dataset"] = train_dataset
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def parse_config(argv: list[str] | None = None, script_defaults: dict[str, Any] | None = None,

@@ -17,6 +17,9 @@ BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATASETS = {
     "prompts": {"train": "prompts_train.jsonl", "eval": "prompts_eval.jsonl"},
     "preferences": {"train": "preferences_train.jsonl", "eval": "preferences_eval.jsonl"},
+    # Arithmetic in TRL's conversational prompt-only format with a `solution` column (what
+    # trl.rewards.accuracy_reward and our exact_answer with column: solution read).
+    "math": {"train": "math_train.jsonl", "eval": "math_eval.jsonl"},
 }
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -31,16 +34,58 @@ def _builtin_file(name: str, split: str) -> Path:
     return BUILTIN_DIR / files[split]
 
 
-def _load_any(spec: str, split: str) -> datasets.Dataset:
+def _load_any(spec: Any, split: str, config_name: str | None = None) -> datasets.Dataset:
+    """A dataset from a ``datasets.Dataset`` object, ``builtin:<name>``, a local file or dir, or
+    the Hugging Face hub (any name that is not a local path), as one split."""
     datasets.disable_progress_bars()
+    if isinstance(spec, (datasets.DatasetDict, datasets.Dataset)):
+        return _pick_split(spec, split, "the given DatasetDict")
+    if isinstance(spec, (datasets.IterableDataset, datasets.IterableDatasetDict)):
+        raise DataError("streaming (iterable) datasets are not supported: the prompt order is resumable only over "
+                        "a map-style dataset; load it without streaming=True")
+    if not isinstance(spec, str):
+        raise DataError(f"dataset must be a path, a hub id, builtin:<name> or a datasets.Dataset, got {type(spec).__name__}")
     if spec.startswith(BUILTIN_PREFIX) or spec in BUILTIN_DATASETS:
         return _load_file(_builtin_file(spec.removeprefix(BUILTIN_PREFIX), split))
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.is_dir():
-        return _load_dir(path, split)
+        return _load_dir(path, split, config_name)
     if path.is_file():
         return _load_file(path)
-    raise DataError(f"dataset not found: {spec} (give a .jsonl/.json/.csv/.parquet file, a datasets dir, or builtin:<name>)")
+    if _looks_local(spec):
+        raise DataError(f"dataset not found: {spec} (give a .jsonl/.json/.csv/.parquet file, a dir, builtin:<name>, "
+                        "or a Hugging Face hub dataset id)")
+    return _load_hub(spec, split, config_name)
+
+
+def _looks_local(spec: str) -> bool:
+    """A name meant as a local path (a file suffix, ./ or an absolute path), not a hub id."""
+    return (spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in FILE_LOADERS
+            or spec.count("/") > 1 or "\\" in spec)
+
+
+def _load_hub(name: str, split: str, config_name: str | None) -> datasets.Dataset:
+    """``datasets.load_dataset(name, config_name, split=split)`` with one-line errors."""
+    try:
+        return datasets.load_dataset(name, config_name, split=split)
+    except ConnectionError as exc:  # also raised offline (HF_HUB_OFFLINE=1), before any request
+        raise DataError(f"dataset {name!r} is not a local file or dir, so it was looked up as a Hugging Face hub "
+                        f"dataset, and the hub cannot be reached ({str(exc).splitlines()[0]}); where there is network, "
+                        f"save it with datasets.load_dataset({name!r}).save_to_disk(DIR) and pass DIR") from None
+    except datasets.exceptions.DatasetNotFoundError:
+        raise DataError(f"dataset not found: {name} is neither a local file or dir nor a dataset on the Hugging Face "
+                        "hub (private? log in with `hf auth login`)") from None
+    except ValueError as exc:  # unknown split or config name: datasets lists the valid ones
+        raise DataError(f"hub dataset {name}: {str(exc).splitlines()[0]} (set dataset_split / dataset_config)") from None
+
+
+def _pick_split(loaded: Any, split: str, where: str) -> datasets.Dataset:
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"dataset {where} has splits {', '.join(loaded)}, not {split!r}; set dataset_split "
+                            "(training) or eval_dataset_split (evaluation)")
+        return loaded[split]
+    return loaded
 
 
 def load_preference_dataset(spec: str, split: str = "train") -> datasets.Dataset:
@@ -58,15 +103,25 @@ def load_preference_dataset(spec: str, split: str = "train") -> datasets.Dataset
     return dataset
 
 
-def load_prompt_dataset(spec: str, split: str = "train", prompt_column: str = "prompt") -> datasets.Dataset:
-    """Load prompts from a file, a `save_to_disk` directory or ``builtin:<name>`` and check them.
+def load_prompt_dataset(spec: Any, split: str = "train", prompt_column: str = "prompt",
+                        config_name: str | None = None) -> datasets.Dataset:
+    """Load prompts (a file, a dir, ``builtin:<name>``, a hub id or a ``datasets.Dataset``) and check them.
 
-    Every row must have ``prompt_column`` holding a non-empty string or a list of chat messages
-    ({"role", "content"}); other columns are kept and reach reward functions as keyword args.
+    TRL's prompt-only formats: every row's ``prompt_column`` holds a non-empty string or a list of
+    chat messages ({"role", "content"}); other columns are kept and reach reward functions as
+    keyword args.
     """
-    dataset = _load_any(spec, split)
-    _check_prompts(dataset, prompt_column, spec)
+    dataset = _load_any(spec, split, config_name)
+    _check_prompts(dataset, prompt_column, describe_dataset(spec))
     return dataset
+
+
+def describe_dataset(spec: Any) -> str:
+    """How messages and config.yaml name a dataset: its spec, or a Dataset object's shape."""
+    if isinstance(spec, str):
+        return spec
+    rows = getattr(spec, "num_rows", "?")
+    return f"<{type(spec).__name__} {rows} rows>"
 
 
 def _load_file(path: Path) -> datasets.Dataset:
@@ -101,16 +156,22 @@ def _check_jsonl_lines(path: Path) -> None:
         raise DataError(f"dataset {path} has no rows")
 
 
-def _load_dir(path: Path, split: str) -> datasets.Dataset:
+def _load_dir(path: Path, split: str, config_name: str | None = None) -> datasets.Dataset:
+    """A dir written by ``save_to_disk``, else a dir of data files (train.jsonl, data/test-*.parquet,
+    ...) through datasets' folder loaders, which map file names to splits."""
+    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as exc:
+            raise DataError(f"{path} is not a directory saved by datasets.save_to_disk: {str(exc).splitlines()[0]}") from None
+        return _pick_split(loaded, split, str(path))
     try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as exc:
-        raise DataError(f"{path} is not a directory saved by datasets.save_to_disk: {str(exc).splitlines()[0]}") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise DataError(f"dataset {path} has splits {', '.join(loaded)}, not {split!r}; set dataset_split")
-        return loaded[split]
-    return loaded
+        loaded = datasets.load_dataset(str(path), config_name)
+    except Exception as exc:  # no data files, mixed formats, a parser error: all mean "not a dataset dir"
+        first_line = (str(exc.__cause__ or exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"cannot read dataset dir {path}: {first_line} (a dir needs .jsonl/.json/.csv/.parquet files "
+                        "or to be written by datasets' save_to_disk)") from None
+    return _pick_split(loaded, split, str(path))
 
 
 def _check_prompts(dataset: datasets.Dataset, prompt_column: str, spec: str) -> None:
@@ -231,12 +292,21 @@ def check_prompt_lengths(dataset: datasets.Dataset, tokenizer: Any, config: Any,
                       "max_prompt_length, or set prompt_overflow: error to refuse them", stacklevel=2)
 
 
-def load_eval_dataset(config: Any) -> datasets.Dataset:
-    """eval_dataset, or the eval split of the built-in prompts."""
+def load_eval_dataset(config: Any, eval_dataset: Any = None) -> datasets.Dataset:
+    """Prompts for periodic evaluation: ``eval_dataset`` (a Dataset given to the trainer) or the
+    config's eval_dataset, each in split eval_dataset_split (default dataset_split); else the
+    eval_dataset_split of dataset itself (default: 'eval' for built-ins, 'test' otherwise)."""
     from rlhf.errors import ConfigError
 
-    if config.eval_dataset:
-        return load_prompt_dataset(config.eval_dataset, config.dataset_split, config.prompt_column)
-    if config.dataset.startswith(BUILTIN_PREFIX):
-        return load_prompt_dataset(config.dataset, "eval", config.prompt_column)
-    raise ConfigError("eval_steps > 0 needs eval_dataset (a prompt file) when dataset is not built in")
+    given = eval_dataset if eval_dataset is not None else config.eval_dataset
+    if given is not None:
+        return load_prompt_dataset(given, config.eval_dataset_split or config.dataset_split, config.prompt_column,
+                                   config.dataset_config)
+    dataset = config.dataset
+    if isinstance(dataset, str) and dataset.startswith(BUILTIN_PREFIX):
+        return load_prompt_dataset(dataset, config.eval_dataset_split or "eval", config.prompt_column)
+    single_file = isinstance(dataset, str) and Path(dataset).is_file()
+    if single_file or (not isinstance(dataset, (str, datasets.DatasetDict))):
+        raise ConfigError("eval_steps > 0 needs eval_dataset (prompts to evaluate on) when dataset is a single file "
+                          "or a Dataset; or give a dataset with a test split (eval_dataset_split)")
+    return load_prompt_dataset(dataset, config.eval_dataset_split or "test", config.prompt_column, config.dataset_config)

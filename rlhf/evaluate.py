@@ -26,9 +26,10 @@ import torch
 
 from rlhf.adapters import ADAPTER_WEIGHTS, INIT_ADAPTER_DIR
 from rlhf.algorithms import kl_penalty
-from rlhf.data import BUILTIN_PREFIX, format_prompt, load_prompt_dataset, prompt_text
+from rlhf.data import BUILTIN_PREFIX, format_prompt, load_prompt_dataset
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.rollout import Rollout, forward_response, generate_rollout
+from rlhf.scoring import reward_inputs
 
 BASE_LABEL = "base"
 REFERENCE_SUFFIX = "-reference"  # adapter name of a candidate's init adapter
@@ -160,12 +161,12 @@ def sample_and_score(
         raw = rows[prompt_column]
         columns = {name: rows[name] for name in rows.column_names if name != prompt_column}
         rollout = generate_rollout(
-            policy, tokenizer, [format_prompt(p, tokenizer) for p in raw], prompts=[prompt_text(p) for p in raw],
+            policy, tokenizer, [format_prompt(p, tokenizer) for p in raw], prompts=list(raw),
             group_ids=[p for p, _ in chunk], columns=columns, max_prompt_length=max_prompt_length,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             row_seeds=[sample_seed(seed, p, s) for p, s in chunk], eos_token_ids=eos_token_ids,
         )
-        output = reward(rollout.prompts, rollout.completions, **rollout.columns)
+        output = reward(rollout.prompts, rollout.completions, **reward_inputs(rollout))
         rewards = output.combined()  # outcome + process rewards
         scores = _base_scores(policy, rollout, base, temperature)
         for i, (prompt_index, sample_index) in enumerate(chunk):

@@ -3,7 +3,7 @@
     old logprobs, values, entropy   no-grad pass with the LoRA on (skipped when the update's own
                                     forward gives them: see ``plan_passes``)
     reference logprobs              no-grad pass with the LoRA off (when KL is used)
-    loss mask                       rollout mask minus dropped zero-spread groups
+    loss mask                       rollout mask minus dropped zero-spread groups and unscorable samples
     token rewards                   outcome score on the last token + process rewards - beta * KL
     advantages, returns             the registered estimator; baseline update; global whitening
 """
@@ -21,6 +21,7 @@ from rlhf.algorithms import Algorithm, MovingAverageBaseline, group_stats, kl_pe
 from rlhf.algorithms import token_level_rewards, zero_spread_groups
 from rlhf.distributed import Reducer, unwrapped_full_weights
 from rlhf.rollout import Rollout, forward_response
+from rlhf.scoring import fill_unscorable
 
 
 @dataclass
@@ -70,8 +71,10 @@ def make_experience(model: torch.nn.Module, rollout: Rollout, scores: Tensor, *,
     ref_logprobs = (no_grad_pass(model, rollout, config, reducer, micro_batch_size, with_adapter=False)[0]
                     if passes.reference else None)
     mask = rollout.mask
+    scores, scorable = fill_unscorable(scores, rollout.group_ids)  # every reward said "not applicable"
     loss_mask, group_metrics = filter_groups(scores if token_scores is None else scores + token_scores.sum(-1),
                                              rollout, config, reducer)
+    loss_mask = loss_mask * scorable.unsqueeze(-1).to(loss_mask.dtype)
     if config.mask_truncated_completions:  # cut-off responses teach nothing about how to finish (DAPO)
         loss_mask = loss_mask * rollout.eos_found.unsqueeze(-1).to(loss_mask.dtype)
     kl = (kl_penalty(old_logprobs, ref_logprobs, config.kl_estimator, mask)

@@ -71,7 +71,7 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Tokenizer with left padding and, where possible, a pad token distinct from EOS.
 
     pad == EOS makes the EOS look like padding where a mask is read off the pad id, so the model
@@ -79,10 +79,14 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     EOS. A tokenizer with neither (Llama-3, Qwen2.5 style) pads with EOS: that is safe here, as
     response masks end at the first stop token (``stop_token_ids``), never at a pad.
     """
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load tokenizer for {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(name_or_path, str):  # a tokenizer (or processor) given through the API
+        tokenizer = getattr(name_or_path, "tokenizer", name_or_path)
+        name_or_path = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load tokenizer for {name_or_path!r}: {str(exc).splitlines()[0]}") from None
     tokenizer.padding_side = "left"
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"tokenizer of {name_or_path!r} has no EOS token; responses could never end")

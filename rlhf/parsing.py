@@ -201,6 +201,27 @@ def parse_dataclass(cls: type, argv: list[str] | None = None, script_defaults: d
         raise ConfigError(str(exc)) from None
 
 
+def dataclass_from_dict(cls: type, settings: dict[str, Any], where: str) -> Any:
+    """``cls`` from a mapping in which TRL's names may stand for ours (the Python API's
+    ``RLConfig.from_dict``). Our keys keep their Python values as given (a reward callable, a
+    Dataset); TRL's are translated as in a YAML file. Raises ConfigError (one line)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {f.name: _default_of(f) for f in dataclasses.fields(cls)}
+    native = {key: value for key, value in settings.items() if key in fields}
+    values.update(native)
+    origin: dict[str, str] = {}
+    translated, came_from = aliases.translate(cls.__name__, fields, dict(settings), native, where)
+    for key, value in translated.items():
+        try:
+            value = _coerce(cls, key, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{came_from[key]} (TRL's name for {key}): {exc}") from None
+        values[key] = {**(values[key] or {}), **value} if isinstance(value, dict) else value
+        origin[key] = came_from[key]
+    _settle(values, origin)
+    return cls(**values)
+
+
 def _default_of(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         return f.default_factory()  # type: ignore[misc]
@@ -208,7 +229,8 @@ def _default_of(f: dataclasses.Field) -> Any:
 
 
 def save_config(config: Any, path: Path) -> None:
-    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    data = config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def changed_settings(previous_file: Path, config: Any) -> list[str]:

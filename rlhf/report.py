@@ -38,10 +38,13 @@ def bootstrap_ci(values: list[float] | np.ndarray, seed: int = 0, resamples: int
 
 
 def per_prompt(records: list[dict[str, Any]], value: Any) -> np.ndarray:
-    """Mean of value(record) over each prompt's samples, ordered by prompt index."""
+    """Mean of value(record) over each prompt's samples, ordered by prompt index. NaN values (a
+    reward that did not apply to the sample) are left out, and so are prompts without any."""
     groups: dict[int, list[float]] = defaultdict(list)
     for record in records:
-        groups[record["prompt_index"]].append(float(value(record)))
+        number = float(value(record))
+        if not math.isnan(number):
+            groups[record["prompt_index"]].append(number)
     return np.array([np.mean(groups[p]) for p in sorted(groups)])
 
 
@@ -52,6 +55,8 @@ def win_scores(records_a: list[dict[str, Any]], records_b: list[dict[str, Any]])
     scores = []
     for record in records_a:
         theirs = other[(record["prompt_index"], record["sample_index"])]
+        if math.isnan(record["reward"]) or math.isnan(theirs):  # unscorable on either side: no contest
+            continue
         score = 1.0 if record["reward"] > theirs else 0.5 if record["reward"] == theirs else 0.0
         scores.append({"prompt_index": record["prompt_index"], "score": score})
     return scores
@@ -62,7 +67,7 @@ def win_rate(records_a: list[dict[str, Any]], records_b: list[dict[str, Any]], s
     """Share of paired samples where a beats b (ties count half), with a bootstrap CI over prompts."""
     values = per_prompt(win_scores(records_a, records_b), lambda r: r["score"])
     low, high = bootstrap_ci(values, seed, resamples)
-    return {"rate": float(values.mean()), "ci_low": low, "ci_high": high}
+    return {"rate": float(values.mean()) if values.size else math.nan, "ci_low": low, "ci_high": high}
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -73,7 +78,7 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 def _mean_ci(values: np.ndarray, seed: int, resamples: int) -> dict[str, float]:
     low, high = bootstrap_ci(values, seed, resamples)
-    return {"mean": float(values.mean()), "ci_low": low, "ci_high": high}
+    return {"mean": float(values.mean()) if values.size else math.nan, "ci_low": low, "ci_high": high}
 
 
 def summarise(records: list[dict[str, Any]], seed: int = 0, resamples: int = 2000) -> dict[str, Any]:

@@ -24,7 +24,7 @@ class Rollout:
     mask: Tensor                 # [B, T] float, 1 on response tokens up to and including the first EOS
     eos_found: Tensor            # [B] bool, the response ended with a stop token (not cut at max_new_tokens)
     group_ids: Tensor            # [B] long, index of the prompt each sequence answers
-    prompts: list[str]           # user text per sequence (reward functions' `prompts`)
+    prompts: list[Any]           # the dataset's prompt per sequence: a string or chat messages (rewards' `prompts`)
     completions: list[str]       # decoded response before its stop token (what rewards score)
     columns: dict[str, list[Any]] = field(default_factory=dict)  # other dataset columns per sequence
 
@@ -285,7 +285,7 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
     in chunks of generation_batch_size; group ids start at group_offset (this process's first
     prompt in the global batch). The other dataset columns travel along for the reward functions.
     ``eos_token_ids``: the model's stop set (rlhf.models.stop_token_ids; None = read off the model)."""
-    from rlhf.data import format_prompt, prompt_text
+    from rlhf.data import format_prompt
     from rlhf.distributed import needs_synced_generation, shards_weights, unwrapped_full_weights
     from rlhf.models import merged_lora_weights
 
@@ -305,7 +305,7 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
                 part = slice(start, start + chunk)
                 parts.append(generate_rollout(
                     policy, tokenizer, [format_prompt(p, tokenizer) for p in raw_prompts[part]],
-                    prompts=[prompt_text(p) for p in raw_prompts[part]], group_ids=group_ids[part],
+                    prompts=raw_prompts[part], group_ids=group_ids[part],
                     columns={name: values[part] for name, values in columns.items()},
                     max_prompt_length=config.max_prompt_length, max_new_tokens=config.max_new_tokens,
                     temperature=config.temperature, top_p=config.top_p,

@@ -8,7 +8,9 @@ rewards differ).
 from __future__ import annotations
 
 import bisect
+import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -24,14 +26,52 @@ Scored = tuple[Rollout, Tensor, "Tensor | None", dict[str, float]]
 ROUND_GROUP_STRIDE = 1_000_003
 
 
+# Columns TRL does not pass to reward functions as keywords (it passes prompts/completions/ids itself).
+NOT_REWARD_KEYWORDS = ("prompt", "completion", "completion_ids")
+
+
+def completion_ids(rollout: Rollout) -> list[list[int]]:
+    """Each response's token ids up to and including its EOS (TRL's ``completion_ids``)."""
+    lengths = rollout.mask.sum(-1).long().tolist()
+    return [row[:length].tolist() for row, length in zip(rollout.response_ids, lengths)]
+
+
+def reward_inputs(rollout: Rollout) -> dict[str, Any]:
+    """The keywords a reward call gets besides prompts and completions, as TRL passes them:
+    completion_ids and every other dataset column."""
+    columns = {name: values for name, values in rollout.columns.items() if name not in NOT_REWARD_KEYWORDS}
+    return {"completion_ids": completion_ids(rollout), **columns}
+
+
+@dataclass
+class RewardTrainerState:
+    """What TRL's ``trainer_state`` keyword offers reward functions for shaping over training."""
+
+    global_step: int  # optimizer steps (RL steps) completed so far
+    max_steps: int
+
+
 def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: int,
           tokenizer: Any = None) -> tuple[Tensor, Tensor | None, dict[str, float]]:
     """Outcome scores [B] from the reward functions, minus the no-EOS and overlong penalties if
     set, clipped and normalised over the global batch when asked; process rewards [B, T] on the
     tokens they name (None when no function returned any). reward_mean/std in the metrics are
-    before clipping and normalising so runs stay comparable."""
-    output = reward(rollout.prompts, rollout.completions, **rollout.columns)
-    scores = torch.tensor(output.total, dtype=torch.float32, device=rollout.mask.device)
+    before clipping and normalising so runs stay comparable.
+
+    A sample for which every function returned None (not applicable) is unscorable: its score is
+    NaN, it is left out of every statistic here, and ``fill_unscorable`` gives the update a
+    neutral value for it and drops it from the loss.
+    """
+    logged: dict[str, list[float]] = {}
+
+    def log_metric(name: str, value: float) -> None:  # TRL's hook for reward functions
+        logged.setdefault(name, []).append(float(value))
+
+    output = reward(rollout.prompts, rollout.completions, **reward_inputs(rollout),
+                    trainer_state=RewardTrainerState(step - 1, config.max_steps), log_metric=log_metric)
+    device = rollout.mask.device
+    scores = torch.tensor(output.total, dtype=torch.float32, device=device)
+    unscorable = torch.tensor(output.unscorable or [False] * len(scores), dtype=torch.bool, device=device)
     token_scores = None
     if output.steps is not None:
         token_scores = process_rewards_to_tokens(output.steps, rollout, tokenizer)
@@ -43,27 +83,61 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
                                    config.overlong_penalty_factor)
         scores = scores - penalty
         metrics["overlong_penalty_mean"] = reducer.mean(penalty.mean())
+    scorable = reducer.gather((~unscorable).float()) > 0  # gloo gathers no bools
+    unscorable_count = float((~scorable).sum())
+    if unscorable_count:
+        first = int(unscorable.nonzero()[0]) if bool(unscorable.any()) else None
+        where = f" (here: completion {str(rollout.completions[first])[:50]!r})" if first is not None else ""
+        warnings.warn(f"step {step}: every reward function returned None (not applicable) for "
+                      f"{int(unscorable_count)} samples{where}; they are left out of the update and of reward_mean",
+                      stacklevel=2)
     # Logged totals include the process rewards; the update gets those token by token.
-    all_scores = reducer.gather(scores if token_scores is None else scores + token_scores.sum(-1))
+    all_scores = reducer.gather(scores if token_scores is None else scores + token_scores.sum(-1))[scorable]
     errors = float(reducer.sum(float(sum(output.failed))))
     if errors and config.reward_error == "zero":
         warnings.warn(f"step {step}: {int(errors)} samples failed a reward function and score 0 "
                       "(reward_error: zero)", stacklevel=2)
-    metrics.update({"reward_errors": errors, "reward_mean": float(all_scores.mean()),
+    metrics.update({"reward_errors": errors, "reward_unscorable": unscorable_count,
+                    "reward_mean": float(all_scores.mean()) if all_scores.numel() else math.nan,
                     "reward_std": float(all_scores.std()) if all_scores.numel() > 1 else 0.0})
-    for name, values in output.components.items():
-        metrics[f"reward/{name}"] = reducer.mean(torch.tensor(values).mean())
+    for name, values in output.components.items():  # None (NaN here) is not part of a function's mean
+        values = torch.tensor(values, dtype=torch.float64)
+        applicable = ~values.isnan()
+        total, count = reducer.sum([float(values[applicable].sum()), float(applicable.sum())]).tolist()
+        metrics[f"reward/{name}"] = total / count if count else math.nan
+    for name, values in logged.items():  # this process's values (the main process's are logged)
+        metrics[name] = sum(values) / len(values)
     # Clipping and normalising act on the outcome scores alone. Gathered on every process even
     # without process rewards: some processes may have them and others not, and a gather is a
     # collective that all of them must make.
-    all_scores = reducer.gather(scores)
+    all_scores = reducer.gather(scores)[scorable]
     if config.reward_clip is not None:
         metrics["reward_clip_frac"] = float((all_scores.abs() > config.reward_clip).float().mean())
         scores = scores.clamp(-config.reward_clip, config.reward_clip)
         all_scores = all_scores.clamp(-config.reward_clip, config.reward_clip)
     if config.normalize_rewards:
         scores = (scores - all_scores.mean()) / (all_scores.std() + 1e-6) if all_scores.numel() > 1 else scores * 0
-    return scores, token_scores, metrics
+    return scores.masked_fill(unscorable, math.nan), token_scores, metrics
+
+
+def fill_unscorable(scores: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Scores [B] with NaN for unscorable samples -> (scores with each NaN replaced by the mean of
+    the scorable samples of its group, or 0 when the group has none; bool [B] scorable).
+
+    The fill leaves a group's mean, and so every other sample's group-relative advantage under
+    mean baselines, unchanged; the sample itself is dropped from the loss by the caller (TRL
+    likewise excludes such rows from the baseline and zeroes their advantage).
+    """
+    scorable = ~scores.isnan()
+    if bool(scorable.all()):
+        return scores, scorable
+    _, group = torch.unique(group_ids, return_inverse=True)
+    count = torch.zeros(int(group.max()) + 1, dtype=scores.dtype, device=scores.device)
+    total = torch.zeros_like(count)
+    count.index_add_(0, group, scorable.to(scores.dtype))
+    total.index_add_(0, group, torch.where(scorable, scores, torch.zeros_like(scores)))
+    group_mean = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+    return torch.where(scorable, scores, group_mean[group]), scorable
 
 
 def overlong_penalty(lengths: Tensor, max_new_tokens: int, buffer_length: int, factor: float = 1.0) -> Tensor:
@@ -124,7 +198,8 @@ def sample_with_spread(sample: Callable[[], Rollout], score_rollout: Callable[[R
         first_metrics = first_metrics or metrics
         errors += metrics.get("reward_errors", 0.0)  # any round's failures count (reward_error: skip_batch)
         rollout.group_ids = rollout.group_ids + rounds * ROUND_GROUP_STRIDE  # each round's prompts are new groups
-        zero = zero_spread_groups(scores + (token_scores.sum(-1) if token_scores is not None else 0.0), rollout.group_ids)
+        filled, _ = fill_unscorable(scores, rollout.group_ids)
+        zero = zero_spread_groups(filled + (token_scores.sum(-1) if token_scores is not None else 0.0), rollout.group_ids)
         for keep, parts in ((~zero, spread_parts), (zero, flat_parts)):
             rows = keep.nonzero().flatten().tolist()
             if rows:

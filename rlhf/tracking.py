@@ -99,7 +99,9 @@ def append_samples(path: Path, step: int, rollout: Any, scores: Any, count: int)
     with path.open("a") as handle:
         for i in range(min(count, len(rollout))):
             handle.write(json.dumps({"step": step, "prompt": rollout.prompts[i],
-                                     "completion": rollout.completions[i], "reward": float(scores[i])}) + "\n")
+                                     "completion": rollout.completions[i],
+                                     # None: every reward function said "not applicable"
+                                     "reward": None if math.isnan(scores[i]) else float(scores[i])}) + "\n")
 
 
 def flat_config(config: Any) -> dict[str, Any]:

@@ -33,8 +33,8 @@ from rlhf import checkpoint as ckpt
 from rlhf.adapters import read_init_adapter
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController, FixedKLController
 from rlhf.algorithms import MovingAverageBaseline
-from rlhf.config import RLConfig, changed_settings, save_config
-from rlhf.data import PromptSampler, check_prompt_lengths, load_eval_dataset, load_prompt_dataset
+from rlhf.config import RLConfig, changed_settings, save_config, with_overrides
+from rlhf.data import PromptSampler, check_prompt_lengths, describe_dataset, load_eval_dataset, load_prompt_dataset
 from rlhf.build import build_model
 from rlhf.distributed import Reducer, configure_sharding, gathered_state, make_accelerator, unwrapped_full_weights
 from rlhf.errors import TrainingDiverged
@@ -52,8 +52,29 @@ RANK_SEED_STRIDE = 100003
 
 
 class RLTrainer:
-    def __init__(self, config: RLConfig):
+    """The RL trainer, called as TRL's GRPOTrainer is::
+
+        trainer = RLTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", reward_funcs=[my_reward, "sentiment"],
+                            args=RLConfig(output_dir="out", max_steps=10), train_dataset=dataset)
+        trainer.train()
+        trainer.save_model("out/adapter")
+
+    ``model``: a hub id, a local dir or a loaded ``PreTrainedModel`` (default: the config's
+    model_name_or_path); ``reward_funcs``: callables and/or ``reward_funcs`` spec strings;
+    ``train_dataset`` / ``eval_dataset``: ``datasets.Dataset`` objects or dataset specs;
+    ``processing_class``: a tokenizer (default: the model's). Each replaces the config's setting.
+    ``RLTrainer(config)`` alone runs what the config says (as the scripts do).
+    """
+
+    def __init__(self, config: RLConfig | Any = None, *, model: Any = None, reward_funcs: Any = None,
+                 train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None,
+                 args: RLConfig | None = None):
+        if config is not None and not isinstance(config, RLConfig):  # TRL order: the model comes first
+            config, model = None, config
+        config = with_overrides(args or config or RLConfig(), model=model, reward_funcs=reward_funcs,
+                                train_dataset=train_dataset)
         self.config = config
+        self.base_model = model if isinstance(model, torch.nn.Module) else None
         self.output_dir = Path(config.output_dir)
         trackers = [t for t in config.report_to if t in ("tensorboard", "wandb")]
         self.accelerator = accelerator = make_accelerator(
@@ -75,18 +96,22 @@ class RLTrainer:
                               config.overwrite_output_dir)
         set_seed(config.seed + accelerator.process_index * RANK_SEED_STRIDE)
 
-        self.dataset = load_prompt_dataset(config.dataset, config.dataset_split, config.prompt_column)
-        self.eval_dataset = load_eval_dataset(config) if config.eval_steps else None
+        self.dataset = load_prompt_dataset(config.dataset, config.dataset_split, config.prompt_column,
+                                           config.dataset_config)
+        self.eval_dataset = load_eval_dataset(config, eval_dataset) if config.eval_steps else None
         self.reward = CombinedReward(config.reward_funcs, config.reward_weights, config.reward_kwargs,
                                      device=accelerator.device, on_error=config.reward_error)
-        self.tokenizer = load_tokenizer(config.model_name_or_path)
-        self.stop_ids = stop_token_ids(config.model_name_or_path, self.tokenizer)  # every id that ends a response
-        check_prompt_lengths(self.dataset, self.tokenizer, config, config.dataset, warn=accelerator.is_main_process)
+        self.tokenizer = load_tokenizer(processing_class or config.model_name_or_path)
+        # every id that ends a response
+        self.stop_ids = stop_token_ids(self.base_model or config.model_name_or_path, self.tokenizer)
+        check_prompt_lengths(self.dataset, self.tokenizer, config, describe_dataset(config.dataset),
+                             warn=accelerator.is_main_process)
         # Read (and refused if it cannot be saved with the RL LoRA) before any model loads, so final/
         # and checkpoints can hold init + RL as one adapter of the original base (rlhf.adapters).
         self.init_adapter = read_init_adapter(config.init_adapter) if config.init_adapter else None
         self.model, optimizer, scheduler = build_model(config, accelerator, self.init_adapter,
-                                                       optimizer_trains_policy=updater.needs["policy_optimizer"])
+                                                       optimizer_trains_policy=updater.needs["policy_optimizer"],
+                                                       base=self.base_model)
         self.optimizer, self.scheduler = optimizer, scheduler
 
         self.estimator = estimator
@@ -308,6 +333,13 @@ class RLTrainer:
                                     full_state=gathered_state(self.accelerator, self.model), init_adapter=self.init_adapter)
 
     def save_final(self) -> Path:
+        return self.save_model(self.output_dir / "final")
+
+    def save_model(self, output_dir: str | Path | None = None) -> Path:
+        """Write the trained LoRA adapter (PEFT format, loadable with PeftModel.from_pretrained on
+        the base), the value head if any, and the tokenizer to output_dir (default:
+        output_dir/final), atomically: an existing dir is replaced only by a complete one."""
+        target = Path(output_dir) if output_dir is not None else self.output_dir / "final"
         full_state = gathered_state(self.accelerator, self.model)
         unwrapped = self.unwrapped
 
@@ -315,6 +347,6 @@ class RLTrainer:
             ckpt.save_adapter_and_head(unwrapped.policy, unwrapped.value_head, staging, full_state, self.init_adapter)
             self.tokenizer.save_pretrained(staging)
 
-        final = ckpt.write_atomically(self.accelerator, self.output_dir / "final", write_adapter_and_tokenizer)
+        saved = ckpt.write_atomically(self.accelerator, target, write_adapter_and_tokenizer)
         self.accelerator.wait_for_everyone()
-        return final
+        return saved

@@ -149,7 +149,7 @@ def tiny_args(model_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     return ["--model_name_or_path", str(model_dir), "--output_dir", str(output_dir), "--max_steps", "2",
             "--rollout_batch_size", "4", "--mini_batch_size", "4", "--max_new_tokens", "8",
             "--max_prompt_length", "48", "--lora_r", "4", "--lora_alpha", "8",
-            "--reward_funcs", f"{FIXTURES / 'rewards.py'}:char_diversity", *extra]
+            "--ppo_epochs", "1", "--reward_funcs", f"{FIXTURES / 'rewards.py'}:char_diversity", *extra]
 
 
 @pytest.fixture(scope="session")

@@ -199,8 +199,8 @@ def picky(prompts, completions, **kwargs):
         raise ValueError("too short")
     return [1.0 for _ in completions]
 
-def sometimes_none(prompts, completions, **kwargs):
-    return [None if i == 0 else 0.5 for i, _ in enumerate(completions)]
+def sometimes_nan(prompts, completions, **kwargs):  # NaN is a failure (None = "not applicable")
+    return [float("nan") if i == 0 else 0.5 for i, _ in enumerate(completions)]
 """
 
 
@@ -209,7 +209,7 @@ def test_reward_error_modes(tiny_model_dir, tmp_path, mode, train_here):
     rewards = tmp_path / "rewards.py"
     rewards.write_text(REWARD_FAILING_ON_SHORT)
     out = tmp_path / "run"
-    result = train_here(*tiny_args(tiny_model_dir, out, "--reward_funcs", f"{rewards}:sometimes_none",
+    result = train_here(*tiny_args(tiny_model_dir, out, "--reward_funcs", f"{rewards}:sometimes_nan",
                                    "--reward_error", mode))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = comparable_rows(out)
@@ -226,10 +226,10 @@ def test_reward_error_zero_finds_the_failing_samples_of_a_raising_function(tmp_p
 
     module = tmp_path / "picky_rewards.py"
     module.write_text(REWARD_FAILING_ON_SHORT)
-    picky = CombinedReward([f"{module}:picky", f"{module}:sometimes_none"], on_error="zero")
+    picky = CombinedReward([f"{module}:picky", f"{module}:sometimes_nan"], on_error="zero")
     output = picky(["p"] * 3, ["long enough", "no", "also long"])
-    assert output.failed == [True, True, False]  # sample 0: None from sometimes_none; 1: picky raised
-    assert output.components == {"picky": [1.0, 0.0, 1.0], "sometimes_none": [0.0, 0.5, 0.5]}
+    assert output.failed == [True, True, False]  # sample 0: NaN from sometimes_nan; 1: picky raised
+    assert output.components == {"picky": [1.0, 0.0, 1.0], "sometimes_nan": [0.0, 0.5, 0.5]}
     assert output.total == [1.0, 0.5, 1.5]
     with pytest.raises(Exception, match="picky"):  # the default still stops with the culprit
         CombinedReward([f"{module}:picky"])(["p"] * 2, ["long enough", "no"])

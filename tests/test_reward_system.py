@@ -13,7 +13,6 @@ import pytest
 
 from conftest import ROOT, run_script, tiny_args
 from reward_models import CombinedReward, load_reward_function
-from reward_models.builtins import extract_final_answer
 from reward_models.remote import RemoteReward
 from reward_models.server import make_server
 from rlhf.errors import RewardError
@@ -48,8 +47,8 @@ def test_no_repeat_reward():
 
 def test_exact_answer_reward():
     completions = ["so the total is \\boxed{1,000}", "The answer is 12.", "I think 7 then 9", "no idea"]
-    assert call("exact_answer", completions, answer=["1000", "12", "9", "3"]) == [1.0, 1.0, 1.0, 0.0]
-    assert extract_final_answer("x = 5, y = 6") == "6"
+    # an unanchored last number is no answer (math-verify, as TRL's accuracy_reward): tests/test_math_rewards.py
+    assert call("exact_answer", completions, answer=["1000", "12", "9", "3"]) == [1.0, 1.0, 0.0, 0.0]
     with pytest.raises(KeyError, match="answer"):
         call("exact_answer", ["1"])
 

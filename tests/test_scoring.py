@@ -207,7 +207,8 @@ def test_score_makes_the_same_collectives_with_and_without_process_rewards():
     calls = {}
     for name, values in (("outcome", [0.5, 0.25]), ("process", [[(4, 1.0)], []])):
         output = SimpleNamespace(total=[0.0, 0.0] if name == "process" else values, failed=[False, False],
-                                 components={"r": [0.0, 0.0]}, steps=values if name == "process" else None)
+                                 components={"r": [0.0, 0.0]}, steps=values if name == "process" else None,
+                                 unscorable=[False, False])
         reducer = CountingReducer()
         score(lambda *a, **k: output, rollout, config, reducer, 1, TOKENIZER)
         calls[name] = reducer.calls
