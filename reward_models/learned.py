@@ -28,14 +28,38 @@ class LearnedReward:
                  max_length: int = 512, normalize: bool = False):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.__name__ = Path(name_or_path).name or name_or_path
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
         except (OSError, ValueError) as exc:
             raise RewardError(f"cannot load reward model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
-        if self.model.config.num_labels != 1:
-            raise RewardError(f"reward model {name_or_path!r} has {self.model.config.num_labels} outputs; it needs exactly 1")
+        self._setup(name_or_path, model, tokenizer, device, batch_size, max_length, normalize)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, tokenizer: Any = None, device: str | torch.device | None = None,
+                   batch_size: int = 16, max_length: int = 512, normalize: bool = False) -> "LearnedReward":
+        """A loaded sequence-classification model as a reward (TRL's reward_funcs take one); its
+        tokenizer comes from the model's name_or_path unless given."""
+        from transformers import AutoTokenizer
+
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(name)
+            except (OSError, ValueError, TypeError):
+                raise RewardError(f"reward model object {type(model).__name__}: no tokenizer at its name_or_path "
+                                  f"{name!r}; save model and tokenizer to a dir and pass that dir") from None
+        reward = cls.__new__(cls)
+        reward._setup(name or type(model).__name__, model, tokenizer, device, batch_size, max_length, normalize)
+        return reward
+
+    def _setup(self, name_or_path: str, model: Any, tokenizer: Any, device: str | torch.device | None,
+               batch_size: int, max_length: int, normalize: bool) -> None:
+        self.__name__ = Path(name_or_path).name or name_or_path
+        self.tokenizer, self.model = tokenizer, model
+        num_labels = getattr(model.config, "num_labels", None)
+        if num_labels != 1:
+            raise RewardError(f"reward model {name_or_path!r} has {num_labels} outputs; it needs exactly 1")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.model.to(self.device).eval()
         self.batch_size = batch_size

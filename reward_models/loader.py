@@ -8,8 +8,9 @@ Every reward follows TRL's GRPOTrainer convention (``_calculate_rewards``, TRL 1
   is ``[{"role": "assistant", "content": text}]``.
 - ``completion_ids``: the response's token ids (up to and including EOS) per sample.
 - Every other dataset column arrives as a keyword (not ``prompt``, ``completion``,
-  ``completion_ids``), and so do ``trainer_state`` (``global_step``, ``max_steps``),
-  ``log_metric(name, value)`` and ``log_extra(column, values)`` when a trainer calls.
+  ``completion_ids``), and so do ``log_metric(name, value)`` and ``log_extra(column, values)``
+  (they record into metrics.jsonl / samples.jsonl in training and do nothing elsewhere) and, in
+  training and its periodic evaluation, ``trainer_state`` (``global_step``, ``max_steps``).
 - ``None`` for a sample means "not applicable": it is left out of the weighted sum and of that
   function's mean. A sample for which every function returns None is *unscorable*
   (``RewardOutput.unscorable``); the trainer warns and leaves it out of the update.
@@ -31,6 +32,7 @@ Kinds of entry:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import importlib
 import importlib.util
@@ -53,6 +55,10 @@ def load_reward_function(spec: str | RewardFn, kwargs: dict[str, Any] | None = N
     """Resolve one ``reward_funcs`` entry (a spec string, or a Python callable given through the
     API); ``kwargs`` are its ``reward_kwargs``."""
     kwargs = dict(kwargs or {})
+    if _is_torch_module(spec):  # a loaded reward model, as TRL's reward_funcs take one
+        from reward_models.learned import LearnedReward
+
+        return LearnedReward.from_model(spec, device=device, **kwargs)
     if callable(spec):
         return _with_kwargs(spec, kwargs) if kwargs else spec
     if spec in BUILTIN_REWARDS:
@@ -92,9 +98,17 @@ def _with_kwargs(fn: RewardFn, extra: dict[str, Any]) -> RewardFn:
     return call
 
 
+def _is_torch_module(obj: Any) -> bool:
+    torch = sys.modules.get("torch")  # no model object can exist without torch imported
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
 def callable_name(fn: Any) -> str:
     """A Python reward's name as TRL shows it: the function's __name__ (a partial's function's, a
     callable object's class name)."""
+    if _is_torch_module(fn):  # a reward model: its name or path, as TRL names it
+        name = getattr(getattr(fn, "config", None), "_name_or_path", "") or type(fn).__name__
+        return Path(name).name or name
     inner = getattr(fn, "func", fn)  # functools.partial
     return getattr(inner, "__name__", None) or type(inner).__name__
 
@@ -112,6 +126,13 @@ def _load_user_function(spec: str) -> RewardFn:
     if not callable(fn):
         raise RewardError(f"reward {spec!r}: {target} has no function {function_name!r}")
     return fn
+
+
+def _is_call_mismatch(exc: BaseException) -> bool:
+    """A TypeError raised by the call itself (a missing or unexpected argument), not inside the
+    function: its traceback ends in this file."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return isinstance(exc, TypeError) and bool(frames) and frames[-1].filename == __file__
 
 
 def _label(spec: Any) -> str:
@@ -193,11 +214,15 @@ def _as_reward(value: Any) -> float | Steps | None:
 
 
 def _finite(value: Any) -> float:
+    """A number (bool, int, float, numpy or 0-d/1-element torch value) as a finite float. Strings
+    are refused as TRL's torch.tensor(...) refuses them; bools count 1/0 as there."""
+    if value is None or isinstance(value, (str, bytes)):
+        raise ValueError(value)
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):
         raise ValueError(value) from None
-    if value is None or isinstance(value, bool) or not math.isfinite(number):
+    if not math.isfinite(number):
         raise ValueError(value)
     return number
 
@@ -216,7 +241,7 @@ def _tolerant_values(fn: RewardFn, call_kwargs: dict[str, Any], count: int) -> t
     try:
         result = fn(**call_kwargs)
         if inspect.isawaitable(result):
-            result = asyncio.run(_awaited(result))
+            result = run_coroutine(_awaited(result))
         values = list(result)
     except Exception:
         return [0.0] * count, [True] * count, True
@@ -235,6 +260,17 @@ def _tolerant_values(fn: RewardFn, call_kwargs: dict[str, Any], count: int) -> t
 
 async def _awaited(awaitable: Any) -> Any:
     return await awaitable
+
+
+def run_coroutine(coroutine: Any) -> Any:
+    """Run a coroutine to completion, also when the caller already runs an event loop (Jupyter,
+    an async application): then on a fresh loop in a worker thread, as asyncio.run cannot nest."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def reward_name(spec: str | RewardFn) -> str:
@@ -285,6 +321,10 @@ def _combine(names: list[str], weights: list[float], raw: dict[str, list[Any]], 
                   for position, reward in raw[name][i]] for i in range(count)]
     unscorable = [all(raw[name][i] is None for name in names) for i in range(count)]
     return RewardOutput(total=total, components=components, steps=steps, unscorable=unscorable)
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    """log_metric / log_extra where nothing records them (no training run)."""
 
 
 def is_conversational(prompt: Any) -> bool:
@@ -338,6 +378,9 @@ class CombinedReward:
         into assistant messages for conversational prompts, as TRL passes them) or already in
         TRL's form; ``columns``: completion_ids, the dataset's other columns, trainer extras."""
         prompts, completions = trl_inputs(prompts, completions)
+        # TRL always passes these; outside a trainer (evaluate.py, the reward server) they do nothing.
+        columns.setdefault("log_metric", _ignore)
+        columns.setdefault("log_extra", _ignore)
         call_kwargs = {"prompts": prompts, "completions": completions, **columns}
         if self.on_error != "raise":
             return self._call_tolerant(call_kwargs, completions)
@@ -349,6 +392,9 @@ class CombinedReward:
             except RewardError:
                 raise
             except Exception as exc:
+                if _is_call_mismatch(exc):
+                    raise RewardError(f"reward {_label(spec)!r} cannot take the arguments reward functions get "
+                                      f"({', '.join(call_kwargs)}): {exc}; add **kwargs to its signature") from None
                 raise RewardError(f"reward {_label(spec)!r} raised {_describe(exc)}{_failing_sample(fn, call_kwargs)}") from None
             if inspect.isawaitable(result):
                 pending[name] = result
@@ -383,7 +429,7 @@ class CombinedReward:
         async def gather() -> list[Any]:
             return await asyncio.gather(*pending.values(), return_exceptions=True)
 
-        results = asyncio.run(gather())
+        results = run_coroutine(gather())
         for (name, _), result in zip(pending.items(), results):
             if isinstance(result, BaseException):
                 spec = self.specs[self.names.index(name)]

@@ -7,6 +7,7 @@ Bad requests get HTTP 400 with {"error": "..."}; the client (RemoteReward) does 
 from __future__ import annotations
 
 import json
+import math
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -28,7 +29,9 @@ def make_server(reward: CombinedReward, host: str = "127.0.0.1", port: int = 800
             except (ValueError, RewardError) as exc:
                 self._reply(400, {"error": str(exc)})
                 return
-            self._reply(200, {"rewards": output.per_sample(completions), "components": output.components})
+            components = {name: [None if math.isnan(v) else v for v in values]  # NaN is not JSON: None
+                          for name, values in output.components.items()}
+            self._reply(200, {"rewards": output.per_sample(completions), "components": components})
 
         def _reply(self, status: int, body: dict[str, Any]) -> None:
             payload = json.dumps(body).encode()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -279,12 +280,11 @@ class RLConfig:
                     f"reward_funcs entries are names, paths, URLs or Python callables, got {type(entry).__name__}")
         require(isinstance(self.dataset, str) or hasattr(self.dataset, "column_names"),
                 f"dataset must be a path, a hub id, builtin:<name> or a datasets.Dataset, got {type(self.dataset).__name__}")
-        if self.reward_weights is not None:
-            require(
-                len(self.reward_weights) == len(self.reward_funcs),
-                f"reward_weights has {len(self.reward_weights)} values but reward_funcs has {len(self.reward_funcs)}; "
-                "give one weight per function",
-            )
+        # The count is checked where the functions are final (RLTrainer, whose
+        # reward_funcs may replace these, as TRL's GRPOConfig takes weights for the trainer's functions).
+        for weight in self.reward_weights or []:
+            require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight),
+                    f"reward_weights must be numbers, got {weight!r}")
         estimator = ADVANTAGE_ESTIMATORS[self.advantage_estimator]
         if estimator.needs["groups"]:
             require(
@@ -387,6 +387,11 @@ class RLConfig:
         from rlhf.parsing import dataclass_from_dict
 
         return dataclass_from_dict(cls, settings, "RLConfig.from_dict")
+
+    def check_reward_weights(self) -> None:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(f"reward_weights has {len(self.reward_weights)} values but reward_funcs has "
+                              f"{len(self.reward_funcs)}; give one weight per function")
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting as plain data (what config.yaml holds): a Python reward function becomes

@@ -71,7 +71,8 @@ def _load_hub(name: str, split: str, config_name: str | None) -> datasets.Datase
     except ConnectionError as exc:  # also raised offline (HF_HUB_OFFLINE=1), before any request
         raise DataError(f"dataset {name!r} is not a local file or dir, so it was looked up as a Hugging Face hub "
                         f"dataset, and the hub cannot be reached ({str(exc).splitlines()[0]}); where there is network, "
-                        f"save it with datasets.load_dataset({name!r}).save_to_disk(DIR) and pass DIR") from None
+                        f"save it with datasets.load_dataset({', '.join(map(repr, [name, config_name] if config_name else [name]))})"
+                        ".save_to_disk(DIR) and pass DIR") from None
     except datasets.exceptions.DatasetNotFoundError:
         raise DataError(f"dataset not found: {name} is neither a local file or dir nor a dataset on the Hugging Face "
                         "hub (private? log in with `hf auth login`)") from None
@@ -181,12 +182,17 @@ def _check_prompts(dataset: datasets.Dataset, prompt_column: str, spec: str) -> 
         )
     if len(dataset) == 0:
         raise DataError(f"dataset {spec} has no rows")
-    for index, prompt in enumerate(dataset[prompt_column]):
+    prompts = dataset[prompt_column]
+    for index, prompt in enumerate(prompts):
         if not _is_valid_prompt(prompt):
             raise DataError(
                 f"dataset {spec} row {index}: {prompt_column!r} must be a non-empty string or a list of "
                 f"{{role, content}} messages, got {str(prompt)[:60]!r}"
             )
+        if isinstance(prompt, str) != isinstance(prompts[0], str):  # rewards get one form per batch
+            kinds = ("a string", "chat messages") if isinstance(prompts[0], str) else ("chat messages", "a string")
+            raise DataError(f"dataset {spec}: row 0's {prompt_column!r} is {kinds[0]} but row {index}'s is {kinds[1]}; "
+                            "use one form for every row")
 
 
 def _is_valid_prompt(prompt: Any) -> bool:
@@ -203,15 +209,17 @@ def format_prompt(prompt: str | list[dict[str, str]], tokenizer: Any) -> str:
     """Text the policy sees: the chat template with a generation prompt when the tokenizer has
     one (plain strings become one user message), else the raw string.
 
-    A template that rejects the system role (Gemma's raises 'System role not supported') gets the
-    system message folded into the first user message, as Gemma's own templates do with it.
+    Messages ending in an assistant message are a prefill: the response continues that message
+    (TRL's continue_final_message) instead of opening a new turn. A template that rejects the
+    system role (Gemma's raises 'System role not supported') gets the system message folded into
+    the first user message, as Gemma's own templates do with it.
     """
     if tokenizer.chat_template:
         from jinja2 import TemplateError
 
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return _apply_template(tokenizer, messages)
         except TemplateError:
             if not messages or messages[0]["role"] != "system":
                 raise
@@ -220,10 +228,18 @@ def format_prompt(prompt: str | list[dict[str, str]], tokenizer: Any) -> str:
             rest[0] = {**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}
         else:
             rest.insert(0, {"role": "user", "content": system})
-        return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=True)
+        return _apply_template(tokenizer, rest)
     if isinstance(prompt, str):
         return prompt
-    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt) + "\nassistant:"
+    ends_in_prefill = prompt[-1]["role"] == "assistant"
+    lines = [f"{m['role']}: {m['content']}" for m in prompt]
+    return "\n".join(lines) if ends_in_prefill else "\n".join(lines) + "\nassistant:"
+
+
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    if messages and messages[-1]["role"] == "assistant":
+        return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def prompt_text(prompt: str | list[dict[str, str]]) -> str:

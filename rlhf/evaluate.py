@@ -144,8 +144,12 @@ def sample_and_score(
     prompt_column: str = "prompt",
     batch_size: int = 16,
     eos_token_ids: list[int] | None = None,
+    reward_extras: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Sample ``num_samples`` responses per prompt from ``policy`` and score each one.
+
+    ``reward_extras``: keywords every reward call gets besides the rollout's (a training run's
+    trainer_state and log_metric, so its periodic evaluation calls rewards as training does).
 
     base() enters a context yielding the base model (e.g. the policy with its adapter disabled);
     None means the policy is the base (KL 0). Returns one record per (prompt, sample) with the
@@ -166,7 +170,7 @@ def sample_and_score(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             row_seeds=[sample_seed(seed, p, s) for p, s in chunk], eos_token_ids=eos_token_ids,
         )
-        output = reward(rollout.prompts, rollout.completions, **reward_inputs(rollout))
+        output = reward(rollout.prompts, rollout.completions, **reward_inputs(rollout), **(reward_extras or {}))
         rewards = output.combined()  # outcome + process rewards
         scores = _base_scores(policy, rollout, base, temperature)
         for i, (prompt_index, sample_index) in enumerate(chunk):

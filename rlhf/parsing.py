@@ -51,7 +51,12 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
             return [_scalar(item_type, v) for v in items]
         return _scalar(tp, value)
     except (TypeError, ValueError):
-        expected = "a JSON object" if typing.get_origin(tp) is dict else getattr(tp, "__name__", tp)
+        if typing.get_origin(tp) is dict:
+            expected = "a JSON object"
+        elif typing.get_origin(tp) is list:
+            expected = f"a list of {getattr(typing.get_args(tp)[0], '__name__', 'values')} values"
+        else:
+            expected = getattr(tp, "__name__", tp)
         raise ConfigError(f"{key} expects {expected}, got {value!r}") from None
 
 

@@ -19,6 +19,17 @@ import numpy as np
 CI_LEVEL = 0.95
 
 
+def json_safe(value: Any) -> Any:
+    """NaN (a reward that did not apply, a statistic without data) as null: bare NaN is not JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def bootstrap_ci(values: list[float] | np.ndarray, seed: int = 0, resamples: int = 2000,
                  level: float = CI_LEVEL) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``values`` (one value per prompt).
@@ -208,7 +219,7 @@ def write_outputs(output_dir: Path, report: dict[str, Any], records: dict[str, l
     from rlhf.plots import plot_reward_distribution, plot_reward_vs_kl
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (output_dir / "report.json").write_text(json.dumps(json_safe(report), indent=2))
     (output_dir / "report.md").write_text(render_markdown(report))
     first = next(iter(records.values()))
     with (output_dir / "samples.jsonl").open("w") as handle:
@@ -217,6 +228,6 @@ def write_outputs(output_dir: Path, report: dict[str, Any], records: dict[str, l
                    "prompt": record["prompt"],
                    "responses": {label: {key: records[label][i][key] for key in ("response", "reward", "rewards", "kl")}
                                  for label in records}}
-            handle.write(json.dumps(row) + "\n")
+            handle.write(json.dumps(json_safe(row)) + "\n")
     plot_reward_distribution(records, output_dir / "reward_distribution.png")
     plot_reward_vs_kl(records, output_dir / "reward_vs_kl.png")

@@ -51,8 +51,8 @@ class RewardTrainerState:
     max_steps: int
 
 
-def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: int,
-          tokenizer: Any = None) -> tuple[Tensor, Tensor | None, dict[str, float]]:
+def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: int, tokenizer: Any = None,
+          logged_columns: dict[str, list[Any]] | None = None) -> tuple[Tensor, Tensor | None, dict[str, float]]:
     """Outcome scores [B] from the reward functions, minus the no-EOS and overlong penalties if
     set, clipped and normalised over the global batch when asked; process rewards [B, T] on the
     tokens they name (None when no function returned any). reward_mean/std in the metrics are
@@ -64,11 +64,16 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
     """
     logged: dict[str, list[float]] = {}
 
-    def log_metric(name: str, value: float) -> None:  # TRL's hook for reward functions
+    def log_metric(name: str, value: float) -> None:  # TRL's hooks for reward functions
         logged.setdefault(name, []).append(float(value))
 
+    def log_extra(column: str, values: list[Any]) -> None:  # extra per-sample columns (samples.jsonl)
+        if logged_columns is not None:
+            logged_columns.setdefault(column, []).extend(values)
+
     output = reward(rollout.prompts, rollout.completions, **reward_inputs(rollout),
-                    trainer_state=RewardTrainerState(step - 1, config.max_steps), log_metric=log_metric)
+                    trainer_state=RewardTrainerState(step - 1, config.max_steps), log_metric=log_metric,
+                    log_extra=log_extra)
     device = rollout.mask.device
     scores = torch.tensor(output.total, dtype=torch.float32, device=device)
     unscorable = torch.tensor(output.unscorable or [False] * len(scores), dtype=torch.bool, device=device)

@@ -94,14 +94,17 @@ def metrics_row(metrics: dict[str, float]) -> dict[str, float]:
     return row
 
 
-def append_samples(path: Path, step: int, rollout: Any, scores: Any, count: int) -> None:
-    """The first ``count`` prompt/completion/reward rows of a step, one JSON object per line."""
+def append_samples(path: Path, step: int, rollout: Any, scores: Any, count: int,
+                   extra: dict[str, list[Any]] | None = None) -> None:
+    """The first ``count`` prompt/completion/reward rows of a step, one JSON object per line, with
+    the columns reward functions logged for the step (TRL's log_extra)."""
     with path.open("a") as handle:
         for i in range(min(count, len(rollout))):
-            handle.write(json.dumps({"step": step, "prompt": rollout.prompts[i],
-                                     "completion": rollout.completions[i],
-                                     # None: every reward function said "not applicable"
-                                     "reward": None if math.isnan(scores[i]) else float(scores[i])}) + "\n")
+            row = {"step": step, "prompt": rollout.prompts[i], "completion": rollout.completions[i],
+                   # None: every reward function said "not applicable"
+                   "reward": None if math.isnan(scores[i]) else float(scores[i])}
+            row.update({column: values[i] for column, values in (extra or {}).items() if column not in row})
+            handle.write(json.dumps(row, default=str) + "\n")
 
 
 def flat_config(config: Any) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from rlhf.evaluate import adapter_disabled, sample_and_score
 from rlhf.experience import Experience, make_experience, plan_passes
 from rlhf.models import PolicyWithValue, load_tokenizer, stop_token_ids
 from rlhf.rollout import Rollout, sample_rollout
-from rlhf.scoring import sample_with_spread, score
+from rlhf.scoring import RewardTrainerState, sample_with_spread, score
 from rlhf.signals import StopOnSignal, TrainingInterrupted
 from rlhf.tracking import JSONLTracker, append_samples, flat_config, metrics_row, throughput, truncate_metrics
 from rlhf.update import UPDATERS
@@ -73,6 +73,7 @@ class RLTrainer:
             config, model = None, config
         config = with_overrides(args or config or RLConfig(), model=model, reward_funcs=reward_funcs,
                                 train_dataset=train_dataset)
+        config.check_reward_weights()
         self.config = config
         self.base_model = model if isinstance(model, torch.nn.Module) else None
         self.output_dir = Path(config.output_dir)
@@ -125,6 +126,7 @@ class RLTrainer:
         self.baseline = MovingAverageBaseline(config.baseline_decay)
         self.sampler = PromptSampler(len(self.dataset), config.rollout_batch_size, config.seed)
         self.step = 0
+        self.logged_columns: dict[str, list[Any]] = {}  # reward functions' log_extra, per step
 
     @property
     def unwrapped(self) -> PolicyWithValue:
@@ -172,6 +174,7 @@ class RLTrainer:
         config, clock = self.config, time.perf_counter
         step_start = clock()
         score_seconds = []
+        self.logged_columns = {}
 
         def timed_score(rollout: Rollout) -> tuple[Tensor, Tensor | None, dict[str, float]]:
             start = clock()
@@ -215,7 +218,10 @@ class RLTrainer:
         if self.step % config.logging_steps == 0 or self.step == config.max_steps:
             self.accelerator.log(metrics_row(metrics), step=self.step)
             if self.accelerator.is_main_process and config.num_samples_to_log:
-                append_samples(self.output_dir / "samples.jsonl", self.step, rollout, scores, config.num_samples_to_log)
+                # log_extra columns line up with the rows unless dynamic sampling drew several rounds
+                extra = {k: v for k, v in self.logged_columns.items() if len(v) == len(rollout)}
+                append_samples(self.output_dir / "samples.jsonl", self.step, rollout, scores, config.num_samples_to_log,
+                               extra if not config.dynamic_sampling else {})
         return metrics
 
     def rollout(self) -> Rollout:
@@ -235,7 +241,8 @@ class RLTrainer:
                               num_generations, group_offset, eos_token_ids=self.stop_ids)
 
     def score(self, rollout: Rollout) -> tuple[Tensor, Tensor | None, dict[str, float]]:
-        return score(self.reward, rollout, self.config, self.reducer, self.step + 1, self.tokenizer)
+        return score(self.reward, rollout, self.config, self.reducer, self.step + 1, self.tokenizer,
+                     logged_columns=self.logged_columns)
 
     def make_experience(self, rollout: Rollout, scores: Tensor,
                         token_scores: Tensor | None = None) -> tuple[Experience, dict[str, float]]:
@@ -271,6 +278,7 @@ class RLTrainer:
                 base=lambda: adapter_disabled(model.policy), seed=config.seed, max_new_tokens=config.max_new_tokens,
                 temperature=config.temperature, top_p=config.top_p, max_prompt_length=config.max_prompt_length,
                 prompt_column=config.prompt_column, eos_token_ids=self.stop_ids,
+                reward_extras={"trainer_state": RewardTrainerState(self.step, config.max_steps)},
                 batch_size=config.generation_batch_size or config.rollout_batch_size * config.num_generations // accelerator.num_processes,
             )
         reward_sum, kl_sum, evaluated = self.reducer.sum(

@@ -362,3 +362,117 @@ def test_rlconfig_from_dict_reads_trl_names_and_keeps_python_values():
         RLConfig.from_dict({"per_device_train_batch_size": 4})
     with pytest.raises(Exception, match="both set max_new_tokens"):
         RLConfig.from_dict({"max_completion_length": 24, "max_new_tokens": 16})
+
+
+# ------------------------------------------------------------------ found by trying it as a stranger
+
+
+def test_training_and_periodic_evaluation_pass_what_trl_passes(tiny_model_dir, tmp_path):
+    """A TRL function that needs trainer_state and log_extra (no defaults). Before: evaluation
+    called it without trainer_state (TypeError at the first eval), training without log_extra."""
+    from rlhf.trainer import RLTrainer
+
+    steps = []
+
+    def curriculum(completions, trainer_state, log_extra, log_metric, **kwargs):
+        steps.append(trainer_state.global_step)
+        log_extra("length", [len(c[0]["content"]) for c in completions])
+        log_metric("curriculum/calls", 1.0)
+        return [trainer_state.global_step / trainer_state.max_steps] * len(completions)
+
+    out = tmp_path / "run"
+    dataset = datasets.Dataset.from_list(CHAT_ROWS)
+    RLTrainer(model=str(tiny_model_dir), reward_funcs=[curriculum], train_dataset=dataset, eval_dataset=dataset,
+              args=grpo_config(tiny_model_dir, out, eval_steps=1, eval_num_prompts=2)).train()
+    assert steps[:2] == [0, 1]  # training step 1 sees 0 completed steps; its evaluation after it sees 1
+    rows = metrics_rows(out)
+    assert rows[0]["curriculum/calls"] == 1.0 and "eval/reward_mean" in rows[0]
+    sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    assert sample["length"] == len(sample["completion"])
+
+
+def test_reward_weights_in_the_config_go_with_the_trainers_functions(tiny_model_dir, tmp_path):
+    """TRL's pattern: GRPOConfig(reward_weights=...) + GRPOTrainer(reward_funcs=[a, b]). Before:
+    'reward_weights has 2 values but reward_funcs has 1' when the config was built."""
+    from rlhf.errors import ConfigError
+    from rlhf.trainer import RLTrainer
+
+    config = grpo_config(tiny_model_dir, tmp_path / "run", max_steps=1, reward_weights=[0.5, 2.0])
+    trainer = RLTrainer(model=str(tiny_model_dir), reward_funcs=[scaled, functools.partial(scaled, scale=0.25)],
+                        args=config, train_dataset=datasets.Dataset.from_list(CHAT_ROWS))
+    assert trainer.reward.weights == [0.5, 2.0]
+    with pytest.raises(ConfigError, match="reward_weights has 2 values but reward_funcs has 3"):
+        RLTrainer(model=str(tiny_model_dir), reward_funcs=[scaled, scaled, scaled], args=config)
+    with pytest.raises(ConfigError, match="reward_weights must be numbers, got None"):
+        RLConfig(reward_funcs=["sentiment", "length"], reward_weights=[None, 1.0])
+
+
+def test_return_values_as_trl_takes_them():
+    """bool, numpy and torch values count as numbers; strings are refused (TRL's torch.tensor
+    refuses them too); a signature that cannot take the reward arguments says so."""
+    import numpy as np
+
+    from rlhf.errors import RewardError
+
+    def mixed(completions, **kwargs):
+        return [True, np.float32(0.5), torch.tensor(0.25), None]
+
+    assert CombinedReward([mixed])(["p"] * 4, ["a"] * 4).components["mixed"][:3] == [1.0, 0.5, 0.25]
+    with pytest.raises(RewardError, match="returned '0.5' for sample 0"):
+        CombinedReward([lambda completions, **kw: ["0.5"] * len(completions)])(["p"], ["a"])
+
+    def strict(prompts, completions):
+        return [1.0] * len(completions)
+
+    with pytest.raises(RewardError, match="strict' cannot take the arguments .* add \\*\\*kwargs"):
+        CombinedReward([strict])(["p"], ["a"], answer=["x"])
+
+
+def test_async_rewards_inside_a_running_event_loop():
+    """Jupyter and async apps run a loop already. Before: asyncio.run() cannot be called from a
+    running event loop."""
+    async def main():
+        return CombinedReward([AsyncJudge()])(["p", "q"], ["a", "b"])
+
+    assert asyncio.run(main()).components["AsyncJudge"] == [0.5, 0.5]
+
+
+def test_a_loaded_reward_model_object_scores_like_its_dir(tiny_reward_backbone):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_backbone)
+    by_object = CombinedReward([model])(["Say hi."] * 2, ["hello there", "go away"])
+    by_dir = CombinedReward([str(tiny_reward_backbone)])(["Say hi."] * 2, ["hello there", "go away"])
+    name = tiny_reward_backbone.name
+    assert by_object.components[name] == pytest.approx(by_dir.components[name])
+
+
+def test_prompts_of_both_forms_in_one_column_are_refused(tmp_path):
+    from rlhf.data import load_prompt_dataset
+    from rlhf.errors import DataError
+
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"prompt": "plain"}) + "\n" + json.dumps({"prompt": CHAT_ROWS[0]["prompt"]}) + "\n")
+    with pytest.raises(DataError, match="row 0's 'prompt' is a string but row 1's is chat messages"):
+        load_prompt_dataset(str(mixed))
+
+
+def test_a_final_assistant_message_is_continued():
+    """A prefill: the response continues it (TRL's continue_final_message). Before: the template
+    closed it and opened a new assistant turn."""
+    from transformers import AutoTokenizer
+
+    from rlhf.data import format_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "tokenizer")
+    text = format_prompt([{"role": "user", "content": "Greet me."}, {"role": "assistant", "content": "Hello! How"}],
+                         tokenizer)
+    assert text.endswith("Hello! How"), text
+    assert format_prompt([{"role": "user", "content": "Greet me."}], tokenizer).endswith("assistant\n")
+
+
+def test_report_json_has_null_not_nan(tmp_path):
+    from rlhf.report import json_safe
+
+    assert json.loads(json.dumps(json_safe({"a": [math.nan, 1.0], "b": {"c": math.nan}}))) == {
+        "a": [None, 1.0], "b": {"c": None}}
