@@ -47,6 +47,7 @@ from typing import Any, Callable
 
 from reward_models.builtins import BUILTIN_REWARDS
 from rlhf.errors import RewardError
+from rlhf.paths import looks_local
 
 RewardFn = Callable[..., Any]
 
@@ -75,10 +76,12 @@ def load_reward_function(spec: str | RewardFn, kwargs: dict[str, Any] | None = N
         if kwargs:  # user functions receive their reward_kwargs as extra keyword arguments
             return _with_kwargs(fn, kwargs)
         return fn
-    if Path(spec).is_dir() or (spec.count("/") == 1 and not Path(spec).exists()):
+    if Path(spec).is_dir() or (spec.count("/") == 1 and not looks_local(spec)):
         from reward_models.learned import LearnedReward
 
         return LearnedReward(spec, device=device, **kwargs)
+    if looks_local(spec):  # e.g. outputs/reward_model before train_reward_model.py wrote it: not a hub id
+        raise RewardError(f"reward model dir not found: {spec} (a local path; train_reward_model.py writes one)")
     raise RewardError(
         f"unknown reward {spec!r}: use a built-in ({', '.join(BUILTIN_REWARDS)}), path/to/file.py:function, "
         "package.module:function, a reward-model dir, or an http(s):// URL"
@@ -180,12 +183,20 @@ def _single_sample(call_kwargs: dict[str, Any], index: int) -> dict[str, Any]:
     return {k: (v[index:index + 1] if isinstance(v, list) and len(v) == count else v) for k, v in call_kwargs.items()}
 
 
+def _as_list(values: Any) -> list[Any]:
+    """A function's batch result as a list: a list, tuple, numpy array or torch tensor of values.
+    A dict (its keys), a string (its characters) or a scalar is no batch: TypeError."""
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+        raise TypeError(type(values).__name__)
+    return list(values)
+
+
 def _failing_sample(fn: RewardFn, call_kwargs: dict[str, Any]) -> str:
     """Re-run a failed batch one sample at a time to tell the user which sample breaks it."""
     for i in range(len(call_kwargs["completions"])):
         try:
             fn(**_single_sample(call_kwargs, i))
-        except Exception:
+        except (Exception, SystemExit):
             return f" on sample {i} (completion {_text(call_kwargs['completions'][i])[:50]!r})"
     return ""
 
@@ -242,8 +253,8 @@ def _tolerant_values(fn: RewardFn, call_kwargs: dict[str, Any], count: int) -> t
         result = fn(**call_kwargs)
         if inspect.isawaitable(result):
             result = run_coroutine(_awaited(result))
-        values = list(result)
-    except Exception:
+        values = _as_list(result)
+    except (Exception, SystemExit):
         return [0.0] * count, [True] * count, True
     if len(values) != count:
         return [0.0] * count, [True] * count, True
@@ -391,7 +402,7 @@ class CombinedReward:
                 result = fn(**call_kwargs)
             except RewardError:
                 raise
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # SystemExit too: it would end the run with rc 0
                 if _is_call_mismatch(exc):
                     raise RewardError(f"reward {_label(spec)!r} cannot take the arguments reward functions get "
                                       f"({', '.join(call_kwargs)}): {exc}; add **kwargs to its signature") from None
@@ -439,7 +450,7 @@ class CombinedReward:
     @staticmethod
     def _check(spec: Any, values: Any, completions: list[Any]) -> list[float | Steps | None]:
         try:
-            values = list(values)
+            values = _as_list(values)
         except TypeError:
             raise RewardError(f"reward {_label(spec)!r} returned {type(values).__name__}, not a list of floats") from None
         if len(values) != len(completions):

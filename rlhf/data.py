@@ -10,6 +10,7 @@ import datasets
 import torch
 
 from rlhf.errors import DataError
+from rlhf.paths import looks_local
 
 # Package data lives in rlhf/data/ next to this module (a plain folder, not a package).
 BUILTIN_DIR = Path(__file__).parent / "data"
@@ -52,16 +53,10 @@ def _load_any(spec: Any, split: str, config_name: str | None = None) -> datasets
         return _load_dir(path, split, config_name)
     if path.is_file():
         return _load_file(path)
-    if _looks_local(spec):
+    if looks_local(spec):
         raise DataError(f"dataset not found: {spec} (give a .jsonl/.json/.csv/.parquet file, a dir, builtin:<name>, "
                         "or a Hugging Face hub dataset id)")
     return _load_hub(spec, split, config_name)
-
-
-def _looks_local(spec: str) -> bool:
-    """A name meant as a local path (a file suffix, ./ or an absolute path), not a hub id."""
-    return (spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in FILE_LOADERS
-            or spec.count("/") > 1 or "\\" in spec)
 
 
 def _load_hub(name: str, split: str, config_name: str | None) -> datasets.Dataset:
@@ -142,8 +137,13 @@ def _load_file(path: Path) -> datasets.Dataset:
 def _check_jsonl_lines(path: Path) -> None:
     """Name the file and line of the first malformed row (the datasets parser reports neither)."""
     rows = 0
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -187,7 +187,7 @@ def _check_prompts(dataset: datasets.Dataset, prompt_column: str, spec: str) -> 
         if not _is_valid_prompt(prompt):
             raise DataError(
                 f"dataset {spec} row {index}: {prompt_column!r} must be a non-empty string or a list of "
-                f"{{role, content}} messages, got {str(prompt)[:60]!r}"
+                f"{{role, content}} messages with non-empty content, got {str(prompt)[:60]!r}"
             )
         if isinstance(prompt, str) != isinstance(prompts[0], str):  # rewards get one form per batch
             kinds = ("a string", "chat messages") if isinstance(prompts[0], str) else ("chat messages", "a string")
@@ -201,7 +201,8 @@ def _is_valid_prompt(prompt: Any) -> bool:
     return (
         isinstance(prompt, list)
         and len(prompt) > 0
-        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt)
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                and bool(m["content"].strip()) for m in prompt)  # empty messages, like empty strings, are no prompt
     )
 
 

@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
+from rlhf.paths import looks_local
 from rlhf.errors import CheckpointError, ConfigError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -68,6 +69,9 @@ def resolve_model_path(name_or_path: str) -> str:
     """The embedded name maps to its converted cache dir; anything else is a dir or hub id."""
     if name_or_path == EMBEDDED_MODEL:
         return str(embedded_model_dir())
+    if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
+        raise ConfigError(f"cannot load model {name_or_path!r}: no such local dir (a path, so it is not looked up "
+                          "on the Hugging Face hub)")
     return name_or_path
 
 
