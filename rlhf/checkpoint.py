@@ -231,7 +231,9 @@ def load_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Mo
     saved = state.get("compatibility", {})
     for key, value in expected.items():
         if key in saved and saved[key] != value:
-            raise CheckpointError(f"checkpoint {path} was trained with {key}={saved[key]!r}, this run has {value!r}")
+            hint = ("; the restored optimizer and learning-rate schedule keep the checkpoint's, so start a new run "
+                    "(another output_dir) to change it" if key in OPTIMIZER_SETTINGS else "")
+            raise CheckpointError(f"checkpoint {path} was trained with {key}={saved[key]!r}, this run has {value!r}{hint}")
     # With an init adapter the top-level adapter is init + RL concatenated; training resumes the RL part.
     adapter_dir = path / RL_ADAPTER_DIR if (path / RL_ADAPTER_DIR).is_dir() else path
     adapter_file = adapter_dir / "adapter_model.safetensors"
@@ -294,10 +296,15 @@ def check_output_dir(output_dir: Path, process_index: int, resuming: bool, overw
         )
 
 
+OPTIMIZER_SETTINGS = ("learning_rate", "value_learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps")
+
+
 def compatibility(config: Any) -> dict[str, Any]:
     """The settings a checkpoint must share with the run that resumes it (load_checkpoint checks)."""
     c = config
     return {"model_name_or_path": c.model_name_or_path, "init_adapter": c.init_adapter, "lora_r": c.lora_r,
             "lora_alpha": c.lora_alpha, "lora_target_modules": c.lora_target_modules,
             "advantage_estimator": c.advantage_estimator, "policy_loss": c.policy_loss,
-            "update_method": c.update_method, "value_head": c.needs_value_head}
+            "update_method": c.update_method, "value_head": c.needs_value_head,
+            # The restored optimizer and schedule carry these; a resume could not apply new values.
+            **{key: getattr(c, key) for key in OPTIMIZER_SETTINGS}}
