@@ -16,12 +16,15 @@ HANDLED = (signal.SIGINT, signal.SIGTERM)
 class TrainingInterrupted(Exception):
     """Raised by the trainer after it saved a checkpoint because of a signal."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path):
+    def __init__(self, signum: int, step: int, checkpoint: Path, finished: bool = False):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        super().__init__(
-            f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint}; "
-            "continue with --resume_from_checkpoint latest (same output_dir)"
-        )
+        name = signal.Signals(signum).name
+        if finished:  # the signal came during the final save, which was completed first
+            message = f"{name} received while saving the final adapter; the run is complete: {checkpoint}"
+        else:
+            message = (f"stopped by {name} after step {step}; checkpoint {checkpoint}; "
+                       "continue with --resume_from_checkpoint latest (same output_dir)")
+        super().__init__(message)
 
     @property
     def exit_code(self) -> int:

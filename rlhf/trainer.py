@@ -166,8 +166,14 @@ class RLTrainer:
                     checkpoint = checkpoint or self.save_checkpoint()
                     accelerator.end_training()
                     raise TrainingInterrupted(signum, self.step, checkpoint)
-        self.save_final()
+            # Inside the handler: a signal now lets the final save complete instead of killing it
+            # half-way (with save_steps 0 it is the only copy of the run).
+            before_save = stop.received  # one after the last step just lets the run finish, as before
+            final = self.save_final()
+            signum = int(self.reducer.max(float(stop.received if stop.received != before_save else 0)))
         accelerator.end_training()
+        if signum:
+            raise TrainingInterrupted(signum, self.step, final, finished=True)
 
     def train_step(self) -> dict[str, float]:
         """One RL step: rollout -> score -> make_experience -> update, then evaluation and logging."""
