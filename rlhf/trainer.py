@@ -42,6 +42,7 @@ from rlhf.evaluate import adapter_disabled, sample_and_score
 from rlhf.experience import Experience, make_experience, plan_passes
 from rlhf.models import PolicyWithValue, load_tokenizer, stop_token_ids
 from rlhf.rollout import Rollout, sample_rollout
+from rlhf.runlock import OutputDirLock
 from rlhf.scoring import RewardTrainerState, sample_with_spread, score
 from rlhf.signals import StopOnSignal, TrainingInterrupted
 from rlhf.tracking import JSONLTracker, append_samples, flat_config, metrics_row, throughput, truncate_metrics
@@ -144,6 +145,10 @@ class RLTrainer:
     # ------------------------------------------------------------------------------ the loop
 
     def train(self) -> None:
+        with OutputDirLock(self.output_dir, enabled=self.accelerator.is_main_process):
+            self._train()
+
+    def _train(self) -> None:
         config, accelerator = self.config, self.accelerator
         self._start_run()
         progress = tqdm(range(self.step, config.max_steps), initial=self.step, total=config.max_steps,

@@ -34,3 +34,55 @@ def test_a_signal_during_the_final_save_finishes_it(tiny_model_dir, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"SIGTERM received while saving the final adapter; the run is complete: {out / 'final'}")
     assert (out / "final" / "adapter_model.safetensors").is_file() and not (out / ".tmp-final").exists()
+
+
+def test_a_second_run_on_a_locked_output_dir_exits_2_naming_the_holder(tmp_path):
+    """Item 2. Before: two runs 0.5 s apart interleaved their metrics rows."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    from rlhf.errors import ConfigError
+    from rlhf.runlock import OutputDirLock
+
+    with OutputDirLock(tmp_path / "run"):
+        with pytest.raises(ConfigError, match=f"in use by a running run \\(pid {os.getpid()} on"):
+            OutputDirLock(tmp_path / "run").__enter__()
+    with OutputDirLock(tmp_path / "run"):  # released when the run ends
+        pass
+    # a killed holder leaves no stale lock: the kernel drops it with the process
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from rlhf.runlock import OutputDirLock; "
+                               f"lock = OutputDirLock(Path({str(tmp_path / 'other')!r})).__enter__(); "
+                               "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(ConfigError, match=f"pid {holder.pid}"):
+        OutputDirLock(tmp_path / "other").__enter__()
+    holder.kill()
+    holder.wait()
+    with OutputDirLock(tmp_path / "other"):
+        pass
+
+
+def test_a_run_holds_the_lock_while_training(tiny_model_dir, tmp_path, run_here, monkeypatch):
+    from rlhf.runlock import OutputDirLock
+    from rlhf.trainer import RLTrainer
+
+    out = tmp_path / "run"
+    seen = []
+    original = RLTrainer.train_step
+
+    def step_and_probe(self):
+        try:
+            OutputDirLock(out).__enter__()
+            seen.append("free")
+        except Exception as exc:
+            seen.append(str(exc))
+        return original(self)
+
+    monkeypatch.setattr(RLTrainer, "train_step", step_and_probe)
+    result = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "in use by a running run" in seen[0]
