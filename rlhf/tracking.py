@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +50,51 @@ class JSONLTracker(GeneralTracker):
     def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
         row = {"step": step, **{k: _json_number(v) for k, v in values.items()}}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_line(self.path, json.dumps(row))
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one row in one write; if the disk is full, cut off what part of it got written
+    (no torn row stays behind) and stop with one line."""
+    from rlhf.errors import CheckpointError
+
+    data = (line + "\n").encode()
+    with path.open("ab") as handle:
+        size = handle.tell()
+        try:
+            handle.write(data)
+            handle.flush()
+        except OSError as exc:
+            try:
+                handle.truncate(size)
+            except OSError:
+                pass  # truncate_metrics drops a torn last row on resume
+            raise CheckpointError(f"could not write {path.name} ({exc.strerror or exc}); checkpoints written so "
+                                  "far are intact: free space and resume with --resume_from_checkpoint latest") from None
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:  # also used for samples.jsonl
-    """Drop rows logged after ``last_step`` (a resumed run re-logs them; never double a step)."""
+    """Drop rows logged after ``last_step`` (a resumed run re-logs them; never double a step) and
+    a torn last row (a crash or full disk mid-write); the rewrite is atomic (temp file + rename)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) - 1:
+                continue  # the torn last row of a killed write
+            from rlhf.errors import CheckpointError
+
+            raise CheckpointError(f"{path}: row {number + 1} is not JSON (edited by hand?); repair or remove it "
+                                  "to resume") from None
+        if row.get("step", 0) <= last_step:
+            kept.append(line)
+    staging = path.with_name(f".tmp-{path.name}")
+    staging.write_text("".join(line + "\n" for line in kept))
+    os.replace(staging, path)
 
 
 def write_trainer_log(output_dir: Path, log_history: list[dict[str, Any]], final: dict[str, Any],
@@ -98,13 +134,15 @@ def append_samples(path: Path, step: int, rollout: Any, scores: Any, count: int,
                    extra: dict[str, list[Any]] | None = None) -> None:
     """The first ``count`` prompt/completion/reward rows of a step, one JSON object per line, with
     the columns reward functions logged for the step (TRL's log_extra)."""
-    with path.open("a") as handle:
-        for i in range(min(count, len(rollout))):
-            row = {"step": step, "prompt": rollout.prompts[i], "completion": rollout.completions[i],
-                   # None: every reward function said "not applicable"
-                   "reward": None if math.isnan(scores[i]) else float(scores[i])}
-            row.update({column: values[i] for column, values in (extra or {}).items() if column not in row})
-            handle.write(json.dumps(row, default=str) + "\n")
+    rows = []
+    for i in range(min(count, len(rollout))):
+        row = {"step": step, "prompt": rollout.prompts[i], "completion": rollout.completions[i],
+               # None: every reward function said "not applicable"
+               "reward": None if math.isnan(scores[i]) else float(scores[i])}
+        row.update({column: values[i] for column, values in (extra or {}).items() if column not in row})
+        rows.append(json.dumps(row, default=str))
+    if rows:
+        append_line(path, "\n".join(rows))
 
 
 def flat_config(config: Any) -> dict[str, Any]:
