@@ -37,7 +37,7 @@ from rlhf.config import RLConfig, changed_settings, save_config, with_overrides
 from rlhf.data import PromptSampler, check_prompt_lengths, describe_dataset, load_eval_dataset, load_prompt_dataset
 from rlhf.build import build_model
 from rlhf.distributed import Reducer, configure_sharding, gathered_state, make_accelerator, unwrapped_full_weights
-from rlhf.errors import TrainingDiverged
+from rlhf.errors import CheckpointError, TrainingDiverged
 from rlhf.evaluate import adapter_disabled, sample_and_score
 from rlhf.experience import Experience, make_experience, plan_passes
 from rlhf.models import PolicyWithValue, load_tokenizer, stop_token_ids
@@ -300,9 +300,13 @@ class RLTrainer:
 
     def _start_run(self) -> None:
         config, accelerator = self.config, self.accelerator
-        restart = (config.resume_from_checkpoint == "latest" and (self.output_dir / "config.yaml").is_file()
+        restart = (config.resume_from_checkpoint == "latest"
                    and not ckpt.list_checkpoints(self.output_dir / "checkpoints"))
-        if restart:  # this run was killed before its first checkpoint: nothing to load, start over
+        if restart and (self.output_dir / "final").exists():
+            raise CheckpointError(f"output_dir {self.output_dir} holds a finished run (final/) without checkpoints, so "
+                                  "there is nothing to resume; pass --overwrite_output_dir true to train it again, or "
+                                  "choose another output_dir")
+        if restart:  # killed before its first checkpoint (or while loading): nothing to load, start over
             accelerator.print(f"no complete checkpoint in {self.output_dir / 'checkpoints'} yet; starting from step 0")
         elif config.resume_from_checkpoint:
             self._resume(ckpt.resolve_checkpoint(config.resume_from_checkpoint, self.output_dir))

@@ -86,3 +86,25 @@ def test_a_run_holds_the_lock_while_training(tiny_model_dir, tmp_path, run_here,
     result = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "in use by a running run" in seen[0]
+
+
+def test_latest_on_a_finished_run_without_checkpoints_is_refused(tiny_model_dir, tmp_path, run_here):
+    """Item 5. Before: the finished run's metrics were wiped and it was trained again from step 0."""
+    out = tmp_path / "run"
+    assert run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1")).returncode == 0
+    before = (out / "metrics.jsonl").read_text()
+    again = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1",
+                                                "--resume_from_checkpoint", "latest"))
+    assert again.returncode == 2
+    assert "holds a finished run (final/) without checkpoints" in again.stderr.strip().splitlines()[-1]
+    assert (out / "metrics.jsonl").read_text() == before and (out / "final").is_dir()
+
+
+def test_latest_on_an_empty_output_dir_starts_from_step_0(tiny_model_dir, tmp_path, run_here):
+    """Item 5, the other way. Before: an output_dir left empty (killed while loading) was refused."""
+    out = tmp_path / "run"
+    out.mkdir()
+    result = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1",
+                                                 "--resume_from_checkpoint", "latest"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "starting from step 0" in result.stdout
