@@ -228,6 +228,7 @@ def load_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Mo
         state = json.loads((path / TRAINER_STATE).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupted: {TRAINER_STATE} unreadable ({exc})") from None
+    _check_trainer_state(state, path / TRAINER_STATE)
     saved = state.get("compatibility", {})
     for key, value in expected.items():
         if key in saved and saved[key] != value:
@@ -262,6 +263,48 @@ def load_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Mo
         raise CheckpointError(f"checkpoint {path} is corrupted: optimizer/RNG state unreadable "
                               f"({str(exc).splitlines()[0][:200]})") from None
     return state
+
+
+def _check_trainer_state(state: Any, file: Path) -> None:
+    """A hand-edited trainer_state.json: one line naming the file and the entry, not a KeyError
+    or TypeError from deep inside the resume."""
+    import math
+    import random
+
+    def refuse(what: str) -> None:
+        raise CheckpointError(f"{file} is invalid: {what}; restore the file or resume from another checkpoint")
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not isinstance(state, dict):
+        refuse(f"expected a JSON object, got {type(state).__name__}")
+    for key in ("step", "kl_controller", "baseline", "sampler", "python_rng"):
+        if key not in state:
+            refuse(f"no {key!r} entry")
+    if not is_int(state["step"]) or state["step"] < 0:
+        refuse(f"step must be an integer >= 0, got {state['step']!r}")
+    skips = state.get("consecutive_skips", 0)
+    if not is_int(skips) or skips < 0:
+        refuse(f"consecutive_skips must be an integer >= 0, got {skips!r}")
+    for key, fields in (("kl_controller", {"value": is_number}),
+                        ("baseline", {"value": is_number, "initialized": lambda v: isinstance(v, bool)}),
+                        ("sampler", {"epoch": lambda v: is_int(v) and v >= 0, "position": lambda v: is_int(v) and v >= 0})):
+        entry = state[key]
+        if not isinstance(entry, dict):
+            refuse(f"{key} must be a JSON object, got {type(entry).__name__}")
+        for name, ok in fields.items():
+            if name not in entry or not ok(entry[name]):
+                refuse(f"{key}.{name} is missing or of the wrong type ({entry.get(name)!r})")
+    if not isinstance(state.get("compatibility", {}), dict):
+        refuse("compatibility must be a JSON object")
+    try:
+        random.Random().setstate(decode_python_rng(state["python_rng"]))
+    except (TypeError, ValueError, OverflowError):
+        refuse("python_rng is not a saved random-generator state")
 
 
 def encode_python_rng(state: tuple) -> list:

@@ -26,6 +26,15 @@ REPORT_TARGETS = ("none", "jsonl", "tensorboard", "wandb")
 UPDATE_METHODS = ("optimizer", "trpo")
 REWARD_ERROR_MODES = ("raise", "skip_batch", "zero")
 PROMPT_OVERFLOW_MODES = ("truncate", "error")
+# transformers.SchedulerType values that get_scheduler builds from warm-up and total steps alone
+# (importing transformers here would slow every config; a test keeps the list in step). The others
+# need arguments this config does not pass (min_lr, num_decay_steps) or a metric (reduce_lr_on_plateau).
+LR_SCHEDULER_TYPES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                      "polynomial", "inverse_sqrt")
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeding limits
+# No model has this many positions; a larger max_prompt_length + max_new_tokens is a typo (1e9)
+# that would otherwise allocate until memory runs out.
+MAX_SEQUENCE_LENGTH = 1_000_000
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -222,6 +231,7 @@ class RLConfig:
             if not ok:
                 raise ConfigError(message)
 
+        self._check_finite_numbers()
         for name in ("max_steps", "rollout_batch_size", "num_generations", "mini_batch_size", "ppo_epochs",
                      "gradient_accumulation_steps", "max_new_tokens", "max_prompt_length", "lora_r",
                      "logging_steps", "eval_num_prompts", "max_consecutive_skips"):
@@ -234,6 +244,14 @@ class RLConfig:
         require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         require(self.value_learning_rate is None or self.value_learning_rate > 0, "value_learning_rate must be > 0")
         require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED,
+                f"seed must be an integer in 0..{MAX_SEED}, got {self.seed!r}")
+        require(self.lr_scheduler_type in LR_SCHEDULER_TYPES,
+                f"lr_scheduler_type {self.lr_scheduler_type!r} is not one of: {', '.join(LR_SCHEDULER_TYPES)}")
+        require(self.max_prompt_length + self.max_new_tokens <= MAX_SEQUENCE_LENGTH,
+                f"max_prompt_length + max_new_tokens = {self.max_prompt_length + self.max_new_tokens} tokens exceeds "
+                f"{MAX_SEQUENCE_LENGTH:,}; set --max_new_tokens to what the model can hold (e.g. 256)")
         require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         require(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         require(self.clip_range is None or self.clip_range > 0, f"clip_range must be > 0 (typical 0.2), got {self.clip_range}")
@@ -314,6 +332,37 @@ class RLConfig:
             f"gradient_accumulation_steps {self.gradient_accumulation_steps} must divide mini_batch_size {self.mini_batch_size}",
         )
 
+    def _check_finite_numbers(self) -> None:
+        """Every float setting (optional ones when set) and every number in reward_weights must be
+        finite: .inf / .nan parse as floats but train nothing useful (or nothing at all)."""
+        for f in dataclasses.fields(self):
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            value = getattr(self, f.name)
+            if kind in ("float", "float | None", "int", "int | None") and value is not None:
+                values = [value]
+            elif kind in ("list[float] | None", "list[float]") and isinstance(value, (list, tuple)):
+                values = list(value)
+            else:
+                continue
+            for item in values:
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise ConfigError(f"{f.name} must be a finite number, got {item}")
+
+    @staticmethod
+    def _check_finite_kwargs(setting: str, kwargs: dict[str, Any]) -> None:
+        def walk(key: str, value: Any) -> None:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{setting} {key} must be a finite number, got {value}")
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{key}.{k}", v)
+            elif isinstance(value, (list, tuple)):
+                for i, v in enumerate(value):
+                    walk(f"{key}[{i}]", v)
+
+        for key, value in kwargs.items():
+            walk(str(key), value)
+
     def _check_algorithm_settings(self) -> None:
         """policy_loss_kwargs / advantage_kwargs: names the function has, and values it accepts (one
         call on a 1 x 2 dummy batch, so a refused value stops the run now, not mid-training)."""
@@ -330,6 +379,7 @@ class RLConfig:
         for setting, entry, probe in probes:
             kwargs = entry.coerce_kwargs(getattr(self, setting))
             setattr(self, setting, kwargs)
+            self._check_finite_kwargs(setting, kwargs)
             try:
                 entry.check_kwargs(kwargs, setting)
             except ValueError as exc:

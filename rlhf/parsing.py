@@ -242,7 +242,17 @@ def changed_settings(previous_file: Path, config: Any) -> list[str]:
     """'key old -> new' for each setting that differs from the config.yaml a run saved before."""
     if not previous_file.is_file():
         return []
-    previous = yaml.safe_load(previous_file.read_text()) or {}
+    try:
+        previous = yaml.safe_load(previous_file.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{previous_file}:{mark.line + 1}" if mark is not None else str(previous_file)
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{where}: the previous run's config is unreadable ({problem}); fix or delete that "
+                          "file (a resumed run takes its settings from --config and the command line)") from None
+    if not isinstance(previous, dict):
+        raise ConfigError(f"{previous_file}: the previous run's config must be a mapping of key: value, got "
+                          f"{type(previous).__name__}; fix or delete that file")
     current = config.to_dict()
     return [f"{key} {previous[key]!r} -> {current[key]!r}" for key in current
             if key in previous and previous[key] != current[key] and key != "resume_from_checkpoint"]
