@@ -91,12 +91,12 @@ def load_reward_function(spec: str | RewardFn, kwargs: dict[str, Any] | None = N
 def _with_kwargs(fn: RewardFn, extra: dict[str, Any]) -> RewardFn:
     if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
         async def call_async(*args: Any, **kwargs: Any) -> Any:
-            return await fn(*args, **{**extra, **kwargs})
+            return await fn(*args, **{**kwargs, **extra})  # the configured reward_kwargs win
         call_async.__name__ = callable_name(fn)
         return call_async
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **{**extra, **kwargs})
+        return fn(*args, **{**kwargs, **extra})  # the configured reward_kwargs win over same-named columns
     call.__name__ = callable_name(fn)
     return call
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import math
 import socket
 import threading
@@ -142,7 +143,7 @@ class RemoteReward:
     bounded retries with exponential backoff."""
 
     def __init__(self, url: str, timeout: float = 30.0, max_retries: int = 3, backoff: float = 0.5,
-                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES):
+                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES, token: str | None = None):
         def number(name: str, value: Any, minimum: float, strict: bool, integer: bool = False) -> Any:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if ok and integer:
@@ -159,6 +160,8 @@ class RemoteReward:
         self.backoff = number("backoff", backoff, 0, strict=False)
         self.max_response_bytes = number("max_response_bytes", max_response_bytes, 0, strict=True, integer=True)
         self.__name__ = url
+        # The server's shared secret (serve_reward.py --token): reward_kwargs token, else the environment.
+        self.token = token if token is not None else os.environ.get("RLHF_REWARD_TOKEN") or None
 
     def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> list[Any]:
         # Per-sample columns only: trainer extras (trainer_state, log_metric, ...) stay here.
@@ -183,7 +186,8 @@ class RemoteReward:
         with _Deadline(self.timeout) as deadline:
             opener = urllib.request.build_opener(_RefuseRedirects, _HTTPHandler(deadline), _HTTPSHandler(deadline))
             request = urllib.request.Request(self.url, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
+                                             headers={"Content-Type": "application/json",
+                                                      **({"Authorization": f"Bearer {self.token}"} if self.token else {})})
             try:
                 with opener.open(request, timeout=deadline.remaining()) as response:
                     return self._read(response, deadline)

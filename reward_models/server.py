@@ -1,49 +1,135 @@
 """Serve any reward spec over HTTP so rewards can run in another process or on another machine.
 
 POST {"prompts": [...], "completions": [...], <columns>} -> {"rewards": [...], "components": {...}}
-Bad requests get HTTP 400 with {"error": "..."}; the client (RemoteReward) does not retry those.
+
+Hardened for use beyond localhost:
+- optional shared-secret token (``--token`` or RLHF_REWARD_TOKEN): requests must send
+  ``Authorization: Bearer <token>``, compared in constant time (401 otherwise);
+- ``max_body_bytes`` (413 above it; a missing, negative or non-numeric Content-Length is 411/400,
+  never a read that hangs); a socket timeout per connection (slow or idle clients are dropped);
+- a bounded worker pool: at most ``workers`` requests run at once, the rest wait in the backlog;
+- the request's columns are per-sample data only: a scalar in the body (say "max_words": 1000)
+  does not reach the functions, and the server's reward_kwargs win over same-named columns;
+- every failure is answered with JSON {"error": ...} and a 4xx/5xx status.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import os
+import socketserver
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 from reward_models.loader import CombinedReward
 from rlhf.errors import RewardError
 
+TOKEN_ENV = "RLHF_REWARD_TOKEN"
 
-def make_server(reward: CombinedReward, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+
+class _PooledHTTPServer(socketserver.ThreadingMixIn, HTTPServer):
+    """HTTPServer whose requests run on a fixed pool of threads (ThreadingMixIn would start one
+    thread per connection, without bound)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type, workers: int):
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward")
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.pool.submit(self.process_request_thread, request, client_address)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def make_server(reward: CombinedReward, host: str = "127.0.0.1", port: int = 8000, *, token: str | None = None,
+                max_body_bytes: int = 16 * 1024 * 1024, timeout: float = 30.0, workers: int = 8) -> HTTPServer:
+    token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+
     class RewardHandler(BaseHTTPRequestHandler):
+        def setup(self) -> None:
+            self.timeout = timeout  # StreamRequestHandler applies it to the socket: idle clients are dropped
+            super().setup()
+
         def do_POST(self) -> None:  # noqa: N802 - http.server's naming
             try:
-                length = int(self.headers.get("Content-Length", 0))
-                request = json.loads(self.rfile.read(length) or b"{}")
+                self._check_token()
+                request = self._read_json()
                 if not isinstance(request, dict) or not isinstance(request.get("completions"), list):
-                    raise ValueError('body must be {"prompts": [...], "completions": [...], ...}')
+                    raise _HTTPError(400, 'body must be {"prompts": [...], "completions": [...], ...}')
                 completions = request.pop("completions")
                 prompts = request.pop("prompts", [""] * len(completions))
-                output = reward(prompts, completions, **request)
+                if not isinstance(prompts, list) or len(prompts) != len(completions):
+                    raise _HTTPError(400, "prompts must be a list as long as completions")
+                columns = {k: v for k, v in request.items() if isinstance(v, list) and len(v) == len(completions)}
+                output = reward(prompts, completions, **columns)
+            except _HTTPError as exc:
+                self._reply(exc.status, {"error": str(exc)})
+                return
             except (ValueError, RewardError) as exc:
                 self._reply(400, {"error": str(exc)})
+                return
+            except Exception as exc:  # a bug in a reward function: the client gets a reason, not a dropped line
+                self._reply(500, {"error": f"{type(exc).__name__}: {exc}"})
                 return
             components = {name: [None if math.isnan(v) else v for v in values]  # NaN is not JSON: None
                           for name, values in output.components.items()}
             self._reply(200, {"rewards": output.per_sample(completions), "components": components})
 
+        def do_GET(self) -> None:  # noqa: N802
+            self._reply(405, {"error": "POST a JSON body"})
+
+        def _check_token(self) -> None:
+            if token is None:
+                return
+            given = self.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                raise _HTTPError(401, "missing or wrong token (Authorization: Bearer ...)")
+
+        def _read_json(self) -> Any:
+            length_header = self.headers.get("Content-Length")
+            if length_header is None:
+                raise _HTTPError(411, "Content-Length required")
+            try:
+                length = int(length_header)
+            except ValueError:
+                raise _HTTPError(400, f"bad Content-Length {length_header!r}") from None
+            if length < 0:
+                raise _HTTPError(400, f"bad Content-Length {length}")
+            if length > max_body_bytes:
+                raise _HTTPError(413, f"body of {length} bytes is over the server's max_body_bytes {max_body_bytes}")
+            body = self.rfile.read(length)
+            if len(body) != length:
+                raise _HTTPError(400, "body shorter than its Content-Length")
+            try:
+                return json.loads(body or b"{}")
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise _HTTPError(400, f"body is not JSON ({exc})") from None
+
         def _reply(self, status: int, body: dict[str, Any]) -> None:
             payload = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+            except OSError:
+                pass  # the client went away
 
         def log_message(self, format: str, *args: Any) -> None:
             """Quiet: one line per request would flood a training log."""
 
-    # Rewards are plain Python; a lock-free threaded server is fine for CPU-bound scorers that
-    # release the GIL (torch, regex) and keeps a slow request from blocking health checks.
-    return ThreadingHTTPServer((host, port), RewardHandler)
+    return _PooledHTTPServer((host, port), RewardHandler, workers)

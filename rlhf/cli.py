@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhf.errors import UserError
+from rlhf.errors import ConfigError, UserError
 from rlhf.signals import TrainingInterrupted
 
 # What each train script means by its name; a --config file or CLI flag can still override.
@@ -181,14 +182,29 @@ def serve_reward_main(argv: list[str] | None = None, prog: str | None = None) ->
         parser.add_argument("--reward_funcs", nargs="+", default=["sentiment"], help="Reward specs, as in training.")
         parser.add_argument("--reward_weights", nargs="+", type=float, default=None, help="One weight per reward.")
         parser.add_argument("--reward_kwargs", type=json.loads, default={}, help="JSON: parameters per reward name.")
-        parser.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 for all).")
+        parser.add_argument("--host", default="127.0.0.1",
+                            help="Interface to listen on. Another than loopback exposes the rewards to the network: "
+                                 "set --token then.")
         parser.add_argument("--port", type=int, default=8000, help="TCP port.")
+        parser.add_argument("--token", default=None,
+                            help="Shared secret clients must send (Authorization: Bearer); default: $RLHF_REWARD_TOKEN. "
+                                 "Clients: reward_kwargs {\"host:port\": {\"token\": ...}} or the same variable.")
+        parser.add_argument("--max_body_bytes", type=int, default=16 * 1024 * 1024, help="Largest request body.")
+        parser.add_argument("--timeout", type=float, default=30.0, help="Seconds a connection may stay silent.")
+        parser.add_argument("--workers", type=int, default=8, help="Requests served at once (the rest wait).")
         args = parser.parse_args(argv)
         from reward_models.loader import CombinedReward
-        from reward_models.server import make_server
+        from reward_models.server import TOKEN_ENV, make_server
 
+        if min(args.max_body_bytes, args.workers) < 1 or not args.timeout > 0:
+            raise ConfigError("max_body_bytes and workers must be >= 1 and timeout > 0")
+        token = args.token or os.environ.get(TOKEN_ENV) or None
+        if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
+            print(f"warning: serving on {args.host} without --token: anyone who reaches the port can call the "
+                  "rewards", file=sys.stderr, flush=True)
         server = make_server(CombinedReward(args.reward_funcs, args.reward_weights, args.reward_kwargs),
-                             args.host, args.port)
+                             args.host, args.port, token=token, max_body_bytes=args.max_body_bytes,
+                             timeout=args.timeout, workers=args.workers)
         print(f"serving {', '.join(args.reward_funcs)} on http://{args.host}:{server.server_port}", flush=True)
         server.serve_forever()
 
