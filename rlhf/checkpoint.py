@@ -256,6 +256,7 @@ def load_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Mo
             value_head.load_state_dict(load_file(str(head_file)))
         except (SafetensorError, RuntimeError) as exc:
             raise CheckpointError(f"checkpoint {path}: {VALUE_HEAD_FILE} unreadable or of another shape ({exc})") from None
+    _verify_state_files(path / "accelerate", accelerator.process_index)
     try:
         # Accelerate loads optimizer/scheduler/RNG with torch.load(weights_only=True): no pickled code runs.
         accelerator.load_state(str(path / "accelerate"))
@@ -263,6 +264,26 @@ def load_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Mo
         raise CheckpointError(f"checkpoint {path} is corrupted: optimizer/RNG state unreadable "
                               f"({str(exc).splitlines()[0][:200]})") from None
     return state
+
+
+def _verify_state_files(state_dir: Path, process_index: int) -> None:
+    """Accelerate logs and skips an RNG state it cannot load (the resume would then sample other
+    responses than the uninterrupted run): check that this process's RNG state is there and that
+    every torch-saved state file is a complete, uncorrupted archive (the zip CRCs) first."""
+    import zipfile
+
+    rng_file = state_dir / f"random_states_{process_index}.pkl"
+    if not rng_file.is_file():
+        raise CheckpointError(f"checkpoint {state_dir.parent} is corrupted: optimizer/RNG state unreadable "
+                              f"({rng_file.name}, this process's RNG state, is missing); resume from another checkpoint")
+    for file in sorted(state_dir.glob("*.bin")) + [rng_file]:
+        try:
+            damaged = zipfile.ZipFile(file).testzip()
+        except (zipfile.BadZipFile, OSError) as exc:
+            damaged = f"not a complete archive ({exc})"
+        if damaged:
+            raise CheckpointError(f"checkpoint {state_dir.parent} is corrupted: optimizer/RNG state unreadable "
+                                  f"({file.name}: {damaged}); resume from another checkpoint")
 
 
 def _check_trainer_state(state: Any, file: Path) -> None:

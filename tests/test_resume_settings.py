@@ -108,3 +108,22 @@ def test_latest_on_an_empty_output_dir_starts_from_step_0(tiny_model_dir, tmp_pa
                                                  "--resume_from_checkpoint", "latest"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "starting from step 0" in result.stdout
+
+
+def test_a_missing_or_damaged_rng_state_is_refused(tiny_model_dir, tmp_path, run_here):
+    """Item 4. Before: Accelerate logged and skipped the RNG state; the resume returned 0 and
+    sampled other responses than the uninterrupted run."""
+    out = tmp_path / "run"
+    assert run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--save_steps", "1")).returncode == 0
+    state = out / "checkpoints" / "step-2" / "accelerate" / "random_states_0.pkl"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the archive
+    state.write_bytes(bytes(data))
+    damaged = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "3",
+                                                  "--resume_from_checkpoint", "latest"))
+    assert damaged.returncode == 2
+    assert "optimizer/RNG state unreadable (random_states_0.pkl" in damaged.stderr.strip().splitlines()[-1]
+    state.unlink()
+    missing = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "3",
+                                                  "--resume_from_checkpoint", "latest"))
+    assert missing.returncode == 2 and "random_states_0.pkl, this process's RNG state, is missing" in missing.stderr
