@@ -96,9 +96,10 @@ def _adapter_base(adapter_dir: Path) -> str:
 
 
 def _same_model(a: str, b: str) -> bool:
-    from rlhf.models import resolve_model_path
+    from rlhf.models import EMBEDDED_MODEL, embedded_model_dir
 
-    a, b = resolve_model_path(a), resolve_model_path(b)
+    # Only names are compared here (resolve_model_path would refuse a base that is not on disk).
+    a, b = (str(embedded_model_dir()) if name == EMBEDDED_MODEL else name for name in (a, b))
     if Path(a).exists() and Path(b).exists():
         return Path(a).resolve() == Path(b).resolve()
     return a == b
