@@ -322,20 +322,3 @@ def render_table(report: dict[str, Any]) -> str:
     if "ours_grpo_step_over_floor" in report:
         lines.append(f"ours-grpo step / floor (generate + forward/backward): x{report['ours_grpo_step_over_floor']:.2f}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from rlhf.cli import exit_on_user_error
-    from rlhf.config import parse_config
-
-    def run() -> None:
-        config = parse_config(argv, cls=BenchmarkConfig, prog="benchmark.py",
-                              description="This project's trainers vs TRL's GRPOTrainer on identical work.")
-        report = run_benchmark(config)
-        Path(config.out).write_text(json.dumps(report, indent=2))
-        print(render_table(report))
-        print(f"written: {config.out}")
-        if config.profile and "error" not in report["results"]["profile"]:
-            print(f"profile of one ours-grpo step: {Path(config.out).with_suffix('.profile.txt')}")
-
-    exit_on_user_error(run)

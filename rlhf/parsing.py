@@ -150,11 +150,12 @@ def _flags_given(argv: list[str]) -> set[str]:
 
 
 def _apply(cls: type, values: dict[str, Any], origin: dict[str, str], given: dict[str, Any],
-           native: set[str], where: str) -> None:
-    """One source's keys into ``values``: ours as they are, TRL's through rlhf.aliases."""
+           native: set[str], where: str, coerce_native: bool = True) -> None:
+    """One source's keys into ``values``: ours as they are (coerced from text unless
+    ``coerce_native`` is off: Python values of the API), TRL's through rlhf.aliases."""
     fields = {f.name for f in dataclasses.fields(cls)}
     for key in native:
-        values[key] = _coerce(cls, key, given[key])
+        values[key] = _coerce(cls, key, given[key]) if coerce_native else given[key]
         origin.pop(key, None)
     translated, came_from = aliases.translate(cls.__name__, fields, given, {key: values[key] for key in native}, where)
     for key, value in translated.items():
@@ -210,19 +211,10 @@ def dataclass_from_dict(cls: type, settings: dict[str, Any], where: str) -> Any:
     """``cls`` from a mapping in which TRL's names may stand for ours (the Python API's
     ``RLConfig.from_dict``). Our keys keep their Python values as given (a reward callable, a
     Dataset); TRL's are translated as in a YAML file. Raises ConfigError (one line)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {f.name: _default_of(f) for f in dataclasses.fields(cls)}
-    native = {key: value for key, value in settings.items() if key in fields}
-    values.update(native)
     origin: dict[str, str] = {}
-    translated, came_from = aliases.translate(cls.__name__, fields, dict(settings), native, where)
-    for key, value in translated.items():
-        try:
-            value = _coerce(cls, key, value)
-        except ConfigError as exc:
-            raise ConfigError(f"{came_from[key]} (TRL's name for {key}): {exc}") from None
-        values[key] = {**(values[key] or {}), **value} if isinstance(value, dict) else value
-        origin[key] = came_from[key]
+    _apply(cls, values, origin, dict(settings), {key for key in settings if key in values}, where,
+           coerce_native=False)
     _settle(values, origin)
     return cls(**values)
 
