@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from reward_models.builtins import BUILTIN_REWARDS
-from rlhf.errors import RewardError
+from reward_models.guard import RewardTimeout, run_guarded
+from rlhf.errors import RewardError, RewardUnavailable
 from rlhf.paths import looks_local
 
 RewardFn = Callable[..., Any]
@@ -177,10 +178,27 @@ def _import_file(path: Path, spec: str) -> Any:
     return module
 
 
-def _single_sample(call_kwargs: dict[str, Any], index: int) -> dict[str, Any]:
-    """The keyword arguments of a reward call cut down to sample ``index`` (per-sample lists only)."""
+def _subset(call_kwargs: dict[str, Any], indices: list[int]) -> dict[str, Any]:
+    """The keyword arguments of a reward call cut down to the samples ``indices`` (per-sample lists only)."""
     count = len(call_kwargs["completions"])
-    return {k: (v[index:index + 1] if isinstance(v, list) and len(v) == count else v) for k, v in call_kwargs.items()}
+    return {k: ([v[i] for i in indices] if isinstance(v, list) and len(v) == count else v)
+            for k, v in call_kwargs.items()}
+
+
+Invoke = Callable[[Callable[[], Any]], Any]  # runs a reward call (rlhf.reward_models.guard)
+
+
+def _direct(work: Callable[[], Any]) -> Any:
+    return work()
+
+
+def _called(fn: RewardFn, call_kwargs: dict[str, Any]) -> Callable[[], Any]:
+    """The whole call of ``fn`` (awaited if it is async), for an Invoke."""
+    def work() -> Any:
+        result = fn(**call_kwargs)
+        return run_coroutine(_awaited(result)) if inspect.isawaitable(result) else result
+
+    return work
 
 
 def _as_list(values: Any) -> list[Any]:
@@ -191,14 +209,28 @@ def _as_list(values: Any) -> list[Any]:
     return list(values)
 
 
-def _failing_sample(fn: RewardFn, call_kwargs: dict[str, Any]) -> str:
-    """Re-run a failed batch one sample at a time to tell the user which sample breaks it."""
-    for i in range(len(call_kwargs["completions"])):
+def _failing_sample(fn: RewardFn, call_kwargs: dict[str, Any], invoke: Invoke = _direct) -> str:
+    """Which sample breaks a failed batch, found by bisection (about 2 log2(n) calls on halves,
+    not one call per sample): '' when no part fails alone."""
+    def fails(indices: list[int]) -> bool:
         try:
-            fn(**_single_sample(call_kwargs, i))
+            invoke(_called(fn, _subset(call_kwargs, indices)))
+        except RewardUnavailable:
+            return False  # a timeout or lost server says nothing about the sample
         except (Exception, SystemExit):
-            return f" on sample {i} (completion {_text(call_kwargs['completions'][i])[:50]!r})"
-    return ""
+            return True
+        return False
+
+    suspects = list(range(len(call_kwargs["completions"])))
+    while len(suspects) > 1:
+        first, second = suspects[:len(suspects) // 2], suspects[len(suspects) // 2:]
+        if fails(first):
+            suspects = first
+        elif fails(second):
+            suspects = second
+        else:
+            return ""  # the batch fails only as a whole
+    return f" on sample {suspects[0]} (completion {_text(call_kwargs['completions'][suspects[0]])[:50]!r})"
 
 
 Steps = list[tuple[int, float]]  # process rewards of one sample: (char_position, reward)
@@ -246,18 +278,19 @@ def _value_of(reward: float | Steps | None) -> float:
     return float(sum(r for _, r in reward)) if isinstance(reward, list) else reward
 
 
-def _tolerant_values(fn: RewardFn, call_kwargs: dict[str, Any], count: int) -> tuple[list[Any], list[bool], bool]:
-    """(values with failures as 0.0, failure flag per sample, whether the call as a whole failed):
-    nothing a reward function does raises here."""
+def _tolerant_values(fn: RewardFn, call_kwargs: dict[str, Any], count: int,
+                     invoke: Invoke = _direct) -> tuple[list[Any], list[bool], str | None]:
+    """(values with failures as 0.0, failure flag per sample, how the call as a whole failed:
+    None, "raised" or "unavailable" (timeout, lost server)): nothing a reward function does
+    raises here."""
     try:
-        result = fn(**call_kwargs)
-        if inspect.isawaitable(result):
-            result = run_coroutine(_awaited(result))
-        values = _as_list(result)
+        values = _as_list(invoke(_called(fn, call_kwargs)))
+    except RewardUnavailable:
+        return [0.0] * count, [True] * count, "unavailable"
     except (Exception, SystemExit):
-        return [0.0] * count, [True] * count, True
+        return [0.0] * count, [True] * count, "raised"
     if len(values) != count:
-        return [0.0] * count, [True] * count, True
+        return [0.0] * count, [True] * count, "raised"
     out, bad = [], []
     for value in values:
         try:
@@ -266,7 +299,22 @@ def _tolerant_values(fn: RewardFn, call_kwargs: dict[str, Any], count: int) -> t
         except ValueError:
             out.append(0.0)
             bad.append(True)
-    return out, bad, False
+    return out, bad, None
+
+
+def _tolerant_search(fn: RewardFn, call_kwargs: dict[str, Any], indices: list[int],
+                     invoke: Invoke) -> tuple[list[Any], list[bool]]:
+    """Values and failure flags of ``indices``; a part that raises is split in halves until the
+    failing samples are found (k failures among n cost about 2k log2(n) calls, not n). A call
+    that failed as a whole (timeout, lost server) fails all its samples without a search: each
+    retry would fail (or wait) the same way."""
+    values, bad, failure = _tolerant_values(fn, _subset(call_kwargs, indices), len(indices), invoke)
+    if failure != "raised" or len(indices) == 1:
+        return values, bad
+    middle = len(indices) // 2
+    first_values, first_bad = _tolerant_search(fn, call_kwargs, indices[:middle], invoke)
+    second_values, second_bad = _tolerant_search(fn, call_kwargs, indices[middle:], invoke)
+    return first_values + second_values, first_bad + second_bad
 
 
 async def _awaited(awaitable: Any) -> Any:
@@ -362,8 +410,12 @@ class CombinedReward:
     """
 
     def __init__(self, specs: list[str | RewardFn], weights: list[float] | None = None,
-                 kwargs: dict[str, dict[str, Any]] | None = None, device: Any = None, on_error: str = "raise"):
+                 kwargs: dict[str, dict[str, Any]] | None = None, device: Any = None, on_error: str = "raise",
+                 timeout: float | None = None):
         self.on_error = on_error
+        self.timeout = timeout  # seconds per function call (reward_timeout); None = no limit
+        # Set by the trainer while it trains: true once a signal arrived (scoring is then abandoned).
+        self.should_stop: Callable[[], bool] | None = None
         self.specs = list(specs)
         self.weights = list(weights) if weights is not None else [1.0] * len(specs)
         if len(self.weights) != len(self.specs):
@@ -399,14 +451,16 @@ class CombinedReward:
         pending: dict[str, Any] = {}
         for name, spec, fn in zip(self.names, self.specs, self.functions):
             try:
-                result = fn(**call_kwargs)
+                # async functions return their coroutine at once; _await_all runs them together
+                result = self._invoke(_label(spec), lambda: fn(**call_kwargs))
             except RewardError:
                 raise
             except (Exception, SystemExit) as exc:  # SystemExit too: it would end the run with rc 0
                 if _is_call_mismatch(exc):
                     raise RewardError(f"reward {_label(spec)!r} cannot take the arguments reward functions get "
                                       f"({', '.join(call_kwargs)}): {exc}; add **kwargs to its signature") from None
-                raise RewardError(f"reward {_label(spec)!r} raised {_describe(exc)}{_failing_sample(fn, call_kwargs)}") from None
+                found = _failing_sample(fn, call_kwargs, lambda work: self._invoke(_label(spec), work))
+                raise RewardError(f"reward {_label(spec)!r} raised {_describe(exc)}{found}") from None
             if inspect.isawaitable(result):
                 pending[name] = result
             else:
@@ -420,14 +474,9 @@ class CombinedReward:
         count = len(completions)
         components: dict[str, list[float]] = {}
         failed = [False] * count
-        for name, fn in zip(self.names, self.functions):
-            values, bad, batch_failed = _tolerant_values(fn, call_kwargs, count)
-            if batch_failed:  # it raised on the batch: find the failing samples one at a time
-                values, bad = [], []
-                for i in range(count):
-                    value, one_bad, _ = _tolerant_values(fn, _single_sample(call_kwargs, i), 1)
-                    values += value
-                    bad += one_bad
+        for name, spec, fn in zip(self.names, self.specs, self.functions):
+            values, bad = _tolerant_search(fn, call_kwargs, list(range(count)),
+                                           lambda work, label=_label(spec): self._invoke(label, work))
             components[name] = values
             failed = [f or b for f, b in zip(failed, bad)]
         output = _combine(self.names, self.weights, components, count)
@@ -436,14 +485,34 @@ class CombinedReward:
         output.unscorable = [u and not f for u, f in zip(output.unscorable, failed)]
         return output
 
-    def _await_all(self, pending: dict[str, Any]) -> dict[str, Any]:
-        async def gather() -> list[Any]:
-            return await asyncio.gather(*pending.values(), return_exceptions=True)
+    def _invoke(self, label: str, work: Callable[[], Any]) -> Any:
+        """A reward call under reward_timeout and the trainer's stop flag (reward_models.guard)."""
+        return run_guarded(work, label, self.timeout, self.should_stop)
 
-        results = run_coroutine(gather())
+    def _await_all(self, pending: dict[str, Any]) -> dict[str, Any]:
+        timeout = self.timeout
+        timed_out = object()
+
+        async def limited(awaitable: Any) -> Any:
+            task = asyncio.ensure_future(awaitable)
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if not done:  # not asyncio.wait_for: a TimeoutError the function raises itself stays its own
+                task.cancel()
+                return timed_out
+            return task.result()
+
+        async def gather() -> list[Any]:
+            return await asyncio.gather(*map(limited, pending.values()), return_exceptions=True)
+
+        # The guard's own deadline is a backstop for a coroutine that blocks its event loop.
+        results = run_guarded(lambda: run_coroutine(gather()), "async reward functions",
+                              None if timeout is None else timeout + 1.0, self.should_stop)
         for (name, _), result in zip(pending.items(), results):
+            spec = self.specs[self.names.index(name)]
+            if result is timed_out:
+                raise RewardTimeout(f"reward {_label(spec)!r} did not return within reward_timeout={timeout:g} s; "
+                                    "make it faster or raise reward_timeout")
             if isinstance(result, BaseException):
-                spec = self.specs[self.names.index(name)]
                 raise RewardError(f"reward {_label(spec)!r} raised {_describe(result)}")
         return dict(zip(pending, results))
 

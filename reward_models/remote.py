@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from rlhf.errors import RewardError
+from rlhf.errors import RewardError, RewardUnavailable
 
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 _CHUNK = 64 * 1024
@@ -33,10 +33,13 @@ _CHUNK = 64 * 1024
 class _AttemptError(Exception):
     """One failed attempt: ``message`` for the error line, ``retry`` whether another attempt can help."""
 
-    def __init__(self, message: str, retry: bool):
+    def __init__(self, message: str, retry: bool, about_the_request: bool = False):
         super().__init__(message)
         self.message = message
         self.retry = retry
+        # The server refused this request (4xx): some sample in it may be the cause. Anything else
+        # (connection, deadline, 5xx, size, redirect) fails every request alike.
+        self.about_the_request = about_the_request
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
@@ -168,19 +171,22 @@ class RemoteReward:
         body = json.dumps({"prompts": list(prompts), "completions": list(completions),
                            **{k: list(v) for k, v in columns.items() if isinstance(v, (list, tuple))}},
                           default=str).encode()
-        last_error = ""
+        last_error = _AttemptError("", retry=True)
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
                 payload = self._attempt(body)
             except _AttemptError as exc:
-                last_error = exc.message
+                last_error = exc
                 if not exc.retry:
                     break
                 continue
             return self._parse(payload)
-        raise RewardError(f"remote reward {self.url} failed after {attempt + 1} tries: {last_error}")
+        # RewardUnavailable: reward_error zero/skip_batch then fail the batch at once instead of
+        # re-sending it sample by sample to a server that cannot answer any of them.
+        error = RewardError if last_error.about_the_request else RewardUnavailable
+        raise error(f"remote reward {self.url} failed after {attempt + 1} tries: {last_error.message}")
 
     def _attempt(self, body: bytes) -> bytes:
         with _Deadline(self.timeout) as deadline:
@@ -200,7 +206,8 @@ class RemoteReward:
                                         "followed; point the reward URL at the final address)", retry=False) from None
                 detail = self._error_detail(exc, deadline)
                 # 4xx: the request itself is wrong, retrying cannot help; 5xx: the server may recover
-                raise _AttemptError(f"HTTP {exc.code}: {detail}", retry=exc.code >= 500) from None
+                raise _AttemptError(f"HTTP {exc.code}: {detail}", retry=exc.code >= 500,
+                                    about_the_request=exc.code < 500) from None
             except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
                 if deadline.fired or isinstance(getattr(exc, "reason", exc), TimeoutError):
                     raise deadline.expired() from None

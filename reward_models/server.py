@@ -7,7 +7,9 @@ Hardened for use beyond localhost:
   ``Authorization: Bearer <token>``, compared in constant time (401 otherwise);
 - ``max_body_bytes`` (413 above it; a missing, negative or non-numeric Content-Length is 411/400,
   never a read that hangs); a socket timeout per connection (slow or idle clients are dropped);
-- a bounded worker pool: at most ``workers`` requests run at once, the rest wait in the backlog;
+- a bounded worker pool: at most ``workers`` requests run at once and ``max_queued`` more wait;
+  beyond that a connection gets 503 (the client retries with backoff) instead of a thread or a
+  queue entry;
 - the request's columns are per-sample data only: a scalar in the body (say "max_words": 1000)
   does not reach the functions, and the server's reward_kwargs win over same-named columns;
 - every failure is answered with JSON {"error": ...} and a 4xx/5xx status.
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import socketserver
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
@@ -36,12 +39,34 @@ class _PooledHTTPServer(socketserver.ThreadingMixIn, HTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], handler: type, workers: int):
+    def __init__(self, address: tuple[str, int], handler: type, workers: int, max_queued: int):
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward")
+        self.slots = threading.BoundedSemaphore(workers + max_queued)  # running + waiting connections
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        self.pool.submit(self.process_request_thread, request, client_address)
+        if not self.slots.acquire(blocking=False):
+            self._refuse_busy(request)
+            return
+        try:
+            future = self.pool.submit(self.process_request_thread, request, client_address)
+        except RuntimeError:  # the pool is shut down: the server is closing
+            self.slots.release()
+            self.shutdown_request(request)
+            return
+        future.add_done_callback(lambda _: self.slots.release())
+
+    def _refuse_busy(self, request: Any) -> None:
+        """Answered from the accepting thread: a short write into the socket's buffer, never a wait."""
+        body = json.dumps({"error": "server busy: every worker and queue slot is taken; try again"}).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        try:
+            request.settimeout(1.0)
+            request.sendall(head + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
 
     def server_close(self) -> None:
         super().server_close()
@@ -55,7 +80,8 @@ class _HTTPError(Exception):
 
 
 def make_server(reward: CombinedReward, host: str = "127.0.0.1", port: int = 8000, *, token: str | None = None,
-                max_body_bytes: int = 16 * 1024 * 1024, timeout: float = 30.0, workers: int = 8) -> HTTPServer:
+                max_body_bytes: int = 16 * 1024 * 1024, timeout: float = 30.0, workers: int = 8,
+                max_queued: int = 64) -> HTTPServer:
     token = token if token is not None else os.environ.get(TOKEN_ENV) or None
 
     class RewardHandler(BaseHTTPRequestHandler):
@@ -132,4 +158,4 @@ def make_server(reward: CombinedReward, host: str = "127.0.0.1", port: int = 800
         def log_message(self, format: str, *args: Any) -> None:
             """Quiet: one line per request would flood a training log."""
 
-    return _PooledHTTPServer((host, port), RewardHandler, workers)
+    return _PooledHTTPServer((host, port), RewardHandler, workers, max_queued)

@@ -217,6 +217,16 @@ def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
     return path
 
 
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The checkpoint's trainer_state.json, checked (one line naming what is wrong)."""
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupted: {TRAINER_STATE} unreadable ({exc})") from None
+    _check_trainer_state(state, path / TRAINER_STATE)
+    return state
+
+
 def load_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Module | None, path: Path,
                     expected: dict[str, Any]) -> dict[str, Any]:
     """Restore weights, optimizer/scheduler/RNG; returns the saved trainer state.
@@ -224,11 +234,7 @@ def load_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Mo
     ``expected`` holds the settings that must match (model, LoRA shape, algorithm); a mismatch is
     a CheckpointError naming the key, because continuing would silently train something else.
     """
-    try:
-        state = json.loads((path / TRAINER_STATE).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupted: {TRAINER_STATE} unreadable ({exc})") from None
-    _check_trainer_state(state, path / TRAINER_STATE)
+    state = read_trainer_state(path)
     saved = state.get("compatibility", {})
     for key, value in expected.items():
         if key in saved and saved[key] != value:
@@ -322,6 +328,10 @@ def _check_trainer_state(state: Any, file: Path) -> None:
                 refuse(f"{key}.{name} is missing or of the wrong type ({entry.get(name)!r})")
     if not isinstance(state.get("compatibility", {}), dict):
         refuse("compatibility must be a JSON object")
+    if "lineage" in state:
+        from rlhf.lineage import Lineage
+
+        Lineage.from_dict(state["lineage"], file)
     try:
         random.Random().setstate(decode_python_rng(state["python_rng"]))
     except (TypeError, ValueError, OverflowError):

@@ -191,20 +191,22 @@ def serve_reward_main(argv: list[str] | None = None, prog: str | None = None) ->
                                  "Clients: reward_kwargs {\"host:port\": {\"token\": ...}} or the same variable.")
         parser.add_argument("--max_body_bytes", type=int, default=16 * 1024 * 1024, help="Largest request body.")
         parser.add_argument("--timeout", type=float, default=30.0, help="Seconds a connection may stay silent.")
-        parser.add_argument("--workers", type=int, default=8, help="Requests served at once (the rest wait).")
+        parser.add_argument("--workers", type=int, default=8, help="Requests served at once.")
+        parser.add_argument("--max_queued", type=int, default=64,
+                            help="Connections that may wait for a worker; more get 503 (clients retry).")
         args = parser.parse_args(argv)
         from reward_models.loader import CombinedReward
         from reward_models.server import TOKEN_ENV, make_server
 
-        if min(args.max_body_bytes, args.workers) < 1 or not args.timeout > 0:
-            raise ConfigError("max_body_bytes and workers must be >= 1 and timeout > 0")
+        if min(args.max_body_bytes, args.workers) < 1 or args.max_queued < 0 or not args.timeout > 0:
+            raise ConfigError("max_body_bytes and workers must be >= 1, max_queued >= 0 and timeout > 0")
         token = args.token or os.environ.get(TOKEN_ENV) or None
         if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
             print(f"warning: serving on {args.host} without --token: anyone who reaches the port can call the "
                   "rewards", file=sys.stderr, flush=True)
         server = make_server(CombinedReward(args.reward_funcs, args.reward_weights, args.reward_kwargs),
                              args.host, args.port, token=token, max_body_bytes=args.max_body_bytes,
-                             timeout=args.timeout, workers=args.workers)
+                             timeout=args.timeout, workers=args.workers, max_queued=args.max_queued)
         print(f"serving {', '.join(args.reward_funcs)} on http://{args.host}:{server.server_port}", flush=True)
         server.serve_forever()
 

@@ -43,6 +43,9 @@ def _field(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **kwargs})
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 @dataclass
 class RLConfig:
     """Every knob of an RL run. Field docs are the ``--help`` text."""
@@ -116,6 +119,11 @@ class RLConfig:
         "failing sample; skip_batch = skip this step's update; zero = score the failed samples 0. Failures are "
         "counted as reward_errors in metrics.",
     )
+    reward_timeout: float | None = _field(
+        None, "Seconds one reward function may take on a batch (None = no limit). A call past it fails as "
+        "reward_error says (raise: stop; skip_batch / zero: its samples count as failed); remote rewards have "
+        "their own timeout in reward_kwargs.",
+    )
     normalize_rewards: bool = _field(False, "Normalise combined rewards to mean 0, std 1 over each global batch.")
 
     # --- batch sizes and optimisation
@@ -141,7 +149,7 @@ class RLConfig:
     warmup_steps: int = _field(0, "Learning-rate warm-up in optimizer steps.")
     max_grad_norm: float | None = _field(1.0, "Clip the global gradient norm to this (None = no clipping).")
     max_consecutive_skips: int = _field(
-        5, "An optimizer step with a non-finite loss or gradient is skipped (counted as skipped_steps); after "
+        5, "An optimizer step with a non-finite loss, gradient or updated weights is skipped (counted as skipped_steps); after "
         "this many in a row the run stops with a checkpoint of the last good weights.",
     )
     seed: int = _field(42, "Random seed (sampling seeds differ per process).")
@@ -290,6 +298,7 @@ class RLConfig:
             require(target in REPORT_TARGETS, f"report_to {target!r} is not one of: {', '.join(REPORT_TARGETS)}")
 
         require(self.reward_clip is None or self.reward_clip > 0, "reward_clip must be > 0 or none")
+        require(self.reward_timeout is None or self.reward_timeout > 0, "reward_timeout must be > 0 seconds or none")
         require(all(isinstance(v, dict) for v in self.reward_kwargs.values()),
                 "reward_kwargs maps reward names to mappings of parameters, e.g. {length: {target: 40}}")
         require(len(self.reward_funcs) >= 1, "reward_funcs needs at least one reward function (e.g. sentiment)")
@@ -347,6 +356,10 @@ class RLConfig:
             for item in values:
                 if isinstance(item, float) and not math.isfinite(item):
                     raise ConfigError(f"{f.name} must be a finite number, got {item}")
+                # The tensors these reach are float32: a larger value overflows inside torch (a traceback)
+                if isinstance(item, float) and abs(item) > FLOAT32_MAX:
+                    raise ConfigError(f"{f.name} must be a finite number within float32 range (|x| <= 3.4e38), "
+                                      f"got {item:g}")
 
     @staticmethod
     def _check_finite_kwargs(setting: str, kwargs: dict[str, Any]) -> None:

@@ -26,4 +26,9 @@ class CheckpointError(UserError):
 
 
 class TrainingDiverged(UserError):
-    """Too many optimizer steps in a row with a non-finite loss or gradient (settings to change)."""
+    """Too many optimizer steps in a row with a non-finite loss, gradient or updated weights (settings to change)."""
+
+
+class RewardUnavailable(RewardError):
+    """A reward call that failed as a whole (an unreachable server, a timeout): no sample is to
+    blame, so the samples are not re-scored one by one to find one."""

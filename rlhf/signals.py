@@ -16,19 +16,28 @@ HANDLED = (signal.SIGINT, signal.SIGTERM)
 class TrainingInterrupted(Exception):
     """Raised by the trainer after it saved a checkpoint because of a signal."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path, finished: bool = False):
+    def __init__(self, signum: int, step: int, checkpoint: Path, finished: bool = False, scoring: bool = False):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         name = signal.Signals(signum).name
         if finished:  # the signal came during the final save, which was completed first
             message = f"{name} received while saving the final adapter; the run is complete: {checkpoint}"
         else:
-            message = (f"stopped by {name} after step {step}; checkpoint {checkpoint}; "
+            during = (f" (step {step + 1} was abandoned while its reward functions ran; a resume runs it again)"
+                      if scoring else "")
+            message = (f"stopped by {name} after step {step}{during}; checkpoint {checkpoint}; "
                        "continue with --resume_from_checkpoint latest (same output_dir)")
         super().__init__(message)
 
     @property
     def exit_code(self) -> int:
         return 128 + self.signum  # the shell convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class ScoringInterrupted(BaseException):
+    """A signal arrived while reward functions ran (they may hang): scoring was abandoned.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` around a reward
+    call (reward_error: zero / skip_batch) mistakes it for a failure of the function."""
 
 
 class StopOnSignal:

@@ -37,6 +37,7 @@ class JSONLTracker(GeneralTracker):
     def __init__(self, run_name: str, logging_dir: str | Path):
         super().__init__()
         self.path = Path(logging_dir) / "metrics.jsonl"
+        self.run_id: str | None = None  # rlhf.lineage: set when the run starts, written in every row
 
     @property
     def tracker(self) -> Path:
@@ -49,6 +50,8 @@ class JSONLTracker(GeneralTracker):
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
         row = {"step": step, **{k: _json_number(v) for k, v in values.items()}}
+        if self.run_id is not None:
+            row["run_id"] = self.run_id
         self.path.parent.mkdir(parents=True, exist_ok=True)
         append_line(self.path, json.dumps(row))
 
@@ -73,11 +76,13 @@ def append_line(path: Path, line: str) -> None:
                                   "far are intact: free space and resume with --resume_from_checkpoint latest") from None
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:  # also used for samples.jsonl
+def truncate_metrics(path: Path, last_step: int) -> list[str]:  # also used for samples.jsonl
     """Drop rows logged after ``last_step`` (a resumed run re-logs them; never double a step) and
-    a torn last row (a crash or full disk mid-write); the rewrite is atomic (temp file + rename)."""
+    a torn last row (a crash or full disk mid-write); the rewrite is atomic (temp file + rename).
+    Returns the dropped complete rows."""
     if not path.is_file():
-        return
+        return []
+    dropped = []
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     kept = []
     for number, line in enumerate(lines):
@@ -90,11 +95,11 @@ def truncate_metrics(path: Path, last_step: int) -> None:  # also used for sampl
 
             raise CheckpointError(f"{path}: row {number + 1} is not JSON (edited by hand?); repair or remove it "
                                   "to resume") from None
-        if row.get("step", 0) <= last_step:
-            kept.append(line)
+        (kept if row.get("step", 0) <= last_step else dropped).append(line)
     staging = path.with_name(f".tmp-{path.name}")
     staging.write_text("".join(line + "\n" for line in kept))
     os.replace(staging, path)
+    return dropped
 
 
 def write_trainer_log(output_dir: Path, log_history: list[dict[str, Any]], final: dict[str, Any],

@@ -18,10 +18,16 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 import torch
 from accelerate.utils import set_seed
@@ -30,6 +36,7 @@ from tqdm.auto import tqdm
 
 from reward_models import CombinedReward
 from rlhf import checkpoint as ckpt
+from rlhf import lineage
 from rlhf.adapters import read_init_adapter
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, AdaptiveKLController, FixedKLController
 from rlhf.algorithms import MovingAverageBaseline
@@ -37,19 +44,44 @@ from rlhf.config import RLConfig, changed_settings, save_config, with_overrides
 from rlhf.data import PromptSampler, check_prompt_lengths, describe_dataset, load_eval_dataset, load_prompt_dataset
 from rlhf.build import build_model
 from rlhf.distributed import Reducer, configure_sharding, gathered_state, make_accelerator, unwrapped_full_weights
-from rlhf.errors import CheckpointError, TrainingDiverged
+from rlhf.errors import TrainingDiverged
 from rlhf.evaluate import adapter_disabled, sample_and_score
 from rlhf.experience import Experience, make_experience, plan_passes
-from rlhf.models import PolicyWithValue, load_tokenizer, stop_token_ids
+from rlhf.models import PolicyWithValue, check_sequence_fits, load_tokenizer, stop_token_ids
 from rlhf.rollout import Rollout, sample_rollout
 from rlhf.runlock import OutputDirLock
 from rlhf.scoring import RewardTrainerState, sample_with_spread, score
-from rlhf.signals import StopOnSignal, TrainingInterrupted
-from rlhf.tracking import JSONLTracker, append_samples, flat_config, metrics_row, throughput, truncate_metrics
+from rlhf.signals import ScoringInterrupted, StopOnSignal, TrainingInterrupted
+from rlhf.tracking import JSONLTracker, append_samples, flat_config, metrics_row, throughput
 from rlhf.update import UPDATERS
 
 # Distinct sampling streams per process (RL_NOTES 5): a large prime keeps seeds of ranks apart.
 RANK_SEED_STRIDE = 100003
+
+
+@dataclass
+class RolloutState:
+    """What a step's rollout consumes: the prompt order and every random stream a checkpoint saves
+    (Accelerate saves Python's, NumPy's, torch's and CUDA's)."""
+
+    sampler: dict[str, Any]
+    python: Any
+    numpy: Any
+    torch: Tensor
+    cuda: list[Tensor] | None
+
+    @classmethod
+    def capture(cls, sampler: PromptSampler) -> RolloutState:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        return cls(sampler.state_dict(), random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda)
+
+    def restore(self, sampler: PromptSampler) -> None:
+        sampler.load_state_dict(self.sampler)
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+        torch.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
 
 
 class RLTrainer:
@@ -79,9 +111,10 @@ class RLTrainer:
         self.base_model = model if isinstance(model, torch.nn.Module) else None
         self.output_dir = Path(config.output_dir)
         trackers = [t for t in config.report_to if t in ("tensorboard", "wandb")]
+        self.metrics_log = JSONLTracker("rlhf", self.output_dir)
         self.accelerator = accelerator = make_accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
-            log_with=[JSONLTracker("rlhf", self.output_dir), *trackers],
+            log_with=[self.metrics_log, *trackers],
             project_dir=str(self.output_dir),
             # We step the scheduler once per optimizer step ourselves; Accelerate would step it
             # once per process, assuming sharded dataloaders.
@@ -102,7 +135,8 @@ class RLTrainer:
                                            config.dataset_config)
         self.eval_dataset = load_eval_dataset(config, eval_dataset) if config.eval_steps else None
         self.reward = CombinedReward(config.reward_funcs, config.reward_weights, config.reward_kwargs,
-                                     device=accelerator.device, on_error=config.reward_error)
+                                     device=accelerator.device, on_error=config.reward_error,
+                                     timeout=config.reward_timeout)
         self.tokenizer = load_tokenizer(processing_class or config.model_name_or_path)
         # every id that ends a response
         self.stop_ids = stop_token_ids(self.base_model or config.model_name_or_path, self.tokenizer)
@@ -115,6 +149,7 @@ class RLTrainer:
                                                        optimizer_trains_policy=updater.needs["policy_optimizer"],
                                                        base=self.base_model)
         self.optimizer, self.scheduler = optimizer, scheduler
+        check_sequence_fits(self.unwrapped.policy.config, config.max_prompt_length, config.max_new_tokens)
 
         self.estimator = estimator
         self.updater = updater(model=self.model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
@@ -127,6 +162,7 @@ class RLTrainer:
         self.baseline = MovingAverageBaseline(config.baseline_decay)
         self.sampler = PromptSampler(len(self.dataset), config.rollout_batch_size, config.seed)
         self.step = 0
+        self.lineage: lineage.Lineage | None = None  # the run and branch being trained (rlhf.lineage)
         self.logged_columns: dict[str, list[Any]] = {}  # reward functions' log_extra, per step
 
     @property
@@ -153,16 +189,25 @@ class RLTrainer:
         self._start_run()
         progress = tqdm(range(self.step, config.max_steps), initial=self.step, total=config.max_steps,
                         disable=not accelerator.is_main_process, desc="rl")
-        with StopOnSignal() as stop:
+        with StopOnSignal() as stop, self._scoring_stops_on(stop):
             for _ in progress:
-                metrics = self.train_step()
+                at_step_start = RolloutState.capture(self.sampler)
+                try:
+                    metrics = self.train_step()
+                except ScoringInterrupted:  # a signal while reward functions ran (they may hang)
+                    # The abandoned step leaves no trace, so the resume runs it exactly as it would have run.
+                    at_step_start.restore(self.sampler)
+                    signum = int(self.reducer.max(float(stop.received or 0))) or signal.SIGINT
+                    checkpoint = self.save_checkpoint()
+                    accelerator.end_training()
+                    raise TrainingInterrupted(signum, self.step, checkpoint, scoring=True) from None
                 progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
                 periodic = config.save_steps and self.step % config.save_steps == 0
                 checkpoint = self.save_checkpoint() if periodic else None
                 if self.consecutive_skips >= config.max_consecutive_skips:
                     checkpoint = checkpoint or self.save_checkpoint()
                     raise TrainingDiverged(
-                        f"{self.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient "
+                        f"{self.consecutive_skips} optimizer steps in a row had a non-finite loss, gradient or updated weights "
                         f"(up to step {self.step}); skipped updates leave the weights as they were, saved in "
                         f"{checkpoint}; lower learning_rate, set max_grad_norm, or check the reward values"
                     )
@@ -179,6 +224,15 @@ class RLTrainer:
         accelerator.end_training()
         if signum:
             raise TrainingInterrupted(signum, self.step, final, finished=True)
+
+    @contextmanager
+    def _scoring_stops_on(self, stop: StopOnSignal) -> Iterator[None]:
+        """While training, a signal abandons a running reward call (reward_models.guard)."""
+        self.reward.should_stop = lambda: stop.received is not None
+        try:
+            yield
+        finally:
+            self.reward.should_stop = None
 
     def train_step(self) -> dict[str, float]:
         """One RL step: rollout -> score -> make_experience -> update, then evaluation and logging."""
@@ -269,7 +323,7 @@ class RLTrainer:
                           "update this step", stacklevel=2)
         if metrics.get("skipped_steps"):
             warnings.warn(f"step {self.step + 1}: skipped {int(metrics['skipped_steps'])} optimizer step(s) with a "
-                          f"non-finite loss or gradient ({self.consecutive_skips} in a row)", stacklevel=2)
+                          f"non-finite loss, gradient or updated weights ({self.consecutive_skips} in a row)", stacklevel=2)
         return metrics
 
     @torch.no_grad()
@@ -299,33 +353,33 @@ class RLTrainer:
     # ------------------------------------------------------------------------------ run state, saving
 
     def _start_run(self) -> None:
+        """Resume the checkpoint on this run's branch (or start at step 0), then record the branch;
+        nothing is written before the checkpoint has loaded, so a refused resume changes nothing."""
         config, accelerator = self.config, self.accelerator
-        restart = (config.resume_from_checkpoint == "latest"
-                   and not ckpt.list_checkpoints(self.output_dir / "checkpoints"))
-        if restart and (self.output_dir / "final").exists():
-            raise CheckpointError(f"output_dir {self.output_dir} holds a finished run (final/) without checkpoints, so "
-                                  "there is nothing to resume; pass --overwrite_output_dir true to train it again, or "
-                                  "choose another output_dir")
-        if restart:  # killed before its first checkpoint (or while loading): nothing to load, start over
-            accelerator.print(f"no complete checkpoint in {self.output_dir / 'checkpoints'} yet; starting from step 0")
-        elif config.resume_from_checkpoint:
-            self._resume(ckpt.resolve_checkpoint(config.resume_from_checkpoint, self.output_dir))
-            # Settings that do not change what is trained may change on resume (the checkpoint's
-            # compatibility check refuses the others); say which did.
-            changed = changed_settings(self.output_dir / "config.yaml", config)
-            if changed:
-                accelerator.print(f"resuming with changed settings: {', '.join(changed)}")
-        if (restart or (config.overwrite_output_dir and not config.resume_from_checkpoint)) and accelerator.is_main_process:
-            for name in ("metrics.jsonl", "samples.jsonl"):  # a fresh run must not append to old rows
-                (self.output_dir / name).unlink(missing_ok=True)
+        start = lineage.plan_start(self.output_dir, config.resume_from_checkpoint)
+        if start.restart:
+            accelerator.print(f"no complete checkpoint of this run in {self.output_dir / 'checkpoints'} yet; "
+                              "starting from step 0")
+        changed = changed_settings(self.output_dir / "config.yaml", config) if start.checkpoint else []
+        if start.checkpoint is not None:
+            self._resume(start.checkpoint)
+        accelerator.wait_for_everyone()  # every process has read the old state before it changes
         if accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            lineage.apply_start(self.output_dir, start, config.overwrite_output_dir and not config.resume_from_checkpoint,
+                                say=accelerator.print)
             save_config(config, self.output_dir / "config.yaml")
+        accelerator.wait_for_everyone()
+        self.lineage = start.lineage
+        self.metrics_log.run_id = start.lineage.run_id
+        if start.checkpoint is not None:
+            accelerator.print(f"resumed from {start.checkpoint} at step {self.step}")
+            if changed:  # the checkpoint's compatibility check refused the settings that change what is trained
+                accelerator.print(f"resuming with changed settings: {', '.join(changed)}")
         accelerator.init_trackers("rlhf", config=flat_config(config),
                                   init_kwargs={"wandb": {"dir": str(self.output_dir), "name": self.output_dir.name}})
 
     def trainer_state(self) -> dict[str, Any]:
-        return {
+        state = {
             "step": self.step,
             "consecutive_skips": self.consecutive_skips,
             "kl_controller": self.kl_controller.state_dict(),
@@ -334,6 +388,9 @@ class RLTrainer:
             "python_rng": ckpt.encode_python_rng(random.getstate()),
             "compatibility": ckpt.compatibility(self.config),
         }
+        if self.lineage is not None:
+            state["lineage"] = self.lineage.to_dict()
+        return state
 
     def _resume(self, path: Path) -> None:
         unwrapped = self.unwrapped
@@ -344,10 +401,6 @@ class RLTrainer:
         self.baseline.load_state_dict(state["baseline"])
         self.sampler.load_state_dict(state["sampler"])
         random.setstate(ckpt.decode_python_rng(state["python_rng"]))
-        if self.accelerator.is_main_process:
-            for name in ("metrics.jsonl", "samples.jsonl"):
-                truncate_metrics(self.output_dir / name, self.step)
-        self.accelerator.print(f"resumed from {path} at step {self.step}")
 
     def save_checkpoint(self) -> Path:
         unwrapped = self.unwrapped
@@ -369,6 +422,8 @@ class RLTrainer:
         def write_adapter_and_tokenizer(staging: Path) -> None:
             ckpt.save_adapter_and_head(unwrapped.policy, unwrapped.value_head, staging, full_state, self.init_adapter)
             self.tokenizer.save_pretrained(staging)
+            if self.lineage is not None:  # which run, branch and step this adapter is
+                (staging / lineage.FINAL_LINEAGE).write_text(lineage.final_lineage_file(self.lineage, self.step))
 
         saved = ckpt.write_atomically(self.accelerator, target, write_adapter_and_tokenizer)
         self.accelerator.wait_for_everyone()

@@ -30,6 +30,45 @@ _TOTALS = ("entropy_sum", "response_tokens", "kl_sum", "sequences")
 _SHARES = ("policy_loss", "value_loss", "kl_loss")
 
 
+def uses_deepspeed(accelerator: Any) -> bool:
+    return str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
+
+
+class FiniteStepGuard:
+    """Takes back an optimizer step that leaves a weight non-finite although the gradient was
+    finite (a huge learning rate, overflowing Adam moments): weights and optimizer state return to
+    what they were before it, as for a skipped step. The trained tensors (LoRA, value head) are
+    small, so copying them before each step costs little next to the step. DeepSpeed keeps its
+    own master weights and overflow handling, so it is left alone there."""
+
+    def __init__(self, optimizer: Any, reducer: Reducer, enabled: bool = True):
+        self.optimizer, self.reducer, self.enabled = optimizer, reducer, enabled
+        self.inner = getattr(optimizer, "optimizer", optimizer)  # torch's, inside Accelerate's wrapper
+
+    def step(self) -> bool:
+        """Step the optimizer; False (and nothing changed) when a weight came out non-finite."""
+        if not self.enabled:
+            self.optimizer.step()
+            return True
+        params = [p for group in self.inner.param_groups for p in group["params"]]
+        weights = [p.detach().clone() for p in params]
+        state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in self.inner.state[p].items()}
+                 for p in params if p in self.inner.state}
+        self.optimizer.step()
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+        if self.reducer.max(0.0 if finite else 1.0) == 0:  # the same answer on every process (sharded weights)
+            return True
+        with torch.no_grad():
+            for param, weight in zip(params, weights):
+                param.copy_(weight)
+        for param in params:
+            if param in state:
+                self.inner.state[param] = state[param]
+            else:
+                self.inner.state.pop(param, None)
+        return False
+
+
 @UPDATERS.register("optimizer")
 class GradientUpdate:
     """ppo_epochs passes of shuffled minibatches; one optimizer step per minibatch."""
@@ -39,6 +78,7 @@ class GradientUpdate:
         self.model, self.optimizer, self.scheduler, self.accelerator = model, optimizer, scheduler, accelerator
         self.config, self.policy_loss, self.reducer, self.micro_batch_size = config, policy_loss, reducer, micro_batch_size
         self.consecutive_skips = 0  # optimizer steps in a row skipped for a non-finite loss/gradient
+        self.step_guard = FiniteStepGuard(optimizer, reducer, enabled=not uses_deepspeed(accelerator))
 
     def __call__(self, batch: Experience, kl_coef: float) -> dict[str, float]:
         config, rollout = self.config, batch.rollout
@@ -125,11 +165,21 @@ class GradientUpdate:
             accelerator.backward(loss * scale)
             if accelerator.sync_gradients and not self._gradient_is_finite(stats):
                 return stats
-            self.optimizer.step()
-            if accelerator.sync_gradients:
+            if not accelerator.sync_gradients:
+                self.optimizer.step()  # accumulating: Accelerate's wrapper skips it
+            elif self.step_guard.step():
+                self.consecutive_skips = 0
                 self.scheduler.step()
+            else:  # the step made a weight non-finite and was taken back
+                self._count_skip(stats)
+                return stats
             self.optimizer.zero_grad()
         return stats
+
+    def _count_skip(self, stats: dict[str, float]) -> None:
+        self.optimizer.zero_grad()
+        self.consecutive_skips += 1
+        stats["skipped_steps"] = 1.0
 
     def _gradient_is_finite(self, stats: dict[str, float]) -> bool:
         """Clip and measure the synchronised gradient; a non-finite one is dropped and counted.
@@ -139,11 +189,8 @@ class GradientUpdate:
         if grad_norm is not None:  # DeepSpeed clips inside its own step and returns None
             stats["grad_norm"] = float(grad_norm)
             if not math.isfinite(stats["grad_norm"]):
-                self.optimizer.zero_grad()
-                self.consecutive_skips += 1
-                stats["skipped_steps"] = 1.0
+                self._count_skip(stats)
                 return False
-        self.consecutive_skips = 0
         stats["skipped_steps"] = 0.0
         return True
 

@@ -21,9 +21,10 @@ import pytest
 from conftest import FIXTURES, ROOT, run_in_process, tiny_args
 from fixtures import faults
 
-# Wall-clock and throughput columns differ between any two runs; everything else must not.
+# Wall-clock and throughput columns differ between any two runs, and so does the run's id (rlhf.lineage);
+# everything else must not.
 def is_timing(key: str) -> bool:
-    return key.endswith("_time_s") or key in ("samples_per_second", "tokens_per_second")
+    return key.endswith("_time_s") or key in ("samples_per_second", "tokens_per_second", "run_id")
 STEPS = 5
 
 
@@ -87,6 +88,8 @@ def reference(tiny_model_dir, tmp_path_factory) -> Path:
 
 def assert_same_run(out: Path, reference: Path) -> None:
     assert comparable_rows(out) == comparable_rows(reference)
+    # one run, however often it was resumed
+    assert len({json.loads(line)["run_id"] for line in (out / "metrics.jsonl").read_text().splitlines()}) == 1
     assert [r["step"] for r in comparable_rows(out)] == list(range(1, STEPS + 1))  # no doubled or missing rows
     for name in ("adapter_model.safetensors", "value_head.safetensors"):
         assert (out / "final" / name).read_bytes() == (reference / "final" / name).read_bytes(), name
@@ -131,6 +134,58 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(reference, ti
     assert_same_run(out, reference)
 
 
+def test_sigkill_while_writing_final_then_resume_is_exact(reference, tiny_model_dir, tmp_path, train_here):
+    out = tmp_path / "run"
+    killed = run(*run_args(tiny_model_dir, out), fault=("kill-during-final", "-"))
+    assert killed.returncode == -signal.SIGKILL
+    assert (out / ".tmp-final" / "adapter_model.safetensors").is_file() and not (out / "final").exists()
+    resumed = train_here(*run_args(tiny_model_dir, out, "--resume_from_checkpoint", "latest"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'step-{STEPS}'} at step {STEPS}" in resumed.stdout
+    assert not (out / ".tmp-final").exists()
+    assert_same_run(out, reference)
+
+
+def hanging_run(model_dir: Path, out: Path, hang_at: int) -> subprocess.Popen:
+    """A run whose reward function hangs at step ``hang_at``; returns once it hangs there."""
+    marker = out.parent / "hanging"
+    marker.unlink(missing_ok=True)
+    args = run_args(model_dir, out, "--reward_funcs", f"{FIXTURES / 'hanging_rewards.py'}:char_diversity")
+    env = {**environment(), "RLHF_TEST_HANG_AT_STEP": str(hang_at), "RLHF_TEST_HANG_MARKER": str(marker)}
+    process = subprocess.Popen(train_command(*args), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not marker.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.is_file(), "the run never reached the hanging reward"
+    return process
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
+def test_a_signal_while_a_reward_hangs_then_resume_is_exact(reference, tiny_model_dir, tmp_path, train_here, signum):
+    """Before: SIGINT during a hanging reward function was noted and then nothing happened (the
+    step never ended); only a second signal stopped the run, with no checkpoint of the last step."""
+    hang_at = random.Random().randint(1, STEPS)
+    out = tmp_path / "run"
+    process = hanging_run(tiny_model_dir, out, hang_at)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+    if signum == signal.SIGKILL:
+        assert process.returncode == -signal.SIGKILL
+    else:
+        assert process.returncode == 130, stderr[-3000:]
+        checkpoint = out / "checkpoints" / f"step-{hang_at - 1}"
+        assert stderr.strip().splitlines()[-1] == (
+            f"stopped by SIGINT after step {hang_at - 1} (step {hang_at} was abandoned while its reward functions "
+            f"ran; a resume runs it again); checkpoint {checkpoint}; continue with --resume_from_checkpoint latest "
+            "(same output_dir)")
+        assert (checkpoint / "trainer_state.json").is_file()
+    resumed = train_here(*run_args(tiny_model_dir, out, "--resume_from_checkpoint", "latest", "--reward_funcs",
+                                   f"{FIXTURES / 'hanging_rewards.py'}:char_diversity"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(out, reference)
+
+
 def test_disk_full_while_saving_exits_2_and_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, train_here):
     out = tmp_path / "run"
     result = train_here(*run_args(tiny_model_dir, out), fault=("disk-full-during-save", "2"))
@@ -172,12 +227,33 @@ def test_a_non_finite_loss_skips_the_step_and_training_goes_on(tiny_model_dir, t
     out = tmp_path / "run"
     result = train_here(*tiny_args(tiny_model_dir, out, "--max_steps", "3"), fault=("nan-loss", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "skipped 1 optimizer step(s) with a non-finite loss or gradient" in result.stderr
+    assert "skipped 1 optimizer step(s) with a non-finite loss, gradient or updated weights" in result.stderr
     rows = comparable_rows(out)
     assert [row["skipped_steps"] for row in rows] == [0, 1, 0]
     from safetensors.torch import load_file
 
     assert all(bool(t.isfinite().all()) for t in load_file(str(out / "final" / "adapter_model.safetensors")).values())
+
+
+def test_a_step_that_makes_weights_non_finite_is_taken_back(tiny_model_dir, tmp_path, train_here):
+    """Issue 19 item 8. Before: an optimizer step that left a weight at inf (finite loss and
+    gradient) was kept: the next steps' losses were NaN and final/ held the non-finite weight."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    result = train_here(*tiny_args(tiny_model_dir, out, "--max_steps", "3", "--save_steps", "1",
+                                   "--save_total_limit", "3"), fault=("inf-weights", "1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [row["skipped_steps"] for row in comparable_rows(out)] == [1, 0, 0]
+    assert all(bool(t.isfinite().all()) for t in load_file(str(out / "final" / "adapter_model.safetensors")).values())
+    step_1 = load_file(str(out / "checkpoints" / "step-1" / "adapter_model.safetensors"))
+    assert all(bool((t == 0).all()) for name, t in step_1.items() if "lora_B" in name)  # as initialised
+    # the optimizer state was put back too: after the taken-back step 1, Adam had seen no step
+    checkpoint = out / "checkpoints"
+    for name in ("step-2", "step-3"):
+        optimizer = torch.load(checkpoint / name / "accelerate" / "optimizer.bin", weights_only=True)
+        assert {int(s["step"]) for s in optimizer["state"].values()} == {int(name[-1]) - 1}, name
 
 
 def test_too_many_non_finite_steps_stop_with_a_checkpoint(tiny_model_dir, tmp_path, train_here):
@@ -186,7 +262,7 @@ def test_too_many_non_finite_steps_stop_with_a_checkpoint(tiny_model_dir, tmp_pa
                                    "--save_steps", "0"), fault=("nan-loss", "all"))
     assert result.returncode == 2
     assert last_line(result) == (
-        f"error: 2 optimizer steps in a row had a non-finite loss or gradient (up to step 2); skipped updates "
+        f"error: 2 optimizer steps in a row had a non-finite loss, gradient or updated weights (up to step 2); skipped updates "
         f"leave the weights as they were, saved in {out / 'checkpoints' / 'step-2'}; lower learning_rate, "
         "set max_grad_norm, or check the reward values")
     assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()

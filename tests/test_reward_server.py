@@ -107,3 +107,29 @@ def test_a_failing_reward_is_a_json_answer_and_idle_clients_are_dropped(serve):
         assert idle.recv(10) == b""  # the server closes a silent connection after its timeout
     assert time.monotonic() - start < 3
     assert server.pool._max_workers == 2
+
+
+def test_connections_beyond_the_workers_and_queue_get_503_at_once(serve):
+    """Before: connections beyond the pool queued without a bound (each one a pending entry)."""
+    url, server = serve(CombinedReward([words]), timeout=3, workers=1, max_queued=1)
+    port = server.server_port
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]  # one runs, one waits
+    try:
+        time.sleep(0.2)
+        start = time.monotonic()
+        answer = raw(port, b"", wait=5)
+        assert answer.startswith(b"HTTP/1.1 503") and b"server busy" in answer
+        assert time.monotonic() - start < 2
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 10  # the freed slots serve again
+    while time.monotonic() < deadline:
+        try:
+            status, body = post(url, json.dumps({"prompts": ["p"], "completions": ["a b"]}).encode())
+        except (urllib.error.URLError, ConnectionError):
+            status = None
+        if status == 200:
+            break
+        time.sleep(0.2)
+    assert status == 200 and body["rewards"] == [2.0]

@@ -34,6 +34,7 @@ def assert_one_line_error(result, *fragments):
         (["--seed=-1"], ["seed must be an integer in 0..4294967295, got -1"]),
         (["--lr_scheduler_type", "cosine_annealing"], ["lr_scheduler_type 'cosine_annealing' is not one of", "linear", "cosine"]),
         (["--max_new_tokens", "1000000000"], ["max_prompt_length + max_new_tokens", "1,000,000", "--max_new_tokens"]),
+        (["--reward_timeout", "0"], ["reward_timeout must be > 0 seconds or none"]),
     ],
 )
 def test_bad_numbers_on_cli_exit_2(args, fragments, tmp_path, run_here):
@@ -59,7 +60,7 @@ def test_non_finite_values_in_yaml_exit_2(tmp_path, run_here):
                                   "missing_eos_penalty", "reward_clip", "max_grad_norm", "clip_range",
                                   "clip_range_high", "dual_clip", "value_clip_range", "vf_coef", "gamma", "lam",
                                   "baseline_decay", "overlong_penalty_factor", "kl_coef", "adaptive_kl_target",
-                                  "adaptive_kl_horizon", "max_kl", "cg_damping", "lora_dropout"])
+                                  "adaptive_kl_horizon", "max_kl", "cg_damping", "lora_dropout", "reward_timeout"])
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 def test_every_float_setting_must_be_finite(name, bad):
     with pytest.raises(ConfigError, match=f"^{name} must be a finite number"):
@@ -146,3 +147,14 @@ def test_hand_edited_resume_files_exit_2(tiny_model_dir, tmp_path, run_here):
         result = run_here("train_ppo.py", *resume)
         assert_one_line_error(result, str(state_file), fragment)
     assert (out / "metrics.jsonl").read_text() == before  # a refused resume drops no rows
+
+
+def test_a_budget_beyond_the_models_positions_exits_2(tiny_model_dir, tmp_path, run_here):
+    """Issue 19 item 9. Before: 48 + 600 tokens on a model with 512 positions started training
+    (rotary models degrade silently past their positions; learned tables fail with an index error)."""
+    from conftest import tiny_args
+
+    result = run_here("train_ppo.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--max_new_tokens", "600"))
+    assert_one_line_error(result, "max_prompt_length 48 + max_new_tokens 600 = 648 tokens exceeds the model's 512 "
+                                  "positions (max_position_embeddings); lower max_new_tokens")
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
