@@ -222,14 +222,18 @@ def _failing_sample(fn: RewardFn, call_kwargs: dict[str, Any], invoke: Invoke = 
         return False
 
     suspects = list(range(len(call_kwargs["completions"])))
+    whole_batch = True
     while len(suspects) > 1:
         first, second = suspects[:len(suspects) // 2], suspects[len(suspects) // 2:]
         if fails(first):
+            if whole_batch and fails(second):
+                return " on every part of the batch (no one sample is to blame)"
             suspects = first
         elif fails(second):
             suspects = second
         else:
             return ""  # the batch fails only as a whole
+        whole_batch = False
     return f" on sample {suspects[0]} (completion {_text(call_kwargs['completions'][suspects[0]])[:50]!r})"
 
 
@@ -414,8 +418,6 @@ class CombinedReward:
                  timeout: float | None = None):
         self.on_error = on_error
         self.timeout = timeout  # seconds per function call (reward_timeout); None = no limit
-        # Set by the trainer while it trains: true once a signal arrived (scoring is then abandoned).
-        self.should_stop: Callable[[], bool] | None = None
         self.specs = list(specs)
         self.weights = list(weights) if weights is not None else [1.0] * len(specs)
         if len(self.weights) != len(self.specs):
@@ -486,8 +488,8 @@ class CombinedReward:
         return output
 
     def _invoke(self, label: str, work: Callable[[], Any]) -> Any:
-        """A reward call under reward_timeout and the trainer's stop flag (reward_models.guard)."""
-        return run_guarded(work, label, self.timeout, self.should_stop)
+        """A reward call under reward_timeout (reward_models.guard)."""
+        return run_guarded(work, label, self.timeout)
 
     def _await_all(self, pending: dict[str, Any]) -> dict[str, Any]:
         timeout = self.timeout
@@ -506,7 +508,8 @@ class CombinedReward:
 
         # The guard's own deadline is a backstop for a coroutine that blocks its event loop.
         results = run_guarded(lambda: run_coroutine(gather()), "async reward functions",
-                              None if timeout is None else timeout + 1.0, self.should_stop)
+                              None if timeout is None else timeout + 1.0,
+                              f"reward_timeout={timeout:g} s: one of them blocks its event loop" if timeout else None)
         for (name, _), result in zip(pending.items(), results):
             spec = self.specs[self.names.index(name)]
             if result is timed_out:

@@ -21,8 +21,11 @@ import hmac
 import json
 import math
 import os
+import queue
+import socket
 import socketserver
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
@@ -38,15 +41,22 @@ class _PooledHTTPServer(socketserver.ThreadingMixIn, HTTPServer):
     thread per connection, without bound)."""
 
     daemon_threads = True
+    max_body_bytes = 16 * 1024 * 1024  # how much of a refused request is read (make_server sets it)
 
     def __init__(self, address: tuple[str, int], handler: type, workers: int, max_queued: int):
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward")
         self.slots = threading.BoundedSemaphore(workers + max_queued)  # running + waiting connections
+        # One thread answers the refused connections (bounded too: beyond it they are just closed).
+        self.refusals: queue.Queue = queue.Queue(maxsize=max(16, max_queued))
+        threading.Thread(target=self._answer_refused, name="reward-busy", daemon=True).start()
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.slots.acquire(blocking=False):
-            self._refuse_busy(request)
+            try:
+                self.refusals.put_nowait(request)
+            except queue.Full:
+                self.shutdown_request(request)
             return
         try:
             future = self.pool.submit(self.process_request_thread, request, client_address)
@@ -56,22 +66,29 @@ class _PooledHTTPServer(socketserver.ThreadingMixIn, HTTPServer):
             return
         future.add_done_callback(lambda _: self.slots.release())
 
-    def _refuse_busy(self, request: Any) -> None:
-        """Answered from the accepting thread: a short write into the socket's buffer, never a wait."""
+    def _answer_refused(self) -> None:
+        """503 + Retry-After, then read what the client sends until it closes (at most a second and
+        max_body_bytes): closing with its request unread would reset the connection, and the
+        client would see a broken pipe instead of the answer."""
         body = json.dumps({"error": "server busy: every worker and queue slot is taken; try again"}).encode()
-        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-        try:
-            request.settimeout(1.0)
-            request.sendall(head + body)
-        except OSError:
-            pass
-        self.shutdown_request(request)
-
-    def server_close(self) -> None:
-        super().server_close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
+        answer = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+        while True:
+            request = self.refusals.get()
+            try:
+                request.settimeout(1.0)
+                request.sendall(answer)
+                request.shutdown(socket.SHUT_WR)
+                deadline, read = time.monotonic() + 1.0, 0
+                while time.monotonic() < deadline and read < self.max_body_bytes:
+                    chunk = request.recv(65536)
+                    if not chunk:
+                        break
+                    read += len(chunk)
+            except OSError:
+                pass
+            finally:
+                request.close()
 
 class _HTTPError(Exception):
     def __init__(self, status: int, message: str):
@@ -158,4 +175,6 @@ def make_server(reward: CombinedReward, host: str = "127.0.0.1", port: int = 800
         def log_message(self, format: str, *args: Any) -> None:
             """Quiet: one line per request would flood a training log."""
 
-    return _PooledHTTPServer((host, port), RewardHandler, workers, max_queued)
+    server = _PooledHTTPServer((host, port), RewardHandler, workers, max_queued)
+    server.max_body_bytes = max_body_bytes
+    return server

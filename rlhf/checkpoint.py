@@ -118,15 +118,22 @@ def write_atomically(accelerator: Any, final: Path, write_on_main: Callable[[Pat
 
 def save_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Module | None,
                     trainer_state: dict[str, Any], checkpoints_dir: Path, step: int, total_limit: int | None,
-                    full_state: dict[str, torch.Tensor] | None = None, init_adapter: SavedLora | None = None) -> Path:
+                    full_state: dict[str, torch.Tensor] | None = None, init_adapter: SavedLora | None = None,
+                    after_state_saved: Callable[[Path], None] | None = None) -> Path:
     """Write ``checkpoints_dir/step-<step>`` atomically (``write_atomically``), then delete the
-    complete checkpoints beyond ``total_limit``, oldest first."""
+    complete checkpoints beyond ``total_limit``, oldest first. ``after_state_saved(dir)`` runs on
+    every process once Accelerate wrote its state into ``dir``."""
     def write_weights_and_state(staging: Path) -> None:
         save_adapter_and_head(policy, value_head, staging, full_state, init_adapter)
         (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
 
+    def write_accelerate_state(staging: Path) -> None:
+        accelerator.save_state(str(staging / "accelerate"))
+        if after_state_saved is not None:
+            after_state_saved(staging / "accelerate")
+
     final = write_atomically(accelerator, checkpoints_dir / f"step-{step}", write_weights_and_state,
-                             write_on_every_process=lambda staging: accelerator.save_state(str(staging / "accelerate")))
+                             write_on_every_process=write_accelerate_state)
     if accelerator.is_main_process:
         _rotate(checkpoints_dir, total_limit)
     return final
@@ -362,7 +369,7 @@ def check_output_dir(output_dir: Path, process_index: int, resuming: bool, overw
     except OSError as exc:
         raise ConfigError(f"output_dir {output_dir} is not writable ({exc.strerror or exc}); "
                           "choose another --output_dir") from None
-    existing = [p for p in ("metrics.jsonl", "final", "checkpoints") if (output_dir / p).exists()]
+    existing = [p for p in ("metrics.jsonl", "samples.jsonl", "final", "checkpoints") if (output_dir / p).exists()]
     if existing and not resuming and not overwrite:
         raise ConfigError(
             f"output_dir {output_dir} already holds a run ({', '.join(existing)}); choose another output_dir, "

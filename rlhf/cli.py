@@ -82,17 +82,36 @@ def parse_dpo_args(argv: list[str] | None = None, prog: str | None = None) -> An
 
 
 def exit_on_user_error(fn: Callable[[], Any]) -> Any:
+    code = 0
     try:
         return fn()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except TrainingInterrupted as exc:  # a signal, after the checkpoint was written
         print(str(exc), file=sys.stderr)
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    finally:
+        _leave_if_reward_calls_hang(code)
+    sys.exit(code)
+
+
+ABANDONED_CALLS_GRACE_SECONDS = 5.0
+
+
+def _leave_if_reward_calls_hang(code: int) -> None:
+    """A reward call given up on (reward_timeout, a signal) may still run in a daemon thread;
+    interpreter shutdown can then abort inside native code (exit 134 after a successful run).
+    Everything is written by now, so leave at once with the run's own exit code."""
+    from reward_models.guard import abandoned_calls_running, wait_for_abandoned_calls
+
+    if abandoned_calls_running() and not wait_for_abandoned_calls(ABANDONED_CALLS_GRACE_SECONDS):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def train_main(algorithm: str, argv: list[str] | None = None, prog: str | None = None) -> None:

@@ -44,6 +44,8 @@ def _field(default: Any, help: str, **kwargs: Any) -> Any:
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+MAX_LEARNING_RATE = 10.0
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass
@@ -249,9 +251,16 @@ class RLConfig:
                     f"{name} must be >= 1 or none (= automatic), got {getattr(self, name)}")
         for name in ("save_steps", "eval_steps", "warmup_steps", "num_samples_to_log"):
             require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        require(self.value_learning_rate is None or self.value_learning_rate > 0, "value_learning_rate must be > 0")
-        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        # Above ~1 Adam moves every LoRA weight by about the rate per step (and past 3e37 its step
+        # size overflows float32 inside torch); RL on LMs uses 1e-7..1e-3.
+        require(0 < self.learning_rate <= MAX_LEARNING_RATE,
+                f"learning_rate must be in (0, {MAX_LEARNING_RATE:g}], got {self.learning_rate:g}")
+        require(self.value_learning_rate is None or 0 < self.value_learning_rate <= MAX_LEARNING_RATE,
+                f"value_learning_rate must be in (0, {MAX_LEARNING_RATE:g}]")
+        # logits / temperature: below this float32 loses the value (1e-46 is 0) or the logits overflow
+        require(self.temperature >= MIN_TEMPERATURE,
+                f"temperature must be >= {MIN_TEMPERATURE:g} (use a small one such as 0.01 for near-greedy "
+                f"sampling), got {self.temperature:g}")
         require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED,
                 f"seed must be an integer in 0..{MAX_SEED}, got {self.seed!r}")
@@ -366,6 +375,8 @@ class RLConfig:
         def walk(key: str, value: Any) -> None:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{setting} {key} must be a finite number, got {value}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > FLOAT32_MAX:
+                raise ConfigError(f"{setting} {key} must be within float32 range (|x| <= 3.4e38), got {value:g}")
             if isinstance(value, dict):
                 for k, v in value.items():
                     walk(f"{key}.{k}", v)

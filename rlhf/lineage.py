@@ -29,13 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.errors import CheckpointError
+from rlhf.tracking import RowSplit
 
 RUN_RECORD = "run.json"
 FINAL_LINEAGE = "lineage.json"  # in final/: which run, branch and step the adapter is
 ABANDONED_DIR = "abandoned"
 # Outputs that belong to a run (an overwrite deletes them, a branch change moves them aside).
 RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "samples.jsonl", ABANDONED_DIR)
-# The run of a checkpoint written before run ids existed: it counts as on every branch.
+# The run of a checkpoint written before run ids existed: it counts as on a branch up to the step
+# where that branch's first recorded segment began.
 UNKNOWN = None
 
 
@@ -76,8 +78,8 @@ class Lineage:
 
     def covers(self, other: Lineage, step: int) -> bool:
         """Whether something written on ``other`` at ``step`` is on this branch."""
-        if other.run_id is UNKNOWN:
-            return True
+        if other.run_id is UNKNOWN:  # written before run ids: before this lineage's first recorded segment
+            return not self.path or step <= self.path[0][1]
         if other.run_id != self.run_id:
             return False
         for index, (segment, first_step) in enumerate(self.path):
@@ -137,7 +139,10 @@ def set_aside(output_dir: Path, paths: list[Path], metrics_rows: dict[str, list[
     target.mkdir(parents=True)
     for name, rows in metrics_rows.items():
         if rows:
-            (target / name).write_text("".join(row + "\n" for row in rows))
+            with (target / name).open("w") as handle:  # on disk before the originals are cut
+                handle.write("".join(row + "\n" for row in rows))
+                handle.flush()
+                os.fsync(handle.fileno())
     for path in paths:
         destination = target / path.relative_to(output_dir)
         destination.parent.mkdir(parents=True, exist_ok=True)
@@ -160,23 +165,28 @@ def delete_run_outputs(output_dir: Path) -> None:
 
 @dataclass
 class Start:
-    """What a start of the trainer does: ``checkpoint`` None trains a new run from step 0."""
+    """What a start of the trainer does, decided before anything is written (``plan_start``)."""
 
     lineage: Lineage  # the branch this start trains (run.json once applied)
-    checkpoint: Path | None = None
+    checkpoint: Path | None = None  # None: a new run from step 0
     step: int = 0
-    restart: bool = False  # resume latest found nothing of this run to load
+    restart: bool = False  # resume latest found nothing to load: a new run
+    off_branch: list[Path] = field(default_factory=list)  # checkpoints and final/ to set aside
+    metrics: dict[str, RowSplit] = field(default_factory=dict)  # metrics/samples rows kept and dropped
 
 
-def _lineage_of_checkpoint(path: Path) -> Lineage:
-    """Lenient: a checkpoint whose state cannot be read counts as this run's, so that choosing
-    it reports the damage (load_checkpoint) instead of silently taking an older one."""
+def _on(branch: Lineage, checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` is on ``branch``. One whose state cannot be read counts as on it, so
+    that choosing it reports the damage (load_checkpoint) instead of silently taking an older one,
+    and it is never moved aside."""
     from rlhf.checkpoint import TRAINER_STATE
 
     try:
-        return of_trainer_state(json.loads((path / TRAINER_STATE).read_text()), path / TRAINER_STATE)
-    except (OSError, ValueError, CheckpointError, AttributeError, TypeError):
-        return Lineage(UNKNOWN)
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+        written_on = of_trainer_state(state, checkpoint / TRAINER_STATE) if isinstance(state, dict) else None
+    except (OSError, ValueError, CheckpointError):
+        written_on = None
+    return written_on is None or branch.covers(written_on, _step_of(checkpoint))
 
 
 def _lineage_of_final(final: Path) -> tuple[Lineage, int]:
@@ -191,25 +201,20 @@ def _step_of(path: Path) -> int:
 
 
 def plan_start(output_dir: Path, resume: str | None) -> Start:
-    """Read-only (every process calls it before anything is written): the checkpoint to resume
-    and the lineage of the branch that continues from it."""
+    """Read-only (every process calls it before anything is written): the checkpoint to resume,
+    the lineage of the branch that continues from it, and what is not on that branch. Every
+    refusal (CheckpointError) happens here, so a refused start changes nothing."""
     from rlhf import checkpoint as ckpt
 
-    record = read_record(output_dir)
     segment = new_id()
-    if not resume:
+    if not resume:  # a new run (an overwrite deletes the old one whatever state its files are in)
         return Start(Lineage(new_id(), [[segment, 0]]))
+    record = read_record(output_dir)
+    checkpoints = ckpt.list_checkpoints(output_dir / "checkpoints")
     if resume == "latest":
-        on_branch = [path for path in ckpt.list_checkpoints(output_dir / "checkpoints")
-                     if record is None or record.covers(_lineage_of_checkpoint(path), _step_of(path))]
+        on_branch = [path for path in checkpoints if record is None or _on(record, path)]
         if not on_branch:
-            final = output_dir / "final"
-            if final.is_dir() and (record is None or record.covers(*_lineage_of_final(final))):
-                raise CheckpointError(
-                    f"output_dir {output_dir} holds a finished run (final/) without checkpoints, so there is nothing "
-                    "to resume; pass --overwrite_output_dir true to train it again, or choose another output_dir")
-            # killed before its first checkpoint (or while loading): start over
-            return Start(Lineage(new_id(), [[segment, 0]]), restart=True)
+            return _restart(output_dir, record, checkpoints, segment)
         checkpoint = on_branch[-1]
     else:
         checkpoint = ckpt.resolve_checkpoint(resume, output_dir)
@@ -219,33 +224,69 @@ def plan_start(output_dir: Path, resume: str | None) -> Start:
         raise CheckpointError(f"checkpoint {checkpoint} belongs to run {lineage.run_id}, but {output_dir} holds run "
                               f"{record.run_id}; resume it into its own output_dir (or a new one), or pass "
                               "--overwrite_output_dir true without --resume_from_checkpoint to start over")
+    if record is not None and not record.covers(lineage, state["step"]):
+        raise CheckpointError(f"checkpoint {checkpoint} is on a branch of this run that was left (run.json follows "
+                              f"another one); resume it into a new output_dir, or resume {output_dir} with latest")
     if lineage.run_id is UNKNOWN:  # written before run ids: adopt it into this output_dir's run
         lineage = Lineage(record.run_id if record is not None else new_id(), [])
-    return Start(lineage.started(segment, state["step"]), checkpoint, state["step"])
+    branch = lineage.started(segment, state["step"])
+    return Start(branch, checkpoint, state["step"], off_branch=_off_branch(output_dir, branch, checkpoints),
+                 metrics=_split_rows(output_dir, state["step"]))
+
+
+def _restart(output_dir: Path, record: Lineage | None, checkpoints: list[Path], segment: str) -> Start:
+    """Resume latest with no checkpoint of the recorded branch: start over only when there is
+    nothing else either (killed before its first checkpoint, or while loading)."""
+    if checkpoints:
+        raise CheckpointError(
+            f"{output_dir / 'checkpoints'} holds checkpoints, but none of the run and branch run.json records "
+            f"(run {record.run_id if record else '?'}): run.json was edited, or an overwrite was interrupted; "
+            "resume one explicitly with --resume_from_checkpoint DIR, or pass --overwrite_output_dir true "
+            "(without --resume_from_checkpoint) to start over")
+    final = output_dir / "final"
+    if final.is_dir() and (record is None or record.covers(*_lineage_of_final(final))):
+        raise CheckpointError(
+            f"output_dir {output_dir} holds a finished run (final/) without checkpoints, so there is nothing "
+            "to resume; pass --overwrite_output_dir true to train it again, or choose another output_dir")
+    fresh = Lineage(new_id(), [[segment, 0]])
+    return Start(fresh, restart=True, off_branch=[final] if final.is_dir() else [],
+                 metrics=_split_rows(output_dir, 0))
+
+
+def _off_branch(output_dir: Path, branch: Lineage, checkpoints: list[Path]) -> list[Path]:
+    off = [path for path in checkpoints if not _on(branch, path)]
+    final = output_dir / "final"
+    if final.is_dir() and not branch.covers(*_lineage_of_final(final)):
+        off.append(final)
+    return off
+
+
+def _split_rows(output_dir: Path, last_step: int) -> dict[str, RowSplit]:
+    from rlhf.tracking import split_rows
+
+    return {name: split_rows(output_dir / name, last_step) for name in ("metrics.jsonl", "samples.jsonl")}
 
 
 def apply_start(output_dir: Path, start: Start, overwrite: bool, say: Any = print) -> None:
     """Main process, after the checkpoint loaded: record the branch, then clear what is not on it.
 
-    A new run with ``overwrite`` deletes the old run's outputs; otherwise checkpoints and final/
-    off the branch, and the metrics rows after the resumed step, move to ``abandoned/``."""
-    from rlhf import checkpoint as ckpt
-    from rlhf.tracking import truncate_metrics
+    A new run with ``overwrite`` deletes the old run's outputs. Otherwise, in this order (a kill
+    between any two leaves a state the next start completes): run.json; the off-branch
+    checkpoints, final/ and the rows after the resumed step moved to ``abandoned/`` (rows written
+    and synced first); metrics/samples cut to the resumed step."""
+    from rlhf.tracking import write_rows
 
     write_record(output_dir, start.lineage)  # first: from now on nothing off the branch is resumed
     if start.checkpoint is None and not start.restart:
         if overwrite:
             delete_run_outputs(output_dir)
         return
-    off_branch = [path for path in ckpt.list_checkpoints(output_dir / "checkpoints")
-                  if not start.lineage.covers(_lineage_of_checkpoint(path), _step_of(path))]
-    final = output_dir / "final"
-    if final.is_dir():
-        if start.restart or not start.lineage.covers(*_lineage_of_final(final)):
-            off_branch.append(final)
-    dropped = {name: truncate_metrics(output_dir / name, start.step) for name in ("metrics.jsonl", "samples.jsonl")}
-    if not off_branch:
-        return  # only rows the resumed steps log again (a crash after the last checkpoint)
-    moved = set_aside(output_dir, off_branch, dropped, f"after-step-{start.step}")
-    what = ", ".join(str(path.relative_to(output_dir)) for path in off_branch)
-    say(f"{what} (not on the branch resumed from step {start.step}) moved to {moved}")
+    if start.off_branch:
+        moved = set_aside(output_dir, start.off_branch, {name: split.dropped for name, split in start.metrics.items()},
+                          f"after-step-{start.step}")
+        what = ", ".join(str(path.relative_to(output_dir)) for path in start.off_branch)
+        say(f"{what} (not on the branch resumed from step {start.step}) moved to {moved}")
+    # else only rows the resumed steps log again are cut (a crash after the last checkpoint)
+    for name, split in start.metrics.items():
+        if split.exists:
+            write_rows(output_dir / name, split.kept)

@@ -11,7 +11,8 @@ import bisect
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import Tensor
@@ -53,7 +54,8 @@ class RewardTrainerState:
 
 
 def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: int, tokenizer: Any = None,
-          logged_columns: dict[str, list[Any]] | None = None) -> tuple[Tensor, Tensor | None, dict[str, float]]:
+          logged_columns: dict[str, list[Any]] | None = None,
+          abandonable: Callable[[], ContextManager[Any]] = nullcontext) -> tuple[Tensor, Tensor | None, dict[str, float]]:
     """Outcome scores [B] from the reward functions, minus the no-EOS and overlong penalties if
     set, clipped and normalised over the global batch when asked; process rewards [B, T] on the
     tokens they name (None when no function returned any). reward_mean/std in the metrics are
@@ -73,9 +75,10 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
             logged_columns.setdefault(column, []).extend(values)
 
     try:
-        output = reward(rollout.prompts, rollout.completions, **reward_inputs(rollout),
-                        trainer_state=RewardTrainerState(step - 1, config.max_steps), log_metric=log_metric,
-                        log_extra=log_extra)
+        with abandonable():  # in training, a signal now abandons the step (rlhf.signals.StopOnSignal)
+            output = reward(rollout.prompts, rollout.completions, **reward_inputs(rollout),
+                            trainer_state=RewardTrainerState(step - 1, config.max_steps), log_metric=log_metric,
+                            log_extra=log_extra)
         interrupted = 0.0
     except ScoringInterrupted:
         interrupted = 1.0

@@ -6,6 +6,8 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -41,11 +43,24 @@ class ScoringInterrupted(BaseException):
 
 
 class StopOnSignal:
-    """Context manager; ``received`` holds the first signal number caught (None before)."""
+    """Context manager; ``received`` holds the first signal number caught (None before).
+
+    Inside ``abandonable()`` (the trainer wraps the reward calls in it) the first signal raises
+    ScoringInterrupted on the main thread, wherever it is: a hanging reward function is left
+    as a Ctrl-C leaves any Python code. Elsewhere it only sets ``received``."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._abandonable: str | None = None  # what a signal abandons now, for the message
+
+    @contextmanager
+    def abandonable(self, what: str = "this step's reward functions (a resume runs the step again)") -> Iterator[None]:
+        self._abandonable = what
+        try:
+            yield
+        finally:
+            self._abandonable = None
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
@@ -62,5 +77,10 @@ class StopOnSignal:
                 raise KeyboardInterrupt
             sys.exit(128 + signum)
         self.received = signum
+        if self._abandonable:
+            what, self._abandonable = self._abandonable, None
+            print(f"\n{signal.Signals(signum).name} received: abandoning {what} and saving a checkpoint",
+                  file=sys.stderr, flush=True)
+            raise ScoringInterrupted(signal.Signals(signum).name)
         print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
               "(send it again to stop at once)", file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,15 +77,21 @@ def append_line(path: Path, line: str) -> None:
                                   "far are intact: free space and resume with --resume_from_checkpoint latest") from None
 
 
-def truncate_metrics(path: Path, last_step: int) -> list[str]:  # also used for samples.jsonl
-    """Drop rows logged after ``last_step`` (a resumed run re-logs them; never double a step) and
-    a torn last row (a crash or full disk mid-write); the rewrite is atomic (temp file + rename).
-    Returns the dropped complete rows."""
+@dataclass
+class RowSplit:
+    exists: bool
+    kept: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+
+def split_rows(path: Path, last_step: int) -> RowSplit:  # metrics.jsonl and samples.jsonl
+    """The rows up to ``last_step`` (kept) and after it (dropped: a resumed run re-logs them;
+    never double a step). A torn last row (a crash or full disk mid-write) is neither; any other
+    unreadable row is a CheckpointError."""
     if not path.is_file():
-        return []
-    dropped = []
+        return RowSplit(False)
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    kept = []
+    split = RowSplit(True)
     for number, line in enumerate(lines):
         try:
             row = json.loads(line)
@@ -95,11 +102,23 @@ def truncate_metrics(path: Path, last_step: int) -> list[str]:  # also used for 
 
             raise CheckpointError(f"{path}: row {number + 1} is not JSON (edited by hand?); repair or remove it "
                                   "to resume") from None
-        (kept if row.get("step", 0) <= last_step else dropped).append(line)
+        (split.kept if row.get("step", 0) <= last_step else split.dropped).append(line)
+    return split
+
+
+def write_rows(path: Path, rows: list[str]) -> None:
+    """Replace ``path`` with ``rows`` atomically (temp file + rename)."""
     staging = path.with_name(f".tmp-{path.name}")
-    staging.write_text("".join(line + "\n" for line in kept))
+    staging.write_text("".join(line + "\n" for line in rows))
     os.replace(staging, path)
-    return dropped
+
+
+def truncate_metrics(path: Path, last_step: int) -> list[str]:
+    """Cut ``path`` to the rows up to ``last_step`` (``split_rows``); returns the dropped rows."""
+    split = split_rows(path, last_step)
+    if split.exists:
+        write_rows(path, split.kept)
+    return split.dropped
 
 
 def write_trainer_log(output_dir: Path, log_history: list[dict[str, Any]], final: dict[str, Any],

@@ -21,8 +21,7 @@ import random
 import signal
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +73,15 @@ class RolloutState:
     def capture(cls, sampler: PromptSampler) -> RolloutState:
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         return cls(sampler.state_dict(), random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda)
+
+    def write_into(self, accelerate_dir: Path, process_index: int) -> None:
+        """Replace the random streams in the state Accelerate just saved with these."""
+        file = accelerate_dir / f"random_states_{process_index}.pkl"
+        saved = torch.load(file, weights_only=False)  # written a moment ago by this process
+        saved.update(random_state=self.python, numpy_random_seed=self.numpy, torch_manual_seed=self.torch)
+        if self.cuda is not None:
+            saved["torch_cuda_manual_seed"] = self.cuda
+        torch.save(saved, file)
 
     def restore(self, sampler: PromptSampler) -> None:
         sampler.load_state_dict(self.sampler)
@@ -163,6 +171,7 @@ class RLTrainer:
         self.sampler = PromptSampler(len(self.dataset), config.rollout_batch_size, config.seed)
         self.step = 0
         self.lineage: lineage.Lineage | None = None  # the run and branch being trained (rlhf.lineage)
+        self._stop: StopOnSignal | None = None  # while train() runs
         self.logged_columns: dict[str, list[Any]] = {}  # reward functions' log_extra, per step
 
     @property
@@ -189,7 +198,8 @@ class RLTrainer:
         self._start_run()
         progress = tqdm(range(self.step, config.max_steps), initial=self.step, total=config.max_steps,
                         disable=not accelerator.is_main_process, desc="rl")
-        with StopOnSignal() as stop, self._scoring_stops_on(stop):
+        with StopOnSignal() as stop:
+            self._stop = stop
             for _ in progress:
                 at_step_start = RolloutState.capture(self.sampler)
                 try:
@@ -198,7 +208,9 @@ class RLTrainer:
                     # The abandoned step leaves no trace, so the resume runs it exactly as it would have run.
                     at_step_start.restore(self.sampler)
                     signum = int(self.reducer.max(float(stop.received or 0))) or signal.SIGINT
-                    checkpoint = self.save_checkpoint()
+                    # A reward call given up on may still run and draw random numbers: the checkpoint
+                    # holds the streams as the step found them, whatever happens to them meanwhile.
+                    checkpoint = self.save_checkpoint(random_streams=at_step_start)
                     accelerator.end_training()
                     raise TrainingInterrupted(signum, self.step, checkpoint, scoring=True) from None
                 progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
@@ -224,15 +236,6 @@ class RLTrainer:
         accelerator.end_training()
         if signum:
             raise TrainingInterrupted(signum, self.step, final, finished=True)
-
-    @contextmanager
-    def _scoring_stops_on(self, stop: StopOnSignal) -> Iterator[None]:
-        """While training, a signal abandons a running reward call (reward_models.guard)."""
-        self.reward.should_stop = lambda: stop.received is not None
-        try:
-            yield
-        finally:
-            self.reward.should_stop = None
 
     def train_step(self) -> dict[str, float]:
         """One RL step: rollout -> score -> make_experience -> update, then evaluation and logging."""
@@ -279,7 +282,7 @@ class RLTrainer:
         if math.isfinite(metrics["kl"]):
             self.kl_controller.update(metrics["kl"], config.rollout_batch_size * config.num_generations)
         if config.eval_steps and (self.step % config.eval_steps == 0 or self.step == config.max_steps):
-            metrics.update(self.evaluate())
+            metrics.update(self._evaluate_unless_interrupted())
         if self.step % config.logging_steps == 0 or self.step == config.max_steps:
             self.accelerator.log(metrics_row(metrics), step=self.step)
             if self.accelerator.is_main_process and config.num_samples_to_log:
@@ -307,7 +310,8 @@ class RLTrainer:
 
     def score(self, rollout: Rollout) -> tuple[Tensor, Tensor | None, dict[str, float]]:
         return score(self.reward, rollout, self.config, self.reducer, self.step + 1, self.tokenizer,
-                     logged_columns=self.logged_columns)
+                     logged_columns=self.logged_columns,
+                     abandonable=self._stop.abandonable if self._stop is not None else nullcontext)
 
     def make_experience(self, rollout: Rollout, scores: Tensor,
                         token_scores: Tensor | None = None) -> tuple[Experience, dict[str, float]]:
@@ -325,6 +329,23 @@ class RLTrainer:
             warnings.warn(f"step {self.step + 1}: skipped {int(metrics['skipped_steps'])} optimizer step(s) with a "
                           f"non-finite loss, gradient or updated weights ({self.consecutive_skips} in a row)", stacklevel=2)
         return metrics
+
+    def _evaluate_unless_interrupted(self) -> dict[str, float]:
+        """The periodic evaluation; a signal during it gives it up (the step's update is done and
+        kept: the loop then saves a checkpoint of this step and stops), with no eval metrics."""
+        if self._stop is None:
+            return self.evaluate()
+        try:
+            with self._stop.abandonable("the evaluation (the step itself is complete)"):
+                results = self.evaluate()
+            interrupted = 0.0
+        except ScoringInterrupted:
+            interrupted = 1.0
+        if self.reducer.max(interrupted):  # every process gives it up together
+            warnings.warn(f"step {self.step}: evaluation abandoned by a signal; no eval metrics this step",
+                          stacklevel=2)
+            return {}
+        return results
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -402,11 +423,18 @@ class RLTrainer:
         self.sampler.load_state_dict(state["sampler"])
         random.setstate(ckpt.decode_python_rng(state["python_rng"]))
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, random_streams: RolloutState | None = None) -> Path:
+        """``random_streams``: save these instead of the current ones (an abandoned step's)."""
         unwrapped = self.unwrapped
-        return ckpt.save_checkpoint(self.accelerator, unwrapped.policy, unwrapped.value_head, self.trainer_state(),
-                                    self.output_dir / "checkpoints", self.step, self.config.save_total_limit,
-                                    full_state=gathered_state(self.accelerator, self.model), init_adapter=self.init_adapter)
+        state = self.trainer_state()
+        rank = self.accelerator.process_index
+        if random_streams is not None:
+            state["python_rng"] = ckpt.encode_python_rng(random_streams.python)
+        return ckpt.save_checkpoint(
+            self.accelerator, unwrapped.policy, unwrapped.value_head, state, self.output_dir / "checkpoints",
+            self.step, self.config.save_total_limit, full_state=gathered_state(self.accelerator, self.model),
+            init_adapter=self.init_adapter,
+            after_state_saved=None if random_streams is None else lambda d: random_streams.write_into(d, rank))
 
     def save_final(self) -> Path:
         return self.save_model(self.output_dir / "final")

@@ -127,21 +127,82 @@ def test_latest_follows_the_recorded_branch_even_with_abandoned_checkpoints_on_d
     assert lineage.plan_start(out, "latest").checkpoint.name == "step-2"
     fake_checkpoint(out, 3, branch.lineage)
     assert lineage.plan_start(out, "latest").checkpoint.name == "step-3"
-    # an overwrite killed after recording the new run: the old run's checkpoints are never resumed
+    # an overwrite killed after recording the new run (or a hand-edited run.json): never resumed, and
+    # not silently started over either
     lineage.write_record(out, lineage.Lineage("run-b", [["seg-9", 0]]))
-    restart = lineage.plan_start(out, "latest")
-    assert restart.restart and restart.checkpoint is None
-    lineage.apply_start(out, restart, overwrite=False, say=lambda line: None)
-    assert list((out / "checkpoints").iterdir()) == []
-    (aside,) = (out / lineage.ABANDONED_DIR).iterdir()
-    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step-2", "step-3", "step-4", "step-6"]
+    with pytest.raises(CheckpointError, match="holds checkpoints, but none of the run and branch run.json records"):
+        lineage.plan_start(out, "latest")
+    # an explicit checkpoint of the left branch is refused in this output_dir
+    lineage.write_record(out, branch.lineage)
+    with pytest.raises(CheckpointError, match="is on a branch of this run that was left"):
+        lineage.plan_start(out, str(out / "checkpoints" / "step-4"))
 
 
-def test_checkpoints_from_before_run_ids_still_resume(tmp_path):
+def test_a_refused_start_writes_nothing(tmp_path):
+    """Review of 042786c: a damaged final/lineage.json was found only after run.json had been
+    rewritten; a resume then followed the refused branch."""
     out = tmp_path / "run"
-    fake_checkpoint(out, 1, None)
-    start = lineage.plan_start(out, "latest")
-    assert start.checkpoint.name == "step-1" and start.lineage.run_id and start.lineage.path[0][1] == 1
+    first = lineage.Lineage("run-a", [["seg-1", 0]])
+    for step in (1, 2):
+        fake_checkpoint(out, step, first)
+    lineage.write_record(out, first)
+    (out / "final").mkdir()
+    (out / "final" / lineage.FINAL_LINEAGE).write_text("{")
+    (out / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    before = (out / lineage.RUN_RECORD).read_text()
+    for spec in (str(out / "checkpoints" / "step-1"), "latest"):
+        with pytest.raises(CheckpointError):
+            lineage.plan_start(out, spec)
+    assert (out / lineage.RUN_RECORD).read_text() == before
+
+
+def test_a_kill_between_moving_aside_and_cutting_the_rows_keeps_them(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    first = lineage.Lineage("run-a", [["seg-1", 0]])
+    for step in (1, 2, 3):
+        fake_checkpoint(out, step, first)
+    lineage.write_record(out, first)
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": i}) + "\n" for i in (1, 2, 3)))
+    start = lineage.plan_start(out, str(out / "checkpoints" / "step-1"))
+
+    import rlhf.tracking
+
+    def killed(*args):
+        raise KeyboardInterrupt  # stands for a kill -9 right after the move
+
+    monkeypatch.setattr(rlhf.tracking, "write_rows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        lineage.apply_start(out, start, overwrite=False, say=lambda line: None)
+    (aside,) = (out / lineage.ABANDONED_DIR).iterdir()
+    assert [json.loads(row)["step"] for row in (aside / "metrics.jsonl").read_text().splitlines()] == [2, 3]
+    monkeypatch.undo()
+    again = lineage.plan_start(out, "latest")  # the next start finishes the job
+    assert again.checkpoint.name == "step-1" and again.off_branch == []
+    lineage.apply_start(out, again, overwrite=False, say=lambda line: None)
+    assert [json.loads(row)["step"] for row in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_overwrite_ignores_a_damaged_run_record(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / lineage.RUN_RECORD).write_text("{bad")
+    start = lineage.plan_start(out, None)
+    lineage.apply_start(out, start, overwrite=True, say=lambda line: None)
+    assert lineage.read_record(out).run_id == start.lineage.run_id
+
+
+def test_checkpoints_from_before_run_ids_still_resume_and_branch(tmp_path):
+    """Review of 042786c: checkpoints without run ids counted as on every branch, so a later
+    `latest` went back to the old step-3 after a resume from step-1."""
+    out = tmp_path / "run"
+    for step in (1, 2, 3):
+        fake_checkpoint(out, step, None)
+    assert lineage.plan_start(out, "latest").checkpoint.name == "step-3"
+    start = lineage.plan_start(out, str(out / "checkpoints" / "step-1"))
+    assert start.lineage.run_id and start.lineage.path[0][1] == 1
+    assert sorted(p.name for p in start.off_branch) == ["step-2", "step-3"]
+    lineage.write_record(out, start.lineage)  # killed before the move: latest still follows the branch
+    assert lineage.plan_start(out, "latest").checkpoint.name == "step-1"
 
 
 def test_a_damaged_run_record_is_one_line(tmp_path):

@@ -146,12 +146,13 @@ def test_sigkill_while_writing_final_then_resume_is_exact(reference, tiny_model_
     assert_same_run(out, reference)
 
 
-def hanging_run(model_dir: Path, out: Path, hang_at: int) -> subprocess.Popen:
+def hanging_run(model_dir: Path, out: Path, hang_at: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
     """A run whose reward function hangs at step ``hang_at``; returns once it hangs there."""
     marker = out.parent / "hanging"
     marker.unlink(missing_ok=True)
-    args = run_args(model_dir, out, "--reward_funcs", f"{FIXTURES / 'hanging_rewards.py'}:char_diversity")
-    env = {**environment(), "RLHF_TEST_HANG_AT_STEP": str(hang_at), "RLHF_TEST_HANG_MARKER": str(marker)}
+    args = run_args(model_dir, out, "--reward_funcs", f"{FIXTURES / 'hanging_rewards.py'}:char_diversity", *extra)
+    env = {**environment(), "RLHF_TEST_HANG_AT_STEP": str(hang_at), "RLHF_TEST_HANG_MARKER": str(marker),
+           **(env or {})}
     process = subprocess.Popen(train_command(*args), env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
@@ -184,6 +185,61 @@ def test_a_signal_while_a_reward_hangs_then_resume_is_exact(reference, tiny_mode
                                    f"{FIXTURES / 'hanging_rewards.py'}:char_diversity"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(out, reference)
+
+
+def test_a_timed_reward_that_keeps_drawing_random_numbers_still_resumes_exactly(reference, tiny_model_dir,
+                                                                                 tmp_path, train_here):
+    """Review of 042786c: with reward_timeout the call runs in a thread that goes on after the signal;
+    its torch.rand calls moved the saved RNG state (the resume differed) and the process ended with
+    134 (aborted in native code at shutdown) instead of 130."""
+    out = tmp_path / "run"
+    process = hanging_run(tiny_model_dir, out, 3, "--reward_timeout", "300", env={"RLHF_TEST_HANG_BUSY": "1"})
+    time.sleep(0.5)  # let it draw
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    resumed = train_here(*run_args(tiny_model_dir, out, "--resume_from_checkpoint", "latest", "--reward_funcs",
+                                   f"{FIXTURES / 'hanging_rewards.py'}:char_diversity", "--reward_timeout", "300"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(out, reference)
+
+
+def test_a_run_that_gave_up_on_a_busy_reward_call_exits_0(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model_dir, out, "--reward_funcs", f"{FIXTURES / 'hanging_rewards.py'}:char_diversity",
+                     "--reward_timeout", "0.5", "--reward_error", "zero")
+    env = {**environment(), "RLHF_TEST_HANG_AT_STEP": "2", "RLHF_TEST_HANG_BUSY": "1", "RLHF_TEST_HANG_SECONDS": "60"}
+    result = subprocess.run(train_command(*args), capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_a_signal_while_evaluation_hangs_keeps_the_step(tiny_model_dir, tmp_path, train_here):
+    """Review of 042786c: the hang in step 1's evaluation (after its update) was handled as a hang
+    in scoring: step-1 was saved with the weights after step 1 but the data order before it, its
+    metrics row was lost, and the resumed run differed from the uninterrupted one."""
+    evaluating = ("--eval_steps", "1", "--eval_num_prompts", "2", "--eval_dataset", str(tmp_path / "prompts.jsonl"))
+    reference = tmp_path / "reference"
+    done = train_here(*run_args(tiny_model_dir, reference, "--reward_funcs",
+                                f"{FIXTURES / 'hanging_rewards.py'}:char_diversity", *evaluating))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "run"
+    process = hanging_run(tiny_model_dir, out, 2, *evaluating)  # global_step 1: the evaluation after step 1
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "abandoning the evaluation (the step itself is complete)" in stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"stopped by SIGINT after step 1; checkpoint {out / 'checkpoints' / 'step-1'}")
+    resumed = train_here(*run_args(tiny_model_dir, out, "--resume_from_checkpoint", "latest", "--reward_funcs",
+                                   f"{FIXTURES / 'hanging_rewards.py'}:char_diversity", *evaluating))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows, expected = comparable_rows(out), comparable_rows(reference)
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    assert "eval/reward_mean" not in rows[0]  # the abandoned evaluation; the step's own numbers are kept
+    assert rows[0] == {k: v for k, v in expected[0].items() if not k.startswith("eval/")}
+    assert rows[1:] == expected[1:]
+    for name in ("adapter_model.safetensors", "value_head.safetensors"):
+        assert (out / "final" / name).read_bytes() == (reference / "final" / name).read_bytes(), name
 
 
 def test_disk_full_while_saving_exits_2_and_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, train_here):

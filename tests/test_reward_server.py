@@ -133,3 +133,29 @@ def test_connections_beyond_the_workers_and_queue_get_503_at_once(serve):
             break
         time.sleep(0.2)
     assert status == 200 and body["rewards"] == [2.0]
+
+
+def slow_words(prompts, completions, **kwargs):
+    time.sleep(0.5)
+    return words(prompts, completions)
+
+
+def test_every_request_beyond_capacity_gets_its_503_even_with_a_large_body(serve):
+    """Review: the 503 was written and the socket closed with the request unread, so the kernel
+    reset the connection and clients saw a broken pipe instead of the answer."""
+    url, _ = serve(CombinedReward([slow_words]), workers=1, max_queued=1)
+    body = json.dumps({"prompts": ["p"], "completions": ["a b " * 250_000]}).encode()  # ~1 MB
+    statuses = []
+
+    def one():
+        try:
+            statuses.append(post(url, body)[0])
+        except (urllib.error.URLError, ConnectionError, OSError) as exc:
+            statuses.append(repr(exc))
+
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(statuses, key=str).count(200) >= 2 and set(statuses) <= {200, 503}, statuses

@@ -74,17 +74,30 @@ def test_a_timeout_fails_the_batch_once_without_a_per_sample_search(tmp_path, mo
     assert time.monotonic() - started < 1.4
 
 
-def test_a_signal_abandons_the_running_call_in_every_mode(slow_rewards):
+@pytest.mark.parametrize("timeout", [None, 60.0])  # on this thread, and in a worker thread
+def test_a_signal_abandons_the_running_call_in_every_mode(slow_rewards, timeout):
     """Before: the first Ctrl-C waited for the reward function, which might never return."""
+    import os
+    import signal
+
+    from rlhf.signals import StopOnSignal
+
     for mode in ("raise", "zero"):
-        reward = CombinedReward([f"{slow_rewards}:slow"], on_error=mode)
-        stop = threading.Event()
-        reward.should_stop = stop.is_set
-        threading.Timer(0.2, stop.set).start()
+        reward = CombinedReward([f"{slow_rewards}:slow"], on_error=mode, timeout=timeout)
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
         started = time.monotonic()
-        with pytest.raises(ScoringInterrupted):
-            reward(["p"] * 2, ["a", "b"])
+        with StopOnSignal() as stop, pytest.raises(ScoringInterrupted):
+            with stop.abandonable():
+                reward(["p"] * 2, ["a", "b"])
+        assert stop.received == signal.SIGINT
         assert time.monotonic() - started < 2.5
+
+
+def test_without_a_timeout_rewards_run_on_the_main_thread():
+    """signal.alarm, which math checkers use for their own timeouts, works only there."""
+    seen = []
+    CombinedReward([lambda prompts, completions, **kw: seen.append(threading.current_thread()) or [1.0]])(["p"], ["a"])
+    assert seen == [threading.main_thread()]
 
 
 def picky_counter():
@@ -150,3 +163,12 @@ def test_reward_timeout_skips_the_batch_in_a_run(tiny_model_dir, tmp_path, run_h
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row.get("skipped_batches") for row in rows] == [None, 1, None]
     assert [row["reward_errors"] for row in rows] == [0, 4, 0]
+
+
+def test_a_function_failing_on_everything_blames_no_sample():
+    def always(prompts, completions, **kwargs):
+        raise ValueError("broken")
+
+    with pytest.raises(RewardError, match="on every part of the batch") as caught:
+        CombinedReward([always])(["p"] * 8, ["c"] * 8)
+    assert "on sample" not in str(caught.value)
