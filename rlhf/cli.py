@@ -189,6 +189,29 @@ def plot_metrics_main(argv: list[str] | None = None, prog: str | None = None) ->
     exit_on_user_error(run)
 
 
+def export_main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """``python scripts/export.py --checkpoint RUN_OR_ADAPTER --output_dir DIR [--dtype bfloat16]``."""
+
+    def run() -> None:
+        parser = argparse.ArgumentParser(prog=prog or "export.py", description=(
+            "Merge a trained adapter (a run's output_dir, its final/, or checkpoints/step-N) into its base model "
+            "and write a standalone Hugging Face model dir (safetensors, tokenizer, chat template, "
+            "generation_config with every end-of-response id)."))
+        parser.add_argument("--checkpoint", required=True, help="Run dir, final/ dir or checkpoints/step-N dir.")
+        parser.add_argument("--output_dir", required=True, help="Where the merged model goes.")
+        parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                            help="Weight dtype of the export.")
+        parser.add_argument("--overwrite", default="false", choices=["true", "false"],
+                            help="Replace a non-empty output_dir.")
+        args = parser.parse_args(argv)
+        from rlhf.export import export_merged
+
+        target = export_merged(args.checkpoint, args.output_dir, args.dtype, overwrite=args.overwrite == "true")
+        print(f"exported {args.checkpoint} -> {target}")
+
+    exit_on_user_error(run)
+
+
 def serve_reward_main(argv: list[str] | None = None, prog: str | None = None) -> None:
     """``python scripts/serve_reward.py --reward_funcs sentiment my_rewards.py:brevity --port 8000``."""
 
@@ -267,7 +290,7 @@ def repo_script(name: str) -> Callable[[list[str], str], None]:
 
 
 COMMANDS: dict[str, Callable[[list[str], str], None]] = {
-    "train-dpo": dpo_main, "train-reward-model": reward_model_main, "evaluate": evaluate_main,
+    "train-dpo": dpo_main, "train-reward-model": reward_model_main, "evaluate": evaluate_main, "export": export_main,
     "plot-metrics": plot_metrics_main, "serve-reward": serve_reward_main, "benchmark": benchmark_main,
     "compare-algorithms": repo_script("compare_algorithms"), "make-preference-data": repo_script("make_preference_data"),
 }

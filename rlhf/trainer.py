@@ -158,6 +158,10 @@ class RLTrainer:
                                                        base=self.base_model)
         self.optimizer, self.scheduler = optimizer, scheduler
         check_sequence_fits(self.unwrapped.policy.config, config.max_prompt_length, config.max_new_tokens)
+        if self.base_model is None:
+            # Adapters name their base as given (the embedded model by its registered name, a hub id),
+            # not the dir it was loaded from here (a cache path of this machine): they load elsewhere.
+            self.unwrapped.policy.peft_config["default"].base_model_name_or_path = config.model_name_or_path
 
         self.estimator = estimator
         self.updater = updater(model=self.model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,

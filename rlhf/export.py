@@ -1,0 +1,76 @@
+"""Merge a trained adapter into its base and write a standalone Hugging Face model dir.
+
+    python scripts/export.py --checkpoint outputs/ppo --output_dir outputs/ppo-merged [--dtype bfloat16]
+
+``--checkpoint``: a run's output_dir (its final/), a final/ dir or a checkpoints/step-N dir. The
+adapter's ``base_model_name_or_path`` names the base (the embedded model by its registered name, a
+hub id, or a local dir). With an init_adapter the top-level adapter is already init + RL in one
+LoRA of the original base (rlhf.adapters), so one merge gives the trained policy. The result is
+what ``AutoModelForCausalLM.from_pretrained`` and inference servers load: safetensors weights,
+config, the tokenizer with its chat template, and a generation_config whose ``eos_token_id`` is
+the full set of ids that end a response in training (rlhf.models.stop_token_ids). The value head
+(PPO's critic) is not part of the policy and is not exported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhf.errors import CheckpointError, ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_merged(checkpoint: str | Path, output_dir: str | Path, dtype: str = "float32",
+                  overwrite: bool = False) -> Path:
+    """Write the merged model to ``output_dir`` (atomically: a staging dir renamed at the end)."""
+    from peft import PeftModel
+    from transformers import GenerationConfig
+
+    from rlhf.checkpoint import publish
+    from rlhf.evaluate import resolve_candidate
+    from rlhf.models import load_base_model, load_tokenizer, resolve_model_path, stop_token_ids
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
+    candidate = resolve_candidate(str(checkpoint))
+    if candidate.adapter_dir is None:
+        raise CheckpointError(f"{checkpoint} is a model, not an adapter: there is nothing to merge")
+    target = Path(output_dir)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise ConfigError(f"output_dir {target} is not empty; choose another or pass --overwrite true")
+    base = load_base_model(candidate.base)
+    try:
+        merged = PeftModel.from_pretrained(base, str(candidate.adapter_dir)).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"adapter {candidate.adapter_dir} does not fit its base {candidate.base!r}: "
+                              f"{str(exc).strip().splitlines()[0][:200]}") from None
+    merged = merged.to(DTYPES[dtype])
+    has_tokenizer = (candidate.adapter_dir / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(candidate.adapter_dir) if has_tokenizer else candidate.base)
+    stops = stop_token_ids(candidate.base, tokenizer)
+    try:
+        generation = GenerationConfig.from_pretrained(resolve_model_path(candidate.base))
+    except OSError:
+        generation = GenerationConfig.from_model_config(merged.config)
+    generation.eos_token_id = stops if len(stops) > 1 else stops[0]
+    if tokenizer.pad_token_id is not None:
+        generation.pad_token_id = tokenizer.pad_token_id
+    merged.generation_config = generation
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".tmp-{target.name}")
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.padding_side = "right"  # the usual default for inference servers; training pads left
+        tokenizer.save_pretrained(staging)
+        publish(staging, target)
+    except OSError as exc:
+        raise CheckpointError(f"could not write {target}: {exc.strerror or exc}") from None
+    return target

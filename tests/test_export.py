@@ -1,0 +1,79 @@
+"""Issue 20 items 1 and 4: a merged export that plain transformers loads, and adapters that name
+their base portably."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_args
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, tmp_path_factory):
+    from conftest import run_in_process
+
+    out = tmp_path_factory.mktemp("export") / "run"
+    result = run_in_process("train_ppo.py", *tiny_args(tiny_model_dir, out, "--learning_rate", "1e-2"))
+    assert result.returncode == 0, "see the captured stderr of this setup"
+    return out
+
+
+def test_the_export_computes_what_the_adapter_model_computes(trained_run, tiny_model_dir, tmp_path, run_here):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    exported = tmp_path / "merged"
+    result = run_here("export.py", "--checkpoint", str(trained_run), "--output_dir", str(exported))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (exported / "model.safetensors").is_file() and not list(exported.glob("adapter_*"))
+    plain = AutoModelForCausalLM.from_pretrained(exported)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), trained_run / "final")
+    lora_b = [p for n, p in adapted.named_parameters() if "lora_B" in n]
+    assert any(float(p.abs().max()) > 0 for p in lora_b)  # the adapter changes the model: the test can fail
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 2, 30]])
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, adapted(ids).logits, atol=1e-5)
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    source = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tokenizer.chat_template == source.chat_template
+    eos = GenerationConfig.from_pretrained(exported).eos_token_id
+    assert source.eos_token_id in (eos if isinstance(eos, list) else [eos])
+    assert plain.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 11)
+
+
+def test_bfloat16_export_and_bad_input(trained_run, tiny_model_dir, tmp_path, run_here):
+    from safetensors.torch import load_file
+
+    exported = tmp_path / "bf16"
+    assert run_here("export.py", "--checkpoint", str(trained_run / "final"), "--output_dir", str(exported),
+                    "--dtype", "bfloat16").returncode == 0
+    assert {t.dtype for t in load_file(str(exported / "model.safetensors")).values()} == {torch.bfloat16}
+    again = run_here("export.py", "--checkpoint", str(trained_run), "--output_dir", str(exported))
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith(
+        f"error: output_dir {exported} is not empty")
+    model_dir = run_here("export.py", "--checkpoint", str(tiny_model_dir), "--output_dir", str(tmp_path / "x"))
+    assert model_dir.returncode == 2 and "is a model, not an adapter" in model_dir.stderr
+    missing = run_here("export.py", "--checkpoint", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "y"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_adapters_name_the_embedded_model_by_its_name(tiny_model_dir, tmp_path, run_here, monkeypatch):
+    """Before: final/adapter_config.json named the converted cache dir of this machine."""
+    from rlhf.models import EMBEDDED_MODEL
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_model_dir, cache / EMBEDDED_MODEL)  # stands in for the converted embedded model
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(cache))
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model_dir, out, "--save_steps", "1")
+    args[args.index("--model_name_or_path") + 1] = EMBEDDED_MODEL
+    result = run_here("train_ppo.py", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for adapter in (out / "final", out / "checkpoints" / "step-2"):
+        assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == EMBEDDED_MODEL
+    exported = run_here("export.py", "--checkpoint", str(out), "--output_dir", str(tmp_path / "merged"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
