@@ -203,11 +203,21 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> None:
                             help="Weight dtype of the export.")
         parser.add_argument("--overwrite", default="false", choices=["true", "false"],
                             help="Replace a non-empty output_dir.")
+        parser.add_argument("--push_to_hub", default="false", choices=["true", "false"],
+                            help="Upload the export to the Hugging Face hub after writing it.")
+        parser.add_argument("--hub_model_id", default=None, help="Hub repo (default: the output_dir's name).")
+        parser.add_argument("--hub_private_repo", default=None, choices=["true", "false"], help="Create it private.")
         args = parser.parse_args(argv)
         from rlhf.export import export_merged
 
         target = export_merged(args.checkpoint, args.output_dir, args.dtype, overwrite=args.overwrite == "true")
         print(f"exported {args.checkpoint} -> {target}")
+        if args.push_to_hub == "true":
+            from rlhf.hub import push_folder
+
+            private = None if args.hub_private_repo is None else args.hub_private_repo == "true"
+            url = push_folder(target, args.hub_model_id or target.name, private, what="the merged model")
+            print(f"pushed {target} to {url}")
 
     exit_on_user_error(run)
 

@@ -225,6 +225,10 @@ class RLConfig:
     overwrite_output_dir: bool = _field(False, "Allow writing into a non-empty output_dir of another run.")
     logging_steps: int = _field(1, "Log metrics every this many steps.")
     num_samples_to_log: int = _field(4, "Prompt/response rows written to samples.jsonl per logged step.")
+    push_to_hub: bool = _field(False, "Upload final/ (adapter, tokenizer, model card) to the Hugging Face hub once the "
+                                      "run has finished and saved it locally (TRL's name).")
+    hub_model_id: str | None = _field(None, "Hub repo for push_to_hub, e.g. me/smollm2-ppo (default: the output_dir's name).")
+    hub_private_repo: bool | None = _field(None, "Create the hub repo private (None: the hub's default).")
     report_to: list[str] = _field(["jsonl"], "Trackers besides metrics.jsonl: none, jsonl, tensorboard, wandb (WANDB_MODE=offline works).")
     save_steps: int = _field(0, "Save a checkpoint every this many steps (0 = only the final adapter).")
     save_total_limit: int | None = _field(2, "Keep at most this many checkpoints (newest kept).")

@@ -14,10 +14,12 @@ the full set of ids that end a response in training (rlhf.models.stop_token_ids)
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 
+from rlhf.card import read_run_for_card, render_model_card
 from rlhf.errors import CheckpointError, ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,11 +65,14 @@ def export_merged(checkpoint: str | Path, output_dir: str | Path, dtype: str = "
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".tmp-{target.name}")
     if staging.exists():
-        import shutil
-
         shutil.rmtree(staging)
     try:
         merged.save_pretrained(staging, safe_serialization=True)
+        run = read_run_for_card(candidate.adapter_dir)
+        if run is not None:
+            (staging / "README.md").write_text(render_model_card(*run, merged=True))
+        elif (candidate.adapter_dir / "README.md").is_file():
+            shutil.copyfile(candidate.adapter_dir / "README.md", staging / "README.md")
         tokenizer.padding_side = "right"  # the usual default for inference servers; training pads left
         tokenizer.save_pretrained(staging)
         publish(staging, target)

@@ -42,6 +42,7 @@ from rlhf.algorithms import MovingAverageBaseline
 from rlhf.config import RLConfig, changed_settings, save_config, with_overrides
 from rlhf.data import PromptSampler, check_prompt_lengths, describe_dataset, load_eval_dataset, load_prompt_dataset
 from rlhf.build import build_model
+from rlhf.card import render_model_card
 from rlhf.distributed import Reducer, configure_sharding, gathered_state, make_accelerator, unwrapped_full_weights
 from rlhf.errors import TrainingDiverged
 from rlhf.evaluate import adapter_disabled, sample_and_score
@@ -176,6 +177,7 @@ class RLTrainer:
         self.step = 0
         self.lineage: lineage.Lineage | None = None  # the run and branch being trained (rlhf.lineage)
         self._stop: StopOnSignal | None = None  # while train() runs
+        self.last_logged: dict[str, Any] | None = None  # the latest metrics row (for the model card)
         self.logged_columns: dict[str, list[Any]] = {}  # reward functions' log_extra, per step
 
     @property
@@ -238,6 +240,11 @@ class RLTrainer:
             final = self.save_final()
             signum = int(self.reducer.max(float(stop.received if stop.received != before_save else 0)))
         accelerator.end_training()
+        if config.push_to_hub and accelerator.is_main_process:  # after the local save: a failed upload loses nothing
+            from rlhf.hub import push_folder
+
+            repo = config.hub_model_id or self.output_dir.name
+            accelerator.print(f"pushed {final} to {push_folder(final, repo, config.hub_private_repo)}")
         if signum:
             raise TrainingInterrupted(signum, self.step, final, finished=True)
 
@@ -288,6 +295,7 @@ class RLTrainer:
         if config.eval_steps and (self.step % config.eval_steps == 0 or self.step == config.max_steps):
             metrics.update(self._evaluate_unless_interrupted())
         if self.step % config.logging_steps == 0 or self.step == config.max_steps:
+            self.last_logged = {"step": self.step, **metrics_row(metrics)}
             self.accelerator.log(metrics_row(metrics), step=self.step)
             if self.accelerator.is_main_process and config.num_samples_to_log:
                 # log_extra columns line up with the rows unless dynamic sampling drew several rounds
@@ -456,6 +464,8 @@ class RLTrainer:
             self.tokenizer.save_pretrained(staging)
             if self.lineage is not None:  # which run, branch and step this adapter is
                 (staging / lineage.FINAL_LINEAGE).write_text(lineage.final_lineage_file(self.lineage, self.step))
+            # replaces peft's placeholder card
+            (staging / "README.md").write_text(render_model_card(self.config.to_dict(), self.last_logged, self.step))
 
         saved = ckpt.write_atomically(self.accelerator, target, write_adapter_and_tokenizer)
         self.accelerator.wait_for_everyone()

@@ -77,3 +77,68 @@ def test_adapters_name_the_embedded_model_by_its_name(tiny_model_dir, tmp_path, 
         assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == EMBEDDED_MODEL
     exported = run_here("export.py", "--checkpoint", str(out), "--output_dir", str(tmp_path / "merged"))
     assert exported.returncode == 0, exported.stderr[-2000:]
+
+
+def test_final_and_the_export_carry_a_model_card_of_the_run(trained_run, tmp_path, run_here):
+    """Issue 20 item 2. Before: final/README.md was peft's placeholder ("More Information Needed")."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(trained_run / "final" / "README.md")
+    text = card.text
+    assert "More Information Needed" not in text
+    assert card.data.library_name == "peft" and "rlhf" in card.data.tags and "ppo" in card.data.tags
+    last = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[-1])
+    for fragment in ("PPO", "trained for 2 RL steps", "char_diversity", "| learning_rate | `0.01` |",
+                     f"| reward_mean | {last['reward_mean']:.4g} |", "Last logged metrics (step 2)", "PeftModel.from_pretrained"):
+        assert fragment in text, fragment
+    exported = tmp_path / "merged"
+    assert run_here("export.py", "--checkpoint", str(trained_run), "--output_dir", str(exported)).returncode == 0
+    merged = ModelCard.load(exported / "README.md")
+    assert merged.data.library_name == "transformers" and "A merged model trained for 2 RL steps" in merged.text
+
+
+class FakeHub:
+    """huggingface_hub.HfApi replaced at its boundary: records calls, or fails like an offline hub."""
+
+    calls: list = []
+    fail: Exception | None = None
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
+        if FakeHub.fail is not None:
+            raise FakeHub.fail
+        FakeHub.calls.append(("create_repo", repo_id, private))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, folder_path, repo_id, repo_type=None, commit_message=None):
+        FakeHub.calls.append(("upload_folder", repo_id, sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir())))
+
+
+def test_push_to_hub_uploads_final_and_offline_is_one_line(tiny_model_dir, tmp_path, run_here, monkeypatch):
+    """Issue 20 item 3 (TRL's push_to_hub / hub_model_id / hub_private_repo)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    FakeHub.calls, FakeHub.fail = [], None
+    out = tmp_path / "run"
+    result = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--push_to_hub", "true", "--hub_model_id",
+                                                  "me/tiny-ppo", "--hub_private_repo", "true"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert FakeHub.calls[0] == ("create_repo", "me/tiny-ppo", True)
+    assert FakeHub.calls[1][:2] == ("upload_folder", "me/tiny-ppo")
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(FakeHub.calls[1][2])
+    assert f"pushed {out / 'final'} to https://huggingface.co/me/tiny-ppo" in result.stdout
+
+    FakeHub.fail = ConnectionError("Cannot reach https://huggingface.co: offline mode is enabled")
+    offline = tmp_path / "offline"
+    result = run_here("train_ppo.py", *tiny_args(tiny_model_dir, offline, "--push_to_hub", "true"))
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: could not push {offline / 'final'} to the hub as offline (ConnectionError: ")
+    assert "the local copy is complete" in line and "Traceback" not in result.stderr
+    assert (offline / "final" / "adapter_model.safetensors").is_file()
+
+    FakeHub.calls, FakeHub.fail = [], None
+    merged = tmp_path / "merged"
+    assert run_here("export.py", "--checkpoint", str(out), "--output_dir", str(merged), "--push_to_hub", "true",
+                    "--hub_model_id", "me/tiny-merged").returncode == 0
+    assert FakeHub.calls[1][:2] == ("upload_folder", "me/tiny-merged") and "model.safetensors" in FakeHub.calls[1][2]
