@@ -77,14 +77,25 @@ def read_run_for_card(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]
                 settings = yaml.safe_load(config_file.read_text()) or {}
             except yaml.YAMLError:
                 return None
+            at_step = _checkpoint_step(adapter_dir)  # a checkpoints/step-N dir: that step, not the run's last
             metrics = None
             metrics_file = run_dir / "metrics.jsonl"
             if metrics_file.is_file():
-                lines = [line for line in metrics_file.read_text().splitlines() if line.strip()]
-                try:
-                    metrics = json.loads(lines[-1]) if lines else None
-                except json.JSONDecodeError:
-                    metrics = None
-            steps = int((metrics or {}).get("step") or 0)
+                for line in metrics_file.read_text().splitlines():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(row, dict) and (at_step is None or (row.get("step") or 0) <= at_step):
+                        metrics = row
+            steps = at_step if at_step is not None else int((metrics or {}).get("step") or 0)
             return (settings if isinstance(settings, dict) else {}), metrics, steps
     return None
+
+
+def _checkpoint_step(adapter_dir: Path) -> int | None:
+    try:
+        step = json.loads((adapter_dir / "trainer_state.json").read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None

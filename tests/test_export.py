@@ -142,3 +142,16 @@ def test_push_to_hub_uploads_final_and_offline_is_one_line(tiny_model_dir, tmp_p
     assert run_here("export.py", "--checkpoint", str(out), "--output_dir", str(merged), "--push_to_hub", "true",
                     "--hub_model_id", "me/tiny-merged").returncode == 0
     assert FakeHub.calls[1][:2] == ("upload_folder", "me/tiny-merged") and "model.safetensors" in FakeHub.calls[1][2]
+
+
+def test_an_export_of_a_checkpoint_describes_that_step(tiny_model_dir, tmp_path, run_here):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "run"
+    assert run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "3", "--save_steps", "1",
+                                               "--save_total_limit", "3")).returncode == 0
+    merged = tmp_path / "merged"
+    assert run_here("export.py", "--checkpoint", str(out / "checkpoints" / "step-1"), "--output_dir",
+                    str(merged)).returncode == 0
+    text = ModelCard.load(merged / "README.md").text
+    assert "trained for 1 RL steps" in text and "Last logged metrics (step 1)" in text
