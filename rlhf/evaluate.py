@@ -146,6 +146,7 @@ def sample_and_score(
     batch_size: int = 16,
     eos_token_ids: list[int] | None = None,
     reward_extras: dict[str, Any] | None = None,
+    progress: Any = None,
 ) -> list[dict[str, Any]]:
     """Sample ``num_samples`` responses per prompt from ``policy`` and score each one.
 
@@ -157,6 +158,7 @@ def sample_and_score(
     response, rewards per function and combined, the sequence KL to the base at the sampling
     temperature (k1, nats), token count, EOS flag and the response's NLL under the base (T=1).
     ``eos_token_ids``: the model's stop set (rlhf.models.stop_token_ids; None = read off ``policy``).
+    ``progress``: a tqdm bar advanced by each scored response.
     """
     jobs = [(p, s) for p in prompt_indices for s in range(num_samples)]
     records = []
@@ -181,6 +183,8 @@ def sample_and_score(
                 "reward": float(rewards[i]), "kl": float(scores["kl"][i]), "tokens": int(rollout.mask[i].sum()),
                 "eos": bool(rollout.eos_found[i]), "base_nll": float(scores["base_nll"][i]),
             })
+        if progress is not None:
+            progress.update(len(chunk))
     return records
 
 
@@ -293,8 +297,11 @@ def evaluate(
     prompts = load_prompt_dataset(dataset, split, prompt_column)
     count = len(prompts) if num_prompts is None else min(num_prompts, len(prompts))
     accelerator = accelerator or make_accelerator()
-    reward = CombinedReward(reward_funcs or ["sentiment"], reward_weights, reward_kwargs or {},
-                            device=accelerator.device)
+    reward_source = "given"
+    if not reward_funcs:  # the run's own rewards, as it trained with them
+        reward_funcs, reward_weights, reward_kwargs, reward_source = run_rewards(candidates, reward_weights, reward_kwargs)
+        accelerator.print(f"rewards: {', '.join(map(str, reward_funcs))} ({reward_source})")
+    reward = CombinedReward(reward_funcs, reward_weights, reward_kwargs or {}, device=accelerator.device)
     local_prompts = list(range(count))[accelerator.process_index::accelerator.num_processes]
 
     tokenizer = load_tokenizer(base_id)
@@ -327,6 +334,12 @@ def evaluate(
     labels = ([BASE_LABEL] if include_base else []) + [c.label for c in candidates]
     by_label = {c.label: c for c in candidates}
     records: dict[str, list[dict[str, Any]]] = {}
+    from tqdm.auto import tqdm
+
+    # This process's share, on the main process only: responses done / total and the time left.
+    progress = tqdm(total=len(labels) * len(local_prompts) * num_samples, desc="evaluate", unit="response",
+                    disable=not accelerator.is_main_process)
+    settings["progress"] = progress
     for label in labels:
         candidate = by_label.get(label)
         if candidate is not None and candidate.adapter_dir is not None:
@@ -343,6 +356,7 @@ def evaluate(
             del other
         gathered = gather_object(local) if accelerator.num_processes > 1 else local
         records[label] = sorted(gathered, key=lambda r: (r["prompt_index"], r["sample_index"]))
+    progress.close()
 
     report = reporting.build_report(
         records, baseline=BASE_LABEL if include_base else None, seed=seed, resamples=bootstrap_resamples,
@@ -350,7 +364,8 @@ def evaluate(
                   "base_row": f"init adapter of {starting_policy.label}" if starting_policy else "base model",
                   "kl_reference": {c.label: "init adapter" if c.reference_dir else "base model" for c in candidates},
                   "dataset": dataset, "dataset_split": split,
-                  "num_prompts": count, "reward_funcs": reward_funcs or ["sentiment"], "reward_weights": reward_weights,
+                  "num_prompts": count, "reward_funcs": reward_funcs, "reward_source": reward_source,
+                  "reward_weights": reward_weights,
                   "reward_kwargs": reward_kwargs or {}, "include_base": include_base, "num_samples": num_samples,
                   "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                   "max_prompt_length": max_prompt_length, "bootstrap_resamples": bootstrap_resamples,
@@ -360,6 +375,24 @@ def evaluate(
         reporting.write_outputs(Path(output_dir), report, records)
     accelerator.wait_for_everyone()
     return report
+
+
+def run_rewards(candidates: list[Candidate], weights: list[float] | None,
+                kwargs: dict[str, Any] | None) -> tuple[list[Any], list[float] | None, dict[str, Any], str]:
+    """The reward settings of the first candidate whose run dir has a config.yaml (its
+    reward_funcs, weights and kwargs; given weights/kwargs win), else the sentiment built-in."""
+    from rlhf.card import read_run_for_card
+
+    for candidate in candidates:
+        if candidate.adapter_dir is None:
+            continue
+        run = read_run_for_card(candidate.adapter_dir)
+        if run is not None and run[0].get("reward_funcs"):
+            settings = run[0]
+            source = f"the run's own, from the config.yaml next to {candidate.adapter_dir}"
+            return (list(settings["reward_funcs"]), weights if weights is not None else settings.get("reward_weights"),
+                    kwargs if kwargs else settings.get("reward_kwargs") or {}, source)
+    return ["sentiment"], weights, kwargs or {}, "default: no run config.yaml found next to the checkpoints"
 
 
 def _attach_adapters(base_model: Any, candidates: list[Candidate]) -> tuple[Any, dict[str, str]]:
@@ -416,8 +449,9 @@ class EvalConfig:
     dataset_split: str | None = field(default=None, metadata={"help": "Split (default: eval for built-in sets)."})
     prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt."})
     num_prompts: int | None = field(default=None, metadata={"help": "Use the first N prompts (default: all)."})
-    reward_funcs: list[str] = field(default_factory=lambda: ["sentiment"], metadata={
-        "help": "Reward functions, as in training (built-in names, file.py:fn, module:fn, RM dir, URL)."})
+    reward_funcs: list[str] | None = field(default=None, metadata={
+        "help": "Reward functions, as in training (built-in names, file.py:fn, module:fn, RM dir, URL). Default: "
+                "the run's own, from the config.yaml of the first checkpoint's run (else sentiment)."})
     reward_weights: list[float] | None = field(default=None, metadata={"help": "Weight per reward function."})
     reward_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "Parameters per reward name (JSON on the CLI)."})

@@ -189,7 +189,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "# Evaluation report", "",
         f"{settings['num_prompts']} prompts from `{settings['dataset']}` ({settings['dataset_split']}), "
         f"{settings['num_samples']} sample(s) each, max_new_tokens {settings['max_new_tokens']}, temperature "
-        f"{settings['temperature']}, seed {settings['seed']}; reward = {' + '.join(settings['reward_funcs'])}; "
+        f"{settings['temperature']}, seed {settings['seed']}; reward = {' + '.join(map(str, settings['reward_funcs']))}"
+        + (f" ({settings['reward_source']})" if settings.get("reward_source", "given") != "given" else "") + "; "
         f"base model `{settings['base_model']}`"
         + (f"; the base row and KL are against the {settings['base_row']}" if settings.get("base_row", "base model")
            != "base model" else "")

@@ -155,3 +155,18 @@ def test_an_export_of_a_checkpoint_describes_that_step(tiny_model_dir, tmp_path,
                     str(merged)).returncode == 0
     text = ModelCard.load(merged / "README.md").text
     assert "trained for 1 RL steps" in text and "Last logged metrics (step 1)" in text
+
+
+def test_evaluate_defaults_to_the_runs_own_rewards_and_shows_progress(trained_run, tmp_path, run_here):
+    """Issue 20 item 6. Before: evaluate.py scored with `sentiment` unless told otherwise, and showed
+    nothing while it ran."""
+    out = tmp_path / "eval"
+    result = run_here("evaluate.py", "--checkpoints", str(trained_run), "--num_prompts", "2", "--max_new_tokens", "4",
+                      "--output_dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [str(f) for f in report["settings"]["reward_funcs"]] == [str(f) for f in __import__("yaml").safe_load(
+        (trained_run / "config.yaml").read_text())["reward_funcs"]]
+    assert "the run's own" in report["settings"]["reward_source"]
+    assert "the run's own" in (out / "report.md").read_text()
+    assert "evaluate: 100%" in result.stderr and "2/2" in result.stderr  # the progress bar reached the end
