@@ -90,14 +90,20 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+STYLES = ("-", "--", ":", "-.")
+
+
 def plot_training_curves(run_dirs: list[Path], output_dir: Path) -> list[Path]:
     """One PNG per quantity (reward, KL, loss, length) with one line per run, x = RL step."""
     runs = {Path(d).name if Path(d).name not in ("", ".") else str(d): read_metrics(Path(d)) for d in run_dirs}
     if len(runs) < len(run_dirs):  # two runs with the same dir name: label them by full path
         runs = {str(d): read_metrics(Path(d)) for d in run_dirs}
-    output_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for filename, (title, ylabel, series) in TRAINING_PLOTS.items():
+    # One curve per reward function (reward/<name>) besides the fixed plots.
+    functions = sorted({key for rows in runs.values() for row in rows for key in row if key.startswith("reward/")})
+    per_function = [(key, STYLES[i % len(STYLES)], key.split("/", 1)[1]) for i, key in enumerate(functions)]
+    plots = {**TRAINING_PLOTS, "reward_functions.png": ("Reward per function", "mean reward", per_function)}
+    for filename, (title, ylabel, series) in plots.items():
         fig, ax = plt.subplots(figsize=(7.0, 4.5))
         drawn = 0
         for index, (name, rows) in enumerate(runs.items()):
@@ -117,7 +123,12 @@ def plot_training_curves(run_dirs: list[Path], output_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
         fig.tight_layout()
+        output_dir.mkdir(parents=True, exist_ok=True)
         fig.savefig(output_dir / filename, dpi=120)
         plt.close(fig)
         written.append(output_dir / filename)
+    if not written:
+        keys = sorted({key for rows in runs.values() for row in rows for key in row} - {"step", "run_id"})
+        raise DataError(f"nothing to plot in {', '.join(map(str, run_dirs))}: no finite values of reward_mean, kl, "
+                        f"losses, lengths or reward/<name> (columns there: {', '.join(keys[:12]) or 'none'})")
     return written

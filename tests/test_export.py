@@ -170,3 +170,21 @@ def test_evaluate_defaults_to_the_runs_own_rewards_and_shows_progress(trained_ru
     assert "the run's own" in report["settings"]["reward_source"]
     assert "the run's own" in (out / "report.md").read_text()
     assert "evaluate: 100%" in result.stderr and "2/2" in result.stderr  # the progress bar reached the end
+
+
+def test_plots_draw_each_reward_function_and_refuse_an_empty_run(tmp_path, run_here):
+    """Issue 20 item 7. Before: a run with nothing to plot wrote nothing and exited 0."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "reward_mean": 0.1 * s, "reward/format": 0.2 * s, "reward/length": 1 - 0.1 * s, "kl": 0.01}
+            for s in range(1, 6)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_here("plot_metrics.py", str(run), "--output_dir", str(tmp_path / "plots"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "plots" / "reward_functions.png").stat().st_size > 1000
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text(json.dumps({"step": 1, "samples_per_second": 3.0}) + "\n")
+    refused = run_here("plot_metrics.py", str(empty), "--output_dir", str(tmp_path / "none"))
+    assert refused.returncode == 2 and "nothing to plot in" in refused.stderr and "samples_per_second" in refused.stderr
+    assert not (tmp_path / "none").exists()
