@@ -20,10 +20,6 @@ from typing import Any, Callable
 
 from rlhf.errors import RewardUnavailable
 
-# How often a waiting caller looks at the stop flag; a finished call returns at once.
-POLL_SECONDS = 0.05
-
-
 class RewardTimeout(RewardUnavailable):
     """A reward call did not return within reward_timeout."""
 
@@ -62,17 +58,12 @@ def run_guarded(work: Callable[[], Any], label: str, timeout: float | None, limi
         finally:
             finished.set()
 
-    worker = threading.Thread(target=call, name=f"reward {label}", daemon=True)
-    deadline = time.monotonic() + timeout
-    worker.start()
+    threading.Thread(target=call, name=f"reward {label}", daemon=True).start()
     try:
-        while True:
-            # short joins: a signal handler on this (main) thread runs between them
-            if finished.wait(max(0.0, min(POLL_SECONDS, deadline - time.monotonic()))):
-                break
-            if time.monotonic() >= deadline:
-                raise RewardTimeout(f"reward {label!r} did not return within {limit or f'reward_timeout={timeout:g} s'} "
-                                    "(it may still be running in the background); make it faster or raise reward_timeout")
+        # A signal handler that raises (rlhf.signals.StopOnSignal.abandonable) interrupts this wait.
+        if not finished.wait(timeout):
+            raise RewardTimeout(f"reward {label!r} did not return within {limit or f'reward_timeout={timeout:g} s'} "
+                                "(it may still be running in the background); make it faster or raise reward_timeout")
     except BaseException:  # the timeout, or a signal (ScoringInterrupted): the call is given up on
         _abandoned.append(finished)
         raise

@@ -117,7 +117,9 @@ class _Deadline:
         self._timer.cancel()
 
 
-class _HTTPHandler(urllib.request.HTTPHandler):
+class _UnderDeadline:
+    """Mixed into urllib's HTTP and HTTPS handlers: their connections obey the attempt's deadline."""
+
     def __init__(self, deadline: _Deadline):
         super().__init__()
         self._deadline = deadline
@@ -126,13 +128,12 @@ class _HTTPHandler(urllib.request.HTTPHandler):
         return super().do_open(self._deadline.connection_class(http_class), req, **kwargs)
 
 
-class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: _Deadline):
-        super().__init__()
-        self._deadline = deadline
+class _HTTPHandler(_UnderDeadline, urllib.request.HTTPHandler):
+    pass
 
-    def do_open(self, http_class, req, **kwargs):
-        return super().do_open(self._deadline.connection_class(http_class), req, **kwargs)
+
+class _HTTPSHandler(_UnderDeadline, urllib.request.HTTPSHandler):
+    pass
 
 
 def _reason(exc: BaseException) -> str:

@@ -65,9 +65,9 @@ def _algorithm(settings: dict[str, Any]) -> str:
     return f"{str(estimator).upper()} ({loss})" if estimator else "RL"
 
 
-def read_run_for_card(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None, int] | None:
-    """(settings, last metrics row, steps) of the run an adapter dir belongs to (final/ or
-    checkpoints/step-N inside a run dir), or None when the run's files are not there."""
+def read_run_settings(adapter_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """(run dir, its config.yaml as data) of the run an adapter dir belongs to (final/ or
+    checkpoints/step-N inside a run dir), or None when there is no readable config.yaml."""
     import yaml
 
     for run_dir in (adapter_dir.parent, adapter_dir.parent.parent):
@@ -77,20 +77,29 @@ def read_run_for_card(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]
                 settings = yaml.safe_load(config_file.read_text()) or {}
             except yaml.YAMLError:
                 return None
-            at_step = _checkpoint_step(adapter_dir)  # a checkpoints/step-N dir: that step, not the run's last
-            metrics = None
-            metrics_file = run_dir / "metrics.jsonl"
-            if metrics_file.is_file():
-                for line in metrics_file.read_text().splitlines():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if isinstance(row, dict) and (at_step is None or (row.get("step") or 0) <= at_step):
-                        metrics = row
-            steps = at_step if at_step is not None else int((metrics or {}).get("step") or 0)
-            return (settings if isinstance(settings, dict) else {}), metrics, steps
+            return run_dir, settings if isinstance(settings, dict) else {}
     return None
+
+
+def read_run_for_card(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None, int] | None:
+    """(settings, metrics row of the adapter's step, steps) of its run, or None (read_run_settings)."""
+    run = read_run_settings(adapter_dir)
+    if run is None:
+        return None
+    run_dir, settings = run
+    at_step = _checkpoint_step(adapter_dir)  # a checkpoints/step-N dir: that step, not the run's last
+    metrics = None
+    metrics_file = run_dir / "metrics.jsonl"
+    if metrics_file.is_file():
+        for line in metrics_file.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and (at_step is None or (row.get("step") or 0) <= at_step):
+                metrics = row
+    steps = at_step if at_step is not None else int((metrics or {}).get("step") or 0)
+    return settings, metrics, steps
 
 
 def _checkpoint_step(adapter_dir: Path) -> int | None:

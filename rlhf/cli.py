@@ -193,7 +193,9 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> None:
     """``python scripts/export.py --checkpoint RUN_OR_ADAPTER --output_dir DIR [--dtype bfloat16]``."""
 
     def run() -> None:
-        parser = argparse.ArgumentParser(prog=prog or "export.py", description=(
+        from rlhf.parsing import OneLineParser
+
+        parser = OneLineParser(prog=prog or "export.py", description=(
             "Merge a trained adapter (a run's output_dir, its final/, or checkpoints/step-N) into its base model "
             "and write a standalone Hugging Face model dir (safetensors, tokenizer, chat template, "
             "generation_config with every end-of-response id)."))

@@ -381,14 +381,14 @@ def run_rewards(candidates: list[Candidate], weights: list[float] | None,
                 kwargs: dict[str, Any] | None) -> tuple[list[Any], list[float] | None, dict[str, Any], str]:
     """The reward settings of the first candidate whose run dir has a config.yaml (its
     reward_funcs, weights and kwargs; given weights/kwargs win), else the sentiment built-in."""
-    from rlhf.card import read_run_for_card
+    from rlhf.card import read_run_settings
 
     for candidate in candidates:
         if candidate.adapter_dir is None:
             continue
-        run = read_run_for_card(candidate.adapter_dir)
-        if run is not None and run[0].get("reward_funcs"):
-            settings = run[0]
+        run = read_run_settings(candidate.adapter_dir)
+        if run is not None and run[1].get("reward_funcs"):
+            settings = run[1]
             source = f"the run's own, from the config.yaml next to {candidate.adapter_dir}"
             return (list(settings["reward_funcs"]), weights if weights is not None else settings.get("reward_weights"),
                     kwargs if kwargs else settings.get("reward_kwargs") or {}, source)

@@ -115,10 +115,11 @@ def of_trainer_state(state: dict[str, Any], source: Path) -> Lineage:
     return Lineage.from_dict(state["lineage"], source) if "lineage" in state else Lineage(UNKNOWN)
 
 
-def of_final(final_dir: Path) -> tuple[Lineage, int | None]:
+def of_final(final_dir: Path) -> tuple[Lineage, int]:
+    """(lineage, step) of a final/ dir; one written before run ids counts as step 0 of an UNKNOWN run."""
     file = final_dir / FINAL_LINEAGE
     if not file.is_file():
-        return Lineage(UNKNOWN), None
+        return Lineage(UNKNOWN), 0
     try:
         data = json.loads(file.read_text())
         return Lineage.from_dict(data, file), int(data["step"])
@@ -189,11 +190,6 @@ def _on(branch: Lineage, checkpoint: Path) -> bool:
     return written_on is None or branch.covers(written_on, _step_of(checkpoint))
 
 
-def _lineage_of_final(final: Path) -> tuple[Lineage, int]:
-    lineage, step = of_final(final)
-    return lineage, step or 0
-
-
 def _step_of(path: Path) -> int:
     from rlhf.checkpoint import CHECKPOINT_PATTERN
 
@@ -244,7 +240,7 @@ def _restart(output_dir: Path, record: Lineage | None, checkpoints: list[Path], 
             "resume one explicitly with --resume_from_checkpoint DIR, or pass --overwrite_output_dir true "
             "(without --resume_from_checkpoint) to start over")
     final = output_dir / "final"
-    if final.is_dir() and (record is None or record.covers(*_lineage_of_final(final))):
+    if final.is_dir() and (record is None or record.covers(*of_final(final))):
         raise CheckpointError(
             f"output_dir {output_dir} holds a finished run (final/) without checkpoints, so there is nothing "
             "to resume; pass --overwrite_output_dir true to train it again, or choose another output_dir")
@@ -256,7 +252,7 @@ def _restart(output_dir: Path, record: Lineage | None, checkpoints: list[Path], 
 def _off_branch(output_dir: Path, branch: Lineage, checkpoints: list[Path]) -> list[Path]:
     off = [path for path in checkpoints if not _on(branch, path)]
     final = output_dir / "final"
-    if final.is_dir() and not branch.covers(*_lineage_of_final(final)):
+    if final.is_dir() and not branch.covers(*of_final(final)):
         off.append(final)
     return off
 

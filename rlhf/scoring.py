@@ -20,7 +20,7 @@ from torch import Tensor
 from rlhf.algorithms import zero_spread_groups
 from rlhf.distributed import Reducer
 from rlhf.rollout import Rollout, concat_rollouts
-from rlhf.signals import ScoringInterrupted
+from rlhf.signals import ScoringInterrupted, run_abandonable
 
 Scored = tuple[Rollout, Tensor, "Tensor | None", dict[str, float]]
 # Added to the group ids of each further dynamic-sampling round (ids are prompt positions in one
@@ -74,17 +74,13 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
         if logged_columns is not None:
             logged_columns.setdefault(column, []).extend(values)
 
-    try:
-        with abandonable():  # in training, a signal now abandons the step (rlhf.signals.StopOnSignal)
-            output = reward(rollout.prompts, rollout.completions, **reward_inputs(rollout),
-                            trainer_state=RewardTrainerState(step - 1, config.max_steps), log_metric=log_metric,
-                            log_extra=log_extra)
-        interrupted = 0.0
-    except ScoringInterrupted:
-        interrupted = 1.0
-    # Every process learns whether any abandoned its scoring, so all stop at the same point
-    # (one process on its own would wait forever at the next collective).
-    if reducer.max(interrupted):
+    # In training a signal now abandons the step (rlhf.signals.StopOnSignal), on every process.
+    output, interrupted = run_abandonable(
+        lambda: reward(rollout.prompts, rollout.completions, **reward_inputs(rollout),
+                       trainer_state=RewardTrainerState(step - 1, config.max_steps), log_metric=log_metric,
+                       log_extra=log_extra),
+        abandonable, reducer.max)
+    if interrupted:
         raise ScoringInterrupted(f"step {step}")
     device = rollout.mask.device
     scores = torch.tensor(output.total, dtype=torch.float32, device=device)

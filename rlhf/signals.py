@@ -6,8 +6,9 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import ContextManager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -40,6 +41,23 @@ class ScoringInterrupted(BaseException):
 
     A BaseException, like KeyboardInterrupt, so that no ``except Exception`` around a reward
     call (reward_error: zero / skip_batch) mistakes it for a failure of the function."""
+
+
+def run_abandonable(work: Callable[[], Any], abandonable: Callable[[], ContextManager[Any]],
+                    agree: Callable[[float], float]) -> tuple[Any, bool]:
+    """``work()`` inside ``abandonable()``: (its result, False), or (None, True) when a signal
+    abandoned it on any process. ``agree`` is a max over processes (rlhf.distributed.Reducer.max),
+    so all of them stop at the same point: one process on its own would wait forever at the next
+    collective."""
+    try:
+        with abandonable():
+            result = work()
+        interrupted = 0.0
+    except ScoringInterrupted:
+        result, interrupted = None, 1.0
+    if agree(interrupted):
+        return None, True
+    return result, False
 
 
 class StopOnSignal:

@@ -72,7 +72,7 @@ def append_line(path: Path, line: str) -> None:
             try:
                 handle.truncate(size)
             except OSError:
-                pass  # truncate_metrics drops a torn last row on resume
+                pass  # split_rows drops a torn last row on resume
             raise CheckpointError(f"could not write {path.name} ({exc.strerror or exc}); checkpoints written so "
                                   "far are intact: free space and resume with --resume_from_checkpoint latest") from None
 
@@ -111,14 +111,6 @@ def write_rows(path: Path, rows: list[str]) -> None:
     staging = path.with_name(f".tmp-{path.name}")
     staging.write_text("".join(line + "\n" for line in rows))
     os.replace(staging, path)
-
-
-def truncate_metrics(path: Path, last_step: int) -> list[str]:
-    """Cut ``path`` to the rows up to ``last_step`` (``split_rows``); returns the dropped rows."""
-    split = split_rows(path, last_step)
-    if split.exists:
-        write_rows(path, split.kept)
-    return split.dropped
 
 
 def write_trainer_log(output_dir: Path, log_history: list[dict[str, Any]], final: dict[str, Any],

@@ -51,7 +51,7 @@ from rlhf.models import PolicyWithValue, check_sequence_fits, load_tokenizer, st
 from rlhf.rollout import Rollout, sample_rollout
 from rlhf.runlock import OutputDirLock
 from rlhf.scoring import RewardTrainerState, sample_with_spread, score
-from rlhf.signals import ScoringInterrupted, StopOnSignal, TrainingInterrupted
+from rlhf.signals import ScoringInterrupted, StopOnSignal, TrainingInterrupted, run_abandonable
 from rlhf.tracking import JSONLTracker, append_samples, flat_config, metrics_row, throughput
 from rlhf.update import UPDATERS
 
@@ -347,13 +347,10 @@ class RLTrainer:
         kept: the loop then saves a checkpoint of this step and stops), with no eval metrics."""
         if self._stop is None:
             return self.evaluate()
-        try:
-            with self._stop.abandonable("the evaluation (the step itself is complete)"):
-                results = self.evaluate()
-            interrupted = 0.0
-        except ScoringInterrupted:
-            interrupted = 1.0
-        if self.reducer.max(interrupted):  # every process gives it up together
+        stop = self._stop
+        results, interrupted = run_abandonable(
+            self.evaluate, lambda: stop.abandonable("the evaluation (the step itself is complete)"), self.reducer.max)
+        if interrupted:
             warnings.warn(f"step {self.step}: evaluation abandoned by a signal; no eval metrics this step",
                           stacklevel=2)
             return {}

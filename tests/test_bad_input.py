@@ -9,16 +9,7 @@ import json
 
 import pytest
 
-from conftest import tiny_args
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in error_lines[0], error_lines[0]
+from conftest import assert_one_line_error, tiny_args
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from rlhf.errors import CheckpointError
-from rlhf.tracking import JSONLTracker, truncate_metrics
+from rlhf.tracking import JSONLTracker, split_rows, write_rows
 
 
 def test_disk_full_while_logging_leaves_no_torn_row_and_is_one_line(tmp_path, monkeypatch):
@@ -53,9 +53,9 @@ def test_disk_full_while_logging_leaves_no_torn_row_and_is_one_line(tmp_path, mo
 def test_a_torn_last_row_is_dropped_on_resume(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "rew')  # killed mid-write
-    truncate_metrics(metrics, 2)
+    write_rows(metrics, split_rows(metrics, 2).kept)  # what a resume at step 2 does (rlhf.lineage.apply_start)
     assert metrics.read_text() == '{"step": 1}\n{"step": 2}\n'
     assert not (tmp_path / ".tmp-metrics.jsonl").exists()
     metrics.write_text('{"step": 1}\nnot json\n{"step": 2}\n')  # damage inside the file is not a torn row
     with pytest.raises(CheckpointError, match="row 2 is not JSON"):
-        truncate_metrics(metrics, 2)
+        split_rows(metrics, 2)

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from conftest import free_port
 from reward_models.remote import RemoteReward
 from rlhf.errors import RewardError
 
@@ -181,12 +182,6 @@ def test_slow_drip_deadline_is_per_attempt_and_retried(serve):
         call(server.url, timeout=0.6, max_retries=1, backoff=0.01)
     assert time.monotonic() - start < 3
     assert len(server.requests) == 2
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_connection_refused_is_retried():

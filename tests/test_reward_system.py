@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -11,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import ROOT, run_script, tiny_args
+from conftest import ROOT, free_port, run_script, tiny_args
 from reward_models import CombinedReward, load_reward_function
 from reward_models.remote import RemoteReward
 from reward_models.server import make_server
@@ -123,12 +122,6 @@ def test_remote_reward_matches_local(reward_server):
     local = CombinedReward(["sentiment", "length"], [1.0, 0.5])(["a", "b"], completions).total
     remote = RemoteReward(reward_server)(prompts=["a", "b"], completions=completions)
     assert remote == pytest.approx(local)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_remote_unreachable_and_malformed():

@@ -131,13 +131,10 @@ def test_the_failing_sample_is_found_by_bisection():
 def test_an_unreachable_remote_reward_fails_the_batch_with_one_request(monkeypatch):
     """Before: 8 samples against a dead server were re-sent one by one (9 requests, each with its
     retries: 31.6 s)."""
-    import socket
-
+    from conftest import free_port
     from reward_models.remote import RemoteReward
 
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     attempts = []
     original = RemoteReward._attempt
 

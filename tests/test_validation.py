@@ -8,18 +8,9 @@ import math
 
 import pytest
 
-from conftest import tiny_args
+from conftest import assert_one_line_error, tiny_args
 from rlhf.config import LR_SCHEDULER_TYPES, RLConfig
 from rlhf.errors import ConfigError
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in error_lines[0], error_lines[0]
 
 
 @pytest.mark.parametrize(
@@ -152,7 +143,7 @@ def test_hand_edited_resume_files_exit_2(tiny_model_dir, tmp_path, run_here):
 def test_a_budget_beyond_the_models_positions_exits_2(tiny_model_dir, tmp_path, run_here):
     """Issue 19 item 9. Before: 48 + 600 tokens on a model with 512 positions started training
     (rotary models degrade silently past their positions; learned tables fail with an index error)."""
-    from conftest import tiny_args
+    from conftest import assert_one_line_error, tiny_args
 
     result = run_here("train_ppo.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--max_new_tokens", "600"))
     assert_one_line_error(result, "max_prompt_length 48 + max_new_tokens 600 = 648 tokens exceeds the model's 512 "
