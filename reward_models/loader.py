@@ -275,7 +275,7 @@ def _finite(value: Any) -> float:
 
 
 def _value_of(reward: float | Steps | None) -> float:
-    """What reward/<name> logs for a sample: the number, the sum of its process rewards, or NaN
+    """What rewards/<name>/mean logs for a sample: the number, the sum of its process rewards, or NaN
     when not applicable (left out of the function's mean)."""
     if reward is None:
         return math.nan
@@ -337,7 +337,7 @@ def run_coroutine(coroutine: Any) -> Any:
 
 
 def reward_name(spec: str | RewardFn) -> str:
-    """Short name for logging (``reward/<name>``) and for ``reward_kwargs`` keys."""
+    """Short name for logging (``rewards/<name>/mean``) and for ``reward_kwargs`` keys."""
     if callable(spec):
         return callable_name(spec)
     if spec.startswith(("http://", "https://")):

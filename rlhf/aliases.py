@@ -24,6 +24,7 @@ _RL_RENAMES = {
     "max_completion_length": "max_new_tokens", "num_iterations": "ppo_epochs", "beta": "kl_coef",
     "epsilon": "clip_range", "epsilon_high": "clip_range_high", "dataset_name": "dataset",
     "dataset_train_split": "dataset_split", "dataset_test_split": "eval_dataset_split",
+    "project": "project_name", "num_completions_to_print": "num_samples_to_log",
 }
 # Reward model / DPO: transformers 5 reads a warmup_steps below 1 as TRL's warmup_ratio.
 _PAIRS_RENAMES = {"dataset_name": "dataset", "warmup_ratio": "warmup_steps"}
@@ -47,8 +48,6 @@ _RL_DIFFERENT = {
     "eval_strategy": "set eval_steps N (0 = off)",
     "save_strategy": "set save_steps N (0 = only the final adapter)",
     "logging_strategy": "set logging_steps N",
-    "log_completions": "sampled rows go to samples.jsonl: set num_samples_to_log N (0 = off)",
-    "num_completions_to_print": "sampled rows go to samples.jsonl: set num_samples_to_log N",
     "sync_ref_model": "the KL reference is the initial policy and stays fixed",
     "ref_model_sync_steps": "the KL reference is the initial policy and stays fixed",
     "top_entropy_quantile": "there is no entropy mask; every response token is trained",

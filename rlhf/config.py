@@ -230,6 +230,14 @@ class RLConfig:
     hub_model_id: str | None = _field(None, "Hub repo for push_to_hub, e.g. me/smollm2-ppo (default: the output_dir's name).")
     hub_private_repo: bool | None = _field(None, "Create the hub repo private (None: the hub's default).")
     report_to: list[str] = _field(["jsonl"], "Trackers besides metrics.jsonl: none, jsonl, tensorboard, wandb (WANDB_MODE=offline works).")
+    project_name: str | None = _field(None, "W&B project (TRL: project); default $WANDB_PROJECT, else 'rlhf'. The W&B "
+                                            "entity comes from $WANDB_ENTITY (or your W&B default).")
+    run_name: str | None = _field(None, "Run name in W&B and TensorBoard (output_dir/tensorboard/<run_name>); default "
+                                        "$WANDB_NAME, else the output_dir's name.")
+    log_completions: bool = _field(True, "Completion tables in W&B (the 'completions' wandb.Table) and TensorBoard "
+                                         "(text 'completions'): prompt, completion, each reward function's value, "
+                                         "reward, advantage of every sample of the step (TRL's log_completions).")
+    log_completions_steps: int | None = _field(None, "Log completion tables every this many steps (None = logging_steps).")
     save_steps: int = _field(0, "Save a checkpoint every this many steps (0 = only the final adapter).")
     save_total_limit: int | None = _field(2, "Keep at most this many checkpoints (newest kept).")
     eval_steps: int = _field(0, "Evaluate on eval_dataset every this many steps (0 = off).")
@@ -250,7 +258,7 @@ class RLConfig:
                      "gradient_accumulation_steps", "max_new_tokens", "max_prompt_length", "lora_r",
                      "logging_steps", "eval_num_prompts", "max_consecutive_skips"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("generation_batch_size", "logprob_batch_size"):
+        for name in ("generation_batch_size", "logprob_batch_size", "log_completions_steps"):
             require(getattr(self, name) is None or getattr(self, name) >= 1,
                     f"{name} must be >= 1 or none (= automatic), got {getattr(self, name)}")
         for name in ("save_steps", "eval_steps", "warmup_steps", "num_samples_to_log"):

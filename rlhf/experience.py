@@ -104,7 +104,7 @@ def filter_groups(scores: Tensor, rollout: Rollout, config: Any, reducer: Reduce
     # Each group lives on one process, so per-process group counts add up (a group of n samples
     # contributes n * 1/n).
     totals = reducer.sum(torch.stack([(zero_spread.float() / counts).sum(), (1.0 / counts).sum()]))
-    metrics = {"frac_zero_std_groups": float(totals[0] / totals[1])}
+    metrics = {"frac_reward_zero_std": float(totals[0] / totals[1])}
     if not (config.filter_zero_std_groups or config.dynamic_sampling):
         return rollout.mask, metrics
     return rollout.mask * (~zero_spread).unsqueeze(-1).to(rollout.mask.dtype), metrics

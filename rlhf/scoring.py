@@ -55,7 +55,8 @@ class RewardTrainerState:
 
 def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: int, tokenizer: Any = None,
           logged_columns: dict[str, list[Any]] | None = None,
-          abandonable: Callable[[], ContextManager[Any]] = nullcontext) -> tuple[Tensor, Tensor | None, dict[str, float]]:
+          abandonable: Callable[[], ContextManager[Any]] = nullcontext,
+          reward_columns: dict[str, list[float]] | None = None) -> tuple[Tensor, Tensor | None, dict[str, float]]:
     """Outcome scores [B] from the reward functions, minus the no-EOS and overlong penalties if
     set, clipped and normalised over the global batch when asked; process rewards [B, T] on the
     tokens they name (None when no function returned any). reward_mean/std in the metrics are
@@ -64,6 +65,9 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
     A sample for which every function returned None (not applicable) is unscorable: its score is
     NaN, it is left out of every statistic here, and ``fill_unscorable`` gives the update a
     neutral value for it and drops it from the loss.
+
+    ``reward_columns`` receives each function's unweighted value per sample (NaN = None), for the
+    completion tables.
     """
     logged: dict[str, list[float]] = {}
 
@@ -114,10 +118,9 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
                     "reward_mean": float(all_scores.mean()) if all_scores.numel() else math.nan,
                     "reward_std": float(all_scores.std()) if all_scores.numel() > 1 else 0.0})
     for name, values in output.components.items():  # None (NaN here) is not part of a function's mean
-        values = torch.tensor(values, dtype=torch.float64)
-        applicable = ~values.isnan()
-        total, count = reducer.sum([float(values[applicable].sum()), float(applicable.sum())]).tolist()
-        metrics[f"reward/{name}"] = total / count if count else math.nan
+        if reward_columns is not None:
+            reward_columns.setdefault(name, []).extend(values)
+        metrics.update(function_reward_stats(name, torch.tensor(values, dtype=torch.float32, device=device), reducer))
     for name, values in logged.items():  # this process's values (the main process's are logged)
         metrics[name] = sum(values) / len(values)
     # Clipping and normalising act on the outcome scores alone. Gathered on every process even
@@ -131,6 +134,15 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
     if config.normalize_rewards:
         scores = (scores - all_scores.mean()) / (all_scores.std() + 1e-6) if all_scores.numel() > 1 else scores * 0
     return scores.masked_fill(unscorable, math.nan), token_scores, metrics
+
+
+def function_reward_stats(name: str, values: Tensor, reducer: Reducer) -> dict[str, float]:
+    """TRL's rewards/<name>/mean and /std of one function's values [B] (NaN = not applicable, left
+    out) over all processes; the std with Bessel's correction, as TRL's nanstd."""
+    gathered = reducer.gather(values.to(torch.float32))
+    kept = gathered[~gathered.isnan()].double()
+    return {f"rewards/{name}/mean": float(kept.mean()) if kept.numel() else math.nan,
+            f"rewards/{name}/std": float(kept.std()) if kept.numel() > 1 else math.nan}
 
 
 def fill_unscorable(scores: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accelerate.tracking import GeneralTracker, on_main_process
+from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker, on_main_process
 
 # The keys every row of metrics.jsonl carries (DESIGN.md output contract); NaN where meaningless.
 METRIC_KEYS = (
@@ -17,6 +17,31 @@ METRIC_KEYS = (
     "adv_mean", "response_length_mean", "eos_rate", "learning_rate", "kl_coef", "samples_per_second",
     "tokens_per_second", "step_time_s", "rollout_time_s", "update_time_s",
 )
+
+
+DEFAULT_PROJECT = "rlhf"
+COMPLETIONS_TABLE = "completions"  # the wandb.Table's key and the TensorBoard text tag (TRL's name)
+
+
+def tracker_names(project_name: str | None, run_name: str | None, output_dir: Path) -> tuple[str, str]:
+    """(project, run name): the config's, else W&B's environment variables, else rlhf and the
+    output_dir's name. Accelerate passes its project to wandb.init explicitly, which would hide
+    $WANDB_PROJECT, so the environment is read here."""
+    project = project_name or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
+    run = run_name or os.environ.get("WANDB_NAME") or Path(output_dir).resolve().name
+    return project, run
+
+
+def make_trackers(report_to: list[str], project: str, run: str, output_dir: Path) -> list[GeneralTracker]:
+    """metrics.jsonl always; TensorBoard events in output_dir/tensorboard/<run>; a W&B run named
+    ``run`` in ``project`` whose files live in output_dir/wandb ($WANDB_ENTITY picks the entity:
+    wandb.init reads it when no entity is given)."""
+    trackers: list[GeneralTracker] = [JSONLTracker(run, output_dir)]
+    if "tensorboard" in report_to:
+        trackers.append(TensorBoardTracker(run, Path(output_dir) / "tensorboard"))
+    if "wandb" in report_to:
+        trackers.append(WandBTracker(project, name=run, dir=str(output_dir)))
+    return trackers
 
 
 def _json_number(value: Any) -> Any:
@@ -130,9 +155,16 @@ def throughput(rollout: Any, reducer: Any, step_time: float, rollout_time: float
     """Global lengths, EOS rate and speed of one step (every process calls it)."""
     sequences = reducer.sum(float(len(rollout)))
     tokens = reducer.sum(rollout.mask.sum())
+    lengths = reducer.gather(rollout.mask.sum(-1).float())
+    terminated = lengths[reducer.gather(rollout.eos_found.float()) > 0]  # gloo gathers no bools
     return {
         "response_length_mean": float(tokens / sequences),
         "eos_rate": reducer.mean(rollout.eos_found.float().mean()),
+        # TRL's names for the same quantities, and the spread of lengths
+        "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "completions/clipped_ratio": 1.0 - float(terminated.numel()) / lengths.numel(),
+        "completions/mean_terminated_length": float(terminated.mean()) if terminated.numel() else math.nan,
         "samples_per_second": float(sequences) / step_time,
         "tokens_per_second": float(tokens) / step_time,
         "step_time_s": step_time, "rollout_time_s": rollout_time, "update_time_s": update_time,
@@ -159,6 +191,60 @@ def append_samples(path: Path, step: int, rollout: Any, scores: Any, count: int,
         rows.append(json.dumps(row, default=str))
     if rows:
         append_line(path, "\n".join(rows))
+
+
+def completion_rows(rollout: Any, scores: Any, reward_columns: dict[str, list[Any]],
+                    advantages: Any | None) -> list[dict[str, Any]]:
+    """One row per sample of the step, TRL's log_completions columns: prompt, completion, each
+    reward function's value (None: not applicable), the weighted reward, the advantage (the mean
+    over the response's tokens: one number per sample, as in TRL, also under GAE)."""
+    lengths = rollout.mask.sum(-1).clamp(min=1)
+    sample_advantages = ((advantages * rollout.mask).sum(-1) / lengths).tolist() if advantages is not None else None
+    rows = []
+    for i in range(len(rollout)):
+        row: dict[str, Any] = {"prompt": prompt_text(rollout.prompts[i]), "completion": rollout.completions[i]}
+        for name, values in reward_columns.items():
+            value = values[i]
+            row[name] = None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+        row["reward"] = None if math.isnan(scores[i]) else float(scores[i])
+        row["advantage"] = sample_advantages[i] if sample_advantages is not None else None
+        rows.append(row)
+    return rows
+
+
+def prompt_text(prompt: Any) -> str:
+    """A prompt as one string: chat messages as 'role: content' lines."""
+    if isinstance(prompt, list):
+        return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" if isinstance(m, dict) else str(m)
+                         for m in prompt)
+    return str(prompt)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Rows as a Markdown table (TensorBoard renders text summaries as Markdown)."""
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        return str("" if value is None else value).replace("|", "\\|").replace("\n", "<br>")
+
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def log_completions(trackers: list[GeneralTracker], rows: list[dict[str, Any]], step: int) -> None:
+    """The step's completion table to W&B (a wandb.Table) and TensorBoard (a text summary), on the
+    main process (Accelerate's trackers exist there only)."""
+    if not rows:
+        return
+    columns = ["step", *rows[0]]
+    for tracker in trackers:
+        if tracker.name == "wandb":
+            tracker.log_table(COMPLETIONS_TABLE, columns=columns, data=[[step, *row.values()] for row in rows], step=step)
+        elif tracker.name == "tensorboard":
+            tracker.writer.add_text(COMPLETIONS_TABLE, markdown_table(rows), global_step=step)
+            tracker.writer.flush()
 
 
 def flat_config(config: Any) -> dict[str, Any]:

@@ -52,7 +52,8 @@ from rlhf.rollout import Rollout, sample_rollout
 from rlhf.runlock import OutputDirLock
 from rlhf.scoring import RewardTrainerState, sample_with_spread, score
 from rlhf.signals import ScoringInterrupted, StopOnSignal, TrainingInterrupted, run_abandonable
-from rlhf.tracking import JSONLTracker, append_samples, flat_config, metrics_row, throughput
+from rlhf.tracking import append_samples, completion_rows, flat_config, log_completions, make_trackers, metrics_row
+from rlhf.tracking import throughput, tracker_names
 from rlhf.update import UPDATERS
 
 # Distinct sampling streams per process (RL_NOTES 5): a large prime keeps seeds of ranks apart.
@@ -119,11 +120,12 @@ class RLTrainer:
         self.config = config
         self.base_model = model if isinstance(model, torch.nn.Module) else None
         self.output_dir = Path(config.output_dir)
-        trackers = [t for t in config.report_to if t in ("tensorboard", "wandb")]
-        self.metrics_log = JSONLTracker("rlhf", self.output_dir)
+        self.project_name, self.run_name = tracker_names(config.project_name, config.run_name, self.output_dir)
+        trackers = make_trackers(config.report_to, self.project_name, self.run_name, self.output_dir)
+        self.metrics_log = trackers[0]  # metrics.jsonl
         self.accelerator = accelerator = make_accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
-            log_with=[self.metrics_log, *trackers],
+            log_with=trackers,
             project_dir=str(self.output_dir),
             # We step the scheduler once per optimizer step ourselves; Accelerate would step it
             # once per process, assuming sharded dataloaders.
@@ -179,6 +181,7 @@ class RLTrainer:
         self._stop: StopOnSignal | None = None  # while train() runs
         self.last_logged: dict[str, Any] | None = None  # the latest metrics row (for the model card)
         self.logged_columns: dict[str, list[Any]] = {}  # reward functions' log_extra, per step
+        self.reward_columns: dict[str, list[float]] = {}  # each reward function's value per sample, per step
 
     @property
     def unwrapped(self) -> PolicyWithValue:
@@ -253,7 +256,7 @@ class RLTrainer:
         config, clock = self.config, time.perf_counter
         step_start = clock()
         score_seconds = []
-        self.logged_columns = {}
+        self.logged_columns, self.reward_columns = {}, {}
 
         def timed_score(rollout: Rollout) -> tuple[Tensor, Tensor | None, dict[str, float]]:
             start = clock()
@@ -277,8 +280,10 @@ class RLTrainer:
             warnings.warn(f"step {self.step + 1}: {int(reward_metrics['reward_errors'])} reward failures; "
                           "batch skipped (reward_error: skip_batch)", stacklevel=2)
             update_metrics = {"skipped_batches": 1.0}
+            advantages = None
         else:
             batch, experience_metrics = self.make_experience(rollout, scores, token_scores)
+            advantages = batch.advantages
             logprob_time = clock() - update_start  # old/reference logprobs and values: no-grad passes
             update_start = clock()
             update_metrics = self.update(batch)
@@ -294,15 +299,36 @@ class RLTrainer:
             self.kl_controller.update(metrics["kl"], config.rollout_batch_size * config.num_generations)
         if config.eval_steps and (self.step % config.eval_steps == 0 or self.step == config.max_steps):
             metrics.update(self._evaluate_unless_interrupted())
+        # what reward_mean logs: outcome scores plus any process rewards
+        totals = scores if token_scores is None else scores + token_scores.sum(-1)
         if self.step % config.logging_steps == 0 or self.step == config.max_steps:
             self.last_logged = {"step": self.step, **metrics_row(metrics)}
             self.accelerator.log(metrics_row(metrics), step=self.step)
             if self.accelerator.is_main_process and config.num_samples_to_log:
                 # log_extra columns line up with the rows unless dynamic sampling drew several rounds
                 extra = {k: v for k, v in self.logged_columns.items() if len(v) == len(rollout)}
-                append_samples(self.output_dir / "samples.jsonl", self.step, rollout, scores, config.num_samples_to_log,
+                append_samples(self.output_dir / "samples.jsonl", self.step, rollout, totals, config.num_samples_to_log,
                                extra if not config.dynamic_sampling else {})
+        if self.completion_tables and (self.step % (config.log_completions_steps or config.logging_steps) == 0
+                                       or self.step == config.max_steps):
+            self.log_completions(rollout, totals, advantages)
         return metrics
+
+    @property
+    def completion_tables(self) -> bool:
+        """Completion tables go to W&B and TensorBoard (metrics.jsonl has samples.jsonl)."""
+        return self.config.log_completions and any(t in self.config.report_to for t in ("tensorboard", "wandb"))
+
+    def log_completions(self, rollout: Rollout, scores: Tensor, advantages: Tensor | None) -> None:
+        """Every sample of the step, from all processes, as one table (TRL's log_completions)."""
+        from accelerate.utils import gather_object
+
+        # Dynamic sampling scores several rounds and keeps some of their rows, reordered: the
+        # per-function values then no longer line up with the rows.
+        columns = {} if self.config.dynamic_sampling else self.reward_columns
+        rows = gather_object(completion_rows(rollout, scores.tolist(), columns, advantages))
+        if self.accelerator.is_main_process:
+            log_completions(self.accelerator.trackers, rows, self.step)
 
     def rollout(self) -> Rollout:
         """Sample num_generations responses for this process's share of the next prompt batch.
@@ -322,7 +348,7 @@ class RLTrainer:
 
     def score(self, rollout: Rollout) -> tuple[Tensor, Tensor | None, dict[str, float]]:
         return score(self.reward, rollout, self.config, self.reducer, self.step + 1, self.tokenizer,
-                     logged_columns=self.logged_columns,
+                     logged_columns=self.logged_columns, reward_columns=self.reward_columns,
                      abandonable=self._stop.abandonable if self._stop is not None else nullcontext)
 
     def make_experience(self, rollout: Rollout, scores: Tensor,
@@ -405,8 +431,9 @@ class RLTrainer:
             accelerator.print(f"resumed from {start.checkpoint} at step {self.step}")
             if changed:  # the checkpoint's compatibility check refused the settings that change what is trained
                 accelerator.print(f"resuming with changed settings: {', '.join(changed)}")
-        accelerator.init_trackers("rlhf", config=flat_config(config),
-                                  init_kwargs={"wandb": {"dir": str(self.output_dir), "name": self.output_dir.name}})
+        # The resolved config, with the names the trackers use.
+        accelerator.init_trackers(self.project_name, config={**flat_config(config), "project_name": self.project_name,
+                                                             "run_name": self.run_name})
 
     def trainer_state(self) -> dict[str, Any]:
         state = {

@@ -33,7 +33,7 @@ def test_group_config_runs_two_steps(run_here, name, tiny_model_dir, tmp_path):
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
-        assert 0.0 <= row["frac_zero_std_groups"] <= 1.0
+        assert 0.0 <= row["frac_reward_zero_std"] <= 1.0
         for key in ("reward_mean", "policy_loss", "entropy"):
             assert math.isfinite(row[key]), key
         if settings["kl_coef"] > 0:
@@ -62,7 +62,7 @@ def test_zero_spread_groups_pure_function():
     assert zero_spread_groups(scores, groups).tolist() == [True, True, True, False, False, True, True, True]
 
 
-def test_frac_zero_std_groups_matches_the_prompts(run_here, tiny_model_dir, tmp_path):
+def test_frac_reward_zero_std_matches_the_prompts(run_here, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     result = run_here("train_grpo.py", "--config", str(ROOT / "configs" / "grpo.yaml"), *tiny_args(
         tiny_model_dir, out, "--reward_funcs", f"{FIXTURES / 'rewards.py'}:constant_for_write_prompts",
@@ -73,7 +73,7 @@ def test_frac_zero_std_groups_matches_the_prompts(run_here, tiny_model_dir, tmp_
         prompts = [s["prompt"] for s in samples if s["step"] == row["step"]][::4]  # one per group of 4
         assert len(prompts) == 4
         expected = sum(p.startswith("Write") for p in prompts) / 4
-        assert row["frac_zero_std_groups"] == pytest.approx(expected)
+        assert row["frac_reward_zero_std"] == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("filter_groups", ["true", "false"])
@@ -84,7 +84,7 @@ def test_filter_zero_std_groups_skips_signal_free_updates(run_here, filter_group
         "--filter_zero_std_groups", filter_groups))
     assert result.returncode == 0, result.stderr[-3000:]
     for row in read_metrics(out):
-        assert row["frac_zero_std_groups"] == 1.0
+        assert row["frac_reward_zero_std"] == 1.0
         if filter_groups == "true":  # every group dropped: no minibatch left to step on
             assert row["policy_loss"] is None
         else:
@@ -191,7 +191,7 @@ def test_dapo_samples_until_groups_have_spread_and_penalises_overlong_responses(
         runs[masked] = read_metrics(out)
     for row in runs["false"]:
         assert 1 <= row["dynamic_sampling/rounds"] <= 3
-        assert row["frac_zero_std_groups"] == 0.0 or row["dynamic_sampling/missing_groups"] > 0
+        assert row["frac_reward_zero_std"] == 0.0 or row["dynamic_sampling/missing_groups"] > 0
         assert row["overlong_penalty_mean"] == pytest.approx(1.0) and row["eos_rate"] == 0.0
         assert math.isfinite(row["policy_loss"])
     assert lora_b_norm(tmp_path / "false" / "final") > 0

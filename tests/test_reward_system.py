@@ -169,7 +169,7 @@ def test_ppo_with_remote_reward_and_bad_endpoint(tiny_model_dir, tmp_path, rewar
     result = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1", "--reward_funcs", reward_server))
     assert result.returncode == 0, result.stderr[-2000:]
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert f"reward/{reward_server.split('//')[1].rstrip('/')}" in row
+    assert f"rewards/{reward_server.split('//')[1].rstrip('/')}/mean" in row
     result = run_here("train_ppo.py", *tiny_args(tiny_model_dir, tmp_path / "run2", "--max_steps", "1",
                                                  "--reward_funcs", f"http://127.0.0.1:{free_port()}/"))
     assert result.returncode == 2 and "failed after" in result.stderr and "Traceback" not in result.stderr
@@ -210,7 +210,7 @@ def test_train_reward_model_then_use_it_in_ppo(tiny_reward_backbone, tiny_model_
     result = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "1", "--reward_funcs", str(rm_dir),
                                                  "--reward_kwargs", json.dumps({"rm": {"normalize": True}})))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "reward/rm" in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert "rewards/rm/mean" in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
 
     again = run_here("train_reward_model.py", "--model_name_or_path", str(tiny_reward_backbone), "--dataset", str(pairs),
                      "--output_dir", str(rm_dir))

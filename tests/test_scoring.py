@@ -174,7 +174,7 @@ def test_a_process_reward_function_trains_end_to_end(tiny_model_dir, tmp_path):
     trainer.train()
     rows = [json.loads(line) for line in Path(tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    assert all(r["reward_mean"] == pytest.approx(r["reward/reward_each_e"] + r["reward/char_diversity"], abs=1e-5)
+    assert all(r["reward_mean"] == pytest.approx(r["rewards/reward_each_e/mean"] + r["rewards/char_diversity/mean"], abs=1e-5)
                for r in rows)
 
 

@@ -79,7 +79,7 @@ def test_two_steps_through_the_script(algorithm, script_runs):
 def test_final_adapter_loads_with_peft_and_generates_and_trackers_write(tiny_model_dir, script_runs):
     result, out = script_runs("reinforce")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert list(out.glob("rlhf/events.out.tfevents.*")), "no TensorBoard events"
+    assert list(out.glob("tensorboard/run/events.out.tfevents.*")), "no TensorBoard events in output_dir/tensorboard/<run name>"
     assert list(out.glob("wandb/offline-run-*")), "no offline W&B run"
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -107,7 +107,7 @@ def test_custom_reward_file_and_dataset_columns(tiny_model_dir, tmp_path, run_he
                                                         "--reward_clip", "0.5", "--normalize_rewards", "true"))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(out)
-    assert rows[0]["reward/reward_topic"] == 1.0 and rows[0]["reward_mean"] == 1.0  # logged raw
+    assert rows[0]["rewards/reward_topic/mean"] == 1.0 and rows[0]["reward_mean"] == 1.0  # logged raw
     assert rows[0]["reward_clip_frac"] == 1.0
 
 
@@ -175,7 +175,7 @@ def test_embedded_model_ppo_step(tmp_path):
                         "--reward_kwargs", '{"length": {"target": 200, "tolerance": 0, "unit": "chars"}}', timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     row = read_metrics(out)[0]
-    assert -1.0 <= row["reward/sentiment"] <= 1.0 and row["response_length_mean"] > 0
+    assert -1.0 <= row["rewards/sentiment/mean"] <= 1.0 and row["response_length_mean"] > 0
     assert row["reward_std"] > 0
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert any(s["completion"].strip() for s in samples)  # the real model writes text

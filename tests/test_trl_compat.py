@@ -93,8 +93,8 @@ def test_a_trl_style_job_trains_through_the_python_api(tiny_model_dir, tmp_path)
     rows = metrics_rows(out)
     assert len(rows) == 2
     for row in rows:
-        assert row["reward/accuracy_reward"] in (0.0, pytest.approx(row["reward/accuracy_reward"]))
-        assert -1.0 <= row["reward/soft_overlong_punishment_reward"] <= 0.0
+        assert row["rewards/accuracy_reward/mean"] in (0.0, pytest.approx(row["rewards/accuracy_reward/mean"]))
+        assert -1.0 <= row["rewards/soft_overlong_punishment_reward/mean"] <= 0.0
         assert math.isfinite(row["reward_mean"]) and row["reward_unscorable"] == 0
     saved = trainer.save_model(tmp_path / "adapter")
     assert (saved / "adapter_config.json").is_file() and (saved / "tokenizer_config.json").is_file()
@@ -348,7 +348,7 @@ def test_readme_python_api_example_runs(tiny_model_dir, tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
     assert (tmp_path / "api" / "adapter" / "adapter_model.safetensors").is_file()
     row = metrics_rows(tmp_path / "api")[0]
-    assert {"reward/accuracy_reward", "reward/think_format_reward", "reward/brevity"} <= set(row)
+    assert {"rewards/accuracy_reward/mean", "rewards/think_format_reward/mean", "rewards/brevity/mean"} <= set(row)
 
 
 def test_rlconfig_from_dict_reads_trl_names_and_keeps_python_values():
