@@ -87,9 +87,15 @@ def test_one_update_is_the_same_on_two_processes_and_with_accumulation(one_updat
 
 def test_two_process_run_writes_once_and_resumes(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    args = tiny_args(tiny_model_dir, out, "--save_steps", "1", "--num_samples_to_log", "1")
+    args = tiny_args(tiny_model_dir, out, "--save_steps", "1", "--num_samples_to_log", "1", "--report_to", "tensorboard")
     first = torchrun(2, ROOT / "scripts" / "train_ppo.py", *args)
     assert first.returncode == 0, first.stderr[-4000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard" / "run"), size_guidance={"tensors": 0})
+    events.Reload()
+    table = events.Tensors("completions/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert len(table.splitlines()) == 2 + 4, "the completion table holds the samples of both processes"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
