@@ -1,26 +1,35 @@
-"""The model card of a trained adapter (final/) or an export, rendered from the run with
-huggingface_hub's ModelCard and the template in rlhf/templates/model_card.md."""
+"""The model card of a trained adapter (final/, checkpoints/step-N) or an export, rendered from
+the run with huggingface_hub's ModelCard and the template in rlhf/templates/model_card.md, and
+the evaluation summary evaluate.py records next to an adapter (evaluation.json)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 # What a reader needs to know to reproduce or judge the run, in this order.
-KEY_SETTINGS = ("advantage_estimator", "policy_loss", "learning_rate", "num_generations", "rollout_batch_size",
-                "mini_batch_size", "ppo_epochs", "kl_coef", "kl_estimator", "clip_range", "temperature",
-                "max_new_tokens", "lora_r", "lora_alpha", "lora_target_modules", "seed")
+KEY_SETTINGS = ("advantage_estimator", "policy_loss", "beta", "loss_type", "learning_rate", "num_generations",
+                "rollout_batch_size", "mini_batch_size", "per_device_train_batch_size", "ppo_epochs", "kl_coef",
+                "kl_estimator", "clip_range", "temperature", "max_new_tokens", "lora_r", "lora_alpha",
+                "lora_target_modules", "seed")
 KEY_METRICS = ("reward_mean", "reward_std", "kl", "entropy", "response_length_mean", "eos_rate", "eval/reward_mean",
-               "eval/kl")
+               "eval/kl", "eval_accuracy_after", "eval_margin_after")
+# The latest evaluate.py summary of an adapter (rlhf.report.evaluation_summary), kept beside it:
+# the card shows it, and export.py carries it (and its card section) into the merged model.
+EVALUATION_FILE = "evaluation.json"
 
 
 def render_model_card(settings: dict[str, Any], metrics: dict[str, Any] | None, steps: int,
-                      merged: bool = False, algorithm: str | None = None) -> str:
+                      merged: bool = False, algorithm: str | None = None,
+                      evaluation: dict[str, Any] | None = None) -> str:
     """The card's text. ``settings``: the run's config as plain data (RLConfig.to_dict / config.yaml);
-    ``metrics``: the last metrics.jsonl row; ``merged``: an export (full model) rather than an adapter."""
+    ``metrics``: the last metrics.jsonl row; ``merged``: an export (full model) rather than an adapter;
+    ``evaluation``: the adapter's evaluation summary (EVALUATION_FILE), shown as its own section."""
     from huggingface_hub import ModelCard, ModelCardData
 
     base = str(settings.get("model_name_or_path", "unknown"))
@@ -47,17 +56,65 @@ def render_model_card(settings: dict[str, Any], metrics: dict[str, Any] | None, 
     card = ModelCard.from_template(
         data, template_path=str(TEMPLATE),
         title=f"{algorithm} fine-tune of {base}",
-        summary=f"{'A merged model' if merged else 'A LoRA adapter'} trained for {steps} RL steps with {algorithm} "
-                f"on `{dataset}`, scored by {', '.join(f'`{f}`' for f in funcs) or 'no reward function'}.",
+        summary=f"{'A merged model' if merged else 'A LoRA adapter'} trained for {steps} "
+                + (f"optimizer steps with DPO on the preference pairs of `{dataset}`." if algorithm == "DPO" else
+                   f"RL steps with {algorithm} on `{dataset}`, scored by "
+                   f"{', '.join(f'`{f}`' for f in funcs) or 'no reward function'}."),
         base_model_name=base, algorithm=algorithm, steps=steps, dataset_name=dataset,
         hyperparameters=[(key, settings[key]) for key in KEY_SETTINGS if settings.get(key) is not None],
         rewards=list(zip(funcs, weights)), metrics=[(name, f"{value:.4g}") for name, value in shown],
-        metrics_step=(metrics or {}).get("step"), usage=usage)
+        metrics_step=(metrics or {}).get("step"), usage=usage,
+        evaluation=_evaluation_section(evaluation, merged) if evaluation else None)
     return str(card)
+
+
+def _interval(value: Any) -> str:
+    """{mean or rate, ci_low, ci_high} as "0.412 [0.38, 0.444]"; a missing number as "—"."""
+    if not isinstance(value, dict):
+        return "—" if value is None else f"{value:.4g}"
+    middle = value.get("mean", value.get("rate"))
+    if middle is None:
+        return "—"
+    if value.get("ci_low") is None or value.get("ci_high") is None:
+        return f"{middle:.4g}"
+    return f"{middle:.4g} [{value['ci_low']:.4g}, {value['ci_high']:.4g}]"
+
+
+def _evaluation_section(summary: dict[str, Any], merged: bool) -> dict[str, Any]:
+    """The card's Evaluation section: one sentence on how it was measured, then (metric, value) rows."""
+    funcs, weights = summary.get("reward_funcs") or [], summary.get("reward_weights")
+    terms = [f"`{f}`" for f in funcs] if weights is None else [f"{w} × `{f}`" for f, w in zip(funcs, weights)]
+    scored = " + ".join(terms)
+    reference = summary.get("kl_reference") or "base model"
+    intro = (f"Measured with `scripts/evaluate.py` on {str(summary.get('date', '?'))[:10]}: "
+             f"{summary.get('num_prompts')} prompts of `{summary.get('dataset')}` ({summary.get('dataset_split')}), "
+             f"{summary.get('num_samples')} response(s) each (max_new_tokens {summary.get('max_new_tokens')}, "
+             f"temperature {summary.get('temperature')}, seed {summary.get('seed')}), reward = {scored or '?'}. "
+             f"Intervals are {round(100 * summary.get('ci_level', 0.95))}% bootstrap intervals over prompts; KL is "
+             f"to the {reference}.")
+    if merged:
+        intro += " These numbers were measured on the LoRA adapter before the merge."
+    if summary.get("report"):
+        intro += f" Full report: `{summary['report']}`."
+    rows = [("reward (combined)", _interval(summary.get("reward")))]
+    rewards = summary.get("rewards") or {}
+    if len(rewards) > 1:
+        rows += [(f"reward `{name}`", _interval(value)) for name, value in rewards.items()]
+    rows += [(f"KL to the {reference} (nats per response)", _interval(summary.get("kl_per_sequence"))),
+             ("KL per token", _interval(summary.get("kl_per_token"))),
+             ("response length (tokens)", _interval(summary.get("response_length"))),
+             ("EOS rate", _interval(summary.get("eos_rate")))]
+    if summary.get("base_reward") is not None:
+        base = summary.get("base_row") or "base model"
+        rows += [(f"reward of the {base}", _interval(summary["base_reward"])),
+                 (f"win rate vs the {base} (ties count half)", _interval(summary.get("win_rate_vs_base")))]
+    return {"intro": intro, "rows": rows}
 
 
 def _algorithm(settings: dict[str, Any]) -> str:
     estimator, loss = settings.get("advantage_estimator"), settings.get("policy_loss")
+    if estimator is None and "beta" in settings and "loss_type" in settings:  # a DPORunConfig (rlhf.dpo)
+        return "DPO"
     if settings.get("update_method") == "trpo":
         return "TRPO"
     if estimator == "gae":
@@ -108,3 +165,63 @@ def _checkpoint_step(adapter_dir: Path) -> int | None:
     except (OSError, ValueError, AttributeError):
         return None
     return step if isinstance(step, int) else None
+
+
+def run_label(adapter_dir: Path) -> str:
+    """The adapter as plots name it: its run (config.yaml's run_name, else the run dir's name)
+    and which adapter of the run it is, e.g. "ppo-demo (final)", "ppo (step-3)"."""
+    run = read_run_settings(adapter_dir)
+    if run is not None:
+        run_dir, settings = run
+        name = str(settings.get("run_name") or run_dir.resolve().name)
+    elif adapter_dir.name == "final" or adapter_dir.parent.name == "checkpoints":  # a run without config.yaml
+        name = (adapter_dir.parent if adapter_dir.name == "final" else adapter_dir.parent.parent).resolve().name
+    else:
+        return adapter_dir.resolve().name
+    return f"{name} ({adapter_dir.name})"
+
+
+def read_evaluation(adapter_dir: Path) -> dict[str, Any] | None:
+    """The adapter's recorded evaluation summary, or None (none recorded, or unreadable)."""
+    try:
+        summary = json.loads((adapter_dir / EVALUATION_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def record_evaluation(adapter_dir: Path, summary: dict[str, Any]) -> str:
+    """Keep ``summary`` next to an adapter of a run (EVALUATION_FILE, replacing an earlier one) and
+    render its README.md card again with it. Returns the one line to show: what was updated, or
+    why nothing was (not part of a run, or a dir it cannot write: then every file is as it was)."""
+    run = read_run_for_card(adapter_dir)
+    if run is None:
+        return (f"model card: {adapter_dir} is not part of a run (no config.yaml next to it); its card is left as "
+                "it was")
+    card = adapter_dir / "README.md"
+    try:
+        _write_atomically({adapter_dir / EVALUATION_FILE: json.dumps(summary, indent=2) + "\n",
+                           card: render_model_card(*run, evaluation=summary)})
+    except OSError as exc:
+        return f"model card: could not update {adapter_dir} ({exc.strerror or exc}); its card is left as it was"
+    return f"model card: {card} now shows this evaluation ({EVALUATION_FILE} beside it)"
+
+
+def _write_atomically(texts: dict[Path, str]) -> None:
+    """Write each text to a temporary file beside its path, then rename them over the paths: a
+    reader (or a crash) sees an old file or a new one, never part of one, and a dir that refuses
+    the temporary files keeps all its files as they were."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, text in texts.items():
+            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+            staged.append((temporary, path))
+            with os.fdopen(handle, "w") as stream:
+                stream.write(text)
+                stream.flush()
+                os.fsync(stream.fileno())
+        for temporary, path in staged:
+            os.replace(temporary, path)
+    finally:
+        for temporary, _ in staged:
+            Path(temporary).unlink(missing_ok=True)

@@ -279,10 +279,12 @@ def evaluate(
     reward_weights: list[float] | None = None,
     reward_kwargs: dict[str, dict[str, Any]] | None = None,
     bootstrap_resamples: int = 2000,
+    update_model_cards: bool = True,
     accelerator: Any = None,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoints`` (and the base with include_base); returns report.json's dict and,
-    with output_dir, writes report.json, report.md, samples.jsonl and the PNG plots."""
+    with output_dir, writes report.json, report.md, samples.jsonl and the PNG plots, and (with
+    update_model_cards) each run adapter's summary into its model card (rlhf.card.record_evaluation)."""
     from rlhf.distributed import make_accelerator
     from accelerate.utils import gather_object
 
@@ -372,7 +374,16 @@ def evaluate(
                   "num_processes": accelerator.num_processes},
     )
     if output_dir is not None and accelerator.is_main_process:
-        reporting.write_outputs(Path(output_dir), report, records)
+        from rlhf.card import record_evaluation, run_label
+        from rlhf.plots import checkpoint_names
+
+        # Plots name an adapter by its run, so plots of several runs' final/ stay apart.
+        runs = {c.label: run_label(c.adapter_dir) for c in candidates if c.adapter_dir is not None}
+        reporting.write_outputs(Path(output_dir), report, records, checkpoint_names(labels, runs))
+        adapters = [c for c in candidates if c.adapter_dir is not None] if update_model_cards else []
+        for candidate in adapters:
+            summary = reporting.evaluation_summary(report, candidate.label, Path(output_dir))
+            accelerator.print(record_evaluation(candidate.adapter_dir, summary))
     accelerator.wait_for_everyone()
     return report
 
@@ -465,6 +476,9 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "Seed of every (prompt, sample) draw and of the bootstrap."})
     batch_size: int = field(default=16, metadata={"help": "Responses generated per batch (does not change results)."})
     bootstrap_resamples: int = field(default=2000, metadata={"help": "Bootstrap resamples for the 95 percent intervals."})
+    update_model_cards: bool = field(default=True, metadata={
+        "help": "Record each checkpoint's summary beside it (evaluation.json) and in its model card (README.md), "
+                "for adapters of a run (final/, checkpoints/step-N); export.py carries both into the merged model."})
 
     def __post_init__(self) -> None:
         _check_settings(self.checkpoints, self.include_base, self.num_samples, self.max_new_tokens, self.temperature,

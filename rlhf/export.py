@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.card import read_run_for_card, render_model_card
+from rlhf.card import EVALUATION_FILE, read_evaluation, read_run_for_card, render_model_card
 from rlhf.errors import CheckpointError, ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,8 +69,11 @@ def export_merged(checkpoint: str | Path, output_dir: str | Path, dtype: str = "
     try:
         merged.save_pretrained(staging, safe_serialization=True)
         run = read_run_for_card(candidate.adapter_dir)
+        evaluation = read_evaluation(candidate.adapter_dir)
+        if evaluation is not None:  # measured on the adapter; the card says so
+            shutil.copyfile(candidate.adapter_dir / EVALUATION_FILE, staging / EVALUATION_FILE)
         if run is not None:
-            (staging / "README.md").write_text(render_model_card(*run, merged=True))
+            (staging / "README.md").write_text(render_model_card(*run, merged=True, evaluation=evaluation))
         elif (candidate.adapter_dir / "README.md").is_file():
             shutil.copyfile(candidate.adapter_dir / "README.md", staging / "README.md")
         tokenizer.padding_side = "right"  # the usual default for inference servers; training pads left

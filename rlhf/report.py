@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,33 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def evaluation_summary(report: dict[str, Any], label: str, report_dir: Path | None = None) -> dict[str, Any]:
+    """What a checkpoint's model card says about its evaluation (rlhf.card.record_evaluation):
+    its reward (combined and per function) and KL with their 95% intervals, length, EOS rate,
+    how it was measured (prompt set, count, rewards, sampling), when, and, with include_base, the
+    base row's reward and the checkpoint's win rate against it. JSON-ready (NaN as null)."""
+    settings, numbers = report["settings"], report["checkpoints"][label]
+    base = report["checkpoints"].get("base") if settings.get("include_base") else None
+    summary = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": label,
+        **{key: settings.get(key) for key in ("dataset", "dataset_split", "num_prompts", "num_samples",
+                                              "max_new_tokens", "temperature", "top_p", "seed")},
+        "reward_funcs": [str(f) for f in settings["reward_funcs"]],
+        "reward_weights": settings.get("reward_weights"),
+        "ci_level": CI_LEVEL,
+        "reward": numbers["reward"], "rewards": numbers["rewards"],
+        "kl_per_sequence": numbers["kl_per_sequence"], "kl_per_token": numbers["kl_per_token"],
+        "kl_reference": settings.get("kl_reference", {}).get(label, "base model"),
+        "response_length": numbers["response_length"], "eos_rate": numbers["eos_rate"],
+        "base_row": settings.get("base_row", "base model") if base is not None else None,
+        "base_reward": base["reward"] if base is not None else None,
+        "win_rate_vs_base": numbers.get("win_rate_vs_base"),
+        "report": str(report_dir.resolve() / "report.md") if report_dir is not None else None,
+    }
+    return json_safe(summary)
+
+
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +244,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(output_dir: Path, report: dict[str, Any], records: dict[str, list[dict[str, Any]]]) -> None:
+def write_outputs(output_dir: Path, report: dict[str, Any], records: dict[str, list[dict[str, Any]]],
+                  names: dict[str, str] | None = None) -> None:
+    """``names``: label -> what the plots call the checkpoint (rlhf.plots.checkpoint_names)."""
     from rlhf.plots import plot_reward_distribution, plot_reward_vs_kl
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -230,5 +260,5 @@ def write_outputs(output_dir: Path, report: dict[str, Any], records: dict[str, l
                    "responses": {label: {key: records[label][i][key] for key in ("response", "reward", "rewards", "kl")}
                                  for label in records}}
             handle.write(json.dumps(json_safe(row)) + "\n")
-    plot_reward_distribution(records, output_dir / "reward_distribution.png")
-    plot_reward_vs_kl(records, output_dir / "reward_vs_kl.png")
+    plot_reward_distribution(records, output_dir / "reward_distribution.png", names)
+    plot_reward_vs_kl(records, output_dir / "reward_vs_kl.png", names)

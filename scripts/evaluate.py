@@ -4,6 +4,7 @@
         --dataset builtin:prompts --reward_funcs sentiment --output_dir outputs/eval
 
 Writes report.md, report.json, samples.jsonl and PNG plots; works under `accelerate launch`.
+Each adapter of a run gets its summary beside it (evaluation.json) and in its model card.
 """
 
 from rlhf.cli import evaluate_main

@@ -1,6 +1,7 @@
 """Training curves: `python scripts/plot_metrics.py outputs/ppo outputs/grpo [--output_dir plots/]`.
 
-Draws reward.png, kl.png, loss.png and length.png with one line per run from metrics.jsonl.
+Draws reward.png, kl.png, loss.png, length.png and reward_functions.png (RL runs), loss.png,
+accuracy.png and margin.png (DPO and reward-model runs) with one line per run from metrics.jsonl.
 """
 
 from rlhf.cli import plot_metrics_main

@@ -188,3 +188,153 @@ def test_plots_draw_each_reward_function_and_refuse_an_empty_run(tmp_path, run_h
     refused = run_here("plot_metrics.py", str(empty), "--output_dir", str(tmp_path / "none"))
     assert refused.returncode == 2 and "nothing to plot in" in refused.stderr and "samples_per_second" in refused.stderr
     assert not (tmp_path / "none").exists()
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """What a reader of each saved PNG sees, by file name, without reading pixels: its texts
+    (titles, axis labels, ticks, legends) and its labelled lines' points."""
+    from pathlib import Path
+
+    import matplotlib.figure
+    import matplotlib.text
+
+    seen: dict[str, dict] = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def savefig(figure, fname, *args, **kwargs):
+        seen[Path(fname).name] = {
+            "texts": [t.get_text() for t in figure.findobj(matplotlib.text.Text) if t.get_text()],
+            "lines": {line.get_label(): list(zip(map(float, line.get_xdata()), map(float, line.get_ydata())))
+                      for ax in figure.axes for line in ax.get_lines() if not line.get_label().startswith("_")}}
+        return save(figure, fname, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def named_run(tiny_model_dir, tmp_path_factory):
+    """A run with a run_name in its config.yaml and a checkpoint per step."""
+    from conftest import run_in_process
+
+    out = tmp_path_factory.mktemp("named") / "run"
+    result = run_in_process("train_ppo.py", *tiny_args(tiny_model_dir, out, "--learning_rate", "1e-2", "--save_steps",
+                                                        "1", "--run_name", "ppo-demo"))
+    assert result.returncode == 0, "see the captured stderr of this setup"
+    return out
+
+
+EVAL_FLAGS = ("--num_prompts", "2", "--max_new_tokens", "4", "--include_base")
+
+
+def test_evaluate_puts_its_summary_in_the_cards_and_the_export_keeps_it(named_run, tmp_path, run_here, drawn):
+    """Issue 20 items 2 and 6. Before: the card had no evaluation, and the plots named the
+    checkpoints "final" and "checkpoints/step-1", not their run."""
+    from huggingface_hub import ModelCard
+
+    run = tmp_path / "run"
+    shutil.copytree(named_run, run)
+    final, step = run / "final", run / "checkpoints" / "step-1"
+    out = tmp_path / "eval"
+    result = run_here("evaluate.py", "--checkpoints", str(run), str(step), *EVAL_FLAGS, "--output_dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    for adapter, label in ((final, str(run)), (step, str(step))):
+        numbers = report["checkpoints"][label]
+        summary = json.loads((adapter / "evaluation.json").read_text())
+        assert summary["reward"] == numbers["reward"] and summary["kl_per_sequence"] == numbers["kl_per_sequence"]
+        assert summary["win_rate_vs_base"] == numbers["win_rate_vs_base"]
+        assert summary["base_reward"] == report["checkpoints"]["base"]["reward"]
+        assert summary["num_prompts"] == 2 and summary["dataset"] == "builtin:prompts"
+        assert summary["reward_funcs"] == [str(f) for f in report["settings"]["reward_funcs"]]
+        assert summary["date"][:2] == "20" and summary["report"] == str(out / "report.md")
+        card = ModelCard.load(adapter / "README.md")
+        assert card.data.library_name == "peft" and "More Information Needed" not in card.text
+        reward = numbers["reward"]
+        for fragment in ("## Evaluation", "2 prompts of `builtin:prompts` (eval)",
+                         f"| reward (combined) | {reward['mean']:.4g} [{reward['ci_low']:.4g}, {reward['ci_high']:.4g}] |",
+                         "| win rate vs the base model (ties count half) |", "| reward of the base model |", "char_diversity"):
+            assert fragment in card.text, fragment
+        assert f"model card: {adapter / 'README.md'} now shows this evaluation" in result.stdout
+    assert "trained for 2 RL steps" in (final / "README.md").read_text()
+    assert "trained for 1 RL steps" in (step / "README.md").read_text()  # the checkpoint's own step
+
+    # The plots name each checkpoint by its run (config.yaml's run_name) and which adapter it is.
+    assert {"ppo-demo (final)", "ppo-demo (step-1)"} <= set(drawn["reward_distribution.png"]["texts"])
+    assert {"ppo-demo (final) (mean)", "ppo-demo (step-1) (mean)"} <= set(drawn["reward_vs_kl.png"]["texts"])
+
+    merged = tmp_path / "merged"
+    assert run_here("export.py", "--checkpoint", str(run), "--output_dir", str(merged)).returncode == 0
+    text = ModelCard.load(merged / "README.md").text
+    reward = report["checkpoints"][str(run)]["reward"]
+    assert "## Evaluation" in text and f"| reward (combined) | {reward['mean']:.4g} [" in text
+    assert "measured on the LoRA adapter before the merge" in text
+    assert json.loads((merged / "evaluation.json").read_text())["reward"] == reward
+
+
+def test_evaluate_leaves_cards_it_cannot_or_should_not_update(named_run, tmp_path, run_here, monkeypatch):
+    """Outside a run (no config.yaml) or in a dir it cannot write, the evaluation succeeds, says in
+    one line why the card was left alone, and every file there stays as it was; so does every card
+    with --update_model_cards false."""
+    import os
+
+    loose = tmp_path / "loose" / "final"  # an adapter that is not part of a run
+    shutil.copytree(named_run / "final", loose)
+    run = tmp_path / "run"
+    shutil.copytree(named_run, run)
+    before = {path: path.read_bytes() for adapter in (loose, run / "final") for path in adapter.iterdir() if path.is_file()}
+    asked_not_to = run_here("evaluate.py", "--checkpoints", str(run), "--num_prompts", "1", "--max_new_tokens", "2",
+                            "--output_dir", str(tmp_path / "quiet"), "--update_model_cards", "false")
+    assert asked_not_to.returncode == 0 and "model card:" not in asked_not_to.stdout
+    assert not (run / "final" / "evaluation.json").exists()
+    real_replace = os.replace
+
+    def read_only_run(src, dst, *args, **kwargs):  # root writes through chmod: refuse like a read-only mount
+        if str(run) in str(dst):
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", read_only_run)
+    result = run_here("evaluate.py", "--checkpoints", str(loose), str(run), "--num_prompts", "1", "--max_new_tokens",
+                      "2", "--output_dir", str(tmp_path / "eval"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert f"model card: {loose} is not part of a run (no config.yaml next to it); its card is left as it was" in lines
+    assert any(line.startswith(f"model card: could not update {run / 'final'} (") and "Permission denied" in line
+               for line in lines), result.stdout
+    after = {path: path.read_bytes() for adapter in (loose, run / "final") for path in adapter.iterdir() if path.is_file()}
+    assert after == before  # nothing added (no evaluation.json, no temp file), nothing changed
+
+
+def test_plots_draw_dpo_and_reward_model_runs_and_both_reward_spellings(tmp_path, run_here, drawn):
+    """Issue 20 item 7. Before: DPO and reward-model runs had "nothing to plot" (their metrics.jsonl
+    holds loss / accuracy / margin, as rlhf.tracking.write_trainer_log writes them), and a run
+    logging TRL's rewards/<name>/mean had no per-function curves."""
+    def write(name, rows):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+
+    dpo = write("dpo", [{"step": s, "loss": 0.69 - 0.01 * s, "epoch": s / 4, "accuracy": min(1.0, 0.3 * s),
+                         "margin": 0.001 * s} for s in range(1, 7)] + [
+        {"step": 6, "eval_accuracy_before": 0.0, "eval_margin_before": 0.0, "eval_loss_before": 0.693,
+         "eval_accuracy_after": 1.0, "eval_margin_after": 0.0044, "eval_loss_after": 0.691, "train_steps": 6}])
+    rm = write("rm", [{"step": s, "loss": 0.6931 - 1e-5 * s, "accuracy": 0.5 + 0.05 * s, "epoch": s / 8}
+                      for s in range(1, 7)] + [{"step": 6, "train_pairwise_accuracy": 0.9, "eval_pairwise_accuracy": 0.8}])
+    result = run_here("plot_metrics.py", dpo, rm, "--output_dir", str(tmp_path / "plots"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {"loss.png", "accuracy.png", "margin.png"} <= {p.name for p in (tmp_path / "plots").iterdir()}
+    loss, accuracy = drawn["loss.png"]["lines"], drawn["accuracy.png"]["lines"]
+    assert {"dpo train", "rm train"} <= set(loss) and "optimizer step" in drawn["loss.png"]["texts"]
+    assert loss["dpo held-out"] == [(0.0, 0.693), (6.0, 0.691)]  # eval_*_before at step 0, eval_*_after at the end
+    assert accuracy["dpo held-out"] == [(0.0, 0.0), (6.0, 1.0)] and accuracy["rm held-out"] == [(6.0, 0.8)]
+    assert accuracy["rm all train pairs"] == [(6.0, 0.9)] and len(accuracy["rm train batches"]) == 6
+    assert drawn["margin.png"]["lines"]["dpo held-out"] == [(0.0, 0.0), (6.0, 0.0044)]
+
+    old_and_new = write("grpo", [{"step": 1, "reward_mean": 0.1, "reward/format": 0.2},
+                                 {"step": 2, "reward_mean": 0.2, "rewards/format/mean": 0.4, "rewards/format/std": 0.1}])
+    result = run_here("plot_metrics.py", old_and_new, "--output_dir", str(tmp_path / "grpo_plots"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    # One curve across both spellings; the std is no function of its own.
+    assert drawn["reward_functions.png"]["lines"] == {"grpo format": [(1.0, 0.2), (2.0, 0.4)]}
