@@ -51,7 +51,10 @@ def build_model(config: Any, accelerator: Any, init_adapter: SavedLora | None,
     # hooks; checkpointed layers switch the cache off.
     share_prompt_prefix = (config.share_prompt_prefix and not config.gradient_checkpointing
                            and not shards_weights(accelerator))
-    model = PolicyWithValue(policy, value_head, share_prompt_prefix=share_prompt_prefix)
+    # The chunked projection reads the LM head's weight directly: not under DeepSpeed/FSDP sharding.
+    chunk_bytes = (int(config.chunked_logprobs_mb * 2 ** 20)
+                   if config.chunked_logprobs_mb is not None and not shards_weights(accelerator) else None)
+    model = PolicyWithValue(policy, value_head, share_prompt_prefix=share_prompt_prefix, chunk_logits_bytes=chunk_bytes)
     param_groups = trainable_parameter_groups(model, config.learning_rate, config.value_learning_rate,
                                               config.weight_decay)
     if not optimizer_trains_policy:  # e.g. TRPO moves the policy itself; AdamW only fits the value head

@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
+from rlhf.algorithms import logprobs_and_entropy_from_logits, logprobs_from_hidden, logprobs_from_logits
 from rlhf.paths import looks_local
 from rlhf.errors import CheckpointError, ConfigError
 
@@ -347,6 +348,45 @@ def merged_lora_weights(policy: PeftModel) -> Iterator[PeftModel]:
             base.weight = original
 
 
+# Rows up to which a linear layer runs as W @ x^T (decoding: one token per row).
+WEIGHT_MAJOR_MAX_ROWS = 64
+
+
+@contextmanager
+def weight_major_linears(model: nn.Module) -> Iterator[nn.Module]:
+    """Every float32 ``nn.Linear`` of ``model`` computes y = (W x^T)^T for inputs of at most
+    WEIGHT_MAJOR_MAX_ROWS rows, then is put back.
+
+    The same product as ``F.linear(x, W)`` (bitwise at 1, 16 and 64 rows here; within float
+    rounding elsewhere), but MKL splits the W-major call across threads where it runs x W^T for a
+    few rows on little more than one core: measured on the 2-core AVX2 machine, the SmolLM2-135M
+    layer shapes at 16 rows took 19.8 ms instead of 29.0 ms on two threads (1.46x) and the same on
+    one thread. Decoding is exactly that case (one new token per row per step).
+    """
+    layers = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32]
+
+    def weight_major(layer: nn.Linear) -> Any:
+        plain = layer.forward
+
+        def forward(x: Tensor) -> Tensor:
+            rows = x.reshape(-1, x.shape[-1])
+            if rows.shape[0] > WEIGHT_MAJOR_MAX_ROWS or x.dtype != torch.float32 or torch.is_grad_enabled():
+                return plain(x)
+            out = (layer.weight @ rows.t()).t().contiguous()  # some models .view() the output
+            if layer.bias is not None:
+                out = out + layer.bias
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+        return forward
+
+    for layer in layers:
+        layer.forward = weight_major(layer)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            del layer.forward  # the instance attribute: nn.Linear.forward again
+
+
 class ValueHead(nn.Module):
     """V(s_t) = w . h_t + b on the policy's last hidden state; zero-initialised so the critic
     starts neutral and early advantages are just rewards (RL_NOTES 11)."""
@@ -400,26 +440,60 @@ def shared_prompt_cache(
     return cache
 
 
+def plain_output_projection(policy: PeftModel) -> bool:
+    """True when the model's logits are exactly ``lm_head(decoder(x).last_hidden_state)``: the
+    output embedding is a plain bias-free float32 ``nn.Linear`` (no LoRA on it) and a forward of a
+    short input agrees both ways (models that soft-cap or scale logits do not)."""
+    head = policy.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None or head.weight.dtype != torch.float32:
+        return False
+    try:
+        decoder = policy.get_base_model().get_decoder()
+    except (AttributeError, NotImplementedError):
+        return False
+    if decoder is policy.get_base_model():
+        return False
+    device = head.weight.device
+    probe = torch.arange(3, device=device).unsqueeze(0) % head.weight.shape[0]
+    with torch.no_grad():
+        expected = policy(input_ids=probe, use_cache=False).logits.float()
+        got = head(decoder(input_ids=probe, use_cache=False).last_hidden_state).float()
+    return got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 class PolicyWithValue(nn.Module):
     """The trainable unit handed to Accelerate: LoRA policy plus an optional value head.
 
-    ``forward`` returns logits and values for the response positions only, so the LM head never
-    projects prompt positions (a large share of compute with a 49k vocabulary). With
-    ``share_prompt_prefix`` rows with the same prompt (a GRPO group) run that prompt once, through
-    a KV cache copied to each row (``shared_prompt_cache``); the result equals the plain forward
-    up to float rounding, gradients included.
+    ``forward`` returns logits (or, given the response tokens, their logprobs) and values for the
+    response positions only, so the LM head never projects prompt positions (a large share of
+    compute with a 49k vocabulary). With ``share_prompt_prefix`` rows with the same prompt (a GRPO
+    group) run that prompt once, through a KV cache copied to each row (``shared_prompt_cache``);
+    the result equals the plain forward up to float rounding, gradients included.
+
+    ``chunk_logits_bytes``: when the response logits of one call would exceed this many bytes of
+    float32, logprobs come from the final hidden states through ``logprobs_from_hidden`` (the LM
+    head in row chunks; the [B, T, V] logits never exist) -- for models whose logits are exactly
+    the output embedding of the decoder's last hidden state, checked once on a short input (no
+    soft-capping or logit scale, no LoRA on the LM head). None: never.
     """
 
-    def __init__(self, policy: PeftModel, value_head: ValueHead | None, share_prompt_prefix: bool = False):
+    def __init__(self, policy: PeftModel, value_head: ValueHead | None, share_prompt_prefix: bool = False,
+                 chunk_logits_bytes: int | None = None):
         super().__init__()
         self.policy = policy
         self.value_head = value_head
         self.share_prompt_prefix = share_prompt_prefix
+        self.chunk_logits_bytes = chunk_logits_bytes
+        self._plain_projection: bool | None = None  # logits == lm_head(decoder output)? checked on first use
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_length: int
-    ) -> tuple[Tensor, Tensor | None]:
-        """input_ids, attention_mask, position_ids: [B, P+T] -> logits [B, T, V], values [B, T] | None.
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_length: int,
+        labels: Tensor | None = None, temperature: float = 1.0, with_entropy: bool = False,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """input_ids, attention_mask, position_ids: [B, P+T] ->
+        with ``labels`` [B, T] (the response tokens): (logprobs [B, T] float32, values [B, T] | None,
+        entropy [B, T] | None), logits divided by ``temperature``;
+        without: (logits [B, T, V], values [B, T] | None, None), as the LM head gives them.
 
         Position p's logits predict token p+1, so the response tokens P..P+T-1 are predicted by
         positions P-1..P+T-2 (RL_NOTES 1).
@@ -429,25 +503,42 @@ class PolicyWithValue(nn.Module):
         cache = (shared_prompt_cache(self.policy, input_ids, attention_mask, position_ids, prefix_length)
                  if self.share_prompt_prefix else None)
         suffix = slice(prefix_length if cache is not None else 0, None)
-        suffix_length = input_ids.shape[1] - (prefix_length if cache is not None else 0)
+        inputs = {"input_ids": input_ids[:, suffix], "attention_mask": attention_mask,
+                  "position_ids": position_ids[:, suffix], "cache": cache, "use_cache": cache is not None}
+        if labels is not None and self._chunked(input_ids.shape[0] * response_length):
+            hidden = self.policy.get_base_model().get_decoder()(**inputs).last_hidden_state
+            hidden = hidden[:, -(response_length + 1):-1]
+            values = self.value_head(hidden) if self.value_head is not None else None
+            weight = self.policy.get_output_embeddings().weight
+            logprobs, entropy = logprobs_from_hidden(hidden, weight, labels, temperature, with_entropy)
+            return logprobs, values, entropy
+        suffix_length = inputs["input_ids"].shape[1]
         # Positions as an index tensor, not logits_to_keep=T+1 and [:, :-1]: the LM head skips the
         # last position and the logits come out contiguous (log_softmax would copy a strided view).
         predicting = torch.arange(suffix_length - response_length - 1, suffix_length - 1, device=input_ids.device)
-        outputs = self.policy(
-            input_ids=input_ids[:, suffix],
-            attention_mask=attention_mask,
-            position_ids=position_ids[:, suffix],
-            cache=cache,
-            logits_to_keep=predicting,
-            output_hidden_states=self.value_head is not None,
-            use_cache=cache is not None,
-        )
+        outputs = self.policy(**inputs, logits_to_keep=predicting, output_hidden_states=self.value_head is not None)
         logits = outputs.logits
         values = None
         if self.value_head is not None:
             hidden = outputs.hidden_states[-1][:, -(response_length + 1) : -1]
             values = self.value_head(hidden)
-        return logits, values
+        if labels is None:
+            return logits, values, None
+        if temperature != 1.0:  # a full [b, T, V] copy, worth skipping at the default temperature
+            logits = logits / temperature
+        if with_entropy:
+            logprobs, entropy = logprobs_and_entropy_from_logits(logits, labels)
+            return logprobs, values, entropy
+        return logprobs_from_logits(logits, labels), values, None
+
+    def _chunked(self, positions: int) -> bool:
+        """Whether this call's logprobs take the chunked projection (see the class docstring)."""
+        vocabulary = self.policy.get_output_embeddings().weight.shape[0]
+        if self.chunk_logits_bytes is None or positions * vocabulary * 4 <= self.chunk_logits_bytes:
+            return False
+        if self._plain_projection is None:
+            self._plain_projection = plain_output_projection(self.policy)
+        return self._plain_projection
 
     def response_hidden_states(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_length: int

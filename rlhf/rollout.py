@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlhf.algorithms import logprobs_and_entropy_from_logits, logprobs_from_logits
 from rlhf.models import PolicyWithValue, shared_prompt_cache, stop_token_ids
 
 
@@ -263,19 +262,15 @@ def forward_response(
     Returns logprobs [b, T] float32, values [b, T] | None, entropy [b, T] | None. Logits are divided
     by the sampling temperature in every pass (policy, old, reference), or KL drifts (RL_NOTES 2).
     """
-    logits, values = model(
+    return model(
         input_ids=rollout.input_ids[index],
         attention_mask=rollout.attention_mask[index],
         position_ids=rollout.position_ids[index],
         response_length=rollout.response_length,
+        labels=rollout.response_ids[index],
+        temperature=temperature,
+        with_entropy=with_entropy,
     )
-    if temperature != 1.0:  # a full [b, T, V] copy, worth skipping at the default temperature
-        logits = logits / temperature
-    labels = rollout.response_ids[index]
-    if with_entropy:
-        logprobs, entropy = logprobs_and_entropy_from_logits(logits, labels)
-        return logprobs, values, entropy
-    return logprobs_from_logits(logits, labels), values, None
 
 
 def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dataset: Any, indices: list[int],
@@ -287,7 +282,7 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
     ``eos_token_ids``: the model's stop set (rlhf.models.stop_token_ids; None = read off the model)."""
     from rlhf.data import format_prompt
     from rlhf.distributed import needs_synced_generation, shards_weights, unwrapped_full_weights
-    from rlhf.models import merged_lora_weights
+    from rlhf.models import merged_lora_weights, weight_major_linears
 
     rows = dataset.select(indices)
     raw_prompts = [p for p in rows[config.prompt_column] for _ in range(num_generations)]
@@ -299,8 +294,9 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
     parts = []
     with unwrapped_full_weights(model, accelerator) as plain:
         # LoRA folded into the weights while sampling, except where DeepSpeed/FSDP own the tensors.
-        folded = contextlib.nullcontext(plain.policy) if shards_weights(accelerator) else merged_lora_weights(plain.policy)
-        with folded as policy:
+        sharded = shards_weights(accelerator)
+        folded = contextlib.nullcontext(plain.policy) if sharded else merged_lora_weights(plain.policy)
+        with folded as policy, contextlib.nullcontext() if sharded else weight_major_linears(policy):
             for start in range(0, len(raw_prompts), chunk):
                 part = slice(start, start + chunk)
                 parts.append(generate_rollout(

@@ -211,7 +211,7 @@ class TRPOUpdate:
         lora_params = [p for p in model.policy.parameters() if p.requires_grad]
 
         def policy_logprobs_full(rows: Tensor) -> Tensor:
-            logits, _ = model(input_ids=rollout.input_ids[rows], attention_mask=rollout.attention_mask[rows],
+            logits, _, _ = model(input_ids=rollout.input_ids[rows], attention_mask=rollout.attention_mask[rows],
                               position_ids=rollout.position_ids[rows], response_length=rollout.response_length)
             return torch.log_softmax(logits.float() / config.temperature, dim=-1)
 

@@ -69,7 +69,7 @@ def test_recomputed_logprobs_use_the_sampling_temperature(tiny_model_dir):
     with torch.no_grad():
         at_half, _, _ = forward_response(model, rollout, slice(0, 2), temperature=0.5)
         at_one, _, _ = forward_response(model, rollout, slice(0, 2), temperature=1.0)
-        logits, _ = model(rollout.input_ids, rollout.attention_mask, rollout.position_ids, rollout.response_length)
+        logits, _, _ = model(rollout.input_ids, rollout.attention_mask, rollout.position_ids, rollout.response_length)
     manual = torch.log_softmax(logits / 0.5, -1).gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(at_half, manual, atol=1e-5)
     assert not torch.allclose(at_half, at_one)

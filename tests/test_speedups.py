@@ -262,3 +262,128 @@ def test_fused_lora_layers_leave_autocast_to_peft(tiny_model_dir):
         expected = peft_policy(input_ids=input_ids).logits
         got = fused_policy(input_ids=input_ids).logits  # the fused addmm_ would fail on mixed dtypes
     assert torch.equal(got, expected)
+
+
+def test_chunked_projection_gives_the_logprobs_entropy_and_gradients_of_full_logits(monkeypatch):
+    import torch
+
+    import rlhf.algorithms.logits as logits_module
+    from rlhf.algorithms import logprobs_and_entropy_from_logits, logprobs_from_hidden
+
+    monkeypatch.setattr(logits_module, "CHUNK_LOGITS", 50 * 7)  # 7 rows per chunk: 3 chunks and a partial one
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 8, 16, requires_grad=True)
+    weight = torch.randn(50, 16)
+    labels = torch.randint(0, 50, (3, 8))
+    upstream = torch.randn(3, 8)
+    for temperature in (1.0, 0.7):
+        expected, expected_entropy = logprobs_and_entropy_from_logits(hidden @ weight.t() / temperature, labels)
+        (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), hidden)
+        got, entropy = logprobs_from_hidden(hidden, weight, labels, temperature, with_entropy=True)
+        (grad,) = torch.autograd.grad((got * upstream).sum(), hidden)
+        assert torch.allclose(got, expected, atol=1e-5) and torch.allclose(entropy, expected_entropy, atol=1e-5)
+        assert torch.allclose(grad, expected_grad, atol=1e-5)
+        assert logprobs_from_hidden(hidden, weight, labels, temperature)[1] is None
+
+
+@pytest.mark.parametrize("share_prompt_prefix", [False, True])
+def test_chunked_logprobs_in_the_model_equal_the_full_logits_path(tiny_model_dir, share_prompt_prefix, monkeypatch):
+    """PolicyWithValue with chunk_logits_bytes=0 (always chunk): logprobs, values, entropy and the
+    LoRA and value-head gradients equal the full-logits path's."""
+    import torch
+
+    import rlhf.algorithms.logits as logits_module
+    from rlhf.models import PolicyWithValue, ValueHead, add_lora, fuse_lora_layers, load_base_model
+    from rlhf.rollout import Rollout, forward_response
+
+    monkeypatch.setattr(logits_module, "CHUNK_LOGITS", logits_module.CHUNK_LOGITS // 4096)  # several chunks
+    torch.manual_seed(0)
+    policy = add_lora(load_base_model(str(tiny_model_dir)), 4, 8, 0.0, ["all-linear"])
+    fuse_lora_layers(policy)
+    for parameter in policy.parameters():
+        if parameter.requires_grad:  # LoRA B starts at 0: make the adapter matter
+            torch.nn.init.normal_(parameter, std=0.05)
+    head = ValueHead(32)
+    torch.nn.init.normal_(head.summary.weight, std=0.1)
+    prompt, length = 6, 9
+    ids = torch.randint(0, 1000, (4, prompt + length))
+    ids[1, :prompt] = ids[2, :prompt]  # two rows share a prompt (a group)
+    attention = torch.ones_like(ids)
+    attention[0, :2] = 0  # left padding
+    rollout = Rollout(input_ids=ids, attention_mask=attention, response_ids=ids[:, prompt:], mask=torch.ones(4, length),
+                      eos_found=torch.zeros(4, dtype=torch.bool), group_ids=torch.arange(4), prompts=[""] * 4,
+                      completions=[""] * 4)
+    results = {}
+    for chunk in (None, 0):
+        model = PolicyWithValue(policy, head, share_prompt_prefix=share_prompt_prefix, chunk_logits_bytes=chunk)
+        policy.zero_grad()
+        head.zero_grad()
+        logprobs, values, entropy = forward_response(model, rollout, slice(None), 0.7, with_entropy=True)
+        ((logprobs * torch.linspace(0, 1, length)).sum() + values.sum()).backward()
+        grads = torch.cat([p.grad.flatten() for p in [*policy.parameters(), *head.parameters()] if p.requires_grad])
+        results[chunk] = (logprobs.detach(), values.detach(), entropy, grads)
+        assert model._plain_projection is (True if chunk == 0 else None)
+    for full, chunked in zip(results[None], results[0]):
+        assert torch.allclose(full, chunked, atol=2e-5)
+
+
+def test_models_whose_logits_are_not_the_plain_lm_head_keep_full_logits(tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    from rlhf.models import add_lora, load_base_model, plain_output_projection
+
+    assert plain_output_projection(add_lora(load_base_model(str(tiny_model_dir)), 4, 8, 0.0, ["all-linear"]))
+    # LoRA on the LM head: its weight alone is not the projection
+    assert not plain_output_projection(add_lora(load_base_model(str(tiny_model_dir)), 4, 8, 0.0, ["q_proj", "lm_head"]))
+    # Gemma 2 soft-caps its logits: tanh(z / 30) * 30 is not z
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                           head_dim=16, final_logit_softcapping=0.5))
+    assert not plain_output_projection(add_lora(gemma, 4, 8, 0.0, ["all-linear"]))
+
+
+def test_weight_major_linears_sample_the_same_tokens_and_are_put_back(tiny_model_dir):
+    """Decoding with W @ x^T gives the plain layers' logits (to float rounding) and the same
+    samples; training forwards (grad on) and wide inputs take the plain path; exit restores it."""
+    import torch
+
+    from rlhf.models import WEIGHT_MAJOR_MAX_ROWS, load_base_model, weight_major_linears
+    from rlhf.rollout import sample_responses
+
+    model = load_base_model(str(tiny_model_dir)).eval()
+    ids = torch.randint(0, 1000, (5, 7))
+    attention = torch.ones_like(ids)
+    attention[0, :3] = 0
+
+    def sample(seed):
+        torch.manual_seed(seed)
+        return sample_responses(model, ids, attention, max_new_tokens=6, temperature=1.0, top_p=1.0,
+                                eos_token_ids=[10 ** 6], pad_token_id=0)
+
+    with torch.no_grad():
+        plain_logits = model(input_ids=ids, attention_mask=attention).logits
+        plain_samples = sample(3)
+        with weight_major_linears(model):
+            assert "forward" in vars(model.lm_head)
+            logits = model(input_ids=ids, attention_mask=attention).logits
+            samples = sample(3)
+    assert torch.allclose(logits, plain_logits, atol=1e-5) and torch.equal(samples, plain_samples)
+    assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+    calls = []
+    with weight_major_linears(model):
+        original = torch.Tensor.t
+        torch.Tensor.t = lambda self: calls.append(1) or original(self)
+        try:
+            model(input_ids=ids)  # grad enabled: the plain path
+            with torch.no_grad():
+                model(input_ids=torch.randint(0, 1000, (1, WEIGHT_MAJOR_MAX_ROWS + 1)))  # a prefill: plain
+            assert not calls
+            with torch.no_grad():
+                model(input_ids=ids[:, :1])
+            assert calls, "a few rows without grad take W @ x^T"
+        finally:
+            torch.Tensor.t = original

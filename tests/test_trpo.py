@@ -35,7 +35,7 @@ def setup(tiny_model_dir):
 
 
 def full_logprobs(model, rollout, rows):
-    logits, _ = model(input_ids=rollout.input_ids[rows], attention_mask=rollout.attention_mask[rows],
+    logits, _, _ = model(input_ids=rollout.input_ids[rows], attention_mask=rollout.attention_mask[rows],
                       position_ids=rollout.position_ids[rows], response_length=rollout.response_length)
     return torch.log_softmax(logits.float() / TEMPERATURE, dim=-1)
 

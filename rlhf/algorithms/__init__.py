@@ -36,7 +36,9 @@ from rlhf.algorithms.aggregation import (
     LOSS_AGG_MODES, agg_loss, agg_units, masked_mean, masked_sum, masked_var, masked_whiten, whiten_with_stats,
 )
 from rlhf.algorithms.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
-from rlhf.algorithms.logits import entropy_from_logits, logprobs_and_entropy_from_logits, logprobs_from_logits
+from rlhf.algorithms.logits import (
+    entropy_from_logits, logprobs_and_entropy_from_logits, logprobs_from_hidden, logprobs_from_logits,
+)
 from rlhf.algorithms.losses import POLICY_LOSSES, pg_loss, ppo_clip_loss, value_loss
 from rlhf.algorithms.registry import Algorithm, Registry, declared_kwargs
 from rlhf.algorithms.trpo import (
@@ -50,6 +52,6 @@ __all__ = [
     "group_stats", "zero_spread_groups", "ADVANTAGE_ESTIMATORS", "POLICY_LOSSES", "Registry", "Algorithm",
     "reinforce_advantages", "gae_advantages", "grpo_advantages", "dr_grpo_advantages", "rloo_advantages",
     "reinforce_pp_advantages", "pg_loss", "ppo_clip_loss", "value_loss", "entropy_from_logits",
-    "logprobs_from_logits", "logprobs_and_entropy_from_logits", "conjugate_gradient", "trpo_step_size",
+    "logprobs_from_logits", "logprobs_and_entropy_from_logits", "logprobs_from_hidden", "conjugate_gradient", "trpo_step_size",
     "backtracking_line_search", "trpo_surrogate_loss", "categorical_kl", "trpo_step",
 ]

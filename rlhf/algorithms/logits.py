@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
@@ -47,3 +50,74 @@ def logprobs_and_entropy_from_logits(logits: Tensor, labels: Tensor) -> tuple[Te
     with torch.no_grad():  # row by row: the temporaries stay one row's size instead of two more [B, T, V]
         entropy = torch.stack([-(row.exp() * row).sum(-1) for row in log_probs.detach()]).float()
     return logprobs, entropy
+
+
+# Rows of [rows, V] float32 logits per chunk: 2**25 floats = 128 MiB (682 rows of a 49k vocabulary).
+CHUNK_LOGITS = 2 ** 25
+
+
+class _ChunkedProjectionLogprobs(torch.autograd.Function):
+    """lp = log_softmax(h W^T / tau)[label] without ever holding the [N, V] logits.
+
+    The plain path keeps three [N, V] float32 tensors alive around the backward (log_softmax's
+    saved output, the gather's gradient, log_softmax's input gradient): 2.4 GB for 16 responses
+    of 256 tokens with a 49k vocabulary. Here the projection runs over row chunks; the backward
+    recomputes each chunk's logits (one more h W^T, ~+50% of the LM head's FLOPs) and uses
+      d lp / d z = onehot(label) - softmax(z),   dh = (g (onehot - p) / tau) W
+    so memory is one chunk. W gets no gradient (the LM head is frozen under LoRA).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float,
+                with_entropy: bool) -> tuple[Tensor, Tensor]:
+        rows = max(1, CHUNK_LOGITS // weight.shape[0])
+        logprobs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty(hidden.shape[0] if with_entropy else 0, dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            chunk = slice(start, start + rows)
+            log_probs = _chunk_log_softmax(hidden[chunk], weight, temperature)
+            logprobs[chunk] = log_probs.gather(-1, labels[chunk].unsqueeze(-1)).squeeze(-1)
+            if with_entropy:
+                entropy[chunk] = -(log_probs.exp() * log_probs).sum(-1)
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.temperature, ctx.rows = temperature, rows
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    @once_differentiable  # TRPO's second derivatives take the plain path (full log-softmax)
+    def backward(ctx: Any, grad_logprobs: Tensor, _grad_entropy: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, labels = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], ctx.rows):
+            chunk = slice(start, start + ctx.rows)
+            g = grad_logprobs[chunk].float().unsqueeze(-1)
+            grad_logits = _chunk_log_softmax(hidden[chunk], weight, ctx.temperature).exp_().mul_(-g)
+            grad_logits.scatter_add_(-1, labels[chunk].unsqueeze(-1), g)
+            if ctx.temperature != 1.0:
+                grad_logits.div_(ctx.temperature)
+            grad_hidden[chunk] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+        return grad_hidden, None, None, None, None
+
+
+def _chunk_log_softmax(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
+    logits = (hidden @ weight.t()).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
+
+
+def logprobs_from_hidden(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0,
+                         with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(logprobs, entropy | None) of ``labels`` under logits = hidden @ weight^T / temperature,
+    float32 [B, T] each, computed in row chunks so the [B, T, V] logits never exist at once.
+
+    hidden: [B, T, H] (final hidden states at the positions that predict the labels); weight:
+    [V, H] the LM head (no gradient reaches it); labels: [B, T] long. Equal to
+    ``logprobs_and_entropy_from_logits(hidden @ weight.T / temperature, labels)`` up to float
+    rounding of the chunked matmul; gradients flow to ``hidden``, the entropy carries none.
+    """
+    batch, length, size = hidden.shape
+    logprobs, entropy = _ChunkedProjectionLogprobs.apply(hidden.reshape(-1, size), weight, labels.reshape(-1).long(),
+                                                         float(temperature), with_entropy)
+    return logprobs.view(batch, length), entropy.view(batch, length) if with_entropy else None
