@@ -51,6 +51,28 @@ class Rollout:
         )
 
 
+    def narrowed(self, rows: Tensor) -> tuple["Rollout", int]:
+        """Rows ``rows`` without the columns that are padding in all of them: prompt columns no
+        row uses on the left, response columns after the longest response on the right.
+
+        Returns (that rollout, its response width t): its logprobs equal columns [:t] of the full
+        rows' (causal attention never looks right; left padding is masked and positions count real
+        tokens), so the update pays for no all-padding column. Scoring columns stay as they are.
+        """
+        width = max(int(self.mask[rows].sum(-1).max()), 1)
+        prompt_length = self.input_ids.shape[1] - self.response_length
+        used = self.attention_mask[rows, :prompt_length].bool().any(0).nonzero()
+        # keep at least the last prompt column: its logits predict the first response token
+        first = min(int(used[0]), prompt_length - 1) if len(used) else prompt_length - 1
+        columns = slice(first, prompt_length + width)
+        return Rollout(
+            input_ids=self.input_ids[rows, columns], attention_mask=self.attention_mask[rows, columns],
+            response_ids=self.response_ids[rows, :width], mask=self.mask[rows, :width], eos_found=self.eos_found[rows],
+            group_ids=self.group_ids[rows], prompts=[self.prompts[i] for i in rows.tolist()],
+            completions=[self.completions[i] for i in rows.tolist()], columns={},
+        ), width
+
+
 def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
     """Stack rollouts generated in chunks: prompts are re-padded on the left to the widest chunk,
     responses on the right to the longest one (padding is masked everywhere)."""

@@ -95,6 +95,8 @@ class GradientUpdate:
                 if float(normaliser) == 0:  # every row dropped by filter_zero_std_groups, on all processes
                     continue
                 minibatches += 1
+                if len(minibatch) > self.micro_batch_size:  # similar lengths share a micro-batch: less padding
+                    minibatch = minibatch[rollout.mask[minibatch].sum(-1).argsort(stable=True)]
                 for micro_start in range(0, len(minibatch), self.micro_batch_size):
                     rows = minibatch[micro_start:micro_start + self.micro_batch_size]
                     for key, value in self.micro_step(batch, rows, normaliser, kl_coef).items():
@@ -133,32 +135,36 @@ class GradientUpdate:
         gradient is exactly the minibatch loss normalised by global counts (RL_NOTES 14).
         """
         config, accelerator = self.config, self.accelerator
-        rollout, mask, mode = batch.rollout, batch.loss_mask[rows], config.aggregation
+        # Only the columns some row of this micro-batch uses; every [B, T] input is cut to them
+        # (all losses read masked tokens only, and their length normalisers are max_new_tokens).
+        rollout, width = batch.rollout.narrowed(rows)
+        cut = (rows, slice(None, width))
+        mask, mode = batch.loss_mask[cut], config.aggregation
         share = float(agg_units(mask, mode) / normaliser)  # this micro-batch's part of the minibatch loss
         scale = share * accelerator.num_processes * config.gradient_accumulation_steps
         measure_here = batch.old_logprobs is None  # see rlhf.experience.plan_passes
         with accelerator.accumulate(self.model):
-            logprobs, values, entropy = forward_response(self.model, rollout, rows, config.temperature,
+            logprobs, values, entropy = forward_response(self.model, rollout, slice(None), config.temperature,
                                                          with_entropy=measure_here)
-            old_logprobs = logprobs.detach() if measure_here else batch.old_logprobs[rows]
-            loss, stats = self.policy_loss(logprobs, old_logprobs, batch.advantages[rows], mask, **config.policy_loss_settings())
+            old_logprobs = logprobs.detach() if measure_here else batch.old_logprobs[cut]
+            loss, stats = self.policy_loss(logprobs, old_logprobs, batch.advantages[cut], mask, **config.policy_loss_settings())
             stats["policy_loss"] = float(loss.detach()) * share
             if measure_here:  # sums for the metrics the skipped no-grad pass would have given
-                real = rollout.mask[rows]
+                real = rollout.mask
                 stats["entropy_sum"] = float((entropy * real).sum())
                 stats["response_tokens"] = float(real.sum())
                 if batch.ref_logprobs is not None:
-                    stats["kl_sum"] = float(kl_penalty(old_logprobs, batch.ref_logprobs[rows], config.kl_estimator,
+                    stats["kl_sum"] = float(kl_penalty(old_logprobs, batch.ref_logprobs[cut], config.kl_estimator,
                                                        real).sum())
                     stats["sequences"] = float(len(rows))
             if values is not None:
-                vf_loss, vf_stats = value_loss(values, batch.values[rows], batch.returns[rows], mask,
+                vf_loss, vf_stats = value_loss(values, batch.values[cut], batch.returns[cut], mask,
                                                clip_range=config.value_clip_range, loss_agg_mode=mode,
                                                norm_length=config.max_new_tokens)
                 loss = loss + config.vf_coef * vf_loss
                 stats.update(vf_stats, value_loss=float(vf_loss.detach()) * share)
             if not config.kl_in_reward and batch.ref_logprobs is not None:
-                kl_loss = agg_loss(kl_penalty(logprobs, batch.ref_logprobs[rows], config.kl_estimator), mask,
+                kl_loss = agg_loss(kl_penalty(logprobs, batch.ref_logprobs[cut], config.kl_estimator), mask,
                                    mode, config.max_new_tokens)
                 loss = loss + kl_coef * kl_loss
                 stats["kl_loss"] = float(kl_loss.detach()) * share

@@ -387,3 +387,49 @@ def test_weight_major_linears_sample_the_same_tokens_and_are_put_back(tiny_model
             assert calls, "a few rows without grad take W @ x^T"
         finally:
             torch.Tensor.t = original
+
+
+def test_narrowed_micro_batch_gives_the_full_rows_logprobs_values_and_gradients(tiny_model_dir):
+    """The update forwards a micro-batch without its all-padding columns (left prompt padding no
+    row uses, response columns after its longest response): same logprobs, values and gradients."""
+    import torch
+
+    from rlhf.models import PolicyWithValue, ValueHead, add_lora, load_base_model
+    from rlhf.rollout import Rollout, forward_response
+
+    torch.manual_seed(0)
+    policy = add_lora(load_base_model(str(tiny_model_dir)), 4, 8, 0.0, ["all-linear"])
+    for parameter in policy.parameters():
+        if parameter.requires_grad:
+            torch.nn.init.normal_(parameter, std=0.05)
+    model = PolicyWithValue(policy, ValueHead(32))
+    prompt, length = 7, 10
+    ids = torch.randint(0, 1000, (4, prompt + length))
+    attention = torch.ones_like(ids)
+    attention[:, :3] = 0  # three padding columns in every row
+    attention[1, 3] = 0
+    mask = torch.zeros(4, length)
+    for row, real in enumerate([6, 4, 2, 10]):
+        mask[row, :real] = 1
+        attention[row, prompt + real:] = 0
+    rollout = Rollout(input_ids=ids, attention_mask=attention, response_ids=ids[:, prompt:], mask=mask,
+                      eos_found=torch.ones(4, dtype=torch.bool), group_ids=torch.arange(4), prompts=list("abcd"),
+                      completions=list("abcd"))
+    rows = torch.tensor([2, 0, 1])  # the longest response (row 3) is not in this micro-batch
+    narrow, width = rollout.narrowed(rows)
+    assert width == 6 and narrow.input_ids.shape == (3, prompt - 3 + 6) and narrow.prompts == ["c", "a", "b"]
+
+    def run(batch, index):
+        policy.zero_grad()
+        logprobs, values, _ = forward_response(model, batch, index, 1.0)
+        real = batch.mask[index] if isinstance(index, torch.Tensor) else batch.mask
+        ((logprobs * real).sum() + (values * real).sum()).backward()
+        grads = torch.cat([p.grad.flatten() for p in policy.parameters() if p.requires_grad])
+        return logprobs.detach(), values.detach(), grads
+
+    full_lp, full_values, full_grads = run(rollout, rows)
+    lp, values, grads = run(narrow, slice(None))
+    real = mask[rows, :width].bool()
+    assert torch.allclose(lp[real], full_lp[:, :width][real], atol=1e-5)
+    assert torch.allclose(values[real], full_values[:, :width][real], atol=1e-5)
+    assert torch.allclose(grads, full_grads, atol=1e-5)
