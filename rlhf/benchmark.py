@@ -2,14 +2,19 @@
 same work (model, LoRA, prompts, group size, batch, response length, sampling, learning rate and
 reward), one system per child process so each peak RSS is its own; warm-up steps are excluded.
 
-Also ``--floor``: bare ``generate``, one no-grad forward and one forward+backward on one batch of
-the same shape -- what a step cannot go below -- and our GRPO step as a multiple of it.
+``--lengths``: the same at each response length, in one table and a plot (rlhf.benchmark_report);
+responses run to full length in every system unless ``--full_length false``. ``--roofline``: each
+phase of our GRPO step against this machine's limits (rlhf.roofline). ``--grow``: our GRPO's step
+time and peak RSS against response length, group size and model size. ``--floor``: bare
+``generate``, one no-grad forward and one forward+backward on one batch of the same shape -- what a
+step cannot go below -- and our GRPO step as a multiple of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import multiprocessing
 import resource
 import statistics
@@ -27,35 +32,81 @@ PHASES = ("generation", "scoring", "logprobs", "update")
 class BenchmarkConfig:
     steps: int = field(default=3, metadata={"help": "Measured steps per system (after the warm-up)."})
     warmup_steps: int = field(default=1, metadata={"help": "Steps run first and not measured."})
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "Policy model for every system."})
+    model: str = field(default="smollm2-135m-instruct", metadata={
+        "help": "Policy model for every system: a name, a dir, or random:smollm2-135m / random:smollm2-360m / "
+                "random:smollm2-1.7b (that shape, random weights, the embedded tokenizer: timing only)."})
     prompts_per_step: int = field(default=4, metadata={"help": "Prompts per step (PPO/REINFORCE: x num_generations)."})
     num_generations: int = field(default=4, metadata={"help": "Samples per prompt (the GRPO group)."})
-    max_new_tokens: int = field(default=32, metadata={"help": "Response length cap."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Response length cap (without --lengths)."})
+    lengths: list[int] | None = field(default=None, metadata={
+        "help": "Response lengths (max_new_tokens) to run every system at, e.g. 32 128 256: one table with the "
+                "ratios per length, a PNG of seconds per step against length next to --out. Default: max_new_tokens."})
+    full_length: bool = field(default=True, metadata={
+        "help": "Every response runs to max_new_tokens in every system, so a length means that many tokens: "
+                "ours with no stop token, TRL with min_new_tokens (EOS held back). false: responses end at EOS."})
     learning_rate: float = field(default=1e-5, metadata={"help": "Same for every system."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (alpha = 2r, all linear layers)."})
     seed: int = field(default=0, metadata={"help": "Seed of every system."})
-    systems: list[str] = field(default_factory=lambda: list(SYSTEMS), metadata={"help": f"Any of {', '.join(SYSTEMS)}."})
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS),
+                               metadata={"help": f"Any of {', '.join(SYSTEMS)}."})
     floor: bool = field(default=False, metadata={"help": "Also time generate / forward / forward+backward alone."})
+    roofline: bool = field(default=False, metadata={
+        "help": "Also measure this machine's memory bandwidth and fp32 GEMM rates at the step's shapes and show "
+                "each phase of ours-grpo as a fraction of its least possible time (see README)."})
+    grow: bool = field(default=False, metadata={
+        "help": "Instead of comparing systems: our GRPO's step time and peak RSS against response length "
+                "(--lengths), group size (--grow_generations) and model size (--grow_models), one at a time "
+                "from the other settings; a table and a PNG next to --out."})
+    grow_generations: list[int] = field(default_factory=lambda: [2, 4, 8], metadata={
+        "help": "Group sizes (num_generations) of --grow."})
+    grow_models: list[str] = field(default_factory=lambda: ["random:smollm2-135m", "random:smollm2-360m"], metadata={
+        "help": "Models of --grow's size axis (random:smollm2-1.7b takes minutes per step on 2 CPU cores)."})
     profile: bool = field(default=False, metadata={"help": "Also run ours-grpo once more under torch.profiler (its own "
                                                            "process, not in the table); the op table of the first step "
                                                            "after warm-up, phases labelled, goes next to --out."})
-    out: str = field(default="bench.json", metadata={"help": "Where the JSON results go."})
+    out: str = field(default="bench.json", metadata={"help": "Where the JSON results go (the table .md and the plot "
+                                                             ".png beside it)."})
 
     def __post_init__(self) -> None:
         from rlhf.errors import ConfigError
+        from rlhf.random_models import check_spec
 
         for name in ("steps", "prompts_per_step", "num_generations", "max_new_tokens", "lora_r"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.lengths is not None and (not self.lengths or min(self.lengths) < 1):
+            raise ConfigError(f"lengths must be response lengths >= 1, got {' '.join(map(str, self.lengths))}")
         unknown = [s for s in self.systems if s not in SYSTEMS]
         if unknown:
             raise ConfigError(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
+        grouped = self.grow or any(s.endswith("-grpo") for s in self.systems)
+        if grouped and self.num_generations < 2:
+            raise ConfigError("GRPO compares the samples of one prompt: set num_generations >= 2, "
+                              f"got {self.num_generations}")
+        if self.grow and (not self.grow_generations or min(self.grow_generations) < 2):
+            raise ConfigError("grow_generations must be group sizes >= 2, "
+                              f"got {' '.join(map(str, self.grow_generations))}")
+        if self.roofline and "ours-grpo" not in self.systems:
+            raise ConfigError("roofline measures ours-grpo's phases: add ours-grpo to --systems")
+        alone = [name for name in ("floor", "profile", "roofline") if getattr(self, name)]
+        if self.grow and alone:
+            raise ConfigError(f"grow times our GRPO alone: drop {', '.join('--' + n for n in alone)} "
+                              "(they go with the systems comparison)")
+        if self.grow and not self.grow_models:
+            raise ConfigError("grow_models must name at least one model")
+        for spec in [self.model, *(self.grow_models if self.grow else [])]:
+            check_spec(spec)
 
     @property
     def sequences(self) -> int:
         return self.prompts_per_step * self.num_generations
+
+    @property
+    def sweep_lengths(self) -> list[int]:
+        """The response lengths this run measures (derived: --lengths, else max_new_tokens)."""
+        return list(self.lengths or [self.max_new_tokens])
 
 
 def _peak_rss_mb() -> float:
@@ -70,11 +121,16 @@ def _summarise(rows: list[dict[str, float]], sequences: int) -> dict[str, Any]:
         "samples_per_second": sequences / step,
         "tokens_per_second": statistics.median(r["tokens"] / r["step"] for r in rows),
         **{f"{phase}_s": statistics.median(r[phase] for r in rows) for phase in PHASES},
+        # the batch's shape as our trainer ran it (for the roofline): padded prompt and response columns
+        **{key: statistics.median(r[key] for r in rows)
+           for key in ("prompt_length", "response_length") if key in rows[0]},
     }
 
 
 def run_ours(algorithm: str, config: BenchmarkConfig, output_dir: Path,
-             profile_to: Path | None = None) -> list[dict[str, float]]:
+             profile_to: Path | None = None) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """Measured rows per step after the warm-up, and what the roofline needs to know of the run
+    (separate no-grad passes per step, whether a group's prompt runs once)."""
     from rlhf.cli import ALGORITHM_DEFAULTS
     from rlhf.config import RLConfig
     from rlhf.trainer import RLTrainer
@@ -91,13 +147,33 @@ def run_ours(algorithm: str, config: BenchmarkConfig, output_dir: Path,
         "num_samples_to_log": 0, "seed": config.seed, "report_to": ["jsonl"],
     })
     trainer = RLTrainer(run)
+    if config.full_length:
+        trainer.stop_ids = []  # no token ends a response: every row samples max_new_tokens
+    shapes = _record_rollout_shapes(trainer)
     if profile_to is not None:
         _profile_one_step(trainer, config.warmup_steps, profile_to)
     trainer.train()
     metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{"step": m["step_time_s"], "tokens": m["tokens_per_second"] * m["step_time_s"],
+    rows = [{"step": m["step_time_s"], "tokens": m["tokens_per_second"] * m["step_time_s"],
              "generation": m["rollout_time_s"], "scoring": m["score_time_s"], "logprobs": m["logprob_time_s"],
-             "update": m["update_time_s"]} for m in metrics[config.warmup_steps:]]
+             "update": m["update_time_s"], **shape} for m, shape in zip(metrics, shapes)]
+    run_facts = {"no_grad_passes": int(trainer.passes.old) + int(trainer.passes.reference),
+                 "shared_prompt": bool(trainer.unwrapped.share_prompt_prefix)}
+    return rows[config.warmup_steps:], run_facts
+
+
+def _record_rollout_shapes(trainer: Any) -> list[dict[str, int]]:
+    """The padded prompt and response lengths of each step's rollout, as the trainer makes them."""
+    shapes: list[dict[str, int]] = []
+    rollout = trainer.rollout
+
+    def recorded() -> Any:
+        batch = rollout()
+        response = batch.response_ids.shape[1]
+        shapes.append({"prompt_length": batch.input_ids.shape[1] - response, "response_length": response})
+        return batch
+    trainer.rollout = recorded
+    return shapes
 
 
 def _profile_one_step(trainer: Any, warmup_steps: int, table_path: Path) -> None:
@@ -158,6 +234,8 @@ def run_trl_grpo(config: BenchmarkConfig, output_dir: Path) -> list[dict[str, fl
         per_device_train_batch_size=config.sequences, generation_batch_size=config.sequences,
         num_generations=config.num_generations, max_completion_length=config.max_new_tokens, temperature=1.0,
         top_p=1.0, top_k=0, learning_rate=config.learning_rate, beta=0.0, num_iterations=1, disable_dropout=True,
+        # transformers holds the stop tokens' logits at -inf until max_new_tokens: full-length rows
+        generation_kwargs={"min_new_tokens": config.max_new_tokens} if config.full_length else None,
     )
     trainer = GRPOTrainer(
         model=load_base_model(config.model), reward_funcs=sentiment_reward, args=args, train_dataset=dataset,
@@ -188,7 +266,7 @@ def run_trl_grpo(config: BenchmarkConfig, output_dir: Path) -> list[dict[str, fl
             step = time.perf_counter() - self.start
             rows.append({"step": step, "generation": timers["generation"], "scoring": timers["scoring"],
                          "logprobs": timers["generate_and_score"] - timers["generation"] - timers["scoring"],
-                         "update": step - timers["generate_and_score"], "tokens": math_nan()})
+                         "update": step - timers["generate_and_score"], "tokens": math.nan})
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **k: Any) -> None:
             if logs and "completions/mean_length" in logs and rows:
@@ -197,10 +275,6 @@ def run_trl_grpo(config: BenchmarkConfig, output_dir: Path) -> list[dict[str, fl
     trainer.add_callback(StepTimer())
     trainer.train()
     return rows[config.warmup_steps:]
-
-
-def math_nan() -> float:
-    return float("nan")
 
 
 def run_floor(config: BenchmarkConfig) -> dict[str, float]:
@@ -228,6 +302,7 @@ def run_floor(config: BenchmarkConfig) -> dict[str, float]:
         sequences = model.policy.generate(
             **encoded, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=config.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
+            min_new_tokens=config.max_new_tokens if config.full_length else 0,
         )
         response = sequences[:, encoded["input_ids"].shape[1]:]
         mask, eos_found = response_mask(response, stops)
@@ -259,10 +334,31 @@ def run_floor(config: BenchmarkConfig) -> dict[str, float]:
     return floor
 
 
+def run_machine(config: BenchmarkConfig) -> dict[str, Any]:
+    """This machine's limits at the shapes of ``config``'s step (rlhf.roofline.measure_machine)."""
+    from rlhf.roofline import measure_machine
+
+    # The GEMM rate is flat past a few hundred rows; a full-batch LM head GEMM would take seconds.
+    batch_rows = min(512, config.sequences * (min(config.sweep_lengths) + 1))
+    return dataclasses.asdict(measure_machine(model_shape(config.model), config.sequences, batch_rows))
+
+
+def model_shape(model: str) -> Any:
+    from transformers import AutoConfig
+
+    from rlhf.models import resolve_model_path
+    from rlhf.roofline import ModelShape
+
+    return ModelShape.from_config(AutoConfig.from_pretrained(resolve_model_path(model)))
+
+
 def _child(system: str, config_dict: dict[str, Any], queue: Any) -> None:
     config = BenchmarkConfig(**config_dict)
     with tempfile.TemporaryDirectory(prefix=f"bench-{system}-") as tmp:
         try:
+            if system == "machine":
+                queue.put((system, run_machine(config), None))
+                return
             if system == "floor":
                 result: Any = run_floor(config)
             elif system == "profile":
@@ -272,53 +368,97 @@ def _child(system: str, config_dict: dict[str, Any], queue: Any) -> None:
             elif system == "trl-grpo":
                 result = _summarise(run_trl_grpo(config, Path(tmp) / "run"), config.sequences)
             else:
-                result = _summarise(run_ours(system.split("-", 1)[1], config, Path(tmp) / "run"), config.sequences)
+                rows, facts = run_ours(system.split("-", 1)[1], config, Path(tmp) / "run")
+                result = {**_summarise(rows, config.sequences), **facts}
             result["peak_rss_mb"] = _peak_rss_mb()
             queue.put((system, result, None))
         except Exception as exc:  # reported in the table, the other systems still run
             queue.put((system, None, f"{type(exc).__name__}: {exc}"))
 
 
+def run_in_child(system: str, config: BenchmarkConfig) -> dict[str, Any]:
+    """One system in a fresh interpreter (RSS and caches are its own); {"error": ...} if it failed."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(system, dataclasses.asdict(config), queue))
+    process.start()
+    _, result, error = queue.get()
+    process.join()
+    where = system if system == "machine" else (
+        f"{system} ({config.model}, {config.max_new_tokens} new tokens, group {config.num_generations})")
+    print(f"{where}: {'error: ' + error if error else 'done'}", flush=True)
+    return result if error is None else {"error": error}
+
+
 def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: RSS and caches are per system
-    results: dict[str, Any] = {}
-    for system in [*config.systems, *(["floor"] if config.floor else []), *(["profile"] if config.profile else [])]:
-        queue = context.Queue()
-        process = context.Process(target=_child, args=(system, dataclasses.asdict(config), queue))
-        process.start()
-        name, result, error = queue.get()
-        process.join()
-        results[name] = result if error is None else {"error": error}
-        print(f"{name}: {'error: ' + error if error else 'done'}", flush=True)
-    report = {"settings": dataclasses.asdict(config), "results": results}
-    ours, trl = results.get("ours-grpo", {}), results.get("trl-grpo", {})
-    if "samples_per_second" in ours and "samples_per_second" in trl:
-        report["ratios_ours_grpo_over_trl_grpo"] = {
-            "samples_per_second": ours["samples_per_second"] / trl["samples_per_second"],
-            "peak_rss": ours["peak_rss_mb"] / trl["peak_rss_mb"],
-        }
-    if "step_time_s" in ours and "floor" in results and "floor_step_s" in results["floor"]:
-        report["ours_grpo_step_over_floor"] = ours["step_time_s"] / results["floor"]["floor_step_s"]
+    """The systems at each of config.sweep_lengths (or, with ``grow``, the growth study)."""
+    from rlhf.random_models import materialised
+
+    Path(config.out).parent.mkdir(parents=True, exist_ok=True)  # --profile writes beside it while running
+    with materialised([config.model, *(config.grow_models if config.grow else [])], config.seed) as paths:
+        return run_growth(config, paths) if config.grow else run_sweep(config, paths[config.model])
+
+
+def run_sweep(config: BenchmarkConfig, model_path: str) -> dict[str, Any]:
+    base = dataclasses.replace(config, model=model_path)
+    report: dict[str, Any] = {"kind": "sweep", "settings": dataclasses.asdict(config), "runs": []}
+    if config.roofline:
+        report["machine"] = run_in_child("machine", base)
+    for index, length in enumerate(config.sweep_lengths):
+        at = dataclasses.replace(base, max_new_tokens=length)
+        extra = [*(["floor"] if config.floor else []), *(["profile"] if config.profile and index == 0 else [])]
+        results = {system: run_in_child(system, at) for system in [*config.systems, *extra]}
+        report["runs"].append({"max_new_tokens": length, "results": results, **compare(results)})
+        if config.roofline and "error" not in report["machine"]:
+            report["runs"][-1]["roofline"] = roofline_of(at, results.get("ours-grpo", {}), report["machine"])
     return report
 
 
-def render_table(report: dict[str, Any]) -> str:
-    columns = ("samples_per_second", "tokens_per_second", "step_time_s", *(f"{p}_s" for p in PHASES), "peak_rss_mb")
-    lines = ["| system | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, result in report["results"].items():
-        if name in ("floor", "profile"):
-            continue
-        if "error" in result:
-            lines.append(f"| {name} | {result['error']} |")
-            continue
-        lines.append(f"| {name} | " + " | ".join(f"{result[c]:.3f}" for c in columns) + " |")
-    if "ratios_ours_grpo_over_trl_grpo" in report:
-        ratios = report["ratios_ours_grpo_over_trl_grpo"]
-        lines.append(f"\nours-grpo / trl-grpo: samples/s x{ratios['samples_per_second']:.2f}, "
-                     f"peak RSS x{ratios['peak_rss']:.2f}")
-    if "floor" in report["results"]:
-        floor = report["results"]["floor"]
-        lines.append("floor: " + ", ".join(f"{k} {v:.3f}" for k, v in floor.items()))
-    if "ours_grpo_step_over_floor" in report:
-        lines.append(f"ours-grpo step / floor (generate + forward/backward): x{report['ours_grpo_step_over_floor']:.2f}")
-    return "\n".join(lines)
+def compare(results: dict[str, Any]) -> dict[str, Any]:
+    """ours-grpo over trl-grpo (samples/s, peak RSS, seconds of the step and each phase) and over the floor."""
+    found: dict[str, Any] = {}
+    ours, trl = results.get("ours-grpo", {}), results.get("trl-grpo", {})
+    if "samples_per_second" in ours and "samples_per_second" in trl:
+        keys = ("samples_per_second", "tokens_per_second", "step_time_s", *(f"{p}_s" for p in PHASES))
+        found["ratios_ours_grpo_over_trl_grpo"] = {
+            **{key: ours[key] / trl[key] if trl[key] else math.nan for key in keys},
+            "peak_rss": ours["peak_rss_mb"] / trl["peak_rss_mb"],
+        }
+    if "step_time_s" in ours and "floor_step_s" in results.get("floor", {}):
+        found["ours_grpo_step_over_floor"] = ours["step_time_s"] / results["floor"]["floor_step_s"]
+    return found
+
+
+def roofline_of(config: BenchmarkConfig, ours: dict[str, Any], machine: dict[str, Any]) -> dict[str, Any]:
+    """Bounds of our GRPO step at the shapes it ran (rlhf.roofline) beside its measured phases."""
+    from rlhf.roofline import Machine, StepShape, bounds_report
+
+    if "prompt_length" not in ours:
+        return {"error": "needs a measured ours-grpo run"}
+    step = StepShape(groups=config.prompts_per_step, group_size=config.num_generations,
+                     prompt_length=round(ours["prompt_length"]), response_length=round(ours["response_length"]),
+                     lora_r=config.lora_r, no_grad_passes=ours["no_grad_passes"], shared_prompt=ours["shared_prompt"])
+    return bounds_report(model_shape(config.model), step, Machine(**machine), ours)
+
+
+GROWTH_AXES = ("response length", "group size", "model")
+
+
+def run_growth(config: BenchmarkConfig, paths: dict[str, str]) -> dict[str, Any]:
+    """Our GRPO at each response length, group size and model, the other two settings held at
+    config's; a point shared by two axes runs once."""
+    points = [*(("response length", length, dataclasses.replace(config, max_new_tokens=length))
+                for length in config.sweep_lengths),
+              *(("group size", group, dataclasses.replace(config, num_generations=group))
+                for group in config.grow_generations),
+              *(("model", spec, dataclasses.replace(config, model=spec)) for spec in config.grow_models)]
+    measured: dict[tuple[str, int, int], dict[str, Any]] = {}
+    rows = []
+    for axis, value, at in points:
+        key = (at.model, at.max_new_tokens, at.num_generations)
+        if key not in measured:
+            measured[key] = run_in_child("ours-grpo", dataclasses.replace(at, model=paths[at.model]))
+        shape = model_shape(paths[at.model])
+        rows.append({"axis": axis, "value": value, "model": at.model, "max_new_tokens": at.max_new_tokens,
+                     "num_generations": at.num_generations, "parameters": shape.parameters, **measured[key]})
+    return {"kind": "growth", "settings": dataclasses.asdict(config), "rows": rows}

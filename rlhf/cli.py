@@ -268,19 +268,24 @@ def serve_reward_main(argv: list[str] | None = None, prog: str | None = None) ->
 
 
 def benchmark_main(argv: list[str] | None = None, prog: str | None = None) -> None:
-    """``python scripts/benchmark.py [--steps N] [--floor true] [--out bench.json]``."""
+    """``python scripts/benchmark.py [--lengths 32 128 256] [--roofline true] [--grow true] [--out bench.json]``."""
 
     def run() -> None:
-        from rlhf.benchmark import BenchmarkConfig, render_table, run_benchmark
+        from rlhf.benchmark import BenchmarkConfig, run_benchmark
         from rlhf.config import parse_config
 
         config = parse_config(argv, cls=BenchmarkConfig, prog=prog or "benchmark.py",
-                              description="This project's trainers vs TRL's GRPOTrainer on identical work.")
+                              description="This project's trainers vs TRL's GRPOTrainer on identical work, at one or "
+                                          "more response lengths; or (--grow) our GRPO against length, group and "
+                                          "model size.")
         report = run_benchmark(config)
-        Path(config.out).write_text(json.dumps(report, indent=2))
-        print(render_table(report))
-        print(f"written: {config.out}")
-        if config.profile and "error" not in report["results"]["profile"]:
+        from rlhf.benchmark_report import write_report  # matplotlib only once there is something to plot
+
+        table, written = write_report(report, Path(config.out))
+        print(table)
+        print("written: " + ", ".join(map(str, written)))
+        profile = report["runs"][0]["results"].get("profile", {}) if report["kind"] == "sweep" else {}
+        if config.profile and "error" not in profile:
             print(f"profile of one ours-grpo step: {Path(config.out).with_suffix('.profile.txt')}")
 
     exit_on_user_error(run)

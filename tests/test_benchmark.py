@@ -1,37 +1,108 @@
-"""scripts/benchmark.py runs both systems on the same work and reports ratios (no timing asserts)."""
+"""scripts/benchmark.py runs the systems on the same work at each length, with the roofline, and
+the growth study; one table, a JSON and a PNG each (no timing asserts)."""
 
 from __future__ import annotations
 
 import json
 import math
 
-from conftest import run_script
+import pytest
+from conftest import assert_one_line_error, run_script
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_benchmark_runs_ours_and_trl_and_the_floor(tiny_model_dir, tmp_path):
-    out = tmp_path / "bench.json"
+def test_length_sweep_of_ours_and_trl_with_roofline_floor_and_profile(tiny_model_dir, tmp_path):
+    out = tmp_path / "bench" / "sweep.json"
     result = run_script("benchmark.py", "--model", str(tiny_model_dir), "--systems", "ours-grpo", "trl-grpo",
-                        "--steps", "1", "--warmup_steps", "1", "--prompts_per_step", "2", "--num_generations", "2",
-                        "--max_new_tokens", "4", "--lora_r", "4", "--floor", "true", "--profile", "true",
-                        "--out", str(out), timeout=600)
+                        "--steps", "1", "--warmup_steps", "0", "--prompts_per_step", "2", "--num_generations", "2",
+                        "--lengths", "3", "5", "--lora_r", "4", "--roofline", "true", "--floor", "true",
+                        "--profile", "true", "--out", str(out), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    for system in ("ours-grpo", "trl-grpo"):
-        numbers = report["results"][system]
-        assert "error" not in numbers, numbers
-        assert numbers["steps_measured"] == 1
-        assert numbers["samples_per_second"] > 0 and numbers["peak_rss_mb"] > 50
-        assert numbers["generation_s"] > 0 and numbers["update_s"] > 0
-        assert math.isclose(numbers["samples_per_second"] * numbers["step_time_s"], 4)  # 2 prompts x 2
-    ours, trl = report["results"]["ours-grpo"], report["results"]["trl-grpo"]
-    assert math.isclose(report["ratios_ours_grpo_over_trl_grpo"]["samples_per_second"],
-                        ours["samples_per_second"] / trl["samples_per_second"])
-    assert report["results"]["floor"]["floor_step_s"] > 0 and report["ours_grpo_step_over_floor"] > 0
-    assert "ours-grpo / trl-grpo: samples/s x" in result.stdout
-    profile = (tmp_path / "bench.profile.txt").read_text()
+    assert [run["max_new_tokens"] for run in report["runs"]] == [3, 5]
+    for run in report["runs"]:
+        length = run["max_new_tokens"]
+        for system in ("ours-grpo", "trl-grpo"):
+            numbers = run["results"][system]
+            assert "error" not in numbers, numbers
+            assert numbers["steps_measured"] == 1 and numbers["peak_rss_mb"] > 50
+            assert numbers["generation_s"] > 0 and numbers["update_s"] > 0
+            assert math.isclose(numbers["samples_per_second"] * numbers["step_time_s"], 4)  # 2 prompts x 2
+            # full-length responses in both systems: 4 rows x length tokens each
+            assert math.isclose(numbers["tokens_per_second"] * numbers["step_time_s"], 4 * length)
+        ours, trl = run["results"]["ours-grpo"], run["results"]["trl-grpo"]
+        assert ours["response_length"] == length and ours["prompt_length"] > 1
+        ratios = run["ratios_ours_grpo_over_trl_grpo"]
+        assert math.isclose(ratios["samples_per_second"], ours["samples_per_second"] / trl["samples_per_second"])
+        assert math.isclose(ratios["update_s"], ours["update_s"] / trl["update_s"])
+        assert run["results"]["floor"]["floor_step_s"] > 0 and run["ours_grpo_step_over_floor"] > 0
+        roofline = run["roofline"]
+        assert roofline["step_shape"]["response_length"] == length
+        for phase in ("generation", "update"):
+            assert roofline[phase]["bound_s"] > 0 and roofline[phase]["flops"] > 0
+            assert math.isclose(roofline[phase]["achieved"], roofline[phase]["bound_s"] / ours[f"{phase}_s"])
+        assert roofline["logprobs"]["bound_by"] == "nothing"  # one update per rollout: no separate pass
+    machine = report["machine"]
+    assert machine["bandwidth"] > 0 and machine["decode_flops"] > 0 and machine["batch_flops"] > 0
+    assert machine["details"]["decode"]["rows"] == 4
+
+    table = out.with_suffix(".md").read_text()
+    assert table.strip() in result.stdout
+    for length in (3, 5):
+        for row in ("ours-grpo", "trl-grpo", "ours-grpo / trl-grpo", "roofline bound", "ours-grpo % of bound"):
+            assert f"| {length} | {row} |" in table
+    assert "machine (" in table and "every row runs to the length" in table
+    assert out.with_suffix(".png").read_bytes().startswith(PNG_MAGIC)
+    profile = out.with_suffix(".profile.txt").read_text()
     for phase in ("rollout", "score", "make_experience", "update"):
         assert f"## {phase}" in profile
     assert "aten::mm" in profile
+
+
+@pytest.fixture(scope="module")
+def wider_tiny_model_dir(tmp_path_factory):
+    """A second tiny Llama, wider and deeper than tiny_model_dir, for the model-size axis."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from conftest import FIXTURES
+
+    directory = tmp_path_factory.mktemp("wider-tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "tokenizer")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_growth_against_length_group_and_model(tiny_model_dir, wider_tiny_model_dir, tmp_path):
+    out = tmp_path / "grow.json"
+    result = run_script("benchmark.py", "--model", str(tiny_model_dir), "--grow", "--steps", "1", "--warmup_steps", "0",
+                        "--prompts_per_step", "2", "--num_generations", "2", "--max_new_tokens", "3", "--lora_r", "4",
+                        "--lengths", "3", "5", "--grow_generations", "2", "3",
+                        "--grow_models", str(tiny_model_dir), str(wider_tiny_model_dir), "--out", str(out), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    points = [(row["axis"], row["max_new_tokens"], row["num_generations"], row["model"]) for row in report["rows"]]
+    tiny, wider = str(tiny_model_dir), str(wider_tiny_model_dir)
+    assert points == [("response length", 3, 2, tiny), ("response length", 5, 2, tiny), ("group size", 3, 2, tiny),
+                      ("group size", 3, 3, tiny), ("model", 3, 2, tiny), ("model", 3, 2, wider)]
+    for row in report["rows"]:
+        assert "error" not in row, row
+        assert row["step_time_s"] > 0 and row["peak_rss_mb"] > 50
+        assert math.isclose(row["samples_per_second"] * row["step_time_s"], 2 * row["num_generations"])
+    assert report["rows"][-1]["parameters"] > report["rows"][-2]["parameters"]
+    # the base point (3 tokens, group 2, the tiny model) ran once and serves all three axes
+    assert report["rows"][0]["step_time_s"] == report["rows"][2]["step_time_s"] == report["rows"][4]["step_time_s"]
+    assert result.stdout.count("ours-grpo (") == 4
+    table = out.with_suffix(".md").read_text()
+    assert "| group size | 3 |" in table and f"| model | {wider} |" in table
+    assert out.with_suffix(".png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_benchmark_unknown_system_exits_2(tmp_path, run_here):
@@ -40,3 +111,21 @@ def test_benchmark_unknown_system_exits_2(tmp_path, run_here):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: unknown system(s) openrlhf; choose from ours-grpo, ours-ppo, ours-reinforce, trl-grpo")
     assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--lengths", "32", "-8"], "lengths must be response lengths >= 1, got 32 -8"),
+    (["--lengths", "32", "many"], "lengths expects a list of int values"),
+    (["--lenghts", "32"], "lenghts"),
+    (["--roofline", "maybe"], "roofline expects bool"),
+    (["--model", "random:gpt5"], "unknown random model 'random:gpt5'"),
+    (["--grow", "--grow_models", "random:smollm2-7b"], "unknown random model 'random:smollm2-7b'"),
+    (["--grow", "--grow_generations", "1", "4"], "grow_generations must be group sizes >= 2"),
+    (["--num_generations", "1"], "set num_generations >= 2"),
+    (["--roofline", "--systems", "trl-grpo"], "add ours-grpo to --systems"),
+    (["--grow", "--roofline"], "grow times our GRPO alone: drop --roofline"),
+])
+def test_bad_benchmark_input_is_one_line_and_exit_2(args, message, tmp_path, run_here):
+    result = run_here("benchmark.py", *args, "--out", str(tmp_path / "b.json"))
+    assert_one_line_error(result, message)
+    assert not list(tmp_path.iterdir())

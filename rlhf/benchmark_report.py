@@ -1,0 +1,233 @@
+"""Tables and PNG plots of rlhf.benchmark's reports (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from rlhf.benchmark import PHASES  # noqa: E402
+from rlhf.roofline import PHASES_WITH_BOUNDS  # noqa: E402
+
+SECONDS = ("step_time_s", *(f"{phase}_s" for phase in PHASES))
+COLUMNS = (*SECONDS, "samples_per_second", "tokens_per_second", "peak_rss_mb")
+HEADERS = ("step s", *(f"{phase} s" for phase in PHASES), "samples/s", "tokens/s", "peak RSS MB")
+RANDOM_NOTE = "random:* models have random weights (the real model's shape): timing only, their samples mean nothing"
+
+
+def _cells(values: list[str]) -> str:
+    return "| " + " | ".join(values) + " |"
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def render_table(report: dict[str, Any]) -> str:
+    return render_growth(report) if report.get("kind") == "growth" else render_sweep(report)
+
+
+def render_sweep(report: dict[str, Any]) -> str:
+    """One table: per response length a row per system, the ours-grpo / trl-grpo ratios and, with
+    --roofline, the bound of each phase and the share of it ours-grpo reaches; notes below."""
+    lines = [_cells(["new tokens", "system", *HEADERS]), "|---" * (len(HEADERS) + 2) + "|"]
+    notes = []
+    settings = report["settings"]
+    for run in report["runs"]:
+        length = str(run["max_new_tokens"])
+        for name, result in run["results"].items():
+            if name in ("floor", "profile"):
+                continue
+            if "error" in result:
+                lines.append(_cells([length, name, f"error: {result['error']}"]))
+                continue
+            lines.append(_cells([length, name, *(_number(result[c], 1 if c == "peak_rss_mb" else 3) for c in COLUMNS)]))
+        if "ratios_ours_grpo_over_trl_grpo" in run:
+            ratios = run["ratios_ours_grpo_over_trl_grpo"]
+            lines.append(_cells([length, "ours-grpo / trl-grpo", *(f"x{_number(ratios[c], 2)}" for c in SECONDS),
+                                 f"x{_number(ratios['samples_per_second'], 2)}",
+                                 f"x{_number(ratios['tokens_per_second'], 2)}", f"x{_number(ratios['peak_rss'], 2)}"]))
+        roofline = run.get("roofline", {})
+        if "step" in roofline:
+            sequences = roofline["step_shape"]["groups"] * roofline["step_shape"]["group_size"]
+            bound = {p: roofline[p]["bound_s"] if p in PHASES_WITH_BOUNDS else None for p in PHASES}
+            lines.append(_cells([length, "roofline bound", _number(roofline["step"]["bound_s"]),
+                                 *(_number(bound[p]) for p in PHASES),
+                                 _number(sequences / roofline["step"]["bound_s"]), "—", "—"]))
+            step_measured = run["results"]["ours-grpo"]["step_time_s"]
+            shares = [_percent(roofline["step"]["bound_s"] / step_measured),
+                      *(_percent(roofline[p]["achieved"]) if p in PHASES_WITH_BOUNDS else "—" for p in PHASES)]
+            lines.append(_cells([length, "ours-grpo % of bound", *shares, "—", "—", "—"]))
+            notes.append(f"{length} new tokens, roofline at prompt {roofline['step_shape']['prompt_length']} + "
+                         f"response {roofline['step_shape']['response_length']} tokens: "
+                         + "; ".join(_describe_bound(p, roofline[p]) for p in PHASES_WITH_BOUNDS))
+        elif "error" in roofline:
+            notes.append(f"{length} new tokens: no roofline ({roofline['error']})")
+        if "floor" in run["results"]:
+            floor = run["results"]["floor"]
+            notes.append(f"{length} new tokens, floor: " + ", ".join(f"{k} {_number(v)}" for k, v in floor.items()))
+        if "error" in run["results"].get("profile", {}):
+            notes.append(f"{length} new tokens, profile failed: {run['results']['profile']['error']}")
+        if "ours_grpo_step_over_floor" in run:
+            notes.append(f"{length} new tokens: ours-grpo step / floor (generate + forward/backward): "
+                         f"x{run['ours_grpo_step_over_floor']:.2f}")
+    machine = report.get("machine")
+    if machine and "error" in machine:
+        notes.append(f"roofline: measuring the machine failed: {machine['error']}")
+    elif machine:
+        details = machine["details"]
+        notes.append(f"machine ({details['threads']} threads): memory {machine['bandwidth'] / 1e9:.1f} GB/s (copy "
+                     f"{details['copy_gbs']:.1f}, read {details['read_gbs']:.1f}); fp32 GEMM of the model's shapes "
+                     f"{machine['decode_flops'] / 1e9:.1f} GFLOP/s at M = {details['decode']['rows']} (decode), "
+                     f"{machine['batch_flops'] / 1e9:.1f} GFLOP/s at M = {details['batch']['rows']} (batch, "
+                     "forward and input-gradient layouts)")
+        if details["load_average_1m"] > details["cores"] - 0.5:
+            notes.append(f"the machine was busy while measured (load {details['load_average_1m']:.1f} on "
+                         f"{details['cores']} cores): its limits read low and the shares of them high")
+    over = sorted({str(run["max_new_tokens"]) for run in report["runs"] for phase in PHASES_WITH_BOUNDS
+                   if (run.get("roofline", {}).get(phase, {}).get("achieved") or 0) > 1})
+    if over:
+        notes.append(f"above 100% of a bound ({', '.join(over)} new tokens): the step outran a limit measured "
+                     "too low; measure again on a quiet machine")
+    notes.append("responses: " + ("every row runs to the length (no stop token in ours; TRL min_new_tokens)"
+                                  if settings["full_length"] else "end at EOS (lengths are caps)"))
+    if settings["model"].startswith("random:"):
+        notes.append(RANDOM_NOTE)
+    return "\n".join([*lines, "", *notes])
+
+
+def _percent(fraction: float | None) -> str:
+    return "—" if fraction is None else f"{100 * fraction:.0f}%"
+
+
+def _describe_bound(phase: str, bound: dict[str, Any]) -> str:
+    if bound["bound_by"] == "nothing":
+        return f"{phase}: no separate pass"
+    return (f"{phase}: {bound['flops'] / 1e9:.1f} GFLOP ({bound['compute_s']:.3f} s), "
+            f"{bound['bytes'] / 1e9:.2f} GB read ({bound['memory_s']:.3f} s), {bound['bound_by']}-bound")
+
+
+def render_growth(report: dict[str, Any]) -> str:
+    headers = ("axis", "value", "model", "new tokens", "group", "params M", *HEADERS)
+    lines = [_cells(list(headers)), "|---" * len(headers) + "|"]
+    for row in report["rows"]:
+        first = [row["axis"], str(row["value"]), row["model"], str(row["max_new_tokens"]), str(row["num_generations"]),
+                 f"{row['parameters'] / 1e6:.0f}"]
+        if "error" in row:
+            lines.append(_cells([*first, f"error: {row['error']}"]))
+            continue
+        lines.append(_cells([*first, *(_number(row[c], 1 if c == "peak_rss_mb" else 3) for c in COLUMNS)]))
+    settings = report["settings"]
+    notes = [f"ours-grpo, {settings['prompts_per_step']} prompts per step, one factor varied at a time from "
+             f"{settings['max_new_tokens']} new tokens, group {settings['num_generations']}, {settings['model']}"]
+    if any(row["model"].startswith("random:") for row in report["rows"]):
+        notes.append(RANDOM_NOTE)
+    return "\n".join([*lines, "", *notes])
+
+
+def plot_sweep(report: dict[str, Any], path: Path) -> Path:
+    """Seconds per step against response length: one panel per phase and one for the whole step,
+    a line per system, the roofline bound dashed where measured."""
+    panels = [("step", "step_time_s"), *((phase, f"{phase}_s") for phase in PHASES), ("peak RSS (GB)", "peak_rss_mb")]
+    figure, grid = plt.subplots(2, 3, figsize=(13, 7.5))
+    axes = grid.flatten()
+    runs = report["runs"]
+    systems = list(dict.fromkeys(name for run in runs for name in run["results"] if name not in ("floor", "profile")))
+    for ax, (title, key) in zip(axes, panels):
+        scale = 1 / 1024 if key == "peak_rss_mb" else 1
+        for system in systems:
+            points = [(run["max_new_tokens"], run["results"][system][key] * scale) for run in runs
+                      if key in run["results"].get(system, {})]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=system)
+        bounds = [(run["max_new_tokens"], _bound_of(run["roofline"], title)) for run in runs
+                  if "step" in run.get("roofline", {}) and title in ("step", *PHASES_WITH_BOUNDS)]
+        if bounds:
+            ax.plot(*zip(*bounds), linestyle="--", color="black", marker="x", label="roofline bound")
+        ax.set_title(title)
+        ax.set_xticks([run["max_new_tokens"] for run in runs])
+        ax.set_xlabel("response length (new tokens)")
+        _from_zero(ax)
+        ax.grid(alpha=0.3)
+    for ax in (grid[0][0], grid[1][0]):
+        ax.set_ylabel("seconds per step")
+    axes[0].legend(fontsize=8)
+    settings = report["settings"]
+    figure.suptitle(f"seconds per step and peak RSS against response length: {settings['model']}, "
+                    f"{settings['prompts_per_step']} prompts x {settings['num_generations']} samples, "
+                    f"LoRA r{settings['lora_r']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _from_zero(ax: Any) -> None:
+    """y from 0 to a little above the highest point (the default margin hugs a flat line)."""
+    top = max((max(line.get_ydata(), default=0) for line in ax.get_lines()), default=0)
+    ax.set_ylim(0, 1.1 * top if top > 0 else 1)
+
+
+def _bound_of(roofline: dict[str, Any], panel: str) -> float:
+    return roofline["step"]["bound_s"] if panel == "step" else roofline[panel]["bound_s"]
+
+
+def plot_growth(report: dict[str, Any], path: Path) -> Path:
+    """Step time (and its generation and update phases) and peak RSS against each growth axis."""
+    from rlhf.benchmark import GROWTH_AXES
+
+    figure, axes = plt.subplots(2, len(GROWTH_AXES), figsize=(4.5 * len(GROWTH_AXES), 7), squeeze=False)
+    for column, axis in enumerate(GROWTH_AXES):
+        rows = [row for row in report["rows"] if row["axis"] == axis and "error" not in row]
+        if axis == "model":
+            rows.sort(key=lambda row: row["parameters"])
+        x = [row["parameters"] / 1e6 if axis == "model" else row["value"] for row in rows]
+        time_ax, memory_ax = axes[0][column], axes[1][column]
+        for key, style in (("step_time_s", "-"), ("generation_s", "--"), ("update_s", ":")):
+            label = key.removesuffix("_s").replace("_time", "")
+            time_ax.plot(x, [row[key] for row in rows], style, marker="o", label=label)
+        memory_ax.plot(x, [row["peak_rss_mb"] / 1024 for row in rows], marker="o", color="tab:red")
+        if axis == "model":
+            for value, row in zip(x, rows):
+                time_ax.annotate(Path(row["model"].removeprefix("random:")).name, (value, 0),
+                                 textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7,
+                                 xycoords=("data", "axes fraction"))
+        label = {"response length": "response length (new tokens)", "group size": "group size (num_generations)",
+                 "model": "model parameters (millions)"}[axis]
+        memory_ax.set_xlabel(label)
+        time_ax.set_title(axis)
+        if axis != "model":
+            for ax in (time_ax, memory_ax):
+                ax.set_xticks(x)
+        for ax in (time_ax, memory_ax):
+            _from_zero(ax)
+            ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("seconds per step")
+    axes[1][0].set_ylabel("peak RSS (GB)")
+    axes[0][0].legend(fontsize=8)
+    settings = report["settings"]
+    random = any(row["model"].startswith("random:") for row in report["rows"])
+    figure.suptitle(f"our GRPO: step time and memory, one factor at a time ({settings['max_new_tokens']} new tokens, "
+                    f"group {settings['num_generations']}, {settings['model']})"
+                    + ("\nrandom:* models: random weights, timing only" if random else ""))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def write_report(report: dict[str, Any], out: Path) -> tuple[str, list[Path]]:
+    """The JSON at ``out``, the table beside it (.md) and the plot (.png); returns (table, paths)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    table = render_table(report)
+    markdown = out.with_suffix(".md")
+    markdown.write_text(table + "\n")
+    plot = plot_growth if report.get("kind") == "growth" else plot_sweep
+    return table, [out, markdown, plot(report, out.with_suffix(".png"))]

@@ -1,0 +1,141 @@
+"""rlhf.roofline's FLOP and byte counts against a brute-force count, and random model shapes."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from rlhf.roofline import (Machine, ModelShape, StepShape, bounds_report, decode_work, forward_work, prefill_work,
+                           step_bounds, update_work)
+
+# hidden 4, intermediate 8, 2 layers, 2 heads of dim 2, 1 KV head, vocabulary 10, tied LM head
+TINY = ModelShape(hidden=4, intermediate=8, layers=2, heads=2, kv_heads=1, head_dim=2, vocab=10)
+STEP = StepShape(groups=2, group_size=3, prompt_length=5, response_length=4, lora_r=1, no_grad_passes=1)
+LINEARS = [("q", 4, 4), ("k", 4, 2), ("v", 4, 2), ("o", 4, 4), ("gate", 4, 8), ("up", 4, 8), ("down", 8, 4)]
+
+
+def brute_force_attention(queries: int, past: int) -> int:
+    """Count query-key pairs one by one: each costs 2 x head_dim FLOPs in QK^T and again in AV."""
+    pairs = sum(past + q + 1 for q in range(queries))
+    return pairs * 2 * 2 * 2 * 2 * 2  # pairs x (QK^T + AV) x 2 FLOPs x head_dim 2 x heads 2 x layers 2
+
+
+def brute_force_token(layer0_input_grad: bool, backward: bool, lora_r: int | None, through_head: bool) -> int:
+    """FLOPs of one token through every linear (and the LM head), counted layer by layer."""
+    flops = 0
+    for layer in range(2):
+        for name, fan_in, fan_out in LINEARS:
+            flops += 2 * fan_in * fan_out  # y = x W^T
+            if backward and (layer > 0 or name in ("o", "down") or layer0_input_grad):
+                flops += 2 * fan_in * fan_out  # dx = g W
+            if lora_r:
+                flops += 2 * lora_r * (fan_in + fan_out)  # x A^T, then (x A^T) B^T
+                if backward:
+                    flops += 2 * lora_r * (fan_out + fan_in + fan_out)  # g B, dA, dB
+                    if layer > 0 or name in ("o", "down") or layer0_input_grad:
+                        flops += 2 * lora_r * fan_in  # dx's low-rank part: (g B) A
+    if through_head:
+        flops += 2 * 4 * 10 * (2 if backward else 1)  # logits, and dx of the frozen tied head
+    return flops
+
+
+def test_shape_counts_match_a_transformers_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, tie_word_embeddings=True)
+    assert ModelShape.from_config(config) == TINY
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    assert TINY.parameters == sum(p.numel() for p in model.parameters()) == 348
+    assert TINY.block_weights == 2 * (16 + 8 + 8 + 16 + 32 + 32 + 32) == 288
+    assert TINY.first_layer_inputs() == {"q_proj": (4, 4), "k_proj": (4, 2), "v_proj": (4, 2), "gate_proj": (4, 8),
+                                         "up_proj": (4, 8)}
+    assert TINY.lora_weights(1) == 2 * sum(i + o for _, i, o in LINEARS)
+
+
+def test_generation_work_by_hand():
+    prefill = prefill_work(TINY, STEP)
+    # each group's prompt once, its last token left to the first decode step: 2 x 4 tokens
+    assert prefill.flops == 2 * 4 * brute_force_token(False, False, None, False) + 2 * brute_force_attention(4, 0)
+    assert prefill.bytes == 288 * 4
+    decode = decode_work(TINY, STEP)
+    assert len(decode) == 4
+    for t, work in enumerate(decode):
+        # 6 rows, one token each, attending to the 5 + t positions before and at it
+        assert work.flops == 6 * brute_force_token(False, False, None, True) + 6 * brute_force_attention(1, 4 + t)
+        kv = 2 * 2 * 1 * 2 * (5 + t) * 4  # K and V x layers x KV heads x head_dim x positions x 4 bytes
+        assert work.bytes == (288 + 40) * 4 + 6 * kv
+
+
+def test_update_and_logprob_work_by_hand():
+    # blocks: 2 prompts x 4 shared tokens + 6 rows x (last prompt token + 4 response tokens); LM head: 6 x 4
+    body, head = 2 * 4 + 6 * 5, 6 * 4
+    attention = 2 * brute_force_attention(4, 0) + 6 * brute_force_attention(5, 4)
+    forward = body * brute_force_token(True, False, 1, False) + head * 2 * 4 * 10 + attention
+    assert forward_work(TINY, STEP).flops == forward
+    update = body * brute_force_token(False, True, 1, False) + head * 4 * 4 * 10 + 3 * attention
+    assert update_work(TINY, STEP).flops == update
+    # LoRA: frozen weights 4x (2x for layer 0's q/k/v/gate/up), LoRA 6x; full fine-tuning: 6x everywhere
+    lora_free = StepShape(2, 3, 5, 4, lora_r=None)
+    assert update_work(TINY, lora_free).flops == body * (6 * 288) + head * 6 * 40 + 3 * attention
+    unshared = StepShape(2, 3, 5, 4, lora_r=None, shared_prompt=False)
+    assert forward_work(TINY, unshared).flops == (6 * 9 * 2 * 288 + head * 2 * 40
+                                                  + 6 * brute_force_attention(4, 0) + 6 * brute_force_attention(5, 4))
+
+
+def test_bounds_take_the_slower_of_compute_and_memory_per_decode_step():
+    # Decode is memory-bound here (bytes / bandwidth >> FLOPs / rate), prefill and update compute-bound.
+    machine = Machine(bandwidth=1e3, decode_flops=1e9, batch_flops=1e3)
+    bounds = step_bounds(TINY, STEP, machine)
+    decode = decode_work(TINY, STEP)
+    prefill = prefill_work(TINY, STEP)
+    expected = max(prefill.flops / 1e3, prefill.bytes / 1e3) + sum(w.bytes / 1e3 for w in decode)
+    assert math.isclose(bounds["generation"].bound_s, expected)
+    assert bounds["update"].bound_by == "compute"
+    assert math.isclose(bounds["update"].bound_s, update_work(TINY, STEP).flops / 1e3)
+    assert math.isclose(bounds["logprobs"].bound_s, forward_work(TINY, STEP).flops / 1e3)  # one no-grad pass
+    report = bounds_report(TINY, StepShape(2, 3, 5, 4, no_grad_passes=0), machine,
+                           {"generation_s": 2 * bounds["generation"].bound_s, "logprobs_s": 0.01, "update_s": 1.0})
+    assert math.isclose(report["generation"]["achieved"], 0.5)
+    assert report["logprobs"]["bound_by"] == "nothing" and report["logprobs"]["achieved"] is None
+    assert math.isclose(report["step"]["bound_s"], report["generation"]["bound_s"] + report["update"]["bound_s"])
+
+
+def test_random_model_shapes_are_the_published_ones():
+    from rlhf import random_models
+    from rlhf.errors import ConfigError
+
+    tokenizer = SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    counts = {"random:smollm2-135m": 134_515_008, "random:smollm2-360m": 361_821_120,
+              "random:smollm2-1.7b": 1_711_376_384}
+    for spec, parameters in counts.items():
+        config = random_models.llama_config(random_models.shape_of(spec), tokenizer)
+        assert ModelShape.from_config(config).parameters == parameters
+    with pytest.raises(ConfigError, match="unknown random model 'random:gpt5'; choose from random:smollm2-135m"):
+        random_models.check_spec("random:gpt5")
+
+
+def test_random_models_are_written_once_and_removed(monkeypatch):
+    from pathlib import Path
+
+    from conftest import FIXTURES
+    from rlhf import random_models
+
+    tiny = {"vocab_size": 49152, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4, "tie_word_embeddings": True,
+            "rope_theta": 10000.0}
+    monkeypatch.setitem(random_models.SHAPES, "tiny", tiny)
+    specs = ["random:tiny", "some/dir", "random:tiny"]
+    with random_models.materialised(specs, tokenizer_from=str(FIXTURES / "tokenizer")) as paths:
+        assert paths["some/dir"] == "some/dir"
+        written = Path(paths["random:tiny"])
+        assert (written / "model.safetensors").is_file() and (written / "tokenizer.json").is_file()
+        assert list(written.parent.iterdir()) == [written]  # the repeated spec was built once
+        from transformers import AutoConfig
+
+        assert ModelShape.from_config(AutoConfig.from_pretrained(written)).hidden == 8
+    assert not written.exists()
