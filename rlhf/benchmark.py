@@ -7,7 +7,8 @@ responses run to full length in every system unless ``--full_length false``. ``-
 phase of our GRPO step against this machine's limits (rlhf.roofline). ``--grow``: our GRPO's step
 time and peak RSS against response length, group size and model size. ``--floor``: bare
 ``generate``, one no-grad forward and one forward+backward on one batch of the same shape -- what a
-step cannot go below -- and our GRPO step as a multiple of it.
+step cannot go below -- and our GRPO step as a multiple of it. ``--learning``: what each GRPO
+learns in the same wall time (rlhf.learning_race).
 """
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ class BenchmarkConfig:
     profile: bool = field(default=False, metadata={"help": "Also run ours-grpo once more under torch.profiler (its own "
                                                            "process, not in the table); the op table of the first step "
                                                            "after warm-up, phases labelled, goes next to --out."})
+    learning: bool = field(default=False, metadata={
+        "help": "Instead of throughput: train ours-grpo and trl-grpo for --seconds each on the same work (responses "
+                "end at EOS), then evaluate both adapters and the base on the held-out prompts (rlhf.learning_race)."})
+    seconds: float = field(default=600.0, metadata={
+        "help": "--learning: wall time each system trains, from the start of training (after the model loads); "
+                "each stops at the first step boundary after it."})
+    eval_num_prompts: int | None = field(default=None, metadata={
+        "help": "--learning: evaluate on the first N prompts of builtin:prompts' eval split (default: all 40)."})
+    eval_num_samples: int = field(default=4, metadata={"help": "--learning: responses per evaluation prompt."})
     out: str = field(default="bench.json", metadata={"help": "Where the JSON results go (the table .md and the plot "
                                                              ".png beside it)."})
 
@@ -81,7 +91,7 @@ class BenchmarkConfig:
         unknown = [s for s in self.systems if s not in SYSTEMS]
         if unknown:
             raise ConfigError(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
-        grouped = self.grow or any(s.endswith("-grpo") for s in self.systems)
+        grouped = self.grow or self.learning or any(s.endswith("-grpo") for s in self.systems)
         if grouped and self.num_generations < 2:
             raise ConfigError("GRPO compares the samples of one prompt: set num_generations >= 2, "
                               f"got {self.num_generations}")
@@ -94,6 +104,15 @@ class BenchmarkConfig:
         if self.grow and alone:
             raise ConfigError(f"grow times our GRPO alone: drop {', '.join('--' + n for n in alone)} "
                               "(they go with the systems comparison)")
+        if not (self.seconds > 0 and math.isfinite(self.seconds)):
+            raise ConfigError(f"seconds must be > 0 (the wall time each system trains), got {self.seconds:g}")
+        if self.eval_num_samples < 1 or (self.eval_num_prompts is not None and self.eval_num_prompts < 1):
+            raise ConfigError(f"eval_num_prompts and eval_num_samples must be >= 1, got {self.eval_num_prompts} "
+                              f"and {self.eval_num_samples}")
+        besides = [f"--{n}" for n in ("grow", "floor", "profile", "roofline", "lengths") if getattr(self, n)]
+        if self.learning and besides:
+            raise ConfigError(f"learning races ours-grpo and trl-grpo for --seconds each: drop {', '.join(besides)} "
+                              "(they go with the throughput comparison)")
         if self.grow and not self.grow_models:
             raise ConfigError("grow_models must name at least one model")
         for spec in [self.model, *(self.grow_models if self.grow else [])]:
@@ -131,22 +150,9 @@ def run_ours(algorithm: str, config: BenchmarkConfig, output_dir: Path,
              profile_to: Path | None = None) -> tuple[list[dict[str, float]], dict[str, Any]]:
     """Measured rows per step after the warm-up, and what the roofline needs to know of the run
     (separate no-grad passes per step, whether a group's prompt runs once)."""
-    from rlhf.cli import ALGORITHM_DEFAULTS
-    from rlhf.config import RLConfig
     from rlhf.trainer import RLTrainer
 
-    grouped = algorithm == "grpo"
-    run = RLConfig(**{
-        **ALGORITHM_DEFAULTS[algorithm],
-        "model_name_or_path": config.model, "output_dir": str(output_dir), "dataset": "builtin:prompts",
-        "reward_funcs": ["sentiment"], "max_steps": config.warmup_steps + config.steps,
-        "rollout_batch_size": config.prompts_per_step if grouped else config.sequences,
-        "num_generations": config.num_generations if grouped else 1, "mini_batch_size": config.sequences,
-        "ppo_epochs": 1, "max_new_tokens": config.max_new_tokens, "learning_rate": config.learning_rate,
-        "lora_r": config.lora_r, "lora_alpha": 2 * config.lora_r, "kl_coef": 0.0, "save_steps": 0,
-        "num_samples_to_log": 0, "seed": config.seed, "report_to": ["jsonl"],
-    })
-    trainer = RLTrainer(run)
+    trainer = RLTrainer(ours_config(algorithm, config, output_dir, config.warmup_steps + config.steps))
     if config.full_length:
         trainer.stop_ids = []  # no token ends a response: every row samples max_new_tokens
     shapes = _record_rollout_shapes(trainer)
@@ -160,6 +166,24 @@ def run_ours(algorithm: str, config: BenchmarkConfig, output_dir: Path,
     run_facts = {"no_grad_passes": int(trainer.passes.old) + int(trainer.passes.reference),
                  "shared_prompt": bool(trainer.unwrapped.share_prompt_prefix)}
     return rows[config.warmup_steps:], run_facts
+
+
+def ours_config(algorithm: str, config: BenchmarkConfig, output_dir: Path, max_steps: int) -> Any:
+    """The RLConfig of our ``algorithm`` doing the benchmark's work: one update per rollout, no KL term."""
+    from rlhf.cli import ALGORITHM_DEFAULTS
+    from rlhf.config import RLConfig
+
+    grouped = algorithm == "grpo"
+    return RLConfig(**{
+        **ALGORITHM_DEFAULTS[algorithm],
+        "model_name_or_path": config.model, "output_dir": str(output_dir), "dataset": "builtin:prompts",
+        "reward_funcs": ["sentiment"], "max_steps": max_steps,
+        "rollout_batch_size": config.prompts_per_step if grouped else config.sequences,
+        "num_generations": config.num_generations if grouped else 1, "mini_batch_size": config.sequences,
+        "ppo_epochs": 1, "max_new_tokens": config.max_new_tokens, "learning_rate": config.learning_rate,
+        "lora_r": config.lora_r, "lora_alpha": 2 * config.lora_r, "kl_coef": 0.0, "save_steps": 0,
+        "num_samples_to_log": 0, "seed": config.seed, "report_to": ["jsonl"],
+    })
 
 
 def _record_rollout_shapes(trainer: Any) -> list[dict[str, int]]:
@@ -207,42 +231,59 @@ def _profile_one_step(trainer: Any, warmup_steps: int, table_path: Path) -> None
     trainer.train_step = profiled_step
 
 
-def run_trl_grpo(config: BenchmarkConfig, output_dir: Path) -> list[dict[str, float]]:
-    from peft import LoraConfig
-    from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
+def trl_sentiment_reward(scored: Any) -> Any:
+    """Our built-in sentiment reward as a TRL reward function; ``scored(values, seconds)`` after each call."""
     from reward_models import CombinedReward
-    from rlhf.data import load_prompt_dataset, prompt_text
-    from rlhf.models import load_base_model, load_tokenizer
 
     sentiment = CombinedReward(["sentiment"])
-    timers: dict[str, float] = {"generation": 0.0, "scoring": 0.0, "generate_and_score": 0.0}
 
     def sentiment_reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
         start = time.perf_counter()
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         values = sentiment([""] * len(texts), texts).total
-        timers["scoring"] += time.perf_counter() - start
+        scored(values, time.perf_counter() - start)
         return values
+    return sentiment_reward
+
+
+def trl_grpo_trainer(config: BenchmarkConfig, output_dir: Path, reward: Any, max_steps: int, **args: Any) -> Any:
+    """TRL's GRPOTrainer doing the benchmark's work with ``reward`` (a TRL reward function): one
+    update per rollout, no KL term, the same LoRA, sampling and learning rate; ``args``: further
+    GRPOConfig settings."""
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlhf.data import load_prompt_dataset, prompt_text
+    from rlhf.models import load_base_model, load_tokenizer
 
     dataset = load_prompt_dataset("builtin:prompts").map(
         lambda row: {"prompt": [{"role": "user", "content": prompt_text(row["prompt"])}]})
-    args = GRPOConfig(
+    settings = GRPOConfig(
         output_dir=str(output_dir), use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
-        bf16=False, gradient_checkpointing=False, seed=config.seed, max_steps=config.warmup_steps + config.steps,
+        bf16=False, gradient_checkpointing=False, seed=config.seed, max_steps=max_steps,
         per_device_train_batch_size=config.sequences, generation_batch_size=config.sequences,
         num_generations=config.num_generations, max_completion_length=config.max_new_tokens, temperature=1.0,
         top_p=1.0, top_k=0, learning_rate=config.learning_rate, beta=0.0, num_iterations=1, disable_dropout=True,
         # transformers holds the stop tokens' logits at -inf until max_new_tokens: full-length rows
-        generation_kwargs={"min_new_tokens": config.max_new_tokens} if config.full_length else None,
+        generation_kwargs={"min_new_tokens": config.max_new_tokens} if config.full_length else None, **args,
     )
-    trainer = GRPOTrainer(
-        model=load_base_model(config.model), reward_funcs=sentiment_reward, args=args, train_dataset=dataset,
+    return GRPOTrainer(
+        model=load_base_model(config.model), reward_funcs=reward, args=settings, train_dataset=dataset,
         processing_class=load_tokenizer(config.model),
         peft_config=LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, target_modules="all-linear",
                                task_type="CAUSAL_LM"),
     )
+
+
+def run_trl_grpo(config: BenchmarkConfig, output_dir: Path) -> list[dict[str, float]]:
+    from transformers import TrainerCallback
+
+    timers: dict[str, float] = {"generation": 0.0, "scoring": 0.0, "generate_and_score": 0.0}
+
+    def scored(values: list[float], seconds: float) -> None:
+        timers["scoring"] += seconds
+
+    trainer = trl_grpo_trainer(config, output_dir, trl_sentiment_reward(scored), config.warmup_steps + config.steps)
 
     def timed(name: str, fn: Any) -> Any:
         def wrapper(*a: Any, **k: Any) -> Any:
@@ -396,6 +437,10 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
 
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)  # --profile writes beside it while running
     with materialised([config.model, *(config.grow_models if config.grow else [])], config.seed) as paths:
+        if config.learning:
+            from rlhf.learning_race import run_learning_race
+
+            return run_learning_race(config, paths[config.model])
         return run_growth(config, paths) if config.grow else run_sweep(config, paths[config.model])
 
 

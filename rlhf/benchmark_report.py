@@ -30,6 +30,10 @@ def _number(value: Any, digits: int = 3) -> str:
 
 
 def render_table(report: dict[str, Any]) -> str:
+    if report.get("kind") == "learning":
+        from rlhf.learning_race_report import render_race
+
+        return render_race(report)
     return render_growth(report) if report.get("kind") == "growth" else render_sweep(report)
 
 
@@ -229,5 +233,7 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[str, list[Path]]:
     table = render_table(report)
     markdown = out.with_suffix(".md")
     markdown.write_text(table + "\n")
-    plot = plot_growth if report.get("kind") == "growth" else plot_sweep
+    from rlhf.learning_race_report import plot_race
+
+    plot = {"growth": plot_growth, "learning": plot_race}.get(report.get("kind"), plot_sweep)
     return table, [out, markdown, plot(report, out.with_suffix(".png"))]

@@ -268,7 +268,8 @@ def serve_reward_main(argv: list[str] | None = None, prog: str | None = None) ->
 
 
 def benchmark_main(argv: list[str] | None = None, prog: str | None = None) -> None:
-    """``python scripts/benchmark.py [--lengths 32 128 256] [--roofline true] [--grow true] [--out bench.json]``."""
+    """``python scripts/benchmark.py [--lengths 32 128 256] [--roofline true] [--grow true] [--learning true
+    --seconds 600] [--out bench.json]``."""
 
     def run() -> None:
         from rlhf.benchmark import BenchmarkConfig, run_benchmark
@@ -277,7 +278,8 @@ def benchmark_main(argv: list[str] | None = None, prog: str | None = None) -> No
         config = parse_config(argv, cls=BenchmarkConfig, prog=prog or "benchmark.py",
                               description="This project's trainers vs TRL's GRPOTrainer on identical work, at one or "
                                           "more response lengths; or (--grow) our GRPO against length, group and "
-                                          "model size.")
+                                          "model size; or (--learning) what our GRPO and TRL's learn in --seconds "
+                                          "each, evaluated on held-out prompts.")
         report = run_benchmark(config)
         from rlhf.benchmark_report import write_report  # matplotlib only once there is something to plot
 
