@@ -220,7 +220,7 @@ class RLTrainer:
                     # A reward call given up on may still run and draw random numbers: the checkpoint
                     # holds the streams as the step found them, whatever happens to them meanwhile.
                     checkpoint = self.save_checkpoint(random_streams=at_step_start)
-                    accelerator.end_training()
+                    self._end_training()
                     raise TrainingInterrupted(signum, self.step, checkpoint, scoring=True) from None
                 progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
                 periodic = config.save_steps and self.step % config.save_steps == 0
@@ -235,14 +235,14 @@ class RLTrainer:
                 signum = int(self.reducer.max(float(stop.received or 0)))
                 if signum and self.step < config.max_steps:  # after the last step, just finish
                     checkpoint = checkpoint or self.save_checkpoint()
-                    accelerator.end_training()
+                    self._end_training()
                     raise TrainingInterrupted(signum, self.step, checkpoint)
             # Inside the handler: a signal now lets the final save complete instead of killing it
             # half-way (with save_steps 0 it is the only copy of the run).
             before_save = stop.received  # one after the last step just lets the run finish, as before
             final = self.save_final()
             signum = int(self.reducer.max(float(stop.received if stop.received != before_save else 0)))
-        accelerator.end_training()
+        self._end_training()
         if config.push_to_hub and accelerator.is_main_process:  # after the local save: a failed upload loses nothing
             from rlhf.hub import push_folder
 
@@ -250,6 +250,19 @@ class RLTrainer:
             accelerator.print(f"pushed {final} to {push_folder(final, repo, config.hub_private_repo)}")
         if signum:
             raise TrainingInterrupted(signum, self.step, final, finished=True)
+
+    def _end_training(self) -> None:
+        """Close the trackers and the process group. The DDP wrapper goes first, on every process
+        together: freed after the process group (when the trainer is), its reducer's release of
+        the group could hang a process in gloo's teardown (seen once in 2-process CI)."""
+        import gc
+
+        self.accelerator.wait_for_everyone()
+        plain = self.unwrapped
+        self.model = self.updater.model = plain
+        self.accelerator.free_memory()  # Accelerate's own references to the prepared model
+        gc.collect()
+        self.accelerator.end_training()
 
     def train_step(self) -> dict[str, float]:
         """One RL step: rollout -> score -> make_experience -> update, then evaluation and logging."""
