@@ -32,6 +32,28 @@ def tracker_names(project_name: str | None, run_name: str | None, output_dir: Pa
     return project, run
 
 
+def check_wandb_login(report_to: list[str]) -> None:
+    """Refuse --report_to wandb up front when W&B could only fail at its start (no login, no
+    offline mode): wandb.init raises a traceback there, after the run's files are written."""
+    if "wandb" not in report_to or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    from rlhf.errors import ConfigError
+
+    raise ConfigError(f"report_to wandb: no W&B login for {host} (WANDB_API_KEY or ~/.netrc); run `wandb login`, "
+                      "or set WANDB_MODE=offline to keep the run in output_dir/wandb")
+
+
 def make_trackers(report_to: list[str], project: str, run: str, output_dir: Path) -> list[GeneralTracker]:
     """metrics.jsonl always; TensorBoard events in output_dir/tensorboard/<run>; a W&B run named
     ``run`` in ``project`` whose files live in output_dir/wandb ($WANDB_ENTITY picks the entity:

@@ -52,7 +52,7 @@ from rlhf.rollout import Rollout, sample_rollout
 from rlhf.runlock import OutputDirLock
 from rlhf.scoring import RewardTrainerState, sample_with_spread, score
 from rlhf.signals import ScoringInterrupted, StopOnSignal, TrainingInterrupted, run_abandonable
-from rlhf.tracking import append_samples, completion_rows, flat_config, log_completions, make_trackers, metrics_row
+from rlhf.tracking import append_samples, check_wandb_login, completion_rows, flat_config, log_completions, make_trackers, metrics_row
 from rlhf.tracking import throughput, tracker_names
 from rlhf.update import UPDATERS
 
@@ -120,6 +120,7 @@ class RLTrainer:
         self.config = config
         self.base_model = model if isinstance(model, torch.nn.Module) else None
         self.output_dir = Path(config.output_dir)
+        check_wandb_login(config.report_to)
         self.project_name, self.run_name = tracker_names(config.project_name, config.run_name, self.output_dir)
         trackers = make_trackers(config.report_to, self.project_name, self.run_name, self.output_dir)
         self.metrics_log = trackers[0]  # metrics.jsonl

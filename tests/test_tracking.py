@@ -133,3 +133,15 @@ def test_no_tables_when_log_completions_is_off(tiny_model_dir, tmp_path, run_her
     events = EventAccumulator(str(out / "tensorboard" / Path(out).name))
     events.Reload()
     assert "reward_mean" in events.Tags()["scalars"] and not events.Tags()["tensors"]
+
+
+def test_wandb_without_login_or_offline_mode_is_one_line_before_anything_is_written(tiny_model_dir, tmp_path, run_here):
+    from conftest import assert_one_line_error
+
+    out = tmp_path / "run"
+    home = tmp_path / "home"
+    home.mkdir()
+    result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, out, "--report_to", "wandb"),
+                      env={"WANDB_MODE": "online", "WANDB_API_KEY": "", "NETRC": str(home / ".netrc"), "HOME": str(home)})
+    assert_one_line_error(result, "report_to wandb", "wandb login", "WANDB_MODE=offline")
+    assert not out.exists()
