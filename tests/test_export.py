@@ -338,3 +338,12 @@ def test_plots_draw_dpo_and_reward_model_runs_and_both_reward_spellings(tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     # One curve across both spellings; the std is no function of its own.
     assert drawn["reward_functions.png"]["lines"] == {"grpo format": [(1.0, 0.2), (2.0, 0.4)]}
+
+
+def test_card_of_an_embedded_model_run_says_how_to_load_its_base():
+    from rlhf.card import render_model_card
+
+    card = render_model_card({"model_name_or_path": "smollm2-135m-instruct", "reward_funcs": ["sentiment"]}, None, 3)
+    assert "rlhf.models.load_base_model('smollm2-135m-instruct')" in card and "HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    hub = render_model_card({"model_name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"}, None, 3)
+    assert "AutoModelForCausalLM.from_pretrained('Qwen/Qwen2.5-0.5B-Instruct')" in hub
