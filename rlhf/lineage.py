@@ -35,7 +35,8 @@ RUN_RECORD = "run.json"
 FINAL_LINEAGE = "lineage.json"  # in final/: which run, branch and step the adapter is
 ABANDONED_DIR = "abandoned"
 # Outputs that belong to a run (an overwrite deletes them, a branch change moves them aside).
-RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "samples.jsonl", ABANDONED_DIR)
+# (wandb/ is not among them: an offline W&B run not yet synced would be lost.)
+RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "samples.jsonl", "tensorboard", ABANDONED_DIR)
 # The run of a checkpoint written before run ids existed: it counts as on a branch up to the step
 # where that branch's first recorded segment began.
 UNKNOWN = None

@@ -56,7 +56,8 @@ class RewardTrainerState:
 def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: int, tokenizer: Any = None,
           logged_columns: dict[str, list[Any]] | None = None,
           abandonable: Callable[[], ContextManager[Any]] = nullcontext,
-          reward_columns: dict[str, list[float]] | None = None) -> tuple[Tensor, Tensor | None, dict[str, float]]:
+          reward_columns: dict[str, list[float]] | None = None,
+          raw_totals: list[float] | None = None) -> tuple[Tensor, Tensor | None, dict[str, float]]:
     """Outcome scores [B] from the reward functions, minus the no-EOS and overlong penalties if
     set, clipped and normalised over the global batch when asked; process rewards [B, T] on the
     tokens they name (None when no function returned any). reward_mean/std in the metrics are
@@ -66,8 +67,9 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
     NaN, it is left out of every statistic here, and ``fill_unscorable`` gives the update a
     neutral value for it and drops it from the loss.
 
-    ``reward_columns`` receives each function's unweighted value per sample (NaN = None), for the
-    completion tables.
+    ``reward_columns`` receives each function's unweighted value per sample (NaN = None) and
+    ``raw_totals`` each sample's reward as reward_mean counts it (penalties and process rewards
+    in, before clipping and normalising), for samples.jsonl and the completion tables.
     """
     logged: dict[str, list[float]] = {}
 
@@ -109,7 +111,10 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
                       f"{int(unscorable_count)} samples{where}; they are left out of the update and of reward_mean",
                       stacklevel=2)
     # Logged totals include the process rewards; the update gets those token by token.
-    all_scores = reducer.gather(scores if token_scores is None else scores + token_scores.sum(-1))[scorable]
+    totals = scores if token_scores is None else scores + token_scores.sum(-1)
+    if raw_totals is not None:
+        raw_totals.extend(totals.masked_fill(unscorable, math.nan).tolist())
+    all_scores = reducer.gather(totals)[scorable]
     errors = float(reducer.sum(float(sum(output.failed))))
     if errors and config.reward_error == "zero":
         warnings.warn(f"step {step}: {int(errors)} samples failed a reward function and score 0 "

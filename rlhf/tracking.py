@@ -39,18 +39,23 @@ def check_wandb_login(report_to: list[str]) -> None:
         return
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return
+    settings = Path(os.environ.get("WANDB_CONFIG_DIR", Path.home() / ".config" / "wandb")) / "settings"
+    if settings.is_file():  # `wandb login --host`, `wandb offline`: wandb's own settings decide
+        return
     import netrc
     from urllib.parse import urlparse
 
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
-    try:
-        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    try:  # an explicit path, as wandb reads it: no ownership/permission check
+        credentials = netrc.netrc(os.environ.get("NETRC") or str(Path.home() / ".netrc"))
+        if any(credentials.authenticators(host) for host in {url.netloc, url.hostname} if host):
             return
     except (OSError, netrc.NetrcParseError):
         pass
+    host = url.netloc or "api.wandb.ai"
     from rlhf.errors import ConfigError
 
-    raise ConfigError(f"report_to wandb: no W&B login for {host} (WANDB_API_KEY or ~/.netrc); run `wandb login`, "
+    raise ConfigError(f"report_to wandb: no W&B login for {host} (WANDB_API_KEY, ~/.netrc); run `wandb login`, "
                       "or set WANDB_MODE=offline to keep the run in output_dir/wandb")
 
 
@@ -247,7 +252,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, float):
             value = f"{value:.4g}"
-        return str("" if value is None else value).replace("|", "\\|").replace("\n", "<br>")
+        text = str("" if value is None else value).replace("\\", "\\\\")  # first, or "\\|" would end the cell
+        return text.replace("|", "\\|").replace("\n", "<br>")
 
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

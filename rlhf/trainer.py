@@ -123,7 +123,7 @@ class RLTrainer:
         check_wandb_login(config.report_to)
         self.project_name, self.run_name = tracker_names(config.project_name, config.run_name, self.output_dir)
         trackers = make_trackers(config.report_to, self.project_name, self.run_name, self.output_dir)
-        self.metrics_log = trackers[0]  # metrics.jsonl
+        self.metrics_log, self.trackers = trackers[0], trackers  # metrics.jsonl first
         self.accelerator = accelerator = make_accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with=trackers,
@@ -183,6 +183,7 @@ class RLTrainer:
         self.last_logged: dict[str, Any] | None = None  # the latest metrics row (for the model card)
         self.logged_columns: dict[str, list[Any]] = {}  # reward functions' log_extra, per step
         self.reward_columns: dict[str, list[float]] = {}  # each reward function's value per sample, per step
+        self.raw_totals: list[float] = []  # each sample's reward before clipping/normalising, per step
 
     @property
     def unwrapped(self) -> PolicyWithValue:
@@ -270,7 +271,7 @@ class RLTrainer:
         config, clock = self.config, time.perf_counter
         step_start = clock()
         score_seconds = []
-        self.logged_columns, self.reward_columns = {}, {}
+        self.logged_columns, self.reward_columns, self.raw_totals = {}, {}, []
 
         def timed_score(rollout: Rollout) -> tuple[Tensor, Tensor | None, dict[str, float]]:
             start = clock()
@@ -313,8 +314,10 @@ class RLTrainer:
             self.kl_controller.update(metrics["kl"], config.rollout_batch_size * config.num_generations)
         if config.eval_steps and (self.step % config.eval_steps == 0 or self.step == config.max_steps):
             metrics.update(self._evaluate_unless_interrupted())
-        # what reward_mean logs: outcome scores plus any process rewards
-        totals = scores if token_scores is None else scores + token_scores.sum(-1)
+        # What reward_mean counts: raw outcome + process rewards. Dynamic sampling scores several
+        # rounds and keeps some rows, reordered: the update's scores (clipped/normalised) line up.
+        totals = (torch.tensor(self.raw_totals) if not config.dynamic_sampling
+                  else scores if token_scores is None else scores + token_scores.sum(-1))
         if self.step % config.logging_steps == 0 or self.step == config.max_steps:
             self.last_logged = {"step": self.step, **metrics_row(metrics)}
             self.accelerator.log(metrics_row(metrics), step=self.step)
@@ -362,7 +365,7 @@ class RLTrainer:
 
     def score(self, rollout: Rollout) -> tuple[Tensor, Tensor | None, dict[str, float]]:
         return score(self.reward, rollout, self.config, self.reducer, self.step + 1, self.tokenizer,
-                     logged_columns=self.logged_columns, reward_columns=self.reward_columns,
+                     logged_columns=self.logged_columns, reward_columns=self.reward_columns, raw_totals=self.raw_totals,
                      abandonable=self._stop.abandonable if self._stop is not None else nullcontext)
 
     def make_experience(self, rollout: Rollout, scores: Tensor,
@@ -445,6 +448,9 @@ class RLTrainer:
             accelerator.print(f"resumed from {start.checkpoint} at step {self.step}")
             if changed:  # the checkpoint's compatibility check refused the settings that change what is trained
                 accelerator.print(f"resuming with changed settings: {', '.join(changed)}")
+        for tracker in self.trackers:  # TensorBoard drops the events of steps after the resumed one
+            if tracker.name == "tensorboard" and start.checkpoint is not None:
+                tracker.init_kwargs["purge_step"] = self.step + 1
         # The resolved config, with the names the trackers use.
         accelerator.init_trackers(self.project_name, config={**flat_config(config), "project_name": self.project_name,
                                                              "run_name": self.run_name})

@@ -433,3 +433,24 @@ def test_narrowed_micro_batch_gives_the_full_rows_logprobs_values_and_gradients(
     assert torch.allclose(lp[real], full_lp[:, :width][real], atol=1e-5)
     assert torch.allclose(values[real], full_values[:, :width][real], atol=1e-5)
     assert torch.allclose(grads, full_grads, atol=1e-5)
+
+
+def test_projection_probe_says_no_instead_of_failing_and_layers_with_own_forward_keep_it(tiny_model_dir):
+    import torch
+
+    from rlhf.models import add_lora, load_base_model, plain_output_projection, weight_major_linears
+
+    policy = add_lora(load_base_model(str(tiny_model_dir)), 4, 8, 0.0, ["all-linear"])
+    decoder = policy.get_base_model().get_decoder()
+    decoder.forward = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("expected m1 and m2 same dtype"))
+    assert not plain_output_projection(policy)
+    del decoder.forward
+
+    model = load_base_model(str(tiny_model_dir)).eval()
+    own = lambda x: torch.zeros(*x.shape[:-1], model.lm_head.out_features)  # e.g. an offload hook
+    model.lm_head.forward = own
+    with torch.no_grad(), weight_major_linears(model):
+        with weight_major_linears(model):  # nested: the inner one leaves the outer's layers alone
+            pass
+        assert model.lm_head.forward is own
+    assert model.lm_head.forward is own

@@ -145,3 +145,66 @@ def test_wandb_without_login_or_offline_mode_is_one_line_before_anything_is_writ
                       env={"WANDB_MODE": "online", "WANDB_API_KEY": "", "NETRC": str(home / ".netrc"), "HOME": str(home)})
     assert_one_line_error(result, "report_to wandb", "wandb login", "WANDB_MODE=offline")
     assert not out.exists()
+
+
+def test_markdown_table_escapes_backslashes_before_pipes():
+    assert markdown_table([{"completion": "use a\\|b"}]).splitlines()[-1] == "| use a\\\\\\|b |"
+
+
+def test_wandb_login_check_accepts_what_wandb_accepts(monkeypatch, tmp_path):
+    from rlhf.errors import ConfigError
+    from rlhf.tracking import check_wandb_login
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    with pytest.raises(ConfigError):
+        check_wandb_login(["wandb"])
+    netrc_file = tmp_path / ".netrc"
+    netrc_file.write_text("machine api.wandb.ai login user password k\n")
+    netrc_file.chmod(0o644)  # Python's default netrc lookup refuses this; wandb reads it
+    check_wandb_login(["wandb"])
+    monkeypatch.setenv("WANDB_BASE_URL", "http://localhost:8080")  # wandb's netrc entry names host:port
+    with pytest.raises(ConfigError):
+        check_wandb_login(["wandb"])
+    netrc_file.write_text("machine localhost:8080 login user password k\n")
+    check_wandb_login(["wandb"])
+    netrc_file.unlink()
+    (tmp_path / "wandb-config").mkdir()
+    (tmp_path / "wandb-config" / "settings").write_text("[default]\nmode = offline\n")  # `wandb offline`
+    check_wandb_login(["wandb"])
+
+
+def test_logged_rewards_are_the_raw_ones_with_normalised_training_scores(tiny_model_dir, tmp_path, run_here):
+    out = tmp_path / "run"
+    result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, out, "--config", "configs/grpo.yaml",
+                                                  "--num_generations", "2", "--rollout_batch_size", "2",
+                                                  "--max_steps", "1", "--normalize_rewards", "true",
+                                                  "--reward_clip", "0.4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4  # every sample of the step
+    assert sum(s["reward"] for s in samples) / 4 == pytest.approx(row["reward_mean"], abs=1e-5)
+    assert row["reward_mean"] > 0.1  # char_diversity is positive; normalised scores would average 0
+
+
+def test_resume_purges_later_tensorboard_steps_and_overwrite_deletes_them(tiny_model_dir, tmp_path, run_here):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    common = ("--config", "configs/grpo.yaml", "--num_generations", "2", "--rollout_batch_size", "2",
+              "--report_to", "tensorboard", "--log_completions", "false")
+    assert run_here("train_grpo.py", *tiny_args(tiny_model_dir, out, *common, "--max_steps", "3",
+                                                "--save_steps", "1")).returncode == 0
+    resumed = run_here("train_grpo.py", *tiny_args(tiny_model_dir, out, *common, "--max_steps", "3", "--save_steps", "1",
+                                                   "--resume_from_checkpoint", str(out / "checkpoints" / "step-2")))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    events = EventAccumulator(str(out / "tensorboard" / "run"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("reward_mean")] == [1, 2, 3]  # step 3 once, the new branch's
+    from rlhf.lineage import delete_run_outputs
+
+    delete_run_outputs(out)
+    assert not (out / "tensorboard").exists()
