@@ -191,7 +191,10 @@ def throughput(rollout: Any, reducer: Any, step_time: float, rollout_time: float
         "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
         "completions/max_length": float(lengths.max()),
         "completions/clipped_ratio": 1.0 - float(terminated.numel()) / lengths.numel(),
+        # NaN when no response ended (TRL logs 0 there, which reads as "ended at once")
         "completions/mean_terminated_length": float(terminated.mean()) if terminated.numel() else math.nan,
+        "completions/min_terminated_length": float(terminated.min()) if terminated.numel() else math.nan,
+        "completions/max_terminated_length": float(terminated.max()) if terminated.numel() else math.nan,
         "samples_per_second": float(sequences) / step_time,
         "tokens_per_second": float(tokens) / step_time,
         "step_time_s": step_time, "rollout_time_s": rollout_time, "update_time_s": update_time,

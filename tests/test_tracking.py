@@ -97,6 +97,8 @@ def test_trl_named_metrics_in_metrics_jsonl(tracked_run):
         assert row["completions/min_length"] <= row["completions/mean_length"] <= row["completions/max_length"] <= 8
         assert row["completions/mean_length"] == pytest.approx(row["response_length_mean"])
         assert row["completions/clipped_ratio"] == pytest.approx(1 - row["eos_rate"])
+        for spread in ("min", "mean", "max"):  # the tiny random model never ends a response: none terminated
+            assert row[f"completions/{spread}_terminated_length"] is None
         assert mine, "samples.jsonl has rows of every logged step"
 
 
@@ -208,3 +210,28 @@ def test_resume_purges_later_tensorboard_steps_and_overwrite_deletes_them(tiny_m
 
     delete_run_outputs(out)
     assert not (out / "tensorboard").exists()
+
+
+def test_completion_length_metrics_follow_trl():
+    import torch
+
+    from rlhf.tracking import throughput
+
+    class OneProcess:
+        def sum(self, value):
+            return torch.as_tensor(value, dtype=torch.float32)
+
+        def mean(self, value):
+            return float(torch.as_tensor(value).mean())
+
+        def gather(self, tensor):
+            return tensor
+
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.float32)
+    metrics = throughput(type("R", (), {"mask": mask, "eos_found": torch.tensor([True, False, True]),
+                                        "__len__": lambda self: 3})(), OneProcess(), 1.0, 0.5, 0.5)
+    assert (metrics["completions/min_length"], metrics["completions/max_length"]) == (2.0, 4.0)
+    assert metrics["completions/mean_length"] == pytest.approx(3.0)
+    assert metrics["completions/clipped_ratio"] == pytest.approx(1 / 3)
+    assert (metrics["completions/min_terminated_length"], metrics["completions/mean_terminated_length"],
+            metrics["completions/max_terminated_length"]) == (2.0, 2.5, 3.0)
