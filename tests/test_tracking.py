@@ -11,6 +11,12 @@ import pytest
 from conftest import FIXTURES, tiny_args
 from rlhf.tracking import markdown_table, tracker_names
 
+def small_grpo(tiny_model_dir, out, *extra):
+    """Flags of a one-step GRPO run of 2 prompts x 2 samples on the tiny model."""
+    return tiny_args(tiny_model_dir, out, "--config", "configs/grpo.yaml", "--num_generations", "2",
+                     "--rollout_batch_size", "2", "--max_steps", "1", *extra)
+
+
 TWO_REWARDS = ("--reward_funcs", f"{FIXTURES / 'rewards.py'}:char_diversity", f"{FIXTURES / 'rewards.py'}:reward_each_e")
 
 
@@ -125,10 +131,8 @@ def test_markdown_table_keeps_cells_on_their_row():
 
 def test_no_tables_when_log_completions_is_off(tiny_model_dir, tmp_path, run_here):
     out = tmp_path / "run"
-    result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, out, "--config", "configs/grpo.yaml",
-                                                  "--num_generations", "2", "--rollout_batch_size", "2",
-                                                  "--max_steps", "1", "--report_to", "tensorboard",
-                                                  "--log_completions", "false"))
+    result = run_here("train_grpo.py", *small_grpo(tiny_model_dir, out, "--report_to", "tensorboard",
+                                                   "--log_completions", "false"))
     assert result.returncode == 0, result.stderr[-3000:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -180,10 +184,8 @@ def test_wandb_login_check_accepts_what_wandb_accepts(monkeypatch, tmp_path):
 
 def test_logged_rewards_are_the_raw_ones_with_normalised_training_scores(tiny_model_dir, tmp_path, run_here):
     out = tmp_path / "run"
-    result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, out, "--config", "configs/grpo.yaml",
-                                                  "--num_generations", "2", "--rollout_batch_size", "2",
-                                                  "--max_steps", "1", "--normalize_rewards", "true",
-                                                  "--reward_clip", "0.4"))
+    result = run_here("train_grpo.py", *small_grpo(tiny_model_dir, out, "--normalize_rewards", "true",
+                                                   "--reward_clip", "0.4"))
     assert result.returncode == 0, result.stderr[-3000:]
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -196,12 +198,10 @@ def test_resume_purges_later_tensorboard_steps_and_overwrite_deletes_them(tiny_m
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    common = ("--config", "configs/grpo.yaml", "--num_generations", "2", "--rollout_batch_size", "2",
-              "--report_to", "tensorboard", "--log_completions", "false")
-    assert run_here("train_grpo.py", *tiny_args(tiny_model_dir, out, *common, "--max_steps", "3",
-                                                "--save_steps", "1")).returncode == 0
-    resumed = run_here("train_grpo.py", *tiny_args(tiny_model_dir, out, *common, "--max_steps", "3", "--save_steps", "1",
-                                                   "--resume_from_checkpoint", str(out / "checkpoints" / "step-2")))
+    common = ("--report_to", "tensorboard", "--log_completions", "false", "--max_steps", "3", "--save_steps", "1")
+    assert run_here("train_grpo.py", *small_grpo(tiny_model_dir, out, *common)).returncode == 0
+    resumed = run_here("train_grpo.py", *small_grpo(tiny_model_dir, out, *common,
+                                                    "--resume_from_checkpoint", str(out / "checkpoints" / "step-2")))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     events = EventAccumulator(str(out / "tensorboard" / "run"))
     events.Reload()
