@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rlhf.kv_cache import preallocated
 from rlhf.models import PolicyWithValue, shared_prompt_cache, stop_token_ids
 
 
@@ -230,7 +231,8 @@ def sample_responses(
     process a row runs on do not change its response (up to float rounding of the logits;
     evaluation). One uniform per token instead of
     ``torch.multinomial``'s vocabulary-sized exponential draw; with ``share_prompt_prefix`` rows
-    with the same prompt prefill it once (rlhf.models.shared_prompt_cache).
+    with the same prompt prefill it once (rlhf.models.shared_prompt_cache). The KV cache is
+    written in place after the first step (rlhf.kv_cache.preallocated).
     """
     batch, prompt_length = input_ids.shape
     device = input_ids.device
@@ -247,10 +249,12 @@ def sample_responses(
     tokens = []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     stops = torch.tensor([eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids), device=device)
+    # Mask of every position the response can reach, read as a growing view (no per-token copy).
+    full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
     for t in range(max_new_tokens):
-        outputs = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=step_positions,
+        outputs = model(input_ids=step_ids, attention_mask=full_mask[:, :prompt_length + t], position_ids=step_positions,
                         cache=cache, use_cache=True, logits_to_keep=1)
-        cache = outputs.cache
+        cache = preallocated(outputs.cache, max_new_tokens - t) if t == 0 else outputs.cache
         logits = outputs.logits[:, -1].float()
         if temperature == 0:
             token = logits.argmax(-1)
@@ -268,7 +272,6 @@ def sample_responses(
             break
         step_ids = token.unsqueeze(-1)
         step_positions = step_positions[:, -1:] + 1
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
     return torch.stack(tokens, dim=1)
 
 

@@ -454,3 +454,83 @@ def test_projection_probe_says_no_instead_of_failing_and_layers_with_own_forward
             pass
         assert model.lm_head.forward is own
     assert model.lm_head.forward is own
+
+
+def test_preallocated_kv_cache_samples_what_the_concatenating_cache_samples(tiny_model_dir, monkeypatch):
+    """Sampling with the in-place KV cache gives the same tokens as transformers' DynamicCache
+    (which concatenates), with left padding and with the shared-prompt prefill; the model
+    really decodes on PreallocatedLayer buffers, not on copies."""
+    import torch
+
+    import rlhf.rollout as rollout
+    from rlhf.kv_cache import PreallocatedLayer
+    from rlhf.models import load_base_model
+
+    model = load_base_model(str(tiny_model_dir)).eval()
+    ids = torch.randint(3, 1000, (3, 6)).repeat_interleave(2, dim=0)  # 3 prompts x 2 samples
+    attention = torch.ones_like(ids)
+    attention[:2, :2] = 0
+
+    layer_types = []
+    plain_forward = model.forward
+
+    def recording_forward(*args, **kwargs):
+        if kwargs.get("cache") is not None:
+            layer_types.append({type(layer) for layer in kwargs["cache"].layers})
+        return plain_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording_forward)
+
+    def sample(share: bool, seed: int = 5):
+        torch.manual_seed(seed)
+        return rollout.sample_responses(model, ids, attention, max_new_tokens=9, temperature=1.0, top_p=1.0,
+                                        eos_token_ids=[10 ** 6], pad_token_id=0, share_prompt_prefix=share)
+
+    for share in (False, True):
+        layer_types.clear()
+        in_place = sample(share)
+        assert all(types == {PreallocatedLayer} for types in layer_types[1 + share:]), layer_types
+        with monkeypatch.context() as patch:
+            patch.setattr(rollout, "preallocated", lambda cache, more: cache)
+            concatenating = sample(share)
+        assert in_place.shape == (6, 9) and torch.equal(in_place, concatenating)
+
+
+def test_preallocated_layer_grows_and_survives_what_transformers_does_to_caches(tiny_model_dir):
+    """Logits of each step equal the concatenating cache's when the buffer must grow, after
+    batch selection (beam search, shared prompts), after crop (assisted decoding) and reset."""
+    import torch
+    from transformers import DynamicCache
+
+    from rlhf.kv_cache import PreallocatedLayer, preallocated
+    from rlhf.models import load_base_model
+
+    model = load_base_model(str(tiny_model_dir)).eval()
+    ids = torch.randint(3, 1000, (4, 12))
+
+    def decode(convert: bool) -> list[torch.Tensor]:
+        logits = []
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :4], use_cache=True)
+            cache = preallocated(out.cache, 1) if convert else out.cache  # room for 1: must grow
+            for t in range(4, 8):
+                out = model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
+                logits.append(out.logits)
+            cache.batch_select_indices(torch.tensor([3, 1]))
+            for t in range(8, 10):
+                out = model(input_ids=ids[[3, 1], t:t + 1], cache=cache, use_cache=True)
+                logits.append(out.logits)
+            cache.crop(-2)
+            out = model(input_ids=ids[[3, 1], 8:10], cache=cache, use_cache=True)
+            logits.append(out.logits)
+            cache.reset()
+            logits.append(model(input_ids=ids[[3, 1], :3], cache=cache, use_cache=True).logits)
+        if convert:
+            assert {type(layer) for layer in cache.layers} == {PreallocatedLayer}
+            assert cache.get_seq_length() == 3
+        return logits
+
+    for in_place, concatenating in zip(decode(True), decode(False), strict=True):
+        assert torch.allclose(in_place, concatenating, atol=1e-5)
+    assert preallocated("not a DynamicCache", 3) == "not a DynamicCache"
+    assert isinstance(preallocated(DynamicCache(), 3), DynamicCache)  # empty layers left alone

@@ -1,0 +1,74 @@
+"""A KV cache for sampling that is written in place instead of growing by concatenation.
+
+transformers' ``DynamicLayer`` appends each new token with ``torch.cat``, which copies the whole
+cache of every layer on every decoding step: quadratic in the response length. Here each layer
+owns a buffer sized for the rest of the response; a step writes its token into the buffer and
+attention reads a view of the filled part (no copy, no attention over unused slots).
+
+Measured on the 2-core machine (SmolLM2-135M float32, 16 rows, 40-token prompts, 256 new tokens,
+five alternating pairs in one process): 131.7 -> 117.8 ms per token (1.12x), identical tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys/values are views of buffers with room for more tokens.
+
+    ``keys``/``values`` stay what transformers expects ([B, H, n, D] tensors, n = tokens cached),
+    so everything that reads or replaces them (``crop``, ``batch_select_indices``, ``reset``)
+    keeps working: when they no longer view the buffer, the next ``update`` copies them into a
+    new buffer first.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, capacity: int):
+        super().__init__()
+        self.device = keys.device
+        self.is_initialized = True
+        self._seat(keys, values, capacity)
+
+    def _seat(self, keys: Tensor, values: Tensor, capacity: int) -> None:
+        filled = keys.shape[-2]
+        shape = (*keys.shape[:-2], max(capacity, filled), keys.shape[-1])
+        self._key_buffer = keys.new_empty(shape)
+        self._value_buffer = values.new_empty((*values.shape[:-2], shape[-2], values.shape[-1]))
+        self._key_buffer[..., :filled, :].copy_(keys)
+        self._value_buffer[..., :filled, :].copy_(values)
+        self.keys = self._key_buffer[..., :filled, :]
+        self.values = self._value_buffer[..., :filled, :]
+
+    def _views_buffer(self, new_tokens: int, key_states: Tensor) -> bool:
+        return (self.keys.data_ptr() == self._key_buffer.data_ptr()
+                and self.values.data_ptr() == self._value_buffer.data_ptr()
+                and self.keys.shape[:-2] == key_states.shape[:-2]
+                and self.keys.shape[-2] + new_tokens <= self._key_buffer.shape[-2])
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized or self.keys is None or self.keys.dim() != key_states.dim():  # after reset()
+            self.lazy_initialization(key_states, value_states)
+            self._seat(key_states[..., :0, :], value_states[..., :0, :], key_states.shape[-2])
+        filled, new = self.keys.shape[-2], key_states.shape[-2]
+        if not self._views_buffer(new, key_states):  # replaced (batch selection, crop) or full: start a new buffer
+            self._seat(self.keys, self.values, 2 * (filled + new))
+        self._key_buffer[..., filled:filled + new, :].copy_(key_states)
+        self._value_buffer[..., filled:filled + new, :].copy_(value_states)
+        self.keys = self._key_buffer[..., :filled + new, :]
+        self.values = self._value_buffer[..., :filled + new, :]
+        return self.keys, self.values
+
+
+def preallocated(cache: Any, more_tokens: int) -> Any:
+    """``cache`` with each plain ``DynamicLayer`` replaced by a ``PreallocatedLayer`` with room
+    for ``more_tokens`` more tokens (it grows by doubling beyond that). Other caches (static,
+    sliding-window, linear-attention layers of hybrid models) are returned unchanged."""
+    if type(cache) is not DynamicCache:
+        return cache
+    for index, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:
+            cache.layers[index] = PreallocatedLayer(layer.keys, layer.values, layer.keys.shape[-2] + more_tokens)
+    return cache
