@@ -1,62 +1,47 @@
-"""Run several algorithms with the same step budget and print one markdown table.
+"""Which algorithm should I use? Train every shipped RL config on the same task and budget, then
+evaluate them together against the base on held-out prompts.
 
-    python scripts/compare_algorithms.py --max_steps 10 [--algorithms ppo grpo ...] [--output_dir outputs/compare]
-        [-- extra flags passed to every run, e.g. --max_new_tokens 24]
+    python scripts/compare_algorithms.py --max_steps 10 [--configs grpo dapo ...] [--output_dir outputs/compare]
+        [-- extra flags passed to every run, e.g. --learning_rate 1e-4]
 
-Each algorithm runs its own configs/<name>.yaml through its train script, one after another (so
-timings do not compete). Existing runs in output_dir/<name> are reused, not retrained.
-Columns: reward_mean averaged over the first and the last `--window` steps, the last step's KL
-(nats per sequence), and the median wall time per step (robust to a busy machine).
+Each config in configs/ whose header names an RL train script runs through that script, one after
+another (so timings do not compete), with the same dataset (builtin:prompts), reward (sentiment),
+steps, response length and seed. Then rlhf.evaluate samples every final adapter and the base with
+the same prompts and seeds. Writes compare.md (also printed), compare.json and compare.png: reward
+and its gain over the base with bootstrap 95% intervals over prompts, KL to the base, median
+seconds per step. The runs stay in output_dir/<config>, the evaluation in output_dir/eval.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"ppo": "train_ppo.py", "reinforce": "train_reinforce.py", "trpo": "train_trpo.py",
-           "grpo": "train_grpo.py", "dr_grpo": "train_grpo.py", "rloo": "train_grpo.py",
-           "reinforce_pp": "train_grpo.py"}
-
-
-def read_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def summarise(name: str, rows: list[dict], window: int) -> str:
-    rewards = [r["reward_mean"] for r in rows]
-    head = sum(rewards[:window]) / len(rewards[:window])
-    tail = sum(rewards[-window:]) / len(rewards[-window:])
-    step_time = statistics.median(r["step_time_s"] for r in rows)
-    kl = rows[-1]["kl"]
-    return f"| {name} | {len(rows)} | {head:.3f} → {tail:.3f} | {kl:.2f} | {step_time:.1f} |"
+from rlhf.cli import exit_on_user_error
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algorithms", nargs="+", default=list(SCRIPTS), choices=list(SCRIPTS))
+    parser.add_argument("--configs", nargs="+", default=None, help="Config names (default: every shipped RL config).")
     parser.add_argument("--max_steps", type=int, default=10)
-    parser.add_argument("--window", type=int, default=3, help="Steps averaged at the start and at the end.")
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval_num_prompts", type=int, default=40, help="Held-out prompts (eval split of builtin:prompts).")
+    parser.add_argument("--eval_num_samples", type=int, default=2, help="Samples per prompt and checkpoint.")
     parser.add_argument("--output_dir", default="outputs/compare")
+    parser.add_argument("--reuse", action="store_true", help="Keep runs whose final/ exists instead of retraining them.")
     args, extra = parser.parse_known_args(argv)
     extra = [flag for flag in extra if flag != "--"]
-    table = ["| algorithm | steps | reward_mean first→last | final KL | median s/step |", "|---|---|---|---|---|"]
-    for name in args.algorithms:
-        run_dir = Path(args.output_dir) / name
-        if not (run_dir / "final").is_dir():
-            command = [sys.executable, str(ROOT / "scripts" / SCRIPTS[name]), "--config",
-                       str(ROOT / "configs" / f"{name}.yaml"), "--max_steps", str(args.max_steps),
-                       "--output_dir", str(run_dir), "--save_steps", "0", "--overwrite_output_dir", "true", *extra]
-            print("+", " ".join(command), flush=True)
-            if subprocess.run(command).returncode != 0:
-                sys.exit(f"error: {name} failed; see its output above")
-        table.append(summarise(name, read_rows(run_dir), args.window))
-    print("\n".join(table))
+
+    def run() -> None:
+        from rlhf.compare import compare, render_table
+
+        result = compare(args.configs, output_dir=args.output_dir, max_steps=args.max_steps, task_flags=extra,
+                         eval_num_prompts=args.eval_num_prompts, eval_num_samples=args.eval_num_samples,
+                         max_new_tokens=args.max_new_tokens, seed=args.seed, reuse=args.reuse)
+        print(render_table(result))
+        print(f"written: {args.output_dir}/compare.md, compare.json, compare.png")
+
+    exit_on_user_error(run)
 
 
 if __name__ == "__main__":
