@@ -25,6 +25,10 @@ _RL_RENAMES = {
     "epsilon": "clip_range", "epsilon_high": "clip_range_high", "dataset_name": "dataset",
     "dataset_train_split": "dataset_split", "dataset_test_split": "eval_dataset_split",
     "project": "project_name", "num_completions_to_print": "num_samples_to_log",
+    # The sampler here is our own (or transformers' generate), but the correction is the same.
+    "vllm_importance_sampling_clip_min": "importance_sampling_min",
+    "vllm_importance_sampling_clip_max": "importance_sampling_max",
+    "vllm_importance_sampling_cap": "importance_sampling_max",  # TRL's deprecated name for clip_max
 }
 # Reward model / DPO: transformers 5 reads a warmup_steps below 1 as TRL's warmup_ratio.
 _PAIRS_RENAMES = {"dataset_name": "dataset", "warmup_ratio": "warmup_steps"}
@@ -39,8 +43,6 @@ _RL_DIFFERENT = {
                             "mini_batch_size / num_generations",
     "warmup_ratio": f"set warmup_steps = warmup_ratio x the run's optimizer steps ({_OPT_STEPS})",
     "num_train_epochs": "RL runs count steps: set max_steps = num_train_epochs x prompts in the dataset / rollout_batch_size",
-    "delta": "TRL's delta caps every ratio (INTELLECT-2 two-sided clip); the nearest here is dual_clip, which bounds "
-             "the loss of negative advantages only (Ye et al. 2020)",
     "top_k": "sampling here has temperature and top_p only",
     "min_p": "sampling here has temperature and top_p only",
     "repetition_penalty": "sampling here has temperature and top_p only",
@@ -50,8 +52,6 @@ _RL_DIFFERENT = {
     "logging_strategy": "set logging_steps N",
     "sync_ref_model": "the KL reference is the initial policy and stays fixed",
     "ref_model_sync_steps": "the KL reference is the initial policy and stays fixed",
-    "top_entropy_quantile": "there is no entropy mask; every response token is trained",
-    "entropy_coef": "there is no entropy bonus",
 }
 
 
@@ -64,44 +64,81 @@ def _choice(key: str, value: Any, table: dict[str, Any], refused: dict[str, str]
     return table[word]
 
 
-_OUR_LOSSES = "policy_loss pg, ppo_clip, gspo, gspo_token, cispo; loss_agg_mode token-mean, seq-mean-token-mean, " \
-              "seq-mean-token-sum, seq-mean-token-sum-norm"
-# TRL 1.16 _compute_loss: grpo = clipped ratio, per-sequence token mean then mean over sequences;
-# dapo = token sum / tokens of the whole accumulated batch; dr_grpo = token sum / (B x
-# max_completion_length); cispo = capped detached ratio x A x logprob, dapo's normaliser.
+# TRL 1.16 _compute_loss: loss_type = a per-token loss and a normaliser. grpo / sapo: per-sequence
+# token mean, then mean over sequences; bnpo: token mean of each process's micro-batch, averaged;
+# dapo / cispo / vespo: token sum / tokens of the whole accumulated batch; dr_grpo: token sum /
+# (B x max_completion_length); luspo: token sum per sequence, mean over sequences. grpo, bnpo,
+# dr_grpo, dapo and luspo share the clipped ratio (ppo_clip; luspo its sequence-level form).
 _LOSS_TYPES = {
     "grpo": ("ppo_clip", "seq-mean-token-mean"), "dapo": ("ppo_clip", "token-mean"),
-    "dr_grpo": ("ppo_clip", "seq-mean-token-sum-norm"), "cispo": ("cispo", "token-mean"),
+    "dr_grpo": ("ppo_clip", "seq-mean-token-sum-norm"), "bnpo": ("ppo_clip", "micro-batch-token-mean"),
+    "cispo": ("cispo", "token-mean"), "sapo": ("sapo", "seq-mean-token-mean"),
+    "luspo": ("luspo", "seq-mean-token-sum"), "vespo": ("vespo", "token-mean"),
 }
-_LOSS_REFUSED = {
-    "bnpo": "TRL divides by the tokens of each process's micro-batch; losses here are normalised over the whole "
-            "minibatch on every process (loss_type dapo = loss_agg_mode token-mean)",
-    **{name: f"no such loss here; we have {_OUR_LOSSES}" for name in ("sapo", "luspo", "vespo")},
-}
+_LOSS_REFUSED: dict[str, str] = {}
 
 
 def _loss(given: dict[str, Any]) -> dict[str, Any]:
-    """loss_type and importance_sampling_level together decide policy_loss (sequence level = GSPO)."""
+    """loss_type -> policy_loss + loss_agg_mode; importance_sampling_level -> the loss's own
+    importance_sampling_level (TRL's clip ranges stay: epsilon 0.2 at both levels; our gspo entry
+    keeps the GSPO paper's 3e-4). TRL 1.16 only warns for luspo at token level and vespo at
+    sequence level; here luspo is its sequence-level loss and vespo its token-level one."""
     out: dict[str, Any] = {}
+    loss_type = None
     if "loss_type" in given:
+        loss_type = str(given["loss_type"]).strip().lower()
         out["policy_loss"], out["loss_agg_mode"] = _choice("loss_type", given["loss_type"], _LOSS_TYPES, _LOSS_REFUSED)
     if "importance_sampling_level" in given:
         level = _choice("importance_sampling_level", given["importance_sampling_level"],
                         {"token": "token", "sequence": "sequence"}, {})
-        if level == "sequence":
-            if out.get("policy_loss") == "cispo":
-                raise ConfigError("importance_sampling_level 'sequence' with loss_type 'cispo' has no counterpart "
-                                  "here; sequence-level ratios are policy_loss gspo")
-            out["policy_loss"] = "gspo"
+        if loss_type == "luspo" and level != "sequence":
+            raise ConfigError("loss_type 'luspo' needs importance_sampling_level 'sequence' (LUSPO is GSPO's "
+                              "sequence-level ratio summed over tokens)")
+        if loss_type == "vespo" and level != "token":
+            raise ConfigError("loss_type 'vespo' computes its sequence weight itself: importance_sampling_level must "
+                              "be 'token'")
+        if level == "sequence" and loss_type not in ("luspo",):
+            out["policy_loss_kwargs"] = {"importance_sampling_level": "sequence"}
     return out
 
 
+def _loss_kwarg(trl_name: str, ours: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A TRL hyperparameter of one loss type -> that loss's own parameter (policy_loss_kwargs);
+    null (TRL's off) sets nothing. A loss without the parameter refuses it in one line."""
+    def translate(given: dict[str, Any]) -> dict[str, Any]:
+        value = given[trl_name]
+        if value is None or str(value).strip().lower() in ("none", "null"):
+            return {}
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{trl_name} expects a number, got {value!r}") from None
+        return {"policy_loss_kwargs": {ours: number}}
+    return translate
+
+
+_LOSS_KWARGS = {"delta": "delta", "sapo_temperature_pos": "temperature_pos", "sapo_temperature_neg": "temperature_neg",
+                "vespo_k_pos": "k_pos", "vespo_lambda_pos": "lambda_pos", "vespo_k_neg": "k_neg",
+                "vespo_lambda_neg": "lambda_neg"}
+
+
 def _scale_rewards(given: dict[str, Any]) -> dict[str, Any]:
-    scale = _choice("scale_rewards", given["scale_rewards"],
-                    {"group": True, "true": True, "none": False, "false": False},
-                    {"batch": "the std over the whole batch has no counterpart; advantage_estimator grpo divides by "
-                              "the group std (scale_rewards group), dr_grpo does not divide (none)"})
-    return {"advantage_kwargs": {"scale_rewards": scale}}
+    """scale_rewards -> grpo's own scale_rewards; multi_objective_aggregation -> reward_aggregation.
+    Read together: under normalize_then_sum TRL 1.16 divides the summed rewards by the batch std
+    whatever scale_rewards says (grpo_trainer.py, _generate_and_score_completions), which is grpo's
+    scale_rewards batch here (the group means of a sum of group-normalised rewards are 0)."""
+    out: dict[str, Any] = {}
+    if "multi_objective_aggregation" in given:
+        aggregations = {"sum_then_normalize": "sum", "normalize_then_sum": "normalize_then_sum"}
+        out["reward_aggregation"] = _choice("multi_objective_aggregation", given["multi_objective_aggregation"],
+                                            aggregations, {})
+    if out.get("reward_aggregation") == "normalize_then_sum":
+        out["advantage_kwargs"] = {"scale_rewards": "batch"}
+    elif "scale_rewards" in given:
+        scale = _choice("scale_rewards", given["scale_rewards"],
+                        {"group": True, "true": True, "batch": "batch", "none": False, "false": False}, {})
+        out["advantage_kwargs"] = {"scale_rewards": scale}
+    return out
 
 
 def _dtype(key: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
@@ -121,20 +158,33 @@ def _fixed(key: str, accepted: str, refused: tuple[str, ...], reason: str) -> Ca
     return translate
 
 
+def _sampler_correction(given: dict[str, Any]) -> dict[str, Any]:
+    """TRL's vllm_importance_sampling_correction (default true) and _mode (default sequence_mask)
+    -> importance_sampling_correction: the mode, or none when the correction is off."""
+    on = _choice("vllm_importance_sampling_correction", given.get("vllm_importance_sampling_correction", True),
+                 {"true": True, "false": False}, {})
+    modes = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+    mode = _choice("vllm_importance_sampling_mode", given.get("vllm_importance_sampling_mode", "sequence_mask"),
+                   {m: m for m in modes}, {})
+    return {"importance_sampling_correction": mode if on else "none"}
+
+
 # TRL names whose value sets our keys: (the TRL names read together, the translation).
 _Translation = tuple[tuple[str, ...], Callable[[dict[str, Any]], dict[str, Any]]]
 _DTYPES: list[_Translation] = [(("dtype",), _dtype("dtype")), (("torch_dtype",), _dtype("torch_dtype"))]
 _LORA_ALWAYS: _Translation = (("use_peft",), _fixed("use_peft", "true", ("false",), "training here is always LoRA (lora_r sets its rank)"))
 _RL_TRANSLATIONS: list[_Translation] = [
-    (("loss_type", "importance_sampling_level"), _loss), (("scale_rewards",), _scale_rewards), *_DTYPES,
+    (("loss_type", "importance_sampling_level"), _loss),
+    (("scale_rewards", "multi_objective_aggregation"), _scale_rewards),
+    *_DTYPES,
+    *(((name,), _loss_kwarg(name, ours)) for name, ours in _LOSS_KWARGS.items()),
     _LORA_ALWAYS,
     (("disable_dropout",), _fixed("disable_dropout", "true", ("false",), "RL training always switches dropout off: recomputed "
                                                            "logprobs must equal the rollout's")),
-    (("multi_objective_aggregation",), _fixed("multi_objective_aggregation", "sum_then_normalize", ("normalize_then_sum",),
-                                              "rewards are weighted and summed, then normalised by the estimator")),
+    (("vllm_importance_sampling_correction", "vllm_importance_sampling_mode"), _sampler_correction),
 ]
 
-SWITCHES = {"use_peft", "disable_dropout"}  # TRL booleans: a bare --flag means true
+SWITCHES = {"use_peft", "disable_dropout", "vllm_importance_sampling_correction"}  # TRL booleans: a bare --flag means true
 
 ALIASES: dict[str, tuple[dict[str, str], list[_Translation], dict[str, str]]] = {
     "RLConfig": (_RL_RENAMES, _RL_TRANSLATIONS, _RL_DIFFERENT),

@@ -333,6 +333,11 @@ def _check_trainer_state(state: Any, file: Path) -> None:
         for name, ok in fields.items():
             if name not in entry or not ok(entry[name]):
                 refuse(f"{key}.{name} is missing or of the wrong type ({entry.get(name)!r})")
+    if "entropy_controller" in state:  # adaptive entropy control (use_adaptive_entropy)
+        entry = state["entropy_controller"]
+        if not isinstance(entry, dict) or not is_number(entry.get("value")) or not (
+                entry.get("last_entropy") is None or is_number(entry.get("last_entropy"))):
+            refuse(f"entropy_controller must hold a number value and a number or null last_entropy, got {entry!r}")
     if not isinstance(state.get("compatibility", {}), dict):
         refuse("compatibility must be a JSON object")
     if "lineage" in state:

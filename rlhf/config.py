@@ -25,7 +25,10 @@ REPORT_TARGETS = ("none", "jsonl", "tensorboard", "wandb")
 # the two in step): first-order steps on the policy loss, or TRPO's natural-gradient step.
 UPDATE_METHODS = ("optimizer", "trpo")
 REWARD_ERROR_MODES = ("raise", "skip_batch", "zero")
+REWARD_AGGREGATIONS = ("sum", "normalize_then_sum")  # rlhf.scoring.score
 PROMPT_OVERFLOW_MODES = ("truncate", "error")
+# rlhf.experience.IMPORTANCE_SAMPLING_MODES (whose import needs transformers; a test keeps the two in step)
+IMPORTANCE_SAMPLING_MODES = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 # transformers.SchedulerType values that get_scheduler builds from warm-up and total steps alone
 # (importing transformers here would slow every config; a test keeps the list in step). The others
 # need arguments this config does not pass (min_lr, num_decay_steps) or a metric (reduce_lr_on_plateau).
@@ -108,10 +111,34 @@ class RLConfig:
     temperature: float = _field(1.0, "Sampling temperature; logprobs are recomputed with the same temperature.")
     top_p: float = _field(1.0, "Nucleus sampling threshold (1.0 = off).")
     missing_eos_penalty: float | None = _field(None, "Subtract this from the score of responses cut off without EOS (None = off).")
+    importance_sampling_correction: str = _field(
+        "none", "Correct the policy loss for the sampler's distribution differing from the trainer's (merged LoRA, "
+        "bfloat16, another engine) with the ratio rho = pi_old / pi_sampler of the sampler's own logprobs: "
+        f"{', '.join(IMPORTANCE_SAMPLING_MODES)}. token_* = one ratio per token, sequence_* = one per response; "
+        "*_truncate clips rho to [importance_sampling_min, importance_sampling_max] (TIS), *_mask zeroes the "
+        "weight outside it (MIS / IcePop). Adds the old-logprob pass when the update would skip it. The mismatch "
+        "is logged as sampler/kl, sampler/logprob_abs_diff_mean/_max whenever old logprobs are computed. TRL: "
+        "vllm_importance_sampling_correction + vllm_importance_sampling_mode (TRL applies it with vLLM only; its "
+        "default there is sequence_mask).",
+    )
+    importance_sampling_min: float | None = _field(
+        None, "Lower bound C_min of the importance-sampling ratio (None = open; TRL: vllm_importance_sampling_clip_min).")
+    importance_sampling_max: float | None = _field(
+        3.0, "Upper bound C_max of the importance-sampling ratio (None = open; TRL: vllm_importance_sampling_clip_max, "
+        "default 3.0).")
 
     # --- reward
     reward_funcs: list[str] = _field(["sentiment"], "Reward functions: built-in names, path/to/file.py:function, or package.module:function.")
     reward_weights: list[float] | None = _field(None, "Weight of each reward function (default: all 1.0).")
+    reward_aggregation: str = _field(
+        "sum", "How several reward functions make one score: sum = the weighted sum of their values; "
+        "normalize_then_sum = GDPO (arXiv 2601.05242): each function's values normalised within their group, "
+        "(r - group mean) / (group std + 1e-4) with None left out, then weighted and summed (needs num_generations "
+        ">= 2; logs advantages/<name>/mean and std; missing_eos_penalty and the overlong penalty are subtracted "
+        "from that sum). The estimator then works on that score: TRL's "
+        "multi_objective_aggregation normalize_then_sum is this with grpo's advantage_kwargs {scale_rewards: batch} "
+        "(TRL: multi_objective_aggregation, sum_then_normalize = sum).",
+    )
     reward_kwargs: dict[str, Any] = _field(
         {}, "Parameters per reward name, e.g. {length: {target: 40}} (YAML) or a JSON string on the CLI."
     )
@@ -210,6 +237,36 @@ class RLConfig:
     kl_in_reward: bool = _field(True, "Put -beta*KL into per-token rewards (PPO style); false = KL as a loss term (GRPO style).")
     adaptive_kl_target: float | None = _field(None, "Target KL per sequence in nats for the adaptive controller (None = fixed kl_coef).")
     adaptive_kl_horizon: float = _field(10000.0, "Horizon of the adaptive KL controller (Ziegler et al. 2019).")
+    use_bias_correction_kl: bool = _field(
+        False, "KL loss term (kl_in_reward false) x the differentiable importance ratio, the unbiased reverse-KL "
+        "gradient of DeepSeek-V3.2 (TRL's setting, same meaning). TRL defaults to true; false here keeps the GRPO "
+        "paper's k3 gradient that runs before this option trained with (set true to reproduce a TRL run with beta > 0).",
+    )
+    top_entropy_quantile: float = _field(
+        1.0, "Train only the top this share of response tokens by entropy, over the micro-batch on all processes "
+        "(Wang et al. 2025 'Beyond the 80/20 rule' recommend 0.2; 1.0 = every token; TRL's setting, same meaning). "
+        "The loss still divides by every token.",
+    )
+    entropy_coef: float = _field(
+        0.0, "Entropy bonus: loss - entropy_coef x mean token entropy of each micro-batch (whatever loss_agg_mode); "
+        "the initial coefficient when use_adaptive_entropy (TRL's setting, same meaning).",
+    )
+    use_adaptive_entropy: bool = _field(
+        False, "Skywork-OR1 adaptive entropy control: after each optimizer step entropy_coef moves by entropy_coef_delta "
+        "(up while the step's mean entropy <= entropy_target, down otherwise) and applies only while entropy <= "
+        "entropy_target; its state is checkpointed (TRL's setting).",
+    )
+    entropy_coef_min: float = _field(0.0, "Lowest entropy_coef of adaptive entropy control.")
+    entropy_coef_max: float = _field(1.0, "Highest entropy_coef of adaptive entropy control.")
+    entropy_coef_delta: float = _field(0.005, "Step of entropy_coef per optimizer step in adaptive entropy control.")
+    entropy_target: float = _field(
+        0.2, "Target mean token entropy (nats) of adaptive entropy control, over the trained tokens (TRL's default "
+        "0.2 almost never engages: set it near the logged entropy early in training).",
+    )
+    off_policy_mask_threshold: float | None = _field(
+        None, "Off-policy sequence masking (DeepSeek-V3.2 eq. 9): responses with a negative advantage whose mean "
+        "log(pi_sampler / pi) exceeds this leave the loss (e.g. 0.5; none = off; TRL's setting, same meaning).",
+    )
 
     # --- TRPO (update_method: trpo)
     update_method: str = _field(
@@ -290,6 +347,21 @@ class RLConfig:
                 f"max_prompt_length + max_new_tokens = {self.max_prompt_length + self.max_new_tokens} tokens exceeds "
                 f"{MAX_SEQUENCE_LENGTH:,}; set --max_new_tokens to what the model can hold (e.g. 256)")
         require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        correction = self.importance_sampling_correction
+        low, high = self.importance_sampling_min, self.importance_sampling_max
+        require(correction in IMPORTANCE_SAMPLING_MODES, f"importance_sampling_correction {correction!r} is not one of: "
+                f"{', '.join(IMPORTANCE_SAMPLING_MODES)}")
+        require(low is None or low >= 0,
+                f"importance_sampling_min must be >= 0 (a ratio of probabilities) or none, got {low}")
+        require(high is None or high > 0, f"importance_sampling_max must be > 0 (TRL's default 3.0) or none, got {high}")
+        require(low is None or high is None or low < high,
+                f"importance_sampling_min ({low}) must be less than importance_sampling_max ({high})")
+        require(not correction.endswith("_truncate") or low is not None or high is not None,
+                f"importance_sampling_correction {correction} clips the ratio: set importance_sampling_min or "
+                "importance_sampling_max")
+        require(correction == "none" or self.update_method != "trpo",
+                "importance_sampling_correction weights the policy loss of update_method optimizer; TRPO's "
+                "natural-gradient step has no per-token weight: set importance_sampling_correction none")
         require(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         require(self.clip_range is None or self.clip_range > 0, f"clip_range must be > 0 (typical 0.2), got {self.clip_range}")
         require(self.clip_range_high is None or self.clip_range_high > 0, "clip_range_high must be > 0 (e.g. 0.28)")
@@ -318,6 +390,7 @@ class RLConfig:
             ("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
             ("update_method", self.update_method, UPDATE_METHODS),
             ("reward_error", self.reward_error, REWARD_ERROR_MODES),
+            ("reward_aggregation", self.reward_aggregation, REWARD_AGGREGATIONS),
             ("prompt_overflow", self.prompt_overflow, PROMPT_OVERFLOW_MODES),
         ):
             require(value in valid, f"{key} {value!r} is not one of: {', '.join(valid)}")
@@ -331,6 +404,9 @@ class RLConfig:
         require(all(isinstance(v, dict) for v in self.reward_kwargs.values()),
                 "reward_kwargs maps reward names to mappings of parameters, e.g. {length: {target: 40}}")
         require(len(self.reward_funcs) >= 1, "reward_funcs needs at least one reward function (e.g. sentiment)")
+        require(self.reward_aggregation != "normalize_then_sum" or self.num_generations >= 2,
+                "reward_aggregation normalize_then_sum normalises each reward function within the samples of one "
+                "prompt: set num_generations >= 2")
         for entry in self.reward_funcs:
             require(isinstance(entry, str) or callable(entry),
                     f"reward_funcs entries are names, paths, URLs or Python callables, got {type(entry).__name__}")
@@ -348,6 +424,7 @@ class RLConfig:
                 f"advantage_estimator {self.advantage_estimator} compares samples of one prompt: set num_generations >= 2",
             )
         self._check_algorithm_settings()
+        self._check_loss_options()
         require(not self.filter_zero_std_groups or self.num_generations >= 2,
                 "filter_zero_std_groups needs groups: set num_generations >= 2")
         require(not self.dynamic_sampling or self.num_generations >= 2,
@@ -434,6 +511,42 @@ class RLConfig:
                 probe(entry)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"{setting} {json.dumps(kwargs, default=str)}: {entry.kind} {entry.name!r} refuses them ({exc})") from None
+
+    def _check_loss_options(self) -> None:
+        """Entropy and token-selection settings (TRL's names): their ranges, and a policy loss that
+        takes what they need (the registry passes a loss only the inputs it declares)."""
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        require(0.0 <= self.top_entropy_quantile <= 1.0,
+                f"top_entropy_quantile must be in [0, 1] (1 = every token; paper 0.2), got {self.top_entropy_quantile}")
+        require(self.off_policy_mask_threshold is None or self.off_policy_mask_threshold >= 0,
+                f"off_policy_mask_threshold must be >= 0 (e.g. 0.5) or none, got {self.off_policy_mask_threshold}")
+        require(self.entropy_coef_delta >= 0, f"entropy_coef_delta must be >= 0, got {self.entropy_coef_delta}")
+        require(self.entropy_coef_min <= self.entropy_coef_max,
+                f"entropy_coef_min {self.entropy_coef_min} must be <= entropy_coef_max {self.entropy_coef_max}")
+        require(not self.use_adaptive_entropy or self.entropy_coef_min <= self.entropy_coef <= self.entropy_coef_max,
+                f"use_adaptive_entropy: entropy_coef {self.entropy_coef} must lie in [entropy_coef_min, entropy_coef_max] "
+                f"= [{self.entropy_coef_min}, {self.entropy_coef_max}]")
+        entry = POLICY_LOSSES[self.policy_loss]
+        options = [name for name, on in (("top_entropy_quantile", self.top_entropy_quantile < 1.0),
+                                          ("off_policy_mask_threshold", self.off_policy_mask_threshold is not None))
+                   if on]
+        if self.update_method != "optimizer":
+            options += [name for name, on in (("entropy_coef", self.entropy_coef != 0.0),
+                                              ("use_adaptive_entropy", self.use_adaptive_entropy)) if on]
+            require(not options, f"{', '.join(options)} act on the optimizer's loss; update_method "
+                                 f"{self.update_method} does not use them")
+            require(self.aggregation != "micro-batch-token-mean",
+                    "loss_agg_mode micro-batch-token-mean (TRL's bnpo) needs update_method optimizer")
+        require(not options or "token_weights" in entry.fn_defaults,
+                f"{', '.join(options)} need a policy loss that takes token_weights; policy_loss {self.policy_loss} does not")
+        # TRL 1.16 GRPOTrainer: VESPO folds token-level importance weights into its sequence weight
+        correction = getattr(self, "importance_sampling_correction", "none")
+        require("is_weights" not in entry.fn_defaults or correction in ("none", "token_truncate", "token_mask"),
+                f"policy_loss {self.policy_loss} needs a token-level importance_sampling_correction (token_truncate "
+                f"or token_mask), got {correction}")
 
     def policy_loss_settings(self) -> dict[str, Any]:
         """What the policy loss is offered besides tensors. Flat settings left at none give way to

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,9 @@ class Rollout:
     prompts: list[Any]           # the dataset's prompt per sequence: a string or chat messages (rewards' `prompts`)
     completions: list[str]       # decoded response before its stop token (what rewards score)
     columns: dict[str, list[Any]] = field(default_factory=dict)  # other dataset columns per sequence
+    # [B, T] float32: the sampler's logprob of each response token under the distribution it drew
+    # from (temperature, top-p renormalised), 0 on padding; None where no sampler gave them.
+    sampler_logprobs: Tensor | None = None
 
     @property
     def response_length(self) -> int:
@@ -49,6 +53,7 @@ class Rollout:
             group_ids=self.group_ids[index], prompts=[self.prompts[i] for i in rows],
             completions=[self.completions[i] for i in rows],
             columns={name: [values[i] for i in rows] for name, values in self.columns.items()},
+            sampler_logprobs=None if self.sampler_logprobs is None else self.sampler_logprobs[index],
         )
 
 
@@ -71,6 +76,7 @@ class Rollout:
             response_ids=self.response_ids[rows, :width], mask=self.mask[rows, :width], eos_found=self.eos_found[rows],
             group_ids=self.group_ids[rows], prompts=[self.prompts[i] for i in rows.tolist()],
             completions=[self.completions[i] for i in rows.tolist()], columns={},
+            sampler_logprobs=None if self.sampler_logprobs is None else self.sampler_logprobs[rows, :width],
         ), width
 
 
@@ -93,12 +99,16 @@ def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
         attention.append(pad(part.attention_mask, left, right, 0))
         responses.append(pad(part.response_ids, 0, right, pad_token_id))
         masks.append(pad(part.mask, 0, right, 0.0))
+    # One chunk without sampler logprobs (none are mixed in practice) leaves the batch without them.
+    sampler = (None if any(p.sampler_logprobs is None for p in parts) else
+               torch.cat([pad(p.sampler_logprobs, 0, response_width - p.response_length, 0.0) for p in parts]))
     return Rollout(
         input_ids=torch.cat(input_ids), attention_mask=torch.cat(attention), response_ids=torch.cat(responses),
         mask=torch.cat(masks), eos_found=torch.cat([p.eos_found for p in parts]),
         group_ids=torch.cat([p.group_ids for p in parts]), prompts=[t for p in parts for t in p.prompts],
         completions=[t for p in parts for t in p.completions],
         columns={name: [v for p in parts for v in p.columns[name]] for name in parts[0].columns},
+        sampler_logprobs=sampler,
     )
 
 
@@ -146,8 +156,8 @@ def generate_rollout(
     assumes); with ``row_seeds`` (one per row) a row's response does not depend on the batch it is
     in (evaluation). With ``share_prompt_prefix`` a prompt that several rows share (a GRPO group)
     is prefilled once and its KV cache copied to those rows. Under FSDP2 (``synced_gpus``)
-    transformers' ``generate`` runs instead, with top_k=0 (its default of 50 would silently change
-    the distribution).
+    transformers' ``generate`` runs instead, drawing from the same distribution (``SampledLogprobs``).
+    Either way the rollout carries the sampler's logprob of each response token (``sampler_logprobs``).
     """
     device = next(policy.parameters()).device
     stops = eos_token_ids if eos_token_ids is not None else stop_token_ids(policy, tokenizer)
@@ -156,25 +166,28 @@ def generate_rollout(
         prompt_texts, padding=True, truncation=True, max_length=max_prompt_length,
         add_special_tokens=False, return_tensors="pt",
     ).to(device)
-    prompt_length = encoded["input_ids"].shape[1]
     if synced_gpus and row_seeds is None:  # FSDP2: every process must run as many forwards; generate() syncs them
+        # Temperature and top-p are applied by the recorder (as sample_responses applies them), so
+        # generate adds no warper of its own (top_k=0: its default of 50 would change the distribution).
+        recorder = SampledLogprobs(temperature, top_p)
         sequences = policy.generate(
             input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], do_sample=True,
-            temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+            temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens, logits_processor=[recorder],
             pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, use_cache=True, synced_gpus=True,
         )
+        response_ids = sequences[:, encoded["input_ids"].shape[1]:]
+        sampler_logprobs = recorder.logprobs(response_ids)
     else:
-        response_ids = sample_responses(policy, encoded["input_ids"], encoded["attention_mask"],
-                                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        eos_token_ids=stops, pad_token_id=tokenizer.pad_token_id,
-                                        row_seeds=row_seeds, share_prompt_prefix=share_prompt_prefix)
-        sequences = torch.cat([encoded["input_ids"], response_ids], dim=1)
-    response_ids = sequences[:, prompt_length:]
+        response_ids, sampler_logprobs = sample_responses(
+            policy, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, eos_token_ids=stops, pad_token_id=tokenizer.pad_token_id,
+            row_seeds=row_seeds, share_prompt_prefix=share_prompt_prefix)
     mask, eos_found = response_mask(response_ids, stops)
     # Drop columns where every row is already finished, so later passes do not pay for them.
     length = max(int(mask.sum(1).max().item()), 1)
     response_ids = torch.where(mask.bool(), response_ids, tokenizer.pad_token_id)[:, :length]
     mask = mask[:, :length]
+    sampler_logprobs = sampler_logprobs[:, :length] * mask
     # The stop token itself is left out: a turn-end token need not be special (skip_special_tokens).
     completions = tokenizer.batch_decode(
         [row[: int(m.sum()) - int(ended)] for row, m, ended in zip(response_ids, mask, eos_found)],
@@ -190,6 +203,7 @@ def generate_rollout(
         prompts=prompts,
         completions=completions,
         columns=columns,
+        sampler_logprobs=sampler_logprobs,
     )
 
 
@@ -220,16 +234,18 @@ def sample_responses(
     pad_token_id: int,
     row_seeds: list[int] | None = None,
     share_prompt_prefix: bool = False,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Batched KV-cache sampling by inverse CDF: token t of row i is the first token whose
     cumulative probability reaches u[i, t] ~ U(0, 1).
 
-    input_ids, attention_mask: [B, P] left-padded prompts -> response ids [B, T<=max_new_tokens],
-    pad after a row's first stop token (any of ``eos_token_ids``); stops once every row has ended.
-    temperature 0 = greedy. u comes from the global torch RNG, or with ``row_seeds`` from
-    ``torch.Generator().manual_seed(row_seeds[i])`` per row, so batch size, batch order and the
-    process a row runs on do not change its response (up to float rounding of the logits;
-    evaluation). One uniform per token instead of
+    input_ids, attention_mask: [B, P] left-padded prompts -> (response ids [B, T<=max_new_tokens],
+    pad after a row's first stop token (any of ``eos_token_ids``); logprobs [B, T] float32 of each
+    drawn token under the distribution it was drawn from, temperature-scaled and renormalised over
+    the top-p nucleus, read off the logits already at hand (no extra forward); 0 on padding and
+    for greedy picks). Stops once every row has ended. temperature 0 = greedy. u comes from the
+    global torch RNG, or with ``row_seeds`` from ``torch.Generator().manual_seed(row_seeds[i])``
+    per row, so batch size, batch order and the process a row runs on do not change its response
+    (up to float rounding of the logits; evaluation). One uniform per token instead of
     ``torch.multinomial``'s vocabulary-sized exponential draw; with ``share_prompt_prefix`` rows
     with the same prompt prefill it once (rlhf.models.shared_prompt_cache). The KV cache is
     written in place after the first step (rlhf.kv_cache.preallocated).
@@ -246,7 +262,7 @@ def sample_responses(
     cache = (shared_prompt_cache(model, input_ids, attention_mask, position_ids, prompt_length - 1)
              if share_prompt_prefix else None)
     step_ids, step_positions = (input_ids[:, -1:], position_ids[:, -1:]) if cache is not None else (input_ids, position_ids)
-    tokens = []
+    tokens, logprobs = [], []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     stops = torch.tensor([eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids), device=device)
     # Mask of every position the response can reach, read as a growing view (no per-token copy).
@@ -258,21 +274,79 @@ def sample_responses(
         logits = outputs.logits[:, -1].float()
         if temperature == 0:
             token = logits.argmax(-1)
+            logprob = torch.zeros_like(logits[:, 0])  # a greedy pick is certain
         else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            if top_p < 1.0:
-                sorted_probs, order = probs.sort(dim=-1, descending=True)
-                outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the top token always stays
-                probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+            scaled = logits / temperature
+            probs = nucleus(torch.softmax(scaled, dim=-1), top_p)
             token = inverse_cdf_sample(probs, uniforms[:, t])
+            logprob = nucleus_logprob(scaled, probs, token, top_p)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
+        logprobs.append(logprob.masked_fill(finished, 0.0))
         finished |= torch.isin(token, stops)
         if bool(finished.all()):
             break
         step_ids = token.unsqueeze(-1)
         step_positions = step_positions[:, -1:] + 1
-    return torch.stack(tokens, dim=1)
+    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+
+
+def nucleus(probs: Tensor, top_p: float) -> Tensor:
+    """probs [B, V] with the tokens outside the top-p nucleus zeroed (not renormalised).
+
+    The nucleus is the most probable tokens whose mass before each reaches at most top_p, so the
+    top token always stays (Holtzman et al. 2020); top_p 1 returns probs as they are."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+
+
+def nucleus_logprob(scaled: Tensor, kept: Tensor, token: Tensor, top_p: float) -> Tensor:
+    """Logprob [B] of ``token`` under the distribution drawn from: softmax(scaled) restricted to the
+    nucleus and renormalised, log p = scaled[token] - logsumexp(scaled) - log(sum of kept probs).
+
+    scaled: [B, V] logits / temperature; kept: [B, V] = nucleus(softmax(scaled)); token: [B] long.
+    Taken from the logits, not log(kept[token]), so a rare token keeps its float32 precision; at
+    top_p 1 it is exactly the trainer's log_softmax formula (no renormalisation term)."""
+    logprob = scaled.gather(-1, token.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+    return logprob - kept.sum(-1).log() if top_p < 1.0 else logprob
+
+
+class SampledLogprobs:
+    """A logits processor for transformers' ``generate`` (the FSDP2 path) that turns each step's
+    scores into the distribution ``sample_responses`` draws from (temperature, top-p nucleus) and
+    keeps it until the next step, whose input ends with the token drawn from it: so the logprob of
+    every drawn token is recorded without holding T x [B, V] scores (``output_scores`` would).
+
+    ``logprobs(response_ids)`` -> [B, T] after generate returned (the last token is read off the
+    last distribution). Rows finished early get generate's pad token; those columns are masked.
+    """
+
+    def __init__(self, temperature: float, top_p: float):
+        self.temperature, self.top_p = temperature, top_p
+        self.previous: Tensor | None = None  # [B, V] log-distribution of the latest step
+        self.recorded: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.previous is not None:
+            self.recorded.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        scaled = scores.float() / self.temperature
+        kept = nucleus(torch.softmax(scaled, dim=-1), self.top_p)
+        log_dist = torch.log_softmax(scaled, dim=-1)
+        if self.top_p < 1.0:  # renormalised over the nucleus; -inf outside, which generate never draws
+            log_dist = (log_dist - kept.sum(-1, keepdim=True).log()).masked_fill(kept == 0, -math.inf)
+        self.previous = log_dist
+        return log_dist
+
+    def logprobs(self, response_ids: Tensor) -> Tensor:
+        steps = list(self.recorded)
+        if self.previous is not None and len(steps) < response_ids.shape[1]:
+            steps.append(self.previous.gather(-1, response_ids[:, len(steps)].unsqueeze(-1)).squeeze(-1))
+        if not steps:
+            return torch.zeros(response_ids.shape, device=response_ids.device)
+        return torch.stack(steps, dim=1)
 
 
 def forward_response(

@@ -18,7 +18,9 @@ import torch
 from torch import Tensor
 
 from rlhf.algorithms import zero_spread_groups
+from rlhf.algorithms.advantages import normalize_then_sum
 from rlhf.distributed import Reducer
+from rlhf.errors import RewardError
 from rlhf.rollout import Rollout, concat_rollouts
 from rlhf.signals import ScoringInterrupted, run_abandonable
 
@@ -58,10 +60,11 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
           abandonable: Callable[[], ContextManager[Any]] = nullcontext,
           reward_columns: dict[str, list[float]] | None = None,
           raw_totals: list[float] | None = None) -> tuple[Tensor, Tensor | None, dict[str, float]]:
-    """Outcome scores [B] from the reward functions, minus the no-EOS and overlong penalties if
-    set, clipped and normalised over the global batch when asked; process rewards [B, T] on the
-    tokens they name (None when no function returned any). reward_mean/std in the metrics are
-    before clipping and normalising so runs stay comparable.
+    """Outcome scores [B] from the reward functions (their weighted sum, or with reward_aggregation
+    normalize_then_sum the weighted sum of their group-normalised values), minus the no-EOS and
+    overlong penalties if set, clipped and normalised over the global batch when asked; process
+    rewards [B, T] on the tokens they name (None when no function returned any). reward_mean/std in
+    the metrics are of the plain weighted sum before clipping and normalising so runs stay comparable.
 
     A sample for which every function returned None (not applicable) is unscorable: its score is
     NaN, it is left out of every statistic here, and ``fill_unscorable`` gives the update a
@@ -94,13 +97,15 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
     token_scores = None
     if output.steps is not None:
         token_scores = process_rewards_to_tokens(output.steps, rollout, tokenizer)
+    penalties = torch.zeros_like(scores)  # taken again from a normalize_then_sum score below
     if config.missing_eos_penalty is not None:
-        scores = scores - config.missing_eos_penalty * (~rollout.eos_found).float()
+        penalty = config.missing_eos_penalty * (~rollout.eos_found).float()
+        scores, penalties = scores - penalty, penalties + penalty
     metrics: dict[str, float] = {}
     if config.overlong_buffer_length:
         penalty = overlong_penalty(rollout.mask.sum(-1), config.max_new_tokens, config.overlong_buffer_length,
                                    config.overlong_penalty_factor)
-        scores = scores - penalty
+        scores, penalties = scores - penalty, penalties + penalty
         metrics["overlong_penalty_mean"] = reducer.mean(penalty.mean())
     scorable = reducer.gather((~unscorable).float()) > 0  # gloo gathers no bools
     unscorable_count = float((~scorable).sum())
@@ -128,6 +133,10 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
         metrics.update(function_reward_stats(name, torch.tensor(values, dtype=torch.float32, device=device), reducer))
     for name, values in logged.items():  # this process's values (the main process's are logged)
         metrics[name] = sum(values) / len(values)
+    if config.reward_aggregation == "normalize_then_sum":  # reward_mean and the columns above stay the plain sum
+        aggregated, aggregation_metrics = group_normalized_scores(output, rollout.group_ids, config, reducer)
+        scores = aggregated - penalties
+        metrics.update(aggregation_metrics)
     # Clipping and normalising act on the outcome scores alone. Gathered on every process even
     # without process rewards: some processes may have them and others not, and a gather is a
     # collective that all of them must make.
@@ -141,13 +150,38 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
     return scores.masked_fill(unscorable, math.nan), token_scores, metrics
 
 
-def function_reward_stats(name: str, values: Tensor, reducer: Reducer) -> dict[str, float]:
+def function_reward_stats(name: str, values: Tensor, reducer: Reducer, prefix: str = "rewards") -> dict[str, float]:
     """TRL's rewards/<name>/mean and /std of one function's values [B] (NaN = not applicable, left
     out) over all processes; the std with Bessel's correction, as TRL's nanstd."""
     gathered = reducer.gather(values.to(torch.float32))
     kept = gathered[~gathered.isnan()].double()
-    return {f"rewards/{name}/mean": float(kept.mean()) if kept.numel() else math.nan,
-            f"rewards/{name}/std": float(kept.std()) if kept.numel() > 1 else math.nan}
+    return {f"{prefix}/{name}/mean": float(kept.mean()) if kept.numel() else math.nan,
+            f"{prefix}/{name}/std": float(kept.std()) if kept.numel() > 1 else math.nan}
+
+
+def group_normalized_scores(output: Any, group_ids: Tensor, config: Any,
+                            reducer: Reducer) -> tuple[Tensor, dict[str, float]]:
+    """reward_aggregation normalize_then_sum (GDPO, TRL's multi_objective_aggregation): each
+    function's values normalised within each group, then weighted and summed -> scores [B], plus
+    advantages/<name>/mean and /std of each function's normalised values (NaN left out, as in
+    rewards/<name>/mean): how much each one moves the advantage before its weight.
+
+    output: the RewardOutput of one batch; group_ids: [B]. Process rewards have no per-response
+    value to normalise within a group: a function that returns them is refused (on every process,
+    so none waits in a later collective).
+    """
+    if reducer.max(float(output.steps is not None)) > 0:
+        raise RewardError("reward_aggregation normalize_then_sum normalises one value per response and function; "
+                          "a reward function returned process rewards (steps): use reward_aggregation sum")
+    names = list(output.components)
+    device = group_ids.device
+    weights = torch.tensor(config.reward_weights or [1.0] * len(names), dtype=torch.float32, device=device)
+    rewards = torch.tensor([output.components[name] for name in names], dtype=torch.float32, device=device).T
+    aggregated, normalized = normalize_then_sum(rewards, weights, group_ids)
+    metrics: dict[str, float] = {}
+    for k, name in enumerate(names):
+        metrics.update(function_reward_stats(name, normalized[:, k], reducer, prefix="advantages"))
+    return aggregated, metrics
 
 
 def fill_unscorable(scores: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:

@@ -465,6 +465,9 @@ class RLTrainer:
             "python_rng": ckpt.encode_python_rng(random.getstate()),
             "compatibility": ckpt.compatibility(self.config),
         }
+        entropy_control = getattr(self.updater, "entropy_control", None)  # the optimizer update's entropy bonus
+        if entropy_control is not None and entropy_control.adaptive:
+            state["entropy_controller"] = entropy_control.state_dict()
         if self.lineage is not None:
             state["lineage"] = self.lineage.to_dict()
         return state
@@ -476,6 +479,9 @@ class RLTrainer:
         self.updater.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.baseline.load_state_dict(state["baseline"])
+        entropy_control = getattr(self.updater, "entropy_control", None)
+        if entropy_control is not None and entropy_control.adaptive and "entropy_controller" in state:
+            entropy_control.load_state_dict(state["entropy_controller"])
         self.sampler.load_state_dict(state["sampler"])
         random.setstate(ckpt.decode_python_rng(state["python_rng"]))
 

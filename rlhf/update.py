@@ -12,26 +12,90 @@ policy_loss, reducer, micro_batch_size) and called as ``updater(batch, kl_coef) 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from rlhf.algorithms import Algorithm, Registry, agg_loss, agg_units, kl_penalty, trpo_step, value_loss
+from rlhf.algorithms.logits import entropy_from_logits, logprobs_from_logits
+from rlhf.algorithms.losses import AdaptiveEntropyController, high_entropy_mask, log_importance_weights, off_policy_mask
 from rlhf.distributed import Reducer
-from rlhf.experience import Experience
-from rlhf.rollout import forward_response
+from rlhf.errors import ConfigError
+from rlhf.experience import Experience, sampler_mismatch_metrics, sampler_mismatch_totals
+from rlhf.rollout import Rollout, forward_response
 
 UPDATERS: Registry = Registry("update method")
 
 # Per-micro-batch sums that update() turns into global means (the skipped no-grad pass's metrics).
 _TOTALS = ("entropy_sum", "response_tokens", "kl_sum", "sequences")
+# The sampler-vs-trainer mismatch measured on the update's forward (rlhf.experience.sampler_mismatch_totals).
+_SAMPLER_TOTALS = ("sampler_kl_sum", "sampler_abs_diff_sum", "sampler_tokens", "sampler_abs_diff_max")
+_MAXIMA = ("sampler_abs_diff_max",)  # kept as the largest over micro-batches, not summed
 # Loss metrics logged as shares: summed over micro-batches and processes they give the minibatch's loss.
 _SHARES = ("policy_loss", "value_loss", "kl_loss")
 
 
 def uses_deepspeed(accelerator: Any) -> bool:
     return str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
+
+
+def loss_terms(policy_loss: Algorithm, config: Any, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
+               mask: Tensor, *, entropy: Tensor | None = None, ref_logprobs: Tensor | None = None,
+               sampler_logprobs: Tensor | None = None, is_weights: Tensor | None = None,
+               gather: Callable[[Tensor], Tensor] | None = None) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """One micro-batch's loss terms, each normalised as if it were the whole batch, and the loss's stats.
+
+    logprobs (with gradient), old_logprobs, advantages, mask, entropy, ref_logprobs,
+    sampler_logprobs, is_weights: [B, T]. Returns float32 scalars
+        policy         the registered loss with token_weights = off-policy mask x high-entropy mask x
+                       is_weights (a loss that declares is_weights, vespo, takes those itself)
+        kl             (ref_logprobs given) agg_loss of the per-token KL, x the importance ratio with
+                       use_bias_correction_kl; unmasked by the token weights
+        entropy        (entropy given) mean entropy over the trained tokens (mask x high-entropy mask),
+        entropy_sum, entropy_tokens   its numerator and denominator (the adaptive controller's window)
+    With one micro-batch, policy + kl_coef x kl - entropy_coef x entropy is TRL 1.16
+    GRPOTrainer._compute_loss (tests/test_trl_loss_equivalence.py); the update scales each term by
+    its micro-batch share.
+    """
+    weights: Tensor | None = None
+    if config.off_policy_mask_threshold is not None:
+        # TRL: the sampler's logprobs where it corrects for a separate sampler (vLLM), else the
+        # rollout policy's; with top_p < 1 the two differ by log(kept mass) on every token.
+        separate_sampler = sampler_logprobs is not None and config.importance_sampling_correction != "none"
+        reference = sampler_logprobs if separate_sampler else old_logprobs
+        weights = off_policy_mask(advantages, logprobs, reference, mask, config.off_policy_mask_threshold)
+    entropy_mask = None
+    if config.top_entropy_quantile < 1.0:
+        entropy_mask = high_entropy_mask(entropy, mask, config.top_entropy_quantile, gather)
+        weights = entropy_mask.float() if weights is None else weights * entropy_mask
+    inputs: dict[str, Tensor] = {}
+    if is_weights is not None:
+        if "is_weights" in policy_loss.fn_defaults:
+            inputs["is_weights"] = is_weights
+        else:
+            weights = is_weights.float() if weights is None else weights * is_weights
+    if weights is not None:
+        if "token_weights" not in policy_loss.fn_defaults:
+            raise ConfigError(f"policy_loss {policy_loss.name} takes no token_weights, so it cannot apply importance-"
+                              "sampling weights or token masks; choose a loss that declares token_weights")
+        inputs["token_weights"] = weights
+    settings = config.policy_loss_settings()
+    loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, **inputs, **settings)
+    terms = {"policy": loss}
+    if ref_logprobs is not None:
+        per_token_kl = kl_penalty(logprobs, ref_logprobs, config.kl_estimator)
+        if config.use_bias_correction_kl:  # x the differentiable importance ratio (DeepSeek-V3.2)
+            level = settings.get("importance_sampling_level",
+                                 policy_loss.fn_defaults.get("importance_sampling_level", "token"))
+            per_token_kl = per_token_kl * torch.exp(log_importance_weights(logprobs, old_logprobs, mask, level)
+                                                    .clamp(-20.0, 20.0))
+        terms["kl"] = agg_loss(per_token_kl, mask, config.aggregation, config.max_new_tokens)
+    if entropy is not None:
+        effective = mask.float() if entropy_mask is None else mask.float() * entropy_mask.float()
+        terms["entropy_sum"], terms["entropy_tokens"] = (entropy * effective).sum(), effective.sum()
+        terms["entropy"] = terms["entropy_sum"] / terms["entropy_tokens"].clamp(min=1.0)
+    return terms, stats
 
 
 class FiniteStepGuard:
@@ -79,6 +143,11 @@ class GradientUpdate:
         self.config, self.policy_loss, self.reducer, self.micro_batch_size = config, policy_loss, reducer, micro_batch_size
         self.consecutive_skips = 0  # optimizer steps in a row skipped for a non-finite loss/gradient
         self.step_guard = FiniteStepGuard(optimizer, reducer, enabled=not uses_deepspeed(accelerator))
+        # TRL's entropy bonus: its coefficient (adaptive or not) is checkpointed by the trainer
+        self.entropy_control = AdaptiveEntropyController(
+            config.entropy_coef, config.use_adaptive_entropy, config.entropy_target, config.entropy_coef_min,
+            config.entropy_coef_max, config.entropy_coef_delta)
+        self._entropy_window: Tensor | None = None  # [entropy sum, tokens] of the optimizer step's micro-batches
 
     def __call__(self, batch: Experience, kl_coef: float) -> dict[str, float]:
         config, rollout = self.config, batch.rollout
@@ -91,16 +160,20 @@ class GradientUpdate:
             order = torch.randperm(len(rollout), device=rollout.mask.device)
             for start in range(0, len(rollout), local_minibatch):
                 minibatch = order[start:start + local_minibatch]
-                normaliser = self.reducer.sum(agg_units(batch.loss_mask[minibatch], config.aggregation))
+                if len(minibatch) > self.micro_batch_size:  # similar lengths share a micro-batch: less padding
+                    minibatch = minibatch[rollout.mask[minibatch].sum(-1).argsort(stable=True)]
+                micro_batches = list(minibatch.split(self.micro_batch_size))
+                # Units summed per micro-batch (the same as over the minibatch for every mode but
+                # micro-batch-token-mean, whose unit is the micro-batch), and micro-batches in all.
+                units = sum(agg_units(batch.loss_mask[rows], config.aggregation) for rows in micro_batches)
+                totals = self.reducer.sum(torch.stack([units, units.new_tensor(float(len(micro_batches)))]))
+                normaliser, micro_total = totals[0], float(totals[1])
                 if float(normaliser) == 0:  # every row dropped by filter_zero_std_groups, on all processes
                     continue
                 minibatches += 1
-                if len(minibatch) > self.micro_batch_size:  # similar lengths share a micro-batch: less padding
-                    minibatch = minibatch[rollout.mask[minibatch].sum(-1).argsort(stable=True)]
-                for micro_start in range(0, len(minibatch), self.micro_batch_size):
-                    rows = minibatch[micro_start:micro_start + self.micro_batch_size]
-                    for key, value in self.micro_step(batch, rows, normaliser, kl_coef).items():
-                        sums[key] = sums.get(key, 0.0) + value
+                for rows in micro_batches:
+                    for key, value in self.micro_step(batch, rows, normaliser, kl_coef, micro_total).items():
+                        sums[key] = max(sums.get(key, 0.0), value) if key in _MAXIMA else sums.get(key, 0.0) + value
                         counts[key] = counts.get(key, 0) + 1
         self.model.eval()
         metrics = self._global_metrics(sums, counts, minibatches)
@@ -113,6 +186,7 @@ class GradientUpdate:
         skipped = sums.pop("skipped_steps", 0.0)  # a count (the same on every process), not a mean
         # Token and sequence means over every process (micro-batches hold different token counts).
         totals = {key: sums.pop(key) for key in _TOTALS if key in sums}
+        mismatch = {key: sums.pop(key) for key in _SAMPLER_TOTALS if key in sums}
         shares = {key: sums.pop(key) for key in _SHARES if key in sums}
         means = {key: reducer.mean(value / counts[key]) for key, value in sums.items()}
         if shares:  # the mean over minibatches of each minibatch's global loss
@@ -123,16 +197,21 @@ class GradientUpdate:
             means["entropy"] = global_totals["entropy_sum"] / max(global_totals["response_tokens"], 1.0)
             if "kl_sum" in global_totals:
                 means["kl"] = global_totals["kl_sum"] / max(global_totals["sequences"], 1.0)
+        if mismatch:  # the update's forward stood in for the old-logprob pass
+            means.update(sampler_mismatch_metrics(mismatch, reducer))
         means.setdefault("value_loss", math.nan)
         means["learning_rate"] = self.scheduler.get_last_lr()[0]
         return means
 
-    def micro_step(self, batch: Experience, rows: Tensor, normaliser: Tensor, kl_coef: float) -> dict[str, float]:
+    def micro_step(self, batch: Experience, rows: Tensor, normaliser: Tensor, kl_coef: float,
+                   micro_total: float = 1.0) -> dict[str, float]:
         """Forward + backward of one micro-batch; steps the optimizer on the minibatch's last one.
 
         Each micro-batch's mean loss is rescaled by (its units / the minibatch's global units) x
         processes x accumulation steps, undoing DDP's and Accelerate's averaging, so the summed
-        gradient is exactly the minibatch loss normalised by global counts (RL_NOTES 14).
+        gradient is exactly the minibatch loss normalised by global counts (RL_NOTES 14). The
+        entropy bonus is each micro-batch's token mean over ``micro_total`` (all processes'
+        micro-batches), as TRL adds it whatever the loss type.
         """
         config, accelerator = self.config, self.accelerator
         # Only the columns some row of this micro-batch uses; every [B, T] input is cut to them
@@ -141,18 +220,33 @@ class GradientUpdate:
         cut = (rows, slice(None, width))
         mask, mode = batch.loss_mask[cut], config.aggregation
         share = float(agg_units(mask, mode) / normaliser)  # this micro-batch's part of the minibatch loss
-        scale = share * accelerator.num_processes * config.gradient_accumulation_steps
+        replicas = accelerator.num_processes * config.gradient_accumulation_steps  # DDP and Accelerate average over them
+        scale = share * replicas
         measure_here = batch.old_logprobs is None  # see rlhf.experience.plan_passes
+        bonus = self.entropy_control.enabled
         with accelerator.accumulate(self.model):
-            logprobs, values, entropy = forward_response(self.model, rollout, slice(None), config.temperature,
-                                                         with_entropy=measure_here)
+            if bonus:  # the bonus needs the entropy's gradient, which the logprob paths do not keep
+                logprobs, values, entropy = self._forward_with_entropy_gradient(rollout)
+            else:
+                logprobs, values, entropy = forward_response(
+                    self.model, rollout, slice(None), config.temperature,
+                    with_entropy=measure_here or config.top_entropy_quantile < 1.0)
             old_logprobs = logprobs.detach() if measure_here else batch.old_logprobs[cut]
-            loss, stats = self.policy_loss(logprobs, old_logprobs, batch.advantages[cut], mask, **config.policy_loss_settings())
+            sampler_logprobs, is_weights = getattr(batch, "sampler_logprobs", None), getattr(batch, "is_weights", None)
+            terms, stats = loss_terms(
+                self.policy_loss, config, logprobs, old_logprobs, batch.advantages[cut], mask, entropy=entropy,
+                ref_logprobs=None if config.kl_in_reward or batch.ref_logprobs is None else batch.ref_logprobs[cut],
+                sampler_logprobs=None if sampler_logprobs is None else sampler_logprobs[cut],
+                is_weights=None if is_weights is None else is_weights[cut],
+                gather=self._gather_padded if accelerator.num_processes > 1 else None)
+            loss = terms["policy"]
             stats["policy_loss"] = float(loss.detach()) * share
             if measure_here:  # sums for the metrics the skipped no-grad pass would have given
                 real = rollout.mask
-                stats["entropy_sum"] = float((entropy * real).sum())
+                stats["entropy_sum"] = float((entropy.detach() * real).sum())
                 stats["response_tokens"] = float(real.sum())
+                if rollout.sampler_logprobs is not None:
+                    stats.update(sampler_mismatch_totals(old_logprobs, rollout.sampler_logprobs, real))
                 if batch.ref_logprobs is not None:
                     stats["kl_sum"] = float(kl_penalty(old_logprobs, batch.ref_logprobs[cut], config.kl_estimator,
                                                        real).sum())
@@ -163,12 +257,18 @@ class GradientUpdate:
                                                norm_length=config.max_new_tokens)
                 loss = loss + config.vf_coef * vf_loss
                 stats.update(vf_stats, value_loss=float(vf_loss.detach()) * share)
-            if not config.kl_in_reward and batch.ref_logprobs is not None:
-                kl_loss = agg_loss(kl_penalty(logprobs, batch.ref_logprobs[cut], config.kl_estimator), mask,
-                                   mode, config.max_new_tokens)
-                loss = loss + kl_coef * kl_loss
-                stats["kl_loss"] = float(kl_loss.detach()) * share
-            accelerator.backward(loss * scale)
+            if "kl" in terms:
+                loss = loss + kl_coef * terms["kl"]
+                stats["kl_loss"] = float(terms["kl"].detach()) * share
+            loss = loss * scale  # the micro-batch's share of the minibatch loss, DDP/accumulation undone
+            if bonus:  # a token mean per micro-batch, not a share of the loss's normaliser (TRL)
+                window = torch.stack([terms["entropy_sum"].detach(), terms["entropy_tokens"]])
+                self._entropy_window = window if self._entropy_window is None else self._entropy_window + window
+                stats["entropy_bonus_coef"] = coef = self.entropy_control.applied()
+                loss = loss - coef * terms["entropy"] / micro_total * replicas
+            accelerator.backward(loss)
+            if bonus and accelerator.sync_gradients:  # the optimizer-step boundary: adapt the coefficient
+                self._close_entropy_window(stats)
             if accelerator.sync_gradients and not self._gradient_is_finite(stats):
                 return stats
             if not accelerator.sync_gradients:
@@ -181,6 +281,28 @@ class GradientUpdate:
                 return stats
             self.optimizer.zero_grad()
         return stats
+
+    def _forward_with_entropy_gradient(self, rollout: Rollout) -> tuple[Tensor, Tensor | None, Tensor]:
+        """logprobs [b, T], values [b, T] | None, entropy [b, T] with its gradient, from the full
+        logits / temperature (the chunked logprob path keeps no entropy gradient)."""
+        logits, values, _ = self.model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                                       position_ids=rollout.position_ids, response_length=rollout.response_length)
+        logits = logits.float() / self.config.temperature
+        return logprobs_from_logits(logits, rollout.response_ids), values, entropy_from_logits(logits)
+
+    def _gather_padded(self, values: Tensor) -> Tensor:
+        """1-D tensors of every process, concatenated (they differ in length)."""
+        sentinel = -1e9  # entropies are >= 0
+        gathered = self.accelerator.gather(self.accelerator.pad_across_processes(values, dim=0, pad_index=sentinel))
+        return gathered[gathered != sentinel]
+
+    def _close_entropy_window(self, stats: dict[str, float]) -> None:
+        """The step's entropy over every process's micro-batches -> the adaptive coefficient."""
+        if self._entropy_window is not None:
+            total, count = self.reducer.sum(self._entropy_window).tolist()
+            self.entropy_control.update(total / max(count, 1.0))
+            self._entropy_window = None
+        stats["entropy_coef"] = self.entropy_control.value
 
     def _count_skip(self, stats: dict[str, float]) -> None:
         self.optimizer.zero_grad()

@@ -105,7 +105,8 @@ def test_registered_functions_share_only_their_positional_inputs():
     assert set(A.ADVANTAGE_ESTIMATORS) >= {"reinforce", "gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"}
     assert set(A.POLICY_LOSSES) >= {"pg", "ppo_clip"}
     assert A.ADVANTAGE_ESTIMATORS["gae"].hyperparameters == {"gamma": 1.0, "lam": 0.95}
-    assert A.POLICY_LOSSES["ppo_clip"].hyperparameters == {"clip_range": 0.2, "clip_range_high": None, "dual_clip": None}
+    assert A.POLICY_LOSSES["ppo_clip"].hyperparameters == {"clip_range": 0.2, "clip_range_high": None, "dual_clip": None,
+                                                           "delta": None, "importance_sampling_level": "token"}
 
 
 def test_unknown_registry_names_list_valid_ones():
@@ -500,11 +501,16 @@ def test_bfloat16_inputs_give_float32_results():
         )
         assert adv16.dtype == ret16.dtype == torch.float32, name
         assert torch.allclose(adv16, adv32, atol=0.05), name
+    # Fixed data, and the same generator state for both calls: clip_cov draws tokens at random,
+    # and bfloat16 rounding may move a token across its covariance band on unlucky data.
+    torch.manual_seed(0)
     lp = -torch.rand(5, 7) * 3
     old = lp + 0.05 * torch.randn(5, 7)
     adv = torch.randn(5, 7)
     for name in A.POLICY_LOSSES:
+        torch.manual_seed(1)
         loss32, _ = A.POLICY_LOSSES[name](lp, old, adv, mask)
+        torch.manual_seed(1)
         loss16, _ = A.POLICY_LOSSES[name](lp.bfloat16(), old.bfloat16(), adv.bfloat16(), mask)
         assert loss16.dtype == torch.float32
         assert torch.allclose(loss16, loss32, atol=0.05), name

@@ -111,11 +111,11 @@ class FixedLogits(torch.nn.Module):
 
 def test_sampler_stops_at_any_stop_id():
     ids = torch.ones(3, 2, dtype=torch.long)
-    tokens = sample_responses(FixedLogits(), ids, torch.ones_like(ids), max_new_tokens=4, temperature=0.0, top_p=1.0,
-                              eos_token_ids=[0, 3], pad_token_id=4)
+    tokens, _ = sample_responses(FixedLogits(), ids, torch.ones_like(ids), max_new_tokens=4, temperature=0.0, top_p=1.0,
+                                 eos_token_ids=[0, 3], pad_token_id=4)
     assert tokens.tolist() == [[3]] * 3  # the argmax is the second stop id: every row ends at once
-    tokens = sample_responses(FixedLogits(), ids, torch.ones_like(ids), max_new_tokens=4, temperature=0.0, top_p=1.0,
-                              eos_token_ids=0, pad_token_id=4)
+    tokens, _ = sample_responses(FixedLogits(), ids, torch.ones_like(ids), max_new_tokens=4, temperature=0.0, top_p=1.0,
+                                 eos_token_ids=0, pad_token_id=4)
     assert tokens.tolist() == [[3] * 4] * 3
 
 

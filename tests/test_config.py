@@ -92,23 +92,29 @@ def test_trl_names_on_the_cli_and_in_yaml_are_ours(tmp_path):
     ("dapo", "ppo_clip", "token-mean"),                 # tokens of the whole accumulated batch
     ("dr_grpo", "ppo_clip", "seq-mean-token-sum-norm"),  # B x max_completion_length
     ("cispo", "cispo", "token-mean"),
+    ("bnpo", "ppo_clip", "micro-batch-token-mean"),      # each micro-batch's token mean, averaged
+    ("sapo", "sapo", "seq-mean-token-mean"),
+    ("luspo", "luspo", "seq-mean-token-sum"),
+    ("vespo", "vespo", "token-mean"),
 ])
 def test_trl_loss_types(loss_type, policy_loss, agg):
     config = parse_config(["--loss_type", loss_type, *GROUP])
     assert (config.policy_loss, config.loss_agg_mode) == (policy_loss, agg)
 
 
-def test_trl_epsilon_high_is_the_cispo_cap_and_sequence_level_is_gspo(tmp_path):
+def test_trl_epsilon_high_is_the_cispo_cap_and_sequence_level_is_the_losss_own(tmp_path):
     config = parse_config(["--loss_type", "cispo", "--epsilon_high", "5", *GROUP])
     assert config.policy_loss_kwargs == {"epsilon_high": 5.0} and config.clip_range_high is None
     yaml_file = tmp_path / "c.yaml"  # loss_type in the file, epsilon_high on the command line
     yaml_file.write_text("loss_type: cispo\nadvantage_estimator: grpo\nnum_generations: 4\n")
     assert parse_config(["--config", str(yaml_file), "--epsilon_high", "4"]).policy_loss_kwargs == {"epsilon_high": 4.0}
     config = parse_config(["--loss_type", "grpo", "--importance_sampling_level", "sequence", *GROUP])
-    assert (config.policy_loss, config.loss_agg_mode) == ("gspo", "seq-mean-token-mean")
+    # TRL's clip ranges (0.2) at the sequence level: ppo_clip's, not our gspo entry's paper band
+    assert (config.policy_loss, config.loss_agg_mode) == ("ppo_clip", "seq-mean-token-mean")
+    assert config.policy_loss_kwargs == {"importance_sampling_level": "sequence"}
 
 
-@pytest.mark.parametrize("value,scale", [("group", True), ("true", True), ("none", False), ("false", False)])
+@pytest.mark.parametrize("value,scale", [("group", True), ("true", True), ("batch", "batch"), ("none", False), ("false", False)])
 def test_trl_scale_rewards(value, scale):
     assert parse_config(["--scale_rewards", value, *GROUP]).advantage_kwargs == {"scale_rewards": scale}
 
@@ -119,9 +125,9 @@ def test_trl_model_keys():
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["--loss_type", "bnpo"], "loss_type 'bnpo'"),
-    (["--loss_type", "sapo"], "policy_loss pg, ppo_clip"),
-    (["--scale_rewards", "batch"], "scale_rewards 'batch'"),
+    (["--loss_type", "luspo", "--importance_sampling_level", "token"], "needs importance_sampling_level 'sequence'"),
+    (["--loss_type", "nope"], "loss_type 'nope' is not one of TRL's grpo, dapo"),
+    (["--scale_rewards", "sometimes"], "scale_rewards 'sometimes' is not one of TRL's"),
     (["--beta", "0.1", "--kl_coef", "0.2"], "beta (TRL's name) and kl_coef both set kl_coef"),
     (["--scale_rewards", "none", "--advantage_kwargs", '{"scale_rewards": true}'], "both set advantage_kwargs.scale_rewards"),
     (["--per_device_train_batch_size", "4"], "mini_batch_size = completions per optimizer step"),

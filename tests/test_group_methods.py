@@ -17,7 +17,7 @@ from rlhf.config import RLConfig
 from rlhf.errors import ConfigError
 from test_train_e2e import lora_b_norm, read_metrics
 
-GROUP_CONFIGS = ["grpo", "dr_grpo", "rloo", "reinforce_pp", "gspo", "cispo"]
+GROUP_CONFIGS = ["grpo", "dr_grpo", "rloo", "reinforce_pp", "gspo", "cispo", "sapo"]
 
 
 @pytest.mark.parametrize("name", GROUP_CONFIGS)
@@ -142,7 +142,7 @@ def test_groups_must_split_whole_over_processes():
     (["--advantage_estimator", "rloo", "--num_generations", "1"], "set num_generations >= 2"),
     (["--filter_zero_std_groups", "true", "--num_generations", "1", "--advantage_estimator", "reinforce_pp"], "filter_zero_std_groups needs groups"),
     (["--update_method", "natural"], "update_method 'natural' is not one of: optimizer, trpo"),
-    (["--policy_loss", "sac"], "policy_loss 'sac' is not one of: pg, ppo_clip, gspo, gspo_token, cispo"),
+    (["--policy_loss", "sac"], "policy_loss 'sac' is not one of: pg, ppo_clip, luspo, gspo, gspo_token, cispo, sapo, vespo, gmpo, clip_cov, kl_cov, dppo"),
     (["--advantage_estimator", "vtrace"], "advantage_estimator 'vtrace' is not one of: reinforce, gae, grpo"),
     (["--loss_agg_mode", "sum"], "loss_agg_mode 'sum' is not one of: token-mean"),
     (["--max_kl", "0"], "max_kl must be > 0"),

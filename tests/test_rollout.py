@@ -93,7 +93,7 @@ def test_sampler_draws_from_the_temperature_and_top_p_distribution(temperature, 
     rows = 20000
     tokens = sample_responses(FixedLogits(), torch.ones(rows, 3, dtype=torch.long), torch.ones(rows, 3, dtype=torch.long),
                               max_new_tokens=1, temperature=temperature, top_p=top_p, eos_token_ids=99,
-                              pad_token_id=98)[:, 0]
+                              pad_token_id=98)[0][:, 0]
     probs = torch.softmax(FixedLogits.logits / temperature, -1)
     sorted_probs, order = probs.sort(descending=True)
     keep = (sorted_probs.cumsum(-1) - sorted_probs) <= top_p
@@ -107,6 +107,6 @@ def test_sampler_draws_from_the_temperature_and_top_p_distribution(temperature, 
 
 def test_sampler_is_greedy_at_temperature_zero_and_stops_after_eos():
     ids = torch.ones(3, 2, dtype=torch.long)
-    tokens = sample_responses(FixedLogits(), ids, torch.ones_like(ids), max_new_tokens=4, temperature=0.0, top_p=1.0,
-                              eos_token_ids=0, pad_token_id=98)
+    tokens, _ = sample_responses(FixedLogits(), ids, torch.ones_like(ids), max_new_tokens=4, temperature=0.0, top_p=1.0,
+                                 eos_token_ids=0, pad_token_id=98)
     assert tokens.tolist() == [[0]] * 3  # token 0 is the argmax and EOS: every row ends at once

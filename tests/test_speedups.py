@@ -361,7 +361,7 @@ def test_weight_major_linears_sample_the_same_tokens_and_are_put_back(tiny_model
     def sample(seed):
         torch.manual_seed(seed)
         return sample_responses(model, ids, attention, max_new_tokens=6, temperature=1.0, top_p=1.0,
-                                eos_token_ids=[10 ** 6], pad_token_id=0)
+                                eos_token_ids=[10 ** 6], pad_token_id=0)[0]
 
     with torch.no_grad():
         plain_logits = model(input_ids=ids, attention_mask=attention).logits
@@ -484,7 +484,7 @@ def test_preallocated_kv_cache_samples_what_the_concatenating_cache_samples(tiny
     def sample(share: bool, seed: int = 5):
         torch.manual_seed(seed)
         return rollout.sample_responses(model, ids, attention, max_new_tokens=9, temperature=1.0, top_p=1.0,
-                                        eos_token_ids=[10 ** 6], pad_token_id=0, share_prompt_prefix=share)
+                                        eos_token_ids=[10 ** 6], pad_token_id=0, share_prompt_prefix=share)[0]
 
     for share in (False, True):
         layer_types.clear()

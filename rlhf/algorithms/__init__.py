@@ -23,8 +23,8 @@ inputs in place.
 
 Modules: registry (name -> function, with what each needs), aggregation (masked statistics,
 agg_loss), kl, advantages (estimators, reward shaping, baseline), losses (policy and value
-losses), logits, trpo. Adding a policy loss or an estimator = one decorated function in
-losses.py / advantages.py (or your own module) plus its test.
+losses), verl_losses (GMPO, Clip-Cov, KL-Cov, DPPO), logits, trpo. Adding a policy loss or an
+estimator = one decorated function in losses.py / advantages.py (or your own module) plus its test.
 """
 
 from rlhf.algorithms.advantages import (
@@ -40,6 +40,7 @@ from rlhf.algorithms.logits import (
     entropy_from_logits, logprobs_and_entropy_from_logits, logprobs_from_hidden, logprobs_from_logits,
 )
 from rlhf.algorithms.losses import POLICY_LOSSES, pg_loss, ppo_clip_loss, value_loss
+from rlhf.algorithms import verl_losses  # noqa: F401  registers gmpo, clip_cov, kl_cov, dppo
 from rlhf.algorithms.registry import Algorithm, Registry, declared_kwargs
 from rlhf.algorithms.trpo import (
     backtracking_line_search, categorical_kl, conjugate_gradient, trpo_step, trpo_step_size, trpo_surrogate_loss,

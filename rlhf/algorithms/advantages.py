@@ -1,7 +1,9 @@
-"""Advantage estimators, reward shaping into per-token rewards, and the REINFORCE baseline."""
+"""Advantage estimators, reward shaping into per-token rewards, the REINFORCE baseline, and the
+aggregation of several reward functions into one score (GDPO)."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -174,24 +176,62 @@ def gae_advantages(
     return advantages, returns
 
 
+# TRL's scale_rewards values; its booleans mean True = group, False = none.
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def scale_rewards_mode(scale_rewards: bool | str) -> str:
+    """group | batch | none from a scale_rewards setting (TRL's True / False accepted)."""
+    if scale_rewards is True or scale_rewards is False:
+        return "group" if scale_rewards else "none"
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)} (or true / false), "
+                         f"got {scale_rewards!r}")
+    return scale_rewards
+
+
+def batch_std(scores: Tensor, all_reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Unbiased std of scores [B] over the whole batch, float32 scalar (0 for fewer than 2 samples).
+
+    all_reduce (a sum over processes) makes it the std of the global batch. Two reductions, mean
+    first: the one-pass E[s^2] - E[s]^2 loses the spread in float32 when the mean is large.
+    """
+    scores = scores.float()
+    stats = torch.stack([scores.sum(), torch.tensor(float(scores.numel()), device=scores.device)])
+    total, count = (all_reduce(stats) if all_reduce is not None else stats).tolist()
+    if count < 2:
+        return torch.zeros((), dtype=torch.float32, device=scores.device)
+    sum_sq = ((scores - total / count) ** 2).sum().reshape(1)
+    sum_sq = all_reduce(sum_sq) if all_reduce is not None else sum_sq
+    return (sum_sq[0] / (count - 1)).sqrt()
+
+
 @ADVANTAGE_ESTIMATORS.register("grpo", groups=True)
 def grpo_advantages(
-    token_rewards: Tensor, mask: Tensor, *, group_ids: Tensor, eps: float = 1e-6, scale_rewards: bool = True
+    token_rewards: Tensor, mask: Tensor, *, group_ids: Tensor, eps: float = 1e-6, scale_rewards: bool | str = True,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Group-relative advantages of GRPO (Shao et al. 2024, DeepSeekMath).
 
-    s_i = sum_t r_{i,t};  A_i = (s_i - mean_{j in g(i)} s_j) / (std_{j in g(i)} s_j + eps)
-    std unbiased; a group of one sample gets A = 0. A_i is broadcast over row i's real tokens.
-    scale_rewards=False (TRL's name) drops the std division: Dr. GRPO.
+    s_i = sum_t r_{i,t};  A_i = (s_i - mean_{j in g(i)} s_j) / (std + eps), std by scale_rewards (TRL's):
+      group (or True)   std_{j in g(i)} s_j, i's group; a group of one sample gets A = 0
+      batch             std_j s_j over the whole batch, every process's samples (``all_reduce``,
+                        a sum over processes; None = this tensor is the whole batch): Lite PPO
+                        (arXiv 2508.08221)
+      none (or False)   no division: Dr. GRPO
+    stds unbiased. A_i is broadcast over row i's real tokens.
     token_rewards, mask: [B, T]; group_ids: [B] -> advantages [B, T], returns = advantages.
     """
-    if scale_rewards and not eps > 0:  # a group of equal rewards would give 0 / 0
-        raise ValueError(f"grpo: eps must be > 0 when dividing by the group std, got {eps}")
+    mode = scale_rewards_mode(scale_rewards)
+    if mode != "none" and not eps > 0:  # a group of equal rewards would give 0 / 0
+        raise ValueError(f"grpo: eps must be > 0 when dividing by a std, got {eps}")
     scores = sequence_scores(token_rewards, mask)
     group_sum, group_count, group_std = group_stats(scores, group_ids)
     seq_adv = scores - group_sum / group_count
-    if scale_rewards:
+    if mode == "group":
         seq_adv = seq_adv / (group_std + eps)
+    elif mode == "batch":
+        seq_adv = seq_adv / (batch_std(scores, all_reduce) + eps)
     advantages = seq_adv.unsqueeze(1) * mask.float()
     return advantages, advantages.clone()
 
@@ -238,3 +278,66 @@ def reinforce_pp_advantages(
     returns = discounted_returns(token_rewards, mask, gamma)
     advantages = masked_whiten(returns, mask, eps=eps, all_reduce=all_reduce)
     return advantages, returns
+
+
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp_baseline", groups=True)
+def reinforce_pp_baseline_advantages(
+    token_rewards: Tensor, mask: Tensor, *, group_ids: Tensor, eps: float = 1e-8,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE++-baseline (Hu 2025, REINFORCE++, arXiv 2501.03262): group-mean baseline, then
+    whitening over the whole batch's tokens instead of a per-group std.
+
+    s_i = sum_t r_{i,t} (the per-token KL in the reward included);  b_i = mean_{j in g(i)} s_j,
+    b_i = 0 for a group of one sample (verl);  A_{i,t} = masked_whiten(s_i - b_i) over every real
+    token of the batch: (x - mean) / sqrt(var + eps), var unbiased. The group mean removes the
+    prompt's difficulty; the batch std keeps the scale of easy and hard prompts comparable, which
+    GRPO's per-group std does not (a group of near-equal rewards is blown up).
+    The batch is the global one: ``all_reduce`` (a sum over processes) makes the statistics those
+    of every process's tokens, as verl (one driver) and OpenRLHF compute them; None = this tensor
+    is the whole batch.
+    token_rewards, mask: [B, T]; group_ids: [B] -> advantages [B, T], returns = advantages.
+    """
+    scores = sequence_scores(token_rewards, mask)
+    group_sum, group_count, _ = group_stats(scores, group_ids)
+    baseline = torch.where(group_count > 1, group_sum / group_count, torch.zeros_like(scores))
+    centred = (scores - baseline).unsqueeze(1) * mask.float()
+    advantages = masked_whiten(centred, mask, eps=eps, all_reduce=all_reduce)
+    return advantages, advantages.clone()
+
+
+# ----------------------------------------------------------------------------------------------
+# Several reward functions -> one score (rlhf.scoring applies it before the estimator)
+# ----------------------------------------------------------------------------------------------
+
+
+def normalize_then_sum(rewards: Tensor, weights: Tensor, group_ids: Tensor, eps: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """GDPO's aggregation (arXiv 2601.05242; TRL's multi_objective_aggregation normalize_then_sum):
+    each reward function normalised within each group, then the weighted sum.
+
+    rewards: [B, K] float, one column per function, NaN where it returned None (not applicable);
+    weights: [K]; group_ids: [B].
+    z_{i,k} = (r_{i,k} - mean_{j in g(i)} r_{j,k}) / (std_{j in g(i)} r_{j,k} + eps)
+              mean and std (unbiased) over the group's samples where function k applies;
+    R_i     = sum_k w_k z_{i,k}, a z that is NaN counting 0 (TRL's nansum).
+    z is NaN where r is NaN and for every sample of a group in which fewer than 2 samples have a
+    value for k (no spread to normalise by, as TRL's nanstd). Normalising each function before the
+    sum keeps a function with a large spread from drowning the others, and distinct combinations
+    of rewards (1, 0) and (0, 1) from collapsing into one advantage as they do under a plain sum.
+    Returns (R [B] float32, z [B, K] float32).
+    """
+    values = rewards.float()
+    present = ~values.isnan()
+    _, group = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(group.max()) + 1 if group.numel() else 0
+    shape = (n_groups, values.shape[1])
+    zero = torch.zeros(shape, dtype=torch.float32, device=values.device)
+    counts = zero.index_add(0, group, present.float())
+    sums = zero.index_add(0, group, torch.where(present, values, 0.0))
+    means = sums / counts  # NaN for a function absent from the whole group
+    sq_dev = torch.where(present, (values - means[group]) ** 2, 0.0)
+    stds = (zero.index_add(0, group, sq_dev) / (counts - 1)).sqrt()
+    stds = torch.where(counts > 1, stds, torch.full_like(stds, math.nan))
+    z = (values - means[group]) / (stds[group] + eps)  # NaN wherever r is NaN or the std is
+    total = (torch.where(z.isnan(), 0.0, z) * weights.to(z).unsqueeze(0)).sum(-1)
+    return total, z

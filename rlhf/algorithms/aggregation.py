@@ -95,7 +95,8 @@ def whiten_with_stats(x: Tensor, mask: Tensor, mean: Tensor | float, var: Tensor
 # Loss aggregation
 # ----------------------------------------------------------------------------------------------
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+                  "micro-batch-token-mean")
 
 
 def agg_units(mask: Tensor, mode: str = "token-mean") -> Tensor:
@@ -105,11 +106,15 @@ def agg_units(mask: Tensor, mode: str = "token-mean") -> Tensor:
     mask: [B, T]. Rows whose mask is all 0 (groups dropped by filter_zero_std_groups) are no
     sequences of the batch, so no mode counts them. Summed over micro-batches and processes this
     is the global normaliser: micro-batch loss * its units / global units adds up to the loss of
-    the whole batch (RL_NOTES 14).
+    the whole batch (RL_NOTES 14). micro-batch-token-mean (TRL's bnpo) counts the micro-batch
+    itself as one unit (1 if it holds a real token): the minibatch loss is then the mean over
+    micro-batches of each one's token mean, so the caller sums units per micro-batch.
     """
     mask = mask.float()
     if mode == "token-mean":
         return mask.sum()
+    if mode == "micro-batch-token-mean":
+        return (mask.sum() > 0).float()
     if mode not in LOSS_AGG_MODES:
         raise ValueError(f"unknown loss_agg_mode {mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
     return (mask.sum(-1) > 0).float().sum()
@@ -125,9 +130,11 @@ def agg_loss(loss: Tensor, mask: Tensor, mode: str = "token-mean", norm_length: 
     seq-mean-token-sum-norm  = sum(loss * mask) / (K * norm_length)
                              (Dr. GRPO: norm_length is a constant such as max_new_tokens; the
                              padded width T would change with every batch and every process)
+    micro-batch-token-mean   = sum(loss * mask) / sum(mask) of this micro-batch (TRL's bnpo: the
+                             update averages the micro-batches' token means, see agg_units)
     """
     mask = mask.float()
-    if mode == "token-mean":
+    if mode in ("token-mean", "micro-batch-token-mean"):
         return masked_mean(loss, mask)
     if mode not in LOSS_AGG_MODES:
         raise ValueError(f"unknown loss_agg_mode {mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
