@@ -1,0 +1,105 @@
+"""One object that holds a run's tools, environments and template, and samples a batch of rows.
+
+    episodes = ToolEpisodes(tokenizer, tools=[calculator])
+    batch = episodes.sample(model, rows, max_completion_length=256, temperature=1.0, top_p=1.0,
+                            stop_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+    batch.episodes[0].messages    # TRL's conversational completion, tool calls and results included
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rlhf.episodes.chat import Messages, prepare_tool_template
+from rlhf.episodes.sampling import Episode, sample_episodes
+from rlhf.episodes.tools import EnvironmentPool, Factory, Tool, Toolbox, environment_tools, load_environment, load_tools
+from rlhf.errors import ConfigError, DataError
+
+
+@dataclass
+class SampledBatch:
+    episodes: list[Episode]
+    environments: list[Any] | None   # the instance each episode ran in (reward functions get them as ``environments``)
+
+
+def episode_prompt(prompt: Any, observation: str | None) -> Messages:
+    """A row's prompt as messages with the environment's reset observation appended to the last
+    message's text (TRL). A plain-string prompt becomes one user message; no prompt (a dataset
+    that only names environments) an empty one, as TRL allows with an environment."""
+    if prompt is None:
+        messages: Messages = [{"role": "user", "content": ""}]
+    elif isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt):
+        messages = [dict(m) for m in prompt]
+    else:
+        raise DataError(f"a prompt must be a string or a list of {{role, content}} messages, got {str(prompt)[:60]!r}")
+    if observation:
+        last = messages[-1]
+        messages[-1] = {**last, "content": f"{last.get('content') or ''}{observation}"}
+    return messages
+
+
+class ToolEpisodes:
+    """A run's tools and environments, ready to sample episodes (TRL's ``tools`` / ``environment_factory``).
+
+    ``tools``: functions or ``file.py:name`` / ``module:name`` specs; ``environment_factory``: a
+    factory, a spec, or {name: factory or spec}. ``chat_template``: a tool-capable template to use
+    instead of the tokenizer's (set on it). ``max_tool_calling_iterations`` (None: no limit) and
+    ``tool_timeout`` (seconds per call, None: none) as in rlhf.episodes.sampling / tools.
+    ConfigError in one line for anything unusable, before any sampling.
+    """
+
+    def __init__(self, tokenizer: Any, tools: list[str | Tool] | None = None,
+                 environment_factory: str | Factory | dict[str, str | Factory] | None = None, *,
+                 chat_template: str | None = None, template_kwargs: dict[str, Any] | None = None,
+                 max_tool_calling_iterations: int | None = None, tool_timeout: float | None = None):
+        if not tools and environment_factory is None:
+            raise ConfigError("episodes need tools or an environment_factory")
+        if max_tool_calling_iterations is not None and max_tool_calling_iterations < 0:
+            raise ConfigError(f"max_tool_calling_iterations must be >= 0 or unset, got {max_tool_calling_iterations}")
+        if tool_timeout is not None and not tool_timeout > 0:
+            raise ConfigError(f"tool_timeout must be a positive number of seconds or unset, got {tool_timeout}")
+        self.tokenizer = tokenizer
+        self.tools = load_tools(list(tools or []))
+        self.pool = EnvironmentPool(load_environment(environment_factory)) if environment_factory is not None else None
+        self.chat_template = prepare_tool_template(tokenizer, chat_template)
+        self.template_kwargs = dict(template_kwargs or {})
+        self.max_tool_calling_iterations = max_tool_calling_iterations
+        self.tool_timeout = tool_timeout
+        self.schema_cache: dict[Any, dict[str, Any]] = {}
+        # every tool and environment method described once now: a missing docstring fails here
+        for instances in (self.pool.pool.values() if self.pool else [[None]]):
+            self.toolbox(instances[0])
+
+    def toolbox(self, environment: Any | None) -> Toolbox:
+        """The tools of an episode run in ``environment`` (None: the standalone tools only)."""
+        methods = environment_tools(environment) if environment is not None else []
+        return Toolbox(self.tools + methods, self.schema_cache)
+
+    def reward_functions(self) -> list[tuple[str, Any]]:
+        """The environments' ``get_reward`` as (name, reward function) pairs (none without environments)."""
+        return self.pool.reward_functions() if self.pool else []
+
+    def start(self, rows: list[dict[str, Any]],
+              prompt_column: str = "prompt") -> tuple[list[Messages], list[Toolbox], list[Any] | None]:
+        """Prompts, toolboxes and environment instances (reset with their row) for ``rows``."""
+        if self.pool is None:
+            prompts = [episode_prompt(row.get(prompt_column), None) for row in rows]
+            return prompts, [self.toolbox(None)] * len(rows), None
+        environments = self.pool.take(self.pool.names(rows))
+        prompts = [episode_prompt(row.get(prompt_column), self.pool.reset(env, row))
+                   for env, row in zip(environments, rows)]
+        return prompts, [self.toolbox(env) for env in environments], environments
+
+    def sample(self, model: Any, rows: list[dict[str, Any]], *, prompt_column: str = "prompt",
+               **sampling: Any) -> SampledBatch:
+        """One episode per row; ``sampling``: sample_episodes' keywords (max_completion_length,
+        temperature, top_p, stop_ids, pad_token_id, max_prompt_length, uniforms, row_seeds, ...)."""
+        prompts, toolboxes, environments = self.start(rows, prompt_column)
+        episodes = sample_episodes(
+            model, self.tokenizer, prompts, toolboxes, chat_template=self.chat_template,
+            template_kwargs=self.template_kwargs, max_tool_calling_iterations=self.max_tool_calling_iterations,
+            tool_timeout=self.tool_timeout, **sampling)
+        return SampledBatch(episodes=episodes, environments=environments)
