@@ -97,8 +97,9 @@ def _loss(given: dict[str, Any]) -> dict[str, Any]:
         if loss_type == "vespo" and level != "token":
             raise ConfigError("loss_type 'vespo' computes its sequence weight itself: importance_sampling_level must "
                               "be 'token'")
-        if level == "sequence" and loss_type not in ("luspo",):
-            out["policy_loss_kwargs"] = {"importance_sampling_level": "sequence"}
+        # Given explicitly even at token level: the loss type may come from another source (a YAML
+        # loss_type luspo and --importance_sampling_level token on the command line must clash).
+        out["policy_loss_kwargs"] = {"importance_sampling_level": level}
     return out
 
 
@@ -133,7 +134,7 @@ def _scale_rewards(given: dict[str, Any]) -> dict[str, Any]:
         out["reward_aggregation"] = _choice("multi_objective_aggregation", given["multi_objective_aggregation"],
                                             aggregations, {})
     if out.get("reward_aggregation") == "normalize_then_sum":
-        out["advantage_kwargs"] = {"scale_rewards": "batch"}
+        out["advantage_kwargs"] = {"scale_rewards": "batch", "eps": 1e-4}  # TRL: (x - mean) / (std + 1e-4)
     elif "scale_rewards" in given:
         scale = _choice("scale_rewards", given["scale_rewards"],
                         {"group": True, "true": True, "batch": "batch", "none": False, "false": False}, {})

@@ -13,6 +13,7 @@ import json
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,14 @@ def _settle(values: dict[str, Any], origin: dict[str, str]) -> None:
     if origin.get("clip_range_high") == "epsilon_high" and values.get("policy_loss") == "cispo":
         values["policy_loss_kwargs"] = {"epsilon_high": values["clip_range_high"], **(values["policy_loss_kwargs"] or {})}
         values["clip_range_high"] = None
+    elif origin.get("policy_loss") == "loss_type" and values.get("policy_loss") == "cispo" \
+            and "epsilon_high" not in (values["policy_loss_kwargs"] or {}):
+        # TRL 1.16: epsilon_high = epsilon when unset, and cispo caps the ratio at it (0.2 by default)
+        cap = values["clip_range"] if values.get("clip_range") is not None else 0.2
+        warnings.warn(f"loss_type cispo without epsilon_high: TRL caps every importance weight at epsilon ({cap}), "
+                      "which scales REINFORCE rather than clipping it; ScaleRL/TRL recommend epsilon_high 5.0",
+                      stacklevel=2)
+        values["policy_loss_kwargs"] = {"epsilon_high": cap, **(values["policy_loss_kwargs"] or {})}
 
 
 def parse_dataclass(cls: type, argv: list[str] | None = None, script_defaults: dict[str, Any] | None = None,

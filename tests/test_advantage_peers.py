@@ -189,7 +189,8 @@ def test_normalize_then_sum_settings_and_trls_names():
     group = {"advantage_estimator": "grpo", "num_generations": 4}
     # TRL divides the sum by the batch std whatever its scale_rewards says
     gdpo = RLConfig.from_dict({"multi_objective_aggregation": "normalize_then_sum", "scale_rewards": "group", **group})
-    assert gdpo.reward_aggregation == "normalize_then_sum" and gdpo.advantage_kwargs == {"scale_rewards": "batch"}
+    assert gdpo.reward_aggregation == "normalize_then_sum"
+    assert gdpo.advantage_kwargs == {"scale_rewards": "batch", "eps": 1e-4}  # TRL's std + 1e-4
     plain = RLConfig.from_dict({"multi_objective_aggregation": "sum_then_normalize", "scale_rewards": "batch", **group})
     assert plain.reward_aggregation == "sum" and plain.advantage_kwargs == {"scale_rewards": "batch"}
     with pytest.raises(ConfigError, match="multi_objective_aggregation 'mean' is not one of TRL's"):

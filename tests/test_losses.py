@@ -81,4 +81,7 @@ def test_cispo_lower_bound_and_bad_caps():
     _, grad, _ = grads_of("cispo", logprobs, old, torch.ones(1, 2), mask=torch.ones(1, 2), epsilon_low=0.5)
     assert float(grad[0, 0]) == pytest.approx(-0.5 / 2)  # weight raised to 1 - 0.5
     with pytest.raises(ValueError, match="epsilon_high"):
-        A.POLICY_LOSSES["cispo"](logprobs, old, torch.ones(1, 2), torch.ones(1, 2), epsilon_high=0.5)
+        A.POLICY_LOSSES["cispo"](logprobs, old, torch.ones(1, 2), torch.ones(1, 2), epsilon_high=0.0)
+    # TRL accepts a cap at or below 1 (its default for cispo is epsilon, 0.2): every weight is then ~the cap
+    loss, stats = A.POLICY_LOSSES["cispo"](logprobs, old, torch.ones(1, 2), torch.ones(1, 2), epsilon_high=0.2)
+    assert stats["clip_frac"] == pytest.approx(0.5)  # the ratio-1 token is capped at 0.2, the e^-3 one is not

@@ -299,3 +299,34 @@ def test_adaptive_entropy_state_survives_a_resume(run_here, tiny_model_dir, tmp_
     assert state["entropy_controller"]["value"] == pytest.approx(0.04)
     rows = _run(run_here, tiny_model_dir, out, *flags, "--max_steps", "2", "--resume_from_checkpoint", "latest")
     assert rows[-1]["step"] == 2 and rows[-1]["entropy_coef"] == pytest.approx(0.065)  # 0.05 .. 0.08
+
+
+def test_review_fixes_trl_cispo_default_split_sources_and_narrowed_entropy_bounds(tmp_path):
+    """A stranger's review: (1) loss_type cispo without epsilon_high gets TRL's cap, epsilon (0.2),
+    with a warning (it was 5.0, and TRL's value was refused); (2) a loss type in the YAML and
+    importance_sampling_level on the command line meet (luspo at token level ran at sequence
+    level); (3) a resume that narrows entropy_coef_max holds the new bound from its first step."""
+    import warnings
+
+    from rlhf.parsing import parse_dataclass
+
+    with pytest.warns(UserWarning, match="TRL caps every importance weight at epsilon"):
+        config = RLConfig.from_dict({"loss_type": "cispo", "epsilon": 0.3})
+    assert config.policy_loss_kwargs["epsilon_high"] == 0.3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert RLConfig.from_dict({"loss_type": "cispo", "epsilon_high": 5.0}).policy_loss_kwargs["epsilon_high"] == 5.0
+
+    yaml_file = tmp_path / "trl.yaml"
+    yaml_file.write_text("loss_type: luspo\n")
+    with pytest.raises(ConfigError, match="luspo"):
+        parse_dataclass(RLConfig, ["--config", str(yaml_file), "--importance_sampling_level", "token"])
+    yaml_file.write_text("loss_type: vespo\n")
+    with pytest.raises(ConfigError, match="vespo computes its sequence weight itself"):
+        parse_dataclass(RLConfig, ["--config", str(yaml_file), "--importance_sampling_level", "sequence"])
+    assert parse_dataclass(RLConfig, ["--config", str(yaml_file), "--importance_sampling_level", "token"]
+                           ).policy_loss == "vespo"
+
+    control = AdaptiveEntropyController(0.0, True, coef_max=0.01)
+    control.load_state_dict({"value": 0.04, "last_entropy": 0.1})
+    assert control.value == 0.01

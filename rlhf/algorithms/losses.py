@@ -273,13 +273,14 @@ def cispo_loss(
     as in the paper and TRL);   per-token loss = -w * A * lp * token_weights.
     Unlike PPO no token leaves the gradient: a token with a large ratio still learns, with its
     weight capped. epsilon_high is the cap on the ratio itself, as TRL's loss_type="cispo" uses it
-    (ScaleRL's eps_max, 5.0); it must exceed 1.
+    (ScaleRL's eps_max, 5.0). TRL accepts any cap: one at or below 1 weights every token by about
+    the cap (scaled REINFORCE), which is what a TRL config without epsilon_high gets (epsilon, 0.2).
     logprobs, old_logprobs, advantages, mask, token_weights: [B, T] -> (float32 scalar loss,
     {"clip_frac": share of tokens whose weight was capped, "approx_kl", "cispo_clip_ratio": TRL's
     share with r > epsilon_high and A > 0}).
     """
-    if epsilon_high <= 1.0:
-        raise ValueError(f"cispo: epsilon_high caps the importance ratio and must be > 1 (e.g. 5.0), got {epsilon_high}")
+    if not epsilon_high > 0.0:
+        raise ValueError(f"cispo: epsilon_high caps the importance ratio and must be > 0 (e.g. 5.0), got {epsilon_high}")
     if epsilon_low is not None and not 0.0 <= epsilon_low <= 1.0:
         raise ValueError(f"cispo: epsilon_low must be in [0, 1] or none, got {epsilon_low}")
     _check_level("cispo", importance_sampling_level)
@@ -354,6 +355,7 @@ def vespo_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, k_pos: float = 2.0,
     lambda_pos: float = 3.0, k_neg: float = 3.0, lambda_neg: float = 2.0, loss_agg_mode: str = "token-mean",
     norm_length: int | None = None, token_weights: Tensor | None = None, is_weights: Tensor | None = None,
+    importance_sampling_level: str = "token",
 ) -> tuple[Tensor, dict[str, float]]:
     """VESPO (Variational Sequence-Level Soft Policy Optimization, 2026; TRL loss_type vespo):
     REINFORCE weighted by a smooth, asymmetric function of the sequence importance ratio.
@@ -364,7 +366,12 @@ def vespo_loss(
     multiplying the loss. TRL defaults: k_pos 2, lambda_pos 3, k_neg 3, lambda_neg 2.
     logprobs, old_logprobs, advantages, mask, token_weights, is_weights: [B, T] -> (float32 scalar,
     {"clip_frac": 0.0, "approx_kl", "vespo/phi_seq_mean": mean phi over responses}).
+    importance_sampling_level is accepted as "token" only: phi is a function of the sequence ratio
+    already (TRL warns and computes the same).
     """
+    if importance_sampling_level != "token":
+        raise ValueError("vespo computes its sequence weight itself: importance_sampling_level must be 'token', "
+                         f"got {importance_sampling_level!r}")
     if min(k_pos, k_neg) < 0 or min(lambda_pos, lambda_neg) <= 0:
         raise ValueError(f"vespo: k_pos/k_neg must be >= 0 and lambda_pos/lambda_neg > 0, got k {k_pos}, {k_neg}, "
                          f"lambda {lambda_pos}, {lambda_neg}")
@@ -454,6 +461,7 @@ class AdaptiveEntropyController:
         return {"value": self.value, "last_entropy": None if math.isinf(self.last_entropy) else self.last_entropy}
 
     def load_state_dict(self, state: dict[str, float | None]) -> None:
-        self.value = float(state["value"])
+        # a resume may narrow [coef_min, coef_max]: the new bounds hold from the first step
+        self.value = min(max(float(state["value"]), self.coef_min), self.coef_max) if self.adaptive else float(state["value"])
         last = state.get("last_entropy")
         self.last_entropy = math.inf if last is None else float(last)
