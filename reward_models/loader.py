@@ -160,11 +160,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
-def _import_file(path: Path, spec: str) -> Any:
-    if not path.is_file():
-        raise RewardError(f"reward file not found: {path} (from reward_funcs entry {spec!r})")
-    module_name = "rlhf_user_reward_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-    if module_name in sys.modules:  # several functions of one file share one module (and its state)
+def import_user_file(path: Path, prefix: str) -> Any:
+    """``path`` imported as a module named ``prefix`` + a hash of its resolved path, once: several
+    names taken from one file share one module (and its state). An import that raises leaves no
+    half-made module behind and re-raises."""
+    module_name = prefix + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    if module_name in sys.modules:
         return sys.modules[module_name]
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     assert module_spec is not None and module_spec.loader is not None
@@ -172,10 +173,19 @@ def _import_file(path: Path, spec: str) -> Any:
     sys.modules[module_name] = module
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:
+    except Exception:
         del sys.modules[module_name]
-        raise RewardError(f"reward file {path} failed to import: {_describe(exc)}") from None
+        raise
     return module
+
+
+def _import_file(path: Path, spec: str) -> Any:
+    if not path.is_file():
+        raise RewardError(f"reward file not found: {path} (from reward_funcs entry {spec!r})")
+    try:
+        return import_user_file(path, "rlhf_user_reward_")
+    except Exception as exc:
+        raise RewardError(f"reward file {path} failed to import: {_describe(exc)}") from None
 
 
 def _subset(call_kwargs: dict[str, Any], indices: list[int]) -> dict[str, Any]:

@@ -19,19 +19,16 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import importlib
-import importlib.util
 import inspect
 import math
 import numbers
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from reward_models.guard import RewardTimeout, run_guarded
-from reward_models.loader import run_coroutine
+from reward_models.loader import import_user_file, run_coroutine
 from rlhf.errors import ConfigError, DataError
 
 Tool = Callable[..., Any]
@@ -280,18 +277,10 @@ def load_object(spec: str, what: str = "tool") -> Any:
         path = Path(target).expanduser()
         if not path.is_file():
             raise ConfigError(f"{what} file not found: {path} (from {spec!r})")
-        module_name = "rlhf_user_tools_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-        module = sys.modules.get(module_name)
-        if module is None:  # several names from one file share one module (and its state)
-            module_spec = importlib.util.spec_from_file_location(module_name, path)
-            assert module_spec is not None and module_spec.loader is not None
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[module_name] = module
-            try:
-                module_spec.loader.exec_module(module)
-            except Exception as exc:
-                del sys.modules[module_name]
-                raise ConfigError(f"{what} file {path} failed to import: {type(exc).__name__}: {exc}") from None
+        try:
+            module = import_user_file(path, "rlhf_user_tools_")
+        except Exception as exc:
+            raise ConfigError(f"{what} file {path} failed to import: {type(exc).__name__}: {exc}") from None
     else:
         try:
             module = importlib.import_module(target)
