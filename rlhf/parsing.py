@@ -28,8 +28,8 @@ _NONE_WORDS = {"none", "null", "~"}
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        (inner,) = [a for a in args if a is not type(None)]
-        return inner, True
+        inner = [a for a in args if a is not type(None)]
+        return (inner[0] if len(inner) == 1 else typing.Union[tuple(inner)]), True
     return tp, False
 
 
@@ -41,6 +41,11 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
             return None
         raise ConfigError(f"{key} cannot be empty")
     try:
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # str | dict: a name, or a mapping of names
+            if isinstance(value, dict):
+                return {str(k): str(v) for k, v in value.items()}
+            text = str(value)
+            return json.loads(text) if text.lstrip().startswith("{") else text
         if typing.get_origin(tp) is dict:
             parsed = json.loads(value) if isinstance(value, str) else value
             if not isinstance(parsed, dict):
@@ -172,6 +177,10 @@ def _settle(values: dict[str, Any], origin: dict[str, str]) -> None:
     """TRL's epsilon_high is the cap on the ratio itself under loss_type cispo (our cispo's own
     epsilon_high), the upper clip epsilon otherwise (our clip_range_high)."""
     if origin.get("clip_range_high") == "epsilon_high" and values.get("policy_loss") == "cispo":
+        given = (values["policy_loss_kwargs"] or {}).get("epsilon_high")
+        if given is not None and given != values["clip_range_high"]:  # two caps: neither may win silently
+            raise ConfigError(f"epsilon_high {values['clip_range_high']} and policy_loss_kwargs epsilon_high {given} "
+                              "both set cispo's cap; give one")
         values["policy_loss_kwargs"] = {"epsilon_high": values["clip_range_high"], **(values["policy_loss_kwargs"] or {})}
         values["clip_range_high"] = None
     elif origin.get("policy_loss") == "loss_type" and values.get("policy_loss") == "cispo" \

@@ -228,6 +228,8 @@ def test_micro_batch_token_mean_is_the_micro_batch_token_mean():
     ({"loss_type": "sapo", "sapo_temperature_pos": 0.0}, "temperature_pos and temperature_neg must be > 0"),
     ({"loss_type": "dapo", "sapo_temperature_pos": 1.0}, "has no parameter 'temperature_pos'"),
     ({"loss_type": "cispo", "delta": 2.0}, "has no parameter 'delta'"),
+    ({"loss_type": "cispo", "epsilon_high": 5.0, "policy_loss_kwargs": {"epsilon_high": 4.0}},
+     "both set cispo's cap; give one"),
     ({"top_entropy_quantile": 1.5}, "top_entropy_quantile must be in [0, 1]"),
     ({"off_policy_mask_threshold": -1.0}, "off_policy_mask_threshold must be >= 0"),
     ({"use_adaptive_entropy": True, "entropy_coef": 2.0}, "must lie in [entropy_coef_min, entropy_coef_max]"),
