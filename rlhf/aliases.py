@@ -29,6 +29,7 @@ _RL_RENAMES = {
     "vllm_importance_sampling_clip_min": "importance_sampling_min",
     "vllm_importance_sampling_clip_max": "importance_sampling_max",
     "vllm_importance_sampling_cap": "importance_sampling_max",  # TRL's deprecated name for clip_max
+    "environment": "environment_factory",  # the short CLI spelling (--environment file.py:Class)
 }
 # Reward model / DPO: transformers 5 reads a warmup_steps below 1 as TRL's warmup_ratio.
 _PAIRS_RENAMES = {"dataset_name": "dataset", "warmup_ratio": "warmup_steps"}

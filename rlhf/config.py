@@ -127,6 +127,29 @@ class RLConfig:
         3.0, "Upper bound C_max of the importance-sampling ratio (None = open; TRL: vllm_importance_sampling_clip_max, "
         "default 3.0).")
 
+    # --- multi-turn episodes (rlhf.episodes): tools and environments, TRL's names
+    tools: list[str] = _field(
+        [], "Tools the model may call during its response: path/to/file.py:function or package.module:function "
+        "(type hints + Google-style docstring; sync or async). The response becomes an episode: turns of the "
+        "model, tool results between them; max_new_tokens bounds the whole episode (TRL's max_completion_length).",
+    )
+    environment_factory: str | dict[str, str] | None = _field(
+        None, "An environment class (file.py:Class or module:Class) with reset(**row) -> str | None and public methods "
+        "the model calls as tools, optionally get_reward() -> float (a reward source named after the class); one "
+        "instance per episode. A YAML mapping {name: spec} picks the class by the dataset's 'environment' column. "
+        "CLI: --environment.",
+    )
+    max_tool_calling_iterations: int | None = _field(
+        None, "Turns whose tool calls are executed per episode (None = until max_new_tokens; TRL's name).")
+    tool_timeout: float | None = _field(
+        30.0, "Seconds a tool call may take; one that takes longer returns an error observation (None = no limit).")
+    chat_template: str | None = _field(
+        None, "Chat template to use instead of the tokenizer's (prompts and episodes), e.g. for a model whose own cannot "
+        "render tool calls: a .jinja file, or the name of one of TRL's (qwen3 = trl/chat_templates/qwen3.jinja).",
+    )
+    chat_template_kwargs: dict[str, Any] = _field(
+        {}, "Extra keywords for the chat template when rendering episodes (TRL's name; e.g. {enable_thinking: false}).")
+
     # --- reward
     reward_funcs: list[str] = _field(["sentiment"], "Reward functions: built-in names, path/to/file.py:function, or package.module:function.")
     reward_weights: list[float] | None = _field(None, "Weight of each reward function (default: all 1.0).")
@@ -403,7 +426,7 @@ class RLConfig:
         require(self.reward_timeout is None or self.reward_timeout > 0, "reward_timeout must be > 0 seconds or none")
         require(all(isinstance(v, dict) for v in self.reward_kwargs.values()),
                 "reward_kwargs maps reward names to mappings of parameters, e.g. {length: {target: 40}}")
-        require(len(self.reward_funcs) >= 1, "reward_funcs needs at least one reward function (e.g. sentiment)")
+        # An empty reward_funcs is checked by the trainer: an environment_factory given to it may pay.
         require(self.reward_aggregation != "normalize_then_sum" or self.num_generations >= 2,
                 "reward_aggregation normalize_then_sum normalises each reward function within the samples of one "
                 "prompt: set num_generations >= 2")
@@ -425,6 +448,7 @@ class RLConfig:
             )
         self._check_algorithm_settings()
         self._check_loss_options()
+        self._check_episode_options()
         require(not self.filter_zero_std_groups or self.num_generations >= 2,
                 "filter_zero_std_groups needs groups: set num_generations >= 2")
         require(not self.dynamic_sampling or self.num_generations >= 2,
@@ -511,6 +535,20 @@ class RLConfig:
                 probe(entry)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"{setting} {json.dumps(kwargs, default=str)}: {entry.kind} {entry.name!r} refuses them ({exc})") from None
+
+    @property
+    def episodes(self) -> bool:
+        """Responses are multi-turn episodes (tools or an environment; rlhf.episodes)."""
+        return bool(self.tools) or self.environment_factory is not None
+
+    def _check_episode_options(self) -> None:
+        """Tools and environments: their settings' ranges (the specs themselves load in the trainer)."""
+        if self.max_tool_calling_iterations is not None and self.max_tool_calling_iterations < 0:
+            raise ConfigError(f"max_tool_calling_iterations must be >= 0 or none, got {self.max_tool_calling_iterations}")
+        if self.tool_timeout is not None and not self.tool_timeout > 0:
+            raise ConfigError(f"tool_timeout must be > 0 seconds or none, got {self.tool_timeout}")
+        if self.environment_factory == {}:
+            raise ConfigError("environment_factory: an empty mapping names no environment")
 
     def _check_loss_options(self) -> None:
         """Entropy and token-selection settings (TRL's names): their ranges, and a policy loss that
@@ -622,10 +660,16 @@ def _plain(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-def with_overrides(config: RLConfig, *, model: Any = None, reward_funcs: Any = None, train_dataset: Any = None) -> RLConfig:
+def with_overrides(config: RLConfig, *, model: Any = None, reward_funcs: Any = None, train_dataset: Any = None,
+                   tools: Any = None, environment_factory: Any = None) -> RLConfig:
     """A copy of ``config`` with what the Python API (RLTrainer's keywords) gives instead: a model
-    name or loaded model (its name_or_path is recorded), reward functions, a training dataset."""
+    name or loaded model (its name_or_path is recorded), reward functions, a training dataset,
+    tools (functions or specs) and an environment factory (a class, a callable, a spec, or a dict)."""
     changes: dict[str, Any] = {}
+    if tools is not None:
+        changes["tools"] = list(tools) if isinstance(tools, (list, tuple)) else [tools]
+    if environment_factory is not None:
+        changes["environment_factory"] = environment_factory
     if model is not None:
         if isinstance(model, str):
             changes["model_name_or_path"] = model

@@ -21,6 +21,10 @@ BUILTIN_DATASETS = {
     # Arithmetic in TRL's conversational prompt-only format with a `solution` column (what
     # trl.rewards.accuracy_reward and our exact_answer with column: solution read).
     "math": {"train": "math_train.jsonl", "eval": "math_eval.jsonl"},
+    # Episodes (rlhf.examples): arithmetic for the calculator tool (`solution` column), and games
+    # of the number-guessing environment (`secret`, `low`, `high` columns for its reset).
+    "calculator": {"train": "calculator_train.jsonl", "eval": "calculator_eval.jsonl"},
+    "guess": {"train": "guess_train.jsonl", "eval": "guess_eval.jsonl"},
 }
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}

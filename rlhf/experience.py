@@ -90,8 +90,8 @@ def make_experience(model: torch.nn.Module, rollout: Rollout, scores: Tensor, *,
     token_rewards = token_level_rewards(scores, mask, kl=kl, kl_coef=kl_coef if config.kl_in_reward else 0.0)
     if token_scores is not None:
         token_rewards = token_rewards + token_scores.float() * mask.float()
-    advantages, returns = estimator(token_rewards, mask, values=values, group_ids=rollout.group_ids,
-                                    baseline=baseline.value, all_reduce=reducer.sum, **config.advantage_settings())
+    advantages, returns = estimate(estimator, token_rewards, mask, values, rollout, baseline.value, reducer,
+                                   config.advantage_settings())
     baseline.update(reducer.gather(returns[:, 0]))
     if config.whiten_advantages:  # over all processes (TRL whitens per rank, RL_NOTES 10)
         advantages = masked_whiten(advantages, loss_mask, all_reduce=reducer.sum)
@@ -115,6 +115,28 @@ def make_experience(model: torch.nn.Module, rollout: Rollout, scores: Tensor, *,
         metrics["sampling/sampling_logp_difference/max"] = metrics["sampler/logprob_abs_diff_max"]
     return Experience(rollout, old_logprobs, ref_logprobs, values, advantages, returns, loss_mask,
                       sampler_logprobs, is_weights), metrics
+
+
+def estimate(estimator: Algorithm, token_rewards: Tensor, mask: Tensor, values: Tensor | None, rollout: Rollout,
+             baseline: float, reducer: Reducer, settings: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """The registered estimator -> (advantages, returns), each [B, T].
+
+    In multi-turn episodes the tool/environment tokens between turns are part of the state, not
+    actions: the estimator runs on the sampled tokens alone, moved together
+    (rlhf.episodes.actions.compact_actions), so GAE bootstraps a turn's last token from the next
+    turn's first sampled token and gamma/lambda discount once per action; the result goes back to
+    the sampled positions (0 on tool tokens). One-turn rollouts are passed as they are.
+    """
+    if rollout.episode_mask is None:
+        return estimator(token_rewards, mask, values=values, group_ids=rollout.group_ids, baseline=baseline,
+                         all_reduce=reducer.sum, **settings)
+    from rlhf.episodes.actions import compact_actions, expand_actions
+
+    actions_rewards, actions_mask = compact_actions(token_rewards, mask)
+    actions_values = compact_actions(values, mask)[0] if values is not None else None
+    advantages, returns = estimator(actions_rewards, actions_mask, values=actions_values, group_ids=rollout.group_ids,
+                                    baseline=baseline, all_reduce=reducer.sum, **settings)
+    return expand_actions(advantages, mask), expand_actions(returns, mask)
 
 
 # ------------------------------------------------------------------ the sampler against the trainer

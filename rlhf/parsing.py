@@ -138,7 +138,7 @@ def build_parser(cls: type, defaults: dict[str, Any], prog: str | None = None,
             parser.add_argument(f"--{f.name}", nargs="?", const="true", default=defaults.get(f.name),
                                 help=help_text, metavar="BOOL")
             continue
-        nargs = "+" if typing.get_origin(tp) is list else None
+        nargs = "*" if typing.get_origin(tp) is list else None  # a bare --reward_funcs: none (an environment pays)
         parser.add_argument(f"--{f.name}", nargs=nargs, default=defaults.get(f.name), help=help_text,
                             metavar=f.name.upper())
     for name in aliases.alias_names(cls.__name__):

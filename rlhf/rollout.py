@@ -31,6 +31,19 @@ class Rollout:
     # [B, T] float32: the sampler's logprob of each response token under the distribution it drew
     # from (temperature, top-p renormalised), 0 on padding; None where no sampler gave them.
     sampler_logprobs: Tensor | None = None
+    # Multi-turn episodes (rlhf.episodes): the response is the whole episode after the prompt,
+    # sampled turns and the tool/environment tokens between them. ``mask`` is then 1 on sampled
+    # tokens only (the actions: loss, KL, advantages) and ``episode_mask`` 1 on every episode token
+    # (what attention sees). None for one-turn responses, where the two are the same.
+    episode_mask: Tensor | None = None
+    turn_rewards: Tensor | None = None  # [B, T] float32: each turn's environment reward on its last sampled token
+    episodes: list[Any] | None = None  # rlhf.episodes.Episode per row (turns, tool calls; for metrics and logs)
+    environments: list[Any] | None = None  # the environment instance per row (reward functions' ``environments``)
+
+    @property
+    def span(self) -> Tensor:
+        """[B, T] 1 on every token after the prompt that belongs to the row (sampled or tool tokens)."""
+        return self.mask if self.episode_mask is None else self.episode_mask
 
     @property
     def response_length(self) -> int:
@@ -54,6 +67,10 @@ class Rollout:
             completions=[self.completions[i] for i in rows],
             columns={name: [values[i] for i in rows] for name, values in self.columns.items()},
             sampler_logprobs=None if self.sampler_logprobs is None else self.sampler_logprobs[index],
+            episode_mask=None if self.episode_mask is None else self.episode_mask[index],
+            turn_rewards=None if self.turn_rewards is None else self.turn_rewards[index],
+            episodes=None if self.episodes is None else [self.episodes[i] for i in rows],
+            environments=None if self.environments is None else [self.environments[i] for i in rows],
         )
 
 
@@ -65,7 +82,7 @@ class Rollout:
         rows' (causal attention never looks right; left padding is masked and positions count real
         tokens), so the update pays for no all-padding column. Scoring columns stay as they are.
         """
-        width = max(int(self.mask[rows].sum(-1).max()), 1)
+        width = max(int(self.span[rows].sum(-1).max()), 1)  # an episode's tokens are contiguous from 0
         prompt_length = self.input_ids.shape[1] - self.response_length
         used = self.attention_mask[rows, :prompt_length].bool().any(0).nonzero()
         # keep at least the last prompt column: its logits predict the first response token
@@ -77,6 +94,8 @@ class Rollout:
             group_ids=self.group_ids[rows], prompts=[self.prompts[i] for i in rows.tolist()],
             completions=[self.completions[i] for i in rows.tolist()], columns={},
             sampler_logprobs=None if self.sampler_logprobs is None else self.sampler_logprobs[rows, :width],
+            episode_mask=None if self.episode_mask is None else self.episode_mask[rows, :width],
+            turn_rewards=None if self.turn_rewards is None else self.turn_rewards[rows, :width],
         ), width
 
 
@@ -100,15 +119,21 @@ def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
         responses.append(pad(part.response_ids, 0, right, pad_token_id))
         masks.append(pad(part.mask, 0, right, 0.0))
     # One chunk without sampler logprobs (none are mixed in practice) leaves the batch without them.
-    sampler = (None if any(p.sampler_logprobs is None for p in parts) else
-               torch.cat([pad(p.sampler_logprobs, 0, response_width - p.response_length, 0.0) for p in parts]))
+    def stacked(name: str) -> Tensor | None:  # a [B, T] field, right-padded with zeros
+        if any(getattr(p, name) is None for p in parts):
+            return None
+        return torch.cat([pad(getattr(p, name), 0, response_width - p.response_length, 0.0) for p in parts])
+
+    def joined(name: str) -> list[Any] | None:
+        return None if any(getattr(p, name) is None for p in parts) else [v for p in parts for v in getattr(p, name)]
     return Rollout(
         input_ids=torch.cat(input_ids), attention_mask=torch.cat(attention), response_ids=torch.cat(responses),
         mask=torch.cat(masks), eos_found=torch.cat([p.eos_found for p in parts]),
         group_ids=torch.cat([p.group_ids for p in parts]), prompts=[t for p in parts for t in p.prompts],
         completions=[t for p in parts for t in p.completions],
         columns={name: [v for p in parts for v in p.columns[name]] for name in parts[0].columns},
-        sampler_logprobs=sampler,
+        sampler_logprobs=stacked("sampler_logprobs"), episode_mask=stacked("episode_mask"),
+        turn_rewards=stacked("turn_rewards"), episodes=joined("episodes"), environments=joined("environments"),
     )
 
 
@@ -374,11 +399,13 @@ def forward_response(
 
 def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dataset: Any, indices: list[int],
                    config: Any, num_generations: int, group_offset: int = 0,
-                   eos_token_ids: list[int] | None = None) -> Rollout:
+                   eos_token_ids: list[int] | None = None, episodes: Any = None) -> Rollout:
     """num_generations responses to each of ``dataset``'s rows ``indices`` from the prepared model,
     in chunks of generation_batch_size; group ids start at group_offset (this process's first
     prompt in the global batch). The other dataset columns travel along for the reward functions.
-    ``eos_token_ids``: the model's stop set (rlhf.models.stop_token_ids; None = read off the model)."""
+    ``eos_token_ids``: the model's stop set (rlhf.models.stop_token_ids; None = read off the model).
+    ``episodes``: a rlhf.episodes.ToolEpisodes; each response is then a multi-turn episode with
+    tool calls (max_new_tokens bounds the whole episode), sampled token-exact with one KV cache."""
     from rlhf.data import format_prompt
     from rlhf.distributed import needs_synced_generation, shards_weights, unwrapped_full_weights
     from rlhf.models import merged_lora_weights, weight_major_linears
@@ -389,6 +416,7 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
                for name in rows.column_names if name != config.prompt_column}
     group_ids = [group_offset + i for i in range(len(indices)) for _ in range(num_generations)]
     chunk = config.generation_batch_size or len(raw_prompts)
+    episode_rows = [dict(row) for row in rows for _ in range(num_generations)] if episodes is not None else []
     model.eval()
     parts = []
     with unwrapped_full_weights(model, accelerator) as plain:
@@ -398,6 +426,18 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
         with folded as policy, contextlib.nullcontext() if sharded else weight_major_linears(policy):
             for start in range(0, len(raw_prompts), chunk):
                 part = slice(start, start + chunk)
+                if episodes is not None:
+                    from rlhf.episodes.runner import sample_episode_rollout
+
+                    parts.append(sample_episode_rollout(
+                        episodes, policy, episode_rows[part],
+                        prompt_column=config.prompt_column, group_ids=group_ids[part],
+                        columns={name: values[part] for name, values in columns.items()},
+                        max_completion_length=config.max_new_tokens, max_prompt_length=config.max_prompt_length,
+                        temperature=config.temperature, top_p=config.top_p,
+                        stop_ids=eos_token_ids if eos_token_ids is not None else stop_token_ids(policy, tokenizer),
+                        share_prompt_prefix=plain.share_prompt_prefix))
+                    continue
                 parts.append(generate_rollout(
                     policy, tokenizer, [format_prompt(p, tokenizer) for p in raw_prompts[part]],
                     prompts=raw_prompts[part], group_ids=group_ids[part],

@@ -35,8 +35,9 @@ NOT_REWARD_KEYWORDS = ("prompt", "completion", "completion_ids")
 
 
 def completion_ids(rollout: Rollout) -> list[list[int]]:
-    """Each response's token ids up to and including its EOS (TRL's ``completion_ids``)."""
-    lengths = rollout.mask.sum(-1).long().tolist()
+    """Each response's token ids up to and including its EOS (TRL's ``completion_ids``; an
+    episode's: all its tokens after the prompt, tool results included, as TRL's)."""
+    lengths = rollout.span.sum(-1).long().tolist()
     return [row[:length].tolist() for row, length in zip(rollout.response_ids, lengths)]
 
 
@@ -44,6 +45,8 @@ def reward_inputs(rollout: Rollout) -> dict[str, Any]:
     """The keywords a reward call gets besides prompts and completions, as TRL passes them:
     completion_ids and every other dataset column."""
     columns = {name: values for name, values in rollout.columns.items() if name not in NOT_REWARD_KEYWORDS}
+    if rollout.environments is not None:  # TRL passes each episode's environment instance
+        columns["environments"] = rollout.environments
     return {"completion_ids": completion_ids(rollout), **columns}
 
 
@@ -97,13 +100,16 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
     token_scores = None
     if output.steps is not None:
         token_scores = process_rewards_to_tokens(output.steps, rollout, tokenizer)
+    if rollout.turn_rewards is not None and bool(rollout.turn_rewards.any()):
+        # an environment's turn rewards take the per-token path, each on its turn's last sampled token
+        token_scores = rollout.turn_rewards if token_scores is None else token_scores + rollout.turn_rewards
     penalties = torch.zeros_like(scores)  # taken again from a normalize_then_sum score below
     if config.missing_eos_penalty is not None:
         penalty = config.missing_eos_penalty * (~rollout.eos_found).float()
         scores, penalties = scores - penalty, penalties + penalty
     metrics: dict[str, float] = {}
     if config.overlong_buffer_length:
-        penalty = overlong_penalty(rollout.mask.sum(-1), config.max_new_tokens, config.overlong_buffer_length,
+        penalty = overlong_penalty(rollout.span.sum(-1), config.max_new_tokens, config.overlong_buffer_length,
                                    config.overlong_penalty_factor)
         scores, penalties = scores - penalty, penalties + penalty
         metrics["overlong_penalty_mean"] = reducer.mean(penalty.mean())

@@ -232,7 +232,7 @@ def completion_rows(rollout: Any, scores: Any, reward_columns: dict[str, list[An
     sample_advantages = ((advantages * rollout.mask).sum(-1) / lengths).tolist() if advantages is not None else None
     rows = []
     for i in range(len(rollout)):
-        row: dict[str, Any] = {"prompt": prompt_text(rollout.prompts[i]), "completion": rollout.completions[i]}
+        row: dict[str, Any] = {"prompt": prompt_text(rollout.prompts[i]), "completion": prompt_text(rollout.completions[i])}
         for name, values in reward_columns.items():
             value = values[i]
             row[name] = None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
@@ -243,11 +243,21 @@ def completion_rows(rollout: Any, scores: Any, reward_columns: dict[str, list[An
 
 
 def prompt_text(prompt: Any) -> str:
-    """A prompt as one string: chat messages as 'role: content' lines."""
-    if isinstance(prompt, list):
-        return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" if isinstance(m, dict) else str(m)
-                         for m in prompt)
-    return str(prompt)
+    """A prompt or a completion as one string: chat messages as 'role: content' lines, an
+    assistant's tool calls as 'name(arguments)' after its text (a multi-turn episode reads turn by turn)."""
+    if not isinstance(prompt, list):
+        return str(prompt)
+    lines = []
+    for message in prompt:
+        if not isinstance(message, dict):
+            lines.append(str(message))
+            continue
+        text = f"{message.get('role', '?')}: {message.get('content') or ''}"
+        for call in message.get("tool_calls") or []:
+            function = call.get("function", call) if isinstance(call, dict) else {}
+            text += f" [call {function.get('name', '?')}({json.dumps(function.get('arguments', {}), default=str)})]"
+        lines.append(text)
+    return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -44,7 +44,8 @@ from rlhf.data import PromptSampler, check_prompt_lengths, describe_dataset, loa
 from rlhf.build import build_model
 from rlhf.card import render_model_card
 from rlhf.distributed import Reducer, configure_sharding, gathered_state, make_accelerator, unwrapped_full_weights
-from rlhf.errors import TrainingDiverged
+from rlhf.episodes.chat import resolve_chat_template
+from rlhf.errors import ConfigError, TrainingDiverged
 from rlhf.evaluate import adapter_disabled, sample_and_score
 from rlhf.experience import Experience, make_experience, plan_passes
 from rlhf.models import PolicyWithValue, check_sequence_fits, load_tokenizer, stop_token_ids
@@ -94,6 +95,35 @@ class RolloutState:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
+def make_episodes(config: RLConfig, tokenizer: Any, accelerator: Any) -> Any:
+    """The run's tools and environments (rlhf.episodes.ToolEpisodes), or None without them."""
+    if not config.episodes:
+        return None
+    from rlhf.distributed import needs_synced_generation
+    from rlhf.episodes import ToolEpisodes
+
+    if needs_synced_generation(accelerator):
+        # Sharded weights need every process in each forward; episodes end after different turns.
+        raise ConfigError("tools / environment_factory run with replicated weights (one process, DDP, ZeRO-1/2); "
+                          "FSDP and ZeRO-3 would need every process in every decoding step of every episode")
+    return ToolEpisodes(tokenizer, config.tools, config.environment_factory,
+                        template_kwargs=config.chat_template_kwargs,
+                        max_tool_calling_iterations=config.max_tool_calling_iterations, tool_timeout=config.tool_timeout)
+
+
+def combined_reward(config: RLConfig, episodes: Any, device: Any) -> CombinedReward:
+    """The reward functions, then each environment class's ``get_reward`` (weight 1, named after the
+    class, as TRL adds them)."""
+    environment_rewards = [fn for _, fn in episodes.reward_functions()] if episodes is not None else []
+    if not config.reward_funcs and not environment_rewards:
+        raise ConfigError("reward_funcs needs at least one reward function (e.g. sentiment), unless an environment "
+                          "class with a get_reward method pays the reward")
+    weights = (None if config.reward_weights is None
+               else list(config.reward_weights) + [1.0] * len(environment_rewards))
+    return CombinedReward(list(config.reward_funcs) + environment_rewards, weights, config.reward_kwargs,
+                          device=device, on_error=config.reward_error, timeout=config.reward_timeout)
+
+
 class RLTrainer:
     """The RL trainer, called as TRL's GRPOTrainer is::
 
@@ -105,17 +135,19 @@ class RLTrainer:
     ``model``: a hub id, a local dir or a loaded ``PreTrainedModel`` (default: the config's
     model_name_or_path); ``reward_funcs``: callables and/or ``reward_funcs`` spec strings;
     ``train_dataset`` / ``eval_dataset``: ``datasets.Dataset`` objects or dataset specs;
-    ``processing_class``: a tokenizer (default: the model's). Each replaces the config's setting.
-    ``RLTrainer(config)`` alone runs what the config says (as the scripts do).
+    ``processing_class``: a tokenizer (default: the model's); ``tools``: functions the model may
+    call (TRL's ``tools``); ``environment_factory``: a class or callable making one environment per
+    episode, or {name: factory} chosen by the dataset's ``environment`` column (TRL's). Each
+    replaces the config's setting. ``RLTrainer(config)`` alone runs what the config says (as the scripts do).
     """
 
     def __init__(self, config: RLConfig | Any = None, *, model: Any = None, reward_funcs: Any = None,
                  train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None,
-                 args: RLConfig | None = None):
+                 args: RLConfig | None = None, tools: Any = None, environment_factory: Any = None):
         if config is not None and not isinstance(config, RLConfig):  # TRL order: the model comes first
             config, model = None, config
         config = with_overrides(args or config or RLConfig(), model=model, reward_funcs=reward_funcs,
-                                train_dataset=train_dataset)
+                                train_dataset=train_dataset, tools=tools, environment_factory=environment_factory)
         config.check_reward_weights()
         self.config = config
         self.base_model = model if isinstance(model, torch.nn.Module) else None
@@ -146,10 +178,11 @@ class RLTrainer:
         self.dataset = load_prompt_dataset(config.dataset, config.dataset_split, config.prompt_column,
                                            config.dataset_config)
         self.eval_dataset = load_eval_dataset(config, eval_dataset) if config.eval_steps else None
-        self.reward = CombinedReward(config.reward_funcs, config.reward_weights, config.reward_kwargs,
-                                     device=accelerator.device, on_error=config.reward_error,
-                                     timeout=config.reward_timeout)
         self.tokenizer = load_tokenizer(processing_class or config.model_name_or_path)
+        if config.chat_template is not None:
+            self.tokenizer.chat_template = resolve_chat_template(config.chat_template)
+        self.episodes = make_episodes(config, self.tokenizer, accelerator)  # None: one-turn responses
+        self.reward = combined_reward(config, self.episodes, accelerator.device)
         # every id that ends a response
         self.stop_ids = stop_token_ids(self.base_model or config.model_name_or_path, self.tokenizer)
         check_prompt_lengths(self.dataset, self.tokenizer, config, describe_dataset(config.dataset),
@@ -306,6 +339,10 @@ class RLTrainer:
         self.step += 1
 
         step_time = clock() - step_start
+        if rollout.episodes is not None:  # turns, tool calls and failures, episode lengths (global)
+            from rlhf.episodes import episode_metrics
+
+            reward_metrics.update(episode_metrics(rollout.episodes, lambda values: self.reducer.sum(values).tolist()))
         metrics = {**reward_metrics, **experience_metrics, **update_metrics,
                    **throughput(rollout, self.reducer, step_time, rollout_time, update_time),
                    "score_time_s": score_time, "logprob_time_s": logprob_time}
@@ -361,7 +398,7 @@ class RLTrainer:
 
     def _generate(self, dataset: Any, indices: list[int], num_generations: int, group_offset: int = 0) -> Rollout:
         return sample_rollout(self.model, self.accelerator, self.tokenizer, dataset, indices, self.config,
-                              num_generations, group_offset, eos_token_ids=self.stop_ids)
+                              num_generations, group_offset, eos_token_ids=self.stop_ids, episodes=self.episodes)
 
     def score(self, rollout: Rollout) -> tuple[Tensor, Tensor | None, dict[str, float]]:
         return score(self.reward, rollout, self.config, self.reducer, self.step + 1, self.tokenizer,

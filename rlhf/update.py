@@ -161,7 +161,7 @@ class GradientUpdate:
             for start in range(0, len(rollout), local_minibatch):
                 minibatch = order[start:start + local_minibatch]
                 if len(minibatch) > self.micro_batch_size:  # similar lengths share a micro-batch: less padding
-                    minibatch = minibatch[rollout.mask[minibatch].sum(-1).argsort(stable=True)]
+                    minibatch = minibatch[rollout.span[minibatch].sum(-1).argsort(stable=True)]
                 micro_batches = list(minibatch.split(self.micro_batch_size))
                 # Units summed per micro-batch (the same as over the minibatch for every mode but
                 # micro-batch-token-mean, whose unit is the micro-batch), and micro-batches in all.

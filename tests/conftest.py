@@ -50,6 +50,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def tool_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama fitted to call the shipped example tools (tests/tool_model.py; ~15 s once)."""
+    from tool_model import build_tool_model
+
+    return build_tool_model(tmp_path_factory.mktemp("tool-llama"))
+
+
 def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run scripts/<script> in a subprocess the way a user would."""
     full_env = {**os.environ, **SCRIPT_ENV, **(env or {})}

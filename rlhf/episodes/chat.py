@@ -13,6 +13,26 @@ from rlhf.errors import ConfigError
 Messages = list[dict[str, Any]]
 
 
+def resolve_chat_template(spec: str) -> str:
+    """A chat_template setting -> the template text: a .jinja file, the name of one of TRL's
+    templates (``qwen3`` -> trl/chat_templates/qwen3.jinja), or the template text itself."""
+    from pathlib import Path
+
+    if "{%" in spec or "{{" in spec:
+        return spec
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.read_text()
+    import trl
+
+    shipped = Path(trl.__file__).parent / "chat_templates"
+    named = shipped / f"{spec.removesuffix('.jinja')}.jinja"
+    if named.is_file():
+        return named.read_text()
+    known = sorted(p.stem for p in shipped.glob("*.jinja") if not p.stem.endswith("_training"))
+    raise ConfigError(f"chat_template {spec!r} is neither a file nor one of TRL's templates ({', '.join(known[:12])}, ...)")
+
+
 def prepare_tool_template(tokenizer: Any, chat_template: str | None = None) -> str | None:
     """Make ``tokenizer`` ready for tool episodes, once per run; returns the template to render
     episodes with (None: the tokenizer's own).

@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from rlhf.episodes.chat import Messages, prepare_tool_template
-from rlhf.episodes.sampling import Episode, sample_episodes
+from rlhf.episodes.sampling import Episode, pack_episodes, sample_episodes
 from rlhf.episodes.tools import EnvironmentPool, Factory, Tool, Toolbox, environment_tools, load_environment, load_tools
 from rlhf.errors import ConfigError, DataError
 
@@ -103,3 +105,30 @@ class ToolEpisodes:
             template_kwargs=self.template_kwargs, max_tool_calling_iterations=self.max_tool_calling_iterations,
             tool_timeout=self.tool_timeout, **sampling)
         return SampledBatch(episodes=episodes, environments=environments)
+
+
+def sample_episode_rollout(episodes: ToolEpisodes, model: Any, rows: list[dict[str, Any]], *, prompt_column: str,
+                           group_ids: list[int], columns: dict[str, list[Any]], max_completion_length: int,
+                           max_prompt_length: int | None, temperature: float, top_p: float, stop_ids: list[int],
+                           share_prompt_prefix: bool = False, row_seeds: list[int] | None = None) -> Any:
+    """One episode per row as a rlhf.rollout.Rollout: the response is the whole episode (sampled
+    turns and tool tokens; ``mask`` 1 on sampled tokens only, ``episode_mask`` on all of them),
+    prompts are the rows' messages with the reset observation, completions TRL's conversational
+    form (assistant messages with their tool calls, tool messages), turn rewards per token."""
+    from rlhf.rollout import Rollout
+
+    tokenizer = episodes.tokenizer
+    device = next(model.parameters()).device
+    sampled = episodes.sample(model, rows, prompt_column=prompt_column, max_completion_length=max_completion_length,
+                              temperature=temperature, top_p=top_p, stop_ids=stop_ids,
+                              pad_token_id=tokenizer.pad_token_id, max_prompt_length=max_prompt_length,
+                              share_prompt_prefix=share_prompt_prefix, row_seeds=row_seeds)
+    batch = pack_episodes(sampled.episodes, tokenizer.pad_token_id, device)
+    return Rollout(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, response_ids=batch.response_ids,
+        mask=batch.mask, eos_found=batch.eos_found,
+        group_ids=torch.tensor(group_ids, dtype=torch.long, device=device),
+        prompts=[e.prompt for e in sampled.episodes], completions=[e.messages for e in sampled.episodes],
+        columns=columns, sampler_logprobs=batch.sampler_logprobs, episode_mask=batch.episode_mask,
+        turn_rewards=batch.token_rewards, episodes=sampled.episodes, environments=sampled.environments,
+    )

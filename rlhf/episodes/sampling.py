@@ -314,18 +314,23 @@ def pack_episodes(episodes: list[Episode], pad_token_id: int, device: torch.devi
     )
 
 
-def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
+def episode_metrics(episodes: list[Episode], all_reduce: Any = None) -> dict[str, float]:
     """This batch's episode statistics (TRL's tool metric names): turns per episode, tool calls
     per episode (tools/call_frequency), failed calls per call (tools/failure_frequency), tokens
-    per episode (all, and sampled only) and the share truncated. Under data parallelism the
-    trainer should reduce the sums behind them, not average these."""
-    count = max(len(episodes), 1)
-    calls = sum(e.tool_calls for e in episodes)
+    per episode (all, and sampled only) and the share truncated. ``all_reduce``: sums a list of
+    floats over processes (rlhf.distributed.Reducer.sum), so the ratios are global."""
+    totals = [float(len(episodes)), float(sum(e.turns for e in episodes)), float(sum(e.tool_calls for e in episodes)),
+              float(sum(e.tool_failures for e in episodes)), float(sum(len(e.completion_ids) for e in episodes)),
+              float(sum(sum(e.mask) for e in episodes)), float(sum(e.truncated for e in episodes))]
+    if all_reduce is not None:
+        totals = [float(v) for v in all_reduce(totals)]
+    count, turns, calls, failures, length, sampled, truncated = totals
+    count = max(count, 1.0)
     return {
-        "turns_mean": sum(e.turns for e in episodes) / count,
+        "turns_mean": turns / count,
         "tools/call_frequency": calls / count,
-        "tools/failure_frequency": sum(e.tool_failures for e in episodes) / calls if calls else 0.0,
-        "episode_length_mean": sum(len(e.completion_ids) for e in episodes) / count,
-        "episode_sampled_tokens_mean": sum(sum(e.mask) for e in episodes) / count,
-        "episodes_truncated": sum(e.truncated for e in episodes) / count,
+        "tools/failure_frequency": failures / calls if calls else 0.0,
+        "episode_length_mean": length / count,
+        "episode_sampled_tokens_mean": sampled / count,
+        "episodes_truncated": truncated / count,
     }
