@@ -9,6 +9,10 @@ Sampling is seeded per (prompt, sample) (``rlhf.rollout.sample_responses`` with 
 response depends only on the seed and the settings: not on batch size, batch order or the
 number of processes. Every checkpoint uses the same seeds (paired comparison). The training
 loop's periodic evaluation calls ``sample_and_score`` too.
+
+With tools or an environment (``--tools`` / ``--environment``, or by default those of the run a
+checkpoint comes from: rlhf.run_settings) each response is a multi-turn episode, sampled and
+rewarded as in training; the report adds tool success, tool calls and turns per episode.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -29,7 +33,11 @@ from rlhf.algorithms import kl_penalty
 from rlhf.data import BUILTIN_PREFIX, format_prompt, load_prompt_dataset
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.rollout import Rollout, forward_response, generate_rollout
+from rlhf.run_settings import EpisodeSettings, check_tool_settings, evaluation_reward
 from rlhf.scoring import reward_inputs
+
+if TYPE_CHECKING:
+    from rlhf.episodes import ToolEpisodes
 
 BASE_LABEL = "base"
 REFERENCE_SUFFIX = "-reference"  # adapter name of a candidate's init adapter
@@ -147,6 +155,7 @@ def sample_and_score(
     eos_token_ids: list[int] | None = None,
     reward_extras: dict[str, Any] | None = None,
     progress: Any = None,
+    episodes: ToolEpisodes | None = None,
 ) -> list[dict[str, Any]]:
     """Sample ``num_samples`` responses per prompt from ``policy`` and score each one.
 
@@ -159,33 +168,64 @@ def sample_and_score(
     temperature (k1, nats), token count, EOS flag and the response's NLL under the base (T=1).
     ``eos_token_ids``: the model's stop set (rlhf.models.stop_token_ids; None = read off ``policy``).
     ``progress``: a tqdm bar advanced by each scored response.
+
+    ``episodes``: the run's tools and environments (rlhf.episodes.ToolEpisodes): each response is
+    then a multi-turn episode sampled as in training (max_new_tokens bounds the whole episode), its
+    ``response`` the conversational completion (assistant and tool messages), and the record adds
+    ``turns``, ``tool_calls``, ``tool_failures``, ``truncated`` and ``turn_reward`` (the tools'
+    turn rewards, counted in ``reward`` as training's reward_mean counts them). KL, base NLL and
+    ``tokens`` cover the sampled tokens only; tool tokens are context.
     """
     jobs = [(p, s) for p in prompt_indices for s in range(num_samples)]
     records = []
+    if episodes is not None and eos_token_ids is None:
+        from rlhf.models import stop_token_ids
+
+        eos_token_ids = stop_token_ids(policy, tokenizer)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
         rows = dataset.select([p for p, _ in chunk])
         raw = rows[prompt_column]
         columns = {name: rows[name] for name in rows.column_names if name != prompt_column}
-        rollout = generate_rollout(
-            policy, tokenizer, [format_prompt(p, tokenizer) for p in raw], prompts=list(raw),
-            group_ids=[p for p, _ in chunk], columns=columns, max_prompt_length=max_prompt_length,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            row_seeds=[sample_seed(seed, p, s) for p, s in chunk], eos_token_ids=eos_token_ids,
-        )
+        row_seeds = [sample_seed(seed, p, s) for p, s in chunk]
+        if episodes is not None:
+            from rlhf.episodes.runner import sample_episode_rollout
+
+            rollout = sample_episode_rollout(
+                episodes, policy, [dict(row) for row in rows], prompt_column=prompt_column,
+                group_ids=[p for p, _ in chunk], columns=columns, max_completion_length=max_new_tokens,
+                max_prompt_length=max_prompt_length, temperature=temperature, top_p=top_p, stop_ids=eos_token_ids,
+                row_seeds=row_seeds)
+        else:
+            rollout = generate_rollout(
+                policy, tokenizer, [format_prompt(p, tokenizer) for p in raw], prompts=list(raw),
+                group_ids=[p for p, _ in chunk], columns=columns, max_prompt_length=max_prompt_length,
+                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                row_seeds=row_seeds, eos_token_ids=eos_token_ids,
+            )
         output = reward(rollout.prompts, rollout.completions, **reward_inputs(rollout), **(reward_extras or {}))
         rewards = output.combined()  # outcome + process rewards
         scores = _base_scores(policy, rollout, base, temperature)
         for i, (prompt_index, sample_index) in enumerate(chunk):
-            records.append({
+            record = {
                 "prompt_index": prompt_index, "sample_index": sample_index, "prompt": rollout.prompts[i],
                 "response": rollout.completions[i], "rewards": {k: float(v[i]) for k, v in output.components.items()},
                 "reward": float(rewards[i]), "kl": float(scores["kl"][i]), "tokens": int(rollout.mask[i].sum()),
                 "eos": bool(rollout.eos_found[i]), "base_nll": float(scores["base_nll"][i]),
-            })
+            }
+            if rollout.episodes is not None:
+                record.update(_episode_fields(rollout.episodes[i]))
+                record["reward"] += record["turn_reward"]
+            records.append(record)
         if progress is not None:
             progress.update(len(chunk))
     return records
+
+
+def _episode_fields(episode: Any) -> dict[str, Any]:
+    """What a record keeps of a rlhf.episodes.Episode besides its messages."""
+    return {"turns": episode.turns, "tool_calls": episode.tool_calls, "tool_failures": episode.tool_failures,
+            "truncated": episode.truncated, "turn_reward": float(sum(episode.turn_rewards))}
 
 
 @torch.no_grad()
@@ -212,17 +252,21 @@ def _base_scores(policy: Any, rollout: Rollout, base: Callable[[], Any] | None, 
 
 
 def _unpadded_rows(rollout: Rollout) -> Iterator[Rollout]:
-    """Each sequence as its own one-row rollout: prompt padding and tokens after EOS removed."""
+    """Each sequence as its own one-row rollout: prompt padding and tokens after EOS removed.
+    An episode keeps its whole span (tool tokens between sampled turns are context the model
+    attends to) and its ``mask`` on the sampled tokens, what KL and NLL count."""
     prompt_length = rollout.input_ids.shape[1] - rollout.response_length
+    span = rollout.span
     for i in range(len(rollout)):
         start = int((rollout.attention_mask[i, :prompt_length] == 0).sum())
-        length = max(int(rollout.mask[i].sum()), 1)
+        length = max(int(span[i].sum()), 1)
         yield Rollout(
             input_ids=rollout.input_ids[i:i + 1, start:prompt_length + length],
             attention_mask=rollout.attention_mask[i:i + 1, start:prompt_length + length],
             response_ids=rollout.response_ids[i:i + 1, :length], mask=rollout.mask[i:i + 1, :length],
             eos_found=rollout.eos_found[i:i + 1], group_ids=rollout.group_ids[i:i + 1],
             prompts=rollout.prompts[i:i + 1], completions=rollout.completions[i:i + 1],
+            episode_mask=None if rollout.episode_mask is None else rollout.episode_mask[i:i + 1, :length],
         )
 
 
@@ -281,32 +325,50 @@ def evaluate(
     bootstrap_resamples: int = 2000,
     update_model_cards: bool = True,
     accelerator: Any = None,
+    tools: list[Any] | None = None,
+    environment_factory: Any = None,
+    max_tool_calling_iterations: int | None = None,
+    tool_timeout: float | None = None,
+    chat_template: str | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoints`` (and the base with include_base); returns report.json's dict and,
     with output_dir, writes report.json, report.md, samples.jsonl and the PNG plots, and (with
-    update_model_cards) each run adapter's summary into its model card (rlhf.card.record_evaluation)."""
+    update_model_cards) each run adapter's summary into its model card (rlhf.card.record_evaluation).
+
+    ``tools`` / ``environment_factory`` (and the episode settings after them, as RLConfig's): each
+    response is a multi-turn episode, sampled and rewarded as in training (an environment's
+    get_reward joins the rewards). Unset: the run's own, from the first checkpoint's config.yaml
+    (EpisodeSettings.resolve)."""
     from rlhf.distributed import make_accelerator
     from accelerate.utils import gather_object
 
-    from reward_models import CombinedReward
     from rlhf import report as reporting
     from rlhf.models import load_base_model, load_tokenizer, stop_token_ids
 
     _check_settings(checkpoints, include_base, num_samples, max_new_tokens, temperature, top_p, batch_size, num_prompts)
+    check_tool_settings(max_tool_calling_iterations, tool_timeout)
     candidates = [resolve_candidate(spec) for spec in checkpoints]
     base_id = common_base(candidates)
     split = dataset_split or ("eval" if dataset.startswith(BUILTIN_PREFIX) else "train")
     prompts = load_prompt_dataset(dataset, split, prompt_column)
     count = len(prompts) if num_prompts is None else min(num_prompts, len(prompts))
     accelerator = accelerator or make_accelerator()
-    reward_source = "given"
-    if not reward_funcs:  # the run's own rewards, as it trained with them
-        reward_funcs, reward_weights, reward_kwargs, reward_source = run_rewards(candidates, reward_weights, reward_kwargs)
-        accelerator.print(f"rewards: {', '.join(map(str, reward_funcs))} ({reward_source})")
-    reward = CombinedReward(reward_funcs, reward_weights, reward_kwargs or {}, device=accelerator.device)
+    tokenizer = load_tokenizer(base_id)
+    given = dict(tools=tools, environment_factory=environment_factory, chat_template=chat_template,
+                 max_tool_calling_iterations=max_tool_calling_iterations, tool_timeout=tool_timeout,
+                 chat_template_kwargs=chat_template_kwargs)
+    episode_settings = EpisodeSettings.resolve(given, candidates)
+    episodes = episode_settings.build(tokenizer)  # before any model loads: a bad tool spec fails fast
+    if episodes is not None:
+        accelerator.print(f"episodes: {episode_settings.describe()} ({episode_settings.source})")
+    reward, reward_settings = evaluation_reward(candidates, reward_funcs, reward_weights, reward_kwargs, episodes,
+                                                accelerator.device)
+    if reward_settings["reward_source"] != "given":
+        accelerator.print(f"rewards: {', '.join(map(str, reward_settings['reward_funcs'])) or 'none'} "
+                          f"({reward_settings['reward_source']})")
     local_prompts = list(range(count))[accelerator.process_index::accelerator.num_processes]
 
-    tokenizer = load_tokenizer(base_id)
     stops = stop_token_ids(base_id, tokenizer)
     with accelerator.main_process_first():
         base_model = load_base_model(base_id).to(accelerator.device).eval()
@@ -314,7 +376,7 @@ def evaluate(
     starting_policy = shared_reference(candidates)
     settings = dict(num_samples=num_samples, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_p=top_p, max_prompt_length=max_prompt_length, prompt_column=prompt_column,
-                    batch_size=batch_size, eos_token_ids=stops)
+                    batch_size=batch_size, eos_token_ids=stops, episodes=episodes)
 
     def base_model_itself() -> contextlib.AbstractContextManager[Any]:
         # PeftModel.from_pretrained injects LoRA layers into base_model itself: the plain base
@@ -366,12 +428,10 @@ def evaluate(
                   "base_row": f"init adapter of {starting_policy.label}" if starting_policy else "base model",
                   "kl_reference": {c.label: "init adapter" if c.reference_dir else "base model" for c in candidates},
                   "dataset": dataset, "dataset_split": split,
-                  "num_prompts": count, "reward_funcs": reward_funcs, "reward_source": reward_source,
-                  "reward_weights": reward_weights,
-                  "reward_kwargs": reward_kwargs or {}, "include_base": include_base, "num_samples": num_samples,
+                  "num_prompts": count, **reward_settings, "include_base": include_base, "num_samples": num_samples,
                   "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                   "max_prompt_length": max_prompt_length, "bootstrap_resamples": bootstrap_resamples,
-                  "num_processes": accelerator.num_processes},
+                  "num_processes": accelerator.num_processes, **episode_settings.report_settings()},
     )
     if output_dir is not None and accelerator.is_main_process:
         from rlhf.card import record_evaluation, run_label
@@ -386,24 +446,6 @@ def evaluate(
             accelerator.print(record_evaluation(candidate.adapter_dir, summary))
     accelerator.wait_for_everyone()
     return report
-
-
-def run_rewards(candidates: list[Candidate], weights: list[float] | None,
-                kwargs: dict[str, Any] | None) -> tuple[list[Any], list[float] | None, dict[str, Any], str]:
-    """The reward settings of the first candidate whose run dir has a config.yaml (its
-    reward_funcs, weights and kwargs; given weights/kwargs win), else the sentiment built-in."""
-    from rlhf.card import read_run_settings
-
-    for candidate in candidates:
-        if candidate.adapter_dir is None:
-            continue
-        run = read_run_settings(candidate.adapter_dir)
-        if run is not None and run[1].get("reward_funcs"):
-            settings = run[1]
-            source = f"the run's own, from the config.yaml next to {candidate.adapter_dir}"
-            return (list(settings["reward_funcs"]), weights if weights is not None else settings.get("reward_weights"),
-                    kwargs if kwargs else settings.get("reward_kwargs") or {}, source)
-    return ["sentiment"], weights, kwargs or {}, "default: no run config.yaml found next to the checkpoints"
 
 
 def _attach_adapters(base_model: Any, candidates: list[Candidate]) -> tuple[Any, dict[str, str]]:
@@ -479,10 +521,30 @@ class EvalConfig:
     update_model_cards: bool = field(default=True, metadata={
         "help": "Record each checkpoint's summary beside it (evaluation.json) and in its model card (README.md), "
                 "for adapters of a run (final/, checkpoints/step-N); export.py carries both into the merged model."})
+    # --- multi-turn episodes, as in training (RLConfig's fields); unset = the run's own
+    tools: list[str] | None = field(default=None, metadata={
+        "help": "Tools the model may call (path/to/file.py:function or package.module:function): each response is "
+                "a multi-turn episode, sampled as in training (max_new_tokens bounds the whole episode). Default, "
+                "with no --environment either: the run's own, from the config.yaml of the first checkpoint's run; "
+                "a bare --tools: none (one-turn responses)."})
+    environment_factory: str | dict[str, str] | None = field(default=None, metadata={
+        "help": "Environment class (path/to/file.py:Class or package.module:Class; a YAML mapping {name: spec} by "
+                "the dataset's environment column), one instance per episode; its get_reward joins the rewards "
+                "(weight 1). Default: the run's own (see tools). CLI: --environment."})
+    max_tool_calling_iterations: int | None = field(default=None, metadata={
+        "help": "Turns whose tool calls are executed per episode. Default: the run's own, else no limit."})
+    tool_timeout: float | None = field(default=None, metadata={
+        "help": "Seconds a tool call may take. Default: the run's own, else 30."})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "Chat template instead of the tokenizer's (prompts and episodes): a .jinja file or one of TRL's "
+                "template names (qwen3). Default: the run's own, else the tokenizer's."})
+    chat_template_kwargs: dict[str, Any] | None = field(default=None, metadata={
+        "help": "Extra chat template keywords for episodes (JSON). Default: the run's own, else none."})
 
     def __post_init__(self) -> None:
         _check_settings(self.checkpoints, self.include_base, self.num_samples, self.max_new_tokens, self.temperature,
                         self.top_p, self.batch_size, self.num_prompts)
+        check_tool_settings(self.max_tool_calling_iterations, self.tool_timeout)
         if self.bootstrap_resamples < 100:
             raise ConfigError(f"bootstrap_resamples must be >= 100, got {self.bootstrap_resamples}")
 

@@ -82,6 +82,36 @@ def win_rate(records_a: list[dict[str, Any]], records_b: list[dict[str, Any]], s
     return {"rate": float(values.mean()) if values.size else math.nan, "ci_low": low, "ci_high": high}
 
 
+def response_text(response: Any) -> str:
+    """A response's own text: a one-turn response as is; an episode's (TRL's conversational
+    completion) the content of its assistant messages, tool results left out."""
+    if isinstance(response, str):
+        return response
+    return "\n".join(m.get("content") or "" for m in response if m.get("role") == "assistant")
+
+
+# What a record of a multi-turn episode adds (rlhf.evaluate.sample_and_score with episodes), and
+# what a checkpoint's summary then adds (episode_stats).
+EPISODE_FIELDS = ("turns", "tool_calls", "tool_failures", "truncated", "turn_reward")
+EPISODE_STATS = ("tool_success_rate", "tool_calls_per_episode", "turns_per_episode", "truncated_share",
+                 "turn_reward_mean")
+
+
+def episode_stats(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Tool use of a checkpoint's episodes: the share of tool calls that succeeded (NaN when none
+    was made), tool calls and turns per episode, the share truncated by max_new_tokens, and the
+    mean turn reward (a part of ``reward``)."""
+    count = max(len(records), 1)
+    calls = sum(r["tool_calls"] for r in records)
+    return {
+        "tool_success_rate": 1.0 - sum(r["tool_failures"] for r in records) / calls if calls else math.nan,
+        "tool_calls_per_episode": calls / count,
+        "turns_per_episode": sum(r["turns"] for r in records) / count,
+        "truncated_share": sum(r["truncated"] for r in records) / count,
+        "turn_reward_mean": sum(r["turn_reward"] for r in records) / count,
+    }
+
+
 def distinct_n(texts: list[str], n: int) -> float:
     """Distinct n-grams / all n-grams over whitespace tokens of all texts (Li et al. 2016)."""
     grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
@@ -97,7 +127,8 @@ def summarise(records: list[dict[str, Any]], seed: int = 0, resamples: int = 200
     """Every per-checkpoint number of the report from its records (see sample_and_score)."""
     tokens = sum(r["tokens"] for r in records)
     names = list(records[0]["rewards"]) if records else []
-    return {
+    texts = [response_text(r["response"]) for r in records]
+    summary = {
         "reward": _mean_ci(per_prompt(records, lambda r: r["reward"]), seed, resamples),
         "rewards": {name: _mean_ci(per_prompt(records, lambda r, n=name: r["rewards"][n]), seed, resamples)
                     for name in names},
@@ -105,11 +136,14 @@ def summarise(records: list[dict[str, Any]], seed: int = 0, resamples: int = 200
         "kl_per_token": sum(r["kl"] for r in records) / max(tokens, 1),
         "response_length": sum(r["tokens"] for r in records) / len(records),
         "eos_rate": sum(r["eos"] for r in records) / len(records),
-        "distinct_1": distinct_n([r["response"] for r in records], 1),
-        "distinct_2": distinct_n([r["response"] for r in records], 2),
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
         "base_perplexity": math.exp(sum(r["base_nll"] for r in records) / tokens) if tokens else math.nan,
         "num_samples": len(records),
     }
+    if records and "turns" in records[0]:  # episodes: their tool use (one-turn reports stay as they were)
+        summary.update(episode_stats(records))
+    return summary
 
 
 def build_report(records: dict[str, list[dict[str, Any]]], baseline: str | None, seed: int, resamples: int,
@@ -157,6 +191,7 @@ def evaluation_summary(report: dict[str, Any], label: str, report_dir: Path | No
         "base_reward": base["reward"] if base is not None else None,
         "win_rate_vs_base": numbers.get("win_rate_vs_base"),
         "report": str(report_dir.resolve() / "report.md") if report_dir is not None else None,
+        **{key: numbers[key] for key in EPISODE_STATS if key in numbers},
     }
     return json_safe(summary)
 
@@ -180,12 +215,21 @@ def _columns(report: dict[str, Any]) -> list[tuple[str, Any, int]]:
         ("distinct-2 ↑", lambda c: c["distinct_2"], 1),
         ("base ppl ↓", lambda c: c["base_perplexity"], -1),
     ]
+    if "tool_success_rate" in first:  # episodes were evaluated
+        columns += [
+            ("tool success ↑", lambda c: "n/a" if math.isnan(c["tool_success_rate"]) else c["tool_success_rate"], 1),
+            ("tool calls/episode", lambda c: c["tool_calls_per_episode"], 0),
+            ("turns/episode", lambda c: c["turns_per_episode"], 0),
+            ("truncated ↓", lambda c: c["truncated_share"], -1),
+        ]
     if any("win_rate_vs_base" in c for c in report["checkpoints"].values()):
         columns.append(("win vs base ↑ (95% CI)", lambda c: c.get("win_rate_vs_base"), 1))
     return columns
 
 
 def _scalar(value: Any) -> float:
+    if isinstance(value, str):  # "n/a": no number to rank
+        return math.nan
     if isinstance(value, dict):
         return value.get("mean", value.get("rate", math.nan))
     return math.nan if value is None else float(value)
@@ -194,6 +238,8 @@ def _scalar(value: Any) -> float:
 def _format(value: Any) -> str:
     if value is None:
         return "—"
+    if isinstance(value, str):
+        return value
     if isinstance(value, dict):
         return f"{_scalar(value):.3f} [{value['ci_low']:.3f}, {value['ci_high']:.3f}]"
     return f"{value:.3f}"
@@ -224,6 +270,7 @@ def render_markdown(report: dict[str, Any]) -> str:
            != "base model" else "")
         + (f"; KL and base ppl are against each run's init adapter for {', '.join(sorted(k for k, v in references.items() if v != 'base model'))}"
            f" and against the base model for the others" if len(set(references.values())) > 1 else "")
+        + _episodes_sentence(settings)
         + ". Best per column in bold; ↑/↓ = higher/lower is better.", "",
         "| checkpoint | " + " | ".join(h for h, _, _ in columns) + " |",
         "|---|" + "---|" * len(columns),
@@ -244,6 +291,25 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _episodes_sentence(settings: dict[str, Any]) -> str:
+    """The report's words on multi-turn episodes (none for one-turn responses)."""
+    episodes = settings.get("episodes")
+    template = settings.get("chat_template")
+    text = ""
+    if template:  # a file or TRL's name; a template given as its text is too long for the line
+        short = "{" not in template and len(template) <= 80
+        text = f"; chat template `{template}`" if short else "; chat template given as text"
+    if not episodes:
+        return text
+    tools = [f"tools {', '.join(f'`{t}`' for t in episodes['tools'])}"] if episodes["tools"] else []
+    if episodes["environment_factory"] is not None:
+        tools.append(f"environment `{episodes['environment_factory']}`")
+    limit = episodes["max_tool_calling_iterations"]
+    return (text + f"; multi-turn episodes with {' and '.join(tools)} ({episodes['source']}), tool calls executed in "
+            f"{'every turn' if limit is None else f'at most {limit} turns'}, max_new_tokens per episode; the reward "
+            "includes the tools' turn rewards and length counts sampled tokens only")
+
+
 def write_outputs(output_dir: Path, report: dict[str, Any], records: dict[str, list[dict[str, Any]]],
                   names: dict[str, str] | None = None) -> None:
     """``names``: label -> what the plots call the checkpoint (rlhf.plots.checkpoint_names)."""
@@ -255,10 +321,10 @@ def write_outputs(output_dir: Path, report: dict[str, Any], records: dict[str, l
     first = next(iter(records.values()))
     with (output_dir / "samples.jsonl").open("w") as handle:
         for i, record in enumerate(first):
+            keys = ("response", "reward", "rewards", "kl") + (EPISODE_FIELDS if "turns" in record else ())
             row = {"prompt_index": record["prompt_index"], "sample_index": record["sample_index"],
                    "prompt": record["prompt"],
-                   "responses": {label: {key: records[label][i][key] for key in ("response", "reward", "rewards", "kl")}
-                                 for label in records}}
+                   "responses": {label: {key: records[label][i][key] for key in keys} for label in records}}
             handle.write(json.dumps(json_safe(row)) + "\n")
     plot_reward_distribution(records, output_dir / "reward_distribution.png", names)
     plot_reward_vs_kl(records, output_dir / "reward_vs_kl.png", names)

@@ -104,8 +104,8 @@ def make_episodes(config: RLConfig, tokenizer: Any, accelerator: Any) -> Any:
 
     if needs_synced_generation(accelerator):
         # Sharded weights need every process in each forward; episodes end after different turns.
-        raise ConfigError("tools / environment_factory run with replicated weights (one process, DDP, ZeRO-1/2); "
-                          "FSDP and ZeRO-3 would need every process in every decoding step of every episode")
+        raise ConfigError("tools / environment_factory do not run under FSDP2, whose sampling needs every process in "
+                          "every decoding step while episodes end after different turns; use DDP or DeepSpeed")
     return ToolEpisodes(tokenizer, config.tools, config.environment_factory,
                         template_kwargs=config.chat_template_kwargs,
                         max_tool_calling_iterations=config.max_tool_calling_iterations, tool_timeout=config.tool_timeout)
@@ -455,10 +455,19 @@ class RLTrainer:
                 prompt_column=config.prompt_column, eos_token_ids=self.stop_ids,
                 reward_extras={"trainer_state": RewardTrainerState(self.step, config.max_steps)},
                 batch_size=config.generation_batch_size or config.rollout_batch_size * config.num_generations // accelerator.num_processes,
+                episodes=self.episodes,
             )
         reward_sum, kl_sum, evaluated = self.reducer.sum(
             [sum(r["reward"] for r in records), sum(r["kl"] for r in records), float(len(records))]).tolist()
-        return {"eval/reward_mean": reward_sum / evaluated, "eval/kl": kl_sum / evaluated}
+        metrics = {"eval/reward_mean": reward_sum / evaluated, "eval/kl": kl_sum / evaluated}
+        if self.episodes is not None:  # tool use on the eval prompts, named as training's (episode_metrics)
+            turns, calls, failures, truncated = self.reducer.sum(
+                [float(sum(r[key] for r in records)) for key in ("turns", "tool_calls", "tool_failures", "truncated")]
+            ).tolist()
+            metrics.update({"eval/turns_mean": turns / evaluated, "eval/tools/call_frequency": calls / evaluated,
+                            "eval/tools/failure_frequency": failures / calls if calls else 0.0,
+                            "eval/episodes_truncated": truncated / evaluated})
+        return metrics
 
     # ------------------------------------------------------------------------------ run state, saving
 

@@ -19,8 +19,10 @@ from conftest import FIXTURES, ROOT, tiny_args
 # Clip-Cov and KL-Cov pick their tokens within each micro-batch, as verl does (at least one per
 # call; rlhf/algorithms/verl_losses.py says why), so their update depends on the split by design.
 SPLIT_DEPENDENT = ("clip_cov", "kl_cov")
+# tools_grpo / env_grpo (and ppo_env: PPO's value head and GAE in the same environment) run
+# multi-turn episodes on the tiny tool-calling model.
 ALGORITHMS = (*sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")
-                      if p.stem not in ("dpo", "reward_model", *SPLIT_DEPENDENT)), "grpo_one_epoch")
+                      if p.stem not in ("dpo", "reward_model", *SPLIT_DEPENDENT)), "grpo_one_epoch", "ppo_env")
 TOLERANCE = 1e-5
 
 
@@ -40,14 +42,15 @@ def max_difference(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def one_update_runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+def one_update_runs(tiny_model_dir, tool_model_dir, tmp_path_factory) -> dict[str, Path]:
     """The same fixed-rollout step as 2 processes x B, 1 process x 2B, and 1 process x B x 2 accumulation."""
     root = tmp_path_factory.mktemp("one_update")
     runs = {"2 processes": (2, 1), "1 process": (1, 1), "1 process, accumulation 2": (1, 2)}
     outputs = {}
     for name, (processes, accumulation) in runs.items():
         out = root / name.replace(" ", "_").replace(",", "")
-        result = torchrun(processes, FIXTURES / "one_update.py", str(out), str(tiny_model_dir), str(accumulation))
+        result = torchrun(processes, FIXTURES / "one_update.py", str(out), str(tiny_model_dir), str(accumulation),
+                          str(tool_model_dir))
         assert result.returncode == 0, result.stderr[-4000:]
         outputs[name] = out
     return outputs

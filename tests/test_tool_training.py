@@ -186,3 +186,73 @@ def test_rollout_select_narrow_and_concat_keep_episode_fields():
     joined = concat_rollouts([rollout.select([1]), rollout.select([0])], pad_token_id=0)
     assert torch.equal(joined.episode_mask, rollout.episode_mask[[1, 0]])
     assert torch.equal(joined.turn_rewards, rollout.turn_rewards[[1, 0]])
+
+
+@pytest.mark.parametrize("marker, lines, reward_key", [("tool-example", 15, "rewards/exact_answer/mean"),
+                                                      ("env-example", 20, "rewards/Counter/mean")])
+def test_readme_episode_examples_run(marker, lines, reward_key, tool_model_dir, tmp_path, monkeypatch):
+    """README's tool and environment blocks themselves, on the tool model, one short step."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index(f"<!-- {marker}"):]
+    code = block[block.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    assert len([line for line in code.splitlines() if line.strip()]) <= lines
+    output = code[code.index('output_dir="') + len('output_dir="'):].split('"')[0]
+    for old, new in (('"smollm2-135m-instruct"', repr(str(tool_model_dir))), (f'"{output}', f'"{tmp_path}/run'),
+                     ("max_steps=10", "max_steps=1"), ("rollout_batch_size=4", "rollout_batch_size=2"),
+                     ("mini_batch_size=16", "mini_batch_size=8"), ('chat_template="qwen3"', 'chat_template="qwen3", '
+                                                                    f"temperature={TOOL_MODEL_TEMPERATURE}")):
+        assert old in code, old
+        code = code.replace(old, new)
+    monkeypatch.chdir(ROOT)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    (row,) = metrics_of(tmp_path / "run")
+    assert reward_key in row and "tools/call_frequency" in row
+
+
+@pytest.mark.parametrize("estimator, loss", [("gae", "ppo_clip"), ("grpo", "gspo")])
+def test_a_multi_turn_batch_padded_to_two_widths_gives_the_same_update(tool_model_dir, tmp_path, estimator, loss):
+    """Padding invariance (the correctness issue's test) on multi-turn episodes of different
+    lengths: tool tokens inside the mask's gaps, turn rewards, and a value head over actions."""
+    import copy
+
+    from fixtures.rollouts import with_response_width
+
+    from rlhf.config import RLConfig
+    from rlhf.trainer import RLTrainer
+
+    config = RLConfig(model_name_or_path=str(tool_model_dir), output_dir=str(tmp_path), max_steps=1,
+                      rollout_batch_size=2, num_generations=4, mini_batch_size=8, ppo_epochs=2, max_new_tokens=96,
+                      max_prompt_length=512, lora_r=4, lora_alpha=8, learning_rate=1e-3, kl_coef=0.05,
+                      save_steps=0, num_samples_to_log=0, temperature=1.0,  # off the script at times: lengths differ
+                      dataset="builtin:guess", environment_factory="rlhf/examples/number_guess.py:NumberGuess",
+                      reward_funcs=[f"{ROOT / 'tests' / 'fixtures' / 'rewards.py'}:episode_diversity"],
+                      advantage_estimator=estimator, policy_loss=loss)
+    trainer = RLTrainer(config)
+    torch.manual_seed(0)
+    rollout = trainer._generate(trainer.dataset, [0, 1], 4)
+    assert rollout.episodes is not None and max(e.turns for e in rollout.episodes) > 1
+    assert len({len(e.completion_ids) for e in rollout.episodes}) > 1  # rows of different lengths
+    assert bool((rollout.mask < rollout.episode_mask).any())  # tool tokens in the gaps
+    from rlhf.scoring import score
+
+    scores, token_scores, _ = score(trainer.reward, rollout, config, trainer.reducer, 1, trainer.tokenizer)
+    assert token_scores is not None  # the wrong guesses' turn rewards
+    trained = {n: p for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
+    start = {n: p.detach().clone() for n, p in trained.items()}
+    optimizer_state = copy.deepcopy(trainer.optimizer.state_dict())
+    results = []
+    for width in (rollout.response_length, rollout.response_length + 9):
+        with torch.no_grad():
+            for name, param in trained.items():
+                param.copy_(start[name])
+        trainer.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+        torch.manual_seed(7)
+        padded = with_response_width(rollout, width, trainer.tokenizer.pad_token_id)
+        wide_scores = torch.nn.functional.pad(token_scores, (0, width - token_scores.shape[1]))
+        batch, _ = trainer.make_experience(padded, scores, wide_scores)
+        trainer.update(batch)
+        results.append({n: p.detach().clone() for n, p in trained.items()})
+    moved = max(float((results[0][n] - start[n]).abs().max()) for n in start)
+    assert moved > 1e-5
+    assert max(float((results[0][n] - results[1][n]).abs().max()) for n in start) < 1e-6
