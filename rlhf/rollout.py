@@ -296,15 +296,7 @@ def sample_responses(
         outputs = model(input_ids=step_ids, attention_mask=full_mask[:, :prompt_length + t], position_ids=step_positions,
                         cache=cache, use_cache=True, logits_to_keep=1)
         cache = preallocated(outputs.cache, max_new_tokens - t) if t == 0 else outputs.cache
-        logits = outputs.logits[:, -1].float()
-        if temperature == 0:
-            token = logits.argmax(-1)
-            logprob = torch.zeros_like(logits[:, 0])  # a greedy pick is certain
-        else:
-            scaled = logits / temperature
-            probs = nucleus(torch.softmax(scaled, dim=-1), top_p)
-            token = inverse_cdf_sample(probs, uniforms[:, t])
-            logprob = nucleus_logprob(scaled, probs, token, top_p)
+        token, logprob = draw(outputs.logits[:, -1].float(), uniforms[:, t], temperature, top_p)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         logprobs.append(logprob.masked_fill(finished, 0.0))
@@ -314,6 +306,18 @@ def sample_responses(
         step_ids = token.unsqueeze(-1)
         step_positions = step_positions[:, -1:] + 1
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+
+
+def draw(logits: Tensor, uniforms: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Tensor]:
+    """Tokens [b] and their logprobs [b] from logits [b, V] and uniforms [b] in [0, 1): temperature,
+    the top-p nucleus renormalised, inverse CDF; greedy at temperature 0, with logprob 0 (a greedy
+    pick is certain). The one draw of every sampler here (responses and multi-turn episodes)."""
+    if temperature == 0:
+        return logits.argmax(-1), torch.zeros_like(logits[:, 0])
+    scaled = logits / temperature
+    probs = nucleus(torch.softmax(scaled, dim=-1), top_p)
+    token = inverse_cdf_sample(probs, uniforms)
+    return token, nucleus_logprob(scaled, probs, token, top_p)
 
 
 def nucleus(probs: Tensor, top_p: float) -> Tensor:

@@ -27,7 +27,7 @@ from rlhf.episodes.chat import Messages, render_ids, tool_suffix_ids
 from rlhf.episodes.tools import Toolbox, run_tool_calls
 from rlhf.kv_cache import preallocated
 from rlhf.models import shared_prompt_cache
-from rlhf.rollout import inverse_cdf_sample, nucleus, nucleus_logprob
+from rlhf.rollout import draw
 
 
 @dataclass
@@ -49,18 +49,6 @@ class Episode:
     @property
     def turns(self) -> int:
         return len(self.turn_ends)
-
-
-def draw(logits: Tensor, uniforms: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Tensor]:
-    """Tokens [b] and their logprobs [b] from logits [b, V] and uniforms [b] in [0, 1): the draw of
-    rlhf.rollout.sample_responses (temperature, top-p nucleus renormalised, inverse CDF; greedy at
-    temperature 0 with logprob 0)."""
-    if temperature == 0:
-        return logits.argmax(-1), torch.zeros_like(logits[:, 0])
-    scaled = logits / temperature
-    probs = nucleus(torch.softmax(scaled, dim=-1), top_p)
-    token = inverse_cdf_sample(probs, uniforms)
-    return token, nucleus_logprob(scaled, probs, token, top_p)
 
 
 class _Row:
