@@ -292,13 +292,19 @@ class PromptSampler:
         self.position = int(state["position"])
 
 
-def check_prompt_lengths(dataset: datasets.Dataset, tokenizer: Any, config: Any, name: str, warn: bool) -> None:
+def check_prompt_lengths(dataset: datasets.Dataset, tokenizer: Any, config: Any, name: str, warn: bool,
+                         episodes: Any = None) -> None:
     """Count prompts that max_prompt_length cuts (their beginning would silently disappear):
-    refused with prompt_overflow error, else a warning (when ``warn``) with the count."""
+    refused with prompt_overflow error, else a warning (when ``warn``) with the count.
+    ``episodes`` (rlhf.episodes.ToolEpisodes): prompts are measured as episodes render them, with
+    the tools' schemas the chat template writes into them."""
     import warnings
 
-    texts = [format_prompt(p, tokenizer) for p in dataset[config.prompt_column]]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    if episodes is not None:
+        lengths = [episodes.prompt_length(row, config.prompt_column) for row in dataset]
+    else:
+        texts = [format_prompt(p, tokenizer) for p in dataset[config.prompt_column]]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     too_long = [i for i, length in enumerate(lengths) if length > config.max_prompt_length]
     if not too_long:
         return

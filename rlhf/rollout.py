@@ -421,6 +421,9 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
     group_ids = [group_offset + i for i in range(len(indices)) for _ in range(num_generations)]
     chunk = config.generation_batch_size or len(raw_prompts)
     episode_rows = [dict(row) for row in rows for _ in range(num_generations)] if episodes is not None else []
+    # Every row's environment is taken and reset now, for the whole batch: chunks sampled one after
+    # another must not hand the same pooled instances out again before the batch is scored.
+    started = episodes.start(episode_rows, config.prompt_column) if episodes is not None else None
     model.eval()
     parts = []
     with unwrapped_full_weights(model, accelerator) as plain:
@@ -440,7 +443,8 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
                         max_completion_length=config.max_new_tokens, max_prompt_length=config.max_prompt_length,
                         temperature=config.temperature, top_p=config.top_p,
                         stop_ids=eos_token_ids if eos_token_ids is not None else stop_token_ids(policy, tokenizer),
-                        share_prompt_prefix=plain.share_prompt_prefix))
+                        share_prompt_prefix=plain.share_prompt_prefix,
+                        started=(started[0][part], started[1][part], None if started[2] is None else started[2][part])))
                     continue
                 parts.append(generate_rollout(
                     policy, tokenizer, [format_prompt(p, tokenizer) for p in raw_prompts[part]],

@@ -99,6 +99,12 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
     unscorable = torch.tensor(output.unscorable or [False] * len(scores), dtype=torch.bool, device=device)
     token_scores = None
     if output.steps is not None:
+        if rollout.episode_mask is not None:
+            # Character positions index one text; an episode is several messages with tool results
+            # between them, and a position could land on a tool token (no action to credit).
+            raise RewardError("a reward function returned process rewards ((position, reward) pairs), which do not "
+                              "apply to multi-turn episodes; return one number per episode, or give turn rewards "
+                              "from the tools ({'observation': ..., 'reward': r})")
         token_scores = process_rewards_to_tokens(output.steps, rollout, tokenizer)
     if rollout.turn_rewards is not None and bool(rollout.turn_rewards.any()):
         # an environment's turn rewards take the per-token path, each on its turn's last sampled token

@@ -185,8 +185,10 @@ class RLTrainer:
         self.reward = combined_reward(config, self.episodes, accelerator.device)
         # every id that ends a response
         self.stop_ids = stop_token_ids(self.base_model or config.model_name_or_path, self.tokenizer)
+        if self.episodes is not None:  # every row names an environment there is (not found out at some later step)
+            self.episodes.check_dataset(self.dataset, describe_dataset(config.dataset))
         check_prompt_lengths(self.dataset, self.tokenizer, config, describe_dataset(config.dataset),
-                             warn=accelerator.is_main_process)
+                             warn=accelerator.is_main_process, episodes=self.episodes)
         # Read (and refused if it cannot be saved with the RL LoRA) before any model loads, so final/
         # and checkpoints can hold init + RL as one adapter of the original base (rlhf.adapters).
         self.init_adapter = read_init_adapter(config.init_adapter) if config.init_adapter else None

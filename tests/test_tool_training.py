@@ -256,3 +256,83 @@ def test_a_multi_turn_batch_padded_to_two_widths_gives_the_same_update(tool_mode
     moved = max(float((results[0][n] - start[n]).abs().max()) for n in start)
     assert moved > 1e-5
     assert max(float((results[0][n] - results[1][n]).abs().max()) for n in start) < 1e-6
+
+
+ENVIRONMENTS = '''
+class Secret:
+    def reset(self, secret, **row):
+        self.secret = secret
+
+    def peek(self, number: int) -> str:
+        """Peek.
+
+        Args:
+            number: Any number.
+        """
+        return "no"
+
+
+class NeedsArguments:
+    def __init__(self, size):
+        self.size = size
+
+    def reset(self, **row):
+        return None
+
+
+class StrictReset:
+    def reset(self, secret):
+        return None
+
+
+def row_environments(prompts, completions, environments, secret, **kwargs):
+    """1 where the episode's environment was reset with its own row's secret."""
+    return [float(env.secret == s) for env, s in zip(environments, secret)]
+
+
+def process_reward(prompts, completions, **kwargs):
+    return [[(5, 1.0)] for _ in completions]
+'''
+
+
+def test_a_batch_sampled_in_chunks_keeps_one_environment_per_row(run_here, tool_model_dir, tmp_path):
+    """generation_batch_size below the batch: the second chunk must not reset the first chunk's
+    environments before they are scored (it did: every row's environment held the last row's secret)."""
+    (tmp_path / "envs.py").write_text(ENVIRONMENTS)
+    out = tmp_path / "chunks"
+    result = run_here("train_grpo.py", *episode_args(tool_model_dir, out, "--dataset", "builtin:guess",
+                                                     "--environment", f"{tmp_path / 'envs.py'}:Secret",
+                                                     "--reward_funcs", f"{tmp_path / 'envs.py'}:row_environments",
+                                                     "--max_steps", "1", "--rollout_batch_size", "4",
+                                                     "--num_generations", "2", "--generation_batch_size", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = metrics_of(out)
+    assert row["rewards/row_environments/mean"] == 1.0
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--environment", "{envs}:NeedsArguments"], ["NeedsArguments() raised TypeError", "no arguments"]),
+    (["--environment", "{envs}:StrictReset"], ["StrictReset.reset(**row) raised TypeError", "**kwargs"]),
+    (["--environment", "{envs}:Secret", "--max_prompt_length", "96", "--prompt_overflow", "error"],
+     ["longer than max_prompt_length 96"]),
+    (["--tools", "rlhf/examples/calculator.py:calculator", "--reward_funcs", "{envs}:process_reward"],
+     ["process rewards", "do not apply to multi-turn episodes"]),
+])
+def test_environment_and_reward_mistakes_are_one_line_errors(run_here, tool_model_dir, tmp_path, flags, fragments):
+    (tmp_path / "envs.py").write_text(ENVIRONMENTS)
+    flags = [f.replace("{envs}", str(tmp_path / "envs.py")) for f in flags]
+    rewards = [] if "--reward_funcs" in flags else ["--reward_funcs", "exact_answer"]
+    result = run_here("train_grpo.py", *episode_args(tool_model_dir, tmp_path / "x", "--dataset", "builtin:guess",
+                                                     "--max_steps", "1", *rewards, *flags))
+    assert_one_line_error(result, *fragments)
+
+
+def test_several_environments_need_the_environment_column_before_training(tool_model_dir, tmp_path):
+    from rlhf import RLConfig, RLTrainer
+    from rlhf.errors import ConfigError
+    from rlhf.examples.number_guess import NumberGuess
+
+    args = RLConfig(output_dir=str(tmp_path / "x"), model_name_or_path=str(tool_model_dir), max_steps=1,
+                    dataset="builtin:guess", max_prompt_length=512, reward_funcs=[])
+    with pytest.raises(ConfigError, match="needs an 'environment' column"):
+        RLTrainer(args=args, environment_factory={"guess": NumberGuess, "other": NumberGuess})

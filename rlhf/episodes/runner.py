@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from rlhf.episodes.chat import Messages, prepare_tool_template
+from rlhf.episodes.chat import Messages, prepare_tool_template, render_ids
 from rlhf.episodes.sampling import Episode, pack_episodes, sample_episodes
 from rlhf.episodes.tools import EnvironmentPool, Factory, Tool, Toolbox, environment_tools, load_environment, load_tools
 from rlhf.errors import ConfigError, DataError
@@ -95,11 +95,36 @@ class ToolEpisodes:
                    for env, row in zip(environments, rows)]
         return prompts, [self.toolbox(env) for env in environments], environments
 
+    def check_dataset(self, dataset: Any, name: str) -> None:
+        """With several environments, every row of ``dataset`` must name one of them in its
+        ``environment`` column (DataError / ConfigError in one line, before training starts)."""
+        if self.pool is None or not self.pool.multi:
+            return
+        if "environment" not in dataset.column_names:
+            raise ConfigError(f"environment_factory maps names to environments ({', '.join(map(str, self.pool.factories))}), "
+                              f"so every row of {name} needs an 'environment' column naming one; it has none")
+        self.pool.names([{"environment": value} for value in dict.fromkeys(dataset["environment"])])
+
+    def prompt_length(self, row: dict[str, Any], prompt_column: str = "prompt") -> int:
+        """Tokens of a row's prompt as an episode renders it (the tools' schemas included; an
+        environment's reset observation is not known before the episode and is left out)."""
+        instance = None
+        if self.pool is not None:
+            (name,) = self.pool.names([row])
+            instance = self.pool.pool[name][0]
+        toolbox = self.toolbox(instance)
+        return len(render_ids(self.tokenizer, episode_prompt(row.get(prompt_column), None), tools=toolbox.schemas,
+                              chat_template=self.chat_template, add_generation_prompt=True,
+                              template_kwargs=self.template_kwargs))
+
     def sample(self, model: Any, rows: list[dict[str, Any]], *, prompt_column: str = "prompt",
+               started: tuple[list[Messages], list[Toolbox], list[Any] | None] | None = None,
                **sampling: Any) -> SampledBatch:
         """One episode per row; ``sampling``: sample_episodes' keywords (max_completion_length,
-        temperature, top_p, stop_ids, pad_token_id, max_prompt_length, uniforms, row_seeds, ...)."""
-        prompts, toolboxes, environments = self.start(rows, prompt_column)
+        temperature, top_p, stop_ids, pad_token_id, max_prompt_length, uniforms, row_seeds, ...).
+        ``started``: what ``start`` returned for these rows (a batch sampled in chunks starts all
+        its rows first, so each row keeps its own environment instance until it is scored)."""
+        prompts, toolboxes, environments = started if started is not None else self.start(rows, prompt_column)
         episodes = sample_episodes(
             model, self.tokenizer, prompts, toolboxes, chat_template=self.chat_template,
             template_kwargs=self.template_kwargs, max_tool_calling_iterations=self.max_tool_calling_iterations,
@@ -110,7 +135,8 @@ class ToolEpisodes:
 def sample_episode_rollout(episodes: ToolEpisodes, model: Any, rows: list[dict[str, Any]], *, prompt_column: str,
                            group_ids: list[int], columns: dict[str, list[Any]], max_completion_length: int,
                            max_prompt_length: int | None, temperature: float, top_p: float, stop_ids: list[int],
-                           share_prompt_prefix: bool = False, row_seeds: list[int] | None = None) -> Any:
+                           share_prompt_prefix: bool = False, row_seeds: list[int] | None = None,
+                           started: tuple[list[Messages], list[Toolbox], list[Any] | None] | None = None) -> Any:
     """One episode per row as a rlhf.rollout.Rollout: the response is the whole episode (sampled
     turns and tool tokens; ``mask`` 1 on sampled tokens only, ``episode_mask`` on all of them),
     prompts are the rows' messages with the reset observation, completions TRL's conversational
@@ -122,7 +148,7 @@ def sample_episode_rollout(episodes: ToolEpisodes, model: Any, rows: list[dict[s
     sampled = episodes.sample(model, rows, prompt_column=prompt_column, max_completion_length=max_completion_length,
                               temperature=temperature, top_p=top_p, stop_ids=stop_ids,
                               pad_token_id=tokenizer.pad_token_id, max_prompt_length=max_prompt_length,
-                              share_prompt_prefix=share_prompt_prefix, row_seeds=row_seeds)
+                              share_prompt_prefix=share_prompt_prefix, row_seeds=row_seeds, started=started)
     batch = pack_episodes(sampled.episodes, tokenizer.pad_token_id, device)
     return Rollout(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, response_ids=batch.response_ids,

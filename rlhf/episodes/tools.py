@@ -207,7 +207,7 @@ class EnvironmentPool:
         for name, make in self.factories.items():
             if not callable(make):
                 raise ConfigError(f"environment_factory{'' if name is None else f'[{name!r}]'} is not callable")
-            instance = make()
+            instance = self._make(name)
             if not callable(getattr(instance, "reset", None)):
                 raise ConfigError(f"environment {type(instance).__name__} has no reset(**row) method "
                                   "(an environment_factory must return objects with reset)")
@@ -232,16 +232,32 @@ class EnvironmentPool:
         for name in names:
             index = handed.get(name, 0)
             if index == len(self.pool[name]):
-                self.pool[name].append(self.factories[name]())
+                self.pool[name].append(self._make(name))
             handed[name] = index + 1
             taken.append(self.pool[name][index])
         return taken
 
+    def _make(self, name: str | None) -> Any:
+        """A new instance from the factory ``name``; what it raises becomes one ConfigError line."""
+        make = self.factories[name]
+        try:
+            return make()
+        except Exception as exc:  # user code: the run reports it in one line, not a traceback
+            label = getattr(make, "__name__", type(make).__name__)
+            raise ConfigError(f"environment_factory {label}() raised {type(exc).__name__}: {exc} (it is called "
+                              "with no arguments, once per concurrent episode)") from None
+
     def reset(self, instance: Any, row: dict[str, Any]) -> str | None:
         """``instance.reset(**row)`` (without the routing ``environment`` column when several
-        environments are given, as TRL); a string result is what the prompt gets appended."""
+        environments are given, as TRL); a string result is what the prompt gets appended.
+        What reset raises becomes one DataError line naming the row's columns."""
         kwargs = {k: v for k, v in row.items() if k != "environment"} if self.multi else dict(row)
-        observation = instance.reset(**kwargs)
+        try:
+            observation = instance.reset(**kwargs)
+        except Exception as exc:  # user code, often a signature that does not take every column
+            raise DataError(f"{type(instance).__name__}.reset(**row) raised {type(exc).__name__}: {exc} (the row's "
+                            f"columns: {', '.join(kwargs)}; give reset a **kwargs parameter for the ones it "
+                            "does not use)") from None
         return observation if isinstance(observation, str) else None
 
     def reward_functions(self) -> list[tuple[str, Callable[..., list[float | None]]]]:
