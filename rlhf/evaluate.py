@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+import warnings
+
 import torch
 
 from rlhf.adapters import ADAPTER_WEIGHTS, INIT_ADAPTER_DIR
@@ -362,6 +364,13 @@ def evaluate(
     episodes = episode_settings.build(tokenizer)  # before any model loads: a bad tool spec fails fast
     if episodes is not None:
         accelerator.print(f"episodes: {episode_settings.describe()} ({episode_settings.source})")
+        # the tools' schemas sit in the rendered prompt: a cut one loses its system message first
+        lengths = [episodes.prompt_length(row, prompt_column) for row in prompts.select(range(count))]
+        too_long = sum(length > max_prompt_length for length in lengths)
+        if too_long and accelerator.is_main_process:
+            warnings.warn(f"{too_long} of {count} prompts are longer than max_prompt_length {max_prompt_length} tokens "
+                          f"once the tools are rendered into them (longest {max(lengths)}) and lose their beginning; "
+                          "raise --max_prompt_length", stacklevel=2)
     reward, reward_settings = evaluation_reward(candidates, reward_funcs, reward_weights, reward_kwargs, episodes,
                                                 accelerator.device)
     if reward_settings["reward_source"] != "given":

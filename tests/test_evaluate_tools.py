@@ -223,3 +223,13 @@ def test_tools_a_run_was_given_in_python_import_again():
     assert _importable(CALCULATOR_TOOL, "tools") == CALCULATOR_TOOL
     with pytest.raises(ConfigError, match="pass --tools"):
         _importable("python:tests.test_x.test_y.<locals>.calculator", "tools")
+
+
+def test_tool_prompts_cut_by_max_prompt_length_are_announced(run_here, tool_model_dir, tmp_path):
+    """The calculator's schema makes the rendered prompts ~290 tokens; a shorter limit said nothing."""
+    result = run_here("evaluate.py", "--checkpoints", str(tool_model_dir), "--dataset", "builtin:calculator",
+                      "--tools", "rlhf/examples/calculator.py:calculator", "--reward_funcs", "exact_answer",
+                      "--reward_kwargs", '{"exact_answer": {"column": "solution"}}', "--num_prompts", "2",
+                      "--max_new_tokens", "8", "--max_prompt_length", "96", "--output_dir", str(tmp_path / "eval"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 of 2 prompts are longer than max_prompt_length 96" in result.stderr
