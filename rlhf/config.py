@@ -543,10 +543,7 @@ class RLConfig:
 
     def _check_episode_options(self) -> None:
         """Tools and environments: their settings' ranges (the specs themselves load in the trainer)."""
-        if self.max_tool_calling_iterations is not None and self.max_tool_calling_iterations < 0:
-            raise ConfigError(f"max_tool_calling_iterations must be >= 0 or none, got {self.max_tool_calling_iterations}")
-        if self.tool_timeout is not None and not self.tool_timeout > 0:
-            raise ConfigError(f"tool_timeout must be > 0 seconds or none, got {self.tool_timeout}")
+        check_episode_limits(self.max_tool_calling_iterations, self.tool_timeout)
         if self.environment_factory == {}:
             raise ConfigError("environment_factory: an empty mapping names no environment")
 
@@ -658,6 +655,14 @@ def _plain(value: Any) -> Any:
         name = getattr(inner, "__qualname__", None) or type(inner).__name__
         return f"python:{getattr(inner, '__module__', None) or type(inner).__module__}.{name}"
     return copy.deepcopy(value)
+
+
+def check_episode_limits(max_tool_calling_iterations: int | None, tool_timeout: float | None) -> None:
+    """The ranges of the episode limits (training, evaluation and rlhf.episodes.ToolEpisodes)."""
+    if max_tool_calling_iterations is not None and max_tool_calling_iterations < 0:
+        raise ConfigError(f"max_tool_calling_iterations must be >= 0 or none, got {max_tool_calling_iterations}")
+    if tool_timeout is not None and not tool_timeout > 0:
+        raise ConfigError(f"tool_timeout must be > 0 seconds or none, got {tool_timeout}")
 
 
 def with_overrides(config: RLConfig, *, model: Any = None, reward_funcs: Any = None, train_dataset: Any = None,

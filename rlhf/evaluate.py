@@ -22,20 +22,20 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
-
-import warnings
 
 import torch
 
 from rlhf.adapters import ADAPTER_WEIGHTS, INIT_ADAPTER_DIR
 from rlhf.algorithms import kl_penalty
+from rlhf.config import check_episode_limits
 from rlhf.data import BUILTIN_PREFIX, format_prompt, load_prompt_dataset
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.rollout import Rollout, forward_response, generate_rollout
-from rlhf.run_settings import EpisodeSettings, check_tool_settings, evaluation_reward
+from rlhf.run_settings import EpisodeSettings, evaluation_reward
 from rlhf.scoring import reward_inputs
 
 if TYPE_CHECKING:
@@ -349,7 +349,7 @@ def evaluate(
     from rlhf.models import load_base_model, load_tokenizer, stop_token_ids
 
     _check_settings(checkpoints, include_base, num_samples, max_new_tokens, temperature, top_p, batch_size, num_prompts)
-    check_tool_settings(max_tool_calling_iterations, tool_timeout)
+    check_episode_limits(max_tool_calling_iterations, tool_timeout)
     candidates = [resolve_candidate(spec) for spec in checkpoints]
     base_id = common_base(candidates)
     split = dataset_split or ("eval" if dataset.startswith(BUILTIN_PREFIX) else "train")
@@ -553,7 +553,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check_settings(self.checkpoints, self.include_base, self.num_samples, self.max_new_tokens, self.temperature,
                         self.top_p, self.batch_size, self.num_prompts)
-        check_tool_settings(self.max_tool_calling_iterations, self.tool_timeout)
+        check_episode_limits(self.max_tool_calling_iterations, self.tool_timeout)
         if self.bootstrap_resamples < 100:
             raise ConfigError(f"bootstrap_resamples must be >= 100, got {self.bootstrap_resamples}")
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from reward_models.builtins import completion_text
+
 CI_LEVEL = 0.95
 
 
@@ -82,14 +84,6 @@ def win_rate(records_a: list[dict[str, Any]], records_b: list[dict[str, Any]], s
     return {"rate": float(values.mean()) if values.size else math.nan, "ci_low": low, "ci_high": high}
 
 
-def response_text(response: Any) -> str:
-    """A response's own text: a one-turn response as is; an episode's (TRL's conversational
-    completion) the content of its assistant messages, tool results left out."""
-    if isinstance(response, str):
-        return response
-    return "\n".join(m.get("content") or "" for m in response if m.get("role") == "assistant")
-
-
 # What a record of a multi-turn episode adds (rlhf.evaluate.sample_and_score with episodes), and
 # what a checkpoint's summary then adds (episode_stats).
 EPISODE_FIELDS = ("turns", "tool_calls", "tool_failures", "truncated", "turn_reward")
@@ -127,7 +121,7 @@ def summarise(records: list[dict[str, Any]], seed: int = 0, resamples: int = 200
     """Every per-checkpoint number of the report from its records (see sample_and_score)."""
     tokens = sum(r["tokens"] for r in records)
     names = list(records[0]["rewards"]) if records else []
-    texts = [response_text(r["response"]) for r in records]
+    texts = [completion_text(r["response"]) for r in records]  # an episode: its assistant turns
     summary = {
         "reward": _mean_ci(per_prompt(records, lambda r: r["reward"]), seed, resamples),
         "rewards": {name: _mean_ci(per_prompt(records, lambda r, n=name: r["rewards"][n]), seed, resamples)

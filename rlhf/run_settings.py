@@ -181,10 +181,3 @@ def _spec_text(spec: Any) -> Any:
     if isinstance(spec, dict):
         return {name: _spec_text(value) for name, value in spec.items()}
     return f"{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', type(spec).__name__)}"
-
-
-def check_tool_settings(max_tool_calling_iterations: int | None, tool_timeout: float | None) -> None:
-    if max_tool_calling_iterations is not None and max_tool_calling_iterations < 0:
-        raise ConfigError(f"max_tool_calling_iterations must be >= 0, got {max_tool_calling_iterations}")
-    if tool_timeout is not None and not tool_timeout > 0:
-        raise ConfigError(f"tool_timeout must be > 0 seconds, got {tool_timeout}")

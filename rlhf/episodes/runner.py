@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from rlhf.config import check_episode_limits
 from rlhf.episodes.chat import Messages, prepare_tool_template, render_ids
 from rlhf.episodes.sampling import Episode, pack_episodes, sample_episodes
 from rlhf.episodes.tools import EnvironmentPool, Factory, Tool, Toolbox, environment_tools, load_environment, load_tools
@@ -59,10 +60,7 @@ class ToolEpisodes:
                  max_tool_calling_iterations: int | None = None, tool_timeout: float | None = None):
         if not tools and environment_factory is None:
             raise ConfigError("episodes need tools or an environment_factory")
-        if max_tool_calling_iterations is not None and max_tool_calling_iterations < 0:
-            raise ConfigError(f"max_tool_calling_iterations must be >= 0 or unset, got {max_tool_calling_iterations}")
-        if tool_timeout is not None and not tool_timeout > 0:
-            raise ConfigError(f"tool_timeout must be a positive number of seconds or unset, got {tool_timeout}")
+        check_episode_limits(max_tool_calling_iterations, tool_timeout)
         self.tokenizer = tokenizer
         self.tools = load_tools(list(tools or []))
         self.pool = EnvironmentPool(load_environment(environment_factory)) if environment_factory is not None else None
