@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from rlhf.algorithms import logprobs_and_entropy_from_logits, logprobs_from_hidden, logprobs_from_logits
+from rlhf.cpu_linear import onednn_linear, routes_to_onednn
 from rlhf.paths import looks_local
 from rlhf.errors import CheckpointError, ConfigError
 
@@ -236,7 +237,8 @@ class _LoraLinearFunction(torch.autograd.Function):
                 scaling: float) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
         low_rank = rows @ lora_a.t()
-        out = nn.functional.linear(rows, weight, bias).addmm_(low_rank, lora_b.t(), alpha=scaling)
+        base = onednn_linear if routes_to_onednn(rows, weight) else nn.functional.linear
+        out = base(rows, weight, bias).addmm_(low_rank, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, low_rank, weight, lora_a, lora_b)
         ctx.scaling = scaling
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -252,7 +254,10 @@ class _LoraLinearFunction(torch.autograd.Function):
         g_low_rank = g @ lora_b
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).addmm_(g_low_rank, lora_a, alpha=scaling).view(*grad.shape[:-1], rows.shape[-1])
+            # oneDNN has no autograd of its own: a double backward takes the plain product
+            fast = not torch.is_grad_enabled() and routes_to_onednn(g, weight)
+            grad_x = onednn_linear(g, weight.t()) if fast else g @ weight
+            grad_x = grad_x.addmm_(g_low_rank, lora_a, alpha=scaling).view(*grad.shape[:-1], rows.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_weight = g.t() @ rows
         if ctx.needs_input_grad[2]:
@@ -290,6 +295,8 @@ def fuse_lora_layers(policy: PeftModel) -> int:
             if args or kwargs or _layer.merged:
                 return _peft_forward(x, *args, **kwargs)
             if _layer.disable_adapters:  # reference passes and merged sampling: the base layer alone
+                if not torch.is_grad_enabled() and routes_to_onednn(x, base_layer.weight):
+                    return onednn_linear(x, base_layer.weight, base_layer.bias)
                 return base_layer(x)
             if (list(_layer.active_adapters) != [_name] or x.dtype != torch.float32
                     or torch.is_autocast_enabled(x.device.type)):  # autocast would mix dtypes in addmm_
@@ -348,32 +355,37 @@ def merged_lora_weights(policy: PeftModel) -> Iterator[PeftModel]:
             base.weight = original
 
 
-# Rows up to which a linear layer runs as W @ x^T (decoding: one token per row).
+# Rows up to which a BLAS linear layer runs as W @ x^T (decoding: one token per row).
 WEIGHT_MAJOR_MAX_ROWS = 64
 
 
 @contextmanager
-def weight_major_linears(model: nn.Module) -> Iterator[nn.Module]:
-    """Every float32 ``nn.Linear`` of ``model`` computes y = (W x^T)^T for inputs of at most
-    WEIGHT_MAJOR_MAX_ROWS rows, then is put back.
+def inference_linears(model: nn.Module) -> Iterator[nn.Module]:
+    """Every float32 CPU ``nn.Linear`` of ``model`` takes this machine's faster product in no-grad
+    calls (sampling), then is put back.
 
-    The same product as ``F.linear(x, W)`` (bitwise at 1, 16 and 64 rows here; within float
-    rounding elsewhere), but MKL splits the W-major call across threads where it runs x W^T for a
-    few rows on little more than one core: measured on the 2-core AVX2 machine, the SmolLM2-135M
-    layer shapes at 16 rows took 19.8 ms instead of 29.0 ms on two threads (1.46x) and the same on
-    one thread. Decoding is exactly that case (one new token per row per step).
+    The product is ``F.linear``'s up to float rounding: oneDNN where ``rlhf.cpu_linear`` routes
+    it there (AMD; a decode step's linears at 16 rows 76-87 -> 64-70 ms on the 2-core EPYC, no
+    transposed copy); else, for at most WEIGHT_MAJOR_MAX_ROWS rows, y = (W x^T)^T, which MKL
+    spreads across threads where it runs x W^T for a few rows on little more than one core
+    (SmolLM2-135M's layer shapes at 16 rows: 29.0 -> 19.8 ms on two threads; bitwise equal to
+    F.linear at 1, 16 and 64 rows); else ``F.linear``. Decoding is the few-rows case.
     """
     # CPU only (measured there); layers with a forward of their own (Accelerate's offload hooks,
     # another wrapper) keep it.
     layers = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
               and m.weight.device.type == "cpu" and "forward" not in vars(m) and not hasattr(m, "_hf_hook")]
 
-    def weight_major(layer: nn.Linear) -> Any:
+    def faster(layer: nn.Linear) -> Any:
         plain = layer.forward
 
         def forward(x: Tensor) -> Tensor:
+            if x.dtype != torch.float32 or torch.is_grad_enabled():
+                return plain(x)
+            if routes_to_onednn(x, layer.weight):
+                return onednn_linear(x, layer.weight, layer.bias)
             rows = x.reshape(-1, x.shape[-1])
-            if rows.shape[0] > WEIGHT_MAJOR_MAX_ROWS or x.dtype != torch.float32 or torch.is_grad_enabled():
+            if rows.shape[0] > WEIGHT_MAJOR_MAX_ROWS:
                 return plain(x)
             out = (layer.weight @ rows.t()).t().contiguous()  # some models .view() the output
             if layer.bias is not None:
@@ -382,7 +394,7 @@ def weight_major_linears(model: nn.Module) -> Iterator[nn.Module]:
         return forward
 
     for layer in layers:
-        layer.forward = weight_major(layer)
+        layer.forward = faster(layer)
     try:
         yield model
     finally:

@@ -412,7 +412,7 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
     tool calls (max_new_tokens bounds the whole episode), sampled token-exact with one KV cache."""
     from rlhf.data import format_prompt
     from rlhf.distributed import needs_synced_generation, shards_weights, unwrapped_full_weights
-    from rlhf.models import merged_lora_weights, weight_major_linears
+    from rlhf.models import merged_lora_weights, inference_linears
 
     rows = dataset.select(indices)
     raw_prompts = [p for p in rows[config.prompt_column] for _ in range(num_generations)]
@@ -430,7 +430,7 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
         # LoRA folded into the weights while sampling, except where DeepSpeed/FSDP own the tensors.
         sharded = shards_weights(accelerator)
         folded = contextlib.nullcontext(plain.policy) if sharded else merged_lora_weights(plain.policy)
-        with folded as policy, contextlib.nullcontext() if sharded else weight_major_linears(policy):
+        with folded as policy, contextlib.nullcontext() if sharded else inference_linears(policy):
             for start in range(0, len(raw_prompts), chunk):
                 part = slice(start, start + chunk)
                 if episodes is not None:

@@ -345,14 +345,22 @@ def test_models_whose_logits_are_not_the_plain_lm_head_keep_full_logits(tiny_mod
     assert not plain_output_projection(add_lora(gemma, 4, 8, 0.0, ["all-linear"]))
 
 
-def test_weight_major_linears_sample_the_same_tokens_and_are_put_back(tiny_model_dir):
-    """Decoding with W @ x^T gives the plain layers' logits (to float rounding) and the same
-    samples; training forwards (grad on) and wide inputs take the plain path; exit restores it."""
+@pytest.mark.parametrize("onednn", [False, True], ids=["blas", "onednn"])
+def test_inference_linears_sample_the_same_tokens_and_are_put_back(tiny_model_dir, monkeypatch, onednn):
+    """Decoding through the faster product (W @ x^T on BLAS, or oneDNN) gives the plain layers'
+    logits (to float rounding) and the same samples; training forwards (grad on) take the plain
+    path, and so do wide inputs on BLAS; exit restores the layers."""
     import torch
 
-    from rlhf.models import WEIGHT_MAJOR_MAX_ROWS, load_base_model, weight_major_linears
+    from rlhf import cpu_linear
+    from rlhf.models import WEIGHT_MAJOR_MAX_ROWS, inference_linears, load_base_model
     from rlhf.rollout import sample_responses
 
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: onednn)
+    routed = []
+    monkeypatch.setattr(cpu_linear, "onednn_linear",
+                        lambda *args, _real=cpu_linear.onednn_linear: routed.append(1) or _real(*args))
+    monkeypatch.setattr("rlhf.models.onednn_linear", cpu_linear.onednn_linear)
     model = load_base_model(str(tiny_model_dir)).eval()
     ids = torch.randint(0, 1000, (5, 7))
     attention = torch.ones_like(ids)
@@ -366,25 +374,28 @@ def test_weight_major_linears_sample_the_same_tokens_and_are_put_back(tiny_model
     with torch.no_grad():
         plain_logits = model(input_ids=ids, attention_mask=attention).logits
         plain_samples = sample(3)
-        with weight_major_linears(model):
+        with inference_linears(model):
             assert "forward" in vars(model.lm_head)
             logits = model(input_ids=ids, attention_mask=attention).logits
             samples = sample(3)
     assert torch.allclose(logits, plain_logits, atol=1e-5) and torch.equal(samples, plain_samples)
     assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert bool(routed) == onednn
 
     calls = []
-    with weight_major_linears(model):
+    routed.clear()
+    with inference_linears(model):
         original = torch.Tensor.t
         torch.Tensor.t = lambda self: calls.append(1) or original(self)
         try:
             model(input_ids=ids)  # grad enabled: the plain path
+            assert not calls and not routed
             with torch.no_grad():
-                model(input_ids=torch.randint(0, 1000, (1, WEIGHT_MAJOR_MAX_ROWS + 1)))  # a prefill: plain
-            assert not calls
+                model(input_ids=torch.randint(0, 1000, (1, WEIGHT_MAJOR_MAX_ROWS + 1)))  # a prefill
+            assert not calls and bool(routed) == onednn
             with torch.no_grad():
                 model(input_ids=ids[:, :1])
-            assert calls, "a few rows without grad take W @ x^T"
+            assert bool(calls) != onednn, "a few rows without grad take W @ x^T on BLAS"
         finally:
             torch.Tensor.t = original
 
@@ -438,7 +449,7 @@ def test_narrowed_micro_batch_gives_the_full_rows_logprobs_values_and_gradients(
 def test_projection_probe_says_no_instead_of_failing_and_layers_with_own_forward_keep_it(tiny_model_dir):
     import torch
 
-    from rlhf.models import add_lora, load_base_model, plain_output_projection, weight_major_linears
+    from rlhf.models import add_lora, load_base_model, plain_output_projection, inference_linears
 
     policy = add_lora(load_base_model(str(tiny_model_dir)), 4, 8, 0.0, ["all-linear"])
     decoder = policy.get_base_model().get_decoder()
@@ -449,8 +460,8 @@ def test_projection_probe_says_no_instead_of_failing_and_layers_with_own_forward
     model = load_base_model(str(tiny_model_dir)).eval()
     own = lambda x: torch.zeros(*x.shape[:-1], model.lm_head.out_features)  # e.g. an offload hook
     model.lm_head.forward = own
-    with torch.no_grad(), weight_major_linears(model):
-        with weight_major_linears(model):  # nested: the inner one leaves the outer's layers alone
+    with torch.no_grad(), inference_linears(model):
+        with inference_linears(model):  # nested: the inner one leaves the outer's layers alone
             pass
         assert model.lm_head.forward is own
     assert model.lm_head.forward is own

@@ -255,7 +255,12 @@ def test_a_multi_turn_batch_padded_to_two_widths_gives_the_same_update(tool_mode
         results.append({n: p.detach().clone() for n, p in trained.items()})
     moved = max(float((results[0][n] - start[n]).abs().max()) for n in start)
     assert moved > 1e-5
-    assert max(float((results[0][n] - results[1][n]).abs().max()) for n in start) < 1e-6
+    difference = max(float((results[0][n] - results[1][n]).abs().max()) for n in start)
+    # Relative to the step: the padded passes have other shapes (attention over more key columns),
+    # so float rounding differs, and Adam amplifies it on weights whose gradient is near zero: 2.6e-6
+    # = 1.3e-3 x the step on one rollout here, with the whole update on BLAS (found when sampling
+    # through oneDNN drew that rollout). Padding taken for data moves weights by about the step.
+    assert difference < 1e-2 * moved, (difference, moved)
 
 
 ENVIRONMENTS = '''

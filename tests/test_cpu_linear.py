@@ -1,0 +1,113 @@
+"""rlhf.cpu_linear: oneDNN products where this machine runs them faster, and the choice itself."""
+
+import pytest
+import torch
+
+from rlhf import cpu_linear
+
+needs_onednn = pytest.mark.skipif(not cpu_linear._onednn_usable(), reason="this torch build has no oneDNN linear")
+
+
+@needs_onednn
+def test_onednn_linear_is_f_linear_to_float_rounding():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 40), torch.randn(48)
+    for x in (torch.randn(5, 40), torch.randn(2, 7, 40), torch.randn(0, 40)):
+        assert torch.allclose(cpu_linear.onednn_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias),
+                              atol=1e-5)
+    grad = torch.randn(9, 48)  # the input gradient's layout: a transposed weight view
+    assert torch.allclose(cpu_linear.onednn_linear(grad, weight.t()), grad @ weight, atol=1e-5)
+
+
+def _lora_step(route, monkeypatch, create_graph=False):
+    from rlhf.models import _LoraLinearFunction
+
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: route)
+    torch.manual_seed(0)
+    x = torch.randn(3, 70, 24, requires_grad=True)  # 210 rows: the many-rows route
+    weight, bias = torch.randn(32, 24), torch.randn(32)
+    lora_a, lora_b = torch.randn(4, 24, requires_grad=True), torch.randn(32, 4, requires_grad=True)
+    out = _LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, 0.5)
+    grads = torch.autograd.grad((out ** 2).sum(), (x, lora_a, lora_b), create_graph=create_graph)
+    if create_graph:  # TRPO's Fisher-vector products differentiate the gradient again
+        grads = torch.autograd.grad(sum(g.sum() for g in grads), (x, lora_a))
+    return out.detach(), grads
+
+
+@needs_onednn
+def test_fused_lora_layer_on_onednn_gives_the_blas_values_and_gradients(monkeypatch):
+    routed = []
+    real = cpu_linear.onednn_linear
+    monkeypatch.setattr("rlhf.models.onednn_linear", lambda *args: routed.append(1) or real(*args))
+    out_blas, grads_blas = _lora_step(False, monkeypatch)
+    assert not routed
+    out_dnn, grads_dnn = _lora_step(True, monkeypatch)
+    assert len(routed) == 2  # the forward product and the input gradient
+    assert torch.allclose(out_dnn, out_blas, rtol=1e-5, atol=1e-4)
+    for got, expected in zip(grads_dnn, grads_blas):
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4)
+    # second derivatives: the backward's own product stays on the differentiable path
+    routed.clear()
+    _, second_blas = _lora_step(False, monkeypatch, create_graph=True)
+    _, second_dnn = _lora_step(True, monkeypatch, create_graph=True)
+    # the forward, and the plain first-order backward inside the second grad; the create_graph
+    # backward took the differentiable product (or the second derivatives would differ)
+    assert len(routed) == 2
+    for got, expected in zip(second_dnn, second_blas):
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_routing_takes_float32_cpu_products_only(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+    weight = torch.zeros(8, 4)
+    assert cpu_linear.routes_to_onednn(torch.zeros(2, 16, 4), weight)
+    assert not cpu_linear.routes_to_onednn(torch.zeros(2, 4, dtype=torch.bfloat16), weight.bfloat16())
+    assert not cpu_linear.routes_to_onednn(torch.zeros(2, 4, dtype=torch.float64), weight.double())
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: False)
+    assert not cpu_linear.routes_to_onednn(torch.zeros(2, 16, 4), weight)
+
+
+@pytest.mark.parametrize("value, vendor, expected", [
+    ("auto", "AuthenticAMD", True), ("auto", "GenuineIntel", False), ("auto", "", False),
+    ("blas", "AuthenticAMD", False), ("BLAS ", "AuthenticAMD", False), ("onednn", "GenuineIntel", True)])
+def test_the_choice_is_oneDNN_on_AMD_unless_the_environment_says_otherwise(monkeypatch, value, vendor, expected):
+    monkeypatch.setenv(cpu_linear.ENV, value)
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: vendor)
+    cpu_linear.use_onednn.cache_clear()
+    try:
+        assert cpu_linear.use_onednn() is (expected and cpu_linear._onednn_usable())
+    finally:
+        cpu_linear.use_onednn.cache_clear()
+
+
+def test_the_vendor_is_read_off_this_machine():
+    import platform
+
+    vendor = cpu_linear.cpu_vendor()
+    if platform.machine() == "x86_64" and open("/proc/cpuinfo").read().count("vendor_id"):
+        assert vendor in open("/proc/cpuinfo").read() and vendor
+    else:
+        assert vendor == ""
+
+
+def test_an_unknown_backend_name_is_a_config_error(monkeypatch):
+    from rlhf.errors import ConfigError
+
+    monkeypatch.setenv(cpu_linear.ENV, "mkl")
+    cpu_linear.use_onednn.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="RLHF_CPU_LINEAR must be auto, onednn or blas, got 'mkl'"):
+            cpu_linear.use_onednn()
+    finally:
+        cpu_linear.use_onednn.cache_clear()
+
+
+def test_an_unknown_backend_name_stops_a_training_run_in_one_line(tiny_model_dir, tmp_path, run_here):
+    from conftest import assert_one_line_error, tiny_args
+
+    cpu_linear.use_onednn.cache_clear()
+    try:
+        result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, tmp_path / "run"), env={cpu_linear.ENV: "mkl"})
+    finally:
+        cpu_linear.use_onednn.cache_clear()
+    assert_one_line_error(result, "RLHF_CPU_LINEAR must be auto, onednn or blas, got 'mkl'")
