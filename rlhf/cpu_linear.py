@@ -33,7 +33,7 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _onednn_usable() -> bool:
+def onednn_usable() -> bool:
     try:
         if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
             return False
@@ -63,7 +63,7 @@ def use_onednn() -> bool:
     if choice not in ("auto", "onednn", "blas"):
         from rlhf.errors import ConfigError
         raise ConfigError(f"{ENV} must be auto, onednn or blas, got {choice!r}")
-    if choice == "blas" or not _onednn_usable():
+    if choice == "blas" or not onednn_usable():
         return False
     return choice == "onednn" or cpu_vendor() == "AuthenticAMD"
 

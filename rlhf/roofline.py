@@ -24,6 +24,7 @@ Norms, activations, softmax and the optimizer step are left out (elementwise; sm
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -262,11 +263,16 @@ def gemm_rates(model: ModelShape, rows: int, backward: bool) -> dict[str, Any]:
     """fp32 GEMM rate of the model's linear shapes with M = ``rows``, weighted as one token
     through the model uses them (each block linear ``layers`` times, the LM head once), hot weights.
 
-    Forward ``F.linear(x, W)`` and the same product as ``(W @ x^T)^T`` (faster on some BLAS at small
-    M; the faster counts: a bound is what the machine can do). ``backward``: also the input
-    gradient ``g @ W`` of every shape, as an update runs it."""
+    Forward ``F.linear(x, W)``, the same product as ``(W @ x^T)^T`` (faster on some BLAS at small
+    M) and through oneDNN where this torch has it (rlhf.cpu_linear); the fastest counts: a bound is
+    what the machine can do. ``backward``: also the input gradient ``g @ W`` of every shape, as an
+    update runs it, on BLAS and oneDNN."""
     import torch
     import torch.nn.functional as F
+
+    from rlhf.cpu_linear import onednn_linear, onednn_usable
+
+    onednn = onednn_usable()
 
     shapes = {**{name: (i, o, model.layers) for name, (i, o) in model.block_linears().items()},
               "lm_head": (model.hidden, model.vocab, 1)}
@@ -276,11 +282,13 @@ def gemm_rates(model: ModelShape, rows: int, backward: bool) -> dict[str, Any]:
         for name, (fan_in, fan_out, count) in shapes.items():
             x, weight, grad = torch.randn(rows, fan_in), torch.randn(fan_out, fan_in), torch.randn(rows, fan_out)
             flops = 2.0 * rows * fan_in * fan_out
-            seconds = min(_best_seconds(lambda: F.linear(x, weight)), _best_seconds(lambda: weight @ x.T))
+            seconds = min(_best_seconds(lambda: F.linear(x, weight)), _best_seconds(lambda: weight @ x.T),
+                          _best_seconds(lambda: onednn_linear(x, weight)) if onednn else math.inf)
             per_shape[f"{name} {fan_in}->{fan_out}"] = flops / seconds / 1e9
             total_flops, total_seconds = total_flops + count * flops, total_seconds + count * seconds
             if backward:
-                seconds = _best_seconds(lambda: grad @ weight)
+                seconds = min(_best_seconds(lambda: grad @ weight),
+                              _best_seconds(lambda: onednn_linear(grad, weight.t())) if onednn else math.inf)
                 per_shape[f"{name} grad {fan_out}->{fan_in}"] = flops / seconds / 1e9
                 total_flops, total_seconds = total_flops + count * flops, total_seconds + count * seconds
     return {"rows": rows, "gflops": total_flops / total_seconds / 1e9, "per_shape_gflops": per_shape}

@@ -5,7 +5,7 @@ import torch
 
 from rlhf import cpu_linear
 
-needs_onednn = pytest.mark.skipif(not cpu_linear._onednn_usable(), reason="this torch build has no oneDNN linear")
+needs_onednn = pytest.mark.skipif(not cpu_linear.onednn_usable(), reason="this torch build has no oneDNN linear")
 
 
 @needs_onednn
@@ -75,7 +75,7 @@ def test_the_choice_is_oneDNN_on_AMD_unless_the_environment_says_otherwise(monke
     monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: vendor)
     cpu_linear.use_onednn.cache_clear()
     try:
-        assert cpu_linear.use_onednn() is (expected and cpu_linear._onednn_usable())
+        assert cpu_linear.use_onednn() is (expected and cpu_linear.onednn_usable())
     finally:
         cpu_linear.use_onednn.cache_clear()
 
