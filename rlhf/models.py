@@ -237,7 +237,7 @@ class _LoraLinearFunction(torch.autograd.Function):
                 scaling: float) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
         low_rank = rows @ lora_a.t()
-        base = onednn_linear if routes_to_onednn(rows, weight) else nn.functional.linear
+        base = onednn_linear if routes_to_onednn(rows, weight, bias) else nn.functional.linear
         out = base(rows, weight, bias).addmm_(low_rank, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, low_rank, weight, lora_a, lora_b)
         ctx.scaling = scaling
@@ -295,7 +295,9 @@ def fuse_lora_layers(policy: PeftModel) -> int:
             if args or kwargs or _layer.merged:
                 return _peft_forward(x, *args, **kwargs)
             if _layer.disable_adapters:  # reference passes and merged sampling: the base layer alone
-                if not torch.is_grad_enabled() and routes_to_onednn(x, base_layer.weight):
+                if (not torch.is_grad_enabled() and type(base_layer) is nn.Linear and "forward" not in vars(base_layer)
+                        and not hasattr(base_layer, "_hf_hook")  # offload hooks load the weight in forward
+                        and routes_to_onednn(x, base_layer.weight, base_layer.bias)):
                     return onednn_linear(x, base_layer.weight, base_layer.bias)
                 return base_layer(x)
             if (list(_layer.active_adapters) != [_name] or x.dtype != torch.float32
@@ -382,7 +384,7 @@ def inference_linears(model: nn.Module) -> Iterator[nn.Module]:
         def forward(x: Tensor) -> Tensor:
             if x.dtype != torch.float32 or torch.is_grad_enabled():
                 return plain(x)
-            if routes_to_onednn(x, layer.weight):
+            if routes_to_onednn(x, layer.weight, layer.bias):
                 return onednn_linear(x, layer.weight, layer.bias)
             rows = x.reshape(-1, x.shape[-1])
             if rows.shape[0] > WEIGHT_MAJOR_MAX_ROWS:
@@ -554,7 +556,7 @@ class PolicyWithValue(nn.Module):
         head = self.policy.get_output_embeddings().weight
         if self.chunk_logits_bytes is None or positions * head.shape[0] * 4 <= self.chunk_logits_bytes:
             return False
-        if torch.is_autocast_enabled(head.device.type):  # its backward recomputes in float32: not autocast's forward
+        if torch.is_autocast_enabled(head.device.type):  # it projects in float32: not autocast's forward
             return False
         if self._plain_projection is None:
             self._plain_projection = plain_output_projection(self.policy)

@@ -42,6 +42,7 @@ from rlhf.algorithms import MovingAverageBaseline
 from rlhf.config import RLConfig, changed_settings, save_config, with_overrides
 from rlhf.data import PromptSampler, check_prompt_lengths, describe_dataset, load_eval_dataset, load_prompt_dataset
 from rlhf.build import build_model
+from rlhf.cpu_linear import use_onednn
 from rlhf.card import render_model_card
 from rlhf.distributed import Reducer, configure_sharding, gathered_state, make_accelerator, unwrapped_full_weights
 from rlhf.episodes.chat import resolve_chat_template
@@ -149,6 +150,7 @@ class RLTrainer:
         config = with_overrides(args or config or RLConfig(), model=model, reward_funcs=reward_funcs,
                                 train_dataset=train_dataset, tools=tools, environment_factory=environment_factory)
         config.check_reward_weights()
+        use_onednn()  # a bad RLHF_CPU_LINEAR stops the run here, not at its first forward
         self.config = config
         self.base_model = model if isinstance(model, torch.nn.Module) else None
         self.output_dir = Path(config.output_dir)

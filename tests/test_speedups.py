@@ -395,7 +395,9 @@ def test_inference_linears_sample_the_same_tokens_and_are_put_back(tiny_model_di
             assert not calls and bool(routed) == onednn
             with torch.no_grad():
                 model(input_ids=ids[:, :1])
-            assert bool(calls) != onednn, "a few rows without grad take W @ x^T on BLAS"
+            # a few rows without grad take W @ x^T on BLAS (the tiny layers stay there also with
+            # oneDNN on: below rlhf.cpu_linear.MIN_WEIGHT_ELEMENTS; the 1000-word LM head routes)
+            assert calls and bool(routed) == onednn
         finally:
             torch.Tensor.t = original
 

@@ -90,6 +90,7 @@ class _ChunkedProjectionLogprobs(torch.autograd.Function):
                 expected = times_transposed(probs.to(weight.dtype), weight.t())  # p W
                 toward_label = weight[labels[chunk]] - expected
                 direction[chunk] = (toward_label / temperature if temperature != 1.0 else toward_label).to(hidden.dtype)
+            del log_probs, probs  # before the next chunk's logits: one chunk's [rows, V] tensors alive at a time
         ctx.save_for_backward(direction)
         ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
