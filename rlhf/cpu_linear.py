@@ -4,7 +4,7 @@ PyTorch's x86 CPU wheels send a float32 ``F.linear`` / ``@`` to MKL's sgemm, whi
 Intel processors. On AMD EPYC (the 2-core machine this project is measured on) oneDNN, which
 PyTorch also ships (``torch.ops.mkldnn._linear_pointwise``, the op Inductor uses for CPU linears),
 is much faster at training shapes: SmolLM2-135M at 4096 rows, 576 -> 1536 forward 92 -> 163
-GFLOP/s, its input gradient 123 -> 196; a GRPO update of 16 x 304 tokens 34.4 -> 28.1 s. Both
+GFLOP/s, its input gradient 123 -> 196; a GRPO update of 16 x 304 tokens 33.8 -> 28.1 s. Both
 compute in float32 (errors against float64 of the same order, ~1e-4 on values of ~30) in another
 summation order, so results agree to float rounding, not bitwise.
 
