@@ -292,11 +292,13 @@ def fuse_lora_layers(policy: PeftModel) -> int:
         def forward(x: Tensor, *args: Any, _layer: Any = layer, _name: str = name, _peft_forward: Any = peft_forward,
                     **kwargs: Any) -> Tensor:
             base_layer = _layer.base_layer
-            if args or kwargs or _layer.merged:
+            # An offload hook or wrapper loads or changes the weight in the base layer's own forward:
+            # reading base_layer.weight here would skip it (an offloaded weight is not loaded then).
+            own_forward = "forward" in vars(base_layer) or hasattr(base_layer, "_hf_hook")
+            if args or kwargs or _layer.merged or (own_forward and not _layer.disable_adapters):
                 return _peft_forward(x, *args, **kwargs)
             if _layer.disable_adapters:  # reference passes and merged sampling: the base layer alone
-                if (not torch.is_grad_enabled() and type(base_layer) is nn.Linear and "forward" not in vars(base_layer)
-                        and not hasattr(base_layer, "_hf_hook")  # offload hooks load the weight in forward
+                if (not torch.is_grad_enabled() and not own_forward and type(base_layer) is nn.Linear
                         and routes_to_onednn(x, base_layer.weight, base_layer.bias)):
                     return onednn_linear(x, base_layer.weight, base_layer.bias)
                 return base_layer(x)

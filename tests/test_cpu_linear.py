@@ -80,9 +80,10 @@ def test_routing_takes_plain_float32_cpu_products_of_large_enough_weights_only(m
     assert not cpu_linear.routes_to_onednn(torch.zeros(2, 16, 256), weight)
 
 
-def test_reference_passes_leave_base_layers_with_their_own_forward_alone(monkeypatch):
+def test_fused_layers_leave_base_layers_with_their_own_forward_alone(monkeypatch):
     """An offload hook or wrapper on the base layer loads or changes the weight in its forward:
-    the adapter-off pass must call it, not read the weight (which may not be loaded)."""
+    the adapter-off pass and the fused LoRA layer must call it, not read the weight (which may
+    not be loaded)."""
     from peft import LoraConfig, get_peft_model
 
     from rlhf.models import fuse_lora_layers
@@ -103,6 +104,8 @@ def test_reference_passes_leave_base_layers_with_their_own_forward_alone(monkeyp
     base.forward = lambda x: torch.full((*x.shape[:-1], 320), 7.0)  # what the hook would compute
     with torch.no_grad(), model.disable_adapter():
         assert bool((model(torch.randn(3, 256)) == 7.0).all())
+    # with the adapter on too: peft's own forward (base layer called, then the LoRA term; B is 0)
+    assert bool((model(torch.randn(3, 256)) == 7.0).all())
     del base.forward
     x = torch.randn(3, 256)
     with torch.no_grad(), model.disable_adapter():
