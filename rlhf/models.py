@@ -267,6 +267,12 @@ class _LoraLinearFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, grad_a, grad_b, None
 
 
+def runs_own_forward(layer: nn.Module) -> bool:
+    """A forward set on the instance (a wrapper, ``inference_linears``) or an Accelerate hook (which
+    may load an offloaded weight in forward): the layer must be called, not its weight read."""
+    return "forward" in vars(layer) or hasattr(layer, "_hf_hook")
+
+
 def fuse_lora_layers(policy: PeftModel) -> int:
     """Route every plain float32 LoRA linear layer through ``_LoraLinearFunction``; returns how
     many. Layers with DoRA, dropout, fan_in_fan_out, a LoRA bias, another dtype or several
@@ -294,7 +300,7 @@ def fuse_lora_layers(policy: PeftModel) -> int:
             base_layer = _layer.base_layer
             # An offload hook or wrapper loads or changes the weight in the base layer's own forward:
             # reading base_layer.weight here would skip it (an offloaded weight is not loaded then).
-            own_forward = "forward" in vars(base_layer) or hasattr(base_layer, "_hf_hook")
+            own_forward = runs_own_forward(base_layer)
             if args or kwargs or _layer.merged or (own_forward and not _layer.disable_adapters):
                 return _peft_forward(x, *args, **kwargs)
             if _layer.disable_adapters:  # reference passes and merged sampling: the base layer alone
@@ -378,7 +384,7 @@ def inference_linears(model: nn.Module) -> Iterator[nn.Module]:
     # CPU only (measured there); layers with a forward of their own (Accelerate's offload hooks,
     # another wrapper) keep it.
     layers = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
-              and m.weight.device.type == "cpu" and "forward" not in vars(m) and not hasattr(m, "_hf_hook")]
+              and m.weight.device.type == "cpu" and not runs_own_forward(m)]
 
     def faster(layer: nn.Linear) -> Any:
         plain = layer.forward
