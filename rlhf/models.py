@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from rlhf.algorithms import logprobs_and_entropy_from_logits, logprobs_from_hidden, logprobs_from_logits
-from rlhf.cpu_linear import onednn_linear, routes_to_onednn
+from rlhf.cpu_linear import (available_memory_bytes, onednn_linear, onednn_packing_usable, pack_for_onednn,
+                              routes_to_onednn)
 from rlhf.paths import looks_local
 from rlhf.errors import CheckpointError, ConfigError
 
@@ -380,20 +381,34 @@ def inference_linears(model: nn.Module) -> Iterator[nn.Module]:
     spreads across threads where it runs x W^T for a few rows on little more than one core
     (SmolLM2-135M's layer shapes at 16 rows: 29.0 -> 19.8 ms on two threads; bitwise equal to
     F.linear at 1, 16 and 64 rows); else ``F.linear``. Decoding is the few-rows case.
+
+    oneDNN layers take their weight packed into oneDNN's layout on first use (``pack_for_onednn``:
+    the same products for 2+ rows; a decode step's linears 56 -> 36 ms), held until exit. That is
+    one more copy of those weights while sampling, so it is skipped when the free memory (system
+    or container) is under twice their size.
     """
     # CPU only (measured there); layers with a forward of their own (Accelerate's offload hooks,
     # another wrapper) keep it.
     layers = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
               and m.weight.device.type == "cpu" and not runs_own_forward(m)]
 
+    pack = (onednn_packing_usable()
+            and 2 * sum(layer.weight.numel() * layer.weight.element_size() for layer in layers) < available_memory_bytes())
+
     def faster(layer: nn.Linear) -> Any:
         plain = layer.forward
+        packed: list[Any] = []  # [weight, its version, its packed copy], made on first use
 
         def forward(x: Tensor) -> Tensor:
             if x.dtype != torch.float32 or torch.is_grad_enabled():
                 return plain(x)
             if routes_to_onednn(x, layer.weight, layer.bias):
-                return onednn_linear(x, layer.weight, layer.bias)
+                weight = layer.weight
+                if pack and x.numel() >= 2 * x.shape[-1]:  # one row: the plain weight (see pack_for_onednn)
+                    if not packed or packed[0] is not weight or packed[1] != weight._version:
+                        packed[:] = [weight, weight._version, pack_for_onednn(weight)]
+                    weight = packed[2]
+                return onednn_linear(x, weight, layer.bias)
             rows = x.reshape(-1, x.shape[-1])
             if rows.shape[0] > WEIGHT_MAJOR_MAX_ROWS:
                 return plain(x)

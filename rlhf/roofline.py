@@ -264,15 +264,16 @@ def gemm_rates(model: ModelShape, rows: int, backward: bool) -> dict[str, Any]:
     through the model uses them (each block linear ``layers`` times, the LM head once), hot weights.
 
     Forward ``F.linear(x, W)``, the same product as ``(W @ x^T)^T`` (faster on some BLAS at small
-    M) and through oneDNN where this torch has it (rlhf.cpu_linear); the fastest counts: a bound is
+    M) and through oneDNN where this torch has it (rlhf.cpu_linear), with the weight as it is and
+    packed into oneDNN's layout; the fastest counts: a bound is
     what the machine can do. ``backward``: also the input gradient ``g @ W`` of every shape, as an
     update runs it, on BLAS and oneDNN."""
     import torch
     import torch.nn.functional as F
 
-    from rlhf.cpu_linear import onednn_linear, onednn_usable
+    from rlhf.cpu_linear import onednn_linear, onednn_packing_usable, onednn_usable, pack_for_onednn
 
-    onednn = onednn_usable()
+    onednn, packing = onednn_usable(), onednn_packing_usable()
 
     shapes = {**{name: (i, o, model.layers) for name, (i, o) in model.block_linears().items()},
               "lm_head": (model.hidden, model.vocab, 1)}
@@ -282,8 +283,10 @@ def gemm_rates(model: ModelShape, rows: int, backward: bool) -> dict[str, Any]:
         for name, (fan_in, fan_out, count) in shapes.items():
             x, weight, grad = torch.randn(rows, fan_in), torch.randn(fan_out, fan_in), torch.randn(rows, fan_out)
             flops = 2.0 * rows * fan_in * fan_out
+            packed = pack_for_onednn(weight) if packing and rows >= 2 else None
             seconds = min(_best_seconds(lambda: F.linear(x, weight)), _best_seconds(lambda: weight @ x.T),
-                          _best_seconds(lambda: onednn_linear(x, weight)) if onednn else math.inf)
+                          _best_seconds(lambda: onednn_linear(x, weight)) if onednn else math.inf,
+                          _best_seconds(lambda: onednn_linear(x, packed)) if packed is not None else math.inf)
             per_shape[f"{name} {fan_in}->{fan_out}"] = flops / seconds / 1e9
             total_flops, total_seconds = total_flops + count * flops, total_seconds + count * seconds
             if backward:

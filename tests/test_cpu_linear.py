@@ -156,3 +156,62 @@ def test_an_unknown_backend_name_stops_a_training_run_in_one_line(tiny_model_dir
     finally:
         cpu_linear.use_onednn.cache_clear()
     assert_one_line_error(result, "RLHF_CPU_LINEAR must be auto, onednn or blas, got 'mkl'")
+
+
+needs_packing = pytest.mark.skipif(not cpu_linear.onednn_packing_usable(), reason="this torch cannot pack oneDNN weights")
+
+
+@needs_packing
+def test_a_packed_weight_gives_the_plain_weights_products_bitwise_from_two_rows():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(320, 256) / 16, torch.randn(320)
+    packed = cpu_linear.pack_for_onednn(weight)
+    for x in (torch.randn(2, 256), torch.randn(16, 256), torch.randn(17, 256), torch.randn(300, 256),
+              torch.randn(5, 1, 256), torch.randn(3, 7, 256)):
+        assert torch.equal(cpu_linear.onednn_linear(x, packed, bias), cpu_linear.onednn_linear(x, weight, bias))
+    one_row = torch.randn(1, 256)  # another kernel: rounding only (inference_linears keeps the plain weight)
+    assert torch.allclose(cpu_linear.onednn_linear(one_row, packed, bias),
+                          cpu_linear.onednn_linear(one_row, weight, bias), atol=1e-5)
+
+
+@needs_packing
+def test_sampling_packs_each_routed_weight_once_and_samples_the_same(tiny_model_dir, monkeypatch):
+    """Packing changes no sample or logprob; a weight is packed once for all decode steps, again
+    when it changes, and not at all when memory is short."""
+    from rlhf import models
+    from rlhf.models import inference_linears, load_base_model
+    from rlhf.rollout import sample_responses
+
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+    packs = []
+    monkeypatch.setattr(models, "pack_for_onednn", lambda weight: packs.append(1) or cpu_linear.pack_for_onednn(weight))
+    model = load_base_model(str(tiny_model_dir)).eval()
+    ids = torch.randint(0, 1000, (5, 7))
+    attention = torch.ones_like(ids)
+    attention[0, :3] = 0
+
+    def sample(packing):
+        monkeypatch.setattr(models, "onednn_packing_usable", lambda: packing)
+        torch.manual_seed(3)
+        with torch.no_grad(), inference_linears(model):
+            return sample_responses(model, ids, attention, max_new_tokens=6, temperature=1.0, top_p=1.0,
+                                    eos_token_ids=[10 ** 6], pad_token_id=0)
+
+    plain_tokens, plain_logprobs = sample(False)
+    assert not packs
+    tokens, logprobs = sample(True)
+    assert torch.equal(tokens, plain_tokens) and torch.equal(logprobs, plain_logprobs)
+    assert len(packs) == 1  # the tied LM head, the one weight large enough to route (tiny layers stay on BLAS)
+
+    packs.clear()
+    x = torch.randn(4, 32)
+    with torch.no_grad(), inference_linears(model):
+        before = model.lm_head(x)
+        model.lm_head.weight.mul_(2.0)  # changed in place: packed again, the product follows
+        after = model.lm_head(x)
+        model.lm_head.weight.div_(2.0)
+    assert len(packs) == 2 and torch.allclose(after, 2 * before, rtol=1e-5, atol=1e-5)
+
+    packs.clear()
+    monkeypatch.setattr(models, "available_memory_bytes", lambda: 0)
+    assert torch.equal(sample(True)[0], plain_tokens) and not packs
