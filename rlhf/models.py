@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -382,10 +383,13 @@ def inference_linears(model: nn.Module) -> Iterator[nn.Module]:
     (SmolLM2-135M's layer shapes at 16 rows: 29.0 -> 19.8 ms on two threads; bitwise equal to
     F.linear at 1, 16 and 64 rows); else ``F.linear``. Decoding is the few-rows case.
 
-    oneDNN layers take their weight packed into oneDNN's layout on first use (``pack_for_onednn``:
-    the same products for 2+ rows; a decode step's linears 56 -> 36 ms), held until exit. That is
-    one more copy of those weights while sampling, so it is skipped when the free memory (system
-    or container) is under twice their size.
+    oneDNN layers take their contiguous weight packed into oneDNN's layout on first use
+    (``pack_for_onednn``: the same products for 2+ rows; a decode step's linears 56 -> 36 ms),
+    held until exit and made again when the weight is replaced or changed by a tracked in-place
+    op; a write through ``.data`` or numpy inside the context is not seen (sampling writes none).
+    That is one more copy of those weights while sampling, so it is skipped when the free memory
+    (system or container) is under twice their size. Under autocast every layer keeps its own
+    forward (autocast decides its precision).
     """
     # CPU only (measured there); layers with a forward of their own (Accelerate's offload hooks,
     # another wrapper) keep it.
@@ -397,16 +401,18 @@ def inference_linears(model: nn.Module) -> Iterator[nn.Module]:
 
     def faster(layer: nn.Linear) -> Any:
         plain = layer.forward
-        packed: list[Any] = []  # [weight, its version, its packed copy], made on first use
+        packed: list[Any] = []  # [weakref to the weight, (its version, its storage address), packed copy]
 
         def forward(x: Tensor) -> Tensor:
-            if x.dtype != torch.float32 or torch.is_grad_enabled():
+            if x.dtype != torch.float32 or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
                 return plain(x)
             if routes_to_onednn(x, layer.weight, layer.bias):
                 weight = layer.weight
-                if pack and x.numel() >= 2 * x.shape[-1]:  # one row: the plain weight (see pack_for_onednn)
-                    if not packed or packed[0] is not weight or packed[1] != weight._version:
-                        packed[:] = [weight, weight._version, pack_for_onednn(weight)]
+                # one row, or strided weight rows: the plain weight (see pack_for_onednn)
+                if pack and x.numel() >= 2 * x.shape[-1] and weight.is_contiguous():
+                    state = (weight._version, weight.data_ptr())
+                    if not packed or packed[0]() is not weight or packed[1] != state:
+                        packed[:] = [weakref.ref(weight), state, pack_for_onednn(weight)]
                     weight = packed[2]
                 return onednn_linear(x, weight, layer.bias)
             rows = x.reshape(-1, x.shape[-1])

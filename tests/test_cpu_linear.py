@@ -213,5 +213,59 @@ def test_sampling_packs_each_routed_weight_once_and_samples_the_same(tiny_model_
     assert len(packs) == 2 and torch.allclose(after, 2 * before, rtol=1e-5, atol=1e-5)
 
     packs.clear()
+    original = model.lm_head.weight.data
+    with torch.no_grad(), inference_linears(model):
+        before = model.lm_head(x)
+        model.lm_head.weight.data = 3 * original  # new storage under the same Parameter: packed again
+        after = model.lm_head(x)
+        model.lm_head.weight.data = original
+    assert len(packs) == 2 and torch.allclose(after, 3 * before, rtol=1e-5, atol=1e-5)
+
+    packs.clear()
     monkeypatch.setattr(models, "available_memory_bytes", lambda: 0)
     assert torch.equal(sample(True)[0], plain_tokens) and not packs
+
+
+@needs_packing
+def test_strided_weights_and_replaced_weights_are_not_held(monkeypatch):
+    """A weight with strided rows (packing would change its rounding) keeps the plain product; a
+    weight replaced inside the context is not kept alive by its packed copy."""
+    import gc
+    import weakref
+
+    from rlhf import models
+    from rlhf.models import inference_linears
+
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+    packs = []
+    monkeypatch.setattr(models, "pack_for_onednn", lambda weight: packs.append(1) or cpu_linear.pack_for_onednn(weight))
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(300, 777)
+    layer.weight = torch.nn.Parameter(torch.randn(777, 600)[:, 150:450])  # column slice: row stride 600
+    x = torch.randn(5, 300)
+    with torch.no_grad(), inference_linears(layer):
+        assert torch.equal(layer(x), cpu_linear.onednn_linear(x, layer.weight, layer.bias)) and not packs
+        layer.weight = torch.nn.Parameter(torch.randn(777, 300))
+        layer(x)
+        assert len(packs) == 1
+        old = weakref.ref(layer.weight)
+        layer.weight = torch.nn.Parameter(torch.randn(777, 300))
+        gc.collect()
+        assert old() is None
+
+
+def test_autocast_keeps_each_layers_own_precision(monkeypatch):
+    """Under CPU autocast a layer computes as autocast decides (bfloat16 here), also the few-row
+    product that BLAS machines take as W @ x^T (it returned float32 with a bias before)."""
+    from rlhf.models import inference_linears
+
+    for route in (False, True):
+        monkeypatch.setattr(cpu_linear, "use_onednn", lambda route=route: route)
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(256, 320)
+        x = torch.randn(3, 256)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = layer(x)
+            with inference_linears(layer):
+                got = layer(x)
+        assert got.dtype == plain.dtype == torch.bfloat16 and torch.equal(got, plain)
