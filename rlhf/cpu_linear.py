@@ -41,22 +41,24 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     return torch.ops.mkldnn._linear_pointwise(x, weight, None if bias is None else bias.contiguous(), "none", [], "")
 
 
+# Row count oneDNN is told to expect when packing; any count of 2+ rows gives the same products.
+PACK_ROWS = 16
+
+
 def pack_for_onednn(weight: Tensor) -> Tensor:
     """``weight`` [out, in] float32 copied into oneDNN's blocked layout, for ``onednn_linear``.
 
     oneDNN otherwise reorders a plain weight inside every call; a decode step calls each layer
     with a few rows, where that reorder is much of the work. All 211 linears of SmolLM2-135M at
     16 rows on the 2-core EPYC: 56 -> 36 ms (median of 6); at 188 rows 230 -> 211 ms; at 2432
-    rows (an update's micro-batch) no gain, so only sampling packs. For a contiguous weight,
+    rows (an update's micro-batch) 0-8% in different runs, too little to hold a packed copy of the
+    frozen weights for a whole run, so only sampling packs. For a contiguous weight,
     products through the packed copy equal those through the plain weight bitwise for 2 rows and
     more (checked from 2 to 2048 rows on 14 shapes, whatever row count the layout was made for); a
     single row takes another kernel and differs by rounding, and so does a weight with strided
     rows (a column slice), so callers keep the plain weight for both."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
 
-
-# Row count oneDNN is told to expect when packing; any count of 2+ rows gives the same products.
-PACK_ROWS = 16
 
 
 @functools.cache
