@@ -60,7 +60,6 @@ def pack_for_onednn(weight: Tensor) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
 
 
-
 @functools.cache
 def onednn_packing_usable() -> bool:
     """Whether this torch can pack weights for oneDNN (``pack_for_onednn``) and use them."""

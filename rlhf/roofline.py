@@ -265,9 +265,9 @@ def gemm_rates(model: ModelShape, rows: int, backward: bool) -> dict[str, Any]:
 
     Forward ``F.linear(x, W)``, the same product as ``(W @ x^T)^T`` (faster on some BLAS at small
     M) and through oneDNN where this torch has it (rlhf.cpu_linear), with the weight as it is and
-    packed into oneDNN's layout; the fastest counts: a bound is
-    what the machine can do. ``backward``: also the input gradient ``g @ W`` of every shape, as an
-    update runs it, on BLAS and oneDNN."""
+    packed into oneDNN's layout; the fastest counts: a bound is what the machine can do.
+    ``backward``: also the input gradient ``g @ W`` of every shape, as an update runs it, on BLAS
+    and oneDNN."""
     import torch
     import torch.nn.functional as F
 
