@@ -170,6 +170,7 @@ def generate_rollout(
     synced_gpus: bool = False,
     share_prompt_prefix: bool = False,
     eos_token_ids: list[int] | None = None,
+    fast_forward: Any = None,
 ) -> Rollout:
     """Sample one response per entry of ``prompt_texts`` (already chat-formatted) with KV cache.
 
@@ -183,6 +184,7 @@ def generate_rollout(
     is prefilled once and its KV cache copied to those rows. Under FSDP2 (``synced_gpus``)
     transformers' ``generate`` runs instead, drawing from the same distribution (``SampledLogprobs``).
     Either way the rollout carries the sampler's logprob of each response token (``sampler_logprobs``).
+    ``fast_forward``: a ``rlhf.sampling_forward.SamplingForward`` of ``policy``, run in its place.
     """
     device = next(policy.parameters()).device
     stops = eos_token_ids if eos_token_ids is not None else stop_token_ids(policy, tokenizer)
@@ -206,7 +208,7 @@ def generate_rollout(
         response_ids, sampler_logprobs = sample_responses(
             policy, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, eos_token_ids=stops, pad_token_id=tokenizer.pad_token_id,
-            row_seeds=row_seeds, share_prompt_prefix=share_prompt_prefix)
+            row_seeds=row_seeds, share_prompt_prefix=share_prompt_prefix, fast_forward=fast_forward)
     mask, eos_found = response_mask(response_ids, stops)
     # Drop columns where every row is already finished, so later passes do not pay for them.
     length = max(int(mask.sum(1).max().item()), 1)
@@ -259,6 +261,7 @@ def sample_responses(
     pad_token_id: int,
     row_seeds: list[int] | None = None,
     share_prompt_prefix: bool = False,
+    fast_forward: Any = None,
 ) -> tuple[Tensor, Tensor]:
     """Batched KV-cache sampling by inverse CDF: token t of row i is the first token whose
     cumulative probability reaches u[i, t] ~ U(0, 1).
@@ -273,7 +276,9 @@ def sample_responses(
     (up to float rounding of the logits; evaluation). One uniform per token instead of
     ``torch.multinomial``'s vocabulary-sized exponential draw; with ``share_prompt_prefix`` rows
     with the same prompt prefill it once (rlhf.models.shared_prompt_cache). The KV cache is
-    written in place after the first step (rlhf.kv_cache.preallocated).
+    written in place after the first step (rlhf.kv_cache.preallocated). ``fast_forward`` (a
+    ``rlhf.sampling_forward.SamplingForward`` of ``model``: the same logits without the module
+    stack) runs every forward in place of ``model``.
     """
     batch, prompt_length = input_ids.shape
     device = input_ids.device
@@ -284,7 +289,8 @@ def sample_responses(
                                 for seed in row_seeds])
     uniforms = uniforms.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = (shared_prompt_cache(model, input_ids, attention_mask, position_ids, prompt_length - 1)
+    forward = fast_forward if fast_forward is not None else model
+    cache = (shared_prompt_cache(forward, input_ids, attention_mask, position_ids, prompt_length - 1)
              if share_prompt_prefix else None)
     step_ids, step_positions = (input_ids[:, -1:], position_ids[:, -1:]) if cache is not None else (input_ids, position_ids)
     tokens, logprobs = [], []
@@ -293,8 +299,8 @@ def sample_responses(
     # Mask of every position the response can reach, read as a growing view (no per-token copy).
     full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
     for t in range(max_new_tokens):
-        outputs = model(input_ids=step_ids, attention_mask=full_mask[:, :prompt_length + t], position_ids=step_positions,
-                        cache=cache, use_cache=True, logits_to_keep=1)
+        outputs = forward(input_ids=step_ids, attention_mask=full_mask[:, :prompt_length + t], position_ids=step_positions,
+                          cache=cache, use_cache=True, logits_to_keep=1)
         cache = preallocated(outputs.cache, max_new_tokens - t) if t == 0 else outputs.cache
         token, logprob = draw(outputs.logits[:, -1].float(), uniforms[:, t], temperature, top_p)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
@@ -413,6 +419,7 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
     from rlhf.data import format_prompt
     from rlhf.distributed import needs_synced_generation, shards_weights, unwrapped_full_weights
     from rlhf.models import merged_lora_weights, inference_linears
+    from rlhf.sampling_forward import sampling_forward
 
     rows = dataset.select(indices)
     raw_prompts = [p for p in rows[config.prompt_column] for _ in range(num_generations)]
@@ -431,6 +438,8 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
         sharded = shards_weights(accelerator)
         folded = contextlib.nullcontext(plain.policy) if sharded else merged_lora_weights(plain.policy)
         with folded as policy, contextlib.nullcontext() if sharded else inference_linears(policy):
+            # the same logits without the module stack, for the models it is exact for (else None)
+            fast_forward = sampling_forward(policy, fuse=True) if not sharded and episodes is None else None
             for start in range(0, len(raw_prompts), chunk):
                 part = slice(start, start + chunk)
                 if episodes is not None:
@@ -453,6 +462,6 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
                     max_prompt_length=config.max_prompt_length, max_new_tokens=config.max_new_tokens,
                     temperature=config.temperature, top_p=config.top_p,
                     synced_gpus=needs_synced_generation(accelerator), share_prompt_prefix=plain.share_prompt_prefix,
-                    eos_token_ids=eos_token_ids,
+                    eos_token_ids=eos_token_ids, fast_forward=fast_forward,
                 ))
     return concat_rollouts(parts, tokenizer.pad_token_id)

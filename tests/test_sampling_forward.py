@@ -1,0 +1,174 @@
+"""The sampler's own forward (rlhf.sampling_forward) gives the model's logits and cache bitwise."""
+
+import pytest
+import torch
+from torch import nn
+
+from rlhf import cpu_linear
+from rlhf.kv_cache import preallocated
+from rlhf.models import add_lora, inference_linears, merged_lora_weights
+from rlhf.rollout import sample_responses
+from rlhf.sampling_forward import SamplingForward, sampling_forward
+
+needs_onednn = pytest.mark.skipif(not cpu_linear.onednn_packing_usable(), reason="this torch build cannot pack oneDNN weights")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _model(kind: str, hidden: int = 512, **extra) -> nn.Module:
+    """A 2-layer model of ``kind`` whose projections are large enough (>= 2**16 weights) to go to oneDNN."""
+    import transformers
+
+    common = dict(vocab_size=300, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra)
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),  # q/k/v bias
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),  # per-head q/k norms
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[kind]
+    torch.manual_seed(0)
+    model = model_class(config_class(**common))
+    with torch.no_grad():  # non-trivial norms and biases, so a skipped one would show
+        for name, parameter in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                parameter.uniform_(0.5, 1.5)
+    if kind == "mistral":
+        model.config.sliding_window = None
+    return model.eval()
+
+
+def _policy(kind: str, **extra) -> nn.Module:
+    policy = add_lora(_model(kind, **extra), 4, 8, 0.0, TARGETS)
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    return policy.eval()
+
+
+def _prompts(rows: int = 6, length: int = 9) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 300, (rows, length), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding in some rows
+    mask[rows - 1, :2] = 0
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _both_ways(forward, model, ids, mask, positions, steps=3):
+    """Logits of a prefill and ``steps`` decode steps, through ``forward`` and through ``model``."""
+    results = []
+    for run in (forward, model):
+        out = run(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache, logits = preallocated(out.cache, steps), [out.logits]
+        step_mask, step_positions = mask, positions[:, -1:]
+        for step in range(steps):
+            token = logits[-1][:, -1].argmax(-1, keepdim=True)
+            step_mask = torch.cat([step_mask, torch.ones_like(token)], dim=1)
+            step_positions = step_positions + 1
+            out = run(input_ids=token, attention_mask=step_mask, position_ids=step_positions, cache=cache,
+                      use_cache=True, logits_to_keep=1)
+            cache = out.cache
+            logits.append(out.logits)
+        results.append((logits, [layer.keys.clone() for layer in cache.layers]))
+    return results
+
+
+@needs_onednn
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
+def test_fused_forward_gives_the_models_logits_and_cache_bitwise(kind, monkeypatch):
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+    policy = _policy(kind)
+    ids, mask, positions = _prompts()
+    with torch.no_grad(), merged_lora_weights(policy) as merged, inference_linears(merged):
+        forward = sampling_forward(merged, fuse=True)
+        assert isinstance(forward, SamplingForward)
+        assert all(layer.qkv is not None and layer.gate_up is not None for layer in forward.layers)
+        (ours, our_keys), (theirs, their_keys) = _both_ways(forward, merged, ids, mask, positions)
+    for got, expected in zip(ours + our_keys, theirs + their_keys):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("route", [True, False])
+def test_unfused_forward_gives_the_models_logits_bitwise_on_either_backend(route, monkeypatch):
+    """Small projections (not sent to oneDNN) and BLAS machines: each projection runs as its own
+    layer; a single row keeps the separate products too."""
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: route)
+    policy = _policy("llama", hidden=32 if route else 512)
+    for rows in (1, 6):
+        ids, mask, positions = _prompts(rows=rows)
+        if rows == 1:
+            mask = torch.ones_like(ids)
+        with torch.no_grad(), merged_lora_weights(policy) as merged, inference_linears(merged):
+            forward = sampling_forward(merged, fuse=True)
+            assert all(layer.qkv is None for layer in forward.layers)
+            (ours, _), (theirs, _) = _both_ways(forward, merged, ids, mask, positions)
+        for got, expected in zip(ours, theirs):
+            assert torch.equal(got, expected)
+
+
+def test_sampler_draws_the_same_tokens_and_logprobs_through_it(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: cpu_linear.onednn_usable())
+    policy = _policy("qwen2")
+    ids, mask, _ = _prompts(rows=2)
+    ids, mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)  # groups sharing a prompt
+    draws = []
+    with merged_lora_weights(policy) as merged, inference_linears(merged):
+        for fast in (sampling_forward(merged, fuse=True), None):
+            torch.manual_seed(5)
+            draws.append(sample_responses(merged, ids, mask, max_new_tokens=12, temperature=0.9, top_p=0.95,
+                                          eos_token_ids=[299], pad_token_id=0, share_prompt_prefix=True,
+                                          fast_forward=fast))
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+
+
+def test_models_it_is_not_exact_for_keep_their_own_forward():
+    assert sampling_forward(_policy("llama").train()) is None  # dropout would apply
+    active = _policy("llama")  # LoRA not folded: the adapter layers must run
+    assert sampling_forward(active) is None
+    with merged_lora_weights(active) as merged:
+        assert sampling_forward(merged) is not None
+    sliding = _model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert "sliding_attention" in sliding.config.layer_types and sampling_forward(sliding) is None
+    mistral = _model("mistral")
+    mistral.config.sliding_window = 16
+    assert sampling_forward(mistral) is None
+    hooked = _model("llama")
+    hooked.model.layers[1].mlp.register_forward_hook(lambda *args: None)
+    assert sampling_forward(hooked) is None
+    flex = _model("llama")
+    flex.config._attn_implementation = "flex_attention"
+    assert sampling_forward(flex) is None
+
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).eval()
+    assert sampling_forward(gpt2) is None
+    subclass = type("MyLlama", (transformers.LlamaForCausalLM,), {})(_model("llama").config).eval()
+    assert sampling_forward(subclass) is None  # a subclass may change the forward
+
+
+def test_eager_attention_gives_the_models_logits():
+    model = _model("llama", attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    ids, mask, positions = _prompts()
+    with torch.no_grad():
+        (ours, _), (theirs, _) = _both_ways(sampling_forward(model), model, ids, mask, positions, steps=2)
+    for got, expected in zip(ours, theirs):
+        assert torch.equal(got, expected)
+
+
+def test_packed_copies_are_skipped_without_memory_for_them(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+    monkeypatch.setattr("rlhf.sampling_forward.available_memory_bytes", lambda: 1000)
+    forward = sampling_forward(_model("llama"), fuse=True)
+    assert forward is not None and all(layer.qkv is None and layer.gate_up is None for layer in forward.layers)
+    assert all(layer.qkv is None for layer in sampling_forward(_model("llama")).layers)  # not asked to fuse
+
+
+def test_outside_inference_linears_it_gives_the_models_logits_bitwise():
+    model = _model("llama")
+    ids, mask, positions = _prompts()
+    with torch.no_grad():
+        (ours, _), (theirs, _) = _both_ways(sampling_forward(model), model, ids, mask, positions, steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
