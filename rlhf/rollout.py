@@ -439,7 +439,7 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
         folded = contextlib.nullcontext(plain.policy) if sharded else merged_lora_weights(plain.policy)
         with folded as policy, contextlib.nullcontext() if sharded else inference_linears(policy):
             # the same logits without the module stack, for the models it is exact for (else None)
-            fast_forward = sampling_forward(policy, fuse=True) if not sharded and episodes is None else None
+            fast_forward = sampling_forward(policy, fuse=True) if not sharded else None
             for start in range(0, len(raw_prompts), chunk):
                 part = slice(start, start + chunk)
                 if episodes is not None:
@@ -453,7 +453,8 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
                         temperature=config.temperature, top_p=config.top_p,
                         stop_ids=eos_token_ids if eos_token_ids is not None else stop_token_ids(policy, tokenizer),
                         share_prompt_prefix=plain.share_prompt_prefix,
-                        started=(started[0][part], started[1][part], None if started[2] is None else started[2][part])))
+                        started=(started[0][part], started[1][part], None if started[2] is None else started[2][part]),
+                        fast_forward=fast_forward))
                     continue
                 parts.append(generate_rollout(
                     policy, tokenizer, [format_prompt(p, tokenizer) for p in raw_prompts[part]],

@@ -223,7 +223,8 @@ def sampling_forward(model: nn.Module, fuse: bool = False) -> SamplingForward | 
     takes PyTorch's own product, which the fused one equals only up to float rounding."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     layer_class = SUPPORTED.get(type(causal_lm).__name__)
-    if layer_class is None or causal_lm.training or _hooked(model):
+    if (layer_class is None or not type(causal_lm).__module__.startswith("transformers.models.")  # not remote code
+            or causal_lm.training or _hooked(model)):
         return None
     config = causal_lm.config
     decoder = getattr(causal_lm, "model", None)

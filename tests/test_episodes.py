@@ -56,6 +56,7 @@ class ScriptedLM(torch.nn.Module):
         self.scripts = {tuple(ids(tokenizer, word)) if word else (): s for word, s in by_word.items()}
         self.header = ids(tokenizer, "<|im_start|>assistant\n")
         self.layers_seen: set[str] = set()  # cache layer types the sampler handed in
+        self.run_inner = None  # what computes inner's logits (None: inner itself)
 
     @staticmethod
     def _starts(context: list[int], pattern: tuple[int, ...] | list[int]) -> list[int]:
@@ -75,8 +76,9 @@ class ScriptedLM(torch.nn.Module):
             cache = history_cache(self.inner.config)
         elif cache is not None:
             self.layers_seen.add(type(cache.layers[0]).__name__)
-        outputs = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                             use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        outputs = (self.run_inner or self.inner)(input_ids=input_ids, attention_mask=attention_mask,
+                                                 position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                                 logits_to_keep=logits_to_keep, **kwargs)
         width = input_ids.shape[1]
         chunk_mask = attention_mask[:, -width:]
         histories = cache.histories if use_cache and cache.histories else [[] for _ in range(len(input_ids))]
@@ -227,6 +229,41 @@ def test_kv_cache_across_turns_equals_reprefilling_every_turn(tiny, tokenizer):
         timings[mode] = time.perf_counter() - start
     print(f"4-turn episode: carried cache {timings[False]:.3f} s, re-prefill {timings[True]:.3f} s, "
           f"speed-up {timings[True] / timings[False]:.2f}x")
+
+
+def test_sampling_forward_gives_the_same_multi_turn_episodes(tiny, tokenizer):
+    """rlhf.sampling_forward under the episode sampler's calls (turn chunks padded on the left in
+    mid-sequence, rows leaving the batch, a shared prompt prefill): the same tokens and logprobs,
+    bitwise, as the model's own forward; and the sampler runs it when handed one."""
+    from rlhf.sampling_forward import sampling_forward
+
+    def turns(expression: str) -> list[list[int]]:
+        call = call_script(tokenizer, ids(tokenizer, "calculator"), f'{{"expression": "{expression}"}}')
+        return [call, call, ids(tokenizer, "The answer is")]
+
+    scripts = {"Alpha": turns("6*7"), "Beta": turns("123456*789"), "Gamma": turns("1")}
+    episodes = ToolEpisodes(tokenizer, tools=[calculator], chat_template=QWEN3)
+    rows = [user("Alpha: what is 6*7?"), user("Beta: compute 123456*789 twice"), user("Gamma"), user("Gamma")]
+    uniforms = torch.rand(len(rows), 160, generator=torch.Generator().manual_seed(0))
+    uniforms[2, 0] = 0.0  # off-script first token: row 2 leaves after one turn
+    settings = sampling(tokenizer, max_completion_length=160, uniforms=uniforms, share_prompt_prefix=True)
+    plain = episodes.sample(ScriptedLM(tiny, tokenizer, scripts), rows, **settings).episodes
+    scripted = ScriptedLM(tiny, tokenizer, scripts)
+    scripted.run_inner = sampling_forward(tiny)
+    assert scripted.run_inner is not None
+    fast = episodes.sample(scripted, rows, **settings).episodes
+    for a, b in zip(plain, fast):
+        assert a.completion_ids == b.completion_ids and a.sampler_logprobs == b.sampler_logprobs
+    assert [e.tool_calls for e in plain][:2] == [2, 2] and plain[2].turns == 1
+
+    calls = []
+    forward = sampling_forward(tiny)
+    counted = lambda **inputs: calls.append(1) or forward(**inputs)  # noqa: E731
+    row_settings = sampling(tokenizer, max_completion_length=8, row_seeds=[1, 2, 3, 4], share_prompt_prefix=True)
+    handed = episodes.sample(tiny, rows, **row_settings, fast_forward=counted).episodes
+    own = episodes.sample(tiny, rows, **row_settings).episodes
+    assert calls and [e.completion_ids for e in handed] == [e.completion_ids for e in own]
+    assert [e.sampler_logprobs for e in handed] == [e.sampler_logprobs for e in own]
 
 
 def test_shared_prompt_prefix_gives_the_same_episodes(tiny, tokenizer):

@@ -146,6 +146,8 @@ def test_models_it_is_not_exact_for_keep_their_own_forward():
     assert sampling_forward(gpt2) is None
     subclass = type("MyLlama", (transformers.LlamaForCausalLM,), {})(_model("llama").config).eval()
     assert sampling_forward(subclass) is None  # a subclass may change the forward
+    remote = type("LlamaForCausalLM", (transformers.LlamaForCausalLM,), {"__module__": "transformers_modules.user.model"})
+    assert sampling_forward(remote(_model("llama").config).eval()) is None  # remote code under the same name
 
 
 def test_eager_attention_gives_the_models_logits():

@@ -134,11 +134,13 @@ def sample_episode_rollout(episodes: ToolEpisodes, model: Any, rows: list[dict[s
                            group_ids: list[int], columns: dict[str, list[Any]], max_completion_length: int,
                            max_prompt_length: int | None, temperature: float, top_p: float, stop_ids: list[int],
                            share_prompt_prefix: bool = False, row_seeds: list[int] | None = None,
-                           started: tuple[list[Messages], list[Toolbox], list[Any] | None] | None = None) -> Any:
+                           started: tuple[list[Messages], list[Toolbox], list[Any] | None] | None = None,
+                           fast_forward: Any = None) -> Any:
     """One episode per row as a rlhf.rollout.Rollout: the response is the whole episode (sampled
     turns and tool tokens; ``mask`` 1 on sampled tokens only, ``episode_mask`` on all of them),
     prompts are the rows' messages with the reset observation, completions TRL's conversational
-    form (assistant messages with their tool calls, tool messages), turn rewards per token."""
+    form (assistant messages with their tool calls, tool messages), turn rewards per token.
+    ``fast_forward``: a ``rlhf.sampling_forward.SamplingForward`` of ``model``, run in its place."""
     from rlhf.rollout import Rollout
 
     tokenizer = episodes.tokenizer
@@ -146,7 +148,8 @@ def sample_episode_rollout(episodes: ToolEpisodes, model: Any, rows: list[dict[s
     sampled = episodes.sample(model, rows, prompt_column=prompt_column, max_completion_length=max_completion_length,
                               temperature=temperature, top_p=top_p, stop_ids=stop_ids,
                               pad_token_id=tokenizer.pad_token_id, max_prompt_length=max_prompt_length,
-                              share_prompt_prefix=share_prompt_prefix, row_seeds=row_seeds, started=started)
+                              share_prompt_prefix=share_prompt_prefix, row_seeds=row_seeds, started=started,
+                              fast_forward=fast_forward)
     batch = pack_episodes(sampled.episodes, tokenizer.pad_token_id, device)
     return Rollout(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, response_ids=batch.response_ids,

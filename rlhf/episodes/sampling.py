@@ -167,6 +167,7 @@ def sample_episodes(
     row_seeds: list[int] | None = None,
     share_prompt_prefix: bool = False,
     reprefill_each_turn: bool = False,
+    fast_forward: Any = None,
 ) -> list[Episode]:
     """Sample one episode per prompt: turns of the model, tool calls executed between them.
 
@@ -183,11 +184,13 @@ def sample_episodes(
     layout of the batch. With ``share_prompt_prefix`` a prompt several rows share (a GRPO group)
     is prefilled once (rlhf.models.shared_prompt_cache). ``reprefill_each_turn``: the slow
     reference that drops the cache and prefills every row's whole history whenever a turn starts
-    (tests and timing only).
+    (tests and timing only). ``fast_forward``: a ``rlhf.sampling_forward.SamplingForward`` of
+    ``model`` (the same logits without the module stack), run in its place.
 
     Returns the episodes in prompt order (rlhf.episodes.sampling.Episode).
     """
     device = next(model.parameters()).device
+    forward = fast_forward if fast_forward is not None else model
     batch = len(prompts)
     if uniforms is None:
         uniforms = (torch.rand(batch, max_completion_length) if row_seeds is None else torch.stack(
@@ -212,7 +215,7 @@ def sample_episodes(
     if share_prompt_prefix:  # all but each prompt's last token, once per distinct prompt
         ids, prompt_mask = _left_padded([row.episode.prompt_ids for row in rows], pad_token_id, device)
         prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = shared_prompt_cache(model, ids, prompt_mask, prompt_positions, ids.shape[1] - 1)
+        cache = shared_prompt_cache(forward, ids, prompt_mask, prompt_positions, ids.shape[1] - 1)
         if cache is not None:
             attention, positions = prompt_mask[:, :-1], prompt_mask[:, :-1].sum(-1)
             for row in rows:
@@ -225,8 +228,8 @@ def sample_episodes(
         # pads get the position of the row's next real token: they are masked as keys and their
         # outputs are never read, so any position would do
         chunk_positions = positions.unsqueeze(1) + (chunk_mask.cumsum(-1) - 1).clamp(min=0)
-        outputs = model(input_ids=ids, attention_mask=attention, position_ids=chunk_positions, cache=cache,
-                        use_cache=True, logits_to_keep=1)
+        outputs = forward(input_ids=ids, attention_mask=attention, position_ids=chunk_positions, cache=cache,
+                          use_cache=True, logits_to_keep=1)
         cache = preallocated(outputs.cache, max_completion_length) if first_step or cache is None else outputs.cache
         first_step = False
         positions = positions + chunk_mask.sum(-1)
