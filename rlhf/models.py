@@ -422,6 +422,7 @@ def inference_linears(model: nn.Module) -> Iterator[nn.Module]:
             if layer.bias is not None:
                 out = out + layer.bias
             return out.reshape(*x.shape[:-1], out.shape[-1])
+        forward.inference_linear = True  # rlhf.sampling_forward fuses only layers routed here
         return forward
 
     for layer in layers:

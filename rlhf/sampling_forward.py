@@ -12,8 +12,10 @@ logits and the KV cache are bitwise those of the model's forward.
 Where ``rlhf.models.inference_linears`` sends the projections to oneDNN with packed weights,
 each layer's q/k/v and gate/up projections also run as one product each, through their weights
 concatenated and packed once (a GEMM with N = q+k+v outputs gives each output the same float32
-result as its own GEMM: checked bitwise for 2 to 777 rows on six shapes, with and without bias;
-a single row keeps the separate products, as ``inference_linears`` keeps the plain weight there).
+result as its own GEMM: checked bitwise for 2 to 777 rows on six shapes, with and without bias,
+at 2 to 32 threads; a single row keeps the separate products, as ``inference_linears`` keeps the
+plain weight there). Each part is made contiguous before use: an activation reads a strided
+tensor through another kernel and rounds some elements differently.
 
 Measured on the 2-core EPYC (SmolLM2-135M float32, LoRA folded, 16 rows, alternating in one
 process): the model's forward 91.7 ms per sampled token (64 tokens, median of 4), this forward
@@ -25,6 +27,7 @@ equal, not faster), rotating q and k heads in one op (not faster).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,13 +36,13 @@ from torch import Tensor, nn
 
 from rlhf.cpu_linear import available_memory_bytes, onednn_linear, onednn_packing_usable, pack_for_onednn, routes_to_onednn
 
-# CausalLM class -> its decoder layer class: the architectures whose layer is exactly
-# norm -> attention (q/k/v, rotary, cache, o) -> residual -> norm -> gated MLP -> residual.
+# The architectures whose decoder layer is exactly norm -> attention (q/k/v, rotary, cache, o) ->
+# residual -> norm -> gated MLP -> residual; their modules' class names start with the prefix.
 SUPPORTED = {
-    "LlamaForCausalLM": "LlamaDecoderLayer",
-    "MistralForCausalLM": "MistralDecoderLayer",
-    "Qwen2ForCausalLM": "Qwen2DecoderLayer",
-    "Qwen3ForCausalLM": "Qwen3DecoderLayer",  # also normalises each q/k head (q_norm, k_norm)
+    "LlamaForCausalLM": "Llama",
+    "MistralForCausalLM": "Mistral",
+    "Qwen2ForCausalLM": "Qwen2",
+    "Qwen3ForCausalLM": "Qwen3",  # also normalises each q/k head (q_norm, k_norm)
 }
 
 
@@ -92,7 +95,17 @@ def _hooked(model: nn.Module) -> bool:
     if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
             or getattr(torch_module, "_global_forward_hooks_always_called", None)):
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in model.modules())
+    return any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook")
+               or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
+def _stock(module: nn.Module, class_name: str, modeling: str) -> bool:
+    """Whether ``module`` runs transformers' own forward of ``class_name``, from ``modeling``: this
+    forward replaces it without calling it, so a patched class (Liger, unsloth) or a forward set
+    on the instance must keep the model's own."""
+    cls = type(module)
+    return (cls.__name__ == class_name and cls.__module__ == modeling and "forward" not in vars(module)
+            and getattr(cls.forward, "__module__", None) == modeling)
 
 
 def _fusable(linears: list[nn.Linear]) -> bool:
@@ -100,7 +113,8 @@ def _fusable(linears: list[nn.Linear]) -> bool:
     through their concatenated packed weights gives each of them its own product bitwise."""
     first = linears[0].weight
     return all(
-        layer.in_features == first.shape[1] and layer.weight.is_contiguous()
+        type(layer) is nn.Linear and getattr(vars(layer).get("forward"), "inference_linear", False)
+        and layer.in_features == first.shape[1] and layer.weight.is_contiguous()
         and (layer.bias is None) == (linears[0].bias is None)
         and routes_to_onednn(first.new_empty(2, first.shape[1]), layer.weight, layer.bias)
         for layer in linears)
@@ -115,17 +129,17 @@ def _pack(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
 
 class SamplingForward:
     """``model(input_ids=, attention_mask=, position_ids=, cache=, use_cache=True, logits_to_keep=)``
-    for sampling (no grad, eval mode), computed layer by layer from the model's own modules;
-    build it with ``sampling_forward``, which checks that the model is one this is exact for."""
+    for sampling (eval mode), computed layer by layer from the model's own modules; build it with
+    ``sampling_forward``, which checks that the model is one this is exact for, where it is used
+    (the fused weights are copies: build it again after the weights change)."""
 
     def __init__(self, causal_lm: nn.Module, fuse: bool):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
+        modeling = sys.modules[type(causal_lm).__module__]
         self.config = causal_lm.config
         self.decoder = causal_lm.model
         self.lm_head = causal_lm.lm_head
-        self.attention_function = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, _eager_attention(causal_lm))
+        self.eager_attention = modeling.eager_attention_forward
+        self.apply_rotary = modeling.apply_rotary_pos_emb  # looked up as the model's attention does
         self.layers = []
         for block in self.decoder.layers:
             attention, mlp = block.self_attn, block.mlp
@@ -148,102 +162,90 @@ class SamplingForward:
                 layer.gate_up = _pack(gate_up)
             self.layers.append(layer)
 
-    @torch.no_grad()
-    def __call__(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: Any = None,
-                 use_cache: bool = True, logits_to_keep: int = 0) -> SamplingOutput:
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                 cache: Any = None, use_cache: bool = True, logits_to_keep: int | Tensor = 0) -> SamplingOutput:
         """input_ids, position_ids: [B, q]; attention_mask: [B, cached + q]; cache: a transformers
         Cache (None: a new DynamicCache) -> logits [B, logits_to_keep or q, V], cache updated."""
         from transformers.cache_utils import DynamicCache
         from transformers.masking_utils import create_causal_mask
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 
         hidden = self.decoder.embed_tokens(input_ids)
         if cache is None:
             cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            position_ids = (torch.arange(input_ids.shape[1], device=hidden.device) + cache.get_seq_length()).unsqueeze(0)
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
                                   cache=cache, position_ids=position_ids)
         cos, sin = self.decoder.rotary_emb(hidden, position_ids=position_ids)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        attention_function = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager_attention)
         batch, length = input_ids.shape
         # the fused products only where the separate ones would take the packed weights too
-        fused = batch * length >= 2 and not torch.is_autocast_enabled(hidden.device.type)
+        fused = (batch * length >= 2 and not torch.is_grad_enabled()
+                 and not torch.is_autocast_enabled(hidden.device.type))
         for index, layer in enumerate(self.layers):
             normed = layer.input_norm(hidden)
             if fused and layer.qkv is not None:
                 qkv = onednn_linear(normed, *layer.qkv)
-                query, key, value = qkv.split([layer.q_width, layer.k_width, qkv.shape[-1] - layer.q_width - layer.k_width], -1)
+                widths = [layer.q_width, layer.k_width, qkv.shape[-1] - layer.q_width - layer.k_width]
+                query, key, value = (part.contiguous() for part in qkv.split(widths, -1))
             else:
                 query, key, value = layer.q(normed), layer.k(normed), layer.v(normed)
-            head_dim = layer.attention.head_dim
-            query = query.view(batch, length, -1, head_dim)
-            key = key.view(batch, length, -1, head_dim)
+            head_shape = (batch, length, -1, layer.attention.head_dim)
+            query, key, value = query.view(head_shape), key.view(head_shape), value.view(head_shape)
             if layer.q_norm is not None:
                 query, key = layer.q_norm(query), layer.k_norm(key)
-            query, key = _rotated(query.transpose(1, 2), cos, sin), _rotated(key.transpose(1, 2), cos, sin)
-            value = value.view(batch, length, -1, head_dim).transpose(1, 2)
-            key, value = cache.update(key, value, index)
-            attended, _ = self.attention_function(layer.attention, query, key, value, mask, dropout=0.0,
-                                                  scaling=layer.attention.scaling)
+            query, key = self.apply_rotary(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+            key, value = cache.update(key, value.transpose(1, 2), index)
+            attended, _ = attention_function(layer.attention, query, key, value, mask, dropout=0.0,
+                                             scaling=layer.attention.scaling)
             hidden = hidden + layer.o(attended.reshape(batch, length, -1).contiguous())
             normed = layer.post_attention_norm(hidden)
             if fused and layer.gate_up is not None:
                 gate, up = onednn_linear(normed, *layer.gate_up).split(layer.intermediate, -1)
+                gate = gate.contiguous()
             else:
                 gate, up = layer.gate(normed), layer.up(normed)
             hidden = hidden + layer.down(layer.act(gate) * up)
-        hidden = self.decoder.norm(hidden)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+        hidden = slice_logits_to_keep(self.decoder.norm(hidden), logits_to_keep)
         return SamplingOutput(logits=self.lm_head(hidden), cache=cache if use_cache else None)
-
-
-def _rotated(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """transformers' ``apply_rotary_pos_emb`` for one of q/k: x * cos + rotate_half(x) * sin."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-def _eager_attention(causal_lm: nn.Module) -> Callable[..., Any] | None:
-    """The model's own eager attention (its modeling module's ``eager_attention_forward``)."""
-    import sys
-
-    modeling = sys.modules.get(type(causal_lm.model.layers[0].self_attn).__module__)
-    return getattr(modeling, "eager_attention_forward", None)
 
 
 def sampling_forward(model: nn.Module, fuse: bool = False) -> SamplingForward | None:
     """A ``SamplingForward`` for ``model`` (a causal LM, or a peft model around one), or None
-    where it would not give the model's own numbers: another architecture (or a subclass),
-    sliding-window layers, an attention implementation other than sdpa/eager, active (unmerged)
-    LoRA layers, module hooks (Accelerate offloading, DeepSpeed/FSDP gathering), training mode,
-    a model split over devices.
+    where it would not give the model's own numbers: another architecture (or a subclass, remote
+    code, a patched or compiled module), sliding-window layers, an attention implementation other
+    than sdpa/eager, active (unmerged) LoRA layers, module hooks (Accelerate offloading,
+    DeepSpeed/FSDP gathering), training mode, a model split over devices.
 
     ``fuse``: the caller runs it inside ``inference_linears``. The q/k/v and gate/up products
     are then fused where that sends them to oneDNN and there is memory for the packed copies
-    (which replace the separate packed weights: those are then never made). Outside it a layer
-    takes PyTorch's own product, which the fused one equals only up to float rounding."""
+    (which replace the separate packed weights: those are then never made)."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layer_class = SUPPORTED.get(type(causal_lm).__name__)
-    if (layer_class is None or not type(causal_lm).__module__.startswith("transformers.models.")  # not remote code
-            or causal_lm.training or _hooked(model)):
+    prefix = SUPPORTED.get(type(causal_lm).__name__)
+    modeling = type(causal_lm).__module__
+    if (prefix is None or not modeling.startswith("transformers.models.") or causal_lm.training or _hooked(model)
+            or "forward" in vars(model) or "forward" in vars(causal_lm)):
         return None
-    config = causal_lm.config
-    decoder = getattr(causal_lm, "model", None)
-    if (decoder is None or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager")
+    config, decoder = causal_lm.config, getattr(causal_lm, "model", None)
+    if (decoder is None or not _stock(decoder, f"{prefix}Model", modeling)
+            or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager")
             or any(kind != "full_attention" for kind in (getattr(config, "layer_types", None) or []))
-            or (type(causal_lm).__name__ == "MistralForCausalLM" and getattr(config, "sliding_window", None) is not None)
-            or any(type(layer).__name__ != layer_class for layer in decoder.layers)
+            or (prefix == "Mistral" and getattr(config, "sliding_window", None) is not None)
             or len(decoder.layers) != config.num_hidden_layers
             or len({p.device for p in causal_lm.parameters()}) != 1
-            or _eager_attention(causal_lm) is None):
+            or not all(hasattr(sys.modules[modeling], name) for name in ("eager_attention_forward", "apply_rotary_pos_emb"))):
         return None
     for block in decoder.layers:
-        names = [getattr(block.self_attn, f"{name}_proj") for name in "qkvo"]
-        names += [getattr(block.mlp, f"{name}_proj") for name in ("gate", "up", "down")]
-        if any(plain_linear(module) is None for module in names):
+        if not (_stock(block, f"{prefix}DecoderLayer", modeling) and _stock(block.self_attn, f"{prefix}Attention", modeling)
+                and _stock(block.mlp, f"{prefix}MLP", modeling)):
             return None
-    fused_bytes = sum(4 * (plain_linear(getattr(block.self_attn, f"{n}_proj")).weight.numel()) for block in decoder.layers
-                      for n in "qkv")
-    fused_bytes += sum(4 * (plain_linear(getattr(block.mlp, f"{n}_proj")).weight.numel()) for block in decoder.layers
-                       for n in ("gate", "up"))
+        projections = [getattr(block.self_attn, f"{name}_proj") for name in "qkvo"]
+        projections += [getattr(block.mlp, f"{name}_proj") for name in ("gate", "up", "down")]
+        if any(plain_linear(module) is None for module in projections):
+            return None
+    fused_bytes = sum(plain_linear(getattr(part, f"{name}_proj")).weight.nbytes for block in decoder.layers
+                      for part, names in ((block.self_attn, ("q", "k", "v")), (block.mlp, ("gate", "up")))
+                      for name in names)
     fuse = fuse and onednn_packing_usable() and 2 * fused_bytes < available_memory_bytes()
     return SamplingForward(causal_lm, fuse=fuse)

@@ -19,7 +19,7 @@ def _model(kind: str, hidden: int = 512, **extra) -> nn.Module:
     import transformers
 
     common = dict(vocab_size=300, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra)
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256) | extra
     config_class, model_class = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),  # q/k/v bias
@@ -75,10 +75,15 @@ def _both_ways(forward, model, ids, mask, positions, steps=3):
 
 
 @needs_onednn
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
-def test_fused_forward_gives_the_models_logits_and_cache_bitwise(kind, monkeypatch):
+@pytest.mark.parametrize("kind, extra", [
+    ("llama", {}), ("qwen2", {}), ("qwen3", {}), ("mistral", {}),
+    # an intermediate size off the activation kernels' vector width, and another activation: the
+    # fused gate is a strided slice, which the activation must not read as one
+    ("llama", {"intermediate_size": 1000}), ("qwen3", {"intermediate_size": 1000, "hidden_act": "gelu"}),
+])
+def test_fused_forward_gives_the_models_logits_and_cache_bitwise(kind, extra, monkeypatch):
     monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
-    policy = _policy(kind)
+    policy = _policy(kind, **extra)
     ids, mask, positions = _prompts()
     with torch.no_grad(), merged_lora_weights(policy) as merged, inference_linears(merged):
         forward = sampling_forward(merged, fuse=True)
@@ -120,6 +125,49 @@ def test_sampler_draws_the_same_tokens_and_logprobs_through_it(monkeypatch):
                                           eos_token_ids=[299], pad_token_id=0, share_prompt_prefix=True,
                                           fast_forward=fast))
     assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+
+
+@needs_onednn
+def test_layers_inference_linears_leaves_alone_are_not_fused_and_grad_mode_keeps_the_models_numbers(monkeypatch):
+    from torch.nn.utils import parametrize
+
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+    model = _model("llama")
+    parametrize.register_parametrization(model.model.layers[0].self_attn.q_proj, "weight", nn.Identity())
+    ids, mask, positions = _prompts()
+    with inference_linears(model):
+        forward = sampling_forward(model, fuse=True)
+        assert forward.layers[0].qkv is None and forward.layers[1].qkv is not None
+        with torch.no_grad():
+            (ours, _), (theirs, _) = _both_ways(forward, model, ids, mask, positions, steps=1)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+        # with gradients on, inference_linears leaves every layer to PyTorch's product: so does this
+        got = forward(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        assert torch.equal(got, model(input_ids=ids, attention_mask=mask, position_ids=positions).logits)
+
+
+def test_calls_without_positions_or_with_a_tensor_of_kept_logits_match_the_model():
+    model = _model("llama", hidden=64)
+    ids, _, _ = _prompts()
+    with torch.no_grad():
+        ours = sampling_forward(model)(input_ids=ids, logits_to_keep=torch.tensor([0, 4]))
+        theirs = model(input_ids=ids, logits_to_keep=torch.tensor([0, 4]))
+    assert torch.equal(ours.logits, theirs.logits)
+
+
+def test_patched_or_compiled_modules_keep_the_models_forward(monkeypatch):
+    instance = _model("llama", hidden=64)
+    instance.model.layers[0].self_attn.forward = lambda *args, **kwargs: None
+    assert sampling_forward(instance) is None
+    import transformers.models.llama.modeling_llama as modeling
+
+    patched = _model("llama", hidden=64)
+    monkeypatch.setattr(modeling.LlamaMLP, "forward", lambda self, x: self.down_proj(x))  # as Liger patches a class
+    assert sampling_forward(patched) is None
+    monkeypatch.undo()
+    compiled = _model("llama", hidden=64)
+    compiled.compile()
+    assert sampling_forward(compiled) is None
 
 
 def test_models_it_is_not_exact_for_keep_their_own_forward():
