@@ -338,7 +338,9 @@ def merged_lora_weights(policy: PeftModel) -> Iterator[PeftModel]:
     from peft.tuners.lora import LoraLayer
 
     layers = [module for module in policy.modules() if isinstance(module, LoraLayer)]
-    mergeable = bool(layers) and all(
+    # Adapters switched off (the base sampled, e.g. evaluation's base row): nothing to fold;
+    # folding the active ones would sample the adapter instead of the base.
+    mergeable = bool(layers) and not any(layer.disable_adapters for layer in layers) and all(
         isinstance(layer, LoraLinear) and layer.get_base_layer().weight.dtype == torch.float32
         and not any(layer.use_dora.get(name, False) for name in layer.active_adapters)
         for layer in layers

@@ -109,6 +109,26 @@ def test_merged_lora_weights_sample_the_same_distribution_and_restore_the_base_b
     assert all(not m.disable_adapters for m in policy.modules() if hasattr(m, "lora_A"))
 
 
+def test_merged_lora_weights_inside_disabled_adapters_sample_the_base_and_keep_them_off(tiny_model_dir):
+    """A caller sampling the base (adapters switched off, as evaluation's base row does) must get
+    the base, and the adapters stay off (before the fix it folded in the active adapter whether
+    or not it was disabled: logits off by 0.64)."""
+    import torch
+
+    from rlhf.models import merged_lora_weights
+
+    policy = _trained_lora(tiny_model_dir)
+    input_ids = torch.randint(0, 1000, (3, 12))
+    with torch.no_grad(), policy.disable_adapter():
+        reference = policy(input_ids=input_ids).logits
+        with merged_lora_weights(policy) as sampler:
+            sampled = sampler(input_ids=input_ids).logits
+        after = policy(input_ids=input_ids).logits
+        assert all(m.disable_adapters for m in policy.modules() if hasattr(m, "lora_A"))
+    assert torch.equal(sampled, reference)
+    assert torch.equal(after, reference)
+
+
 def test_merged_lora_weights_leave_bfloat16_bases_unmerged(tiny_model_dir):
     import torch
 
