@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -60,6 +60,21 @@ class PreallocatedLayer(DynamicLayer):
         self.keys = self._key_buffer[..., :filled + new, :]
         self.values = self._value_buffer[..., :filled + new, :]
         return self.keys, self.values
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        """Keep the rows ``indices`` in new buffers of the same capacity (the sampler drops finished
+        rows): indexing the views would leave tensors the next ``update`` must re-seat at twice the size."""
+        if self.keys is None or self.keys.shape[-2] == 0:
+            return super().batch_select_indices(indices)
+        self._seat(self.keys[indices], self.values[indices], self._key_buffer.shape[-2])
+
+
+def rows_selectable(cache: Any) -> bool:
+    """Whether dropping rows from ``cache`` (``batch_select_indices``) keeps every layer's state
+    whole: a ``DynamicCache`` of attention layers only (linear-attention and other states of
+    hybrid models carry more than keys and values)."""
+    return type(cache) is DynamicCache and all(
+        type(layer) in (DynamicLayer, DynamicSlidingWindowLayer, PreallocatedLayer) for layer in cache.layers)
 
 
 def preallocated(cache: Any, more_tokens: int) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlhf.kv_cache import preallocated
+from rlhf.kv_cache import preallocated, rows_selectable
 from rlhf.models import PolicyWithValue, shared_prompt_cache, stop_token_ids
 
 
@@ -262,6 +262,7 @@ def sample_responses(
     row_seeds: list[int] | None = None,
     share_prompt_prefix: bool = False,
     fast_forward: Any = None,
+    compact_finished_rows: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Batched KV-cache sampling by inverse CDF: token t of row i is the first token whose
     cumulative probability reaches u[i, t] ~ U(0, 1).
@@ -278,7 +279,11 @@ def sample_responses(
     with the same prompt prefill it once (rlhf.models.shared_prompt_cache). The KV cache is
     written in place after the first step (rlhf.kv_cache.preallocated). ``fast_forward`` (a
     ``rlhf.sampling_forward.SamplingForward`` of ``model``: the same logits without the module
-    stack) runs every forward in place of ``model``.
+    stack) runs every forward in place of ``model``. ``compact_finished_rows``: once a quarter of
+    the rows being decoded have ended, they leave the batch and its KV cache (``rows_to_keep``), so
+    the rest decode at the cost of the rows still running. A row's numbers stay those of the full
+    batch up to float rounding: with two or more threads PyTorch's CPU attention splits its work by
+    the batch's size, so a row's logits already move in the last bits with the rows beside it.
     """
     batch, prompt_length = input_ids.shape
     device = input_ids.device
@@ -295,6 +300,7 @@ def sample_responses(
     step_ids, step_positions = (input_ids[:, -1:], position_ids[:, -1:]) if cache is not None else (input_ids, position_ids)
     tokens, logprobs = [], []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    live = torch.arange(batch, device=device)  # the rows still decoded, in cache order
     stops = torch.tensor([eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids), device=device)
     # Mask of every position the response can reach, read as a growing view (no per-token copy).
     full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
@@ -302,16 +308,38 @@ def sample_responses(
         outputs = forward(input_ids=step_ids, attention_mask=full_mask[:, :prompt_length + t], position_ids=step_positions,
                           cache=cache, use_cache=True, logits_to_keep=1)
         cache = preallocated(outputs.cache, max_new_tokens - t) if t == 0 else outputs.cache
-        token, logprob = draw(outputs.logits[:, -1].float(), uniforms[:, t], temperature, top_p)
+        drawn, drawn_logprob = draw(outputs.logits[:, -1].float(), uniforms[:, t], temperature, top_p)
+        token = torch.full((batch,), pad_token_id, dtype=drawn.dtype, device=device).index_copy_(0, live, drawn)
+        logprob = drawn_logprob.new_zeros(batch).index_copy_(0, live, drawn_logprob)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         logprobs.append(logprob.masked_fill(finished, 0.0))
         finished |= torch.isin(token, stops)
         if bool(finished.all()):
             break
-        step_ids = token.unsqueeze(-1)
+        step_ids = token[live].unsqueeze(-1)
         step_positions = step_positions[:, -1:] + 1
+        if compact_finished_rows and t + 1 < max_new_tokens:
+            keep = rows_to_keep(finished[live])
+            if keep is not None and rows_selectable(cache):
+                cache.batch_select_indices(keep)
+                live, step_ids, step_positions = live[keep], step_ids[keep], step_positions[keep]
+                full_mask, uniforms = full_mask[keep], uniforms[keep]
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+
+
+def rows_to_keep(finished: Tensor) -> Tensor | None:
+    """Which rows of a decode batch stay in it, or None to keep them all.
+
+    finished: [b] bool, the batch's rows that have ended -> indices into it, in order, of the rows
+    still running, once at least a quarter of the batch has ended: dropping rows copies the kept
+    rows' KV cache, about what one decoding step reads, so it is done in a few large cuts rather
+    than row by row.
+    """
+    ended = int(finished.sum())
+    if ended == 0 or ended < finished.shape[0] // 4:
+        return None
+    return (~finished).nonzero().squeeze(-1)
 
 
 def draw(logits: Tensor, uniforms: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Tensor]:

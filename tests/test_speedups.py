@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES
@@ -567,3 +568,68 @@ def test_preallocated_layer_grows_and_survives_what_transformers_does_to_caches(
         assert torch.allclose(in_place, concatenating, atol=1e-5)
     assert preallocated("not a DynamicCache", 3) == "not a DynamicCache"
     assert isinstance(preallocated(DynamicCache(), 3), DynamicCache)  # empty layers left alone
+
+
+def test_rows_to_keep_drops_finished_rows_in_large_cuts():
+    from rlhf.rollout import rows_to_keep
+
+    done = lambda *flags: torch.tensor([bool(flag) for flag in flags])  # noqa: E731
+    assert rows_to_keep(done(0, 0, 0, 0, 0, 0, 0, 1)) is None  # one of eight: not yet a quarter
+    assert rows_to_keep(done(0, 1, 0, 0, 0, 0, 0, 1)).tolist() == [0, 2, 3, 4, 5, 6]
+    assert rows_to_keep(done(1, 1, 1, 0)).tolist() == [3]
+    assert rows_to_keep(done(0, 0)) is None and rows_to_keep(done(1, 0)).tolist() == [1]
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_dropping_finished_rows_from_the_decode_batch_keeps_every_rows_tokens(tiny_model_dir, monkeypatch, share):
+    """Rows end at different steps (stop tokens picked from a first draw); with the finished
+    rows dropped from the batch and its KV cache the responses and their logprobs are those of the
+    full batch, and the batch really shrinks."""
+    from rlhf import rollout
+    from rlhf.models import load_base_model
+
+    model = load_base_model(str(tiny_model_dir)).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(3, 1000, (4, 5)).repeat_interleave(3, dim=0)  # 4 prompts x 3 samples
+    attention = torch.ones_like(ids)
+    attention[:3, :2] = 0
+    batch_sizes = []
+    plain_forward = model.forward
+
+    def recording_forward(*args, **kwargs):
+        batch_sizes.append(kwargs["input_ids"].shape[0])
+        return plain_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording_forward)
+
+    def sample(compact: bool, stops: list[int]):
+        batch_sizes.clear()
+        torch.manual_seed(7)
+        return rollout.sample_responses(model, ids, attention, max_new_tokens=24, temperature=1.0, top_p=1.0,
+                                        eos_token_ids=stops, pad_token_id=1,
+                                        share_prompt_prefix=share, compact_finished_rows=compact)
+
+    endless = sample(False, [10 ** 6])[0]  # the same draws run on until a stop token
+    stops = sorted({int(endless[row, column]) for row, column in [(0, 2), (4, 5), (7, 9), (9, 12), (11, 16)]} - {1})
+    full_tokens, full_logprobs = sample(False, stops)
+    full_batches = list(batch_sizes)
+    tokens, logprobs = sample(True, stops)
+    ends = (full_tokens != 1).sum(1)
+    assert ends.min() < ends.max() - 4  # the rows really end at different steps
+    assert set(full_batches[share:]) == {12} and min(batch_sizes) < 12 and len(batch_sizes) == len(full_batches)
+    assert torch.equal(tokens, full_tokens)
+    assert torch.allclose(logprobs, full_logprobs, atol=1e-5)
+
+
+def test_preallocated_layer_keeps_its_capacity_when_rows_are_dropped():
+    from rlhf.kv_cache import PreallocatedLayer
+
+    keys, values = torch.randn(4, 2, 3, 8), torch.randn(4, 2, 3, 8)
+    layer = PreallocatedLayer(keys, values, 10)
+    layer.batch_select_indices(torch.tensor([1, 3]))
+    assert torch.equal(layer.keys, keys[[1, 3]]) and torch.equal(layer.values, values[[1, 3]])
+    new_keys, new_values = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8)
+    out_keys, out_values = layer.update(new_keys, new_values)
+    assert layer._key_buffer.shape == (2, 2, 10, 8) and out_keys.data_ptr() == layer._key_buffer.data_ptr()
+    assert torch.equal(out_keys, torch.cat([keys[[1, 3]], new_keys], dim=2))
+    assert torch.equal(out_values, torch.cat([values[[1, 3]], new_values], dim=2))
