@@ -198,10 +198,11 @@ def plot_growth(report: dict[str, Any], path: Path) -> Path:
             time_ax.plot(x, [row[key] for row in rows], style, marker="o", label=label)
         memory_ax.plot(x, [row["peak_rss_mb"] / 1024 for row in rows], marker="o", color="tab:red")
         if axis == "model":
-            for value, row in zip(x, rows):
-                time_ax.annotate(Path(row["model"].removeprefix("random:")).name, (value, 0),
-                                 textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7,
-                                 xycoords=("data", "axes fraction"))
+            for value, row in zip(x, rows):  # beside each step-time point (at the axis bottom, near sizes overlap)
+                last = value == max(x)
+                time_ax.annotate(Path(row["model"].removeprefix("random:")).name, (value, row["step_time_s"]),
+                                 textcoords="offset points", xytext=(-6 if last else 6, -3),
+                                 ha="right" if last else "left", fontsize=7)
         label = {"response length": "response length (new tokens)", "group size": "group size (num_generations)",
                  "model": "model parameters (millions)"}[axis]
         memory_ax.set_xlabel(label)

@@ -330,7 +330,8 @@ def merged_lora_weights(policy: PeftModel) -> Iterator[PeftModel]:
     (which is also the reference policy) never drifts the way peft's in-place merge/unmerge
     round trip would. Falls back to the unmerged model where merging would change the
     distribution: DoRA or non-linear LoRA layers, and base weights below float32 (a bfloat16
-    weight cannot hold the small early deltas). The merged tensor is a new Parameter put into the
+    weight cannot hold the small early deltas); and where free memory is under twice the weights
+    (the merged copies live as long as the sampling). The merged tensor is a new Parameter put into the
     layer in place of its own, never written into the existing one: a weight tied to another
     module (lm_head and the input embedding of tied-embedding models) must keep its value there.
     """
@@ -345,6 +346,9 @@ def merged_lora_weights(policy: PeftModel) -> Iterator[PeftModel]:
         and not any(layer.use_dora.get(name, False) for name in layer.active_adapters)
         for layer in layers
     )
+    # The merged weights are copies held while sampling: where they would not fit twice over (the
+    # packed oneDNN copies come next), the adapters stay unmerged (slower, the same distribution).
+    mergeable = mergeable and all(2 * size < free_memory_bytes(device) for device, size in _weight_bytes(layers).items())
     if not mergeable:
         yield policy
         return
@@ -367,6 +371,25 @@ def merged_lora_weights(policy: PeftModel) -> Iterator[PeftModel]:
     finally:
         for base, original in originals:
             base.weight = original
+
+
+def _weight_bytes(layers: list[Any]) -> dict[torch.device, int]:
+    """Bytes of the base weights of peft LoRA ``layers``, per device."""
+    sizes: dict[torch.device, int] = {}
+    for layer in layers:
+        weight = layer.get_base_layer().weight
+        sizes[weight.device] = sizes.get(weight.device, 0) + weight.numel() * weight.element_size()
+    return sizes
+
+
+def free_memory_bytes(device: torch.device) -> int | float:
+    """Memory a new tensor on ``device`` can still take: the process's available RAM for the CPU,
+    the free memory of a CUDA device; unbounded where it cannot be told (meta, other backends)."""
+    if device.type == "cpu":
+        return available_memory_bytes()
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return float("inf")
 
 
 # Rows up to which a BLAS linear layer runs as W @ x^T (decoding: one token per row).

@@ -633,3 +633,24 @@ def test_preallocated_layer_keeps_its_capacity_when_rows_are_dropped():
     assert layer._key_buffer.shape == (2, 2, 10, 8) and out_keys.data_ptr() == layer._key_buffer.data_ptr()
     assert torch.equal(out_keys, torch.cat([keys[[1, 3]], new_keys], dim=2))
     assert torch.equal(out_values, torch.cat([values[[1, 3]], new_values], dim=2))
+
+
+def test_merged_lora_weights_stay_unmerged_without_memory_for_the_copies(tiny_model_dir, monkeypatch):
+    """The merged weights are copies: with no memory for them the adapters sample unmerged
+    (before, a model whose weights fit once but not twice ran out of memory while sampling)."""
+    from rlhf import models
+
+    policy = _trained_lora(tiny_model_dir)
+    input_ids = torch.randint(0, 1000, (3, 12))
+    weights = {name: param for name, param in policy.named_parameters()}
+    with torch.no_grad():
+        unmerged = policy(input_ids=input_ids).logits
+        monkeypatch.setattr(models, "available_memory_bytes", lambda: 10 ** 4)
+        with models.merged_lora_weights(policy) as sampler:
+            assert all(param is weights[name] for name, param in sampler.named_parameters())  # no copies made
+            assert not any(m.disable_adapters for m in policy.modules() if hasattr(m, "lora_A"))
+            sampled = sampler(input_ids=input_ids).logits
+        monkeypatch.setattr(models, "available_memory_bytes", lambda: 10 ** 12)
+        with models.merged_lora_weights(policy) as sampler:
+            assert any(param is not weights.get(name) for name, param in sampler.named_parameters())
+    assert torch.equal(sampled, unmerged)
