@@ -279,7 +279,7 @@ def sample_responses(
     with the same prompt prefill it once (rlhf.models.shared_prompt_cache). The KV cache is
     written in place after the first step (rlhf.kv_cache.preallocated). ``fast_forward`` (a
     ``rlhf.sampling_forward.SamplingForward`` of ``model``: the same logits without the module
-    stack) runs every forward in place of ``model``. ``compact_finished_rows``: once a quarter of
+    stack) runs every forward in place of ``model``. ``compact_finished_rows``: once an eighth of
     the rows being decoded have ended, they leave the batch and its KV cache (``rows_to_keep``), so
     the rest decode at the cost of the rows still running. A row's numbers stay those of the full
     batch up to float rounding: with two or more threads PyTorch's CPU attention splits its work by
@@ -332,12 +332,15 @@ def rows_to_keep(finished: Tensor) -> Tensor | None:
     """Which rows of a decode batch stay in it, or None to keep them all.
 
     finished: [b] bool, the batch's rows that have ended -> indices into it, in order, of the rows
-    still running, once at least a quarter of the batch has ended: dropping rows copies the kept
-    rows' KV cache, about what one decoding step reads, so it is done in a few large cuts rather
-    than row by row.
+    still running, once at least an eighth of the batch has ended. Dropping rows copies the kept
+    rows' KV cache, about what one decoding step reads of it, while each dropped row saves its share
+    of every later step: cutting an eighth at a time pays back within about 15 steps even where
+    reading the cache is all a step does (long contexts, large batches), and much sooner where
+    reading the weights dominates (SmolLM2-135M, 16 rows, 200 cached tokens: 57.7 ms per step at 16
+    rows, 51.3 at 12, 44.3 at 8, 35.2 at 4).
     """
     ended = int(finished.sum())
-    if ended == 0 or ended < finished.shape[0] // 4:
+    if ended == 0 or ended < finished.shape[0] // 8:
         return None
     return (~finished).nonzero().squeeze(-1)
 

@@ -574,8 +574,9 @@ def test_rows_to_keep_drops_finished_rows_in_large_cuts():
     from rlhf.rollout import rows_to_keep
 
     done = lambda *flags: torch.tensor([bool(flag) for flag in flags])  # noqa: E731
-    assert rows_to_keep(done(0, 0, 0, 0, 0, 0, 0, 1)) is None  # one of eight: not yet a quarter
-    assert rows_to_keep(done(0, 1, 0, 0, 0, 0, 0, 1)).tolist() == [0, 2, 3, 4, 5, 6]
+    assert rows_to_keep(done(*[0] * 15, 1)) is None  # one of sixteen: not yet an eighth
+    assert rows_to_keep(done(0, 1, *[0] * 13, 1)).tolist() == [0, *range(2, 15)]
+    assert rows_to_keep(done(0, 0, 0, 0, 0, 0, 0, 1)).tolist() == [0, 1, 2, 3, 4, 5, 6]
     assert rows_to_keep(done(1, 1, 1, 0)).tolist() == [3]
     assert rows_to_keep(done(0, 0)) is None and rows_to_keep(done(1, 0)).tolist() == [1]
 
