@@ -77,6 +77,20 @@ def rows_selectable(cache: Any) -> bool:
         type(layer) in (DynamicLayer, DynamicSlidingWindowLayer, PreallocatedLayer) for layer in cache.layers)
 
 
+def config_cache_rows_selectable(model: Any) -> bool:
+    """Whether the cache ``model`` builds for itself (``DynamicCache(config=model.config)``, as its
+    forward does) holds attention layers only, so that ``rows_selectable`` will hold for it; decided
+    from the config, before any forward. Hybrid models (Lfm2's conv layers, Qwen3-Next's linear
+    attention, Mamba) say no."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    try:
+        return rows_selectable(DynamicCache(config=config))
+    except Exception:  # a config DynamicCache cannot read: not a cache this knows how to index
+        return False
+
+
 def preallocated(cache: Any, more_tokens: int) -> Any:
     """``cache`` with each plain ``DynamicLayer`` replaced by a ``PreallocatedLayer`` with room
     for ``more_tokens`` more tokens (it grows by doubling beyond that). Other caches (static,

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from rlhf.algorithms import logprobs_and_entropy_from_logits, logprobs_from_hidden, logprobs_from_logits
 from rlhf.cpu_linear import (available_memory_bytes, onednn_linear, onednn_packing_usable, pack_for_onednn,
                               routes_to_onednn)
+from rlhf.kv_cache import config_cache_rows_selectable, rows_selectable
 from rlhf.paths import looks_local
 from rlhf.errors import CheckpointError, ConfigError
 
@@ -496,9 +497,11 @@ def shared_prompt_cache(
     input_ids, attention_mask, position_ids: [B, L >= prefix_length]. The distinct prefixes run
     through ``model`` (gradients flow back through the cache when enabled), then each layer's
     keys/values are indexed out to all B rows. A GRPO rollout of G samples per prompt pays the
-    prompt's compute once instead of G times. None when no two rows share the prefix.
+    prompt's compute once instead of G times. None when no two rows share the prefix, or when the
+    model's cache is not attention layers alone (hybrid models: their conv and recurrent states
+    have no row selection in transformers); the caller then runs every row's prompt itself.
     """
-    if prefix_length < 1:
+    if prefix_length < 1 or not config_cache_rows_selectable(model):
         return None
     shared = distinct_prompts(input_ids[:, :prefix_length], attention_mask[:, :prefix_length])
     if shared is None:
@@ -508,6 +511,8 @@ def shared_prompt_cache(
     outputs = model(input_ids=input_ids[prefix], attention_mask=attention_mask[prefix],
                     position_ids=position_ids[prefix], use_cache=True, logits_to_keep=1)
     cache = outputs.cache
+    if not rows_selectable(cache):  # a cache type the config did not announce
+        return None
     cache.batch_select_indices(inverse)
     return cache
 

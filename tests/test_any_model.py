@@ -271,3 +271,61 @@ def test_untied_lm_head_trains_one_step_and_saves(tmp_path, targets):
     with torch.no_grad():
         assert torch.allclose(chained.unwrapped.policy.eval()(input_ids=ids).logits, policy(input_ids=ids).logits,
                               atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- hybrid models
+
+
+@pytest.fixture(scope="module")
+def hybrid_model_dir(tmp_path_factory) -> Path:
+    """A tiny LFM2: a short-convolution layer, then an attention layer (the hybrid layout of LFM2,
+    Qwen3-Next and Granite-4: part of the cache is conv or recurrent state, not keys and values)."""
+    from transformers import AutoTokenizer, Lfm2Config, Lfm2ForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-lfm2")
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "tokenizer")
+    config = Lfm2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, layer_types=["conv", "full_attention"],
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512)
+    torch.manual_seed(0)
+    Lfm2ForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_hybrid_model_trains_with_the_default_prompt_sharing(hybrid_model_dir, tmp_path):
+    """share_prompt_prefix is on by default; a hybrid model's cache cannot be copied row by row
+    (transformers' linear-attention layers have no row selection), so its rows prefill their own
+    prompts, in the rollout and in the update (this crashed in ``batch_select_indices``)."""
+    trainer = make_trainer(hybrid_model_dir, tmp_path / "run")
+    trained = {name: p.detach().clone() for name, p in trainer.unwrapped.named_parameters() if p.requires_grad}
+    metrics = trainer.train_step()
+    assert metrics["reward_mean"] > 0
+    after = dict(trainer.unwrapped.named_parameters())
+    assert any(not torch.equal(after[name], value) for name, value in trained.items() if "lora_B" in name)
+
+
+def test_hybrid_model_samples_the_same_with_and_without_prompt_sharing(hybrid_model_dir):
+    from rlhf.models import PolicyWithValue, add_lora, shared_prompt_cache
+    from rlhf.rollout import forward_response
+
+    tokenizer = load_tokenizer(str(hybrid_model_dir))
+    policy = add_lora(load_base_model(str(hybrid_model_dir)), 4, 8, 0.0, ["all-linear"]).eval()
+    prompts = ["Hi", "Hi", "Tell me a story", "Tell me a story"]
+    ids = tokenizer(["Hi", "Hi"], return_tensors="pt").input_ids
+    assert shared_prompt_cache(policy, ids, torch.ones_like(ids), torch.arange(ids.shape[1]).expand_as(ids),
+                               ids.shape[1] - 1) is None
+    runs = []
+    for share in (False, True):
+        torch.manual_seed(3)
+        rollout = generate_rollout(policy, tokenizer, prompts, prompts=prompts, group_ids=[0, 0, 1, 1], columns={},
+                                   max_prompt_length=32, max_new_tokens=6, temperature=1.0, top_p=1.0,
+                                   share_prompt_prefix=share)
+        model = PolicyWithValue(policy, None, share_prompt_prefix=share)
+        with torch.no_grad():
+            logprobs, _, _ = forward_response(model, rollout, slice(None), 1.0)
+        runs.append((rollout, logprobs))
+    (plain, plain_logprobs), (shared, shared_logprobs) = runs
+    assert torch.equal(plain.input_ids, shared.input_ids)
+    assert torch.equal(plain.sampler_logprobs, shared.sampler_logprobs) and torch.equal(plain_logprobs, shared_logprobs)
