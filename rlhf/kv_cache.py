@@ -77,6 +77,13 @@ def rows_selectable(cache: Any) -> bool:
         type(layer) in (DynamicLayer, DynamicSlidingWindowLayer, PreallocatedLayer) for layer in cache.layers)
 
 
+def carries_mid_sequence_padding(cache: Any) -> bool:
+    """Whether pad columns inside the sequence (masked) leave each row's outputs those of its own
+    sequence: full-attention layers only. A sliding window counts columns, pads included, so it
+    would hold fewer real tokens; conv and recurrent state takes the pads in."""
+    return type(cache) is DynamicCache and all(type(layer) in (DynamicLayer, PreallocatedLayer) for layer in cache.layers)
+
+
 def config_cache_rows_selectable(model: Any) -> bool:
     """Whether the cache ``model`` builds for itself (``DynamicCache(config=model.config)``, as its
     forward does) holds attention layers only, so that ``rows_selectable`` will hold for it; decided

@@ -231,6 +231,46 @@ def test_kv_cache_across_turns_equals_reprefilling_every_turn(tiny, tokenizer):
           f"speed-up {timings[True] / timings[False]:.2f}x")
 
 
+def _other_layout(kind: str, tokenizer) -> torch.nn.Module:
+    """Tiny random models whose cache cannot carry pads in mid-sequence: a hybrid (LFM2's conv
+    layer before its attention layer) and a sliding window shorter than the episodes (Mistral)."""
+    from transformers import Lfm2Config, Lfm2ForCausalLM, MistralConfig, MistralForCausalLM
+
+    shape = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    if kind == "hybrid":
+        return Lfm2ForCausalLM(Lfm2Config(**shape, layer_types=["conv", "full_attention"])).eval()
+    return MistralForCausalLM(MistralConfig(**shape, sliding_window=24)).eval()
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "sliding-window"])
+def test_models_that_cannot_carry_mid_sequence_pads_sample_their_own_sequences(kind, tokenizer):
+    """Hybrid models (LFM2, Qwen3.5: conv/recurrent state) and sliding windows (Mistral, Gemma 3)
+    prefill the histories again where turns go out of step or an episode leaves: each sampled
+    token's logprob equals a fresh forward of the packed episode (the update's view). Before,
+    the hybrid crashed when the first episode left the batch (no row selection for its conv
+    state), and the sliding window, counting pad columns, dropped real tokens from its window."""
+    def turns(expression: str) -> list[list[int]]:
+        call = call_script(tokenizer, ids(tokenizer, "calculator"), f'{{"expression": "{expression}"}}')
+        return [call, call, ids(tokenizer, "The answer is")]
+
+    model = ScriptedLM(_other_layout(kind, tokenizer), tokenizer,
+                       {"Alpha": turns("6*7"), "Beta": turns("123456*789"), "Gamma": turns("1")})
+    episodes = ToolEpisodes(tokenizer, tools=[calculator], chat_template=QWEN3)
+    rows = [user("Alpha: what is 6*7?"), user("Beta: compute 123456*789 twice, please, with the calculator."),
+            user("Gamma")]
+    uniforms = torch.rand(len(rows), 160, generator=torch.Generator().manual_seed(0))
+    uniforms[2, 0] = 0.0  # row 2 draws token 0 first (off-script): it leaves after turn 1
+    batch = episodes.sample(model, rows, **sampling(tokenizer, max_completion_length=160, uniforms=uniforms))
+    assert [e.turns for e in batch.episodes] == [3, 3, 1] and [e.tool_calls for e in batch.episodes] == [2, 2, 0]
+    packed = pack_episodes(batch.episodes, tokenizer.pad_token_id)
+    recomputed = full_forward_logprobs(model, packed, 0.7)
+    sampled = packed.mask.bool()
+    assert torch.allclose(recomputed[sampled].float(), packed.sampler_logprobs[sampled], atol=2e-5, rtol=0)
+
+
 def test_sampling_forward_gives_the_same_multi_turn_episodes(tiny, tokenizer):
     """rlhf.sampling_forward under the episode sampler's calls (turn chunks padded on the left in
     mid-sequence, rows leaving the batch, a shared prompt prefill): the same tokens and logprobs,

@@ -13,6 +13,14 @@ widest, so a row never waits for the others' turns and the last column always ho
 next-token logits. Rows keep one cache whose columns are shared; padding columns are masked out
 and positions count real tokens only (explicit ``position_ids``), so a row's logits are those of
 its own sequence alone. A finished episode leaves the batch (``cache.batch_select_indices``).
+
+That needs full attention in every layer. Hybrid models (LFM2, Qwen3.5, Qwen3-Next, Mamba) carry
+conv and recurrent state besides keys and values: a pad column in mid-sequence would enter that
+state, and transformers cannot select its rows. A sliding window (Mistral, Gemma 3) counts columns,
+pads included, so it would hold fewer of a row's real tokens. For these the cache is dropped and
+every row's history prefilled again (left padding only before the sequence, where it changes
+nothing) whenever a turn starts or an episode leaves; within a turn they decode one token per step
+like any model.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from torch import Tensor
 
 from rlhf.episodes.chat import Messages, render_ids, tool_suffix_ids
 from rlhf.episodes.tools import Toolbox, run_tool_calls
-from rlhf.kv_cache import preallocated
+from rlhf.kv_cache import carries_mid_sequence_padding, preallocated
 from rlhf.models import shared_prompt_cache
 from rlhf.rollout import draw
 
@@ -232,6 +240,8 @@ def sample_episodes(
                           use_cache=True, logits_to_keep=1)
         cache = preallocated(outputs.cache, max_completion_length) if first_step or cache is None else outputs.cache
         first_step = False
+        # full attention only: the cache is carried across turns; other models prefill again (above)
+        carries_cache = carries_mid_sequence_padding(cache)
         positions = positions + chunk_mask.sum(-1)
         for r in active:
             rows[r].fed = rows[r].length()
@@ -251,13 +261,15 @@ def sample_episodes(
         if ended:
             _end_turns(ended, hit_stop, tokenizer, **end_turns)
         keep = [j for j, r in enumerate(active) if not rows[r].done]
-        if len(keep) < len(active):  # finished episodes leave the batch and cost nothing more
+        left = len(keep) < len(active)
+        if left:  # finished episodes leave the batch and cost nothing more
             active = [active[j] for j in keep]
-            if keep:
-                kept = torch.tensor(keep, device=device)
+            kept = torch.tensor(keep, device=device, dtype=torch.long)
+            attention, positions = attention[kept], positions[kept]
+            if keep and carries_cache:
                 cache.batch_select_indices(kept)
-                attention, positions = attention[kept], positions[kept]
-        if reprefill_each_turn and any(rows[r].turn_start == len(rows[r].episode.completion_ids) for r in active):
+        if active and ((left and not carries_cache) or ((reprefill_each_turn or not carries_cache) and any(
+                rows[r].turn_start == len(rows[r].episode.completion_ids) for r in active))):
             cache, attention = None, attention[:, :0]
             positions = torch.zeros_like(positions)
             for r in active:
