@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -438,6 +438,23 @@ def forward_response(
     )
 
 
+@contextlib.contextmanager
+def sampling_speedups(policy: torch.nn.Module, enabled: bool = True) -> Iterator[tuple[torch.nn.Module, Any]]:
+    """``(model, fast_forward)`` to sample from ``policy`` with: its LoRA folded into the weights
+    (rlhf.models.merged_lora_weights), this machine's faster linear products
+    (rlhf.models.inference_linears) and, for the models it is exact for, the forward without the
+    module stack (rlhf.sampling_forward; else None). The same distribution up to float rounding;
+    ``enabled=False`` (DeepSpeed/FSDP own the tensors): ``(policy, None)``."""
+    from rlhf.models import inference_linears, merged_lora_weights
+    from rlhf.sampling_forward import sampling_forward
+
+    if not enabled:
+        yield policy, None
+        return
+    with merged_lora_weights(policy) as folded, inference_linears(folded):
+        yield folded, sampling_forward(folded, fuse=True)
+
+
 def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dataset: Any, indices: list[int],
                    config: Any, num_generations: int, group_offset: int = 0,
                    eos_token_ids: list[int] | None = None, episodes: Any = None) -> Rollout:
@@ -449,8 +466,6 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
     tool calls (max_new_tokens bounds the whole episode), sampled token-exact with one KV cache."""
     from rlhf.data import format_prompt
     from rlhf.distributed import needs_synced_generation, shards_weights, unwrapped_full_weights
-    from rlhf.models import merged_lora_weights, inference_linears
-    from rlhf.sampling_forward import sampling_forward
 
     rows = dataset.select(indices)
     raw_prompts = [p for p in rows[config.prompt_column] for _ in range(num_generations)]
@@ -465,12 +480,8 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
     model.eval()
     parts = []
     with unwrapped_full_weights(model, accelerator) as plain:
-        # LoRA folded into the weights while sampling, except where DeepSpeed/FSDP own the tensors.
-        sharded = shards_weights(accelerator)
-        folded = contextlib.nullcontext(plain.policy) if sharded else merged_lora_weights(plain.policy)
-        with folded as policy, contextlib.nullcontext() if sharded else inference_linears(policy):
-            # the same logits without the module stack, for the models it is exact for (else None)
-            fast_forward = sampling_forward(policy, fuse=True) if not sharded else None
+        # not where DeepSpeed/FSDP own the tensors
+        with sampling_speedups(plain.policy, enabled=not shards_weights(accelerator)) as (policy, fast_forward):
             for start in range(0, len(raw_prompts), chunk):
                 part = slice(start, start + chunk)
                 if episodes is not None:
