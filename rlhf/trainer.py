@@ -44,7 +44,8 @@ from rlhf.data import PromptSampler, check_prompt_lengths, describe_dataset, loa
 from rlhf.build import build_model
 from rlhf.cpu_linear import use_onednn
 from rlhf.card import render_model_card
-from rlhf.distributed import Reducer, configure_sharding, gathered_state, make_accelerator, unwrapped_full_weights
+from rlhf.distributed import (Reducer, configure_sharding, gathered_state, make_accelerator, shards_weights,
+                              unwrapped_full_weights)
 from rlhf.episodes.chat import resolve_chat_template
 from rlhf.errors import ConfigError, TrainingDiverged
 from rlhf.evaluate import adapter_disabled, sample_and_score
@@ -459,7 +460,7 @@ class RLTrainer:
                 prompt_column=config.prompt_column, eos_token_ids=self.stop_ids,
                 reward_extras={"trainer_state": RewardTrainerState(self.step, config.max_steps)},
                 batch_size=config.generation_batch_size or config.rollout_batch_size * config.num_generations // accelerator.num_processes,
-                episodes=self.episodes,
+                episodes=self.episodes, speedups=not shards_weights(accelerator),
             )
         reward_sum, kl_sum, evaluated = self.reducer.sum(
             [sum(r["reward"] for r in records), sum(r["kl"] for r in records), float(len(records))]).tolist()

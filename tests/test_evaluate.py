@@ -282,3 +282,49 @@ def test_two_processes_give_the_one_process_report(adapters, tmp_path):
     assert reports[2]["settings"]["num_processes"] == 2 and reports[1]["settings"]["num_processes"] == 1
     assert reports[2]["checkpoints"] == reports[1]["checkpoints"]
     assert reports[2]["pairwise_win_rate"] == reports[1]["pairwise_win_rate"]
+
+
+def test_evaluation_samples_with_trainings_speed_ups_and_the_same_numbers(tiny_model_dir):
+    """sample_and_score samples through rlhf.rollout.sampling_speedups (LoRA folded, the forward
+    without the module stack, shared prompt prefill), as training's rollout does: the same
+    responses and rewards as the plain model's forward, KL and base NLL up to float rounding,
+    and the policy's own weights untouched afterwards."""
+    from reward_models import CombinedReward
+    from rlhf.data import load_prompt_dataset
+    from rlhf.evaluate import adapter_disabled, sample_and_score
+    from rlhf.models import add_lora, load_base_model, load_tokenizer
+    from rlhf.sampling_forward import SamplingForward
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    policy = add_lora(load_base_model(str(tiny_model_dir)), 4, 8, 0.0, ["all-linear"]).eval()
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    weights = {name: p.detach().clone() for name, p in policy.named_parameters()}
+    prompts = load_prompt_dataset("builtin:prompts", "eval")
+    settings = dict(base=lambda: adapter_disabled(policy), num_samples=3, seed=9, max_new_tokens=6, batch_size=6)
+    fast_calls = []
+    original_call = SamplingForward.__call__
+
+    def counting_call(self, *args, **kwargs):
+        fast_calls.append(kwargs["input_ids"].shape)
+        return original_call(self, *args, **kwargs)
+
+    SamplingForward.__call__ = counting_call
+    try:
+        fast = sample_and_score(policy, tokenizer, prompts, list(range(4)), CombinedReward([REWARD]), **settings)
+        used = list(fast_calls)
+        plain = sample_and_score(policy, tokenizer, prompts, list(range(4)), CombinedReward([REWARD]),
+                                 **settings, speedups=False)
+    finally:
+        SamplingForward.__call__ = original_call
+    assert used and len(fast_calls) == len(used)  # the fast forward ran, and only with speed-ups on
+    assert (2, used[0][1]) in used  # the prefill: each chunk's two distinct prompts once (3 samples each)
+    assert [r["response"] for r in fast] == [r["response"] for r in plain]
+    assert any(r["kl"] > 1e-3 for r in plain)  # the adapter moves the policy: KL measures something
+    for a, b in zip(fast, plain):
+        assert a["reward"] == b["reward"] and a["tokens"] == b["tokens"]
+        assert a["kl"] == pytest.approx(b["kl"], abs=1e-4) and a["base_nll"] == pytest.approx(b["base_nll"], abs=1e-4)
+    for name, parameter in policy.named_parameters():
+        assert torch.equal(parameter, weights[name]), name
