@@ -384,12 +384,15 @@ def _weight_bytes(layers: list[Any]) -> dict[torch.device, int]:
 
 
 def free_memory_bytes(device: torch.device) -> int | float:
-    """Memory a new tensor on ``device`` can still take: the process's available RAM for the CPU,
-    the free memory of a CUDA device; unbounded where it cannot be told (meta, other backends)."""
+    """Memory a new tensor on ``device`` can still take: the process's available RAM for the CPU;
+    for a CUDA device its free memory plus what PyTorch's caching allocator holds unused (after
+    an update the allocator keeps most of the activations' memory reserved, which the driver
+    counts as used); unbounded where it cannot be told (meta, other backends)."""
     if device.type == "cpu":
         return available_memory_bytes()
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + max(cached_unused, 0)
     return float("inf")
 
 

@@ -655,3 +655,18 @@ def test_merged_lora_weights_stay_unmerged_without_memory_for_the_copies(tiny_mo
         with models.merged_lora_weights(policy) as sampler:
             assert any(param is not weights.get(name) for name, param in sampler.named_parameters())
     assert torch.equal(sampled, unmerged)
+
+
+def test_free_cuda_memory_counts_what_the_caching_allocator_holds_unused(monkeypatch):
+    """After an update PyTorch keeps the activations' memory reserved: the driver reports it used,
+    but new tensors (the merged weights) take it first. Counting only the driver's free memory
+    left a GPU run sampling unmerged (slower) whenever the update had been large."""
+    from rlhf.models import free_memory_bytes
+
+    gib = 2 ** 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10 * gib)
+    assert free_memory_bytes(torch.device("cuda", 0)) == 21 * gib
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10 * gib)
+    assert free_memory_bytes(torch.device("cuda", 0)) == 1 * gib
