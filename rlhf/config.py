@@ -79,7 +79,7 @@ class RLConfig:
         True, "Rows with the same prompt (a GRPO/RLOO group) run the prompt once, in generation and in every "
         "forward, through a KV cache copied to each row; same result up to float rounding. Off by itself under "
         "DeepSpeed/FSDP, with gradient_checkpointing, and for hybrid models whose cache holds conv or recurrent "
-        "state (LFM2, Qwen3-Next, Mamba): each row then runs its own prompt.",
+        "state (LFM2, Qwen3.5, Qwen3-Next): each row then runs its own prompt.",
     )
     init_adapter: str | None = _field(
         None, "PEFT LoRA adapter dir (e.g. a DPO run's final/) merged into the base before RL; the merged model is then "

@@ -159,12 +159,14 @@ def sample_and_score(
     progress: Any = None,
     episodes: ToolEpisodes | None = None,
     speedups: bool = True,
+    share_prompt_prefix: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Sample ``num_samples`` responses per prompt from ``policy`` and score each one.
 
     Sampling takes training's speed-ups (``rlhf.rollout.sampling_speedups``: LoRA folded, faster
     linears, the forward without the module stack; a prompt's samples share its prefill): the
     same distribution up to float rounding. ``speedups=False`` where DeepSpeed/FSDP own the tensors.
+    ``share_prompt_prefix``: None follows ``speedups`` (a training run passes its own setting).
 
     ``reward_extras``: keywords every reward call gets besides the rollout's (a training run's
     trainer_state and log_metric, so its periodic evaluation calls rewards as training does).
@@ -189,6 +191,7 @@ def sample_and_score(
         from rlhf.models import stop_token_ids
 
         eos_token_ids = stop_token_ids(policy, tokenizer)
+    share = speedups if share_prompt_prefix is None else share_prompt_prefix
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
         rows = dataset.select([p for p, _ in chunk])
@@ -204,14 +207,14 @@ def sample_and_score(
                     episodes, sampler, [dict(row) for row in rows], prompt_column=prompt_column,
                     group_ids=[p for p, _ in chunk], columns=columns, max_completion_length=max_new_tokens,
                     max_prompt_length=max_prompt_length, temperature=temperature, top_p=top_p,
-                    stop_ids=eos_token_ids, row_seeds=row_seeds, share_prompt_prefix=speedups,
+                    stop_ids=eos_token_ids, row_seeds=row_seeds, share_prompt_prefix=share,
                     fast_forward=fast_forward)
             else:
                 rollout = generate_rollout(
                     sampler, tokenizer, [format_prompt(p, tokenizer) for p in raw], prompts=list(raw),
                     group_ids=[p for p, _ in chunk], columns=columns, max_prompt_length=max_prompt_length,
                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                    row_seeds=row_seeds, eos_token_ids=eos_token_ids, share_prompt_prefix=speedups,
+                    row_seeds=row_seeds, eos_token_ids=eos_token_ids, share_prompt_prefix=share,
                     fast_forward=fast_forward,
                 )
         output = reward(rollout.prompts, rollout.completions, **reward_inputs(rollout), **(reward_extras or {}))

@@ -88,10 +88,10 @@ def config_cache_rows_selectable(model: Any) -> bool:
     """Whether the cache ``model`` builds for itself (``DynamicCache(config=model.config)``, as its
     forward does) holds attention layers only, so that ``rows_selectable`` will hold for it; decided
     from the config, before any forward. Hybrid models (Lfm2's conv layers, Qwen3-Next's linear
-    attention, Mamba) say no."""
+    attention, Qwen3.5) say no."""
     config = getattr(model, "config", None)
-    if config is None:
-        return False
+    if config is None:  # a wrapper without one: the caller checks the cache the forward returns
+        return True
     try:
         return rows_selectable(DynamicCache(config=config))
     except Exception:  # a config DynamicCache cannot read: not a cache this knows how to index

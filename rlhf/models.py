@@ -339,14 +339,21 @@ def merged_lora_weights(policy: PeftModel) -> Iterator[PeftModel]:
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
+    from peft.utils import ModulesToSaveWrapper
+
     layers = [module for module in policy.modules() if isinstance(module, LoraLayer)]
     # Adapters switched off (the base sampled, e.g. evaluation's base row): nothing to fold;
-    # folding the active ones would sample the adapter instead of the base.
-    mergeable = bool(layers) and not any(layer.disable_adapters for layer in layers) and all(
+    # folding the active ones would sample the adapter instead of the base. Sampling runs under
+    # PeftModel.disable_adapter, which would also switch off modules_to_save copies (and a model
+    # with adapters loaded by transformers has no such switch): those stay unmerged, as do LoRA
+    # layers with a bias on B (W + s*B@A would drop it).
+    mergeable = (isinstance(policy, PeftModel) and bool(layers) and not any(layer.disable_adapters for layer in layers)
+                 and not any(isinstance(module, ModulesToSaveWrapper) for module in policy.modules()) and all(
         isinstance(layer, LoraLinear) and layer.get_base_layer().weight.dtype == torch.float32
-        and not any(layer.use_dora.get(name, False) for name in layer.active_adapters)
+        and not any(layer.use_dora.get(name, False) or getattr(layer, "lora_bias", {}).get(name, False)
+                    for name in layer.active_adapters)
         for layer in layers
-    )
+    ))
     # The merged weights are copies held while sampling: where they would not fit twice over (the
     # packed oneDNN copies come next), the adapters stay unmerged (slower, the same distribution).
     mergeable = mergeable and all(2 * size < free_memory_bytes(device) for device, size in _weight_bytes(layers).items())
@@ -354,19 +361,19 @@ def merged_lora_weights(policy: PeftModel) -> Iterator[PeftModel]:
         yield policy
         return
     originals = []
-    with torch.no_grad():
-        for layer in layers:
-            base = layer.get_base_layer()
-            merged = base.weight.data
-            for name in (name for name in layer.active_adapters if name in layer.lora_A):
-                if layer.fan_in_fan_out or layer.lora_A[name].weight.dtype != torch.float32:
-                    merged = merged + layer.get_delta_weight(name)
-                else:  # W + s*B@A in one pass: no separate delta tensor
-                    merged = torch.addmm(merged, layer.lora_B[name].weight, layer.lora_A[name].weight,
-                                         alpha=layer.scaling[name])
-            originals.append((base, base.weight))
-            base.weight = nn.Parameter(merged, requires_grad=False)
-    try:
+    try:  # a failure while merging (out of memory) still puts back the weights merged so far
+        with torch.no_grad():
+            for layer in layers:
+                base = layer.get_base_layer()
+                merged = base.weight.data
+                for name in (name for name in layer.active_adapters if name in layer.lora_A):
+                    if layer.fan_in_fan_out or layer.lora_A[name].weight.dtype != torch.float32:
+                        merged = merged + layer.get_delta_weight(name)
+                    else:  # W + s*B@A in one pass: no separate delta tensor
+                        merged = torch.addmm(merged, layer.lora_B[name].weight, layer.lora_A[name].weight,
+                                             alpha=layer.scaling[name])
+                originals.append((base, base.weight))
+                base.weight = nn.Parameter(merged, requires_grad=False)
         with policy.disable_adapter():
             yield policy
     finally:

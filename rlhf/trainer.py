@@ -461,6 +461,7 @@ class RLTrainer:
                 reward_extras={"trainer_state": RewardTrainerState(self.step, config.max_steps)},
                 batch_size=config.generation_batch_size or config.rollout_batch_size * config.num_generations // accelerator.num_processes,
                 episodes=self.episodes, speedups=not shards_weights(accelerator),
+                share_prompt_prefix=model.share_prompt_prefix,
             )
         reward_sum, kl_sum, evaluated = self.reducer.sum(
             [sum(r["reward"] for r in records), sum(r["kl"] for r in records), float(len(records))]).tolist()

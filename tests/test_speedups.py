@@ -670,3 +670,37 @@ def test_free_cuda_memory_counts_what_the_caching_allocator_holds_unused(monkeyp
     assert free_memory_bytes(torch.device("cuda", 0)) == 21 * gib
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10 * gib)
     assert free_memory_bytes(torch.device("cuda", 0)) == 1 * gib
+
+
+@pytest.mark.parametrize("kind", ["modules_to_save", "lora_bias", "transformers_adapter"])
+def test_adapters_folding_cannot_represent_sample_unmerged(tiny_model_dir, kind, tmp_path):
+    """Folding samples under PeftModel.disable_adapter, which also switches off modules_to_save
+    copies; W + s*B@A drops a bias on B; a model with adapters loaded by transformers has no
+    disable_adapter. These stay unmerged and sample what their forward computes (before: the
+    first two sampled another model, the third crashed)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.models import merged_lora_weights
+
+    torch.manual_seed(1)
+    settings = (dict(modules_to_save=["lm_head"], target_modules=["q_proj", "v_proj"]) if kind == "modules_to_save"
+                else dict(lora_bias=True, target_modules=["q_proj", "v_proj"]) if kind == "lora_bias"
+                else dict(target_modules=["q_proj", "v_proj"]))
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, **settings))
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+    if kind == "transformers_adapter":
+        policy.save_pretrained(tmp_path / "adapter")
+        policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        policy.load_adapter(str(tmp_path / "adapter"))
+    policy.eval()
+    input_ids = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        expected = policy(input_ids=input_ids).logits
+        with merged_lora_weights(policy) as sampler:
+            got = sampler(input_ids=input_ids).logits
+        assert torch.equal(policy(input_ids=input_ids).logits, expected)  # nothing left changed
+    assert torch.equal(got, expected)

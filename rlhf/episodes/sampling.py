@@ -14,7 +14,7 @@ next-token logits. Rows keep one cache whose columns are shared; padding columns
 and positions count real tokens only (explicit ``position_ids``), so a row's logits are those of
 its own sequence alone. A finished episode leaves the batch (``cache.batch_select_indices``).
 
-That needs full attention in every layer. Hybrid models (LFM2, Qwen3.5, Qwen3-Next, Mamba) carry
+That needs full attention in every layer. Hybrid models (LFM2, Qwen3.5, Qwen3-Next) carry
 conv and recurrent state besides keys and values: a pad column in mid-sequence would enter that
 state, and transformers cannot select its rows. A sliding window (Mistral, Gemma 3) counts columns,
 pads included, so it would hold fewer of a row's real tokens. For these the cache is dropped and
