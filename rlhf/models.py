@@ -339,16 +339,16 @@ def merged_lora_weights(policy: PeftModel) -> Iterator[PeftModel]:
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
-    from peft.utils import ModulesToSaveWrapper
+    from peft.utils.other import AuxiliaryTrainingWrapper  # modules_to_save, trainable_token_indices
 
     layers = [module for module in policy.modules() if isinstance(module, LoraLayer)]
     # Adapters switched off (the base sampled, e.g. evaluation's base row): nothing to fold;
     # folding the active ones would sample the adapter instead of the base. Sampling runs under
-    # PeftModel.disable_adapter, which would also switch off modules_to_save copies (and a model
-    # with adapters loaded by transformers has no such switch): those stay unmerged, as do LoRA
-    # layers with a bias on B (W + s*B@A would drop it).
+    # PeftModel.disable_adapter, which would also switch off modules_to_save copies and trainable
+    # tokens (and a model with adapters loaded by transformers has no such switch): those stay
+    # unmerged, as do LoRA layers with a bias on B (W + s*B@A would drop it).
     mergeable = (isinstance(policy, PeftModel) and bool(layers) and not any(layer.disable_adapters for layer in layers)
-                 and not any(isinstance(module, ModulesToSaveWrapper) for module in policy.modules()) and all(
+                 and not any(isinstance(module, AuxiliaryTrainingWrapper) for module in policy.modules()) and all(
         isinstance(layer, LoraLinear) and layer.get_base_layer().weight.dtype == torch.float32
         and not any(layer.use_dora.get(name, False) or getattr(layer, "lora_bias", {}).get(name, False)
                     for name in layer.active_adapters)
