@@ -11,8 +11,10 @@ five alternating pairs in one process): 131.7 -> 117.8 ms per token (1.12x), ide
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
+import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -108,3 +110,42 @@ def preallocated(cache: Any, more_tokens: int) -> Any:
         if type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:
             cache.layers[index] = PreallocatedLayer(layer.keys, layer.values, layer.keys.shape[-2] + more_tokens)
     return cache
+
+
+_RETURNS_CACHE: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+def forward_returns_cache(model: Any) -> bool:
+    """Whether ``model(..., use_cache=True)`` hands its cache back (``outputs.cache``), which the
+    KV-cache samplers here carry from step to step. RecurrentGemma keeps its recurrent state inside
+    its modules and returns none; transformers' ``generate`` drives such a model through its own
+    ``prepare_inputs_for_generation``. Found by one forward of a single token with the samplers'
+    keywords, once per model; a forward that fails on it is left to fail in the sampler."""
+    if model not in _RETURNS_CACHE:
+        ids = torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device)
+        try:
+            with torch.no_grad():
+                outputs = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.zeros_like(ids),
+                                cache=None, use_cache=True, logits_to_keep=1)
+        except Exception:
+            return True
+        _RETURNS_CACHE[model] = getattr(outputs, "cache", None) is not None
+    return _RETURNS_CACHE[model]
+
+
+def decode_steps_take_attention_mask(model: Any) -> bool:
+    """Whether a decode step (one new token per row, the rest in the cache) gets the attention mask
+    over every column, as transformers' ``generate`` gives it to most models. Mamba, Mamba-2 and
+    Falcon-Mamba get none there (their ``prepare_inputs_for_generation`` drops it): their mixer
+    multiplies the step's states by the mask, and a mask of every column broadcasts them to that
+    many positions (Mamba: the sampled logprobs were off by up to 0.23). Asked of the model's own
+    ``prepare_inputs_for_generation``; a model without one, or whose one fails on this call, takes it."""
+    prepare = getattr(model, "prepare_inputs_for_generation", None)
+    if prepare is None:
+        return True
+    ids = torch.zeros((1, 2), dtype=torch.long, device=next(model.parameters()).device)
+    try:
+        inputs = prepare(ids, attention_mask=torch.ones_like(ids), cache=None, use_cache=True, is_first_iteration=False)
+    except Exception:
+        return True
+    return not isinstance(inputs, dict) or inputs.get("attention_mask") is not None

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from rlhf.kv_cache import preallocated, rows_selectable
+from rlhf.kv_cache import decode_steps_take_attention_mask, forward_returns_cache, preallocated, rows_selectable
 from rlhf.models import PolicyWithValue, shared_prompt_cache, stop_token_ids
 
 
@@ -193,17 +194,19 @@ def generate_rollout(
         prompt_texts, padding=True, truncation=True, max_length=max_prompt_length,
         add_special_tokens=False, return_tensors="pt",
     ).to(device)
-    if synced_gpus and row_seeds is None:  # FSDP2: every process must run as many forwards; generate() syncs them
-        # Temperature and top-p are applied by the recorder (as sample_responses applies them), so
-        # generate adds no warper of its own (top_k=0: its default of 50 would change the distribution).
-        recorder = SampledLogprobs(temperature, top_p)
-        sequences = policy.generate(
-            input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], do_sample=True,
-            temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens, logits_processor=[recorder],
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, use_cache=True, synced_gpus=True,
-        )
-        response_ids = sequences[:, encoded["input_ids"].shape[1]:]
-        sampler_logprobs = recorder.logprobs(response_ids)
+    if (synced_gpus and row_seeds is None) or not forward_returns_cache(policy):
+        # FSDP2: every process must run as many forwards, which generate() syncs. A model that
+        # returns no cache (RecurrentGemma keeps its state in its modules) leaves the stepping to
+        # its own prepare_inputs_for_generation; with row_seeds each row runs alone from its seed.
+        if row_seeds is None or synced_gpus:
+            response_ids, sampler_logprobs = _generate(
+                policy, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, pad_token_id=tokenizer.pad_token_id, stops=stops,
+                synced_gpus=synced_gpus)
+        else:
+            response_ids, sampler_logprobs = _generate_rows_from_seeds(
+                policy, encoded["input_ids"], encoded["attention_mask"], row_seeds, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, pad_token_id=tokenizer.pad_token_id, stops=stops)
     else:
         response_ids, sampler_logprobs = sample_responses(
             policy, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=max_new_tokens,
@@ -232,6 +235,44 @@ def generate_rollout(
         columns=columns,
         sampler_logprobs=sampler_logprobs,
     )
+
+
+def _generate(policy: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_tokens: int, temperature: float,
+              top_p: float, pad_token_id: int, stops: list[int], synced_gpus: bool) -> tuple[Tensor, Tensor]:
+    """transformers' ``generate`` drawing from ``sample_responses``' distribution -> (response ids
+    [B, T], their logprobs [B, T]). Temperature and top-p are applied by the recorder (as
+    ``draw`` applies them), so generate adds no warper of its own (top_k=0: its default of 50
+    would change the distribution)."""
+    recorder = SampledLogprobs(temperature, top_p)
+    sequences = policy.generate(
+        input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+        temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens, logits_processor=[recorder],
+        pad_token_id=pad_token_id, eos_token_id=stops, use_cache=True, synced_gpus=synced_gpus,
+    )
+    response_ids = sequences[:, input_ids.shape[1]:]
+    return response_ids, recorder.logprobs(response_ids)
+
+
+def _generate_rows_from_seeds(policy: Any, input_ids: Tensor, attention_mask: Tensor, row_seeds: list[int], *,
+                              max_new_tokens: int, temperature: float, top_p: float, pad_token_id: int,
+                              stops: list[int]) -> tuple[Tensor, Tensor]:
+    """``_generate`` one row at a time, each from ``torch.manual_seed(row_seeds[i])``, so a row's
+    response does not depend on the rows beside it (as ``row_seeds`` in ``sample_responses``); the
+    global RNG is left as it was. A row keeps its batch's left padding, which the passes that
+    score it see too (a model whose recurrence takes pads in would otherwise be scored on another
+    input). -> [B, T] ids (pad after a row's end) and logprobs (0 there)."""
+    rows = []
+    device = input_ids.device
+    for ids, mask, seed in zip(input_ids, attention_mask, row_seeds):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(int(seed))
+            rows.append(_generate(policy, ids.unsqueeze(0), mask.unsqueeze(0), max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, pad_token_id=pad_token_id, stops=stops,
+                                  synced_gpus=False))
+    length = max(ids.shape[1] for ids, _ in rows)
+    response_ids = torch.stack([F.pad(ids[0], (0, length - ids.shape[1]), value=pad_token_id) for ids, _ in rows])
+    logprobs = torch.stack([F.pad(lp[0], (0, length - lp.shape[1]), value=0.0) for _, lp in rows])
+    return response_ids, logprobs
 
 
 def inverse_cdf_sample(probs: Tensor, uniforms: Tensor) -> Tensor:
@@ -304,8 +345,10 @@ def sample_responses(
     stops = torch.tensor([eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids), device=device)
     # Mask of every position the response can reach, read as a growing view (no per-token copy).
     full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
+    decode_mask = decode_steps_take_attention_mask(model)
     for t in range(max_new_tokens):
-        outputs = forward(input_ids=step_ids, attention_mask=full_mask[:, :prompt_length + t], position_ids=step_positions,
+        step_mask = full_mask[:, :prompt_length + t] if cache is None or decode_mask else None
+        outputs = forward(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions,
                           cache=cache, use_cache=True, logits_to_keep=1)
         cache = preallocated(outputs.cache, max_new_tokens - t) if t == 0 else outputs.cache
         drawn, drawn_logprob = draw(outputs.logits[:, -1].float(), uniforms[:, t], temperature, top_p)

@@ -329,3 +329,105 @@ def test_hybrid_model_samples_the_same_with_and_without_prompt_sharing(hybrid_mo
     (plain, plain_logprobs), (shared, shared_logprobs) = runs
     assert torch.equal(plain.input_ids, shared.input_ids)
     assert torch.equal(plain.sampler_logprobs, shared.sampler_logprobs) and torch.equal(plain_logprobs, shared_logprobs)
+
+
+# ---------------------------------------------------------------------------- state-space and recurrent models
+
+
+def _state_model(kind: str, directory: Path) -> Path:
+    """A tiny random Mamba or RecurrentGemma (a recurrent block, then local attention), saved with
+    the fixture tokenizer."""
+    from transformers import (AutoTokenizer, MambaConfig, MambaForCausalLM, RecurrentGemmaConfig,
+                              RecurrentGemmaForCausalLM)
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "tokenizer")
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, hidden_size=32, num_hidden_layers=2)
+    torch.manual_seed(0)
+    if kind == "mamba":
+        model = MambaForCausalLM(MambaConfig(**ids, state_size=8, expand=2))
+    else:
+        model = RecurrentGemmaForCausalLM(RecurrentGemmaConfig(
+            **ids, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8, lru_width=32,
+            attention_window_size=8, block_types=["recurrent", "attention"]))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def mamba_dir(tmp_path_factory) -> Path:
+    return _state_model("mamba", tmp_path_factory.mktemp("tiny-mamba"))
+
+
+@pytest.fixture(scope="module")
+def recurrent_gemma_dir(tmp_path_factory) -> Path:
+    return _state_model("recurrent_gemma", tmp_path_factory.mktemp("tiny-recurrent-gemma"))
+
+
+def _forward_logprobs(model, rollout) -> torch.Tensor:
+    """[B, T] logprobs of the response tokens under one forward of the whole left-padded rows."""
+    positions = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=positions).logits
+    width = rollout.response_ids.shape[1]
+    predicting = logits[:, -width - 1:-1].double()
+    return torch.log_softmax(predicting, -1).gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1).float()
+
+
+STATE_PROMPTS = ["Hi", "Hi", "Tell me a long story about the sea", "Tell me a long story about the sea"]
+
+
+def _rollout(model, tokenizer, row_seeds=None):
+    return generate_rollout(model, tokenizer, STATE_PROMPTS, prompts=STATE_PROMPTS, group_ids=[0, 0, 1, 1], columns={},
+                            max_prompt_length=32, max_new_tokens=8, temperature=1.0, top_p=1.0, row_seeds=row_seeds,
+                            share_prompt_prefix=True)
+
+
+def test_mamba_decode_steps_take_no_attention_mask_as_in_generate(mamba_dir, tiny_model_dir):
+    """Mamba's mixer multiplies a step's states by the attention mask; the sampler handed every decode
+    step the mask over all columns, which broadcast the one new position to all of them: the logits
+    and the sampled logprobs were wrong (off by up to 0.23 here; a PPO step saw sampler/logprob_abs_diff_max
+    0.76). Decode steps now get what generate gives each model (none for Mamba), and each sampled logprob
+    is the one a forward of the whole left-padded row gives."""
+    from rlhf.kv_cache import decode_steps_take_attention_mask
+
+    tokenizer = load_tokenizer(str(mamba_dir))
+    model = load_base_model(str(mamba_dir)).eval()
+    assert not decode_steps_take_attention_mask(model)
+    assert decode_steps_take_attention_mask(load_base_model(str(tiny_model_dir)))
+    for seeds in (None, [1, 2, 3, 4]):
+        torch.manual_seed(0)
+        rollout = _rollout(model, tokenizer, seeds)
+        assert rollout.input_ids[0, 0] == tokenizer.pad_token_id  # the short prompts are left-padded
+        diff = ((_forward_logprobs(model, rollout) - rollout.sampler_logprobs) * rollout.mask).abs().max()
+        assert diff < 1e-5, diff
+
+
+def test_mamba_trains_with_the_sampler_logprobs_of_the_update(mamba_dir, tmp_path):
+    trainer = make_trainer(mamba_dir, tmp_path / "run", "ppo", lora_target_modules=["x_proj", "in_proj"])
+    metrics = trainer.train_step()
+    assert metrics["sampler/logprob_abs_diff_max"] < 1e-4, metrics["sampler/logprob_abs_diff_max"]
+
+
+def test_model_that_returns_no_cache_samples_through_its_own_generate(recurrent_gemma_dir, tmp_path):
+    """RecurrentGemma keeps its recurrent state in its modules and returns no cache: the KV-cache
+    sampler crashed on its first step ('CausalLMOutput' has no attribute 'cache'). Such a model
+    samples through transformers' generate with the same distribution (the recorder's logprobs equal
+    a forward's), per row from its seed where evaluation gives seeds, and trains."""
+    from rlhf.kv_cache import forward_returns_cache
+
+    tokenizer = load_tokenizer(str(recurrent_gemma_dir))
+    model = load_base_model(str(recurrent_gemma_dir)).eval()
+    assert not forward_returns_cache(model)
+    torch.manual_seed(0)
+    rollout = _rollout(model, tokenizer)
+    assert ((_forward_logprobs(model, rollout) - rollout.sampler_logprobs) * rollout.mask).abs().max() < 1e-5
+    state = torch.get_rng_state()
+    seeded = [_rollout(model, tokenizer, [5, 6, 7, 8]) for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), state)  # the seeded rows leave the global RNG alone
+    assert torch.equal(seeded[0].response_ids, seeded[1].response_ids)
+    assert ((_forward_logprobs(model, seeded[0]) - seeded[0].sampler_logprobs) * seeded[0].mask).abs().max() < 1e-5
+    trainer = make_trainer(recurrent_gemma_dir, tmp_path / "run", eval_steps=1, eval_num_prompts=2)
+    metrics = trainer.train_step()
+    assert metrics["reward_mean"] > 0 and "eval/reward_mean" in metrics

@@ -271,6 +271,42 @@ def test_models_that_cannot_carry_mid_sequence_pads_sample_their_own_sequences(k
     assert torch.allclose(recomputed[sampled].float(), packed.sampler_logprobs[sampled], atol=2e-5, rtol=0)
 
 
+def _state_space(kind: str, tokenizer) -> torch.nn.Module:
+    from transformers import MambaConfig, MambaForCausalLM, RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
+    shape = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, pad_token_id=tokenizer.pad_token_id,
+                 eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    if kind == "mamba":
+        return MambaForCausalLM(MambaConfig(**shape, state_size=8, expand=2)).eval()
+    return RecurrentGemmaForCausalLM(RecurrentGemmaConfig(
+        **shape, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8, lru_width=32,
+        attention_window_size=8, block_types=["recurrent", "attention"])).eval()
+
+
+def test_mamba_episodes_decode_without_the_attention_mask(tokenizer):
+    """Mamba's decode steps take no attention mask (as in generate; a mask over every column
+    broadcast the step's states to that many positions): each sampled logprob equals a fresh
+    forward of the packed episode. Before, they were off by up to 0.72 here."""
+    model = _state_space("mamba", tokenizer)
+    episodes = ToolEpisodes(tokenizer, tools=[calculator], chat_template=QWEN3)
+    rows = [user("Hi"), user("Compute 123456*789 with the calculator, please.")]
+    uniforms = torch.rand(len(rows), 12, generator=torch.Generator().manual_seed(0))
+    batch = episodes.sample(model, rows, **sampling(tokenizer, max_completion_length=12, uniforms=uniforms))
+    packed = pack_episodes(batch.episodes, tokenizer.pad_token_id)
+    recomputed = full_forward_logprobs(model, packed, 0.7)
+    sampled = packed.mask.bool()
+    assert sampled.sum() > 12
+    assert torch.allclose(recomputed[sampled].float(), packed.sampler_logprobs[sampled], atol=2e-5, rtol=0)
+
+
+def test_model_that_returns_no_cache_is_a_config_error_for_episodes(tokenizer):
+    episodes = ToolEpisodes(tokenizer, tools=[calculator], chat_template=QWEN3)
+    with pytest.raises(ConfigError, match="returns no cache") as info:
+        episodes.sample(_state_space("recurrent_gemma", tokenizer), [user("Hi")], **sampling(tokenizer))
+    assert "\n" not in str(info.value)
+
+
 def test_sampling_forward_gives_the_same_multi_turn_episodes(tiny, tokenizer):
     """rlhf.sampling_forward under the episode sampler's calls (turn chunks padded on the left in
     mid-sequence, rows leaving the batch, a shared prompt prefill): the same tokens and logprobs,

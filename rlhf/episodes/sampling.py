@@ -33,7 +33,8 @@ from torch import Tensor
 
 from rlhf.episodes.chat import Messages, render_ids, tool_suffix_ids
 from rlhf.episodes.tools import Toolbox, run_tool_calls
-from rlhf.kv_cache import carries_mid_sequence_padding, preallocated
+from rlhf.errors import ConfigError
+from rlhf.kv_cache import carries_mid_sequence_padding, decode_steps_take_attention_mask, forward_returns_cache, preallocated
 from rlhf.models import shared_prompt_cache
 from rlhf.rollout import draw
 
@@ -197,8 +198,12 @@ def sample_episodes(
 
     Returns the episodes in prompt order (rlhf.episodes.sampling.Episode).
     """
+    if not forward_returns_cache(model):
+        raise ConfigError(f"{type(model).__name__} returns no cache from its forward (it keeps its state inside its "
+                          "modules): multi-turn tool episodes need a model whose forward hands its cache back")
     device = next(model.parameters()).device
     forward = fast_forward if fast_forward is not None else model
+    decode_mask = decode_steps_take_attention_mask(model)
     batch = len(prompts)
     if uniforms is None:
         uniforms = (torch.rand(batch, max_completion_length) if row_seeds is None else torch.stack(
@@ -236,8 +241,9 @@ def sample_episodes(
         # pads get the position of the row's next real token: they are masked as keys and their
         # outputs are never read, so any position would do
         chunk_positions = positions.unsqueeze(1) + (chunk_mask.cumsum(-1) - 1).clamp(min=0)
-        outputs = forward(input_ids=ids, attention_mask=attention, position_ids=chunk_positions, cache=cache,
-                          use_cache=True, logits_to_keep=1)
+        # Mamba's decode steps take no mask (as in generate): they follow a prefill, one token per row
+        outputs = forward(input_ids=ids, attention_mask=attention if cache is None or decode_mask else None,
+                          position_ids=chunk_positions, cache=cache, use_cache=True, logits_to_keep=1)
         cache = preallocated(outputs.cache, max_completion_length) if first_step or cache is None else outputs.cache
         first_step = False
         # full attention only: the cache is carried across turns; other models prefill again (above)
