@@ -385,12 +385,29 @@ def run_machine(config: BenchmarkConfig) -> dict[str, Any]:
 
 
 def model_shape(model: str) -> Any:
+    """rlhf.roofline's shape of ``model``; ConfigError (one line) for a model it does not count
+    right (mixture of experts, ungated MLP, recurrent layers): its bound would be wrong."""
     from transformers import AutoConfig
 
+    from rlhf.errors import ConfigError
     from rlhf.models import resolve_model_path
     from rlhf.roofline import ModelShape
 
-    return ModelShape.from_config(AutoConfig.from_pretrained(resolve_model_path(model)))
+    config = AutoConfig.from_pretrained(resolve_model_path(model))
+    kind = getattr(config, "model_type", type(config).__name__)
+    try:
+        shape = ModelShape.from_config(config)
+    except AttributeError as exc:  # no attention heads, no intermediate_size (Mamba, GPT-2)
+        problem = f"its config has no {str(exc).split('attribute')[-1].strip()}"
+    else:
+        try:
+            problem = shape.matrix_weights_of(config)
+        except Exception as exc:  # custom code, a config transformers cannot build a model from
+            problem = f"building it on the meta device to check failed ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+    if problem:
+        raise ConfigError(f"--roofline counts the work of dense Llama-style decoders (Llama, Mistral, Qwen2/3, Gemma, "
+                          f"Phi-3); {model} ({kind}) is not one: {problem}. Drop --roofline for this model")
+    return shape
 
 
 def _child(system: str, config_dict: dict[str, Any], queue: Any) -> None:
@@ -448,6 +465,7 @@ def run_sweep(config: BenchmarkConfig, model_path: str) -> dict[str, Any]:
     base = dataclasses.replace(config, model=model_path)
     report: dict[str, Any] = {"kind": "sweep", "settings": dataclasses.asdict(config), "runs": []}
     if config.roofline:
+        model_shape(model_path)  # a model the roofline cannot count fails here, before any system runs
         report["machine"] = run_in_child("machine", base)
     for index, length in enumerate(config.sweep_lengths):
         at = dataclasses.replace(base, max_new_tokens=length)

@@ -56,6 +56,23 @@ class ModelShape:
                    head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=text.vocab_size,
                    tied=bool(getattr(text, "tie_word_embeddings", False)))
 
+    def matrix_weights_of(self, config: Any) -> str | None:
+        """None if the matrices of the model ``config`` builds (every 2-D parameter, counted on the
+        meta device: no memory) are exactly what this shape counts (the blocks' q/k/v/o and gated
+        MLP, fused or not, the embedding and an untied LM head); else why not, in a few words. A
+        mixture of experts, an MLP without a gate (GPT-NeoX, Phi-2) or recurrent layers fail here,
+        where counting them as a dense Llama block would give a wrong bound."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        found = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+        counted = self.block_weights + self.vocab * self.hidden * (1 if self.tied else 2)
+        if found != counted:
+            return f"its weight matrices hold {found:,} numbers where a dense Llama-style block layout counts {counted:,}"
+        return None
+
     def block_linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer of one decoder block."""
         h, i = self.hidden, self.intermediate

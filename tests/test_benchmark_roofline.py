@@ -139,3 +139,54 @@ def test_random_models_are_written_once_and_removed(monkeypatch):
 
         assert ModelShape.from_config(AutoConfig.from_pretrained(written)).hidden == 8
     assert not written.exists()
+
+
+def _config(kind: str):
+    from transformers import GPTNeoXConfig, Lfm2Config, LlamaConfig, MixtralConfig, Phi3Config, Qwen2Config
+
+    shape = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return {"llama": lambda: LlamaConfig(**shape), "untied llama": lambda: LlamaConfig(**shape, tie_word_embeddings=False),
+            "qwen2 (q/k/v bias)": lambda: Qwen2Config(**shape), "phi3 (fused q/k/v, gate/up)": lambda: Phi3Config(**shape),
+            "gpt-neox (no gate)": lambda: GPTNeoXConfig(**shape),
+            "mixtral (experts)": lambda: MixtralConfig(**shape, num_local_experts=4),
+            "lfm2 (conv layers)": lambda: Lfm2Config(**shape, layer_types=["conv", "full_attention"])}[kind]()
+
+
+@pytest.mark.parametrize("kind", ["llama", "untied llama", "qwen2 (q/k/v bias)", "phi3 (fused q/k/v, gate/up)"])
+def test_dense_llama_style_models_are_counted_as_they_are_built(kind):
+    config = _config(kind)
+    assert ModelShape.from_config(config).matrix_weights_of(config) is None
+
+
+@pytest.mark.parametrize("kind", ["gpt-neox (no gate)", "mixtral (experts)", "lfm2 (conv layers)"])
+def test_models_the_roofline_would_miscount_are_named(kind):
+    config = _config(kind)
+    assert "weight matrices hold" in ModelShape.from_config(config).matrix_weights_of(config)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gpt2"])
+def test_roofline_on_a_model_it_cannot_count_is_a_config_error_before_any_run(kind, tmp_path, run_here):
+    """Before, a mixture of experts got the bound of a dense model as large as its config's
+    intermediate_size says (wrong, silently), and GPT-2 a traceback-free run whose roofline said
+    only "measuring the machine failed: AttributeError"; now one line and exit 2, before any system runs."""
+    import torch
+    from conftest import FIXTURES, assert_one_line_error
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, MixtralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "tokenizer")
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(**ids, n_embd=32, n_layer=2, n_head=4))
+    else:
+        model = MixtralForCausalLM(_config("mixtral (experts)").__class__(
+            **ids, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4))
+    model.save_pretrained(tmp_path / kind)
+    tokenizer.save_pretrained(tmp_path / kind)
+    result = run_here("benchmark.py", "--systems", "ours-grpo", "--model", str(tmp_path / kind), "--roofline", "true",
+                      "--steps", "1", "--lengths", "4", "--out", str(tmp_path / "bench.json"))
+    assert_one_line_error(result, "--roofline counts the work of dense Llama-style decoders", f"({kind})")
+    assert "ours-grpo" not in result.stdout and not (tmp_path / "bench.json").exists()
