@@ -541,8 +541,10 @@ def plain_output_projection(policy: PeftModel) -> bool:
             return False
         probe = torch.arange(3, device=head.weight.device).unsqueeze(0) % head.weight.shape[0]
         with torch.no_grad():
-            expected = policy(input_ids=probe, use_cache=False).logits.float()
-            hidden = decoder(input_ids=probe, use_cache=False).last_hidden_state
+            # an explicit mask: the probe's ids may hold the pad id, which makes transformers warn
+            mask = torch.ones_like(probe)
+            expected = policy(input_ids=probe, attention_mask=mask, use_cache=False).logits.float()
+            hidden = decoder(input_ids=probe, attention_mask=mask, use_cache=False).last_hidden_state
             if hidden.dtype != head.weight.dtype:  # a model that casts before its head: not the plain projection
                 return False
             got = head(hidden).float()

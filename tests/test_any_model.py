@@ -431,3 +431,23 @@ def test_model_that_returns_no_cache_samples_through_its_own_generate(recurrent_
     trainer = make_trainer(recurrent_gemma_dir, tmp_path / "run", eval_steps=1, eval_num_prompts=2)
     metrics = trainer.train_step()
     assert metrics["reward_mean"] > 0 and "eval/reward_mean" in metrics
+
+
+def test_output_projection_probe_passes_a_mask(tmp_path, monkeypatch):
+    """The probe that decides chunked logprobs runs ids 0..2, which hold the fixture's pad id: without a
+    mask GPT-2 told every user "We strongly recommend passing in an attention_mask" at startup."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers.modeling_utils import PreTrainedModel
+
+    from rlhf.models import add_lora, plain_output_projection
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "tokenizer")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4,
+                                       pad_token_id=tokenizer.pad_token_id))
+    unmasked = []
+    original = PreTrainedModel.warn_if_padding_and_no_attention_mask
+    monkeypatch.setattr(PreTrainedModel, "warn_if_padding_and_no_attention_mask",
+                        lambda self, ids, mask: (unmasked.append(mask is None), original(self, ids, mask))[1])
+    assert plain_output_projection(add_lora(model, 4, 8, 0.0, ["c_attn"]))
+    assert unmasked and not any(unmasked)
