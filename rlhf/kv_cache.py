@@ -11,7 +11,9 @@ five alternating pairs in one process): 131.7 -> 117.8 ms per token (1.12x), ide
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -113,20 +115,46 @@ def preallocated(cache: Any, more_tokens: int) -> Any:
 
 
 _RETURNS_CACHE: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+_DECODE_MASK: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _probing(model: Any) -> Iterator[None]:
+    """No gradients and every module in eval mode (a model in training mode with gradient
+    checkpointing turns its cache off), each module's own mode put back afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _device(model: Any) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _step(model: Any, ids: Tensor, mask: Tensor | None, start: int, cache: Any) -> Any:
+    positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                 logits_to_keep=1)
 
 
 def forward_returns_cache(model: Any) -> bool:
     """Whether ``model(..., use_cache=True)`` hands its cache back (``outputs.cache``), which the
     KV-cache samplers here carry from step to step. RecurrentGemma keeps its recurrent state inside
-    its modules and returns none; transformers' ``generate`` drives such a model through its own
-    ``prepare_inputs_for_generation``. Found by one forward of a single token with the samplers'
-    keywords, once per model; a forward that fails on it is left to fail in the sampler."""
+    its modules and returns none, RWKV returns it under another name; transformers' ``generate``
+    drives such models through their own ``prepare_inputs_for_generation``. Found by one forward
+    of a single token with the samplers' keywords (in eval mode), once per model; a forward that
+    fails on it is left to fail in the sampler."""
     if model not in _RETURNS_CACHE:
-        ids = torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device)
+        ids = torch.zeros((1, 1), dtype=torch.long, device=_device(model))
         try:
-            with torch.no_grad():
-                outputs = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.zeros_like(ids),
-                                cache=None, use_cache=True, logits_to_keep=1)
+            with _probing(model):
+                outputs = _step(model, ids, torch.ones_like(ids), 0, None)
         except Exception:
             return True
         _RETURNS_CACHE[model] = getattr(outputs, "cache", None) is not None
@@ -139,13 +167,36 @@ def decode_steps_take_attention_mask(model: Any) -> bool:
     Falcon-Mamba get none there (their ``prepare_inputs_for_generation`` drops it): their mixer
     multiplies the step's states by the mask, and a mask of every column broadcasts them to that
     many positions (Mamba: the sampled logprobs were off by up to 0.23). Asked of the model's own
-    ``prepare_inputs_for_generation``; a model without one, or whose one fails on this call, takes it."""
+    ``prepare_inputs_for_generation``; a model without one (a wrapper) is tried: a prefill of two
+    tokens, then the third with and without the mask, against one forward of all three. Either
+    way it takes the mask unless leaving it out is what reproduces the forward."""
+    if model in _DECODE_MASK:
+        return _DECODE_MASK[model]
+    device = _device(model)
     prepare = getattr(model, "prepare_inputs_for_generation", None)
-    if prepare is None:
-        return True
-    ids = torch.zeros((1, 2), dtype=torch.long, device=next(model.parameters()).device)
-    try:
-        inputs = prepare(ids, attention_mask=torch.ones_like(ids), cache=None, use_cache=True, is_first_iteration=False)
-    except Exception:
-        return True
-    return not isinstance(inputs, dict) or inputs.get("attention_mask") is not None
+    if prepare is not None:
+        ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+        try:
+            inputs = prepare(ids, attention_mask=torch.ones_like(ids), cache=None, use_cache=True,
+                             is_first_iteration=False)
+            takes = not isinstance(inputs, dict) or inputs.get("attention_mask") is not None
+        except Exception:
+            takes = True
+    else:
+        ids = torch.arange(1, 4, device=device).unsqueeze(0)
+        mask = torch.ones_like(ids)
+        try:
+            with _probing(model):
+                whole = _step(model, ids, mask, 0, None).logits[:, -1].float()
+
+                def decoded(step_mask: Tensor | None) -> Tensor:
+                    cache = _step(model, ids[:, :2], mask[:, :2], 0, None).cache
+                    return _step(model, ids[:, 2:], step_mask, 2, cache).logits[:, -1].float()
+
+                with_mask, without = decoded(mask), decoded(None)
+            matches = lambda got: got.shape == whole.shape and torch.allclose(got, whole, rtol=1e-3, atol=1e-3)
+            takes = matches(with_mask) or not matches(without)
+        except Exception:
+            takes = True
+    _DECODE_MASK[model] = takes
+    return takes

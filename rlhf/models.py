@@ -520,8 +520,8 @@ def shared_prompt_cache(
     prefix = (representatives, slice(None, prefix_length))
     outputs = model(input_ids=input_ids[prefix], attention_mask=attention_mask[prefix],
                     position_ids=position_ids[prefix], use_cache=True, logits_to_keep=1)
-    cache = outputs.cache
-    if not rows_selectable(cache):  # a cache type the config did not announce
+    cache = getattr(outputs, "cache", None)  # none from models that keep their state (RecurrentGemma, RWKV)
+    if cache is None or not rows_selectable(cache):  # a cache type the config did not announce
         return None
     cache.batch_select_indices(inverse)
     return cache

@@ -194,19 +194,17 @@ def generate_rollout(
         prompt_texts, padding=True, truncation=True, max_length=max_prompt_length,
         add_special_tokens=False, return_tensors="pt",
     ).to(device)
-    if (synced_gpus and row_seeds is None) or not forward_returns_cache(policy):
-        # FSDP2: every process must run as many forwards, which generate() syncs. A model that
-        # returns no cache (RecurrentGemma keeps its state in its modules) leaves the stepping to
-        # its own prepare_inputs_for_generation; with row_seeds each row runs alone from its seed.
-        if row_seeds is None or synced_gpus:
-            response_ids, sampler_logprobs = _generate(
-                policy, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, pad_token_id=tokenizer.pad_token_id, stops=stops,
-                synced_gpus=synced_gpus)
-        else:
-            response_ids, sampler_logprobs = _generate_rows_from_seeds(
-                policy, encoded["input_ids"], encoded["attention_mask"], row_seeds, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, pad_token_id=tokenizer.pad_token_id, stops=stops)
+    if synced_gpus and row_seeds is None:  # FSDP2: every process must run as many forwards; generate() syncs them
+        response_ids, sampler_logprobs = _generate(
+            policy, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, pad_token_id=tokenizer.pad_token_id, stops=stops, synced_gpus=True)
+    elif not forward_returns_cache(policy):
+        # The model keeps its state (RecurrentGemma) or returns it under its own name (RWKV): its own
+        # prepare_inputs_for_generation steps it, one row at a time (RWKV's batched steps are wrong
+        # in transformers 5: logprobs off by up to 1.9 against its forward at 2 rows).
+        response_ids, sampler_logprobs = _generate_row_by_row(
+            policy, encoded["input_ids"], encoded["attention_mask"], row_seeds, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, pad_token_id=tokenizer.pad_token_id, stops=stops)
     else:
         response_ids, sampler_logprobs = sample_responses(
             policy, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=max_new_tokens,
@@ -217,7 +215,8 @@ def generate_rollout(
     length = max(int(mask.sum(1).max().item()), 1)
     response_ids = torch.where(mask.bool(), response_ids, tokenizer.pad_token_id)[:, :length]
     mask = mask[:, :length]
-    sampler_logprobs = sampler_logprobs[:, :length] * mask
+    # where, not * mask: generate's recorder gives a pad outside the top-p nucleus -inf (and -inf * 0 is NaN)
+    sampler_logprobs = torch.where(mask.bool(), sampler_logprobs[:, :length], 0.0)
     # The stop token itself is left out: a turn-end token need not be special (skip_special_tokens).
     completions = tokenizer.batch_decode(
         [row[: int(m.sum()) - int(ended)] for row, m, ended in zip(response_ids, mask, eos_found)],
@@ -237,35 +236,56 @@ def generate_rollout(
     )
 
 
+# generate's logits processors and warpers, each at the value that leaves the scores alone: a
+# model's generation_config (repetition_penalty, suppress_tokens, min_new_tokens, ...) would
+# otherwise change the distribution drawn from, and the recorder would record that one.
+_PLAIN_SAMPLING = dict(
+    repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
+    bad_words_ids=None, min_length=0, min_new_tokens=0, forced_bos_token_id=None, forced_eos_token_id=None,
+    exponential_decay_length_penalty=None, suppress_tokens=None, begin_suppress_tokens=None, sequence_bias=None,
+    guidance_scale=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, min_p=None, top_h=None,
+    renormalize_logits=False, num_beams=1, num_return_sequences=1, penalty_alpha=None, dola_layers=None,
+    watermarking_config=None, remove_invalid_values=False,
+)
+
+
 def _generate(policy: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_tokens: int, temperature: float,
               top_p: float, pad_token_id: int, stops: list[int], synced_gpus: bool) -> tuple[Tensor, Tensor]:
     """transformers' ``generate`` drawing from ``sample_responses``' distribution -> (response ids
-    [B, T], their logprobs [B, T]). Temperature and top-p are applied by the recorder (as
-    ``draw`` applies them), so generate adds no warper of its own (top_k=0: its default of 50
-    would change the distribution)."""
+    [B, T], their logprobs [B, T]; after a row's end whatever the recorder saw: callers mask).
+    Temperature and top-p are applied by the recorder (as ``draw`` applies them), so generate adds
+    no warper of its own (top_k=0: its default of 50 would change the distribution), and none of
+    the model's generation_config processors (``_PLAIN_SAMPLING``)."""
+    from transformers import GenerationConfig
+
+    known = vars(GenerationConfig())
+    plain = {key: value for key, value in _PLAIN_SAMPLING.items() if key in known}
     recorder = SampledLogprobs(temperature, top_p)
     sequences = policy.generate(
         input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
         temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens, logits_processor=[recorder],
-        pad_token_id=pad_token_id, eos_token_id=stops, use_cache=True, synced_gpus=synced_gpus,
+        pad_token_id=pad_token_id, eos_token_id=stops, use_cache=True, synced_gpus=synced_gpus, **plain,
     )
     response_ids = sequences[:, input_ids.shape[1]:]
     return response_ids, recorder.logprobs(response_ids)
 
 
-def _generate_rows_from_seeds(policy: Any, input_ids: Tensor, attention_mask: Tensor, row_seeds: list[int], *,
-                              max_new_tokens: int, temperature: float, top_p: float, pad_token_id: int,
-                              stops: list[int]) -> tuple[Tensor, Tensor]:
-    """``_generate`` one row at a time, each from ``torch.manual_seed(row_seeds[i])``, so a row's
-    response does not depend on the rows beside it (as ``row_seeds`` in ``sample_responses``); the
-    global RNG is left as it was. A row keeps its batch's left padding, which the passes that
-    score it see too (a model whose recurrence takes pads in would otherwise be scored on another
-    input). -> [B, T] ids (pad after a row's end) and logprobs (0 there)."""
+def _generate_row_by_row(policy: Any, input_ids: Tensor, attention_mask: Tensor, row_seeds: list[int] | None, *,
+                         max_new_tokens: int, temperature: float, top_p: float, pad_token_id: int,
+                         stops: list[int]) -> tuple[Tensor, Tensor]:
+    """``_generate`` one row at a time. With ``row_seeds`` each row draws from
+    ``torch.manual_seed(row_seeds[i])``, so its response does not depend on the rows beside it
+    (as ``row_seeds`` in ``sample_responses``), and the global RNG is left as it was; without,
+    the rows draw from the global RNG in turn. A row keeps its batch's left padding, which the
+    passes that score it see too (a model whose recurrence takes pads in would otherwise be scored
+    on another input). -> [B, T] ids (pad after a row's end) and logprobs (0 there)."""
     rows = []
     device = input_ids.device
-    for ids, mask, seed in zip(input_ids, attention_mask, row_seeds):
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(int(seed))
+    for index, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
+        with contextlib.ExitStack() as seeded:
+            if row_seeds is not None:
+                seeded.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+                torch.manual_seed(int(row_seeds[index]))
             rows.append(_generate(policy, ids.unsqueeze(0), mask.unsqueeze(0), max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, pad_token_id=pad_token_id, stops=stops,
                                   synced_gpus=False))

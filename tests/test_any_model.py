@@ -451,3 +451,84 @@ def test_output_projection_probe_passes_a_mask(tmp_path, monkeypatch):
                         lambda self, ids, mask: (unmasked.append(mask is None), original(self, ids, mask))[1])
     assert plain_output_projection(add_lora(model, 4, 8, 0.0, ["c_attn"]))
     assert unmasked and not any(unmasked)
+
+
+def test_generate_path_gives_padding_logprob_0_with_top_p(listed_stop_dir, monkeypatch):
+    """generate's recorder gives the pad after a row's end -inf when the pad is outside the top-p
+    nucleus; the rollout multiplied by the mask (-inf * 0 = NaN), and importance-sampling correction
+    then trained to NaN. Padding is now 0, as documented."""
+    tokenizer = load_tokenizer(str(listed_stop_dir))
+    model = load_base_model(str(listed_stop_dir)).eval()
+    favour(model, {TURN_END: 6.0})
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kwargs: generate(**{**kwargs, "synced_gpus": False}))
+    torch.manual_seed(0)
+    texts = [format_prompt(p, tokenizer) for p in PROMPTS]
+    rollout = generate_rollout(model, tokenizer, texts, prompts=PROMPTS, group_ids=list(range(len(PROMPTS))),
+                               columns={}, max_prompt_length=64, max_new_tokens=16, temperature=0.7, top_p=0.5,
+                               synced_gpus=True)
+    ended_early = rollout.mask.sum(1) < rollout.mask.shape[1]
+    assert ended_early.any() and torch.isfinite(rollout.sampler_logprobs).all()
+    assert (rollout.sampler_logprobs[rollout.mask == 0] == 0).all()
+
+
+def test_generate_path_samples_the_policy_not_the_generation_config(recurrent_gemma_dir, tmp_path):
+    """A model's generation_config (repetition_penalty, suppress_tokens) reached generate's processors,
+    so the fallback drew from, and recorded, another distribution than the policy's (1.1e-3 off here;
+    0.945 in a reviewer's run with suppress_tokens); generate now runs every processor at its neutral value."""
+    from transformers import GenerationConfig
+
+    tokenizer = load_tokenizer(str(recurrent_gemma_dir))
+    model = load_base_model(str(recurrent_gemma_dir)).eval()
+    model.generation_config = GenerationConfig(repetition_penalty=3.0, suppress_tokens=list(range(3, 40)),
+                                               no_repeat_ngram_size=1)
+    torch.manual_seed(0)
+    rollout = _rollout(model, tokenizer)
+    assert ((_forward_logprobs(model, rollout) - rollout.sampler_logprobs) * rollout.mask).abs().max() < 1e-5
+
+
+def test_no_cache_probe_and_wrapped_mamba(mamba_dir):
+    """The cache probe runs in eval mode (Mamba with gradient checkpointing in training mode returns no
+    cache, and the answer was remembered: every later rollout went through generate); a plain wrapper
+    around Mamba (no prepare_inputs_for_generation) is tried and decodes without the mask (it got the
+    mask, and logprobs 0.79 off)."""
+    from rlhf.kv_cache import decode_steps_take_attention_mask, forward_returns_cache
+
+    tokenizer = load_tokenizer(str(mamba_dir))
+    model = load_base_model(str(mamba_dir))
+    model.gradient_checkpointing_enable()
+    model.train()
+    assert forward_returns_cache(model) and model.training  # its mode is put back
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+    wrapped = Wrapper(load_base_model(str(mamba_dir)).eval())
+    assert not decode_steps_take_attention_mask(wrapped)
+    torch.manual_seed(0)
+    rollout = _rollout(wrapped, tokenizer)
+    assert ((_forward_logprobs(wrapped.inner, rollout) - rollout.sampler_logprobs) * rollout.mask).abs().max() < 1e-5
+
+
+def test_rwkv_samples_row_by_row_and_trains(tmp_path):
+    """RWKV returns its state under another name (no cache): the sampler crashed, and the prompt
+    sharing in the update too; transformers' batched generate steps it wrongly at 2+ rows, so the
+    fallback runs row by row and the sampler's logprobs are the update's."""
+    from transformers import AutoTokenizer, RwkvConfig, RwkvForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "tokenizer")
+    torch.manual_seed(0)
+    RwkvForCausalLM(RwkvConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                               intermediate_size=64, context_length=128, bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                    ).save_pretrained(tmp_path / "rwkv")
+    tokenizer.save_pretrained(tmp_path / "rwkv")
+    trainer = make_trainer(tmp_path / "rwkv", tmp_path / "run", "ppo", max_prompt_length=32,
+                           lora_target_modules=["key", "value", "receptance"])
+    metrics = trainer.train_step()
+    assert metrics["sampler/logprob_abs_diff_max"] < 1e-4, metrics["sampler/logprob_abs_diff_max"]

@@ -58,6 +58,10 @@ class ScriptedLM(torch.nn.Module):
         self.layers_seen: set[str] = set()  # cache layer types the sampler handed in
         self.run_inner = None  # what computes inner's logits (None: inner itself)
 
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """The inner model's (what the sampler asks of a causal LM about its decode steps)."""
+        return self.inner.prepare_inputs_for_generation(*args, **kwargs)
+
     @staticmethod
     def _starts(context: list[int], pattern: tuple[int, ...] | list[int]) -> list[int]:
         size = len(pattern)
