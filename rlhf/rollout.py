@@ -194,17 +194,19 @@ def generate_rollout(
         prompt_texts, padding=True, truncation=True, max_length=max_prompt_length,
         add_special_tokens=False, return_tensors="pt",
     ).to(device)
-    if synced_gpus and row_seeds is None:  # FSDP2: every process must run as many forwards; generate() syncs them
+    if not forward_returns_cache(policy):
+        # The model keeps its state (RecurrentGemma) or returns it under its own name (RWKV): its own
+        # prepare_inputs_for_generation steps it, one row at a time (RWKV's batched steps are wrong
+        # in transformers 5: logprobs off by up to 1.9 against its forward at 2 rows). Under FSDP2
+        # every process has as many rows, so as many synced generate calls.
+        response_ids, sampler_logprobs = _generate_row_by_row(
+            policy, encoded["input_ids"], encoded["attention_mask"], row_seeds, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, pad_token_id=tokenizer.pad_token_id, stops=stops,
+            synced_gpus=synced_gpus)
+    elif synced_gpus and row_seeds is None:  # FSDP2: every process must run as many forwards; generate() syncs them
         response_ids, sampler_logprobs = _generate(
             policy, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, pad_token_id=tokenizer.pad_token_id, stops=stops, synced_gpus=True)
-    elif not forward_returns_cache(policy):
-        # The model keeps its state (RecurrentGemma) or returns it under its own name (RWKV): its own
-        # prepare_inputs_for_generation steps it, one row at a time (RWKV's batched steps are wrong
-        # in transformers 5: logprobs off by up to 1.9 against its forward at 2 rows).
-        response_ids, sampler_logprobs = _generate_row_by_row(
-            policy, encoded["input_ids"], encoded["attention_mask"], row_seeds, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, pad_token_id=tokenizer.pad_token_id, stops=stops)
     else:
         response_ids, sampler_logprobs = sample_responses(
             policy, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=max_new_tokens,
@@ -241,11 +243,13 @@ def generate_rollout(
 # otherwise change the distribution drawn from, and the recorder would record that one.
 _PLAIN_SAMPLING = dict(
     repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
-    bad_words_ids=None, min_length=0, min_new_tokens=0, forced_bos_token_id=None, forced_eos_token_id=None,
+    bad_words_ids=None, min_length=0, min_new_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
     exponential_decay_length_penalty=None, suppress_tokens=None, begin_suppress_tokens=None, sequence_bias=None,
     guidance_scale=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, min_p=None, top_h=None,
     renormalize_logits=False, num_beams=1, num_return_sequences=1, penalty_alpha=None, dola_layers=None,
     watermarking_config=None, remove_invalid_values=False,
+    # and what would change what generate returns or needs: a dict, a tokenizer, a draft model
+    return_dict_in_generate=False, stop_strings=None, prompt_lookup_num_tokens=None,
 )
 
 
@@ -272,7 +276,7 @@ def _generate(policy: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new
 
 def _generate_row_by_row(policy: Any, input_ids: Tensor, attention_mask: Tensor, row_seeds: list[int] | None, *,
                          max_new_tokens: int, temperature: float, top_p: float, pad_token_id: int,
-                         stops: list[int]) -> tuple[Tensor, Tensor]:
+                         stops: list[int], synced_gpus: bool = False) -> tuple[Tensor, Tensor]:
     """``_generate`` one row at a time. With ``row_seeds`` each row draws from
     ``torch.manual_seed(row_seeds[i])``, so its response does not depend on the rows beside it
     (as ``row_seeds`` in ``sample_responses``), and the global RNG is left as it was; without,
@@ -288,7 +292,7 @@ def _generate_row_by_row(policy: Any, input_ids: Tensor, attention_mask: Tensor,
                 torch.manual_seed(int(row_seeds[index]))
             rows.append(_generate(policy, ids.unsqueeze(0), mask.unsqueeze(0), max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, pad_token_id=pad_token_id, stops=stops,
-                                  synced_gpus=False))
+                                  synced_gpus=synced_gpus))
     length = max(ids.shape[1] for ids, _ in rows)
     response_ids = torch.stack([F.pad(ids[0], (0, length - ids.shape[1]), value=pad_token_id) for ids, _ in rows])
     logprobs = torch.stack([F.pad(lp[0], (0, length - lp.shape[1]), value=0.0) for _, lp in rows])

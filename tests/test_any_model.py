@@ -481,8 +481,12 @@ def test_generate_path_samples_the_policy_not_the_generation_config(recurrent_ge
     tokenizer = load_tokenizer(str(recurrent_gemma_dir))
     model = load_base_model(str(recurrent_gemma_dir)).eval()
     model.generation_config = GenerationConfig(repetition_penalty=3.0, suppress_tokens=list(range(3, 40)),
-                                               no_repeat_ngram_size=1)
+                                               no_repeat_ngram_size=1, min_new_tokens=4)
     torch.manual_seed(0)
+    rollout = _rollout(model, tokenizer)
+    assert ((_forward_logprobs(model, rollout) - rollout.sampler_logprobs) * rollout.mask).abs().max() < 1e-5
+    # and settings that change what generate returns or needs (a dict; a tokenizer for stop strings) crashed
+    model.generation_config = GenerationConfig(return_dict_in_generate=True, stop_strings=["sea"])
     rollout = _rollout(model, tokenizer)
     assert ((_forward_logprobs(model, rollout) - rollout.sampler_logprobs) * rollout.mask).abs().max() < 1e-5
 
@@ -510,6 +514,8 @@ def test_no_cache_probe_and_wrapped_mamba(mamba_dir):
 
     wrapped = Wrapper(load_base_model(str(mamba_dir)).eval())
     assert not decode_steps_take_attention_mask(wrapped)
+    # in bfloat16 too, where the decode step rounds far from the forward either way (a fixed tolerance said "mask")
+    assert not decode_steps_take_attention_mask(Wrapper(load_base_model(str(mamba_dir)).to(torch.bfloat16).eval()))
     torch.manual_seed(0)
     rollout = _rollout(wrapped, tokenizer)
     assert ((_forward_logprobs(wrapped.inner, rollout) - rollout.sampler_logprobs) * rollout.mask).abs().max() < 1e-5
@@ -532,3 +538,12 @@ def test_rwkv_samples_row_by_row_and_trains(tmp_path):
                            lora_target_modules=["key", "value", "receptance"])
     metrics = trainer.train_step()
     assert metrics["sampler/logprob_abs_diff_max"] < 1e-4, metrics["sampler/logprob_abs_diff_max"]
+    # FSDP2's path (synced generate; one process computes the same without a process group) also goes row by row
+    model = load_base_model(str(tmp_path / "rwkv")).eval()
+    generate = model.generate
+    model.generate = lambda **kwargs: generate(**{**kwargs, "synced_gpus": False})
+    torch.manual_seed(0)
+    rollout = generate_rollout(model, tokenizer, STATE_PROMPTS, prompts=STATE_PROMPTS, group_ids=[0, 0, 1, 1],
+                               columns={}, max_prompt_length=32, max_new_tokens=8, temperature=1.0, top_p=1.0,
+                               synced_gpus=True)
+    assert ((_forward_logprobs(model, rollout) - rollout.sampler_logprobs) * rollout.mask).abs().max() < 1e-5
