@@ -156,9 +156,9 @@ def forward_returns_cache(model: Any) -> bool:
         try:
             with _probing(model):
                 outputs = _step(model, ids, torch.ones_like(ids), 0, None)
+            _RETURNS_CACHE[model] = getattr(outputs, "cache", None) is not None
         except Exception:
-            return True
-        _RETURNS_CACHE[model] = getattr(outputs, "cache", None) is not None
+            _RETURNS_CACHE[model] = True
     return _RETURNS_CACHE[model]
 
 
@@ -195,6 +195,7 @@ def decode_steps_take_attention_mask(model: Any) -> bool:
                     return _step(model, ids[:, 2:], step_mask, 2, cache).logits[:, -1].float()
 
                 with_mask, without = decoded(mask), decoded(None)
+
             def distance(got: Tensor) -> float:  # no fixed tolerance: bfloat16 rounds far above float32's
                 return float((got - whole).abs().max()) if got.shape == whole.shape else math.inf
 
