@@ -68,9 +68,8 @@ class ModelShape:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         found = sum(p.numel() for p in model.parameters() if p.dim() == 2)
-        counted = self.block_weights + self.vocab * self.hidden * (1 if self.tied else 2)
-        if found != counted:
-            return f"its weight matrices hold {found:,} numbers where a dense Llama-style block layout counts {counted:,}"
+        if found != self.matrices:
+            return f"its weight matrices hold {found:,} numbers where a dense Llama-style block layout counts {self.matrices:,}"
         return None
 
     def block_linears(self) -> dict[str, tuple[int, int]]:
@@ -95,10 +94,14 @@ class ModelShape:
         return self.hidden * self.vocab
 
     @property
+    def matrices(self) -> int:
+        """Every weight matrix: the blocks' linears, the embedding, and the LM head if untied."""
+        return self.block_weights + self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
     def parameters(self) -> int:
-        """All parameters: blocks (linears and two norms each), embedding, final norm, LM head if untied."""
-        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
-        return self.block_weights + 2 * self.layers * self.hidden + embeddings + self.hidden
+        """All parameters: the matrices, two norms per block and the final norm."""
+        return self.matrices + 2 * self.layers * self.hidden + self.hidden
 
     def lora_weights(self, r: int) -> int:
         """LoRA A (r x in) and B (out x r) on every linear layer of the blocks (peft's all-linear)."""
