@@ -157,19 +157,27 @@ def test_training_rollout_and_evaluation_stop_at_the_generation_config_ids(liste
     assert all(r["eos"] or r["tokens"] == 16 for r in records)
 
 
-def test_fsdp_generate_path_stops_at_the_models_stop_ids(listed_stop_dir, monkeypatch):
+def fsdp_rollout(model, tokenizer, texts: list[str], prompts: list[str], *, temperature: float = 1.0,
+                 top_p: float = 1.0):
+    """generate_rollout down FSDP2's path (synced_gpus=True). Synced generate needs a process group;
+    one process computes the same without it, so the model's generate gets synced_gpus=False."""
+    generate = model.generate
+    model.generate = lambda **kwargs: generate(**{**kwargs, "synced_gpus": False})
+    try:
+        return generate_rollout(model, tokenizer, texts, prompts=prompts, group_ids=list(range(len(prompts))),
+                                columns={}, max_prompt_length=64, max_new_tokens=16, temperature=temperature,
+                                top_p=top_p, synced_gpus=True)
+    finally:
+        del model.generate  # the class's generate again
+
+
+def test_fsdp_generate_path_stops_at_the_models_stop_ids(listed_stop_dir):
     """Under FSDP2 transformers' generate samples; it gets the whole stop set (read off the model)."""
     tokenizer = load_tokenizer(str(listed_stop_dir))
     model = load_base_model(str(listed_stop_dir)).eval()
     favour(model, {TURN_END: 10.0})
-    generate = model.generate
-    # synced_gpus needs a process group; one process computes the same without it.
-    monkeypatch.setattr(model, "generate", lambda **kwargs: generate(**{**kwargs, "synced_gpus": False}))
     torch.manual_seed(0)
-    texts = [format_prompt(p, tokenizer) for p in PROMPTS]
-    rollout = generate_rollout(model, tokenizer, texts, prompts=PROMPTS, group_ids=list(range(len(PROMPTS))),
-                               columns={}, max_prompt_length=64, max_new_tokens=16, temperature=1.0, top_p=1.0,
-                               synced_gpus=True)
+    rollout = fsdp_rollout(model, tokenizer, [format_prompt(p, tokenizer) for p in PROMPTS], PROMPTS)
     check_rows(rollout, [EOS, TURN_END], tokenizer, 16)
     assert rollout.eos_found.float().mean() >= 0.75, rollout.response_ids
 
@@ -453,20 +461,16 @@ def test_output_projection_probe_passes_a_mask(tmp_path, monkeypatch):
     assert unmasked and not any(unmasked)
 
 
-def test_generate_path_gives_padding_logprob_0_with_top_p(listed_stop_dir, monkeypatch):
+def test_generate_path_gives_padding_logprob_0_with_top_p(listed_stop_dir):
     """generate's recorder gives the pad after a row's end -inf when the pad is outside the top-p
     nucleus; the rollout multiplied by the mask (-inf * 0 = NaN), and importance-sampling correction
     then trained to NaN. Padding is now 0, as documented."""
     tokenizer = load_tokenizer(str(listed_stop_dir))
     model = load_base_model(str(listed_stop_dir)).eval()
     favour(model, {TURN_END: 6.0})
-    generate = model.generate
-    monkeypatch.setattr(model, "generate", lambda **kwargs: generate(**{**kwargs, "synced_gpus": False}))
     torch.manual_seed(0)
-    texts = [format_prompt(p, tokenizer) for p in PROMPTS]
-    rollout = generate_rollout(model, tokenizer, texts, prompts=PROMPTS, group_ids=list(range(len(PROMPTS))),
-                               columns={}, max_prompt_length=64, max_new_tokens=16, temperature=0.7, top_p=0.5,
-                               synced_gpus=True)
+    rollout = fsdp_rollout(model, tokenizer, [format_prompt(p, tokenizer) for p in PROMPTS], PROMPTS,
+                           temperature=0.7, top_p=0.5)
     ended_early = rollout.mask.sum(1) < rollout.mask.shape[1]
     assert ended_early.any() and torch.isfinite(rollout.sampler_logprobs).all()
     assert (rollout.sampler_logprobs[rollout.mask == 0] == 0).all()
@@ -540,10 +544,6 @@ def test_rwkv_samples_row_by_row_and_trains(tmp_path):
     assert metrics["sampler/logprob_abs_diff_max"] < 1e-4, metrics["sampler/logprob_abs_diff_max"]
     # FSDP2's path (synced generate; one process computes the same without a process group) also goes row by row
     model = load_base_model(str(tmp_path / "rwkv")).eval()
-    generate = model.generate
-    model.generate = lambda **kwargs: generate(**{**kwargs, "synced_gpus": False})
     torch.manual_seed(0)
-    rollout = generate_rollout(model, tokenizer, STATE_PROMPTS, prompts=STATE_PROMPTS, group_ids=[0, 0, 1, 1],
-                               columns={}, max_prompt_length=32, max_new_tokens=8, temperature=1.0, top_p=1.0,
-                               synced_gpus=True)
+    rollout = fsdp_rollout(model, tokenizer, STATE_PROMPTS, STATE_PROMPTS)
     assert ((_forward_logprobs(model, rollout) - rollout.sampler_logprobs) * rollout.mask).abs().max() < 1e-5
