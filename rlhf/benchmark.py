@@ -411,9 +411,12 @@ def model_shape(model: str) -> Any:
 
 
 def _child(system: str, config_dict: dict[str, Any], queue: Any) -> None:
+    from rlhf.cpu_memory import keep_freed_memory
+
     config = BenchmarkConfig(**config_dict)
     with tempfile.TemporaryDirectory(prefix=f"bench-{system}-") as tmp:
         try:
+            keep_freed_memory()  # every system alike, TRL's too: ours would otherwise have it from its trainer
             if system == "machine":
                 queue.put((system, run_machine(config), None))
                 return
@@ -450,15 +453,19 @@ def run_in_child(system: str, config: BenchmarkConfig) -> dict[str, Any]:
 
 def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     """The systems at each of config.sweep_lengths (or, with ``grow``, the growth study)."""
+    from rlhf.cpu_memory import malloc_choice
     from rlhf.random_models import materialised
 
+    malloc = malloc_choice()  # a bad RLHF_CPU_MALLOC stops here, not in each system's process
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)  # --profile writes beside it while running
     with materialised([config.model, *(config.grow_models if config.grow else [])], config.seed) as paths:
         if config.learning:
             from rlhf.learning_race import run_learning_race
 
-            return run_learning_race(config, paths[config.model])
-        return run_growth(config, paths) if config.grow else run_sweep(config, paths[config.model])
+            report = run_learning_race(config, paths[config.model])
+        else:
+            report = run_growth(config, paths) if config.grow else run_sweep(config, paths[config.model])
+    return {**report, "malloc": malloc}
 
 
 def run_sweep(config: BenchmarkConfig, model_path: str) -> dict[str, Any]:

@@ -101,9 +101,19 @@ def render_sweep(report: dict[str, Any]) -> str:
                      "too low; measure again on a quiet machine")
     notes.append("responses: " + ("every row runs to the length (no stop token in ours; TRL min_new_tokens)"
                                   if settings["full_length"] else "end at EOS (lengths are caps)"))
+    notes.extend(malloc_note(report))
     if settings["model"].startswith("random:"):
         notes.append(RANDOM_NOTE)
     return "\n".join([*lines, "", *notes])
+
+
+def malloc_note(report: dict[str, Any]) -> list[str]:
+    """How each system's process allocated (rlhf.cpu_memory), where the report says."""
+    if "malloc" not in report:  # a report written before the choice was recorded
+        return []
+    return ["memory: " + ("freed buffers kept for reuse in every system's process (glibc malloc without mmap "
+                          "or trimming, RLHF_CPU_MALLOC=keep)" if report["malloc"] == "keep" else
+                          "the C library's default malloc in every system's process (RLHF_CPU_MALLOC=default)")]
 
 
 def _percent(fraction: float | None) -> str:
@@ -130,6 +140,7 @@ def render_growth(report: dict[str, Any]) -> str:
     settings = report["settings"]
     notes = [f"ours-grpo, {settings['prompts_per_step']} prompts per step, one factor varied at a time from "
              f"{settings['max_new_tokens']} new tokens, group {settings['num_generations']}, {settings['model']}"]
+    notes.extend(malloc_note(report))
     if any(row["model"].startswith("random:") for row in report["rows"]):
         notes.append(RANDOM_NOTE)
     return "\n".join([*lines, "", *notes])

@@ -193,7 +193,10 @@ TASKS: dict[str, Callable[[BenchmarkConfig, Path], dict[str, Any]]] = {
 
 
 def _child(task: str, config_dict: dict[str, Any], directory: str, results: Any) -> None:
+    from rlhf.cpu_memory import keep_freed_memory
+
     try:
+        keep_freed_memory()  # both systems and the evaluation alike (see rlhf.cpu_memory)
         results.put((TASKS[task](BenchmarkConfig(**config_dict), Path(directory)), None))
     except Exception as exc:  # reported in the table; the other system and the evaluation still run
         results.put((None, f"{type(exc).__name__}: {exc}"))

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from rlhf.benchmark_report import RANDOM_NOTE, _cells, _number  # noqa: E402
+from rlhf.benchmark_report import RANDOM_NOTE, _cells, _number, malloc_note  # noqa: E402
 
 HEADERS = ("system", "steps", "optimizer steps", "samples", "trained s", "reward ↑ (95% CI)",
            "win vs base ↑ (95% CI)", "KL/seq to base (95% CI)", "length (tokens)")
@@ -66,6 +66,7 @@ def render_race(report: dict[str, Any]) -> str:
                      f"({evaluation['dataset_split']} split) x {settings['eval_num_samples']} samples, the same seeds "
                      f"for every row; 95% intervals bootstrap over prompts; full report {evaluation['report']}")
     notes.append(f"runs (adapters at <system>/final, our metrics.jsonl): {report['runs_dir']}")
+    notes.extend(malloc_note(report))
     if settings["model"].startswith("random:"):
         notes.append(RANDOM_NOTE)
     return "\n".join([*lines, "", *notes])

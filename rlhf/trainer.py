@@ -43,6 +43,7 @@ from rlhf.config import RLConfig, changed_settings, save_config, with_overrides
 from rlhf.data import PromptSampler, check_prompt_lengths, describe_dataset, load_eval_dataset, load_prompt_dataset
 from rlhf.build import build_model
 from rlhf.cpu_linear import use_onednn
+from rlhf.cpu_memory import keep_freed_memory, malloc_choice
 from rlhf.card import render_model_card
 from rlhf.distributed import (Reducer, configure_sharding, gathered_state, make_accelerator, shards_weights,
                               unwrapped_full_weights)
@@ -151,7 +152,8 @@ class RLTrainer:
         config = with_overrides(args or config or RLConfig(), model=model, reward_funcs=reward_funcs,
                                 train_dataset=train_dataset, tools=tools, environment_factory=environment_factory)
         config.check_reward_weights()
-        use_onednn()  # a bad RLHF_CPU_LINEAR stops the run here, not at its first forward
+        use_onednn()  # a bad RLHF_CPU_LINEAR or RLHF_CPU_MALLOC stops the run here, not later
+        malloc_choice()
         self.config = config
         self.base_model = model if isinstance(model, torch.nn.Module) else None
         self.output_dir = Path(config.output_dir)
@@ -167,6 +169,8 @@ class RLTrainer:
             # once per process, assuming sharded dataloaders.
             step_scheduler_with_optimizer=False,
         )
+        if accelerator.device.type == "cpu":
+            keep_freed_memory()  # the update's large buffers are reused, not faulted in afresh
         self.reducer = Reducer(accelerator)
         config.check_world_size(accelerator.num_processes)
         estimator, updater = ADVANTAGE_ESTIMATORS[config.advantage_estimator], UPDATERS[config.update_method]

@@ -1,0 +1,132 @@
+"""rlhf.cpu_memory: a run on CPU keeps freed memory for reuse (glibc), so the update's large
+buffers stop faulting in page by page; the benchmark gives every system the same; a bad
+RLHF_CPU_MALLOC is one line and exit 2."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+from conftest import FIXTURES, assert_one_line_error, tiny_args
+
+from rlhf import cpu_memory
+
+glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                           reason="the switches are glibc's")
+
+# Page faults of a 64 MB buffer allocated, filled and freed, after one such buffer came and went
+# (the fewest of three tries: a thread may take part of a freed hole once, and the heap grows);
+# then the same after a CPU trainer was built. glibc's default maps each one afresh (16384 faults).
+FAULTS_BEFORE_AND_AFTER_A_TRAINER = """
+import resource, sys
+import torch
+from rlhf.config import RLConfig
+from rlhf.trainer import RLTrainer
+
+def faults_of_a_reused_buffer():
+    buffer = torch.empty(2 ** 24); buffer.fill_(1.0); del buffer
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    buffer = torch.empty(2 ** 24); buffer.fill_(1.0); del buffer
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+before = min(faults_of_a_reused_buffer() for _ in range(3))
+RLTrainer(RLConfig(model_name_or_path=sys.argv[1], output_dir=sys.argv[2], reward_funcs=[sys.argv[3]],
+                   max_new_tokens=4, rollout_batch_size=2, mini_batch_size=2, lora_r=4))
+print(before, min(faults_of_a_reused_buffer() for _ in range(3)))
+"""
+
+
+def _faults(tiny_model_dir, tmp_path, choice: str | None) -> tuple[int, int]:
+    env = {key: value for key, value in os.environ.items() if key != cpu_memory.ENV}
+    if choice is not None:
+        env[cpu_memory.ENV] = choice
+    result = subprocess.run([sys.executable, "-c", FAULTS_BEFORE_AND_AFTER_A_TRAINER, str(tiny_model_dir),
+                             str(tmp_path / (choice or "auto")), f"{FIXTURES / 'rewards.py'}:char_diversity"],
+                            capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before, after = map(int, result.stdout.split()[-2:])
+    return before, after
+
+
+@glibc
+def test_a_cpu_trainer_makes_freed_buffers_reusable_without_page_faults(tiny_model_dir, tmp_path):
+    before, after = _faults(tiny_model_dir, tmp_path, None)
+    assert before > 10_000  # glibc's default: every 4 KiB page of the 64 MB faults in again
+    assert after < 200, after  # the freed buffer's pages are still mapped and reused
+    # the opt-out leaves glibc's default in place
+    before, after = _faults(tiny_model_dir, tmp_path, "default")
+    assert before > 10_000 and after > 10_000
+
+
+def test_malloc_choice_reads_the_environment(monkeypatch):
+    monkeypatch.setenv(cpu_memory.ENV, "default")
+    assert cpu_memory.malloc_choice() == "default"
+    monkeypatch.setenv(cpu_memory.ENV, " KEEP ")
+    assert cpu_memory.malloc_choice() == "keep"
+    monkeypatch.delenv(cpu_memory.ENV)
+    glibc_here = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert cpu_memory.malloc_choice() == ("keep" if glibc_here else "default")
+
+
+def test_an_unknown_malloc_choice_stops_a_training_run_in_one_line(tiny_model_dir, tmp_path, run_here):
+    result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, tmp_path / "run"), env={cpu_memory.ENV: "jemalloc"})
+    assert_one_line_error(result, "RLHF_CPU_MALLOC must be auto, keep or default, got 'jemalloc'")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_an_unknown_malloc_choice_stops_the_benchmark_before_any_system(tmp_path, run_here):
+    result = run_here("benchmark.py", "--out", str(tmp_path / "b.json"), env={cpu_memory.ENV: "tcmalloc"})
+    assert_one_line_error(result, "RLHF_CPU_MALLOC must be auto, keep or default, got 'tcmalloc'")
+    assert not list(tmp_path.iterdir())
+
+
+class _Queue(list):
+    put = list.append
+
+
+@pytest.mark.parametrize("system", ["trl-grpo", "ours-grpo", "machine"])
+def test_the_benchmark_gives_every_system_the_same_allocator(system, monkeypatch):
+    """TRL's process keeps freed memory as ours does: the comparison is of the trainers, not of malloc."""
+    from rlhf import benchmark
+    from rlhf.benchmark import BenchmarkConfig
+
+    calls = []
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped after the allocator was chosen")
+    monkeypatch.setattr(cpu_memory, "keep_freed_memory", lambda: calls.append("keep"))
+    monkeypatch.setattr(benchmark, "run_trl_grpo", stop)
+    monkeypatch.setattr(benchmark, "run_ours", stop)
+    monkeypatch.setattr(benchmark, "run_machine", stop)
+    queue = _Queue()
+    benchmark._child(system, {**BenchmarkConfig().__dict__}, queue)
+    assert calls == ["keep"]
+    assert queue == [(system, None, "RuntimeError: stopped after the allocator was chosen")]
+
+
+@glibc
+def test_keeping_freed_memory_moves_no_number(tiny_model_dir, tmp_path):
+    """The same seeded run under either choice: identical metrics and adapter (a read of memory
+    torch.empty left unwritten would differ here: fresh pages are zero, reused ones are not)."""
+    import json
+
+    from conftest import run_script
+    from safetensors.torch import load_file
+
+    runs = {}
+    for choice in ("default", "keep"):
+        out = tmp_path / choice
+        result = run_script("train_grpo.py", *tiny_args(tiny_model_dir, out, "--num_generations", "2"),
+                            env={cpu_memory.ENV: choice})
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics = [{key: value for key, value in json.loads(line).items()
+                    if not ("time" in key or "per_second" in key or key == "run_id")}
+                   for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[choice] = metrics, load_file(str(out / "final" / "adapter_model.safetensors"))
+    (metrics_default, adapter_default), (metrics_keep, adapter_keep) = runs["default"], runs["keep"]
+    assert metrics_default == metrics_keep and "policy_loss" in metrics_keep[-1]
+    assert adapter_default.keys() == adapter_keep.keys()
+    assert all(adapter_default[key].equal(adapter_keep[key]) for key in adapter_default)
