@@ -74,8 +74,10 @@ def onednn_packing_usable() -> bool:
 
 def available_memory_bytes() -> int:
     """Memory this process can still take: the system's available memory, or less where a cgroup
-    (container) limit is nearer."""
+    (container) limit is nearer, plus what its own heap holds free for reuse (``rlhf.cpu_memory``)."""
     import psutil
+
+    from rlhf.cpu_memory import reusable_heap_bytes
 
     available = int(psutil.virtual_memory().available)
     for limit_file, usage_file in (("memory.max", "memory.current"),  # cgroup v2
@@ -87,7 +89,7 @@ def available_memory_bytes() -> int:
                 available = min(available, int(limit) - used)
         except (OSError, ValueError):
             pass
-    return available
+    return available + reusable_heap_bytes()
 
 
 def onednn_usable() -> bool:

@@ -43,7 +43,7 @@ from rlhf.config import RLConfig, changed_settings, save_config, with_overrides
 from rlhf.data import PromptSampler, check_prompt_lengths, describe_dataset, load_eval_dataset, load_prompt_dataset
 from rlhf.build import build_model
 from rlhf.cpu_linear import use_onednn
-from rlhf.cpu_memory import keep_freed_memory, malloc_choice
+from rlhf.cpu_memory import keep_freed_memory, malloc_choice, release_freed_memory
 from rlhf.card import render_model_card
 from rlhf.distributed import (Reducer, configure_sharding, gathered_state, make_accelerator, shards_weights,
                               unwrapped_full_weights)
@@ -306,6 +306,7 @@ class RLTrainer:
         self.model = self.updater.model = plain
         self.accelerator.free_memory()  # Accelerate's own references to the prepared model
         gc.collect()
+        release_freed_memory()  # what the heap kept for the steps' reuse goes back to the system
         self.accelerator.end_training()
 
     def train_step(self) -> dict[str, float]:
