@@ -166,3 +166,19 @@ def test_keeping_freed_memory_moves_no_number(tiny_model_dir, tmp_path):
     assert metrics_default == metrics_keep and "policy_loss" in metrics_keep[-1]
     assert adapter_default.keys() == adapter_keep.keys()
     assert all(adapter_default[key].equal(adapter_keep[key]) for key in adapter_default)
+
+
+@pytest.mark.parametrize("task", ["ours-grpo", "trl-grpo", "evaluate"])
+def test_the_learning_race_gives_both_systems_and_the_evaluation_the_same_allocator(task, monkeypatch, tmp_path):
+    from rlhf import learning_race
+    from rlhf.benchmark import BenchmarkConfig
+
+    calls = []
+
+    def stop(config, directory):
+        raise RuntimeError(f"stopped after {calls}")
+    monkeypatch.setattr(cpu_memory, "keep_freed_memory", lambda: calls.append("keep"))
+    monkeypatch.setitem(learning_race.TASKS, task, stop)
+    results = _Queue()
+    learning_race._child(task, {**BenchmarkConfig().__dict__}, str(tmp_path), results)
+    assert results == [(None, "RuntimeError: stopped after ['keep']")]
