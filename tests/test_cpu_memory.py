@@ -14,8 +14,8 @@ from conftest import FIXTURES, assert_one_line_error, tiny_args
 
 from rlhf import cpu_memory
 
-glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                           reason="the switches are glibc's")
+GLIBC_HERE = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+glibc = pytest.mark.skipif(not GLIBC_HERE, reason="the switches are glibc's")
 
 # Page faults of a 64 MB buffer allocated, filled and freed, after one such buffer came and went
 # (the fewest of three tries: a thread may take part of a freed hole once, and the heap grows);
@@ -103,8 +103,7 @@ def test_malloc_choice_reads_the_environment(monkeypatch):
     monkeypatch.setenv(cpu_memory.ENV, " KEEP ")
     assert cpu_memory.malloc_choice() == "keep"
     monkeypatch.delenv(cpu_memory.ENV)
-    glibc_here = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert cpu_memory.malloc_choice() == ("keep" if glibc_here else "default")
+    assert cpu_memory.malloc_choice() == ("keep" if GLIBC_HERE else "default")
 
 
 def test_an_unknown_malloc_choice_stops_a_training_run_in_one_line(tiny_model_dir, tmp_path, run_here):
