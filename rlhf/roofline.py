@@ -96,7 +96,7 @@ class ModelShape:
     @property
     def matrices(self) -> int:
         """Every weight matrix: the blocks' linears, the embedding, and the LM head if untied."""
-        return self.block_weights + self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.block_weights + self.lm_head_weights * (1 if self.tied else 2)
 
     @property
     def parameters(self) -> int:
