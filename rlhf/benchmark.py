@@ -21,6 +21,7 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -411,7 +412,7 @@ def model_shape(model: str) -> Any:
 
 
 def _child(system: str, config_dict: dict[str, Any], queue: Any) -> None:
-    from rlhf.cpu_memory import keep_freed_memory
+    from rlhf.cpu_memory import allocator_in_use, keep_freed_memory
 
     config = BenchmarkConfig(**config_dict)
     with tempfile.TemporaryDirectory(prefix=f"bench-{system}-") as tmp:
@@ -432,6 +433,8 @@ def _child(system: str, config_dict: dict[str, Any], queue: Any) -> None:
                 rows, facts = run_ours(system.split("-", 1)[1], config, Path(tmp) / "run")
                 result = {**_summarise(rows, config.sequences), **facts}
             result["peak_rss_mb"] = _peak_rss_mb()
+            if system in SYSTEMS:  # what this trainer's process got, for the table's note
+                result["malloc"] = allocator_in_use()
             queue.put((system, result, None))
         except Exception as exc:  # reported in the table, the other systems still run
             queue.put((system, None, f"{type(exc).__name__}: {exc}"))
@@ -456,7 +459,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     from rlhf.cpu_memory import malloc_choice
     from rlhf.random_models import materialised
 
-    malloc = malloc_choice()  # a bad RLHF_CPU_MALLOC stops here, not in each system's process
+    requested = malloc_choice()  # a bad RLHF_CPU_MALLOC stops here, not in each system's process
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)  # --profile writes beside it while running
     with materialised([config.model, *(config.grow_models if config.grow else [])], config.seed) as paths:
         if config.learning:
@@ -465,7 +468,22 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
             report = run_learning_race(config, paths[config.model])
         else:
             report = run_growth(config, paths) if config.grow else run_sweep(config, paths[config.model])
-    return {**report, "malloc": malloc}
+    # What the systems' processes got (a preloaded jemalloc, a failed switch), not what was asked for
+    allocators = sorted(set(_values_of("malloc", report)))
+    return {**report, "malloc": ", ".join(allocators) or requested}
+
+
+def _values_of(key: str, tree: Any) -> Iterator[Any]:
+    """Every value stored under ``key`` in nested dicts and lists (the children's results)."""
+    if isinstance(tree, dict):
+        for name, value in tree.items():
+            if name == key:
+                yield value
+            else:
+                yield from _values_of(key, value)
+    elif isinstance(tree, list):
+        for value in tree:
+            yield from _values_of(key, value)
 
 
 def run_sweep(config: BenchmarkConfig, model_path: str) -> dict[str, Any]:

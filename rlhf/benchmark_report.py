@@ -107,13 +107,22 @@ def render_sweep(report: dict[str, Any]) -> str:
     return "\n".join([*lines, "", *notes])
 
 
+MALLOC_NOTES = {
+    "keep": "freed buffers kept for reuse in every system's process (glibc malloc without mmap or trimming, "
+            "RLHF_CPU_MALLOC=keep)",
+    "default": "the C library's default malloc in every system's process (RLHF_CPU_MALLOC=default)",
+}
+
+
 def malloc_note(report: dict[str, Any]) -> list[str]:
-    """How each system's process allocated (rlhf.cpu_memory), where the report says."""
-    if "malloc" not in report:  # a report written before the choice was recorded
+    """How the systems' processes allocated (rlhf.cpu_memory.allocator_in_use), where the report says."""
+    allocator = report.get("malloc")
+    if allocator is None:  # a report written before the allocator was recorded
         return []
-    return ["memory: " + ("freed buffers kept for reuse in every system's process (glibc malloc without mmap "
-                          "or trimming, RLHF_CPU_MALLOC=keep)" if report["malloc"] == "keep" else
-                          "the C library's default malloc in every system's process (RLHF_CPU_MALLOC=default)")]
+    if "," in allocator:  # the processes differed: the comparison is not of the trainers alone
+        return [f"memory: the systems' processes allocated differently ({allocator}); compare with care"]
+    return ["memory: " + MALLOC_NOTES.get(allocator, f"{allocator} preloaded in every system's process "
+                                                     "(RLHF_CPU_MALLOC does not reach it)")]
 
 
 def _percent(fraction: float | None) -> str:

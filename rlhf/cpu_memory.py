@@ -26,7 +26,8 @@ once does not keep its peak. jemalloc and tcmalloc, which PyTorch's CPU tuning g
 preloading, also keep freed memory for reuse (returning it gradually).
 
 Only on Linux with glibc, and in the trainer only for runs on CPU (a GPU's memory has its own
-caching allocator); the benchmark applies it to every system's process alike, TRL's included.
+caching allocator); the benchmark applies it to every system's process alike, TRL's included,
+and each process reports what it ran with (``allocator_in_use``: a preloaded allocator is named).
 ``RLHF_CPU_MALLOC=keep`` / ``=default`` overrides the choice.
 """
 
@@ -88,6 +89,28 @@ def keep_freed_memory() -> bool:
     if not _kept and libc is not None and malloc_choice() == "keep":
         _kept = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
     return _kept
+
+
+# Allocators that replace malloc when preloaded (PyTorch's CPU tuning guides suggest jemalloc or
+# tcmalloc); glibc's mallopt still answers then, but the switches reach nothing.
+PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def allocator_in_use(maps: str | None = None) -> str:
+    """How this process allocates: a preloaded allocator's name (``PRELOADED_ALLOCATORS``, found
+    among the mapped libraries; ``maps`` is /proc/self/maps' text, read when None), else 'keep'
+    where ``keep_freed_memory`` set glibc's switches, else 'default'."""
+    if maps is None:
+        try:
+            with open("/proc/self/maps") as file:
+                maps = file.read()
+        except OSError:  # not Linux
+            maps = ""
+    libraries = {line.rsplit("/", 1)[-1] for line in maps.splitlines() if "/" in line}
+    for name in PRELOADED_ALLOCATORS:
+        if any(library.startswith(f"lib{name}") for library in libraries):
+            return name
+    return "keep" if _kept else "default"
 
 
 def reusable_heap_bytes() -> int:

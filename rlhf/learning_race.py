@@ -193,11 +193,12 @@ TASKS: dict[str, Callable[[BenchmarkConfig, Path], dict[str, Any]]] = {
 
 
 def _child(task: str, config_dict: dict[str, Any], directory: str, results: Any) -> None:
-    from rlhf.cpu_memory import keep_freed_memory
+    from rlhf.cpu_memory import allocator_in_use, keep_freed_memory
 
     try:
         keep_freed_memory()  # both systems and the evaluation alike (see rlhf.cpu_memory)
-        results.put((TASKS[task](BenchmarkConfig(**config_dict), Path(directory)), None))
+        result = TASKS[task](BenchmarkConfig(**config_dict), Path(directory))
+        results.put(({**result, "malloc": allocator_in_use()}, None))  # what this process got, for the note
     except Exception as exc:  # reported in the table; the other system and the evaluation still run
         results.put((None, f"{type(exc).__name__}: {exc}"))
 

@@ -56,6 +56,8 @@ def test_length_sweep_of_ours_and_trl_with_roofline_floor_and_profile(tiny_model
             assert f"| {length} | {row} |" in table
     assert "machine (" in table and "every row runs to the length" in table
     assert report["malloc"] == malloc_choice()  # every system's process alike
+    assert {run["results"][system]["malloc"] for run in report["runs"] for system in ("ours-grpo", "trl-grpo")} == {
+        report["malloc"]}  # each trainer's process says what it got
     if report["malloc"] == "keep":
         assert "freed buffers kept for reuse in every system's process" in table
     assert out.with_suffix(".png").read_bytes().startswith(PNG_MAGIC)

@@ -181,3 +181,60 @@ def test_the_learning_race_gives_both_systems_and_the_evaluation_the_same_alloca
     results = _Queue()
     learning_race._child(task, {**BenchmarkConfig().__dict__}, str(tmp_path), results)
     assert results == [(None, "RuntimeError: stopped after ['keep']")]
+
+
+MAPS_WITH_JEMALLOC = """\
+7f1c00000000-7f1c00021000 rw-p 00000000 00:00 0
+7f1c0a000000-7f1c0a0b2000 r-xp 00000000 08:01 131 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+7f1c0b000000-7f1c0b1d4000 r-xp 00000000 08:01 132 /usr/lib/x86_64-linux-gnu/libc.so.6
+"""
+
+
+def test_the_allocator_in_use_names_a_preloaded_one_before_glibc_s_switches(monkeypatch):
+    monkeypatch.setattr(cpu_memory, "_kept", True)
+    assert cpu_memory.allocator_in_use(MAPS_WITH_JEMALLOC) == "jemalloc"  # mallopt answered, but reaches nothing
+    plain = MAPS_WITH_JEMALLOC.replace("libjemalloc.so.2", "libgomp.so.1")
+    assert cpu_memory.allocator_in_use(plain) == "keep"
+    monkeypatch.setattr(cpu_memory, "_kept", False)
+    assert cpu_memory.allocator_in_use(plain) == "default"
+    # this process: no preloaded allocator in the test environment
+    assert cpu_memory.allocator_in_use() in ("keep", "default", *cpu_memory.PRELOADED_ALLOCATORS)
+
+
+@pytest.mark.parametrize("got", [{"ours-grpo": "keep", "trl-grpo": "keep"},
+                                 {"ours-grpo": "keep", "trl-grpo": "jemalloc"},
+                                 {"ours-grpo": "tcmalloc", "trl-grpo": "tcmalloc"}])
+def test_the_benchmark_reports_what_the_systems_processes_got_not_what_was_asked(got, monkeypatch, tmp_path):
+    """The table's memory note comes from each system's process: a preloaded jemalloc, or a process
+    whose switches did not take, shows there instead of the requested setting."""
+    from rlhf import benchmark
+    from rlhf.benchmark import BenchmarkConfig
+    from rlhf.benchmark_report import malloc_note
+
+    def sweep(config, model_path):
+        return {"kind": "sweep", "runs": [{"results": {system: {"step_time_s": 1.0, "malloc": allocator}
+                                                       for system, allocator in got.items()}}]}
+    monkeypatch.setattr(benchmark, "run_sweep", sweep)
+    monkeypatch.setenv(cpu_memory.ENV, "keep")
+    report = benchmark.run_benchmark(BenchmarkConfig(systems=list(got), out=str(tmp_path / "b.json")))
+    note = malloc_note(report)[0]
+    if len(set(got.values())) > 1:
+        assert report["malloc"] == "jemalloc, keep" and "allocated differently (jemalloc, keep)" in note
+    elif "keep" in got.values():
+        assert report["malloc"] == "keep" and "freed buffers kept for reuse in every system's process" in note
+    else:
+        assert report["malloc"] == "tcmalloc" and note == ("memory: tcmalloc preloaded in every system's process "
+                                                            "(RLHF_CPU_MALLOC does not reach it)")
+
+
+def test_a_child_reports_the_allocator_it_ran_with(monkeypatch):
+    from rlhf import benchmark
+    from rlhf.benchmark import BenchmarkConfig
+
+    monkeypatch.setattr(cpu_memory, "keep_freed_memory", lambda: None)
+    monkeypatch.setattr(cpu_memory, "allocator_in_use", lambda: "jemalloc")
+    monkeypatch.setattr(benchmark, "run_ours", lambda *args, **kwargs: ([], {}))
+    monkeypatch.setattr(benchmark, "_summarise", lambda rows, sequences: {"step_time_s": 1.0})
+    queue = _Queue()
+    benchmark._child("ours-grpo", {**BenchmarkConfig().__dict__}, queue)
+    assert queue[0][1]["malloc"] == "jemalloc"
