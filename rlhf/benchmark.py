@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import queue as queues
 import resource
 import statistics
 import tempfile
@@ -25,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rlhf.errors import ConfigError
 
 SYSTEMS = ("ours-grpo", "ours-ppo", "ours-reinforce", "trl-grpo")
 PHASES = ("generation", "scoring", "logprobs", "update")
@@ -79,7 +82,6 @@ class BenchmarkConfig:
                                                              ".png beside it)."})
 
     def __post_init__(self) -> None:
-        from rlhf.errors import ConfigError
         from rlhf.random_models import check_spec
 
         for name in ("steps", "prompts_per_step", "num_generations", "max_new_tokens", "lora_r"):
@@ -385,16 +387,21 @@ def run_machine(config: BenchmarkConfig) -> dict[str, Any]:
     return dataclasses.asdict(measure_machine(model_shape(config.model), config.sequences, batch_rows))
 
 
+def parameter_count(model: str) -> int:
+    """Parameters of ``model`` (a tied tensor once), counted on the meta device: no weights load."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config(model)).parameters())
+
+
 def model_shape(model: str) -> Any:
     """rlhf.roofline's shape of ``model``; ConfigError (one line) for a model it does not count
     right (mixture of experts, ungated MLP, recurrent layers): its bound would be wrong."""
-    from transformers import AutoConfig
-
-    from rlhf.errors import ConfigError
-    from rlhf.models import resolve_model_path
     from rlhf.roofline import ModelShape
 
-    config = AutoConfig.from_pretrained(resolve_model_path(model))
+    config = model_config(model)
     kind = getattr(config, "model_type", type(config).__name__)
     try:
         shape = ModelShape.from_config(config)
@@ -419,7 +426,7 @@ def _child(system: str, config_dict: dict[str, Any], queue: Any) -> None:
         try:
             keep_freed_memory()  # every system alike, TRL's too: ours would otherwise have it from its trainer
             if system == "machine":
-                queue.put((system, run_machine(config), None))
+                queue.put((run_machine(config), None))
                 return
             if system == "floor":
                 result: Any = run_floor(config)
@@ -435,23 +442,38 @@ def _child(system: str, config_dict: dict[str, Any], queue: Any) -> None:
             result["peak_rss_mb"] = _peak_rss_mb()
             if system in SYSTEMS:  # what this trainer's process got, for the table's note
                 result["malloc"] = allocator_in_use()
-            queue.put((system, result, None))
+            queue.put((result, None))
         except Exception as exc:  # reported in the table, the other systems still run
-            queue.put((system, None, f"{type(exc).__name__}: {exc}"))
+            queue.put((None, f"{type(exc).__name__}: {exc}"))
 
 
 def run_in_child(system: str, config: BenchmarkConfig) -> dict[str, Any]:
     """One system in a fresh interpreter (RSS and caches are its own); {"error": ...} if it failed."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_child, args=(system, dataclasses.asdict(config), queue))
-    process.start()
-    _, result, error = queue.get()
-    process.join()
+    result, error = run_process(_child, system, dataclasses.asdict(config))
     where = system if system == "machine" else (
         f"{system} ({config.model}, {config.max_new_tokens} new tokens, group {config.num_generations})")
     print(f"{where}: {'error: ' + error if error else 'done'}", flush=True)
     return result if error is None else {"error": error}
+
+
+def run_process(target: Any, *args: Any) -> tuple[Any, str | None]:
+    """``target(*args, queue)`` in a fresh (spawned) interpreter, which answers (result, error)
+    on the queue; a process that ends without answering (killed by the kernel for memory, by a
+    signal) gives (None, why) instead of a wait that never ends."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=target, args=(*args, queue))
+    process.start()
+    while True:
+        try:
+            answer = queue.get(timeout=5)
+            break
+        except queues.Empty:
+            if not process.is_alive() and queue.empty():
+                answer = (None, f"its process ended with exit code {process.exitcode} and no result")
+                break
+    process.join()
+    return answer
 
 
 def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
@@ -460,7 +482,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     from rlhf.random_models import materialised
 
     requested = malloc_choice()  # a bad RLHF_CPU_MALLOC stops here, not in each system's process
-    Path(config.out).parent.mkdir(parents=True, exist_ok=True)  # --profile writes beside it while running
+    check_inputs(config)
     with materialised([config.model, *(config.grow_models if config.grow else [])], config.seed) as paths:
         if config.learning:
             from rlhf.learning_race import run_learning_race
@@ -468,9 +490,71 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
             report = run_learning_race(config, paths[config.model])
         else:
             report = run_growth(config, paths) if config.grow else run_sweep(config, paths[config.model])
+    failure = every_system_failed(report)
+    if failure:  # an error-only table must not take the place of an earlier run's results
+        raise ConfigError(f"every system failed, nothing written (the first: {failure})")
     # What the systems' processes got (a preloaded jemalloc, a failed switch), not what was asked for
     allocators = sorted(set(_values_of("malloc", report)))
     return {**report, "malloc": ", ".join(allocators) or requested}
+
+
+def check_inputs(config: BenchmarkConfig) -> None:
+    """Refuse, in one line and before anything runs or is written, what would otherwise fail in
+    every system's process: an --out that cannot take the results, a bad RLHF_CPU_LINEAR, a model
+    whose config does not load, a response length beyond the model's positions, a model the
+    roofline cannot count. Then --out's folder exists (--profile writes there while running)."""
+    from rlhf.cpu_linear import use_onednn
+    from rlhf.models import check_sequence_fits
+    from rlhf.random_models import is_random
+
+    out = Path(config.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory: name the JSON file, e.g. {out / 'bench.json'}")
+    if out in (out.with_suffix(".md"), out.with_suffix(".png")):
+        raise ConfigError(f"--out names the JSON results, and the table (.md) and plot (.png) go beside it: "
+                          f"give it another suffix than {out.suffix} (e.g. {out.with_suffix('.json')})")
+    use_onednn()  # a bad RLHF_CPU_LINEAR
+    prompt_budget = ours_config("grpo", config, out.parent, 1).max_prompt_length
+    longest = max([*config.sweep_lengths, *([config.max_new_tokens] if config.grow else [])])
+    for spec in dict.fromkeys([config.model, *(config.grow_models if config.grow else [])]):
+        if is_random(spec):  # built here from a known shape
+            continue
+        check_sequence_fits(model_config(spec), prompt_budget, longest)
+        if config.roofline:
+            model_shape(spec)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}."):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+
+
+def model_config(model: str) -> Any:
+    """The transformers config of ``model`` (a name, a dir); ConfigError (one line) if it does not load."""
+    from transformers import AutoConfig
+
+    from rlhf.models import resolve_model_path
+
+    path = resolve_model_path(model)  # its own ConfigError for a missing dir
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as exc:  # OSError, ValueError, a config field of the wrong type
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ConfigError(f"cannot load model {model!r}: {first}") from None
+
+
+def every_system_failed(report: dict[str, Any]) -> str | None:
+    """The first error when every system's run in ``report`` failed (none ran), else None."""
+    if report["kind"] == "sweep":
+        results = [result for run in report["runs"] for name, result in run["results"].items() if name in SYSTEMS]
+    elif report["kind"] == "growth":
+        results = report["rows"]
+    else:  # learning: the two trainers (the evaluation fails when neither left an adapter)
+        results = list(report["results"].values())
+    if results and all("error" in result for result in results):
+        return results[0]["error"]
+    return None
 
 
 def _values_of(key: str, tree: Any) -> Iterator[Any]:
@@ -546,7 +630,7 @@ def run_growth(config: BenchmarkConfig, paths: dict[str, str]) -> dict[str, Any]
         key = (at.model, at.max_new_tokens, at.num_generations)
         if key not in measured:
             measured[key] = run_in_child("ours-grpo", dataclasses.replace(at, model=paths[at.model]))
-        shape = model_shape(paths[at.model])
         rows.append({"axis": axis, "value": value, "model": at.model, "max_new_tokens": at.max_new_tokens,
-                     "num_generations": at.num_generations, "parameters": shape.parameters, **measured[key]})
+                     "num_generations": at.num_generations, "parameters": parameter_count(paths[at.model]),
+                     **measured[key]})
     return {"kind": "growth", "settings": dataclasses.asdict(config), "rows": rows}

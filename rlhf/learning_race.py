@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import multiprocessing
-import queue as queues
 import shutil
 import statistics
 import time
@@ -30,7 +28,7 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
-from rlhf.benchmark import BenchmarkConfig, ours_config, trl_grpo_trainer, trl_sentiment_reward
+from rlhf.benchmark import BenchmarkConfig, ours_config, run_process, trl_grpo_trainer, trl_sentiment_reward
 from rlhf.trainer import RLTrainer
 
 SYSTEMS = ("ours-grpo", "trl-grpo")
@@ -205,19 +203,7 @@ def _child(task: str, config_dict: dict[str, Any], directory: str, results: Any)
 
 def run_in_child(task: str, config: BenchmarkConfig, directory: Path) -> dict[str, Any]:
     """TASKS[task] in a fresh interpreter; {"error": ...} if it failed or its process died."""
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    process = context.Process(target=_child, args=(task, dataclasses.asdict(config), str(directory), results))
-    process.start()
-    while True:
-        try:
-            result, error = results.get(timeout=5)
-            break
-        except queues.Empty:
-            if not process.is_alive() and results.empty():  # killed (out of memory, a signal) before answering
-                result, error = None, f"its process ended with exit code {process.exitcode} and no result"
-                break
-    process.join()
+    result, error = run_process(_child, task, dataclasses.asdict(config), str(directory))
     print(f"{task}: {'error: ' + error if error else 'done'}", flush=True)
     return result if error is None else {"error": error}
 
@@ -230,10 +216,23 @@ def runs_dir(out: Path) -> Path:
 def run_learning_race(config: BenchmarkConfig, model_path: str) -> dict[str, Any]:
     """Train each system for config.seconds, one after the other, then evaluate what each learned."""
     runs = runs_dir(Path(config.out))
-    for name in (*SYSTEMS, "eval"):  # a previous race written to the same --out
-        shutil.rmtree(runs / name, ignore_errors=True)
+    # A previous race written to the same --out steps aside, and comes back if neither system trains.
+    previous = runs / ".previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    for name in (*SYSTEMS, "eval"):
+        if (runs / name).exists():
+            previous.mkdir(parents=True, exist_ok=True)
+            (runs / name).rename(previous / name)
     race = dataclasses.replace(config, full_length=False)  # responses end at EOS, as in training
     on_model = dataclasses.replace(race, model=model_path)
     results = {system: run_in_child(system, on_model, runs / system) for system in SYSTEMS}
+    if all("error" in result for result in results.values()):
+        for name in (*SYSTEMS, "eval"):
+            shutil.rmtree(runs / name, ignore_errors=True)
+            if (previous / name).exists():
+                (previous / name).rename(runs / name)
+        shutil.rmtree(previous, ignore_errors=True)
+        return {"kind": "learning", "settings": dataclasses.asdict(race), "runs_dir": str(runs), "results": results}
+    shutil.rmtree(previous, ignore_errors=True)
     return {"kind": "learning", "settings": dataclasses.asdict(race), "runs_dir": str(runs), "results": results,
             "evaluation": run_in_child("evaluate", on_model, runs)}

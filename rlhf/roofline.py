@@ -57,17 +57,18 @@ class ModelShape:
                    tied=bool(getattr(text, "tie_word_embeddings", False)))
 
     def matrix_weights_of(self, config: Any) -> str | None:
-        """None if the matrices of the model ``config`` builds (every 2-D parameter, counted on the
-        meta device: no memory) are exactly what this shape counts (the blocks' q/k/v/o and gated
-        MLP, fused or not, the embedding and an untied LM head); else why not, in a few words. A
-        mixture of experts, an MLP without a gate (GPT-NeoX, Phi-2) or recurrent layers fail here,
-        where counting them as a dense Llama block would give a wrong bound."""
+        """None if the matrices of the model ``config`` builds (every parameter of two or more
+        dimensions, counted on the meta device: no memory) are exactly what this shape counts (the
+        blocks' q/k/v/o and gated MLP, fused or not, the embedding and an untied LM head); else why
+        not, in a few words. A mixture of experts (transformers keeps the experts' weights as 3-D
+        tensors), an MLP without a gate (GPT-NeoX, Phi-2) or recurrent layers fail here, where
+        counting them as a dense Llama block would give a wrong bound."""
         import torch
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        found = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+        found = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
         if found != self.matrices:
             return f"its weight matrices hold {found:,} numbers where a dense Llama-style block layout counts {self.matrices:,}"
         return None

@@ -139,7 +139,7 @@ def test_the_benchmark_gives_every_system_the_same_allocator(system, monkeypatch
     queue = _Queue()
     benchmark._child(system, {**BenchmarkConfig().__dict__}, queue)
     assert calls == ["keep"]
-    assert queue == [(system, None, "RuntimeError: stopped after the allocator was chosen")]
+    assert queue == [(None, "RuntimeError: stopped after the allocator was chosen")]
 
 
 @glibc
@@ -237,4 +237,4 @@ def test_a_child_reports_the_allocator_it_ran_with(monkeypatch):
     monkeypatch.setattr(benchmark, "_summarise", lambda rows, sequences: {"step_time_s": 1.0})
     queue = _Queue()
     benchmark._child("ours-grpo", {**BenchmarkConfig().__dict__}, queue)
-    assert queue[0][1]["malloc"] == "jemalloc"
+    assert queue[0][0]["malloc"] == "jemalloc"

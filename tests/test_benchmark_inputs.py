@@ -1,0 +1,142 @@
+"""scripts/benchmark.py refuses bad input in one line before anything runs or is written, never
+replaces an earlier run's results with an error-only report, and never waits forever on a system
+whose process died."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from conftest import assert_one_line_error
+
+from rlhf import benchmark
+from rlhf.benchmark import BenchmarkConfig, check_inputs, run_benchmark, run_process
+from rlhf.errors import ConfigError
+
+
+def _config(tmp_path, **changes) -> BenchmarkConfig:
+    return BenchmarkConfig(**{"systems": ["ours-grpo"], "steps": 1, "warmup_steps": 0, "max_new_tokens": 4,
+                              "out": str(tmp_path / "bench.json"), **changes})
+
+
+def test_an_out_that_cannot_hold_the_results_is_refused_before_any_run(tmp_path, tiny_model_dir):
+    model = str(tiny_model_dir)
+    with pytest.raises(ConfigError, match="is a directory"):
+        check_inputs(_config(tmp_path, model=model, out=str(tmp_path)))
+    for suffix in (".md", ".png"):  # the table or the plot would be written over the JSON
+        with pytest.raises(ConfigError, match=f"another suffix than \\{suffix}"):
+            check_inputs(_config(tmp_path, model=model, out=str(tmp_path / f"bench{suffix}")))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(ConfigError, match="cannot write there"):
+        check_inputs(_config(tmp_path, model=model, out=str(a_file / "bench.json")))
+    check_inputs(_config(tmp_path, model=model, out=str(tmp_path / "new" / "bench")))  # no suffix: fine
+    assert (tmp_path / "new").is_dir() and not list((tmp_path / "new").iterdir())  # the write probe is gone
+
+
+def test_what_would_fail_in_every_system_is_refused_up_front(tmp_path, tiny_model_dir, monkeypatch):
+    with pytest.raises(ConfigError, match="cannot load model|no such local dir|does not exist"):
+        check_inputs(_config(tmp_path, model=str(tmp_path / "nope")))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": "abc"}))
+    with pytest.raises(ConfigError, match="cannot load model") as refused:
+        check_inputs(_config(tmp_path, model=str(broken)))
+    assert "\n" not in str(refused.value)
+    with pytest.raises(ConfigError, match="exceeds the model's 512 positions"):  # the tiny Llama's
+        check_inputs(_config(tmp_path, model=str(tiny_model_dir), lengths=[8, 600]))
+    with pytest.raises(ConfigError, match="exceeds the model's 512 positions"):  # --grow's other axes
+        check_inputs(_config(tmp_path, model=str(tiny_model_dir), grow=True, lengths=[8], max_new_tokens=600,
+                             grow_models=[str(tiny_model_dir)]))
+    from rlhf.cpu_linear import use_onednn
+
+    monkeypatch.setenv("RLHF_CPU_LINEAR", "bogus")
+    use_onednn.cache_clear()  # the choice is read once per process
+    try:
+        with pytest.raises(ConfigError, match="RLHF_CPU_LINEAR must be auto, onednn or blas"):
+            check_inputs(_config(tmp_path, model=str(tiny_model_dir)))
+    finally:
+        monkeypatch.delenv("RLHF_CPU_LINEAR")
+        use_onednn.cache_clear()
+
+
+def test_a_bad_model_keeps_the_earlier_results_and_exits_2_in_one_line(tmp_path, run_here):
+    out = tmp_path / "bench.json"
+    earlier = {out: '{"kind": "sweep"}', out.with_suffix(".md"): "| earlier |\n"}
+    for path, text in earlier.items():
+        path.write_text(text)
+    result = run_here("benchmark.py", "--systems", "ours-grpo", "--model", str(tmp_path / "nope"), "--out", str(out))
+    assert_one_line_error(result, "nope")
+    assert {path: path.read_text() for path in earlier} == earlier
+    assert not out.with_suffix(".png").exists()
+
+
+def test_a_run_where_every_system_failed_writes_nothing(tmp_path, tiny_model_dir, monkeypatch):
+    def failing(system, config):
+        return {"error": "RuntimeError: out of memory"}
+    monkeypatch.setattr(benchmark, "run_in_child", failing)
+    with pytest.raises(ConfigError, match="every system failed, nothing written .the first: RuntimeError: out of"):
+        run_benchmark(_config(tmp_path, model=str(tiny_model_dir), systems=["ours-grpo", "trl-grpo"]))
+
+    def one_ran(system, config):  # one system's error is a row of the table, the run still counts
+        return {"error": "RuntimeError: out of memory"} if system == "trl-grpo" else {"step_time_s": 1.0}
+    monkeypatch.setattr(benchmark, "run_in_child", one_ran)
+    report = run_benchmark(_config(tmp_path, model=str(tiny_model_dir), systems=["ours-grpo", "trl-grpo"]))
+    assert report["runs"][0]["results"]["trl-grpo"] == {"error": "RuntimeError: out of memory"}
+
+
+def test_a_system_whose_process_dies_without_answering_is_an_error_not_a_hang():
+    # os._exit(queue) fails in the child (a TypeError): it ends with code 1 and never answers
+    assert run_process(os._exit) == (None, "its process ended with exit code 1 and no result")
+
+
+def test_the_growth_table_counts_parameters_of_any_model(tmp_path):
+    """--grow needs only a parameter count, not the roofline's Llama shape: a GPT-2 is counted."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=300, n_positions=64)
+    config.save_pretrained(tmp_path / "gpt2")
+    assert benchmark.parameter_count(str(tmp_path / "gpt2")) == sum(p.numel() for p in GPT2LMHeadModel(config).parameters())
+
+
+def test_the_roofline_refuses_a_mixture_of_experts_kept_as_3d_weights(tmp_path):
+    """transformers keeps a Qwen2-MoE's experts as [experts, out, in] tensors; counting only 2-D
+    weights took this one for a dense Llama with its shared expert as the MLP."""
+    from transformers import Qwen2MoeConfig
+
+    Qwen2MoeConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+                   shared_expert_intermediate_size=127, vocab_size=300).save_pretrained(tmp_path / "moe")
+    with pytest.raises(ConfigError, match="is not one: its weight matrices hold"):
+        benchmark.model_shape(str(tmp_path / "moe"))
+
+
+def test_a_learning_race_where_neither_system_trains_keeps_the_earlier_race(tmp_path, monkeypatch):
+    from rlhf import learning_race
+
+    out = tmp_path / "race.json"
+    runs = learning_race.runs_dir(out)
+    for name in ("ours-grpo", "trl-grpo", "eval"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "earlier").write_text(name)
+    config = BenchmarkConfig(learning=True, seconds=1, out=str(out))
+
+    def failing(task, config, directory):
+        directory.mkdir(parents=True, exist_ok=True)  # a partial run's leftovers
+        (directory / "partial").write_text("")
+        return {"error": "ConfigError: cannot load model"}
+    monkeypatch.setattr(learning_race, "run_in_child", failing)
+    report = learning_race.run_learning_race(config, "unused")
+    assert benchmark.every_system_failed(report) == "ConfigError: cannot load model"
+    assert sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*") if p.is_file()) == [
+        "eval/earlier", "ours-grpo/earlier", "trl-grpo/earlier"]
+
+    def trained(task, config, directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "new").write_text("")
+        return {"steps": 1}
+    monkeypatch.setattr(learning_race, "run_in_child", trained)
+    learning_race.run_learning_race(config, "unused")
+    assert sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*") if p.is_file()) == [
+        "new", "ours-grpo/new", "trl-grpo/new"]  # the evaluation writes into runs itself
