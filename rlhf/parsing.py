@@ -76,6 +76,8 @@ def _scalar(tp: Any, value: Any) -> Any:
         if text in ("false", "0", "no"):
             return False
         raise ValueError(value)
+    if tp in (int, float) and isinstance(value, bool):  # YAML's true would pass as 1
+        raise ValueError(value)
     if tp is int:
         if isinstance(value, float) and not value.is_integer():
             raise ValueError(value)

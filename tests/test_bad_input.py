@@ -49,6 +49,17 @@ def test_unknown_key_in_yaml(tmp_path, run_here):
     assert_one_line_error(run_here("train_ppo.py", "--config", str(config)), "kl_coeff", "kl_coef")
 
 
+@pytest.mark.parametrize("line,fragment", [("max_steps: true", "max_steps expects int, got True"),
+                                           ("learning_rate: false", "learning_rate expects float, got False")])
+def test_a_yaml_boolean_in_a_numeric_key_is_refused(line, fragment, tmp_path, run_here):
+    """YAML reads true/false as booleans, which Python would take as 1 and 0 (max_steps: true ran one step)."""
+    config = tmp_path / "bad.yaml"
+    config.write_text(line + "\n")
+    result = run_here("train_ppo.py", "--config", str(config), "--output_dir", str(tmp_path / "out"))
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "out").exists()
+
+
 def test_help_lists_every_key_with_default(run_here):
     result = run_here("train_ppo.py", "--help")
     assert result.returncode == 0
