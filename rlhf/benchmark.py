@@ -13,14 +13,17 @@ learns in the same wall time (rlhf.learning_race).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import multiprocessing
 import queue as queues
 import resource
+import signal
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -464,16 +467,37 @@ def run_process(target: Any, *args: Any) -> tuple[Any, str | None]:
     queue = context.Queue()
     process = context.Process(target=target, args=(*args, queue))
     process.start()
-    while True:
-        try:
-            answer = queue.get(timeout=5)
-            break
-        except queues.Empty:
-            if not process.is_alive() and queue.empty():
-                answer = (None, f"its process ended with exit code {process.exitcode} and no result")
+    try:
+        while True:
+            try:
+                answer = queue.get(timeout=5)
                 break
+            except queues.Empty:
+                if not process.is_alive() and queue.empty():
+                    answer = (None, f"its process ended with exit code {process.exitcode} and no result")
+                    break
+    except BaseException:  # the benchmark is stopping (Ctrl-C, SIGTERM): the system's process stops too
+        process.terminate()
+        process.join()
+        raise
     process.join()
     return answer
+
+
+@contextlib.contextmanager
+def stopping_on_sigterm() -> Iterator[None]:
+    """Inside, SIGTERM exits the benchmark (code 143) through ``run_process``'s cleanup, so the
+    system's process it waits on does not train on alone (SIGTERM otherwise ends the parent only)."""
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:

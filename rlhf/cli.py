@@ -272,7 +272,7 @@ def benchmark_main(argv: list[str] | None = None, prog: str | None = None) -> No
     --seconds 600] [--out bench.json]``."""
 
     def run() -> None:
-        from rlhf.benchmark import BenchmarkConfig, run_benchmark
+        from rlhf.benchmark import BenchmarkConfig, run_benchmark, stopping_on_sigterm
         from rlhf.config import parse_config
 
         config = parse_config(argv, cls=BenchmarkConfig, prog=prog or "benchmark.py",
@@ -280,7 +280,8 @@ def benchmark_main(argv: list[str] | None = None, prog: str | None = None) -> No
                                           "more response lengths; or (--grow) our GRPO against length, group and "
                                           "model size; or (--learning) what our GRPO and TRL's learn in --seconds "
                                           "each, evaluated on held-out prompts.")
-        report = run_benchmark(config)
+        with stopping_on_sigterm():
+            report = run_benchmark(config)
         from rlhf.benchmark_report import write_report  # matplotlib only once there is something to plot
 
         table, written = write_report(report, Path(config.out))

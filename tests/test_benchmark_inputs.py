@@ -140,3 +140,46 @@ def test_a_learning_race_where_neither_system_trains_keeps_the_earlier_race(tmp_
     learning_race.run_learning_race(config, "unused")
     assert sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*") if p.is_file()) == [
         "new", "ours-grpo/new", "trl-grpo/new"]  # the evaluation writes into runs itself
+
+
+def test_sigterm_to_the_benchmark_stops_the_system_it_waits_on(tmp_path, tiny_model_dir):
+    """SIGTERM reaches the parent only (not its process group); the system's process must not go on
+    training alone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from conftest import ROOT, SCRIPT_ENV
+
+    def children(pid: int) -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+        return found
+
+    parent = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", str(tiny_model_dir), "--systems",
+         "ours-grpo", "--max_new_tokens", "4", "--steps", "100000", "--warmup_steps", "0", "--out",
+         str(tmp_path / "b.json")], env={**os.environ, **SCRIPT_ENV}, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    systems: list[int] = []
+    while not systems and time.monotonic() < deadline and parent.poll() is None:
+        # the spawned system (multiprocessing's resource tracker is a child too)
+        systems = [pid for pid in children(parent.pid)
+                   if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+        time.sleep(0.5)
+    assert systems, parent.stderr.read() if parent.poll() is not None else "no system process started"
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=60) == 143
+    time.sleep(1)
+    assert not [pid for pid in systems if Path(f"/proc/{pid}").exists()
+                and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not (tmp_path / "b.json").exists()
