@@ -538,7 +538,10 @@ def check_inputs(config: BenchmarkConfig) -> None:
         raise ConfigError(f"--out names the JSON results, and the table (.md) and plot (.png) go beside it: "
                           f"give it another suffix than {out.suffix} (e.g. {out.with_suffix('.json')})")
     use_onednn()  # a bad RLHF_CPU_LINEAR
-    prompt_budget = ours_config("grpo", config, out.parent, 1).max_prompt_length
+    from rlhf.config import RLConfig
+
+    # the prompt budget every system's run gets (ours_config leaves RLConfig's default)
+    prompt_budget = next(f.default for f in dataclasses.fields(RLConfig) if f.name == "max_prompt_length")
     longest = max([*config.sweep_lengths, *([config.max_new_tokens] if config.grow else [])])
     for spec in dict.fromkeys([config.model, *(config.grow_models if config.grow else [])]):
         if is_random(spec):  # built here from a known shape

@@ -32,6 +32,7 @@ def test_an_out_that_cannot_hold_the_results_is_refused_before_any_run(tmp_path,
     with pytest.raises(ConfigError, match="cannot write there"):
         check_inputs(_config(tmp_path, model=model, out=str(a_file / "bench.json")))
     check_inputs(_config(tmp_path, model=model, out=str(tmp_path / "new" / "bench")))  # no suffix: fine
+    check_inputs(_config(tmp_path, model=model, systems=["ours-ppo"], num_generations=1))  # no group needed
     assert (tmp_path / "new").is_dir() and not list((tmp_path / "new").iterdir())  # the write probe is gone
 
 
