@@ -20,6 +20,7 @@ import math
 import multiprocessing
 import queue as queues
 import resource
+import shutil
 import signal
 import statistics
 import tempfile
@@ -435,7 +436,7 @@ def _child(system: str, config_dict: dict[str, Any], queue: Any) -> None:
                 result: Any = run_floor(config)
             elif system == "profile":
                 run_ours("grpo", dataclasses.replace(config, steps=1), Path(tmp) / "run",
-                         profile_to=Path(config.out).with_suffix(".profile.txt"))
+                         profile_to=unfinished_profile(Path(config.out)))
                 result = {}
             elif system == "trl-grpo":
                 result = _summarise(run_trl_grpo(config, Path(tmp) / "run"), config.sequences)
@@ -447,7 +448,7 @@ def _child(system: str, config_dict: dict[str, Any], queue: Any) -> None:
                 result["malloc"] = allocator_in_use()
             queue.put((result, None))
         except Exception as exc:  # reported in the table, the other systems still run
-            queue.put((None, f"{type(exc).__name__}: {exc}"))
+            queue.put((None, one_line(exc)))
 
 
 def run_in_child(system: str, config: BenchmarkConfig) -> dict[str, Any]:
@@ -474,14 +475,31 @@ def run_process(target: Any, *args: Any) -> tuple[Any, str | None]:
                 break
             except queues.Empty:
                 if not process.is_alive() and queue.empty():
-                    answer = (None, f"its process ended with exit code {process.exitcode} and no result")
+                    answer = (None, f"its process {ended(process.exitcode)} without a result")
                     break
     except BaseException:  # the benchmark is stopping (Ctrl-C, SIGTERM): the system's process stops too
-        process.terminate()
-        process.join()
+        process.terminate()  # a trainer finishes its step on SIGTERM; nothing of it is kept here
+        process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
+            process.join()
         raise
     process.join()
     return answer
+
+
+def ended(exitcode: int | None) -> str:
+    """How a process ended, from its exit code (negative: the signal that killed it)."""
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        return f"was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    return f"ended with exit code {exitcode}"
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: a system's error is one row of the table and one line of stderr."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -506,55 +524,98 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     from rlhf.random_models import materialised
 
     requested = malloc_choice()  # a bad RLHF_CPU_MALLOC stops here, not in each system's process
-    check_inputs(config)
-    with materialised([config.model, *(config.grow_models if config.grow else [])], config.seed) as paths:
-        if config.learning:
-            from rlhf.learning_race import run_learning_race
+    out = Path(config.out)
+    made = check_inputs(config)
+    profile = unfinished_profile(out)
+    try:
+        with materialised([config.model, *(config.grow_models if config.grow else [])], config.seed) as paths:
+            if config.learning:
+                from rlhf.learning_race import run_learning_race
 
-            report = run_learning_race(config, paths[config.model])
-        else:
-            report = run_growth(config, paths) if config.grow else run_sweep(config, paths[config.model])
-    failure = every_system_failed(report)
-    if failure:  # an error-only table must not take the place of an earlier run's results
-        raise ConfigError(f"every system failed, nothing written (the first: {failure})")
+                report = run_learning_race(config, paths[config.model])
+            else:
+                report = run_growth(config, paths) if config.grow else run_sweep(config, paths[config.model])
+        failure = every_system_failed(report)
+        if failure:  # an error-only table must not take the place of an earlier run's results
+            raise ConfigError(f"every system failed, nothing written (the first: {failure})")
+    except BaseException:  # failed or stopped: nothing of this run stays
+        profile.unlink(missing_ok=True)
+        if made is not None and not any(path.is_file() for path in made.rglob("*")):
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+    if profile.exists():
+        profile.replace(output_paths(out)["profile"])
     # What the systems' processes got (a preloaded jemalloc, a failed switch), not what was asked for
     allocators = sorted(set(_values_of("malloc", report)))
     return {**report, "malloc": ", ".join(allocators) or requested}
 
 
-def check_inputs(config: BenchmarkConfig) -> None:
+def check_inputs(config: BenchmarkConfig) -> Path | None:
     """Refuse, in one line and before anything runs or is written, what would otherwise fail in
     every system's process: an --out that cannot take the results, a bad RLHF_CPU_LINEAR, a model
     whose config does not load, a response length beyond the model's positions, a model the
-    roofline cannot count. Then --out's folder exists (--profile writes there while running)."""
+    roofline cannot count. Then --out's folder exists (--profile writes there while running);
+    returns the outermost folder made for it (None: it was there), for ``run_benchmark`` to take
+    back if nothing gets written."""
+    from rlhf.config import RLConfig
     from rlhf.cpu_linear import use_onednn
-    from rlhf.models import check_sequence_fits
-    from rlhf.random_models import is_random
 
     out = Path(config.out)
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a directory: name the JSON file, e.g. {out / 'bench.json'}")
-    if out in (out.with_suffix(".md"), out.with_suffix(".png")):
+    if out.suffix.lower() in (".md", ".png"):
         raise ConfigError(f"--out names the JSON results, and the table (.md) and plot (.png) go beside it: "
-                          f"give it another suffix than {out.suffix} (e.g. {out.with_suffix('.json')})")
+                          f"give it another suffix than {out.suffix} (e.g. {out.with_name(out.stem + '.json')})")
+    for path in output_paths(out).values():
+        if path.is_dir():
+            raise ConfigError(f"--out {out}: {path} is a folder, where the run would write a file; "
+                              "choose another --out")
+    existing = next(folder for folder in (out.parent, *out.parent.parents) if folder.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, not a folder")
     use_onednn()  # a bad RLHF_CPU_LINEAR
-    from rlhf.config import RLConfig
-
     # the prompt budget every system's run gets (ours_config leaves RLConfig's default)
     prompt_budget = next(f.default for f in dataclasses.fields(RLConfig) if f.name == "max_prompt_length")
     longest = max([*config.sweep_lengths, *([config.max_new_tokens] if config.grow else [])])
     for spec in dict.fromkeys([config.model, *(config.grow_models if config.grow else [])]):
-        if is_random(spec):  # built here from a known shape
-            continue
-        check_sequence_fits(model_config(spec), prompt_budget, longest)
-        if config.roofline:
+        positions = model_positions(spec)
+        if positions is not None and prompt_budget + longest > positions:
+            raise ConfigError(f"{longest} new tokens after the benchmark's {prompt_budget}-token prompt budget need "
+                              f"{prompt_budget + longest} positions, and {spec} has {positions} "
+                              "(max_position_embeddings): choose shorter --lengths / --max_new_tokens")
+        if config.roofline and not spec.startswith("random:"):  # random shapes are Llamas
             model_shape(spec)
+    made = None if out.parent.exists() else next(
+        folder for folder in (out.parent, *out.parent.parents) if folder.parent == existing)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}."):
             pass
     except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+        raise ConfigError(f"--out {out}: cannot write in {out.parent} ({exc.strerror or exc})") from None
+    return made
+
+
+def output_paths(out: Path) -> dict[str, Path]:
+    """The files a run writes at --out: the JSON, the table, the plot and --profile's op table."""
+    return {"json": out, "table": out.with_suffix(".md"), "plot": out.with_suffix(".png"),
+            "profile": out.with_suffix(".profile.txt")}
+
+
+def unfinished_profile(out: Path) -> Path:
+    """Where --profile's op table goes while the run is going (moved beside --out once it is written)."""
+    return out.parent / f".{out.stem}.profile.txt.partial"
+
+
+def model_positions(spec: str) -> int | None:
+    """The positions (max_position_embeddings) of a model or ``random:`` shape; None if it has no such limit."""
+    from rlhf.random_models import is_random, shape_of
+
+    if is_random(spec):
+        positions = shape_of(spec).get("max_position_embeddings")
+    else:
+        model = model_config(spec)
+        text = model.get_text_config() if hasattr(model, "get_text_config") else model
+        positions = getattr(text, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) else None
 
 
 def model_config(model: str) -> Any:

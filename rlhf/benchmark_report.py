@@ -248,13 +248,23 @@ def plot_growth(report: dict[str, Any], path: Path) -> Path:
 
 
 def write_report(report: dict[str, Any], out: Path) -> tuple[str, list[Path]]:
-    """The JSON at ``out``, the table beside it (.md) and the plot (.png); returns (table, paths)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    table = render_table(report)
-    markdown = out.with_suffix(".md")
-    markdown.write_text(table + "\n")
+    """The JSON at ``out``, the table beside it (.md) and the plot (.png); returns (table, paths).
+    Each is written to a new file first and then put in place, so an earlier run's file is either
+    kept whole or replaced whole."""
     from rlhf.learning_race_report import plot_race
 
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = render_table(report)
     plot = {"growth": plot_growth, "learning": plot_race}.get(report.get("kind"), plot_sweep)
-    return table, [out, markdown, plot(report, out.with_suffix(".png"))]
+    paths = [out, out.with_suffix(".md"), out.with_suffix(".png")]
+    drafts = [path.with_name(f".{path.stem}.partial{path.suffix}") for path in paths]  # savefig reads the suffix
+    try:
+        drafts[0].write_text(json.dumps(report, indent=2))
+        drafts[1].write_text(table + "\n")
+        plot(report, drafts[2])
+        for draft, path in zip(drafts, paths):
+            draft.replace(path)
+    finally:
+        for draft in drafts:
+            draft.unlink(missing_ok=True)
+    return table, paths

@@ -272,7 +272,7 @@ def benchmark_main(argv: list[str] | None = None, prog: str | None = None) -> No
     --seconds 600] [--out bench.json]``."""
 
     def run() -> None:
-        from rlhf.benchmark import BenchmarkConfig, run_benchmark, stopping_on_sigterm
+        from rlhf.benchmark import BenchmarkConfig, output_paths, run_benchmark, stopping_on_sigterm
         from rlhf.config import parse_config
 
         config = parse_config(argv, cls=BenchmarkConfig, prog=prog or "benchmark.py",
@@ -289,7 +289,7 @@ def benchmark_main(argv: list[str] | None = None, prog: str | None = None) -> No
         print("written: " + ", ".join(map(str, written)))
         profile = report["runs"][0]["results"].get("profile", {}) if report["kind"] == "sweep" else {}
         if config.profile and "error" not in profile:
-            print(f"profile of one ours-grpo step: {Path(config.out).with_suffix('.profile.txt')}")
+            print(f"profile of one ours-grpo step: {output_paths(Path(config.out))['profile']}")
 
     exit_on_user_error(run)
 

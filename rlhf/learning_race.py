@@ -28,7 +28,8 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
-from rlhf.benchmark import BenchmarkConfig, ours_config, run_process, trl_grpo_trainer, trl_sentiment_reward
+from rlhf.benchmark import (BenchmarkConfig, one_line, ours_config, run_process, trl_grpo_trainer,
+                            trl_sentiment_reward)
 from rlhf.trainer import RLTrainer
 
 SYSTEMS = ("ours-grpo", "trl-grpo")
@@ -198,7 +199,7 @@ def _child(task: str, config_dict: dict[str, Any], directory: str, results: Any)
         result = TASKS[task](BenchmarkConfig(**config_dict), Path(directory))
         results.put(({**result, "malloc": allocator_in_use()}, None))  # what this process got, for the note
     except Exception as exc:  # reported in the table; the other system and the evaluation still run
-        results.put((None, f"{type(exc).__name__}: {exc}"))
+        results.put((None, one_line(exc)))
 
 
 def run_in_child(task: str, config: BenchmarkConfig, directory: Path) -> dict[str, Any]:
@@ -216,23 +217,43 @@ def runs_dir(out: Path) -> Path:
 def run_learning_race(config: BenchmarkConfig, model_path: str) -> dict[str, Any]:
     """Train each system for config.seconds, one after the other, then evaluate what each learned."""
     runs = runs_dir(Path(config.out))
-    # A previous race written to the same --out steps aside, and comes back if neither system trains.
     previous = runs / ".previous"
-    shutil.rmtree(previous, ignore_errors=True)
-    for name in (*SYSTEMS, "eval"):
+    if previous.exists():  # a race killed before it could put it back (SIGKILL) left the one before it there
+        _put_back(runs, previous)
+    # The previous race written to the same --out steps aside, and comes back if neither system
+    # trains (or the race is stopped before one has).
+    for name in RUN_FOLDERS:
         if (runs / name).exists():
             previous.mkdir(parents=True, exist_ok=True)
             (runs / name).rename(previous / name)
     race = dataclasses.replace(config, full_length=False)  # responses end at EOS, as in training
     on_model = dataclasses.replace(race, model=model_path)
-    results = {system: run_in_child(system, on_model, runs / system) for system in SYSTEMS}
+    results: dict[str, Any] = {}
+    try:
+        for system in SYSTEMS:
+            results[system] = run_in_child(system, on_model, runs / system)
+    except BaseException:
+        if not any("error" not in result for result in results.values()):
+            _put_back(runs, previous)
+        raise
     if all("error" in result for result in results.values()):
-        for name in (*SYSTEMS, "eval"):
-            shutil.rmtree(runs / name, ignore_errors=True)
-            if (previous / name).exists():
-                (previous / name).rename(runs / name)
-        shutil.rmtree(previous, ignore_errors=True)
+        _put_back(runs, previous)
         return {"kind": "learning", "settings": dataclasses.asdict(race), "runs_dir": str(runs), "results": results}
     shutil.rmtree(previous, ignore_errors=True)
     return {"kind": "learning", "settings": dataclasses.asdict(race), "runs_dir": str(runs), "results": results,
             "evaluation": run_in_child("evaluate", on_model, runs)}
+
+
+RUN_FOLDERS = (*SYSTEMS, "eval")
+
+
+def _put_back(runs: Path, previous: Path) -> None:
+    """The earlier race's folders (set aside in ``previous``, if any) back in ``runs``, in place
+    of what this race left there; ``runs`` goes if that leaves it empty."""
+    for name in RUN_FOLDERS:
+        shutil.rmtree(runs / name, ignore_errors=True)
+        if (previous / name).exists():
+            (previous / name).rename(runs / name)
+    shutil.rmtree(previous, ignore_errors=True)
+    if runs.is_dir() and not any(runs.iterdir()):
+        runs.rmdir()

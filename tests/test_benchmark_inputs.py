@@ -22,18 +22,23 @@ def _config(tmp_path, **changes) -> BenchmarkConfig:
 
 def test_an_out_that_cannot_hold_the_results_is_refused_before_any_run(tmp_path, tiny_model_dir):
     model = str(tiny_model_dir)
-    with pytest.raises(ConfigError, match="is a directory"):
+    with pytest.raises(ConfigError, match="is a folder, where the run would write a file"):
         check_inputs(_config(tmp_path, model=model, out=str(tmp_path)))
-    for suffix in (".md", ".png"):  # the table or the plot would be written over the JSON
+    (tmp_path / "table.md").mkdir()  # where the table of --out table.json would go
+    with pytest.raises(ConfigError, match="table.md is a folder, where the run would write a file"):
+        check_inputs(_config(tmp_path, model=model, out=str(tmp_path / "table.json")))
+    for suffix in (".md", ".png", ".MD"):  # the table or the plot would be written over the JSON
         with pytest.raises(ConfigError, match=f"another suffix than \\{suffix}"):
             check_inputs(_config(tmp_path, model=model, out=str(tmp_path / f"bench{suffix}")))
     a_file = tmp_path / "a_file"
     a_file.write_text("")
-    with pytest.raises(ConfigError, match="cannot write there"):
-        check_inputs(_config(tmp_path, model=model, out=str(a_file / "bench.json")))
-    check_inputs(_config(tmp_path, model=model, out=str(tmp_path / "new" / "bench")))  # no suffix: fine
+    with pytest.raises(ConfigError, match="a_file is a file, not a folder"):
+        check_inputs(_config(tmp_path, model=model, out=str(a_file / "deeper" / "bench.json")))
+    assert check_inputs(_config(tmp_path, model=model, out=str(tmp_path / "new" / "deeper" / "bench"))) == (
+        tmp_path / "new")  # no suffix is fine; the outermost folder made is returned
+    assert (tmp_path / "new" / "deeper").is_dir() and not list((tmp_path / "new" / "deeper").iterdir())  # no probe left
+    assert check_inputs(_config(tmp_path, model=model, out=str(tmp_path / "new" / "deeper" / "b.json"))) is None
     check_inputs(_config(tmp_path, model=model, systems=["ours-ppo"], num_generations=1))  # no group needed
-    assert (tmp_path / "new").is_dir() and not list((tmp_path / "new").iterdir())  # the write probe is gone
 
 
 def test_what_would_fail_in_every_system_is_refused_up_front(tmp_path, tiny_model_dir, monkeypatch):
@@ -45,11 +50,13 @@ def test_what_would_fail_in_every_system_is_refused_up_front(tmp_path, tiny_mode
     with pytest.raises(ConfigError, match="cannot load model") as refused:
         check_inputs(_config(tmp_path, model=str(broken)))
     assert "\n" not in str(refused.value)
-    with pytest.raises(ConfigError, match="exceeds the model's 512 positions"):  # the tiny Llama's
-        check_inputs(_config(tmp_path, model=str(tiny_model_dir), lengths=[8, 600]))
-    with pytest.raises(ConfigError, match="exceeds the model's 512 positions"):  # --grow's other axes
+    with pytest.raises(ConfigError, match="need 696 positions, and .* has 512 .* choose shorter --lengths"):
+        check_inputs(_config(tmp_path, model=str(tiny_model_dir), lengths=[8, 600]))  # the tiny Llama's 512
+    with pytest.raises(ConfigError, match="need 696 positions"):  # --grow's other axes run at max_new_tokens
         check_inputs(_config(tmp_path, model=str(tiny_model_dir), grow=True, lengths=[8], max_new_tokens=600,
                              grow_models=[str(tiny_model_dir)]))
+    with pytest.raises(ConfigError, match="random:smollm2-135m has 8192"):  # a random shape's, without building it
+        check_inputs(_config(tmp_path, model="random:smollm2-135m", max_new_tokens=9000))
     from rlhf.cpu_linear import use_onednn
 
     monkeypatch.setenv("RLHF_CPU_LINEAR", "bogus")
@@ -89,7 +96,54 @@ def test_a_run_where_every_system_failed_writes_nothing(tmp_path, tiny_model_dir
 
 def test_a_system_whose_process_dies_without_answering_is_an_error_not_a_hang():
     # os._exit(queue) fails in the child (a TypeError): it ends with code 1 and never answers
-    assert run_process(os._exit) == (None, "its process ended with exit code 1 and no result")
+    assert run_process(os._exit) == (None, "its process ended with exit code 1 without a result")
+    assert benchmark.ended(-9) == "was killed by SIGKILL (out of memory?)"
+    assert benchmark.one_line(RuntimeError("\nfirst\nsecond")) == "RuntimeError: first"
+
+
+def test_a_failed_run_leaves_no_profile_and_no_folder_of_its_own(tmp_path, tiny_model_dir, monkeypatch):
+    out = tmp_path / "made" / "b.json"
+
+    def failing(config, model_path):  # --profile's table is written while the run goes on
+        benchmark.unfinished_profile(out).write_text("this run's profile")
+        return {"kind": "sweep", "runs": [{"results": {"ours-grpo": {"error": "RuntimeError: boom"}}}]}
+    monkeypatch.setattr(benchmark, "run_sweep", failing)
+    with pytest.raises(ConfigError, match="every system failed"):
+        run_benchmark(_config(tmp_path, model=str(tiny_model_dir), out=str(out), profile=True))
+    assert not (tmp_path / "made").exists()
+
+    out = tmp_path / "b.json"
+    benchmark.output_paths(out)["profile"].write_text("an earlier profile")
+    with pytest.raises(ConfigError, match="every system failed"):
+        run_benchmark(_config(tmp_path, model=str(tiny_model_dir), out=str(out), profile=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.profile.txt"]
+    assert benchmark.output_paths(out)["profile"].read_text() == "an earlier profile"
+
+    def ran(config, model_path):
+        benchmark.unfinished_profile(out).write_text("this run's profile")
+        return {"kind": "sweep", "runs": [{"results": {"ours-grpo": {"step_time_s": 1.0}}}]}
+    monkeypatch.setattr(benchmark, "run_sweep", ran)
+    run_benchmark(_config(tmp_path, model=str(tiny_model_dir), out=str(out), profile=True))
+    assert benchmark.output_paths(out)["profile"].read_text() == "this run's profile"
+    assert not benchmark.unfinished_profile(out).exists()
+
+
+def test_writing_the_report_keeps_earlier_files_whole_when_it_fails(tmp_path, monkeypatch):
+    from rlhf import benchmark_report
+
+    out = tmp_path / "b.json"
+    earlier = {out: "{}", out.with_suffix(".md"): "| earlier |\n"}
+    for path, text in earlier.items():
+        path.write_text(text)
+
+    def broken_plot(report, path):
+        raise RuntimeError("no display")
+    monkeypatch.setattr(benchmark_report, "plot_sweep", broken_plot)
+    with pytest.raises(RuntimeError):
+        benchmark_report.write_report({"kind": "sweep", "settings": {"full_length": True, "model": "m"}, "runs": []},
+                                      out)
+    assert {path: path.read_text() for path in earlier} == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.md"]  # no drafts left
 
 
 def test_the_growth_table_counts_parameters_of_any_model(tmp_path):
@@ -184,3 +238,46 @@ def test_sigterm_to_the_benchmark_stops_the_system_it_waits_on(tmp_path, tiny_mo
     assert not [pid for pid in systems if Path(f"/proc/{pid}").exists()
                 and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
     assert not (tmp_path / "b.json").exists()
+
+
+def test_a_stopped_learning_race_puts_the_earlier_one_back(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM before either system trained, or a race killed outright (SIGKILL) before
+    it could: the earlier race's folders come back, now or at the next race."""
+    from rlhf import learning_race
+
+    out = tmp_path / "race.json"
+    runs = learning_race.runs_dir(out)
+    (runs / "ours-grpo" / "final").mkdir(parents=True)
+    (runs / "ours-grpo" / "final" / "earlier").write_text("")
+    config = BenchmarkConfig(learning=True, seconds=1, out=str(out))
+    calls = []
+
+    def stopped(task, config, directory):
+        calls.append(task)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "partial").write_text("")
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {"error": "RuntimeError: out of memory"}
+    monkeypatch.setattr(learning_race, "run_in_child", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        learning_race.run_learning_race(config, "unused")
+    files = sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*") if p.is_file())
+    assert files == ["ours-grpo/final/earlier"]
+
+    # a race killed outright left the earlier one aside and its own partial folders in place
+    (runs / ".previous").mkdir()
+    (runs / "ours-grpo").rename(runs / ".previous" / "ours-grpo")
+    (runs / "trl-grpo").mkdir()
+    (runs / "trl-grpo" / "partial").write_text("")
+    calls.clear()
+    monkeypatch.setattr(learning_race, "run_in_child", lambda task, config, directory: {"error": "RuntimeError: x"})
+    learning_race.run_learning_race(config, "unused")
+    files = sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*") if p.is_file())
+    assert files == ["ours-grpo/final/earlier"]
+
+    # no earlier race and nothing trained: no folder of this race stays
+    import shutil
+    shutil.rmtree(runs)
+    learning_race.run_learning_race(config, "unused")
+    assert not runs.exists()
