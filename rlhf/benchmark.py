@@ -98,7 +98,7 @@ class BenchmarkConfig:
         unknown = [s for s in self.systems if s not in SYSTEMS]
         if unknown:
             raise ConfigError(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
-        grouped = self.grow or self.learning or any(s.endswith("-grpo") for s in self.systems)
+        grouped = self.grow or self.learning or self.profile or any(s.endswith("-grpo") for s in self.systems)
         if grouped and self.num_generations < 2:
             raise ConfigError("GRPO compares the samples of one prompt: set num_generations >= 2, "
                               f"got {self.num_generations}")

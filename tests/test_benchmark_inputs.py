@@ -41,6 +41,12 @@ def test_an_out_that_cannot_hold_the_results_is_refused_before_any_run(tmp_path,
     check_inputs(_config(tmp_path, model=model, systems=["ours-ppo"], num_generations=1))  # no group needed
 
 
+def test_profile_runs_our_grpo_so_it_needs_a_group():
+    with pytest.raises(ConfigError, match="set num_generations >= 2"):
+        BenchmarkConfig(systems=["ours-ppo"], num_generations=1, profile=True)
+    BenchmarkConfig(systems=["ours-ppo"], num_generations=1)
+
+
 def test_what_would_fail_in_every_system_is_refused_up_front(tmp_path, tiny_model_dir, monkeypatch):
     with pytest.raises(ConfigError, match="cannot load model|no such local dir|does not exist"):
         check_inputs(_config(tmp_path, model=str(tmp_path / "nope")))
