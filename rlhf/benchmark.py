@@ -23,6 +23,7 @@ import resource
 import shutil
 import signal
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -507,6 +508,7 @@ def stopping_on_sigterm() -> Iterator[None]:
     """Inside, SIGTERM exits the benchmark (code 143) through ``run_process``'s cleanup, so the
     system's process it waits on does not train on alone (SIGTERM otherwise ends the parent only)."""
     def stop(signum: int, frame: Any) -> None:
+        print("stopped by SIGTERM", file=sys.stderr)
         raise SystemExit(128 + signum)
     if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
         yield
@@ -519,35 +521,64 @@ def stopping_on_sigterm() -> Iterator[None]:
 
 
 def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
-    """The systems at each of config.sweep_lengths (or, with ``grow``, the growth study)."""
+    """The systems at each of config.sweep_lengths (or, with ``grow``, the growth study; with
+    ``learning``, the race); ConfigError when every system failed. Writes only --profile's table
+    in progress (``unfinished_profile``); ``benchmark_to_files`` checks the inputs first and
+    writes the results."""
     from rlhf.cpu_memory import malloc_choice
     from rlhf.random_models import materialised
 
     requested = malloc_choice()  # a bad RLHF_CPU_MALLOC stops here, not in each system's process
+    with materialised([config.model, *(config.grow_models if config.grow else [])], config.seed) as paths:
+        if config.learning:
+            from rlhf.learning_race import run_learning_race
+
+            report = run_learning_race(config, paths[config.model])
+        else:
+            report = run_growth(config, paths) if config.grow else run_sweep(config, paths[config.model])
+    failure = every_system_failed(report)
+    if failure:  # an error-only table must not take the place of an earlier run's results
+        raise ConfigError(f"every system failed, nothing written (the first: {failure})")
+    # What the systems' processes got (a preloaded jemalloc, a failed switch), not what was asked for
+    allocators = sorted(set(_values_of("malloc", report)))
+    return {**report, "malloc": ", ".join(allocators) or requested}
+
+
+def benchmark_to_files(config: BenchmarkConfig) -> tuple[dict[str, Any], str, list[Path]]:
+    """Check the inputs, run, write the report at --out: (report, table, files written).
+
+    An earlier run's files at --out (and an earlier race's runs) give way only once this run's
+    report is written; a run that fails or is stopped (Ctrl-C, SIGTERM) before that leaves them
+    as they were and nothing of its own (its --profile table, the folders it made, its race runs).
+    """
+    from rlhf.benchmark_report import write_report
+    from rlhf.cpu_memory import malloc_choice
+    from rlhf.learning_race import drop_earlier_race, put_back_earlier_race, set_aside_earlier_race
+
+    malloc_choice()  # a bad RLHF_CPU_MALLOC before the other checks, as before any system
     out = Path(config.out)
     made = check_inputs(config)
     profile = unfinished_profile(out)
     try:
-        with materialised([config.model, *(config.grow_models if config.grow else [])], config.seed) as paths:
-            if config.learning:
-                from rlhf.learning_race import run_learning_race
-
-                report = run_learning_race(config, paths[config.model])
-            else:
-                report = run_growth(config, paths) if config.grow else run_sweep(config, paths[config.model])
-        failure = every_system_failed(report)
-        if failure:  # an error-only table must not take the place of an earlier run's results
-            raise ConfigError(f"every system failed, nothing written (the first: {failure})")
-    except BaseException:  # failed or stopped: nothing of this run stays
+        if config.learning:
+            set_aside_earlier_race(out)
+        report = run_benchmark(config)
+        table, written = write_report(report, out)
+    except BaseException:
         profile.unlink(missing_ok=True)
+        if config.learning:
+            put_back_earlier_race(out)
         if made is not None and not any(path.is_file() for path in made.rglob("*")):
             shutil.rmtree(made, ignore_errors=True)
         raise
     if profile.exists():
-        profile.replace(output_paths(out)["profile"])
-    # What the systems' processes got (a preloaded jemalloc, a failed switch), not what was asked for
-    allocators = sorted(set(_values_of("malloc", report)))
-    return {**report, "malloc": ", ".join(allocators) or requested}
+        written.append(output_paths(out)["profile"])
+        profile.replace(written[-1])
+    elif config.profile:  # its process failed (the report says why): no earlier run's table beside this report
+        output_paths(out)["profile"].unlink(missing_ok=True)
+    if config.learning:
+        drop_earlier_race(out)
+    return report, table, written
 
 
 def check_inputs(config: BenchmarkConfig) -> Path | None:
@@ -555,19 +586,22 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
     every system's process: an --out that cannot take the results, a bad RLHF_CPU_LINEAR, a model
     whose config does not load, a response length beyond the model's positions, a model the
     roofline cannot count. Then --out's folder exists (--profile writes there while running);
-    returns the outermost folder made for it (None: it was there), for ``run_benchmark`` to take
-    back if nothing gets written."""
+    returns the outermost folder made for it (None: it was there), for ``benchmark_to_files`` to
+    take back if nothing gets written."""
     from rlhf.config import RLConfig
     from rlhf.cpu_linear import use_onednn
+    from rlhf.learning_race import runs_dir
 
     out = Path(config.out)
     if out.suffix.lower() in (".md", ".png"):
         raise ConfigError(f"--out names the JSON results, and the table (.md) and plot (.png) go beside it: "
                           f"give it another suffix than {out.suffix} (e.g. {out.with_name(out.stem + '.json')})")
-    for path in output_paths(out).values():
-        if path.is_dir():
-            raise ConfigError(f"--out {out}: {path} is a folder, where the run would write a file; "
-                              "choose another --out")
+    taken = [path for kind, path in output_paths(out).items() if (kind != "profile" or config.profile) and path.is_dir()]
+    if taken:
+        raise ConfigError(f"--out {out}: {taken[0]} is a folder, where the run would write a file; choose another --out")
+    runs = runs_dir(out)
+    if config.learning and runs.exists() and not runs.is_dir():
+        raise ConfigError(f"--out {out}: {runs} is a file, where the race keeps its runs; choose another --out")
     existing = next(folder for folder in (out.parent, *out.parent.parents) if folder.exists())
     if not existing.is_dir():
         raise ConfigError(f"--out {out}: {existing} is a file, not a folder")

@@ -272,7 +272,7 @@ def benchmark_main(argv: list[str] | None = None, prog: str | None = None) -> No
     --seconds 600] [--out bench.json]``."""
 
     def run() -> None:
-        from rlhf.benchmark import BenchmarkConfig, output_paths, run_benchmark, stopping_on_sigterm
+        from rlhf.benchmark import BenchmarkConfig, benchmark_to_files, stopping_on_sigterm
         from rlhf.config import parse_config
 
         config = parse_config(argv, cls=BenchmarkConfig, prog=prog or "benchmark.py",
@@ -281,15 +281,12 @@ def benchmark_main(argv: list[str] | None = None, prog: str | None = None) -> No
                                           "model size; or (--learning) what our GRPO and TRL's learn in --seconds "
                                           "each, evaluated on held-out prompts.")
         with stopping_on_sigterm():
-            report = run_benchmark(config)
-        from rlhf.benchmark_report import write_report  # matplotlib only once there is something to plot
-
-        table, written = write_report(report, Path(config.out))
+            report, table, written = benchmark_to_files(config)
         print(table)
         print("written: " + ", ".join(map(str, written)))
         profile = report["runs"][0]["results"].get("profile", {}) if report["kind"] == "sweep" else {}
-        if config.profile and "error" not in profile:
-            print(f"profile of one ours-grpo step: {output_paths(Path(config.out))['profile']}")
+        if config.profile and "error" in profile:
+            print(f"the profile of one ours-grpo step failed: {profile['error']}")
 
     exit_on_user_error(run)
 

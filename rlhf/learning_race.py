@@ -215,45 +215,42 @@ def runs_dir(out: Path) -> Path:
 
 
 def run_learning_race(config: BenchmarkConfig, model_path: str) -> dict[str, Any]:
-    """Train each system for config.seconds, one after the other, then evaluate what each learned."""
+    """Train each system for config.seconds, one after the other, then evaluate what each learned.
+    An earlier race's runs at the same --out were set aside first (``set_aside_earlier_race``)."""
     runs = runs_dir(Path(config.out))
-    previous = runs / ".previous"
-    if previous.exists():  # a race killed before it could put it back (SIGKILL) left the one before it there
-        _put_back(runs, previous)
-    # The previous race written to the same --out steps aside, and comes back if neither system
-    # trains (or the race is stopped before one has).
-    for name in RUN_FOLDERS:
-        if (runs / name).exists():
-            previous.mkdir(parents=True, exist_ok=True)
-            (runs / name).rename(previous / name)
     race = dataclasses.replace(config, full_length=False)  # responses end at EOS, as in training
     on_model = dataclasses.replace(race, model=model_path)
-    results: dict[str, Any] = {}
-    try:
-        for system in SYSTEMS:
-            results[system] = run_in_child(system, on_model, runs / system)
-    except BaseException:
-        if not any("error" not in result for result in results.values()):
-            _put_back(runs, previous)
-        raise
+    results = {system: run_in_child(system, on_model, runs / system) for system in SYSTEMS}
+    report = {"kind": "learning", "settings": dataclasses.asdict(race), "runs_dir": str(runs), "results": results}
     if all("error" in result for result in results.values()):
-        _put_back(runs, previous)
-        return {"kind": "learning", "settings": dataclasses.asdict(race), "runs_dir": str(runs), "results": results}
-    shutil.rmtree(previous, ignore_errors=True)
-    return {"kind": "learning", "settings": dataclasses.asdict(race), "runs_dir": str(runs), "results": results,
-            "evaluation": run_in_child("evaluate", on_model, runs)}
+        return report  # nothing to evaluate (and the benchmark stops on it)
+    return {**report, "evaluation": run_in_child("evaluate", on_model, runs)}
 
 
-RUN_FOLDERS = (*SYSTEMS, "eval")
+def earlier_race(out: Path) -> Path:
+    """Where the runs of an earlier race at ``out`` wait while a new race runs."""
+    return out.parent / f".{out.stem}-runs.previous"
 
 
-def _put_back(runs: Path, previous: Path) -> None:
-    """The earlier race's folders (set aside in ``previous``, if any) back in ``runs``, in place
-    of what this race left there; ``runs`` goes if that leaves it empty."""
-    for name in RUN_FOLDERS:
-        shutil.rmtree(runs / name, ignore_errors=True)
-        if (previous / name).exists():
-            (previous / name).rename(runs / name)
-    shutil.rmtree(previous, ignore_errors=True)
-    if runs.is_dir() and not any(runs.iterdir()):
-        runs.rmdir()
+def set_aside_earlier_race(out: Path) -> None:
+    """Move the runs of an earlier race at ``out`` (one folder, one rename) out of the new race's
+    way, until ``put_back_earlier_race`` or ``drop_earlier_race``. Where a race was killed before
+    it could do either (SIGKILL), its runs are dropped and the earlier race's come back first."""
+    runs, previous = runs_dir(out), earlier_race(out)
+    if previous.exists():
+        put_back_earlier_race(out)
+    if runs.exists():
+        runs.rename(previous)
+
+
+def put_back_earlier_race(out: Path) -> None:
+    """This race's runs go; the earlier race's (if any) come back: its report at ``out`` was kept."""
+    runs, previous = runs_dir(out), earlier_race(out)
+    shutil.rmtree(runs, ignore_errors=True)
+    if previous.exists():
+        previous.rename(runs)
+
+
+def drop_earlier_race(out: Path) -> None:
+    """This race's report is written: the earlier race's runs go."""
+    shutil.rmtree(earlier_race(out), ignore_errors=True)

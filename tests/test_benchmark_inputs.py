@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 from conftest import assert_one_line_error
 
 from rlhf import benchmark
-from rlhf.benchmark import BenchmarkConfig, check_inputs, run_benchmark, run_process
+from rlhf.benchmark import BenchmarkConfig, benchmark_to_files, check_inputs, run_benchmark, run_process
 from rlhf.errors import ConfigError
 
 
@@ -107,7 +108,18 @@ def test_a_system_whose_process_dies_without_answering_is_an_error_not_a_hang():
     assert benchmark.one_line(RuntimeError("\nfirst\nsecond")) == "RuntimeError: first"
 
 
+def _written_plainly(monkeypatch):
+    """write_report without rendering (the fake reports below have no settings): the JSON only."""
+    from rlhf import benchmark_report
+
+    def write(report, out):
+        out.write_text(json.dumps(report))
+        return "table", [out]
+    monkeypatch.setattr(benchmark_report, "write_report", write)
+
+
 def test_a_failed_run_leaves_no_profile_and_no_folder_of_its_own(tmp_path, tiny_model_dir, monkeypatch):
+    _written_plainly(monkeypatch)
     out = tmp_path / "made" / "b.json"
 
     def failing(config, model_path):  # --profile's table is written while the run goes on
@@ -115,13 +127,13 @@ def test_a_failed_run_leaves_no_profile_and_no_folder_of_its_own(tmp_path, tiny_
         return {"kind": "sweep", "runs": [{"results": {"ours-grpo": {"error": "RuntimeError: boom"}}}]}
     monkeypatch.setattr(benchmark, "run_sweep", failing)
     with pytest.raises(ConfigError, match="every system failed"):
-        run_benchmark(_config(tmp_path, model=str(tiny_model_dir), out=str(out), profile=True))
+        benchmark_to_files(_config(tmp_path, model=str(tiny_model_dir), out=str(out), profile=True))
     assert not (tmp_path / "made").exists()
 
     out = tmp_path / "b.json"
     benchmark.output_paths(out)["profile"].write_text("an earlier profile")
     with pytest.raises(ConfigError, match="every system failed"):
-        run_benchmark(_config(tmp_path, model=str(tiny_model_dir), out=str(out), profile=True))
+        benchmark_to_files(_config(tmp_path, model=str(tiny_model_dir), out=str(out), profile=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.profile.txt"]
     assert benchmark.output_paths(out)["profile"].read_text() == "an earlier profile"
 
@@ -129,9 +141,17 @@ def test_a_failed_run_leaves_no_profile_and_no_folder_of_its_own(tmp_path, tiny_
         benchmark.unfinished_profile(out).write_text("this run's profile")
         return {"kind": "sweep", "runs": [{"results": {"ours-grpo": {"step_time_s": 1.0}}}]}
     monkeypatch.setattr(benchmark, "run_sweep", ran)
-    run_benchmark(_config(tmp_path, model=str(tiny_model_dir), out=str(out), profile=True))
+    _, _, written = benchmark_to_files(_config(tmp_path, model=str(tiny_model_dir), out=str(out), profile=True))
+    assert written == [out, benchmark.output_paths(out)["profile"]]
     assert benchmark.output_paths(out)["profile"].read_text() == "this run's profile"
     assert not benchmark.unfinished_profile(out).exists()
+
+    def profile_failed(config, model_path):  # no table of this run: none of an earlier run beside its report
+        return {"kind": "sweep", "runs": [{"results": {"ours-grpo": {"step_time_s": 1.0},
+                                                       "profile": {"error": "RuntimeError: boom"}}}]}
+    monkeypatch.setattr(benchmark, "run_sweep", profile_failed)
+    benchmark_to_files(_config(tmp_path, model=str(tiny_model_dir), out=str(out), profile=True))
+    assert not benchmark.output_paths(out)["profile"].exists()
 
 
 def test_writing_the_report_keeps_earlier_files_whole_when_it_fails(tmp_path, monkeypatch):
@@ -171,36 +191,6 @@ def test_the_roofline_refuses_a_mixture_of_experts_kept_as_3d_weights(tmp_path):
                    shared_expert_intermediate_size=127, vocab_size=300).save_pretrained(tmp_path / "moe")
     with pytest.raises(ConfigError, match="is not one: its weight matrices hold"):
         benchmark.model_shape(str(tmp_path / "moe"))
-
-
-def test_a_learning_race_where_neither_system_trains_keeps_the_earlier_race(tmp_path, monkeypatch):
-    from rlhf import learning_race
-
-    out = tmp_path / "race.json"
-    runs = learning_race.runs_dir(out)
-    for name in ("ours-grpo", "trl-grpo", "eval"):
-        (runs / name).mkdir(parents=True)
-        (runs / name / "earlier").write_text(name)
-    config = BenchmarkConfig(learning=True, seconds=1, out=str(out))
-
-    def failing(task, config, directory):
-        directory.mkdir(parents=True, exist_ok=True)  # a partial run's leftovers
-        (directory / "partial").write_text("")
-        return {"error": "ConfigError: cannot load model"}
-    monkeypatch.setattr(learning_race, "run_in_child", failing)
-    report = learning_race.run_learning_race(config, "unused")
-    assert benchmark.every_system_failed(report) == "ConfigError: cannot load model"
-    assert sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*") if p.is_file()) == [
-        "eval/earlier", "ours-grpo/earlier", "trl-grpo/earlier"]
-
-    def trained(task, config, directory):
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "new").write_text("")
-        return {"steps": 1}
-    monkeypatch.setattr(learning_race, "run_in_child", trained)
-    learning_race.run_learning_race(config, "unused")
-    assert sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*") if p.is_file()) == [
-        "new", "ours-grpo/new", "trl-grpo/new"]  # the evaluation writes into runs itself
 
 
 def test_sigterm_to_the_benchmark_stops_the_system_it_waits_on(tmp_path, tiny_model_dir):
@@ -246,44 +236,90 @@ def test_sigterm_to_the_benchmark_stops_the_system_it_waits_on(tmp_path, tiny_mo
     assert not (tmp_path / "b.json").exists()
 
 
-def test_a_stopped_learning_race_puts_the_earlier_one_back(tmp_path, monkeypatch):
-    """Ctrl-C or SIGTERM before either system trained, or a race killed outright (SIGKILL) before
-    it could: the earlier race's folders come back, now or at the next race."""
+def _earlier_race(out):
+    """An earlier race at ``out``: its report and one file in each of its run folders."""
+    from rlhf import learning_race
+
+    runs = learning_race.runs_dir(out)
+    for name in ("ours-grpo/final", "trl-grpo", "eval"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "earlier").write_text("")
+    out.write_text('{"kind": "learning", "earlier": true}')
+    return runs
+
+
+def _files(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+EARLIER_RACE = ["eval/earlier", "ours-grpo/final/earlier", "trl-grpo/earlier"]
+
+
+@pytest.mark.parametrize("stop_at", ["no system trains", "second system", "evaluation", "writing the report"])
+def test_a_learning_race_that_fails_or_is_stopped_keeps_the_earlier_race(stop_at, tmp_path, tiny_model_dir,
+                                                                         monkeypatch):
+    """The earlier race's runs give way only once the new race's report is written."""
+    from rlhf import benchmark_report, learning_race
+
+    _written_plainly(monkeypatch)
+    out = tmp_path / "race.json"
+    runs = _earlier_race(out)
+    calls = []
+
+    def task(name, config, directory):
+        calls.append(name)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "new").write_text("")  # this race's (partial) output
+        if stop_at == "no system trains":
+            return {"error": "ConfigError: cannot load model"}
+        if (stop_at, len(calls)) in (("second system", 2), ("evaluation", 3)):
+            raise KeyboardInterrupt
+        return {"steps": 1}
+    monkeypatch.setattr(learning_race, "run_in_child", task)
+    if stop_at == "writing the report":
+        def stopped(report, out):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(benchmark_report, "write_report", stopped)
+    config = BenchmarkConfig(learning=True, seconds=1, model=str(tiny_model_dir), out=str(out))
+    with pytest.raises(ConfigError if stop_at == "no system trains" else KeyboardInterrupt):
+        benchmark_to_files(config)
+    assert _files(runs) == EARLIER_RACE and json.loads(out.read_text())["earlier"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["race-runs", "race.json"]  # nothing set aside left
+
+
+def test_a_learning_race_replaces_the_earlier_one_once_its_report_is_written(tmp_path, tiny_model_dir, monkeypatch):
+    from rlhf import learning_race
+
+    _written_plainly(monkeypatch)
+    out = tmp_path / "race.json"
+    runs = _earlier_race(out)
+
+    def trained(name, config, directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "new").write_text("")
+        return {"steps": 1}
+    monkeypatch.setattr(learning_race, "run_in_child", trained)
+    benchmark_to_files(BenchmarkConfig(learning=True, seconds=1, model=str(tiny_model_dir), out=str(out)))
+    assert _files(runs) == ["new", "ours-grpo/new", "trl-grpo/new"]  # the evaluation writes into runs itself
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["race-runs", "race.json"]
+
+
+def test_a_killed_race_gives_the_earlier_one_back_at_the_next_race(tmp_path, tiny_model_dir, monkeypatch):
+    """SIGKILL leaves no chance to put the earlier race back: the next race does it first."""
     from rlhf import learning_race
 
     out = tmp_path / "race.json"
-    runs = learning_race.runs_dir(out)
-    (runs / "ours-grpo" / "final").mkdir(parents=True)
-    (runs / "ours-grpo" / "final" / "earlier").write_text("")
-    config = BenchmarkConfig(learning=True, seconds=1, out=str(out))
-    calls = []
+    runs = _earlier_race(out)
+    learning_race.set_aside_earlier_race(out)  # the killed race set it aside ...
+    (runs / "ours-grpo").mkdir(parents=True)
+    (runs / "ours-grpo" / "partial").write_text("")  # ... and had begun its own
+    learning_race.set_aside_earlier_race(out)  # the next race
+    learning_race.put_back_earlier_race(out)  # which then failed
+    assert _files(runs) == EARLIER_RACE
+    assert not learning_race.earlier_race(out).exists()
 
-    def stopped(task, config, directory):
-        calls.append(task)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "partial").write_text("")
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return {"error": "RuntimeError: out of memory"}
-    monkeypatch.setattr(learning_race, "run_in_child", stopped)
-    with pytest.raises(KeyboardInterrupt):
-        learning_race.run_learning_race(config, "unused")
-    files = sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*") if p.is_file())
-    assert files == ["ours-grpo/final/earlier"]
-
-    # a race killed outright left the earlier one aside and its own partial folders in place
-    (runs / ".previous").mkdir()
-    (runs / "ours-grpo").rename(runs / ".previous" / "ours-grpo")
-    (runs / "trl-grpo").mkdir()
-    (runs / "trl-grpo" / "partial").write_text("")
-    calls.clear()
-    monkeypatch.setattr(learning_race, "run_in_child", lambda task, config, directory: {"error": "RuntimeError: x"})
-    learning_race.run_learning_race(config, "unused")
-    files = sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*") if p.is_file())
-    assert files == ["ours-grpo/final/earlier"]
-
-    # no earlier race and nothing trained: no folder of this race stays
-    import shutil
-    shutil.rmtree(runs)
-    learning_race.run_learning_race(config, "unused")
+    shutil.rmtree(runs)  # no earlier race: a failed race leaves no runs folder
+    learning_race.set_aside_earlier_race(out)
+    (runs / "ours-grpo").mkdir(parents=True)
+    learning_race.put_back_earlier_race(out)
     assert not runs.exists()
