@@ -416,7 +416,7 @@ def model_shape(model: str) -> Any:
         try:
             problem = shape.matrix_weights_of(config)
         except Exception as exc:  # custom code, a config transformers cannot build a model from
-            problem = f"building it on the meta device to check failed ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            problem = f"building it on the meta device to check failed ({one_line(exc)})"
     if problem:
         raise ConfigError(f"--roofline counts the work of dense Llama-style decoders (Llama, Mistral, Qwen2/3, Gemma, "
                           f"Phi-3); {model} ({kind}) is not one: {problem}. Drop --roofline for this model")
@@ -499,8 +499,13 @@ def ended(exitcode: int | None) -> str:
 
 def one_line(exc: BaseException) -> str:
     """``Type: first line of the message``: a system's error is one row of the table and one line of stderr."""
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    first = first_line(exc)
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message ('' if none)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
 
 
 @contextlib.contextmanager
@@ -591,6 +596,7 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
     from rlhf.config import RLConfig
     from rlhf.cpu_linear import use_onednn
     from rlhf.learning_race import runs_dir
+    from rlhf.random_models import is_random
 
     out = Path(config.out)
     if out.suffix.lower() in (".md", ".png"):
@@ -615,7 +621,7 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
             raise ConfigError(f"{longest} new tokens after the benchmark's {prompt_budget}-token prompt budget need "
                               f"{prompt_budget + longest} positions, and {spec} has {positions} "
                               "(max_position_embeddings): choose shorter --lengths / --max_new_tokens")
-        if config.roofline and not spec.startswith("random:"):  # random shapes are Llamas
+        if config.roofline and not is_random(spec):  # random shapes are Llamas
             model_shape(spec)
     made = None if out.parent.exists() else next(
         folder for folder in (out.parent, *out.parent.parents) if folder.parent == existing)
@@ -662,8 +668,7 @@ def model_config(model: str) -> Any:
     try:
         return AutoConfig.from_pretrained(path)
     except Exception as exc:  # OSError, ValueError, a config field of the wrong type
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise ConfigError(f"cannot load model {model!r}: {first}") from None
+        raise ConfigError(f"cannot load model {model!r}: {first_line(exc) or type(exc).__name__}") from None
 
 
 def every_system_failed(report: dict[str, Any]) -> str | None:
