@@ -558,12 +558,13 @@ def benchmark_to_files(config: BenchmarkConfig) -> tuple[dict[str, Any], str, li
     """
     from rlhf.benchmark_report import write_report
     from rlhf.cpu_memory import malloc_choice
-    from rlhf.learning_race import drop_earlier_race, put_back_earlier_race, set_aside_earlier_race
+    from rlhf.learning_race import set_aside_earlier_race, settle_runs
 
     malloc_choice()  # a bad RLHF_CPU_MALLOC before the other checks, as before any system
     out = Path(config.out)
     made = check_inputs(config)
     profile = unfinished_profile(out)
+    profile.unlink(missing_ok=True)  # a killed run's
     try:
         if config.learning:
             set_aside_earlier_race(out)
@@ -572,18 +573,24 @@ def benchmark_to_files(config: BenchmarkConfig) -> tuple[dict[str, Any], str, li
     except BaseException:
         profile.unlink(missing_ok=True)
         if config.learning:
-            put_back_earlier_race(out)
+            settle_runs(out)  # the earlier race's runs back (unless this race's report got written)
         if made is not None and not any(path.is_file() for path in made.rglob("*")):
             shutil.rmtree(made, ignore_errors=True)
         raise
-    if profile.exists():
+    final_profile = _through_link(output_paths(out)["profile"])
+    if config.profile and profile.exists():
+        profile.replace(final_profile)
         written.append(output_paths(out)["profile"])
-        profile.replace(written[-1])
     elif config.profile:  # its process failed (the report says why): no earlier run's table beside this report
-        output_paths(out)["profile"].unlink(missing_ok=True)
+        final_profile.unlink(missing_ok=True)
     if config.learning:
-        drop_earlier_race(out)
+        settle_runs(out)  # the earlier race's runs go
     return report, table, written
+
+
+def _through_link(path: Path) -> Path:
+    """The file a symlink at ``path`` points to (a result written there keeps the link), else ``path``."""
+    return path.resolve() if path.is_symlink() else path
 
 
 def check_inputs(config: BenchmarkConfig) -> Path | None:
@@ -625,12 +632,18 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
             model_shape(spec)
     made = None if out.parent.exists() else next(
         folder for folder in (out.parent, *out.parent.parents) if folder.parent == existing)
+    folder = out.parent
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}."):
-            pass
+        # where each file lands: beside --out, or where a symlink there points
+        for folder in dict.fromkeys(_through_link(path).parent for kind, path in output_paths(out).items()
+                                    if kind != "profile" or config.profile):
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{out.name}."):
+                pass
     except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot write in {out.parent} ({exc.strerror or exc})") from None
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise ConfigError(f"--out {out}: cannot write in {folder} ({exc.strerror or exc})") from None
     return made
 
 

@@ -257,7 +257,7 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[str, list[Path]]:
     table = render_table(report)
     plot = {"growth": plot_growth, "learning": plot_race}.get(report.get("kind"), plot_sweep)
     paths = [out, out.with_suffix(".md"), out.with_suffix(".png")]
-    targets = [path.resolve() if path.is_symlink() else path for path in paths]  # write through a link
+    targets = [path.resolve() if path.is_symlink() else path for path in paths]  # write through a link (as the profile)
     drafts = [path.with_name(f".{path.stem}.partial{path.suffix}") for path in targets]  # savefig reads the suffix
     try:
         drafts[0].write_text(json.dumps(report, indent=2))

@@ -23,6 +23,7 @@ import math
 import shutil
 import statistics
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -216,15 +217,23 @@ def runs_dir(out: Path) -> Path:
 
 def run_learning_race(config: BenchmarkConfig, model_path: str) -> dict[str, Any]:
     """Train each system for config.seconds, one after the other, then evaluate what each learned.
-    An earlier race's runs at the same --out were set aside first (``set_aside_earlier_race``)."""
+    An earlier race's runs at the same --out were set aside first (``set_aside_earlier_race``);
+    the runs folder and the report carry the same race id (see ``settle_runs``)."""
     runs = runs_dir(Path(config.out))
+    race_id = uuid.uuid4().hex
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / RACE_ID_FILE).write_text(race_id)
     race = dataclasses.replace(config, full_length=False)  # responses end at EOS, as in training
     on_model = dataclasses.replace(race, model=model_path)
     results = {system: run_in_child(system, on_model, runs / system) for system in SYSTEMS}
-    report = {"kind": "learning", "settings": dataclasses.asdict(race), "runs_dir": str(runs), "results": results}
+    report = {"kind": "learning", "race_id": race_id, "settings": dataclasses.asdict(race), "runs_dir": str(runs),
+              "results": results}
     if all("error" in result for result in results.values()):
         return report  # nothing to evaluate (and the benchmark stops on it)
     return {**report, "evaluation": run_in_child("evaluate", on_model, runs)}
+
+
+RACE_ID_FILE = ".race_id"
 
 
 def earlier_race(out: Path) -> Path:
@@ -233,24 +242,41 @@ def earlier_race(out: Path) -> Path:
 
 
 def set_aside_earlier_race(out: Path) -> None:
-    """Move the runs of an earlier race at ``out`` (one folder, one rename) out of the new race's
-    way, until ``put_back_earlier_race`` or ``drop_earlier_race``. Where a race was killed before
-    it could do either (SIGKILL), its runs are dropped and the earlier race's come back first."""
+    """Move the runs of the race whose report is at ``out`` (one folder, one rename) out of the new
+    race's way, until ``settle_runs`` decides which runs stay."""
+    settle_runs(out)  # what a race killed at any moment (SIGKILL) left
+    if runs_dir(out).exists():
+        runs_dir(out).rename(earlier_race(out))
+
+
+def settle_runs(out: Path) -> None:
+    """Keep the runs that belong to the report at ``out`` and nothing else: the set-aside runs of
+    an earlier race come back if the report is still that race's (the new race failed or was
+    stopped before its report was written), else they go; runs of a race without a report go.
+    Runs and report belong together when they carry the same race id (none for races written
+    before ids); deciding by the ids makes this right whatever moment a race was stopped at."""
     runs, previous = runs_dir(out), earlier_race(out)
+    reported = _report_race_id(out)
     if previous.exists():
-        put_back_earlier_race(out)
-    if runs.exists():
-        runs.rename(previous)
+        if _race_id(previous) == reported and not (runs.exists() and _race_id(runs) == reported):
+            shutil.rmtree(runs, ignore_errors=True)
+            previous.rename(runs)
+        else:
+            shutil.rmtree(previous, ignore_errors=True)
+    if runs.exists() and _race_id(runs) != reported:
+        shutil.rmtree(runs, ignore_errors=True)
 
 
-def put_back_earlier_race(out: Path) -> None:
-    """This race's runs go; the earlier race's (if any) come back: its report at ``out`` was kept."""
-    runs, previous = runs_dir(out), earlier_race(out)
-    shutil.rmtree(runs, ignore_errors=True)
-    if previous.exists():
-        previous.rename(runs)
+def _race_id(runs: Path) -> str | None:
+    try:
+        return (runs / RACE_ID_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
-def drop_earlier_race(out: Path) -> None:
-    """This race's report is written: the earlier race's runs go."""
-    shutil.rmtree(earlier_race(out), ignore_errors=True)
+def _report_race_id(out: Path) -> str | None:
+    try:
+        report = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return None
+    return report.get("race_id") if isinstance(report, dict) and report.get("kind") == "learning" else None

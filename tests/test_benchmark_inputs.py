@@ -300,26 +300,63 @@ def test_a_learning_race_replaces_the_earlier_one_once_its_report_is_written(tmp
         return {"steps": 1}
     monkeypatch.setattr(learning_race, "run_in_child", trained)
     benchmark_to_files(BenchmarkConfig(learning=True, seconds=1, model=str(tiny_model_dir), out=str(out)))
-    assert _files(runs) == ["new", "ours-grpo/new", "trl-grpo/new"]  # the evaluation writes into runs itself
+    # the evaluation writes into runs itself; the race id ties these runs to the report
+    assert _files(runs) == [".race_id", "new", "ours-grpo/new", "trl-grpo/new"]
+    assert json.loads(out.read_text())["race_id"] == (runs / ".race_id").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["race-runs", "race.json"]
 
 
 def test_a_killed_race_gives_the_earlier_one_back_at_the_next_race(tmp_path, tiny_model_dir, monkeypatch):
-    """SIGKILL leaves no chance to put the earlier race back: the next race does it first."""
+    """SIGKILL leaves no chance to settle the runs: the next race does it first, by the race ids of
+    the report and of the runs folders, whatever moment the kill came at."""
     from rlhf import learning_race
 
     out = tmp_path / "race.json"
     runs = _earlier_race(out)
-    learning_race.set_aside_earlier_race(out)  # the killed race set it aside ...
-    (runs / "ours-grpo").mkdir(parents=True)
-    (runs / "ours-grpo" / "partial").write_text("")  # ... and had begun its own
-    learning_race.set_aside_earlier_race(out)  # the next race
-    learning_race.put_back_earlier_race(out)  # which then failed
-    assert _files(runs) == EARLIER_RACE
-    assert not learning_race.earlier_race(out).exists()
+    (runs / learning_race.RACE_ID_FILE).write_text("A")
+    out.write_text('{"kind": "learning", "race_id": "A"}')
 
-    shutil.rmtree(runs)  # no earlier race: a failed race leaves no runs folder
-    learning_race.set_aside_earlier_race(out)
-    (runs / "ours-grpo").mkdir(parents=True)
-    learning_race.put_back_earlier_race(out)
-    assert not runs.exists()
+    def killed_race(race_id):  # set the earlier race aside, began its own runs
+        learning_race.set_aside_earlier_race(out)
+        (runs / "ours-grpo").mkdir(parents=True)
+        (runs / learning_race.RACE_ID_FILE).write_text(race_id)
+        (runs / "ours-grpo" / "partial").write_text("")
+
+    killed_race("B")  # killed before its report was written
+    learning_race.settle_runs(out)  # what the next race does first
+    assert _files(runs) == [".race_id", *EARLIER_RACE] and not learning_race.earlier_race(out).exists()
+
+    killed_race("B")  # killed after its report was written, before the earlier runs were dropped
+    out.write_text('{"kind": "learning", "race_id": "B"}')
+    learning_race.settle_runs(out)
+    assert _files(runs) == [".race_id", "ours-grpo/partial"] and not learning_race.earlier_race(out).exists()
+
+    shutil.rmtree(runs)  # no earlier race at all: a failed race leaves no runs folder
+    out.unlink()
+    killed_race("C")
+    learning_race.settle_runs(out)
+    assert not runs.exists() and not learning_race.earlier_race(out).exists()
+
+
+def test_a_stale_profile_draft_is_never_taken_for_this_runs_table(tmp_path, tiny_model_dir, monkeypatch):
+    _written_plainly(monkeypatch)
+    out = tmp_path / "b.json"
+    benchmark.unfinished_profile(out).write_text("a killed run's draft")
+    monkeypatch.setattr(benchmark, "run_sweep", lambda config, model_path: {
+        "kind": "sweep", "runs": [{"results": {"ours-grpo": {"step_time_s": 1.0}}}]})
+    benchmark_to_files(_config(tmp_path, model=str(tiny_model_dir), out=str(out)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]
+
+
+def test_a_symlinked_out_is_written_through_and_checked_where_it_points(tmp_path, tiny_model_dir, monkeypatch):
+    link = tmp_path / "b.json"
+    link.symlink_to(tmp_path / "nowhere" / "real.json")
+    with pytest.raises(ConfigError, match="cannot write in .*nowhere"):
+        check_inputs(_config(tmp_path, model=str(tiny_model_dir), out=str(link)))
+    (tmp_path / "nowhere").mkdir()
+    from rlhf import benchmark_report
+
+    monkeypatch.setattr(benchmark_report, "render_table", lambda report: "table")
+    monkeypatch.setattr(benchmark_report, "plot_sweep", lambda report, path: path.write_bytes(b"png") and path)
+    benchmark_report.write_report({"kind": "sweep"}, link)
+    assert link.is_symlink() and json.loads((tmp_path / "nowhere" / "real.json").read_text()) == {"kind": "sweep"}
