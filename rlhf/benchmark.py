@@ -577,7 +577,7 @@ def benchmark_to_files(config: BenchmarkConfig) -> tuple[dict[str, Any], str, li
         if made is not None and not any(path.is_file() for path in made.rglob("*")):
             shutil.rmtree(made, ignore_errors=True)
         raise
-    final_profile = _through_link(output_paths(out)["profile"])
+    final_profile = through_link(output_paths(out)["profile"])
     if config.profile and profile.exists():
         profile.replace(final_profile)
         written.append(output_paths(out)["profile"])
@@ -588,7 +588,7 @@ def benchmark_to_files(config: BenchmarkConfig) -> tuple[dict[str, Any], str, li
     return report, table, written
 
 
-def _through_link(path: Path) -> Path:
+def through_link(path: Path) -> Path:
     """The file a symlink at ``path`` points to (a result written there keeps the link), else ``path``."""
     return path.resolve() if path.is_symlink() else path
 
@@ -596,14 +596,14 @@ def _through_link(path: Path) -> Path:
 def check_inputs(config: BenchmarkConfig) -> Path | None:
     """Refuse, in one line and before anything runs or is written, what would otherwise fail in
     every system's process: an --out that cannot take the results, a bad RLHF_CPU_LINEAR, a model
-    whose config does not load, a response length beyond the model's positions, a model the
-    roofline cannot count. Then --out's folder exists (--profile writes there while running);
+    whose config does not load, a response length beyond the model's positions (``run_sweep``
+    refuses a model the roofline cannot count). Then --out's folder exists (--profile writes there
+    while running);
     returns the outermost folder made for it (None: it was there), for ``benchmark_to_files`` to
     take back if nothing gets written."""
     from rlhf.config import RLConfig
     from rlhf.cpu_linear import use_onednn
     from rlhf.learning_race import runs_dir
-    from rlhf.random_models import is_random
 
     out = Path(config.out)
     if out.suffix.lower() in (".md", ".png"):
@@ -628,15 +628,13 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
             raise ConfigError(f"{longest} new tokens after the benchmark's {prompt_budget}-token prompt budget need "
                               f"{prompt_budget + longest} positions, and {spec} has {positions} "
                               "(max_position_embeddings): choose shorter --lengths / --max_new_tokens")
-        if config.roofline and not is_random(spec):  # random shapes are Llamas
-            model_shape(spec)
     made = None if out.parent.exists() else next(
         folder for folder in (out.parent, *out.parent.parents) if folder.parent == existing)
     folder = out.parent
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         # where each file lands: beside --out, or where a symlink there points
-        for folder in dict.fromkeys(_through_link(path).parent for kind, path in output_paths(out).items()
+        for folder in dict.fromkeys(through_link(path).parent for kind, path in output_paths(out).items()
                                     if kind != "profile" or config.profile):
             with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{out.name}."):
                 pass

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from rlhf.benchmark import PHASES  # noqa: E402
+from rlhf.benchmark import PHASES, through_link  # noqa: E402
 from rlhf.roofline import PHASES_WITH_BOUNDS  # noqa: E402
 
 SECONDS = ("step_time_s", *(f"{phase}_s" for phase in PHASES))
@@ -257,7 +257,7 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[str, list[Path]]:
     table = render_table(report)
     plot = {"growth": plot_growth, "learning": plot_race}.get(report.get("kind"), plot_sweep)
     paths = [out, out.with_suffix(".md"), out.with_suffix(".png")]
-    targets = [path.resolve() if path.is_symlink() else path for path in paths]  # write through a link (as the profile)
+    targets = [through_link(path) for path in paths]
     drafts = [path.with_name(f".{path.stem}.partial{path.suffix}") for path in targets]  # savefig reads the suffix
     try:
         drafts[0].write_text(json.dumps(report, indent=2))
