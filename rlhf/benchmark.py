@@ -423,38 +423,39 @@ def model_shape(model: str) -> Any:
     return shape
 
 
-def _child(system: str, config_dict: dict[str, Any], queue: Any) -> None:
+def _child(system: str, config_dict: dict[str, Any], workdir: str, queue: Any) -> None:
     from rlhf.cpu_memory import allocator_in_use, keep_freed_memory
 
     config = BenchmarkConfig(**config_dict)
-    with tempfile.TemporaryDirectory(prefix=f"bench-{system}-") as tmp:
-        try:
-            keep_freed_memory()  # every system alike, TRL's too: ours would otherwise have it from its trainer
-            if system == "machine":
-                queue.put((run_machine(config), None))
-                return
-            if system == "floor":
-                result: Any = run_floor(config)
-            elif system == "profile":
-                run_ours("grpo", dataclasses.replace(config, steps=1), Path(tmp) / "run",
-                         profile_to=unfinished_profile(Path(config.out)))
-                result = {}
-            elif system == "trl-grpo":
-                result = _summarise(run_trl_grpo(config, Path(tmp) / "run"), config.sequences)
-            else:
-                rows, facts = run_ours(system.split("-", 1)[1], config, Path(tmp) / "run")
-                result = {**_summarise(rows, config.sequences), **facts}
-            result["peak_rss_mb"] = _peak_rss_mb()
-            if system in SYSTEMS:  # what this trainer's process got, for the table's note
-                result["malloc"] = allocator_in_use()
-            queue.put((result, None))
-        except Exception as exc:  # reported in the table, the other systems still run
-            queue.put((None, one_line(exc)))
+    try:
+        keep_freed_memory()  # every system alike, TRL's too: ours would otherwise have it from its trainer
+        if system == "machine":
+            queue.put((run_machine(config), None))
+            return
+        if system == "floor":
+            result: Any = run_floor(config)
+        elif system == "profile":
+            run_ours("grpo", dataclasses.replace(config, steps=1), Path(workdir) / "run",
+                     profile_to=unfinished_profile(Path(config.out)))
+            result = {}
+        elif system == "trl-grpo":
+            result = _summarise(run_trl_grpo(config, Path(workdir) / "run"), config.sequences)
+        else:
+            rows, facts = run_ours(system.split("-", 1)[1], config, Path(workdir) / "run")
+            result = {**_summarise(rows, config.sequences), **facts}
+        result["peak_rss_mb"] = _peak_rss_mb()
+        if system in SYSTEMS:  # what this trainer's process got, for the table's note
+            result["malloc"] = allocator_in_use()
+        queue.put((result, None))
+    except Exception as exc:  # reported in the table, the other systems still run
+        queue.put((None, one_line(exc)))
 
 
 def run_in_child(system: str, config: BenchmarkConfig) -> dict[str, Any]:
     """One system in a fresh interpreter (RSS and caches are its own); {"error": ...} if it failed."""
-    result, error = run_process(_child, system, dataclasses.asdict(config))
+    # The work folder is the parent's: a system killed mid-run (out of memory) cannot remove its own.
+    with tempfile.TemporaryDirectory(prefix=f"bench-{system}-") as workdir:
+        result, error = run_process(_child, system, dataclasses.asdict(config), workdir)
     where = system if system == "machine" else (
         f"{system} ({config.model}, {config.max_new_tokens} new tokens, group {config.num_generations})")
     print(f"{where}: {'error: ' + error if error else 'done'}", flush=True)

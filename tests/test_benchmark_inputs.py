@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import assert_one_line_error
@@ -360,3 +361,53 @@ def test_a_symlinked_out_is_written_through_and_checked_where_it_points(tmp_path
     monkeypatch.setattr(benchmark_report, "plot_sweep", lambda report, path: path.write_bytes(b"png") and path)
     benchmark_report.write_report({"kind": "sweep"}, link)
     assert link.is_symlink() and json.loads((tmp_path / "nowhere" / "real.json").read_text()) == {"kind": "sweep"}
+
+
+def test_a_system_killed_mid_run_leaves_no_work_folder_behind(tmp_path, tiny_model_dir, monkeypatch):
+    """The kernel's OOM killer gives a process no chance to clean up: the work folder is the parent's."""
+    import signal
+    import tempfile
+    import threading
+    import time
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))  # the spawned system reads it too
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    killed = []
+
+    def kill_the_system_once_it_writes() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            runs = list(temp.glob("bench-ours-grpo-*/run/*"))
+            systems = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
+                       if "spawn_main" in _read(p) and int(p.parent.name) != os.getpid()
+                       and _parent_of(int(p.parent.name)) == os.getpid()]
+            if runs and systems:
+                for pid in systems:
+                    os.kill(pid, signal.SIGKILL)
+                killed.extend(systems)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_the_system_once_it_writes)
+    killer.start()
+    result = benchmark.run_in_child("ours-grpo", _config(tmp_path, model=str(tiny_model_dir), steps=100000))
+    killer.join()
+    assert killed, "the system never started writing its run"
+    assert result == {"error": "its process was killed by SIGKILL (out of memory?) without a result"}
+    assert list(temp.iterdir()) == []
+
+
+def _read(path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1

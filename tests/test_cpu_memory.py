@@ -123,7 +123,7 @@ class _Queue(list):
 
 
 @pytest.mark.parametrize("system", ["trl-grpo", "ours-grpo", "machine"])
-def test_the_benchmark_gives_every_system_the_same_allocator(system, monkeypatch):
+def test_the_benchmark_gives_every_system_the_same_allocator(system, monkeypatch, tmp_path):
     """TRL's process keeps freed memory as ours does: the comparison is of the trainers, not of malloc."""
     from rlhf import benchmark
     from rlhf.benchmark import BenchmarkConfig
@@ -137,7 +137,7 @@ def test_the_benchmark_gives_every_system_the_same_allocator(system, monkeypatch
     monkeypatch.setattr(benchmark, "run_ours", stop)
     monkeypatch.setattr(benchmark, "run_machine", stop)
     queue = _Queue()
-    benchmark._child(system, {**BenchmarkConfig().__dict__}, queue)
+    benchmark._child(system, {**BenchmarkConfig().__dict__}, str(tmp_path), queue)
     assert calls == ["keep"]
     assert queue == [(None, "RuntimeError: stopped after the allocator was chosen")]
 
@@ -227,7 +227,7 @@ def test_the_benchmark_reports_what_the_systems_processes_got_not_what_was_asked
                                                             "(RLHF_CPU_MALLOC does not reach it)")
 
 
-def test_a_child_reports_the_allocator_it_ran_with(monkeypatch):
+def test_a_child_reports_the_allocator_it_ran_with(monkeypatch, tmp_path):
     from rlhf import benchmark
     from rlhf.benchmark import BenchmarkConfig
 
@@ -236,5 +236,5 @@ def test_a_child_reports_the_allocator_it_ran_with(monkeypatch):
     monkeypatch.setattr(benchmark, "run_ours", lambda *args, **kwargs: ([], {}))
     monkeypatch.setattr(benchmark, "_summarise", lambda rows, sequences: {"step_time_s": 1.0})
     queue = _Queue()
-    benchmark._child("ours-grpo", {**BenchmarkConfig().__dict__}, queue)
+    benchmark._child("ours-grpo", {**BenchmarkConfig().__dict__}, str(tmp_path), queue)
     assert queue[0][0]["malloc"] == "jemalloc"
