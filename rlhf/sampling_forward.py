@@ -133,9 +133,12 @@ class SamplingForward:
     ``sampling_forward``, which checks that the model is one this is exact for, where it is used
     (the fused weights are copies: build it again after the weights change)."""
 
-    def __init__(self, causal_lm: nn.Module, fuse: bool):
+    def __init__(self, causal_lm: nn.Module, fuse: bool, window: int | None = None):
         modeling = sys.modules[type(causal_lm).__module__]
+        self.causal_lm = causal_lm
         self.config = causal_lm.config
+        # the sliding window of the model's sliding-window layers (None: full attention throughout)
+        self.window = window
         self.decoder = causal_lm.model
         self.lm_head = causal_lm.lm_head
         self.eager_attention = modeling.eager_attention_forward
@@ -170,6 +173,11 @@ class SamplingForward:
         from transformers.masking_utils import create_causal_mask
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 
+        if self.window is not None and self.columns(input_ids, attention_mask, cache) > self.window:
+            # Past the window a sliding layer's mask (and cache) is no longer the full causal one
+            # built below: the model's own forward, on the cache kept so far the model's way.
+            return self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep)
         hidden = self.decoder.embed_tokens(input_ids)
         if cache is None:
             cache = DynamicCache(config=self.config)
@@ -210,13 +218,24 @@ class SamplingForward:
         hidden = slice_logits_to_keep(self.decoder.norm(hidden), logits_to_keep)
         return SamplingOutput(logits=self.lm_head(hidden), cache=cache if use_cache else None)
 
+    @staticmethod
+    def columns(input_ids: Tensor, attention_mask: Tensor | None, cache: Any) -> int:
+        """Cache columns (left padding included) once this call's tokens are in: a sliding-window
+        mask lets column j be seen from column i while i - j < window."""
+        past = cache.get_seq_length() if cache is not None else 0
+        width = attention_mask.shape[-1] if attention_mask is not None else 0
+        return max(past + input_ids.shape[1], width)
+
 
 def sampling_forward(model: nn.Module, fuse: bool = False) -> SamplingForward | None:
     """A ``SamplingForward`` for ``model`` (a causal LM, or a peft model around one), or None
     where it would not give the model's own numbers: another architecture (or a subclass, remote
-    code, a patched or compiled module), sliding-window layers, an attention implementation other
-    than sdpa/eager, active (unmerged) LoRA layers, module hooks (Accelerate offloading,
-    DeepSpeed/FSDP gathering), training mode, a model split over devices.
+    code, a patched or compiled module), layers other than full or sliding-window attention, an
+    attention implementation other than sdpa/eager, active (unmerged) LoRA layers, module hooks
+    (Accelerate offloading, DeepSpeed/FSDP gathering), training mode, a model split over devices.
+    Sliding-window layers (Mistral's ``sliding_window``, Qwen2/Qwen3's ``use_sliding_window``) see
+    every earlier column while the sequence fits in the window, so there it computes them as full
+    attention; a call whose columns exceed the window runs the model's own forward instead.
 
     ``fuse``: the caller runs it inside ``inference_linears``. The q/k/v and gate/up products
     are then fused where that sends them to oneDNN and there is memory for the packed copies
@@ -228,10 +247,10 @@ def sampling_forward(model: nn.Module, fuse: bool = False) -> SamplingForward | 
             or "forward" in vars(model) or "forward" in vars(causal_lm)):
         return None
     config, decoder = causal_lm.config, getattr(causal_lm, "model", None)
+    window = _sliding_window(config, prefix)
     if (decoder is None or not _stock(decoder, f"{prefix}Model", modeling)
             or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager")
-            or any(kind != "full_attention" for kind in (getattr(config, "layer_types", None) or []))
-            or (prefix == "Mistral" and getattr(config, "sliding_window", None) is not None)
+            or window is False
             or len(decoder.layers) != config.num_hidden_layers
             or len({p.device for p in causal_lm.parameters()}) != 1
             or not all(hasattr(sys.modules[modeling], name) for name in ("eager_attention_forward", "apply_rotary_pos_emb"))):
@@ -248,4 +267,19 @@ def sampling_forward(model: nn.Module, fuse: bool = False) -> SamplingForward | 
                       for part, names in ((block.self_attn, ("q", "k", "v")), (block.mlp, ("gate", "up")))
                       for name in names)
     fuse = fuse and onednn_packing_usable() and 2 * fused_bytes < available_memory_bytes()
-    return SamplingForward(causal_lm, fuse=fuse)
+    return SamplingForward(causal_lm, fuse=fuse, window=window)
+
+
+def _sliding_window(config: Any, prefix: str) -> int | None | bool:
+    """The window of ``config``'s sliding-window layers; None when every layer attends to all
+    earlier tokens; False for layers of another kind (chunked, linear attention) or a sliding
+    layer without a usable window."""
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds - {"full_attention", "sliding_attention"}:
+        return False
+    # Mistral's layers all slide when its config has a window (its layer_types are ignored)
+    sliding = "sliding_attention" in kinds or (prefix == "Mistral" and getattr(config, "sliding_window", None) is not None)
+    if not sliding:
+        return None
+    window = getattr(config, "sliding_window", None)
+    return window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else False

@@ -176,11 +176,12 @@ def test_models_it_is_not_exact_for_keep_their_own_forward():
     assert sampling_forward(active) is None
     with merged_lora_weights(active) as merged:
         assert sampling_forward(merged) is not None
-    sliding = _model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
-    assert "sliding_attention" in sliding.config.layer_types and sampling_forward(sliding) is None
-    mistral = _model("mistral")
-    mistral.config.sliding_window = 16
-    assert sampling_forward(mistral) is None
+    chunked = _model("llama")
+    chunked.config.layer_types = ["full_attention", "chunked_attention"]
+    assert sampling_forward(chunked) is None
+    windowless = _model("mistral")
+    windowless.config.sliding_window = 0
+    assert sampling_forward(windowless) is None
     hooked = _model("llama")
     hooked.model.layers[1].mlp.register_forward_hook(lambda *args: None)
     assert sampling_forward(hooked) is None
@@ -222,3 +223,29 @@ def test_outside_inference_linears_it_gives_the_models_logits_bitwise():
     with torch.no_grad():
         (ours, _), (theirs, _) = _both_ways(sampling_forward(model), model, ids, mask, positions, steps=2)
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+@pytest.mark.parametrize("kind, window", [("mistral", None), ("mistral", 4096), ("mistral", 12), ("qwen2", 12)])
+def test_sliding_window_layers_take_it_within_the_window_and_the_models_forward_past_it(kind, window, monkeypatch):
+    """Mistral's default config slides over 4096 tokens; within the window a sliding layer sees every
+    earlier column, as full attention does. The prompts take 9 columns, so a window of 12 is crossed
+    on the fourth decode step: past it the model's own mask and cache must decide (full attention
+    there would attend to columns the model no longer sees)."""
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+    extra = {"use_sliding_window": True, "sliding_window": window, "max_window_layers": 1} if kind == "qwen2" else {}
+    model = _model(kind, **extra)
+    if kind == "mistral":
+        model.config.sliding_window = window
+    ids, mask, positions = _prompts()
+    calls = []
+    own_forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, **kwargs: calls.append(1) or own_forward(self, **kwargs))
+    with torch.no_grad(), inference_linears(model):
+        forward = sampling_forward(model, fuse=True)
+        assert isinstance(forward, SamplingForward) and forward.window == window
+        (ours, our_keys), (theirs, their_keys) = _both_ways(forward, model, ids, mask, positions, steps=6)
+    for got, expected in zip(ours + our_keys, theirs + their_keys):
+        assert torch.equal(got, expected)
+    model_calls = 1 + 6  # the model's own run in _both_ways
+    # ours: none within the window; past 12 columns (decode steps 4-6) the model's forward, 3 calls
+    assert len(calls) - model_calls == (3 if window == 12 else 0)
