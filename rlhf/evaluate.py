@@ -367,7 +367,7 @@ def evaluate(
     from accelerate.utils import gather_object
 
     from rlhf import report as reporting
-    from rlhf.models import load_base_model, load_tokenizer, stop_token_ids
+    from rlhf.models import check_tokenizer_fits, load_base_model, load_tokenizer, stop_token_ids
 
     _check_settings(checkpoints, include_base, num_samples, max_new_tokens, temperature, top_p, batch_size, num_prompts)
     check_episode_limits(max_tool_calling_iterations, tool_timeout)
@@ -402,6 +402,7 @@ def evaluate(
     stops = stop_token_ids(base_id, tokenizer)
     with accelerator.main_process_first():
         base_model = load_base_model(base_id).to(accelerator.device).eval()
+    check_tokenizer_fits(base_model, tokenizer)  # every process, outside the barrier
     peft_model, names = _attach_adapters(base_model, candidates)
     starting_policy = shared_reference(candidates)
     settings = dict(num_samples=num_samples, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature,

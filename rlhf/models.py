@@ -151,6 +151,18 @@ def check_sequence_fits(model_config: Any, max_prompt_length: int, max_new_token
                           "(max_position_embeddings); lower max_new_tokens or max_prompt_length")
 
 
+def check_tokenizer_fits(model: nn.Module, tokenizer: Any) -> None:
+    """Refuse a tokenizer with more tokens than the model's input embedding has rows: the first
+    prompt holding one of the extra ids fails deep in the forward with a bare index error (an
+    added token, or another model's tokenizer, without ``resize_token_embeddings``)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's input embedding has {rows} rows, "
+                          f"so ids {rows} and up cannot be embedded; use the model's own tokenizer, or resize its "
+                          "embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer))) and save it")
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Zero every dropout: RL recomputes logprobs and they must match the rollout's (RL_NOTES 15)."""
     for module in model.modules():

@@ -51,7 +51,7 @@ from rlhf.episodes.chat import resolve_chat_template
 from rlhf.errors import ConfigError, TrainingDiverged
 from rlhf.evaluate import adapter_disabled, sample_and_score
 from rlhf.experience import Experience, make_experience, plan_passes
-from rlhf.models import PolicyWithValue, check_sequence_fits, load_tokenizer, stop_token_ids
+from rlhf.models import PolicyWithValue, check_sequence_fits, check_tokenizer_fits, load_tokenizer, stop_token_ids
 from rlhf.rollout import Rollout, sample_rollout
 from rlhf.runlock import OutputDirLock
 from rlhf.scoring import RewardTrainerState, sample_with_spread, score
@@ -204,6 +204,7 @@ class RLTrainer:
                                                        base=self.base_model)
         self.optimizer, self.scheduler = optimizer, scheduler
         check_sequence_fits(self.unwrapped.policy.config, config.max_prompt_length, config.max_new_tokens)
+        check_tokenizer_fits(self.unwrapped.policy, self.tokenizer)
         if self.base_model is None:
             # Adapters name their base as given (the embedded model by its registered name, a hub id),
             # not the dir it was loaded from here (a cache path of this machine): they load elsewhere.

@@ -252,3 +252,41 @@ def test_trl_alias_and_own_name_in_one_yaml_exit_2(tmp_path, run_here):
                           "beta (TRL's name) and kl_coef both set kl_coef", str(config))
     config.write_text("per_device_train_batch_size: 4\n")
     assert_one_line_error(run_here("train_grpo.py", "--config", str(config)), "mini_batch_size")
+
+
+def test_a_tokenizer_larger_than_the_models_embedding_is_refused(tmp_path, run_here):
+    """A tokenizer with added tokens next to a model never resized: before, the first rollout
+    failed with a bare IndexError from the embedding."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from conftest import FIXTURES
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "tokenizer")
+    config = LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "small-vocab"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    result = run_here("train_grpo.py", *tiny_args(model_dir, tmp_path / "out", "--num_generations", "2"))
+    assert_one_line_error(result, f"the tokenizer has {len(tokenizer)} tokens", "1000 rows", "resize_token_embeddings")
+
+
+def test_a_tokenizer_within_the_embedding_passes_the_check(tiny_model_dir):
+    """Qwen2.5's embedding has more rows than its tokenizer has tokens (151936 vs 151665): fine."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from rlhf.errors import ConfigError
+    from rlhf.models import check_tokenizer_fits
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for rows, fits in ((len(tokenizer), True), (len(tokenizer) + 256, True), (len(tokenizer) - 1, False)):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=rows, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1))
+        if fits:
+            check_tokenizer_fits(model, tokenizer)
+        else:
+            with pytest.raises(ConfigError, match=f"has {rows} rows"):
+                check_tokenizer_fits(model, tokenizer)
