@@ -418,7 +418,8 @@ def draw(logits: Tensor, uniforms: Tensor, temperature: float, top_p: float) -> 
     pick is certain). The one draw of every sampler here (responses and multi-turn episodes)."""
     if temperature == 0:
         return logits.argmax(-1), torch.zeros_like(logits[:, 0])
-    scaled = logits / temperature
+    # x / 1.0 is x bitwise: the division's [b, V] pass and copy only where it changes something
+    scaled = logits / temperature if temperature != 1.0 else logits
     probs = nucleus(torch.softmax(scaled, dim=-1), top_p)
     token = inverse_cdf_sample(probs, uniforms)
     return token, nucleus_logprob(scaled, probs, token, top_p)
