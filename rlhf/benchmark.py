@@ -55,6 +55,9 @@ class BenchmarkConfig:
         "help": "Every response runs to max_new_tokens in every system, so a length means that many tokens: "
                 "ours with no stop token, TRL with min_new_tokens (EOS held back). false: responses end at EOS."})
     learning_rate: float = field(default=1e-5, metadata={"help": "Same for every system."})
+    bf16: bool = field(default=False, metadata={
+        "help": "Every system in bfloat16: the model's weights loaded in bfloat16 (ours: --bf16; TRL: the model "
+                "loaded so and GRPOConfig bf16=True). Default float32."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (alpha = 2r, all linear layers)."})
     seed: int = field(default=0, metadata={"help": "Seed of every system."})
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS),
@@ -106,6 +109,8 @@ class BenchmarkConfig:
         if self.grow and (not self.grow_generations or min(self.grow_generations) < 2):
             raise ConfigError("grow_generations must be group sizes >= 2, "
                               f"got {' '.join(map(str, self.grow_generations))}")
+        if self.roofline and self.bf16:
+            raise ConfigError("roofline measures float32 GEMM rates and counts float32 bytes: drop --bf16 or --roofline")
         if self.roofline and "ours-grpo" not in self.systems:
             raise ConfigError("roofline measures ours-grpo's phases: add ours-grpo to --systems")
         alone = [name for name in ("floor", "profile", "roofline") if getattr(self, name)]
@@ -190,7 +195,7 @@ def ours_config(algorithm: str, config: BenchmarkConfig, output_dir: Path, max_s
         "num_generations": config.num_generations if grouped else 1, "mini_batch_size": config.sequences,
         "ppo_epochs": 1, "max_new_tokens": config.max_new_tokens, "learning_rate": config.learning_rate,
         "lora_r": config.lora_r, "lora_alpha": 2 * config.lora_r, "kl_coef": 0.0, "save_steps": 0,
-        "num_samples_to_log": 0, "seed": config.seed, "report_to": ["jsonl"],
+        "num_samples_to_log": 0, "seed": config.seed, "report_to": ["jsonl"], "bf16": config.bf16,
     })
 
 
@@ -268,7 +273,7 @@ def trl_grpo_trainer(config: BenchmarkConfig, output_dir: Path, reward: Any, max
         lambda row: {"prompt": [{"role": "user", "content": prompt_text(row["prompt"])}]})
     settings = GRPOConfig(
         output_dir=str(output_dir), use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
-        bf16=False, gradient_checkpointing=False, seed=config.seed, max_steps=max_steps,
+        bf16=config.bf16, gradient_checkpointing=False, seed=config.seed, max_steps=max_steps,
         per_device_train_batch_size=config.sequences, generation_batch_size=config.sequences,
         num_generations=config.num_generations, max_completion_length=config.max_new_tokens, temperature=1.0,
         top_p=1.0, top_k=0, learning_rate=config.learning_rate, beta=0.0, num_iterations=1, disable_dropout=True,
@@ -276,7 +281,7 @@ def trl_grpo_trainer(config: BenchmarkConfig, output_dir: Path, reward: Any, max
         generation_kwargs={"min_new_tokens": config.max_new_tokens} if config.full_length else None, **args,
     )
     return GRPOTrainer(
-        model=load_base_model(config.model), reward_funcs=reward, args=settings, train_dataset=dataset,
+        model=load_base_model(config.model, bf16=config.bf16), reward_funcs=reward, args=settings, train_dataset=dataset,
         processing_class=load_tokenizer(config.model),
         peft_config=LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, target_modules="all-linear",
                                task_type="CAUSAL_LM"),
@@ -339,7 +344,7 @@ def run_floor(config: BenchmarkConfig) -> dict[str, float]:
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.model)
     stops = stop_token_ids(config.model, tokenizer)
-    model = PolicyWithValue(add_lora(load_base_model(config.model), config.lora_r, 2 * config.lora_r, 0.0,
+    model = PolicyWithValue(add_lora(load_base_model(config.model, bf16=config.bf16), config.lora_r, 2 * config.lora_r, 0.0,
                                      ["all-linear"]), None)
     prompts = load_prompt_dataset("builtin:prompts")["prompt"][:config.prompts_per_step]
     texts = [format_prompt(p, tokenizer) for p in prompts for _ in range(config.num_generations)]

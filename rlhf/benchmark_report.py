@@ -101,10 +101,15 @@ def render_sweep(report: dict[str, Any]) -> str:
                      "too low; measure again on a quiet machine")
     notes.append("responses: " + ("every row runs to the length (no stop token in ours; TRL min_new_tokens)"
                                   if settings["full_length"] else "end at EOS (lengths are caps)"))
+    notes.append(WEIGHTS_NOTE[bool(settings.get("bf16"))])
     notes.extend(malloc_note(report))
     if settings["model"].startswith("random:"):
         notes.append(RANDOM_NOTE)
     return "\n".join([*lines, "", *notes])
+
+
+WEIGHTS_NOTE = {False: "weights: float32 in every system",
+                True: "weights: bfloat16 in every system (ours --bf16, TRL the model loaded so and bf16=True)"}
 
 
 MALLOC_NOTES = {

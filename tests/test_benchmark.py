@@ -131,8 +131,27 @@ def test_benchmark_unknown_system_exits_2(tmp_path, run_here):
     (["--num_generations", "1"], "set num_generations >= 2"),
     (["--roofline", "--systems", "trl-grpo"], "add ours-grpo to --systems"),
     (["--grow", "--roofline"], "grow times our GRPO alone: drop --roofline"),
+    (["--bf16", "--roofline"], "roofline measures float32 GEMM rates"),
 ])
 def test_bad_benchmark_input_is_one_line_and_exit_2(args, message, tmp_path, run_here):
     result = run_here("benchmark.py", *args, "--out", str(tmp_path / "b.json"))
     assert_one_line_error(result, message)
     assert not list(tmp_path.iterdir())
+
+
+def test_bf16_loads_every_systems_weights_in_bfloat16(tiny_model_dir, tmp_path):
+    """--bf16 is the same setting for every system: ours through its config, TRL's model loaded in
+    bfloat16 with bf16=True (as a TRL user on a GPU runs it)."""
+    import torch
+
+    from rlhf.benchmark import BenchmarkConfig, ours_config, trl_grpo_trainer
+    from rlhf.benchmark_report import WEIGHTS_NOTE
+
+    config = BenchmarkConfig(model=str(tiny_model_dir), bf16=True, max_new_tokens=4)
+    assert ours_config("grpo", config, tmp_path / "ours", 1).bf16 is True
+    assert ours_config("grpo", BenchmarkConfig(model=str(tiny_model_dir)), tmp_path / "plain", 1).bf16 is False
+    trainer = trl_grpo_trainer(config, tmp_path / "trl", lambda completions, **kwargs: [0.0] * len(completions), 1)
+    assert trainer.args.bf16 is True
+    base = trainer.model.get_base_model()
+    assert {p.dtype for p in base.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert "bfloat16 in every system" in WEIGHTS_NOTE[True] and "float32" in WEIGHTS_NOTE[False]
