@@ -156,7 +156,9 @@ def check_tokenizer_fits(model: nn.Module, tokenizer: Any) -> None:
     prompt holding one of the extra ids fails deep in the forward with a bare index error (an
     added token, or another model's tokenizer, without ``resize_token_embeddings``)."""
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    rows = getattr(embedding, "num_embeddings", None)
+    # the nn.Embedding itself, or the one inside a wrapper (peft's trainable-token indices)
+    modules = embedding.modules() if isinstance(embedding, nn.Module) else ()
+    rows = next((m.num_embeddings for m in modules if isinstance(m, nn.Embedding)), None)
     if isinstance(rows, int) and len(tokenizer) > rows:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's input embedding has {rows} rows, "
                           f"so ids {rows} and up cannot be embedded; use the model's own tokenizer, or resize its "

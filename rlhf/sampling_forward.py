@@ -173,9 +173,12 @@ class SamplingForward:
         from transformers.masking_utils import create_causal_mask
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 
-        if self.window is not None and self.columns(input_ids, attention_mask, cache) > self.window:
+        if self.window is not None and self.columns(input_ids, attention_mask, cache) >= self.window:
             # Past the window a sliding layer's mask (and cache) is no longer the full causal one
-            # built below: the model's own forward, on the cache kept so far the model's way.
+            # built below; at the window itself it still is, but the model then always builds its
+            # mask where the causal one can be None (no padding, one query), and SDPA takes another
+            # kernel: from there on the model's own forward, on the cache kept so far the model's way.
+            self._release_fused()  # its layers take their own packed weights from here on
             return self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep)
         hidden = self.decoder.embed_tokens(input_ids)
@@ -218,6 +221,12 @@ class SamplingForward:
         hidden = slice_logits_to_keep(self.decoder.norm(hidden), logits_to_keep)
         return SamplingOutput(logits=self.lm_head(hidden), cache=cache if use_cache else None)
 
+    def _release_fused(self) -> None:
+        """Drop the fused packed weights: the model's forward packs each layer's own weights, and
+        the memory check that allowed the fused copies counted one set, not both."""
+        for layer in self.layers:
+            layer.qkv = layer.gate_up = None
+
     @staticmethod
     def columns(input_ids: Tensor, attention_mask: Tensor | None, cache: Any) -> int:
         """Cache columns (left padding included) once this call's tokens are in: a sliding-window
@@ -234,8 +243,8 @@ def sampling_forward(model: nn.Module, fuse: bool = False) -> SamplingForward | 
     attention implementation other than sdpa/eager, active (unmerged) LoRA layers, module hooks
     (Accelerate offloading, DeepSpeed/FSDP gathering), training mode, a model split over devices.
     Sliding-window layers (Mistral's ``sliding_window``, Qwen2/Qwen3's ``use_sliding_window``) see
-    every earlier column while the sequence fits in the window, so there it computes them as full
-    attention; a call whose columns exceed the window runs the model's own forward instead.
+    every earlier column while the sequence is shorter than the window, so there it computes them
+    as full attention; a call that reaches the window runs the model's own forward instead.
 
     ``fuse``: the caller runs it inside ``inference_linears``. The q/k/v and gate/up products
     are then fused where that sends them to oneDNN and there is memory for the packed copies

@@ -290,3 +290,10 @@ def test_a_tokenizer_within_the_embedding_passes_the_check(tiny_model_dir):
         else:
             with pytest.raises(ConfigError, match=f"has {rows} rows"):
                 check_tokenizer_fits(model, tokenizer)
+    # peft's trainable-token indices wrap the embedding in a module without num_embeddings
+    import peft
+
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 2]))
+    assert not hasattr(wrapped.get_input_embeddings(), "num_embeddings")
+    with pytest.raises(ConfigError, match=f"has {len(tokenizer) - 1} rows"):
+        check_tokenizer_fits(wrapped, tokenizer)

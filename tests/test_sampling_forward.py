@@ -225,18 +225,23 @@ def test_outside_inference_linears_it_gives_the_models_logits_bitwise():
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
+@pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("kind, window", [("mistral", None), ("mistral", 4096), ("mistral", 12), ("qwen2", 12)])
-def test_sliding_window_layers_take_it_within_the_window_and_the_models_forward_past_it(kind, window, monkeypatch):
+def test_sliding_window_layers_take_it_within_the_window_and_the_models_forward_from_its_edge(kind, window, padded,
+                                                                                             monkeypatch):
     """Mistral's default config slides over 4096 tokens; within the window a sliding layer sees every
-    earlier column, as full attention does. The prompts take 9 columns, so a window of 12 is crossed
-    on the fourth decode step: past it the model's own mask and cache must decide (full attention
-    there would attend to columns the model no longer sees)."""
+    earlier column, as full attention does. The prompts take 9 columns, so a window of 12 is reached
+    on the third decode step: from there the model's own mask and cache decide (full attention past
+    it would attend to columns the model no longer sees; at the edge itself the model's mask is
+    always built, where the causal one is None for an unpadded batch, and SDPA takes another kernel)."""
     monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
     extra = {"use_sliding_window": True, "sliding_window": window, "max_window_layers": 1} if kind == "qwen2" else {}
     model = _model(kind, **extra)
     if kind == "mistral":
         model.config.sliding_window = window
     ids, mask, positions = _prompts()
+    if not padded:
+        mask, positions = torch.ones_like(mask), torch.arange(ids.shape[1]).expand_as(ids)
     calls = []
     own_forward = type(model).forward
     monkeypatch.setattr(type(model), "forward", lambda self, **kwargs: calls.append(1) or own_forward(self, **kwargs))
@@ -247,5 +252,7 @@ def test_sliding_window_layers_take_it_within_the_window_and_the_models_forward_
     for got, expected in zip(ours + our_keys, theirs + their_keys):
         assert torch.equal(got, expected)
     model_calls = 1 + 6  # the model's own run in _both_ways
-    # ours: none within the window; past 12 columns (decode steps 4-6) the model's forward, 3 calls
-    assert len(calls) - model_calls == (3 if window == 12 else 0)
+    # ours: none below the window; from 12 columns on (decode steps 3-6) the model's forward
+    assert len(calls) - model_calls == (4 if window == 12 else 0)
+    # the fused packed copies go once the model's forward (which packs each layer's own) takes over
+    assert all((layer.qkv is None) == (window == 12) for layer in forward.layers)
