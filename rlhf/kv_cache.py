@@ -103,15 +103,25 @@ def config_cache_rows_selectable(model: Any) -> bool:
         return False
 
 
-def preallocated(cache: Any, more_tokens: int) -> Any:
+def preallocated(cache: Any, more_tokens: int, bounded: bool = False) -> Any:
     """``cache`` with each plain ``DynamicLayer`` replaced by a ``PreallocatedLayer`` with room
     for ``more_tokens`` more tokens (it grows by doubling beyond that). Other caches (static,
-    sliding-window, linear-attention layers of hybrid models) are returned unchanged."""
+    linear-attention layers of hybrid models) are returned unchanged, and so are sliding-window
+    layers unless ``bounded``: the caller then adds at most ``more_tokens`` more columns, and a
+    sliding layer that has dropped nothing and stays below its window with them is replaced too.
+    Below its window a sliding layer holds and returns every column, and its mask sizes are a plain
+    layer's, so the model computes the same numbers; at the window's edge its mask would change."""
     if type(cache) is not DynamicCache:
         return cache
     for index, layer in enumerate(cache.layers):
-        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:
-            cache.layers[index] = PreallocatedLayer(layer.keys, layer.values, layer.keys.shape[-2] + more_tokens)
+        kinds = (DynamicLayer, DynamicSlidingWindowLayer) if bounded else (DynamicLayer,)
+        if not (type(layer) in kinds and layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4):
+            continue
+        if type(layer) is DynamicSlidingWindowLayer and (
+                layer.record_past or layer.cumulative_length != layer.keys.shape[-2]
+                or layer.cumulative_length + more_tokens >= layer.sliding_window):
+            continue  # it has dropped columns, or could reach its window
+        cache.layers[index] = PreallocatedLayer(layer.keys, layer.values, layer.keys.shape[-2] + more_tokens)
     return cache
 
 

@@ -374,7 +374,8 @@ def sample_responses(
         step_mask = full_mask[:, :prompt_length + t] if cache is None or decode_mask else None
         outputs = forward(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions,
                           cache=cache, use_cache=True, logits_to_keep=1)
-        cache = preallocated(outputs.cache, max_new_tokens - t) if t == 0 else outputs.cache
+        # at most max_new_tokens - 1 more columns: sliding-window layers that stay below their window qualify
+        cache = preallocated(outputs.cache, max_new_tokens, bounded=True) if t == 0 else outputs.cache
         drawn, drawn_logprob = draw(outputs.logits[:, -1].float(), uniforms[:, t], temperature, top_p)
         token = torch.full((batch,), pad_token_id, dtype=drawn.dtype, device=device).index_copy_(0, live, drawn)
         logprob = drawn_logprob.new_zeros(batch).index_copy_(0, live, drawn_logprob)

@@ -256,3 +256,42 @@ def test_sliding_window_layers_take_it_within_the_window_and_the_models_forward_
     assert len(calls) - model_calls == (4 if window == 12 else 0)
     # the fused packed copies go once the model's forward (which packs each layer's own) takes over
     assert all((layer.qkv is None) == (window == 12) for layer in forward.layers)
+
+
+@pytest.mark.parametrize("window, converted", [(4096, True), (40, True), (20, False)])
+def test_sliding_layers_below_their_window_take_the_in_place_cache_with_the_same_samples(window, converted,
+                                                                                       monkeypatch):
+    """9 prompt columns + 8 new tokens stay below a window of 40 (and 4096): the sliding layers hold
+    every column, so the sampler writes them in place like plain layers (same tokens and logprobs
+    as with transformers' sliding layers); a window of 20 could be reached by a longer run of the
+    same rows (9 + 16 >= 20) and keeps them as they are."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    from rlhf import kv_cache, rollout
+    from rlhf.kv_cache import PreallocatedLayer
+
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+    model = _model("mistral")
+    model.config.sliding_window = window
+    ids, mask, _ = _prompts()
+    kinds = []
+    convert = kv_cache.preallocated
+
+    def recorded(cache, more_tokens, bounded=False):
+        cache = convert(cache, more_tokens, bounded=bounded and use_bound)
+        kinds.append({type(layer) for layer in cache.layers})
+        return cache
+    monkeypatch.setattr(rollout, "preallocated", recorded)
+    results = []
+    with torch.no_grad(), inference_linears(model):
+        forward = sampling_forward(model, fuse=True)
+        for use_bound in (True, False):
+            for fast in (forward, None):
+                torch.manual_seed(3)
+                results.append(rollout.sample_responses(
+                    model, ids, mask, max_new_tokens=16 if window == 20 else 8, temperature=1.0, top_p=1.0,
+                    eos_token_ids=[0], pad_token_id=0, share_prompt_prefix=True, fast_forward=fast))
+    assert kinds[0] == ({PreallocatedLayer} if converted else {DynamicSlidingWindowLayer})
+    assert kinds[-1] == {DynamicSlidingWindowLayer}  # without the bound: as transformers keeps them
+    for tokens, logprobs in results[1:]:
+        assert torch.equal(tokens, results[0][0]) and torch.equal(logprobs, results[0][1])

@@ -525,7 +525,7 @@ def test_preallocated_kv_cache_samples_what_the_concatenating_cache_samples(tiny
         in_place = sample(share)
         assert all(types == {PreallocatedLayer} for types in layer_types[1 + share:]), layer_types
         with monkeypatch.context() as patch:
-            patch.setattr(rollout, "preallocated", lambda cache, more: cache)
+            patch.setattr(rollout, "preallocated", lambda cache, more, bounded=False: cache)
             concatenating = sample(share)
         assert in_place.shape == (6, 9) and torch.equal(in_place, concatenating)
 
