@@ -113,8 +113,8 @@ def preallocated(cache: Any, more_tokens: int, bounded: bool = False) -> Any:
     layer's, so the model computes the same numbers; at the window's edge its mask would change."""
     if type(cache) is not DynamicCache:
         return cache
+    kinds = (DynamicLayer, DynamicSlidingWindowLayer) if bounded else (DynamicLayer,)
     for index, layer in enumerate(cache.layers):
-        kinds = (DynamicLayer, DynamicSlidingWindowLayer) if bounded else (DynamicLayer,)
         if not (type(layer) in kinds and layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4):
             continue
         if type(layer) is DynamicSlidingWindowLayer and (
