@@ -664,15 +664,13 @@ def unfinished_profile(out: Path) -> Path:
 
 def model_positions(spec: str) -> int | None:
     """The positions (max_position_embeddings) of a model or ``random:`` shape; None if it has no such limit."""
+    from rlhf.models import position_limit
     from rlhf.random_models import is_random, shape_of
 
     if is_random(spec):
         positions = shape_of(spec).get("max_position_embeddings")
-    else:
-        model = model_config(spec)
-        text = model.get_text_config() if hasattr(model, "get_text_config") else model
-        positions = getattr(text, "max_position_embeddings", None)
-    return positions if isinstance(positions, int) else None
+        return positions if isinstance(positions, int) else None
+    return position_limit(model_config(spec))
 
 
 def model_config(model: str) -> Any:

@@ -140,12 +140,18 @@ def stop_token_ids(model: str | nn.Module, tokenizer: PreTrainedTokenizerBase) -
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
+def position_limit(model_config: Any) -> int | None:
+    """The positions a model takes (its text config's max_position_embeddings); None if it names none."""
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    positions = getattr(text_config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) else None
+
+
 def check_sequence_fits(model_config: Any, max_prompt_length: int, max_new_tokens: int) -> None:
     """Refuse a prompt + response budget beyond the model's positions: learned position tables
     (GPT-2's 1024) fail with an index error deep in the forward, rotary ones degrade silently."""
-    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    positions = getattr(text_config, "max_position_embeddings", None)
-    if isinstance(positions, int) and max_prompt_length + max_new_tokens > positions:
+    positions = position_limit(model_config)
+    if positions is not None and max_prompt_length + max_new_tokens > positions:
         raise ConfigError(f"max_prompt_length {max_prompt_length} + max_new_tokens {max_new_tokens} = "
                           f"{max_prompt_length + max_new_tokens} tokens exceeds the model's {positions} positions "
                           "(max_position_embeddings); lower max_new_tokens or max_prompt_length")
