@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -171,15 +172,36 @@ def check_tokenizer_fits(model: nn.Module, tokenizer: Any) -> None:
                           "embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer))) and save it")
 
 
+# Attribute names that hold a dropout probability, in transformers' modules and configs
+# (attention_dropout, resid_pdrop, hidden_dropout_prob, layerdrop, drop_path_rate, ...).
+_DROPOUT_NAME = re.compile(r"dropout|pdrop|drop_prob|drop_rate|layerdrop|drop_path")
+
+
 def disable_dropout(model: nn.Module) -> None:
-    """Zero every dropout: RL recomputes logprobs and they must match the rollout's (RL_NOTES 15)."""
+    """Zero every dropout: RL recomputes logprobs and they must match the rollout's (RL_NOTES 15).
+
+    Dropout modules, and the probabilities many models copy from their config onto a module when
+    it is built and pass to ``F.dropout`` / attention in training mode (Llama's, Qwen2's and
+    Phi-3's ``attention_dropout``, OPT's ``dropout``, GPT-NeoX's ``hidden_dropout``): zeroing only
+    the config and the dropout modules left those on, and the update's logprobs then came from
+    another network than the rollout's. The config's probabilities are zeroed too (sub-configs
+    included), for modules built from it later."""
     for module in model.modules():
-        if isinstance(module, nn.Dropout):
+        if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
-    config = getattr(model, "config", None)
-    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if config is not None and isinstance(getattr(config, name, None), float):
-            setattr(config, name, 0.0)
+        for name, value in vars(module).items():
+            if isinstance(value, float) and value > 0 and _DROPOUT_NAME.search(name):
+                setattr(module, name, 0.0)
+    configs = [getattr(model, "config", None)]
+    while configs:
+        config = configs.pop()
+        if config is None or not hasattr(config, "to_dict"):
+            continue
+        for name, value in list(vars(config).items()):
+            if isinstance(value, float) and value > 0 and _DROPOUT_NAME.search(name):
+                setattr(config, name, 0.0)
+            elif hasattr(value, "to_dict") and value is not config:  # text_config, vision_config
+                configs.append(value)
 
 
 def cpu_has_native_bf16() -> bool:

@@ -274,6 +274,31 @@ def test_lora_dropout_is_refused_out_loud_and_not_recorded(tiny_model_dir, tmp_p
     assert not [w for w in caught if "lora_dropout" in str(w.message)]
 
 
+@pytest.mark.parametrize("model_type, dropout", [
+    ("llama", {"attention_dropout": 0.1}), ("qwen2", {"attention_dropout": 0.1}),
+    ("opt", {}),  # OPT's config defaults to dropout 0.1, as facebook/opt-* ship it
+    ("gpt_neox", {"hidden_dropout": 0.1, "attention_dropout": 0.1}),
+    ("phi3", {"attention_dropout": 0.1, "resid_pdrop": 0.1, "pad_token_id": 0}),
+])
+def test_a_loaded_model_has_no_dropout_left_in_training_mode(model_type, dropout, tmp_path):
+    """Models copy dropout probabilities from their config onto modules when built and apply them
+    in training mode (the update): two training-mode forwards of one input must agree."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlhf.models import add_lora, load_base_model
+
+    config = AutoConfig.for_model(model_type, vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=4, intermediate_size=64, ffn_dim=64, word_embed_proj_dim=32,
+                                  max_position_embeddings=64, **dropout)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / model_type)
+    policy = add_lora(load_base_model(str(tmp_path / model_type)), 4, 8, 0.0, ["all-linear"]).train()
+    input_ids = torch.arange(1, 21).view(2, 10)
+    with torch.no_grad():
+        first, second = policy(input_ids=input_ids).logits, policy(input_ids=input_ids).logits
+    assert torch.equal(first, second)
+
+
 # ---------------------------------------------------------------------------- 3. init_adapter artifacts
 
 
