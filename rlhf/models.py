@@ -286,7 +286,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         out = base(rows, weight, bias).addmm_(low_rank, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, low_rank, weight, lora_a, lora_b)
         ctx.scaling = scaling
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out.view(*x.shape[:-1], out.shape[-1]) if x.dim() != 2 else out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -310,6 +310,16 @@ class _LoraLinearFunction(torch.autograd.Function):
         grad_a = (g_low_rank.t() @ rows).mul_(scaling) if ctx.needs_input_grad[3] else None
         grad_b = (g.t() @ low_rank).mul_(scaling) if ctx.needs_input_grad[4] else None
         return grad_x, grad_weight, grad_bias, grad_a, grad_b, None
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+                scaling: float) -> Tensor:
+    """x [..., in] -> x W^T + b + s (x A^T) B^T [..., out] through ``_LoraLinearFunction``, on the
+    rows of x: a view made inside a Function is one that autograd refuses to let anyone change in
+    place, and some models add to a projection's output in place (Falcon's parallel MLP); the
+    view made here, outside it, is an ordinary one."""
+    out = _LoraLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def runs_own_forward(layer: nn.Module) -> bool:
@@ -356,8 +366,8 @@ def fuse_lora_layers(policy: PeftModel) -> int:
             if (list(_layer.active_adapters) != [_name] or x.dtype != torch.float32
                     or torch.is_autocast_enabled(x.device.type)):  # autocast would mix dtypes in addmm_
                 return _peft_forward(x, *args, **kwargs)
-            return _LoraLinearFunction.apply(x, base_layer.weight, base_layer.bias, _layer.lora_A[_name].weight,
-                                             _layer.lora_B[_name].weight, _layer.scaling[_name])
+            return lora_linear(x, base_layer.weight, base_layer.bias, _layer.lora_A[_name].weight,
+                               _layer.lora_B[_name].weight, _layer.scaling[_name])
         layer.forward = forward
         fused += 1
     return fused

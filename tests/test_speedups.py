@@ -248,6 +248,36 @@ def test_fused_lora_layers_give_peft_outputs_and_gradients(tiny_model_dir):
         assert torch.allclose(fused_policy(input_ids=input_ids).logits, peft_policy(input_ids=input_ids).logits)
 
 
+def test_fused_lora_layers_let_the_model_add_to_their_output_in_place():
+    """Falcon's parallel attention/MLP block adds the attention output into the MLP's output in
+    place; a view made inside the fused layer's autograd Function would refuse that."""
+    import torch
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from rlhf.models import add_lora, disable_dropout, fuse_lora_layers
+
+    def forward_backward(fuse):
+        torch.manual_seed(0)
+        model = FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                               new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True,
+                                               bias=False, alibi=False))
+        disable_dropout(model)
+        policy = add_lora(model, 4, 8, 0.0, ["all-linear"])
+        with torch.no_grad():
+            for name, parameter in policy.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.1)
+        if fuse:
+            assert fuse_lora_layers(policy) > 0
+        logits = policy(input_ids=torch.arange(12).view(2, 6)).logits
+        logits.log_softmax(-1)[..., 0].sum().backward()
+        return logits.detach(), [p.grad for n, p in policy.named_parameters() if "lora_A" in n]
+
+    (fused_logits, fused_grads), (peft_logits, peft_grads) = forward_backward(True), forward_backward(False)
+    assert torch.allclose(fused_logits, peft_logits, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(fused_grads, peft_grads))
+
+
 def test_fused_lora_layers_gradcheck():
     import torch
 
