@@ -17,10 +17,16 @@ at 2 to 32 threads; a single row keeps the separate products, as ``inference_lin
 plain weight there). Each part is made contiguous before use: an activation reads a strided
 tensor through another kernel and rounds some elements differently.
 
+A LoRA left unfolded (a bfloat16 base: the small early deltas would round away in its weights)
+runs as peft runs it, its base product (fused with its neighbours' in bfloat16 too, where
+``inference_linears`` packs bfloat16 weights) followed by peft's own operations for the adapter.
+
 Measured on the 2-core EPYC (SmolLM2-135M float32, LoRA folded, 16 rows, alternating in one
 process): the model's forward 91.7 ms per sampled token (64 tokens, median of 4), this forward
 80.8 without fusing, and the decode step alone 63.4 -> 56.0 ms with the fused products (median
-of 6); identical tokens and logprobs. Tried and not kept here: attention as two matmuls (not
+of 6); identical tokens and logprobs. In bfloat16 with the LoRA unfolded, 16 rows x 64 tokens
+with packed weights: 5.5-6.4 s through the model's forward, 4.6-5.3 s through this one (4
+alternating runs), identical tokens and logprobs. Tried and not kept here: attention as two matmuls (not
 faster at 48 or 300 cached tokens, and not bitwise), ``F.rms_norm`` for the norms (bitwise
 equal, not faster), rotating q and k heads in one op (not faster).
 """
@@ -72,20 +78,65 @@ class _Layer:
     q_width: int
     k_width: int
     intermediate: int
-    qkv: tuple[Tensor, Tensor | None] | None = None  # packed [q; k; v] weight and bias, when fused
+    qkv: tuple[Tensor, Tensor | None] | None = None  # packed [q; k; v] base weight and bias, when fused
     gate_up: tuple[Tensor, Tensor | None] | None = None
+    # each fused part's LoRA term, (x, its base product) -> its output; None: the base product is it
+    qkv_lora: list[Callable[[Tensor, Tensor], Tensor] | None] | None = None
+    gate_up_lora: list[Callable[[Tensor, Tensor], Tensor] | None] | None = None
 
 
-def plain_linear(module: nn.Module) -> nn.Linear | None:
-    """The ``nn.Linear`` that computes ``module`` here: itself, or the base layer of a peft LoRA
-    layer whose adapters are off (``merged_lora_weights`` samples that way); None otherwise."""
+@dataclass
+class _Projection:
+    """How the model computes one projection module, called without ``nn.Module.__call__``."""
+
+    forward: Callable[[Tensor], Tensor]  # x -> the module's output
+    base: nn.Linear | None  # the nn.Linear whose product the output starts from (None: not fusable)
+    lora: Callable[[Tensor, Tensor], Tensor] | None = None  # (x, base product) -> the output
+
+
+def projection(module: nn.Module) -> _Projection | None:
+    """``module`` as the model's forward computes it: a plain ``nn.Linear``, a peft LoRA layer with
+    its adapters off (``merged_lora_weights`` samples that way) or merged (its base layer alone),
+    or a peft LoRA layer with one plain adapter active and unmerged (a bfloat16 base, whose LoRA
+    cannot be folded in: peft's own forward past the base product, below); a LoRA layer whose
+    forward is set on the instance (``rlhf.models.fuse_lora_layers``) runs that forward. None
+    for anything else (another LoRA kind or layer type, several adapters, ``fan_in_fan_out``)."""
+    from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
-    if isinstance(module, LoraLayer):
-        if not module.disable_adapters or module.merged:
-            return None
-        module = module.get_base_layer()
-    return module if isinstance(module, nn.Linear) else None
+    if not isinstance(module, LoraLayer):
+        return _Projection(module.forward, module) if isinstance(module, nn.Linear) else None
+    base = module.get_base_layer()
+    if not isinstance(base, nn.Linear):
+        return None
+    if module.disable_adapters != module.merged:  # peft then runs the base layer alone
+        return _Projection(base.forward, base)
+    if type(module) is not LoraLinear or module.merged:  # merged and disabled: peft unmerges first
+        return None
+    if "forward" in vars(module):
+        return _Projection(module.forward, None)
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if len(active) != 1 or module.fan_in_fan_out:
+        return None
+    name = active[0]
+    if (name in module.lora_variant or type(module.lora_dropout[name]) is not nn.Identity
+            or not isinstance(module.lora_A[name], nn.Linear) or not isinstance(module.lora_B[name], nn.Linear)):
+        return None
+    lora_a, lora_b = module.lora_A[name].forward, module.lora_B[name].forward  # inference_linears' where set
+    scaling, dtype = module.scaling[name], module.lora_A[name].weight.dtype
+    cast = getattr(module, "cast_input_dtype_enabled", True)
+
+    def lora(x: Tensor, result: Tensor) -> Tensor:
+        # peft's LoRA Linear.forward past its base product, operation for operation (one active
+        # adapter, no dropout): the input cast to the adapter's dtype, the scaled low-rank term
+        # added in the promoted dtype, the sum cast back to the base product's
+        result_dtype = result.dtype
+        if cast and x.dtype != dtype:
+            x = x.to(dtype=dtype)
+        result = result + lora_b(lora_a(x)) * scaling
+        return result.to(result_dtype)
+
+    return _Projection(lambda x: lora(x, base.forward(x)), base, lora)
 
 
 def _hooked(model: nn.Module) -> bool:
@@ -108,15 +159,20 @@ def _stock(module: nn.Module, class_name: str, modeling: str) -> bool:
             and getattr(cls.forward, "__module__", None) == modeling)
 
 
-def _fusable(linears: list[nn.Linear]) -> bool:
-    """Whether ``inference_linears`` sends every one of ``linears`` to oneDNN, so that one product
-    through their concatenated packed weights gives each of them its own product bitwise."""
+def _fusable(linears: list[nn.Linear | None]) -> bool:
+    """Whether ``inference_linears`` sends every one of ``linears`` to oneDNN with a packed weight
+    (float32 where oneDNN is this machine's choice; bfloat16 wherever it packs them), so that one
+    product through their concatenated packed weights gives each of them its own product bitwise."""
+    if any(layer is None for layer in linears):
+        return False
     first = linears[0].weight
     return all(
         type(layer) is nn.Linear and getattr(vars(layer).get("forward"), "inference_linear", False)
         and layer.in_features == first.shape[1] and layer.weight.is_contiguous()
-        and (layer.bias is None) == (linears[0].bias is None)
-        and routes_to_onednn(first.new_empty(2, first.shape[1]), layer.weight, layer.bias)
+        and layer.weight.dtype == first.dtype and (layer.bias is None) == (linears[0].bias is None)
+        and (layer.bias is None or layer.bias.dtype == first.dtype)
+        and (first.dtype == torch.bfloat16
+             or routes_to_onednn(first.new_empty(2, first.shape[1]), layer.weight, layer.bias))
         for layer in linears)
 
 
@@ -146,23 +202,25 @@ class SamplingForward:
         self.layers = []
         for block in self.decoder.layers:
             attention, mlp = block.self_attn, block.mlp
-            projections = {name: plain_linear(getattr(attention, f"{name}_proj")) for name in "qkvo"}
-            projections |= {name: plain_linear(getattr(mlp, f"{name}_proj")) for name in ("gate", "up", "down")}
+            projections = {name: projection(getattr(attention, f"{name}_proj")) for name in "qkvo"}
+            projections |= {name: projection(getattr(mlp, f"{name}_proj")) for name in ("gate", "up", "down")}
             layer = _Layer(
                 input_norm=block.input_layernorm.forward, post_attention_norm=block.post_attention_layernorm.forward,
                 q_norm=attention.q_norm.forward if hasattr(attention, "q_norm") else None,
                 k_norm=attention.k_norm.forward if hasattr(attention, "k_norm") else None,
-                **{name: linear.forward for name, linear in projections.items()},
+                **{name: part.forward for name, part in projections.items()},
                 act=mlp.act_fn, attention=attention,
-                q_width=projections["q"].out_features, k_width=projections["k"].out_features,
-                intermediate=projections["gate"].out_features,
+                q_width=attention.q_proj.out_features, k_width=attention.k_proj.out_features,
+                intermediate=mlp.gate_proj.out_features,
             )
             qkv = [projections[name] for name in "qkv"]
             gate_up = [projections["gate"], projections["up"]]
-            if fuse and _fusable(qkv):
-                layer.qkv = _pack(qkv)
-            if fuse and _fusable(gate_up):
-                layer.gate_up = _pack(gate_up)
+            if fuse and _fusable([part.base for part in qkv]):
+                layer.qkv = _pack([part.base for part in qkv])
+                layer.qkv_lora = [part.lora for part in qkv]
+            if fuse and _fusable([part.base for part in gate_up]):
+                layer.gate_up = _pack([part.base for part in gate_up])
+                layer.gate_up_lora = [part.lora for part in gate_up]
             self.layers.append(layer)
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
@@ -199,7 +257,8 @@ class SamplingForward:
             if fused and layer.qkv is not None:
                 qkv = onednn_linear(normed, *layer.qkv)
                 widths = [layer.q_width, layer.k_width, qkv.shape[-1] - layer.q_width - layer.k_width]
-                query, key, value = (part.contiguous() for part in qkv.split(widths, -1))
+                query, key, value = (part.contiguous() if lora is None else lora(normed, part)
+                                     for part, lora in zip(qkv.split(widths, -1), layer.qkv_lora))
             else:
                 query, key, value = layer.q(normed), layer.k(normed), layer.v(normed)
             head_shape = (batch, length, -1, layer.attention.head_dim)
@@ -214,7 +273,9 @@ class SamplingForward:
             normed = layer.post_attention_norm(hidden)
             if fused and layer.gate_up is not None:
                 gate, up = onednn_linear(normed, *layer.gate_up).split(layer.intermediate, -1)
-                gate = gate.contiguous()
+                gate_lora, up_lora = layer.gate_up_lora
+                gate = gate.contiguous() if gate_lora is None else gate_lora(normed, gate)
+                up = up if up_lora is None else up_lora(normed, up)
             else:
                 gate, up = layer.gate(normed), layer.up(normed)
             hidden = hidden + layer.down(layer.act(gate) * up)
@@ -240,7 +301,7 @@ def sampling_forward(model: nn.Module, fuse: bool = False) -> SamplingForward | 
     """A ``SamplingForward`` for ``model`` (a causal LM, or a peft model around one), or None
     where it would not give the model's own numbers: another architecture (or a subclass, remote
     code, a patched or compiled module), layers other than full or sliding-window attention, an
-    attention implementation other than sdpa/eager, active (unmerged) LoRA layers, module hooks
+    attention implementation other than sdpa/eager, LoRA layers it cannot follow (``projection``), module hooks
     (Accelerate offloading, DeepSpeed/FSDP gathering), training mode, a model split over devices.
     Sliding-window layers (Mistral's ``sliding_window``, Qwen2/Qwen3's ``use_sliding_window``) see
     every earlier column while the sequence is shorter than the window, so there it computes them
@@ -270,11 +331,11 @@ def sampling_forward(model: nn.Module, fuse: bool = False) -> SamplingForward | 
             return None
         projections = [getattr(block.self_attn, f"{name}_proj") for name in "qkvo"]
         projections += [getattr(block.mlp, f"{name}_proj") for name in ("gate", "up", "down")]
-        if any(plain_linear(module) is None for module in projections):
+        if any(projection(module) is None for module in projections):
             return None
-    fused_bytes = sum(plain_linear(getattr(part, f"{name}_proj")).weight.nbytes for block in decoder.layers
-                      for part, names in ((block.self_attn, ("q", "k", "v")), (block.mlp, ("gate", "up")))
-                      for name in names)
+    bases = [projection(getattr(part, f"{name}_proj")).base for block in decoder.layers
+             for part, names in ((block.self_attn, ("q", "k", "v")), (block.mlp, ("gate", "up"))) for name in names]
+    fused_bytes = sum(base.weight.nbytes for base in bases if base is not None)
     fuse = fuse and onednn_packing_usable() and 2 * fused_bytes < available_memory_bytes()
     return SamplingForward(causal_lm, fuse=fuse, window=window)
 

@@ -172,10 +172,20 @@ def test_patched_or_compiled_modules_keep_the_models_forward(monkeypatch):
 
 def test_models_it_is_not_exact_for_keep_their_own_forward():
     assert sampling_forward(_policy("llama").train()) is None  # dropout would apply
-    active = _policy("llama")  # LoRA not folded: the adapter layers must run
-    assert sampling_forward(active) is None
-    with merged_lora_weights(active) as merged:
-        assert sampling_forward(merged) is not None
+    from peft import LoraConfig, get_peft_model
+
+    for lora in (LoraConfig(r=4, target_modules=TARGETS, use_dora=True),  # another kind of adapter
+                 LoraConfig(r=4, target_modules=TARGETS, lora_dropout=0.1)):  # dropout: a module to run
+        assert sampling_forward(get_peft_model(_model("llama", hidden=64), lora).eval()) is None
+    two = get_peft_model(_model("llama", hidden=64), LoraConfig(r=4, target_modules=TARGETS))
+    two.add_adapter("other", LoraConfig(r=4, target_modules=TARGETS))
+    two.base_model.set_adapter(["default", "other"])  # two adapters active at once
+    assert sampling_forward(two.eval()) is None
+    peft_merged = _policy("llama", hidden=64)
+    peft_merged.merge_adapter()  # peft's own merge: the base layers alone
+    assert sampling_forward(peft_merged) is not None
+    with peft_merged.disable_adapter():  # merged and switched off: peft unmerges in its forward
+        assert sampling_forward(peft_merged) is None
     chunked = _model("llama")
     chunked.config.layer_types = ["full_attention", "chunked_attention"]
     assert sampling_forward(chunked) is None
@@ -295,3 +305,61 @@ def test_sliding_layers_below_their_window_take_the_in_place_cache_with_the_same
     assert kinds[-1] == {DynamicSlidingWindowLayer}  # without the bound: as transformers keeps them
     for tokens, logprobs in results[1:]:
         assert torch.equal(tokens, results[0][0]) and torch.equal(logprobs, results[0][1])
+
+
+def _lora_cases():
+    bf16_fused = cpu_linear.bf16_packing_exact()
+    return [  # (dtype, peft's forward or rlhf's fused LoRA function, fused q/k/v and gate/up expected)
+        pytest.param(torch.float32, False, cpu_linear.onednn_packing_usable(), id="float32"),
+        pytest.param(torch.float32, True, False, id="float32-fused-lora-function"),
+        pytest.param(torch.bfloat16, False, bf16_fused, id="bfloat16"),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype, lora_function, fused", _lora_cases())
+def test_unmerged_lora_gives_the_models_logits_and_cache_bitwise(kind, dtype, lora_function, fused, monkeypatch):
+    """LoRA left unfolded (a bfloat16 base, or no memory for the folded copies): each adapter layer
+    gives peft's (or rlhf's fused LoRA layer's) output, also where the base products are fused."""
+    from rlhf.models import fuse_lora_layers
+
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: cpu_linear.onednn_usable())
+    policy = add_lora(_model(kind).to(dtype), 4, 8, 0.0, TARGETS)
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    policy.eval()
+    if lora_function:
+        assert fuse_lora_layers(policy) > 0
+    ids, mask, positions = _prompts()
+    with torch.no_grad(), inference_linears(policy):
+        forward = sampling_forward(policy, fuse=True)
+        assert isinstance(forward, SamplingForward)
+        assert all((layer.qkv is not None and layer.gate_up is not None) == fused for layer in forward.layers)
+        (ours, our_keys), (theirs, their_keys) = _both_ways(forward, policy, ids, mask, positions)
+    for got, expected in zip(ours + our_keys, theirs + their_keys):
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+    assert not torch.equal(ours[0], policy.get_base_model()(input_ids=ids, attention_mask=mask).logits)  # LoRA counted
+
+
+def test_bfloat16_sampling_draws_the_same_tokens_with_packed_weights_and_its_forward(monkeypatch):
+    """A bfloat16 policy sampled through inference_linears' packed weights (where exact) and the
+    sampler's forward draws what the plain model draws, token for token and logprob for logprob."""
+    from rlhf import models
+
+    policy = add_lora(_model("qwen2").to(torch.bfloat16), 4, 8, 0.0, TARGETS).eval()
+    ids, mask, _ = _prompts(rows=2)
+    ids, mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+    draws = []
+    for speedups in (True, False):
+        monkeypatch.setattr(models, "bf16_packing_exact", lambda real=cpu_linear.bf16_packing_exact: speedups and real())
+        with torch.no_grad(), inference_linears(policy):
+            packed = [m for m in policy.modules() if isinstance(m, nn.Linear) and m.weight.dtype == torch.bfloat16
+                      and "forward" in vars(m)]
+            assert bool(packed) == (speedups and cpu_linear.bf16_packing_exact())
+            torch.manual_seed(5)
+            draws.append(sample_responses(policy, ids, mask, max_new_tokens=12, temperature=0.9, top_p=0.95,
+                                          eos_token_ids=[299], pad_token_id=0, share_prompt_prefix=True,
+                                          fast_forward=sampling_forward(policy, fuse=True) if speedups else None))
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
