@@ -79,9 +79,11 @@ def bf16_packing_exact() -> bool:
     (``pack_for_onednn``) bitwise. PyTorch sends CPU bfloat16 products to oneDNN where the CPU has
     the instructions for it, reordering the plain weight inside every call; the packed copy only
     saves that reorder. Checked on the 2-core EPYC (AVX-512 BF16) for 12 shapes from 64 -> 192 to
-    576 -> 49152, with and without bias, at 1 to 700 rows: all equal. Probed here at two shapes and
-    four row counts, so a CPU or a torch build whose bfloat16 products take another path (no
-    oneDNN, emulated bfloat16) keeps the plain product."""
+    576 -> 49152, with and without bias, at 1 to 700 rows: all equal, for contiguous inputs (a
+    strided one with a bias takes another kernel in ``F.linear``, so ``inference_linears`` keeps the
+    plain product for it). Probed here at two shapes and five input shapes, so a CPU or a torch
+    build whose bfloat16 products take another path (no oneDNN, emulated bfloat16) keeps the plain
+    product."""
     if not onednn_packing_usable():
         return False
     import torch.nn.functional as F
@@ -92,8 +94,8 @@ def bf16_packing_exact() -> bool:
             weight = torch.randn(outputs, inputs, generator=generator).bfloat16()
             bias = torch.randn(outputs, generator=generator).bfloat16()
             packed = pack_for_onednn(weight)
-            for rows in (1, 2, 16, 33):
-                x = torch.randn(rows, inputs, generator=generator).bfloat16()
+            for shape in ((1, inputs), (2, inputs), (16, inputs), (33, inputs), (3, 5, inputs)):
+                x = torch.randn(shape, generator=generator).bfloat16()
                 if not (torch.equal(F.linear(x, weight), onednn_linear(x, packed))
                         and torch.equal(F.linear(x, weight, bias), onednn_linear(x, packed, bias))):
                     return False

@@ -512,7 +512,9 @@ def inference_linears(model: nn.Module) -> Iterator[nn.Module]:
             # one row, or strided weight rows: the plain weight (see pack_for_onednn)
             use_packed = pack and x.numel() >= 2 * x.shape[-1] and layer.weight.is_contiguous()
             if x.dtype == torch.bfloat16:  # PyTorch's own product, less the reorder (bf16_packing_exact)
-                if not use_packed or (layer.bias is not None and layer.bias.dtype != x.dtype):
+                # a strided input (Phi's LM head on the last position of each row) takes another
+                # kernel in F.linear there, which adds the bias after rounding the product
+                if not use_packed or not x.is_contiguous() or (layer.bias is not None and layer.bias.dtype != x.dtype):
                     return plain(x)
                 return onednn_linear(x, packed_weight(), layer.bias)
             if routes_to_onednn(x, layer.weight, layer.bias):

@@ -98,9 +98,10 @@ def projection(module: nn.Module) -> _Projection | None:
     """``module`` as the model's forward computes it: a plain ``nn.Linear``, a peft LoRA layer with
     its adapters off (``merged_lora_weights`` samples that way) or merged (its base layer alone),
     or a peft LoRA layer with one plain adapter active and unmerged (a bfloat16 base, whose LoRA
-    cannot be folded in: peft's own forward past the base product, below); a LoRA layer whose
-    forward is set on the instance (``rlhf.models.fuse_lora_layers``) runs that forward. None
-    for anything else (another LoRA kind or layer type, several adapters, ``fan_in_fan_out``)."""
+    cannot be folded in: peft's own forward past the base product, below; its dropout, if any, in
+    eval mode); a LoRA layer whose forward is set on the instance (``rlhf.models.fuse_lora_layers``)
+    runs that forward. None for anything else (another LoRA kind or layer type, several active
+    adapters on the layer, ``fan_in_fan_out``, dropout in training mode)."""
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
@@ -116,10 +117,14 @@ def projection(module: nn.Module) -> _Projection | None:
     if "forward" in vars(module):
         return _Projection(module.forward, None)
     active = [name for name in module.active_adapters if name in module.lora_A]
+    if not active:  # the active adapter leaves this layer alone: peft runs the base layer
+        return _Projection(base.forward, base)
     if len(active) != 1 or module.fan_in_fan_out:
         return None
     name = active[0]
-    if (name in module.lora_variant or type(module.lora_dropout[name]) is not nn.Identity
+    dropout = module.lora_dropout[name]  # peft calls it; in eval mode it returns its input itself
+    inert_dropout = type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and not dropout.training)
+    if (name in module.lora_variant or not inert_dropout
             or not isinstance(module.lora_A[name], nn.Linear) or not isinstance(module.lora_B[name], nn.Linear)):
         return None
     lora_a, lora_b = module.lora_A[name].forward, module.lora_B[name].forward  # inference_linears' where set

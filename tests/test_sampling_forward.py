@@ -174,9 +174,11 @@ def test_models_it_is_not_exact_for_keep_their_own_forward():
     assert sampling_forward(_policy("llama").train()) is None  # dropout would apply
     from peft import LoraConfig, get_peft_model
 
-    for lora in (LoraConfig(r=4, target_modules=TARGETS, use_dora=True),  # another kind of adapter
-                 LoraConfig(r=4, target_modules=TARGETS, lora_dropout=0.1)):  # dropout: a module to run
-        assert sampling_forward(get_peft_model(_model("llama", hidden=64), lora).eval()) is None
+    dora = LoraConfig(r=4, target_modules=TARGETS, use_dora=True)  # another kind of adapter
+    assert sampling_forward(get_peft_model(_model("llama", hidden=64), dora).eval()) is None
+    dropout = get_peft_model(_model("llama", hidden=64), LoraConfig(r=4, target_modules=TARGETS, lora_dropout=0.1))
+    dropout.eval().base_model.model.model.layers[1].mlp.up_proj.lora_dropout.train()  # it would drop
+    assert sampling_forward(dropout) is None
     two = get_peft_model(_model("llama", hidden=64), LoraConfig(r=4, target_modules=TARGETS))
     two.add_adapter("other", LoraConfig(r=4, target_modules=TARGETS))
     two.base_model.set_adapter(["default", "other"])  # two adapters active at once
@@ -363,3 +365,43 @@ def test_bfloat16_sampling_draws_the_same_tokens_with_packed_weights_and_its_for
                                           eos_token_ids=[299], pad_token_id=0, share_prompt_prefix=True,
                                           fast_forward=sampling_forward(policy, fuse=True) if speedups else None))
     assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+
+
+def test_adapters_it_follows_beyond_the_trainers_own(monkeypatch):
+    """A user's PeftModel: LoRA dropout (inert in eval mode), and an active adapter that leaves
+    some layers alone (peft runs their base layer): logits and cache still the model's own."""
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: cpu_linear.onednn_usable())
+    with_dropout = get_peft_model(_model("llama"), LoraConfig(r=4, target_modules=TARGETS, lora_dropout=0.1))
+    partial = get_peft_model(_model("qwen2"), LoraConfig(r=4, target_modules=TARGETS))
+    partial.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
+    partial.set_adapter("other")
+    for policy in (with_dropout, partial):
+        with torch.no_grad():
+            for name, parameter in policy.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.05)
+        policy.eval()
+        ids, mask, positions = _prompts()
+        with torch.no_grad(), inference_linears(policy):
+            forward = sampling_forward(policy, fuse=True)
+            assert isinstance(forward, SamplingForward)
+            (ours, our_keys), (theirs, their_keys) = _both_ways(forward, policy, ids, mask, positions)
+        assert all(torch.equal(a, b) for a, b in zip(ours + our_keys, theirs + their_keys))
+
+
+@pytest.mark.skipif(not cpu_linear.bf16_packing_exact(), reason="bfloat16 weights are not packed on this machine")
+def test_packed_bfloat16_layers_give_the_plain_layers_output_for_strided_inputs_too():
+    """Phi's LM head has a bias and reads the last position of each row, a strided view: F.linear
+    computes that through another kernel, which the packed product must not replace."""
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 512).to(torch.bfloat16)
+    hidden = torch.randn(6, 9, 256).to(torch.bfloat16)
+    inputs = [hidden, hidden[:, -1:], hidden[:, -3:], hidden.transpose(0, 1), hidden[:, :, :]]
+    with torch.no_grad():
+        expected = [layer(x) for x in inputs]
+        with inference_linears(layer):
+            assert "forward" in vars(layer)
+            got = [layer(x) for x in inputs]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
