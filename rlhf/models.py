@@ -204,6 +204,21 @@ def disable_dropout(model: nn.Module) -> None:
                 configs.append(value)
 
 
+def update_mode(model: nn.Module) -> None:
+    """The mode the update's forward runs in: eval mode everywhere but in the modules that
+    checkpoint gradients (transformers checkpoints a layer only in training mode).
+
+    Dropout is off already (``disable_dropout``), but some models draw other randomness in
+    training mode: PhiMoE samples its experts (sparsemixer's Gumbel draw), Mixtral and MiniMax add
+    router jitter when ``router_jitter_noise`` is set, DBRX ``moe_jitter_eps``. The update must
+    score the network that sampled, which ran in eval mode, so those modules run in eval mode too;
+    for every model without such randomness the numbers are the same as in training mode."""
+    model.train()
+    for module in model.modules():
+        if not getattr(module, "gradient_checkpointing", False):
+            module.training = False
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bfloat16 matmuls in hardware (else torch emulates them, slowly)."""
     try:

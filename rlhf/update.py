@@ -23,6 +23,7 @@ from rlhf.algorithms.losses import AdaptiveEntropyController, high_entropy_mask,
 from rlhf.distributed import Reducer
 from rlhf.errors import ConfigError
 from rlhf.experience import Experience, sampler_mismatch_metrics, sampler_mismatch_totals
+from rlhf.models import update_mode
 from rlhf.rollout import Rollout, forward_response
 
 UPDATERS: Registry = Registry("update method")
@@ -155,7 +156,7 @@ class GradientUpdate:
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}  # grad_norm exists only on the micro-batch that steps
         minibatches = 0
-        self.model.train()
+        update_mode(self.model)
         for _ in range(config.ppo_epochs):
             order = torch.randperm(len(rollout), device=rollout.mask.device)
             for start in range(0, len(rollout), local_minibatch):

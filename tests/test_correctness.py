@@ -299,6 +299,44 @@ def test_a_loaded_model_has_no_dropout_left_in_training_mode(model_type, dropout
     assert torch.equal(first, second)
 
 
+def test_the_update_scores_the_network_that_sampled_with_training_mode_randomness_off(tmp_path):
+    """PhiMoE draws its experts at random in training mode (sparsemixer), Mixtral jitters its
+    router input when router_jitter_noise is set: the update runs those modules in eval mode, as
+    the rollout ran them, so its forward is deterministic and equals the sampler's network."""
+    from conftest import FIXTURES
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.models import update_mode
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "tokenizer")
+    for model_type, extra in (("phimoe", {}), ("mixtral", {"router_jitter_noise": 0.3})):
+        config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      num_local_experts=4, max_position_embeddings=128, **extra)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / model_type)
+        tokenizer.save_pretrained(tmp_path / model_type)
+        # all-linear would wrap PhiMoE's router, an nn.Linear whose forward returns a tuple
+        trainer = make_trainer(tmp_path / model_type, tmp_path / f"run-{model_type}",
+                               lora_target_modules=["q_proj", "v_proj"])
+        modes = []
+        for module in trainer.model.modules():
+            if type(module).__name__.endswith("SparseMoeBlock"):
+                module.register_forward_hook(lambda module, args, out: modes.append(module.training))
+        rollout = trainer.rollout()
+        batch, _ = trainer.make_experience(rollout, torch.linspace(-1, 1, len(rollout)))
+        trainer.update(batch)
+        assert modes and not any(modes), model_type
+        update_mode(trainer.model)
+        policy = trainer.model.policy
+        ids = torch.arange(1, 21).view(2, 10)
+        first, second = policy(input_ids=ids).logits, policy(input_ids=ids).logits
+        assert torch.equal(first, second), model_type
+        with torch.no_grad():
+            trainer.model.eval()
+            assert torch.equal(policy(input_ids=ids).logits, first), model_type
+
+
 # ---------------------------------------------------------------------------- 3. init_adapter artifacts
 
 

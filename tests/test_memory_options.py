@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_args
 from rlhf.errors import ConfigError
-from rlhf.models import PolicyWithValue, ValueHead, add_lora, check_bf16, load_base_model, load_tokenizer
+from rlhf.models import PolicyWithValue, ValueHead, add_lora, check_bf16, load_base_model, load_tokenizer, update_mode
 from rlhf.rollout import concat_rollouts, forward_response, generate_rollout
 
 PROMPTS = ["Say hi.", "Tell me a long story about a dragon and a knight.", "Why?", "Name three colours, please.",
@@ -67,10 +67,15 @@ def test_gradient_checkpointing_with_lora_gives_the_same_gradients(tiny_model_di
         for name, param in model.named_parameters():
             if "lora_B" in name:  # non-zero B, so every lora_A gets a gradient too
                 torch.nn.init.normal_(param, std=0.05)
-        model.train()
         rollout = seeded_rollout(model.policy, tokenizer, PROMPTS, list(range(len(PROMPTS))))
+        update_mode(model)  # as the update runs: the checkpointing layers keep training mode
+        calls = []
+        attention = model.policy.base_model.model.model.layers[0].self_attn
+        handle = attention.register_forward_hook(lambda *args: calls.append(1))
         logprobs, _, _ = forward_response(model, rollout, slice(None), 1.0)
         (logprobs * rollout.mask).sum().backward()
+        handle.remove()
+        assert len(calls) == (2 if checkpointing else 1)  # a checkpointed layer runs again in the backward
         grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         assert model.policy.base_model.model.model.gradient_checkpointing is checkpointing
     assert grads[True].keys() == grads[False].keys()
