@@ -271,13 +271,36 @@ def add_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_module
     """Wrap the base model with trainable LoRA adapters; the base weights stay frozen and shared
     with the reference policy (the same model with the adapter disabled)."""
     targets: str | list[str] = "all-linear" if target_modules == ["all-linear"] else target_modules
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    not_linear = _linear_subclasses_returning_more(model) if targets == "all-linear" else []
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
+                      exclude_modules=not_linear or None)
     try:
         peft_model = get_peft_model(model, lora)
     except ValueError as exc:
         raise ConfigError(f"lora_target_modules {target_modules}: {str(exc).splitlines()[0]}") from None
     disable_dropout(peft_model)
     return peft_model
+
+
+def _linear_subclasses_returning_more(model: nn.Module) -> list[str]:
+    """Names of the ``nn.Linear`` subclasses in ``model`` whose own forward returns something other
+    than one tensor: peft's all-linear would wrap them and add a LoRA term to, say, PhiMoE's
+    router, which returns routing weights and expert indices, and every forward would then fail.
+    Each subclass with a forward of its own (Falcon's linears have one too, and stay targeted) is
+    called once on one row of zeros to tell."""
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or type(module).forward is nn.Linear.forward:
+            continue
+        weight = module.weight
+        try:
+            with torch.no_grad():
+                out = module(torch.zeros(1, module.in_features, dtype=weight.dtype, device=weight.device))
+        except Exception:  # noqa: BLE001 - not callable this way: peft's choice stands
+            continue
+        if not isinstance(out, Tensor):
+            names.append(name)
+    return names
 
 
 class _LoraLinearFunction(torch.autograd.Function):

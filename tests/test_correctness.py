@@ -316,9 +316,8 @@ def test_the_update_scores_the_network_that_sampled_with_training_mode_randomnes
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / model_type)
         tokenizer.save_pretrained(tmp_path / model_type)
-        # all-linear would wrap PhiMoE's router, an nn.Linear whose forward returns a tuple
-        trainer = make_trainer(tmp_path / model_type, tmp_path / f"run-{model_type}",
-                               lora_target_modules=["q_proj", "v_proj"])
+        # the default all-linear leaves PhiMoE's router alone, an nn.Linear whose forward returns a tuple
+        trainer = make_trainer(tmp_path / model_type, tmp_path / f"run-{model_type}")
         modes = []
         for module in trainer.model.modules():
             if type(module).__name__.endswith("SparseMoeBlock"):
@@ -327,6 +326,8 @@ def test_the_update_scores_the_network_that_sampled_with_training_mode_randomnes
         batch, _ = trainer.make_experience(rollout, torch.linspace(-1, 1, len(rollout)))
         trainer.update(batch)
         assert modes and not any(modes), model_type
+        assert any("lora_A" in name for name, _ in trainer.model.named_parameters() if ".experts." not in name)
+        assert not any("router.lora" in name for name, _ in trainer.model.named_parameters())
         update_mode(trainer.model)
         policy = trainer.model.policy
         ids = torch.arange(1, 21).view(2, 10)
