@@ -292,12 +292,15 @@ def _linear_subclasses_returning_more(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or type(module).forward is nn.Linear.forward:
             continue
-        weight = module.weight
-        try:
-            with torch.no_grad():
+        weight, training = module.weight, module.training
+        try:  # in eval mode and on a forked random stream: a router in training mode draws noise
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                module.eval()
                 out = module(torch.zeros(1, module.in_features, dtype=weight.dtype, device=weight.device))
         except Exception:  # noqa: BLE001 - not callable this way: peft's choice stands
             continue
+        finally:
+            module.train(training)
         if not isinstance(out, Tensor):
             names.append(name)
     return names

@@ -338,6 +338,24 @@ def test_the_update_scores_the_network_that_sampled_with_training_mode_randomnes
             assert torch.equal(policy(input_ids=ids).logits, first), model_type
 
 
+def test_all_linear_probe_leaves_the_random_stream_and_training_mode_alone():
+    """add_lora calls PhiMoE's router once to tell it from a linear layer: in training mode that
+    router draws noise, which must neither move a seeded run's random stream nor change modes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlhf.models import _linear_subclasses_returning_more
+
+    config = AutoConfig.for_model("phimoe", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                  max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config).train()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert _linear_subclasses_returning_more(model) == ["model.layers.0.mlp.router", "model.layers.1.mlp.router"]
+    assert torch.equal(torch.rand(3), expected) and all(module.training for module in model.modules())
+
+
 # ---------------------------------------------------------------------------- 3. init_adapter artifacts
 
 
