@@ -189,19 +189,22 @@ def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
-        for name, value in vars(module).items():
-            if isinstance(value, float) and value > 0 and _DROPOUT_NAME.search(name):
-                setattr(module, name, 0.0)
+        _zero_dropout_fields(module)
     configs = [getattr(model, "config", None)]
     while configs:
         config = configs.pop()
         if config is None or not hasattr(config, "to_dict"):
             continue
-        for name, value in list(vars(config).items()):
-            if isinstance(value, float) and value > 0 and _DROPOUT_NAME.search(name):
-                setattr(config, name, 0.0)
-            elif hasattr(value, "to_dict") and value is not config:  # text_config, vision_config
-                configs.append(value)
+        _zero_dropout_fields(config)
+        configs.extend(value for value in vars(config).values()  # text_config, vision_config
+                       if hasattr(value, "to_dict") and value is not config)
+
+
+def _zero_dropout_fields(holder: Any) -> None:
+    """Set each positive float attribute of ``holder`` named like a dropout probability to 0."""
+    for name, value in list(vars(holder).items()):
+        if isinstance(value, float) and value > 0 and _DROPOUT_NAME.search(name):
+            setattr(holder, name, 0.0)
 
 
 def update_mode(model: nn.Module) -> None:

@@ -85,6 +85,10 @@ class _Layer:
     gate_up_lora: list[Callable[[Tensor, Tensor], Tensor] | None] | None = None
 
 
+# The projections whose products the forward fuses: q/k/v into one, gate/up into another.
+FUSED = ("q", "k", "v", "gate", "up")
+
+
 @dataclass
 class _Projection:
     """How the model computes one projection module, called without ``nn.Module.__call__``."""
@@ -194,7 +198,8 @@ class SamplingForward:
     ``sampling_forward``, which checks that the model is one this is exact for, where it is used
     (the fused weights are copies: build it again after the weights change)."""
 
-    def __init__(self, causal_lm: nn.Module, fuse: bool, window: int | None = None):
+    def __init__(self, causal_lm: nn.Module, projections: list[dict[str, _Projection]], fuse: bool,
+                 window: int | None = None):
         modeling = sys.modules[type(causal_lm).__module__]
         self.causal_lm = causal_lm
         self.config = causal_lm.config
@@ -205,21 +210,19 @@ class SamplingForward:
         self.eager_attention = modeling.eager_attention_forward
         self.apply_rotary = modeling.apply_rotary_pos_emb  # looked up as the model's attention does
         self.layers = []
-        for block in self.decoder.layers:
+        for block, parts in zip(self.decoder.layers, projections):
             attention, mlp = block.self_attn, block.mlp
-            projections = {name: projection(getattr(attention, f"{name}_proj")) for name in "qkvo"}
-            projections |= {name: projection(getattr(mlp, f"{name}_proj")) for name in ("gate", "up", "down")}
             layer = _Layer(
                 input_norm=block.input_layernorm.forward, post_attention_norm=block.post_attention_layernorm.forward,
                 q_norm=attention.q_norm.forward if hasattr(attention, "q_norm") else None,
                 k_norm=attention.k_norm.forward if hasattr(attention, "k_norm") else None,
-                **{name: part.forward for name, part in projections.items()},
+                **{name: part.forward for name, part in parts.items()},
                 act=mlp.act_fn, attention=attention,
                 q_width=attention.q_proj.out_features, k_width=attention.k_proj.out_features,
                 intermediate=mlp.gate_proj.out_features,
             )
-            qkv = [projections[name] for name in "qkv"]
-            gate_up = [projections["gate"], projections["up"]]
+            qkv = [parts[name] for name in "qkv"]
+            gate_up = [parts["gate"], parts["up"]]
             if fuse and _fusable([part.base for part in qkv]):
                 layer.qkv = _pack([part.base for part in qkv])
                 layer.qkv_lora = [part.lora for part in qkv]
@@ -330,19 +333,20 @@ def sampling_forward(model: nn.Module, fuse: bool = False) -> SamplingForward | 
             or len({p.device for p in causal_lm.parameters()}) != 1
             or not all(hasattr(sys.modules[modeling], name) for name in ("eager_attention_forward", "apply_rotary_pos_emb"))):
         return None
+    projections = []  # per layer: name -> how the model computes that projection
     for block in decoder.layers:
         if not (_stock(block, f"{prefix}DecoderLayer", modeling) and _stock(block.self_attn, f"{prefix}Attention", modeling)
                 and _stock(block.mlp, f"{prefix}MLP", modeling)):
             return None
-        projections = [getattr(block.self_attn, f"{name}_proj") for name in "qkvo"]
-        projections += [getattr(block.mlp, f"{name}_proj") for name in ("gate", "up", "down")]
-        if any(projection(module) is None for module in projections):
+        parts = {name: projection(getattr(block.self_attn, f"{name}_proj")) for name in "qkvo"}
+        parts |= {name: projection(getattr(block.mlp, f"{name}_proj")) for name in ("gate", "up", "down")}
+        if any(part is None for part in parts.values()):
             return None
-    bases = [projection(getattr(part, f"{name}_proj")).base for block in decoder.layers
-             for part, names in ((block.self_attn, ("q", "k", "v")), (block.mlp, ("gate", "up"))) for name in names]
-    fused_bytes = sum(base.weight.nbytes for base in bases if base is not None)
+        projections.append(parts)
+    fused_bytes = sum(parts[name].base.weight.nbytes for parts in projections for name in FUSED
+                      if parts[name].base is not None)
     fuse = fuse and onednn_packing_usable() and 2 * fused_bytes < available_memory_bytes()
-    return SamplingForward(causal_lm, fuse=fuse, window=window)
+    return SamplingForward(causal_lm, projections, fuse=fuse, window=window)
 
 
 def _sliding_window(config: Any, prefix: str) -> int | None | bool:
