@@ -149,14 +149,26 @@ def projection(module: nn.Module) -> _Projection | None:
 
 
 def _hooked(model: nn.Module) -> bool:
-    """Whether calling a module's ``forward`` directly would skip something its call runs."""
+    """Whether calling a module's ``forward`` directly would skip something its call runs.
+
+    transformers' output-capturing hooks do not count: its models install them on their layers
+    the first time a forward asks for hidden states or attentions (a value head's forward does,
+    so every rollout after the first would lose this forward), and they record only inside such
+    a forward (an active collector), which sampling never is."""
     from torch.nn.modules import module as torch_module
 
     if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
             or getattr(torch_module, "_global_forward_hooks_always_called", None)):
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook")
-               or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    return any(any(not _output_capturing(hook) for hook in m._forward_hooks.values()) or m._forward_pre_hooks
+               or hasattr(m, "_hf_hook") or getattr(m, "_compiled_call_impl", None) is not None
+               for m in model.modules())
+
+
+def _output_capturing(hook: Callable[..., Any]) -> bool:
+    """Whether ``hook`` is transformers' output-capturing forward hook (transformers.utils.output_capturing)."""
+    return (getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
+            and getattr(hook, "__name__", None) == "output_capturing_hook")
 
 
 def _stock(module: nn.Module, class_name: str, modeling: str) -> bool:

@@ -211,6 +211,28 @@ def test_models_it_is_not_exact_for_keep_their_own_forward():
     assert sampling_forward(remote(_model("llama").config).eval()) is None  # remote code under the same name
 
 
+def test_a_forward_that_captured_hidden_states_leaves_it_on_and_exact():
+    """transformers installs output-capturing hooks on the layers the first time a forward asks for
+    hidden states (a value head's forward): they record nothing outside such a forward, so the
+    sampler's forward stays on for later rollouts and gives the model's logits."""
+    policy = _policy("llama", hidden=64)
+    ids, mask, positions = _prompts()
+    with torch.no_grad():
+        hidden = policy(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert len(hidden) == 3 and any(layer._forward_hooks for layer in policy.modules())
+    with torch.no_grad():
+        forward = sampling_forward(policy)
+        assert forward is not None
+        (ours, our_keys), (theirs, their_keys) = _both_ways(forward, policy, ids, mask, positions)
+        for got, expected in zip(ours + our_keys, theirs + their_keys):
+            assert torch.equal(got, expected)
+        # and the hooks still record when a forward asks for hidden states again
+        again = policy(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        assert all(torch.equal(a, b) for a, b in zip(hidden, again))
+    policy.base_model.model.model.layers[0].register_forward_hook(lambda *args: None)  # a hook of the user's own
+    assert sampling_forward(policy) is None
+
+
 def test_eager_attention_gives_the_models_logits():
     model = _model("llama", attn_implementation="eager")
     assert model.config._attn_implementation == "eager"
