@@ -33,11 +33,13 @@ and each process reports what it ran with (``allocator_in_use``: a preloaded all
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
 import platform
+from typing import Iterator
 
 ENV = "RLHF_CPU_MALLOC"
 
@@ -128,3 +130,22 @@ def release_freed_memory() -> None:
     libc = _glibc()
     if _kept and libc is not None:
         libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def freed_memory_kept(device_type: str) -> Iterator[None]:
+    """Keep freed memory for reuse (``keep_freed_memory``) while the block runs on a CPU, and hand
+    what the heap then holds free back to the kernel after it: for TRL's DPOTrainer, whose steps
+    allocate and free the chosen and rejected replies' full-vocabulary logits and activations
+    as the RL update does. Measured (configs/dpo.yaml, 6 steps, 2 threads): 37.7 M -> 1.7 M page
+    faults, training 112.5 -> 69.7 s (1 thread: 181 -> 117 s), identical metrics and adapter.
+    TRL's RewardTrainer on the embedded MiniLM (21-22 s either way) and ``evaluate.py`` (39-42 s,
+    half the faults) showed no gain, so they keep glibc's default."""
+    if device_type == "cpu":
+        keep_freed_memory()
+    try:
+        yield
+    finally:
+        if device_type == "cpu":
+            release_freed_memory()
+

@@ -74,6 +74,7 @@ def train_dpo(config: DPORunConfig) -> dict[str, float]:
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
+    from rlhf.cpu_memory import freed_memory_kept
     from rlhf.data import load_preference_dataset
     from rlhf.models import load_base_model, load_tokenizer
 
@@ -98,11 +99,12 @@ def train_dpo(config: DPORunConfig) -> dict[str, float]:
     except ValueError as exc:  # e.g. LoRA target modules the model does not have
         raise ConfigError(f"DPO setup failed: {str(exc).strip().splitlines()[0]}") from None
 
-    before = _preference_metrics(trainer, "before") if eval_pairs is not None else {}
-    start = time.perf_counter()
-    trainer.train()
-    train_time = time.perf_counter() - start
-    after = _preference_metrics(trainer, "after") if eval_pairs is not None else {}
+    with freed_memory_kept(trainer.accelerator.device.type):  # its logits' buffers reused, not faulted in afresh
+        before = _preference_metrics(trainer, "before") if eval_pairs is not None else {}
+        start = time.perf_counter()
+        trainer.train()
+        train_time = time.perf_counter() - start
+        after = _preference_metrics(trainer, "after") if eval_pairs is not None else {}
 
     trainer.save_model(str(output_dir / "final"))  # the PEFT adapter + tokenizer, written by the main process
     final = {**before, **after, "train_time_s": train_time, "train_steps": trainer.state.global_step}

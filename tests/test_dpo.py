@@ -113,3 +113,20 @@ def test_init_adapter_from_another_base_exits_2(tiny_model_dir, tmp_path, run_he
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: init_adapter {adapter_dir} does not fit model_name_or_path")
     assert not (tmp_path / "rl" / "metrics.jsonl").exists()
+
+
+def test_dpo_on_cpu_trains_with_freed_memory_kept_and_hands_it_back(tiny_model_dir, tmp_path, run_here, monkeypatch):
+    """TRL's DPO steps free and reallocate full-vocabulary logits: on a CPU they run with glibc
+    keeping freed memory (rlhf.cpu_memory), which goes back to the system once training is done."""
+    import trl
+
+    from rlhf import cpu_memory
+
+    events = []
+    monkeypatch.setattr(cpu_memory, "keep_freed_memory", lambda: events.append("keep") or True)
+    monkeypatch.setattr(cpu_memory, "release_freed_memory", lambda: events.append("release"))
+    train = trl.DPOTrainer.train
+    monkeypatch.setattr(trl.DPOTrainer, "train", lambda self, *a, **k: events.append("train") or train(self, *a, **k))
+    result = run_here("train_dpo.py", *dpo_args(tiny_model_dir, tmp_path / "out", tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert events == ["keep", "train", "release"]
