@@ -25,9 +25,10 @@ to the kernel when training ends (``release_freed_memory``), so a notebook or se
 once does not keep its peak. jemalloc and tcmalloc, which PyTorch's CPU tuning guides suggest
 preloading, also keep freed memory for reuse (returning it gradually).
 
-Only on Linux with glibc, and in the trainer only for runs on CPU (a GPU's memory has its own
-caching allocator); the benchmark applies it to every system's process alike, TRL's included,
-and each process reports what it ran with (``allocator_in_use``: a preloaded allocator is named).
+Only on Linux with glibc, and in the trainer and ``train_dpo`` (``freed_memory_kept``) only for
+runs on CPU (a GPU's memory has its own caching allocator); the benchmark applies it to every
+system's process alike, TRL's included, and each process reports what it ran with
+(``allocator_in_use``: a preloaded allocator is named).
 ``RLHF_CPU_MALLOC=keep`` / ``=default`` overrides the choice.
 """
 
@@ -148,4 +149,3 @@ def freed_memory_kept(device_type: str) -> Iterator[None]:
     finally:
         if device_type == "cpu":
             release_freed_memory()
-
