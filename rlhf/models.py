@@ -19,7 +19,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
-from rlhf.algorithms import logprobs_and_entropy_from_logits, logprobs_from_hidden, logprobs_from_logits
+from rlhf.algorithms import (entropy_from_logits, logprobs_and_entropy_from_logits, logprobs_from_hidden,
+                             logprobs_from_logits)
 from rlhf.cpu_linear import (available_memory_bytes, bf16_packing_exact, onednn_linear, onednn_packing_usable,
                               pack_for_onednn, routes_to_onednn)
 from rlhf.kv_cache import config_cache_rows_selectable, rows_selectable
@@ -693,10 +694,12 @@ class PolicyWithValue(nn.Module):
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_length: int,
         labels: Tensor | None = None, temperature: float = 1.0, with_entropy: bool = False,
+        entropy_gradient: bool = False,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """input_ids, attention_mask, position_ids: [B, P+T] ->
         with ``labels`` [B, T] (the response tokens): (logprobs [B, T] float32, values [B, T] | None,
-        entropy [B, T] | None), logits divided by ``temperature``;
+        entropy [B, T] | None), logits divided by ``temperature``; ``entropy_gradient`` (an entropy
+        bonus): the entropy always, with its gradient;
         without: (logits [B, T, V], values [B, T] | None, None), as the LM head gives them.
 
         Position p's logits predict token p+1, so the response tokens P..P+T-1 are predicted by
@@ -714,7 +717,8 @@ class PolicyWithValue(nn.Module):
             hidden = hidden[:, -(response_length + 1):-1]
             values = self.value_head(hidden) if self.value_head is not None else None
             weight = self.policy.get_output_embeddings().weight
-            logprobs, entropy = logprobs_from_hidden(hidden, weight, labels, temperature, with_entropy)
+            logprobs, entropy = logprobs_from_hidden(hidden, weight, labels, temperature, with_entropy,
+                                                     entropy_gradient=entropy_gradient)
             return logprobs, values, entropy
         suffix_length = inputs["input_ids"].shape[1]
         # Positions as an index tensor, not logits_to_keep=T+1 and [:, :-1]: the LM head skips the
@@ -728,6 +732,9 @@ class PolicyWithValue(nn.Module):
             values = self.value_head(hidden)
         if labels is None:
             return logits, values, None
+        if entropy_gradient:  # float32 logits / temperature, and the entropy keeps its graph
+            logits = logits.float() / temperature
+            return logprobs_from_logits(logits, labels), values, entropy_from_logits(logits)
         if temperature != 1.0:  # a full [b, T, V] copy, worth skipping at the default temperature
             logits = logits / temperature
         if with_entropy:

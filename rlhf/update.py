@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from rlhf.algorithms import Algorithm, Registry, agg_loss, agg_units, kl_penalty, trpo_step, value_loss
-from rlhf.algorithms.logits import entropy_from_logits, logprobs_from_logits
 from rlhf.algorithms.losses import AdaptiveEntropyController, high_entropy_mask, log_importance_weights, off_policy_mask
 from rlhf.distributed import Reducer
 from rlhf.errors import ConfigError
@@ -226,7 +225,7 @@ class GradientUpdate:
         measure_here = batch.old_logprobs is None  # see rlhf.experience.plan_passes
         bonus = self.entropy_control.enabled
         with accelerator.accumulate(self.model):
-            if bonus:  # the bonus needs the entropy's gradient, which the logprob paths do not keep
+            if bonus:  # the bonus needs the entropy's gradient
                 logprobs, values, entropy = self._forward_with_entropy_gradient(rollout)
             else:
                 logprobs, values, entropy = forward_response(
@@ -284,12 +283,12 @@ class GradientUpdate:
         return stats
 
     def _forward_with_entropy_gradient(self, rollout: Rollout) -> tuple[Tensor, Tensor | None, Tensor]:
-        """logprobs [b, T], values [b, T] | None, entropy [b, T] with its gradient, from the full
-        logits / temperature (the chunked logprob path keeps no entropy gradient)."""
-        logits, values, _ = self.model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                                       position_ids=rollout.position_ids, response_length=rollout.response_length)
-        logits = logits.float() / self.config.temperature
-        return logprobs_from_logits(logits, rollout.response_ids), values, entropy_from_logits(logits)
+        """logprobs [b, T], values [b, T] | None, entropy [b, T] with its gradient (logits / temperature;
+        through the chunked LM head where the model takes it, so the [b, T, V] logits never exist)."""
+        return self.model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                          position_ids=rollout.position_ids, response_length=rollout.response_length,
+                          labels=rollout.response_ids, temperature=self.config.temperature, with_entropy=True,
+                          entropy_gradient=True)
 
     def _gather_padded(self, values: Tensor) -> Tensor:
         """1-D tensors of every process, concatenated (they differ in length)."""

@@ -378,6 +378,68 @@ def test_chunked_logprobs_in_the_model_equal_the_full_logits_path(tiny_model_dir
         assert torch.allclose(full, chunked, atol=2e-5)
 
 
+@pytest.mark.parametrize("share_prompt_prefix", [False, True])
+def test_entropy_bonus_forward_takes_the_chunked_head_with_the_entropys_gradient(tiny_model_dir, share_prompt_prefix,
+                                                                                  monkeypatch):
+    """The update's forward for an entropy bonus: through the chunked LM head (no [B, T, V] logits)
+    its logprobs, values, entropy and the gradients of a loss on all three equal the full logits'
+    (autograd through log_softmax); without chunking it is that computation, as before."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import rlhf.algorithms.logits as logits_module
+    from rlhf.algorithms import entropy_from_logits, logprobs_from_logits
+    from rlhf.models import PolicyWithValue, ValueHead, add_lora, fuse_lora_layers, load_base_model
+    from rlhf.rollout import Rollout
+    from rlhf.update import GradientUpdate
+
+    monkeypatch.setattr(logits_module, "CHUNK_LOGITS", logits_module.CHUNK_LOGITS // 4096)  # several chunks
+    torch.manual_seed(0)
+    policy = add_lora(load_base_model(str(tiny_model_dir)), 4, 8, 0.0, ["all-linear"])
+    fuse_lora_layers(policy)
+    for parameter in policy.parameters():
+        if parameter.requires_grad:
+            torch.nn.init.normal_(parameter, std=0.05)
+    head = ValueHead(32)
+    torch.nn.init.normal_(head.summary.weight, std=0.1)
+    prompt, length, temperature = 6, 9, 0.7
+    ids = torch.randint(0, 1000, (4, prompt + length))
+    ids[1, :prompt] = ids[2, :prompt]
+    attention = torch.ones_like(ids)
+    attention[0, :2] = 0
+    rollout = Rollout(input_ids=ids, attention_mask=attention, response_ids=ids[:, prompt:], mask=torch.ones(4, length),
+                      eos_found=torch.zeros(4, dtype=torch.bool), group_ids=torch.arange(4), prompts=[""] * 4,
+                      completions=[""] * 4)
+    weights = torch.randn(3, 4, length)
+
+    def run(forward):
+        policy.zero_grad()
+        head.zero_grad()
+        logprobs, values, entropy = forward()
+        ((logprobs * weights[0]).sum() + (values * weights[1]).sum() + (entropy * weights[2]).sum()).backward()
+        grads = torch.cat([p.grad.flatten() for p in [*policy.parameters(), *head.parameters()] if p.requires_grad])
+        return logprobs.detach(), values.detach(), entropy.detach(), grads
+
+    def full_logits(model):  # the bonus's computation before the chunked path took it
+        logits, values, _ = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                                  position_ids=rollout.position_ids, response_length=rollout.response_length)
+        logits = logits.float() / temperature
+        return logprobs_from_logits(logits, rollout.response_ids), values, entropy_from_logits(logits)
+
+    results = {}
+    for chunk in (None, 0):
+        model = PolicyWithValue(policy, head, share_prompt_prefix=share_prompt_prefix, chunk_logits_bytes=chunk)
+        update = SimpleNamespace(model=model, config=SimpleNamespace(temperature=temperature))
+        results[chunk] = run(lambda: GradientUpdate._forward_with_entropy_gradient(update, rollout))
+        if chunk is None:
+            for got, expected in zip(results[chunk], run(lambda: full_logits(model))):
+                assert torch.equal(got, expected)
+    assert results[0][3].abs().max() > 0
+    for full, chunked in zip(results[None], results[0]):
+        assert torch.allclose(full, chunked, atol=2e-5)
+
+
 def test_models_whose_logits_are_not_the_plain_lm_head_keep_full_logits(tiny_model_dir, tmp_path):
     import torch
     from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM

@@ -70,15 +70,21 @@ class _ChunkedProjectionLogprobs(torch.autograd.Function):
     backward scales it by each token's incoming gradient: two products with the LM head per token
     (h W^T, p W), where recomputing the logits in the backward took three (16 x 256 tokens of
     SmolLM2: 7.4 -> 4.9 s). W gets no gradient (the LM head is frozen under LoRA).
+
+    With ``entropy_gradient`` (an entropy bonus in the loss) the entropy keeps its gradient the same
+    way: dH/dz = -p (log p + H), so dH/dh = -(p (log p + H)) W / tau, one more LM-head product per
+    token, formed while the chunk's probabilities are at hand.
     """
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float,
-                with_entropy: bool) -> tuple[Tensor, Tensor]:
+                with_entropy: bool, entropy_gradient: bool = False) -> tuple[Tensor, Tensor]:
         rows = max(1, CHUNK_LOGITS // weight.shape[0])
+        with_entropy = with_entropy or entropy_gradient
         logprobs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(hidden.shape[0] if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         direction = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        entropy_direction = torch.empty_like(hidden) if entropy_gradient and direction is not None else None
         for start in range(0, hidden.shape[0], rows):
             chunk = slice(start, start + rows)
             log_probs = _chunk_log_softmax(hidden[chunk], weight, temperature)
@@ -89,17 +95,31 @@ class _ChunkedProjectionLogprobs(torch.autograd.Function):
             if direction is not None:
                 expected = times_transposed(probs.to(weight.dtype), weight.t())  # p W
                 toward_label = weight[labels[chunk]] - expected
-                direction[chunk] = (toward_label / temperature if temperature != 1.0 else toward_label).to(hidden.dtype)
+                direction[chunk] = _per_temperature(toward_label, temperature).to(hidden.dtype)
+            if entropy_direction is not None:  # -(p (log p + H)) W
+                spread = probs * (log_probs + entropy[chunk].unsqueeze(-1))
+                away = times_transposed(spread.to(weight.dtype), weight.t())
+                entropy_direction[chunk] = _per_temperature(-away, temperature).to(hidden.dtype)
+                del spread
             del log_probs, probs  # before the next chunk's logits: one chunk's [rows, V] tensors alive at a time
-        ctx.save_for_backward(direction)
-        ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(direction, entropy_direction)
+        if entropy_direction is None:
+            ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
     @staticmethod
     @once_differentiable  # TRPO's second derivatives take the plain path (full log-softmax)
-    def backward(ctx: Any, grad_logprobs: Tensor, _grad_entropy: Tensor) -> tuple[Tensor | None, ...]:
-        (direction,) = ctx.saved_tensors
-        return grad_logprobs.to(direction.dtype).unsqueeze(-1) * direction, None, None, None, None
+    def backward(ctx: Any, grad_logprobs: Tensor, grad_entropy: Tensor | None) -> tuple[Tensor | None, ...]:
+        direction, entropy_direction = ctx.saved_tensors
+        grad = grad_logprobs.to(direction.dtype).unsqueeze(-1) * direction
+        if entropy_direction is not None and grad_entropy is not None:
+            grad = grad + grad_entropy.to(direction.dtype).unsqueeze(-1) * entropy_direction
+        return grad, None, None, None, None, None
+
+
+def _per_temperature(direction: Tensor, temperature: float) -> Tensor:
+    """A gradient with respect to logits / temperature, as one with respect to the logits."""
+    return direction / temperature if temperature != 1.0 else direction
 
 
 def _chunk_log_softmax(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
@@ -110,16 +130,17 @@ def _chunk_log_softmax(hidden: Tensor, weight: Tensor, temperature: float) -> Te
 
 
 def logprobs_from_hidden(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0,
-                         with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                         with_entropy: bool = False, entropy_gradient: bool = False) -> tuple[Tensor, Tensor | None]:
     """(logprobs, entropy | None) of ``labels`` under logits = hidden @ weight^T / temperature,
     float32 [B, T] each, computed in row chunks so the [B, T, V] logits never exist at once.
 
     hidden: [B, T, H] (final hidden states at the positions that predict the labels); weight:
     [V, H] the LM head (no gradient reaches it); labels: [B, T] long. Equal to
     ``logprobs_and_entropy_from_logits(hidden @ weight.T / temperature, labels)`` up to float
-    rounding of the chunked matmul; gradients flow to ``hidden``, the entropy carries none.
+    rounding of the chunked matmul; gradients flow to ``hidden``, and the entropy's too with
+    ``entropy_gradient`` (which implies ``with_entropy``; otherwise the entropy carries none).
     """
     batch, length, size = hidden.shape
     logprobs, entropy = _ChunkedProjectionLogprobs.apply(hidden.reshape(-1, size), weight, labels.reshape(-1).long(),
-                                                         float(temperature), with_entropy)
-    return logprobs.view(batch, length), entropy.view(batch, length) if with_entropy else None
+                                                         float(temperature), with_entropy, entropy_gradient)
+    return logprobs.view(batch, length), entropy.view(batch, length) if with_entropy or entropy_gradient else None
