@@ -320,49 +320,47 @@ class _LoraLinearFunction(torch.autograd.Function):
     The backward is itself differentiable (TRPO's Fisher-vector products differentiate the
     gradient again): under create_graph it recomputes x A^T from the inputs, so the second
     derivatives reach x and A instead of stopping at a saved tensor without history.
+    x: [N, in] rows (``lora_linear`` takes any leading shape).
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
                 scaling: float) -> Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        low_rank = rows @ lora_a.t()
-        base = onednn_linear if routes_to_onednn(rows, weight, bias) else nn.functional.linear
-        out = base(rows, weight, bias).addmm_(low_rank, lora_b.t(), alpha=scaling)
+        low_rank = x @ lora_a.t()
+        base = onednn_linear if routes_to_onednn(x, weight, bias) else nn.functional.linear
+        out = base(x, weight, bias).addmm_(low_rank, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, low_rank, weight, lora_a, lora_b)
         ctx.scaling = scaling
-        return out.view(*x.shape[:-1], out.shape[-1]) if x.dim() != 2 else out
+        return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, low_rank, weight, lora_a, lora_b = ctx.saved_tensors
         scaling = ctx.scaling
-        rows = x.reshape(-1, x.shape[-1])
         if torch.is_grad_enabled():  # double backward: the saved x A^T has no graph back to x and A
-            low_rank = rows @ lora_a.t()
-        g = grad.reshape(-1, grad.shape[-1])
+            low_rank = x @ lora_a.t()
         g_low_rank = g @ lora_b
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             # oneDNN has no autograd of its own: a double backward takes the plain product
             fast = not torch.is_grad_enabled() and routes_to_onednn(g, weight)
             grad_x = onednn_linear(g, weight.t()) if fast else g @ weight
-            grad_x = grad_x.addmm_(g_low_rank, lora_a, alpha=scaling).view(*grad.shape[:-1], rows.shape[-1])
+            grad_x = grad_x.addmm_(g_low_rank, lora_a, alpha=scaling)
         if ctx.needs_input_grad[1]:
-            grad_weight = g.t() @ rows
+            grad_weight = g.t() @ x
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
-        grad_a = (g_low_rank.t() @ rows).mul_(scaling) if ctx.needs_input_grad[3] else None
+        grad_a = (g_low_rank.t() @ x).mul_(scaling) if ctx.needs_input_grad[3] else None
         grad_b = (g.t() @ low_rank).mul_(scaling) if ctx.needs_input_grad[4] else None
         return grad_x, grad_weight, grad_bias, grad_a, grad_b, None
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
                 scaling: float) -> Tensor:
-    """x [..., in] -> x W^T + b + s (x A^T) B^T [..., out] through ``_LoraLinearFunction``, on the
-    rows of x: a view made inside a Function is one that autograd refuses to let anyone change in
-    place, and some models add to a projection's output in place (Falcon's parallel MLP); the
-    view made here, outside it, is an ordinary one."""
+    """x [..., in] -> x W^T + b + s (x A^T) B^T [..., out] through ``_LoraLinearFunction``, which
+    takes the rows of x [N, in]: a view made inside a Function is one that autograd refuses to let
+    anyone change in place, and some models add to a projection's output in place (Falcon's
+    parallel MLP); the view made here, outside it, is an ordinary one."""
     out = _LoraLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling)
     return out.view(*x.shape[:-1], out.shape[-1])
 

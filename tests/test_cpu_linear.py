@@ -28,14 +28,14 @@ def _close(got, expected):  # float32 rounding of another summation order, relat
 
 
 def _lora_step(route, monkeypatch, create_graph=False):
-    from rlhf.models import _LoraLinearFunction
+    from rlhf.models import lora_linear
 
     monkeypatch.setattr(cpu_linear, "use_onednn", lambda: route)
     torch.manual_seed(0)
     x = (0.1 * torch.randn(3, 70, 256)).requires_grad_()
     weight, bias = 0.1 * torch.randn(320, 256), torch.randn(320)  # above MIN_WEIGHT_ELEMENTS
     lora_a, lora_b = (0.1 * torch.randn(4, 256)).requires_grad_(), (0.1 * torch.randn(320, 4)).requires_grad_()
-    out = _LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, 0.5)
+    out = lora_linear(x, weight, bias, lora_a, lora_b, 0.5)
     grads = torch.autograd.grad((out ** 2).sum(), (x, lora_a, lora_b), create_graph=create_graph)
     if create_graph:  # TRPO's Fisher-vector products differentiate the gradient again
         grads = torch.autograd.grad(sum(g.sum() for g in grads), (x, lora_a))

@@ -281,15 +281,15 @@ def test_fused_lora_layers_let_the_model_add_to_their_output_in_place():
 def test_fused_lora_layers_gradcheck():
     import torch
 
-    from rlhf.models import _LoraLinearFunction
+    from rlhf.models import lora_linear
 
     torch.manual_seed(0)
     x, weight, bias = torch.randn(2, 3, 5, dtype=torch.double), torch.randn(4, 5, dtype=torch.double), torch.randn(4, dtype=torch.double)
     lora_a, lora_b = torch.randn(2, 5, dtype=torch.double), torch.randn(4, 2, dtype=torch.double)
     inputs = [t.requires_grad_() for t in (x, weight, bias, lora_a, lora_b)]
-    assert torch.autograd.gradcheck(lambda *t: _LoraLinearFunction.apply(*t, 0.7), inputs)
+    assert torch.autograd.gradcheck(lambda *t: lora_linear(*t, 0.7), inputs)
     # Second derivatives too (TRPO's Fisher-vector products; issue 16: they were wrong before).
-    assert torch.autograd.gradgradcheck(lambda *t: _LoraLinearFunction.apply(*t, 0.7), inputs)
+    assert torch.autograd.gradgradcheck(lambda *t: lora_linear(*t, 0.7), inputs)
 
 
 def test_fusing_skips_bfloat16_and_dropout_layers(tiny_model_dir):

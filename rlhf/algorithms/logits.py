@@ -80,7 +80,6 @@ class _ChunkedProjectionLogprobs(torch.autograd.Function):
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float,
                 with_entropy: bool, entropy_gradient: bool = False) -> tuple[Tensor, Tensor]:
         rows = max(1, CHUNK_LOGITS // weight.shape[0])
-        with_entropy = with_entropy or entropy_gradient
         logprobs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(hidden.shape[0] if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         direction = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -141,6 +140,7 @@ def logprobs_from_hidden(hidden: Tensor, weight: Tensor, labels: Tensor, tempera
     ``entropy_gradient`` (which implies ``with_entropy``; otherwise the entropy carries none).
     """
     batch, length, size = hidden.shape
+    with_entropy = with_entropy or entropy_gradient
     logprobs, entropy = _ChunkedProjectionLogprobs.apply(hidden.reshape(-1, size), weight, labels.reshape(-1).long(),
                                                          float(temperature), with_entropy, entropy_gradient)
-    return logprobs.view(batch, length), entropy.view(batch, length) if with_entropy or entropy_gradient else None
+    return logprobs.view(batch, length), entropy.view(batch, length) if with_entropy else None
