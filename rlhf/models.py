@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from rlhf.algorithms import (entropy_from_logits, logprobs_and_entropy_from_logits, logprobs_from_hidden,
                              logprobs_from_logits)
 from rlhf.cpu_linear import (available_memory_bytes, bf16_packing_exact, onednn_linear, onednn_packing_usable,
-                              pack_for_onednn, routes_to_onednn)
+                              pack_for_onednn, routes_to_onednn, times_weight)
 from rlhf.kv_cache import config_cache_rows_selectable, rows_selectable
 from rlhf.paths import looks_local
 from rlhf.errors import CheckpointError, ConfigError
@@ -343,8 +343,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             # oneDNN has no autograd of its own: a double backward takes the plain product
-            fast = not torch.is_grad_enabled() and routes_to_onednn(g, weight)
-            grad_x = onednn_linear(g, weight.t()) if fast else g @ weight
+            grad_x = g @ weight if torch.is_grad_enabled() else times_weight(g, weight)
             grad_x = grad_x.addmm_(g_low_rank, lora_a, alpha=scaling)
         if ctx.needs_input_grad[1]:
             grad_weight = g.t() @ x

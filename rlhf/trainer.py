@@ -42,7 +42,7 @@ from rlhf.algorithms import MovingAverageBaseline
 from rlhf.config import RLConfig, changed_settings, save_config, with_overrides
 from rlhf.data import PromptSampler, check_prompt_lengths, describe_dataset, load_eval_dataset, load_prompt_dataset
 from rlhf.build import build_model
-from rlhf.cpu_linear import use_onednn
+from rlhf.cpu_linear import transposed_weights_kept, use_onednn
 from rlhf.cpu_memory import keep_freed_memory, malloc_choice, release_freed_memory
 from rlhf.card import render_model_card
 from rlhf.distributed import (Reducer, configure_sharding, gathered_state, make_accelerator, shards_weights,
@@ -423,7 +423,8 @@ class RLTrainer:
                                reducer=self.reducer, micro_batch_size=self.micro_batch_size, token_scores=token_scores)
 
     def update(self, batch: Experience) -> dict[str, float]:
-        metrics = self.updater(batch, self.kl_controller.value)
+        with transposed_weights_kept(self.model):  # the backward's products with frozen weights, on a CPU
+            metrics = self.updater(batch, self.kl_controller.value)
         if metrics.get("empty_updates"):
             warnings.warn(f"step {self.step + 1}: every response was left out of the loss (all groups without reward "
                           "spread dropped, or all cut off at max_new_tokens with mask_truncated_completions); no "

@@ -46,7 +46,8 @@ def _lora_step(route, monkeypatch, create_graph=False):
 def test_fused_lora_layer_on_onednn_gives_the_blas_values_and_gradients(monkeypatch):
     routed = []
     real = cpu_linear.onednn_linear
-    monkeypatch.setattr("rlhf.models.onednn_linear", lambda *args: routed.append(1) or real(*args))
+    for where in ("rlhf.models.onednn_linear", "rlhf.cpu_linear.onednn_linear"):  # forward; input gradient
+        monkeypatch.setattr(where, lambda *args: routed.append(1) or real(*args))
     out_blas, grads_blas = _lora_step(False, monkeypatch)
     assert not routed
     out_dnn, grads_dnn = _lora_step(True, monkeypatch)
@@ -269,3 +270,89 @@ def test_autocast_keeps_each_layers_own_precision(monkeypatch):
             with inference_linears(layer):
                 got = layer(x)
         assert got.dtype == plain.dtype == torch.bfloat16 and torch.equal(got, plain)
+
+
+def _needs_exact_transposed_copies():
+    if not cpu_linear.transposed_copy_exact():
+        pytest.skip("here oneDNN's product through a transposed copy is not bitwise the strided view's")
+
+
+@needs_onednn
+def test_kept_transposed_weights_give_the_strided_products_bitwise_once_per_scope(monkeypatch):
+    """Inside ``transposed_weights_kept`` a frozen weight's transpose is copied once and reused;
+    the products (and a fused LoRA layer's gradients) are bitwise those of the strided view; a
+    weight changed in place is copied again; the copies go when the scope ends; one row, a strided
+    weight, a weight with gradient and a machine short of memory keep the view."""
+    from rlhf.models import lora_linear
+
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+    _needs_exact_transposed_copies()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 320)
+    model.requires_grad_(False)
+    weight = model.weight
+    lora_a, lora_b = (0.1 * torch.randn(4, 256)).requires_grad_(), (0.1 * torch.randn(320, 4)).requires_grad_()
+
+    def grads():
+        x = torch.randn(3, 70, 256, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        out = lora_linear(x, weight, model.bias, lora_a, lora_b, 0.5)
+        return torch.autograd.grad((out ** 2).sum(), (x, lora_a, lora_b))
+
+    plain = grads()
+    grad = torch.randn(17, 320)
+    with cpu_linear.transposed_weights_kept(model):
+        kept = grads()
+        assert list(cpu_linear._transposed_copies) == [weight.data_ptr()]
+        copy = cpu_linear._transposed_copies[weight.data_ptr()][2]
+        assert torch.equal(copy, weight.t())
+        assert torch.equal(cpu_linear.times_weight(grad, weight), cpu_linear.onednn_linear(grad, weight.t()))
+        assert cpu_linear._transposed_copies[weight.data_ptr()][2] is copy  # reused, not copied again
+        weight.mul_(2.0)  # changed in place: copied again, the product follows
+        assert torch.equal(cpu_linear.times_weight(grad, weight), cpu_linear.onednn_linear(grad, weight.t()))
+        assert cpu_linear._transposed_copies[weight.data_ptr()][2] is not copy
+        weight.div_(2.0)
+        one_row = torch.randn(1, 320)  # another kernel for a single row: the view's rounding kept
+        assert torch.equal(cpu_linear.times_weight(one_row, weight), cpu_linear.onednn_linear(one_row, weight.t()))
+        strided = torch.randn(320, 512)[:, 100:356]
+        trained = torch.randn(320, 256, requires_grad=True)
+        for other in (strided, trained):
+            assert torch.equal(cpu_linear.times_weight(grad, other), cpu_linear.onednn_linear(grad, other.t()))
+        assert len(cpu_linear._transposed_copies) == 1
+    assert cpu_linear._transposed_copies is None
+    for got, expected in zip(kept, plain):
+        assert torch.equal(got, expected)
+
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 0)
+    with cpu_linear.transposed_weights_kept(model):
+        assert cpu_linear._transposed_copies is None
+        short = grads()
+    for got, expected in zip(short, plain):
+        assert torch.equal(got, expected)
+
+
+@needs_onednn
+def test_the_chunked_lm_heads_gradient_directions_are_bitwise_the_same_with_kept_transposes(monkeypatch):
+    import rlhf.algorithms.logits as logits_module
+    from rlhf.algorithms import logprobs_from_hidden
+
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+    _needs_exact_transposed_copies()
+    monkeypatch.setattr(logits_module, "CHUNK_LOGITS", 4096 * 9)  # 9 rows per chunk
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 4096, bias=False).requires_grad_(False)
+    labels = torch.randint(0, 4096, (2, 10))
+    upstream = torch.randn(2, 10), torch.randn(2, 10)
+
+    def run():
+        hidden = torch.randn(2, 10, 64, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        logprobs, entropy = logprobs_from_hidden(hidden, head.weight, labels, 0.8, with_entropy=True,
+                                                 entropy_gradient=True)
+        (grad,) = torch.autograd.grad((logprobs * upstream[0]).sum() + (entropy * upstream[1]).sum(), hidden)
+        return logprobs, entropy, grad
+
+    plain = run()
+    with cpu_linear.transposed_weights_kept(head):
+        kept = run()
+        assert list(cpu_linear._transposed_copies) == [head.weight.data_ptr()]
+    for got, expected in zip(kept, plain):
+        assert torch.equal(got, expected)

@@ -796,3 +796,48 @@ def test_adapters_folding_cannot_represent_sample_unmerged(tiny_model_dir, kind,
             got = sampler(input_ids=input_ids).logits
         assert torch.equal(policy(input_ids=input_ids).logits, expected)  # nothing left changed
     assert torch.equal(got, expected)
+
+
+def test_the_update_multiplies_by_frozen_weights_through_kept_transposed_copies(tiny_model_dir, tmp_path, monkeypatch):
+    """Every backward product with a frozen weight (the fused LoRA layers' input gradients, the
+    chunked LM head's p W) runs inside the update's ``transposed_weights_kept``, and the copies are
+    gone once the update is over."""
+    from rlhf import cpu_linear, models
+    from rlhf.algorithms import logits
+
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+    if not cpu_linear.transposed_copy_exact():
+        pytest.skip("here oneDNN's product through a transposed copy is not bitwise the strided view's")
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)  # the tiny model's layers routed as large ones
+    calls = []
+    real = cpu_linear.times_weight
+
+    def spy(x, weight):
+        calls.append((cpu_linear._transposed_copies is not None, weight.shape))
+        return real(x, weight)
+
+    for module in (models, logits):
+        monkeypatch.setattr(module, "times_weight", spy)
+    config = RLConfig(**{
+        **ALGORITHM_DEFAULTS["grpo"], "model_name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "run"),
+        "max_steps": 1, "rollout_batch_size": 2, "num_generations": 2, "mini_batch_size": 4, "max_new_tokens": 6,
+        "max_prompt_length": 48,
+        "lora_r": 4, "lora_alpha": 8, "save_steps": 0, "num_samples_to_log": 0,
+        "reward_funcs": [f"{FIXTURES / 'rewards.py'}:char_diversity"]})
+    from rlhf.update import GradientUpdate
+
+    kept_during_update = []
+    real_update = GradientUpdate.__call__
+
+    def update(self, *args):
+        result = real_update(self, *args)
+        kept_during_update.append(len(cpu_linear._transposed_copies))
+        return result
+
+    monkeypatch.setattr(GradientUpdate, "__call__", update)
+    trainer = RLTrainer(config)
+    trainer.train()
+    head = trainer.model.policy.get_output_embeddings().weight.shape
+    assert calls and all(in_scope for in_scope, _ in calls)
+    assert head in {shape for _, shape in calls} and len({shape for _, shape in calls}) > 1
+    assert kept_during_update[0] > 1 and cpu_linear._transposed_copies is None

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from rlhf.cpu_linear import times_transposed
+from rlhf.cpu_linear import times_transposed, times_weight
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
@@ -92,12 +92,12 @@ class _ChunkedProjectionLogprobs(torch.autograd.Function):
             if with_entropy:
                 entropy[chunk] = -(probs * log_probs).sum(-1)
             if direction is not None:
-                expected = times_transposed(probs.to(weight.dtype), weight.t())  # p W
+                expected = times_weight(probs.to(weight.dtype), weight)  # p W
                 toward_label = weight[labels[chunk]] - expected
                 direction[chunk] = _per_temperature(toward_label, temperature).to(hidden.dtype)
             if entropy_direction is not None:  # -(p (log p + H)) W
                 spread = probs * (log_probs + entropy[chunk].unsqueeze(-1))
-                away = times_transposed(spread.to(weight.dtype), weight.t())
+                away = times_weight(spread.to(weight.dtype), weight)
                 entropy_direction[chunk] = _per_temperature(-away, temperature).to(hidden.dtype)
                 del spread
             del log_probs, probs  # before the next chunk's logits: one chunk's [rows, V] tensors alive at a time
