@@ -219,7 +219,12 @@ def transposed_weights_kept(model: torch.nn.Module) -> Iterator[None]:
     copy costs about a fifth of one such product (1.6 ms for 576 x 1536, 109 ms for the LM head),
     so it is made once per update and not per call. Only where free memory holds twice the
     model's frozen float32 weights (the copies take once that: 0.54 GB for SmolLM2-135M); they
-    are not kept across steps, where sampling needs the memory for its own weight copies."""
+    are not kept across steps, where sampling needs the memory for its own weight copies.
+
+    A weight changed in place is copied again (its version counter moves); a write through
+    ``.data`` moves no counter and is not seen, as with ``inference_linears``' packed copies: the
+    update changes no frozen weight. A scope opened inside another adds nothing (the outer one's
+    copies serve it)."""
     global _transposed_copies
     frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
                        if not p.requires_grad and p.dim() == 2 and p.dtype == torch.float32 and p.device.type == "cpu")
@@ -241,7 +246,9 @@ def times_weight(x: Tensor, weight: Tensor) -> Tensor:
     if not routes_to_onednn(x, transposed):
         return x @ weight
     # a strided weight (a column slice) or a single row takes another kernel: rounding would change
-    if _transposed_copies is not None and x.shape[0] >= 2 and not weight.requires_grad and weight.is_contiguous():
+    # an inference-mode tensor has no version counter to tell a change by
+    if (_transposed_copies is not None and x.shape[0] >= 2 and not weight.requires_grad and weight.is_contiguous()
+            and not weight.is_inference()):
         key = weight.data_ptr()
         kept = _transposed_copies.get(key)
         if (kept is None or kept[1] != weight._version or kept[0].shape != weight.shape

@@ -195,3 +195,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture
+def onednn_transposes(monkeypatch):
+    """oneDNN chosen for float32 products, and ``transposed_copy_exact`` probed afresh under that
+    choice (a probe cached earlier under BLAS says no) and forgotten after the test; skips where
+    the transposed copy is not bitwise the strided view's."""
+    from rlhf import cpu_linear
+
+    if not cpu_linear.onednn_usable():
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+    cpu_linear.transposed_copy_exact.cache_clear()
+    try:
+        if not cpu_linear.transposed_copy_exact():
+            pytest.skip("here oneDNN's product through a transposed copy is not bitwise the strided view's")
+        yield
+    finally:
+        cpu_linear.transposed_copy_exact.cache_clear()

@@ -272,21 +272,15 @@ def test_autocast_keeps_each_layers_own_precision(monkeypatch):
         assert got.dtype == plain.dtype == torch.bfloat16 and torch.equal(got, plain)
 
 
-def _needs_exact_transposed_copies():
-    if not cpu_linear.transposed_copy_exact():
-        pytest.skip("here oneDNN's product through a transposed copy is not bitwise the strided view's")
-
-
 @needs_onednn
-def test_kept_transposed_weights_give_the_strided_products_bitwise_once_per_scope(monkeypatch):
+def test_kept_transposed_weights_give_the_strided_products_bitwise_once_per_scope(monkeypatch, onednn_transposes):
     """Inside ``transposed_weights_kept`` a frozen weight's transpose is copied once and reused;
     the products (and a fused LoRA layer's gradients) are bitwise those of the strided view; a
     weight changed in place is copied again; the copies go when the scope ends; one row, a strided
-    weight, a weight with gradient and a machine short of memory keep the view."""
+    weight, a weight with gradient, an inference-mode tensor and a machine short of memory keep
+    the view."""
     from rlhf.models import lora_linear
 
-    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
-    _needs_exact_transposed_copies()
     torch.manual_seed(0)
     model = torch.nn.Linear(256, 320)
     model.requires_grad_(False)
@@ -315,7 +309,9 @@ def test_kept_transposed_weights_give_the_strided_products_bitwise_once_per_scop
         assert torch.equal(cpu_linear.times_weight(one_row, weight), cpu_linear.onednn_linear(one_row, weight.t()))
         strided = torch.randn(320, 512)[:, 100:356]
         trained = torch.randn(320, 256, requires_grad=True)
-        for other in (strided, trained):
+        with torch.inference_mode():  # no version counter to tell a change by
+            made_in_inference_mode = torch.randn(320, 256)
+        for other in (strided, trained, made_in_inference_mode):
             assert torch.equal(cpu_linear.times_weight(grad, other), cpu_linear.onednn_linear(grad, other.t()))
         assert len(cpu_linear._transposed_copies) == 1
     assert cpu_linear._transposed_copies is None
@@ -331,12 +327,11 @@ def test_kept_transposed_weights_give_the_strided_products_bitwise_once_per_scop
 
 
 @needs_onednn
-def test_the_chunked_lm_heads_gradient_directions_are_bitwise_the_same_with_kept_transposes(monkeypatch):
+def test_the_chunked_lm_heads_gradient_directions_are_bitwise_the_same_with_kept_transposes(monkeypatch,
+                                                                                           onednn_transposes):
     import rlhf.algorithms.logits as logits_module
     from rlhf.algorithms import logprobs_from_hidden
 
-    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
-    _needs_exact_transposed_copies()
     monkeypatch.setattr(logits_module, "CHUNK_LOGITS", 4096 * 9)  # 9 rows per chunk
     torch.manual_seed(0)
     head = torch.nn.Linear(64, 4096, bias=False).requires_grad_(False)

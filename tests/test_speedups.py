@@ -798,16 +798,14 @@ def test_adapters_folding_cannot_represent_sample_unmerged(tiny_model_dir, kind,
     assert torch.equal(got, expected)
 
 
-def test_the_update_multiplies_by_frozen_weights_through_kept_transposed_copies(tiny_model_dir, tmp_path, monkeypatch):
+def test_the_update_multiplies_by_frozen_weights_through_kept_transposed_copies(tiny_model_dir, tmp_path, monkeypatch,
+                                                                                onednn_transposes):
     """Every backward product with a frozen weight (the fused LoRA layers' input gradients, the
     chunked LM head's p W) runs inside the update's ``transposed_weights_kept``, and the copies are
     gone once the update is over."""
     from rlhf import cpu_linear, models
     from rlhf.algorithms import logits
 
-    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
-    if not cpu_linear.transposed_copy_exact():
-        pytest.skip("here oneDNN's product through a transposed copy is not bitwise the strided view's")
     monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)  # the tiny model's layers routed as large ones
     calls = []
     real = cpu_linear.times_weight
