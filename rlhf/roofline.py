@@ -312,11 +312,12 @@ def gemm_rates(model: ModelShape, rows: int, backward: bool) -> dict[str, Any]:
             total_flops, total_seconds = total_flops + count * flops, total_seconds + count * seconds
             if backward:
                 transposed = weight.t().contiguous()  # as an update keeps it (rlhf.cpu_linear.times_weight)
-                packed = pack_for_onednn(transposed) if packing and rows >= 2 else None
+                packed_transposed = pack_for_onednn(transposed) if packing and rows >= 2 else None
                 seconds = min(_best_seconds(lambda: grad @ weight),
                               _best_seconds(lambda: onednn_linear(grad, weight.t())) if onednn else math.inf,
                               _best_seconds(lambda: onednn_linear(grad, transposed)) if onednn else math.inf,
-                              _best_seconds(lambda: onednn_linear(grad, packed)) if packed is not None else math.inf)
+                              _best_seconds(lambda: onednn_linear(grad, packed_transposed))
+                              if packed_transposed is not None else math.inf)
                 per_shape[f"{name} grad {fan_out}->{fan_in}"] = flops / seconds / 1e9
                 total_flops, total_seconds = total_flops + count * flops, total_seconds + count * seconds
     return {"rows": rows, "gflops": total_flops / total_seconds / 1e9, "per_shape_gflops": per_shape}
