@@ -20,6 +20,7 @@ import contextlib
 import functools
 import os
 import platform
+from dataclasses import dataclass, field
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -176,8 +177,37 @@ def times_transposed(x: Tensor, weight: Tensor) -> Tensor:
     return onednn_linear(x, weight) if routes_to_onednn(x, weight) else x @ weight.t()
 
 
-# The scope of ``transposed_weights_kept``: data_ptr -> (the weight, its version, its transpose copy).
-_transposed_copies: dict[int, tuple[Tensor, int, Tensor]] | None = None
+@dataclass
+class _KeptTransposes:
+    """The scope of ``transposed_weights_kept``: its copies, data_ptr -> (the weight, its version,
+    its transpose copy), and how many more bytes of copies it may still make (None until the first
+    copy, when it is read off the free memory)."""
+
+    copies: dict[int, tuple[Tensor, int, Tensor]] = field(default_factory=dict)
+    budget: int | None = None
+
+    def transpose_of(self, weight: Tensor) -> Tensor | None:
+        """``weight``'s kept transpose copy, made now if it is missing or stale and the budget
+        holds it; None: no room, the caller takes the strided view."""
+        key = weight.data_ptr()
+        kept = self.copies.get(key)
+        if (kept is not None and kept[1] == weight._version and kept[0].shape == weight.shape
+                and kept[0].stride() == weight.stride()):
+            return kept[2]
+        if self.budget is None:
+            # Read when the first copy is wanted, inside the update's forward (the chunked LM head)
+            # or its backward, where the forward's activations already hold their memory: at the
+            # update's start a long batch's activations are still to come.
+            self.budget = available_memory_bytes() // 2
+        needed = weight.numel() * weight.element_size() - (kept[2].nbytes if kept is not None else 0)
+        if needed > self.budget:
+            return None
+        self.budget -= needed
+        self.copies[key] = (weight, weight._version, weight.t().contiguous())
+        return self.copies[key][2]
+
+
+_transposed_copies: _KeptTransposes | None = None
 
 
 @functools.cache
@@ -217,8 +247,10 @@ def transposed_weights_kept(model: torch.nn.Module) -> Iterator[None]:
     (``transposed_copy_exact``) and faster. On the 2-core EPYC (AVX2), at 4096 rows: 576 -> 1536
     147 -> 103 ms, 1536 -> 576 170 -> 100 ms; the LM head's p W for 682 rows 866 -> 586 ms. A
     copy costs about a fifth of one such product (1.6 ms for 576 x 1536, 109 ms for the LM head),
-    so it is made once per update and not per call. Only where free memory holds twice the
-    model's frozen float32 weights (the copies take once that: 0.54 GB for SmolLM2-135M); they
+    so it is made once per update and not per call. The
+    copies take at most half the memory that is free when the first one is wanted (read once,
+    after the forward's activations are in memory); past that the remaining weights keep the
+    view (0.54 GB of copies for SmolLM2-135M, all of them on a machine with a few GB free). They
     are not kept across steps, where sampling needs the memory for its own weight copies.
 
     A weight changed in place is copied again (its version counter moves); a write through
@@ -226,12 +258,11 @@ def transposed_weights_kept(model: torch.nn.Module) -> Iterator[None]:
     update changes no frozen weight. A scope opened inside another adds nothing (the outer one's
     copies serve it)."""
     global _transposed_copies
-    frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
-                       if not p.requires_grad and p.dim() == 2 and p.dtype == torch.float32 and p.device.type == "cpu")
-    enabled = (_transposed_copies is None and frozen_bytes > 0 and transposed_copy_exact()
-               and 2 * frozen_bytes < available_memory_bytes())
+    frozen = any(not p.requires_grad and p.dim() == 2 and p.dtype == torch.float32 and p.device.type == "cpu"
+                 for p in model.parameters())
+    enabled = _transposed_copies is None and frozen and transposed_copy_exact()
     if enabled:
-        _transposed_copies = {}
+        _transposed_copies = _KeptTransposes()
     try:
         yield
     finally:
@@ -249,10 +280,7 @@ def times_weight(x: Tensor, weight: Tensor) -> Tensor:
     # an inference-mode tensor has no version counter to tell a change by
     if (_transposed_copies is not None and x.shape[0] >= 2 and not weight.requires_grad and weight.is_contiguous()
             and not weight.is_inference()):
-        key = weight.data_ptr()
-        kept = _transposed_copies.get(key)
-        if (kept is None or kept[1] != weight._version or kept[0].shape != weight.shape
-                or kept[0].stride() != weight.stride()):
-            kept = _transposed_copies[key] = (weight, weight._version, transposed.contiguous())
-        transposed = kept[2]
+        kept = _transposed_copies.transpose_of(weight)
+        if kept is not None:
+            transposed = kept
     return onednn_linear(x, transposed)

@@ -296,14 +296,14 @@ def test_kept_transposed_weights_give_the_strided_products_bitwise_once_per_scop
     grad = torch.randn(17, 320)
     with cpu_linear.transposed_weights_kept(model):
         kept = grads()
-        assert list(cpu_linear._transposed_copies) == [weight.data_ptr()]
-        copy = cpu_linear._transposed_copies[weight.data_ptr()][2]
+        assert list(cpu_linear._transposed_copies.copies) == [weight.data_ptr()]
+        copy = cpu_linear._transposed_copies.copies[weight.data_ptr()][2]
         assert torch.equal(copy, weight.t())
         assert torch.equal(cpu_linear.times_weight(grad, weight), cpu_linear.onednn_linear(grad, weight.t()))
-        assert cpu_linear._transposed_copies[weight.data_ptr()][2] is copy  # reused, not copied again
+        assert cpu_linear._transposed_copies.copies[weight.data_ptr()][2] is copy  # reused, not copied again
         weight.mul_(2.0)  # changed in place: copied again, the product follows
         assert torch.equal(cpu_linear.times_weight(grad, weight), cpu_linear.onednn_linear(grad, weight.t()))
-        assert cpu_linear._transposed_copies[weight.data_ptr()][2] is not copy
+        assert cpu_linear._transposed_copies.copies[weight.data_ptr()][2] is not copy
         weight.div_(2.0)
         one_row = torch.randn(1, 320)  # another kernel for a single row: the view's rounding kept
         assert torch.equal(cpu_linear.times_weight(one_row, weight), cpu_linear.onednn_linear(one_row, weight.t()))
@@ -313,17 +313,52 @@ def test_kept_transposed_weights_give_the_strided_products_bitwise_once_per_scop
             made_in_inference_mode = torch.randn(320, 256)
         for other in (strided, trained, made_in_inference_mode):
             assert torch.equal(cpu_linear.times_weight(grad, other), cpu_linear.onednn_linear(grad, other.t()))
-        assert len(cpu_linear._transposed_copies) == 1
+        assert len(cpu_linear._transposed_copies.copies) == 1
     assert cpu_linear._transposed_copies is None
     for got, expected in zip(kept, plain):
         assert torch.equal(got, expected)
 
     monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 0)
     with cpu_linear.transposed_weights_kept(model):
-        assert cpu_linear._transposed_copies is None
         short = grads()
+        assert not cpu_linear._transposed_copies.copies
     for got, expected in zip(short, plain):
         assert torch.equal(got, expected)
+
+
+@needs_onednn
+def test_kept_transposes_take_at_most_half_the_memory_free_once_the_forward_holds_its_activations(
+        monkeypatch, onednn_transposes):
+    """The memory is read when the first copy is wanted, not when the update starts: a long
+    batch's forward takes memory after the scope opens, and copies made on top of it could run a
+    step out of memory that fits without them. Copies stop at half of what is free then; the
+    weights past that keep the strided view, with the same products."""
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(256, 320), torch.nn.Linear(320, 256)).requires_grad_(False)
+    first, second = layers[0].weight, layers[1].weight
+    grads = torch.randn(17, 320), torch.randn(17, 256)
+    free = {"bytes": 10 ** 12}
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: free["bytes"])
+
+    with cpu_linear.transposed_weights_kept(layers):
+        free["bytes"] = 0  # the forward's activations took what the update started with
+        products = [cpu_linear.times_weight(g, w) for g, w in zip(grads, (first, second))]
+        assert not cpu_linear._transposed_copies.copies
+    for got, (g, w) in zip(products, zip(grads, (first, second))):
+        assert torch.equal(got, cpu_linear.onednn_linear(g, w.t()))
+
+    free["bytes"] = 2 * first.nbytes + 1  # room for one copy (half of what is free), not two
+    with cpu_linear.transposed_weights_kept(layers):
+        products = [cpu_linear.times_weight(g, w) for g, w in zip(grads, (first, second))]
+        assert list(cpu_linear._transposed_copies.copies) == [first.data_ptr()]
+        assert cpu_linear.times_weight(grads[1], second) is not None
+        assert list(cpu_linear._transposed_copies.copies) == [first.data_ptr()]  # no room made later
+        first.mul_(2.0)  # a stale copy is replaced within the same bytes
+        assert torch.equal(cpu_linear.times_weight(grads[0], first), cpu_linear.onednn_linear(grads[0], first.t()))
+        assert torch.equal(cpu_linear._transposed_copies.copies[first.data_ptr()][2], first.t())
+        first.div_(2.0)
+    for got, (g, w) in zip(products, zip(grads, (first, second))):
+        assert torch.equal(got, cpu_linear.onednn_linear(g, w.t()))
 
 
 @needs_onednn
@@ -348,6 +383,6 @@ def test_the_chunked_lm_heads_gradient_directions_are_bitwise_the_same_with_kept
     plain = run()
     with cpu_linear.transposed_weights_kept(head):
         kept = run()
-        assert list(cpu_linear._transposed_copies) == [head.weight.data_ptr()]
+        assert list(cpu_linear._transposed_copies.copies) == [head.weight.data_ptr()]
     for got, expected in zip(kept, plain):
         assert torch.equal(got, expected)

@@ -829,7 +829,7 @@ def test_the_update_multiplies_by_frozen_weights_through_kept_transposed_copies(
 
     def update(self, *args):
         result = real_update(self, *args)
-        kept_during_update.append(len(cpu_linear._transposed_copies))
+        kept_during_update.append(len(cpu_linear._transposed_copies.copies))
         return result
 
     monkeypatch.setattr(GradientUpdate, "__call__", update)
