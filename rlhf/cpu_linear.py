@@ -191,15 +191,18 @@ class _KeptTransposes:
         holds it; None: no room, the caller takes the strided view."""
         key = weight.data_ptr()
         kept = self.copies.get(key)
-        if (kept is not None and kept[1] == weight._version and kept[0].shape == weight.shape
-                and kept[0].stride() == weight.stride()):
-            return kept[2]
+        if kept is not None:
+            if kept[1] == weight._version and kept[0].shape == weight.shape and kept[0].stride() == weight.stride():
+                return kept[2]
+            del self.copies[key]  # stale: freed before its replacement is made, and its bytes credited
+            if self.budget is not None:
+                self.budget += kept[2].nbytes
+            kept = None
         if self.budget is None:
             # Read when the first copy is wanted, inside the update's forward (the chunked LM head)
-            # or its backward, where the forward's activations already hold their memory: at the
-            # update's start a long batch's activations are still to come.
+            # or its backward, where the first micro-batch's activations already hold their memory.
             self.budget = available_memory_bytes() // 2
-        needed = weight.numel() * weight.element_size() - (kept[2].nbytes if kept is not None else 0)
+        needed = weight.numel() * weight.element_size()
         if needed > self.budget:
             return None
         self.budget -= needed
@@ -247,20 +250,23 @@ def transposed_weights_kept(model: torch.nn.Module) -> Iterator[None]:
     (``transposed_copy_exact``) and faster. On the 2-core EPYC (AVX2), at 4096 rows: 576 -> 1536
     147 -> 103 ms, 1536 -> 576 170 -> 100 ms; the LM head's p W for 682 rows 866 -> 586 ms. A
     copy costs about a fifth of one such product (1.6 ms for 576 x 1536, 109 ms for the LM head),
-    so it is made once per update and not per call. The
-    copies take at most half the memory that is free when the first one is wanted (read once,
-    after the forward's activations are in memory); past that the remaining weights keep the
-    view (0.54 GB of copies for SmolLM2-135M, all of them on a machine with a few GB free). They
-    are not kept across steps, where sampling needs the memory for its own weight copies.
+    so it is made once per update and not per call. Only where free memory holds twice the
+    model's frozen float32 weights when the update starts (the copies take once that: 0.54 GB for
+    SmolLM2-135M), and then at most half the memory that is free when the first copy is wanted
+    (read once, with the first micro-batch's activations in memory, which the start cannot see);
+    past that the remaining weights keep the view. Neither reading bounds what a later, longer
+    micro-batch takes; the copies are not kept across steps, where sampling needs the memory for
+    its own weight copies.
 
     A weight changed in place is copied again (its version counter moves); a write through
     ``.data`` moves no counter and is not seen, as with ``inference_linears``' packed copies: the
     update changes no frozen weight. A scope opened inside another adds nothing (the outer one's
     copies serve it)."""
     global _transposed_copies
-    frozen = any(not p.requires_grad and p.dim() == 2 and p.dtype == torch.float32 and p.device.type == "cpu"
-                 for p in model.parameters())
-    enabled = _transposed_copies is None and frozen and transposed_copy_exact()
+    frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
+                       if not p.requires_grad and p.dim() == 2 and p.dtype == torch.float32 and p.device.type == "cpu")
+    enabled = (_transposed_copies is None and frozen_bytes > 0 and transposed_copy_exact()
+               and 2 * frozen_bytes < available_memory_bytes())
     if enabled:
         _transposed_copies = _KeptTransposes()
     try:

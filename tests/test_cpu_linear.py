@@ -321,7 +321,7 @@ def test_kept_transposed_weights_give_the_strided_products_bitwise_once_per_scop
     monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 0)
     with cpu_linear.transposed_weights_kept(model):
         short = grads()
-        assert not cpu_linear._transposed_copies.copies
+        assert cpu_linear._transposed_copies is None
     for got, expected in zip(short, plain):
         assert torch.equal(got, expected)
 
@@ -347,18 +347,56 @@ def test_kept_transposes_take_at_most_half_the_memory_free_once_the_forward_hold
     for got, (g, w) in zip(products, zip(grads, (first, second))):
         assert torch.equal(got, cpu_linear.onednn_linear(g, w.t()))
 
-    free["bytes"] = 2 * first.nbytes + 1  # room for one copy (half of what is free), not two
+    free["bytes"] = 10 ** 12
     with cpu_linear.transposed_weights_kept(layers):
+        free["bytes"] = 2 * first.nbytes + 1  # room for one copy (half of what is free), not two
         products = [cpu_linear.times_weight(g, w) for g, w in zip(grads, (first, second))]
         assert list(cpu_linear._transposed_copies.copies) == [first.data_ptr()]
-        assert cpu_linear.times_weight(grads[1], second) is not None
+        assert torch.equal(cpu_linear.times_weight(grads[1], second), cpu_linear.onednn_linear(grads[1], second.t()))
         assert list(cpu_linear._transposed_copies.copies) == [first.data_ptr()]  # no room made later
         first.mul_(2.0)  # a stale copy is replaced within the same bytes
         assert torch.equal(cpu_linear.times_weight(grads[0], first), cpu_linear.onednn_linear(grads[0], first.t()))
         assert torch.equal(cpu_linear._transposed_copies.copies[first.data_ptr()][2], first.t())
+        assert cpu_linear._transposed_copies.budget == free["bytes"] // 2 - first.nbytes
         first.div_(2.0)
     for got, (g, w) in zip(products, zip(grads, (first, second))):
         assert torch.equal(got, cpu_linear.onednn_linear(g, w.t()))
+
+    free["bytes"] = 0  # short when the update starts: no copies, whatever comes later
+    with cpu_linear.transposed_weights_kept(layers):
+        free["bytes"] = 10 ** 12
+        cpu_linear.times_weight(grads[0], first)
+        assert cpu_linear._transposed_copies is None
+
+
+@needs_onednn
+def test_a_stale_kept_transpose_gives_its_bytes_back_before_its_replacement_is_weighed(monkeypatch,
+                                                                                      onednn_transposes):
+    """The same storage seen as a weight of another shape: the stale copy is dropped first and
+    its bytes credited, so the live copies never exceed the budget, and a replacement that does
+    not fit leaves no stale copy behind."""
+    storage = torch.randn(640 * 256)
+    small, large = storage[: 320 * 256].view(320, 256), storage.view(640, 256)
+    assert small.data_ptr() == large.data_ptr()
+    grad_small, grad_large = torch.randn(9, 320), torch.randn(9, 640)
+    free = {"bytes": 10 ** 12}
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: free["bytes"])
+    with cpu_linear.transposed_weights_kept(torch.nn.Linear(256, 640).requires_grad_(False)):
+        free["bytes"] = 2 * large.nbytes  # a budget of exactly the large copy
+        cpu_linear.times_weight(grad_small, small)
+        assert cpu_linear._transposed_copies.budget == large.nbytes - small.nbytes
+        product = cpu_linear.times_weight(grad_large, large)
+        assert torch.equal(product, cpu_linear.onednn_linear(grad_large, large.t()))
+        (kept,) = cpu_linear._transposed_copies.copies.values()
+        assert kept[2].shape == (256, 640) and cpu_linear._transposed_copies.budget == 0
+    free["bytes"] = 10 ** 12
+    with cpu_linear.transposed_weights_kept(torch.nn.Linear(256, 640).requires_grad_(False)):
+        free["bytes"] = 2 * large.nbytes - 2  # the large copy no longer fits
+        cpu_linear.times_weight(grad_small, small)
+        product = cpu_linear.times_weight(grad_large, large)
+        assert torch.equal(product, cpu_linear.onednn_linear(grad_large, large.t()))
+        assert not cpu_linear._transposed_copies.copies  # the stale small copy is gone, not charged
+        assert cpu_linear._transposed_copies.budget == large.nbytes - 1
 
 
 @needs_onednn
