@@ -74,6 +74,23 @@ class PreallocatedLayer(DynamicLayer):
         self._seat(self.keys[indices], self.values[indices], self._key_buffer.shape[-2])
 
 
+def kv_cache_bytes(model: Any, rows: int, positions: int) -> int:
+    """Bytes of the keys and values ``rows`` sequences of ``positions`` tokens hold in ``model``'s
+    cache (every layer, as full attention: an upper bound for sliding-window layers); 0 where the
+    config does not say (no attention layers, another layout). The sampler's own memory, which
+    the weight copies made for sampling (folded LoRA, packed weights) must leave room for."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers, heads = getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads and getattr(
+        config, "hidden_size", None) else None)
+    if not all(isinstance(n, int) and n > 0 for n in (layers, kv_heads, head_dim)):
+        return 0
+    element = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4)
+    return 2 * layers * kv_heads * head_dim * element * rows * positions
+
+
 def rows_selectable(cache: Any) -> bool:
     """Whether dropping rows from ``cache`` (``batch_select_indices``) keeps every layer's state
     whole: a ``DynamicCache`` of attention layers only (linear-attention and other states of

@@ -416,7 +416,7 @@ def fuse_lora_layers(policy: PeftModel) -> int:
 
 
 @contextmanager
-def merged_lora_weights(policy: PeftModel) -> Iterator[PeftModel]:
+def merged_lora_weights(policy: PeftModel, reserve_bytes: int = 0) -> Iterator[PeftModel]:
     """The policy with every LoRA delta folded into its base weight, for generation only.
 
     Sampling then runs one matmul per linear layer instead of three (base, A, B); a decode step
@@ -426,7 +426,8 @@ def merged_lora_weights(policy: PeftModel) -> Iterator[PeftModel]:
     round trip would. Falls back to the unmerged model where merging would change the
     distribution: DoRA or non-linear LoRA layers, and base weights below float32 (a bfloat16
     weight cannot hold the small early deltas); and where free memory is under twice the weights
-    (the merged copies live as long as the sampling). The merged tensor is a new Parameter put into the
+    plus ``reserve_bytes`` (the merged copies live as long as the sampling, whose KV cache comes
+    after them). The merged tensor is a new Parameter put into the
     layer in place of its own, never written into the existing one: a weight tied to another
     module (lm_head and the input embedding of tied-embedding models) must keep its value there.
     """
@@ -450,7 +451,8 @@ def merged_lora_weights(policy: PeftModel) -> Iterator[PeftModel]:
     ))
     # The merged weights are copies held while sampling: where they would not fit twice over (the
     # packed oneDNN copies come next), the adapters stay unmerged (slower, the same distribution).
-    mergeable = mergeable and all(2 * size < free_memory_bytes(device) for device, size in _weight_bytes(layers).items())
+    mergeable = mergeable and all(2 * size + reserve_bytes < free_memory_bytes(device)
+                                  for device, size in _weight_bytes(layers).items())
     if not mergeable:
         yield policy
         return
@@ -502,7 +504,7 @@ WEIGHT_MAJOR_MAX_ROWS = 64
 
 
 @contextmanager
-def inference_linears(model: nn.Module) -> Iterator[nn.Module]:
+def inference_linears(model: nn.Module, reserve_bytes: int = 0) -> Iterator[nn.Module]:
     """Every float32 CPU ``nn.Linear`` of ``model`` takes this machine's faster product in no-grad
     calls (sampling), then is put back; so does every bfloat16 one where its product through a
     packed weight is its own bitwise (``bf16_packing_exact``; below).
@@ -519,7 +521,8 @@ def inference_linears(model: nn.Module) -> Iterator[nn.Module]:
     held until exit and made again when the weight is replaced or changed by a tracked in-place
     op; a write through ``.data`` or numpy inside the context is not seen (sampling writes none).
     That is one more copy of those weights while sampling, so it is skipped when the free memory
-    (system or container) is under twice their size. Under autocast every layer keeps its own
+    (system or container) is under twice their size plus ``reserve_bytes`` (what the sampling
+    itself will take: its KV cache, allocated after the weights are packed). Under autocast every layer keeps its own
     forward (autocast decides its precision). A bfloat16 layer (a model loaded in bfloat16, whose
     LoRA cannot be folded in) takes the packed weight for 2+ rows and keeps PyTorch's product:
     sampling 16 rows x 64 tokens of SmolLM2-135M in bfloat16 with LoRA on the 2-core EPYC, 6.4-7.8
@@ -532,7 +535,8 @@ def inference_linears(model: nn.Module) -> Iterator[nn.Module]:
               and (m.weight.dtype == torch.float32 or (m.weight.dtype == torch.bfloat16 and bf16_packing_exact()))]
 
     pack = (onednn_packing_usable()
-            and 2 * sum(layer.weight.numel() * layer.weight.element_size() for layer in layers) < available_memory_bytes())
+            and 2 * sum(layer.weight.numel() * layer.weight.element_size() for layer in layers) + reserve_bytes
+            < available_memory_bytes())
     if not pack:
         layers = [layer for layer in layers if layer.weight.dtype == torch.float32]
 

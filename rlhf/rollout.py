@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlhf.kv_cache import decode_steps_take_attention_mask, forward_returns_cache, preallocated, rows_selectable
+from rlhf.kv_cache import (decode_steps_take_attention_mask, forward_returns_cache, kv_cache_bytes, preallocated,
+                            rows_selectable)
 from rlhf.models import PolicyWithValue, shared_prompt_cache, stop_token_ids
 
 
@@ -508,20 +509,23 @@ def forward_response(
 
 
 @contextlib.contextmanager
-def sampling_speedups(policy: torch.nn.Module, enabled: bool = True) -> Iterator[tuple[torch.nn.Module, Any]]:
+def sampling_speedups(policy: torch.nn.Module, enabled: bool = True,
+                      reserve_bytes: int = 0) -> Iterator[tuple[torch.nn.Module, Any]]:
     """``(model, fast_forward)`` to sample from ``policy`` with: its LoRA folded into the weights
     (rlhf.models.merged_lora_weights), this machine's faster linear products
     (rlhf.models.inference_linears) and, for the models it is exact for, the forward without the
     module stack (rlhf.sampling_forward; else None). The same distribution up to float rounding;
-    ``enabled=False`` (DeepSpeed/FSDP own the tensors): ``(policy, None)``."""
+    ``enabled=False`` (DeepSpeed/FSDP own the tensors): ``(policy, None)``. Each weight copy is made
+    only where free memory holds it twice over plus ``reserve_bytes``: the KV cache the sampling
+    will fill (``rlhf.kv_cache.kv_cache_bytes``), which the copies must not crowd out."""
     from rlhf.models import inference_linears, merged_lora_weights
     from rlhf.sampling_forward import sampling_forward
 
     if not enabled:
         yield policy, None
         return
-    with merged_lora_weights(policy) as folded, inference_linears(folded):
-        yield folded, sampling_forward(folded, fuse=True)
+    with merged_lora_weights(policy, reserve_bytes) as folded, inference_linears(folded, reserve_bytes):
+        yield folded, sampling_forward(folded, fuse=True, reserve_bytes=reserve_bytes)
 
 
 def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dataset: Any, indices: list[int],
@@ -550,7 +554,11 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
     parts = []
     with unwrapped_full_weights(model, accelerator) as plain:
         # not where DeepSpeed/FSDP own the tensors
-        with sampling_speedups(plain.policy, enabled=not shards_weights(accelerator)) as (policy, fast_forward):
+        # the KV cache of the largest chunk, prompt and response at their caps
+        cache_bytes = kv_cache_bytes(plain.policy, min(chunk, len(raw_prompts)),
+                                     config.max_prompt_length + config.max_new_tokens)
+        with sampling_speedups(plain.policy, enabled=not shards_weights(accelerator),
+                               reserve_bytes=cache_bytes) as (policy, fast_forward):
             for start in range(0, len(raw_prompts), chunk):
                 part = slice(start, start + chunk)
                 if episodes is not None:

@@ -317,7 +317,7 @@ class SamplingForward:
         return max(past + input_ids.shape[1], width)
 
 
-def sampling_forward(model: nn.Module, fuse: bool = False) -> SamplingForward | None:
+def sampling_forward(model: nn.Module, fuse: bool = False, reserve_bytes: int = 0) -> SamplingForward | None:
     """A ``SamplingForward`` for ``model`` (a causal LM, or a peft model around one), or None
     where it would not give the model's own numbers: another architecture (or a subclass, remote
     code, a patched or compiled module), layers other than full or sliding-window attention, an
@@ -357,7 +357,7 @@ def sampling_forward(model: nn.Module, fuse: bool = False) -> SamplingForward | 
         projections.append(parts)
     fused_bytes = sum(parts[name].base.weight.nbytes for parts in projections for name in FUSED
                       if parts[name].base is not None)
-    fuse = fuse and onednn_packing_usable() and 2 * fused_bytes < available_memory_bytes()
+    fuse = fuse and onednn_packing_usable() and 2 * fused_bytes + reserve_bytes < available_memory_bytes()
     return SamplingForward(causal_lm, projections, fuse=fuse, window=window)
 
 

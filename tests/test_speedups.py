@@ -839,3 +839,88 @@ def test_the_update_multiplies_by_frozen_weights_through_kept_transposed_copies(
     assert calls and all(in_scope for in_scope, _ in calls)
     assert head in {shape for _, shape in calls} and len({shape for _, shape in calls}) > 1
     assert kept_during_update[0] > 1 and cpu_linear._transposed_copies is None
+
+
+def test_kv_cache_bytes_counts_every_layers_keys_and_values(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from rlhf.kv_cache import kv_cache_bytes
+    from rlhf.models import load_base_model
+
+    model = load_base_model(str(tiny_model_dir))
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    expected = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4 * 3 * 50
+    assert kv_cache_bytes(model, 3, 50) == expected
+    assert kv_cache_bytes(SimpleNamespace(config=SimpleNamespace(hidden_size=8)), 3, 50) == 0  # not an attention model
+    assert kv_cache_bytes(object(), 3, 50) == 0
+
+
+def test_the_rollout_reserves_its_kv_cache_before_making_weight_copies(tiny_model_dir, tmp_path, monkeypatch):
+    """The sampling's weight copies are weighed against free memory less the KV cache the rollout
+    will fill (its largest chunk, prompt and response at their caps); before, the cache was not
+    counted, and a long response's cache could run out of memory behind copies that fit."""
+    from rlhf import rollout
+    from rlhf.kv_cache import kv_cache_bytes
+
+    config = RLConfig(**{
+        **ALGORITHM_DEFAULTS["grpo"], "model_name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "run"),
+        "max_steps": 1, "rollout_batch_size": 2, "num_generations": 2, "mini_batch_size": 4, "max_new_tokens": 6,
+        "max_prompt_length": 48, "lora_r": 4, "lora_alpha": 8, "save_steps": 0, "num_samples_to_log": 0,
+        "reward_funcs": [f"{FIXTURES / 'rewards.py'}:char_diversity"]})
+    trainer = RLTrainer(config)
+    reserved = []
+    real = rollout.sampling_speedups
+
+    def spy(policy, enabled=True, reserve_bytes=0):
+        reserved.append(reserve_bytes)
+        return real(policy, enabled, reserve_bytes)
+
+    monkeypatch.setattr(rollout, "sampling_speedups", spy)
+    trainer.rollout()
+    assert reserved == [kv_cache_bytes(trainer.model.policy, 4, 48 + 6)] and reserved[0] > 0
+
+
+def test_each_sampling_weight_copy_leaves_room_for_the_reserve(tiny_model_dir, monkeypatch):
+    """Folding the LoRA, packing the linears and fusing q/k/v and gate/up each make a copy only
+    where free memory holds twice it plus the reserve (the KV cache to come)."""
+    from rlhf import cpu_linear, models, sampling_forward
+
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)
+    policy = _trained_lora(tiny_model_dir)
+    reserve = 10 ** 6
+    lora_bases = sum(m.get_base_layer().weight.nbytes for m in policy.modules() if hasattr(m, "lora_A"))
+    free = {"bytes": 0}
+    for module in (models, sampling_forward):
+        monkeypatch.setattr(module, "available_memory_bytes", lambda: free["bytes"])
+    weights = {name: param for name, param in policy.named_parameters()}
+    for extra, folds in ((-1, False), (1, True)):
+        free["bytes"] = 2 * lora_bases + reserve + extra
+        with models.merged_lora_weights(policy, reserve) as sampler:
+            assert any(param is not weights.get(name) for name, param in sampler.named_parameters()) == folds
+
+    packed = []
+    real_pack = models.pack_for_onednn
+    monkeypatch.setattr(models, "pack_for_onednn", lambda weight: packed.append(1) or real_pack(weight))
+    base = policy.get_base_model()
+    linears = [m for m in base.modules() if type(m) is torch.nn.Linear]
+    linear_bytes = sum(m.weight.nbytes for m in linears)
+    x = torch.randn(3, linears[0].in_features)
+    for extra, packs in ((-1, False), (1, True)):
+        free["bytes"] = 2 * linear_bytes + reserve + extra
+        packed.clear()
+        with torch.no_grad(), models.inference_linears(base, reserve):
+            linears[0](x)
+        assert bool(packed) == (packs and cpu_linear.onednn_packing_usable() and cpu_linear.use_onednn())
+
+    with policy.disable_adapter(), models.inference_linears(policy):
+        fused_bytes = sum(getattr(layer, f"{name}_proj").get_base_layer().weight.nbytes
+                          for block in base.model.layers for layer, names in ((block.self_attn, "qkv"),
+                                                                               (block.mlp, ("gate", "up")))
+                          for name in names)
+        for extra, fuses in ((-1, False), (1, True)):
+            free["bytes"] = 2 * fused_bytes + reserve + extra
+            forward = sampling_forward.sampling_forward(policy, fuse=True, reserve_bytes=reserve)
+            assert forward is not None
+            onednn_fuses = cpu_linear.onednn_packing_usable() and cpu_linear.use_onednn()
+            assert any(layer.qkv is not None for layer in forward.layers) == (fuses and onednn_fuses)
