@@ -34,8 +34,7 @@ from rlhf.algorithms import kl_penalty
 from rlhf.config import check_episode_limits
 from rlhf.data import BUILTIN_PREFIX, format_prompt, load_prompt_dataset
 from rlhf.errors import CheckpointError, ConfigError
-from rlhf.kv_cache import kv_cache_bytes
-from rlhf.rollout import Rollout, forward_response, generate_rollout, sampling_speedups
+from rlhf.rollout import Rollout, forward_response, generate_rollout, sampling_cache_bytes, sampling_speedups
 from rlhf.run_settings import EpisodeSettings, evaluation_reward
 from rlhf.scoring import reward_inputs
 
@@ -200,7 +199,7 @@ def sample_and_score(
         columns = {name: rows[name] for name in rows.column_names if name != prompt_column}
         row_seeds = [sample_seed(seed, p, s) for p, s in chunk]
         # per chunk: the scores below need the policy as it is (adapters on, weights unmerged)
-        cache_bytes = kv_cache_bytes(policy, len(chunk), max_prompt_length + max_new_tokens)
+        cache_bytes = sampling_cache_bytes(policy, len(chunk), max_prompt_length, max_new_tokens, episodes is not None)
         with sampling_speedups(policy, enabled=speedups, reserve_bytes=cache_bytes) as (sampler, fast_forward):
             if episodes is not None:
                 from rlhf.episodes.runner import sample_episode_rollout

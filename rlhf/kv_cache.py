@@ -76,19 +76,29 @@ class PreallocatedLayer(DynamicLayer):
 
 def kv_cache_bytes(model: Any, rows: int, positions: int) -> int:
     """Bytes of the keys and values ``rows`` sequences of ``positions`` tokens hold in ``model``'s
-    cache (every layer, as full attention: an upper bound for sliding-window layers); 0 where the
-    config does not say (no attention layers, another layout). The sampler's own memory, which
-    the weight copies made for sampling (folded LoRA, packed weights) must leave room for."""
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers, heads = getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads and getattr(
-        config, "hidden_size", None) else None)
-    if not all(isinstance(n, int) and n > 0 for n in (layers, kv_heads, head_dim)):
+    cache (every layer counted as full attention: an upper bound for sliding-window layers, and
+    for caches that store less, such as DeepSeek's compressed latents); 0 where the config does
+    not tell (no attention layers, another layout) or cannot be read. The sampler's own memory,
+    which the weight copies made for sampling (folded LoRA, packed weights) must leave room for."""
+    try:
+        config = getattr(model, "config", None)
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config(decoder=True)  # the config transformers' DynamicCache reads
+        # transformers 5 configs with per-layer settings (Gemma 4) raise on the global attribute
+        layers = list(getattr(config, "per_layer_config", None) or [])
+        layers = layers or [config] * getattr(config, "num_hidden_layers", 0)
+        per_token = 0
+        for layer in layers:
+            heads = getattr(layer, "num_attention_heads", None)
+            kv_heads = getattr(layer, "num_key_value_heads", None) or heads
+            head_dim = getattr(layer, "head_dim", None) or layer.hidden_size // heads
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (kv_heads, head_dim)):
+                return 0
+            per_token += 2 * kv_heads * head_dim
+        element = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4) if per_token else 0
+    except Exception:  # any model this cannot read: no reserve, as before the reserve existed
         return 0
-    element = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4)
-    return 2 * layers * kv_heads * head_dim * element * rows * positions
+    return per_token * element * rows * positions
 
 
 def rows_selectable(cache: Any) -> bool:

@@ -528,6 +528,16 @@ def sampling_speedups(policy: torch.nn.Module, enabled: bool = True,
         yield folded, sampling_forward(folded, fuse=True, reserve_bytes=reserve_bytes)
 
 
+def sampling_cache_bytes(model: torch.nn.Module, rows: int, max_prompt_length: int, max_new_tokens: int,
+                         episodes: bool) -> int:
+    """The KV cache a chunk of ``rows`` samples may fill, prompt and response at their caps. A
+    multi-turn episode's cache can grow past that: each step left-pads every row to the widest
+    tokens fed that step (tool results arrive at different steps) and a full buffer is re-seated
+    at twice its size, so episodes count twice (a reviewer measured 2.08x the single-response
+    figure for 6 rows with 3 staggered tool calls each)."""
+    return (2 if episodes else 1) * kv_cache_bytes(model, rows, max_prompt_length + max_new_tokens)
+
+
 def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dataset: Any, indices: list[int],
                    config: Any, num_generations: int, group_offset: int = 0,
                    eos_token_ids: list[int] | None = None, episodes: Any = None) -> Rollout:
@@ -554,9 +564,8 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
     parts = []
     with unwrapped_full_weights(model, accelerator) as plain:
         # not where DeepSpeed/FSDP own the tensors
-        # the KV cache of the largest chunk, prompt and response at their caps
-        cache_bytes = kv_cache_bytes(plain.policy, min(chunk, len(raw_prompts)),
-                                     config.max_prompt_length + config.max_new_tokens)
+        cache_bytes = sampling_cache_bytes(plain.policy, min(chunk, len(raw_prompts)), config.max_prompt_length,
+                                           config.max_new_tokens, episodes is not None)
         with sampling_speedups(plain.policy, enabled=not shards_weights(accelerator),
                                reserve_bytes=cache_bytes) as (policy, fast_forward):
             for start in range(0, len(raw_prompts), chunk):

@@ -841,26 +841,58 @@ def test_the_update_multiplies_by_frozen_weights_through_kept_transposed_copies(
     assert kept_during_update[0] > 1 and cpu_linear._transposed_copies is None
 
 
-def test_kv_cache_bytes_counts_every_layers_keys_and_values(tiny_model_dir):
+def _cache_bytes_after(model, rows: int, positions: int) -> int:
+    """Bytes of keys and values a real forward of ``rows`` x ``positions`` tokens leaves in the cache."""
+    with torch.no_grad():
+        cache = model(input_ids=torch.randint(1, 100, (rows, positions)), use_cache=True).past_key_values
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def test_kv_cache_bytes_is_what_a_real_cache_holds():
+    """Against the cache a forward leaves: grouped KV heads with a head size of its own (not
+    hidden / heads), a bfloat16 model, a LoRA-wrapped one; a config with per-layer settings
+    (transformers raises on its global attributes) and one without attention give 0, never raise."""
     from types import SimpleNamespace
 
-    from rlhf.kv_cache import kv_cache_bytes
-    from rlhf.models import load_base_model
+    import transformers
+    from peft import LoraConfig, get_peft_model
 
-    model = load_base_model(str(tiny_model_dir))
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    expected = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4 * 3 * 50
-    assert kv_cache_bytes(model, 3, 50) == expected
+    from rlhf.kv_cache import kv_cache_bytes
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=24)
+    model = transformers.LlamaForCausalLM(config).eval()
+    assert kv_cache_bytes(model, 3, 7) == _cache_bytes_after(model, 3, 7) == 2 * 3 * 2 * 24 * 4 * 3 * 7
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert kv_cache_bytes(wrapped, 3, 7) == _cache_bytes_after(model, 3, 7)
+    half = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    assert kv_cache_bytes(half, 2, 5) == _cache_bytes_after(half, 2, 5) == 2 * 3 * 2 * 24 * 2 * 2 * 5
+    qwen3 = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16)).eval()
+    assert kv_cache_bytes(qwen3, 2, 9) == _cache_bytes_after(qwen3, 2, 9)
+
+    class PerLayerAttributeError(RuntimeError):
+        pass
+
+    class PerLayerConfig:  # what transformers 5 does for a global read of a per-layer setting
+        num_hidden_layers, num_attention_heads = 2, 4
+
+        def __getattr__(self, name):
+            raise PerLayerAttributeError(name)
+
+    assert kv_cache_bytes(SimpleNamespace(config=PerLayerConfig(), parameters=lambda: iter(())), 3, 50) == 0
     assert kv_cache_bytes(SimpleNamespace(config=SimpleNamespace(hidden_size=8)), 3, 50) == 0  # not an attention model
     assert kv_cache_bytes(object(), 3, 50) == 0
 
 
-def test_the_rollout_reserves_its_kv_cache_before_making_weight_copies(tiny_model_dir, tmp_path, monkeypatch):
-    """The sampling's weight copies are weighed against free memory less the KV cache the rollout
-    will fill (its largest chunk, prompt and response at their caps); before, the cache was not
-    counted, and a long response's cache could run out of memory behind copies that fit."""
-    from rlhf import rollout
+def test_the_rollout_leaves_room_for_its_kv_cache_before_folding_the_lora(tiny_model_dir, tmp_path, monkeypatch):
+    """With free memory over twice the LoRA base weights but not over that plus the KV cache the
+    rollout will fill (its chunk's rows, prompt and response at their caps), the rollout samples
+    with the adapters unfolded; with more memory it folds them. Before, the cache was not counted
+    and the copies were made."""
+    from rlhf import models, rollout
     from rlhf.kv_cache import kv_cache_bytes
 
     config = RLConfig(**{
@@ -869,16 +901,56 @@ def test_the_rollout_reserves_its_kv_cache_before_making_weight_copies(tiny_mode
         "max_prompt_length": 48, "lora_r": 4, "lora_alpha": 8, "save_steps": 0, "num_samples_to_log": 0,
         "reward_funcs": [f"{FIXTURES / 'rewards.py'}:char_diversity"]})
     trainer = RLTrainer(config)
-    reserved = []
-    real = rollout.sampling_speedups
+    policy = trainer.model.policy
+    lora_bases = sum(m.get_base_layer().weight.nbytes for m in policy.modules() if hasattr(m, "lora_A"))
+    cache = kv_cache_bytes(policy, 4, 48 + 6)
+    assert cache > 0
+    free = {"bytes": 2 * lora_bases + cache - 1}
+    monkeypatch.setattr(models, "available_memory_bytes", lambda: free["bytes"])
+    folded = []
+    real_generate = rollout.generate_rollout
 
-    def spy(policy, enabled=True, reserve_bytes=0):
-        reserved.append(reserve_bytes)
-        return real(policy, enabled, reserve_bytes)
+    def generate(model, *args, **kwargs):
+        folded.append(any(layer.disable_adapters for layer in model.modules() if hasattr(layer, "lora_A")))
+        return real_generate(model, *args, **kwargs)
 
-    monkeypatch.setattr(rollout, "sampling_speedups", spy)
+    monkeypatch.setattr(rollout, "generate_rollout", generate)
     trainer.rollout()
-    assert reserved == [kv_cache_bytes(trainer.model.policy, 4, 48 + 6)] and reserved[0] > 0
+    free["bytes"] = 2 * lora_bases + cache + 1
+    trainer.rollout()
+    assert folded == [False, True]
+
+
+def test_evaluation_leaves_room_for_its_kv_cache_before_folding_the_lora(tiny_model_dir, monkeypatch):
+    from datasets import Dataset
+
+    from reward_models import CombinedReward
+    from rlhf import evaluate, models
+    from rlhf.kv_cache import kv_cache_bytes
+    from rlhf.models import load_tokenizer
+
+    reward = CombinedReward([f"{FIXTURES / 'rewards.py'}:char_diversity"])
+
+    policy = _trained_lora(tiny_model_dir)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prompts = Dataset.from_dict({"prompt": ["one two", "three four five"]})
+    lora_bases = sum(m.get_base_layer().weight.nbytes for m in policy.modules() if hasattr(m, "lora_A"))
+    cache = kv_cache_bytes(policy, 4, 32 + 5)  # 2 prompts x 2 samples in one chunk
+    free = {"bytes": 0}
+    monkeypatch.setattr(models, "available_memory_bytes", lambda: free["bytes"])
+    folded = []
+    real_generate = evaluate.generate_rollout
+
+    def generate(model, *args, **kwargs):
+        folded.append(any(layer.disable_adapters for layer in model.modules() if hasattr(layer, "lora_A")))
+        return real_generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate_rollout", generate)
+    for extra in (-1, 1):
+        free["bytes"] = 2 * lora_bases + cache + extra
+        evaluate.sample_and_score(policy, tokenizer, prompts, [0, 1], reward, base=None, num_samples=2,
+                                  max_new_tokens=5, max_prompt_length=32)
+    assert folded == [False, True]
 
 
 def test_each_sampling_weight_copy_leaves_room_for_the_reserve(tiny_model_dir, monkeypatch):
