@@ -20,8 +20,8 @@ import contextlib
 import functools
 import os
 import platform
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch

@@ -427,9 +427,9 @@ def merged_lora_weights(policy: PeftModel, reserve_bytes: int = 0) -> Iterator[P
     distribution: DoRA or non-linear LoRA layers, and base weights below float32 (a bfloat16
     weight cannot hold the small early deltas); and where free memory is under twice the weights
     plus ``reserve_bytes`` (the merged copies live as long as the sampling, whose KV cache comes
-    after them). The merged tensor is a new Parameter put into the
-    layer in place of its own, never written into the existing one: a weight tied to another
-    module (lm_head and the input embedding of tied-embedding models) must keep its value there.
+    after them). The merged tensor is a new Parameter put into the layer in place of its own,
+    never written into the existing one: a weight tied to another module (lm_head and the input
+    embedding of tied-embedding models) must keep its value there.
     """
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
@@ -522,8 +522,8 @@ def inference_linears(model: nn.Module, reserve_bytes: int = 0) -> Iterator[nn.M
     op; a write through ``.data`` or numpy inside the context is not seen (sampling writes none).
     That is one more copy of those weights while sampling, so it is skipped when the free memory
     (system or container) is under twice their size plus ``reserve_bytes`` (what the sampling
-    itself will take: its KV cache, allocated after the weights are packed). Under autocast every layer keeps its own
-    forward (autocast decides its precision). A bfloat16 layer (a model loaded in bfloat16, whose
+    itself will take: its KV cache, allocated after the weights are packed). Under autocast every
+    layer keeps its own forward (autocast decides its precision). A bfloat16 layer (a model loaded in bfloat16, whose
     LoRA cannot be folded in) takes the packed weight for 2+ rows and keeps PyTorch's product:
     sampling 16 rows x 64 tokens of SmolLM2-135M in bfloat16 with LoRA on the 2-core EPYC, 6.4-7.8
     -> 5.5-6.4 s (4 alternating runs), the same tokens and logprobs.
