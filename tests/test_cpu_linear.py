@@ -329,10 +329,11 @@ def test_kept_transposed_weights_give_the_strided_products_bitwise_once_per_scop
 @needs_onednn
 def test_kept_transposes_take_at_most_half_the_memory_free_once_the_forward_holds_its_activations(
         monkeypatch, onednn_transposes):
-    """The memory is read when the first copy is wanted, not when the update starts: a long
-    batch's forward takes memory after the scope opens, and copies made on top of it could run a
-    step out of memory that fits without them. Copies stop at half of what is free then; the
-    weights past that keep the strided view, with the same products."""
+    """The memory is read again when the first copy is wanted, besides when the update starts:
+    a long batch's forward takes memory after the scope opens, and copies made on top of it could
+    run a step out of memory that fits without them. Copies stop at half of what is free then;
+    the weights past that keep the strided view, with the same products. Short at the start: no
+    copies at all, as before."""
     torch.manual_seed(0)
     layers = torch.nn.Sequential(torch.nn.Linear(256, 320), torch.nn.Linear(320, 256)).requires_grad_(False)
     first, second = layers[0].weight, layers[1].weight
