@@ -887,6 +887,20 @@ def test_kv_cache_bytes_is_what_a_real_cache_holds():
     assert kv_cache_bytes(object(), 3, 50) == 0
 
 
+def _records_whether_sampling_folds_the_lora(monkeypatch, module) -> list[bool]:
+    """Patch ``module.generate_rollout`` to record, per call, whether the model it samples from has
+    its LoRA folded into the weights (``merged_lora_weights`` samples with the adapters switched off)."""
+    folded = []
+    real_generate = module.generate_rollout
+
+    def generate(model, *args, **kwargs):
+        folded.append(any(layer.disable_adapters for layer in model.modules() if hasattr(layer, "lora_A")))
+        return real_generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(module, "generate_rollout", generate)
+    return folded
+
+
 def test_the_rollout_leaves_room_for_its_kv_cache_before_folding_the_lora(tiny_model_dir, tmp_path, monkeypatch):
     """With free memory over twice the LoRA base weights but not over that plus the KV cache the
     rollout will fill (its chunk's rows, prompt and response at their caps), the rollout samples
@@ -907,14 +921,7 @@ def test_the_rollout_leaves_room_for_its_kv_cache_before_folding_the_lora(tiny_m
     assert cache > 0
     free = {"bytes": 2 * lora_bases + cache - 1}
     monkeypatch.setattr(models, "available_memory_bytes", lambda: free["bytes"])
-    folded = []
-    real_generate = rollout.generate_rollout
-
-    def generate(model, *args, **kwargs):
-        folded.append(any(layer.disable_adapters for layer in model.modules() if hasattr(layer, "lora_A")))
-        return real_generate(model, *args, **kwargs)
-
-    monkeypatch.setattr(rollout, "generate_rollout", generate)
+    folded = _records_whether_sampling_folds_the_lora(monkeypatch, rollout)
     trainer.rollout()
     free["bytes"] = 2 * lora_bases + cache + 1
     trainer.rollout()
@@ -930,7 +937,6 @@ def test_evaluation_leaves_room_for_its_kv_cache_before_folding_the_lora(tiny_mo
     from rlhf.models import load_tokenizer
 
     reward = CombinedReward([f"{FIXTURES / 'rewards.py'}:char_diversity"])
-
     policy = _trained_lora(tiny_model_dir)
     tokenizer = load_tokenizer(str(tiny_model_dir))
     prompts = Dataset.from_dict({"prompt": ["one two", "three four five"]})
@@ -938,14 +944,7 @@ def test_evaluation_leaves_room_for_its_kv_cache_before_folding_the_lora(tiny_mo
     cache = kv_cache_bytes(policy, 4, 32 + 5)  # 2 prompts x 2 samples in one chunk
     free = {"bytes": 0}
     monkeypatch.setattr(models, "available_memory_bytes", lambda: free["bytes"])
-    folded = []
-    real_generate = evaluate.generate_rollout
-
-    def generate(model, *args, **kwargs):
-        folded.append(any(layer.disable_adapters for layer in model.modules() if hasattr(layer, "lora_A")))
-        return real_generate(model, *args, **kwargs)
-
-    monkeypatch.setattr(evaluate, "generate_rollout", generate)
+    folded = _records_whether_sampling_folds_the_lora(monkeypatch, evaluate)
     for extra in (-1, 1):
         free["bytes"] = 2 * lora_bases + cache + extra
         evaluate.sample_and_score(policy, tokenizer, prompts, [0, 1], reward, base=None, num_samples=2,
