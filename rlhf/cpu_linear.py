@@ -195,14 +195,12 @@ class _KeptTransposes:
             if kept[1] == weight._version and kept[0].shape == weight.shape and kept[0].stride() == weight.stride():
                 return kept[2]
             del self.copies[key]  # stale: freed before its replacement is made, and its bytes credited
-            if self.budget is not None:
-                self.budget += kept[2].nbytes
-            kept = None
+            self.budget += kept[2].nbytes  # set when that copy was made
         if self.budget is None:
             # Read when the first copy is wanted, inside the update's forward (the chunked LM head)
             # or its backward, where the first micro-batch's activations already hold their memory.
             self.budget = available_memory_bytes() // 2
-        needed = weight.numel() * weight.element_size()
+        needed = weight.nbytes
         if needed > self.budget:
             return None
         self.budget -= needed

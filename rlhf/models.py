@@ -523,9 +523,9 @@ def inference_linears(model: nn.Module, reserve_bytes: int = 0) -> Iterator[nn.M
     That is one more copy of those weights while sampling, so it is skipped when the free memory
     (system or container) is under twice their size plus ``reserve_bytes`` (what the sampling
     itself will take: its KV cache, allocated after the weights are packed). Under autocast every
-    layer keeps its own forward (autocast decides its precision). A bfloat16 layer (a model loaded in bfloat16, whose
-    LoRA cannot be folded in) takes the packed weight for 2+ rows and keeps PyTorch's product:
-    sampling 16 rows x 64 tokens of SmolLM2-135M in bfloat16 with LoRA on the 2-core EPYC, 6.4-7.8
+    layer keeps its own forward (autocast decides its precision). A bfloat16 layer (a model loaded
+    in bfloat16, whose LoRA cannot be folded in) takes the packed weight for 2+ rows and keeps
+    PyTorch's product: sampling 16 rows x 64 tokens of SmolLM2-135M in bfloat16 with LoRA on the 2-core EPYC, 6.4-7.8
     -> 5.5-6.4 s (4 alternating runs), the same tokens and logprobs.
     """
     # CPU only (measured there); layers with a forward of their own (Accelerate's offload hooks,
