@@ -19,6 +19,7 @@ from torch import Tensor
 
 from rlhf.algorithms import Algorithm, Registry, agg_loss, agg_units, kl_penalty, trpo_step, value_loss
 from rlhf.algorithms.losses import AdaptiveEntropyController, high_entropy_mask, log_importance_weights, off_policy_mask
+from rlhf.cpu_linear import expect_micro_batch
 from rlhf.distributed import Reducer
 from rlhf.errors import ConfigError
 from rlhf.experience import Experience, sampler_mismatch_metrics, sampler_mismatch_totals
@@ -148,6 +149,7 @@ class GradientUpdate:
             config.entropy_coef, config.use_adaptive_entropy, config.entropy_target, config.entropy_coef_min,
             config.entropy_coef_max, config.entropy_coef_delta)
         self._entropy_window: Tensor | None = None  # [entropy sum, tokens] of the optimizer step's micro-batches
+        self._largest_positions: int | None = None  # rows x columns of the update's largest micro-batch, at most
 
     def __call__(self, batch: Experience, kl_coef: float) -> dict[str, float]:
         config, rollout = self.config, batch.rollout
@@ -155,6 +157,10 @@ class GradientUpdate:
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}  # grad_norm exists only on the micro-batch that steps
         minibatches = 0
+        # no micro-batch runs more rows than this, nor more columns than the rollout's used ones
+        most_rows = min(self.micro_batch_size, local_minibatch, len(rollout))
+        every_row = torch.arange(len(rollout), device=rollout.mask.device)
+        self._largest_positions = most_rows * rollout.narrowed(every_row)[0].input_ids.shape[1] if most_rows else 0
         update_mode(self.model)
         for _ in range(config.ppo_epochs):
             order = torch.randperm(len(rollout), device=rollout.mask.device)
@@ -217,6 +223,9 @@ class GradientUpdate:
         # Only the columns some row of this micro-batch uses; every [B, T] input is cut to them
         # (all losses read masked tokens only, and their length normalisers are max_new_tokens).
         rollout, width = batch.rollout.narrowed(rows)
+        # kept weight copies must leave room for a longer micro-batch's activations later
+        positions = rollout.input_ids.numel()
+        expect_micro_batch(positions, max(self._largest_positions or 0, positions))
         cut = (rows, slice(None, width))
         mask, mode = batch.loss_mask[cut], config.aggregation
         share = float(agg_units(mask, mode) / normaliser)  # this micro-batch's part of the minibatch loss

@@ -371,6 +371,43 @@ def test_kept_transposes_take_at_most_half_the_memory_free_once_the_forward_hold
 
 
 @needs_onednn
+def test_kept_transposes_leave_room_for_the_updates_largest_micro_batch(monkeypatch, onednn_transposes):
+    """The update sorts micro-batches by length, so the first copy is wanted while the shortest
+    one's activations are in memory: what it took since the update started, scaled to the largest
+    micro-batch's token positions, is kept free before half of the rest goes to copies. Told
+    after the budget was read, or with the largest no longer than the running one, nothing changes."""
+    layer = torch.nn.Linear(256, 320).requires_grad_(False)
+    weight, grad = layer.weight, torch.randn(17, 320)
+    start = 10 ** 9
+    free = {"bytes": start}
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: free["bytes"])
+
+    def budget_after(running: int, largest: int, held: int) -> int:
+        free["bytes"] = start
+        with cpu_linear.transposed_weights_kept(layer):
+            cpu_linear.expect_micro_batch(running, largest)
+            free["bytes"] = start - held  # the running micro-batch's forward took this
+            cpu_linear.times_weight(grad, weight)
+            cpu_linear.expect_micro_batch(1, 10 ** 6)  # too late: the budget is read once
+            copies = len(cpu_linear._transposed_copies.copies)
+            return cpu_linear._transposed_copies.budget + copies * weight.nbytes
+
+    held = 10 ** 8
+    assert budget_after(100, 100, held) == (start - held) // 2
+    assert budget_after(100, 40, held) == (start - held) // 2
+    assert budget_after(100, 400, held) == (start - held - 3 * held) // 2  # 3 x more to come
+    assert budget_after(100, 1000, held) == 0  # the largest takes all: no copy
+    free["bytes"] = start
+    with cpu_linear.transposed_weights_kept(layer):
+        cpu_linear.expect_micro_batch(100, 1000)
+        free["bytes"] = start - held
+        product = cpu_linear.times_weight(grad, weight)
+        assert not cpu_linear._transposed_copies.copies
+    assert torch.equal(product, cpu_linear.onednn_linear(grad, weight.t()))
+    cpu_linear.expect_micro_batch(1, 2)  # no scope open: nothing to tell
+
+
+@needs_onednn
 def test_a_stale_kept_transpose_gives_its_bytes_back_before_its_replacement_is_weighed(monkeypatch,
                                                                                       onednn_transposes):
     """The same storage seen as a weight of another shape: the stale copy is dropped first and

@@ -841,6 +841,60 @@ def test_the_update_multiplies_by_frozen_weights_through_kept_transposed_copies(
     assert kept_during_update[0] > 1 and cpu_linear._transposed_copies is None
 
 
+def test_the_update_keeps_no_transposes_where_its_longest_micro_batch_needs_the_memory(tiny_model_dir, tmp_path,
+                                                                                       monkeypatch, onednn_transposes):
+    """Responses that end at different lengths: the update's first micro-batch holds the shortest,
+    the last the longest, with more than twice its token positions. Memory that the first one's
+    forward halved (the fake below) leaves nothing for copies once the last one's share is kept
+    free; copies made anyway would take memory that micro-batch's activations need."""
+    from rlhf import cpu_linear, rollout as rollout_module
+    from rlhf.update import GradientUpdate
+
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)
+    real_sample = rollout_module.sample_responses
+
+    def half_stop_at_once(*args, **kwargs):
+        tokens, logprobs = real_sample(*args, **kwargs)
+        stop = kwargs["eos_token_ids"]
+        stop = stop if isinstance(stop, int) else list(stop)[0]
+        tokens[::2, 0], tokens[::2, 1:], logprobs[::2, 1:] = stop, kwargs["pad_token_id"], 0.0
+        return tokens, logprobs
+
+    monkeypatch.setattr(rollout_module, "sample_responses", half_stop_at_once)
+    start = 10 ** 12
+    reads = []
+
+    def free_memory():  # the update's start, then half of it once the first forward ran
+        reads.append(1)
+        return start if len(reads) == 1 else start // 2
+
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", free_memory)
+    told, copies = [], []
+    real_expect, real_micro_step = cpu_linear.expect_micro_batch, GradientUpdate.micro_step
+
+    def expect(positions, largest):
+        told.append((positions, largest))
+        real_expect(positions, largest)
+
+    def micro_step(self, *args, **kwargs):
+        result = real_micro_step(self, *args, **kwargs)
+        copies.append(len(cpu_linear._transposed_copies.copies))
+        return result
+
+    monkeypatch.setattr("rlhf.update.expect_micro_batch", expect)
+    monkeypatch.setattr(GradientUpdate, "micro_step", micro_step)
+    config = RLConfig(**{
+        **ALGORITHM_DEFAULTS["grpo"], "model_name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "run"),
+        "max_steps": 1, "rollout_batch_size": 2, "num_generations": 2, "mini_batch_size": 4, "ppo_epochs": 1,
+        "gradient_accumulation_steps": 2, "max_new_tokens": 40, "max_prompt_length": 48, "lora_r": 4,
+        "lora_alpha": 8, "save_steps": 0, "num_samples_to_log": 0,
+        "reward_funcs": [f"{FIXTURES / 'rewards.py'}:char_diversity"]})
+    RLTrainer(config).train()
+    (first, largest), (last, _) = told[0], told[-1]
+    assert len(told) == 2 and largest == last > 2 * first  # the long rows run second
+    assert copies == [0, 0]
+
+
 def _cache_bytes_after(model, rows: int, positions: int) -> int:
     """Bytes of keys and values a real forward of ``rows`` x ``positions`` tokens leaves in the cache."""
     with torch.no_grad():
