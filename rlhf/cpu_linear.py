@@ -108,11 +108,15 @@ def bf16_packing_exact() -> bool:
 
 
 def available_memory_bytes() -> int:
-    """Memory this process can still take: the system's available memory, or less where a cgroup
-    (container) limit is nearer, plus what its own heap holds free for reuse (``rlhf.cpu_memory``)."""
+    """Memory this process can still take: its share of the system's available memory, or less
+    where a cgroup (container) limit is nearer, plus what its own heap holds free for reuse
+    (``rlhf.cpu_memory``). The processes a launcher started on this machine share it evenly: they
+    sample and update in step, and each sizes its weight copies by this figure, so each taking
+    half of all that is free would together leave nothing."""
     import psutil
 
     from rlhf.cpu_memory import reusable_heap_bytes
+    from rlhf.distributed import local_process_count
 
     available = int(psutil.virtual_memory().available)
     for limit_file, usage_file in (("memory.max", "memory.current"),  # cgroup v2
@@ -124,7 +128,7 @@ def available_memory_bytes() -> int:
                 available = min(available, int(limit) - used)
         except (OSError, ValueError):
             pass
-    return available + reusable_heap_bytes()
+    return available // local_process_count() + reusable_heap_bytes()
 
 
 def onednn_usable() -> bool:

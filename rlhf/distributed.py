@@ -23,6 +23,12 @@ def launched_world_size() -> int:
     return 1
 
 
+def local_process_count() -> int:
+    """Processes the launcher started on this machine (``LOCAL_WORLD_SIZE``, else all it started)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    return max(int(local), 1) if local.isdigit() else launched_world_size()
+
+
 def share_cpu_cores() -> int:
     """Give each of the processes on this host its share of the CPU cores, unless OMP_NUM_THREADS
     says otherwise; returns the thread count now in use.
@@ -31,7 +37,7 @@ def share_cpu_cores() -> int:
     threads against each other and a step gets several times slower (8x measured here with two
     2-thread processes on 2 cores). torchrun sets OMP_NUM_THREADS=1, accelerate launch does not.
     """
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "") or launched_world_size())
+    local_processes = local_process_count()
     if "OMP_NUM_THREADS" not in os.environ and local_processes > 1:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // local_processes))

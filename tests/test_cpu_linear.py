@@ -407,6 +407,31 @@ def test_kept_transposes_leave_room_for_the_updates_largest_micro_batch(monkeypa
     cpu_linear.expect_micro_batch(1, 2)  # no scope open: nothing to tell
 
 
+def test_processes_on_one_machine_each_count_their_share_of_its_free_memory(monkeypatch):
+    """Processes a launcher started on this machine sample and update in step, and each sizes
+    its weight copies by ``available_memory_bytes``: each counts an even share of the system's
+    free memory, plus what its own heap holds free."""
+    import types
+
+    class NoCgroup:
+        def __init__(self, *parts):
+            pass
+
+        def read_text(self):
+            raise OSError("no cgroup here")
+
+    monkeypatch.setattr("psutil.virtual_memory", lambda: types.SimpleNamespace(available=8 * 2 ** 30))
+    monkeypatch.setattr("rlhf.cpu_memory.reusable_heap_bytes", lambda: 2 ** 30)
+    monkeypatch.setattr(cpu_linear, "Path", NoCgroup)
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert cpu_linear.available_memory_bytes() == 9 * 2 ** 30
+    monkeypatch.setenv("WORLD_SIZE", "4")  # every process on this machine
+    assert cpu_linear.available_memory_bytes() == 3 * 2 ** 30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two of the four here
+    assert cpu_linear.available_memory_bytes() == 5 * 2 ** 30
+
+
 @needs_onednn
 def test_a_stale_kept_transpose_gives_its_bytes_back_before_its_replacement_is_weighed(monkeypatch,
                                                                                       onednn_transposes):
