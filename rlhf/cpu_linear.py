@@ -185,9 +185,9 @@ def times_transposed(x: Tensor, weight: Tensor) -> Tensor:
 class _KeptTransposes:
     """The scope of ``transposed_weights_kept``: its copies, data_ptr -> (the weight, its version,
     its transpose copy), and how many more bytes of copies it may still make (None until the first
-    copy, when it is read off the free memory). ``start_free``: the memory free when the scope
-    opened; ``micro_batch``: (token positions of the micro-batch running, of the update's largest),
-    as the update last told ``expect_micro_batch``."""
+    copy, when it is read off the free memory). ``micro_batch``: (token positions of the
+    micro-batch running, of the update's largest), as the update last told ``expect_micro_batch``;
+    ``start_free``: the memory free when it first did, before the first micro-batch's forward."""
 
     start_free: int = 0
     copies: dict[int, tuple[Tensor, int, Tensor]] = field(default_factory=dict)
@@ -219,7 +219,7 @@ class _KeptTransposes:
         Read when the first copy is wanted, inside the first micro-batch's forward (the chunked LM
         head) or its backward, where that micro-batch's activations already hold their memory.
         The update sorts a minibatch's micro-batches by length, so a later one can be several times
-        as long: what the running one took since the scope opened, scaled by token positions
+        as long: what the running one took since it started, scaled by token positions
         (activations grow with them), is kept free for the largest. Measured on SmolLM2-135M,
         GRPO at 256 new tokens: 1.64 MB per position held at the first copy for 768 positions,
         1.70 MB at the peak of a 1196-position micro-batch."""
@@ -274,9 +274,9 @@ def transposed_weights_kept(model: torch.nn.Module) -> Iterator[None]:
     so it is made once per update and not per call. Only where free memory holds twice the
     model's frozen float32 weights when the update starts (the copies take once that: 0.54 GB for
     SmolLM2-135M), and then at most half the memory that is free when the first copy is wanted
-    (read once, with the first micro-batch's activations in memory, which the start cannot see),
-    less what the update's largest micro-batch will take on top of those where the update says
-    (``expect_micro_batch``); past that the remaining weights keep the view. The copies are not
+    (read once, with the first micro-batch's activations in memory, which the start cannot see)
+    after setting aside what the update's largest micro-batch will take on top of those, where the
+    update says (``expect_micro_batch``); past that the remaining weights keep the view. The copies are not
     kept across steps, where sampling needs the memory for its own weight copies.
 
     A weight changed in place is copied again (its version counter moves); a write through
@@ -286,11 +286,10 @@ def transposed_weights_kept(model: torch.nn.Module) -> Iterator[None]:
     global _transposed_copies
     frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
                        if not p.requires_grad and p.dim() == 2 and p.dtype == torch.float32 and p.device.type == "cpu")
-    enabled = _transposed_copies is None and frozen_bytes > 0 and transposed_copy_exact()
-    free = available_memory_bytes() if enabled else 0
-    enabled = enabled and 2 * frozen_bytes < free
+    enabled = (_transposed_copies is None and frozen_bytes > 0 and transposed_copy_exact()
+               and 2 * frozen_bytes < available_memory_bytes())
     if enabled:
-        _transposed_copies = _KeptTransposes(start_free=free)
+        _transposed_copies = _KeptTransposes()
     try:
         yield
     finally:
@@ -304,6 +303,8 @@ def expect_micro_batch(positions: int, largest_positions: int) -> None:
     ``largest_positions``: until the copies' budget is read, it then leaves room for the largest
     one's activations. Nothing where no scope is open or its budget is already set."""
     if _transposed_copies is not None and _transposed_copies.budget is None:
+        if _transposed_copies.micro_batch is None:  # what the first micro-batch takes is counted from here
+            _transposed_copies.start_free = available_memory_bytes()
         _transposed_copies.micro_batch = (positions, largest_positions)
 
 

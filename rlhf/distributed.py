@@ -24,9 +24,13 @@ def launched_world_size() -> int:
 
 
 def local_process_count() -> int:
-    """Processes the launcher started on this machine (``LOCAL_WORLD_SIZE``, else all it started)."""
-    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
-    return max(int(local), 1) if local.isdigit() else launched_world_size()
+    """Processes the launcher started on this machine: torchrun's ``LOCAL_WORLD_SIZE`` or an MPI
+    launcher's per-host count (the variables Accelerate reads), else all it started."""
+    for name in ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE"):
+        local = os.environ.get(name, "").strip()
+        if local.isdigit() and int(local) > 0:
+            return int(local)
+    return launched_world_size()
 
 
 def share_cpu_cores() -> int:

@@ -397,6 +397,7 @@ def test_kept_transposes_leave_room_for_the_updates_largest_micro_batch(monkeypa
     assert budget_after(100, 40, held) == (start - held) // 2
     assert budget_after(100, 400, held) == (start - held - 3 * held) // 2  # 3 x more to come
     assert budget_after(100, 1000, held) == 0  # the largest takes all: no copy
+    assert budget_after(100, 400, -held) == (start + held) // 2  # memory came back: nothing to scale
     free["bytes"] = start
     with cpu_linear.transposed_weights_kept(layer):
         cpu_linear.expect_micro_batch(100, 1000)
@@ -423,12 +424,15 @@ def test_processes_on_one_machine_each_count_their_share_of_its_free_memory(monk
     monkeypatch.setattr("psutil.virtual_memory", lambda: types.SimpleNamespace(available=8 * 2 ** 30))
     monkeypatch.setattr("rlhf.cpu_memory.reusable_heap_bytes", lambda: 2 ** 30)
     monkeypatch.setattr(cpu_linear, "Path", NoCgroup)
-    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+    for name in ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE",
+                 "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     assert cpu_linear.available_memory_bytes() == 9 * 2 ** 30
     monkeypatch.setenv("WORLD_SIZE", "4")  # every process on this machine
     assert cpu_linear.available_memory_bytes() == 3 * 2 ** 30
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two of the four here
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "1")  # Open MPI: one of them here
+    assert cpu_linear.available_memory_bytes() == 9 * 2 ** 30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two of the four here
     assert cpu_linear.available_memory_bytes() == 5 * 2 ** 30
 
 

@@ -848,6 +848,7 @@ def test_the_update_keeps_no_transposes_where_its_longest_micro_batch_needs_the_
     forward halved (the fake below) leaves nothing for copies once the last one's share is kept
     free; copies made anyway would take memory that micro-batch's activations need."""
     from rlhf import cpu_linear, rollout as rollout_module
+    from rlhf import sampling_forward  # noqa: F401  (bound to the real memory reading before the fake below)
     from rlhf.update import GradientUpdate
 
     monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)
@@ -862,19 +863,17 @@ def test_the_update_keeps_no_transposes_where_its_longest_micro_batch_needs_the_
 
     monkeypatch.setattr(rollout_module, "sample_responses", half_stop_at_once)
     start = 10 ** 12
-    reads = []
+    told, copies = [], []
 
-    def free_memory():  # the update's start, then half of it once the first forward ran
-        reads.append(1)
-        return start if len(reads) == 1 else start // 2
+    def free_memory():  # until the first micro-batch starts, then half of it once its forward ran
+        return start if not told else start // 2
 
     monkeypatch.setattr(cpu_linear, "available_memory_bytes", free_memory)
-    told, copies = [], []
     real_expect, real_micro_step = cpu_linear.expect_micro_batch, GradientUpdate.micro_step
 
     def expect(positions, largest):
-        told.append((positions, largest))
         real_expect(positions, largest)
+        told.append((positions, largest))
 
     def micro_step(self, *args, **kwargs):
         result = real_micro_step(self, *args, **kwargs)
