@@ -145,6 +145,16 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _gpu_facts() -> dict[str, Any]:
+    """The GPU this process trained on and the most memory PyTorch's CUDA allocator handed out
+    at once (MB); {} where it used none (peak RSS counts host memory only)."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    return {"gpu": torch.cuda.get_device_name(), "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
+
+
 def _summarise(rows: list[dict[str, float]], sequences: int) -> dict[str, Any]:
     step = statistics.median(r["step"] for r in rows)
     return {
@@ -449,6 +459,7 @@ def _child(system: str, config_dict: dict[str, Any], workdir: str, queue: Any) -
             rows, facts = run_ours(system.split("-", 1)[1], config, Path(workdir) / "run")
             result = {**_summarise(rows, config.sequences), **facts}
         result["peak_rss_mb"] = _peak_rss_mb()
+        result.update(_gpu_facts())
         if system in SYSTEMS:  # what this trainer's process got, for the table's note
             result["malloc"] = allocator_in_use()
         queue.put((result, None))

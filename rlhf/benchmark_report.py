@@ -73,6 +73,10 @@ def render_sweep(report: dict[str, Any]) -> str:
                          + "; ".join(_describe_bound(p, roofline[p]) for p in PHASES_WITH_BOUNDS))
         elif "error" in roofline:
             notes.append(f"{length} new tokens: no roofline ({roofline['error']})")
+        on_gpu = {name: result for name, result in run["results"].items() if "peak_gpu_mb" in result}
+        if on_gpu:
+            notes.append(f"{length} new tokens, peak GPU memory (PyTorch's allocator): " + ", ".join(
+                f"{name} {result['peak_gpu_mb']:.0f} MB on {result['gpu']}" for name, result in on_gpu.items()))
         if "floor" in run["results"]:
             floor = run["results"]["floor"]
             notes.append(f"{length} new tokens, floor: " + ", ".join(f"{k} {_number(v)}" for k, v in floor.items()))

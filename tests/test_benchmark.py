@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from conftest import assert_one_line_error, run_script
@@ -29,6 +30,7 @@ def test_length_sweep_of_ours_and_trl_with_roofline_floor_and_profile(tiny_model
             numbers = run["results"][system]
             assert "error" not in numbers, numbers
             assert numbers["steps_measured"] == 1 and numbers["peak_rss_mb"] > 50
+            assert "peak_gpu_mb" not in numbers  # no GPU used
             assert numbers["generation_s"] > 0 and numbers["update_s"] > 0
             assert math.isclose(numbers["samples_per_second"] * numbers["step_time_s"], 4)  # 2 prompts x 2
             # full-length responses in both systems: 4 rows x length tokens each
@@ -155,3 +157,27 @@ def test_bf16_loads_every_systems_weights_in_bfloat16(tiny_model_dir, tmp_path):
     base = trainer.model.get_base_model()
     assert {p.dtype for p in base.parameters() if not p.requires_grad} == {torch.bfloat16}
     assert "bfloat16 in every system" in WEIGHTS_NOTE[True] and "float32" in WEIGHTS_NOTE[False]
+
+
+def test_a_run_on_a_gpu_reports_its_peak_gpu_memory(monkeypatch):
+    """On a GPU peak RSS counts host memory only: each system's process also records the GPU and
+    the most memory PyTorch's allocator handed out, and the table's notes say both."""
+    import torch
+
+    from rlhf import benchmark
+    from rlhf.benchmark_report import render_sweep
+
+    assert benchmark._gpu_facts() == {}  # this machine: no GPU used
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 3 * 2 ** 30)
+    assert benchmark._gpu_facts() == {"gpu": "NVIDIA H100 80GB HBM3", "peak_gpu_mb": 3072.0}
+
+    report = json.loads((Path(__file__).parents[1] / "scripts" / "results" / "sweep.json").read_text())
+    for run in report["runs"]:
+        run["results"]["ours-grpo"].update(gpu="NVIDIA H100 80GB HBM3", peak_gpu_mb=3072.0)
+        run["results"]["trl-grpo"].update(gpu="NVIDIA H100 80GB HBM3", peak_gpu_mb=5120.4)
+    length = report["runs"][0]["max_new_tokens"]
+    assert (f"{length} new tokens, peak GPU memory (PyTorch's allocator): ours-grpo 3072 MB on NVIDIA H100 80GB "
+            "HBM3, trl-grpo 5120 MB on NVIDIA H100 80GB HBM3") in render_sweep(report)
