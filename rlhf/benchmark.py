@@ -274,27 +274,36 @@ def trl_grpo_trainer(config: BenchmarkConfig, output_dir: Path, reward: Any, max
     update per rollout, no KL term, the same LoRA, sampling and learning rate; ``args``: further
     GRPOConfig settings."""
     from peft import LoraConfig
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from rlhf.data import load_prompt_dataset, prompt_text
     from rlhf.models import load_base_model, load_tokenizer
 
     dataset = load_prompt_dataset("builtin:prompts").map(
         lambda row: {"prompt": [{"role": "user", "content": prompt_text(row["prompt"])}]})
-    settings = GRPOConfig(
-        output_dir=str(output_dir), use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
-        bf16=config.bf16, gradient_checkpointing=False, seed=config.seed, max_steps=max_steps,
+    return GRPOTrainer(
+        model=load_base_model(config.model, bf16=config.bf16), reward_funcs=reward,
+        args=trl_grpo_settings(config, output_dir, max_steps, **args), train_dataset=dataset,
+        processing_class=load_tokenizer(config.model),
+        peft_config=LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, target_modules="all-linear",
+                               task_type="CAUSAL_LM"),
+    )
+
+
+def trl_grpo_settings(config: BenchmarkConfig, output_dir: Path, max_steps: int, **args: Any) -> Any:
+    """The GRPOConfig of ``trl_grpo_trainer``: on the GPU where there is one, as our trainer's
+    Accelerator chooses, else the CPU."""
+    import torch
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=str(output_dir), use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no",
+        logging_steps=1, bf16=config.bf16, gradient_checkpointing=False, seed=config.seed, max_steps=max_steps,
         per_device_train_batch_size=config.sequences, generation_batch_size=config.sequences,
         num_generations=config.num_generations, max_completion_length=config.max_new_tokens, temperature=1.0,
         top_p=1.0, top_k=0, learning_rate=config.learning_rate, beta=0.0, num_iterations=1, disable_dropout=True,
         # transformers holds the stop tokens' logits at -inf until max_new_tokens: full-length rows
         generation_kwargs={"min_new_tokens": config.max_new_tokens} if config.full_length else None, **args,
-    )
-    return GRPOTrainer(
-        model=load_base_model(config.model, bf16=config.bf16), reward_funcs=reward, args=settings, train_dataset=dataset,
-        processing_class=load_tokenizer(config.model),
-        peft_config=LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, target_modules="all-linear",
-                               task_type="CAUSAL_LM"),
     )
 
 

@@ -181,3 +181,20 @@ def test_a_run_on_a_gpu_reports_its_peak_gpu_memory(monkeypatch):
     length = report["runs"][0]["max_new_tokens"]
     assert (f"{length} new tokens, peak GPU memory (PyTorch's allocator): ours-grpo 3072 MB on NVIDIA H100 80GB "
             "HBM3, trl-grpo 5120 MB on NVIDIA H100 80GB HBM3") in render_sweep(report)
+
+
+def test_trl_runs_on_the_gpu_where_ours_does(monkeypatch, tmp_path):
+    """Our trainer's Accelerator takes the GPU where there is one; TRL's GRPOTrainer in the
+    benchmark and the learning race must too (it was pinned to the CPU: on a GPU machine the
+    comparison would have set our GPU against TRL on the host's cores)."""
+    import torch
+    import trl
+
+    from rlhf.benchmark import BenchmarkConfig, trl_grpo_settings
+
+    config = BenchmarkConfig(model="random:smollm2-135m", systems=["trl-grpo"])
+    assert trl_grpo_settings(config, tmp_path, 1).use_cpu  # this machine: no GPU
+    # GRPOConfig would take the GPU it is told of at once: the settings it is given are checked
+    monkeypatch.setattr(trl, "GRPOConfig", lambda **settings: settings)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert trl_grpo_settings(config, tmp_path, 1)["use_cpu"] is False
