@@ -276,8 +276,8 @@ def transposed_weights_kept(model: torch.nn.Module) -> Iterator[None]:
     SmolLM2-135M), and then at most half the memory that is free when the first copy is wanted
     (read once, with the first micro-batch's activations in memory, which the start cannot see)
     after setting aside what the update's largest micro-batch will take on top of those, where the
-    update says (``expect_micro_batch``); past that the remaining weights keep the view. The copies are not
-    kept across steps, where sampling needs the memory for its own weight copies.
+    update says (``expect_micro_batch``); past that the remaining weights keep the view. The
+    copies are not kept across steps, where sampling needs the memory for its own weight copies.
 
     A weight changed in place is copied again (its version counter moves); a write through
     ``.data`` moves no counter and is not seen, as with ``inference_linears``' packed copies: the
