@@ -111,6 +111,9 @@ class BenchmarkConfig:
                               f"got {' '.join(map(str, self.grow_generations))}")
         if self.roofline and self.bf16:
             raise ConfigError("roofline measures float32 GEMM rates and counts float32 bytes: drop --bf16 or --roofline")
+        if self.roofline and not self.full_length:
+            raise ConfigError("roofline counts every row decoded to the full length: drop --full_length false or "
+                              "--roofline (rows that end early would do less work than the bound counts)")
         if self.roofline and "ours-grpo" not in self.systems:
             raise ConfigError("roofline measures ours-grpo's phases: add ours-grpo to --systems")
         alone = [name for name in ("floor", "profile", "roofline") if getattr(self, name)]
@@ -137,8 +140,9 @@ class BenchmarkConfig:
 
     @property
     def sweep_lengths(self) -> list[int]:
-        """The response lengths this run measures (derived: --lengths, else max_new_tokens)."""
-        return list(self.lengths or [self.max_new_tokens])
+        """The response lengths this run measures, shortest first, each once (derived: --lengths,
+        else max_new_tokens)."""
+        return sorted(set(self.lengths or [self.max_new_tokens]))
 
 
 def _peak_rss_mb() -> float:
@@ -279,12 +283,16 @@ def trl_grpo_trainer(config: BenchmarkConfig, output_dir: Path, reward: Any, max
     from rlhf.data import load_prompt_dataset, prompt_text
     from rlhf.models import load_base_model, load_tokenizer
 
+    tokenizer = load_tokenizer(config.model)
+    # as ours formats them (rlhf.data.format_prompt): a user message through the chat template, or
+    # the plain text where the tokenizer has none (a base model), which TRL then takes as it is
     dataset = load_prompt_dataset("builtin:prompts").map(
-        lambda row: {"prompt": [{"role": "user", "content": prompt_text(row["prompt"])}]})
+        lambda row: {"prompt": [{"role": "user", "content": prompt_text(row["prompt"])}] if tokenizer.chat_template
+                     else prompt_text(row["prompt"])})
     return GRPOTrainer(
         model=load_base_model(config.model, bf16=config.bf16), reward_funcs=reward,
         args=trl_grpo_settings(config, output_dir, max_steps, **args), train_dataset=dataset,
-        processing_class=load_tokenizer(config.model),
+        processing_class=tokenizer,
         peft_config=LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, target_modules="all-linear",
                                task_type="CAUSAL_LM"),
     )
@@ -607,8 +615,8 @@ def benchmark_to_files(config: BenchmarkConfig) -> tuple[dict[str, Any], str, li
     if config.profile and profile.exists():
         profile.replace(final_profile)
         written.append(output_paths(out)["profile"])
-    elif config.profile:  # its process failed (the report says why): no earlier run's table beside this report
-        final_profile.unlink(missing_ok=True)
+    elif final_profile.is_file():  # no earlier run's table beside this report (its process failed, or no --profile)
+        final_profile.unlink()
     if config.learning:
         settle_runs(out)  # the earlier race's runs go
     return report, table, written
@@ -629,9 +637,12 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
     take back if nothing gets written."""
     from rlhf.config import RLConfig
     from rlhf.cpu_linear import use_onednn
-    from rlhf.learning_race import runs_dir
+    from rlhf.learning_race import holds_another_folder, runs_dir
 
     out = Path(config.out)
+    if not out.name or out.name == "..":  # "", ".", "/", "..": a folder, where the JSON would be a file
+        raise ConfigError(f"--out {config.out!r} names a folder, not the JSON file the results go to "
+                          "(e.g. --out bench.json)")
     if out.suffix.lower() in (".md", ".png"):
         raise ConfigError(f"--out names the JSON results, and the table (.md) and plot (.png) go beside it: "
                           f"give it another suffix than {out.suffix} (e.g. {out.with_name(out.stem + '.json')})")
@@ -641,6 +652,18 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
     runs = runs_dir(out)
     if config.learning and runs.exists() and not runs.is_dir():
         raise ConfigError(f"--out {out}: {runs} is a file, where the race keeps its runs; choose another --out")
+    if config.learning and holds_another_folder(out):
+        raise ConfigError(f"--out {out}: {runs} holds files that are not an earlier race's runs, and the race "
+                          "would replace that folder; move it or choose another --out")
+    if config.roofline and torch_cuda_available():
+        raise ConfigError("roofline measures this machine's CPU (fp32 GEMM rates, memory bandwidth), and here the "
+                          "systems train on the GPU: drop --roofline")
+    if config.learning or ("trl-grpo" in config.systems and not config.grow):
+        prompts = len(builtin_train_prompts())
+        if config.prompts_per_step > prompts:  # TRL's sampler drops an incomplete batch: no step at all
+            raise ConfigError(f"prompts_per_step {config.prompts_per_step} is more than the {prompts} prompts of "
+                              "builtin:prompts, and TRL's GRPOTrainer takes a step's prompts without repeating any "
+                              "(it would train no step): choose a smaller --prompts_per_step")
     existing = next(folder for folder in (out.parent, *out.parent.parents) if folder.exists())
     if not existing.is_dir():
         raise ConfigError(f"--out {out}: {existing} is a file, not a folder")
@@ -669,6 +692,19 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
             shutil.rmtree(made, ignore_errors=True)
         raise ConfigError(f"--out {out}: cannot write in {folder} ({exc.strerror or exc})") from None
     return made
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def builtin_train_prompts() -> Any:
+    """The prompts every system trains on (builtin:prompts' train split)."""
+    from rlhf.data import load_prompt_dataset
+
+    return load_prompt_dataset("builtin:prompts")
 
 
 def output_paths(out: Path) -> dict[str, Path]:

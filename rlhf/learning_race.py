@@ -267,6 +267,20 @@ def settle_runs(out: Path) -> None:
         shutil.rmtree(runs, ignore_errors=True)
 
 
+def holds_another_folder(out: Path) -> bool:
+    """Whether the runs folder of a race at ``out`` is there and not a race's: files in it, no race
+    id, and no race's report at ``out`` (races written before ids left no id file). A race would
+    set it aside and then delete it, so ``check_inputs`` refuses it instead."""
+    runs = runs_dir(out)
+    if not runs.is_dir() or (runs / RACE_ID_FILE).exists() or not any(runs.iterdir()):
+        return False
+    try:
+        report = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(report, dict) and report.get("kind") == "learning")
+
+
 def _race_id(runs: Path) -> str | None:
     try:
         return (runs / RACE_ID_FILE).read_text().strip() or None

@@ -134,6 +134,7 @@ def test_benchmark_unknown_system_exits_2(tmp_path, run_here):
     (["--roofline", "--systems", "trl-grpo"], "add ours-grpo to --systems"),
     (["--grow", "--roofline"], "grow times our GRPO alone: drop --roofline"),
     (["--bf16", "--roofline"], "roofline measures float32 GEMM rates"),
+    (["--roofline", "--full_length", "false"], "roofline counts every row decoded to the full length"),
 ])
 def test_bad_benchmark_input_is_one_line_and_exit_2(args, message, tmp_path, run_here):
     result = run_here("benchmark.py", *args, "--out", str(tmp_path / "b.json"))
@@ -198,3 +199,33 @@ def test_trl_runs_on_the_gpu_where_ours_does(monkeypatch, tmp_path):
     monkeypatch.setattr(trl, "GRPOConfig", lambda **settings: settings)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert trl_grpo_settings(config, tmp_path, 1)["use_cpu"] is False
+
+
+def test_trl_gets_plain_text_prompts_where_the_tokenizer_has_no_chat_template(tiny_model_dir, tmp_path):
+    """Ours formats a prompt as plain text for a base model's tokenizer (no chat template); TRL was
+    always given chat messages, so its row failed ('Cannot use chat template functions ...')."""
+    import shutil
+
+    from rlhf.benchmark import BenchmarkConfig, trl_grpo_trainer
+    from rlhf.data import format_prompt
+    from rlhf.models import load_tokenizer
+
+    def first_prompt(model):
+        config = BenchmarkConfig(model=str(model), systems=["trl-grpo"], max_new_tokens=2, prompts_per_step=1,
+                                 num_generations=2)
+        def reward(prompts, completions, **kwargs):
+            return [0.0] * len(prompts)
+        trainer = trl_grpo_trainer(config, tmp_path / model.name, reward, 1)
+        return trainer.train_dataset[0]["prompt"]
+    assert load_tokenizer(str(tiny_model_dir)).chat_template
+    assert first_prompt(tiny_model_dir)[0]["role"] == "user"
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    settings = json.loads((base / "tokenizer_config.json").read_text())
+    settings.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(settings))
+    tokenizer = load_tokenizer(str(base))
+    assert not tokenizer.chat_template
+    prompt = first_prompt(base)
+    assert isinstance(prompt, str) and prompt == format_prompt(prompt, tokenizer)

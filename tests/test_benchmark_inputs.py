@@ -411,3 +411,87 @@ def _parent_of(pid: int) -> int:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return -1
+
+
+def test_a_race_never_replaces_a_folder_of_someone_elses_files_named_like_its_runs(tmp_path, tiny_model_dir):
+    """A race sets an earlier race's runs aside and deletes them once its report is written; a
+    folder of the user's own at <stem>-runs was deleted the same way (found by a stranger's review)."""
+    from rlhf import learning_race
+
+    out = tmp_path / "race.json"
+    mine = learning_race.runs_dir(out)
+    mine.mkdir()
+    (mine / "mydata.txt").write_text("precious")
+    config = BenchmarkConfig(learning=True, seconds=1, model=str(tiny_model_dir), out=str(out))
+    with pytest.raises(ConfigError, match="race-runs holds files that are not an earlier race's runs"):
+        benchmark_to_files(config)
+    assert (mine / "mydata.txt").read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "race-runs"]
+    out.write_text('{"kind": "sweep"}')  # a report, but not a race's
+    with pytest.raises(ConfigError, match="not an earlier race's runs"):
+        check_inputs(config)
+    (mine / "mydata.txt").unlink()  # an empty folder holds nothing to lose
+    check_inputs(config)
+    (mine / "mydata.txt").write_text("")
+    (mine / learning_race.RACE_ID_FILE).write_text("A")  # a race's runs, whatever the report
+    check_inputs(config)
+    (mine / learning_race.RACE_ID_FILE).unlink()
+    out.write_text('{"kind": "learning"}')  # a race written before race ids: its runs carry none
+    check_inputs(config)
+
+
+def test_the_roofline_is_refused_where_the_systems_would_train_on_a_gpu(tmp_path, tiny_model_dir, monkeypatch):
+    """The roofline measures the CPU; on a GPU machine it would set GPU phase times against CPU limits."""
+    import torch
+
+    config = _config(tmp_path, model=str(tiny_model_dir), roofline=True)
+    check_inputs(config)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="roofline measures this machine's CPU .* train on the GPU"):
+        check_inputs(config)
+    check_inputs(_config(tmp_path, model=str(tiny_model_dir)))
+
+
+def test_more_prompts_per_step_than_trl_can_draw_is_refused_up_front(tmp_path, tiny_model_dir):
+    """TRL's sampler drops an incomplete batch of prompts: with more prompts per step than the
+    built-in set it trained no step and the table showed 'StatisticsError: no median for empty data'."""
+    prompts = len(benchmark.builtin_train_prompts())
+    model = str(tiny_model_dir)
+    with pytest.raises(ConfigError, match=f"prompts_per_step {prompts + 1} is more than the {prompts} prompts"):
+        check_inputs(_config(tmp_path, model=model, systems=["ours-grpo", "trl-grpo"], prompts_per_step=prompts + 1))
+    with pytest.raises(ConfigError, match="is more than"):
+        check_inputs(_config(tmp_path, model=model, learning=True, systems=["ours-grpo"], prompts_per_step=prompts + 1))
+    check_inputs(_config(tmp_path, model=model, systems=["ours-grpo", "trl-grpo"], prompts_per_step=prompts))
+    check_inputs(_config(tmp_path, model=model, prompts_per_step=prompts + 1))  # ours cycles through them
+    check_inputs(_config(tmp_path, model=model, grow=True, systems=list(benchmark.SYSTEMS),
+                         prompts_per_step=prompts + 1))  # --grow runs ours alone
+
+
+@pytest.mark.parametrize("out", ["", ".", "/", ".."])
+def test_an_out_that_names_a_folder_is_one_line_and_exit_2(out, run_here):
+    result = run_here("benchmark.py", "--systems", "ours-grpo", "--out", out)
+    assert_one_line_error(result, "names a folder, not the JSON file the results go to")
+
+
+def test_an_earlier_runs_profile_does_not_stay_beside_a_report_without_one(tmp_path, tiny_model_dir, monkeypatch):
+    _written_plainly(monkeypatch)
+    out = tmp_path / "b.json"
+    stale = benchmark.output_paths(out)["profile"]
+    stale.write_text("an earlier run's op table")
+    monkeypatch.setattr(benchmark, "run_sweep", lambda config, model_path: {
+        "kind": "sweep", "runs": [{"results": {"ours-grpo": {"step_time_s": 1.0}}}]})
+
+    def failing(config, model_path):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patched:
+        patched.setattr(benchmark, "run_sweep", failing)
+        with pytest.raises(KeyboardInterrupt):
+            benchmark_to_files(_config(tmp_path, model=str(tiny_model_dir), out=str(out)))
+    assert stale.read_text() == "an earlier run's op table"  # a run that wrote no report keeps it
+    benchmark_to_files(_config(tmp_path, model=str(tiny_model_dir), out=str(out)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]
+
+
+def test_lengths_run_shortest_first_each_once():
+    assert BenchmarkConfig(lengths=[6, 2, 6]).sweep_lengths == [2, 6]
+    assert BenchmarkConfig(max_new_tokens=5).sweep_lengths == [5]
