@@ -695,6 +695,7 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
 
 
 def torch_cuda_available() -> bool:
+    """Whether the systems would train on a GPU here (our Accelerator and TRL's take one where there is one)."""
     import torch
 
     return torch.cuda.is_available()

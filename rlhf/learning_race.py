@@ -268,9 +268,10 @@ def settle_runs(out: Path) -> None:
 
 
 def holds_another_folder(out: Path) -> bool:
-    """Whether the runs folder of a race at ``out`` is there and not a race's: files in it, no race
-    id, and no race's report at ``out`` (races written before ids left no id file). A race would
-    set it aside and then delete it, so ``check_inputs`` refuses it instead."""
+    """Whether the runs folder of a race at ``out`` is there and not a race's: files in it and no
+    race id, unless the report at ``out`` is a race's written before race ids (its runs carry
+    none). A race would set such a folder aside and then delete it (``settle_runs``), so
+    ``check_inputs`` refuses it instead."""
     runs = runs_dir(out)
     if not runs.is_dir() or (runs / RACE_ID_FILE).exists() or not any(runs.iterdir()):
         return False
@@ -278,7 +279,7 @@ def holds_another_folder(out: Path) -> bool:
         report = json.loads(out.read_text())
     except (OSError, ValueError):
         return True
-    return not (isinstance(report, dict) and report.get("kind") == "learning")
+    return not (isinstance(report, dict) and report.get("kind") == "learning" and "race_id" not in report)
 
 
 def _race_id(runs: Path) -> str | None:

@@ -427,9 +427,10 @@ def test_a_race_never_replaces_a_folder_of_someone_elses_files_named_like_its_ru
         benchmark_to_files(config)
     assert (mine / "mydata.txt").read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == [
         "race-runs"]
-    out.write_text('{"kind": "sweep"}')  # a report, but not a race's
-    with pytest.raises(ConfigError, match="not an earlier race's runs"):
-        check_inputs(config)
+    for report in ('{"kind": "sweep"}', '{"kind": "learning", "race_id": "A"}'):  # not a race's; a race's with ids
+        out.write_text(report)
+        with pytest.raises(ConfigError, match="not an earlier race's runs"):
+            check_inputs(config)
     (mine / "mydata.txt").unlink()  # an empty folder holds nothing to lose
     check_inputs(config)
     (mine / "mydata.txt").write_text("")
