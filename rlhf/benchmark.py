@@ -364,7 +364,7 @@ def run_floor(config: BenchmarkConfig) -> dict[str, float]:
     prompts) on one batch of the benchmark's shape: what a step costs done the ordinary way."""
     import torch
 
-    from rlhf.data import format_prompt, load_prompt_dataset
+    from rlhf.data import adds_special_tokens, format_prompt, load_prompt_dataset
     from rlhf.models import PolicyWithValue, add_lora, load_base_model, load_tokenizer, stop_token_ids
     from rlhf.rollout import Rollout, forward_response, response_mask
 
@@ -376,7 +376,7 @@ def run_floor(config: BenchmarkConfig) -> dict[str, float]:
     prompts = load_prompt_dataset("builtin:prompts")["prompt"][:config.prompts_per_step]
     texts = [format_prompt(p, tokenizer) for p in prompts for _ in range(config.num_generations)]
 
-    encoded = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+    encoded = tokenizer(texts, padding=True, add_special_tokens=adds_special_tokens(tokenizer), return_tensors="pt")
 
     def generate() -> Any:
         """transformers' own generate on the LoRA model, as anyone would call it."""
@@ -611,12 +611,15 @@ def benchmark_to_files(config: BenchmarkConfig) -> tuple[dict[str, Any], str, li
         if made is not None and not any(path.is_file() for path in made.rglob("*")):
             shutil.rmtree(made, ignore_errors=True)
         raise
-    final_profile = through_link(output_paths(out)["profile"])
+    profile_path = output_paths(out)["profile"]
+    final_profile = through_link(profile_path)
     if config.profile and profile.exists():
         profile.replace(final_profile)
-        written.append(output_paths(out)["profile"])
-    elif final_profile.is_file():  # no earlier run's table beside this report (its process failed, or no --profile)
-        final_profile.unlink()
+        written.append(profile_path)
+    elif config.profile:  # its process failed (the report says why): no earlier run's table beside this report
+        final_profile.unlink(missing_ok=True)
+    elif profile_path.is_file() and not profile_path.is_symlink():  # an earlier run's table (a link made there stays)
+        profile_path.unlink()
     if config.learning:
         settle_runs(out)  # the earlier race's runs go
     return report, table, written
@@ -650,10 +653,13 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
     if taken:
         raise ConfigError(f"--out {out}: {taken[0]} is a folder, where the run would write a file; choose another --out")
     runs = runs_dir(out)
+    if config.learning and runs.is_symlink():  # the race renames and deletes its runs folder: never a link's target
+        raise ConfigError(f"--out {out}: {runs} is a link, where the race keeps its runs in a folder of its own; "
+                          "remove it or choose another --out")
     if config.learning and runs.exists() and not runs.is_dir():
         raise ConfigError(f"--out {out}: {runs} is a file, where the race keeps its runs; choose another --out")
     if config.learning and holds_another_folder(out):
-        raise ConfigError(f"--out {out}: {runs} holds files that are not an earlier race's runs, and the race "
+        raise ConfigError(f"--out {out}: {runs} is not empty and holds no earlier race's runs, and the race "
                           "would replace that folder; move it or choose another --out")
     if config.roofline and torch_cuda_available():
         raise ConfigError("roofline measures this machine's CPU (fp32 GEMM rates, memory bandwidth), and here the "

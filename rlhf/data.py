@@ -210,6 +210,14 @@ def _is_valid_prompt(prompt: Any) -> bool:
     )
 
 
+def adds_special_tokens(tokenizer: Any) -> bool:
+    """Whether a prompt's text (``format_prompt``'s) is tokenised with the tokenizer's own special
+    tokens (a base model's BOS): plain text is, as TRL and transformers tokenise a prompt that is
+    not a chat; a chat template writes its special tokens into the text itself, which is then
+    tokenised as it is (a second BOS otherwise)."""
+    return not tokenizer.chat_template
+
+
 def format_prompt(prompt: str | list[dict[str, str]], tokenizer: Any) -> str:
     """Text the policy sees: the chat template with a generation prompt when the tokenizer has
     one (plain strings become one user message), else the raw string.
@@ -304,7 +312,8 @@ def check_prompt_lengths(dataset: datasets.Dataset, tokenizer: Any, config: Any,
         lengths = [episodes.prompt_length(row, config.prompt_column) for row in dataset]
     else:
         texts = [format_prompt(p, tokenizer) for p in dataset[config.prompt_column]]
-        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        encoded = tokenizer(texts, add_special_tokens=adds_special_tokens(tokenizer))["input_ids"]
+        lengths = [len(ids) for ids in encoded]
     too_long = [i for i, length in enumerate(lengths) if length > config.max_prompt_length]
     if not too_long:
         return

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rlhf.data import adds_special_tokens
 from rlhf.kv_cache import (decode_steps_take_attention_mask, forward_returns_cache, kv_cache_bytes, preallocated,
                             rows_selectable)
 from rlhf.models import PolicyWithValue, shared_prompt_cache, stop_token_ids
@@ -190,10 +191,10 @@ def generate_rollout(
     """
     device = next(policy.parameters()).device
     stops = eos_token_ids if eos_token_ids is not None else stop_token_ids(policy, tokenizer)
-    tokenizer.truncation_side = "left"
+    tokenizer.truncation_side = "left"  # a BOS stays first: truncation cuts the text, then adds it
     encoded = tokenizer(
         prompt_texts, padding=True, truncation=True, max_length=max_prompt_length,
-        add_special_tokens=False, return_tensors="pt",
+        add_special_tokens=adds_special_tokens(tokenizer), return_tensors="pt",
     ).to(device)
     if not forward_returns_cache(policy):
         # The model keeps its state (RecurrentGemma) or returns it under its own name (RWKV): its own

@@ -209,6 +209,52 @@ def test_tokenizer_without_pad_or_unk_pads_with_eos_and_masks_stay_right(tmp_pat
         len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 
+def test_a_base_models_prompts_start_with_its_bos_as_trl_tokenises_them(tiny_model_dir, tmp_path):
+    """A tokenizer without a chat template (a base model: Llama-2, Mistral, Gemma) that adds a BOS:
+    TRL and transformers tokenise a plain-text prompt with it, and the model was trained so; ours
+    tokenised every prompt without special tokens and the BOS was missing. A chat template writes
+    its own BOS into the text, which keeps being tokenised as it is."""
+    import shutil
+
+    from datasets import Dataset
+
+    from rlhf.config import RLConfig
+    from rlhf.data import check_prompt_lengths
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    tokenizer = load_tokenizer(str(base))
+    tokenizer.chat_template, tokenizer.add_bos_token = None, True
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer.save_pretrained(base)
+    tokenizer = load_tokenizer(str(base))
+    bos = tokenizer.bos_token_id
+    assert not tokenizer.chat_template
+    assert tokenizer("Hi")["input_ids"] == [bos, *tokenizer("Hi", add_special_tokens=False)["input_ids"]]
+    texts = [format_prompt(p, tokenizer) for p in PROMPTS]
+    assert texts == PROMPTS  # plain text
+    torch.manual_seed(0)
+    rollout = generate_rollout(load_base_model(str(base)).eval(), tokenizer, texts, prompts=PROMPTS,
+                               group_ids=list(range(len(texts))), columns={}, max_prompt_length=64, max_new_tokens=2,
+                               temperature=1.0, top_p=1.0)
+    prompt_width = rollout.input_ids.shape[1] - rollout.response_length
+    for row, text in enumerate(texts):
+        kept = rollout.input_ids[row, :prompt_width][rollout.attention_mask[row, :prompt_width].bool()].tolist()
+        assert kept == tokenizer(text)["input_ids"] and kept[0] == bos  # TRL: processing_class(text=prompts)
+    # max_prompt_length counts the BOS too: a prompt of exactly that many tokens with it is cut
+    longest = max(len(tokenizer(text)["input_ids"]) for text in texts)
+    config = RLConfig(model_name_or_path=str(base), max_prompt_length=longest - 1, prompt_overflow="error")
+    with pytest.raises(Exception, match="longer than max_prompt_length"):
+        check_prompt_lengths(Dataset.from_dict({"prompt": PROMPTS}), tokenizer, config, "prompts", warn=False)
+    templated = load_tokenizer(str(tiny_model_dir))  # with a template: no second BOS from the tokenizer
+    templated.add_bos_token = True
+    text = format_prompt(PROMPTS[0], templated)
+    rollout = generate_rollout(load_base_model(str(tiny_model_dir)).eval(), templated, [text], prompts=PROMPTS[:1],
+                               group_ids=[0], columns={}, max_prompt_length=256, max_new_tokens=1, temperature=1.0,
+                               top_p=1.0)
+    assert rollout.input_ids[0, :-1].tolist() == templated(text, add_special_tokens=False)["input_ids"]
+
+
 # ---------------------------------------------------------------------------- chat templates
 
 

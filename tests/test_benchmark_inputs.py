@@ -423,13 +423,13 @@ def test_a_race_never_replaces_a_folder_of_someone_elses_files_named_like_its_ru
     mine.mkdir()
     (mine / "mydata.txt").write_text("precious")
     config = BenchmarkConfig(learning=True, seconds=1, model=str(tiny_model_dir), out=str(out))
-    with pytest.raises(ConfigError, match="race-runs holds files that are not an earlier race's runs"):
+    with pytest.raises(ConfigError, match="race-runs is not empty and holds no earlier race's runs"):
         benchmark_to_files(config)
     assert (mine / "mydata.txt").read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == [
         "race-runs"]
     for report in ('{"kind": "sweep"}', '{"kind": "learning", "race_id": "A"}'):  # not a race's; a race's with ids
         out.write_text(report)
-        with pytest.raises(ConfigError, match="not an earlier race's runs"):
+        with pytest.raises(ConfigError, match="holds no earlier race's runs"):
             check_inputs(config)
     (mine / "mydata.txt").unlink()  # an empty folder holds nothing to lose
     check_inputs(config)
@@ -439,6 +439,13 @@ def test_a_race_never_replaces_a_folder_of_someone_elses_files_named_like_its_ru
     (mine / learning_race.RACE_ID_FILE).unlink()
     out.write_text('{"kind": "learning"}')  # a race written before race ids: its runs carry none
     check_inputs(config)
+    shutil.rmtree(mine)
+    for target in (tmp_path / "nowhere", tmp_path / "empty"):  # a link there: the race would rename and delete it
+        mine.symlink_to(target)
+        with pytest.raises(ConfigError, match="race-runs is a link"):
+            check_inputs(config)
+        mine.unlink()
+        (tmp_path / "empty").mkdir(exist_ok=True)
 
 
 def test_the_roofline_is_refused_where_the_systems_would_train_on_a_gpu(tmp_path, tiny_model_dir, monkeypatch):
@@ -491,6 +498,11 @@ def test_an_earlier_runs_profile_does_not_stay_beside_a_report_without_one(tmp_p
     assert stale.read_text() == "an earlier run's op table"  # a run that wrote no report keeps it
     benchmark_to_files(_config(tmp_path, model=str(tiny_model_dir), out=str(out)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]
+    (tmp_path / "keep").mkdir()  # a link the user put there, to a file of theirs: both stay
+    (tmp_path / "keep" / "mine.txt").write_text("mine")
+    stale.symlink_to(tmp_path / "keep" / "mine.txt")
+    benchmark_to_files(_config(tmp_path, model=str(tiny_model_dir), out=str(out)))
+    assert stale.is_symlink() and (tmp_path / "keep" / "mine.txt").read_text() == "mine"
 
 
 def test_lengths_run_shortest_first_each_once():
