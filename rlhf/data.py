@@ -9,7 +9,7 @@ from typing import Any
 import datasets
 import torch
 
-from rlhf.errors import DataError
+from rlhf.errors import ConfigError, DataError
 from rlhf.paths import looks_local
 
 # Package data lives in rlhf/data/ next to this module (a plain folder, not a package).
@@ -218,6 +218,16 @@ def adds_special_tokens(tokenizer: Any) -> bool:
     return not tokenizer.chat_template
 
 
+def check_room_for_prompt(tokenizer: Any, max_prompt_length: int) -> None:
+    """ConfigError where ``max_prompt_length`` holds no more than the special tokens the tokenizer
+    adds to a plain-text prompt (``adds_special_tokens``): transformers cannot cut a prompt below
+    them and then passes it whole, uncut, or keeps only them."""
+    special = tokenizer.num_special_tokens_to_add() if adds_special_tokens(tokenizer) else 0
+    if max_prompt_length <= special:
+        raise ConfigError(f"max_prompt_length {max_prompt_length} leaves no room for a prompt: the tokenizer adds "
+                          f"{special} special token(s) (its BOS/EOS) to each one; raise max_prompt_length")
+
+
 def format_prompt(prompt: str | list[dict[str, str]], tokenizer: Any) -> str:
     """Text the policy sees: the chat template with a generation prompt when the tokenizer has
     one (plain strings become one user message), else the raw string.
@@ -308,6 +318,7 @@ def check_prompt_lengths(dataset: datasets.Dataset, tokenizer: Any, config: Any,
     the tools' schemas the chat template writes into them."""
     import warnings
 
+    check_room_for_prompt(tokenizer, config.max_prompt_length)
     if episodes is not None:
         lengths = [episodes.prompt_length(row, config.prompt_column) for row in dataset]
     else:

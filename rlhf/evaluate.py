@@ -32,7 +32,7 @@ import torch
 from rlhf.adapters import ADAPTER_WEIGHTS, INIT_ADAPTER_DIR
 from rlhf.algorithms import kl_penalty
 from rlhf.config import check_episode_limits
-from rlhf.data import BUILTIN_PREFIX, format_prompt, load_prompt_dataset
+from rlhf.data import BUILTIN_PREFIX, check_room_for_prompt, format_prompt, load_prompt_dataset
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.rollout import Rollout, forward_response, generate_rollout, sampling_cache_bytes, sampling_speedups
 from rlhf.run_settings import EpisodeSettings, evaluation_reward
@@ -384,6 +384,7 @@ def evaluate(
                  chat_template_kwargs=chat_template_kwargs)
     episode_settings = EpisodeSettings.resolve(given, candidates)
     episodes = episode_settings.build(tokenizer)  # before any model loads: a bad tool spec fails fast
+    check_room_for_prompt(tokenizer, max_prompt_length)
     if episodes is not None:
         accelerator.print(f"episodes: {episode_settings.describe()} ({episode_settings.source})")
         # the tools' schemas sit in the rendered prompt: a cut one loses its system message first

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, build_tiny_model
+from conftest import FIXTURES, assert_one_line_error, build_tiny_model, tiny_args
 from transformers import GenerationConfig
 
 from rlhf.cli import ALGORITHM_DEFAULTS
@@ -209,7 +209,7 @@ def test_tokenizer_without_pad_or_unk_pads_with_eos_and_masks_stay_right(tmp_pat
         len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 
-def test_a_base_models_prompts_start_with_its_bos_as_trl_tokenises_them(tiny_model_dir, tmp_path):
+def test_a_base_models_prompts_start_with_its_bos_as_trl_tokenises_them(tiny_model_dir, tmp_path, run_here):
     """A tokenizer without a chat template (a base model: Llama-2, Mistral, Gemma) that adds a BOS:
     TRL and transformers tokenise a plain-text prompt with it, and the model was trained so; ours
     tokenised every prompt without special tokens and the BOS was missing. A chat template writes
@@ -246,6 +246,15 @@ def test_a_base_models_prompts_start_with_its_bos_as_trl_tokenises_them(tiny_mod
     config = RLConfig(model_name_or_path=str(base), max_prompt_length=longest - 1, prompt_overflow="error")
     with pytest.raises(Exception, match="longer than max_prompt_length"):
         check_prompt_lengths(Dataset.from_dict({"prompt": PROMPTS}), tokenizer, config, "prompts", warn=False)
+    # a limit that holds only the BOS: transformers cannot cut below it and would pass prompts whole
+    result = run_here("train_grpo.py", *tiny_args(base, tmp_path / "run", "--max_prompt_length", "1"))
+    assert_one_line_error(result, "max_prompt_length 1 leaves no room for a prompt: the tokenizer adds 1 special")
+    assert not [path for path in (tmp_path / "run").rglob("*") if path.is_file()]  # nothing written
+    assert run_here("train_grpo.py", *tiny_args(base, tmp_path / "trained", "--max_steps", "1")).returncode == 0
+    result = run_here("evaluate.py", "--checkpoints", str(tmp_path / "trained" / "final"), "--num_prompts", "2",
+                      "--num_samples", "1", "--max_new_tokens", "2", "--max_prompt_length", "1",
+                      "--output_dir", str(tmp_path / "eval"))
+    assert_one_line_error(result, "max_prompt_length 1 leaves no room for a prompt")
     templated = load_tokenizer(str(tiny_model_dir))  # with a template: no second BOS from the tokenizer
     templated.add_bos_token = True
     text = format_prompt(PROMPTS[0], templated)
