@@ -222,7 +222,8 @@ def check_room_for_prompt(tokenizer: Any, max_prompt_length: int) -> None:
     """ConfigError where ``max_prompt_length`` holds no more than the special tokens the tokenizer
     adds to a plain-text prompt (``adds_special_tokens``): transformers cannot cut a prompt below
     them and then passes it whole, uncut, or keeps only them."""
-    special = tokenizer.num_special_tokens_to_add() if adds_special_tokens(tokenizer) else 0
+    count = getattr(tokenizer, "num_special_tokens_to_add", None)  # tokenizers have it (a processor may not)
+    special = count() if count is not None and adds_special_tokens(tokenizer) else 0
     if max_prompt_length <= special:
         raise ConfigError(f"max_prompt_length {max_prompt_length} leaves no room for a prompt: the tokenizer adds "
                           f"{special} special token(s) (its BOS/EOS) to each one; raise max_prompt_length")
