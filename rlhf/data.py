@@ -311,6 +311,12 @@ class PromptSampler:
         self.position = int(state["position"])
 
 
+def prompt_token_lengths(prompts: list[Any], tokenizer: Any) -> list[int]:
+    """Tokens of each prompt as the rollout feeds it (``format_prompt``, then ``adds_special_tokens``)."""
+    texts = [format_prompt(prompt, tokenizer) for prompt in prompts]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=adds_special_tokens(tokenizer))["input_ids"]]
+
+
 def check_prompt_lengths(dataset: datasets.Dataset, tokenizer: Any, config: Any, name: str, warn: bool,
                          episodes: Any = None) -> None:
     """Count prompts that max_prompt_length cuts (their beginning would silently disappear):
@@ -323,9 +329,7 @@ def check_prompt_lengths(dataset: datasets.Dataset, tokenizer: Any, config: Any,
     if episodes is not None:
         lengths = [episodes.prompt_length(row, config.prompt_column) for row in dataset]
     else:
-        texts = [format_prompt(p, tokenizer) for p in dataset[config.prompt_column]]
-        encoded = tokenizer(texts, add_special_tokens=adds_special_tokens(tokenizer))["input_ids"]
-        lengths = [len(ids) for ids in encoded]
+        lengths = prompt_token_lengths(dataset[config.prompt_column], tokenizer)
     too_long = [i for i, length in enumerate(lengths) if length > config.max_prompt_length]
     if not too_long:
         return

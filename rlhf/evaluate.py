@@ -32,7 +32,7 @@ import torch
 from rlhf.adapters import ADAPTER_WEIGHTS, INIT_ADAPTER_DIR
 from rlhf.algorithms import kl_penalty
 from rlhf.config import check_episode_limits
-from rlhf.data import BUILTIN_PREFIX, check_room_for_prompt, format_prompt, load_prompt_dataset
+from rlhf.data import BUILTIN_PREFIX, check_room_for_prompt, format_prompt, load_prompt_dataset, prompt_token_lengths
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.rollout import Rollout, forward_response, generate_rollout, sampling_cache_bytes, sampling_speedups
 from rlhf.run_settings import EpisodeSettings, evaluation_reward
@@ -385,15 +385,19 @@ def evaluate(
     episode_settings = EpisodeSettings.resolve(given, candidates)
     episodes = episode_settings.build(tokenizer)  # before any model loads: a bad tool spec fails fast
     check_room_for_prompt(tokenizer, max_prompt_length)
+    evaluated = prompts.select(range(count))
     if episodes is not None:
         accelerator.print(f"episodes: {episode_settings.describe()} ({episode_settings.source})")
         # the tools' schemas sit in the rendered prompt: a cut one loses its system message first
-        lengths = [episodes.prompt_length(row, prompt_column) for row in prompts.select(range(count))]
-        too_long = sum(length > max_prompt_length for length in lengths)
-        if too_long and accelerator.is_main_process:
-            warnings.warn(f"{too_long} of {count} prompts are longer than max_prompt_length {max_prompt_length} tokens "
-                          f"once the tools are rendered into them (longest {max(lengths)}) and lose their beginning; "
-                          "raise --max_prompt_length", stacklevel=2)
+        lengths = [episodes.prompt_length(row, prompt_column) for row in evaluated]
+    else:
+        lengths = prompt_token_lengths(evaluated[prompt_column], tokenizer)
+    too_long = sum(length > max_prompt_length for length in lengths)
+    if too_long and accelerator.is_main_process:  # the rollout keeps each one's end (left truncation)
+        rendered = " once the tools are rendered into them" if episodes is not None else ""
+        warnings.warn(f"{too_long} of {count} prompts are longer than max_prompt_length {max_prompt_length} tokens"
+                      f"{rendered} (longest {max(lengths)}) and lose their beginning; raise --max_prompt_length",
+                      stacklevel=2)
     reward, reward_settings = evaluation_reward(candidates, reward_funcs, reward_weights, reward_kwargs, episodes,
                                                 accelerator.device)
     if reward_settings["reward_source"] != "given":

@@ -190,6 +190,19 @@ def test_refuses_to_overwrite_a_report(adapters, tmp_path, run_here):
     assert (out / "report.json").read_text() == "{}"
 
 
+def test_prompts_cut_by_max_prompt_length_are_announced(adapters, tmp_path, run_here):
+    """Training warns when max_prompt_length cuts prompts (their beginning goes); the evaluation
+    only did so for tool episodes and cut plain prompts silently."""
+    result = run_here("evaluate.py", "--checkpoints", str(adapters["final"]), "--output_dir", str(tmp_path / "out"),
+                      "--num_prompts", "2", "--num_samples", "1", "--max_new_tokens", "2", "--reward_funcs", REWARD,
+                      "--max_prompt_length", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 of 2 prompts are longer than max_prompt_length 4 tokens (longest" in result.stderr
+    result = run_here("evaluate.py", "--checkpoints", str(adapters["final"]), "--output_dir", str(tmp_path / "out2"),
+                      "--num_prompts", "2", "--num_samples", "1", "--max_new_tokens", "2", "--reward_funcs", REWARD)
+    assert result.returncode == 0 and "longer than max_prompt_length" not in result.stderr
+
+
 @pytest.mark.parametrize("case", ["missing_dir", "other_base", "empty_dataset", "malformed_row", "unknown_reward",
                                   "no_checkpoints", "bad_flag"])
 def test_bad_input_exits_2_with_one_line(case, adapters, tiny_model_dir, tmp_path, run_here):
