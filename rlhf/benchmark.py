@@ -280,13 +280,13 @@ def trl_grpo_trainer(config: BenchmarkConfig, output_dir: Path, reward: Any, max
     from peft import LoraConfig
     from trl import GRPOTrainer
 
-    from rlhf.data import load_prompt_dataset, prompt_text
+    from rlhf.data import prompt_text
     from rlhf.models import load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
     # as ours formats them (rlhf.data.format_prompt): a user message through the chat template, or
     # the plain text where the tokenizer has none (a base model), which TRL then takes as it is
-    dataset = load_prompt_dataset("builtin:prompts").map(
+    dataset = builtin_train_prompts().map(
         lambda row: {"prompt": [{"role": "user", "content": prompt_text(row["prompt"])}] if tokenizer.chat_template
                      else prompt_text(row["prompt"])})
     return GRPOTrainer(
@@ -364,7 +364,7 @@ def run_floor(config: BenchmarkConfig) -> dict[str, float]:
     prompts) on one batch of the benchmark's shape: what a step costs done the ordinary way."""
     import torch
 
-    from rlhf.data import adds_special_tokens, format_prompt, load_prompt_dataset
+    from rlhf.data import adds_special_tokens, format_prompt
     from rlhf.models import PolicyWithValue, add_lora, load_base_model, load_tokenizer, stop_token_ids
     from rlhf.rollout import Rollout, forward_response, response_mask
 
@@ -373,7 +373,7 @@ def run_floor(config: BenchmarkConfig) -> dict[str, float]:
     stops = stop_token_ids(config.model, tokenizer)
     model = PolicyWithValue(add_lora(load_base_model(config.model, bf16=config.bf16), config.lora_r, 2 * config.lora_r, 0.0,
                                      ["all-linear"]), None)
-    prompts = load_prompt_dataset("builtin:prompts")["prompt"][:config.prompts_per_step]
+    prompts = builtin_train_prompts()["prompt"][:config.prompts_per_step]
     texts = [format_prompt(p, tokenizer) for p in prompts for _ in range(config.num_generations)]
 
     encoded = tokenizer(texts, padding=True, add_special_tokens=adds_special_tokens(tokenizer), return_tensors="pt")
@@ -638,6 +638,8 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
     while running);
     returns the outermost folder made for it (None: it was there), for ``benchmark_to_files`` to
     take back if nothing gets written."""
+    import torch
+
     from rlhf.config import RLConfig
     from rlhf.cpu_linear import use_onednn
     from rlhf.learning_race import holds_another_folder, runs_dir
@@ -661,7 +663,7 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
     if config.learning and holds_another_folder(out):
         raise ConfigError(f"--out {out}: {runs} is not empty and holds no earlier race's runs, and the race "
                           "would replace that folder; move it or choose another --out")
-    if config.roofline and torch_cuda_available():
+    if config.roofline and torch.cuda.is_available():  # our Accelerator and TRL's trainer take the GPU
         raise ConfigError("roofline measures this machine's CPU (fp32 GEMM rates, memory bandwidth), and here the "
                           "systems train on the GPU: drop --roofline")
     if config.learning or ("trl-grpo" in config.systems and not config.grow):
@@ -698,13 +700,6 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
             shutil.rmtree(made, ignore_errors=True)
         raise ConfigError(f"--out {out}: cannot write in {folder} ({exc.strerror or exc})") from None
     return made
-
-
-def torch_cuda_available() -> bool:
-    """Whether the systems would train on a GPU here (our Accelerator and TRL's take one where there is one)."""
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def builtin_train_prompts() -> Any:

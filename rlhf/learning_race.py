@@ -275,11 +275,8 @@ def holds_another_folder(out: Path) -> bool:
     runs = runs_dir(out)
     if not runs.is_dir() or (runs / RACE_ID_FILE).exists() or not any(runs.iterdir()):
         return False
-    try:
-        report = json.loads(out.read_text())
-    except (OSError, ValueError):
-        return True
-    return not (isinstance(report, dict) and report.get("kind") == "learning" and "race_id" not in report)
+    report = _learning_report(out)
+    return report is None or "race_id" in report
 
 
 def _race_id(runs: Path) -> str | None:
@@ -289,9 +286,15 @@ def _race_id(runs: Path) -> str | None:
         return None
 
 
-def _report_race_id(out: Path) -> str | None:
+def _learning_report(out: Path) -> dict[str, Any] | None:
+    """The race report at ``out``; None where there is none (no file, another kind, unreadable)."""
     try:
         report = json.loads(out.read_text())
     except (OSError, ValueError):
         return None
-    return report.get("race_id") if isinstance(report, dict) and report.get("kind") == "learning" else None
+    return report if isinstance(report, dict) and report.get("kind") == "learning" else None
+
+
+def _report_race_id(out: Path) -> str | None:
+    report = _learning_report(out)
+    return None if report is None else report.get("race_id")
