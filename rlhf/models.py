@@ -710,26 +710,24 @@ class PolicyWithValue(nn.Module):
         prefix_length = input_ids.shape[1] - response_length - 1
         cache = (shared_prompt_cache(self.policy, input_ids, attention_mask, position_ids, prefix_length)
                  if self.share_prompt_prefix else None)
-        suffix = slice(prefix_length if cache is not None else 0, None)
-        inputs = {"input_ids": input_ids[:, suffix], "attention_mask": attention_mask,
+        # The last response token is not fed: its outputs would predict a token past the response,
+        # and in a causal model it changes nothing before it (1/(T+1) of the layers' work saved).
+        suffix = slice(prefix_length if cache is not None else 0, input_ids.shape[1] - 1)
+        inputs = {"input_ids": input_ids[:, suffix], "attention_mask": attention_mask[:, :-1],
                   "position_ids": position_ids[:, suffix], "cache": cache, "use_cache": cache is not None}
         if labels is not None and self._chunked(input_ids.shape[0] * response_length):
             hidden = self.policy.get_base_model().get_decoder()(**inputs).last_hidden_state
-            hidden = hidden[:, -(response_length + 1):-1]
+            hidden = hidden[:, -response_length:]
             values = self.value_head(hidden) if self.value_head is not None else None
             weight = self.policy.get_output_embeddings().weight
             logprobs, entropy = logprobs_from_hidden(hidden, weight, labels, temperature, with_entropy,
                                                      entropy_gradient=entropy_gradient)
             return logprobs, values, entropy
-        suffix_length = inputs["input_ids"].shape[1]
-        # Positions as an index tensor, not logits_to_keep=T+1 and [:, :-1]: the LM head skips the
-        # last position and the logits come out contiguous (log_softmax would copy a strided view).
-        predicting = torch.arange(suffix_length - response_length - 1, suffix_length - 1, device=input_ids.device)
-        outputs = self.policy(**inputs, logits_to_keep=predicting, output_hidden_states=self.value_head is not None)
+        outputs = self.policy(**inputs, logits_to_keep=response_length, output_hidden_states=self.value_head is not None)
         logits = outputs.logits
         values = None
         if self.value_head is not None:
-            hidden = outputs.hidden_states[-1][:, -(response_length + 1) : -1]
+            hidden = outputs.hidden_states[-1][:, -response_length:]
             values = self.value_head(hidden)
         if labels is None:
             return logits, values, None

@@ -166,15 +166,15 @@ def decode_work(model: ModelShape, step: StepShape) -> list[Work]:
 
 def _forward_tokens(step: StepShape) -> tuple[int, int]:
     """(tokens through the blocks, tokens through the LM head) of one forward over the batch: the
-    shared prefix once per group, the last prompt token and the response for each row; the LM
-    head only on the T positions that predict response tokens."""
-    body = step.prefix_rows * (step.prompt_length - 1) + step.sequences * (step.response_length + 1)
+    shared prefix once per group, the last prompt token and the response but its last token for
+    each row (T positions: those that predict response tokens, the only ones the LM head sees)."""
+    body = step.prefix_rows * (step.prompt_length - 1) + step.sequences * step.response_length
     return body, step.sequences * step.response_length
 
 
 def _forward_attention(model: ModelShape, step: StepShape) -> float:
     return (step.prefix_rows * model.attention_flops(step.prompt_length - 1, 0)
-            + step.sequences * model.attention_flops(step.response_length + 1, step.prompt_length - 1))
+            + step.sequences * model.attention_flops(step.response_length, step.prompt_length - 1))
 
 
 def forward_work(model: ModelShape, step: StepShape) -> Work:

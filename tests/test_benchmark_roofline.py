@@ -72,9 +72,10 @@ def test_generation_work_by_hand():
 
 
 def test_update_and_logprob_work_by_hand():
-    # blocks: 2 prompts x 4 shared tokens + 6 rows x (last prompt token + 4 response tokens); LM head: 6 x 4
-    body, head = 2 * 4 + 6 * 5, 6 * 4
-    attention = 2 * brute_force_attention(4, 0) + 6 * brute_force_attention(5, 4)
+    # blocks: 2 prompts x 4 shared tokens + 6 rows x (last prompt token + the first 3 response
+    # tokens: the last one predicts nothing and is not fed); LM head: 6 x 4
+    body, head = 2 * 4 + 6 * 4, 6 * 4
+    attention = 2 * brute_force_attention(4, 0) + 6 * brute_force_attention(4, 4)
     forward = body * brute_force_token(True, False, 1, False) + head * 2 * 4 * 10 + attention
     assert forward_work(TINY, STEP).flops == forward
     update = body * brute_force_token(False, True, 1, False) + head * 4 * 4 * 10 + 3 * attention
@@ -83,8 +84,8 @@ def test_update_and_logprob_work_by_hand():
     lora_free = StepShape(2, 3, 5, 4, lora_r=None)
     assert update_work(TINY, lora_free).flops == body * (6 * 288) + head * 6 * 40 + 3 * attention
     unshared = StepShape(2, 3, 5, 4, lora_r=None, shared_prompt=False)
-    assert forward_work(TINY, unshared).flops == (6 * 9 * 2 * 288 + head * 2 * 40
-                                                  + 6 * brute_force_attention(4, 0) + 6 * brute_force_attention(5, 4))
+    assert forward_work(TINY, unshared).flops == (6 * 8 * 2 * 288 + head * 2 * 40
+                                                  + 6 * brute_force_attention(4, 0) + 6 * brute_force_attention(4, 4))
 
 
 def test_bounds_take_the_slower_of_compute_and_memory_per_decode_step():

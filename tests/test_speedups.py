@@ -210,7 +210,32 @@ def test_shared_prompt_prefix_runs_each_distinct_prompt_once(tiny_model_dir):
     with torch.no_grad():
         forward_response(model, rollout, slice(None), 1.0)
     handle.remove()
-    assert seen == [(3, prompt_length - 1), (6, rollout.response_length + 1)]
+    # the last prompt token and every response token but the last (whose outputs predict nothing)
+    assert seen == [(3, prompt_length - 1), (6, rollout.response_length)]
+
+
+def test_the_forward_feeds_no_token_after_the_last_predicting_position(tiny_model_dir):
+    """The last response token's outputs would predict a token past the response: it is not fed
+    (with or without a shared prompt), and the logprobs are those of the full sequence's logits."""
+    import torch
+
+    from rlhf.algorithms import logprobs_from_logits
+    from rlhf.rollout import forward_response
+
+    model, rollout = _grouped_rollout(tiny_model_dir, False)
+    seen = []
+    handle = model.policy.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape),
+                                                    with_kwargs=True)
+    with torch.no_grad():
+        logprobs, _, _ = forward_response(model, rollout, slice(None), 1.0)
+    handle.remove()
+    assert seen == [(6, rollout.input_ids.shape[1] - 1)]
+    with torch.no_grad():
+        logits = model.policy(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                              position_ids=rollout.position_ids).logits
+    length = rollout.response_length
+    expected = logprobs_from_logits(logits[:, -length - 1:-1], rollout.response_ids)
+    torch.testing.assert_close(logprobs, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_lora_layers_give_peft_outputs_and_gradients(tiny_model_dir):
