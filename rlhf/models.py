@@ -25,6 +25,7 @@ from rlhf.cpu_linear import (available_memory_bytes, bf16_packing_exact, onednn_
                               pack_for_onednn, routes_to_onednn, times_weight)
 from rlhf.kv_cache import config_cache_rows_selectable, rows_selectable
 from rlhf.paths import looks_local
+from rlhf.sampled_products import kept_output, replaying
 from rlhf.errors import CheckpointError, ConfigError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -325,10 +326,13 @@ class _LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
-                scaling: float) -> Tensor:
+                scaling: float, product: Tensor | None = None) -> Tensor:
         low_rank = x @ lora_a.t()
-        base = onednn_linear if routes_to_onednn(x, weight, bias) else nn.functional.linear
-        out = base(x, weight, bias).addmm_(low_rank, lora_b.t(), alpha=scaling)
+        if product is not None:  # this output as the sampler computed it (rlhf.sampled_products)
+            out = product
+        else:
+            base = onednn_linear if routes_to_onednn(x, weight, bias) else nn.functional.linear
+            out = base(x, weight, bias).addmm_(low_rank, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, low_rank, weight, lora_a, lora_b)
         ctx.scaling = scaling
         return out
@@ -351,16 +355,17 @@ class _LoraLinearFunction(torch.autograd.Function):
             grad_bias = g.sum(0)
         grad_a = (g_low_rank.t() @ x).mul_(scaling) if ctx.needs_input_grad[3] else None
         grad_b = (g.t() @ low_rank).mul_(scaling) if ctx.needs_input_grad[4] else None
-        return grad_x, grad_weight, grad_bias, grad_a, grad_b, None
+        return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
-                scaling: float) -> Tensor:
+                scaling: float, product: Tensor | None = None) -> Tensor:
     """x [..., in] -> x W^T + b + s (x A^T) B^T [..., out] through ``_LoraLinearFunction``, which
     takes the rows of x [N, in]: a view made inside a Function is one that autograd refuses to let
     anyone change in place, and some models add to a projection's output in place (Falcon's
-    parallel MLP); the view made here, outside it, is an ordinary one."""
-    out = _LoraLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling)
+    parallel MLP); the view made here, outside it, is an ordinary one. ``product`` [N, out]: that
+    output already computed (the sampler's, ``rlhf.sampled_products``); then only x A^T is."""
+    out = _LoraLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, product)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -409,7 +414,8 @@ def fuse_lora_layers(policy: PeftModel) -> int:
                     or torch.is_autocast_enabled(x.device.type)):  # autocast would mix dtypes in addmm_
                 return _peft_forward(x, *args, **kwargs)
             return lora_linear(x, base_layer.weight, base_layer.bias, _layer.lora_A[_name].weight,
-                               _layer.lora_B[_name].weight, _layer.scaling[_name])
+                               _layer.lora_B[_name].weight, _layer.scaling[_name], kept_output(_layer, x))
+        forward.fused_lora = True  # rlhf.sampled_products.replayable_modules
         layer.forward = forward
         fused += 1
     return fused
@@ -695,7 +701,7 @@ class PolicyWithValue(nn.Module):
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_length: int,
         labels: Tensor | None = None, temperature: float = 1.0, with_entropy: bool = False,
-        entropy_gradient: bool = False,
+        entropy_gradient: bool = False, sampled: tuple[Any, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """input_ids, attention_mask, position_ids: [B, P+T] ->
         with ``labels`` [B, T] (the response tokens): (logprobs [B, T] float32, values [B, T] | None,
@@ -705,6 +711,10 @@ class PolicyWithValue(nn.Module):
 
         Position p's logits predict token p+1, so the response tokens P..P+T-1 are predicted by
         positions P-1..P+T-2 (RL_NOTES 1).
+
+        ``sampled``: (the ``rlhf.sampled_products.SampledProducts`` of the rollout these rows come
+        from, the rows' indices in it): with a shared prefix, the forward after it takes the
+        sampler's products where they are still this forward's (same weights, same tokens).
         """
         # The last prompt token stays outside the shared prefix: its logits predict response token 0.
         prefix_length = input_ids.shape[1] - response_length - 1
@@ -715,7 +725,16 @@ class PolicyWithValue(nn.Module):
         suffix = slice(prefix_length if cache is not None else 0, input_ids.shape[1] - 1)
         inputs = {"input_ids": input_ids[:, suffix], "attention_mask": attention_mask[:, :-1],
                   "position_ids": position_ids[:, suffix], "cache": cache, "use_cache": cache is not None}
-        if labels is not None and self._chunked(input_ids.shape[0] * response_length):
+        replay = None
+        if sampled is not None and sampled[0] is not None and cache is not None:
+            replay = sampled[0].replay(sampled[1], inputs["input_ids"], attention_mask[:, -response_length:])
+        with replaying(replay):
+            return self._forward_suffix(inputs, response_length, labels, temperature, with_entropy, entropy_gradient)
+
+    def _forward_suffix(self, inputs: dict[str, Any], response_length: int, labels: Tensor | None,
+                        temperature: float, with_entropy: bool,
+                        entropy_gradient: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        if labels is not None and self._chunked(inputs["input_ids"].shape[0] * response_length):
             hidden = self.policy.get_base_model().get_decoder()(**inputs).last_hidden_state
             hidden = hidden[:, -response_length:]
             values = self.value_head(hidden) if self.value_head is not None else None

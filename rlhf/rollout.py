@@ -16,6 +16,7 @@ from rlhf.data import adds_special_tokens
 from rlhf.kv_cache import (decode_steps_take_attention_mask, forward_returns_cache, kv_cache_bytes, preallocated,
                             rows_selectable)
 from rlhf.models import PolicyWithValue, shared_prompt_cache, stop_token_ids
+from rlhf.sampled_products import SampledProducts, replayable_modules
 
 
 @dataclass
@@ -42,6 +43,10 @@ class Rollout:
     turn_rewards: Tensor | None = None  # [B, T] float32: each turn's environment reward on its last sampled token
     episodes: list[Any] | None = None  # rlhf.episodes.Episode per row (turns, tool calls; for metrics and logs)
     environments: list[Any] | None = None  # the environment instance per row (reward functions' ``environments``)
+    # the sampler's products (rlhf.sampled_products.SampledProducts) and each row's index in them
+    # (None: row i is its row i); a forward at the sampling's weights takes them instead of multiplying
+    sampled_products: Any = None
+    product_rows: Tensor | None = None
 
     @property
     def span(self) -> Tensor:
@@ -60,6 +65,13 @@ class Rollout:
     def __len__(self) -> int:
         return self.response_ids.shape[0]
 
+    def sampled(self, index: Tensor | slice) -> tuple[Any, Tensor] | None:
+        """(the sampler's products, the indices of rows ``index`` in them) for ``PolicyWithValue``, or None."""
+        if self.sampled_products is None:
+            return None
+        rows = self.product_rows if self.product_rows is not None else torch.arange(len(self), device=self.mask.device)
+        return self.sampled_products, rows[index]
+
     def select(self, rows: list[int]) -> "Rollout":
         """The given rows, with the batch's padding kept (so their logprobs do not change)."""
         index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
@@ -74,8 +86,8 @@ class Rollout:
             turn_rewards=None if self.turn_rewards is None else self.turn_rewards[index],
             episodes=None if self.episodes is None else [self.episodes[i] for i in rows],
             environments=None if self.environments is None else [self.environments[i] for i in rows],
+            **_products_of(self, index),
         )
-
 
     def narrowed(self, rows: Tensor) -> tuple["Rollout", int]:
         """Rows ``rows`` without the columns that are padding in all of them: prompt columns no
@@ -99,7 +111,14 @@ class Rollout:
             sampler_logprobs=None if self.sampler_logprobs is None else self.sampler_logprobs[rows, :width],
             episode_mask=None if self.episode_mask is None else self.episode_mask[rows, :width],
             turn_rewards=None if self.turn_rewards is None else self.turn_rewards[rows, :width],
+            **_products_of(self, rows),
         ), width
+
+
+def _products_of(rollout: Rollout, rows: Tensor) -> dict[str, Any]:
+    """The sampled-products fields of a rollout of ``rollout``'s rows ``rows``."""
+    sampled = rollout.sampled(rows)
+    return {} if sampled is None else {"sampled_products": sampled[0], "product_rows": sampled[1]}
 
 
 def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
@@ -174,6 +193,8 @@ def generate_rollout(
     share_prompt_prefix: bool = False,
     eos_token_ids: list[int] | None = None,
     fast_forward: Any = None,
+    recorder: Any = None,
+    row_offset: int = 0,
 ) -> Rollout:
     """Sample one response per entry of ``prompt_texts`` (already chat-formatted) with KV cache.
 
@@ -187,7 +208,8 @@ def generate_rollout(
     is prefilled once and its KV cache copied to those rows. Under FSDP2 (``synced_gpus``)
     transformers' ``generate`` runs instead, drawing from the same distribution (``SampledLogprobs``).
     Either way the rollout carries the sampler's logprob of each response token (``sampler_logprobs``).
-    ``fast_forward``: a ``rlhf.sampling_forward.SamplingForward`` of ``policy``, run in its place.
+    ``fast_forward``: a ``rlhf.sampling_forward.SamplingForward`` of ``policy``, run in its place;
+    ``recorder``, ``row_offset``: see ``sample_responses``.
     """
     device = next(policy.parameters()).device
     stops = eos_token_ids if eos_token_ids is not None else stop_token_ids(policy, tokenizer)
@@ -213,7 +235,8 @@ def generate_rollout(
         response_ids, sampler_logprobs = sample_responses(
             policy, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, eos_token_ids=stops, pad_token_id=tokenizer.pad_token_id,
-            row_seeds=row_seeds, share_prompt_prefix=share_prompt_prefix, fast_forward=fast_forward)
+            row_seeds=row_seeds, share_prompt_prefix=share_prompt_prefix, fast_forward=fast_forward,
+            recorder=recorder, row_offset=row_offset)
     mask, eos_found = response_mask(response_ids, stops)
     # Drop columns where every row is already finished, so later passes do not pay for them.
     length = max(int(mask.sum(1).max().item()), 1)
@@ -330,6 +353,8 @@ def sample_responses(
     share_prompt_prefix: bool = False,
     fast_forward: Any = None,
     compact_finished_rows: bool = True,
+    recorder: Any = None,
+    row_offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Batched KV-cache sampling by inverse CDF: token t of row i is the first token whose
     cumulative probability reaches u[i, t] ~ U(0, 1).
@@ -351,6 +376,8 @@ def sample_responses(
     the rest decode at the cost of the rows still running. A row's numbers stay those of the full
     batch up to float rounding: with two or more threads PyTorch's CPU attention splits its work by
     the batch's size, so a row's logits already move in the last bits with the rows beside it.
+    ``recorder`` (a ``rlhf.sampled_products.SampledProducts``, with ``fast_forward``): each step's
+    products are kept there, these rows being its rows ``row_offset`` on.
     """
     batch, prompt_length = input_ids.shape
     device = input_ids.device
@@ -372,10 +399,15 @@ def sample_responses(
     # Mask of every position the response can reach, read as a growing view (no per-token copy).
     full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
     decode_mask = decode_steps_take_attention_mask(model)
+    recording = recorder is not None and fast_forward is not None
+    if recording:
+        fast_forward.recorder = recorder
     for t in range(max_new_tokens):
         step_mask = full_mask[:, :prompt_length + t] if cache is None or decode_mask else None
-        outputs = forward(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions,
-                          cache=cache, use_cache=True, logits_to_keep=1)
+        with (recorder.writing(slice(row_offset, row_offset + batch) if live.shape[0] == batch else live + row_offset,
+                               t, step_ids[:, -1]) if recording else contextlib.nullcontext()):
+            outputs = forward(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions,
+                              cache=cache, use_cache=True, logits_to_keep=1)
         # at most max_new_tokens - 1 more columns: sliding-window layers that stay below their window qualify
         cache = preallocated(outputs.cache, max_new_tokens, bounded=True) if t == 0 else outputs.cache
         drawn, drawn_logprob = draw(outputs.logits[:, -1].float(), uniforms[:, t], temperature, top_p)
@@ -395,6 +427,8 @@ def sample_responses(
                 cache.batch_select_indices(keep)
                 live, step_ids, step_positions = live[keep], step_ids[keep], step_positions[keep]
                 full_mask, uniforms = full_mask[keep], uniforms[keep]
+    if recording:
+        fast_forward.recorder = None
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
 
 
@@ -506,6 +540,7 @@ def forward_response(
         labels=rollout.response_ids[index],
         temperature=temperature,
         with_entropy=with_entropy,
+        sampled=rollout.sampled(index),
     )
 
 
@@ -567,8 +602,13 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
         # not where DeepSpeed/FSDP own the tensors
         cache_bytes = sampling_cache_bytes(plain.policy, min(chunk, len(raw_prompts)), config.max_prompt_length,
                                            config.max_new_tokens, episodes is not None)
+        products_bytes = sampled_products_bytes(plain, len(raw_prompts), config.max_new_tokens,
+                                                episodes is None and not shards_weights(accelerator))
         with sampling_speedups(plain.policy, enabled=not shards_weights(accelerator),
-                               reserve_bytes=cache_bytes) as (policy, fast_forward):
+                               reserve_bytes=cache_bytes + products_bytes) as (policy, fast_forward):
+            recorder = (SampledProducts(replayable_modules(plain.policy), len(raw_prompts), config.max_new_tokens,
+                                        next(plain.policy.parameters()).device)
+                        if products_bytes and fast_forward is not None else None)
             for start in range(0, len(raw_prompts), chunk):
                 part = slice(start, start + chunk)
                 if episodes is not None:
@@ -592,6 +632,23 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
                     max_prompt_length=config.max_prompt_length, max_new_tokens=config.max_new_tokens,
                     temperature=config.temperature, top_p=config.top_p,
                     synced_gpus=needs_synced_generation(accelerator), share_prompt_prefix=plain.share_prompt_prefix,
-                    eos_token_ids=eos_token_ids, fast_forward=fast_forward,
+                    eos_token_ids=eos_token_ids, fast_forward=fast_forward, recorder=recorder, row_offset=start,
                 ))
-    return concat_rollouts(parts, tokenizer.pad_token_id)
+        rollout = concat_rollouts(parts, tokenizer.pad_token_id)
+        if recorder is not None:  # the weights as sampling leaves them (its folded copies are gone)
+            recorder.seal(plain.policy)
+            rollout.sampled_products = recorder
+    return rollout
+
+
+def sampled_products_bytes(model: PolicyWithValue, rows: int, max_new_tokens: int, eligible: bool) -> int:
+    """Memory for the sampler's products of ``rows`` responses (``rlhf.sampled_products``), or 0
+    where they are not kept: not ``eligible`` (tool episodes, sharded weights), not on a CPU, no
+    shared prompt prefix in the update's forward (the only forward that takes them), no layer that
+    could take them, or more than a quarter of the memory free."""
+    from rlhf.cpu_linear import available_memory_bytes
+
+    if not eligible or not model.share_prompt_prefix or next(model.policy.parameters()).device.type != "cpu":
+        return 0
+    needed = SampledProducts.bytes_needed(model.policy, rows, max_new_tokens)
+    return needed if 0 < needed <= available_memory_bytes() // 4 else 0

@@ -83,6 +83,8 @@ class _Layer:
     # each fused part's LoRA term, (x, its base product) -> its output; None: the base product is it
     qkv_lora: list[Callable[[Tensor, Tensor], Tensor] | None] | None = None
     gate_up_lora: list[Callable[[Tensor, Tensor], Tensor] | None] | None = None
+    # the projection modules (q, k, v, o, gate, up, down): their outputs are kept under these keys
+    modules: tuple[nn.Module, ...] = ()
 
 
 # The projections whose products the forward fuses: q/k/v into one, gate/up into another.
@@ -232,6 +234,8 @@ class SamplingForward:
                 act=mlp.act_fn, attention=attention,
                 q_width=attention.q_proj.out_features, k_width=attention.k_proj.out_features,
                 intermediate=mlp.gate_proj.out_features,
+                modules=tuple(getattr(attention, f"{name}_proj") for name in "qkvo")
+                + tuple(getattr(mlp, f"{name}_proj") for name in ("gate", "up", "down")),
             )
             qkv = [parts[name] for name in "qkv"]
             gate_up = [parts["gate"], parts["up"]]
@@ -242,6 +246,9 @@ class SamplingForward:
                 layer.gate_up = _pack([part.base for part in gate_up])
                 layer.gate_up_lora = [part.lora for part in gate_up]
             self.layers.append(layer)
+        # a rlhf.sampled_products.SampledProducts that keeps the products of the calls it is
+        # recording (set by the sampler around each of its forwards); None: nothing kept
+        self.recorder: Any = None
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                  cache: Any = None, use_cache: bool = True, logits_to_keep: int | Tensor = 0) -> SamplingOutput:
@@ -272,6 +279,7 @@ class SamplingForward:
         # the fused products only where the separate ones would take the packed weights too
         fused = (batch * length >= 2 and not torch.is_grad_enabled()
                  and not torch.is_autocast_enabled(hidden.device.type))
+        keep = self.recorder.write if self.recorder is not None and self.recorder.recording else None
         for index, layer in enumerate(self.layers):
             normed = layer.input_norm(hidden)
             if fused and layer.qkv is not None:
@@ -281,6 +289,9 @@ class SamplingForward:
                                      for part, lora in zip(qkv.split(widths, -1), layer.qkv_lora))
             else:
                 query, key, value = layer.q(normed), layer.k(normed), layer.v(normed)
+            if keep is not None:
+                for module, output in zip(layer.modules, (query, key, value)):
+                    keep(module, output)
             head_shape = (batch, length, -1, layer.attention.head_dim)
             query, key, value = query.view(head_shape), key.view(head_shape), value.view(head_shape)
             if layer.q_norm is not None:
@@ -289,7 +300,10 @@ class SamplingForward:
             key, value = cache.update(key, value.transpose(1, 2), index)
             attended, _ = attention_function(layer.attention, query, key, value, mask, dropout=0.0,
                                              scaling=layer.attention.scaling)
-            hidden = hidden + layer.o(attended.reshape(batch, length, -1).contiguous())
+            attention_output = layer.o(attended.reshape(batch, length, -1).contiguous())
+            if keep is not None:
+                keep(layer.modules[3], attention_output)
+            hidden = hidden + attention_output
             normed = layer.post_attention_norm(hidden)
             if fused and layer.gate_up is not None:
                 gate, up = onednn_linear(normed, *layer.gate_up).split(layer.intermediate, -1)
@@ -298,7 +312,12 @@ class SamplingForward:
                 up = up if up_lora is None else up_lora(normed, up)
             else:
                 gate, up = layer.gate(normed), layer.up(normed)
-            hidden = hidden + layer.down(layer.act(gate) * up)
+            mlp_output = layer.down(layer.act(gate) * up)
+            if keep is not None:
+                keep(layer.modules[4], gate)
+                keep(layer.modules[5], up)
+                keep(layer.modules[6], mlp_output)
+            hidden = hidden + mlp_output
         hidden = slice_logits_to_keep(self.decoder.norm(hidden), logits_to_keep)
         return SamplingOutput(logits=self.lm_head(hidden), cache=cache if use_cache else None)
 

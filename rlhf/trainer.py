@@ -346,6 +346,8 @@ class RLTrainer:
             logprob_time = clock() - update_start  # old/reference logprobs and values: no-grad passes
             update_start = clock()
             update_metrics = self.update(batch)
+        if rollout.sampled_products is not None:  # the weights have moved on: the sampler's products are spent
+            rollout.sampled_products.release()
         update_time = clock() - update_start
         self.step += 1
 

@@ -297,7 +297,7 @@ class GradientUpdate:
         return self.model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
                           position_ids=rollout.position_ids, response_length=rollout.response_length,
                           labels=rollout.response_ids, temperature=self.config.temperature, with_entropy=True,
-                          entropy_gradient=True)
+                          entropy_gradient=True, sampled=rollout.sampled(slice(None)))
 
     def _gather_padded(self, values: Tensor) -> Tensor:
         """1-D tensors of every process, concatenated (they differ in length)."""

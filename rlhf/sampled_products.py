@@ -1,0 +1,156 @@
+"""The sampler's linear products, taken by the first forwards after it at the same weights.
+
+Sampling a response computes, token by token, every projection of every decoder layer for each
+row: exactly the products the update's forward computes again over the whole response, at the
+same weights (GRPO and RLOO update once per rollout; PPO's first minibatch and its no-grad
+passes also run before any optimizer step). ``SampledProducts`` keeps each LoRA-wrapped
+projection's output at every (row, response column) the sampler fed, and a forward at unchanged
+weights over the same tokens takes them instead of multiplying again (``replaying``): the fused
+LoRA layer (``rlhf.models.lora_linear``) then returns the kept output and computes only ``x A^T``,
+which its backward needs; gradients are the same formula. The numbers are those of the plain
+forward up to float rounding: the sampler folded the LoRA into its weights and multiplied 16 rows
+at a time, the update multiplies thousands.
+
+The kept outputs are the sampler's forward's own (``rlhf.sampling_forward``, Llama/Mistral/Qwen2/
+Qwen3), CPU only, single responses (not tool episodes), and only where free memory holds them
+four times over. A forward takes them only when every parameter of the policy has the version
+it had when the sampling ended (an optimizer step, a merge, any in-place change bumps it), the
+rows' fed tokens are the ones sampled, and its input is the shared-prefix forward's suffix (the
+last prompt token and the response), so anything else recomputes.
+
+Measured on the 2-core EPYC (SmolLM2-135M shape, 16 rows x 256 tokens): skipping the update's
+forward products takes the update from 18.1 to 14.4 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+_replaying: "_Replay | None" = None  # the forward now taking kept products, if any
+
+
+class SampledProducts:
+    """Per LoRA-wrapped projection, its output [rows, columns, out] at every sampled position;
+    column c is the sampler's forward for response token c (column 0: the last prompt token).
+
+    ``tokens`` [rows, columns]: the token fed at each position, -1 where the sampler fed none
+    (after a row's last token, which it draws but never feeds; a row that left the batch)."""
+
+    def __init__(self, modules: list[nn.Module], rows: int, columns: int, device: torch.device):
+        # zeros, not empty: a position the sampler never fed (a finished row's last token and
+        # padding) must hold a finite number, since the forward still computes from it
+        self.outputs = {module: torch.zeros(rows, columns, module.get_base_layer().out_features, device=device)
+                        for module in modules}
+        self.tokens = torch.full((rows, columns), -1, dtype=torch.long, device=device)
+        self.versions: list[tuple[Tensor, int]] | None = None  # set by ``seal`` once sampling has ended
+        self._where: tuple[Tensor | slice, int] | None = None
+        self._written = False
+
+    @staticmethod
+    def bytes_needed(policy: nn.Module, rows: int, columns: int) -> int:
+        """What ``for_policy`` would hold for ``rows`` x ``columns`` positions (float32)."""
+        return 4 * rows * columns * sum(module.get_base_layer().out_features for module in replayable_modules(policy))
+
+    @contextlib.contextmanager
+    def writing(self, rows: Tensor | slice, column: int, token_ids: Tensor) -> Iterator[None]:
+        """The sampler's next forward writes its last position's products into ``rows`` at ``column``
+        (``token_ids`` [b]: the tokens it feeds there); the position counts as sampled only where
+        that forward wrote them (the model's own forward, which a sliding-window model takes past
+        its window, keeps nothing)."""
+        self._where, self._written = (rows, column), False
+        try:
+            yield
+            if self._written:
+                self.tokens[rows, column] = token_ids
+        finally:
+            self._where = None
+
+    def write(self, module: nn.Module, output: Tensor) -> None:
+        """``output`` [b, q, out]: ``module``'s output in the sampler's forward, kept at its last position."""
+        if self._where is not None and module in self.outputs:
+            rows, column = self._where
+            self.outputs[module][rows, column] = output[:, -1]
+            self._written = True
+
+    @property
+    def recording(self) -> bool:
+        return self._where is not None
+
+    def seal(self, policy: nn.Module) -> None:
+        """Sampling has ended: the products hold for the weights as they are now."""
+        self.versions = [(parameter, parameter._version) for parameter in policy.parameters()]
+
+    def release(self) -> None:
+        self.outputs.clear()
+        self.versions = None
+
+    def replay(self, rows: Tensor, input_ids: Tensor, predicted: Tensor) -> "_Replay | None":
+        """A replay for a forward over ``rows`` (indices into the sampled rows) whose input after the
+        shared prefix is ``input_ids`` [b, w] (the last prompt token, then the response but its last
+        token), or None where the kept products are not that forward's: weights changed since
+        sampling, other tokens, more columns. ``predicted`` [b, w]: 1 where the token a column
+        predicts is part of the row (the response's attention mask).
+
+        A causal forward's outputs at a column, and all after it, matter only up to the row's last
+        predicting column; the sampler never fed a row's last token (it stops once it has drawn
+        it), and a row that left its batch nothing after it, so only those columns must be the
+        sampled ones."""
+        if self.versions is None or not self.outputs:
+            return None
+        width = input_ids.shape[1]
+        if (width > self.tokens.shape[1] or rows.numel() != input_ids.shape[0]
+                or any(parameter._version != version for parameter, version in self.versions)):
+            return None
+        columns = torch.arange(width, device=input_ids.device)
+        last = torch.where(predicted.bool(), columns, -1).amax(-1, keepdim=True)
+        fed = self.tokens[rows, :width]
+        if not bool(((fed == input_ids) | (columns > last)).all()):
+            return None
+        return _Replay(self, rows, width)
+
+
+class _Replay:
+    def __init__(self, products: SampledProducts, rows: Tensor, width: int):
+        self.products, self.rows, self.width = products, rows, width
+        whole = torch.arange(rows.numel(), device=rows.device) + (int(rows[0]) if rows.numel() else 0)
+        # consecutive rows read a view of the kept outputs; others are gathered (a copy)
+        self.consecutive = bool(torch.equal(rows, whole))
+
+    def output(self, module: nn.Module, x: Tensor) -> Tensor | None:
+        """The kept output [b * w, out] of ``module`` for input ``x`` [b, w, in], or None."""
+        kept = self.products.outputs.get(module)
+        if kept is None or x.dim() != 3 or x.shape[0] != self.rows.numel() or x.shape[1] != self.width:
+            return None
+        if self.consecutive:
+            start = int(self.rows[0])
+            part = kept[start:start + self.rows.numel(), :self.width]
+        else:
+            part = kept[self.rows, :self.width]
+        return part.reshape(-1, part.shape[-1])
+
+
+@contextlib.contextmanager
+def replaying(replay: _Replay | None) -> Iterator[None]:
+    """Within: LoRA layers of ``replay``'s products return them instead of multiplying (None: plain)."""
+    global _replaying
+    previous, _replaying = _replaying, replay
+    try:
+        yield
+    finally:
+        _replaying = previous
+
+
+def kept_output(module: nn.Module, x: Tensor) -> Tensor | None:
+    """The kept output of ``module`` for ``x`` in the forward now replaying, if any."""
+    return None if _replaying is None else _replaying.output(module, x)
+
+
+def replayable_modules(policy: nn.Module) -> list[nn.Module]:
+    """The policy's LoRA layers whose forward ``rlhf.models.fuse_lora_layers`` replaced (float32,
+    one plain adapter): the layers whose forward can take a kept product."""
+    return [module for module in policy.modules() if getattr(vars(module).get("forward"), "fused_lora", False)]

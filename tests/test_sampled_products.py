@@ -1,0 +1,183 @@
+"""The sampler's products taken by the forward after it (rlhf.sampled_products): the same numbers
+as the plain forward up to float rounding, and only where they are still that forward's."""
+
+import pytest
+import torch
+
+PROMPTS = ["Hi", "Hi", "A much longer prompt with more tokens", "Hi", "A much longer prompt with more tokens",
+           "Something else"]
+
+
+def _policy(model_dir, chunked):
+    from rlhf.models import PolicyWithValue, add_lora, fuse_lora_layers, load_base_model
+
+    torch.manual_seed(0)
+    policy = add_lora(load_base_model(str(model_dir)), 4, 8, 0.0, ["all-linear"])
+    with torch.no_grad():  # a non-zero adapter, as after some training
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    assert fuse_lora_layers(policy) > 0
+    return PolicyWithValue(policy.eval(), None, share_prompt_prefix=True, chunk_logits_bytes=0 if chunked else None)
+
+
+def _sample(model, model_dir, stops=None, max_new_tokens=7):
+    """A grouped rollout sampled through the sampler's forward, its products kept."""
+    from rlhf.models import load_tokenizer
+    from rlhf.rollout import generate_rollout, sampling_speedups
+    from rlhf.sampled_products import SampledProducts, replayable_modules
+
+    tokenizer = load_tokenizer(str(model_dir))
+    recorder = SampledProducts(replayable_modules(model.policy), len(PROMPTS), max_new_tokens, torch.device("cpu"))
+    with sampling_speedups(model.policy) as (sampler, fast_forward):
+        assert fast_forward is not None
+        torch.manual_seed(1)
+        rollout = generate_rollout(sampler, tokenizer, PROMPTS, prompts=PROMPTS, group_ids=[0, 0, 1, 0, 1, 2],
+                                   columns={}, max_prompt_length=32, max_new_tokens=max_new_tokens, temperature=1.0,
+                                   top_p=1.0, share_prompt_prefix=True, eos_token_ids=stops, fast_forward=fast_forward,
+                                   recorder=recorder)
+    recorder.seal(model.policy)
+    rollout.sampled_products = recorder
+    return rollout
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    """How many projection outputs the forwards took from the kept products."""
+    from rlhf import sampled_products
+
+    taken = []
+    output = sampled_products._Replay.output
+
+    def counting(self, module, x):
+        kept = output(self, module, x)
+        taken.append(kept is not None)
+        return kept
+
+    monkeypatch.setattr(sampled_products._Replay, "output", counting)
+    return taken
+
+
+def _logprobs_and_grads(model, rollout, rows=slice(None)):
+    from rlhf.rollout import forward_response
+
+    model.zero_grad()
+    logprobs, _, entropy = forward_response(model, rollout, rows, 0.7, with_entropy=True)
+    (logprobs * rollout.mask[rows]).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return logprobs.detach(), entropy.detach(), grads
+
+
+def _assert_close(taken, plain):
+    for a, b in zip(taken[:2], plain[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert taken[2].keys() == plain[2].keys() and len(plain[2]) > 10
+    for name in plain[2]:
+        torch.testing.assert_close(taken[2][name], plain[2][name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_the_forward_takes_the_samplers_products_and_gives_the_plain_numbers(tiny_model_dir, replays, chunked):
+    model = _policy(tiny_model_dir, chunked)
+    rollout = _sample(model, tiny_model_dir)
+    taken = _logprobs_and_grads(model, rollout)
+    layers = model.policy.config.num_hidden_layers
+    assert replays.count(True) == 7 * layers  # every projection of the suffix forward, none recomputed
+    rollout.sampled_products = None
+    plain = _logprobs_and_grads(model, rollout)
+    _assert_close(taken, plain)
+    assert not torch.equal(taken[0], plain[0])  # the kept products were used: the rounding differs
+
+
+def test_rows_that_left_the_decode_batch_and_a_micro_batchs_rows(tiny_model_dir, replays):
+    """Rows that ended early leave the batch: their later positions are never sampled (zeros kept,
+    padding in the forward); a micro-batch of some rows, in another order, takes their rows."""
+    model = _policy(tiny_model_dir, False)
+    rollout = _sample(model, tiny_model_dir, stops=list(range(0, 49152, 4)), max_new_tokens=9)
+    assert (rollout.sampled_products.tokens == -1).any()  # some rows left early
+    assert (rollout.mask.sum(-1) < rollout.response_length).any()
+    rows = torch.tensor([4, 1, 2, 0])  # two groups (a shared prefix), not in order
+    narrowed, _ = rollout.narrowed(rows)
+    taken = _logprobs_and_grads(model, narrowed)
+    assert replays.count(True) == 7 * model.policy.config.num_hidden_layers
+    narrowed.sampled_products = None
+    plain = _logprobs_and_grads(model, narrowed)
+    mask = narrowed.mask.bool()
+    _assert_close((taken[0][mask], taken[1][mask], taken[2]), (plain[0][mask], plain[1][mask], plain[2]))
+
+
+def test_changed_weights_or_tokens_recompute(tiny_model_dir, replays):
+    from rlhf.rollout import forward_response
+
+    model = _policy(tiny_model_dir, False)
+    rollout = _sample(model, tiny_model_dir)
+    with torch.no_grad():
+        lora = next(p for n, p in model.named_parameters() if "lora_B" in n)
+        lora.add_(0.0)  # an in-place change, as an optimizer step makes: the products are stale
+        forward_response(model, rollout, slice(None), 1.0)
+    assert replays == []
+    rollout = _sample(model, tiny_model_dir)
+    changed = rollout.input_ids.clone()
+    changed[2, -2] = (changed[2, -2] + 1) % 49152  # another token than the one sampled there
+    rollout.input_ids = changed
+    with torch.no_grad():
+        forward_response(model, rollout, slice(None), 1.0)
+    assert replays == []
+    rollout = _sample(model, tiny_model_dir)
+    rollout.sampled_products.release()  # spent after the update: nothing left to take
+    with torch.no_grad():
+        forward_response(model, rollout, slice(None), 1.0)
+    assert replays == []
+
+
+def test_products_are_kept_only_where_they_fit_and_would_be_taken(tiny_model_dir, monkeypatch):
+    from rlhf import cpu_linear
+    from rlhf.rollout import sampled_products_bytes
+    from rlhf.sampled_products import SampledProducts
+
+    model = _policy(tiny_model_dir, False)
+    needed = SampledProducts.bytes_needed(model.policy, 6, 7)
+    config = model.policy.config
+    per_position = 4 * config.num_hidden_layers * (3 * config.hidden_size + config.num_key_value_heads * 2 * (
+        config.hidden_size // config.num_attention_heads) + 2 * config.intermediate_size)
+    assert needed == 6 * 7 * per_position
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 4 * needed)
+    assert sampled_products_bytes(model, 6, 7, True) == needed
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 4 * needed - 4)
+    assert sampled_products_bytes(model, 6, 7, True) == 0
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 10 * needed)
+    assert sampled_products_bytes(model, 6, 7, False) == 0  # tool episodes, sharded weights
+    model.share_prompt_prefix = False  # the forward that would take them never runs
+    assert sampled_products_bytes(model, 6, 7, True) == 0
+
+
+def test_a_grpo_step_takes_the_products_and_releases_them(tiny_model_dir, tmp_path, replays, monkeypatch):
+    """Through the trainer: the update takes every projection of its forward from the sampler,
+    the step's numbers match a step that recomputes them, and the products go once it is done."""
+    from test_correctness import make_trainer
+
+    from rlhf import rollout as rollout_module
+
+    kept = []
+    sample_rollout = rollout_module.sample_rollout
+
+    def remembering(*args, **kwargs):
+        result = sample_rollout(*args, **kwargs)
+        kept.append(result.sampled_products)
+        return result
+
+    monkeypatch.setattr("rlhf.trainer.sample_rollout", remembering)
+
+    def step(reuse):
+        if not reuse:
+            monkeypatch.setattr(rollout_module, "sampled_products_bytes", lambda *args: 0)
+        torch.manual_seed(0)
+        trainer = make_trainer(tiny_model_dir, tmp_path / str(reuse), "grpo", max_new_tokens=6)
+        return trainer.train_step()
+
+    taken = step(True)
+    assert replays.count(True) > 0 and kept[-1] is not None and not kept[-1].outputs
+    plain = step(False)
+    assert kept[-1] is None
+    for name in ("policy_loss", "grad_norm", "entropy", "reward_mean"):
+        assert taken[name] == pytest.approx(plain[name], rel=1e-4, abs=1e-6), name
