@@ -725,16 +725,18 @@ class PolicyWithValue(nn.Module):
         suffix = slice(prefix_length if cache is not None else 0, input_ids.shape[1] - 1)
         inputs = {"input_ids": input_ids[:, suffix], "attention_mask": attention_mask[:, :-1],
                   "position_ids": position_ids[:, suffix], "cache": cache, "use_cache": cache is not None}
+        chunked = labels is not None and self._chunked(input_ids.shape[0] * response_length)  # probes a forward
         replay = None
         if sampled is not None and sampled[0] is not None and cache is not None:
             replay = sampled[0].replay(sampled[1], inputs["input_ids"], attention_mask[:, -response_length:])
         with replaying(replay):
-            return self._forward_suffix(inputs, response_length, labels, temperature, with_entropy, entropy_gradient)
+            return self._forward_suffix(inputs, response_length, labels, temperature, with_entropy, entropy_gradient,
+                                        chunked)
 
     def _forward_suffix(self, inputs: dict[str, Any], response_length: int, labels: Tensor | None,
-                        temperature: float, with_entropy: bool,
-                        entropy_gradient: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        if labels is not None and self._chunked(inputs["input_ids"].shape[0] * response_length):
+                        temperature: float, with_entropy: bool, entropy_gradient: bool,
+                        chunked: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        if chunked:
             hidden = self.policy.get_base_model().get_decoder()(**inputs).last_hidden_state
             hidden = hidden[:, -response_length:]
             values = self.value_head(hidden) if self.value_head is not None else None

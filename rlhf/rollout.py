@@ -606,9 +606,11 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
                                                 episodes is None and not shards_weights(accelerator))
         with sampling_speedups(plain.policy, enabled=not shards_weights(accelerator),
                                reserve_bytes=cache_bytes + products_bytes) as (policy, fast_forward):
-            recorder = (SampledProducts(replayable_modules(plain.policy), len(raw_prompts), config.max_new_tokens,
-                                        next(plain.policy.parameters()).device)
-                        if products_bytes and fast_forward is not None else None)
+            recorder = None
+            if products_bytes and fast_forward is not None:  # the projections both forwards compute
+                recorded = fast_forward.projection_modules()
+                recorder = SampledProducts([module for module in replayable_modules(plain.policy) if module in recorded],
+                                           len(raw_prompts), config.max_new_tokens, next(plain.policy.parameters()).device)
             for start in range(0, len(raw_prompts), chunk):
                 part = slice(start, start + chunk)
                 if episodes is not None:

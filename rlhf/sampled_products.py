@@ -48,6 +48,12 @@ class SampledProducts:
                         for module in modules}
         self.tokens = torch.full((rows, columns), -1, dtype=torch.long, device=device)
         self.versions: list[tuple[Tensor, int]] | None = None  # set by ``seal`` once sampling has ended
+        self.trained: list[tuple[Tensor, Tensor]] = []  # (parameter, its value at the seal) for those with grad
+        self.written: set[nn.Module] = set()  # modules whose outputs the sampler's forward wrote
+        # per module, the rows a forward has taken: each row's outputs are taken once, and a module
+        # whose rows have all been taken is dropped here, so the buffers the forward does not keep
+        # for its backward (most of them) are freed as it goes instead of all living to the end
+        self.taken = {module: torch.zeros(rows, dtype=torch.bool, device=device) for module in modules}
         self._where: tuple[Tensor | slice, int] | None = None
         self._written = False
 
@@ -76,18 +82,28 @@ class SampledProducts:
             rows, column = self._where
             self.outputs[module][rows, column] = output[:, -1]
             self._written = True
+            self.written.add(module)
 
     @property
     def recording(self) -> bool:
         return self._where is not None
 
     def seal(self, policy: nn.Module) -> None:
-        """Sampling has ended: the products hold for the weights as they are now."""
-        self.versions = [(parameter, parameter._version) for parameter in policy.parameters()]
+        """Sampling has ended: the products hold for the weights as they are now. A trained
+        parameter's value is kept to compare (a fused optimizer step, or a write through ``.data``,
+        leaves its version counter as it was); the frozen ones are checked by version alone."""
+        parameters = list(policy.parameters())
+        self.versions = [(parameter, parameter._version) for parameter in parameters]
+        self.trained = [(parameter, parameter.detach().clone()) for parameter in parameters if parameter.requires_grad]
 
     def release(self) -> None:
         self.outputs.clear()
-        self.versions = None
+        self.taken.clear()
+        self.versions, self.trained = None, []
+
+    def _weights_unchanged(self) -> bool:
+        return (all(parameter._version == version for parameter, version in self.versions)
+                and all(torch.equal(parameter, value) for parameter, value in self.trained))
 
     def replay(self, rows: Tensor, input_ids: Tensor, predicted: Tensor) -> "_Replay | None":
         """A replay for a forward over ``rows`` (indices into the sampled rows) whose input after the
@@ -103,8 +119,7 @@ class SampledProducts:
         if self.versions is None or not self.outputs:
             return None
         width = input_ids.shape[1]
-        if (width > self.tokens.shape[1] or rows.numel() != input_ids.shape[0]
-                or any(parameter._version != version for parameter, version in self.versions)):
+        if width > self.tokens.shape[1] or rows.numel() != input_ids.shape[0] or not self._weights_unchanged():
             return None
         columns = torch.arange(width, device=input_ids.device)
         last = torch.where(predicted.bool(), columns, -1).amax(-1, keepdim=True)
@@ -122,10 +137,19 @@ class _Replay:
         self.consecutive = bool(torch.equal(rows, whole))
 
     def output(self, module: nn.Module, x: Tensor) -> Tensor | None:
-        """The kept output [b * w, out] of ``module`` for input ``x`` [b, w, in], or None."""
-        kept = self.products.outputs.get(module)
-        if kept is None or x.dim() != 3 or x.shape[0] != self.rows.numel() or x.shape[1] != self.width:
+        """The kept output [b * w, out] of ``module`` for input ``x`` [b, w, in], or None (also
+        for rows whose outputs a forward has taken already: a second forward computes its own)."""
+        products = self.products
+        kept = products.outputs.get(module)
+        if (kept is None or module not in products.written or x.dim() != 3 or x.shape[0] != self.rows.numel()
+                or x.shape[1] != self.width):
             return None
+        taken = products.taken[module]
+        if bool(taken[self.rows].any()):
+            return None
+        taken[self.rows] = True
+        if bool(taken.all()):
+            del products.outputs[module]
         if self.consecutive:
             start = int(self.rows[0])
             part = kept[start:start + self.rows.numel(), :self.width]

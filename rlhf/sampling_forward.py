@@ -321,6 +321,10 @@ class SamplingForward:
         hidden = slice_logits_to_keep(self.decoder.norm(hidden), logits_to_keep)
         return SamplingOutput(logits=self.lm_head(hidden), cache=cache if use_cache else None)
 
+    def projection_modules(self) -> set[nn.Module]:
+        """The projection modules whose outputs a recording call keeps (``recorder``)."""
+        return {module for layer in self.layers for module in layer.modules}
+
     def _release_fused(self) -> None:
         """Drop the fused packed weights: the model's forward packs each layer's own weights, and
         the memory check that allowed the fused copies counted one set, not both."""

@@ -89,6 +89,27 @@ def test_the_forward_takes_the_samplers_products_and_gives_the_plain_numbers(tin
     assert not torch.equal(taken[0], plain[0])  # the kept products were used: the rounding differs
 
 
+def test_each_rows_products_are_taken_once_and_dropped_once_all_are(tiny_model_dir, replays):
+    """A forward over every row takes each module's outputs and the products let go of them (the
+    forward keeps what its backward needs); a second forward over the rows computes its own."""
+    from rlhf.rollout import forward_response
+
+    model = _policy(tiny_model_dir, False)
+    rollout = _sample(model, tiny_model_dir)
+    products = rollout.sampled_products
+    with torch.no_grad():
+        forward_response(model, rollout, torch.tensor([0, 1, 3]), 1.0)  # one group: some rows
+        assert len(products.outputs) == 7 * model.policy.config.num_hidden_layers
+        forward_response(model, rollout, torch.tensor([2, 4, 5, 0, 1]), 1.0)  # rows 0, 1 again
+        assert len(products.outputs) == 7 * model.policy.config.num_hidden_layers
+        forward_response(model, rollout, torch.tensor([2, 4, 5]), 1.0)
+        assert products.outputs == {}  # every row taken
+        forward_response(model, rollout, slice(None), 1.0)
+    layers = model.policy.config.num_hidden_layers
+    assert replays.count(True) == 2 * 7 * layers  # the first and the third forward
+    assert replays.count(False) == 7 * layers  # the second: rows 0 and 1 were taken already
+
+
 def test_rows_that_left_the_decode_batch_and_a_micro_batchs_rows(tiny_model_dir, replays):
     """Rows that ended early leave the batch: their later positions are never sampled (zeros kept,
     padding in the forward); a micro-batch of some rows, in another order, takes their rows."""
@@ -106,16 +127,37 @@ def test_rows_that_left_the_decode_batch_and_a_micro_batchs_rows(tiny_model_dir,
     _assert_close((taken[0][mask], taken[1][mask], taken[2]), (plain[0][mask], plain[1][mask], plain[2]))
 
 
-def test_changed_weights_or_tokens_recompute(tiny_model_dir, replays):
+@pytest.mark.parametrize("change", ["in_place", "data", "fused_adamw", "frozen_in_place"])
+def test_changed_weights_recompute(tiny_model_dir, replays, change):
+    """Any change of the weights after sampling: an in-place op, a write through ``.data`` and a
+    fused AdamW step (neither bumps the version counter), an in-place op on a frozen weight."""
     from rlhf.rollout import forward_response
 
     model = _policy(tiny_model_dir, False)
     rollout = _sample(model, tiny_model_dir)
+    lora = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    frozen = next(p for p in model.parameters() if not p.requires_grad)
     with torch.no_grad():
-        lora = next(p for n, p in model.named_parameters() if "lora_B" in n)
-        lora.add_(0.0)  # an in-place change, as an optimizer step makes: the products are stale
+        if change == "in_place":
+            lora.add_(1e-3)
+        elif change == "data":
+            lora.data.add_(1e-3)
+        elif change == "fused_adamw":
+            optimizer = torch.optim.AdamW([lora], lr=1e-3, fused=True)
+            lora.grad = torch.ones_like(lora)
+            version = lora._version
+            optimizer.step()
+            assert lora._version == version  # so the version alone would not tell
+        else:
+            frozen.add_(0.0)
         forward_response(model, rollout, slice(None), 1.0)
     assert replays == []
+
+
+def test_other_tokens_or_released_products_recompute(tiny_model_dir, replays):
+    from rlhf.rollout import forward_response
+
+    model = _policy(tiny_model_dir, False)
     rollout = _sample(model, tiny_model_dir)
     changed = rollout.input_ids.clone()
     changed[2, -2] = (changed[2, -2] + 1) % 49152  # another token than the one sampled there
@@ -128,6 +170,21 @@ def test_changed_weights_or_tokens_recompute(tiny_model_dir, replays):
     with torch.no_grad():
         forward_response(model, rollout, slice(None), 1.0)
     assert replays == []
+
+
+def test_a_projection_the_sampler_never_wrote_is_computed(tiny_model_dir, replays):
+    """A module kept but never written (the sampler's forward did not compute it) must not hand
+    out its zeros."""
+    from rlhf.rollout import forward_response
+
+    model = _policy(tiny_model_dir, False)
+    rollout = _sample(model, tiny_model_dir)
+    products = rollout.sampled_products
+    unwritten = next(iter(products.written))
+    products.written.discard(unwritten)
+    with torch.no_grad():
+        forward_response(model, rollout, slice(None), 1.0)
+    assert replays.count(False) == 1 and replays.count(True) == 7 * model.policy.config.num_hidden_layers - 1
 
 
 def test_products_are_kept_only_where_they_fit_and_would_be_taken(tiny_model_dir, monkeypatch):
