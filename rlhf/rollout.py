@@ -602,10 +602,11 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
         # not where DeepSpeed/FSDP own the tensors
         cache_bytes = sampling_cache_bytes(plain.policy, min(chunk, len(raw_prompts)), config.max_prompt_length,
                                            config.max_new_tokens, episodes is not None)
-        products_bytes = sampled_products_bytes(plain, len(raw_prompts), config.max_new_tokens,
-                                                episodes is None and not shards_weights(accelerator))
         with sampling_speedups(plain.policy, enabled=not shards_weights(accelerator),
-                               reserve_bytes=cache_bytes + products_bytes) as (policy, fast_forward):
+                               reserve_bytes=cache_bytes) as (policy, fast_forward):
+            # decided once the sampling's weight copies exist, which speed every token and come first
+            products_bytes = sampled_products_bytes(plain, len(raw_prompts), config.max_new_tokens,
+                                                    episodes is None and not shards_weights(accelerator), cache_bytes)
             recorder = None
             if products_bytes and fast_forward is not None:  # the projections both forwards compute
                 recorded = fast_forward.projection_modules()
@@ -643,14 +644,16 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
     return rollout
 
 
-def sampled_products_bytes(model: PolicyWithValue, rows: int, max_new_tokens: int, eligible: bool) -> int:
+def sampled_products_bytes(model: PolicyWithValue, rows: int, max_new_tokens: int, eligible: bool,
+                           reserve_bytes: int = 0) -> int:
     """Memory for the sampler's products of ``rows`` responses (``rlhf.sampled_products``), or 0
     where they are not kept: not ``eligible`` (tool episodes, sharded weights), not on a CPU, no
     shared prompt prefix in the update's forward (the only forward that takes them), no layer that
-    could take them, or more than a quarter of the memory free."""
+    could take them, or more than a quarter of the memory free beyond ``reserve_bytes`` (the KV
+    cache the sampling will fill)."""
     from rlhf.cpu_linear import available_memory_bytes
 
     if not eligible or not model.share_prompt_prefix or next(model.policy.parameters()).device.type != "cpu":
         return 0
     needed = SampledProducts.bytes_needed(model.policy, rows, max_new_tokens)
-    return needed if 0 < needed <= available_memory_bytes() // 4 else 0
+    return needed if 0 < needed <= (available_memory_bytes() - reserve_bytes) // 4 else 0

@@ -202,6 +202,9 @@ def test_products_are_kept_only_where_they_fit_and_would_be_taken(tiny_model_dir
     assert sampled_products_bytes(model, 6, 7, True) == needed
     monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 4 * needed - 4)
     assert sampled_products_bytes(model, 6, 7, True) == 0
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 4 * needed + 1000)
+    assert sampled_products_bytes(model, 6, 7, True, reserve_bytes=1000) == needed  # the KV cache comes first
+    assert sampled_products_bytes(model, 6, 7, True, reserve_bytes=1004) == 0
     monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 10 * needed)
     assert sampled_products_bytes(model, 6, 7, False) == 0  # tool episodes, sharded weights
     model.share_prompt_prefix = False  # the forward that would take them never runs
