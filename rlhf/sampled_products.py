@@ -44,9 +44,9 @@ class SampledProducts:
     (after a row's last token, which it draws but never feeds; a row that left the batch)."""
 
     def __init__(self, modules: list[nn.Module], rows: int, columns: int, device: torch.device):
-        # zeros, not empty: a position the sampler never fed (a finished row's last token and
-        # padding) must hold a finite number, since the forward still computes from it
-        self.outputs = {module: torch.zeros(rows, columns, module.get_base_layer().out_features, device=device)
+        # uninitialised: the positions the sampler never feeds are zeroed by ``seal`` (no memset of
+        # the whole buffer first)
+        self.outputs = {module: torch.empty(rows, columns, module.get_base_layer().out_features, device=device)
                         for module in modules}
         self.tokens = torch.full((rows, columns), -1, dtype=torch.long, device=device)
         self.versions: list[tuple[Tensor, int]] | None = None  # set by ``seal`` once sampling has ended
@@ -95,6 +95,12 @@ class SampledProducts:
         """Sampling has ended: the products hold for the weights as they are now. A trained
         parameter's value is kept to compare (a fused optimizer step, or a write through ``.data``,
         leaves its version counter as it was); the frozen ones are checked by version alone."""
+        # A position never fed (a row's last token, padding) must hold a finite number: the forward
+        # still computes from it, and a backward that multiplies its zero gradient by a NaN gets NaN.
+        unfed = self.tokens < 0
+        if bool(unfed.any()):
+            for kept in self.outputs.values():
+                kept[unfed] = 0.0
         parameters = list(policy.parameters())
         self.versions = [(parameter, parameter._version) for parameter in parameters]
         self.trained = [(parameter, parameter.detach().clone()) for parameter in parameters if parameter.requires_grad]

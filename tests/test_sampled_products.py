@@ -29,6 +29,8 @@ def _sample(model, model_dir, stops=None, max_new_tokens=7):
 
     tokenizer = load_tokenizer(str(model_dir))
     recorder = SampledProducts(replayable_modules(model.policy), len(PROMPTS), max_new_tokens, torch.device("cpu"))
+    for kept in recorder.outputs.values():  # memory a step before left behind: anything unwritten shows
+        kept.fill_(float("nan"))
     with sampling_speedups(model.policy) as (sampler, fast_forward):
         assert fast_forward is not None
         torch.manual_seed(1)
@@ -115,7 +117,10 @@ def test_rows_that_left_the_decode_batch_and_a_micro_batchs_rows(tiny_model_dir,
     padding in the forward); a micro-batch of some rows, in another order, takes their rows."""
     model = _policy(tiny_model_dir, False)
     rollout = _sample(model, tiny_model_dir, stops=list(range(0, 49152, 4)), max_new_tokens=9)
-    assert (rollout.sampled_products.tokens == -1).any()  # some rows left early
+    products = rollout.sampled_products
+    assert (products.tokens == -1).any()  # some rows left early
+    for kept in products.outputs.values():  # what was never fed holds zeros, not what the memory held
+        assert torch.isfinite(kept).all() and (kept[products.tokens == -1] == 0).all()
     assert (rollout.mask.sum(-1) < rollout.response_length).any()
     rows = torch.tensor([4, 1, 2, 0])  # two groups (a shared prefix), not in order
     narrowed, _ = rollout.narrowed(rows)
