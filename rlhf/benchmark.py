@@ -176,7 +176,8 @@ def _summarise(rows: list[dict[str, float]], sequences: int) -> dict[str, Any]:
 def run_ours(algorithm: str, config: BenchmarkConfig, output_dir: Path,
              profile_to: Path | None = None) -> tuple[list[dict[str, float]], dict[str, Any]]:
     """Measured rows per step after the warm-up, and what the roofline needs to know of the run
-    (separate no-grad passes per step, whether a group's prompt runs once)."""
+    (separate no-grad passes per step, whether a group's prompt runs once, whether the update took
+    the sampler's products)."""
     from rlhf.trainer import RLTrainer
 
     trainer = RLTrainer(ours_config(algorithm, config, output_dir, config.warmup_steps + config.steps))
@@ -187,11 +188,14 @@ def run_ours(algorithm: str, config: BenchmarkConfig, output_dir: Path,
         _profile_one_step(trainer, config.warmup_steps, profile_to)
     trainer.train()
     metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    # every measured step's update took its forward's products from the sampler (rlhf.sampled_products)
+    sampled_forward = [shape.pop("sampled_forward") for shape in shapes][config.warmup_steps:]
     rows = [{"step": m["step_time_s"], "tokens": m["tokens_per_second"] * m["step_time_s"],
              "generation": m["rollout_time_s"], "scoring": m["score_time_s"], "logprobs": m["logprob_time_s"],
              "update": m["update_time_s"], **shape} for m, shape in zip(metrics, shapes)]
     run_facts = {"no_grad_passes": int(trainer.passes.old) + int(trainer.passes.reference),
-                 "shared_prompt": bool(trainer.unwrapped.share_prompt_prefix)}
+                 "shared_prompt": bool(trainer.unwrapped.share_prompt_prefix),
+                 "sampled_forward": bool(sampled_forward) and all(sampled_forward)}
     return rows[config.warmup_steps:], run_facts
 
 
@@ -221,7 +225,8 @@ def _record_rollout_shapes(trainer: Any) -> list[dict[str, int]]:
     def recorded() -> Any:
         batch = rollout()
         response = batch.response_ids.shape[1]
-        shapes.append({"prompt_length": batch.input_ids.shape[1] - response, "response_length": response})
+        shapes.append({"prompt_length": batch.input_ids.shape[1] - response, "response_length": response,
+                       "sampled_forward": batch.sampled_products is not None})
         return batch
     trainer.rollout = recorded
     return shapes
@@ -809,7 +814,8 @@ def roofline_of(config: BenchmarkConfig, ours: dict[str, Any], machine: dict[str
         return {"error": "needs a measured ours-grpo run"}
     step = StepShape(groups=config.prompts_per_step, group_size=config.num_generations,
                      prompt_length=round(ours["prompt_length"]), response_length=round(ours["response_length"]),
-                     lora_r=config.lora_r, no_grad_passes=ours["no_grad_passes"], shared_prompt=ours["shared_prompt"])
+                     lora_r=config.lora_r, no_grad_passes=ours["no_grad_passes"], shared_prompt=ours["shared_prompt"],
+                     sampled_forward=bool(ours.get("sampled_forward")))
     return bounds_report(model_shape(config.model), step, Machine(**machine), ours)
 
 

@@ -18,7 +18,9 @@ What is counted (Llama-style decoder, float32, LoRA on every linear layer of the
   positions. LoRA A, B (trained): forward x A^T, (x A^T) B^T = 2r(in+out); backward g B, dA, dB and
   the low-rank part of dx = 4r(in+out) (less 2r·in in layer 0's q/k/v/gate/up): 6x their size.
   Attention's score and value products (QK^T, AV) are counted causally (2 FLOPs per head dim per
-  query-key pair each); their backward is 2x their forward.
+  query-key pair each); their backward is 2x their forward. Where the update's forward takes the
+  sampler's products (``sampled_forward``), the frozen weights' forward after the prompt is not
+  counted (the sampler did it): 2x there.
 Norms, activations, softmax and the optimizer step are left out (elementwise; small next to the GEMMs).
 """
 
@@ -131,6 +133,8 @@ class StepShape:
     lora_r: int | None = 16  # None: full fine-tuning
     no_grad_passes: int = 0  # separate logprob passes over the batch (old, reference); 0 for one-update GRPO
     shared_prompt: bool = True  # a group's prompt runs once (its KV cache copied to each row)
+    # the update's forward after the prompt takes the frozen products from the sampler (rlhf.sampled_products)
+    sampled_forward: bool = False
 
     @property
     def sequences(self) -> int:
@@ -195,6 +199,8 @@ def update_work(model: ModelShape, step: StepShape) -> Work:
         first = model.first_layer_inputs().values()
         flops += 6.0 * model.lora_weights(r) * body
         flops -= (2.0 * sum(i * o for i, o in first) + 2.0 * r * sum(i for i, _ in first)) * body  # no dx there
+        if step.sampled_forward:  # the response positions' frozen forward products were the sampler's
+            flops -= 2.0 * model.block_weights * step.sequences * step.response_length
     else:  # every weight also gets dW = g^T x (the embedding is trained, so layer 0 needs its dx too)
         flops += 2.0 * model.block_weights * body + 2.0 * model.lm_head_weights * head
     return Work(flops, (model.block_weights + model.lm_head_weights) * FLOAT32_BYTES)

@@ -191,3 +191,12 @@ def test_roofline_on_a_model_it_cannot_count_is_a_config_error_before_any_run(ki
                       "--steps", "1", "--lengths", "4", "--out", str(tmp_path / "bench.json"))
     assert_one_line_error(result, "--roofline counts the work of dense Llama-style decoders", f"({kind})")
     assert "ours-grpo" not in result.stdout and not (tmp_path / "bench.json").exists()
+
+
+def test_the_update_does_not_count_the_forward_it_took_from_the_sampler():
+    # rlhf.sampled_products: the response positions' frozen forward products (6 rows x 4) were the sampler's
+    import dataclasses
+
+    taken = dataclasses.replace(STEP, sampled_forward=True)
+    assert update_work(TINY, taken).flops == update_work(TINY, STEP).flops - 2 * TINY.block_weights * 6 * 4
+    assert forward_work(TINY, taken).flops == forward_work(TINY, STEP).flops  # a no-grad pass is not the update
