@@ -605,8 +605,15 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
         with sampling_speedups(plain.policy, enabled=not shards_weights(accelerator),
                                reserve_bytes=cache_bytes) as (policy, fast_forward):
             # decided once the sampling's weight copies exist, which speed every token and come first
-            products_bytes = sampled_products_bytes(plain, len(raw_prompts), config.max_new_tokens,
-                                                    episodes is None and not shards_weights(accelerator), cache_bytes)
+            # kept only where a forward could take them: a group's rows share their prompt's prefix
+            # (the update's forward after it is the one that takes them), and the sampler's forward
+            # runs every step (a sliding window within the sequence hands the steps past it to the model's)
+            products_bytes = sampled_products_bytes(
+                plain, len(raw_prompts), config.max_new_tokens,
+                episodes is None and not shards_weights(accelerator) and num_generations > 1
+                and (fast_forward is None or fast_forward.window is None
+                     or fast_forward.window > config.max_prompt_length + config.max_new_tokens),
+                cache_bytes)
             recorder = None
             if products_bytes and fast_forward is not None:  # the projections both forwards compute
                 recorded = fast_forward.projection_modules()

@@ -246,3 +246,30 @@ def test_a_grpo_step_takes_the_products_and_releases_them(tiny_model_dir, tmp_pa
     assert kept[-1] is None
     for name in ("policy_loss", "grad_norm", "entropy", "reward_mean"):
         assert taken[name] == pytest.approx(plain[name], rel=1e-4, abs=1e-6), name
+
+
+@pytest.mark.parametrize("case", ["groups", "one_sample_per_prompt", "window_inside", "window_beyond"])
+def test_products_are_kept_only_where_a_forward_can_take_them(tiny_model_dir, tmp_path, monkeypatch, case):
+    """Without groups no two rows share a prompt, so no forward runs after a shared prefix; a
+    sliding window the sequence can reach hands the steps past it to the model's own forward,
+    which keeps nothing: either way the products would only take memory (found by a review)."""
+    import contextlib
+
+    from test_correctness import make_trainer
+
+    from rlhf import rollout as rollout_module
+
+    speedups = rollout_module.sampling_speedups
+
+    @contextlib.contextmanager
+    def windowed(*args, **kwargs):
+        with speedups(*args, **kwargs) as (policy, fast_forward):
+            fast_forward.window = {"window_inside": 10, "window_beyond": 10_000}.get(case)
+            yield policy, fast_forward
+
+    monkeypatch.setattr(rollout_module, "sampling_speedups", windowed)
+    one = {"num_generations": 1, "rollout_batch_size": 8}
+    algorithm, overrides = ("ppo", one) if case == "one_sample_per_prompt" else ("grpo", {})
+    trainer = make_trainer(tiny_model_dir, tmp_path, algorithm, **overrides)
+    rollout = trainer.rollout()
+    assert (rollout.sampled_products is not None) == (case in ("groups", "window_beyond"))
