@@ -9,16 +9,13 @@ PROMPTS = ["Hi", "Hi", "A much longer prompt with more tokens", "Hi", "A much lo
 
 
 def _policy(model_dir, chunked):
-    from rlhf.models import PolicyWithValue, add_lora, fuse_lora_layers, load_base_model
+    from test_speedups import _trained_lora
 
-    torch.manual_seed(0)
-    policy = add_lora(load_base_model(str(model_dir)), 4, 8, 0.0, ["all-linear"])
-    with torch.no_grad():  # a non-zero adapter, as after some training
-        for name, param in policy.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    from rlhf.models import PolicyWithValue, fuse_lora_layers
+
+    policy = _trained_lora(model_dir)
     assert fuse_lora_layers(policy) > 0
-    return PolicyWithValue(policy.eval(), None, share_prompt_prefix=True, chunk_logits_bytes=0 if chunked else None)
+    return PolicyWithValue(policy, None, share_prompt_prefix=True, chunk_logits_bytes=0 if chunked else None)
 
 
 def _sample(model, model_dir, stops=None, max_new_tokens=7):
