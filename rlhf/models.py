@@ -321,7 +321,9 @@ class _LoraLinearFunction(torch.autograd.Function):
     The backward is itself differentiable (TRPO's Fisher-vector products differentiate the
     gradient again): under create_graph it recomputes x A^T from the inputs, so the second
     derivatives reach x and A instead of stopping at a saved tensor without history.
-    x: [N, in] rows (``lora_linear`` takes any leading shape).
+    x: [N, in] rows (``lora_linear`` takes any leading shape). Given ``product`` (y as the sampler
+    computed it, ``rlhf.sampled_products``) the forward returns it and computes only x A^T; the
+    backward is the same.
     """
 
     @staticmethod
