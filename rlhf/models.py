@@ -729,7 +729,7 @@ class PolicyWithValue(nn.Module):
                   "position_ids": position_ids[:, suffix], "cache": cache, "use_cache": cache is not None}
         chunked = labels is not None and self._chunked(input_ids.shape[0] * response_length)  # probes a forward
         replay = None
-        if sampled is not None and sampled[0] is not None and cache is not None:
+        if sampled is not None and cache is not None:
             replay = sampled[0].replay(sampled[1], inputs["input_ids"], attention_mask[:, -response_length:])
         with replaying(replay):
             return self._forward_suffix(inputs, response_length, labels, temperature, with_entropy, entropy_gradient,

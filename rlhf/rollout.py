@@ -604,18 +604,16 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
                                            config.max_new_tokens, episodes is not None)
         with sampling_speedups(plain.policy, enabled=not shards_weights(accelerator),
                                reserve_bytes=cache_bytes) as (policy, fast_forward):
-            # decided once the sampling's weight copies exist, which speed every token and come first
-            # kept only where a forward could take them: a group's rows share their prompt's prefix
-            # (the update's forward after it is the one that takes them), and the sampler's forward
-            # runs every step (a sliding window within the sequence hands the steps past it to the model's)
+            # decided once the sampling's weight copies exist, which speed every token and come first;
+            # kept only where a forward can take them: a group's rows share their prompt's prefix (the
+            # update's forward after it is the one that takes them) and the sampler's forward runs every step
             products_bytes = sampled_products_bytes(
                 plain, len(raw_prompts), config.max_new_tokens,
-                episodes is None and not shards_weights(accelerator) and num_generations > 1
-                and (fast_forward is None or fast_forward.window is None
-                     or fast_forward.window > config.max_prompt_length + config.max_new_tokens),
+                episodes is None and num_generations > 1 and fast_forward is not None
+                and fast_forward.runs_every_step(config.max_prompt_length + config.max_new_tokens),
                 cache_bytes)
             recorder = None
-            if products_bytes and fast_forward is not None:  # the projections both forwards compute
+            if products_bytes:  # the projections both forwards compute
                 recorded = fast_forward.projection_modules()
                 recorder = SampledProducts([module for module in replayable_modules(plain.policy) if module in recorded],
                                            len(raw_prompts), config.max_new_tokens, next(plain.policy.parameters()).device)
@@ -654,7 +652,7 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
 def sampled_products_bytes(model: PolicyWithValue, rows: int, max_new_tokens: int, eligible: bool,
                            reserve_bytes: int = 0) -> int:
     """Memory for the sampler's products of ``rows`` responses (``rlhf.sampled_products``), or 0
-    where they are not kept: not ``eligible`` (tool episodes, sharded weights), not on a CPU, no
+    where they are not kept: not ``eligible`` (tool episodes, no sampler's forward), not on a CPU, no
     shared prompt prefix in the update's forward (the only forward that takes them), no layer that
     could take them, or more than a quarter of the memory free beyond ``reserve_bytes`` (the KV
     cache the sampling will fill)."""

@@ -321,6 +321,11 @@ class SamplingForward:
         hidden = slice_logits_to_keep(self.decoder.norm(hidden), logits_to_keep)
         return SamplingOutput(logits=self.lm_head(hidden), cache=cache if use_cache else None)
 
+    def runs_every_step(self, columns: int) -> bool:
+        """Whether sequences of up to ``columns`` positions stay in this forward at every step (a
+        sliding window they reach hands the steps from its edge on to the model's own forward)."""
+        return self.window is None or columns < self.window
+
     def projection_modules(self) -> set[nn.Module]:
         """The projection modules whose outputs a recording call keeps (``recorder``)."""
         return {module for layer in self.layers for module in layer.modules}
