@@ -210,7 +210,7 @@ class _KeptTransposes:
         if needed > self.budget:
             return None
         self.budget -= needed
-        self.copies[key] = (weight, weight._version, weight.t().contiguous())
+        self.copies[key] = (weight, weight._version, transposed_copy(weight))
         return self.copies[key][2]
 
     def _first_budget(self) -> int:
@@ -232,6 +232,24 @@ class _KeptTransposes:
 
 
 _transposed_copies: _KeptTransposes | None = None
+
+# Rows of a tall weight transposed per block by ``transposed_copy``.
+TRANSPOSE_BLOCK_ROWS = 256
+
+
+def transposed_copy(weight: Tensor) -> Tensor:
+    """``weight.t().contiguous()`` for a 2-D ``weight`` [out, in], a block of rows at a time.
+
+    One strided copy of a tall matrix writes each output row across the whole of it; in blocks of
+    256 rows the writes stay within a few pages: SmolLM2's 49152 x 576 LM head 96 -> 48 ms
+    (AVX-512 EPYC, 2 threads), a 1536 x 576 weight 0.47 ms either way. The same numbers (a copy)."""
+    rows = weight.shape[0]
+    if rows <= 2 * TRANSPOSE_BLOCK_ROWS:
+        return weight.t().contiguous()
+    transposed = torch.empty(weight.shape[1], rows, dtype=weight.dtype, device=weight.device)
+    for start in range(0, rows, TRANSPOSE_BLOCK_ROWS):
+        transposed[:, start:start + TRANSPOSE_BLOCK_ROWS].copy_(weight[start:start + TRANSPOSE_BLOCK_ROWS].t())
+    return transposed
 
 
 @functools.cache

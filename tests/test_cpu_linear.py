@@ -491,3 +491,15 @@ def test_the_chunked_lm_heads_gradient_directions_are_bitwise_the_same_with_kept
         assert list(cpu_linear._transposed_copies.copies) == [head.weight.data_ptr()]
     for got, expected in zip(kept, plain):
         assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (512, 7), (513, 7), (1000, 9), (2 * 256 * 3 + 17, 4)])
+def test_a_blockwise_transposed_copy_is_the_transpose(monkeypatch, shape):
+    from rlhf import cpu_linear
+
+    weight = torch.randn(*shape)
+    copy = cpu_linear.transposed_copy(weight)
+    assert copy.is_contiguous() and torch.equal(copy, weight.t())
+    monkeypatch.setattr(cpu_linear, "TRANSPOSE_BLOCK_ROWS", 3)  # blocks that do not divide the rows
+    copy = cpu_linear.transposed_copy(weight)
+    assert copy.is_contiguous() and torch.equal(copy, weight.t())
