@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import tempfile
+import types
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -421,6 +422,77 @@ def fuse_lora_layers(policy: PeftModel) -> int:
         layer.forward = forward
         fused += 1
     return fused
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """h = silu(gate) * up, keeping only gate and up for the backward.
+
+    Autograd's two nodes keep gate (for SiLU), silu(gate) and up (for the product): one
+    [N, intermediate] tensor more per layer than the backward needs, since silu(gate) is cheap to
+    compute again. The backward is autograd's own chain, op for op,
+      d up = g * silu(gate),   d gate = silu_backward(g * up, gate),
+    so the gradients are bitwise those of the two nodes. Under create_graph (TRPO's second
+    derivatives) it takes the differentiable form of SiLU's derivative autograd takes there; the
+    second derivatives then agree up to float rounding (their terms add up in another order).
+    gate, up: [..., intermediate], the same shape and dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return nn.functional.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        gate, up = ctx.saved_tensors
+        grad_activated = grad * up
+        if torch.is_grad_enabled():  # double backward: autograd's differentiable form of SiLU's derivative
+            sigmoid = gate.sigmoid()
+            grad_gate = grad_activated * sigmoid * (1.0 + gate * (1.0 - sigmoid))
+        else:
+            grad_gate = torch.ops.aten.silu_backward(grad_activated, gate)
+        # silu(gate) * grad, in place of the recomputed activation (a product's factors commute bitwise)
+        return grad_gate, nn.functional.silu(gate).mul_(grad)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up; with gradients through ``_SwiGLUFunction`` (one saved tensor fewer)."""
+    if torch.is_grad_enabled() and gate.requires_grad and up.requires_grad and gate.shape == up.shape:
+        return _SwiGLUFunction.apply(gate, up)
+    return nn.functional.silu(gate) * up
+
+
+# transformers' MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)).
+SWIGLU_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+
+
+def fuse_swiglu_mlps(model: nn.Module) -> int:
+    """Give each stock gated-SiLU MLP of ``model`` (``SWIGLU_MLPS``, with transformers' own SiLU
+    as its activation) a forward that runs its product through ``swiglu``: the same numbers, and
+    an update's backward keeps one [tokens, intermediate] tensor per layer fewer (SmolLM2-135M,
+    16 x 305 tokens: 0.9 GB of its 5.6 GB). Returns how many. A subclass, a patched class or
+    instance forward (Liger, unsloth), another activation or a kernelized one keep their own."""
+    from transformers.activations import SiLUActivation
+
+    fused = 0
+    for mlp in model.modules():
+        cls = type(mlp)
+        act = getattr(mlp, "act_fn", None)
+        if (cls.__name__ not in SWIGLU_MLPS or not cls.__module__.startswith("transformers.models.")
+                or getattr(cls.forward, "__module__", None) != cls.__module__ or "forward" in vars(mlp)
+                or type(act) not in (SiLUActivation, nn.SiLU) or "forward" in vars(act)
+                or type(act).forward not in (SiLUActivation.forward, nn.SiLU.forward)):
+            continue
+        mlp.forward = types.MethodType(_swiglu_mlp_forward, mlp)  # bound: a deep copy rebinds it to the copy
+        fused += 1
+    return fused
+
+
+def _swiglu_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
+    return mlp.down_proj(swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
+
+
+_swiglu_mlp_forward.stock_math = True  # rlhf.sampling_forward: the class's own numbers
 
 
 @contextmanager

@@ -176,9 +176,12 @@ def _output_capturing(hook: Callable[..., Any]) -> bool:
 def _stock(module: nn.Module, class_name: str, modeling: str) -> bool:
     """Whether ``module`` runs transformers' own forward of ``class_name``, from ``modeling``: this
     forward replaces it without calling it, so a patched class (Liger, unsloth) or a forward set
-    on the instance must keep the model's own."""
+    on the instance must keep the model's own (but ``rlhf.models.fuse_swiglu_mlps``' forward,
+    which computes the class's numbers)."""
     cls = type(module)
-    return (cls.__name__ == class_name and cls.__module__ == modeling and "forward" not in vars(module)
+    own = vars(module).get("forward")  # set on the instance: only one that computes the class's own numbers
+    return (cls.__name__ == class_name and cls.__module__ == modeling
+            and (own is None or getattr(own, "stock_math", False))
             and getattr(cls.forward, "__module__", None) == modeling)
 
 
