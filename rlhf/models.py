@@ -678,6 +678,45 @@ class ValueHead(nn.Module):
         return self.summary(hidden_states.float()).squeeze(-1)
 
 
+# transformers' switch for grouped key/value heads inside SDPA (integrations.sdpa_attention.use_gqa_in_sdpa)
+FORCE_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+@contextmanager
+def gqa_inside_sdpa(model: nn.Module) -> Iterator[None]:
+    """Within, on a CPU, a forward with gradients of ``model`` hands SDPA its grouped key/value heads
+    as they are (``enable_gqa``) instead of transformers' copies repeated to every query head.
+
+    With a padding mask transformers repeats the keys and values (``repeat_kv``) so that CUDA keeps
+    its fused kernels; PyTorch's CPU kernel takes the groups itself. The outputs and the query
+    gradient are bitwise the same, the key/value gradients sum a group's query heads in another
+    order (within 2e-7 relative), and the backward no longer keeps the repeated copies: SmolLM2-135M
+    (9 query heads on 3 key/value heads), 16 x 306 tokens: 85 -> 76 ms per layer forward and backward,
+    and the benchmark's peak RSS at 256 tokens 10.0 -> 9.2 GB. Only for SDPA models with fewer
+    key/value heads than query heads whose weights are on the CPU (a CUDA SDPA with a mask and
+    ``enable_gqa`` falls back to its unfused math kernel), only while gradients are on, and not
+    with gradient checkpointing (whose recomputation in the backward must take the same path)."""
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    applies = (torch.is_grad_enabled() and getattr(config, "_attn_implementation", None) == "sdpa"
+               and isinstance(heads, int) and getattr(config, "num_key_value_heads", heads) not in (None, heads)
+               and next(model.parameters()).device.type == "cpu" and os.environ.get(FORCE_GQA_ENV) != "1"
+               # a checkpointed layer runs its forward again in the backward, outside this switch
+               and not any(getattr(module, "gradient_checkpointing", False) for module in model.modules()))
+    if not applies:
+        yield
+        return
+    previous = os.environ.get(FORCE_GQA_ENV)
+    os.environ[FORCE_GQA_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[FORCE_GQA_ENV]
+        else:
+            os.environ[FORCE_GQA_ENV] = previous
+
+
 def distinct_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
     """Rows that share a (left-padded) prompt, as in a GRPO group.
 
@@ -789,7 +828,15 @@ class PolicyWithValue(nn.Module):
         ``sampled``: (the ``rlhf.sampled_products.SampledProducts`` of the rollout these rows come
         from, the rows' indices in it): with a shared prefix, the forward after it takes the
         sampler's products where they are still this forward's (same weights, same tokens).
+        With gradients on a CPU, SDPA takes the grouped key/value heads as they are (``gqa_inside_sdpa``).
         """
+        with gqa_inside_sdpa(self.policy):
+            return self._forward(input_ids, attention_mask, position_ids, response_length, labels, temperature,
+                                 with_entropy, entropy_gradient, sampled)
+
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_length: int,
+                 labels: Tensor | None, temperature: float, with_entropy: bool, entropy_gradient: bool,
+                 sampled: tuple[Any, Tensor] | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         # The last prompt token stays outside the shared prefix: its logits predict response token 0.
         prefix_length = input_ids.shape[1] - response_length - 1
         cache = (shared_prompt_cache(self.policy, input_ids, attention_mask, position_ids, prefix_length)
