@@ -1073,3 +1073,25 @@ def test_each_sampling_weight_copy_leaves_room_for_the_reserve(tiny_model_dir, m
             assert forward is not None
             onednn_fuses = cpu_linear.onednn_packing_usable() and cpu_linear.use_onednn()
             assert any(layer.qkv is not None for layer in forward.layers) == (fuses and onednn_fuses)
+
+
+@pytest.mark.parametrize("rows", [8, 15, 22, 29, 36, 43])
+def test_chunked_logprobs_are_the_whole_batchs_whatever_row_falls_last(monkeypatch, rows):
+    """Chunks never leave one row alone (a one-row product takes another kernel and rounds
+    differently): logprobs, entropy and the hidden state's gradient equal the unchunked product's
+    bitwise. Before, 7-row chunks left a single row at the end of each of these batches."""
+    from rlhf import cpu_linear
+    from rlhf.algorithms import logits as logits_module
+
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)  # small weights take oneDNN too, as large ones do
+    torch.manual_seed(0)
+    weight = torch.randn(1024, 96) * 0.1
+    hidden = torch.randn(1, rows, 96, requires_grad=True)
+    labels = torch.randint(0, 1024, (1, rows))
+    results = []
+    for chunk in (2 ** 22, 7 * 1024):
+        monkeypatch.setattr(logits_module, "CHUNK_LOGITS", chunk)
+        logprobs, entropy = logits_module.logprobs_from_hidden(hidden, weight, labels, 1.0, True)
+        results.append((logprobs, entropy, torch.autograd.grad(logprobs.sum(), hidden)[0]))
+    assert all(torch.equal(whole, chunked) for whole, chunked in zip(*results))
+    assert [c.stop - c.start for c in logits_module.row_chunks(rows, 1024)] != [rows]  # several chunks

@@ -54,10 +54,21 @@ def logprobs_and_entropy_from_logits(logits: Tensor, labels: Tensor) -> tuple[Te
     return logprobs, entropy
 
 
-# Rows of [rows, V] float32 logits per chunk: 2**24 floats = 64 MiB (341 rows of a 49k vocabulary).
-# Half the 128 MiB chunk this had: bitwise the same, and 4096 tokens of SmolLM2's head forward and
-# backward take 3.16 instead of 3.33 s (5 alternating runs, AVX-512 EPYC); 170 rows were slower again.
+# Float32 logits per chunk at most: 2**24 floats = 64 MiB (341 rows of a 49k vocabulary). Half the
+# 128 MiB chunk this had: 4096 tokens of SmolLM2's head forward and backward take 3.16 instead of
+# 3.33 s (5 alternating runs, AVX-512 EPYC), the same numbers (``row_chunks``); 170 rows were slower.
 CHUNK_LOGITS = 2 ** 24
+
+
+def row_chunks(rows: int, vocabulary: int) -> list[slice]:
+    """``rows`` rows of logits over ``vocabulary`` as chunks of at most CHUNK_LOGITS floats (at
+    least 3 rows), spread evenly: a one-row product takes another kernel than products of 2+ rows
+    and rounds differently, and an even split leaves no chunk with a single row (where there is
+    more than one row), so every row's numbers are those of the whole batch's product."""
+    most = max(3, CHUNK_LOGITS // vocabulary)
+    chunks = -(-rows // most)
+    bounds = [rows * index // chunks for index in range(chunks + 1)] if chunks else []
+    return [slice(start, end) for start, end in zip(bounds, bounds[1:])]
 
 
 class _ChunkedProjectionLogprobs(torch.autograd.Function):
@@ -81,13 +92,11 @@ class _ChunkedProjectionLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float,
                 with_entropy: bool, entropy_gradient: bool = False) -> tuple[Tensor, Tensor]:
-        rows = max(1, CHUNK_LOGITS // weight.shape[0])
         logprobs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(hidden.shape[0] if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         direction = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         entropy_direction = torch.empty_like(hidden) if entropy_gradient and direction is not None else None
-        for start in range(0, hidden.shape[0], rows):
-            chunk = slice(start, start + rows)
+        for chunk in row_chunks(hidden.shape[0], weight.shape[0]):
             log_probs = _chunk_log_softmax(hidden[chunk], weight, temperature)
             logprobs[chunk] = log_probs.gather(-1, labels[chunk].unsqueeze(-1)).squeeze(-1)
             probs = log_probs.exp() if with_entropy or direction is not None else None
