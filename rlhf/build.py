@@ -55,7 +55,12 @@ def build_model(config: Any, accelerator: Any, init_adapter: SavedLora | None,
     # The chunked projection reads the LM head's weight directly: not under DeepSpeed/FSDP sharding.
     chunk_bytes = (int(config.chunked_logprobs_mb * 2 ** 20)
                    if config.chunked_logprobs_mb is not None and not shards_weights(accelerator) else None)
-    model = PolicyWithValue(policy, value_head, share_prompt_prefix=share_prompt_prefix, chunk_logits_bytes=chunk_bytes)
+    # SDPA on grouped heads: the CPU's kernel takes them; not under sharding (a CPU-offloaded FSDP
+    # model computes on its GPU) nor with checkpointed layers (recomputed outside the switch)
+    grouped_heads = (accelerator.device.type == "cpu" and not shards_weights(accelerator)
+                     and not config.gradient_checkpointing)
+    model = PolicyWithValue(policy, value_head, share_prompt_prefix=share_prompt_prefix, chunk_logits_bytes=chunk_bytes,
+                            grouped_heads_in_sdpa=grouped_heads)
     param_groups = trainable_parameter_groups(model, config.learning_rate, config.value_learning_rate,
                                               config.weight_decay)
     if not optimizer_trains_policy:  # e.g. TRPO moves the policy itself; AdamW only fits the value head

@@ -11,7 +11,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -471,7 +471,8 @@ def fuse_swiglu_mlps(model: nn.Module) -> int:
     as its activation) a forward that runs its product through ``swiglu``: the same numbers, and
     an update's backward keeps one [tokens, intermediate] tensor per layer fewer (the benchmark's
     GRPO step of SmolLM2-135M at 16 x 256 new tokens: peak RSS 10.41 -> 10.00 GB). Returns how many. A subclass, a patched class or
-    instance forward (Liger, unsloth), another activation or a kernelized one keep their own."""
+    instance forward (Liger, unsloth), another activation or a kernelized one keep their own; an
+    activation with hooks or a compiled call is called as the class does (checked at each call)."""
     from transformers.activations import SiLUActivation
 
     fused = 0
@@ -489,7 +490,18 @@ def fuse_swiglu_mlps(model: nn.Module) -> int:
 
 
 def _swiglu_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
+    act = mlp.act_fn
+    if _module_call_runs_more(act):  # a hook or a compiled call on the activation: it must run
+        return mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x))
     return mlp.down_proj(swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
+
+
+def _module_call_runs_more(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its forward: its own or global forward hooks, a compiled call."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks or getattr(module, "_compiled_call_impl", None) is not None)
 
 
 _swiglu_mlp_forward.stock_math = True  # rlhf.sampling_forward: the class's own numbers
@@ -690,31 +702,34 @@ def gqa_inside_sdpa(model: nn.Module) -> Iterator[None]:
     With a padding mask transformers repeats the keys and values (``repeat_kv``) so that CUDA keeps
     its fused kernels; PyTorch's CPU kernel takes the groups itself. The outputs and the query
     gradient are bitwise the same, the key/value gradients sum a group's query heads in another
-    order (within 2e-7 relative), and the backward no longer keeps the repeated copies: SmolLM2-135M
-    (9 query heads on 3 key/value heads), 16 x 306 tokens: 85 -> 76 ms per layer forward and backward,
-    and the benchmark's peak RSS at 256 tokens 10.0 -> 9.3 GB. Only for SDPA models with fewer
-    key/value heads than query heads whose weights are on the CPU (a CUDA SDPA with a mask and
-    ``enable_gqa`` falls back to its unfused math kernel), only while gradients are on, and not
-    with gradient checkpointing (whose recomputation in the backward must take the same path)."""
+    order (float32: within 2e-7 relative; bfloat16: within its rounding), and the backward no
+    longer keeps the repeated copies: SmolLM2-135M (9 query heads on 3 key/value heads), 16 x 306
+    tokens: 85 -> 76 ms per layer forward and backward, and the benchmark's peak RSS at 256 tokens
+    10.0 -> 9.3 GB. Only for SDPA models with fewer key/value heads than query heads whose weights
+    are on the CPU (a CUDA SDPA with a mask and ``enable_gqa`` falls back to its unfused math
+    kernel), only while gradients are on, and not where layers are checkpointed (transformers'
+    gradient checkpointing, torch's ``checkpoint_wrapper``): their forward runs again in the
+    backward, outside this switch, and must take the same path.
+
+    The switch is transformers' own, the process's ``TRANSFORMERS_SDPA_FORCE_GQA``, set for the
+    block and then removed: a user's value of it (``0`` turns this off) is left as it is, and a
+    forward in another thread during the block takes it too (the trainer runs none)."""
     config = getattr(model, "config", None)
     heads = getattr(config, "num_attention_heads", None)
-    applies = (torch.is_grad_enabled() and getattr(config, "_attn_implementation", None) == "sdpa"
+    applies = (torch.is_grad_enabled() and FORCE_GQA_ENV not in os.environ
+               and getattr(config, "_attn_implementation", None) == "sdpa"
                and isinstance(heads, int) and getattr(config, "num_key_value_heads", heads) not in (None, heads)
-               and next(model.parameters()).device.type == "cpu" and os.environ.get(FORCE_GQA_ENV) != "1"
-               # a checkpointed layer runs its forward again in the backward, outside this switch
-               and not any(getattr(module, "gradient_checkpointing", False) for module in model.modules()))
+               and next(model.parameters()).device.type == "cpu"
+               and not any(getattr(module, "gradient_checkpointing", False)
+                           or hasattr(module, "_checkpoint_wrapped_module") for module in model.modules()))
     if not applies:
         yield
         return
-    previous = os.environ.get(FORCE_GQA_ENV)
     os.environ[FORCE_GQA_ENV] = "1"
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ[FORCE_GQA_ENV]
-        else:
-            os.environ[FORCE_GQA_ENV] = previous
+        os.environ.pop(FORCE_GQA_ENV, None)
 
 
 def distinct_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -800,15 +815,20 @@ class PolicyWithValue(nn.Module):
     head in row chunks; the [B, T, V] logits never exist) -- for models whose logits are exactly
     the output embedding of the decoder's last hidden state, checked once on a short input (no
     soft-capping or logit scale, no LoRA on the LM head). None: never.
+
+    ``grouped_heads_in_sdpa``: forwards with gradients hand SDPA grouped key/value heads as they
+    are (``gqa_inside_sdpa``); the trainer sets it where the model runs on the CPU, unsharded and
+    without gradient checkpointing.
     """
 
     def __init__(self, policy: PeftModel, value_head: ValueHead | None, share_prompt_prefix: bool = False,
-                 chunk_logits_bytes: int | None = None):
+                 chunk_logits_bytes: int | None = None, grouped_heads_in_sdpa: bool = False):
         super().__init__()
         self.policy = policy
         self.value_head = value_head
         self.share_prompt_prefix = share_prompt_prefix
         self.chunk_logits_bytes = chunk_logits_bytes
+        self.grouped_heads_in_sdpa = grouped_heads_in_sdpa
         self._plain_projection: bool | None = None  # logits == lm_head(decoder output)? checked on first use
 
     def forward(
@@ -828,9 +848,9 @@ class PolicyWithValue(nn.Module):
         ``sampled``: (the ``rlhf.sampled_products.SampledProducts`` of the rollout these rows come
         from, the rows' indices in it): with a shared prefix, the forward after it takes the
         sampler's products where they are still this forward's (same weights, same tokens).
-        With gradients on a CPU, SDPA takes the grouped key/value heads as they are (``gqa_inside_sdpa``).
+        With ``grouped_heads_in_sdpa``, SDPA takes the grouped key/value heads as they are (``gqa_inside_sdpa``).
         """
-        with gqa_inside_sdpa(self.policy):
+        with gqa_inside_sdpa(self.policy) if self.grouped_heads_in_sdpa else nullcontext():
             return self._forward(input_ids, attention_mask, position_ids, response_length, labels, temperature,
                                  with_entropy, entropy_gradient, sampled)
 

@@ -45,7 +45,8 @@ def _logprobs_and_grads(model, batch):
 @pytest.mark.parametrize("share_prompt_prefix", [False, True])
 def test_the_forward_with_gradients_takes_grouped_heads_and_the_plain_numbers(tiny_model_dir, monkeypatch, sdpa_calls,
                                                                                 share_prompt_prefix):
-    model = PolicyWithValue(_trained_lora(tiny_model_dir), None, share_prompt_prefix=share_prompt_prefix)
+    model = PolicyWithValue(_trained_lora(tiny_model_dir), None, share_prompt_prefix=share_prompt_prefix,
+                            grouped_heads_in_sdpa=True)
     heads, kv_heads = model.policy.config.num_attention_heads, model.policy.config.num_key_value_heads
     assert kv_heads < heads
     logprobs, grads = _logprobs_and_grads(model, _batch())
@@ -53,7 +54,7 @@ def test_the_forward_with_gradients_takes_grouped_heads_and_the_plain_numbers(ti
     assert os.environ.get(FORCE_GQA_ENV) is None
 
     sdpa_calls.clear()
-    monkeypatch.setattr(models, "gqa_inside_sdpa", lambda model: __import__("contextlib").nullcontext())
+    model.grouped_heads_in_sdpa = False
     plain_logprobs, plain_grads = _logprobs_and_grads(model, _batch())
     assert sdpa_calls and all(call == (heads, heads, False) for call in sdpa_calls)
     assert torch.equal(logprobs, plain_logprobs)
@@ -63,7 +64,7 @@ def test_the_forward_with_gradients_takes_grouped_heads_and_the_plain_numbers(ti
 
 
 def test_without_gradients_the_forward_keeps_transformers_choice(tiny_model_dir, sdpa_calls):
-    model = PolicyWithValue(_trained_lora(tiny_model_dir), None)
+    model = PolicyWithValue(_trained_lora(tiny_model_dir), None, grouped_heads_in_sdpa=True)
     ids, mask, positions, response = _batch()
     with torch.no_grad():
         model(ids, mask, positions, response, labels=ids[:, -response:])
@@ -71,17 +72,53 @@ def test_without_gradients_the_forward_keeps_transformers_choice(tiny_model_dir,
     assert sdpa_calls and all(call == (heads, heads, False) for call in sdpa_calls)
 
 
-def test_the_switch_is_put_back_after_a_failing_forward_and_a_users_setting_is_kept(tiny_model_dir, monkeypatch):
+def test_the_switch_is_put_back_after_a_failing_forward_and_a_users_setting_is_kept(tiny_model_dir, monkeypatch,
+                                                                                     sdpa_calls):
     policy = _trained_lora(tiny_model_dir)
     with pytest.raises(RuntimeError):
         with models.gqa_inside_sdpa(policy):
             assert os.environ[FORCE_GQA_ENV] == "1"
             raise RuntimeError("a failing forward")
     assert FORCE_GQA_ENV not in os.environ
-    monkeypatch.setenv(FORCE_GQA_ENV, "0")
-    with models.gqa_inside_sdpa(policy):
-        assert os.environ[FORCE_GQA_ENV] == "1"
-    assert os.environ[FORCE_GQA_ENV] == "0"
+    monkeypatch.setenv(FORCE_GQA_ENV, "0")  # the user's choice: transformers repeats the heads
+    model = PolicyWithValue(policy, None, grouped_heads_in_sdpa=True)
+    _logprobs_and_grads(model, _batch())
+    heads = policy.config.num_attention_heads
+    assert os.environ[FORCE_GQA_ENV] == "0" and sdpa_calls and all(call == (heads, heads, False) for call in sdpa_calls)
+
+
+def test_the_trainer_hands_sdpa_grouped_heads_on_a_cpu_without_checkpointing(tiny_model_dir, tmp_path):
+    from conftest import FIXTURES
+    from rlhf.cli import ALGORITHM_DEFAULTS
+    from rlhf.config import RLConfig
+    from rlhf.trainer import RLTrainer
+
+    def built(**extra):
+        return RLTrainer(RLConfig(**{
+            **ALGORITHM_DEFAULTS["grpo"], "model_name_or_path": str(tiny_model_dir),
+            "output_dir": str(tmp_path / str(len(extra))), "max_steps": 1, "rollout_batch_size": 2,
+            "num_generations": 2, "mini_batch_size": 4, "max_new_tokens": 4, "max_prompt_length": 64, "lora_r": 4,
+            "lora_alpha": 8, "save_steps": 0, "num_samples_to_log": 0,
+            "reward_funcs": [f"{FIXTURES / 'rewards.py'}:char_diversity"], **extra})).model
+
+    assert built().grouped_heads_in_sdpa
+    assert not built(gradient_checkpointing=True).grouped_heads_in_sdpa
+
+
+def test_layers_in_torchs_checkpoint_wrapper_keep_transformers_choice(tiny_model_dir, sdpa_calls):
+    """accelerate's FSDP activation checkpointing and hand-made wrappers use torch's
+    ``checkpoint_wrapper``: the layer's forward runs again in the backward, outside the switch."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    policy = _trained_lora(tiny_model_dir)
+    apply_activation_checkpointing(
+        policy, checkpoint_wrapper_fn=lambda module: checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda module: isinstance(module, LlamaDecoderLayer))
+    _, grads = _logprobs_and_grads(PolicyWithValue(policy, None, grouped_heads_in_sdpa=True), _batch())
+    heads = policy.config.num_attention_heads
+    assert grads and sdpa_calls and all(call == (heads, heads, False) for call in sdpa_calls)
 
 
 def test_eager_attention_and_full_heads_are_left_alone(tiny_model_dir):
@@ -102,7 +139,7 @@ def test_checkpointed_layers_keep_transformers_choice(tiny_model_dir, sdpa_calls
     policy.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.get_base_model().enable_input_require_grads()
     policy.train()
-    model = PolicyWithValue(policy, None)
+    model = PolicyWithValue(policy, None, grouped_heads_in_sdpa=True)
     logprobs, grads = _logprobs_and_grads(model, _batch())
     heads = policy.config.num_attention_heads
     assert grads and sdpa_calls and all(call == (heads, heads, False) for call in sdpa_calls)
