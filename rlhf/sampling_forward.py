@@ -181,7 +181,8 @@ def _stock(module: nn.Module, class_name: str, modeling: str) -> bool:
     cls = type(module)
     own = vars(module).get("forward")  # set on the instance: only one that computes the class's own numbers
     return (cls.__name__ == class_name and cls.__module__ == modeling
-            and (own is None or getattr(own, "stock_math", False))
+            and (own is None or (getattr(own, "__self__", None) is module
+                                 and getattr(getattr(own, "__func__", None), "stock_math", False)))
             and getattr(cls.forward, "__module__", None) == modeling)
 
 

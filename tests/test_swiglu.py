@@ -119,13 +119,8 @@ def test_the_trainers_update_keeps_no_separate_activation_per_mlp(tiny_model_dir
     trainer = RLTrainer(config)
     mlps = [module for module in trainer.model.modules() if type(module).__name__ == "LlamaMLP"]
     assert mlps and all(getattr(vars(mlp).get("forward"), "stock_math", False) for mlp in mlps)
-    activations = []
-    for mlp in mlps:
-        mlp.act_fn.register_forward_hook(lambda module, inputs, output: activations.append(output))
     ids = torch.randint(0, 100, (2, 9))
     _, saved = _saved_storages(lambda: trainer.model.policy(input_ids=ids).logits)
-    # the stock MLP would call act_fn and keep its output; the fused one keeps no silu(gate) at all
-    assert not activations or not any(a.untyped_storage().data_ptr() in saved for a in activations)
     intermediate = trainer.model.policy.config.intermediate_size
     tokens = ids.numel()
     kept_intermediate = sum(1 for nbytes in saved.values() if nbytes == tokens * intermediate * 4)
@@ -144,3 +139,32 @@ def test_a_deep_copy_of_a_fused_model_runs_its_own_mlps():
     ids = torch.randint(0, 64, (2, 5))
     assert not torch.equal(model(input_ids=ids).logits, twin(input_ids=ids).logits)
     assert twin.model.layers[0].mlp.forward.__self__ is twin.model.layers[0].mlp
+
+
+def test_an_activation_with_a_hook_is_still_called():
+    plain, fused = (_tiny(transformers.LlamaConfig, transformers.LlamaForCausalLM) for _ in range(2))
+    fuse_swiglu_mlps(fused)
+    seen = []
+    for model in (plain, fused):
+        model.model.layers[0].mlp.act_fn.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    ids = torch.randint(0, 64, (2, 5))
+    assert torch.equal(plain(input_ids=ids).logits, fused(input_ids=ids).logits)
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])  # before: the fused MLP skipped the hook
+
+
+def test_a_users_wrapper_around_a_fused_forward_turns_the_sampling_forward_off():
+    import functools
+
+    from rlhf.sampling_forward import sampling_forward
+
+    model = _tiny(transformers.LlamaConfig, transformers.LlamaForCausalLM).eval()
+    fuse_swiglu_mlps(model)
+    mlp = model.model.layers[0].mlp
+    fused_forward = mlp.forward
+
+    @functools.wraps(fused_forward)  # copies the marker onto the wrapper
+    def logged(x):
+        return fused_forward(x)
+
+    mlp.forward = logged
+    assert sampling_forward(model) is None  # the sampler would skip the user's wrapper
