@@ -43,7 +43,7 @@ def _logprobs_and_grads(model, batch):
 
 
 @pytest.mark.parametrize("share_prompt_prefix", [False, True])
-def test_the_forward_with_gradients_takes_grouped_heads_and_the_plain_numbers(tiny_model_dir, monkeypatch, sdpa_calls,
+def test_the_forward_with_gradients_takes_grouped_heads_and_the_plain_numbers(tiny_model_dir, sdpa_calls,
                                                                                 share_prompt_prefix):
     model = PolicyWithValue(_trained_lora(tiny_model_dir), None, share_prompt_prefix=share_prompt_prefix,
                             grouped_heads_in_sdpa=True)
