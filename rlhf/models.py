@@ -496,15 +496,15 @@ def _swiglu_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
     return mlp.down_proj(swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
 
 
+_swiglu_mlp_forward.stock_math = True  # rlhf.sampling_forward: the class's own numbers
+
+
 def _module_call_runs_more(module: nn.Module) -> bool:
     """Whether calling ``module`` runs more than its forward: its own or global forward hooks, a compiled call."""
     from torch.nn.modules import module as torch_module
 
     return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
                 or torch_module._global_forward_pre_hooks or getattr(module, "_compiled_call_impl", None) is not None)
-
-
-_swiglu_mlp_forward.stock_math = True  # rlhf.sampling_forward: the class's own numbers
 
 
 @contextmanager
