@@ -470,9 +470,10 @@ def fuse_swiglu_mlps(model: nn.Module) -> int:
     """Give each stock gated-SiLU MLP of ``model`` (``SWIGLU_MLPS``, with transformers' own SiLU
     as its activation) a forward that runs its product through ``swiglu``: the same numbers, and
     an update's backward keeps one [tokens, intermediate] tensor per layer fewer (the benchmark's
-    GRPO step of SmolLM2-135M at 16 x 256 new tokens: peak RSS 10.41 -> 10.00 GB). Returns how many. A subclass, a patched class or
-    instance forward (Liger, unsloth), another activation or a kernelized one keep their own; an
-    activation with hooks or a compiled call is called as the class does (checked at each call)."""
+    GRPO step of SmolLM2-135M at 16 x 256 new tokens: peak RSS 10.41 -> 10.00 GB). Returns how
+    many. A subclass, a patched class or instance forward (Liger, unsloth), another activation or
+    a kernelized one keep their own; an activation with hooks or a compiled call is called as the
+    class does (checked at each call)."""
     from transformers.activations import SiLUActivation
 
     fused = 0
@@ -851,28 +852,22 @@ class PolicyWithValue(nn.Module):
         With ``grouped_heads_in_sdpa``, SDPA takes the grouped key/value heads as they are (``gqa_inside_sdpa``).
         """
         with gqa_inside_sdpa(self.policy) if self.grouped_heads_in_sdpa else nullcontext():
-            return self._forward(input_ids, attention_mask, position_ids, response_length, labels, temperature,
-                                 with_entropy, entropy_gradient, sampled)
-
-    def _forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_length: int,
-                 labels: Tensor | None, temperature: float, with_entropy: bool, entropy_gradient: bool,
-                 sampled: tuple[Any, Tensor] | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        # The last prompt token stays outside the shared prefix: its logits predict response token 0.
-        prefix_length = input_ids.shape[1] - response_length - 1
-        cache = (shared_prompt_cache(self.policy, input_ids, attention_mask, position_ids, prefix_length)
-                 if self.share_prompt_prefix else None)
-        # The last response token is not fed: its outputs would predict a token past the response,
-        # and in a causal model it changes nothing before it (1/(T+1) of the layers' work saved).
-        suffix = slice(prefix_length if cache is not None else 0, input_ids.shape[1] - 1)
-        inputs = {"input_ids": input_ids[:, suffix], "attention_mask": attention_mask[:, :-1],
-                  "position_ids": position_ids[:, suffix], "cache": cache, "use_cache": cache is not None}
-        chunked = labels is not None and self._chunked(input_ids.shape[0] * response_length)  # probes a forward
-        replay = None
-        if sampled is not None and cache is not None:
-            replay = sampled[0].replay(sampled[1], inputs["input_ids"], attention_mask[:, -response_length:])
-        with replaying(replay):
-            return self._forward_suffix(inputs, response_length, labels, temperature, with_entropy, entropy_gradient,
-                                        chunked)
+            # The last prompt token stays outside the shared prefix: its logits predict response token 0.
+            prefix_length = input_ids.shape[1] - response_length - 1
+            cache = (shared_prompt_cache(self.policy, input_ids, attention_mask, position_ids, prefix_length)
+                     if self.share_prompt_prefix else None)
+            # The last response token is not fed: its outputs would predict a token past the response,
+            # and in a causal model it changes nothing before it (1/(T+1) of the layers' work saved).
+            suffix = slice(prefix_length if cache is not None else 0, input_ids.shape[1] - 1)
+            inputs = {"input_ids": input_ids[:, suffix], "attention_mask": attention_mask[:, :-1],
+                      "position_ids": position_ids[:, suffix], "cache": cache, "use_cache": cache is not None}
+            chunked = labels is not None and self._chunked(input_ids.shape[0] * response_length)  # probes a forward
+            replay = None
+            if sampled is not None and cache is not None:
+                replay = sampled[0].replay(sampled[1], inputs["input_ids"], attention_mask[:, -response_length:])
+            with replaying(replay):
+                return self._forward_suffix(inputs, response_length, labels, temperature, with_entropy,
+                                            entropy_gradient, chunked)
 
     def _forward_suffix(self, inputs: dict[str, Any], response_length: int, labels: Tensor | None,
                         temperature: float, with_entropy: bool, entropy_gradient: bool,
