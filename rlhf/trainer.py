@@ -53,6 +53,7 @@ from rlhf.evaluate import adapter_disabled, sample_and_score
 from rlhf.experience import Experience, make_experience, plan_passes
 from rlhf.models import PolicyWithValue, check_sequence_fits, check_tokenizer_fits, load_tokenizer, stop_token_ids
 from rlhf.rollout import Rollout, sample_rollout
+from rlhf.python_gc import long_lived_objects_frozen, thaw_long_lived_objects
 from rlhf.runlock import OutputDirLock
 from rlhf.scoring import RewardTrainerState, sample_with_spread, score
 from rlhf.signals import ScoringInterrupted, StopOnSignal, TrainingInterrupted, run_abandonable
@@ -244,7 +245,7 @@ class RLTrainer:
     # ------------------------------------------------------------------------------ the loop
 
     def train(self) -> None:
-        with OutputDirLock(self.output_dir, enabled=self.accelerator.is_main_process):
+        with OutputDirLock(self.output_dir, enabled=self.accelerator.is_main_process), long_lived_objects_frozen():
             self._train()
 
     def _train(self) -> None:
@@ -306,6 +307,7 @@ class RLTrainer:
         plain = self.unwrapped
         self.model = self.updater.model = plain
         self.accelerator.free_memory()  # Accelerate's own references to the prepared model
+        thaw_long_lived_objects()  # the wrapper was made before training: frozen objects are never collected
         gc.collect()
         release_freed_memory()  # what the heap kept for the steps' reuse goes back to the system
         self.accelerator.end_training()
