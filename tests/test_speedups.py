@@ -826,8 +826,8 @@ def test_adapters_folding_cannot_represent_sample_unmerged(tiny_model_dir, kind,
 def test_the_update_multiplies_by_frozen_weights_through_kept_transposed_copies(tiny_model_dir, tmp_path, monkeypatch,
                                                                                 onednn_transposes):
     """Every backward product with a frozen weight (the fused LoRA layers' input gradients, the
-    chunked LM head's p W) runs inside the update's ``transposed_weights_kept``, and the copies are
-    gone once the update is over."""
+    chunked LM head's p W) runs inside the update's ``transposed_weights_kept``; the copies made in
+    the first update serve the second (none made again) and are gone once training is over."""
     from rlhf import cpu_linear, models
     from rlhf.algorithms import logits
 
@@ -843,27 +843,31 @@ def test_the_update_multiplies_by_frozen_weights_through_kept_transposed_copies(
         monkeypatch.setattr(module, "times_weight", spy)
     config = RLConfig(**{
         **ALGORITHM_DEFAULTS["grpo"], "model_name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "run"),
-        "max_steps": 1, "rollout_batch_size": 2, "num_generations": 2, "mini_batch_size": 4, "max_new_tokens": 6,
+        "max_steps": 2, "rollout_batch_size": 2, "num_generations": 2, "mini_batch_size": 4, "max_new_tokens": 6,
         "max_prompt_length": 48,
         "lora_r": 4, "lora_alpha": 8, "save_steps": 0, "num_samples_to_log": 0,
         "reward_funcs": [f"{FIXTURES / 'rewards.py'}:char_diversity"]})
     from rlhf.update import GradientUpdate
 
-    kept_during_update = []
-    real_update = GradientUpdate.__call__
+    kept_during_update, made = [], []
+    real_update, real_copy = GradientUpdate.__call__, cpu_linear.transposed_copy
 
     def update(self, *args):
+        made.clear()
         result = real_update(self, *args)
-        kept_during_update.append(len(cpu_linear._transposed_copies.copies))
+        kept_during_update.append((len(cpu_linear._transposed_copies.copies), len(made)))
         return result
 
     monkeypatch.setattr(GradientUpdate, "__call__", update)
+    monkeypatch.setattr(cpu_linear, "transposed_copy", lambda weight: made.append(weight) or real_copy(weight))
     trainer = RLTrainer(config)
     trainer.train()
     head = trainer.model.policy.get_output_embeddings().weight.shape
     assert calls and all(in_scope for in_scope, _ in calls)
     assert head in {shape for _, shape in calls} and len({shape for _, shape in calls}) > 1
-    assert kept_during_update[0] > 1 and cpu_linear._transposed_copies is None
+    (first_kept, first_made), (second_kept, second_made) = kept_during_update
+    assert first_kept == first_made > 1 and second_kept == first_kept and second_made == 0
+    assert cpu_linear._transposed_copies is None and trainer.carried_transposes.scope is None
 
 
 def test_the_update_keeps_no_transposes_where_its_longest_micro_batch_needs_the_memory(tiny_model_dir, tmp_path,
