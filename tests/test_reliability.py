@@ -312,6 +312,28 @@ def test_a_step_that_makes_weights_non_finite_is_taken_back(tiny_model_dir, tmp_
         assert {int(s["step"]) for s in optimizer["state"].values()} == {int(name[-1]) - 1}, name
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_all_finite_answers_as_isfinite_does_element_by_element(dtype):
+    """The step guard's check: a NaN or an infinity anywhere in any tensor is seen, and finite
+    elements whose sum overflows (the fast path's sum) are still finite."""
+    import torch
+
+    from rlhf.update import all_finite
+
+    dtype = getattr(torch, dtype)
+    largest = torch.finfo(dtype).max
+    finite = [torch.randn(16, 24).to(dtype), torch.randn(40, 16).to(dtype), torch.zeros(0, 3, dtype=dtype)]
+    assert all_finite(finite) and all_finite([])
+    assert all_finite([*finite, torch.full((2, 3), largest, dtype=dtype)])  # sums to inf, every element finite
+    assert all_finite([torch.tensor([largest, -largest, largest], dtype=dtype)])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in range(len(finite) - 1):
+            tensors = [t.clone() for t in finite]
+            tensors[where][3, 5] = bad
+            assert not all_finite(tensors), (bad, where)
+    assert not all_finite([torch.tensor([float("inf"), -float("inf")], dtype=dtype)])  # a sum of NaN
+
+
 def test_too_many_non_finite_steps_stop_with_a_checkpoint(tiny_model_dir, tmp_path, train_here):
     out = tmp_path / "run"
     result = train_here(*tiny_args(tiny_model_dir, out, "--max_steps", "10", "--max_consecutive_skips", "2",
