@@ -200,7 +200,9 @@ class _KeptTransposes:
         key = weight.data_ptr()
         kept = self.copies.get(key)
         if kept is not None:
-            if kept[1] == weight._version and kept[0].shape == weight.shape and kept[0].stride() == weight.stride():
+            # the same tensor, still at that address (a ``.data`` swap frees it for another tensor)
+            if (kept[0] is weight and kept[1] == weight._version and kept[0].shape == weight.shape
+                    and kept[0].stride() == weight.stride()):
                 return kept[2]
             del self.copies[key]  # stale: freed before its replacement is made, and its bytes credited
             if self.budget is not None:  # None: carried from an earlier update, not read yet in this one
@@ -239,15 +241,19 @@ class _KeptTransposes:
 _transposed_copies: _KeptTransposes | None = None
 
 # ``transposed_weights_kept`` carries its copies to the next update only where the memory free
-# after this one holds this many times their size (room for sampling's own weight copies).
-CARRY_HEADROOM = 4
+# after this one holds this many times their size (the second: a longer next update's activations,
+# since carried copies are not weighed against them again) beyond ``CarriedTransposes.keep_free``.
+CARRY_HEADROOM = 2
 
 
 @dataclass
 class CarriedTransposes:
     """The transposed copies one update hands the next (``transposed_weights_kept``'s ``carried``);
-    the trainer holds it for the run and calls ``release`` when training ends."""
+    the trainer holds one for the length of its training loop and calls ``release`` when it ends.
+    ``keep_free``: bytes the time between two updates needs (sampling's weight copies, KV cache
+    and kept products), which the carried copies must leave free."""
 
+    keep_free: int = 0
     scope: _KeptTransposes | None = None
 
     def release(self) -> None:
@@ -316,14 +322,16 @@ def transposed_weights_kept(model: torch.nn.Module, carried: CarriedTransposes |
     after setting aside what the update's largest micro-batch will take on top of those, where the
     update says (``expect_micro_batch``); past that the remaining weights keep the view.
 
-    ``carried`` (held by the trainer): the copies go on to the next update instead of being made
-    again, where the memory free at the end of this one holds CARRY_HEADROOM times their size
-    (sampling, in between, makes its own weight copies only where free memory holds them twice
-    over, and would otherwise give them up); else they are dropped, as without ``carried``. The
-    frozen weights do not change between updates, so the copies stay valid (a copy whose weight
-    moved is made again, one whose weight left the model is dropped); the next update makes the
-    ones still missing from a fresh budget. On the 2-core EPYC, SmolLM2-135M's 211 copies (0.45
-    GB) took about 0.12 s of every update (benchmark GRPO at 32 new tokens).
+    ``carried`` (held by the trainer during its loop): the copies go on to the next update instead
+    of being made again, where the memory free at the end of this one holds CARRY_HEADROOM times
+    their size beyond ``carried.keep_free`` (what sampling takes in between; it would otherwise give
+    up its own weight copies); else they are dropped, as without ``carried``. A copy whose weight
+    moved (its version counter) is made again, one whose weight left the model is dropped, and the
+    next update makes the ones still missing from a fresh budget. As within one update, a write
+    through ``.data`` is not seen (peft's ``merge_adapter``/``unmerge_adapter`` write so): the trainer
+    carries copies only between the updates of its own loop, where nothing writes the frozen
+    weights (sampling puts its merged weights in as new tensors). On the 2-core EPYC, SmolLM2-135M's copies (0.54 GB)
+    took about 0.12 s of every update (benchmark GRPO at 32 new tokens).
 
     A weight changed in place is copied again (its version counter moves); a write through
     ``.data`` moves no counter and is not seen, as with ``inference_linears``' packed copies: the
@@ -349,7 +357,7 @@ def transposed_weights_kept(model: torch.nn.Module, carried: CarriedTransposes |
         if enabled:
             scope, _transposed_copies = _transposed_copies, None
             if (carried is not None and scope.copies
-                    and CARRY_HEADROOM * scope.kept_bytes() <= available_memory_bytes()):
+                    and CARRY_HEADROOM * scope.kept_bytes() + carried.keep_free <= available_memory_bytes()):
                 carried.scope = scope
 
 

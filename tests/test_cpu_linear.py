@@ -489,6 +489,30 @@ def test_kept_transposes_go_on_to_the_next_update_where_memory_leaves_room(monke
     carried.release()
     assert carried.scope is None
 
+    sampling = cpu_linear.CarriedTransposes(keep_free=10 ** 6)  # what sampling wants free comes first
+    for spare, carried_on in ((0, True), (-1, False)):
+        with cpu_linear.transposed_weights_kept(layers, sampling):
+            cpu_linear.times_weight(grads[0], first)
+            free["bytes"] = cpu_linear.CARRY_HEADROOM * first.nbytes + sampling.keep_free + spare
+        assert (sampling.scope is not None) is carried_on
+        sampling.release()
+        free["bytes"] = 10 ** 12
+
+
+@needs_onednn
+def test_a_kept_transpose_serves_only_the_tensor_it_was_made_of(onednn_transposes):
+    """Copies are found by storage address; another tensor at that address (a ``.data`` swap frees
+    a weight's storage for the next allocation) with the same shape and version gets its own."""
+    weight, impostor = torch.randn(320, 256), torch.randn(320, 256)
+    grad = torch.randn(9, 320)
+    with cpu_linear.transposed_weights_kept(torch.nn.Linear(256, 320).requires_grad_(False)):
+        cpu_linear._transposed_copies.budget = 10 ** 12
+        stale = (impostor, weight._version, cpu_linear.transposed_copy(impostor))
+        cpu_linear._transposed_copies.copies[weight.data_ptr()] = stale
+        product = cpu_linear.times_weight(grad, weight)
+        assert cpu_linear._transposed_copies.copies[weight.data_ptr()][0] is weight
+    assert torch.equal(product, cpu_linear.onednn_linear(grad, weight.t()))
+
 
 @needs_onednn
 def test_a_stale_kept_transpose_gives_its_bytes_back_before_its_replacement_is_weighed(monkeypatch,

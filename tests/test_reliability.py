@@ -332,6 +332,9 @@ def test_all_finite_answers_as_isfinite_does_element_by_element(dtype):
             tensors[where][3, 5] = bad
             assert not all_finite(tensors), (bad, where)
     assert not all_finite([torch.tensor([float("inf"), -float("inf")], dtype=dtype)])  # a sum of NaN
+    if dtype in (torch.float32, torch.float64):  # an imaginary part a real sum would drop
+        assert not all_finite([torch.zeros(3, dtype=dtype), torch.tensor([0, complex(0, float("nan"))])])
+        assert all_finite([torch.tensor([1 + 2j, 3 - 4j])])
 
 
 def test_too_many_non_finite_steps_stop_with_a_checkpoint(tiny_model_dir, tmp_path, train_here):
