@@ -205,8 +205,7 @@ class _KeptTransposes:
                     and kept[0].stride() == weight.stride()):
                 return kept[2]
             del self.copies[key]  # stale: freed before its replacement is made, and its bytes credited
-            if self.budget is not None:  # None: carried from an earlier update, not read yet in this one
-                self.budget += kept[2].nbytes
+            self.budget += kept[2].nbytes  # set when that copy was made
         if self.budget is None:
             self.budget = self._first_budget()
         needed = weight.nbytes
@@ -234,30 +233,7 @@ class _KeptTransposes:
         return max(free, 0) // 2
 
 
-    def kept_bytes(self) -> int:
-        return sum(copy.nbytes for _, _, copy in self.copies.values())
-
-
 _transposed_copies: _KeptTransposes | None = None
-
-# ``transposed_weights_kept`` carries its copies to the next update only where the memory free
-# after this one holds this many times their size (the second: a longer next update's activations,
-# since carried copies are not weighed against them again) beyond ``CarriedTransposes.keep_free``.
-CARRY_HEADROOM = 2
-
-
-@dataclass
-class CarriedTransposes:
-    """The transposed copies one update hands the next (``transposed_weights_kept``'s ``carried``);
-    the trainer holds one for the length of its training loop and calls ``release`` when it ends.
-    ``keep_free``: bytes the time between two updates needs (sampling's weight copies, KV cache
-    and kept products), which the carried copies must leave free."""
-
-    keep_free: int = 0
-    scope: _KeptTransposes | None = None
-
-    def release(self) -> None:
-        self.scope = None
 
 # Rows of a tall weight transposed per block by ``transposed_copy``.
 TRANSPOSE_BLOCK_ROWS = 256
@@ -304,7 +280,7 @@ def transposed_copy_exact() -> bool:
 
 
 @contextlib.contextmanager
-def transposed_weights_kept(model: torch.nn.Module, carried: CarriedTransposes | None = None) -> Iterator[None]:
+def transposed_weights_kept(model: torch.nn.Module) -> Iterator[None]:
     """While the block runs (an update), ``times_weight`` keeps a contiguous copy of each frozen
     weight's transpose it is given, for every later product with that weight, and drops them all
     at the end.
@@ -320,18 +296,8 @@ def transposed_weights_kept(model: torch.nn.Module, carried: CarriedTransposes |
     SmolLM2-135M), and then at most half the memory that is free when the first copy is wanted
     (read once, with the first micro-batch's activations in memory, which the start cannot see)
     after setting aside what the update's largest micro-batch will take on top of those, where the
-    update says (``expect_micro_batch``); past that the remaining weights keep the view.
-
-    ``carried`` (held by the trainer during its loop): the copies go on to the next update instead
-    of being made again, where the memory free at the end of this one holds CARRY_HEADROOM times
-    their size beyond ``carried.keep_free`` (what sampling takes in between; it would otherwise give
-    up its own weight copies); else they are dropped, as without ``carried``. A copy whose weight
-    moved (its version counter) is made again, one whose weight left the model is dropped, and the
-    next update makes the ones still missing from a fresh budget. As within one update, a write
-    through ``.data`` is not seen (peft's ``merge_adapter``/``unmerge_adapter`` write so): the trainer
-    carries copies only between the updates of its own loop, where nothing writes the frozen
-    weights (sampling puts its merged weights in as new tensors). On the 2-core EPYC, SmolLM2-135M's copies (0.54 GB)
-    took about 0.12 s of every update (benchmark GRPO at 32 new tokens).
+    update says (``expect_micro_batch``); past that the remaining weights keep the view. The
+    copies are not kept across steps, where sampling needs the memory for its own weight copies.
 
     A weight changed in place is copied again (its version counter moves); a write through
     ``.data`` moves no counter and is not seen, as with ``inference_linears``' packed copies: the
@@ -340,25 +306,15 @@ def transposed_weights_kept(model: torch.nn.Module, carried: CarriedTransposes |
     global _transposed_copies
     frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
                        if not p.requires_grad and p.dim() == 2 and p.dtype == torch.float32 and p.device.type == "cpu")
-    reused = carried.scope if carried is not None else None
-    if carried is not None:
-        carried.scope = None  # given back below if this update keeps them
     enabled = (_transposed_copies is None and frozen_bytes > 0 and transposed_copy_exact()
-               and 2 * frozen_bytes < available_memory_bytes() + (reused.kept_bytes() if reused else 0))
+               and 2 * frozen_bytes < available_memory_bytes())
     if enabled:
-        if reused is not None:  # only copies of this model's weights; a budget read afresh for new ones
-            weights = {p.data_ptr() for p in model.parameters()}
-            reused = _KeptTransposes(copies={key: kept for key, kept in reused.copies.items() if key in weights})
-        _transposed_copies = reused or _KeptTransposes()
-    del reused
+        _transposed_copies = _KeptTransposes()
     try:
         yield
     finally:
         if enabled:
-            scope, _transposed_copies = _transposed_copies, None
-            if (carried is not None and scope.copies
-                    and CARRY_HEADROOM * scope.kept_bytes() + carried.keep_free <= available_memory_bytes()):
-                carried.scope = scope
+            _transposed_copies = None
 
 
 def expect_micro_batch(positions: int, largest_positions: int) -> None:

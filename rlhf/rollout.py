@@ -574,20 +574,6 @@ def sampling_cache_bytes(model: torch.nn.Module, rows: int, max_prompt_length: i
     return (2 if episodes else 1) * kv_cache_bytes(model, rows, max_prompt_length + max_new_tokens)
 
 
-def sampling_memory_bytes(model: PolicyWithValue, config: Any, rows: int, episodes: bool) -> int:
-    """Memory that sampling ``rows`` responses (``sample_rollout``) wants free for its speed-ups, as
-    their own checks count it: its weight copies (merged LoRA weights, then packed copies of every
-    linear weight, which it makes only where free memory holds them twice over), the KV cache of
-    its largest chunk and the kept products (which it keeps only where a quarter of the free memory
-    holds them). An upper bound; a CPU model's figure (elsewhere the copies are not made)."""
-    weights = sum(module.weight.nbytes for module in model.policy.modules()
-                  if isinstance(module, torch.nn.Linear) and module.weight.device.type == "cpu")
-    chunk = min(config.generation_batch_size or rows, rows)
-    cache = sampling_cache_bytes(model.policy, chunk, config.max_prompt_length, config.max_new_tokens, episodes)
-    products = 0 if episodes else SampledProducts.bytes_needed(model.policy, rows, config.max_new_tokens)
-    return 3 * weights + cache + 4 * products
-
-
 def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dataset: Any, indices: list[int],
                    config: Any, num_generations: int, group_offset: int = 0,
                    eos_token_ids: list[int] | None = None, episodes: Any = None) -> Rollout:

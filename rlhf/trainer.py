@@ -21,8 +21,7 @@ import random
 import signal
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from rlhf.algorithms import MovingAverageBaseline
 from rlhf.config import RLConfig, changed_settings, save_config, with_overrides
 from rlhf.data import PromptSampler, check_prompt_lengths, describe_dataset, load_eval_dataset, load_prompt_dataset
 from rlhf.build import build_model
-from rlhf.cpu_linear import CarriedTransposes, transposed_weights_kept, use_onednn
+from rlhf.cpu_linear import transposed_weights_kept, use_onednn
 from rlhf.cpu_memory import keep_freed_memory, malloc_choice, release_freed_memory
 from rlhf.card import render_model_card
 from rlhf.distributed import (Reducer, configure_sharding, gathered_state, make_accelerator, shards_weights,
@@ -53,7 +52,7 @@ from rlhf.errors import ConfigError, TrainingDiverged
 from rlhf.evaluate import adapter_disabled, sample_and_score
 from rlhf.experience import Experience, make_experience, plan_passes
 from rlhf.models import PolicyWithValue, check_sequence_fits, check_tokenizer_fits, load_tokenizer, stop_token_ids
-from rlhf.rollout import Rollout, sample_rollout, sampling_memory_bytes
+from rlhf.rollout import Rollout, sample_rollout
 from rlhf.python_gc import long_lived_objects_frozen, thaw_long_lived_objects
 from rlhf.runlock import OutputDirLock
 from rlhf.scoring import RewardTrainerState, sample_with_spread, score
@@ -171,7 +170,6 @@ class RLTrainer:
             # once per process, assuming sharded dataloaders.
             step_scheduler_with_optimizer=False,
         )
-        self.carried_transposes: CarriedTransposes | None = None  # set while the training loop runs
         if accelerator.device.type == "cpu":
             keep_freed_memory()  # the update's large buffers are reused, not faulted in afresh
         self.reducer = Reducer(accelerator)
@@ -247,24 +245,8 @@ class RLTrainer:
     # ------------------------------------------------------------------------------ the loop
 
     def train(self) -> None:
-        with (OutputDirLock(self.output_dir, enabled=self.accelerator.is_main_process), long_lived_objects_frozen(),
-              self._transposes_carried()):
+        with OutputDirLock(self.output_dir, enabled=self.accelerator.is_main_process), long_lived_objects_frozen():
             self._train()
-
-    @contextmanager
-    def _transposes_carried(self) -> Iterator[None]:
-        """Within (the training loop), each update's transposed copies of frozen weights go on to
-        the next update where memory leaves sampling its room (``rlhf.cpu_linear.CarriedTransposes``);
-        only here, where nothing but the loop runs between updates. Released on any exit."""
-        config = self.config
-        rows = config.rollout_batch_size // self.accelerator.num_processes * config.num_generations
-        self.carried_transposes = CarriedTransposes(
-            keep_free=sampling_memory_bytes(self.unwrapped, config, rows, self.episodes is not None))
-        try:
-            yield
-        finally:
-            self.carried_transposes.release()
-            self.carried_transposes = None
 
     def _train(self) -> None:
         config, accelerator = self.config, self.accelerator
@@ -325,8 +307,6 @@ class RLTrainer:
         plain = self.unwrapped
         self.model = self.updater.model = plain
         self.accelerator.free_memory()  # Accelerate's own references to the prepared model
-        if self.carried_transposes is not None:
-            self.carried_transposes.release()
         thaw_long_lived_objects()  # the wrapper was made before training: frozen objects are never collected
         gc.collect()
         release_freed_memory()  # what the heap kept for the steps' reuse goes back to the system
@@ -447,8 +427,7 @@ class RLTrainer:
                                reducer=self.reducer, micro_batch_size=self.micro_batch_size, token_scores=token_scores)
 
     def update(self, batch: Experience) -> dict[str, float]:
-        # the backward's products with frozen weights, on a CPU; their copies carried to the next update
-        with transposed_weights_kept(self.model, self.carried_transposes):
+        with transposed_weights_kept(self.model):  # the backward's products with frozen weights, on a CPU
             metrics = self.updater(batch, self.kl_controller.value)
         if metrics.get("empty_updates"):
             warnings.warn(f"step {self.step + 1}: every response was left out of the loss (all groups without reward "

@@ -437,69 +437,6 @@ def test_processes_on_one_machine_each_count_their_share_of_its_free_memory(monk
 
 
 @needs_onednn
-def test_kept_transposes_go_on_to_the_next_update_where_memory_leaves_room(monkeypatch, onednn_transposes):
-    """With ``carried``, the next scope reuses the copies instead of copying again (the frozen
-    weights have not moved), with the same products; a weight changed in between is copied again
-    from a budget read afresh; a weight no longer in the model loses its copy; copies are not
-    carried where the free memory at the end holds less than CARRY_HEADROOM times them, and
-    ``release`` lets them go."""
-    torch.manual_seed(0)
-    layers = torch.nn.Sequential(torch.nn.Linear(256, 320), torch.nn.Linear(320, 256)).requires_grad_(False)
-    first, second = layers[0].weight, layers[1].weight
-    grads = torch.randn(17, 320), torch.randn(17, 256)
-    free = {"bytes": 10 ** 12}
-    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: free["bytes"])
-    made = []
-    real_copy = cpu_linear.transposed_copy
-    monkeypatch.setattr(cpu_linear, "transposed_copy", lambda weight: made.append(weight) or real_copy(weight))
-    expected = [cpu_linear.onednn_linear(g, w.t()) for g, w in zip(grads, (first, second))]
-    carried = cpu_linear.CarriedTransposes()
-
-    def update() -> list[torch.Tensor]:
-        with cpu_linear.transposed_weights_kept(layers, carried):
-            return [cpu_linear.times_weight(g, w) for g, w in zip(grads, (first, second))]
-
-    assert all(torch.equal(got, want) for got, want in zip(update(), expected))
-    assert len(made) == 2 and carried.scope is not None
-    copies = {key: kept[2] for key, kept in carried.scope.copies.items()}
-    assert all(torch.equal(got, want) for got, want in zip(update(), expected))
-    assert len(made) == 2  # nothing copied again
-    assert {key: kept[2] for key, kept in carried.scope.copies.items()} == copies
-
-    first.mul_(2.0)  # moved between updates: its copy is made again, from a budget read in this update
-    with cpu_linear.transposed_weights_kept(layers, carried):
-        assert cpu_linear._transposed_copies.budget is None
-        product = cpu_linear.times_weight(grads[0], first)
-        assert torch.equal(product, cpu_linear.onednn_linear(grads[0], first.t()))
-        assert made[-1] is first and len(made) == 3
-    first.div_(2.0)
-
-    layers[1] = torch.nn.Linear(320, 256).requires_grad_(False)  # second left the model
-    with cpu_linear.transposed_weights_kept(layers, carried):
-        assert second.data_ptr() not in cpu_linear._transposed_copies.copies
-    assert list(carried.scope.copies) == [first.data_ptr()]
-
-    kept_bytes = carried.scope.kept_bytes()
-    with cpu_linear.transposed_weights_kept(layers, carried):
-        free["bytes"] = cpu_linear.CARRY_HEADROOM * kept_bytes - 1  # the update ends short of room
-    assert carried.scope is None
-    free["bytes"] = 10 ** 12
-    update()
-    assert carried.scope is not None
-    carried.release()
-    assert carried.scope is None
-
-    sampling = cpu_linear.CarriedTransposes(keep_free=10 ** 6)  # what sampling wants free comes first
-    for spare, carried_on in ((0, True), (-1, False)):
-        with cpu_linear.transposed_weights_kept(layers, sampling):
-            cpu_linear.times_weight(grads[0], first)
-            free["bytes"] = cpu_linear.CARRY_HEADROOM * first.nbytes + sampling.keep_free + spare
-        assert (sampling.scope is not None) is carried_on
-        sampling.release()
-        free["bytes"] = 10 ** 12
-
-
-@needs_onednn
 def test_a_kept_transpose_serves_only_the_tensor_it_was_made_of(onednn_transposes):
     """Copies are found by storage address; another tensor at that address (a ``.data`` swap frees
     a weight's storage for the next allocation) with the same shape and version gets its own."""

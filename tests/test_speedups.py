@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 
@@ -827,8 +826,8 @@ def test_adapters_folding_cannot_represent_sample_unmerged(tiny_model_dir, kind,
 def test_the_update_multiplies_by_frozen_weights_through_kept_transposed_copies(tiny_model_dir, tmp_path, monkeypatch,
                                                                                 onednn_transposes):
     """Every backward product with a frozen weight (the fused LoRA layers' input gradients, the
-    chunked LM head's p W) runs inside the update's ``transposed_weights_kept``; the copies made in
-    the first update serve the second (none made again) and are gone once training is over."""
+    chunked LM head's p W) runs inside the update's ``transposed_weights_kept``, and the copies are
+    gone once the update is over."""
     from rlhf import cpu_linear, models
     from rlhf.algorithms import logits
 
@@ -844,95 +843,27 @@ def test_the_update_multiplies_by_frozen_weights_through_kept_transposed_copies(
         monkeypatch.setattr(module, "times_weight", spy)
     config = RLConfig(**{
         **ALGORITHM_DEFAULTS["grpo"], "model_name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "run"),
-        "max_steps": 2, "rollout_batch_size": 2, "num_generations": 2, "mini_batch_size": 4, "max_new_tokens": 6,
+        "max_steps": 1, "rollout_batch_size": 2, "num_generations": 2, "mini_batch_size": 4, "max_new_tokens": 6,
         "max_prompt_length": 48,
         "lora_r": 4, "lora_alpha": 8, "save_steps": 0, "num_samples_to_log": 0,
         "reward_funcs": [f"{FIXTURES / 'rewards.py'}:char_diversity"]})
     from rlhf.update import GradientUpdate
 
-    kept_during_update, made = [], []
-    real_update, real_copy = GradientUpdate.__call__, cpu_linear.transposed_copy
+    kept_during_update = []
+    real_update = GradientUpdate.__call__
 
     def update(self, *args):
-        made.clear()
         result = real_update(self, *args)
-        kept_during_update.append((len(cpu_linear._transposed_copies.copies), len(made)))
+        kept_during_update.append(len(cpu_linear._transposed_copies.copies))
         return result
 
     monkeypatch.setattr(GradientUpdate, "__call__", update)
-    monkeypatch.setattr(cpu_linear, "transposed_copy", lambda weight: made.append(weight) or real_copy(weight))
     trainer = RLTrainer(config)
     trainer.train()
     head = trainer.model.policy.get_output_embeddings().weight.shape
     assert calls and all(in_scope for in_scope, _ in calls)
     assert head in {shape for _, shape in calls} and len({shape for _, shape in calls}) > 1
-    (first_kept, first_made), (second_kept, second_made) = kept_during_update
-    assert first_kept == first_made > 1 and second_kept == first_kept and second_made == 0
-    assert cpu_linear._transposed_copies is None and trainer.carried_transposes is None
-    made.clear()
-    trainer.train_step()  # outside train(): made afresh, nothing carried
-    assert made and trainer.carried_transposes is None
-
-
-def test_free_memory_of_sampling_memory_bytes_leaves_sampling_every_copy(tiny_model_dir, tmp_path, monkeypatch):
-    """What the carried transposes must leave free between updates: with exactly that much free,
-    sampling still folds the LoRA, packs and fuses the weights and keeps the update's products
-    (each check there reads the same faked figure, so this shows the bound, not its tightness);
-    with far less, it gives some of them up."""
-    from rlhf import cpu_linear, models, sampling_forward
-    from rlhf.rollout import sampling_memory_bytes
-
-    if not cpu_linear.onednn_packing_usable():
-        pytest.skip("no oneDNN packing in this torch build")
-    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)
-    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
-    config = RLConfig(**{
-        **ALGORITHM_DEFAULTS["grpo"], "model_name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "run"),
-        "max_steps": 1, "rollout_batch_size": 2, "num_generations": 2, "mini_batch_size": 4, "max_new_tokens": 6,
-        "max_prompt_length": 48, "lora_r": 4, "lora_alpha": 8, "save_steps": 0, "num_samples_to_log": 0,
-        "reward_funcs": [f"{FIXTURES / 'rewards.py'}:char_diversity"]})
-    trainer = RLTrainer(config)
-    needed = sampling_memory_bytes(trainer.unwrapped, config, 4, episodes=False)
-    copies = {}
-    real_merged, real_fused = models.merged_lora_weights, sampling_forward.SamplingForward.__init__
-
-    @contextlib.contextmanager
-    def merged(policy, reserve_bytes=0):
-        from peft.tuners.lora import LoraLayer
-
-        def bases():
-            return [module.get_base_layer().weight for module in policy.modules() if isinstance(module, LoraLayer)]
-
-        before = bases()
-        with real_merged(policy, reserve_bytes) as folded:
-            copies["merged"] = all(now is not then for now, then in zip(bases(), before))
-            yield folded
-
-    def fused(self, *args, fuse, **kwargs):
-        copies["fused"] = fuse
-        real_fused(self, *args, fuse=fuse, **kwargs)
-
-    real_pack = models.pack_for_onednn
-
-    def pack(weight):
-        packed_shapes.add(tuple(weight.shape))
-        return real_pack(weight)
-
-    packed_shapes = set()
-    monkeypatch.setattr(models, "pack_for_onednn", pack)
-    monkeypatch.setattr(models, "merged_lora_weights", merged)
-    monkeypatch.setattr(sampling_forward.SamplingForward, "__init__", fused)
-    for free, everything in ((needed, True), (needed // 64, False)):
-        for module in (cpu_linear, models, sampling_forward):
-            monkeypatch.setattr(module, "available_memory_bytes", lambda free=free: free)
-        copies.clear()
-        packed_shapes.clear()
-        rollout = trainer.rollout()
-        head = tuple(trainer.unwrapped.policy.get_output_embeddings().weight.shape)
-        kept = {**copies, "products": rollout.sampled_products is not None, "packed": head in packed_shapes}
-        assert all(kept.values()) is everything, (free, kept)
-        if rollout.sampled_products is not None:
-            rollout.sampled_products.release()
+    assert kept_during_update[0] > 1 and cpu_linear._transposed_copies is None
 
 
 def test_the_update_keeps_no_transposes_where_its_longest_micro_batch_needs_the_memory(tiny_model_dir, tmp_path,
