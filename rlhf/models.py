@@ -854,8 +854,13 @@ class PolicyWithValue(nn.Module):
         with gqa_inside_sdpa(self.policy) if self.grouped_heads_in_sdpa else nullcontext():
             # The last prompt token stays outside the shared prefix: its logits predict response token 0.
             prefix_length = input_ids.shape[1] - response_length - 1
-            cache = (shared_prompt_cache(self.policy, input_ids, attention_mask, position_ids, prefix_length)
-                     if self.share_prompt_prefix else None)
+            prefix_replay = None
+            if sampled is not None and self.share_prompt_prefix and prefix_length > 0:
+                prefix_replay = sampled[0].prefix_replay(sampled[1], input_ids[:, :prefix_length],
+                                                         attention_mask[:, :prefix_length])
+            with replaying(prefix_replay):  # the prompt's products as the sampler's prefill computed them
+                cache = (shared_prompt_cache(self.policy, input_ids, attention_mask, position_ids, prefix_length)
+                         if self.share_prompt_prefix else None)
             # The last response token is not fed: its outputs would predict a token past the response,
             # and in a causal model it changes nothing before it (1/(T+1) of the layers' work saved).
             suffix = slice(prefix_length if cache is not None else 0, input_ids.shape[1] - 1)

@@ -389,8 +389,14 @@ def sample_responses(
     uniforms = uniforms.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     forward = fast_forward if fast_forward is not None else model
-    cache = (shared_prompt_cache(forward, input_ids, attention_mask, position_ids, prompt_length - 1)
-             if share_prompt_prefix else None)
+    recording = recorder is not None and fast_forward is not None
+    if recording:
+        fast_forward.recorder = recorder
+    prefix = prompt_length - 1
+    with (recorder.writing_prefix(row_offset, input_ids[:, :prefix], attention_mask[:, :prefix])
+          if recording and share_prompt_prefix and prefix > 0 else contextlib.nullcontext()):
+        cache = (shared_prompt_cache(forward, input_ids, attention_mask, position_ids, prefix)
+                 if share_prompt_prefix else None)
     step_ids, step_positions = (input_ids[:, -1:], position_ids[:, -1:]) if cache is not None else (input_ids, position_ids)
     tokens, logprobs = [], []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -399,9 +405,6 @@ def sample_responses(
     # Mask of every position the response can reach, read as a growing view (no per-token copy).
     full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
     decode_mask = decode_steps_take_attention_mask(model)
-    recording = recorder is not None and fast_forward is not None
-    if recording:
-        fast_forward.recorder = recorder
     for t in range(max_new_tokens):
         step_mask = full_mask[:, :prompt_length + t] if cache is None or decode_mask else None
         with (recorder.writing(slice(row_offset, row_offset + batch) if live.shape[0] == batch else live + row_offset,

@@ -10,6 +10,14 @@ then returns the kept output and computes only ``x A^T``, which its backward nee
 are the same formulas. The numbers are the plain forward's up to float rounding: the sampler
 folded the LoRA into its weights and multiplied 16 rows at a time, the update multiplies thousands.
 
+The shared prompt prefix too: a generation chunk's prefill runs each distinct prompt once
+(``rlhf.models.shared_prompt_cache``), and each projection's output there is kept as the prefill
+made it (no copy) where a quarter of the free memory holds them; the update's prefix forward over
+rows of that chunk takes them (``prefix_replay``) where its prompts are the prefill's, with the same
+or less left padding, at unchanged weights, as often as it runs (micro-batches holding rows of one group each
+run its prompt). SmolLM2-135M shape, 4 prompts of 48 tokens: that forward's products are about
+0.18 s of the 0.33 s it took.
+
 The outputs are kept by the sampler's forward (``rlhf.sampling_forward``: Llama, Mistral, Qwen2,
 Qwen3), on a CPU, for single responses (not tool episodes), where a quarter of the free memory
 holds them. A forward takes them only when every trained parameter of the policy equals its
@@ -60,6 +68,9 @@ class SampledProducts:
         self.taken = {module: torch.zeros(rows, dtype=torch.bool, device=device) for module in modules}
         self._where: tuple[Tensor | slice, int] | None = None
         self._written = False
+        # each generation chunk's shared prompt prefix, as its prefill computed it once per distinct prompt
+        self.prefixes: list[_Prefix] = []
+        self._prefix: _Prefix | None = None  # the prefill being recorded
 
     @staticmethod
     def bytes_needed(policy: nn.Module, rows: int, columns: int) -> int:
@@ -81,8 +92,34 @@ class SampledProducts:
         finally:
             self._where = None
 
+    @contextlib.contextmanager
+    def writing_prefix(self, first_row: int, prefix_ids: Tensor, prefix_mask: Tensor) -> Iterator[None]:
+        """The sampler's next forward is the shared prompt prefill of these rows (``first_row`` on;
+        ``prefix_ids``, ``prefix_mask`` [b, p]: their prompts but the last token, left-padded): it runs
+        once per distinct prompt (``rlhf.models.shared_prompt_cache``), and each projection's whole
+        output there is kept, for the update's prefix forward at unchanged weights (``prefix_replay``)."""
+        from rlhf.cpu_linear import available_memory_bytes
+        from rlhf.models import distinct_prompts
+
+        shared = distinct_prompts(prefix_ids, prefix_mask)
+        # held from the prefill to the update: only where a quarter of the free memory holds them, as the response's
+        fits = shared is not None and (4 * shared[0].numel() * prefix_ids.shape[1] * sum(
+            kept.shape[-1] for kept in self.outputs.values()) <= available_memory_bytes() // 4)
+        self._prefix = _Prefix(first_row, shared[1], prefix_ids[shared[0]], prefix_mask[shared[0]]) if fits else None
+        try:
+            yield
+            if self._prefix is not None and self._prefix.outputs:
+                self.prefixes.append(self._prefix)
+        finally:
+            self._prefix = None
+
     def write(self, module: nn.Module, output: Tensor) -> None:
-        """``output`` [b, q, out]: ``module``'s output in the sampler's forward, kept at its last position."""
+        """``output`` [b, q, out]: ``module``'s output in the sampler's forward, kept at its last
+        position (a prefill: kept whole, as the forward made it; it writes none of it in place)."""
+        if self._prefix is not None:
+            if module in self.outputs and output.shape[:2] == self._prefix.ids.shape:
+                self._prefix.outputs[module] = output
+            return
         if self._where is not None and module in self.outputs:
             rows, column = self._where
             self.outputs[module][column, rows] = output[:, -1]
@@ -91,7 +128,7 @@ class SampledProducts:
 
     @property
     def recording(self) -> bool:
-        return self._where is not None
+        return self._where is not None or self._prefix is not None
 
     def seal(self, policy: nn.Module) -> None:
         """Sampling has ended: the products hold for the weights as they are now. A trained
@@ -110,6 +147,7 @@ class SampledProducts:
     def release(self) -> None:
         self.outputs.clear()
         self.taken.clear()
+        self.prefixes.clear()
         self.versions, self.trained = None, []
 
     def _weights_unchanged(self) -> bool:
@@ -138,6 +176,59 @@ class SampledProducts:
         if not bool(((fed == input_ids) | (columns > last)).all()):
             return None
         return _Replay(self, rows, width)
+
+
+    def prefix_replay(self, rows: Tensor, prefix_ids: Tensor, prefix_mask: Tensor) -> "_PrefixReplay | None":
+        """A replay for the shared prompt prefix forward over ``rows`` (indices into the sampled
+        rows; ``prefix_ids``, ``prefix_mask`` [b, p]: their prompts but the last token), which runs
+        its distinct prompts, as ``distinct_prompts`` picks them, or None where the kept prefill is
+        not that forward's: weights changed since sampling, rows of several generation chunks, other
+        tokens, more padding (chunks padded to a common width), no prefill kept for every projection;
+        less padding (a micro-batch's columns that are padding in all its rows dropped) is taken.
+        Unlike the response's, a prefix may be taken again (micro-batches holding rows of one group
+        each run its prompt): its outputs are copied out and stay until ``release``."""
+        from rlhf.models import distinct_prompts
+
+        if self.versions is None or not rows.numel():
+            return None
+        chunk = next((prefix for prefix in self.prefixes if prefix.first_row <= int(rows.min())
+                      and int(rows.max()) < prefix.first_row + prefix.inverse.shape[0]), None)
+        shared = distinct_prompts(prefix_ids, prefix_mask)
+        if (chunk is None or shared is None or prefix_ids.shape[1] > chunk.ids.shape[1]
+                or set(chunk.outputs) != self.written or not self._weights_unchanged()):
+            return None
+        representatives = shared[0]
+        kept = chunk.inverse[rows[representatives] - chunk.first_row]  # the prefill's row for each
+        # a micro-batch drops the columns that are padding in all its rows: the prefill's columns
+        # before those it kept must be padding there, and the rest the same tokens
+        dropped = chunk.ids.shape[1] - prefix_ids.shape[1]
+        if not (torch.equal(chunk.ids[kept, dropped:], prefix_ids[representatives])
+                and torch.equal(chunk.mask[kept, dropped:], prefix_mask[representatives])
+                and not bool(chunk.mask[kept, :dropped].any())):
+            return None
+        return _PrefixReplay(chunk.outputs, kept, dropped)
+
+
+class _Prefix:
+    """One generation chunk's prefill: its rows ``first_row`` on, each one's distinct prompt
+    (``inverse`` [b]), those prompts' ids and mask [n, p], and each projection's output [n, p, out]."""
+
+    def __init__(self, first_row: int, inverse: Tensor, ids: Tensor, mask: Tensor):
+        self.first_row, self.inverse, self.ids, self.mask = first_row, inverse, ids, mask
+        self.outputs: dict[nn.Module, Tensor] = {}
+
+
+class _PrefixReplay:
+    def __init__(self, outputs: dict[nn.Module, Tensor], kept: Tensor, dropped: int):
+        self.outputs, self.kept, self.dropped = outputs, kept, dropped
+
+    def output(self, module: nn.Module, x: Tensor) -> Tensor | None:
+        """The kept output [n * p, out] of ``module`` for input ``x`` [n, p, in], or None."""
+        kept = self.outputs.get(module)
+        if kept is None or x.dim() != 3 or x.shape[:2] != (self.kept.shape[0], kept.shape[1] - self.dropped):
+            return None
+        # indexed: a copy, so the kept outputs are never handed out to be changed
+        return kept[self.kept, self.dropped:].reshape(-1, kept.shape[-1])
 
 
 class _Replay:

@@ -189,6 +189,82 @@ def test_a_projection_the_sampler_never_wrote_is_computed(tiny_model_dir, replay
     assert replays.count(False) == 1 and replays.count(True) == 7 * model.policy.config.num_hidden_layers - 1
 
 
+@pytest.fixture
+def prefix_replays(monkeypatch):
+    """How many projection outputs the shared prompt prefix forwards took from the kept prefill."""
+    from rlhf import sampled_products
+
+    taken = []
+    output = sampled_products._PrefixReplay.output
+
+    def counting(self, module, x):
+        kept = output(self, module, x)
+        taken.append(kept is not None)
+        return kept
+
+    monkeypatch.setattr(sampled_products._PrefixReplay, "output", counting)
+    return taken
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_the_prompt_prefix_takes_the_prefills_products_and_gives_the_plain_numbers(tiny_model_dir, prefix_replays,
+                                                                                   chunked):
+    """The prefill ran each distinct prompt once; the update's prefix forward takes every
+    projection from it, for all rows and for some rows in another order (whose distinct prompts
+    map to the prefill's, and which drop the padding columns the long prompt needed), again for a
+    second forward, within rounding of the plain numbers."""
+    model = _policy(tiny_model_dir, chunked)
+    rollout = _sample(model, tiny_model_dir)
+    products = rollout.sampled_products
+    (prefix,) = products.prefixes
+    assert prefix.ids.shape[0] == 3 and set(prefix.outputs) == products.written  # "Hi", the long one, the other
+    layers = model.policy.config.num_hidden_layers
+    for rows in (slice(None), torch.tensor([4, 1, 2, 0]), torch.tensor([5, 3, 0])):
+        part = rollout.narrowed(rows)[0] if isinstance(rows, torch.Tensor) else rollout
+        if rows is not None and isinstance(rows, torch.Tensor) and 2 not in rows.tolist():  # no long prompt
+            assert part.input_ids.shape[1] < rollout.input_ids.shape[1]  # its padding columns dropped
+        prefix_replays.clear()
+        taken = _logprobs_and_grads(model, part)
+        assert prefix_replays == [True] * 7 * layers, rows
+        part.sampled_products = None
+        plain = _logprobs_and_grads(model, part)
+        mask = part.mask.bool()
+        _assert_close((taken[0][mask], taken[1][mask], taken[2]), (plain[0][mask], plain[1][mask], plain[2]))
+        part.sampled_products = products
+    assert products.prefixes  # taken again as often as asked, until released
+    products.release()
+    assert products.prefixes == []
+
+
+@pytest.mark.parametrize("change", ["weights", "prompt_token", "more_padding", "dropped_tokens", "rows_of_two_chunks"])
+def test_the_prompt_prefix_is_computed_where_the_prefill_is_not_its_own(tiny_model_dir, prefix_replays, change):
+    from rlhf.rollout import forward_response
+
+    model = _policy(tiny_model_dir, False)
+    rollout = _sample(model, tiny_model_dir)
+    products = rollout.sampled_products
+    prefix = products.prefixes[0]
+    if change == "weights":
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "lora_A" in n).data.add_(1e-3)
+    elif change == "prompt_token":
+        changed = rollout.input_ids.clone()
+        changed[:, -rollout.response_length - 2] += 1  # every row's prompt, before its last token
+        rollout.input_ids = changed
+    elif change == "more_padding":  # the rows padded wider than the prefill saw them (chunks joined)
+        prefix.ids, prefix.mask = prefix.ids[:, 1:], prefix.mask[:, 1:]
+        prefix.outputs = {module: kept[:, 1:] for module, kept in prefix.outputs.items()}
+    elif change == "dropped_tokens":  # rows without the long prompt drop columns that must be padding
+        prefix.mask = prefix.mask.clone()
+        prefix.mask[:, 0] = 1
+        rollout = rollout.narrowed(torch.tensor([5, 3, 0]))[0]
+    else:  # the kept prefill covers rows 0-2 only: a forward over all six runs its own
+        prefix.inverse = prefix.inverse[:3]
+    with torch.no_grad():
+        forward_response(model, rollout, slice(None), 1.0)
+    assert not any(prefix_replays)
+
+
 def test_products_are_kept_only_where_they_fit_and_would_be_taken(tiny_model_dir, monkeypatch):
     from rlhf import cpu_linear
     from rlhf.rollout import sampled_products_bytes
@@ -238,7 +314,7 @@ def test_a_grpo_step_takes_the_products_and_releases_them(tiny_model_dir, tmp_pa
         return trainer.train_step()
 
     taken = step(True)
-    assert replays.count(True) > 0 and kept[-1] is not None and not kept[-1].outputs
+    assert replays.count(True) > 0 and kept[-1] is not None and not kept[-1].outputs and not kept[-1].prefixes
     plain = step(False)
     assert kept[-1] is None
     for name in ("policy_loss", "grad_norm", "entropy", "reward_mean"):
