@@ -12,7 +12,7 @@ folded the LoRA into its weights and multiplied 16 rows at a time, the update mu
 
 The shared prompt prefix too: a generation chunk's prefill runs each distinct prompt once
 (``rlhf.models.shared_prompt_cache``), and each projection's output there is kept as the prefill
-made it (no copy) where a quarter of the free memory holds them; the update's prefix forward over
+made it (a copy only of a part of a fused product) where a quarter of the free memory holds them; the update's prefix forward over
 rows of that chunk takes them (``prefix_replay``) where its prompts are the prefill's, with the same
 or less left padding, at unchanged weights, as often as it runs (micro-batches holding rows of one group each
 run its prompt). SmolLM2-135M shape, 4 prompts of 48 tokens: that forward's products are about
@@ -118,7 +118,8 @@ class SampledProducts:
         position (a prefill: kept whole, as the forward made it; it writes none of it in place)."""
         if self._prefix is not None:
             if module in self.outputs and output.shape[:2] == self._prefix.ids.shape:
-                self._prefix.outputs[module] = output
+                # a part of a fused product (the sampler's up of gate/up) would hold the whole of it
+                self._prefix.outputs[module] = output if output.is_contiguous() else output.contiguous()
             return
         if self._where is not None and module in self.outputs:
             rows, column = self._where

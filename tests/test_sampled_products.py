@@ -236,6 +236,23 @@ def test_the_prompt_prefix_takes_the_prefills_products_and_gives_the_plain_numbe
     assert products.prefixes == []
 
 
+def test_a_prefill_output_that_is_part_of_a_fused_product_is_kept_alone():
+    """The sampler's fused gate/up product hands out up as a view: kept as is, it would hold the
+    whole product (a third more memory than counted)."""
+    from rlhf.sampled_products import SampledProducts
+
+    layer = torch.nn.Linear(4, 6)
+    products = SampledProducts([], 2, 3, torch.device("cpu"))
+    products.outputs = {layer: torch.zeros(3, 2, 6)}
+    ids = torch.tensor([[1, 2], [1, 2], [3, 4]])
+    fused = torch.randn(2, 2, 12)
+    with products.writing_prefix(0, ids, torch.ones_like(ids)):
+        products.write(layer, fused[..., 6:])
+    kept = products.prefixes[0].outputs[layer]
+    assert kept.is_contiguous() and kept.untyped_storage().nbytes() == kept.nbytes
+    assert torch.equal(kept, fused[..., 6:])
+
+
 @pytest.mark.parametrize("change", ["weights", "prompt_token", "more_padding", "dropped_tokens", "rows_of_two_chunks"])
 def test_the_prompt_prefix_is_computed_where_the_prefill_is_not_its_own(tiny_model_dir, prefix_replays, change):
     from rlhf.rollout import forward_response
