@@ -52,8 +52,8 @@ from rlhf.errors import ConfigError, TrainingDiverged
 from rlhf.evaluate import adapter_disabled, sample_and_score
 from rlhf.experience import Experience, make_experience, plan_passes
 from rlhf.models import PolicyWithValue, check_sequence_fits, check_tokenizer_fits, load_tokenizer, stop_token_ids
-from rlhf.rollout import Rollout, sample_rollout
 from rlhf.python_gc import long_lived_objects_frozen, thaw_long_lived_objects
+from rlhf.rollout import Rollout, sample_rollout
 from rlhf.runlock import OutputDirLock
 from rlhf.scoring import RewardTrainerState, sample_with_spread, score
 from rlhf.signals import ScoringInterrupted, StopOnSignal, TrainingInterrupted, run_abandonable

@@ -40,21 +40,26 @@ def _sample(model, model_dir, stops=None, max_new_tokens=7):
     return rollout
 
 
-@pytest.fixture
-def replays(monkeypatch):
-    """How many projection outputs the forwards took from the kept products."""
-    from rlhf import sampled_products
-
+def _counted_outputs(monkeypatch, replay_class) -> list[bool]:
+    """Per call of ``replay_class.output`` from here on, whether it handed out a kept output."""
     taken = []
-    output = sampled_products._Replay.output
+    output = replay_class.output
 
     def counting(self, module, x):
         kept = output(self, module, x)
         taken.append(kept is not None)
         return kept
 
-    monkeypatch.setattr(sampled_products._Replay, "output", counting)
+    monkeypatch.setattr(replay_class, "output", counting)
     return taken
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    """How many projection outputs the forwards after the prefix took from the kept products."""
+    from rlhf import sampled_products
+
+    return _counted_outputs(monkeypatch, sampled_products._Replay)
 
 
 def _logprobs_and_grads(model, rollout, rows=slice(None)):
@@ -194,16 +199,7 @@ def prefix_replays(monkeypatch):
     """How many projection outputs the shared prompt prefix forwards took from the kept prefill."""
     from rlhf import sampled_products
 
-    taken = []
-    output = sampled_products._PrefixReplay.output
-
-    def counting(self, module, x):
-        kept = output(self, module, x)
-        taken.append(kept is not None)
-        return kept
-
-    monkeypatch.setattr(sampled_products._PrefixReplay, "output", counting)
-    return taken
+    return _counted_outputs(monkeypatch, sampled_products._PrefixReplay)
 
 
 @pytest.mark.parametrize("chunked", [False, True])
