@@ -107,12 +107,10 @@ def all_finite(tensors: list[Tensor]) -> bool:
     (a non-finite element, or finite ones that overflow together) are the elements checked one
     by one. SmolLM2-135M's 420 LoRA tensors on the 2-core EPYC: 13 ms per optimizer step with
     ``isfinite`` per tensor, 1.6 ms this way."""
-    if not tensors:
-        return True
-    if any(tensor.is_complex() for tensor in tensors):  # a real sum would drop the imaginary parts
-        return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
     with torch.no_grad():
-        if bool(torch.stack([tensor.sum().float() for tensor in tensors]).isfinite().all()):
+        # complex tensors skip the sum: a real one would drop the imaginary parts
+        if (tensors and not any(tensor.is_complex() for tensor in tensors)
+                and bool(torch.stack([tensor.sum().float() for tensor in tensors]).isfinite().all())):
             return True
         return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
 
