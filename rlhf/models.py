@@ -666,6 +666,9 @@ def inference_linears(model: nn.Module, reserve_bytes: int = 0) -> Iterator[nn.M
                 out = out + layer.bias
             return out.reshape(*x.shape[:-1], out.shape[-1])
         forward.inference_linear = True  # rlhf.sampling_forward fuses only layers routed here
+        # the packed copy this forward takes for 2+ rows (made on first call), which
+        # rlhf.sampling_forward calls directly; None where it keeps the plain weight
+        forward.packed_weight = packed_weight if pack else None
         return forward
 
     for layer in layers:

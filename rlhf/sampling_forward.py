@@ -26,9 +26,20 @@ process): the model's forward 91.7 ms per sampled token (64 tokens, median of 4)
 80.8 without fusing, and the decode step alone 63.4 -> 56.0 ms with the fused products (median
 of 6); identical tokens and logprobs. In bfloat16 with the LoRA unfolded, 16 rows x 64 tokens
 with packed weights: 5.5-6.4 s through the model's forward, 4.6-5.3 s through this one (4
-alternating runs), identical tokens and logprobs. Tried and not kept here: attention as two matmuls (not
-faster at 48 or 300 cached tokens, and not bitwise), ``F.rms_norm`` for the norms (bitwise
-equal, not faster), rotating q and k heads in one op (not faster).
+alternating runs), identical tokens and logprobs.
+
+Where the fused q/k/v product feeds Llama's rotary embedding directly (no per-head q/k norms, no
+unfolded LoRA on q/k/v), q and k are rotated as one tensor viewed from that product
+(``rotate_query_key``), with no contiguous copies of q, k and v first; o and down run through
+``inference_linears``' packed copies of their weights, called directly, past its per-call checks.
+A decode step at 16 rows, 128-224 cached tokens (the two alternating with the plain path step by
+step in one process, median of 24 steps each, three processes): 56.2 / 59.0 / 56.9 -> 53.4 /
+56.2 / 53.0 ms (an earlier three, the machine slower: 69.0 / 70.1 / 78.0 -> 66.1 / 65.8 / 69.7),
+each of the two about half of it; identical logits and cache (tested), fixed-seed GRPO identical
+metrics and adapter. Tried and not kept here: attention as two matmuls (not faster
+at 48 or 300 cached tokens, and not bitwise), ``F.rms_norm`` for the norms (bitwise equal, not
+faster), an earlier form of rotating q and k heads in one op (not faster; the one above reads q
+and k straight from the fused product, with no copies of them).
 """
 
 from __future__ import annotations
@@ -83,6 +94,14 @@ class _Layer:
     # each fused part's LoRA term, (x, its base product) -> its output; None: the base product is it
     qkv_lora: list[Callable[[Tensor, Tensor], Tensor] | None] | None = None
     gate_up_lora: list[Callable[[Tensor, Tensor], Tensor] | None] | None = None
+    # o and down through inference_linears' packed copies of their weights, called directly (its
+    # forward would take the same product after its per-call checks), and their LoRA terms as above
+    o_packed: tuple[Tensor, Tensor | None] | None = None
+    down_packed: tuple[Tensor, Tensor | None] | None = None
+    o_lora: Callable[[Tensor, Tensor], Tensor] | None = None
+    down_lora: Callable[[Tensor, Tensor], Tensor] | None = None
+    # q and k rotated as one tensor straight from the fused product (``rotate_query_key``)
+    rotate_together: bool = False
     # the projection modules (q, k, v, o, gate, up, down): their outputs are kept under these keys
     modules: tuple[nn.Module, ...] = ()
 
@@ -210,6 +229,62 @@ def _pack(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
     return weight, bias
 
 
+def _packed_by_inference_linears(linear: nn.Linear | None) -> tuple[Tensor, Tensor | None] | None:
+    """The packed weight (made now, if not yet) and bias that ``inference_linears``' forward of
+    ``linear`` takes for 2+ rows; None where it takes another product (too small, not routed to
+    oneDNN, bfloat16 unpacked) or packs none (no memory for the copies)."""
+    if not _fusable([linear]):
+        return None
+    packed_weight = getattr(vars(linear)["forward"], "packed_weight", None)
+    return None if packed_weight is None else (packed_weight(), linear.bias)
+
+
+def _packed_product(x: Tensor, packed: tuple[Tensor, Tensor | None],
+                    lora: Callable[[Tensor, Tensor], Tensor] | None) -> Tensor:
+    """A projection through its packed weight (and bias), then its LoRA term where one is unfolded."""
+    product = onednn_linear(x, *packed)
+    return product if lora is None else lora(x, product)
+
+
+def rotate_query_key(query_key: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Llama's rotary embedding of q and k heads side by side: query_key [B, q, heads, D] (a view
+    of the fused product), cos [B, q, 1, D], signed_sin [B, q, 1, D] = sin with its first half
+    negated -> [B, q, heads, D].
+
+    x cos + rotate_half(x) sin, where rotate_half(x) = (-x2, x1): (-x2) s = x2 (-s) exactly, so
+    (x2, x1) times the signed sin is the same product, bitwise; one pass over q and k together
+    instead of seven operations on each (and no contiguous copies of them first): 61 -> 29 us per
+    layer at 16 rows on the 2-core EPYC. ``SamplingForward`` checks it against the model's own
+    ``apply_rotary_pos_emb`` before taking it."""
+    half = query_key.shape[-1] // 2
+    swapped = torch.cat([query_key[..., half:], query_key[..., :half]], dim=-1)
+    return query_key * cos + swapped * signed_sin
+
+
+def signed_sine(sin: Tensor) -> Tensor:
+    """sin [..., D] with its first half negated (``rotate_query_key``)."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def _rotates_as_llama(apply_rotary: Callable[..., tuple[Tensor, Tensor]], head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the model's ``apply_rotary_pos_emb`` gives ``rotate_query_key``'s numbers bitwise
+    (random heads, angles and positions; partial or interleaved rotations do not)."""
+    if head_dim % 2:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    query, key = (torch.randn(2, 3, heads, head_dim, generator=generator).to(dtype) for heads in (4, 2))
+    cos, sin = (torch.randn(2, 3, head_dim, generator=generator).to(dtype) for _ in range(2))
+    try:
+        expected = apply_rotary(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+    except Exception:  # another signature: keep the model's own call
+        return False
+    together = rotate_query_key(torch.cat([query, key], dim=2), cos.unsqueeze(2), signed_sine(sin).unsqueeze(2))
+    return (isinstance(expected, tuple) and len(expected) == 2
+            and torch.equal(expected[0], together[:, :, :4].transpose(1, 2))
+            and torch.equal(expected[1], together[:, :, 4:].transpose(1, 2)))
+
+
 class SamplingForward:
     """``model(input_ids=, attention_mask=, position_ids=, cache=, use_cache=True, logits_to_keep=)``
     for sampling (eval mode), computed layer by layer from the model's own modules; build it with
@@ -228,6 +303,7 @@ class SamplingForward:
         self.eager_attention = modeling.eager_attention_forward
         self.apply_rotary = modeling.apply_rotary_pos_emb  # looked up as the model's attention does
         self.layers = []
+        rotates_as_llama: dict[tuple[int, torch.dtype], bool] = {}  # (head_dim, dtype) -> checked once
         for block, parts in zip(self.decoder.layers, projections):
             attention, mlp = block.self_attn, block.mlp
             layer = _Layer(
@@ -249,6 +325,16 @@ class SamplingForward:
             if fuse and _fusable([part.base for part in gate_up]):
                 layer.gate_up = _pack([part.base for part in gate_up])
                 layer.gate_up_lora = [part.lora for part in gate_up]
+            if fuse:
+                layer.o_packed, layer.o_lora = _packed_by_inference_linears(parts["o"].base), parts["o"].lora
+                layer.down_packed, layer.down_lora = _packed_by_inference_linears(parts["down"].base), parts["down"].lora
+            head_dim = attention.head_dim
+            if (layer.qkv is not None and all(lora is None for lora in layer.qkv_lora) and layer.q_norm is None
+                    and layer.q_width % head_dim == 0 and layer.k_width % head_dim == 0):
+                probe = (head_dim, layer.qkv[0].dtype)
+                if probe not in rotates_as_llama:
+                    rotates_as_llama[probe] = _rotates_as_llama(self.apply_rotary, *probe)
+                layer.rotate_together = rotates_as_llama[probe]
             self.layers.append(layer)
         # a rlhf.sampled_products.SampledProducts that keeps the products of the calls it is
         # recording (set by the sampler around each of its forwards); None: nothing kept
@@ -284,27 +370,43 @@ class SamplingForward:
         fused = (batch * length >= 2 and not torch.is_grad_enabled()
                  and not torch.is_autocast_enabled(hidden.device.type))
         keep = self.recorder.write if self.recorder is not None and self.recorder.recording else None
+        together_cos = together_sin = None  # the rotary angles as rotate_query_key takes them
         for index, layer in enumerate(self.layers):
             normed = layer.input_norm(hidden)
-            if fused and layer.qkv is not None:
-                qkv = onednn_linear(normed, *layer.qkv)
-                widths = [layer.q_width, layer.k_width, qkv.shape[-1] - layer.q_width - layer.k_width]
-                query, key, value = (part.contiguous() if lora is None else lora(normed, part)
-                                     for part, lora in zip(qkv.split(widths, -1), layer.qkv_lora))
-            else:
-                query, key, value = layer.q(normed), layer.k(normed), layer.v(normed)
-            if keep is not None:
-                for module, output in zip(layer.modules, (query, key, value)):
-                    keep(module, output)
             head_shape = (batch, length, -1, layer.attention.head_dim)
-            query, key, value = query.view(head_shape), key.view(head_shape), value.view(head_shape)
-            if layer.q_norm is not None:
-                query, key = layer.q_norm(query), layer.k_norm(key)
-            query, key = self.apply_rotary(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+            if fused and layer.rotate_together:
+                qkv = onednn_linear(normed, *layer.qkv)
+                q_end, k_end = layer.q_width, layer.q_width + layer.k_width
+                if keep is not None:
+                    for module, output in zip(layer.modules, (qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:])):
+                        keep(module, output)
+                if together_cos is None:
+                    together_cos, together_sin = cos.unsqueeze(2), signed_sine(sin).unsqueeze(2)
+                rotated = rotate_query_key(qkv[..., :k_end].view(head_shape), together_cos, together_sin).transpose(1, 2)
+                heads = layer.q_width // layer.attention.head_dim
+                query, key = rotated[:, :heads], rotated[:, heads:]
+                value = qkv[..., k_end:].view(head_shape)
+            else:
+                if fused and layer.qkv is not None:
+                    qkv = onednn_linear(normed, *layer.qkv)
+                    widths = [layer.q_width, layer.k_width, qkv.shape[-1] - layer.q_width - layer.k_width]
+                    query, key, value = (part.contiguous() if lora is None else lora(normed, part)
+                                         for part, lora in zip(qkv.split(widths, -1), layer.qkv_lora))
+                else:
+                    query, key, value = layer.q(normed), layer.k(normed), layer.v(normed)
+                if keep is not None:
+                    for module, output in zip(layer.modules, (query, key, value)):
+                        keep(module, output)
+                query, key, value = query.view(head_shape), key.view(head_shape), value.view(head_shape)
+                if layer.q_norm is not None:
+                    query, key = layer.q_norm(query), layer.k_norm(key)
+                query, key = self.apply_rotary(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
             key, value = cache.update(key, value.transpose(1, 2), index)
             attended, _ = attention_function(layer.attention, query, key, value, mask, dropout=0.0,
                                              scaling=layer.attention.scaling)
-            attention_output = layer.o(attended.reshape(batch, length, -1).contiguous())
+            attended = attended.reshape(batch, length, -1).contiguous()
+            attention_output = (_packed_product(attended, layer.o_packed, layer.o_lora)
+                                if fused and layer.o_packed is not None else layer.o(attended))
             if keep is not None:
                 keep(layer.modules[3], attention_output)
             hidden = hidden + attention_output
@@ -316,7 +418,9 @@ class SamplingForward:
                 up = up if up_lora is None else up_lora(normed, up)
             else:
                 gate, up = layer.gate(normed), layer.up(normed)
-            mlp_output = layer.down(layer.act(gate) * up)
+            activated = layer.act(gate) * up
+            mlp_output = (_packed_product(activated, layer.down_packed, layer.down_lora)
+                          if fused and layer.down_packed is not None else layer.down(activated))
             if keep is not None:
                 keep(layer.modules[4], gate)
                 keep(layer.modules[5], up)
@@ -338,7 +442,8 @@ class SamplingForward:
         """Drop the fused packed weights: the model's forward packs each layer's own weights, and
         the memory check that allowed the fused copies counted one set, not both."""
         for layer in self.layers:
-            layer.qkv = layer.gate_up = None
+            layer.qkv = layer.gate_up = layer.o_packed = layer.down_packed = None
+            layer.rotate_together = False
 
     @staticmethod
     def columns(input_ids: Tensor, attention_mask: Tensor | None, cache: Any) -> int:

@@ -70,7 +70,7 @@ def _both_ways(forward, model, ids, mask, positions, steps=3):
                       use_cache=True, logits_to_keep=1)
             cache = out.cache
             logits.append(out.logits)
-        results.append((logits, [layer.keys.clone() for layer in cache.layers]))
+        results.append((logits, [kept.clone() for layer in cache.layers for kept in (layer.keys, layer.values)]))
     return results
 
 
@@ -88,7 +88,35 @@ def test_fused_forward_gives_the_models_logits_and_cache_bitwise(kind, extra, mo
     with torch.no_grad(), merged_lora_weights(policy) as merged, inference_linears(merged):
         forward = sampling_forward(merged, fuse=True)
         assert isinstance(forward, SamplingForward)
-        assert all(layer.qkv is not None and layer.gate_up is not None for layer in forward.layers)
+        assert all(layer.qkv is not None and layer.gate_up is not None and layer.o_packed is not None
+                   and layer.down_packed is not None for layer in forward.layers)
+        # q and k rotated together where there are no per-head norms between product and rotation
+        assert all(layer.rotate_together == (kind != "qwen3") for layer in forward.layers)
+        (ours, our_keys), (theirs, their_keys) = _both_ways(forward, merged, ids, mask, positions)
+    for got, expected in zip(ours + our_keys, theirs + their_keys):
+        assert torch.equal(got, expected)
+
+
+@needs_onednn
+def test_a_rotary_embedding_other_than_llamas_keeps_the_models_own_call(monkeypatch):
+    """q and k are rotated together only where the model's apply_rotary_pos_emb gives that
+    formula's numbers: a partial rotation (half of each head, as Phi's) keeps the model's call."""
+    from transformers.models.llama import modeling_llama
+
+    llama_rotary = modeling_llama.apply_rotary_pos_emb
+
+    def partial_rotary(q, k, cos, sin, unsqueeze_dim=1):
+        half = q.shape[-1] // 2
+        rotated = llama_rotary(q[..., :half], k[..., :half], cos[..., :half], sin[..., :half], unsqueeze_dim)
+        return torch.cat([rotated[0], q[..., half:]], -1), torch.cat([rotated[1], k[..., half:]], -1)
+
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", partial_rotary)
+    policy = _policy("llama")
+    ids, mask, positions = _prompts()
+    with torch.no_grad(), merged_lora_weights(policy) as merged, inference_linears(merged):
+        forward = sampling_forward(merged, fuse=True)
+        assert all(layer.qkv is not None and not layer.rotate_together for layer in forward.layers)
         (ours, our_keys), (theirs, their_keys) = _both_ways(forward, merged, ids, mask, positions)
     for got, expected in zip(ours + our_keys, theirs + their_keys):
         assert torch.equal(got, expected)
@@ -361,6 +389,10 @@ def test_unmerged_lora_gives_the_models_logits_and_cache_bitwise(kind, dtype, lo
         forward = sampling_forward(policy, fuse=True)
         assert isinstance(forward, SamplingForward)
         assert all((layer.qkv is not None and layer.gate_up is not None) == fused for layer in forward.layers)
+        # o and down through the packed weights with their LoRA terms after; q/k/v's LoRA keeps
+        # q and k apart for the model's rotary embedding
+        assert all((layer.o_packed is not None and layer.down_packed is not None and layer.o_lora is not None)
+                   == fused and not layer.rotate_together for layer in forward.layers)
         (ours, our_keys), (theirs, their_keys) = _both_ways(forward, policy, ids, mask, positions)
     for got, expected in zip(ours + our_keys, theirs + their_keys):
         assert got.dtype == expected.dtype and torch.equal(got, expected)
