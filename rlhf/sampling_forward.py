@@ -289,7 +289,8 @@ class SamplingForward:
     """``model(input_ids=, attention_mask=, position_ids=, cache=, use_cache=True, logits_to_keep=)``
     for sampling (eval mode), computed layer by layer from the model's own modules; build it with
     ``sampling_forward``, which checks that the model is one this is exact for, where it is used
-    (the fused weights are copies: build it again after the weights change)."""
+    (its packed weights, the fused ones and those of o and down, are taken when it is built: build
+    it again after the weights change)."""
 
     def __init__(self, causal_lm: nn.Module, projections: list[dict[str, _Projection]], fuse: bool,
                  window: int | None = None):
@@ -374,30 +375,31 @@ class SamplingForward:
         for index, layer in enumerate(self.layers):
             normed = layer.input_norm(hidden)
             head_shape = (batch, length, -1, layer.attention.head_dim)
-            if fused and layer.rotate_together:
+            together = fused and layer.rotate_together
+            if fused and layer.qkv is not None:
                 qkv = onednn_linear(normed, *layer.qkv)
-                q_end, k_end = layer.q_width, layer.q_width + layer.k_width
-                if keep is not None:
-                    for module, output in zip(layer.modules, (qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:])):
-                        keep(module, output)
+                widths = [layer.q_width, layer.k_width, qkv.shape[-1] - layer.q_width - layer.k_width]
+                parts = qkv.split(widths, -1)
+                if together:  # views of the product: q and k are rotated from it below
+                    query, key, value = parts
+                else:
+                    query, key, value = (part.contiguous() if lora is None else lora(normed, part)
+                                         for part, lora in zip(parts, layer.qkv_lora))
+            else:
+                query, key, value = layer.q(normed), layer.k(normed), layer.v(normed)
+            if keep is not None:
+                for module, output in zip(layer.modules, (query, key, value)):
+                    keep(module, output)
+            value = value.view(head_shape)
+            if together:
                 if together_cos is None:
                     together_cos, together_sin = cos.unsqueeze(2), signed_sine(sin).unsqueeze(2)
-                rotated = rotate_query_key(qkv[..., :k_end].view(head_shape), together_cos, together_sin).transpose(1, 2)
+                query_key = qkv[..., :layer.q_width + layer.k_width].view(head_shape)
+                rotated = rotate_query_key(query_key, together_cos, together_sin).transpose(1, 2)
                 heads = layer.q_width // layer.attention.head_dim
                 query, key = rotated[:, :heads], rotated[:, heads:]
-                value = qkv[..., k_end:].view(head_shape)
             else:
-                if fused and layer.qkv is not None:
-                    qkv = onednn_linear(normed, *layer.qkv)
-                    widths = [layer.q_width, layer.k_width, qkv.shape[-1] - layer.q_width - layer.k_width]
-                    query, key, value = (part.contiguous() if lora is None else lora(normed, part)
-                                         for part, lora in zip(qkv.split(widths, -1), layer.qkv_lora))
-                else:
-                    query, key, value = layer.q(normed), layer.k(normed), layer.v(normed)
-                if keep is not None:
-                    for module, output in zip(layer.modules, (query, key, value)):
-                        keep(module, output)
-                query, key, value = query.view(head_shape), key.view(head_shape), value.view(head_shape)
+                query, key = query.view(head_shape), key.view(head_shape)
                 if layer.q_norm is not None:
                     query, key = layer.q_norm(query), layer.k_norm(key)
                 query, key = self.apply_rotary(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
@@ -440,7 +442,8 @@ class SamplingForward:
 
     def _release_fused(self) -> None:
         """Drop the fused packed weights: the model's forward packs each layer's own weights, and
-        the memory check that allowed the fused copies counted one set, not both."""
+        the memory check that allowed the fused copies counted one set, not both (o's and down's
+        are ``inference_linears``' own, which the model's forward takes too)."""
         for layer in self.layers:
             layer.qkv = layer.gate_up = layer.o_packed = layer.down_packed = None
             layer.rotate_together = False
@@ -466,7 +469,8 @@ def sampling_forward(model: nn.Module, fuse: bool = False, reserve_bytes: int = 
 
     ``fuse``: the caller runs it inside ``inference_linears``. The q/k/v and gate/up products
     are then fused where that sends them to oneDNN and there is memory for the packed copies
-    (which replace the separate packed weights: those are then never made)."""
+    (which replace the separate packed weights of q/k/v and gate/up: those are then never made;
+    o's and down's packed weights are ``inference_linears``' own, made when this is built)."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     prefix = SUPPORTED.get(type(causal_lm).__name__)
     modeling = type(causal_lm).__module__

@@ -18,8 +18,9 @@ def _policy(model_dir, chunked):
     return PolicyWithValue(policy, None, share_prompt_prefix=True, chunk_logits_bytes=0 if chunked else None)
 
 
-def _sample(model, model_dir, stops=None, max_new_tokens=7):
-    """A grouped rollout sampled through the sampler's forward, its products kept."""
+def _sample(model, model_dir, stops=None, max_new_tokens=7, rotated_together=None):
+    """A grouped rollout sampled through the sampler's forward, its products kept (``rotated_together``:
+    whether its layers must rotate q and k as one view of the fused q/k/v product)."""
     from rlhf.models import load_tokenizer
     from rlhf.rollout import generate_rollout, sampling_speedups
     from rlhf.sampled_products import SampledProducts, replayable_modules
@@ -30,6 +31,8 @@ def _sample(model, model_dir, stops=None, max_new_tokens=7):
         kept.fill_(float("nan"))
     with sampling_speedups(model.policy) as (sampler, fast_forward):
         assert fast_forward is not None
+        if rotated_together is not None:
+            assert all(layer.rotate_together == rotated_together for layer in fast_forward.layers)
         torch.manual_seed(1)
         rollout = generate_rollout(sampler, tokenizer, PROMPTS, prompts=PROMPTS, group_ids=[0, 0, 1, 0, 1, 2],
                                    columns={}, max_prompt_length=32, max_new_tokens=max_new_tokens, temperature=1.0,
@@ -80,10 +83,20 @@ def _assert_close(taken, plain):
         torch.testing.assert_close(taken[2][name], plain[2][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_the_forward_takes_the_samplers_products_and_gives_the_plain_numbers(tiny_model_dir, replays, chunked):
+@pytest.mark.parametrize("chunked, routed", [(False, False), (True, False), (False, True)])
+def test_the_forward_takes_the_samplers_products_and_gives_the_plain_numbers(tiny_model_dir, replays, chunked, routed,
+                                                                            monkeypatch):
+    """``routed``: every projection goes to oneDNN (as SmolLM2's do on AMD), so the sampler fuses
+    q/k/v and gate/up and keeps q, k and v as views of the fused product it rotates q and k from."""
+    from rlhf import cpu_linear
+
+    if routed:
+        if not cpu_linear.onednn_packing_usable():
+            pytest.skip("this torch build cannot pack oneDNN weights")
+        monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)
+        monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
     model = _policy(tiny_model_dir, chunked)
-    rollout = _sample(model, tiny_model_dir)
+    rollout = _sample(model, tiny_model_dir, rotated_together=routed)
     taken = _logprobs_and_grads(model, rollout)
     layers = model.policy.config.num_hidden_layers
     assert replays.count(True) == 7 * layers  # every projection of the suffix forward, none recomputed

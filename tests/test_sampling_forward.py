@@ -97,6 +97,23 @@ def test_fused_forward_gives_the_models_logits_and_cache_bitwise(kind, extra, mo
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_a_bfloat16_model_rotates_q_and_k_together_and_gives_its_logits_and_cache_bitwise(kind, monkeypatch):
+    """A bfloat16 model without LoRA (packed where inference_linears packs bfloat16): q and k
+    rotated as one bfloat16 view of the fused product, o and down through the packed weights."""
+    if not cpu_linear.bf16_packing_exact():
+        pytest.skip("bfloat16 products through packed weights are not exact here")
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: cpu_linear.onednn_usable())
+    model = _model(kind).to(torch.bfloat16)
+    ids, mask, positions = _prompts()
+    with torch.no_grad(), inference_linears(model):
+        forward = sampling_forward(model, fuse=True)
+        assert all(layer.rotate_together and layer.o_packed is not None for layer in forward.layers)
+        (ours, our_keys), (theirs, their_keys) = _both_ways(forward, model, ids, mask, positions)
+    for got, expected in zip(ours + our_keys, theirs + their_keys):
+        assert got.dtype == expected.dtype == torch.bfloat16 and torch.equal(got, expected)
+
+
 @needs_onednn
 def test_a_rotary_embedding_other_than_llamas_keeps_the_models_own_call(monkeypatch):
     """q and k are rotated together only where the model's apply_rotary_pos_emb gives that
