@@ -273,7 +273,9 @@ def _rotates_as_llama(apply_rotary: Callable[..., tuple[Tensor, Tensor]], head_d
     if head_dim % 2:
         return False
     generator = torch.Generator().manual_seed(0)
-    query, key = (torch.randn(2, 3, heads, head_dim, generator=generator).to(dtype) for heads in (4, 2))
+    query_heads, key_heads = 4, 2
+    query, key = (torch.randn(2, 3, heads, head_dim, generator=generator).to(dtype) for heads in (query_heads, key_heads))
+    # angles whose halves differ (Llama's repeat theirs), so a rotation of the wrong halves shows
     cos, sin = (torch.randn(2, 3, head_dim, generator=generator).to(dtype) for _ in range(2))
     try:
         expected = apply_rotary(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
@@ -281,8 +283,8 @@ def _rotates_as_llama(apply_rotary: Callable[..., tuple[Tensor, Tensor]], head_d
         return False
     together = rotate_query_key(torch.cat([query, key], dim=2), cos.unsqueeze(2), signed_sine(sin).unsqueeze(2))
     return (isinstance(expected, tuple) and len(expected) == 2
-            and torch.equal(expected[0], together[:, :, :4].transpose(1, 2))
-            and torch.equal(expected[1], together[:, :, 4:].transpose(1, 2)))
+            and torch.equal(expected[0], together[:, :, :query_heads].transpose(1, 2))
+            and torch.equal(expected[1], together[:, :, query_heads:].transpose(1, 2)))
 
 
 class SamplingForward:
