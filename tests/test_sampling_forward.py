@@ -92,8 +92,8 @@ def test_fused_forward_gives_the_models_logits_and_cache_bitwise(kind, extra, mo
                    and layer.down_packed is not None for layer in forward.layers)
         # q and k rotated together where there are no per-head norms between product and rotation
         assert all(layer.rotate_together == (kind != "qwen3") for layer in forward.layers)
-        (ours, our_keys), (theirs, their_keys) = _both_ways(forward, merged, ids, mask, positions)
-    for got, expected in zip(ours + our_keys, theirs + their_keys):
+        (ours, our_cache), (theirs, their_cache) = _both_ways(forward, merged, ids, mask, positions)
+    for got, expected in zip(ours + our_cache, theirs + their_cache):
         assert torch.equal(got, expected)
 
 
@@ -109,8 +109,8 @@ def test_a_bfloat16_model_rotates_q_and_k_together_and_gives_its_logits_and_cach
     with torch.no_grad(), inference_linears(model):
         forward = sampling_forward(model, fuse=True)
         assert all(layer.rotate_together and layer.o_packed is not None for layer in forward.layers)
-        (ours, our_keys), (theirs, their_keys) = _both_ways(forward, model, ids, mask, positions)
-    for got, expected in zip(ours + our_keys, theirs + their_keys):
+        (ours, our_cache), (theirs, their_cache) = _both_ways(forward, model, ids, mask, positions)
+    for got, expected in zip(ours + our_cache, theirs + their_cache):
         assert got.dtype == expected.dtype == torch.bfloat16 and torch.equal(got, expected)
 
 
@@ -134,8 +134,8 @@ def test_a_rotary_embedding_other_than_llamas_keeps_the_models_own_call(monkeypa
     with torch.no_grad(), merged_lora_weights(policy) as merged, inference_linears(merged):
         forward = sampling_forward(merged, fuse=True)
         assert all(layer.qkv is not None and not layer.rotate_together for layer in forward.layers)
-        (ours, our_keys), (theirs, their_keys) = _both_ways(forward, merged, ids, mask, positions)
-    for got, expected in zip(ours + our_keys, theirs + their_keys):
+        (ours, our_cache), (theirs, their_cache) = _both_ways(forward, merged, ids, mask, positions)
+    for got, expected in zip(ours + our_cache, theirs + their_cache):
         assert torch.equal(got, expected)
 
 
@@ -268,8 +268,8 @@ def test_a_forward_that_captured_hidden_states_leaves_it_on_and_exact():
     with torch.no_grad():
         forward = sampling_forward(policy)
         assert forward is not None
-        (ours, our_keys), (theirs, their_keys) = _both_ways(forward, policy, ids, mask, positions)
-        for got, expected in zip(ours + our_keys, theirs + their_keys):
+        (ours, our_cache), (theirs, their_cache) = _both_ways(forward, policy, ids, mask, positions)
+        for got, expected in zip(ours + our_cache, theirs + their_cache):
             assert torch.equal(got, expected)
         # and the hooks still record when a forward asks for hidden states again
         again = policy(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
@@ -327,8 +327,8 @@ def test_sliding_window_layers_take_it_within_the_window_and_the_models_forward_
     with torch.no_grad(), inference_linears(model):
         forward = sampling_forward(model, fuse=True)
         assert isinstance(forward, SamplingForward) and forward.window == window
-        (ours, our_keys), (theirs, their_keys) = _both_ways(forward, model, ids, mask, positions, steps=6)
-    for got, expected in zip(ours + our_keys, theirs + their_keys):
+        (ours, our_cache), (theirs, their_cache) = _both_ways(forward, model, ids, mask, positions, steps=6)
+    for got, expected in zip(ours + our_cache, theirs + their_cache):
         assert torch.equal(got, expected)
     model_calls = 1 + 6  # the model's own run in _both_ways
     # ours: none below the window; from 12 columns on (decode steps 3-6) the model's forward
@@ -410,8 +410,8 @@ def test_unmerged_lora_gives_the_models_logits_and_cache_bitwise(kind, dtype, lo
         # q and k apart for the model's rotary embedding
         assert all((layer.o_packed is not None and layer.down_packed is not None and layer.o_lora is not None)
                    == fused and not layer.rotate_together for layer in forward.layers)
-        (ours, our_keys), (theirs, their_keys) = _both_ways(forward, policy, ids, mask, positions)
-    for got, expected in zip(ours + our_keys, theirs + their_keys):
+        (ours, our_cache), (theirs, their_cache) = _both_ways(forward, policy, ids, mask, positions)
+    for got, expected in zip(ours + our_cache, theirs + their_cache):
         assert got.dtype == expected.dtype and torch.equal(got, expected)
     assert not torch.equal(ours[0], policy.get_base_model()(input_ids=ids, attention_mask=mask).logits)  # LoRA counted
 
@@ -458,8 +458,8 @@ def test_adapters_it_follows_beyond_the_trainers_own(monkeypatch):
         with torch.no_grad(), inference_linears(policy):
             forward = sampling_forward(policy, fuse=True)
             assert isinstance(forward, SamplingForward)
-            (ours, our_keys), (theirs, their_keys) = _both_ways(forward, policy, ids, mask, positions)
-        assert all(torch.equal(a, b) for a, b in zip(ours + our_keys, theirs + their_keys))
+            (ours, our_cache), (theirs, their_cache) = _both_ways(forward, policy, ids, mask, positions)
+        assert all(torch.equal(a, b) for a, b in zip(ours + our_cache, theirs + their_cache))
 
 
 @pytest.mark.skipif(not cpu_linear.bf16_packing_exact(), reason="bfloat16 weights are not packed on this machine")
