@@ -444,11 +444,11 @@ class SamplingForward:
 
     def _release_fused(self) -> None:
         """Drop the fused packed weights: the model's forward packs each layer's own weights, and
-        the memory check that allowed the fused copies counted one set, not both (o's and down's
-        are ``inference_linears``' own, which the model's forward takes too)."""
+        the memory check that allowed the fused copies counted one set, not both. o's and down's
+        stay: they are ``inference_linears``' own, which the model's forward takes too."""
         for layer in self.layers:
-            layer.qkv = layer.gate_up = layer.o_packed = layer.down_packed = None
-            layer.rotate_together = False
+            layer.qkv = layer.gate_up = None
+            layer.rotate_together = False  # it rotates q and k from the fused product
 
     @staticmethod
     def columns(input_ids: Tensor, attention_mask: Tensor | None, cache: Any) -> int:
