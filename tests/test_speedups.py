@@ -130,6 +130,34 @@ def test_merged_lora_weights_inside_disabled_adapters_sample_the_base_and_keep_t
     assert torch.equal(after, reference)
 
 
+def test_merged_lora_weights_switch_adapters_off_as_peft_does_and_leave_frozen_weights_frozen(tiny_model_dir):
+    """Sampling switches the LoRA layers off by peft's own flags (what ``disable_adapter`` sets),
+    without its requires_grad round trip: a LoRA weight its owner froze (LoRA-FA freezes A) stays
+    frozen after a rollout (peft's exit re-enables every active adapter weight: before, the tiny
+    model's frozen A matrices came out of sampling trainable), and the trainable ones stay so."""
+    import torch
+
+    from rlhf.models import merged_lora_weights
+
+    policy = _trained_lora(tiny_model_dir)
+    lora_layers = [m for m in policy.modules() if hasattr(m, "lora_A")]
+    with policy.disable_adapter():  # (whose exit makes every active adapter weight trainable)
+        reference_flags = [m.disable_adapters for m in lora_layers], policy._adapters_disabled
+    for name, param in policy.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad_(False)
+    trainable = {name: param.requires_grad for name, param in policy.named_parameters()}
+    assert any(trainable.values()) and not all(trainable.values())
+    input_ids = torch.randint(0, 1000, (3, 12))
+    with torch.no_grad():
+        with merged_lora_weights(policy) as sampler:
+            flags = [m.disable_adapters for m in lora_layers], policy._adapters_disabled
+            sampler(input_ids=input_ids)
+    assert flags == reference_flags and all(flags[0]) and flags[1]
+    assert {name: param.requires_grad for name, param in policy.named_parameters()} == trainable
+    assert not any(m.disable_adapters for m in lora_layers) and not policy._adapters_disabled
+
+
 def test_merged_lora_weights_leave_bfloat16_bases_unmerged(tiny_model_dir):
     import torch
 
