@@ -184,30 +184,19 @@ def times_transposed(x: Tensor, weight: Tensor) -> Tensor:
 @dataclass
 class _KeptTransposes:
     """The scope of ``transposed_weights_kept``: its copies, data_ptr -> (the weight, its version,
-    its transpose copy), and how many more bytes of copies it may still make (set at the update's
-    first product with a frozen weight, from the free memory then). ``micro_batch``: (token
-    positions of the micro-batch running, of the update's largest), as the update last told
-    ``expect_micro_batch``; ``start_free``: the memory free when it first did, before the first
-    micro-batch's forward; ``budget_read``: whether this update has read its budget."""
+    its transpose copy), and how many more bytes of copies it may still make (None until the first
+    copy, when it is read off the free memory). ``micro_batch``: (token positions of the
+    micro-batch running, of the update's largest), as the update last told ``expect_micro_batch``;
+    ``start_free``: the memory free when it first did, before the first micro-batch's forward."""
 
     start_free: int = 0
     copies: dict[int, tuple[Tensor, int, Tensor]] = field(default_factory=dict)
     budget: int | None = None
     micro_batch: tuple[int, int] | None = None
-    budget_read: bool = False
-
-    def held_bytes(self) -> int:
-        return sum(copy.nbytes for _, _, copy in self.copies.values())
-
-    def next_update(self) -> None:
-        """Start another update's scope with these copies: its budget is read again."""
-        self.start_free, self.micro_batch, self.budget_read = 0, None, False
 
     def transpose_of(self, weight: Tensor) -> Tensor | None:
         """``weight``'s kept transpose copy, made now if it is missing or stale and the budget
         holds it; None: no room, the caller takes the strided view."""
-        if not self.budget_read:
-            self._read_budget()
         key = weight.data_ptr()
         kept = self.copies.get(key)
         if kept is not None:
@@ -216,7 +205,9 @@ class _KeptTransposes:
                     and kept[0].stride() == weight.stride()):
                 return kept[2]
             del self.copies[key]  # stale: freed before its replacement is made, and its bytes credited
-            self.budget += kept[2].nbytes
+            self.budget += kept[2].nbytes  # set when that copy was made
+        if self.budget is None:
+            self.budget = self._first_budget()
         needed = weight.nbytes
         if needed > self.budget:
             return None
@@ -224,20 +215,8 @@ class _KeptTransposes:
         self.copies[key] = (weight, weight._version, transposed_copy(weight))
         return self.copies[key][2]
 
-    def _read_budget(self) -> None:
-        """This update's room for copies, the ones held from earlier updates counted in: where
-        they now take more than that room (a longer micro-batch than theirs), all are dropped and
-        made again as the room allows, as in a first update."""
-        held = self.held_bytes()
-        budget = self._first_budget(held)
-        if held > budget:
-            self.copies.clear()
-            held = 0
-        self.budget, self.budget_read = budget - held, True
-
-    def _first_budget(self, held: int = 0) -> int:
-        """Half of the memory free once the update's largest micro-batch holds its activations,
-        the ``held`` bytes of copies already made counted as free.
+    def _first_budget(self) -> int:
+        """Half of the memory free once the update's largest micro-batch holds its activations.
 
         Read when the first copy is wanted, inside the first micro-batch's forward (the chunked LM
         head) or its backward, where that micro-batch's activations already hold their memory.
@@ -246,17 +225,15 @@ class _KeptTransposes:
         (activations grow with them), is kept free for the largest. Measured on SmolLM2-135M,
         GRPO at 256 new tokens: 1.64 MB per position held at the first copy for 768 positions,
         1.70 MB at the peak of a 1196-position micro-batch."""
-        free = available_memory_bytes() + held
+        free = available_memory_bytes()
         if self.micro_batch is not None:
             running, largest = self.micro_batch
-            taken = max(self.start_free + held - free, 0)
-            free -= taken * max(largest - running, 0) // max(running, 1)
+            held = max(self.start_free - free, 0)
+            free -= held * max(largest - running, 0) // max(running, 1)
         return max(free, 0) // 2
 
 
 _transposed_copies: _KeptTransposes | None = None
-# the copies an update opened ``between_updates`` left for the next one (one set per process)
-_between_updates: _KeptTransposes | None = None
 
 # Rows of a tall weight transposed per block by ``transposed_copy``.
 TRANSPOSE_BLOCK_ROWS = 256
@@ -302,18 +279,11 @@ def transposed_copy_exact() -> bool:
     return True
 
 
-def frozen_float32_bytes(model: torch.nn.Module) -> int:
-    """Bytes of ``model``'s frozen float32 matrices on the CPU: the weights whose transposes
-    ``transposed_weights_kept`` copies (and about what sampling copies of them, folded or packed)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters()
-               if not p.requires_grad and p.dim() == 2 and p.dtype == torch.float32 and p.device.type == "cpu")
-
-
 @contextlib.contextmanager
-def transposed_weights_kept(model: torch.nn.Module, between_updates: bool = False) -> Iterator[None]:
+def transposed_weights_kept(model: torch.nn.Module) -> Iterator[None]:
     """While the block runs (an update), ``times_weight`` keeps a contiguous copy of each frozen
-    weight's transpose it is given, for every later product with that weight; at the end they are
-    dropped, or with ``between_updates`` kept for the next update's scope (see below).
+    weight's transpose it is given, for every later product with that weight, and drops them all
+    at the end.
 
     A backward multiplies by W itself (dL/dx = g W for y = x W^T): the input gradient of each
     frozen LoRA base layer, and the chunked LM head's p W. oneDNN takes ``W.t()``, a strided view,
@@ -326,65 +296,33 @@ def transposed_weights_kept(model: torch.nn.Module, between_updates: bool = Fals
     SmolLM2-135M), and then at most half the memory that is free when the first copy is wanted
     (read once, with the first micro-batch's activations in memory, which the start cannot see)
     after setting aside what the update's largest micro-batch will take on top of those, where the
-    update says (``expect_micro_batch``); past that the remaining weights keep the view.
-
-    ``between_updates`` (the trainer's updates): the frozen weights do not change between steps,
-    so the copies stay for the next update instead of being made again. Each update reads its
-    room again with them counted as free, and drops them all where they now take more than that
-    (a longer micro-batch than before); sampling in between drops them first where its own weight
-    copies would otherwise not fit (``make_room_for_sampling``), and the trainer drops them when
-    it ends (``release_kept_transposes``). The benchmark's GRPO at 32 new tokens (SmolLM2-135M
-    shape, 2-core EPYC with AVX-512, median update of steps 2-5, two processes each, alternating):
-    2.27 / 2.12 -> 2.12 / 1.99 s (the copies took ~0.15 s an update), peak RSS 2.97 -> 3.18 GB
-    (0.54 GB of copies held while sampling, where the sampler's own copies live).
+    update says (``expect_micro_batch``); past that the remaining weights keep the view. The
+    copies are not kept across steps, where sampling needs the memory for its own weight copies.
 
     A weight changed in place is copied again (its version counter moves); a write through
     ``.data`` moves no counter and is not seen, as with ``inference_linears``' packed copies: the
     update changes no frozen weight. A scope opened inside another adds nothing (the outer one's
     copies serve it)."""
-    global _transposed_copies, _between_updates
-    earlier, _between_updates = _between_updates, None
-    if earlier is not None:  # only copies of this model's weights serve it
-        weights = {id(p) for p in model.parameters()}
-        earlier.copies = {key: kept for key, kept in earlier.copies.items() if id(kept[0]) in weights}
-    frozen_bytes = frozen_float32_bytes(model)
-    held = earlier.held_bytes() if earlier is not None else 0
+    global _transposed_copies
+    frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
+                       if not p.requires_grad and p.dim() == 2 and p.dtype == torch.float32 and p.device.type == "cpu")
     enabled = (_transposed_copies is None and frozen_bytes > 0 and transposed_copy_exact()
-               and 2 * frozen_bytes < available_memory_bytes() + held)
+               and 2 * frozen_bytes < available_memory_bytes())
     if enabled:
-        _transposed_copies = earlier if earlier is not None and between_updates else _KeptTransposes()
-        _transposed_copies.next_update()
-    del earlier  # not taken: freed now
+        _transposed_copies = _KeptTransposes()
     try:
         yield
     finally:
         if enabled:
-            if between_updates and _transposed_copies.copies:
-                _between_updates = _transposed_copies
             _transposed_copies = None
-
-
-def release_kept_transposes() -> int:
-    """Drop the transpose copies an update left for the next one; returns their bytes."""
-    global _between_updates
-    held = _between_updates.held_bytes() if _between_updates is not None else 0
-    _between_updates = None
-    return held
-
-
-def make_room_for_sampling(needed_bytes: int) -> None:
-    """Drop the transpose copies kept between updates unless ``needed_bytes`` stay free with them
-    held: sampling's own weight copies speed every token, and it skips them where memory is short."""
-    if _between_updates is not None and available_memory_bytes() < needed_bytes:
-        release_kept_transposes()
 
 
 def expect_micro_batch(positions: int, largest_positions: int) -> None:
     """Tell an open ``transposed_weights_kept`` scope that a micro-batch of ``positions`` token
     positions (rows x columns) runs next, and that none in this update runs more than
     ``largest_positions``: until the copies' budget is read, it then leaves room for the largest
-    one's activations. Nothing where no scope is open or its budget is already read."""
-    if _transposed_copies is not None and not _transposed_copies.budget_read:
+    one's activations. Nothing where no scope is open or its budget is already set."""
+    if _transposed_copies is not None and _transposed_copies.budget is None:
         if _transposed_copies.micro_batch is None:  # what the first micro-batch takes is counted from here
             _transposed_copies.start_free = available_memory_bytes()
         _transposed_copies.micro_batch = (positions, largest_positions)

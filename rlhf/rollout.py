@@ -557,17 +557,12 @@ def sampling_speedups(policy: torch.nn.Module, enabled: bool = True,
     ``enabled=False`` (DeepSpeed/FSDP own the tensors): ``(policy, None)``. Each weight copy is made
     only where free memory holds it twice over plus ``reserve_bytes``: the KV cache the sampling
     will fill (``rlhf.kv_cache.kv_cache_bytes``), which the copies must not crowd out."""
-    from rlhf.cpu_linear import frozen_float32_bytes, make_room_for_sampling
     from rlhf.models import inference_linears, merged_lora_weights
     from rlhf.sampling_forward import sampling_forward
 
     if not enabled:
         yield policy, None
         return
-    # The update's transpose copies of the frozen weights, kept for the next update, give way where
-    # the copies below (folded, then packed: each checked against twice its size) and the KV
-    # cache would not fit beside them, with as much again for the sampler's kept products.
-    make_room_for_sampling(4 * frozen_float32_bytes(policy) + reserve_bytes)
     with merged_lora_weights(policy, reserve_bytes) as folded, inference_linears(folded, reserve_bytes):
         yield folded, sampling_forward(folded, fuse=True, reserve_bytes=reserve_bytes)
 

@@ -42,7 +42,7 @@ from rlhf.algorithms import MovingAverageBaseline
 from rlhf.config import RLConfig, changed_settings, save_config, with_overrides
 from rlhf.data import PromptSampler, check_prompt_lengths, describe_dataset, load_eval_dataset, load_prompt_dataset
 from rlhf.build import build_model
-from rlhf.cpu_linear import release_kept_transposes, transposed_weights_kept, use_onednn
+from rlhf.cpu_linear import transposed_weights_kept, use_onednn
 from rlhf.cpu_memory import keep_freed_memory, malloc_choice, release_freed_memory
 from rlhf.card import render_model_card
 from rlhf.distributed import (Reducer, configure_sharding, gathered_state, make_accelerator, shards_weights,
@@ -308,7 +308,6 @@ class RLTrainer:
         self.model = self.updater.model = plain
         self.accelerator.free_memory()  # Accelerate's own references to the prepared model
         thaw_long_lived_objects()  # the wrapper was made before training: frozen objects are never collected
-        release_kept_transposes()  # the frozen weights' copies kept from one update to the next
         gc.collect()
         release_freed_memory()  # what the heap kept for the steps' reuse goes back to the system
         self.accelerator.end_training()
@@ -428,8 +427,7 @@ class RLTrainer:
                                reducer=self.reducer, micro_batch_size=self.micro_batch_size, token_scores=token_scores)
 
     def update(self, batch: Experience) -> dict[str, float]:
-        # the backward's products with frozen weights, on a CPU; the copies stay for the next update
-        with transposed_weights_kept(self.model, between_updates=True):
+        with transposed_weights_kept(self.model):  # the backward's products with frozen weights, on a CPU
             metrics = self.updater(batch, self.kl_controller.value)
         if metrics.get("empty_updates"):
             warnings.warn(f"step {self.step + 1}: every response was left out of the loss (all groups without reward "

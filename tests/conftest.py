@@ -214,13 +214,3 @@ def onednn_transposes(monkeypatch):
         yield
     finally:
         cpu_linear.transposed_copy_exact.cache_clear()
-
-
-@pytest.fixture(autouse=True)
-def _no_transposes_kept_past_a_test():
-    """A trainer driven step by step (no ``train()``, whose end lets them go) leaves the frozen
-    weights' transposed copies for a next update: not for the next test."""
-    yield
-    from rlhf import cpu_linear
-
-    cpu_linear.release_kept_transposes()

@@ -443,7 +443,7 @@ def test_a_kept_transpose_serves_only_the_tensor_it_was_made_of(onednn_transpose
     weight, impostor = torch.randn(320, 256), torch.randn(320, 256)
     grad = torch.randn(9, 320)
     with cpu_linear.transposed_weights_kept(torch.nn.Linear(256, 320).requires_grad_(False)):
-        cpu_linear._transposed_copies.budget, cpu_linear._transposed_copies.budget_read = 10 ** 12, True
+        cpu_linear._transposed_copies.budget = 10 ** 12
         stale = (impostor, weight._version, cpu_linear.transposed_copy(impostor))
         cpu_linear._transposed_copies.copies[weight.data_ptr()] = stale
         product = cpu_linear.times_weight(grad, weight)
@@ -518,72 +518,3 @@ def test_a_blockwise_transposed_copy_is_the_transpose(monkeypatch, shape):
     monkeypatch.setattr(cpu_linear, "TRANSPOSE_BLOCK_ROWS", 3)  # blocks that do not divide the rows
     copy = cpu_linear.transposed_copy(weight)
     assert copy.is_contiguous() and torch.equal(copy, weight.t())
-
-
-@needs_onednn
-def test_transposes_kept_between_updates_serve_the_next_update_and_give_way_to_a_longer_one(
-        monkeypatch, onednn_transposes):
-    """The trainer's updates keep their copies for the next one (the frozen weights do not change
-    between steps): the second update's products take the first one's copies, bitwise the same,
-    and make none. Each update reads its room again with the copies counted as free: where a
-    longer micro-batch leaves them more than half of it, all go and are made again as it allows.
-    A scope without ``between_updates`` (or a scope for another model) drops them."""
-    torch.manual_seed(0)
-    layers = torch.nn.Sequential(torch.nn.Linear(256, 320), torch.nn.Linear(320, 256)).requires_grad_(False)
-    first, second = layers[0].weight, layers[1].weight
-    grads = torch.randn(17, 320), torch.randn(17, 256)
-    free = {"bytes": 10 ** 12}
-    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: free["bytes"])
-    made = []
-    monkeypatch.setattr(cpu_linear, "transposed_copy",
-                        lambda weight: made.append(weight) or weight.t().contiguous())
-
-    def update(running: int = 1, largest: int = 1, activations: int = 0) -> list[torch.Tensor]:
-        with cpu_linear.transposed_weights_kept(layers, between_updates=True):
-            cpu_linear.expect_micro_batch(running, largest)
-            free["bytes"] -= activations  # the first micro-batch's forward took this
-            return [cpu_linear.times_weight(g, w) for g, w in zip(grads, (first, second))]
-
-    expected = [cpu_linear.onednn_linear(g, w.t()) for g, w in zip(grads, (first, second))]
-    assert all(torch.equal(a, b) for a, b in zip(update(), expected)) and len(made) == 2
-    kept = {key: copy for key, (_, _, copy) in cpu_linear._between_updates.copies.items()}
-    assert all(torch.equal(a, b) for a, b in zip(update(), expected)) and len(made) == 2  # none made again
-    assert {key: copy for key, (_, _, copy) in cpu_linear._between_updates.copies.items()} == kept
-
-    both, taken = first.nbytes + second.nbytes, 10 ** 6
-    free["bytes"] = 2 * both  # with the copies held: room for them (half of 3 x both) -> kept
-    update()
-    assert len(made) == 2
-    # a micro-batch 4x the first one's length is to come: 3 x what the first took is set aside,
-    # leaving half of (both - 1 + the held copies) for copies: one, not two. Both go, one is made again.
-    free["bytes"] = both - 1 + 4 * taken
-    assert all(torch.equal(a, b) for a, b in zip(update(100, 400, taken), expected))
-    assert len(made) == 3 and list(cpu_linear._between_updates.copies) == [first.data_ptr()]
-
-    free["bytes"] = 10 ** 12
-    with cpu_linear.transposed_weights_kept(torch.nn.Linear(256, 320).requires_grad_(False), between_updates=True):
-        assert not cpu_linear._transposed_copies.copies  # another model's weights: not served
-    assert cpu_linear._between_updates is None
-    update()
-    with cpu_linear.transposed_weights_kept(layers):
-        assert not cpu_linear._transposed_copies.copies
-    assert cpu_linear._between_updates is None
-
-
-@needs_onednn
-def test_sampling_takes_back_the_memory_of_transposes_kept_between_updates_where_it_needs_it(
-        monkeypatch, onednn_transposes):
-    """Sampling's weight copies speed every token: where they would not fit beside the update's
-    kept transposes, those go first (and an ended run lets them go)."""
-    layer = torch.nn.Linear(256, 320).requires_grad_(False)
-    free = {"bytes": 10 ** 12}
-    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: free["bytes"])
-    with cpu_linear.transposed_weights_kept(layer, between_updates=True):
-        cpu_linear.times_weight(torch.randn(5, 320), layer.weight)
-    cpu_linear.make_room_for_sampling(10 ** 12)
-    assert cpu_linear._between_updates is not None
-    cpu_linear.make_room_for_sampling(10 ** 12 + 1)
-    assert cpu_linear._between_updates is None
-    with cpu_linear.transposed_weights_kept(layer, between_updates=True):
-        cpu_linear.times_weight(torch.randn(5, 320), layer.weight)
-    assert cpu_linear.release_kept_transposes() == layer.weight.nbytes and cpu_linear._between_updates is None

@@ -894,37 +894,6 @@ def test_the_update_multiplies_by_frozen_weights_through_kept_transposed_copies(
     assert kept_during_update[0] > 1 and cpu_linear._transposed_copies is None
 
 
-def test_the_trainers_updates_keep_their_transposed_copies_for_the_next_step(tiny_model_dir, tmp_path, monkeypatch,
-                                                                            onednn_transposes):
-    """The frozen weights do not change between steps: the second update takes the first one's
-    transposed copies (before: every update copied every frozen weight again), the sampling in
-    between runs beside them, and the run lets them go when it ends."""
-    from rlhf import cpu_linear
-    from rlhf.update import GradientUpdate
-
-    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)  # the tiny model's layers routed as large ones
-    made = []
-    real_copy = cpu_linear.transposed_copy
-    monkeypatch.setattr(cpu_linear, "transposed_copy", lambda weight: made.append(weight.shape) or real_copy(weight))
-    per_update, real_update = [], GradientUpdate.__call__
-
-    def update(self, *args):
-        before = len(made)
-        result = real_update(self, *args)
-        per_update.append(len(made) - before)
-        return result
-
-    monkeypatch.setattr(GradientUpdate, "__call__", update)
-    config = RLConfig(**{
-        **ALGORITHM_DEFAULTS["grpo"], "model_name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "run"),
-        "max_steps": 2, "rollout_batch_size": 2, "num_generations": 2, "mini_batch_size": 4, "max_new_tokens": 6,
-        "max_prompt_length": 48, "lora_r": 4, "lora_alpha": 8, "save_steps": 0, "num_samples_to_log": 0,
-        "reward_funcs": [f"{FIXTURES / 'rewards.py'}:char_diversity"]})
-    RLTrainer(config).train()
-    assert per_update[0] > 1 and per_update[1:] == [0]
-    assert cpu_linear._between_updates is None
-
-
 def test_the_update_keeps_no_transposes_where_its_longest_micro_batch_needs_the_memory(tiny_model_dir, tmp_path,
                                                                                        monkeypatch, onednn_transposes):
     """Responses that end at different lengths: the update's first micro-batch holds the shortest,
