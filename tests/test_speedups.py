@@ -134,7 +134,8 @@ def test_merged_lora_weights_switch_adapters_off_as_peft_does_and_leave_frozen_w
     """Sampling switches the LoRA layers off by peft's own flags (what ``disable_adapter`` sets),
     without its requires_grad round trip: a LoRA weight its owner froze (LoRA-FA freezes A) stays
     frozen after a rollout (peft's exit re-enables every active adapter weight: before, the tiny
-    model's frozen A matrices came out of sampling trainable), and the trainable ones stay so."""
+    model's frozen A matrices came out of sampling trainable), and the trainable ones stay so, also
+    where peft's ``disable_adapter`` ran inside (it would leave them all frozen)."""
     import torch
 
     from rlhf.models import merged_lora_weights
@@ -154,6 +155,13 @@ def test_merged_lora_weights_switch_adapters_off_as_peft_does_and_leave_frozen_w
             flags = [m.disable_adapters for m in lora_layers], policy._adapters_disabled
             sampler(input_ids=input_ids)
     assert flags == reference_flags and all(flags[0]) and flags[1]
+    assert {name: param.requires_grad for name, param in policy.named_parameters()} == trainable
+    assert not any(m.disable_adapters for m in lora_layers) and not policy._adapters_disabled
+    # peft's own switch used inside (a user's reward or tool code): it sees the adapters off and
+    # freezes them on its way out; the sampling's exit puts every weight back as it was
+    with torch.no_grad(), merged_lora_weights(policy) as sampler:
+        with policy.disable_adapter():
+            sampler(input_ids=input_ids)
     assert {name: param.requires_grad for name, param in policy.named_parameters()} == trainable
     assert not any(m.disable_adapters for m in lora_layers) and not policy._adapters_disabled
 
