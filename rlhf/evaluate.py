@@ -297,7 +297,9 @@ def _unpadded_rows(rollout: Rollout) -> Iterator[Rollout]:
 @contextlib.contextmanager
 def adapter_disabled(peft_model: Any) -> Iterator[Any]:
     """The base model as a context: the same weights with the LoRA adapter switched off."""
-    with peft_model.disable_adapter():
+    from rlhf.models import adapters_off
+
+    with adapters_off(peft_model):
         yield peft_model
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from rlhf.algorithms import Algorithm, MovingAverageBaseline, group_stats, kl_penalty, masked_whiten
 from rlhf.algorithms import token_level_rewards, zero_spread_groups
 from rlhf.distributed import Reducer, unwrapped_full_weights
+from rlhf.models import adapters_off
 from rlhf.rollout import Rollout, forward_response
 from rlhf.scoring import fill_unscorable
 
@@ -256,7 +257,7 @@ def no_grad_pass(model: torch.nn.Module, rollout: Rollout, config: Any, reducer:
                 values.append(v)
                 entropy.append(h)
             else:
-                with plain.policy.disable_adapter():
+                with adapters_off(plain.policy):
                     lp, _, _ = forward_response(plain, rollout, rows, config.temperature)
             logprobs.append(lp)
     has_values = with_adapter and plain.value_head is not None

@@ -166,6 +166,47 @@ def test_merged_lora_weights_switch_adapters_off_as_peft_does_and_leave_frozen_w
     assert not any(m.disable_adapters for m in lora_layers) and not policy._adapters_disabled
 
 
+def test_adapters_off_is_peft_disable_adapter_for_the_reference_pass(tiny_model_dir):
+    """The reference pass (KL) and evaluation's base row switch the adapters off through
+    ``adapters_off``: the base model's logits, as ``disable_adapter`` gives them, with peft's flags
+    set inside and everything as it was after, frozen adapter weights included; a model with
+    ``modules_to_save`` (which only peft's switch turns off) takes peft's switch."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf.models import adapters_off
+
+    input_ids = torch.randint(0, 1000, (3, 12))
+    policy = _trained_lora(tiny_model_dir)
+    for name, param in policy.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad_(False)
+    trainable = {name: param.requires_grad for name, param in policy.named_parameters()}
+    with torch.no_grad():
+        adapted = policy(input_ids=input_ids).logits
+        with adapters_off(policy) as base:
+            ours = base(input_ids=input_ids).logits
+            assert policy._adapters_disabled and all(m.disable_adapters for m in policy.modules() if hasattr(m, "lora_A"))
+        assert torch.equal(policy(input_ids=input_ids).logits, adapted)
+        assert {name: param.requires_grad for name, param in policy.named_parameters()} == trainable
+        with policy.disable_adapter():
+            peft_base = policy(input_ids=input_ids).logits
+    assert torch.equal(ours, peft_base) and not torch.equal(ours, adapted)
+
+    from rlhf.models import load_base_model
+
+    torch.manual_seed(0)
+    with_saved = get_peft_model(load_base_model(str(tiny_model_dir)), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])).eval()
+    with torch.no_grad():
+        with_saved.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+        with with_saved.disable_adapter():
+            expected = with_saved(input_ids=input_ids).logits
+        with adapters_off(with_saved):
+            got = with_saved(input_ids=input_ids).logits
+    assert torch.equal(got, expected)
+
+
 def test_merged_lora_weights_leave_bfloat16_bases_unmerged(tiny_model_dir):
     import torch
 
