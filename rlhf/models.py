@@ -576,9 +576,9 @@ def merged_lora_weights(policy: PeftModel, reserve_bytes: int = 0) -> Iterator[P
 def adapters_off(policy: Any) -> Iterator[Any]:
     """``policy`` with its adapters switched off (the reference policy: the base model's weights),
     as ``policy.disable_adapter()`` switches them, by peft's flags alone where every tuner layer
-    is a LoRA layer and there are no ``modules_to_save`` or trainable tokens (``_adapter_layers_off``:
-    37 -> 3 ms for SmolLM2-135M's 210 layers, and frozen adapter weights stay frozen); else by
-    ``disable_adapter`` itself."""
+    is a LoRA layer and there are no ``modules_to_save`` or trainable tokens (``_adapter_layers_off``;
+    with the walk that checks this, 33 -> 7 ms for SmolLM2-135M's 210 layers, and frozen adapter
+    weights stay frozen); else by ``disable_adapter`` itself."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
