@@ -174,7 +174,7 @@ def test_adapters_off_is_peft_disable_adapter_for_the_reference_pass(tiny_model_
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from rlhf.models import adapters_off
+    from rlhf.models import adapters_off, load_base_model
 
     input_ids = torch.randint(0, 1000, (3, 12))
     policy = _trained_lora(tiny_model_dir)
@@ -192,8 +192,6 @@ def test_adapters_off_is_peft_disable_adapter_for_the_reference_pass(tiny_model_
         with policy.disable_adapter():
             peft_base = policy(input_ids=input_ids).logits
     assert torch.equal(ours, peft_base) and not torch.equal(ours, adapted)
-
-    from rlhf.models import load_base_model
 
     torch.manual_seed(0)
     with_saved = get_peft_model(load_base_model(str(tiny_model_dir)), LoraConfig(
