@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -249,7 +250,8 @@ def no_grad_pass(model: torch.nn.Module, rollout: Rollout, config: Any, reducer:
     """
     chunk = config.logprob_batch_size or micro_batch_size
     logprobs, values, entropy = [], [], []
-    with unwrapped_full_weights(model, reducer.accelerator) as plain:
+    with unwrapped_full_weights(model, reducer.accelerator) as plain, \
+            contextlib.nullcontext() if with_adapter else adapters_off(plain.policy):
         for start in range(0, len(rollout), chunk):
             rows = slice(start, start + chunk)
             if with_adapter:
@@ -257,8 +259,7 @@ def no_grad_pass(model: torch.nn.Module, rollout: Rollout, config: Any, reducer:
                 values.append(v)
                 entropy.append(h)
             else:
-                with adapters_off(plain.policy):
-                    lp, _, _ = forward_response(plain, rollout, rows, config.temperature)
+                lp, _, _ = forward_response(plain, rollout, rows, config.temperature)
             logprobs.append(lp)
     has_values = with_adapter and plain.value_head is not None
     return (torch.cat(logprobs), torch.cat(values) if has_values else None,

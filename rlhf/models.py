@@ -525,21 +525,16 @@ def merged_lora_weights(policy: PeftModel, reserve_bytes: int = 0) -> Iterator[P
     embedding of tied-embedding models) must keep its value there.
     """
     from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from peft.utils.other import AuxiliaryTrainingWrapper  # modules_to_save, trainable_token_indices
-
-    tuner_layers = [module for module in policy.modules() if isinstance(module, BaseTunerLayer)]
-    layers = [module for module in tuner_layers if isinstance(module, LoraLayer)]
+    layers, switchable = _lora_layers(policy)
     # Adapters switched off (the base sampled, e.g. evaluation's base row): nothing to fold;
     # folding the active ones would sample the adapter instead of the base. Sampling runs with the
     # LoRA layers switched off as PeftModel.disable_adapter switches them, which would also switch
     # off modules_to_save copies and trainable tokens (and a model with adapters loaded by
-    # transformers has no such switch): those stay unmerged, as do LoRA layers with a bias on B
-    # (W + s*B@A would drop it).
+    # transformers has no such switch): those stay unmerged (not ``switchable``), as do LoRA
+    # layers with a bias on B (W + s*B@A would drop it).
     mergeable = (isinstance(policy, PeftModel) and bool(layers) and not any(layer.disable_adapters for layer in layers)
-                 and not any(isinstance(module, AuxiliaryTrainingWrapper) for module in policy.modules()) and all(
+                 and switchable and all(
         isinstance(layer, LoraLinear) and layer.get_base_layer().weight.dtype == torch.float32
         and not any(layer.use_dora.get(name, False) or getattr(layer, "lora_bias", {}).get(name, False)
                     for name in layer.active_adapters)
@@ -566,20 +561,17 @@ def merged_lora_weights(policy: PeftModel, reserve_bytes: int = 0) -> Iterator[P
                                              alpha=layer.scaling[name])
                 originals.append((base, base.weight))
                 base.weight = nn.Parameter(merged, requires_grad=False)
-        with _adapter_layers_off(policy, layers, only_tuner_layers=len(layers) == len(tuner_layers)):
+        with _adapter_layers_off(policy, layers):
             yield policy
     finally:
         for base, original in originals:
             base.weight = original
 
 
-@contextmanager
-def adapters_off(policy: Any) -> Iterator[Any]:
-    """``policy`` with its adapters switched off (the reference policy: the base model's weights),
-    as ``policy.disable_adapter()`` switches them, by peft's flags alone where every tuner layer
-    is a LoRA layer and there are no ``modules_to_save`` or trainable tokens (``_adapter_layers_off``;
-    with the walk that checks this, 33 -> 7 ms for SmolLM2-135M's 210 layers, and frozen adapter
-    weights stay frozen); else by ``disable_adapter`` itself."""
+def _lora_layers(policy: nn.Module) -> tuple[list[Any], bool]:
+    """``policy``'s peft LoRA layers, and whether peft's flags alone switch its adapters off: every
+    tuner layer is a LoRA layer and there are no ``modules_to_save`` or trainable tokens (which
+    only ``disable_adapter`` switches to the base's modules)."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
@@ -587,20 +579,32 @@ def adapters_off(policy: Any) -> Iterator[Any]:
     modules = list(policy.modules())
     tuner_layers = [module for module in modules if isinstance(module, BaseTunerLayer)]
     layers = [module for module in tuner_layers if isinstance(module, LoraLayer)]
-    if (not isinstance(policy, PeftModel) or not layers
-            or any(isinstance(module, AuxiliaryTrainingWrapper) for module in modules)):
+    switchable = len(layers) == len(tuner_layers) and not any(isinstance(module, AuxiliaryTrainingWrapper)
+                                                              for module in modules)
+    return layers, switchable
+
+
+@contextmanager
+def adapters_off(policy: Any) -> Iterator[Any]:
+    """``policy`` with its adapters switched off (the reference policy: the base model's weights),
+    as ``policy.disable_adapter()`` switches them: by peft's flags alone where ``_lora_layers``
+    says they suffice (``_adapter_layers_off``; with the walk that checks this, 33 -> 7 ms for
+    SmolLM2-135M's 210 layers, and frozen adapter weights stay frozen); else by
+    ``disable_adapter`` itself."""
+    layers, switchable = _lora_layers(policy)
+    if not (isinstance(policy, PeftModel) and layers and switchable):
         with policy.disable_adapter():
             yield policy
         return
-    with _adapter_layers_off(policy, layers, only_tuner_layers=len(layers) == len(tuner_layers)):
+    with _adapter_layers_off(policy, layers):
         yield policy
 
 
 @contextmanager
-def _adapter_layers_off(policy: PeftModel, layers: list[Any], only_tuner_layers: bool) -> Iterator[None]:
-    """``policy.disable_adapter()``'s effect on the forward, by its switches alone, where ``layers``
-    (LoRA, all enabled) are ``only_tuner_layers`` of a policy without modules_to_save or trainable
-    tokens (as merging requires); else ``policy.disable_adapter()`` itself.
+def _adapter_layers_off(policy: PeftModel, layers: list[Any]) -> Iterator[None]:
+    """``policy.disable_adapter()``'s effect on the forward, by its switches alone, for ``layers``,
+    the LoRA layers of a policy whose adapters ``_lora_layers`` finds switchable so; where the
+    flags are not there or some adapter is off already, ``policy.disable_adapter()`` itself.
 
     Each layer's and the PeftModel's disabled flag, as peft sets them, without its survey of the
     whole model first (``get_model_status``, there to warn about layers in mixed states, which the
@@ -611,7 +615,7 @@ def _adapter_layers_off(policy: PeftModel, layers: list[Any], only_tuner_layers:
     every adapter weight frozen). SmolLM2-135M's 210 LoRA layers: 37 -> 3 ms a rollout on the
     2-core EPYC."""
     flags = hasattr(policy, "_adapters_disabled") and all(hasattr(layer, "_disable_adapters") for layer in layers)
-    if not (flags and only_tuner_layers) or policy._adapters_disabled or any(layer.disable_adapters for layer in layers):
+    if not flags or policy._adapters_disabled or any(layer.disable_adapters for layer in layers):
         with policy.disable_adapter():
             yield
         return
