@@ -533,8 +533,11 @@ def merged_lora_weights(policy: PeftModel, reserve_bytes: int = 0) -> Iterator[P
     # off modules_to_save copies and trainable tokens (and a model with adapters loaded by
     # transformers has no such switch): those stay unmerged (not ``switchable``), as do LoRA
     # layers with a bias on B (W + s*B@A would drop it).
+    # A policy merged already (peft's merge_adapter) samples as it is: folding would add the LoRA
+    # twice, and switching merged layers off makes peft unmerge them into the folded copy, leaving
+    # the weights put back merged under layers that say they are not.
     mergeable = (isinstance(policy, PeftModel) and bool(layers) and not any(layer.disable_adapters for layer in layers)
-                 and switchable and all(
+                 and not any(layer.merged for layer in layers) and switchable and all(
         isinstance(layer, LoraLinear) and layer.get_base_layer().weight.dtype == torch.float32
         and not any(layer.use_dora.get(name, False) or getattr(layer, "lora_bias", {}).get(name, False)
                     for name in layer.active_adapters)
@@ -938,7 +941,8 @@ class PolicyWithValue(nn.Module):
             chunked = labels is not None and self._chunked(input_ids.shape[0] * response_length)  # probes a forward
             replay = None
             if sampled is not None and cache is not None:
-                replay = sampled[0].replay(sampled[1], inputs["input_ids"], attention_mask[:, -response_length:])
+                replay = sampled[0].replay(sampled[1], inputs["input_ids"], attention_mask[:, -response_length:],
+                                           input_ids[:, :prefix_length], attention_mask[:, :prefix_length])
             with replaying(replay):
                 return self._forward_suffix(inputs, response_length, labels, temperature, with_entropy,
                                             entropy_gradient, chunked)

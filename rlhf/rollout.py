@@ -393,6 +393,8 @@ def sample_responses(
     if recording:
         fast_forward.recorder = recorder
     prefix = prompt_length - 1
+    if recording:
+        recorder.sampled_prompts(row_offset, input_ids[:, :prefix], attention_mask[:, :prefix])
     with (recorder.writing_prefix(row_offset, input_ids[:, :prefix], attention_mask[:, :prefix])
           if recording and share_prompt_prefix and prefix > 0 else contextlib.nullcontext()):
         cache = (shared_prompt_cache(forward, input_ids, attention_mask, position_ids, prefix)

@@ -22,8 +22,9 @@ update, peak RSS 2.99 -> 3.11 GB.
 The outputs are kept by the sampler's forward (``rlhf.sampling_forward``: Llama, Mistral, Qwen2,
 Qwen3), on a CPU, for single responses (not tool episodes), where a quarter of the free memory
 holds them. A forward takes them only when every trained parameter of the policy equals its
-value at the end of sampling and every frozen one has its version counter from then (an
-optimizer step or any in-place change), the rows' tokens are the sampled ones up to their last
+value at the end of sampling and every frozen one and every buffer has its version counter and
+storage from then (an optimizer step, any in-place change, a ``.data`` swap; a write into
+``.data`` in place is not seen), the rows' prompts and tokens are the sampled ones up to their last
 predicting column, and it is the forward after a shared prompt prefix (the last prompt token and
 the response). Each row's outputs are taken once: a second forward over a row computes its own,
 and a module's buffer is let go once every row has been taken, so the outputs the backward does
@@ -60,7 +61,9 @@ class SampledProducts:
         self.outputs = {module: torch.empty(columns, rows, module.get_base_layer().out_features, device=device)
                         for module in modules}
         self.tokens = torch.full((rows, columns), -1, dtype=torch.long, device=device)
-        self.versions: list[tuple[Tensor, int]] | None = None  # set by ``seal`` once sampling has ended
+        # (tensor, its version counter, its storage address) per parameter and buffer: set by ``seal``
+        # once sampling has ended
+        self.versions: list[tuple[Tensor, int | None, int]] | None = None
         self.trained: list[tuple[Tensor, Tensor]] = []  # (parameter, its value at the seal) for those with grad
         self.written: set[nn.Module] = set()  # modules whose outputs the sampler's forward wrote
         # per module, the rows a forward has taken: each row's outputs are taken once, and a module
@@ -72,12 +75,23 @@ class SampledProducts:
         # each generation chunk's shared prompt prefix, as its prefill computed it once per distinct prompt
         self.prefixes: list[_Prefix] = []
         self._prefix: _Prefix | None = None  # the prefill being recorded
+        # each row's prompt before its last token, as the sampler fed it (``sampled_prompts``); right-
+        # aligned [rows, p] with -1 at padding once sealed, None where some row's prompt was not told
+        self._prompts: list[Tensor | None] = [None] * rows
+        self.prompt_ids: Tensor | None = None
 
     @staticmethod
     def bytes_needed(policy: nn.Module, rows: int, columns: int) -> int:
         """Bytes of float32 outputs for every replayable LoRA layer of ``policy`` at ``rows`` x
         ``columns`` positions (an upper bound: the sampler's forward writes its projections only)."""
         return 4 * rows * columns * sum(module.get_base_layer().out_features for module in replayable_modules(policy))
+
+    def sampled_prompts(self, first_row: int, prefix_ids: Tensor, prefix_mask: Tensor) -> None:
+        """The prompts of rows ``first_row`` on as the sampler feeds them but their last token
+        (``prefix_ids``, ``prefix_mask`` [b, p]): a response's products hold only for its own prompt,
+        which the forward that takes them must have (``replay`` compares it)."""
+        for offset, (ids, mask) in enumerate(zip(prefix_ids, prefix_mask)):
+            self._prompts[first_row + offset] = ids[mask.bool()].clone()
 
     @contextlib.contextmanager
     def writing(self, rows: Tensor | slice, column: int, token_ids: Tensor) -> Iterator[None]:
@@ -143,8 +157,15 @@ class SampledProducts:
             for kept in self.outputs.values():
                 kept[unfed] = 0.0
         parameters = list(policy.parameters())
-        self.versions = [(parameter, parameter._version) for parameter in parameters]
+        # Buffers too (a rotary embedding's inv_freq); the storage address tells a ``.data = ...``
+        # swap, which moves no version counter (a write into ``.data`` in place is not seen).
+        self.versions = [(tensor, _version(tensor), tensor.data_ptr()) for tensor in [*parameters, *policy.buffers()]]
         self.trained = [(parameter, parameter.detach().clone()) for parameter in parameters if parameter.requires_grad]
+        if self._prompts and all(prompt is not None for prompt in self._prompts):
+            width = max(prompt.numel() for prompt in self._prompts)
+            self.prompt_ids = torch.full((len(self._prompts), width), -1, dtype=torch.long, device=self.tokens.device)
+            for row, prompt in enumerate(self._prompts):
+                self.prompt_ids[row, width - prompt.numel():] = prompt
 
     def release(self) -> None:
         self.outputs.clear()
@@ -153,15 +174,19 @@ class SampledProducts:
         self.versions, self.trained = None, []
 
     def _weights_unchanged(self) -> bool:
-        return (all(parameter._version == version for parameter, version in self.versions)
+        return (all(_version(tensor) == version and tensor.data_ptr() == address
+                    for tensor, version, address in self.versions)
                 and all(torch.equal(parameter, value) for parameter, value in self.trained))
 
-    def replay(self, rows: Tensor, input_ids: Tensor, predicted: Tensor) -> "_Replay | None":
+    def replay(self, rows: Tensor, input_ids: Tensor, predicted: Tensor, prefix_ids: Tensor,
+               prefix_mask: Tensor) -> "_Replay | None":
         """A replay for a forward over ``rows`` (indices into the sampled rows) whose input after the
         shared prefix is ``input_ids`` [b, w] (the last prompt token, then the response but its last
         token), or None where the kept products are not that forward's: weights changed since
-        sampling, other tokens, more columns. ``predicted`` [b, w]: 1 where the token a column
-        predicts is part of the row (the response's attention mask).
+        sampling, other tokens (in the response or the prompt), more columns. ``predicted`` [b, w]:
+        1 where the token a column predicts is part of the row (the response's attention mask);
+        ``prefix_ids``, ``prefix_mask`` [b, p]: the shared prefix (the prompts but their last token),
+        left-padded to any width.
 
         A causal forward's outputs at a column, and all after it, matter only up to the row's last
         predicting column; the sampler never fed a row's last token (it stops once it has drawn
@@ -170,7 +195,15 @@ class SampledProducts:
         if self.versions is None or not self.outputs:
             return None
         width = input_ids.shape[1]
-        if width > self.tokens.shape[1] or rows.numel() != input_ids.shape[0] or not self._weights_unchanged():
+        if (width > self.tokens.shape[1] or rows.numel() != input_ids.shape[0] or self.prompt_ids is None
+                or not self._weights_unchanged()):
+            return None
+        # the prompts, right-aligned: the same tokens, and padding (-1) wherever only one side has a column
+        sampled, given = self.prompt_ids[rows], torch.where(prefix_mask.bool(), prefix_ids, -1)
+        common = min(sampled.shape[1], given.shape[1])
+        if not (torch.equal(sampled[:, sampled.shape[1] - common:], given[:, given.shape[1] - common:])
+                and bool((sampled[:, :sampled.shape[1] - common] == -1).all())
+                and bool((given[:, :given.shape[1] - common] == -1).all())):
             return None
         columns = torch.arange(width, device=input_ids.device)
         last = torch.where(predicted.bool(), columns, -1).amax(-1, keepdim=True)
@@ -208,6 +241,11 @@ class SampledProducts:
                 and not bool(chunk.mask[kept, :dropped].any())):
             return None
         return _PrefixReplay(chunk.outputs, kept, dropped)
+
+
+def _version(tensor: Tensor) -> int | None:
+    """``tensor``'s version counter; None for an inference tensor, which has none."""
+    return None if tensor.is_inference() else tensor._version
 
 
 class _Prefix:

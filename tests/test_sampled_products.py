@@ -147,10 +147,15 @@ def test_rows_that_left_the_decode_batch_and_a_micro_batchs_rows(tiny_model_dir,
     _assert_close((taken[0][mask], taken[1][mask], taken[2]), (plain[0][mask], plain[1][mask], plain[2]))
 
 
-@pytest.mark.parametrize("change", ["in_place", "data", "fused_adamw", "frozen_in_place"])
+@pytest.mark.parametrize("change", ["in_place", "data", "fused_adamw", "frozen_in_place", "frozen_data_swap",
+                                    "buffer_in_place"])
 def test_changed_weights_recompute(tiny_model_dir, replays, change):
     """Any change of the weights after sampling: an in-place op, a write through ``.data`` and a
-    fused AdamW step (neither bumps the version counter), an in-place op on a frozen weight."""
+    fused AdamW step (neither bumps the version counter), an in-place op on a frozen weight, a
+    frozen weight's ``.data`` swapped for another tensor (as ``nn.Module._apply`` and
+    ``vector_to_parameters`` do: no version counter moves), a buffer changed in place (the rotary
+    embedding's frequencies). Before the last two were checked, a forward took the products
+    computed with the old weight: gradients 28% off for a swapped frozen weight (helper-49)."""
     from rlhf.rollout import forward_response
 
     model = _policy(tiny_model_dir, False)
@@ -168,20 +173,34 @@ def test_changed_weights_recompute(tiny_model_dir, replays, change):
             version = lora._version
             optimizer.step()
             assert lora._version == version  # so the version alone would not tell
-        else:
+        elif change == "frozen_in_place":
             frozen.add_(0.0)
+        elif change == "frozen_data_swap":
+            frozen.data = frozen.data * 1.5
+        else:
+            next(b for n, b in model.named_buffers() if n.endswith("inv_freq")).mul_(1.01)
         forward_response(model, rollout, slice(None), 1.0)
     assert replays == []
 
 
-def test_other_tokens_or_released_products_recompute(tiny_model_dir, replays):
+@pytest.mark.parametrize("where", ["response", "prompt", "prompt_padding"])
+def test_other_tokens_or_released_products_recompute(tiny_model_dir, replays, where):
+    """Another token than the sampled one in a response, or in a row's prompt before its last token
+    (before the prompt was compared, a forward over another prompt took the products of the
+    sampled one: logprobs up to 0.11 off, helper-49), or a prompt token turned into padding."""
     from rlhf.rollout import forward_response
 
     model = _policy(tiny_model_dir, False)
     rollout = _sample(model, tiny_model_dir)
-    changed = rollout.input_ids.clone()
-    changed[2, -2] = (changed[2, -2] + 1) % 49152  # another token than the one sampled there
-    rollout.input_ids = changed
+    changed, mask = rollout.input_ids.clone(), rollout.attention_mask.clone()
+    prompt_column = -rollout.response_length - 2  # every row's prompt, before its last token
+    if where == "response":
+        changed[2, -2] = (changed[2, -2] + 1) % 49152  # another token than the one sampled there
+    elif where == "prompt":
+        changed[2, prompt_column] = (changed[2, prompt_column] + 1) % 49152
+    else:
+        mask[2, prompt_column] = 0
+    rollout.input_ids, rollout.attention_mask = changed, mask
     with torch.no_grad():
         forward_response(model, rollout, slice(None), 1.0)
     assert replays == []

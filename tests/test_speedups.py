@@ -130,6 +130,38 @@ def test_merged_lora_weights_inside_disabled_adapters_sample_the_base_and_keep_t
     assert torch.equal(after, reference)
 
 
+def test_merged_lora_weights_leave_a_policy_merged_already_as_it_was(tiny_model_dir):
+    """A caller's policy after peft's ``merge_adapter``: sampling draws from it and leaves it merged
+    (before the fix the LoRA was folded in a second time, peft unmerged it from that copy when the
+    layers were switched off, and the merged weights came back under layers marked unmerged: every
+    later forward added the LoRA twice, logits off by about 1 on SmolLM2's shape)."""
+    import torch
+
+    from rlhf.models import merged_lora_weights
+    from rlhf.sampling_forward import sampling_forward
+
+    policy = _trained_lora(tiny_model_dir)
+    input_ids = torch.randint(0, 1000, (3, 12))
+    with torch.no_grad():
+        unmerged = policy(input_ids=input_ids).logits
+        policy.merge_adapter()
+        merged = policy(input_ids=input_ids).logits
+        weights = {n: p.detach().clone() for n, p in policy.named_parameters()}
+        with merged_lora_weights(policy) as sampler:
+            sampled = sampler(input_ids=input_ids).logits
+            fast = sampling_forward(sampler)
+            assert fast is not None
+            fast_logits = fast(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                               position_ids=torch.arange(12).expand(3, -1)).logits
+        after = policy(input_ids=input_ids).logits
+    assert torch.allclose(merged, unmerged, atol=1e-5)
+    assert torch.equal(sampled, merged) and torch.equal(fast_logits, merged)
+    assert torch.equal(after, merged)
+    assert all(m.merged for m in policy.modules() if hasattr(m, "lora_A"))
+    for name, param in policy.named_parameters():
+        assert torch.equal(param, weights[name]), name
+
+
 def test_merged_lora_weights_switch_adapters_off_as_peft_does_and_leave_frozen_weights_frozen(tiny_model_dir):
     """Sampling switches the LoRA layers off by peft's own flags (what ``disable_adapter`` sets),
     without its requires_grad round trip: a LoRA weight its owner froze (LoRA-FA freezes A) stays
