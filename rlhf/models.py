@@ -596,11 +596,25 @@ def adapters_off(policy: Any) -> Iterator[Any]:
     ``disable_adapter`` itself."""
     layers, switchable = _lora_layers(policy)
     if not (isinstance(policy, PeftModel) and layers and switchable):
-        with policy.disable_adapter():
+        with _peft_adapters_off(policy):
             yield policy
         return
     with _adapter_layers_off(policy, layers):
         yield policy
+
+
+@contextmanager
+def _peft_adapters_off(policy: PeftModel) -> Iterator[None]:
+    """``policy.disable_adapter()``, with every parameter's requires_grad put back as it was on
+    exit: peft's exit turns it on for every active adapter's weights, a frozen one included."""
+    parameters = list(policy.parameters())
+    trainable = [parameter.requires_grad for parameter in parameters]
+    try:
+        with policy.disable_adapter():
+            yield
+    finally:
+        for parameter, was_trainable in zip(parameters, trainable):
+            parameter.requires_grad_(was_trainable)
 
 
 @contextmanager
@@ -619,7 +633,7 @@ def _adapter_layers_off(policy: PeftModel, layers: list[Any]) -> Iterator[None]:
     2-core EPYC."""
     flags = hasattr(policy, "_adapters_disabled") and all(hasattr(layer, "_disable_adapters") for layer in layers)
     if not flags or policy._adapters_disabled or any(layer.disable_adapters for layer in layers):
-        with policy.disable_adapter():
+        with _peft_adapters_off(policy):
             yield
         return
     adapter_weights = [weight for layer in layers for name, weight in layer.named_parameters()

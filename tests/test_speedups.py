@@ -228,12 +228,19 @@ def test_adapters_off_is_peft_disable_adapter_for_the_reference_pass(tiny_model_
     torch.manual_seed(0)
     with_saved = get_peft_model(load_base_model(str(tiny_model_dir)), LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])).eval()
+    # peft's own switch turns every active adapter weight trainable on exit; the user's frozen A
+    # stays frozen through ours (before: all 4 of them came back trainable, helper-51)
+    for name, param in with_saved.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad_(False)
+    trainable = {name: param.requires_grad for name, param in with_saved.named_parameters()}
     with torch.no_grad():
         with_saved.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
-        with with_saved.disable_adapter():
-            expected = with_saved(input_ids=input_ids).logits
         with adapters_off(with_saved):
             got = with_saved(input_ids=input_ids).logits
+        assert {name: param.requires_grad for name, param in with_saved.named_parameters()} == trainable
+        with with_saved.disable_adapter():
+            expected = with_saved(input_ids=input_ids).logits
     assert torch.equal(got, expected)
 
 
