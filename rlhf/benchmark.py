@@ -102,6 +102,9 @@ class BenchmarkConfig:
         unknown = [s for s in self.systems if s not in SYSTEMS]
         if unknown:
             raise ConfigError(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
+        if not self.systems and not (self.grow or self.learning):  # those two pick their own systems
+            raise ConfigError(f"systems must name at least one system; choose from {', '.join(SYSTEMS)}")
+        self.systems = list(dict.fromkeys(self.systems))  # each runs once, as each length does
         grouped = self.grow or self.learning or self.profile or any(s.endswith("-grpo") for s in self.systems)
         if grouped and self.num_generations < 2:
             raise ConfigError("GRPO compares the samples of one prompt: set num_generations >= 2, "
@@ -190,12 +193,14 @@ def run_ours(algorithm: str, config: BenchmarkConfig, output_dir: Path,
     metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     # every measured step's update took its forward's products from the sampler (rlhf.sampled_products)
     sampled_forward = [shape.pop("sampled_forward") for shape in shapes][config.warmup_steps:]
+    sampled_prefix = [shape.pop("sampled_prefix") for shape in shapes][config.warmup_steps:]
     rows = [{"step": m["step_time_s"], "tokens": m["tokens_per_second"] * m["step_time_s"],
              "generation": m["rollout_time_s"], "scoring": m["score_time_s"], "logprobs": m["logprob_time_s"],
              "update": m["update_time_s"], **shape} for m, shape in zip(metrics, shapes)]
     run_facts = {"no_grad_passes": int(trainer.passes.old) + int(trainer.passes.reference),
                  "shared_prompt": bool(trainer.unwrapped.share_prompt_prefix),
-                 "sampled_forward": bool(sampled_forward) and all(sampled_forward)}
+                 "sampled_forward": bool(sampled_forward) and all(sampled_forward),
+                 "sampled_prefix": bool(sampled_prefix) and all(sampled_prefix)}
     return rows[config.warmup_steps:], run_facts
 
 
@@ -226,7 +231,8 @@ def _record_rollout_shapes(trainer: Any) -> list[dict[str, int]]:
         batch = rollout()
         response = batch.response_ids.shape[1]
         shapes.append({"prompt_length": batch.input_ids.shape[1] - response, "response_length": response,
-                       "sampled_forward": batch.sampled_products is not None})
+                       "sampled_forward": batch.sampled_products is not None,
+                       "sampled_prefix": batch.sampled_products is not None and bool(batch.sampled_products.prefixes)})
         return batch
     trainer.rollout = recorded
     return shapes
@@ -757,7 +763,9 @@ def every_system_failed(report: dict[str, Any]) -> str | None:
         results = report["rows"]
     else:  # learning: the two trainers (the evaluation fails when neither left an adapter)
         results = list(report["results"].values())
-    if results and all("error" in result for result in results):
+    if not results:
+        return "no system ran"
+    if all("error" in result for result in results):
         return results[0]["error"]
     return None
 
@@ -815,7 +823,7 @@ def roofline_of(config: BenchmarkConfig, ours: dict[str, Any], machine: dict[str
     step = StepShape(groups=config.prompts_per_step, group_size=config.num_generations,
                      prompt_length=round(ours["prompt_length"]), response_length=round(ours["response_length"]),
                      lora_r=config.lora_r, no_grad_passes=ours["no_grad_passes"], shared_prompt=ours["shared_prompt"],
-                     sampled_forward=bool(ours.get("sampled_forward")))
+                     sampled_forward=bool(ours.get("sampled_forward")), sampled_prefix=bool(ours.get("sampled_prefix")))
     return bounds_report(model_shape(config.model), step, Machine(**machine), ours)
 
 

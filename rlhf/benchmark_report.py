@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 from rlhf.benchmark import PHASES, through_link  # noqa: E402
+from rlhf.errors import ConfigError  # noqa: E402
 from rlhf.roofline import PHASES_WITH_BOUNDS  # noqa: E402
 
 SECONDS = ("step_time_s", *(f"{phase}_s" for phase in PHASES))
@@ -272,9 +273,36 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[str, list[Path]]:
         drafts[0].write_text(json.dumps(report, indent=2))
         drafts[1].write_text(table + "\n")
         plot(report, drafts[2])
-        for draft, path in zip(drafts, targets):
-            draft.replace(path)
+        _replace_together(drafts, targets)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the report at {out}: {exc.strerror or exc}"
+                          + (f" ({exc.filename})" if exc.filename else "")) from None
     finally:
         for draft in drafts:
             draft.unlink(missing_ok=True)
     return table, paths
+
+
+def _replace_together(drafts: list[Path], targets: list[Path]) -> None:
+    """Put each draft in place of its target, all of them or none: each earlier file is moved
+    aside first and moved back where a later one cannot be put in place (or the run is stopped
+    meanwhile), so the table, JSON and plot at --out always come from one run."""
+    done: list[tuple[Path, Path | None]] = []  # (target, its earlier file moved aside, if there was one)
+    try:
+        for draft, target in zip(drafts, targets):
+            aside = None
+            if target.exists():
+                aside = target.with_name(f".{target.stem}.previous{target.suffix}")
+                target.replace(aside)
+            done.append((target, aside))
+            draft.replace(target)
+    except BaseException:
+        for target, aside in reversed(done):
+            if aside is not None:
+                aside.replace(target)
+            else:
+                target.unlink(missing_ok=True)
+        raise
+    for _, aside in done:
+        if aside is not None:
+            aside.unlink(missing_ok=True)

@@ -90,7 +90,15 @@ def materialised(specs: list[str], seed: int = 0, tokenizer_from: str | None = N
             process = multiprocessing.get_context("spawn").Process(
                 target=save_random_model, args=(shape_of(spec), directory, seed, tokenizer_from))
             process.start()
-            process.join()
+            try:
+                process.join()
+            finally:  # stopped (Ctrl-C, SIGTERM) while it builds: it would write on into the dir removed below
+                if process.is_alive():
+                    process.terminate()
+                    process.join(timeout=5)
+                    if process.is_alive():
+                        process.kill()
+                        process.join()
             if process.exitcode != 0:
                 raise RuntimeError(f"building {spec} failed (exit code {process.exitcode}; its error is above)")
             paths[spec] = str(directory)

@@ -20,7 +20,8 @@ What is counted (Llama-style decoder, float32, LoRA on every linear layer of the
   Attention's score and value products (QK^T, AV) are counted causally (2 FLOPs per head dim per
   query-key pair each); their backward is 2x their forward. Where the update's forward takes the
   sampler's products (``sampled_forward``), the frozen weights' forward after the prompt is not
-  counted (the sampler did it): 2x there.
+  counted (the sampler did it): 2x there; where its forward over the shared prompt prefix takes
+  the prefill's (``sampled_prefix``), neither is the prefix's.
 Norms, activations, softmax and the optimizer step are left out (elementwise; small next to the GEMMs).
 """
 
@@ -135,6 +136,8 @@ class StepShape:
     shared_prompt: bool = True  # a group's prompt runs once (its KV cache copied to each row)
     # the update's forward after the prompt takes the frozen products from the sampler (rlhf.sampled_products)
     sampled_forward: bool = False
+    # the update's forward over the shared prompt prefix takes them from the sampler's prefill (prefix_replay)
+    sampled_prefix: bool = False
 
     @property
     def sequences(self) -> int:
@@ -201,6 +204,8 @@ def update_work(model: ModelShape, step: StepShape) -> Work:
         flops -= (2.0 * sum(i * o for i, o in first) + 2.0 * r * sum(i for i, _ in first)) * body  # no dx there
         if step.sampled_forward:  # the response positions' frozen forward products were the sampler's
             flops -= 2.0 * model.block_weights * step.sequences * step.response_length
+        if step.sampled_prefix and step.shared_prompt:  # and the shared prefix's were its prefill's
+            flops -= 2.0 * model.block_weights * step.prefix_rows * (step.prompt_length - 1)
     else:  # every weight also gets dW = g^T x (the embedding is trained, so layer 0 needs its dx too)
         flops += 2.0 * model.block_weights * body + 2.0 * model.lm_head_weights * head
     return Work(flops, (model.block_weights + model.lm_head_weights) * FLOAT32_BYTES)

@@ -43,6 +43,9 @@ def test_length_sweep_of_ours_and_trl_with_roofline_floor_and_profile(tiny_model
         assert run["results"]["floor"]["floor_step_s"] > 0 and run["ours_grpo_step_over_floor"] > 0
         roofline = run["roofline"]
         assert roofline["step_shape"]["response_length"] == length
+        # the update took the response's and the prompt prefix's frozen products from the sampler:
+        # the bound counts neither forward (before, the prefix's was counted twice)
+        assert roofline["step_shape"]["sampled_forward"] and roofline["step_shape"]["sampled_prefix"]
         for phase in ("generation", "update"):
             assert roofline[phase]["bound_s"] > 0 and roofline[phase]["flops"] > 0
             assert math.isclose(roofline[phase]["achieved"], roofline[phase]["bound_s"] / ours[f"{phase}_s"])

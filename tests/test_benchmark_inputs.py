@@ -173,6 +173,46 @@ def test_writing_the_report_keeps_earlier_files_whole_when_it_fails(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.md"]  # no drafts left
 
 
+@pytest.mark.parametrize("refused", [".md", ".png"])
+def test_a_report_file_that_cannot_be_replaced_keeps_the_earlier_report_as_a_set(tmp_path, monkeypatch, refused):
+    """One of the three files cannot be put in place (immutable, on another owner's folder): one
+    line (ConfigError, exit 2) and the earlier JSON, table and plot all as they were, none of
+    this run's (before: a PermissionError traceback, exit 1, this run's JSON beside the earlier
+    table and plot, helper-50)."""
+    from rlhf import benchmark_report
+    from rlhf.errors import ConfigError
+
+    out = tmp_path / "b.json"
+    earlier = {out: "{}", out.with_suffix(".md"): "| earlier |\n", out.with_suffix(".png"): "png"}
+    for path, text in earlier.items():
+        path.write_text(text)
+    replace = Path.replace
+
+    def refusing(self, target):  # as for an immutable file: neither moved away nor replaced
+        if out.with_suffix(refused) in (self, Path(target)):
+            raise PermissionError(1, "Operation not permitted", str(out.with_suffix(refused)))
+        return replace(self, target)
+    monkeypatch.setattr(Path, "replace", refusing)
+    monkeypatch.setattr(benchmark_report, "plot_sweep", lambda report, path: path.write_text("new png"))
+    with pytest.raises(ConfigError, match=f"cannot write the report at .*Operation not permitted.*b{refused}"):
+        benchmark_report.write_report({"kind": "sweep", "settings": {"full_length": True, "model": "m"}, "runs": []},
+                                      out)
+    assert {path: path.read_text() for path in earlier} == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.md", "b.png"]  # no drafts or set-asides
+
+
+def test_no_systems_is_refused_and_a_system_named_twice_runs_once():
+    """``--systems`` with no names ran nothing, exited 0 and replaced an earlier report with an
+    empty one (helper-50); a system named twice ran twice and kept one row."""
+    from rlhf.benchmark import every_system_failed
+
+    with pytest.raises(ConfigError, match="systems must name at least one system"):
+        BenchmarkConfig(systems=[])
+    assert BenchmarkConfig(systems=["ours-grpo", "trl-grpo", "ours-grpo"]).systems == ["ours-grpo", "trl-grpo"]
+    assert BenchmarkConfig(systems=[], grow=True).systems == []  # growth and the race pick their own
+    assert every_system_failed({"kind": "sweep", "runs": [{"results": {}}]}) == "no system ran"
+
+
 def test_the_growth_table_counts_parameters_of_any_model(tmp_path):
     """--grow needs only a parameter count, not the roofline's Llama shape: a GPT-2 is counted."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -200,3 +200,42 @@ def test_the_update_does_not_count_the_forward_it_took_from_the_sampler():
     taken = dataclasses.replace(STEP, sampled_forward=True)
     assert update_work(TINY, taken).flops == update_work(TINY, STEP).flops - 2 * TINY.block_weights * 6 * 4
     assert forward_work(TINY, taken).flops == forward_work(TINY, STEP).flops  # a no-grad pass is not the update
+    # and the shared prompt prefix's (2 groups x 4 tokens before the last prompt token) were the prefill's
+    both = dataclasses.replace(taken, sampled_prefix=True)
+    assert update_work(TINY, both).flops == update_work(TINY, taken).flops - 2 * TINY.block_weights * 2 * 4
+    unshared = dataclasses.replace(both, shared_prompt=False)  # no shared prefix: no prefill to take
+    assert update_work(TINY, unshared).flops == update_work(TINY, dataclasses.replace(taken, shared_prompt=False)).flops
+
+
+def test_a_stopped_build_of_a_random_model_ends_its_builder_and_leaves_nothing(monkeypatch, tmp_path):
+    """Ctrl-C or SIGTERM while a random model is built: the builder process ends with the run and
+    its folder goes (before, the builder wrote on, 6.4 GB for random:smollm2-1.7b re-created after
+    the folder was removed, and the run waited for it to finish, helper-50)."""
+    import multiprocessing
+    import signal
+    import tempfile
+    import time
+
+    from rlhf import random_models
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)  # the builder is still importing torch then
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with random_models.materialised(["random:smollm2-135m"]):
+                pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    left = multiprocessing.active_children()
+    for child in left:  # on the old code: terminated here, so the test does not leave it running
+        child.terminate()
+        child.join()
+    assert not left
+    time.sleep(1)
+    assert not list(tmp_path.glob("rlhf-random-models-*"))
