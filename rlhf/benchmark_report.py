@@ -61,7 +61,7 @@ def render_sweep(report: dict[str, Any]) -> str:
         roofline = run.get("roofline", {})
         if "step" in roofline:
             sequences = roofline["step_shape"]["groups"] * roofline["step_shape"]["group_size"]
-            bound = {p: roofline[p]["bound_s"] if p in PHASES_WITH_BOUNDS else None for p in PHASES}
+            bound = {p: roofline[p]["bound_s"] if _has_bound(roofline, p) else None for p in PHASES}
             lines.append(_cells([length, "roofline bound", _number(roofline["step"]["bound_s"]),
                                  *(_number(bound[p]) for p in PHASES),
                                  _number(sequences / roofline["step"]["bound_s"]), "—", "—"]))
@@ -181,7 +181,7 @@ def plot_sweep(report: dict[str, Any], path: Path) -> Path:
             if points:
                 ax.plot(*zip(*points), marker="o", label=system)
         bounds = [(run["max_new_tokens"], _bound_of(run["roofline"], title)) for run in runs
-                  if "step" in run.get("roofline", {}) and title in ("step", *PHASES_WITH_BOUNDS)]
+                  if "step" in run.get("roofline", {}) and (title == "step" or _has_bound(run["roofline"], title))]
         if bounds:
             ax.plot(*zip(*bounds), linestyle="--", color="black", marker="x", label="roofline bound")
         ax.set_title(title)
@@ -206,6 +206,12 @@ def _from_zero(ax: Any) -> None:
     """y from 0 to a little above the highest point (the default margin hugs a flat line)."""
     top = max((max(line.get_ydata(), default=0) for line in ax.get_lines()), default=0)
     ax.set_ylim(0, 1.1 * top if top > 0 else 1)
+
+
+def _has_bound(roofline: dict[str, Any], phase: str) -> bool:
+    """Whether ``phase`` has a bound: a phase the step has (a separate logprob pass: none with one
+    update per rollout and no KL term, shown as "—" and not as a bound of 0)."""
+    return phase in PHASES_WITH_BOUNDS and roofline[phase]["bound_by"] != "nothing"
 
 
 def _bound_of(roofline: dict[str, Any], panel: str) -> float:

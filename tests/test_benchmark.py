@@ -59,6 +59,10 @@ def test_length_sweep_of_ours_and_trl_with_roofline_floor_and_profile(tiny_model
     for length in (3, 5):
         for row in ("ours-grpo", "trl-grpo", "ours-grpo / trl-grpo", "roofline bound", "ours-grpo % of bound"):
             assert f"| {length} | {row} |" in table
+        # no separate logprob pass: no bound for it, "—" as in the share row (it read 0.000)
+        bound_row = next(line for line in table.splitlines() if line.startswith(f"| {length} | roofline bound |"))
+        header = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
+        assert [cell.strip() for cell in bound_row.strip("|").split("|")][header.index("logprobs s")] == "—"
     assert "machine (" in table and "every row runs to the length" in table
     assert report["malloc"] == malloc_choice()  # every system's process alike
     assert {run["results"][system]["malloc"] for run in report["runs"] for system in ("ours-grpo", "trl-grpo")} == {
