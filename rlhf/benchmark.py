@@ -500,10 +500,19 @@ def run_in_child(system: str, config: BenchmarkConfig) -> dict[str, Any]:
     # The work folder is the parent's: a system killed mid-run (out of memory) cannot remove its own.
     with tempfile.TemporaryDirectory(prefix=f"bench-{system}-") as workdir:
         result, error = run_process(_child, system, dataclasses.asdict(config), workdir)
+    group = f", group {config.num_generations}" if system.endswith("-grpo") else ""  # the others sample one per prompt
     where = system if system == "machine" else (
-        f"{system} ({config.model}, {config.max_new_tokens} new tokens, group {config.num_generations})")
+        f"{system} ({shown_model(config.model)}, {config.max_new_tokens} new tokens{group})")
     print(f"{where}: {'error: ' + error if error else 'done'}", flush=True)
     return result if error is None else {"error": error}
+
+
+def shown_model(model: str) -> str:
+    """``model`` as the user named it: a random model's spec, not the temporary dir it was written to."""
+    from rlhf.random_models import PREFIX, RANDOM_DIR_PREFIX
+
+    path = Path(model)
+    return f"{PREFIX}{path.name}" if path.parent.name.startswith(RANDOM_DIR_PREFIX) else model
 
 
 def run_process(target: Any, *args: Any) -> tuple[Any, str | None]:

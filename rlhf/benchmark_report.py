@@ -80,7 +80,7 @@ def render_sweep(report: dict[str, Any]) -> str:
                 f"{name} {result['peak_gpu_mb']:.0f} MB on {result['gpu']}" for name, result in on_gpu.items()))
         if "floor" in run["results"]:
             floor = run["results"]["floor"]
-            notes.append(f"{length} new tokens, floor: " + ", ".join(f"{k} {_number(v)}" for k, v in floor.items()))
+            notes.append(f"{length} new tokens, floor: " + ", ".join(_floor_item(k, v) for k, v in floor.items()))
         if "error" in run["results"].get("profile", {}):
             notes.append(f"{length} new tokens, profile failed: {run['results']['profile']['error']}")
         if "ours_grpo_step_over_floor" in run:
@@ -206,6 +206,15 @@ def _from_zero(ax: Any) -> None:
     """y from 0 to a little above the highest point (the default margin hugs a flat line)."""
     top = max((max(line.get_ydata(), default=0) for line in ax.get_lines()), default=0)
     ax.set_ylim(0, 1.1 * top if top > 0 else 1)
+
+
+def _floor_item(key: str, value: Any) -> str:
+    """One of the floor's numbers as the note shows it: "generate 1.234 s", "peak RSS 3390 MB"."""
+    if key == "peak_rss_mb":
+        return f"peak RSS {_number(value, 0)} MB"
+    if key.endswith("_s"):
+        return f"{key.removesuffix('_s').replace('_', ' ')} {_number(value)} s"
+    return f"{key.replace('_', ' ')} {_number(value)}"
 
 
 def _has_bound(roofline: dict[str, Any], phase: str) -> bool:

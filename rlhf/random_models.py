@@ -18,6 +18,7 @@ from typing import Any
 from rlhf.errors import ConfigError
 
 PREFIX = "random:"
+RANDOM_DIR_PREFIX = "rlhf-random-models-"  # the temporary dir ``materialised`` writes them in
 _SMOLLM2 = {"vocab_size": 49152, "max_position_embeddings": 8192, "head_dim": 64, "rms_norm_eps": 1e-5,
             "tie_word_embeddings": True, "rope_theta": 100000.0}
 SHAPES: dict[str, dict[str, Any]] = {
@@ -80,7 +81,7 @@ def materialised(specs: list[str], seed: int = 0, tokenizer_from: str | None = N
     import multiprocessing
 
     paths: dict[str, str] = {}
-    root = Path(tempfile.mkdtemp(prefix="rlhf-random-models-")) if any(map(is_random, specs)) else None
+    root = Path(tempfile.mkdtemp(prefix=RANDOM_DIR_PREFIX)) if any(map(is_random, specs)) else None
     try:
         for spec in dict.fromkeys(specs):
             if not is_random(spec) or root is None:

@@ -64,6 +64,7 @@ def test_length_sweep_of_ours_and_trl_with_roofline_floor_and_profile(tiny_model
         header = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
         assert [cell.strip() for cell in bound_row.strip("|").split("|")][header.index("logprobs s")] == "—"
     assert "machine (" in table and "every row runs to the length" in table
+    assert "3 new tokens, floor: generate " in table and " MB" in table and "peak_rss_mb" not in table
     assert report["malloc"] == malloc_choice()  # every system's process alike
     assert {run["results"][system]["malloc"] for run in report["runs"] for system in ("ours-grpo", "trl-grpo")} == {
         report["malloc"]}  # each trainer's process says what it got

@@ -136,6 +136,9 @@ def test_random_models_are_written_once_and_removed(monkeypatch):
         written = Path(paths["random:tiny"])
         assert (written / "model.safetensors").is_file() and (written / "tokenizer.json").is_file()
         assert list(written.parent.iterdir()) == [written]  # the repeated spec was built once
+        from rlhf.benchmark import shown_model
+
+        assert shown_model(str(written)) == "random:tiny" and shown_model("some/dir") == "some/dir"  # progress lines
         from transformers import AutoConfig
 
         assert ModelShape.from_config(AutoConfig.from_pretrained(written)).hidden == 8
