@@ -102,7 +102,10 @@ class BenchmarkConfig:
         unknown = [s for s in self.systems if s not in SYSTEMS]
         if unknown:
             raise ConfigError(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
-        if not self.systems and not (self.grow or self.learning):  # those two pick their own systems
+        if (self.grow or self.learning) and self.systems != list(SYSTEMS):  # rather than ignore them
+            raise ConfigError("--grow times our GRPO and --learning races ours against TRL's GRPO, their own "
+                              "systems: drop --systems (it picks the systems of the throughput comparison)")
+        if not self.systems:
             raise ConfigError(f"systems must name at least one system; choose from {', '.join(SYSTEMS)}")
         self.systems = list(dict.fromkeys(self.systems))  # each runs once, as each length does
         grouped = self.grow or self.learning or self.profile or any(s.endswith("-grpo") for s in self.systems)

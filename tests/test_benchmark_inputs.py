@@ -18,8 +18,9 @@ from rlhf.errors import ConfigError
 
 
 def _config(tmp_path, **changes) -> BenchmarkConfig:
-    return BenchmarkConfig(**{"systems": ["ours-grpo"], "steps": 1, "warmup_steps": 0, "max_new_tokens": 4,
-                              "out": str(tmp_path / "bench.json"), **changes})
+    studies = changes.get("grow") or changes.get("learning")  # their own systems: no --systems there
+    return BenchmarkConfig(**{"systems": list(benchmark.SYSTEMS) if studies else ["ours-grpo"], "steps": 1,
+                              "warmup_steps": 0, "max_new_tokens": 4, "out": str(tmp_path / "bench.json"), **changes})
 
 
 def test_an_out_that_cannot_hold_the_results_is_refused_before_any_run(tmp_path, tiny_model_dir):
@@ -203,13 +204,18 @@ def test_a_report_file_that_cannot_be_replaced_keeps_the_earlier_report_as_a_set
 
 def test_no_systems_is_refused_and_a_system_named_twice_runs_once():
     """``--systems`` with no names ran nothing, exited 0 and replaced an earlier report with an
-    empty one (helper-50); a system named twice ran twice and kept one row."""
+    empty one (helper-50); a system named twice ran twice and kept one row; ``--systems`` beside
+    ``--grow`` or ``--learning`` was ignored without a word."""
     from rlhf.benchmark import every_system_failed
 
     with pytest.raises(ConfigError, match="systems must name at least one system"):
         BenchmarkConfig(systems=[])
     assert BenchmarkConfig(systems=["ours-grpo", "trl-grpo", "ours-grpo"]).systems == ["ours-grpo", "trl-grpo"]
-    assert BenchmarkConfig(systems=[], grow=True).systems == []  # growth and the race pick their own
+    # growth and the race run their own systems: --systems there is refused, not ignored
+    for study in ({"grow": True}, {"learning": True}):
+        with pytest.raises(ConfigError, match="drop --systems"):
+            BenchmarkConfig(systems=["trl-grpo"], **study)
+        assert BenchmarkConfig(**study).systems == list(benchmark.SYSTEMS)
     assert every_system_failed({"kind": "sweep", "runs": [{"results": {}}]}) == "no system ran"
 
 
@@ -508,7 +514,7 @@ def test_more_prompts_per_step_than_trl_can_draw_is_refused_up_front(tmp_path, t
     with pytest.raises(ConfigError, match=f"prompts_per_step {prompts + 1} is more than the {prompts} prompts"):
         check_inputs(_config(tmp_path, model=model, systems=["ours-grpo", "trl-grpo"], prompts_per_step=prompts + 1))
     with pytest.raises(ConfigError, match="is more than"):
-        check_inputs(_config(tmp_path, model=model, learning=True, systems=["ours-grpo"], prompts_per_step=prompts + 1))
+        check_inputs(_config(tmp_path, model=model, learning=True, prompts_per_step=prompts + 1))
     check_inputs(_config(tmp_path, model=model, systems=["ours-grpo", "trl-grpo"], prompts_per_step=prompts))
     check_inputs(_config(tmp_path, model=model, prompts_per_step=prompts + 1))  # ours cycles through them
     check_inputs(_config(tmp_path, model=model, grow=True, systems=list(benchmark.SYSTEMS),

@@ -110,7 +110,8 @@ def test_trl_time_limit_stops_at_the_first_step_end_after_the_budget():
     (["--seconds", "soon"], "seconds expects"),
     (["--eval_num_samples", "0"], "eval_num_prompts and eval_num_samples must be >= 1"),
     (["--grow"], "learning races ours-grpo and trl-grpo for --seconds each: drop --grow"),
-    (["--num_generations", "1", "--systems", "ours-ppo"], "set num_generations >= 2"),
+    (["--num_generations", "1"], "set num_generations >= 2"),
+    (["--systems", "ours-ppo"], "their own systems: drop --systems"),
 ])
 def test_bad_learning_input_is_one_line_and_exit_2(args, message, tmp_path, run_here):
     result = run_here("benchmark.py", "--learning", *args, "--out", str(tmp_path / "race.json"))
