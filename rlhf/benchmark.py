@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.errors import ConfigError
+from rlhf.signals import stop_process
 
 SYSTEMS = ("ours-grpo", "ours-ppo", "ours-reinforce", "trl-grpo")
 PHASES = ("generation", "scoring", "logprobs", "update")
@@ -536,11 +537,7 @@ def run_process(target: Any, *args: Any) -> tuple[Any, str | None]:
                     answer = (None, f"its process {ended(process.exitcode)} without a result")
                     break
     except BaseException:  # the benchmark is stopping (Ctrl-C, SIGTERM): the system's process stops too
-        process.terminate()  # a trainer finishes its step on SIGTERM; nothing of it is kept here
-        process.join(timeout=5)
-        if process.is_alive():
-            process.kill()
-            process.join()
+        stop_process(process)  # nothing of it is kept here
         raise
     process.join()
     return answer

@@ -607,11 +607,16 @@ def adapters_off(policy: Any) -> Iterator[Any]:
 def _peft_adapters_off(policy: PeftModel) -> Iterator[None]:
     """``policy.disable_adapter()``, with every parameter's requires_grad put back as it was on
     exit: peft's exit turns it on for every active adapter's weights, a frozen one included."""
-    parameters = list(policy.parameters())
+    with _requires_grad_kept(list(policy.parameters())), policy.disable_adapter():
+        yield
+
+
+@contextmanager
+def _requires_grad_kept(parameters: list[nn.Parameter]) -> Iterator[None]:
+    """Each of ``parameters``' requires_grad put back on exit as it was on entry, whatever ran inside."""
     trainable = [parameter.requires_grad for parameter in parameters]
     try:
-        with policy.disable_adapter():
-            yield
+        yield
     finally:
         for parameter, was_trainable in zip(parameters, trainable):
             parameter.requires_grad_(was_trainable)
@@ -638,18 +643,16 @@ def _adapter_layers_off(policy: PeftModel, layers: list[Any]) -> Iterator[None]:
         return
     adapter_weights = [weight for layer in layers for name, weight in layer.named_parameters()
                        if not name.startswith("base_layer.")]
-    trainable = [weight.requires_grad for weight in adapter_weights]
-    try:
-        for layer in layers:
-            layer._disable_adapters = True
-        policy._adapters_disabled = True
-        yield
-    finally:
-        for layer in layers:
-            layer._disable_adapters = False
-        policy._adapters_disabled = False
-        for weight, was_trainable in zip(adapter_weights, trainable):
-            weight.requires_grad_(was_trainable)
+    with _requires_grad_kept(adapter_weights):
+        try:
+            for layer in layers:
+                layer._disable_adapters = True
+            policy._adapters_disabled = True
+            yield
+        finally:
+            for layer in layers:
+                layer._disable_adapters = False
+            policy._adapters_disabled = False
 
 
 def _weight_bytes(layers: list[Any]) -> dict[torch.device, int]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.errors import ConfigError
+from rlhf.signals import stop_process
 
 PREFIX = "random:"
 RANDOM_DIR_PREFIX = "rlhf-random-models-"  # the temporary dir ``materialised`` writes them in
@@ -95,11 +96,7 @@ def materialised(specs: list[str], seed: int = 0, tokenizer_from: str | None = N
                 process.join()
             finally:  # stopped (Ctrl-C, SIGTERM) while it builds: it would write on into the dir removed below
                 if process.is_alive():
-                    process.terminate()
-                    process.join(timeout=5)
-                    if process.is_alive():
-                        process.kill()
-                        process.join()
+                    stop_process(process)
             if process.exitcode != 0:
                 raise RuntimeError(f"building {spec} failed (exit code {process.exitcode}; its error is above)")
             paths[spec] = str(directory)

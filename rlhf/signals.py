@@ -16,6 +16,16 @@ from typing import Any
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
+def stop_process(process: Any, grace_seconds: float = 5) -> None:
+    """End a child ``multiprocessing`` process because its parent is stopping (Ctrl-C, SIGTERM):
+    SIGTERM first (a trainer finishes its step on it), SIGKILL after ``grace_seconds``."""
+    process.terminate()
+    process.join(timeout=grace_seconds)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
 class TrainingInterrupted(Exception):
     """Raised by the trainer after it saved a checkpoint because of a signal."""
 
