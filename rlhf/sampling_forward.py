@@ -51,7 +51,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from rlhf.cpu_linear import available_memory_bytes, onednn_linear, onednn_packing_usable, pack_for_onednn, routes_to_onednn
+from rlhf.cpu_linear import (available_memory_bytes, onednn_linear, onednn_packing_usable, pack_for_onednn,
+                              routes_to_onednn, use_onednn)
 
 # The architectures whose decoder layer is exactly norm -> attention (q/k/v, rotary, cache, o) ->
 # residual -> norm -> gated MLP -> residual; their modules' class names start with the prefix.
@@ -205,6 +206,72 @@ def _stock(module: nn.Module, class_name: str, modeling: str) -> bool:
             and getattr(cls.forward, "__module__", None) == modeling)
 
 
+@dataclass
+class _Fold:
+    """One projection's weight as the sampler's packed copy holds it: ``base``'s W, plus s * B @ A
+    where ``lora`` = (A [r, in], B [out, r], s) is its active adapter (None: W alone)."""
+
+    base: nn.Linear
+    lora: tuple[Tensor, Tensor, float] | None
+
+
+def folding(module: nn.Module) -> _Fold | None:
+    """``module``'s weight with its LoRA folded in, W + s * B @ A, as ``rlhf.models.merged_lora_weights``
+    folds it: a float32 ``nn.Linear`` (its W alone), a peft LoRA layer whose adapters are off or
+    merged, or with no adapter active on it (its base's W), or a float32 LoRA ``Linear`` with one
+    plain adapter active and unmerged. None for anything else (DoRA and other variants, a bias on
+    B, ``fan_in_fan_out``, dropout in training mode, several active adapters, another dtype or
+    layer type): the sampler then keeps the model's own weights."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    def plain(linear: nn.Module) -> bool:  # inference_linears' forward computes the class's numbers
+        own = vars(linear).get("forward")
+        return (type(linear) is nn.Linear and linear.weight.dtype == torch.float32
+                and (own is None or getattr(own, "inference_linear", False)))
+
+    if not isinstance(module, LoraLayer):
+        return _Fold(module, None) if plain(module) else None
+    base = module.get_base_layer()
+    if not plain(base):
+        return None
+    if module.disable_adapters != module.merged:  # peft runs the base layer alone
+        return _Fold(base, None)
+    if type(module) is not LoraLinear or module.merged:
+        return None
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if not active:
+        return _Fold(base, None)
+    name = active[0]
+    lora_a, lora_b, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+    inert_dropout = type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and not dropout.training)
+    if (len(active) != 1 or module.fan_in_fan_out or name in module.lora_variant or not inert_dropout
+            or getattr(module, "lora_bias", {}).get(name, False)
+            or not isinstance(lora_a, nn.Linear) or not isinstance(lora_b, nn.Linear)
+            or lora_a.weight.dtype != torch.float32 or lora_b.weight.dtype != torch.float32):
+        return None
+    return _Fold(base, (lora_a.weight, lora_b.weight, module.scaling[name]))
+
+
+def _pack_folded(folds: list[_Fold]) -> tuple[Tensor, Tensor | None]:
+    """[W1 + s1 B1 A1; W2 + s2 B2 A2; ...] packed for oneDNN, and the biases concatenated.
+
+    Each folded weight is written by the ``addmm`` ``merged_lora_weights`` uses, straight into its
+    rows of one buffer that lives only until it is packed: no folded copy of the model's weights
+    is held while sampling, only the packed one."""
+    with torch.no_grad():
+        weights = [fold.base.weight for fold in folds]
+        merged = weights[0].new_empty(sum(weight.shape[0] for weight in weights), weights[0].shape[1])
+        for fold, rows in zip(folds, merged.split([weight.shape[0] for weight in weights])):
+            if fold.lora is None:
+                rows.copy_(fold.base.weight)
+            else:
+                lora_a, lora_b, scaling = fold.lora
+                torch.addmm(fold.base.weight, lora_b, lora_a, alpha=scaling, out=rows)
+        bias = None if folds[0].base.bias is None else torch.cat([fold.base.bias for fold in folds])
+        return pack_for_onednn(merged), bias
+
+
 def _fusable(linears: list[nn.Linear | None]) -> bool:
     """Whether ``inference_linears`` sends every one of ``linears`` to oneDNN with a packed weight
     (float32 where oneDNN is this machine's choice; bfloat16 wherever it packs them), so that one
@@ -295,7 +362,7 @@ class SamplingForward:
     it again after the weights change)."""
 
     def __init__(self, causal_lm: nn.Module, projections: list[dict[str, _Projection]], fuse: bool,
-                 window: int | None = None):
+                 window: int | None = None, folds: list[dict[str, _Fold]] | None = None):
         modeling = sys.modules[type(causal_lm).__module__]
         self.causal_lm = causal_lm
         self.config = causal_lm.config
@@ -306,8 +373,10 @@ class SamplingForward:
         self.eager_attention = modeling.eager_attention_forward
         self.apply_rotary = modeling.apply_rotary_pos_emb  # looked up as the model's attention does
         self.layers = []
+        # the LoRA folded into this forward's own packed weights (``folds``), not into the model's
+        self.folded = folds is not None
         rotates_as_llama: dict[tuple[int, torch.dtype], bool] = {}  # (head_dim, dtype) -> checked once
-        for block, parts in zip(self.decoder.layers, projections):
+        for index, (block, parts) in enumerate(zip(self.decoder.layers, projections)):
             attention, mlp = block.self_attn, block.mlp
             layer = _Layer(
                 input_norm=block.input_layernorm.forward, post_attention_norm=block.post_attention_layernorm.forward,
@@ -322,13 +391,18 @@ class SamplingForward:
             )
             qkv = [parts[name] for name in "qkv"]
             gate_up = [parts["gate"], parts["up"]]
-            if fuse and _fusable([part.base for part in qkv]):
+            if folds is not None:  # 2+ rows through the folded packed weights, one row the model's own way
+                fold = folds[index]
+                layer.qkv, layer.qkv_lora = _pack_folded([fold[name] for name in "qkv"]), [None] * 3
+                layer.gate_up, layer.gate_up_lora = _pack_folded([fold["gate"], fold["up"]]), [None] * 2
+                layer.o_packed, layer.down_packed = _pack_folded([fold["o"]]), _pack_folded([fold["down"]])
+            elif fuse and _fusable([part.base for part in qkv]):
                 layer.qkv = _pack([part.base for part in qkv])
                 layer.qkv_lora = [part.lora for part in qkv]
-            if fuse and _fusable([part.base for part in gate_up]):
+            if folds is None and fuse and _fusable([part.base for part in gate_up]):
                 layer.gate_up = _pack([part.base for part in gate_up])
                 layer.gate_up_lora = [part.lora for part in gate_up]
-            if fuse:
+            if fuse and folds is None:
                 layer.o_packed, layer.o_lora = _packed_by_inference_linears(parts["o"].base), parts["o"].lora
                 layer.down_packed, layer.down_lora = _packed_by_inference_linears(parts["down"].base), parts["down"].lora
             head_dim = attention.head_dim
@@ -369,8 +443,10 @@ class SamplingForward:
         cos, sin = self.decoder.rotary_emb(hidden, position_ids=position_ids)
         attention_function = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager_attention)
         batch, length = input_ids.shape
-        # the fused products only where the separate ones would take the packed weights too
-        fused = (batch * length >= 2 and not torch.is_grad_enabled()
+        # the fused products only where the separate ones would take the packed weights too; the
+        # folded ones always (one row takes another kernel, as the model's own LoRA, unfolded, would:
+        # float rounding either way, and no product on an unpacked weight for a row decoded alone)
+        fused = ((batch * length >= 2 or self.folded) and not torch.is_grad_enabled()
                  and not torch.is_autocast_enabled(hidden.device.type))
         keep = self.recorder.write if self.recorder is not None and self.recorder.recording else None
         together_cos = together_sin = None  # the rotary angles as rotate_query_key takes them
@@ -445,10 +521,13 @@ class SamplingForward:
     def _release_fused(self) -> None:
         """Drop the fused packed weights: the model's forward packs each layer's own weights, and
         the memory check that allowed the fused copies counted one set, not both. o's and down's
-        stay: they are ``inference_linears``' own, which the model's forward takes too."""
+        stay: they are ``inference_linears``' own, which the model's forward takes too; folded
+        ones go too (the model's forward runs its LoRA unfolded)."""
         for layer in self.layers:
             layer.qkv = layer.gate_up = None
             layer.rotate_together = False  # it rotates q and k from the fused product
+            if self.folded:
+                layer.o_packed = layer.down_packed = None
 
     @staticmethod
     def columns(input_ids: Tensor, attention_mask: Tensor | None, cache: Any) -> int:
@@ -459,7 +538,8 @@ class SamplingForward:
         return max(past + input_ids.shape[1], width)
 
 
-def sampling_forward(model: nn.Module, fuse: bool = False, reserve_bytes: int = 0) -> SamplingForward | None:
+def sampling_forward(model: nn.Module, fuse: bool = False, reserve_bytes: int = 0, fold: bool = False,
+                     columns: int | None = None) -> SamplingForward | None:
     """A ``SamplingForward`` for ``model`` (a causal LM, or a peft model around one), or None
     where it would not give the model's own numbers: another architecture (or a subclass, remote
     code, a patched or compiled module), layers other than full or sliding-window attention, an
@@ -472,7 +552,18 @@ def sampling_forward(model: nn.Module, fuse: bool = False, reserve_bytes: int = 
     ``fuse``: the caller runs it inside ``inference_linears``. The q/k/v and gate/up products
     are then fused where that sends them to oneDNN and there is memory for the packed copies
     (which replace the separate packed weights of q/k/v and gate/up: those are then never made;
-    o's and down's packed weights are ``inference_linears``' own, made when this is built)."""
+    o's and down's packed weights are ``inference_linears``' own, made when this is built).
+
+    ``fold`` (inside ``inference_linears``, the model's LoRA left as it is): every projection's
+    LoRA is folded into this forward's own packed weights, W + s * B @ A made one layer at a time
+    and packed (``_pack_folded``), so the sampling holds one copy of the weights besides the
+    model's where folding them into the model (``rlhf.models.merged_lora_weights``) holds two, the
+    folded and the packed; a call of one row takes them too (another kernel than for 2+ rows:
+    float rounding, as against the model's own forward, which runs its LoRA unfolded). None (the caller folds into the model)
+    where a projection cannot be folded (``folding``) or its product is not oneDNN's here
+    (``routes_to_onednn``: another CPU, a layer too small), the memory does not hold the copies twice over plus ``reserve_bytes``, or sequences
+    of ``columns`` positions (None: unknown) could reach a sliding window, past which the model's
+    own forward would run with the LoRA unfolded."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     prefix = SUPPORTED.get(type(causal_lm).__name__)
     modeling = type(causal_lm).__module__
@@ -488,16 +579,34 @@ def sampling_forward(model: nn.Module, fuse: bool = False, reserve_bytes: int = 
             or len({p.device for p in causal_lm.parameters()}) != 1
             or not all(hasattr(sys.modules[modeling], name) for name in ("eager_attention_forward", "apply_rotary_pos_emb"))):
         return None
+    if fold and (not (onednn_packing_usable() and use_onednn()) or (window is not None and (columns is None or columns >= window))):
+        return None
     projections = []  # per layer: name -> how the model computes that projection
+    folds: list[dict[str, _Fold]] = []
     for block in decoder.layers:
         if not (_stock(block, f"{prefix}DecoderLayer", modeling) and _stock(block.self_attn, f"{prefix}Attention", modeling)
                 and _stock(block.mlp, f"{prefix}MLP", modeling)):
             return None
-        parts = {name: projection(getattr(block.self_attn, f"{name}_proj")) for name in "qkvo"}
-        parts |= {name: projection(getattr(block.mlp, f"{name}_proj")) for name in ("gate", "up", "down")}
+        modules = {name: getattr(block.self_attn, f"{name}_proj") for name in "qkvo"}
+        modules |= {name: getattr(block.mlp, f"{name}_proj") for name in ("gate", "up", "down")}
+        parts = {name: projection(module) for name, module in modules.items()}
         if any(part is None for part in parts.values()):
             return None
         projections.append(parts)
+        if fold:
+            folded = {name: folding(module) for name, module in modules.items()}
+            # every product where inference_linears sends it, to oneDNN (small layers stay on BLAS)
+            if any(part is None or not routes_to_onednn(part.base.weight.new_empty(2, part.base.in_features),
+                                                        part.base.weight, part.base.bias)
+                   for part in folded.values()) or any(
+                    len({folded[name].base.bias is None for name in group}) != 1 for group in ("qkv", ("gate", "up"))):
+                return None
+            folds.append(folded)
+    if fold:
+        folded_bytes = sum(part.base.weight.nbytes for layer in folds for part in layer.values())
+        if 2 * folded_bytes + reserve_bytes >= available_memory_bytes():
+            return None
+        return SamplingForward(causal_lm, projections, fuse=True, window=window, folds=folds)
     fused_bytes = sum(parts[name].base.weight.nbytes for parts in projections for name in FUSED
                       if parts[name].base is not None)
     fuse = fuse and onednn_packing_usable() and 2 * fused_bytes + reserve_bytes < available_memory_bytes()

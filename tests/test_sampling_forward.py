@@ -476,3 +476,112 @@ def test_packed_bfloat16_layers_give_the_plain_layers_output_for_strided_inputs_
             assert "forward" in vars(layer)
             got = [layer(x) for x in inputs]
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def _lora_state(policy):
+    """What sampling must leave as it found it: each base weight (the tensor itself, its storage
+    and version), each parameter's requires_grad, each LoRA layer's switches."""
+    from peft.tuners.lora import LoraLayer
+
+    weights = [(module.get_base_layer(), module.get_base_layer().weight) for module in policy.modules()
+               if isinstance(module, LoraLayer)]
+    return ([(base, weight, weight.data_ptr(), weight._version) for base, weight in weights],
+            [parameter.requires_grad for parameter in policy.parameters()],
+            [(module.disable_adapters, module.merged) for module in policy.modules() if isinstance(module, LoraLayer)])
+
+
+def _unchanged(policy, state) -> bool:
+    now = _lora_state(policy)
+    return (all(base.weight is weight and weight.data_ptr() == pointer and weight._version == version
+                for base, weight, pointer, version in state[0]) and now[1:] == state[1:])
+
+
+@needs_onednn
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
+def test_folding_forward_gives_the_folded_models_logits_and_cache_bitwise_and_leaves_the_model_alone(kind, monkeypatch):
+    """sampling_forward(fold=True) folds each LoRA into its own packed weights (W + s*B@A, one
+    layer at a time): 2+ rows give bitwise the logits and cache of the model with its LoRA folded
+    in by merged_lora_weights, while the model itself keeps its weights and adapters as they are;
+    a single row takes the folded weights too (another kernel: the model's numbers up to rounding)."""
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+    policy = _policy(kind)
+    ids, mask, positions = _prompts()
+    state = _lora_state(policy)
+    with torch.no_grad(), inference_linears(policy):
+        forward = sampling_forward(policy, fuse=True, fold=True, columns=64)
+        assert isinstance(forward, SamplingForward) and forward.folded
+        assert all(layer.qkv is not None and layer.gate_up is not None and layer.o_packed is not None
+                   and layer.down_packed is not None and layer.qkv_lora == [None] * 3 for layer in forward.layers)
+        assert _unchanged(policy, state)  # no folded copy in the model: its weights and switches as they were
+        (ours, our_cache), _ = _both_ways(forward, policy, ids, mask, positions)
+        token = dict(input_ids=ids[1:2, :1], attention_mask=mask[1:2, :1], position_ids=positions[1:2, :1])
+        one_row, unfolded = forward(**token).logits, policy(**token).logits
+    assert _unchanged(policy, state)
+    with torch.no_grad(), merged_lora_weights(policy) as merged, inference_linears(merged):
+        (theirs, their_cache), _ = _both_ways(merged, merged, ids, mask, positions)
+        one_row_merged = merged(**token).logits
+    for got, expected in zip(ours + our_cache, theirs + their_cache):
+        assert torch.equal(got, expected)
+    # one row: the model's numbers with its LoRA, unfolded or folded, up to float rounding (not the base's)
+    assert torch.allclose(one_row, unfolded, atol=1e-4) and torch.allclose(one_row, one_row_merged, atol=1e-4)
+    with torch.no_grad():
+        assert not torch.allclose(one_row, _model(kind)(**token).logits, atol=1e-3)
+
+
+@needs_onednn
+def test_sampling_speedups_fold_into_the_samplers_weights_and_draw_what_the_folded_model_draws(monkeypatch):
+    """Where the sampler's forward runs every step, sampling_speedups leaves the policy as it is
+    (no folded copies of its weights, adapters on) and folds the LoRA into the sampler's packed
+    weights: the same tokens and logprobs as sampling the model folded by merged_lora_weights
+    (every step 2+ rows), and the policy's weights, switches and requires_grad untouched after."""
+    from rlhf.rollout import sampling_speedups
+
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+    policy = _policy("qwen2")
+    for name, parameter in policy.named_parameters():  # a frozen adapter weight stays frozen
+        parameter.requires_grad = "lora_A" in name and "layers.0." in name
+    ids, mask, _ = _prompts(rows=2)
+    ids, mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+    state = _lora_state(policy)
+    draws = []
+    with sampling_speedups(policy, columns=ids.shape[1] + 12) as (sampler, fast):
+        assert sampler is policy and fast is not None and fast.folded and _unchanged(policy, state)
+        torch.manual_seed(5)
+        draws.append(sample_responses(sampler, ids, mask, max_new_tokens=12, temperature=0.9, top_p=0.95,
+                                      eos_token_ids=[], pad_token_id=0, share_prompt_prefix=True, fast_forward=fast))
+    assert _unchanged(policy, state)
+    with merged_lora_weights(policy) as merged, inference_linears(merged):
+        torch.manual_seed(5)
+        draws.append(sample_responses(merged, ids, mask, max_new_tokens=12, temperature=0.9, top_p=0.95,
+                                      eos_token_ids=[], pad_token_id=0, share_prompt_prefix=True,
+                                      fast_forward=sampling_forward(merged, fuse=True)))
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+
+
+@needs_onednn
+@pytest.mark.parametrize("case", ["window_unknown", "window_reached", "dora", "small_layers", "not_onednn"])
+def test_sampling_speedups_fold_into_the_model_where_the_sampler_cannot_hold_the_lora(case, monkeypatch):
+    """The LoRA is folded into the model's weights as before (merged_lora_weights) where the
+    sampler's own packed weights cannot carry it: a sliding window the sequences may reach (the
+    model's own forward would then run the LoRA unfolded), an adapter that does not fold, layers
+    too small for oneDNN, a machine whose products are not oneDNN's."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from rlhf.rollout import sampling_speedups
+
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: case != "not_onednn")
+    columns = 64
+    if case == "dora":
+        policy = get_peft_model(_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                            use_dora=True)).eval()
+    else:
+        window = {"window_unknown": 4096, "window_reached": 40}.get(case)
+        policy = _policy("mistral", sliding_window=window) if window else _policy("llama", hidden=64)
+        policy.get_base_model().config.sliding_window = window
+        columns = None if case == "window_unknown" else columns
+    with sampling_speedups(policy, columns=columns) as (sampler, fast):
+        assert fast is None or not fast.folded
+        # merged_lora_weights folds into the model's weights and switches its LoRA layers off (DoRA: neither)
+        switched_off = [module.disable_adapters for module in policy.modules() if isinstance(module, LoraLayer)]
+        assert all(switched_off) == (case != "dora") and any(switched_off) == (case != "dora")
