@@ -558,7 +558,9 @@ def sampling_forward(model: nn.Module, fuse: bool = False, reserve_bytes: int = 
     LoRA is folded into this forward's own packed weights, W + s * B @ A made one layer at a time
     and packed (``_pack_folded``), so the sampling holds one copy of the weights besides the
     model's where folding them into the model (``rlhf.models.merged_lora_weights``) holds two, the
-    folded and the packed; a call of one row takes them too (another kernel than for 2+ rows:
+    folded and the packed (2+ rows give bitwise the products of the model folded so; LoRA outside
+    the projections, on the LM head or the embeddings, runs as peft runs it, unfolded, where
+    ``merged_lora_weights`` would fold it: float rounding); a call of one row takes them too (another kernel than for 2+ rows:
     float rounding, as against the model's own forward, which runs its LoRA unfolded). None (the caller folds into the model)
     where a projection cannot be folded (``folding``) or its product is not oneDNN's here
     (``routes_to_onednn``: another CPU, a layer too small), the memory does not hold the copies twice over plus ``reserve_bytes``, or sequences
