@@ -176,15 +176,25 @@ def _hooked(model: nn.Module) -> bool:
     transformers' output-capturing hooks do not count: its models install them on their layers
     the first time a forward asks for hidden states or attentions (a value head's forward does,
     so every rollout after the first would lose this forward), and they record only inside such
-    a forward (an active collector), which sampling never is."""
+    a forward (an active collector), which sampling never is. Nor does transformers'
+    ``enable_input_require_grads`` hook on the input embeddings (installed for gradient
+    checkpointing with frozen embeddings, as peft and the trainer do): it only marks the
+    embeddings' output as requiring grad, which under sampling's ``no_grad`` records nothing."""
     from torch.nn.modules import module as torch_module
 
     if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
             or getattr(torch_module, "_global_forward_hooks_always_called", None)):
         return True
-    return any(any(not _output_capturing(hook) for hook in m._forward_hooks.values()) or m._forward_pre_hooks
+    return any(any(not (_output_capturing(hook) or _marks_inputs_for_grad(hook)) for hook in m._forward_hooks.values())
+               or m._forward_pre_hooks
                or hasattr(m, "_hf_hook") or getattr(m, "_compiled_call_impl", None) is not None
                for m in model.modules())
+
+
+def _marks_inputs_for_grad(hook: Callable[..., Any]) -> bool:
+    """Whether ``hook`` is transformers' ``enable_input_require_grads`` hook (modeling_utils)."""
+    return (getattr(hook, "__module__", None) == "transformers.modeling_utils"
+            and getattr(hook, "__name__", None) == "make_inputs_require_grads")
 
 
 def _output_capturing(hook: Callable[..., Any]) -> bool:

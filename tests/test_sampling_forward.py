@@ -278,6 +278,26 @@ def test_a_forward_that_captured_hidden_states_leaves_it_on_and_exact():
     assert sampling_forward(policy) is None
 
 
+def test_gradient_checkpointings_input_grad_hook_leaves_it_on_and_exact():
+    """Gradient checkpointing with frozen embeddings installs transformers' hook that marks the
+    embeddings' output as requiring grad (enable_input_require_grads, as peft and the trainer
+    call it, here twice): under sampling's no_grad it records nothing, so the sampler's forward
+    stays on and gives the model's logits and cache (it was off for every such run)."""
+    policy = _policy("llama", hidden=64)
+    policy.enable_input_require_grads()
+    policy.enable_input_require_grads()
+    assert policy.get_input_embeddings()._forward_hooks
+    ids, mask, positions = _prompts()
+    with torch.no_grad():
+        forward = sampling_forward(policy)
+        assert forward is not None
+        (ours, our_cache), (theirs, their_cache) = _both_ways(forward, policy, ids, mask, positions)
+    for got, expected in zip(ours + our_cache, theirs + their_cache):
+        assert torch.equal(got, expected)
+    policy.get_input_embeddings().register_forward_hook(lambda *args: None)  # a hook of the user's own
+    assert sampling_forward(policy) is None
+
+
 def test_eager_attention_gives_the_models_logits():
     model = _model("llama", attn_implementation="eager")
     assert model.config._attn_implementation == "eager"
