@@ -200,9 +200,9 @@ def sample_and_score(
         row_seeds = [sample_seed(seed, p, s) for p, s in chunk]
         # per chunk: the scores below need the policy as it is (adapters on, weights unmerged)
         cache_bytes = sampling_cache_bytes(policy, len(chunk), max_prompt_length, max_new_tokens, episodes is not None)
+        longest = None if episodes is not None else max_prompt_length + max_new_tokens
         with sampling_speedups(policy, enabled=speedups, reserve_bytes=cache_bytes,
-                               columns=None if episodes is not None else max_prompt_length + max_new_tokens,
-                               ) as (sampler, fast_forward):
+                               columns=longest) as (sampler, fast_forward):
             if episodes is not None:
                 from rlhf.episodes.runner import sample_episode_rollout
 

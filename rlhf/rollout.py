@@ -575,7 +575,8 @@ def sampling_speedups(policy: torch.nn.Module, enabled: bool = True, reserve_byt
         return
     if use_onednn():
         with inference_linears(policy, reserve_bytes):
-            folding_forward = sampling_forward(policy, fuse=True, reserve_bytes=reserve_bytes, fold=True, columns=columns)
+            folding_forward = sampling_forward(policy, fuse=True, reserve_bytes=reserve_bytes, fold=True,
+                                               columns=columns)
             if folding_forward is not None:
                 yield policy, folding_forward
                 return
@@ -621,9 +622,9 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
         # not where DeepSpeed/FSDP own the tensors
         cache_bytes = sampling_cache_bytes(plain.policy, min(chunk, len(raw_prompts)), config.max_prompt_length,
                                            config.max_new_tokens, episodes is not None)
+        longest = None if episodes is not None else config.max_prompt_length + config.max_new_tokens
         with sampling_speedups(plain.policy, enabled=not shards_weights(accelerator), reserve_bytes=cache_bytes,
-                               columns=None if episodes is not None else config.max_prompt_length + config.max_new_tokens,
-                               ) as (policy, fast_forward):
+                               columns=longest) as (policy, fast_forward):
             # decided once the sampling's weight copies exist, which speed every token and come first;
             # kept only where a forward can take them: a group's rows share their prompt's prefix (the
             # update's forward after it is the one that takes them) and the sampler's forward runs every step

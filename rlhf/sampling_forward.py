@@ -17,6 +17,10 @@ at 2 to 32 threads; a single row keeps the separate products, as ``inference_lin
 plain weight there). Each part is made contiguous before use: an activation reads a strided
 tensor through another kernel and rounds some elements differently.
 
+Where every projection goes to oneDNN, sampling folds the LoRA into this forward's own packed
+weights instead of into the model's (``sampling_forward(fold=True)``, ``_pack_folded``): the
+model keeps its weights and adapters, and only the packed copy is held while sampling.
+
 A LoRA left unfolded (a bfloat16 base: the small early deltas would round away in its weights)
 runs as peft runs it, its base product (fused with its neighbours' in bfloat16 too, where
 ``inference_linears`` packs bfloat16 weights) followed by peft's own operations for the adapter.
@@ -401,7 +405,7 @@ class SamplingForward:
             )
             qkv = [parts[name] for name in "qkv"]
             gate_up = [parts["gate"], parts["up"]]
-            if folds is not None:  # 2+ rows through the folded packed weights, one row the model's own way
+            if folds is not None:  # every product through the folded packed weights, q/k/v and gate/up fused
                 fold = folds[index]
                 layer.qkv, layer.qkv_lora = _pack_folded([fold[name] for name in "qkv"]), [None] * 3
                 layer.gate_up, layer.gate_up_lora = _pack_folded([fold["gate"], fold["up"]]), [None] * 2
@@ -568,14 +572,15 @@ def sampling_forward(model: nn.Module, fuse: bool = False, reserve_bytes: int = 
     LoRA is folded into this forward's own packed weights, W + s * B @ A made one layer at a time
     and packed (``_pack_folded``), so the sampling holds one copy of the weights besides the
     model's where folding them into the model (``rlhf.models.merged_lora_weights``) holds two, the
-    folded and the packed (2+ rows give bitwise the products of the model folded so; LoRA outside
-    the projections, on the LM head or the embeddings, runs as peft runs it, unfolded, where
-    ``merged_lora_weights`` would fold it: float rounding); a call of one row takes them too (another kernel than for 2+ rows:
-    float rounding, as against the model's own forward, which runs its LoRA unfolded). None (the caller folds into the model)
-    where a projection cannot be folded (``folding``) or its product is not oneDNN's here
-    (``routes_to_onednn``: another CPU, a layer too small), the memory does not hold the copies twice over plus ``reserve_bytes``, or sequences
-    of ``columns`` positions (None: unknown) could reach a sliding window, past which the model's
-    own forward would run with the LoRA unfolded."""
+    folded and the packed. 2+ rows give bitwise the products of the model folded so; a call of
+    one row takes the packed weights too (another kernel: float rounding, as the model's own
+    forward, its LoRA unfolded, differs by rounding); LoRA outside the projections (on the LM head
+    or the embeddings) runs as peft runs it, unfolded, where ``merged_lora_weights`` would fold it.
+    None (the caller folds into the model) where a projection cannot be folded (``folding``) or
+    its product is not oneDNN's here (``routes_to_onednn``: another CPU, a layer too small), the
+    memory does not hold the copies twice over plus ``reserve_bytes``, or sequences of
+    ``columns`` positions (None: unknown) could reach a sliding window, past which the model's own
+    forward would run with the LoRA unfolded."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     prefix = SUPPORTED.get(type(causal_lm).__name__)
     modeling = type(causal_lm).__module__
@@ -591,7 +596,8 @@ def sampling_forward(model: nn.Module, fuse: bool = False, reserve_bytes: int = 
             or len({p.device for p in causal_lm.parameters()}) != 1
             or not all(hasattr(sys.modules[modeling], name) for name in ("eager_attention_forward", "apply_rotary_pos_emb"))):
         return None
-    if fold and (not (onednn_packing_usable() and use_onednn()) or (window is not None and (columns is None or columns >= window))):
+    window_reached = window is not None and (columns is None or columns >= window)
+    if fold and (window_reached or not (onednn_packing_usable() and use_onednn())):
         return None
     projections = []  # per layer: name -> how the model computes that projection
     folds: list[dict[str, _Fold]] = []

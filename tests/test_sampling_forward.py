@@ -74,6 +74,15 @@ def _both_ways(forward, model, ids, mask, positions, steps=3):
     return results
 
 
+def _its_numbers_bitwise(model, ids, mask, positions):
+    """The sampler's forward of ``model`` exists and gives its logits and cache bitwise."""
+    forward = sampling_forward(model)
+    assert forward is not None
+    (ours, our_cache), (theirs, their_cache) = _both_ways(forward, model, ids, mask, positions)
+    for got, expected in zip(ours + our_cache, theirs + their_cache):
+        assert torch.equal(got, expected)
+
+
 @needs_onednn
 @pytest.mark.parametrize("kind, extra", [
     ("llama", {}), ("qwen2", {}), ("qwen3", {}), ("mistral", {}),
@@ -266,11 +275,7 @@ def test_a_forward_that_captured_hidden_states_leaves_it_on_and_exact():
         hidden = policy(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
     assert len(hidden) == 3 and any(layer._forward_hooks for layer in policy.modules())
     with torch.no_grad():
-        forward = sampling_forward(policy)
-        assert forward is not None
-        (ours, our_cache), (theirs, their_cache) = _both_ways(forward, policy, ids, mask, positions)
-        for got, expected in zip(ours + our_cache, theirs + their_cache):
-            assert torch.equal(got, expected)
+        _its_numbers_bitwise(policy, ids, mask, positions)
         # and the hooks still record when a forward asks for hidden states again
         again = policy(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         assert all(torch.equal(a, b) for a, b in zip(hidden, again))
@@ -287,13 +292,8 @@ def test_gradient_checkpointings_input_grad_hook_leaves_it_on_and_exact():
     policy.enable_input_require_grads()
     policy.enable_input_require_grads()
     assert policy.get_input_embeddings()._forward_hooks
-    ids, mask, positions = _prompts()
     with torch.no_grad():
-        forward = sampling_forward(policy)
-        assert forward is not None
-        (ours, our_cache), (theirs, their_cache) = _both_ways(forward, policy, ids, mask, positions)
-    for got, expected in zip(ours + our_cache, theirs + their_cache):
-        assert torch.equal(got, expected)
+        _its_numbers_bitwise(policy, *_prompts())
     policy.get_input_embeddings().register_forward_hook(lambda *args: None)  # a hook of the user's own
     assert sampling_forward(policy) is None
 
