@@ -124,6 +124,21 @@ class _Projection:
     lora: Callable[[Tensor, Tensor], Tensor] | None = None  # (x, base product) -> the output
 
 
+def _one_plain_adapter(module: Any) -> tuple[bool, str | None]:
+    """For a peft LoRA ``Linear`` with its adapters on and unmerged: whether a forward here can
+    follow its adapters (one active, no ``fan_in_fan_out``, no variant such as DoRA, dropout
+    inert, A and B plain ``nn.Linear``), and the adapter active on it (None: none is, and peft
+    runs the base layer alone)."""
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if not active:
+        return True, None
+    name = active[0]
+    dropout = module.lora_dropout[name]  # peft calls it; in eval mode it returns its input itself
+    inert_dropout = type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and not dropout.training)
+    return (len(active) == 1 and not module.fan_in_fan_out and name not in module.lora_variant and inert_dropout
+            and isinstance(module.lora_A[name], nn.Linear) and isinstance(module.lora_B[name], nn.Linear)), name
+
+
 def projection(module: nn.Module) -> _Projection | None:
     """``module`` as the model's forward computes it: a plain ``nn.Linear``, a peft LoRA layer with
     its adapters off (``merged_lora_weights`` samples that way) or merged (its base layer alone),
@@ -146,17 +161,11 @@ def projection(module: nn.Module) -> _Projection | None:
         return None
     if "forward" in vars(module):
         return _Projection(module.forward, None)
-    active = [name for name in module.active_adapters if name in module.lora_A]
-    if not active:  # the active adapter leaves this layer alone: peft runs the base layer
+    followable, name = _one_plain_adapter(module)
+    if not followable:
+        return None
+    if name is None:  # the active adapter leaves this layer alone: peft runs the base layer
         return _Projection(base.forward, base)
-    if len(active) != 1 or module.fan_in_fan_out:
-        return None
-    name = active[0]
-    dropout = module.lora_dropout[name]  # peft calls it; in eval mode it returns its input itself
-    inert_dropout = type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and not dropout.training)
-    if (name in module.lora_variant or not inert_dropout
-            or not isinstance(module.lora_A[name], nn.Linear) or not isinstance(module.lora_B[name], nn.Linear)):
-        return None
     lora_a, lora_b = module.lora_A[name].forward, module.lora_B[name].forward  # inference_linears' where set
     scaling, dtype = module.scaling[name], module.lora_A[name].weight.dtype
     cast = getattr(module, "cast_input_dtype_enabled", True)
@@ -253,15 +262,13 @@ def folding(module: nn.Module) -> _Fold | None:
         return _Fold(base, None)
     if type(module) is not LoraLinear or module.merged:
         return None
-    active = [name for name in module.active_adapters if name in module.lora_A]
-    if not active:
+    followable, name = _one_plain_adapter(module)
+    if not followable:
+        return None
+    if name is None:
         return _Fold(base, None)
-    name = active[0]
-    lora_a, lora_b, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
-    inert_dropout = type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and not dropout.training)
-    if (len(active) != 1 or module.fan_in_fan_out or name in module.lora_variant or not inert_dropout
-            or getattr(module, "lora_bias", {}).get(name, False)
-            or not isinstance(lora_a, nn.Linear) or not isinstance(lora_b, nn.Linear)
+    lora_a, lora_b = module.lora_A[name], module.lora_B[name]
+    if (getattr(module, "lora_bias", {}).get(name, False)
             or lora_a.weight.dtype != torch.float32 or lora_b.weight.dtype != torch.float32):
         return None
     return _Fold(base, (lora_a.weight, lora_b.weight, module.scaling[name]))
