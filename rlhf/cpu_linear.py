@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import platform
 from collections.abc import Iterator
@@ -279,6 +280,49 @@ def transposed_copy_exact() -> bool:
     return True
 
 
+# The copies are kept where products through them take at most this share of the strided view's
+# time: the 2-core EPYC with AVX2 measured 0.6-0.7 (see ``transposed_weights_kept``), the Zen 4
+# EPYC with AVX-512 0.98-1.03, where the copies only cost their making and their memory.
+COPY_PAYS_BELOW = 0.85
+
+
+@functools.cache
+def transposed_copies_pay() -> bool:
+    """Whether oneDNN multiplies by a contiguous transposed copy of a weight clearly faster than by
+    the strided ``weight.t()`` view here (``COPY_PAYS_BELOW``), timed once per process at two of
+    SmolLM2's shapes for 512 rows (~0.1 s). Where it does not, an update makes no copies.
+
+    Timed, not fixed per machine as ``use_onednn`` is: both give the same numbers bitwise
+    (``transposed_copy_exact``), so the answer moves speed and memory only. SmolLM2-135M GRPO,
+    32 new tokens, on the Zen 4 EPYC: update 2.12-2.33 s with the copies against 1.95-2.00
+    without, peak RSS 3.05-3.10 -> 2.69-2.75 GB; a random model of Qwen3-0.6B's shape 6.75-7.19
+    -> 6.39-6.48 s, 7.48 -> 6.61 GB."""
+    if not transposed_copy_exact():
+        return False
+    import time
+
+    generator = torch.Generator().manual_seed(0)
+    view_seconds = copy_seconds = 0.0
+    for outputs, inputs in ((1536, 576), (576, 1536)):
+        weight = torch.randn(outputs, inputs, generator=generator)
+        copy = transposed_copy(weight)
+        grad = torch.randn(512, outputs, generator=generator)
+        onednn_linear(grad, weight.t()), onednn_linear(grad, copy)  # warm up both reorders
+        view_best = copy_best = math.inf
+        for _ in range(3):  # interleaved, best of three: the machine's load falls on both alike
+            for transposed, is_copy in ((weight.t(), False), (copy, True)):
+                start = time.perf_counter()
+                onednn_linear(grad, transposed)
+                elapsed = time.perf_counter() - start
+                if is_copy:
+                    copy_best = min(copy_best, elapsed)
+                else:
+                    view_best = min(view_best, elapsed)
+        view_seconds += view_best
+        copy_seconds += copy_best
+    return copy_seconds < COPY_PAYS_BELOW * view_seconds
+
+
 @contextlib.contextmanager
 def transposed_weights_kept(model: torch.nn.Module) -> Iterator[None]:
     """While the block runs (an update), ``times_weight`` keeps a contiguous copy of each frozen
@@ -291,8 +335,9 @@ def transposed_weights_kept(model: torch.nn.Module) -> Iterator[None]:
     (``transposed_copy_exact``) and faster. On the 2-core EPYC (AVX2), at 4096 rows: 576 -> 1536
     147 -> 103 ms, 1536 -> 576 170 -> 100 ms; the LM head's p W for 682 rows 866 -> 586 ms. A
     copy costs about a fifth of one such product (1.6 ms for 576 x 1536, 109 ms for the LM head),
-    so it is made once per update and not per call. Only where free memory holds twice the
-    model's frozen float32 weights when the update starts (the copies take once that: 0.54 GB for
+    so it is made once per update and not per call. Only where the copies are faster here
+    (``transposed_copies_pay``: not on the Zen 4 EPYC with AVX-512), and where free memory holds
+    twice the model's frozen float32 weights when the update starts (the copies take once that: 0.54 GB for
     SmolLM2-135M), and then at most half the memory that is free when the first copy is wanted
     (read once, with the first micro-batch's activations in memory, which the start cannot see)
     after setting aside what the update's largest micro-batch will take on top of those, where the
@@ -306,7 +351,7 @@ def transposed_weights_kept(model: torch.nn.Module) -> Iterator[None]:
     global _transposed_copies
     frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
                        if not p.requires_grad and p.dim() == 2 and p.dtype == torch.float32 and p.device.type == "cpu")
-    enabled = (_transposed_copies is None and frozen_bytes > 0 and transposed_copy_exact()
+    enabled = (_transposed_copies is None and frozen_bytes > 0 and transposed_copies_pay()
                and 2 * frozen_bytes < available_memory_bytes())
     if enabled:
         _transposed_copies = _KeptTransposes()

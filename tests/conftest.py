@@ -201,12 +201,15 @@ def free_port() -> int:
 def onednn_transposes(monkeypatch):
     """oneDNN chosen for float32 products, and ``transposed_copy_exact`` probed afresh under that
     choice (a probe cached earlier under BLAS says no) and forgotten after the test; skips where
-    the transposed copy is not bitwise the strided view's."""
+    the transposed copy is not bitwise the strided view's. The copies are made whether or not
+    they are faster here (``transposed_copies_pay``): these tests are about their numbers and
+    their memory."""
     from rlhf import cpu_linear
 
     if not cpu_linear.onednn_usable():
         pytest.skip("this torch build has no oneDNN linear")
     monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+    monkeypatch.setattr(cpu_linear, "transposed_copies_pay", cpu_linear.transposed_copy_exact)
     cpu_linear.transposed_copy_exact.cache_clear()
     try:
         if not cpu_linear.transposed_copy_exact():

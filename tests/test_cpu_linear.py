@@ -327,6 +327,41 @@ def test_kept_transposed_weights_give_the_strided_products_bitwise_once_per_scop
 
 
 @needs_onednn
+@pytest.mark.parametrize("slower", ["view", "copy", "both"])
+def test_transposed_copies_are_kept_only_where_their_products_are_clearly_faster(monkeypatch, slower):
+    """``transposed_copies_pay`` times oneDNN's product through a contiguous transposed copy
+    against the strided view; an update opens no copies where the copy is not clearly faster (the
+    Zen 4 EPYC, where both run alike and the copies only cost time and memory)."""
+    import time
+
+    real_linear = cpu_linear.onednn_linear
+
+    def timed_linear(x, weight, bias=None):  # a path made slower by a fixed wait; both: alike
+        if slower == "both":
+            time.sleep(0.02)
+        elif slower == ("copy" if weight.is_contiguous() else "view"):
+            time.sleep(0.003)
+        return real_linear(x, weight, bias)
+
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+    monkeypatch.setattr(cpu_linear, "onednn_linear", timed_linear)
+    monkeypatch.setattr(cpu_linear, "transposed_copy_exact", lambda: True)
+    cpu_linear.transposed_copies_pay.cache_clear()
+    try:
+        pays = cpu_linear.transposed_copies_pay()
+        model = torch.nn.Linear(256, 320).requires_grad_(False)
+        with cpu_linear.transposed_weights_kept(model):
+            scope_open = cpu_linear._transposed_copies is not None
+            got = cpu_linear.times_weight(torch.ones(17, 320), model.weight)
+    finally:
+        cpu_linear.transposed_copies_pay.cache_clear()
+    assert pays is (slower == "view") and scope_open is pays
+    assert torch.equal(got, real_linear(torch.ones(17, 320), model.weight.t()))
+    monkeypatch.setattr(cpu_linear, "transposed_copy_exact", lambda: False)  # never where the numbers would part
+    assert not cpu_linear.transposed_copies_pay.__wrapped__()
+
+
+@needs_onednn
 def test_kept_transposes_take_at_most_half_the_memory_free_once_the_forward_holds_its_activations(
         monkeypatch, onednn_transposes):
     """The memory is read again when the first copy is wanted, besides when the update starts:
