@@ -55,14 +55,18 @@ def embedded_model_dir() -> Path:
             "(scripts/setup.sh does this)"
         )
     package_dir = Path(spec.origin).parent
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=filename)
-    quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=filename, dtype=torch.float32)
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
-    model.tie_weights()
+    # The fresh model's random initialisation draws from the global generator, which the trainer
+    # has seeded by now: without the fork, a run that converts gets other samples than the same run
+    # once the copy exists (measured: another first response and another adapter for seed 7).
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=filename)
+        quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=filename, dtype=torch.float32)
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+        model.tie_weights()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}-", dir=target.parent))
     model.save_pretrained(staging)

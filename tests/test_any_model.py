@@ -602,3 +602,24 @@ def test_rwkv_samples_row_by_row_and_trains(tmp_path):
     torch.manual_seed(0)
     rollout = fsdp_rollout(model, tokenizer, STATE_PROMPTS, STATE_PROMPTS)
     assert ((_forward_logprobs(model, rollout) - rollout.sampler_logprobs) * rollout.mask).abs().max() < 1e-5
+
+
+def test_converting_the_embedded_model_leaves_the_seeded_generator_alone(tiny_model_dir, tmp_path, monkeypatch):
+    """The embedded model's one-time conversion (GGUF -> safetensors) builds a fresh model, whose
+    random initialisation would draw from the global generator the trainer has seeded by then: a
+    run that converts would sample otherwise than the same run once the copy exists. (The GGUF
+    load is stood in for by the tiny model: the same calls, seconds instead of ~30 s.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf import models
+
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny_model_dir), AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_EMBEDDED_GGUF", ("rlhf", "stand-in.gguf"))  # an installed package
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda path, gguf_file=None: tokenizer)
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda path, gguf_file=None, dtype=None: model)
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    target = models.embedded_model_dir()
+    assert (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+    assert torch.equal(torch.get_rng_state(), before)
