@@ -322,7 +322,7 @@ def _copy_time_share(weight: Tensor, grad: Tensor, repeats: int = 5) -> float:
     load falls on both alike, after one untimed call each (their first reorders)."""
     copy = transposed_copy(weight)
     best = {False: math.inf, True: math.inf}
-    for transposed, is_copy in ((weight.t(), False), (copy, True)):
+    for transposed in (weight.t(), copy):
         onednn_linear(grad, transposed)
     for _ in range(repeats):
         for transposed, is_copy in ((weight.t(), False), (copy, True)):
@@ -346,8 +346,8 @@ def transposed_weights_kept(model: torch.nn.Module) -> Iterator[None]:
     copy costs about a fifth of one such product (1.6 ms for 576 x 1536, 109 ms for the LM head),
     so it is made once per update and not per call. Only where the copies are faster here
     (``transposed_copies_pay``: not on the Zen 4 EPYC with AVX-512), and where free memory holds
-    twice the model's frozen float32 weights when the update starts (the copies take once that: 0.54 GB for
-    SmolLM2-135M), and then at most half the memory that is free when the first copy is wanted
+    twice the model's frozen float32 weights when the update starts (the copies take once that:
+    0.54 GB for SmolLM2-135M), and then at most half the memory that is free when the first copy is wanted
     (read once, with the first micro-batch's activations in memory, which the start cannot see)
     after setting aside what the update's largest micro-batch will take on top of those, where the
     update says (``expect_micro_batch``); past that the remaining weights keep the view. The

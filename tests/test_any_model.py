@@ -613,7 +613,8 @@ def test_converting_the_embedded_model_leaves_the_seeded_generator_alone(tiny_mo
 
     from rlhf import models
 
-    tokenizer, model = AutoTokenizer.from_pretrained(tiny_model_dir), AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(models, "_EMBEDDED_GGUF", ("rlhf", "stand-in.gguf"))  # an installed package
     monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda path, gguf_file=None: tokenizer)
