@@ -360,8 +360,9 @@ def transposed_weights_kept(model: torch.nn.Module) -> Iterator[None]:
     global _transposed_copies
     frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
                        if not p.requires_grad and p.dim() == 2 and p.dtype == torch.float32 and p.device.type == "cpu")
-    enabled = (_transposed_copies is None and frozen_bytes > 0 and transposed_copies_pay()
-               and 2 * frozen_bytes < available_memory_bytes())
+    # the timed probe last: it runs once per process, and only where copies could be made at all
+    enabled = (_transposed_copies is None and frozen_bytes > 0 and 2 * frozen_bytes < available_memory_bytes()
+               and transposed_copies_pay())
     if enabled:
         _transposed_copies = _KeptTransposes()
     try:
