@@ -40,10 +40,13 @@ class PreallocatedLayer(DynamicLayer):
     def _seat(self, keys: Tensor, values: Tensor, capacity: int) -> None:
         filled = keys.shape[-2]
         shape = (*keys.shape[:-2], max(capacity, filled), keys.shape[-1])
-        self._key_buffer = keys.new_empty(shape)
-        self._value_buffer = values.new_empty((*values.shape[:-2], shape[-2], values.shape[-1]))
-        self._key_buffer[..., :filled, :].copy_(keys)
-        self._value_buffer[..., :filled, :].copy_(values)
+        # ordinary tensors even when seated inside a decode step run in inference mode
+        # (rlhf.sampling_forward): the model's own forward writes into them in place outside it
+        with torch.inference_mode(False):
+            self._key_buffer = keys.new_empty(shape)
+            self._value_buffer = values.new_empty((*values.shape[:-2], shape[-2], values.shape[-1]))
+            self._key_buffer[..., :filled, :].copy_(keys)
+            self._value_buffer[..., :filled, :].copy_(values)
         self.keys = self._key_buffer[..., :filled, :]
         self.values = self._value_buffer[..., :filled, :]
 

@@ -441,11 +441,16 @@ class SamplingForward:
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                  cache: Any = None, use_cache: bool = True, logits_to_keep: int | Tensor = 0) -> SamplingOutput:
         """input_ids, position_ids: [B, q]; attention_mask: [B, cached + q]; cache: a transformers
-        Cache (None: a new DynamicCache) -> logits [B, logits_to_keep or q, V], cache updated."""
-        from transformers.cache_utils import DynamicCache
-        from transformers.masking_utils import create_causal_mask
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+        Cache (None: a new DynamicCache) -> logits [B, logits_to_keep or q, V], cache updated.
 
+        A decode step (one token per row) without gradients runs in inference mode, where PyTorch
+        skips autograd's bookkeeping (version counters, view tracking) on every operation of the
+        step: the same kernels, so the same numbers. Its logits and the cache entries it makes
+        are then inference tensors (read freely outside, not written in place there:
+        ``PreallocatedLayer`` keeps its buffers ordinary); a prefill keeps no_grad, as the prompt's
+        products it hands to the update must be ordinary tensors. The benchmark's rollout on the
+        2-core EPYC, alternating with no_grad in one process: 2.29-2.60 -> 2.32-2.38 s at 32 tokens
+        (6 each), 8.09-8.31 -> 7.73-7.91 s at 128 (4 each), 16.8 / 17.2 -> 16.3 / 16.4 s at 256."""
         if self.window is not None and self.columns(input_ids, attention_mask, cache) >= self.window:
             # Past the window a sliding layer's mask (and cache) is no longer the full causal one
             # built below; at the window itself it still is, but the model then always builds its
@@ -454,6 +459,17 @@ class SamplingForward:
             self._release_fused()  # its layers take their own packed weights from here on
             return self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep)
+        if input_ids.shape[1] == 1 and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            with torch.inference_mode():
+                return self._forward(input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep)
+        return self._forward(input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep)
+
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, cache: Any,
+                 use_cache: bool, logits_to_keep: int | Tensor) -> SamplingOutput:
+        from transformers.cache_utils import DynamicCache
+        from transformers.masking_utils import create_causal_mask
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+
         hidden = self.decoder.embed_tokens(input_ids)
         if cache is None:
             cache = DynamicCache(config=self.config)

@@ -106,6 +106,36 @@ def test_fused_forward_gives_the_models_logits_and_cache_bitwise(kind, extra, mo
         assert torch.equal(got, expected)
 
 
+def test_a_decode_step_without_gradients_runs_in_inference_mode_and_a_prefill_does_not():
+    """A decode step without gradients runs in torch.inference_mode (the same kernels, so the same
+    numbers: the tests here compare them under no_grad), so its logits are inference tensors; a
+    prefill keeps no_grad (the prompt's products it hands the update must be ordinary tensors), as
+    does a step with gradients on. The in-place cache's buffers stay ordinary tensors either way."""
+    model = _model("llama")
+    ids, mask, positions = _prompts()
+    forward = sampling_forward(model)
+    assert isinstance(forward, SamplingForward)
+    step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+
+    def decode(cache):
+        return forward(input_ids=ids[:, -1:], attention_mask=step_mask, position_ids=positions[:, -1:] + 1,
+                       cache=cache, use_cache=True, logits_to_keep=1)
+
+    with torch.no_grad():
+        prefill = forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache = preallocated(prefill.cache, 1)
+        step = decode(cache)
+        expected = model(input_ids=ids[:, -1:], attention_mask=step_mask, position_ids=positions[:, -1:] + 1,
+                         cache=preallocated(model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                                  use_cache=True).cache, 1), use_cache=True, logits_to_keep=1)
+    assert not prefill.logits.is_inference() and step.logits.is_inference()
+    assert torch.equal(step.logits, expected.logits)
+    assert not any(layer._key_buffer.is_inference() or layer._value_buffer.is_inference() for layer in cache.layers)
+    with torch.enable_grad():
+        assert not decode(preallocated(forward(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                               use_cache=True).cache, 1)).logits.is_inference()
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_a_bfloat16_model_rotates_q_and_k_together_and_gives_its_logits_and_cache_bitwise(kind, monkeypatch):
     """A bfloat16 model without LoRA (packed where inference_linears packs bfloat16): q and k

@@ -761,6 +761,24 @@ def test_preallocated_kv_cache_samples_what_the_concatenating_cache_samples(tiny
         assert in_place.shape == (6, 9) and torch.equal(in_place, concatenating)
 
 
+def test_a_preallocated_layer_grown_in_inference_mode_stays_writable_outside_it():
+    """The sampler's decode steps run in inference mode (rlhf.sampling_forward); a cache layer that
+    must grow there takes new buffers, which the model's own forward (past a sliding window's edge)
+    then writes in place outside inference mode."""
+    import torch
+
+    from rlhf.kv_cache import PreallocatedLayer
+
+    keys, values = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4)
+    layer = PreallocatedLayer(keys, values, capacity=3)  # full: the next token makes it grow
+    first_key, first_value, second_key, second_value = (torch.randn(2, 1, 1, 4) for _ in range(4))
+    with torch.inference_mode():
+        layer.update(first_key, first_value)
+    layer.update(second_key, second_value)  # in place, outside inference mode
+    assert torch.equal(layer.keys, torch.cat([keys, first_key, second_key], dim=-2))
+    assert torch.equal(layer.values, torch.cat([values, first_value, second_value], dim=-2))
+
+
 def test_preallocated_layer_grows_and_survives_what_transformers_does_to_caches(tiny_model_dir):
     """Logits of each step equal the concatenating cache's when the buffer must grow, after
     batch selection (beam search, shared prompts), after crop (assisted decoding) and reset."""
