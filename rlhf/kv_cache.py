@@ -22,6 +22,19 @@ from torch import Tensor
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 
+@contextlib.contextmanager
+def ordinary_tensors() -> Iterator[None]:
+    """Tensors made inside are ordinary ones, also within ``torch.inference_mode`` (which the
+    sampler's decode steps run in, rlhf.sampling_forward): state that outlives the step, such as a
+    cache buffer or a buffer a module re-registers, can then be written in place outside it.
+    Gradients stay off there, as inference mode had them."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 class PreallocatedLayer(DynamicLayer):
     """A ``DynamicLayer`` whose keys/values are views of buffers with room for more tokens.
 
@@ -40,9 +53,8 @@ class PreallocatedLayer(DynamicLayer):
     def _seat(self, keys: Tensor, values: Tensor, capacity: int) -> None:
         filled = keys.shape[-2]
         shape = (*keys.shape[:-2], max(capacity, filled), keys.shape[-1])
-        # ordinary tensors even when seated inside a decode step run in inference mode
-        # (rlhf.sampling_forward): the model's own forward writes into them in place outside it
-        with torch.inference_mode(False):
+        # the model's own forward writes into them in place, outside inference mode
+        with ordinary_tensors():
             self._key_buffer = keys.new_empty(shape)
             self._value_buffer = values.new_empty((*values.shape[:-2], shape[-2], values.shape[-1]))
             self._key_buffer[..., :filled, :].copy_(keys)

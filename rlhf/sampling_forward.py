@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from rlhf.cpu_linear import (available_memory_bytes, onednn_linear, onednn_packing_usable, pack_for_onednn,
                               routes_to_onednn, use_onednn)
+from rlhf.kv_cache import ordinary_tensors
 
 # The architectures whose decoder layer is exactly norm -> attention (q/k/v, rotary, cache, o) ->
 # residual -> norm -> gated MLP -> residual; their modules' class names start with the prefix.
@@ -477,7 +478,8 @@ class SamplingForward:
             position_ids = (torch.arange(input_ids.shape[1], device=hidden.device) + cache.get_seq_length()).unsqueeze(0)
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
                                   cache=cache, position_ids=position_ids)
-        cos, sin = self.decoder.rotary_emb(hidden, position_ids=position_ids)
+        with ordinary_tensors():  # a dynamic rotary embedding re-registers its frequencies as it goes
+            cos, sin = self.decoder.rotary_emb(hidden, position_ids=position_ids)
         attention_function = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager_attention)
         batch, length = input_ids.shape
         # the fused products only where the separate ones would take the packed weights too; the

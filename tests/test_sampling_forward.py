@@ -136,6 +136,26 @@ def test_a_decode_step_without_gradients_runs_in_inference_mode_and_a_prefill_do
                                                use_cache=True).cache, 1)).logits.is_inference()
 
 
+def test_a_dynamic_rotary_embedding_keeps_ordinary_buffers_through_inference_mode_decode_steps():
+    """A "dynamic" rotary embedding re-registers its frequencies once the sequence passes
+    max_position_embeddings; inside a decode step (inference mode) they would be inference tensors
+    left on the model, which nothing may write in place afterwards."""
+    model = _model("llama", max_position_embeddings=12,
+                   rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    ids, mask, positions = _prompts()
+    forward = sampling_forward(model)
+    with torch.no_grad():
+        (ours, our_cache), _ = _both_ways(forward, forward, ids, mask, positions, steps=6)  # 9 columns + 6 > 12
+    # the model's own forward (no inference mode) would register them afresh: checked before it runs
+    assert model.model.rotary_emb.max_seq_len_cached > 12
+    assert not any(buffer.is_inference() for buffer in model.buffers())
+    model.model.rotary_emb.inv_freq.mul_(1.0)  # in place, outside inference mode
+    with torch.no_grad():
+        _, (theirs, their_cache) = _both_ways(forward, model, ids, mask, positions, steps=6)
+    for got, expected in zip(ours + our_cache, theirs + their_cache):
+        assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_a_bfloat16_model_rotates_q_and_k_together_and_gives_its_logits_and_cache_bitwise(kind, monkeypatch):
     """A bfloat16 model without LoRA (packed where inference_linears packs bfloat16): q and k
