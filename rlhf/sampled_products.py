@@ -146,6 +146,12 @@ class SampledProducts:
     def recording(self) -> bool:
         return self._where is not None or self._prefix is not None
 
+    @property
+    def keeping_prefill(self) -> bool:
+        """Whether the forward now running is a prefill whose outputs are kept whole, for the
+        update (ordinary tensors then: its backward may save them, which inference tensors refuse)."""
+        return self._prefix is not None
+
     def seal(self, policy: nn.Module) -> None:
         """Sampling has ended: the products hold for the weights as they are now. A trained
         parameter's value is kept to compare (a fused optimizer step, or a write through ``.data``,

@@ -448,8 +448,9 @@ class SamplingForward:
         skips autograd's bookkeeping (version counters, view tracking) on every operation of the
         step: the same kernels, so the same numbers. Its logits and the cache entries it makes
         are then inference tensors (read freely outside, not written in place there:
-        ``PreallocatedLayer`` keeps its buffers ordinary); a prefill keeps no_grad, as the prompt's
-        products it hands to the update must be ordinary tensors. The benchmark's rollout on the
+        ``PreallocatedLayer`` keeps its buffers ordinary); a prefill keeps no_grad (also a prompt
+        prefix of one column), as the prompt's products it hands to the update must be ordinary
+        tensors. The benchmark's rollout on the
         2-core EPYC, alternating with no_grad in one process: 2.29-2.60 -> 2.32-2.38 s at 32 tokens
         (6 each), 8.09-8.31 -> 7.73-7.91 s at 128 (4 each), 16.8 / 17.2 -> 16.3 / 16.4 s at 256."""
         if self.window is not None and self.columns(input_ids, attention_mask, cache) >= self.window:
@@ -460,7 +461,9 @@ class SamplingForward:
             self._release_fused()  # its layers take their own packed weights from here on
             return self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep)
-        if input_ids.shape[1] == 1 and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        keeping_prefill = self.recorder is not None and self.recorder.keeping_prefill  # a one-column prompt prefix
+        if (input_ids.shape[1] == 1 and not keeping_prefill and not torch.is_grad_enabled()
+                and not torch.is_inference_mode_enabled()):
             with torch.inference_mode():
                 return self._forward(input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep)
         return self._forward(input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep)

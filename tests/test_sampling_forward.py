@@ -136,6 +136,29 @@ def test_a_decode_step_without_gradients_runs_in_inference_mode_and_a_prefill_do
                                                use_cache=True).cache, 1)).logits.is_inference()
 
 
+def test_a_one_column_prompt_prefix_whose_products_the_update_takes_keeps_no_grad():
+    """Prompts of two tokens share a one-column prefill: one column like a decode step, but its
+    products are kept whole for the update, whose backward may save them, so they must be ordinary
+    tensors."""
+    from rlhf.models import fuse_lora_layers
+    from rlhf.sampled_products import SampledProducts, replayable_modules
+
+    policy = _policy("llama")
+    assert fuse_lora_layers(policy) > 0  # the layers whose products can be kept
+    ids = torch.tensor([[5, 6], [5, 6], [7, 8]])  # a group of two rows and one more prompt
+    mask = torch.ones_like(ids)
+    products = SampledProducts(replayable_modules(policy), 3, 2, torch.device("cpu"))
+    with torch.no_grad(), merged_lora_weights(policy) as merged:
+        forward = sampling_forward(merged)
+        forward.recorder = products
+        with products.writing_prefix(0, ids[:, :1], mask[:, :1]):  # the prefill runs the distinct prompts
+            out = forward(input_ids=ids[1:, :1], attention_mask=mask[1:, :1], position_ids=torch.zeros_like(ids[1:, :1]),
+                          use_cache=True)
+    (prefix,) = products.prefixes
+    assert prefix.outputs and not any(kept.is_inference() for kept in prefix.outputs.values())
+    assert not out.logits.is_inference()
+
+
 def test_a_dynamic_rotary_embedding_keeps_ordinary_buffers_through_inference_mode_decode_steps():
     """A "dynamic" rotary embedding re-registers its frequencies once the sequence passes
     max_position_embeddings; inside a decode step (inference mode) they would be inference tensors
