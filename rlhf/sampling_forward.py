@@ -450,9 +450,9 @@ class SamplingForward:
         are then inference tensors (read freely outside, not written in place there:
         ``PreallocatedLayer`` keeps its buffers ordinary); a prefill keeps no_grad (also a prompt
         prefix of one column), as the prompt's products it hands to the update must be ordinary
-        tensors. The benchmark's rollout on the
-        2-core EPYC, alternating with no_grad in one process: 2.29-2.60 -> 2.32-2.38 s at 32 tokens
-        (6 each), 8.09-8.31 -> 7.73-7.91 s at 128 (4 each), 16.8 / 17.2 -> 16.3 / 16.4 s at 256."""
+        tensors. The benchmark's rollout on the 2-core EPYC, alternating with no_grad in one
+        process: 2.29-2.60 -> 2.32-2.38 s at 32 tokens (6 each), 8.09-8.31 -> 7.73-7.91 s at 128
+        (4 each), 16.8 / 17.2 -> 16.3 / 16.4 s at 256."""
         if self.window is not None and self.columns(input_ids, attention_mask, cache) >= self.window:
             # Past the window a sliding layer's mask (and cache) is no longer the full causal one
             # built below; at the window itself it still is, but the model then always builds its
