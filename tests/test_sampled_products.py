@@ -391,3 +391,40 @@ def test_products_are_kept_only_where_a_forward_can_take_them(tiny_model_dir, tm
     trainer = make_trainer(tiny_model_dir, tmp_path, algorithm, **overrides)
     rollout = trainer.rollout()
     assert (rollout.sampled_products is not None) == (case in ("groups", "window_beyond"))
+
+
+@pytest.mark.parametrize("rows", [[4, 1, 5, 0], [2, 3, 4], [3]])
+def test_a_micro_batchs_rows_are_copied_out_once_in_its_order(tiny_model_dir, rows):
+    """A shuffled minibatch's rows (the update's randperm) come out of the time-major buffer
+    [columns, rows, out] in the forward's row order in one copy: gathering the rows first and then
+    transposing copied every output twice (issue 21: 3.0 vs 0.44 ms per output at 16 rows x 128
+    columns x 1536). Bitwise the buffer's values, and the buffer is not handed out."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rlhf.sampled_products import _Replay
+
+    model = _policy(tiny_model_dir, False)
+    products = _sample(model, tiny_model_dir).sampled_products
+    module, kept = next(iter(products.outputs.items()))
+    expected = kept.clone()
+    rows, width = torch.tensor(rows), kept.shape[0] - 1
+    replay = _Replay(products, rows, width)
+    x = torch.zeros(len(rows), width, module.in_features)
+    copies = []
+
+    class Copies(TorchDispatchMode):  # the storage of each call's output as large as what is handed out
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() >= len(rows) * width * kept.shape[-1] > 1:
+                copies.append((str(func), out.untyped_storage().data_ptr()))
+            return out
+
+    with Copies():
+        output = replay.output(module, x)
+    assert torch.equal(output, expected[:width, rows].transpose(0, 1).reshape(-1, kept.shape[-1]))
+    buffer = kept.untyped_storage().data_ptr()
+    made = {storage for _, storage in copies if storage != buffer}
+    if rows.tolist() == [3]:  # one row, sliced out: its [w, out] is a view of the buffer (as before)
+        assert not made and output.untyped_storage().data_ptr() == buffer
+    else:  # consecutive rows sliced out and copied, others gathered: one new tensor either way
+        assert len(made) == 1 and output.untyped_storage().data_ptr() in made, copies
