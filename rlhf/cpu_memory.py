@@ -19,7 +19,12 @@ same: only where buffers live changes. The heap holds more than the live buffers
 per-thread cache keeps, so a hole of exactly a buffer's size is not always reused and the heap
 grows for a few steps before it settles (peak RSS of the benchmark's GRPO at 32 / 128 / 256 tokens
 2.68 / 5.09 / 8.31 -> 2.75 / 5.26 / 8.53 GB, 512 tokens 14.6 -> 14.5 GB; a 16M-parameter model's
-run 0.81 -> 0.89 GB). What the heap holds free counts as available memory where this project
+run 0.81 -> 0.89 GB). Where responses change length from step to step the heap grows by a
+few tens of MB whenever a step needs a longer buffer than its holes offer, but glibc's default
+grows its peak as much there (its large buffers mapped afresh on top of a heap that keeps holes
+too): configs/grpo.yaml at 128 new tokens, one thread, peak RSS over 30 steps 3.24 -> 3.61 GB kept
+against 3.13 -> 3.82 GB default; with a reward of noise, whose lengths keep varying, 3.16 -> 3.56
+against 3.13 -> 3.58 GB over 24 steps (2026-12-06). What the heap holds free counts as available memory where this project
 decides whether copies of the weights fit (``reusable_heap_bytes``), and the trainer hands it back
 to the kernel when training ends (``release_freed_memory``), so a notebook or service that trains
 once does not keep its peak. jemalloc and tcmalloc, which PyTorch's CPU tuning guides suggest
