@@ -24,11 +24,11 @@ few tens of MB whenever a step needs a longer buffer than its holes offer, but g
 grows its peak as much there (its large buffers mapped afresh on top of a heap that keeps holes
 too): configs/grpo.yaml at 128 new tokens, one thread, peak RSS over 30 steps 3.24 -> 3.61 GB kept
 against 3.13 -> 3.82 GB default; with a reward of noise, whose lengths keep varying, 3.16 -> 3.56
-against 3.13 -> 3.58 GB over 24 steps (2026-12-06). What the heap holds free counts as available memory where this project
-decides whether copies of the weights fit (``reusable_heap_bytes``), and the trainer hands it back
-to the kernel when training ends (``release_freed_memory``), so a notebook or service that trains
-once does not keep its peak. jemalloc and tcmalloc, which PyTorch's CPU tuning guides suggest
-preloading, also keep freed memory for reuse (returning it gradually).
+against 3.13 -> 3.58 GB over 24 steps (2026-12-06). What the heap holds free counts as available
+memory where this project decides whether copies of the weights fit (``reusable_heap_bytes``), and
+the trainer hands it back to the kernel when training ends (``release_freed_memory``), so a
+notebook or service that trains once does not keep its peak. jemalloc and tcmalloc, which PyTorch's
+CPU tuning guides suggest preloading, also keep freed memory for reuse (returning it gradually).
 
 Only on Linux with glibc, and in the trainer and ``train_dpo`` (``freed_memory_kept``) only for
 runs on CPU (a GPU's memory has its own caching allocator); the benchmark applies it to every

@@ -298,9 +298,11 @@ class _Replay:
         if bool(taken.all()):
             del products.outputs[module]
         # [b * w, out] in the forward's row order, copied once, so the buffer goes as soon as it is
-        # let go. Rows in another order (a shuffled minibatch) are gathered from the row-first view,
-        # which index_select writes straight in that order: gathering the buffer's rows and then
-        # transposing copied twice (16 rows x 128 columns x 1536: 3.0 -> 0.44 ms, bitwise the same)
+        # let go (a single row, or a single column, is a view of it: nothing writes it, and the
+        # row is taken). Rows in another order (a shuffled minibatch) are gathered from the
+        # row-first view, which index_select writes straight in that order: gathering the buffer's
+        # rows and then transposing copied twice (16 rows x 128 columns x 1536: 3.0 -> 0.44 ms,
+        # bitwise the same)
         row_first = kept[:self.width].transpose(0, 1)  # [sampled rows, w, out], a view
         if self.consecutive:
             start = int(self.rows[0])
