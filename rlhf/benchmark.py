@@ -198,13 +198,15 @@ def run_ours(algorithm: str, config: BenchmarkConfig, output_dir: Path,
     # every measured step's update took its forward's products from the sampler (rlhf.sampled_products)
     sampled_forward = [shape.pop("sampled_forward") for shape in shapes][config.warmup_steps:]
     sampled_prefix = [shape.pop("sampled_prefix") for shape in shapes][config.warmup_steps:]
+    sampled_logits = [shape.pop("sampled_logits") for shape in shapes][config.warmup_steps:]
     rows = [{"step": m["step_time_s"], "tokens": m["tokens_per_second"] * m["step_time_s"],
              "generation": m["rollout_time_s"], "scoring": m["score_time_s"], "logprobs": m["logprob_time_s"],
              "update": m["update_time_s"], **shape} for m, shape in zip(metrics, shapes)]
     run_facts = {"no_grad_passes": int(trainer.passes.old) + int(trainer.passes.reference),
                  "shared_prompt": bool(trainer.unwrapped.share_prompt_prefix),
                  "sampled_forward": bool(sampled_forward) and all(sampled_forward),
-                 "sampled_prefix": bool(sampled_prefix) and all(sampled_prefix)}
+                 "sampled_prefix": bool(sampled_prefix) and all(sampled_prefix),
+                 "sampled_logits": bool(sampled_logits) and all(sampled_logits)}
     return rows[config.warmup_steps:], run_facts
 
 
@@ -236,7 +238,8 @@ def _record_rollout_shapes(trainer: Any) -> list[dict[str, int]]:
         response = batch.response_ids.shape[1]
         shapes.append({"prompt_length": batch.input_ids.shape[1] - response, "response_length": response,
                        "sampled_forward": batch.sampled_products is not None,
-                       "sampled_prefix": batch.sampled_products is not None and bool(batch.sampled_products.prefixes)})
+                       "sampled_prefix": batch.sampled_products is not None and bool(batch.sampled_products.prefixes),
+                       "sampled_logits": batch.sampled_products is not None and batch.sampled_products.logits is not None})
         return batch
     trainer.rollout = recorded
     return shapes
@@ -832,7 +835,8 @@ def roofline_of(config: BenchmarkConfig, ours: dict[str, Any], machine: dict[str
     step = StepShape(groups=config.prompts_per_step, group_size=config.num_generations,
                      prompt_length=round(ours["prompt_length"]), response_length=round(ours["response_length"]),
                      lora_r=config.lora_r, no_grad_passes=ours["no_grad_passes"], shared_prompt=ours["shared_prompt"],
-                     sampled_forward=bool(ours.get("sampled_forward")), sampled_prefix=bool(ours.get("sampled_prefix")))
+                     sampled_forward=bool(ours.get("sampled_forward")), sampled_prefix=bool(ours.get("sampled_prefix")),
+                     sampled_logits=bool(ours.get("sampled_logits")))
     return bounds_report(model_shape(config.model), step, Machine(**machine), ours)
 
 

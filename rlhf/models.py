@@ -966,18 +966,20 @@ class PolicyWithValue(nn.Module):
                                            input_ids[:, :prefix_length], attention_mask[:, :prefix_length])
             with replaying(replay):
                 return self._forward_suffix(inputs, response_length, labels, temperature, with_entropy,
-                                            entropy_gradient, chunked)
+                                            entropy_gradient, chunked, replay)
 
     def _forward_suffix(self, inputs: dict[str, Any], response_length: int, labels: Tensor | None,
                         temperature: float, with_entropy: bool, entropy_gradient: bool,
-                        chunked: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                        chunked: bool, replay: Any = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         if chunked:
             hidden = self.policy.get_base_model().get_decoder()(**inputs).last_hidden_state
             hidden = hidden[:, -response_length:]
             values = self.value_head(hidden) if self.value_head is not None else None
             weight = self.policy.get_output_embeddings().weight
+            # the sampler's logits at these positions, where it kept them (the same weights and tokens)
+            kept_logits = replay.logits(response_length) if replay is not None else None
             logprobs, entropy = logprobs_from_hidden(hidden, weight, labels, temperature, with_entropy,
-                                                     entropy_gradient=entropy_gradient)
+                                                     entropy_gradient=entropy_gradient, kept_logits=kept_logits)
             return logprobs, values, entropy
         outputs = self.policy(**inputs, logits_to_keep=response_length, output_hidden_states=self.value_head is not None)
         logits = outputs.logits
@@ -1007,6 +1009,12 @@ class PolicyWithValue(nn.Module):
         if self._plain_projection is None:
             self._plain_projection = plain_output_projection(self.policy)
         return self._plain_projection
+
+    def chunked_vocabulary(self) -> int:
+        """The LM head's vocabulary where every forward with labels takes the chunked projection,
+        whatever its size (``chunk_logits_bytes`` under one position's logits: the default 0), else 0:
+        the width of the sampler's logits the update can take (``rlhf.sampled_products``)."""
+        return self.policy.get_output_embeddings().weight.shape[0] if self._chunked(1) else 0
 
     def response_hidden_states(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_length: int

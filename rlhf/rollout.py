@@ -623,21 +623,27 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
         cache_bytes = sampling_cache_bytes(plain.policy, min(chunk, len(raw_prompts)), config.max_prompt_length,
                                            config.max_new_tokens, episodes is not None)
         longest = None if episodes is not None else config.max_prompt_length + config.max_new_tokens
+        # probed here, on the model as it is, not on the sampling's folded copies (once per model)
+        vocabulary = plain.chunked_vocabulary() if next(plain.policy.parameters()).device.type == "cpu" else 0
         with sampling_speedups(plain.policy, enabled=not shards_weights(accelerator), reserve_bytes=cache_bytes,
                                columns=longest) as (policy, fast_forward):
             # decided once the sampling's weight copies exist, which speed every token and come first;
             # kept only where a forward can take them: a group's rows share their prompt's prefix (the
             # update's forward after it is the one that takes them) and the sampler's forward runs every step
-            products_bytes = sampled_products_bytes(
-                plain, len(raw_prompts), config.max_new_tokens,
-                episodes is None and num_generations > 1 and fast_forward is not None
-                and fast_forward.runs_every_step(config.max_prompt_length + config.max_new_tokens),
-                cache_bytes)
+            eligible = (episodes is None and num_generations > 1 and fast_forward is not None
+                        and fast_forward.runs_every_step(config.max_prompt_length + config.max_new_tokens))
+            products_bytes = sampled_products_bytes(plain, len(raw_prompts), config.max_new_tokens, eligible,
+                                                    cache_bytes)
             recorder = None
             if products_bytes:  # the projections both forwards compute
+                # and the logits, where the update's logprobs take the chunked projection and memory holds them too
+                if vocabulary and not sampled_products_bytes(plain, len(raw_prompts), config.max_new_tokens, eligible,
+                                                             cache_bytes, vocabulary):
+                    vocabulary = 0
                 recorded = fast_forward.projection_modules()
                 recorder = SampledProducts([module for module in replayable_modules(plain.policy) if module in recorded],
-                                           len(raw_prompts), config.max_new_tokens, next(plain.policy.parameters()).device)
+                                           len(raw_prompts), config.max_new_tokens, next(plain.policy.parameters()).device,
+                                           vocabulary)
             for start in range(0, len(raw_prompts), chunk):
                 part = slice(start, start + chunk)
                 if episodes is not None:
@@ -671,8 +677,9 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
 
 
 def sampled_products_bytes(model: PolicyWithValue, rows: int, max_new_tokens: int, eligible: bool,
-                           reserve_bytes: int = 0) -> int:
-    """Memory for the sampler's products of ``rows`` responses (``rlhf.sampled_products``), or 0
+                           reserve_bytes: int = 0, vocabulary: int = 0) -> int:
+    """Memory for the sampler's products of ``rows`` responses (``rlhf.sampled_products``; with
+    their logits where ``vocabulary`` > 0), or 0
     where they are not kept: not ``eligible`` (tool episodes, no sampler's forward), not on a CPU, no
     shared prompt prefix in the update's forward (the only forward that takes them), no layer that
     could take them, or more than a quarter of the memory free beyond ``reserve_bytes`` (the KV
@@ -681,5 +688,5 @@ def sampled_products_bytes(model: PolicyWithValue, rows: int, max_new_tokens: in
 
     if not eligible or not model.share_prompt_prefix or next(model.policy.parameters()).device.type != "cpu":
         return 0
-    needed = SampledProducts.bytes_needed(model.policy, rows, max_new_tokens)
+    needed = SampledProducts.bytes_needed(model.policy, rows, max_new_tokens, vocabulary)
     return needed if 0 < needed <= (available_memory_bytes() - reserve_bytes) // 4 else 0

@@ -21,7 +21,8 @@ What is counted (Llama-style decoder, float32, LoRA on every linear layer of the
   query-key pair each); their backward is 2x their forward. Where the update's forward takes the
   sampler's products (``sampled_forward``), the frozen weights' forward after the prompt is not
   counted (the sampler did it): 2x there; where its forward over the shared prompt prefix takes
-  the prefill's (``sampled_prefix``), neither is the prefix's.
+  the prefill's (``sampled_prefix``), neither is the prefix's; where its logprobs take the sampler's
+  logits (``sampled_logits``), the LM head's forward is the sampler's too: 2x on the predicting positions.
 Norms, activations, softmax and the optimizer step are left out (elementwise; small next to the GEMMs).
 """
 
@@ -138,6 +139,8 @@ class StepShape:
     sampled_forward: bool = False
     # the update's forward over the shared prompt prefix takes them from the sampler's prefill (prefix_replay)
     sampled_prefix: bool = False
+    # the update's logprobs take the sampler's logits (the LM head's forward over the response)
+    sampled_logits: bool = False
 
     @property
     def sequences(self) -> int:
@@ -206,6 +209,8 @@ def update_work(model: ModelShape, step: StepShape) -> Work:
             flops -= 2.0 * model.block_weights * step.sequences * step.response_length
         if step.sampled_prefix and step.shared_prompt:  # and the shared prefix's were its prefill's
             flops -= 2.0 * model.block_weights * step.prefix_rows * (step.prompt_length - 1)
+        if step.sampled_logits:  # and the LM head's over the response
+            flops -= 2.0 * model.lm_head_weights * head
     else:  # every weight also gets dW = g^T x (the embedding is trained, so layer 0 needs its dx too)
         flops += 2.0 * model.block_weights * body + 2.0 * model.lm_head_weights * head
     return Work(flops, (model.block_weights + model.lm_head_weights) * FLOAT32_BYTES)

@@ -19,6 +19,15 @@ it runs (micro-batches holding rows of one group each run its prompt). The bench
 new tokens (SmolLM2-135M shape, 4 prompts of 48 tokens): that forward 0.32-0.39 -> 0.11 s per
 update, peak RSS 2.99 -> 3.11 GB.
 
+The logits too, where the update's logprobs take the chunked projection whatever their size
+(``chunked_logprobs_mb`` 0, the default) and a quarter of the free memory holds them beside the
+products: the sampler's forward keeps the LM head's output at each sampled position (before any
+temperature; [columns, rows, V] float32, 805 MB for 16 x 256 tokens of a 49k vocabulary), and
+the chunked logprobs (``rlhf.algorithms.logits.logprobs_from_hidden``) copy a chunk of rows out
+of it at a time instead of projecting the hidden states through the LM head again; the gradient
+direction (W[label] - p W) / T still needs its one product with the head. Taken once per row, by
+the same rule as the products.
+
 The outputs are kept by the sampler's forward (``rlhf.sampling_forward``: Llama, Mistral, Qwen2,
 Qwen3), on a CPU, for single responses (not tool episodes), where a quarter of the free memory
 holds them. A forward takes them only when every trained parameter of the policy equals its
@@ -55,11 +64,17 @@ class SampledProducts:
     ``tokens`` [rows, columns]: the token fed at each position, -1 where the sampler fed none
     (after a row's last token, which it draws but never feeds; a row that left the batch)."""
 
-    def __init__(self, modules: list[nn.Module], rows: int, columns: int, device: torch.device):
+    def __init__(self, modules: list[nn.Module], rows: int, columns: int, device: torch.device,
+                 vocabulary: int = 0):
         # uninitialised: the positions the sampler never feeds are zeroed by ``seal`` (no memset of
         # the whole buffer first)
         self.outputs = {module: torch.empty(columns, rows, module.get_base_layer().out_features, device=device)
                         for module in modules}
+        # the LM head's float32 output [columns, rows, vocabulary] at each sampled position (its
+        # logits before any temperature), where ``vocabulary`` > 0: the update's chunked logprobs
+        # take them instead of projecting again (``_Replay.logits``)
+        self.logits = torch.empty(columns, rows, vocabulary, device=device) if vocabulary else None
+        self.logits_taken = torch.zeros(rows, dtype=torch.bool, device=device)
         self.tokens = torch.full((rows, columns), -1, dtype=torch.long, device=device)
         # (tensor, its version counter, its storage address) per parameter and buffer: set by ``seal``
         # once sampling has ended
@@ -81,10 +96,12 @@ class SampledProducts:
         self.prompt_ids: Tensor | None = None
 
     @staticmethod
-    def bytes_needed(policy: nn.Module, rows: int, columns: int) -> int:
+    def bytes_needed(policy: nn.Module, rows: int, columns: int, vocabulary: int = 0) -> int:
         """Bytes of float32 outputs for every replayable LoRA layer of ``policy`` at ``rows`` x
-        ``columns`` positions (an upper bound: the sampler's forward writes its projections only)."""
-        return 4 * rows * columns * sum(module.get_base_layer().out_features for module in replayable_modules(policy))
+        ``columns`` positions (an upper bound: the sampler's forward writes its projections only),
+        and of the logits there where ``vocabulary`` > 0."""
+        widths = sum(module.get_base_layer().out_features for module in replayable_modules(policy))
+        return 4 * rows * columns * (widths + vocabulary)
 
     def sampled_prompts(self, first_row: int, prefix_ids: Tensor, prefix_mask: Tensor) -> None:
         """The prompts of rows ``first_row`` on as the sampler feeds them but their last token
@@ -142,6 +159,13 @@ class SampledProducts:
             self._written = True
             self.written.add(module)
 
+    def write_logits(self, logits: Tensor) -> None:
+        """``logits`` [b, q, V]: the LM head's output in the sampler's forward, kept at its last position
+        (nothing in a prefill, whose last position predicts no response token)."""
+        if self._where is not None and self.logits is not None:
+            rows, column = self._where
+            self.logits[column, rows] = logits[:, -1]
+
     @property
     def recording(self) -> bool:
         return self._where is not None or self._prefix is not None
@@ -160,7 +184,7 @@ class SampledProducts:
         # still computes from it, and a backward that multiplies its zero gradient by a NaN gets NaN.
         unfed = (self.tokens < 0).t()
         if bool(unfed.any()):
-            for kept in self.outputs.values():
+            for kept in [*self.outputs.values(), *([self.logits] if self.logits is not None else [])]:
                 kept[unfed] = 0.0
         parameters = list(policy.parameters())
         # Buffers too (a rotary embedding's inv_freq); the storage address tells a ``.data = ...``
@@ -175,6 +199,7 @@ class SampledProducts:
 
     def release(self) -> None:
         self.outputs.clear()
+        self.logits = None
         self.taken.clear()
         self.prefixes.clear()
         self.versions, self.trained = None, []
@@ -282,6 +307,7 @@ class _Replay:
         whole = torch.arange(rows.numel(), device=rows.device) + (int(rows[0]) if rows.numel() else 0)
         # consecutive rows are sliced out, others gathered
         self.consecutive = bool(torch.equal(rows, whole))
+        self.served: set[nn.Module] = set()  # the modules whose kept outputs this forward took
 
     def output(self, module: nn.Module, x: Tensor) -> Tensor | None:
         """The kept output [b * w, out] of ``module`` for input ``x`` [b, w, in], or None (also
@@ -295,6 +321,7 @@ class _Replay:
         if bool(taken[self.rows].any()):
             return None
         taken[self.rows] = True
+        self.served.add(module)
         if bool(taken.all()):
             del products.outputs[module]
         # [b * w, out] in the forward's row order, copied once, so the buffer goes as soon as it is
@@ -308,6 +335,28 @@ class _Replay:
             start = int(self.rows[0])
             return row_first[start:start + self.rows.numel()].reshape(-1, kept.shape[-1])
         return row_first.index_select(0, self.rows).reshape(-1, kept.shape[-1])
+
+    def logits(self, width: int) -> tuple[Tensor, Tensor] | None:
+        """The sampler's logits for this forward's rows at its first ``width`` columns, as (a view
+        [columns * sampled rows, V] of the kept buffer, the index [b * width] into it of each (row,
+        column) in the forward's row-major order), or None: none kept, another width, a row a
+        forward has taken already (a second forward projects its own), or a forward that did not
+        take every kept projection's output: its hidden states are then not known to be the
+        sampler's (a reference pass with the adapters switched off takes none). The caller copies
+        out what it needs with ``index_select``, a chunk of rows at a time, so no [b, width, V]
+        copy exists."""
+        products = self.products
+        kept = products.logits
+        if (kept is None or width != self.width or not self.served or self.served != products.written
+                or bool(products.logits_taken[self.rows].any())):
+            return None
+        products.logits_taken[self.rows] = True
+        if bool(products.logits_taken.all()):
+            products.logits = None  # the buffer goes once the caller lets go of the view
+        sampled_rows = kept.shape[1]
+        columns = torch.arange(width, device=self.rows.device)
+        index = (columns.unsqueeze(0) * sampled_rows + self.rows.unsqueeze(1)).reshape(-1)
+        return kept.view(-1, kept.shape[-1]), index
 
 
 @contextlib.contextmanager

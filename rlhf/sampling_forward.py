@@ -549,7 +549,10 @@ class SamplingForward:
                 keep(layer.modules[6], mlp_output)
             hidden = hidden + mlp_output
         hidden = slice_logits_to_keep(self.decoder.norm(hidden), logits_to_keep)
-        return SamplingOutput(logits=self.lm_head(hidden), cache=cache if use_cache else None)
+        logits = self.lm_head(hidden)
+        if keep is not None:
+            self.recorder.write_logits(logits)
+        return SamplingOutput(logits=logits, cache=cache if use_cache else None)
 
     def runs_every_step(self, columns: int) -> bool:
         """Whether sequences of up to ``columns`` positions stay in this forward at every step (a

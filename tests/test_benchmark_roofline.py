@@ -208,6 +208,9 @@ def test_the_update_does_not_count_the_forward_it_took_from_the_sampler():
     assert update_work(TINY, both).flops == update_work(TINY, taken).flops - 2 * TINY.block_weights * 2 * 4
     unshared = dataclasses.replace(both, shared_prompt=False)  # no shared prefix: no prefill to take
     assert update_work(TINY, unshared).flops == update_work(TINY, dataclasses.replace(taken, shared_prompt=False)).flops
+    # and the LM head's forward over the 6 x 4 predicting positions was the sampler's (its kept logits)
+    logits = dataclasses.replace(both, sampled_logits=True)
+    assert update_work(TINY, logits).flops == update_work(TINY, both).flops - 2 * TINY.lm_head_weights * 6 * 4
 
 
 def test_a_stopped_build_of_a_random_model_ends_its_builder_and_leaves_nothing(monkeypatch, tmp_path):

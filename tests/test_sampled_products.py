@@ -18,17 +18,21 @@ def _policy(model_dir, chunked):
     return PolicyWithValue(policy, None, share_prompt_prefix=True, chunk_logits_bytes=0 if chunked else None)
 
 
-def _sample(model, model_dir, stops=None, max_new_tokens=7, rotated_together=None):
+def _sample(model, model_dir, stops=None, max_new_tokens=7, rotated_together=None, logits=False):
     """A grouped rollout sampled through the sampler's forward, its products kept (``rotated_together``:
-    whether its layers must rotate q and k as one view of the fused q/k/v product)."""
+    whether its layers must rotate q and k as one view of the fused q/k/v product; ``logits``: its
+    logits too)."""
     from rlhf.models import load_tokenizer
     from rlhf.rollout import generate_rollout, sampling_speedups
     from rlhf.sampled_products import SampledProducts, replayable_modules
 
     tokenizer = load_tokenizer(str(model_dir))
-    recorder = SampledProducts(replayable_modules(model.policy), len(PROMPTS), max_new_tokens, torch.device("cpu"))
-    for kept in recorder.outputs.values():  # memory a step before left behind: anything unwritten shows
-        kept.fill_(float("nan"))
+    vocabulary = model.chunked_vocabulary() if logits else 0
+    assert vocabulary or not logits
+    recorder = SampledProducts(replayable_modules(model.policy), len(PROMPTS), max_new_tokens, torch.device("cpu"),
+                               vocabulary)
+    for kept in [*recorder.outputs.values(), *([recorder.logits] if logits else [])]:
+        kept.fill_(float("nan"))  # memory a step before left behind: anything unwritten shows
     with sampling_speedups(model.policy) as (sampler, fast_forward):
         assert fast_forward is not None
         if rotated_together is not None:
@@ -429,3 +433,154 @@ def test_a_micro_batchs_rows_are_copied_out_once_in_its_order(tiny_model_dir, ro
         assert not made and output.untyped_storage().data_ptr() == buffer
     else:  # consecutive rows sliced out and copied, others gathered: one new tensor either way
         assert len(made) == 1 and output.untyped_storage().data_ptr() in made, copies
+
+
+@pytest.fixture
+def projections(monkeypatch):
+    """How many row chunks the chunked logprobs projected through the LM head (rather than took)."""
+    from rlhf.algorithms import logits
+
+    calls = []
+    project = logits.times_transposed
+
+    def counting(hidden, weight):
+        calls.append(hidden.shape[0])
+        return project(hidden, weight)
+
+    monkeypatch.setattr(logits, "times_transposed", counting)
+    return calls
+
+
+@pytest.mark.parametrize("entropy_gradient", [False, True])
+def test_the_chunked_logprobs_take_the_samplers_logits_and_give_the_plain_numbers(tiny_model_dir, projections,
+                                                                                  entropy_gradient):
+    """The sampler kept its logits: the update's chunked logprobs copy them out instead of projecting
+    the hidden states through the LM head again (issue 21), and give the plain forward's logprobs,
+    entropy and gradients (an entropy bonus's too) up to float rounding; rows of two groups, out of order."""
+    from rlhf.models import PolicyWithValue
+
+    model = _policy(tiny_model_dir, True)
+    rollout = _sample(model, tiny_model_dir, logits=True)
+    rows = torch.tensor([4, 1, 2, 0, 5, 3])
+
+    def run():
+        model.zero_grad()
+        logprobs, _, entropy = PolicyWithValue.forward(
+            model, rollout.input_ids[rows], rollout.attention_mask[rows], rollout.position_ids[rows],
+            rollout.response_length, labels=rollout.response_ids[rows], temperature=0.7, with_entropy=True,
+            entropy_gradient=entropy_gradient, sampled=rollout.sampled(rows))
+        mask = rollout.mask[rows]
+        ((logprobs * mask).sum() + (entropy * mask).sum() * entropy_gradient).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return logprobs.detach(), entropy.detach(), grads
+
+    taken = run()
+    assert projections == []  # no chunk went through the LM head
+    assert rollout.sampled_products.logits is None  # every row taken: the buffer is let go
+    rollout.sampled_products = None
+    plain = run()
+    assert projections  # the plain forward projects
+    _assert_close(taken, plain)
+    assert not torch.equal(taken[0], plain[0])  # the kept logits were used: the rounding differs
+
+
+def test_each_rows_logits_are_taken_once(tiny_model_dir, projections):
+    """A second forward over rows whose logits were taken projects its own; rows that ended early
+    hold zeros where the sampler fed nothing (finite, whatever the memory held before)."""
+    from rlhf.rollout import forward_response
+
+    model = _policy(tiny_model_dir, True)
+    rollout = _sample(model, tiny_model_dir, logits=True, stops=list(range(0, 49152, 4)), max_new_tokens=9)
+    products = rollout.sampled_products
+    unfed = (products.tokens == -1).t()
+    assert unfed.any() and torch.isfinite(products.logits).all() and (products.logits[unfed] == 0).all()
+    plain = rollout.select([0, 1, 3])
+    plain.sampled_products = None
+    with torch.no_grad():
+        expected = forward_response(model, plain, slice(None), 1.0)[0]
+        projections.clear()
+        first = forward_response(model, rollout, torch.tensor([0, 1, 3]), 1.0)[0]
+        assert projections == [] and products.logits is not None  # rows 2, 4, 5 are still to take
+        again = forward_response(model, rollout, torch.tensor([0, 1, 3]), 1.0)[0]
+        assert projections  # taken already: projected
+    mask = rollout.mask[[0, 1, 3]].bool()
+    torch.testing.assert_close(first[mask], expected[mask], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again[mask], expected[mask], rtol=1e-4, atol=1e-5)
+
+
+def test_logits_are_kept_where_the_update_chunks_and_memory_holds_them(tiny_model_dir, tmp_path, monkeypatch):
+    """Through the trainer: the rollout keeps the sampler's logits with the default chunked logprobs,
+    not where the update projects full logits (``chunked_logprobs_mb`` none or above one position's),
+    nor where a quarter of the free memory holds the products but not the logits too; a GRPO step
+    takes them all and lets them go."""
+    from test_correctness import make_trainer
+
+    from rlhf import cpu_linear
+    from rlhf.sampled_products import SampledProducts
+
+    def rollout_of(name, **overrides):
+        torch.manual_seed(0)
+        trainer = make_trainer(tiny_model_dir, tmp_path / name, "grpo", max_new_tokens=6, **overrides)
+        return trainer, trainer.rollout()
+
+    trainer, rollout = rollout_of("default")
+    vocabulary = trainer.unwrapped.policy.get_output_embeddings().weight.shape[0]
+    assert rollout.sampled_products.logits.shape == (6, len(rollout), vocabulary)
+    assert rollout_of("full", chunked_logprobs_mb=None)[1].sampled_products.logits is None
+    assert rollout_of("above", chunked_logprobs_mb=1.0)[1].sampled_products.logits is None
+    products = SampledProducts.bytes_needed(trainer.unwrapped.policy, len(rollout), 6)
+    with_logits = SampledProducts.bytes_needed(trainer.unwrapped.policy, len(rollout), 6, vocabulary)
+    assert with_logits == products + 4 * len(rollout) * 6 * vocabulary
+    from rlhf import rollout as rollout_module
+
+    reserve = {}
+    bytes_needed = rollout_module.sampled_products_bytes
+
+    def remembering(model, rows, columns, eligible, reserve_bytes=0, vocabulary=0):
+        reserve["bytes"] = reserve_bytes
+        return bytes_needed(model, rows, columns, eligible, reserve_bytes, vocabulary)
+
+    monkeypatch.setattr(rollout_module, "sampled_products_bytes", remembering)
+    rollout_of("probe")
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 4 * products + reserve["bytes"])
+    squeezed = rollout_of("squeezed")[1].sampled_products
+    assert squeezed is not None and squeezed.outputs and squeezed.logits is None
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 4 * with_logits + reserve["bytes"])
+    assert rollout_of("fits")[1].sampled_products.logits is not None
+    kept = []
+    sample_rollout = rollout_module.sample_rollout
+
+    def keeping(*args, **kwargs):
+        result = sample_rollout(*args, **kwargs)
+        kept.append(result.sampled_products)
+        return result
+
+    monkeypatch.setattr("rlhf.trainer.sample_rollout", keeping)
+    torch.manual_seed(0)
+    make_trainer(tiny_model_dir, tmp_path / "step", "grpo", max_new_tokens=6).train_step()
+    assert bool(kept[-1].logits_taken.all()) and kept[-1].logits is None  # every row's taken, then let go
+
+
+def test_a_reference_pass_with_the_adapters_off_projects_its_own_logits(tiny_model_dir, projections):
+    """With the adapters switched off (the KL term's reference pass) the forward takes none of the
+    sampler's products, so its hidden states are the base model's: it must not take the sampler's
+    logits either, which are the policy's (found by the old-logprob test with a KL term: the
+    reference logprobs came out as the policy's)."""
+    from rlhf.models import adapters_off
+    from rlhf.rollout import forward_response
+
+    model = _policy(tiny_model_dir, True)
+    rollout = _sample(model, tiny_model_dir, logits=True)
+    plain = rollout.select(list(range(len(rollout))))
+    plain.sampled_products = None
+    with torch.no_grad():
+        with adapters_off(model.policy):
+            expected = forward_response(model, plain, slice(None), 1.0)[0]
+            projections.clear()
+            reference = forward_response(model, rollout, slice(None), 1.0)[0]
+            assert projections  # projected, not taken
+        assert not rollout.sampled_products.logits_taken.any()
+        policy = forward_response(model, plain, slice(None), 1.0)[0]
+    mask = rollout.mask.bool()
+    torch.testing.assert_close(reference[mask], expected[mask], rtol=1e-4, atol=1e-5)
+    assert (policy[mask] - reference[mask]).abs().max() > 1e-3  # the adapter moves them: the test can tell

@@ -87,17 +87,25 @@ class _ChunkedProjectionLogprobs(torch.autograd.Function):
     With ``entropy_gradient`` (an entropy bonus in the loss) the entropy keeps its gradient the same
     way: dH/dz = -p (log p + H), so dH/dh = -(p (log p + H)) W / tau, one more LM-head product per
     token, formed while the chunk's probabilities are at hand.
+
+    ``kept_logits`` (a buffer [n, V] and an index [N] into it): h W^T as computed already for these
+    rows (the sampler's, ``rlhf.sampled_products``), copied out a chunk at a time instead of
+    projecting again; the backward's direction still comes from them and W, as above.
     """
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float,
-                with_entropy: bool, entropy_gradient: bool = False) -> tuple[Tensor, Tensor]:
+                with_entropy: bool, entropy_gradient: bool = False,
+                kept_logits: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         logprobs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(hidden.shape[0] if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         direction = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         entropy_direction = torch.empty_like(hidden) if entropy_gradient and direction is not None else None
         for chunk in row_chunks(hidden.shape[0], weight.shape[0]):
-            log_probs = _chunk_log_softmax(hidden[chunk], weight, temperature)
+            logits = (times_transposed(hidden[chunk], weight) if kept_logits is None
+                      else kept_logits[0].index_select(0, kept_logits[1][chunk]))
+            log_probs = _chunk_log_softmax(logits, temperature)
+            del logits
             logprobs[chunk] = log_probs.gather(-1, labels[chunk].unsqueeze(-1)).squeeze(-1)
             probs = log_probs.exp() if with_entropy or direction is not None else None
             if with_entropy:
@@ -124,7 +132,7 @@ class _ChunkedProjectionLogprobs(torch.autograd.Function):
         grad = grad_logprobs.to(direction.dtype).unsqueeze(-1) * direction
         if entropy_direction is not None and grad_entropy is not None:
             grad = grad + grad_entropy.to(direction.dtype).unsqueeze(-1) * entropy_direction
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def _per_temperature(direction: Tensor, temperature: float) -> Tensor:
@@ -132,15 +140,16 @@ def _per_temperature(direction: Tensor, temperature: float) -> Tensor:
     return direction / temperature if temperature != 1.0 else direction
 
 
-def _chunk_log_softmax(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
-    logits = times_transposed(hidden, weight).float()
+def _chunk_log_softmax(logits: Tensor, temperature: float) -> Tensor:
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     return torch.log_softmax(logits, dim=-1)
 
 
 def logprobs_from_hidden(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0,
-                         with_entropy: bool = False, entropy_gradient: bool = False) -> tuple[Tensor, Tensor | None]:
+                         with_entropy: bool = False, entropy_gradient: bool = False,
+                         kept_logits: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
     """(logprobs, entropy | None) of ``labels`` under logits = hidden @ weight^T / temperature,
     float32 [B, T] each, computed in row chunks so the [B, T, V] logits never exist at once.
 
@@ -149,9 +158,13 @@ def logprobs_from_hidden(hidden: Tensor, weight: Tensor, labels: Tensor, tempera
     ``logprobs_and_entropy_from_logits(hidden @ weight.T / temperature, labels)`` up to float
     rounding of the chunked matmul; gradients flow to ``hidden``, and the entropy's too with
     ``entropy_gradient`` (which implies ``with_entropy``; otherwise the entropy carries none).
+    ``kept_logits``: (buffer [n, V], index [B * T]) with ``buffer[index]`` the logits
+    ``hidden @ weight^T`` already computed (up to float rounding) for the B x T positions in
+    row-major order: taken instead of the projection (``rlhf.sampled_products``).
     """
     batch, length, size = hidden.shape
     with_entropy = with_entropy or entropy_gradient
     logprobs, entropy = _ChunkedProjectionLogprobs.apply(hidden.reshape(-1, size), weight, labels.reshape(-1).long(),
-                                                         float(temperature), with_entropy, entropy_gradient)
+                                                         float(temperature), with_entropy, entropy_gradient,
+                                                         kept_logits)
     return logprobs.view(batch, length), entropy.view(batch, length) if with_entropy else None
