@@ -198,7 +198,9 @@ def run_ours(algorithm: str, config: BenchmarkConfig, output_dir: Path,
     # every measured step's update took its forward's products from the sampler (rlhf.sampled_products)
     sampled_forward = [shape.pop("sampled_forward") for shape in shapes][config.warmup_steps:]
     sampled_prefix = [shape.pop("sampled_prefix") for shape in shapes][config.warmup_steps:]
-    sampled_logits = [shape.pop("sampled_logits") for shape in shapes][config.warmup_steps:]
+    # and took every row's logits from it (looked at after the run: the rollout only keeps them)
+    sampled_logits = [products is not None and bool(products.logits_taken.all())
+                      for products in [shape.pop("sampled_logits") for shape in shapes][config.warmup_steps:]]
     rows = [{"step": m["step_time_s"], "tokens": m["tokens_per_second"] * m["step_time_s"],
              "generation": m["rollout_time_s"], "scoring": m["score_time_s"], "logprobs": m["logprob_time_s"],
              "update": m["update_time_s"], **shape} for m, shape in zip(metrics, shapes)]
@@ -228,9 +230,10 @@ def ours_config(algorithm: str, config: BenchmarkConfig, output_dir: Path, max_s
     })
 
 
-def _record_rollout_shapes(trainer: Any) -> list[dict[str, int]]:
-    """The padded prompt and response lengths of each step's rollout, as the trainer makes them."""
-    shapes: list[dict[str, int]] = []
+def _record_rollout_shapes(trainer: Any) -> list[dict[str, Any]]:
+    """The padded prompt and response lengths of each step's rollout, as the trainer makes them, and
+    whether it kept the sampler's products (its ``SampledProducts``, to see later which the update took)."""
+    shapes: list[dict[str, Any]] = []
     rollout = trainer.rollout
 
     def recorded() -> Any:
@@ -239,7 +242,7 @@ def _record_rollout_shapes(trainer: Any) -> list[dict[str, int]]:
         shapes.append({"prompt_length": batch.input_ids.shape[1] - response, "response_length": response,
                        "sampled_forward": batch.sampled_products is not None,
                        "sampled_prefix": batch.sampled_products is not None and bool(batch.sampled_products.prefixes),
-                       "sampled_logits": batch.sampled_products is not None and batch.sampled_products.logits is not None})
+                       "sampled_logits": batch.sampled_products})
         return batch
     trainer.rollout = recorded
     return shapes

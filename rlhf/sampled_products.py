@@ -26,7 +26,9 @@ temperature; [columns, rows, V] float32, 805 MB for 16 x 256 tokens of a 49k voc
 the chunked logprobs (``rlhf.algorithms.logits.logprobs_from_hidden``) copy a chunk of rows out
 of it at a time instead of projecting the hidden states through the LM head again; the gradient
 direction (W[label] - p W) / T still needs its one product with the head. Taken once per row, by
-the same rule as the products.
+the same rule as the products, and only by a forward that took every kept projection output for
+its rows, whose hidden states are then the sampler's (a reference pass with the adapters switched
+off takes none, and projects its own logits).
 
 The outputs are kept by the sampler's forward (``rlhf.sampling_forward``: Llama, Mistral, Qwen2,
 Qwen3), on a CPU, for single responses (not tool episodes), where a quarter of the free memory

@@ -269,6 +269,15 @@ def sample_with_spread(sample: Callable[[], Rollout], score_rollout: Callable[[R
     first_metrics: dict[str, float] = {}
     have, rounds, errors = 0, 0, 0.0
     while rounds < max_rounds:
+        if rounds and have < groups_needed:
+            # this process's batch will join rows of several parts, which keeps none of the sampler's
+            # products (concat_rollouts): let the earlier rounds' go before sampling the next
+            kept = {id(part.sampled_products): part.sampled_products for part, _, _ in spread_parts + flat_parts
+                    if part.sampled_products is not None}
+            for products in kept.values():
+                products.release()
+            for part, _, _ in spread_parts + flat_parts:
+                part.sampled_products = part.product_rows = None
         rollout = sample()
         scores, token_scores, metrics = score_rollout(rollout)
         first_metrics = first_metrics or metrics

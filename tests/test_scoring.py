@@ -213,3 +213,37 @@ def test_score_makes_the_same_collectives_with_and_without_process_rewards():
         score(lambda *a, **k: output, rollout, config, reducer, 1, TOKENIZER)
         calls[name] = reducer.calls
     assert calls["outcome"] == calls["process"]
+
+
+def test_dynamic_sampling_lets_the_earlier_rounds_products_go_before_the_next_round():
+    """Rows of several rounds (or parts) are joined without the sampler's kept products, so a round
+    that leaves this process short of groups cannot hand its products to the update: they are
+    released before the next round samples, instead of holding memory (logits included) through it
+    (helper-58). A process that has its groups keeps them: its batch may be one round's rows."""
+    sample, score, calls = scored_rounds([[1.0, 1.0, 0.0, 1.0], [2.0, 3.0, 4.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    released = []
+
+    class Products:
+        def __init__(self, round_):
+            self.round = round_
+
+        def release(self):
+            released.append((self.round, calls["n"]))  # (whose products, rounds sampled so far)
+
+    def sample_with_products():
+        rollout = sample()
+        rollout.sampled_products = Products(calls["n"] - 1)
+        return rollout
+
+    sample_with_spread(sample_with_products, score, 2, 4, OneProcess(), TOKENIZER.pad_token_id)
+    assert calls["n"] == 2 and released == [(0, 1)]  # round 0's, before round 1 sampled; round 1's are the batch's
+
+    class OtherProcessShort(OneProcess):
+        def max(self, value):  # another process still needs groups: every process samples again
+            return max(float(value), 1.0)
+
+    released.clear()
+    sample, score, calls = scored_rounds([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    rollout, _, _, _ = sample_with_spread(sample_with_products, score, 2, 2, OtherProcessShort(), TOKENIZER.pad_token_id)
+    assert calls["n"] == 2 and released == []  # this process had its two groups from round 0
+    assert isinstance(rollout.sampled_products, Products) and rollout.sampled_products.round == 0
