@@ -270,8 +270,10 @@ def sample_with_spread(sample: Callable[[], Rollout], score_rollout: Callable[[R
     have, rounds, errors = 0, 0, 0.0
     while rounds < max_rounds:
         if rounds and have < groups_needed:
-            # this process's batch will join rows of several parts, which keeps none of the sampler's
-            # products (concat_rollouts): let the earlier rounds' go before sampling the next
+            # joined parts keep none of the sampler's products (concat_rollouts), so a process still
+            # short of groups would hand an earlier round's to the update only if the rounds ran out
+            # with no later spread group and one part of that round filled its batch: they go now
+            # rather than hold their memory (logits included) through the next round's sampling
             kept = {id(part.sampled_products): part.sampled_products for part, _, _ in spread_parts + flat_parts
                     if part.sampled_products is not None}
             for products in kept.values():

@@ -338,11 +338,8 @@ def test_products_are_kept_only_where_they_fit_and_would_be_taken(tiny_model_dir
     assert sampled_products_bytes(model, 6, 7, True) == 0
 
 
-def test_a_grpo_step_takes_the_products_and_releases_them(tiny_model_dir, tmp_path, replays, monkeypatch):
-    """Through the trainer: the update takes every projection of its forward from the sampler,
-    the step's numbers match a step that recomputes them, and the products go once it is done."""
-    from test_correctness import make_trainer
-
+def _remembered_products(monkeypatch) -> list:
+    """The ``sampled_products`` of every rollout the trainer samples from here on, in order."""
     from rlhf import rollout as rollout_module
 
     kept = []
@@ -354,6 +351,17 @@ def test_a_grpo_step_takes_the_products_and_releases_them(tiny_model_dir, tmp_pa
         return result
 
     monkeypatch.setattr("rlhf.trainer.sample_rollout", remembering)
+    return kept
+
+
+def test_a_grpo_step_takes_the_products_and_releases_them(tiny_model_dir, tmp_path, replays, monkeypatch):
+    """Through the trainer: the update takes every projection of its forward from the sampler,
+    the step's numbers match a step that recomputes them, and the products go once it is done."""
+    from test_correctness import make_trainer
+
+    from rlhf import rollout as rollout_module
+
+    kept = _remembered_products(monkeypatch)
 
     def step(reuse):
         if not reuse:
@@ -547,15 +555,7 @@ def test_logits_are_kept_where_the_update_chunks_and_memory_holds_them(tiny_mode
     assert squeezed is not None and squeezed.outputs and squeezed.logits is None
     monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 4 * with_logits + reserve["bytes"])
     assert rollout_of("fits")[1].sampled_products.logits is not None
-    kept = []
-    sample_rollout = rollout_module.sample_rollout
-
-    def keeping(*args, **kwargs):
-        result = sample_rollout(*args, **kwargs)
-        kept.append(result.sampled_products)
-        return result
-
-    monkeypatch.setattr("rlhf.trainer.sample_rollout", keeping)
+    kept = _remembered_products(monkeypatch)
     torch.manual_seed(0)
     make_trainer(tiny_model_dir, tmp_path / "step", "grpo", max_new_tokens=6).train_step()
     assert bool(kept[-1].logits_taken.all()) and kept[-1].logits is None  # every row's taken, then let go
