@@ -26,7 +26,7 @@ from rlhf.cpu_linear import (available_memory_bytes, bf16_packing_exact, onednn_
                               pack_for_onednn, routes_to_onednn, times_weight)
 from rlhf.kv_cache import config_cache_rows_selectable, rows_selectable
 from rlhf.paths import looks_local
-from rlhf.sampled_products import kept_output, replaying
+from rlhf.sampled_products import kept_logits, kept_output, replaying
 from rlhf.errors import CheckpointError, ConfigError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -966,20 +966,20 @@ class PolicyWithValue(nn.Module):
                                            input_ids[:, :prefix_length], attention_mask[:, :prefix_length])
             with replaying(replay):
                 return self._forward_suffix(inputs, response_length, labels, temperature, with_entropy,
-                                            entropy_gradient, chunked, replay)
+                                            entropy_gradient, chunked)
 
     def _forward_suffix(self, inputs: dict[str, Any], response_length: int, labels: Tensor | None,
                         temperature: float, with_entropy: bool, entropy_gradient: bool,
-                        chunked: bool, replay: Any = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                        chunked: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
         if chunked:
             hidden = self.policy.get_base_model().get_decoder()(**inputs).last_hidden_state
             hidden = hidden[:, -response_length:]
             values = self.value_head(hidden) if self.value_head is not None else None
             weight = self.policy.get_output_embeddings().weight
             # the sampler's logits at these positions, where it kept them (the same weights and tokens)
-            kept_logits = replay.logits(response_length) if replay is not None else None
             logprobs, entropy = logprobs_from_hidden(hidden, weight, labels, temperature, with_entropy,
-                                                     entropy_gradient=entropy_gradient, kept_logits=kept_logits)
+                                                     entropy_gradient=entropy_gradient,
+                                                     kept_logits=kept_logits(response_length))
             return logprobs, values, entropy
         outputs = self.policy(**inputs, logits_to_keep=response_length, output_hidden_states=self.value_head is not None)
         logits = outputs.logits

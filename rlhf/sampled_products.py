@@ -377,6 +377,12 @@ def kept_output(module: nn.Module, x: Tensor) -> Tensor | None:
     return None if _replaying is None else _replaying.output(module, x)
 
 
+def kept_logits(width: int) -> tuple[Tensor, Tensor] | None:
+    """The sampler's logits for the first ``width`` columns of the forward now replaying, if any
+    (``_Replay.logits``)."""
+    return None if _replaying is None else _replaying.logits(width)
+
+
 def replayable_modules(policy: nn.Module) -> list[nn.Module]:
     """The policy's LoRA layers whose forward ``rlhf.models.fuse_lora_layers`` replaced (float32,
     one plain adapter): the layers whose forward can take a kept product."""
