@@ -65,7 +65,12 @@ def build_model(config: Any, accelerator: Any, init_adapter: SavedLora | None,
                                               config.weight_decay)
     if not optimizer_trains_policy:  # e.g. TRPO moves the policy itself; AdamW only fits the value head
         param_groups = param_groups[1:]
-    optimizer = torch.optim.AdamW(param_groups) if param_groups else None
+    # torch's fused AdamW kernel, as transformers' Trainer (so TRL) takes by default on torch >= 2.8:
+    # one pass per tensor instead of a dozen ops (the benchmark's 420 LoRA tensors: 21 -> 7.5 ms per
+    # optimizer step on the 2-core EPYC); the same update up to float rounding. Not under sharding,
+    # where DeepSpeed/FSDP hand the optimizer their own flat or sharded parameters.
+    fused = accelerator.device.type in ("cpu", "cuda") and not shards_weights(accelerator)
+    optimizer = torch.optim.AdamW(param_groups, fused=fused or None) if param_groups else None
     updates_per_step = config.ppo_epochs * config.rollout_batch_size * config.num_generations // config.mini_batch_size
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=config.max_steps * updates_per_step) if optimizer else None

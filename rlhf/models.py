@@ -24,7 +24,7 @@ from rlhf.algorithms import (entropy_from_logits, logprobs_and_entropy_from_logi
                              logprobs_from_logits)
 from rlhf.cpu_linear import (available_memory_bytes, bf16_packing_exact, onednn_linear, onednn_packing_usable,
                               pack_for_onednn, routes_to_onednn, times_weight)
-from rlhf.kv_cache import config_cache_rows_selectable, rows_selectable
+from rlhf.kv_cache import config_cache_rows_selectable, rows_selectable, select_cache_rows
 from rlhf.paths import looks_local
 from rlhf.sampled_products import kept_logits, kept_output, replaying
 from rlhf.errors import CheckpointError, ConfigError
@@ -842,16 +842,21 @@ def distinct_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, T
 
 
 def shared_prompt_cache(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, prefix_length: int
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, prefix_length: int,
+    decoder: nn.Module | None = None,
 ) -> Any | None:
     """KV cache of the first ``prefix_length`` tokens of every row, computed once per distinct prompt.
 
     input_ids, attention_mask, position_ids: [B, L >= prefix_length]. The distinct prefixes run
     through ``model`` (gradients flow back through the cache when enabled), then each layer's
-    keys/values are indexed out to all B rows. A GRPO rollout of G samples per prompt pays the
-    prompt's compute once instead of G times. None when no two rows share the prefix, or when the
-    model's cache is not attention layers alone (hybrid models: their conv and recurrent states
-    have no row selection in transformers); the caller then runs every row's prompt itself.
+    keys/values are indexed out to all B rows (``select_cache_rows``). A GRPO rollout of G samples
+    per prompt pays the prompt's compute once instead of G times. None when no two rows share the
+    prefix, or when the model's cache is not attention layers alone (hybrid models: their conv and
+    recurrent states have no row selection in transformers); the caller then runs every row's
+    prompt itself. ``decoder``: ``model`` without its LM head, where the caller knows it builds
+    ``model``'s cache (only the cache is used; the head at the prefix's last position cost the
+    benchmark's update 18 ms, a [prompts, 1, H] x [H, V] product that transformers runs as a
+    batched one on a CPU).
     """
     if prefix_length < 1 or not config_cache_rows_selectable(model):
         return None
@@ -860,12 +865,13 @@ def shared_prompt_cache(
         return None
     representatives, inverse = shared
     prefix = (representatives, slice(None, prefix_length))
-    outputs = model(input_ids=input_ids[prefix], attention_mask=attention_mask[prefix],
-                    position_ids=position_ids[prefix], use_cache=True, logits_to_keep=1)
+    rows = {"input_ids": input_ids[prefix], "attention_mask": attention_mask[prefix],
+            "position_ids": position_ids[prefix], "use_cache": True}
+    outputs = decoder(**rows) if decoder is not None else model(**rows, logits_to_keep=1)
     cache = getattr(outputs, "cache", None)  # none from models that keep their state (RecurrentGemma, RWKV)
     if cache is None or not rows_selectable(cache):  # a cache type the config did not announce
         return None
-    cache.batch_select_indices(inverse)
+    select_cache_rows(cache, inverse)
     return cache
 
 
@@ -951,8 +957,11 @@ class PolicyWithValue(nn.Module):
             if sampled is not None and self.share_prompt_prefix and prefix_length > 0:
                 prefix_replay = sampled[0].prefix_replay(sampled[1], input_ids[:, :prefix_length],
                                                          attention_mask[:, :prefix_length])
+            # probed (a forward of its own) before the replay starts
+            decoder = self._decoder_without_head() if self.share_prompt_prefix else None
             with replaying(prefix_replay):  # the prompt's products as the sampler's prefill computed them
-                cache = (shared_prompt_cache(self.policy, input_ids, attention_mask, position_ids, prefix_length)
+                cache = (shared_prompt_cache(self.policy, input_ids, attention_mask, position_ids, prefix_length,
+                                             decoder=decoder)
                          if self.share_prompt_prefix else None)
             # The last response token is not fed: its outputs would predict a token past the response,
             # and in a causal model it changes nothing before it (1/(T+1) of the layers' work saved).
@@ -1009,6 +1018,13 @@ class PolicyWithValue(nn.Module):
         if self._plain_projection is None:
             self._plain_projection = plain_output_projection(self.policy)
         return self._plain_projection
+
+    def _decoder_without_head(self) -> nn.Module | None:
+        """The policy's decoder where the model's logits are its LM head over the decoder's output
+        (``plain_output_projection``, probed once), so the decoder builds the model's cache; else None."""
+        if self._plain_projection is None:
+            self._plain_projection = plain_output_projection(self.policy)
+        return self.policy.get_base_model().get_decoder() if self._plain_projection else None
 
     def chunked_vocabulary(self) -> int:
         """The LM head's vocabulary where every forward with labels takes the chunked projection,

@@ -317,8 +317,10 @@ def test_shared_prompt_prefix_runs_each_distinct_prompt_once(tiny_model_dir):
     assert inverse[[0, 1, 3]].unique().numel() == 1 and inverse[2] == inverse[4] and inverse[5] != inverse[0]
     assert distinct_prompts(torch.tensor([[1, 2], [1, 3]]), torch.ones(2, 2)) is None
     seen = []
-    handle = model.policy.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape),
-                                                    with_kwargs=True)
+    model._decoder_without_head()  # the projection probe's own forward, before counting
+    decoder = model.policy.get_base_model().get_decoder()  # the prefix runs the decoder alone
+    handle = decoder.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape),
+                                               with_kwargs=True)
     from rlhf.rollout import forward_response
 
     with torch.no_grad():
@@ -512,7 +514,8 @@ def test_chunked_logprobs_in_the_model_equal_the_full_logits_path(tiny_model_dir
         ((logprobs * torch.linspace(0, 1, length)).sum() + values.sum()).backward()
         grads = torch.cat([p.grad.flatten() for p in [*policy.parameters(), *head.parameters()] if p.requires_grad])
         results[chunk] = (logprobs.detach(), values.detach(), entropy, grads)
-        assert model._plain_projection is (True if chunk == 0 else None)
+        # probed for the chunked head, and for the shared prefix's forward without the head
+        assert model._plain_projection is (True if chunk == 0 or share_prompt_prefix else None)
     for full, chunked in zip(results[None], results[0]):
         assert torch.allclose(full, chunked, atol=2e-5)
 
@@ -1227,3 +1230,108 @@ def test_chunked_logprobs_are_the_whole_batchs_whatever_row_falls_last(monkeypat
         results.append((logprobs, entropy, torch.autograd.grad(logprobs.sum(), hidden)[0]))
     assert all(torch.equal(whole, chunked) for whole, chunked in zip(*results))
     assert [c.stop - c.start for c in logits_module.row_chunks(rows, 1024)] != [rows]  # several chunks
+
+
+def test_select_cache_rows_takes_the_rows_and_adds_each_rows_gradient_into_its_prompt():
+    """``select_cache_rows`` gives ``batch_select_indices``' keys and values; the backward adds each
+    row's gradient into its source row in row order (index_add_), so the prompts' gradients are the
+    indexing's up to float rounding. A preallocated layer keeps its own selection (its capacity)."""
+    from transformers.cache_utils import DynamicCache
+
+    from rlhf.kv_cache import PreallocatedLayer, select_cache_rows
+
+    torch.manual_seed(0)
+    rows = torch.tensor([2, 0, 1, 2, 0, 1, 1, 0])
+    sources = [torch.randn(3, 2, 5, 4, requires_grad=True) for _ in range(4)]
+    grads = [torch.randn(8, 2, 5, 4) for _ in range(4)]
+    selected = {}
+    for how in ("indexing", "index_select"):
+        cache = DynamicCache()
+        for layer in range(2):
+            cache.update(sources[2 * layer] * 1.0, sources[2 * layer + 1] * 1.0, layer)
+        if how == "indexing":
+            cache.batch_select_indices(rows)
+        else:
+            select_cache_rows(cache, rows)
+        outputs = [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
+        selected[how] = [tensor.detach() for tensor in outputs], torch.autograd.grad(outputs, sources, grads)
+    (indexed, indexed_grads), (taken, taken_grads) = selected["indexing"], selected["index_select"]
+    assert all(torch.equal(a, b) for a, b in zip(indexed, taken))
+    for source_grad, indexed_grad, row_grad in zip(taken_grads, indexed_grads, grads):
+        in_row_order = torch.zeros_like(source_grad)
+        for row, source in enumerate(rows.tolist()):
+            in_row_order[source] += row_grad[row]
+        assert torch.equal(source_grad, in_row_order)
+        assert torch.allclose(source_grad, indexed_grad, rtol=1e-5, atol=1e-6)
+
+    layer = PreallocatedLayer(torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4), 12)
+    cache = DynamicCache()
+    cache.layers = [layer]
+    select_cache_rows(cache, rows)
+    assert layer.keys.shape == (8, 2, 5, 4) and layer._key_buffer.shape[-2] == 12
+
+    cache = DynamicCache()  # a selection set on the instance (carrying more per row) is the one taken
+    cache.update(torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4), 0)
+    cache.batch_select_indices = lambda indices: selections.append(indices.tolist())
+    selections = []
+    select_cache_rows(cache, rows)
+    assert selections == [rows.tolist()] and cache.layers[0].keys.shape[0] == 3
+
+
+def test_the_shared_prompt_prefix_runs_without_the_lm_head(tiny_model_dir):
+    """The prefix's forward is there for its cache: where the logits are the LM head over the
+    decoder's output, it runs the decoder alone (the same cache, bitwise), and a chunked forward
+    then calls the LM head module nowhere. Before, the prefix projected its last position."""
+    from rlhf.models import PolicyWithValue, add_lora, fuse_lora_layers, load_base_model, shared_prompt_cache
+    from rlhf.rollout import Rollout, forward_response
+
+    torch.manual_seed(0)
+    policy = add_lora(load_base_model(str(tiny_model_dir)), 4, 8, 0.0, ["all-linear"])
+    fuse_lora_layers(policy)
+    model = PolicyWithValue(policy, None, share_prompt_prefix=True, chunk_logits_bytes=0)
+    decoder = model._decoder_without_head()
+    assert decoder is policy.get_base_model().get_decoder()
+    prompt, length = 6, 5
+    ids = torch.randint(0, 1000, (4, prompt + length))
+    ids[1, :prompt] = ids[0, :prompt]
+    ids[3, :prompt] = ids[2, :prompt]
+    attention = torch.ones_like(ids)
+    positions = torch.arange(prompt + length).expand_as(ids)
+    with torch.no_grad():
+        caches = [shared_prompt_cache(policy, ids, attention, positions, prompt - 1, decoder=given)
+                  for given in (None, decoder)]
+    assert all(torch.equal(a, b) for a, b in zip(
+        [t for layer in caches[0].layers for t in (layer.keys, layer.values)],
+        [t for layer in caches[1].layers for t in (layer.keys, layer.values)]))
+
+    head_calls = []
+    handle = policy.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
+    rollout = Rollout(input_ids=ids, attention_mask=attention, response_ids=ids[:, prompt:],
+                      mask=torch.ones(4, length), eos_found=torch.zeros(4, dtype=torch.bool),
+                      group_ids=torch.tensor([0, 0, 1, 1]), prompts=[""] * 4, completions=[""] * 4)
+    forward_response(model, rollout, slice(None), 1.0)[0].sum().backward()
+    handle.remove()
+    assert head_calls == []
+
+
+def test_models_whose_logits_are_not_the_plain_lm_head_run_the_prefix_through_the_model(tiny_model_dir):
+    """A LoRA on the LM head (or soft-capped, scaled logits) fails the projection probe: the
+    prefix's forward keeps the model's own forward."""
+    from rlhf.models import PolicyWithValue, add_lora, load_base_model
+
+    policy = add_lora(load_base_model(str(tiny_model_dir)), 4, 8, 0.0, ["q_proj", "lm_head"])
+    assert PolicyWithValue(policy, None, share_prompt_prefix=True)._decoder_without_head() is None
+
+
+def test_the_optimizer_is_torchs_fused_adamw_where_weights_are_not_sharded(tiny_model_dir, tmp_path):
+    """As transformers' Trainer (so TRL) defaults to on torch >= 2.8: one kernel per tensor."""
+    config = RLConfig(**{
+        **ALGORITHM_DEFAULTS["grpo"], "model_name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "run"),
+        "max_steps": 1, "rollout_batch_size": 2, "num_generations": 2, "mini_batch_size": 4, "max_new_tokens": 4,
+        "lora_r": 4, "lora_alpha": 8, "save_steps": 0, "num_samples_to_log": 0,
+        "reward_funcs": [f"{FIXTURES / 'rewards.py'}:char_diversity"]})
+    trainer = RLTrainer(config)
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert isinstance(optimizer, torch.optim.AdamW) and all(group["fused"] for group in optimizer.param_groups)
+    trainer.train()
+    assert all(state["step"] == 1 for state in optimizer.state.values())
