@@ -1015,16 +1015,18 @@ class PolicyWithValue(nn.Module):
             return False
         if torch.is_autocast_enabled(head.device.type):  # it projects in float32: not autocast's forward
             return False
+        return self._logits_are_the_plain_projection()
+
+    def _decoder_without_head(self) -> nn.Module | None:
+        """The policy's decoder where the model's logits are its LM head over the decoder's output,
+        so the decoder builds the model's cache; else None."""
+        return self.policy.get_base_model().get_decoder() if self._logits_are_the_plain_projection() else None
+
+    def _logits_are_the_plain_projection(self) -> bool:
+        """``plain_output_projection`` of the policy, probed on first use (a forward of its own)."""
         if self._plain_projection is None:
             self._plain_projection = plain_output_projection(self.policy)
         return self._plain_projection
-
-    def _decoder_without_head(self) -> nn.Module | None:
-        """The policy's decoder where the model's logits are its LM head over the decoder's output
-        (``plain_output_projection``, probed once), so the decoder builds the model's cache; else None."""
-        if self._plain_projection is None:
-            self._plain_projection = plain_output_projection(self.policy)
-        return self.policy.get_base_model().get_decoder() if self._plain_projection else None
 
     def chunked_vocabulary(self) -> int:
         """The LM head's vocabulary where every forward with labels takes the chunked projection,
