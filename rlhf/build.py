@@ -65,15 +65,36 @@ def build_model(config: Any, accelerator: Any, init_adapter: SavedLora | None,
                                               config.weight_decay)
     if not optimizer_trains_policy:  # e.g. TRPO moves the policy itself; AdamW only fits the value head
         param_groups = param_groups[1:]
-    # torch's fused AdamW kernel, as transformers' Trainer (so TRL) takes by default on torch >= 2.8:
-    # one pass per tensor instead of a dozen ops (the benchmark's 420 LoRA tensors: 21 -> 7.5 ms per
-    # optimizer step on the 2-core EPYC); the same update up to float rounding. Not under sharding,
-    # where DeepSpeed/FSDP hand the optimizer their own flat or sharded parameters.
-    fused = accelerator.device.type in ("cpu", "cuda") and not shards_weights(accelerator)
-    optimizer = torch.optim.AdamW(param_groups, fused=fused or None) if param_groups else None
+    optimizer = torch.optim.AdamW(param_groups, fused=fused_adamw(accelerator) or None) if param_groups else None
     updates_per_step = config.ppo_epochs * config.rollout_batch_size * config.num_generations // config.mini_batch_size
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=config.max_steps * updates_per_step) if optimizer else None
     prepared = accelerator.prepare(model, optimizer, scheduler)
     ckpt.skip_model_weights_in_accelerate_state(accelerator)
     return prepared
+
+
+def fused_adamw(accelerator: Any) -> bool:
+    """Whether AdamW runs torch's fused kernel, as transformers' Trainer (so TRL) takes by default
+    on torch >= 2.8: one pass per tensor instead of a dozen ops (the benchmark's 420 LoRA tensors:
+    21 -> 7.5 ms per optimizer step on the 2-core EPYC); the same update up to float rounding. On a
+    CPU or CUDA, not under sharding, where DeepSpeed/FSDP hand the optimizer their own flat or
+    sharded parameters."""
+    return accelerator.device.type in ("cpu", "cuda") and not shards_weights(accelerator)
+
+
+def use_fused_adamw(optimizer: Any, fused: bool) -> None:
+    """Set AdamW's kernel (``fused_adamw``) after a checkpoint's optimizer state has loaded: its
+    saved settings replace the built ones, so a run resumed from a checkpoint of the per-op AdamW
+    (before 2026-12-06) would keep that one, and a fused checkpoint would bring the fused kernel
+    under sharding. Each step count moves where that kernel keeps it (fused: on the parameter's
+    device; per-op: on the CPU), as torch's own loading puts it."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # torch's, inside Accelerate's wrapper
+    if not isinstance(inner, torch.optim.AdamW):
+        return
+    for group in inner.param_groups:
+        group["fused"] = fused or None
+        for parameter in group["params"]:
+            state = inner.state.get(parameter, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=parameter.device if fused else "cpu", dtype=torch.float32)

@@ -131,10 +131,12 @@ def select_cache_rows(cache: Any, rows: Tensor) -> None:
     (``index_add_``, rows in order) where indexing's accumulating ``index_put_`` walks element by
     element: on the 2-core EPYC, [16, 3, 48, 64] from 4 prompts 576 -> 59 us forward and backward,
     about 30 ms of the benchmark's GRPO update (60 such tensors). The two sum a prompt's rows in
-    another order, so the prefix's gradients agree up to float rounding. Other layer types
-    (``PreallocatedLayer``'s buffers) and caches with a selection of their own (another class, or
-    one set on the instance to carry more per row) select their own way."""
-    if type(cache) is not DynamicCache or "batch_select_indices" in vars(cache):
+    another order, so the prefix's gradients agree up to float rounding. On a CPU only: on CUDA
+    ``index_add_`` adds by atomics, in an order that changes from run to run, where indexing's
+    backward sorts first. Other layer types (``PreallocatedLayer``'s buffers) and caches with a
+    selection of their own (another class, or one set on the instance to carry more per row)
+    select their own way."""
+    if type(cache) is not DynamicCache or "batch_select_indices" in vars(cache) or rows.device.type != "cpu":
         cache.batch_select_indices(rows)
         return
     for layer in cache.layers:

@@ -876,9 +876,12 @@ def shared_prompt_cache(
 
 
 def plain_output_projection(policy: PeftModel) -> bool:
-    """True when the model's logits are exactly ``lm_head(decoder(x).last_hidden_state)``: the
-    output embedding is a plain bias-free float32 ``nn.Linear`` (no LoRA on it) and a forward of a
-    short input agrees both ways (models that soft-cap or scale logits do not)."""
+    """True when the model's logits are exactly ``lm_head(decoder(x).last_hidden_state)`` and the
+    decoder builds the model's KV cache: the output embedding is a plain bias-free float32
+    ``nn.Linear`` (no LoRA on it) and a forward of a short input agrees both ways, logits and cache
+    (models that soft-cap or scale logits do not, nor a model whose own forward changes its inputs
+    before the decoder: the probe's ids spread over the whole vocabulary). The chunked logprobs and
+    the shared prompt's forward run the decoder alone where this holds."""
     head = policy.get_output_embeddings()
     if (type(head) is not nn.Linear or head.bias is not None or head.weight.dtype != torch.float32
             or head.weight.requires_grad):  # the chunked backward gives the head no gradient
@@ -887,18 +890,41 @@ def plain_output_projection(policy: PeftModel) -> bool:
         decoder = policy.get_base_model().get_decoder()
         if decoder is policy.get_base_model():
             return False
-        probe = torch.arange(3, device=head.weight.device).unsqueeze(0) % head.weight.shape[0]
+        vocabulary = head.weight.shape[0]
+        probe = torch.tensor([[vocabulary - 1, vocabulary // 2, 1, 2 * vocabulary // 3],
+                              [vocabulary // 3, vocabulary - 2, 2, vocabulary // 7]], device=head.weight.device)
         with torch.no_grad():
             # an explicit mask: the probe's ids may hold the pad id, which makes transformers warn
             mask = torch.ones_like(probe)
-            expected = policy(input_ids=probe, attention_mask=mask, use_cache=False).logits.float()
-            hidden = decoder(input_ids=probe, attention_mask=mask, use_cache=False).last_hidden_state
+            outputs = policy(input_ids=probe, attention_mask=mask, use_cache=True)
+            expected = outputs.logits.float()
+            decoded = decoder(input_ids=probe, attention_mask=mask, use_cache=True)
+            hidden = decoded.last_hidden_state
             if hidden.dtype != head.weight.dtype:  # a model that casts before its head: not the plain projection
                 return False
             got = head(hidden).float()
+            caches = getattr(outputs, "cache", None), getattr(decoded, "cache", None)
     except Exception:  # any model this probe cannot run the plain way keeps the full logits
         return False
-    return got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+    return (got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+            and _same_cache(*caches))
+
+
+def _same_cache(a: Any, b: Any) -> bool:
+    """Whether two caches hold the same keys and values (both none counts: nothing to differ)."""
+    if a is None or b is None:
+        return a is b
+    layers_a, layers_b = getattr(a, "layers", None), getattr(b, "layers", None)
+    if layers_a is None or layers_b is None or len(layers_a) != len(layers_b):
+        return False
+    for x, y in zip(layers_a, layers_b):
+        for name in ("keys", "values"):
+            kx, ky = getattr(x, name, None), getattr(y, name, None)
+            if isinstance(kx, Tensor) != isinstance(ky, Tensor):
+                return False
+            if isinstance(kx, Tensor) and (kx.shape != ky.shape or not torch.allclose(kx, ky, rtol=1e-4, atol=1e-4)):
+                return False
+    return True
 
 
 class PolicyWithValue(nn.Module):

@@ -41,7 +41,7 @@ from rlhf.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, AdaptiveKLContr
 from rlhf.algorithms import MovingAverageBaseline
 from rlhf.config import RLConfig, changed_settings, save_config, with_overrides
 from rlhf.data import PromptSampler, check_prompt_lengths, describe_dataset, load_eval_dataset, load_prompt_dataset
-from rlhf.build import build_model
+from rlhf.build import build_model, fused_adamw, use_fused_adamw
 from rlhf.cpu_linear import transposed_weights_kept, use_onednn
 from rlhf.cpu_memory import keep_freed_memory, malloc_choice, release_freed_memory
 from rlhf.card import render_model_card
@@ -538,6 +538,8 @@ class RLTrainer:
     def _resume(self, path: Path) -> None:
         unwrapped = self.unwrapped
         state = ckpt.load_checkpoint(self.accelerator, unwrapped.policy, unwrapped.value_head, path, ckpt.compatibility(self.config))
+        if self.optimizer is not None:  # the checkpoint's saved AdamW settings name its kernel: this run's instead
+            use_fused_adamw(self.optimizer, fused_adamw(self.accelerator))
         self.step = int(state["step"])
         self.updater.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.kl_controller.load_state_dict(state["kl_controller"])

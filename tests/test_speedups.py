@@ -1232,7 +1232,7 @@ def test_chunked_logprobs_are_the_whole_batchs_whatever_row_falls_last(monkeypat
     assert [c.stop - c.start for c in logits_module.row_chunks(rows, 1024)] != [rows]  # several chunks
 
 
-def test_select_cache_rows_takes_the_rows_and_adds_each_rows_gradient_into_its_prompt():
+def test_select_cache_rows_takes_the_rows_and_adds_each_rows_gradient_into_its_prompt(monkeypatch):
     """``select_cache_rows`` gives ``batch_select_indices``' keys and values; the backward adds each
     row's gradient into its source row in row order (index_add_), so the prompts' gradients are the
     indexing's up to float rounding. A preallocated layer keeps its own selection (its capacity)."""
@@ -1276,6 +1276,13 @@ def test_select_cache_rows_takes_the_rows_and_adds_each_rows_gradient_into_its_p
     selections = []
     select_cache_rows(cache, rows)
     assert selections == [rows.tolist()] and cache.layers[0].keys.shape[0] == 3
+
+    # off the CPU (CUDA's index_add_ adds by atomics, in no fixed order) indexing's selection stays
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", lambda self, indices: selections.append(indices.device.type))
+    cache = DynamicCache()
+    cache.update(torch.empty(3, 2, 5, 4, device="meta"), torch.empty(3, 2, 5, 4, device="meta"), 0)
+    select_cache_rows(cache, rows.to("meta"))
+    assert selections[-1] == "meta"
 
 
 def test_the_shared_prompt_prefix_runs_without_the_lm_head(tiny_model_dir):
@@ -1335,3 +1342,62 @@ def test_the_optimizer_is_torchs_fused_adamw_where_weights_are_not_sharded(tiny_
     assert isinstance(optimizer, torch.optim.AdamW) and all(group["fused"] for group in optimizer.param_groups)
     trainer.train()
     assert all(state["step"] == 1 for state in optimizer.state.values())
+
+
+@pytest.mark.parametrize("saved_fused", [False, True])
+def test_a_resumed_run_takes_its_own_adamw_kernel_not_the_checkpoints(tiny_model_dir, tmp_path, monkeypatch,
+                                                                      saved_fused):
+    """The checkpoint's saved AdamW settings name its kernel; a run resumed from it takes the one
+    this run builds (a checkpoint of the per-op AdamW, as before 2026-12-06, resumes fused; a fused
+    one resumes per-op where the run would not fuse), with each step count where that kernel keeps
+    it, and trains on. Before, the checkpoint's kernel came back (helper-59's review)."""
+    import rlhf.build
+    import rlhf.trainer
+
+    settings = {
+        **ALGORITHM_DEFAULTS["grpo"], "model_name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "run"),
+        "rollout_batch_size": 2, "num_generations": 2, "mini_batch_size": 4, "max_new_tokens": 4,
+        "lora_r": 4, "lora_alpha": 8, "save_steps": 1, "num_samples_to_log": 0,
+        "reward_funcs": [f"{FIXTURES / 'rewards.py'}:char_diversity"]}
+    for module in (rlhf.build, rlhf.trainer):
+        monkeypatch.setattr(module, "fused_adamw", lambda accelerator: saved_fused)
+    RLTrainer(RLConfig(**settings, max_steps=1)).train()
+    for module in (rlhf.build, rlhf.trainer):
+        monkeypatch.setattr(module, "fused_adamw", lambda accelerator: not saved_fused)
+    trainer = RLTrainer(RLConfig(**settings, max_steps=2, resume_from_checkpoint="latest"))
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    trainer.train()
+    assert trainer.step == 2
+    assert all(bool(group["fused"]) is (not saved_fused) for group in optimizer.param_groups)
+    assert all(state["step"] == 2 and state["step"].device.type == "cpu" for state in optimizer.state.values())
+
+
+def test_a_model_whose_forward_changes_its_inputs_keeps_its_forward_for_the_prefix(tiny_model_dir):
+    """A CausalLM whose own forward changes the ids before its decoder (here: ids >= 1000 become 0)
+    fails the projection probe, whose ids spread over the vocabulary: the shared prompt's forward
+    runs the model, and the shared prefix gives the unshared logprobs. With a probe of ids 0..2
+    (helper-59's review) it passed, and the prefix skipped the change (logprobs 0.1 apart)."""
+    from transformers import LlamaForCausalLM
+
+    from rlhf.models import PolicyWithValue, add_lora, plain_output_projection
+
+    class RemappedIds(LlamaForCausalLM):
+        def forward(self, input_ids=None, **kwargs):
+            if input_ids is not None:
+                input_ids = torch.where(input_ids >= 1000, torch.zeros_like(input_ids), input_ids)
+            return super().forward(input_ids=input_ids, **kwargs)
+
+    torch.manual_seed(1)
+    policy = add_lora(RemappedIds.from_pretrained(str(tiny_model_dir)), 4, 8, 0.0, ["q_proj", "v_proj"])
+    for name, parameter in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    assert not plain_output_projection(policy)
+    prompt, length = 6, 4
+    ids = torch.randint(0, 2000, (4, prompt + length), generator=torch.Generator().manual_seed(3))
+    ids[1, :prompt], ids[3, :prompt] = ids[0, :prompt], ids[2, :prompt]
+    attention, positions = torch.ones_like(ids), torch.arange(prompt + length).expand_as(ids)
+    with torch.no_grad():
+        unshared, shared = (PolicyWithValue(policy, None, share_prompt_prefix=share)(
+            ids, attention, positions, length, labels=ids[:, prompt:])[0] for share in (False, True))
+    assert torch.allclose(unshared, shared, atol=1e-5)
