@@ -880,8 +880,9 @@ def plain_output_projection(policy: PeftModel) -> bool:
     decoder builds the model's KV cache: the output embedding is a plain bias-free float32
     ``nn.Linear`` (no LoRA on it) and a forward of a short input agrees both ways, logits and cache
     (models that soft-cap or scale logits do not, nor a model whose own forward changes its inputs
-    before the decoder: the probe's ids spread over the whole vocabulary). The chunked logprobs and
-    the shared prompt's forward run the decoder alone where this holds."""
+    before the decoder: the probe's ids spread over the whole vocabulary, one row is left-padded and
+    both take the trainer's position ids). The chunked logprobs and the shared prompt's forward run
+    the decoder alone where this holds."""
     head = policy.get_output_embeddings()
     if (type(head) is not nn.Linear or head.bias is not None or head.weight.dtype != torch.float32
             or head.weight.requires_grad):  # the chunked backward gives the head no gradient
@@ -894,11 +895,14 @@ def plain_output_projection(policy: PeftModel) -> bool:
         probe = torch.tensor([[vocabulary - 1, vocabulary // 2, 1, 2 * vocabulary // 3],
                               [vocabulary // 3, vocabulary - 2, 2, vocabulary // 7]], device=head.weight.device)
         with torch.no_grad():
-            # an explicit mask: the probe's ids may hold the pad id, which makes transformers warn
+            # an explicit mask (the probe's ids may hold the pad id, which makes transformers warn),
+            # with left padding and the positions the trainer passes, as a rollout's rows have them
             mask = torch.ones_like(probe)
-            outputs = policy(input_ids=probe, attention_mask=mask, use_cache=True)
+            mask[1, 0] = 0
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            outputs = policy(input_ids=probe, attention_mask=mask, position_ids=positions, use_cache=True)
             expected = outputs.logits.float()
-            decoded = decoder(input_ids=probe, attention_mask=mask, use_cache=True)
+            decoded = decoder(input_ids=probe, attention_mask=mask, position_ids=positions, use_cache=True)
             hidden = decoded.last_hidden_state
             if hidden.dtype != head.weight.dtype:  # a model that casts before its head: not the plain projection
                 return False

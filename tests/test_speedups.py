@@ -1372,23 +1372,32 @@ def test_a_resumed_run_takes_its_own_adamw_kernel_not_the_checkpoints(tiny_model
     assert all(state["step"] == 2 and state["step"].device.type == "cpu" for state in optimizer.state.values())
 
 
-def test_a_model_whose_forward_changes_its_inputs_keeps_its_forward_for_the_prefix(tiny_model_dir):
-    """A CausalLM whose own forward changes the ids before its decoder (here: ids >= 1000 become 0)
-    fails the projection probe, whose ids spread over the vocabulary: the shared prompt's forward
-    runs the model, and the shared prefix gives the unshared logprobs. With a probe of ids 0..2
-    (helper-59's review) it passed, and the prefix skipped the change (logprobs 0.1 apart)."""
+@pytest.mark.parametrize("changed", ["ids", "given_positions", "padded_mask"])
+def test_a_model_whose_forward_changes_its_inputs_keeps_its_forward_for_the_prefix(tiny_model_dir, changed):
+    """A CausalLM whose own forward changes its inputs before its decoder (ids >= 1000 become 0;
+    position ids moved by 3 where they are given; a padded mask made all ones) fails the
+    projection probe, whose ids spread over the vocabulary, with a left-padded row and the
+    trainer's position ids: the shared prompt's forward (and the chunked head) run the model, and
+    the shared prefix gives the unshared logprobs. With a probe of ids 0..2 and no padding
+    (helper-59's and helper-60's reviews) each passed, and the prefix skipped the change (the
+    remapped ids' logprobs 0.1 apart)."""
     from transformers import LlamaForCausalLM
 
     from rlhf.models import PolicyWithValue, add_lora, plain_output_projection
 
-    class RemappedIds(LlamaForCausalLM):
-        def forward(self, input_ids=None, **kwargs):
-            if input_ids is not None:
+    class ChangedInputs(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+            if changed == "ids" and input_ids is not None:
                 input_ids = torch.where(input_ids >= 1000, torch.zeros_like(input_ids), input_ids)
-            return super().forward(input_ids=input_ids, **kwargs)
+            if changed == "given_positions" and position_ids is not None:
+                position_ids = position_ids + 3
+            if changed == "padded_mask" and attention_mask is not None and not bool(attention_mask.all()):
+                attention_mask = torch.ones_like(attention_mask)
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   **kwargs)
 
     torch.manual_seed(1)
-    policy = add_lora(RemappedIds.from_pretrained(str(tiny_model_dir)), 4, 8, 0.0, ["q_proj", "v_proj"])
+    policy = add_lora(ChangedInputs.from_pretrained(str(tiny_model_dir)), 4, 8, 0.0, ["q_proj", "v_proj"])
     for name, parameter in policy.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.02)
