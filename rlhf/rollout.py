@@ -641,9 +641,19 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
                                                              cache_bytes, vocabulary):
                     vocabulary = 0
                 recorded = fast_forward.projection_modules()
-                recorder = SampledProducts([module for module in replayable_modules(plain.policy) if module in recorded],
-                                           len(raw_prompts), config.max_new_tokens, next(plain.policy.parameters()).device,
-                                           vocabulary)
+                replayable = [module for module in replayable_modules(plain.policy) if module in recorded]
+                # and the attentions' outputs, where q, k and v are kept and memory holds them too; not
+                # with checkpointed layers, whose forward runs again in the backward, as its own
+                checkpointed = any(getattr(module, "gradient_checkpointing", False)
+                                   or hasattr(module, "_checkpoint_wrapped_module") for module in plain.policy.modules())
+                attentions = {attention: qkv for attention, qkv in fast_forward.attention_modules().items()
+                              if not checkpointed and all(module in replayable for module in qkv)}
+                if attentions and not sampled_products_bytes(
+                        plain, len(raw_prompts), config.max_new_tokens, eligible, cache_bytes, vocabulary,
+                        SampledProducts.attention_bytes(attentions, len(raw_prompts), config.max_new_tokens)):
+                    attentions = {}
+                recorder = SampledProducts(replayable, len(raw_prompts), config.max_new_tokens,
+                                           next(plain.policy.parameters()).device, vocabulary, attentions)
             for start in range(0, len(raw_prompts), chunk):
                 part = slice(start, start + chunk)
                 if episodes is not None:
@@ -677,9 +687,9 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
 
 
 def sampled_products_bytes(model: PolicyWithValue, rows: int, max_new_tokens: int, eligible: bool,
-                           reserve_bytes: int = 0, vocabulary: int = 0) -> int:
+                           reserve_bytes: int = 0, vocabulary: int = 0, attention_bytes: int = 0) -> int:
     """Memory for the sampler's products of ``rows`` responses (``rlhf.sampled_products``; with
-    their logits where ``vocabulary`` > 0), or 0
+    their logits where ``vocabulary`` > 0, and ``attention_bytes`` more for attention outputs), or 0
     where they are not kept: not ``eligible`` (tool episodes, no sampler's forward), not on a CPU, no
     shared prompt prefix in the update's forward (the only forward that takes them), no layer that
     could take them, or more than a quarter of the memory free beyond ``reserve_bytes`` (the KV
@@ -688,5 +698,5 @@ def sampled_products_bytes(model: PolicyWithValue, rows: int, max_new_tokens: in
 
     if not eligible or not model.share_prompt_prefix or next(model.policy.parameters()).device.type != "cpu":
         return 0
-    needed = SampledProducts.bytes_needed(model.policy, rows, max_new_tokens, vocabulary)
+    needed = SampledProducts.bytes_needed(model.policy, rows, max_new_tokens, vocabulary) + attention_bytes
     return needed if 0 < needed <= (available_memory_bytes() - reserve_bytes) // 4 else 0

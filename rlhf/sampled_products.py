@@ -30,6 +30,19 @@ the same rule as the products, and only by a forward that took every kept projec
 its rows, whose hidden states are then the sampler's (a reference pass with the adapters switched
 off takes none, and projects its own logits).
 
+The attention too, where the memory holds it beside the rest: each decode step calls SDPA's CPU
+flash kernel itself (``decode_attention``: bitwise SDPA's output, and the softmax's log-sum-exp,
+which SDPA computes and drops), and keeps the attention's output [columns, rows, heads x head dim]
+and log-sum-exp [columns, rows, heads]. The update's forward then takes them in place of its SDPA
+forward (``_attention_taking_kept``, transformers' stock SDPA function while it replays), and
+SDPA's flash backward computes the q/k/v gradients from them: given SDPA's own output and
+log-sum-exp, bitwise autograd's. Taken once per row, by a forward whose q, k and v of that layer
+were the kept products, with a boolean mask (the shared prefix makes one), no dropout; the
+sampler's numbers differ from the update's own SDPA by float rounding (one query row against
+many). Not with checkpointed layers (their forward runs again in the backward). SmolLM2-135M's
+shape, 16 rows: the SDPA forward takes 1.8 / 27 / 97 / 318 ms per layer at 32 / 256 / 512 / 1024
+new tokens (30 layers); the sampler pays two small writes per layer and step.
+
 The outputs are kept by the sampler's forward (``rlhf.sampling_forward``: Llama, Mistral, Qwen2,
 Qwen3), on a CPU, for single responses (not tool episodes), where a quarter of the free memory
 holds them. A forward takes them only when every trained parameter of the policy equals its
@@ -49,11 +62,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend
 
 _replaying: "_Replay | None" = None  # the forward now taking kept products, if any
+_FLASH_ATTENTION = int(SDPBackend.FLASH_ATTENTION)  # torch._fused_sdp_choice's answer for SDPA's flash kernels
 
 
 class SampledProducts:
@@ -67,7 +83,7 @@ class SampledProducts:
     (after a row's last token, which it draws but never feeds; a row that left the batch)."""
 
     def __init__(self, modules: list[nn.Module], rows: int, columns: int, device: torch.device,
-                 vocabulary: int = 0):
+                 vocabulary: int = 0, attentions: dict[nn.Module, tuple[nn.Module, ...]] | None = None):
         # uninitialised: the positions the sampler never feeds are zeroed by ``seal`` (no memset of
         # the whole buffer first)
         self.outputs = {module: torch.empty(columns, rows, module.get_base_layer().out_features, device=device)
@@ -78,6 +94,19 @@ class SampledProducts:
         self.logits = torch.empty(columns, rows, vocabulary, device=device) if vocabulary else None
         self.logits_taken = torch.zeros(rows, dtype=torch.bool, device=device)
         self.tokens = torch.full((rows, columns), -1, dtype=torch.long, device=device)
+        # per attention module of ``attentions`` (its q, k and v projections there): the attention's
+        # output [columns, rows, heads * head dim] and log-sum-exp [columns, rows, heads] at each
+        # sampled position, where the sampler's decode steps computed them with SDPA's CPU flash
+        # kernel; the update's forward takes them instead of its own SDPA forward (``_Replay.attention``)
+        self.attention_inputs = dict(attentions or {})
+        self.attended = {attention: torch.empty(columns, rows, attention_width(qkv), device=device)
+                         for attention, qkv in self.attention_inputs.items()}
+        self.logsumexp = {attention: torch.empty(columns, rows, attention_width(qkv) // attention.head_dim,
+                                                 device=device)
+                          for attention, qkv in self.attention_inputs.items()}
+        self.attention_taken = {attention: torch.zeros(rows, dtype=torch.bool, device=device)
+                                for attention in self.attention_inputs}
+        self._attention_step: set[nn.Module] = set()  # the attentions the sampler's forward now running wrote
         # (tensor, its version counter, its storage address) per parameter and buffer: set by ``seal``
         # once sampling has ended
         self.versions: list[tuple[Tensor, int | None, int]] | None = None
@@ -105,6 +134,13 @@ class SampledProducts:
         widths = sum(module.get_base_layer().out_features for module in replayable_modules(policy))
         return 4 * rows * columns * (widths + vocabulary)
 
+    @staticmethod
+    def attention_bytes(attentions: dict[nn.Module, tuple[nn.Module, ...]], rows: int, columns: int) -> int:
+        """Bytes of the attention outputs and log-sum-exps kept for ``attentions`` (as the constructor
+        takes them) at ``rows`` x ``columns`` positions."""
+        return 4 * rows * columns * sum(attention_width(qkv) + attention_width(qkv) // attention.head_dim
+                                        for attention, qkv in attentions.items())
+
     def sampled_prompts(self, first_row: int, prefix_ids: Tensor, prefix_mask: Tensor) -> None:
         """The prompts of rows ``first_row`` on as the sampler feeds them but their last token
         (``prefix_ids``, ``prefix_mask`` [b, p]): a response's products hold only for its own prompt,
@@ -119,10 +155,15 @@ class SampledProducts:
         that forward wrote them (the model's own forward, which a sliding-window model takes past
         its window, keeps nothing)."""
         self._where, self._written = (rows, column), False
+        self._attention_step = set()
         try:
             yield
             if self._written:
                 self.tokens[rows, column] = token_ids
+                # an attention this step did not write (a prompt fed whole, another SDPA kernel) is
+                # not the sampler's at that position: none of it is taken
+                for attention in [a for a in self.attended if a not in self._attention_step]:
+                    self._drop_attention(attention)
         finally:
             self._where = None
 
@@ -161,6 +202,22 @@ class SampledProducts:
             self._written = True
             self.written.add(module)
 
+    def keeps_attention(self, attention: nn.Module) -> bool:
+        """Whether the forward now running keeps ``attention``'s output (a decode step, recorded)."""
+        return self._where is not None and self._prefix is None and attention in self.attended
+
+    def write_attention(self, attention: nn.Module, attended: Tensor, logsumexp: Tensor) -> None:
+        """``attended`` [b, 1, heads x head dim] and ``logsumexp`` [b, heads]: ``attention``'s output
+        in the sampler's decode step and its softmax's log-normaliser per head, kept at this step's column."""
+        rows, column = self._where
+        self.attended[attention][column, rows] = attended[:, -1]
+        self.logsumexp[attention][column, rows] = logsumexp
+        self._attention_step.add(attention)
+
+    def _drop_attention(self, attention: nn.Module) -> None:
+        for kept in (self.attended, self.logsumexp, self.attention_taken, self.attention_inputs):
+            kept.pop(attention, None)
+
     def write_logits(self, logits: Tensor) -> None:
         """``logits`` [b, q, V]: the LM head's output in the sampler's forward, kept at its last position
         (nothing in a prefill, whose last position predicts no response token)."""
@@ -186,8 +243,14 @@ class SampledProducts:
         # still computes from it, and a backward that multiplies its zero gradient by a NaN gets NaN.
         unfed = (self.tokens < 0).t()
         if bool(unfed.any()):
-            for kept in [*self.outputs.values(), *([self.logits] if self.logits is not None else [])]:
+            for kept in [*self.outputs.values(), *self.attended.values(),
+                         *([self.logits] if self.logits is not None else [])]:
                 kept[unfed] = 0.0
+            # there the attention's backward then weighs every key by exp(score - inf) = 0: such a
+            # position's output gradient is zero (it predicts nothing the loss counts), so its
+            # gradients are the zeros of the plain backward
+            for kept in self.logsumexp.values():
+                kept[unfed] = float("inf")
         parameters = list(policy.parameters())
         # Buffers too (a rotary embedding's inv_freq); the storage address tells a ``.data = ...``
         # swap, which moves no version counter (a write into ``.data`` in place is not seen).
@@ -201,6 +264,8 @@ class SampledProducts:
 
     def release(self) -> None:
         self.outputs.clear()
+        for attention in list(self.attended):
+            self._drop_attention(attention)
         self.logits = None
         self.taken.clear()
         self.prefixes.clear()
@@ -310,6 +375,7 @@ class _Replay:
         # consecutive rows are sliced out, others gathered
         self.consecutive = bool(torch.equal(rows, whole))
         self.served: set[nn.Module] = set()  # the modules whose kept outputs this forward took
+        self._float_mask: tuple[Tensor, Tensor] | None = None  # (a boolean mask, it as SDPA adds it)
 
     def output(self, module: nn.Module, x: Tensor) -> Tensor | None:
         """The kept output [b * w, out] of ``module`` for input ``x`` [b, w, in], or None (also
@@ -360,16 +426,161 @@ class _Replay:
         index = (columns.unsqueeze(0) * sampled_rows + self.rows.unsqueeze(1)).reshape(-1)
         return kept.view(-1, kept.shape[-1]), index
 
+    def attention(self, attention: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None,
+                  dropout: float, kwargs: dict) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The sampler's output [b, heads, w, head dim] (SDPA's CPU flash layout) and log-sum-exp
+        [b, heads, w] of ``attention`` at this forward's rows and columns, with its boolean mask as
+        SDPA adds it, or None: none kept, another call than the plain SDPA the sampler's was (a
+        float or no mask, dropout, a position bias, soft-capping), a row taken already, or q, k and
+        v not the sampler's products in this forward (then neither are the scores)."""
+        products = self.products
+        kept = products.attended.get(attention)
+        if (kept is None or dropout != 0.0 or query.dim() != 4 or query.shape[0] != self.rows.numel()
+                or query.shape[2] != self.width or query.dtype != torch.float32 or key.dtype != torch.float32
+                or attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4
+                or attention_mask.shape[1] != 1 or attention_mask.shape[2:] != (self.width, key.shape[2])
+                or any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux"))
+                or kwargs.get("output_attentions")
+                or not all(module in self.served for module in products.attention_inputs[attention])):
+            return None
+        taken = products.attention_taken[attention]
+        if bool(taken[self.rows].any()):
+            return None
+        taken[self.rows] = True
+        heads, width = products.logsumexp[attention].shape[-1], self.width
+        if self.consecutive:
+            start = int(self.rows[0])
+            rows = slice(start, start + self.rows.numel())
+            attended = kept[:width, rows].transpose(0, 1).contiguous()
+            logsumexp = products.logsumexp[attention][:width, rows].permute(1, 2, 0).contiguous()
+        else:
+            attended = kept[:width].transpose(0, 1).index_select(0, self.rows)
+            logsumexp = products.logsumexp[attention][:width].permute(1, 2, 0).index_select(0, self.rows).contiguous()
+        if bool(taken.all()):
+            products._drop_attention(attention)
+        if self._float_mask is None or self._float_mask[0] is not attention_mask:
+            # every layer of a forward has the same mask
+            self._float_mask = (attention_mask, additive_mask(attention_mask, query.dtype))
+        output = attended.view(query.shape[0], width, heads, -1).transpose(1, 2)
+        return output, logsumexp, self._float_mask[1]
+
+
+class _KeptAttention(torch.autograd.Function):
+    """SDPA whose forward the sampler ran: returns the kept output; the backward is SDPA's CPU
+    flash backward, which needs only q, k, v, the output and the log-sum-exp (bitwise autograd's
+    through SDPA, given the same ones)."""
+
+    @staticmethod
+    def forward(ctx: Any, query: Tensor, key: Tensor, value: Tensor, output: Tensor, logsumexp: Tensor,
+                float_mask: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(query, key, value, output, logsumexp, float_mask)
+        ctx.scale = scale
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        query, key, value, output, logsumexp, float_mask = ctx.saved_tensors
+        grad_query, grad_key, grad_value = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, query, key, value, output, logsumexp, 0.0, False, attn_mask=float_mask, scale=ctx.scale)
+        return grad_query, grad_key, grad_value, None, None, None, None
+
+
+def _attention_taking_kept(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                           attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                           **kwargs: Any) -> tuple[Tensor, None]:
+    """transformers' SDPA attention function, but where the forward now replaying has the sampler's
+    output of this attention: that output, and SDPA's backward from it."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    replay = _replaying
+    kept = (replay.attention(module, query, key, attention_mask, dropout, kwargs)
+            if isinstance(replay, _Replay) else None)
+    if kept is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    output, logsumexp, float_mask = kept
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    attended = _KeptAttention.apply(query, key, value, output, logsumexp, float_mask, scale)
+    return attended.transpose(1, 2).contiguous(), None
+
 
 @contextlib.contextmanager
-def replaying(replay: _Replay | None) -> Iterator[None]:
-    """Within: LoRA layers of ``replay``'s products return them instead of multiplying (None: plain)."""
-    global _replaying
-    previous, _replaying = _replaying, replay
+def _kept_attention_installed() -> Iterator[None]:
+    """Within, models whose attention is transformers' stock SDPA function call
+    ``_attention_taking_kept`` instead (through the shared ``ALL_ATTENTION_FUNCTIONS``; a user's own
+    "sdpa" function, or a model with an attention registry of its own, is left as it is)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    local = getattr(ALL_ATTENTION_FUNCTIONS, "_local_mapping", None)
+    if not isinstance(local, dict) or ALL_ATTENTION_FUNCTIONS.get("sdpa") is not sdpa_attention_forward:
+        yield
+        return
+    previous = local.get("sdpa")
+    local["sdpa"] = _attention_taking_kept
     try:
         yield
     finally:
+        if previous is None:
+            local.pop("sdpa", None)
+        else:
+            local["sdpa"] = previous
+
+
+@contextlib.contextmanager
+def replaying(replay: _Replay | _PrefixReplay | None) -> Iterator[None]:
+    """Within: LoRA layers of ``replay``'s products return them instead of multiplying, and its
+    kept attention outputs are taken (None: plain)."""
+    global _replaying
+    previous, _replaying = _replaying, replay
+    try:
+        with (_kept_attention_installed() if isinstance(replay, _Replay) and replay.products.attended
+              else contextlib.nullcontext()):
+            yield
+    finally:
         _replaying = previous
+
+
+def attention_width(qkv: tuple[nn.Module, ...]) -> int:
+    """An attention's output width (heads x head dim) from its q, k, v projections: q's output width."""
+    query = qkv[0]
+    return (query.get_base_layer() if hasattr(query, "get_base_layer") else query).out_features
+
+
+def additive_mask(mask: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor | None:
+    """A boolean attention mask as SDPA adds it to the scores (0 where True, -inf where False); an
+    additive mask or None as it is."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def decode_attention(attention: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                     scaling: float | None) -> tuple[Tensor, Tensor] | None:
+    """transformers' SDPA attention function for one query position (a decode step), returning
+    also the softmax's log-sum-exp: (output [b, 1, heads, head dim], log-sum-exp [b, heads]), or
+    None where SDPA would not take its CPU flash kernel (whose op this calls, to get the
+    log-sum-exp; the output is then bitwise SDPA's). query [b, heads, 1, head dim]; key, value
+    [b, kv heads, S, head dim]; attention_mask [b, 1, 1, S] boolean or additive, or None."""
+    from transformers.integrations.sdpa_attention import pack_gqa, use_gqa_in_sdpa
+
+    if query.shape[2] != 1 or query.device.type != "cpu" or query.dtype != torch.float32:
+        return None
+    groups = getattr(attention, "num_key_value_groups", 1)
+    grouped = False
+    if groups > 1:  # as transformers' function does for one query position
+        if use_gqa_in_sdpa(attention_mask, key, value):
+            grouped = True
+        else:
+            query, attention_mask = pack_gqa(query, groups), pack_gqa(attention_mask, groups)
+    if torch._fused_sdp_choice(query, key, value, attention_mask, 0.0, False, scale=scaling,
+                               enable_gqa=grouped) != _FLASH_ATTENTION:
+        return None
+    attention_mask = additive_mask(attention_mask, query.dtype)
+    output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, False, attn_mask=attention_mask, scale=scaling)
+    output = output.reshape(output.shape[0], -1, 1, value.shape[-1]).transpose(1, 2)
+    return output, logsumexp.reshape(logsumexp.shape[0], -1)
 
 
 def kept_output(module: nn.Module, x: Tensor) -> Tensor | None:

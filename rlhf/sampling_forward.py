@@ -471,8 +471,11 @@ class SamplingForward:
     def _forward(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, cache: Any,
                  use_cache: bool, logits_to_keep: int | Tensor) -> SamplingOutput:
         from transformers.cache_utils import DynamicCache
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
         from transformers.masking_utils import create_causal_mask
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+
+        from rlhf.sampled_products import additive_mask, decode_attention
 
         hidden = self.decoder.embed_tokens(input_ids)
         if cache is None:
@@ -491,6 +494,10 @@ class SamplingForward:
         fused = ((batch * length >= 2 or self.folded) and not torch.is_grad_enabled()
                  and not torch.is_autocast_enabled(hidden.device.type))
         keep = self.recorder.write if self.recorder is not None and self.recorder.recording else None
+        # the attention's output and log-sum-exp too, for the update's backward (rlhf.sampled_products)
+        keep_attention = keep is not None and length == 1 and attention_function is sdpa_attention_forward
+        # SDPA turns a boolean mask into the one it adds on every call: once per step here (bitwise the same)
+        added_mask = additive_mask(mask) if keep_attention else None
         together_cos = together_sin = None  # the rotary angles as rotate_query_key takes them
         for index, layer in enumerate(self.layers):
             normed = layer.input_norm(hidden)
@@ -524,9 +531,15 @@ class SamplingForward:
                     query, key = layer.q_norm(query), layer.k_norm(key)
                 query, key = self.apply_rotary(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
             key, value = cache.update(key, value.transpose(1, 2), index)
-            attended, _ = attention_function(layer.attention, query, key, value, mask, dropout=0.0,
-                                             scaling=layer.attention.scaling)
-            attended = attended.reshape(batch, length, -1).contiguous()
+            kept_attention = (decode_attention(layer.attention, query, key, value, added_mask, layer.attention.scaling)
+                              if keep_attention and self.recorder.keeps_attention(layer.attention) else None)
+            if kept_attention is not None:
+                attended = kept_attention[0].reshape(batch, length, -1).contiguous()
+                self.recorder.write_attention(layer.attention, attended, kept_attention[1])
+            else:
+                attended, _ = attention_function(layer.attention, query, key, value, mask, dropout=0.0,
+                                                 scaling=layer.attention.scaling)
+                attended = attended.reshape(batch, length, -1).contiguous()
             attention_output = (_packed_product(attended, layer.o_packed, layer.o_lora)
                                 if fused and layer.o_packed is not None else layer.o(attended))
             if keep is not None:
@@ -562,6 +575,11 @@ class SamplingForward:
     def projection_modules(self) -> set[nn.Module]:
         """The projection modules whose outputs a recording call keeps (``recorder``)."""
         return {module for layer in self.layers for module in layer.modules}
+
+    def attention_modules(self) -> dict[nn.Module, tuple[nn.Module, ...]]:
+        """Each layer's attention module, with its q, k and v projections: a recording decode step
+        keeps the attention's output where the recorder holds room for it."""
+        return {layer.attention: layer.modules[:3] for layer in self.layers}
 
     def _release_fused(self) -> None:
         """Drop the fused packed weights: the model's forward packs each layer's own weights, and

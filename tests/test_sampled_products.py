@@ -18,10 +18,10 @@ def _policy(model_dir, chunked):
     return PolicyWithValue(policy, None, share_prompt_prefix=True, chunk_logits_bytes=0 if chunked else None)
 
 
-def _sample(model, model_dir, stops=None, max_new_tokens=7, rotated_together=None, logits=False):
+def _sample(model, model_dir, stops=None, max_new_tokens=7, rotated_together=None, logits=False, attention=False):
     """A grouped rollout sampled through the sampler's forward, its products kept (``rotated_together``:
     whether its layers must rotate q and k as one view of the fused q/k/v product; ``logits``: its
-    logits too)."""
+    logits too; ``attention``: its attention outputs too)."""
     from rlhf.models import load_tokenizer
     from rlhf.rollout import generate_rollout, sampling_speedups
     from rlhf.sampled_products import SampledProducts, replayable_modules
@@ -29,12 +29,14 @@ def _sample(model, model_dir, stops=None, max_new_tokens=7, rotated_together=Non
     tokenizer = load_tokenizer(str(model_dir))
     vocabulary = model.chunked_vocabulary() if logits else 0
     assert vocabulary or not logits
-    recorder = SampledProducts(replayable_modules(model.policy), len(PROMPTS), max_new_tokens, torch.device("cpu"),
-                               vocabulary)
-    for kept in [*recorder.outputs.values(), *([recorder.logits] if logits else [])]:
-        kept.fill_(float("nan"))  # memory a step before left behind: anything unwritten shows
     with sampling_speedups(model.policy) as (sampler, fast_forward):
         assert fast_forward is not None
+        recorder = SampledProducts(replayable_modules(model.policy), len(PROMPTS), max_new_tokens, torch.device("cpu"),
+                                   vocabulary, fast_forward.attention_modules() if attention else None)
+        assert len(recorder.attended) == (model.policy.config.num_hidden_layers if attention else 0)
+        for kept in [*recorder.outputs.values(), *recorder.attended.values(), *recorder.logsumexp.values(),
+                     *([recorder.logits] if logits else [])]:
+            kept.fill_(float("nan"))  # memory a step before left behind: anything unwritten shows
         if rotated_together is not None:
             assert all(layer.rotate_together == rotated_together for layer in fast_forward.layers)
         torch.manual_seed(1)
@@ -544,9 +546,9 @@ def test_logits_are_kept_where_the_update_chunks_and_memory_holds_them(tiny_mode
     reserve = {}
     bytes_needed = rollout_module.sampled_products_bytes
 
-    def remembering(model, rows, columns, eligible, reserve_bytes=0, vocabulary=0):
+    def remembering(model, rows, columns, eligible, reserve_bytes=0, vocabulary=0, attention_bytes=0):
         reserve["bytes"] = reserve_bytes
-        return bytes_needed(model, rows, columns, eligible, reserve_bytes, vocabulary)
+        return bytes_needed(model, rows, columns, eligible, reserve_bytes, vocabulary, attention_bytes)
 
     monkeypatch.setattr(rollout_module, "sampled_products_bytes", remembering)
     rollout_of("probe")
@@ -584,3 +586,254 @@ def test_a_reference_pass_with_the_adapters_off_projects_its_own_logits(tiny_mod
     mask = rollout.mask.bool()
     torch.testing.assert_close(reference[mask], expected[mask], rtol=1e-4, atol=1e-5)
     assert (policy[mask] - reference[mask]).abs().max() > 1e-3  # the adapter moves them: the test can tell
+
+
+# --- the attention outputs: the update's SDPA forward taken from the sampler's decode steps ---
+
+def _sdpa_inputs(batch=3, heads=4, kv_heads=2, width=5, prefix=6, dim=8, seed=0):
+    """q [b, heads, w, d], k, v [b, kv heads, prefix + w, d] with gradients, and the causal boolean
+    mask [b, 1, w, prefix + w] of a left-padded batch after a prompt prefix (as the update's forward has)."""
+    generator = torch.Generator().manual_seed(seed)
+    columns = prefix + width
+    query = torch.randn(batch, heads, width, dim, generator=generator, requires_grad=True)
+    key = torch.randn(batch, kv_heads, columns, dim, generator=generator, requires_grad=True)
+    value = torch.randn(batch, kv_heads, columns, dim, generator=generator, requires_grad=True)
+    causal = torch.arange(columns)[None, :] <= torch.arange(prefix, columns)[:, None]
+    mask = causal.expand(batch, 1, width, columns).clone()
+    mask[0, ..., :2] = False  # left padding in one row
+    return query, key, value, mask
+
+
+def test_the_kept_attention_function_is_sdpas_given_its_output_and_logsumexp():
+    """Given SDPA's own output and log-sum-exp, the autograd function returns that output and SDPA's
+    gradients bitwise (grouped heads, a padded mask); positions kept as never fed (output 0,
+    log-sum-exp +inf) with a zero output gradient, as a row's positions after its end have, give
+    the same gradients as SDPA's backward there, where exp(score - lse) would otherwise overflow."""
+    import torch.nn.functional as F
+
+    from rlhf.sampled_products import _KeptAttention, additive_mask
+
+    query, key, value, mask = _sdpa_inputs()
+    scale = query.shape[-1] ** -0.5
+    plain = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
+    grad = torch.randn(plain.shape)
+    grad[1, :, -2:] = 0.0  # row 1's last two positions predict nothing
+    expected = torch.autograd.grad(plain, (query, key, value), grad)
+    detached = [t.detach() for t in (query, key, value)]
+    output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        *detached, 0.0, False, attn_mask=additive_mask(mask), scale=scale)
+    # laid out as the replay hands them out: [b, w, heads * d] transposed, log-sum-exp contiguous
+    kept = output.transpose(1, 2).reshape(output.shape[0], output.shape[2], -1).clone()
+    kept_output = kept.view(*kept.shape[:2], query.shape[1], -1).transpose(1, 2)
+    attended = _KeptAttention.apply(query, key, value, kept_output, logsumexp.contiguous(), additive_mask(mask), scale)
+    assert torch.equal(attended, plain.detach())
+    for taken, wanted in zip(torch.autograd.grad(attended, (query, key, value), grad), expected):
+        assert torch.equal(taken, wanted)
+    unfed_output, unfed_logsumexp = kept_output.clone(), logsumexp.contiguous().clone()
+    unfed_output[1, :, -2:], unfed_logsumexp[1, :, -2:] = 0.0, float("inf")
+    attended = _KeptAttention.apply(query, key, value, unfed_output, unfed_logsumexp, additive_mask(mask), scale)
+    taken = torch.autograd.grad(attended, (query, key, value), grad)
+    assert all(bool(torch.isfinite(t).all()) for t in taken)
+    for taken_grad, wanted in zip(taken, expected):
+        torch.testing.assert_close(taken_grad, wanted, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask_kind", ["boolean", "additive", "none"])
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_decode_attention_is_transformers_sdpa_bitwise_with_its_logsumexp(mask_kind, kv_heads):
+    """One query position, as the sampler decodes: the output is transformers' SDPA attention
+    function's, bitwise (grouped heads packed as transformers packs them), and the log-sum-exp is
+    the softmax's normaliser; None where SDPA would take another kernel than its CPU flash one."""
+    from types import SimpleNamespace
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from rlhf.sampled_products import additive_mask, decode_attention
+
+    query, key, value, mask = _sdpa_inputs(kv_heads=kv_heads, width=1)
+    query, key, value = query.detach(), key.detach(), value.detach()
+    given = {"boolean": mask, "additive": additive_mask(mask), "none": None}[mask_kind]
+    module = SimpleNamespace(num_key_value_groups=query.shape[1] // kv_heads, is_causal=True)
+    expected, _ = sdpa_attention_forward(module, query, key, value, given, dropout=0.0, scaling=0.3)
+    output, logsumexp = decode_attention(module, query, key, value, given, 0.3)
+    assert torch.equal(output.contiguous(), expected)
+    grouped_key = key.repeat_interleave(module.num_key_value_groups, 1)
+    scores = (query @ grouped_key.transpose(-1, -2))[:, :, 0] * 0.3
+    if given is not None:
+        scores = scores + additive_mask(mask)[:, :, 0]
+    torch.testing.assert_close(logsumexp, torch.logsumexp(scores, -1))
+    with sdpa_kernel(SDPBackend.MATH):
+        assert decode_attention(module, query, key, value, given, 0.3) is None
+    assert decode_attention(module, query.double(), key.double(), value.double(), given, 0.3) is None
+
+
+def _attention_calls(monkeypatch) -> list[bool]:
+    """Per call of ``_Replay.attention`` from here on, whether it handed out the kept attention."""
+    from rlhf import sampled_products
+
+    taken = []
+    attention = sampled_products._Replay.attention
+
+    def counting(self, *args):
+        kept = attention(self, *args)
+        taken.append(kept is not None)
+        return kept
+
+    monkeypatch.setattr(sampled_products._Replay, "attention", counting)
+    return taken
+
+
+@pytest.mark.parametrize("stops", [None, "early"])
+def test_the_update_takes_the_samplers_attention_and_gives_the_plain_numbers(tiny_model_dir, replays, monkeypatch,
+                                                                           stops):
+    """The sampler keeps each decode step's attention output and log-sum-exp; the update's forward
+    takes them for every layer instead of running SDPA's forward, each row once, and its logprobs,
+    entropy and gradients are the plain forward's up to float rounding (rows that ended early
+    included: their positions after the end hold zeros and an infinite log-sum-exp). Sampling is
+    bitwise the same with and without keeping them."""
+    from rlhf.sampled_products import _kept_attention_installed
+
+    calls = _attention_calls(monkeypatch)
+    model = _policy(tiny_model_dir, True)
+    early = list(range(0, 49152, 4)) if stops == "early" else None
+    rollout = _sample(model, tiny_model_dir, attention=True, stops=early, max_new_tokens=9 if early else 7)
+    without = _sample(model, tiny_model_dir, stops=early, max_new_tokens=9 if early else 7)
+    assert torch.equal(rollout.response_ids, without.response_ids) and torch.equal(rollout.sampler_logprobs, without.sampler_logprobs)
+    products = rollout.sampled_products
+    layers = model.policy.config.num_hidden_layers
+    if early:
+        assert (products.tokens == -1).any()
+    for attended, logsumexp in zip(products.attended.values(), products.logsumexp.values()):
+        unfed = (products.tokens == -1).t()
+        assert not attended.isnan().any() and (attended[unfed] == 0).all()
+        assert (logsumexp[unfed] == float("inf")).all() and torch.isfinite(logsumexp[~unfed]).all()
+    taken = _logprobs_and_grads(model, rollout)
+    assert calls.count(True) == layers and products.attended == {} and products.logsumexp == {}
+    products_only = _logprobs_and_grads(model, without)  # the kept products, the update's own attention
+    without.sampled_products = None
+    plain = _logprobs_and_grads(model, without)
+    mask = rollout.mask.bool()
+    _assert_close((taken[0][mask], taken[1][mask], taken[2]), (plain[0][mask], plain[1][mask], plain[2]))
+    # the kept attention was used: the gradients' rounding differs (the forward's values come from the
+    # kept products either way: o's output is the sampler's, its input only enters the backward)
+    assert any(not torch.equal(taken[2][name], products_only[2][name]) for name in plain[2])
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward  # put back once the forward is done
+    with _kept_attention_installed():
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_attention_forward
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
+
+
+def test_the_kept_attention_is_taken_only_with_the_samplers_q_k_v(tiny_model_dir, monkeypatch):
+    """A second forward over rows already taken, a forward whose q/k/v the sampler did not give
+    (those products recomputed), and a user's own "sdpa" attention function all compute SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from rlhf import sampled_products
+    from rlhf.rollout import forward_response
+
+    calls = _attention_calls(monkeypatch)
+    model = _policy(tiny_model_dir, True)
+    layers = model.policy.config.num_hidden_layers
+    rollout = _sample(model, tiny_model_dir, attention=True)
+    with torch.no_grad():
+        forward_response(model, rollout, torch.tensor([0, 1, 3]), 1.0)
+        assert calls.count(True) == layers
+        forward_response(model, rollout, torch.tensor([0, 1, 3]), 1.0)  # taken already
+        assert calls.count(True) == layers and len(calls) == 2 * layers
+    rollout = _sample(model, tiny_model_dir, attention=True)
+    output = sampled_products._Replay.output
+
+    def without_queries(self, module, x):  # the q projections computed afresh
+        return None if module in {qkv[0] for qkv in self.products.attention_inputs.values()} else output(self, module, x)
+
+    monkeypatch.setattr(sampled_products._Replay, "output", without_queries)
+    calls.clear()
+    with torch.no_grad():
+        forward_response(model, rollout, slice(None), 1.0)
+    assert calls == [False] * layers
+    monkeypatch.setattr(sampled_products._Replay, "output", output)
+    rollout = _sample(model, tiny_model_dir, attention=True)
+    own = []
+
+    def users_sdpa(*args, **kwargs):
+        own.append(True)
+        return sdpa_attention_forward(*args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = users_sdpa
+    try:
+        calls.clear()
+        with torch.no_grad():
+            forward_response(model, rollout, slice(None), 1.0)
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert calls == [] and len(own) == 2 * layers  # the prompt prefix's forward and the response's
+
+
+def test_a_decode_step_that_kept_no_attention_drops_it():
+    """A step that wrote the products but not an attention's output (a prompt fed whole, another
+    SDPA kernel) leaves that attention's buffers with a position it never filled: dropped, so no
+    forward takes them."""
+    from torch import nn
+
+    from rlhf.sampled_products import SampledProducts
+
+    linear, attention = nn.Linear(4, 8), nn.Module()
+    attention.head_dim = 4
+    linear.get_base_layer = lambda: linear
+    products = SampledProducts([linear], 2, 3, torch.device("cpu"), attentions={attention: (linear, linear, linear)})
+    with products.writing(slice(0, 2), 0, torch.tensor([5, 6])):
+        assert products.keeps_attention(attention)
+        products.write(linear, torch.ones(2, 1, 8))
+        products.write_attention(attention, torch.ones(2, 1, 8), torch.zeros(2, 2))
+    assert attention in products.attended
+    with products.writing(slice(0, 2), 1, torch.tensor([7, 8])):
+        products.write(linear, torch.ones(2, 1, 8))
+    assert attention not in products.attended and not products.keeps_attention(attention)
+
+
+def test_attention_outputs_are_kept_where_memory_holds_them_too(tiny_model_dir, tmp_path, monkeypatch):
+    """Through the trainer: a GRPO rollout keeps every layer's attention output beside the products,
+    not where a quarter of the free memory holds the products and logits but not them too; the
+    step takes them all and lets them go."""
+    from test_correctness import make_trainer
+
+    from rlhf import cpu_linear
+    from rlhf import rollout as rollout_module
+
+    def rollout_of(name):
+        torch.manual_seed(0)
+        trainer = make_trainer(tiny_model_dir, tmp_path / name, "grpo", max_new_tokens=6)
+        return trainer, trainer.rollout()
+
+    trainer, rollout = rollout_of("default")
+    layers = trainer.unwrapped.policy.config.num_hidden_layers
+    assert len(rollout.sampled_products.attended) == layers
+    budget = {}
+    bytes_needed = rollout_module.sampled_products_bytes
+
+    def remembering(model, rows, columns, eligible, reserve_bytes=0, vocabulary=0, attention_bytes=0):
+        budget.setdefault(bool(attention_bytes), []).append((reserve_bytes, vocabulary, attention_bytes))
+        return bytes_needed(model, rows, columns, eligible, reserve_bytes, vocabulary, attention_bytes)
+
+    monkeypatch.setattr(rollout_module, "sampled_products_bytes", remembering)
+    rollout_of("probe")
+    reserve, vocabulary, attention_bytes = budget[True][-1]
+    from rlhf.sampled_products import SampledProducts
+
+    without = SampledProducts.bytes_needed(trainer.unwrapped.policy, len(rollout), 6, vocabulary)
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 4 * without + reserve)
+    squeezed = rollout_of("squeezed")[1].sampled_products
+    assert squeezed.outputs and squeezed.attended == {}
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 4 * (without + attention_bytes) + reserve)
+    assert len(rollout_of("fits")[1].sampled_products.attended) == layers
+    monkeypatch.undo()
+    kept = _remembered_products(monkeypatch)
+    calls = _attention_calls(monkeypatch)
+    torch.manual_seed(0)
+    make_trainer(tiny_model_dir, tmp_path / "step", "grpo", max_new_tokens=6).train_step()
+    assert calls.count(True) == layers and kept[-1].attended == {}
