@@ -645,7 +645,8 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
                 # and the attentions' outputs, where q, k and v are kept and memory holds them too; not
                 # with checkpointed layers, whose forward runs again in the backward, as its own
                 checkpointed = any(getattr(module, "gradient_checkpointing", False)
-                                   or hasattr(module, "_checkpoint_wrapped_module") for module in plain.policy.modules())
+                                   or hasattr(module, "_checkpoint_wrapped_module")
+                                   for module in plain.policy.modules())
                 attentions = {attention: qkv for attention, qkv in fast_forward.attention_modules().items()
                               if not checkpointed and all(module in replayable for module in qkv)}
                 if attentions and not sampled_products_bytes(

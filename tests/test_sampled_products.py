@@ -49,17 +49,17 @@ def _sample(model, model_dir, stops=None, max_new_tokens=7, rotated_together=Non
     return rollout
 
 
-def _counted_outputs(monkeypatch, replay_class) -> list[bool]:
-    """Per call of ``replay_class.output`` from here on, whether it handed out a kept output."""
+def _counted_outputs(monkeypatch, replay_class, method="output") -> list[bool]:
+    """Per call of ``replay_class.<method>`` from here on, whether it handed out a kept output."""
     taken = []
-    output = replay_class.output
+    handing_out = getattr(replay_class, method)
 
-    def counting(self, module, x):
-        kept = output(self, module, x)
+    def counting(self, *args):
+        kept = handing_out(self, *args)
         taken.append(kept is not None)
         return kept
 
-    monkeypatch.setattr(replay_class, "output", counting)
+    monkeypatch.setattr(replay_class, method, counting)
     return taken
 
 
@@ -672,16 +672,7 @@ def _attention_calls(monkeypatch) -> list[bool]:
     """Per call of ``_Replay.attention`` from here on, whether it handed out the kept attention."""
     from rlhf import sampled_products
 
-    taken = []
-    attention = sampled_products._Replay.attention
-
-    def counting(self, *args):
-        kept = attention(self, *args)
-        taken.append(kept is not None)
-        return kept
-
-    monkeypatch.setattr(sampled_products._Replay, "attention", counting)
-    return taken
+    return _counted_outputs(monkeypatch, sampled_products._Replay, "attention")
 
 
 @pytest.mark.parametrize("stops", [None, "early"])
@@ -699,7 +690,8 @@ def test_the_update_takes_the_samplers_attention_and_gives_the_plain_numbers(tin
     early = list(range(0, 49152, 4)) if stops == "early" else None
     rollout = _sample(model, tiny_model_dir, attention=True, stops=early, max_new_tokens=9 if early else 7)
     without = _sample(model, tiny_model_dir, stops=early, max_new_tokens=9 if early else 7)
-    assert torch.equal(rollout.response_ids, without.response_ids) and torch.equal(rollout.sampler_logprobs, without.sampler_logprobs)
+    assert torch.equal(rollout.response_ids, without.response_ids)
+    assert torch.equal(rollout.sampler_logprobs, without.sampler_logprobs)
     products = rollout.sampled_products
     layers = model.policy.config.num_hidden_layers
     if early:
