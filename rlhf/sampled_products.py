@@ -95,13 +95,17 @@ class SampledProducts:
         self.logits_taken = torch.zeros(rows, dtype=torch.bool, device=device)
         self.tokens = torch.full((rows, columns), -1, dtype=torch.long, device=device)
         # per attention module of ``attentions`` (its q, k and v projections there): the attention's
-        # output [columns, rows, heads * head dim] and log-sum-exp [columns, rows, heads] at each
+        # output [rows, columns, heads * head dim] and log-sum-exp [rows, columns, heads] at each
         # sampled position, where the sampler's decode steps computed them with SDPA's CPU flash
-        # kernel; the update's forward takes them instead of its own SDPA forward (``_Replay.attention``)
+        # kernel; the update's forward takes them instead of its own SDPA forward (``_Replay.attention``).
+        # Row-major, unlike the projections: a forward over consecutive rows then hands out views in
+        # SDPA's own layouts, which its backward keeps, so the buffers are the activations the plain
+        # forward would have made (column-major, their copies raised the benchmark's peak RSS at
+        # 256 tokens by 0.37 GB)
         self.attention_inputs = dict(attentions or {})
-        self.attended = {attention: torch.empty(columns, rows, attention_width(qkv), device=device)
+        self.attended = {attention: torch.empty(rows, columns, attention_width(qkv), device=device)
                          for attention, qkv in self.attention_inputs.items()}
-        self.logsumexp = {attention: torch.empty(columns, rows, attention_width(qkv) // attention.head_dim,
+        self.logsumexp = {attention: torch.empty(rows, columns, attention_width(qkv) // attention.head_dim,
                                                  device=device)
                           for attention, qkv in self.attention_inputs.items()}
         self.attention_taken = {attention: torch.zeros(rows, dtype=torch.bool, device=device)
@@ -210,8 +214,8 @@ class SampledProducts:
         """``attended`` [b, 1, heads x head dim] and ``logsumexp`` [b, heads]: ``attention``'s output
         in the sampler's decode step and its softmax's log-normaliser per head, kept at this step's column."""
         rows, column = self._where
-        self.attended[attention][column, rows] = attended[:, -1]
-        self.logsumexp[attention][column, rows] = logsumexp
+        self.attended[attention][rows, column] = attended[:, -1]
+        self.logsumexp[attention][rows, column] = logsumexp
         self._attention_step.add(attention)
 
     def _drop_attention(self, attention: nn.Module) -> None:
@@ -243,14 +247,15 @@ class SampledProducts:
         # still computes from it, and a backward that multiplies its zero gradient by a NaN gets NaN.
         unfed = (self.tokens < 0).t()
         if bool(unfed.any()):
-            for kept in [*self.outputs.values(), *self.attended.values(),
-                         *([self.logits] if self.logits is not None else [])]:
+            for kept in [*self.outputs.values(), *([self.logits] if self.logits is not None else [])]:
                 kept[unfed] = 0.0
+            for kept in self.attended.values():  # row-major
+                kept[unfed.t()] = 0.0
             # there the attention's backward then weighs every key by exp(score - inf) = 0: such a
             # position's output gradient is zero (it predicts nothing the loss counts), so its
             # gradients are the zeros of the plain backward
             for kept in self.logsumexp.values():
-                kept[unfed] = float("inf")
+                kept[unfed.t()] = float("inf")
         parameters = list(policy.parameters())
         # Buffers too (a rotary embedding's inv_freq); the storage address tells a ``.data = ...``
         # swap, which moves no version counter (a write into ``.data`` in place is not seen).
@@ -428,8 +433,8 @@ class _Replay:
 
     def attention(self, attention: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None,
                   dropout: float, kwargs: dict) -> tuple[Tensor, Tensor, Tensor] | None:
-        """The sampler's output [b, heads, w, head dim] (SDPA's CPU flash layout) and log-sum-exp
-        [b, heads, w] of ``attention`` at this forward's rows and columns, with its boolean mask as
+        """The sampler's output [b, heads, w, head dim] and log-sum-exp [b, heads, w] (both laid out
+        as SDPA's CPU flash kernel makes them) of ``attention`` at this forward's rows and columns, with its boolean mask as
         SDPA adds it, or None: none kept, another call than the plain SDPA the sampler's was (a
         float or no mask, dropout, a position bias, soft-capping), a row taken already, or q, k and
         v not the sampler's products in this forward (then neither are the scores)."""
@@ -448,21 +453,22 @@ class _Replay:
             return None
         taken[self.rows] = True
         heads, width = products.logsumexp[attention].shape[-1], self.width
+        # [b, w, heads * head dim] and [b, w, heads]: views of consecutive rows (SDPA's flash backward
+        # takes strided ones, bitwise the same), a copy of others
         if self.consecutive:
             start = int(self.rows[0])
             rows = slice(start, start + self.rows.numel())
-            attended = kept[:width, rows].transpose(0, 1).contiguous()
-            logsumexp = products.logsumexp[attention][:width, rows].permute(1, 2, 0).contiguous()
+            attended, logsumexp = kept[rows, :width], products.logsumexp[attention][rows, :width]
         else:
-            attended = kept[:width].transpose(0, 1).index_select(0, self.rows)
-            logsumexp = products.logsumexp[attention][:width].permute(1, 2, 0).index_select(0, self.rows).contiguous()
+            attended = kept[:, :width].index_select(0, self.rows)
+            logsumexp = products.logsumexp[attention][:, :width].index_select(0, self.rows)
         if bool(taken.all()):
             products._drop_attention(attention)
         if self._float_mask is None or self._float_mask[0] is not attention_mask:
             # every layer of a forward has the same mask
             self._float_mask = (attention_mask, additive_mask(attention_mask, query.dtype))
         output = attended.view(query.shape[0], width, heads, -1).transpose(1, 2)
-        return output, logsumexp, self._float_mask[1]
+        return output, logsumexp.transpose(1, 2), self._float_mask[1]
 
 
 class _KeptAttention(torch.autograd.Function):

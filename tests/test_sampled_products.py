@@ -697,7 +697,7 @@ def test_the_update_takes_the_samplers_attention_and_gives_the_plain_numbers(tin
     if early:
         assert (products.tokens == -1).any()
     for attended, logsumexp in zip(products.attended.values(), products.logsumexp.values()):
-        unfed = (products.tokens == -1).t()
+        unfed = products.tokens == -1  # row-major
         assert not attended.isnan().any() and (attended[unfed] == 0).all()
         assert (logsumexp[unfed] == float("inf")).all() and torch.isfinite(logsumexp[~unfed]).all()
     taken = _logprobs_and_grads(model, rollout)
