@@ -32,8 +32,8 @@ off takes none, and projects its own logits).
 
 The attention too, where the memory holds it beside the rest: each decode step calls SDPA's CPU
 flash kernel itself (``decode_attention``: bitwise SDPA's output, and the softmax's log-sum-exp,
-which SDPA computes and drops), and keeps the attention's output [columns, rows, heads x head dim]
-and log-sum-exp [columns, rows, heads]. The update's forward then takes them in place of its SDPA
+which SDPA computes and drops), and keeps the attention's output [rows, columns, heads x head dim]
+and log-sum-exp [rows, columns, heads]. The update's forward then takes them in place of its SDPA
 forward (``_attention_taking_kept``, transformers' stock SDPA function while it replays), and
 SDPA's flash backward computes the q/k/v gradients from them: given SDPA's own output and
 log-sum-exp, bitwise autograd's. Taken once per row, by a forward whose q, k and v of that layer
@@ -100,8 +100,8 @@ class SampledProducts:
         # kernel; the update's forward takes them instead of its own SDPA forward (``_Replay.attention``).
         # Row-major, unlike the projections: a forward over consecutive rows then hands out views in
         # SDPA's own layouts, which its backward keeps, so the buffers are the activations the plain
-        # forward would have made (column-major, their copies raised the benchmark's peak RSS at
-        # 256 tokens by 0.37 GB)
+        # forward would have made (the benchmark's peak RSS at 256 tokens: 0.28 GB above not keeping
+        # them, made during sampling and held into the update; column-major, copied out, 0.37 GB)
         self.attention_inputs = dict(attentions or {})
         self.attended = {attention: torch.empty(rows, columns, attention_width(qkv), device=device)
                          for attention, qkv in self.attention_inputs.items()}
@@ -434,10 +434,10 @@ class _Replay:
     def attention(self, attention: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None,
                   dropout: float, kwargs: dict) -> tuple[Tensor, Tensor, Tensor] | None:
         """The sampler's output [b, heads, w, head dim] and log-sum-exp [b, heads, w] (both laid out
-        as SDPA's CPU flash kernel makes them) of ``attention`` at this forward's rows and columns, with its boolean mask as
-        SDPA adds it, or None: none kept, another call than the plain SDPA the sampler's was (a
-        float or no mask, dropout, a position bias, soft-capping), a row taken already, or q, k and
-        v not the sampler's products in this forward (then neither are the scores)."""
+        as SDPA's CPU flash kernel makes them) of ``attention`` at this forward's rows and columns,
+        with its boolean mask as SDPA adds it, or None: none kept, another call than the plain SDPA
+        the sampler's was (a float or no mask, dropout, a position bias, soft-capping), a row taken
+        already, or q, k and v not the sampler's products in this forward (then neither are the scores)."""
         products = self.products
         kept = products.attended.get(attention)
         if (kept is None or dropout != 0.0 or query.dim() != 4 or query.shape[0] != self.rows.numel()
