@@ -495,7 +495,8 @@ class SamplingForward:
                  and not torch.is_autocast_enabled(hidden.device.type))
         keep = self.recorder.write if self.recorder is not None and self.recorder.recording else None
         # the attention's output and log-sum-exp too, for the update's backward (rlhf.sampled_products)
-        keep_attention = keep is not None and length == 1 and attention_function is sdpa_attention_forward
+        keep_attention = (keep is not None and length == 1 and attention_function is sdpa_attention_forward
+                          and bool(self.recorder.attended))
         # SDPA turns a boolean mask into the one it adds on every call: once per step here (bitwise the same)
         added_mask = additive_mask(mask) if keep_attention else None
         together_cos = together_sin = None  # the rotary angles as rotate_query_key takes them
