@@ -616,20 +616,21 @@ def test_the_kept_attention_function_is_sdpas_given_its_output_and_logsumexp():
     query, key, value, mask = _sdpa_inputs()
     scale = query.shape[-1] ** -0.5
     plain = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
-    grad = torch.randn(plain.shape)
+    grad = torch.randn(plain.shape, generator=torch.Generator().manual_seed(1))
     grad[1, :, -2:] = 0.0  # row 1's last two positions predict nothing
     expected = torch.autograd.grad(plain, (query, key, value), grad)
     detached = [t.detach() for t in (query, key, value)]
     output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         *detached, 0.0, False, attn_mask=additive_mask(mask), scale=scale)
-    # laid out as the replay hands them out: [b, w, heads * d] transposed, log-sum-exp contiguous
+    # laid out as the replay hands them out: row-major [b, w, heads * d] and [b, w, heads], transposed
     kept = output.transpose(1, 2).reshape(output.shape[0], output.shape[2], -1).clone()
     kept_output = kept.view(*kept.shape[:2], query.shape[1], -1).transpose(1, 2)
-    attended = _KeptAttention.apply(query, key, value, kept_output, logsumexp.contiguous(), additive_mask(mask), scale)
+    kept_logsumexp = logsumexp.transpose(1, 2).contiguous().transpose(1, 2)
+    attended = _KeptAttention.apply(query, key, value, kept_output, kept_logsumexp, additive_mask(mask), scale)
     assert torch.equal(attended, plain.detach())
     for taken, wanted in zip(torch.autograd.grad(attended, (query, key, value), grad), expected):
         assert torch.equal(taken, wanted)
-    unfed_output, unfed_logsumexp = kept_output.clone(), logsumexp.contiguous().clone()
+    unfed_output, unfed_logsumexp = kept_output.clone(), kept_logsumexp.clone()
     unfed_output[1, :, -2:], unfed_logsumexp[1, :, -2:] = 0.0, float("inf")
     attended = _KeptAttention.apply(query, key, value, unfed_output, unfed_logsumexp, additive_mask(mask), scale)
     taken = torch.autograd.grad(attended, (query, key, value), grad)
@@ -683,6 +684,9 @@ def test_the_update_takes_the_samplers_attention_and_gives_the_plain_numbers(tin
     entropy and gradients are the plain forward's up to float rounding (rows that ended early
     included: their positions after the end hold zeros and an infinite log-sum-exp). Sampling is
     bitwise the same with and without keeping them."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     from rlhf.sampled_products import _kept_attention_installed
 
     calls = _attention_calls(monkeypatch)
@@ -710,9 +714,6 @@ def test_the_update_takes_the_samplers_attention_and_gives_the_plain_numbers(tin
     # the kept attention was used: the gradients' rounding differs (the forward's values come from the
     # kept products either way: o's output is the sampler's, its input only enters the backward)
     assert any(not torch.equal(taken[2][name], products_only[2][name]) for name in plain[2])
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward  # put back once the forward is done
     with _kept_attention_installed():
         assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_attention_forward
