@@ -199,8 +199,11 @@ def run_ours(algorithm: str, config: BenchmarkConfig, output_dir: Path,
     sampled_forward = [shape.pop("sampled_forward") for shape in shapes][config.warmup_steps:]
     sampled_prefix = [shape.pop("sampled_prefix") for shape in shapes][config.warmup_steps:]
     # and took every row's logits from it (looked at after the run: the rollout only keeps them)
-    sampled_logits = [products is not None and bool(products.logits_taken.all())
-                      for products in [shape.pop("sampled_logits") for shape in shapes][config.warmup_steps:]]
+    kept = [shape.pop("sampled_logits") for shape in shapes][config.warmup_steps:]
+    sampled_logits = [products is not None and bool(products.logits_taken.all()) for products in kept]
+    # and every layer's attention output, for every row
+    sampled_attention = [products is not None and 0 < products.attentions_sealed == products.attentions_taken
+                         for products in kept]
     rows = [{"step": m["step_time_s"], "tokens": m["tokens_per_second"] * m["step_time_s"],
              "generation": m["rollout_time_s"], "scoring": m["score_time_s"], "logprobs": m["logprob_time_s"],
              "update": m["update_time_s"], **shape} for m, shape in zip(metrics, shapes)]
@@ -208,7 +211,8 @@ def run_ours(algorithm: str, config: BenchmarkConfig, output_dir: Path,
                  "shared_prompt": bool(trainer.unwrapped.share_prompt_prefix),
                  "sampled_forward": bool(sampled_forward) and all(sampled_forward),
                  "sampled_prefix": bool(sampled_prefix) and all(sampled_prefix),
-                 "sampled_logits": bool(sampled_logits) and all(sampled_logits)}
+                 "sampled_logits": bool(sampled_logits) and all(sampled_logits),
+                 "sampled_attention": bool(sampled_attention) and all(sampled_attention)}
     return rows[config.warmup_steps:], run_facts
 
 
@@ -839,7 +843,8 @@ def roofline_of(config: BenchmarkConfig, ours: dict[str, Any], machine: dict[str
                      prompt_length=round(ours["prompt_length"]), response_length=round(ours["response_length"]),
                      lora_r=config.lora_r, no_grad_passes=ours["no_grad_passes"], shared_prompt=ours["shared_prompt"],
                      sampled_forward=bool(ours.get("sampled_forward")), sampled_prefix=bool(ours.get("sampled_prefix")),
-                     sampled_logits=bool(ours.get("sampled_logits")))
+                     sampled_logits=bool(ours.get("sampled_logits")),
+                     sampled_attention=bool(ours.get("sampled_attention")))
     return bounds_report(model_shape(config.model), step, Machine(**machine), ours)
 
 

@@ -22,7 +22,9 @@ What is counted (Llama-style decoder, float32, LoRA on every linear layer of the
   sampler's products (``sampled_forward``), the frozen weights' forward after the prompt is not
   counted (the sampler did it): 2x there; where its forward over the shared prompt prefix takes
   the prefill's (``sampled_prefix``), neither is the prefix's; where its logprobs take the sampler's
-  logits (``sampled_logits``), the LM head's forward is the sampler's too: 2x on the predicting positions.
+  logits (``sampled_logits``), the LM head's forward is the sampler's too: 2x on the predicting positions;
+  where its attention takes the sampler's outputs (``sampled_attention``), the attention's forward over
+  the response is not counted either (its backward, 2x, is).
 Norms, activations, softmax and the optimizer step are left out (elementwise; small next to the GEMMs).
 """
 
@@ -141,6 +143,8 @@ class StepShape:
     sampled_prefix: bool = False
     # the update's logprobs take the sampler's logits (the LM head's forward over the response)
     sampled_logits: bool = False
+    # the update's attention over the response takes the sampler's outputs (its SDPA forward)
+    sampled_attention: bool = False
 
     @property
     def sequences(self) -> int:
@@ -211,6 +215,8 @@ def update_work(model: ModelShape, step: StepShape) -> Work:
             flops -= 2.0 * model.block_weights * step.prefix_rows * (step.prompt_length - 1)
         if step.sampled_logits:  # and the LM head's over the response
             flops -= 2.0 * model.lm_head_weights * head
+        if step.sampled_attention:  # and the attention's forward over the response
+            flops -= step.sequences * model.attention_flops(step.response_length, step.prompt_length - 1)
     else:  # every weight also gets dW = g^T x (the embedding is trained, so layer 0 needs its dx too)
         flops += 2.0 * model.block_weights * body + 2.0 * model.lm_head_weights * head
     return Work(flops, (model.block_weights + model.lm_head_weights) * FLOAT32_BYTES)

@@ -111,6 +111,8 @@ class SampledProducts:
         self.attention_taken = {attention: torch.zeros(rows, dtype=torch.bool, device=device)
                                 for attention in self.attention_inputs}
         self._attention_step: set[nn.Module] = set()  # the attentions the sampler's forward now running wrote
+        # how many attentions sampling kept (set by ``seal``), and how many of them forwards took for every row
+        self.attentions_sealed = self.attentions_taken = 0
         # (tensor, its version counter, its storage address) per parameter and buffer: set by ``seal``
         # once sampling has ended
         self.versions: list[tuple[Tensor, int | None, int]] | None = None
@@ -256,6 +258,7 @@ class SampledProducts:
             # gradients are the zeros of the plain backward
             for kept in self.logsumexp.values():
                 kept[unfed.t()] = float("inf")
+        self.attentions_sealed = len(self.attended)
         parameters = list(policy.parameters())
         # Buffers too (a rotary embedding's inv_freq); the storage address tells a ``.data = ...``
         # swap, which moves no version counter (a write into ``.data`` in place is not seen).
@@ -464,6 +467,7 @@ class _Replay:
             logsumexp = products.logsumexp[attention][:, :width].index_select(0, self.rows)
         if bool(taken.all()):
             products._drop_attention(attention)
+            products.attentions_taken += 1
         if self._float_mask is None or self._float_mask[0] is not attention_mask:
             # every layer of a forward has the same mask
             self._float_mask = (attention_mask, additive_mask(attention_mask, query.dtype))

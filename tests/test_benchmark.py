@@ -47,6 +47,7 @@ def test_length_sweep_of_ours_and_trl_with_roofline_floor_and_profile(tiny_model
         # the bound counts neither forward (before, the prefix's was counted twice)
         assert roofline["step_shape"]["sampled_forward"] and roofline["step_shape"]["sampled_prefix"]
         assert roofline["step_shape"]["sampled_logits"]  # and the LM head's forward over the response
+        assert roofline["step_shape"]["sampled_attention"]  # and the attention's
         for phase in ("generation", "update"):
             assert roofline[phase]["bound_s"] > 0 and roofline[phase]["flops"] > 0
             assert math.isclose(roofline[phase]["achieved"], roofline[phase]["bound_s"] / ours[f"{phase}_s"])

@@ -211,6 +211,9 @@ def test_the_update_does_not_count_the_forward_it_took_from_the_sampler():
     # and the LM head's forward over the 6 x 4 predicting positions was the sampler's (its kept logits)
     logits = dataclasses.replace(both, sampled_logits=True)
     assert update_work(TINY, logits).flops == update_work(TINY, both).flops - 2 * TINY.lm_head_weights * 6 * 4
+    # and the attention's forward over them: 4 positions of each of the 6 rows after the 4 prefix positions
+    attention = dataclasses.replace(logits, sampled_attention=True)
+    assert update_work(TINY, attention).flops == update_work(TINY, logits).flops - 6 * TINY.attention_flops(4, 4)
 
 
 def test_a_stopped_build_of_a_random_model_ends_its_builder_and_leaves_nothing(monkeypatch, tmp_path):
