@@ -199,7 +199,7 @@ def run_ours(algorithm: str, config: BenchmarkConfig, output_dir: Path,
     sampled_forward = [shape.pop("sampled_forward") for shape in shapes][config.warmup_steps:]
     sampled_prefix = [shape.pop("sampled_prefix") for shape in shapes][config.warmup_steps:]
     # and took every row's logits from it (looked at after the run: the rollout only keeps them)
-    kept = [shape.pop("sampled_logits") for shape in shapes][config.warmup_steps:]
+    kept = [shape.pop("sampled_products") for shape in shapes][config.warmup_steps:]
     sampled_logits = [products is not None and bool(products.logits_taken.all()) for products in kept]
     # and every layer's attention output, for every row
     sampled_attention = [products is not None and 0 < products.attentions_sealed == products.attentions_taken
@@ -246,7 +246,7 @@ def _record_rollout_shapes(trainer: Any) -> list[dict[str, Any]]:
         shapes.append({"prompt_length": batch.input_ids.shape[1] - response, "response_length": response,
                        "sampled_forward": batch.sampled_products is not None,
                        "sampled_prefix": batch.sampled_products is not None and bool(batch.sampled_products.prefixes),
-                       "sampled_logits": batch.sampled_products})
+                       "sampled_products": batch.sampled_products})
         return batch
     trainer.rollout = recorded
     return shapes
