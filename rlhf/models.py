@@ -813,9 +813,7 @@ def gqa_inside_sdpa(model: nn.Module) -> Iterator[None]:
     applies = (torch.is_grad_enabled() and FORCE_GQA_ENV not in os.environ
                and getattr(config, "_attn_implementation", None) == "sdpa"
                and isinstance(heads, int) and getattr(config, "num_key_value_heads", heads) not in (None, heads)
-               and next(model.parameters()).device.type == "cpu"
-               and not any(getattr(module, "gradient_checkpointing", False)
-                           or hasattr(module, "_checkpoint_wrapped_module") for module in model.modules()))
+               and next(model.parameters()).device.type == "cpu" and not checkpoints_layers(model))
     if not applies:
         yield
         return
@@ -824,6 +822,14 @@ def gqa_inside_sdpa(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         os.environ.pop(FORCE_GQA_ENV, None)
+
+
+def checkpoints_layers(model: nn.Module) -> bool:
+    """Whether some layer of ``model`` is checkpointed (transformers' gradient checkpointing, torch's
+    ``checkpoint_wrapper``): its forward runs again in the backward, outside any switch set around
+    the first one."""
+    return any(getattr(module, "gradient_checkpointing", False) or hasattr(module, "_checkpoint_wrapped_module")
+               for module in model.modules())
 
 
 def distinct_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:

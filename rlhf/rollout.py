@@ -15,7 +15,7 @@ from torch import Tensor
 from rlhf.data import adds_special_tokens
 from rlhf.kv_cache import (decode_steps_take_attention_mask, forward_returns_cache, kv_cache_bytes, preallocated,
                             rows_selectable)
-from rlhf.models import PolicyWithValue, shared_prompt_cache, stop_token_ids
+from rlhf.models import PolicyWithValue, checkpoints_layers, shared_prompt_cache, stop_token_ids
 from rlhf.sampled_products import SampledProducts, replayable_modules
 
 
@@ -644,9 +644,7 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
                 replayable = [module for module in replayable_modules(plain.policy) if module in recorded]
                 # and the attentions' outputs, where q, k and v are kept and memory holds them too; not
                 # with checkpointed layers, whose forward runs again in the backward, as its own
-                checkpointed = any(getattr(module, "gradient_checkpointing", False)
-                                   or hasattr(module, "_checkpoint_wrapped_module")
-                                   for module in plain.policy.modules())
+                checkpointed = checkpoints_layers(plain.policy)
                 attentions = {attention: qkv for attention, qkv in fast_forward.attention_modules().items()
                               if not checkpointed and all(module in replayable for module in qkv)}
                 if attentions and not sampled_products_bytes(
