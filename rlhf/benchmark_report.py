@@ -120,6 +120,9 @@ WEIGHTS_NOTE = {False: "weights: float32 in every system",
 MALLOC_NOTES = {
     "keep": "freed buffers kept for reuse in every system's process (glibc malloc without mmap or trimming, "
             "RLHF_CPU_MALLOC=keep)",
+    "keep+thp": "freed buffers kept for reuse, the heap grown in transparent huge pages, in every system's process "
+                "(glibc malloc without mmap or trimming, its heap's free top marked MADV_HUGEPAGE; RLHF_CPU_MALLOC=keep, "
+                "RLHF_CPU_HUGE_PAGES=auto)",
     "default": "the C library's default malloc in every system's process (RLHF_CPU_MALLOC=default)",
 }
 

@@ -35,6 +35,19 @@ runs on CPU (a GPU's memory has its own caching allocator); the benchmark applie
 system's process alike, TRL's included, and each process reports what it ran with
 (``allocator_in_use``: a preloaded allocator is named).
 ``RLHF_CPU_MALLOC=keep`` / ``=default`` overrides the choice.
+
+Where the kernel hands out transparent huge pages only to ranges that ask (``madvise``, the
+common default, as here), keeping freed memory also grows the heap once by the memory available
+without touching it and marks that range ``MADV_HUGEPAGE`` (``reserve_huge_page_heap``): the
+buffers carved from it later (sampling's packed weights and KV cache, the update's activations)
+fault in 2 MiB at a time, so reading them walks 512 times fewer pages. glibc does the same for
+every heap it grows under ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, which it reads only when the
+process starts; marking the range here needs no restart. Decode-shaped products of SmolLM2-135M's
+121 packed weights at 16 rows, alternating in one process: 36.7 -> 32.4 ms per step (median of 8).
+The untouched part costs no memory: it is address space, and ``reusable_heap_bytes`` leaves it
+out (the kernel's available memory already counts it). Not where the kernel commits address
+space strictly (``vm.overcommit_memory`` 2), nor with THP ``always`` (already huge) or ``never``.
+``RLHF_CPU_HUGE_PAGES=off`` leaves the heap as glibc grows it.
 """
 
 from __future__ import annotations
@@ -45,9 +58,15 @@ import ctypes.util
 import functools
 import os
 import platform
+from pathlib import Path
 from typing import Iterator
 
 ENV = "RLHF_CPU_MALLOC"
+HUGE_PAGES_ENV = "RLHF_CPU_HUGE_PAGES"
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+OVERCOMMIT_SETTING = Path("/proc/sys/vm/overcommit_memory")
+HUGE_PAGE_BYTES = 2 << 20  # x86-64 and arm64 (4 KiB base pages)
+MADV_HUGEPAGE = 14  # linux/mman.h
 
 # glibc's malloc.h
 M_TRIM_THRESHOLD = -1
@@ -66,8 +85,19 @@ def malloc_choice() -> str:
     if choice not in ("auto", "keep", "default"):
         from rlhf.errors import ConfigError
         raise ConfigError(f"{ENV} must be auto, keep or default, got {choice!r}")
+    huge_pages_choice()
     if choice == "auto":
         return "keep" if _glibc() is not None else "default"
+    return choice
+
+
+def huge_pages_choice() -> str:
+    """'auto' or 'off': ``RLHF_CPU_HUGE_PAGES``, whether keeping freed memory also grows the heap in
+    transparent huge pages (``reserve_huge_page_heap``). A bad value stops the run (ConfigError)."""
+    choice = os.environ.get(HUGE_PAGES_ENV, "").strip().lower() or "auto"
+    if choice not in ("auto", "off"):
+        from rlhf.errors import ConfigError
+        raise ConfigError(f"{HUGE_PAGES_ENV} must be auto or off, got {choice!r}")
     return choice
 
 
@@ -79,6 +109,11 @@ def _glibc() -> ctypes.CDLL | None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        libc.sbrk.argtypes, libc.sbrk.restype = [ctypes.c_ssize_t], ctypes.c_void_p
         if hasattr(libc, "mallinfo2"):
             libc.mallinfo2.restype = _Mallinfo2
         return libc
@@ -87,16 +122,92 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 _kept = False  # whether keep_freed_memory has set the switches in this process
+_huge_page_range: tuple[int, int] | None = None  # the heap's range marked MADV_HUGEPAGE, if any
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory in this process for reuse (see the module docstring);
-    whether it now does. The switches hold for the rest of the process."""
+    """Make glibc's malloc keep freed memory in this process for reuse, and grow its heap in
+    transparent huge pages where the kernel wants that asked for (see the module docstring);
+    whether it now keeps freed memory. The switches hold for the rest of the process."""
     global _kept
     libc = _glibc()
     if not _kept and libc is not None and malloc_choice() == "keep":
         _kept = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
+    if _kept:
+        reserve_huge_page_heap()
     return _kept
+
+
+def transparent_huge_pages_mode(setting: str | None = None) -> str:
+    """The kernel's THP mode ('always', 'madvise' or 'never', the bracketed word of ``setting``,
+    the sysfs file's text, read when None); '' where there is none (not Linux, no THP)."""
+    if setting is None:
+        try:
+            setting = THP_SETTING.read_text()
+        except OSError:
+            return ""
+    chosen = [word[1:-1] for word in setting.split() if word.startswith("[") and word.endswith("]")]
+    return chosen[0] if chosen else ""
+
+
+def reserve_huge_page_heap(setting: str | None = None, overcommit: str | None = None) -> tuple[int, int] | None:
+    """Grow glibc's main heap by the memory now available without touching it, mark that range
+    ``MADV_HUGEPAGE`` and free it again, so that buffers carved from it later fault in as
+    transparent huge pages (module docstring). Only while freed memory is kept (the free range
+    stays at the heap's top), where the THP mode is 'madvise' and address space is not committed
+    strictly; ``setting``/``overcommit``: the sysfs and procfs texts, read when None. Returns the
+    marked range (start, end), or None where nothing was marked. A second call after the heap gave
+    memory back (``release_freed_memory``) grows it again; otherwise it lands in the marked range."""
+    global _huge_page_range
+    import psutil
+
+    libc = _glibc()
+    if not _kept or libc is None or huge_pages_choice() == "off" or transparent_huge_pages_mode(setting) != "madvise":
+        return None
+    try:
+        overcommit = OVERCOMMIT_SETTING.read_text() if overcommit is None else overcommit
+    except OSError:
+        overcommit = ""
+    if overcommit.strip() == "2":  # the untouched range would count against the commit limit
+        return None
+    if allocator_in_use() in PRELOADED_ALLOCATORS:  # glibc's heap serves nothing then
+        return None
+    size = int(psutil.virtual_memory().available) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    address = libc.malloc(size) if size > 2 * HUGE_PAGE_BYTES else None
+    if not address:  # an address-space limit (ulimit -v), or nothing available
+        return None
+    start = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+    end = (address + size) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    marked = libc.madvise(start, end - start, MADV_HUGEPAGE) == 0
+    libc.free(address)
+    if marked:
+        _huge_page_range = ((start, end) if _huge_page_range is None
+                            else (min(start, _huge_page_range[0]), max(end, _huge_page_range[1])))
+    return _huge_page_range if marked else None
+
+
+def untouched_bytes(address_range: tuple[int, int]) -> int:
+    """Bytes of ``address_range`` (mapped, page-aligned; clipped to the heap's end, where the heap
+    has shrunk since) that hold no page yet (``mincore``): never touched, or swapped out. 0 where
+    that cannot be read. About 2 ms for 22 GB of range (the kernel skips unmapped page tables)."""
+    libc = _glibc()
+    if libc is None:
+        return 0
+    start, end = address_range
+    heap_end = libc.sbrk(0)
+    if heap_end and start < heap_end < end:
+        end = heap_end
+    page = os.sysconf("SC_PAGE_SIZE")
+    pages = (end - start) // page
+    if pages <= 0:
+        return 0
+    import torch
+
+    resident = torch.empty(pages, dtype=torch.uint8)  # one byte per page, bit 0 set where it is resident
+    if libc.mincore(start, pages * page, resident.data_ptr()) != 0:
+        return 0
+    return (pages - int(resident.bitwise_and_(1).count_nonzero())) * page
+
 
 
 # Allocators that replace malloc when preloaded (PyTorch's CPU tuning guides suggest jemalloc or
@@ -118,16 +229,23 @@ def allocator_in_use(maps: str | None = None) -> str:
     for name in PRELOADED_ALLOCATORS:
         if any(library.startswith(f"lib{name}") for library in libraries):
             return name
-    return "keep" if _kept else "default"
+    if not _kept:
+        return "default"
+    return "keep+thp" if _huge_page_range is not None else "keep"
 
 
 def reusable_heap_bytes() -> int:
     """Bytes free in glibc's heaps (all arenas): memory this process already holds and can reuse
-    without asking the kernel; 0 where that cannot be read (another C library, glibc before 2.33)."""
+    without asking the kernel; 0 where that cannot be read (another C library, glibc before 2.33).
+    The huge-page range's untouched part is left out: it holds no memory yet, and the kernel's
+    available memory counts it already."""
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return 0
-    return int(libc.mallinfo2().fordblks)
+    free = int(libc.mallinfo2().fordblks)
+    if _huge_page_range is not None:
+        free -= untouched_bytes(_huge_page_range)
+    return max(free, 0)
 
 
 def release_freed_memory() -> None:

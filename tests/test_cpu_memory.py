@@ -118,6 +118,109 @@ def test_an_unknown_malloc_choice_stops_the_benchmark_before_any_system(tmp_path
     assert not list(tmp_path.iterdir())
 
 
+def test_an_unknown_huge_pages_choice_stops_a_training_run_in_one_line(tiny_model_dir, tmp_path, run_here):
+    result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, tmp_path / "run"),
+                      env={cpu_memory.HUGE_PAGES_ENV: "always"})
+    assert_one_line_error(result, "RLHF_CPU_HUGE_PAGES must be auto or off, got 'always'")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_an_unknown_huge_pages_choice_stops_the_benchmark_before_any_system(tmp_path, run_here):
+    result = run_here("benchmark.py", "--out", str(tmp_path / "b.json"), env={cpu_memory.HUGE_PAGES_ENV: "on"})
+    assert_one_line_error(result, "RLHF_CPU_HUGE_PAGES must be auto or off, got 'on'")
+    assert not list(tmp_path.iterdir())
+
+
+def _host_marks_huge_pages() -> bool:
+    try:
+        overcommit = cpu_memory.OVERCOMMIT_SETTING.read_text().strip()
+    except OSError:
+        return False
+    return GLIBC_HERE and cpu_memory.transparent_huge_pages_mode() == "madvise" and overcommit != "2"
+
+
+# After keep_freed_memory: how the process allocates, how much of a 64 MB buffer filled then came in
+# huge pages, the marked range's size, what the heap counted free before and after the buffer was freed.
+HUGE_PAGE_HEAP = """
+import torch
+from rlhf import cpu_memory
+def huge_bytes():
+    with open("/proc/self/smaps_rollup") as file:
+        return sum(int(line.split()[1]) * 1024 for line in file if line.startswith("AnonHugePages:"))
+assert cpu_memory.keep_freed_memory()
+before = huge_bytes()
+buffer = torch.empty(2 ** 24); buffer.fill_(1.0)
+grown, free_while_held = huge_bytes() - before, cpu_memory.reusable_heap_bytes()
+del buffer
+start, end = cpu_memory._huge_page_range or (0, 0)
+print(cpu_memory.allocator_in_use(), grown, end - start, free_while_held, cpu_memory.reusable_heap_bytes())
+"""
+
+
+def _huge_page_heap(choice: str) -> tuple[str, int, int, int, int]:
+    result = subprocess.run([sys.executable, "-c", HUGE_PAGE_HEAP], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, cpu_memory.ENV: "keep", cpu_memory.HUGE_PAGES_ENV: choice})
+    assert result.returncode == 0, result.stderr[-3000:]
+    allocator, *numbers = result.stdout.split()
+    return allocator, *map(int, numbers)
+
+
+@pytest.mark.skipif(not _host_marks_huge_pages(), reason="the kernel gives huge pages without asking, or never")
+def test_kept_memory_grows_in_huge_pages_and_counts_only_what_was_touched():
+    allocator, grown, marked, free_while_held, free_after = _huge_page_heap("auto")
+    assert allocator == "keep+thp"
+    assert grown >= 2 ** 25, grown  # most of the 64 MB in 2 MB pages (a fragmented host may fall back for a few)
+    assert marked >= 2 ** 28  # the memory available, as address space
+    # the marked range's untouched part is not free memory the process holds: the kernel counts it already
+    assert free_while_held < min(marked // 2, 2 ** 27)
+    assert free_after - free_while_held >= 2 ** 24 * 4 * 0.9  # the freed buffer is
+    allocator, grown, marked, *_ = _huge_page_heap("off")
+    assert (allocator, marked) == ("keep", 0) and grown < 2 ** 23
+
+
+@pytest.mark.parametrize("mode, overcommit", [("always [madvise] never", "2"), ("[always] madvise never", "0"),
+                                              ("always madvise [never]", "0"), ("", "0")])
+def test_no_range_is_marked_where_the_kernel_decides_alone_or_commits_strictly(mode, overcommit, monkeypatch):
+    monkeypatch.setattr(cpu_memory, "_kept", True)
+    monkeypatch.setattr(cpu_memory, "_huge_page_range", None)
+    assert cpu_memory.reserve_huge_page_heap(mode, overcommit) is None
+    assert cpu_memory._huge_page_range is None
+
+
+def test_no_range_is_marked_where_another_allocator_serves_malloc(monkeypatch):
+    monkeypatch.setattr(cpu_memory, "_kept", True)
+    monkeypatch.setattr(cpu_memory, "_huge_page_range", None)
+    monkeypatch.setattr(cpu_memory, "allocator_in_use", lambda: "tcmalloc")
+    assert cpu_memory.reserve_huge_page_heap("always [madvise] never", "0") is None
+    assert cpu_memory._huge_page_range is None
+
+
+def test_the_thp_mode_is_the_bracketed_word():
+    assert cpu_memory.transparent_huge_pages_mode("always [madvise] never\n") == "madvise"
+    assert cpu_memory.transparent_huge_pages_mode("[always] madvise never") == "always"
+    assert cpu_memory.transparent_huge_pages_mode("") == ""
+
+
+@glibc
+def test_untouched_bytes_are_the_range_s_pages_not_yet_touched():
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    region = mmap.mmap(-1, 64 * page)
+    first_byte = ctypes.c_char.from_buffer(region)
+    start = ctypes.addressof(first_byte)
+    try:
+        assert cpu_memory.untouched_bytes((start, start + 64 * page)) == 64 * page
+        for index in (0, 5, 63):
+            region[index * page] = 1
+        assert cpu_memory.untouched_bytes((start, start + 64 * page)) == 61 * page
+        assert cpu_memory.untouched_bytes((start + page, start + 5 * page)) == 4 * page
+    finally:
+        del first_byte  # a mapping with a live export cannot close
+        region.close()
+
+
 class _Queue(list):
     put = list.append
 
@@ -152,19 +255,21 @@ def test_keeping_freed_memory_moves_no_number(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
     runs = {}
-    for choice in ("default", "keep"):
-        out = tmp_path / choice
+    for choice, huge_pages in (("default", "auto"), ("keep", "off"), ("keep", "auto")):
+        out = tmp_path / f"{choice}-{huge_pages}"
         result = run_script("train_grpo.py", *tiny_args(tiny_model_dir, out, "--num_generations", "2"),
-                            env={cpu_memory.ENV: choice})
+                            env={cpu_memory.ENV: choice, cpu_memory.HUGE_PAGES_ENV: huge_pages})
         assert result.returncode == 0, result.stderr[-3000:]
         metrics = [{key: value for key, value in json.loads(line).items()
                     if not ("time" in key or "per_second" in key or key == "run_id")}
                    for line in (out / "metrics.jsonl").read_text().splitlines()]
-        runs[choice] = metrics, load_file(str(out / "final" / "adapter_model.safetensors"))
-    (metrics_default, adapter_default), (metrics_keep, adapter_keep) = runs["default"], runs["keep"]
-    assert metrics_default == metrics_keep and "policy_loss" in metrics_keep[-1]
-    assert adapter_default.keys() == adapter_keep.keys()
-    assert all(adapter_default[key].equal(adapter_keep[key]) for key in adapter_default)
+        runs[choice, huge_pages] = metrics, load_file(str(out / "final" / "adapter_model.safetensors"))
+    metrics_default, adapter_default = runs["default", "auto"]
+    assert "policy_loss" in metrics_default[-1]
+    for metrics, adapter in (runs["keep", "off"], runs["keep", "auto"]):  # small pages, then huge where the host has them
+        assert metrics == metrics_default
+        assert adapter.keys() == adapter_default.keys()
+        assert all(adapter[key].equal(adapter_default[key]) for key in adapter_default)
 
 
 @pytest.mark.parametrize("task", ["ours-grpo", "trl-grpo", "evaluate"])
@@ -192,9 +297,12 @@ MAPS_WITH_JEMALLOC = """\
 
 def test_the_allocator_in_use_names_a_preloaded_one_before_glibc_s_switches(monkeypatch):
     monkeypatch.setattr(cpu_memory, "_kept", True)
+    monkeypatch.setattr(cpu_memory, "_huge_page_range", None)
     assert cpu_memory.allocator_in_use(MAPS_WITH_JEMALLOC) == "jemalloc"  # mallopt answered, but reaches nothing
     plain = MAPS_WITH_JEMALLOC.replace("libjemalloc.so.2", "libgomp.so.1")
     assert cpu_memory.allocator_in_use(plain) == "keep"
+    monkeypatch.setattr(cpu_memory, "_huge_page_range", (2 ** 30, 2 ** 31))
+    assert cpu_memory.allocator_in_use(plain) == "keep+thp"
     monkeypatch.setattr(cpu_memory, "_kept", False)
     assert cpu_memory.allocator_in_use(plain) == "default"
     # this process: no preloaded allocator in the test environment
