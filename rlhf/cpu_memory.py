@@ -67,6 +67,10 @@ THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 OVERCOMMIT_SETTING = Path("/proc/sys/vm/overcommit_memory")
 HUGE_PAGE_BYTES = 2 << 20  # x86-64 and arm64 (4 KiB base pages)
 MADV_HUGEPAGE = 14  # linux/mman.h
+# The most heap marked for huge pages: what a run of a small-to-mid model holds (SmolLM2-135M's
+# GRPO at 256 tokens peaks near 10 GB), while checking which of its pages were touched
+# (``untouched_bytes``, one byte per page) stays a few ms on a machine with a terabyte free.
+MAX_HUGE_PAGE_HEAP_BYTES = 64 << 30
 
 # glibc's malloc.h
 M_TRIM_THRESHOLD = -1
@@ -151,9 +155,9 @@ def transparent_huge_pages_mode(setting: str | None = None) -> str:
 
 
 def reserve_huge_page_heap(setting: str | None = None, overcommit: str | None = None) -> tuple[int, int] | None:
-    """Grow glibc's main heap by the memory now available without touching it, mark that range
-    ``MADV_HUGEPAGE`` and free it again, so that buffers carved from it later fault in as
-    transparent huge pages (module docstring). Only while freed memory is kept (the free range
+    """Grow glibc's main heap by the memory now available (at most ``MAX_HUGE_PAGE_HEAP_BYTES``)
+    without touching it, mark that range ``MADV_HUGEPAGE`` and free it again, so that buffers
+    carved from it later fault in as transparent huge pages (module docstring). Only while freed memory is kept (the free range
     stays at the heap's top), where the THP mode is 'madvise' and address space is not committed
     strictly; ``setting``/``overcommit``: the sysfs and procfs texts, read when None. Returns the
     marked range (start, end), or None where nothing was marked. A second call after the heap gave
@@ -172,7 +176,7 @@ def reserve_huge_page_heap(setting: str | None = None, overcommit: str | None = 
         return None
     if allocator_in_use() in PRELOADED_ALLOCATORS:  # glibc's heap serves nothing then
         return None
-    size = int(psutil.virtual_memory().available) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    size = min(int(psutil.virtual_memory().available), MAX_HUGE_PAGE_HEAP_BYTES) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
     address = libc.malloc(size) if size > 2 * HUGE_PAGE_BYTES else None
     if not address:  # an address-space limit (ulimit -v), or nothing available
         return None

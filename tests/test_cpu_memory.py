@@ -187,6 +187,15 @@ def test_no_range_is_marked_where_the_kernel_decides_alone_or_commits_strictly(m
     assert cpu_memory._huge_page_range is None
 
 
+@pytest.mark.skipif(not _host_marks_huge_pages(), reason="the kernel gives huge pages without asking, or never")
+def test_the_marked_range_is_at_most_its_cap(monkeypatch):
+    monkeypatch.setattr(cpu_memory, "_kept", True)
+    monkeypatch.setattr(cpu_memory, "_huge_page_range", None)
+    monkeypatch.setattr(cpu_memory, "MAX_HUGE_PAGE_HEAP_BYTES", 2 ** 26)
+    start, end = cpu_memory.reserve_huge_page_heap()
+    assert 0 < end - start <= 2 ** 26 and start % cpu_memory.HUGE_PAGE_BYTES == 0
+
+
 def test_no_range_is_marked_where_another_allocator_serves_malloc(monkeypatch):
     monkeypatch.setattr(cpu_memory, "_kept", True)
     monkeypatch.setattr(cpu_memory, "_huge_page_range", None)
