@@ -187,13 +187,76 @@ def test_no_range_is_marked_where_the_kernel_decides_alone_or_commits_strictly(m
     assert cpu_memory._huge_page_range is None
 
 
+# keep_freed_memory with the range capped at argv[1] bytes, called from the main thread or another
+# (argv[2]): how the process allocates, the marked range, the main heap's range, the resident KiB.
+CAPPED_RESERVATION = """
+import sys, threading
+from rlhf import cpu_memory
+cpu_memory.MAX_HUGE_PAGE_HEAP_BYTES = int(sys.argv[1])
+if sys.argv[2] == "thread":
+    caller = threading.Thread(target=cpu_memory.keep_freed_memory); caller.start(); caller.join()
+else:
+    cpu_memory.keep_freed_memory()
+start, end = cpu_memory._huge_page_range or (0, 0)
+heap_start, heap_end = cpu_memory.main_heap_range() or (0, 0)
+with open("/proc/self/status") as file:
+    resident = next(int(line.split()[1]) for line in file if line.startswith("VmRSS:"))
+print(cpu_memory.allocator_in_use(), start, end, heap_start, heap_end, resident)
+"""
+
+
+def _capped_reservation(cap: int, caller: str = "main", **env: str) -> tuple[str, int, int, int, int, int]:
+    result = subprocess.run([sys.executable, "-c", CAPPED_RESERVATION, str(cap), caller], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, cpu_memory.ENV: "keep",
+                                                         cpu_memory.HUGE_PAGES_ENV: "auto", **env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    allocator, *numbers = result.stdout.split()
+    return allocator, *map(int, numbers)
+
+
 @pytest.mark.skipif(not _host_marks_huge_pages(), reason="the kernel gives huge pages without asking, or never")
-def test_the_marked_range_is_at_most_its_cap(monkeypatch):
-    monkeypatch.setattr(cpu_memory, "_kept", True)
-    monkeypatch.setattr(cpu_memory, "_huge_page_range", None)
-    monkeypatch.setattr(cpu_memory, "MAX_HUGE_PAGE_HEAP_BYTES", 2 ** 26)
-    start, end = cpu_memory.reserve_huge_page_heap()
+def test_the_marked_range_is_at_most_its_cap_and_inside_the_main_heap():
+    allocator, start, end, heap_start, heap_end, _ = _capped_reservation(2 ** 26)
+    assert allocator == "keep+thp"
     assert 0 < end - start <= 2 ** 26 and start % cpu_memory.HUGE_PAGE_BYTES == 0
+    assert heap_start <= start < end <= heap_end
+
+
+@pytest.mark.skipif(not _host_marks_huge_pages(), reason="the kernel gives huge pages without asking, or never")
+def test_a_call_from_another_thread_marks_nothing():
+    # its arena maps the request afresh and unmaps it on free: nothing would stay marked
+    allocator, start, end, *_ = _capped_reservation(2 ** 28, "thread")
+    assert (allocator, end - start) == ("keep", 0)
+
+
+@pytest.mark.skipif(not _host_marks_huge_pages(), reason="the kernel gives huge pages without asking, or never")
+@pytest.mark.parametrize("env", [{"MALLOC_PERTURB_": "165"}, {"GLIBC_TUNABLES": "glibc.malloc.perturb=165"}])
+def test_perturbed_malloc_marks_nothing_and_writes_nothing(env):
+    # glibc would fill the whole range on malloc and on free: 256 MB resident for a 256 MB cap
+    allocator, start, end, _, _, resident_kib = _capped_reservation(2 ** 28, **env)
+    assert (allocator, end - start) == ("keep", 0)
+    assert resident_kib < 2 ** 17, resident_kib  # under 128 MB: the interpreter, not the range
+
+
+def test_malloc_perturbation_is_read_as_glibc_reads_it():
+    assert not cpu_memory.malloc_perturbed({})
+    assert cpu_memory.malloc_perturbed({"MALLOC_PERTURB_": "165"})
+    assert not cpu_memory.malloc_perturbed({"MALLOC_PERTURB_": "0"})
+    assert not cpu_memory.malloc_perturbed({"MALLOC_PERTURB_": "256"})  # its low byte is 0
+    assert not cpu_memory.malloc_perturbed({"MALLOC_PERTURB_": "junk"})
+    assert cpu_memory.malloc_perturbed({"GLIBC_TUNABLES": "glibc.malloc.check=0:glibc.malloc.perturb=0x55"})
+    assert not cpu_memory.malloc_perturbed({"GLIBC_TUNABLES": "glibc.malloc.perturb=0:glibc.malloc.hugetlb=1"})
+
+
+def test_the_main_heap_is_the_heap_line_of_the_maps():
+    maps = ("55d0c1e00000-55d0c1e21000 r--p 00000000 08:01 123 /usr/bin/python3\n"
+            "55d0c3a4b000-55d0c3b6c000 rw-p 00000000 00:00 0                          [heap]\n"
+            "7f1e2c000000-7f1e2c021000 rw-p 00000000 00:00 0 \n")
+    assert cpu_memory.main_heap_range(maps) == (0x55d0c3a4b000, 0x55d0c3b6c000)
+    marked = maps.replace("-55d0c3b6c000 rw-p 00000000 00:00 0                          [heap]",
+                          "-55d0c3a60000 rw-p 00000000 00:00 0 [heap]\n55d0c3a60000-55d0c3b6c000 rw-p 00000000 00:00 0 [heap]")
+    assert cpu_memory.main_heap_range(marked) == (0x55d0c3a4b000, 0x55d0c3b6c000)
+    assert cpu_memory.main_heap_range("7f1e2c000000-7f1e2c021000 rw-p 00000000 00:00 0\n") is None
 
 
 def test_no_range_is_marked_where_another_allocator_serves_malloc(monkeypatch):
@@ -228,6 +291,8 @@ def test_untouched_bytes_are_the_range_s_pages_not_yet_touched():
     finally:
         del first_byte  # a mapping with a live export cannot close
         region.close()
+    # unmapped now: mincore fails, and the whole range counts as untouched (none of it as memory held free)
+    assert cpu_memory.untouched_bytes((start, start + 64 * page)) == 64 * page
 
 
 class _Queue(list):
