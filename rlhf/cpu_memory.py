@@ -47,7 +47,8 @@ process starts; marking the range here needs no restart. Decode-shaped products 
 The untouched part costs no memory: it is address space, and ``reusable_heap_bytes`` leaves it
 out (the kernel's available memory already counts it). Not where the kernel commits address
 space strictly (``vm.overcommit_memory`` 2), nor with THP ``always`` (already huge) or ``never``,
-nor where glibc perturbs memory (``MALLOC_PERTURB_``: it would write the whole range), nor from a
+nor where glibc perturbs memory (``MALLOC_PERTURB_``: it would write the whole range), nor under
+a cap on address space (``ulimit -v`` or ``-d``, which the range would spend), nor from a
 thread other than the one whose arena is the main heap (a thread's arena maps a request this
 large afresh and unmaps it when freed: there is no heap to mark).
 ``RLHF_CPU_HUGE_PAGES=off`` leaves the heap as glibc grows it.
@@ -182,6 +183,8 @@ def reserve_huge_page_heap(setting: str | None = None, overcommit: str | None = 
         return None
     if malloc_perturbed():  # glibc would write every byte of the range, on malloc and again on free
         return None
+    if address_space_limited():  # the range would spend a budget of address space that later mappings need
+        return None
     size = min(int(psutil.virtual_memory().available), MAX_HUGE_PAGE_HEAP_BYTES) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
     address = libc.malloc(size) if size > 2 * HUGE_PAGE_BYTES else None
     if not address:  # an address-space limit (ulimit -v), or nothing available
@@ -218,6 +221,15 @@ def malloc_perturbed(environ: dict[str, str] | None = None) -> bool:
         except ValueError:
             continue
     return False
+
+
+def address_space_limited() -> bool:
+    """Whether this process's address space or data segment is capped (``ulimit -v`` / ``-d``,
+    RLIMIT_AS / RLIMIT_DATA): an untouched range counts against such a cap as if it held memory."""
+    import resource
+
+    return any(resource.getrlimit(limit)[0] != resource.RLIM_INFINITY
+               for limit in (resource.RLIMIT_AS, resource.RLIMIT_DATA))
 
 
 def main_heap_range(maps: str | None = None) -> tuple[int, int] | None:

@@ -25,7 +25,8 @@ def _expected_allocator() -> str:
     except OSError:
         overcommit = "2"
     marks = (choice == "keep" and cpu_memory.huge_pages_choice() == "auto" and overcommit != "2"
-             and cpu_memory.transparent_huge_pages_mode() == "madvise" and not cpu_memory.malloc_perturbed())
+             and cpu_memory.transparent_huge_pages_mode() == "madvise" and not cpu_memory.malloc_perturbed()
+             and not cpu_memory.address_space_limited())
     return f"{choice}+thp" if marks else choice
 
 

@@ -136,7 +136,8 @@ def _host_marks_huge_pages() -> bool:
         overcommit = cpu_memory.OVERCOMMIT_SETTING.read_text().strip()
     except OSError:
         return False
-    return GLIBC_HERE and cpu_memory.transparent_huge_pages_mode() == "madvise" and overcommit != "2"
+    return (GLIBC_HERE and cpu_memory.transparent_huge_pages_mode() == "madvise" and overcommit != "2"
+            and not cpu_memory.malloc_perturbed() and not cpu_memory.address_space_limited())
 
 
 # After keep_freed_memory: how the process allocates, how much of a 64 MB buffer filled then came in
@@ -190,9 +191,11 @@ def test_no_range_is_marked_where_the_kernel_decides_alone_or_commits_strictly(m
 # keep_freed_memory with the range capped at argv[1] bytes, called from the main thread or another
 # (argv[2]): how the process allocates, the marked range, the main heap's range, the resident KiB.
 CAPPED_RESERVATION = """
-import sys, threading
+import resource, sys, threading
 from rlhf import cpu_memory
 cpu_memory.MAX_HUGE_PAGE_HEAP_BYTES = int(sys.argv[1])
+if len(sys.argv) > 3:  # a cap on address space, as ulimit -v sets it
+    resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[3]), resource.RLIM_INFINITY))
 if sys.argv[2] == "thread":
     caller = threading.Thread(target=cpu_memory.keep_freed_memory); caller.start(); caller.join()
 else:
@@ -205,8 +208,10 @@ print(cpu_memory.allocator_in_use(), start, end, heap_start, heap_end, resident)
 """
 
 
-def _capped_reservation(cap: int, caller: str = "main", **env: str) -> tuple[str, int, int, int, int, int]:
-    result = subprocess.run([sys.executable, "-c", CAPPED_RESERVATION, str(cap), caller], capture_output=True,
+def _capped_reservation(cap: int, caller: str = "main", address_space: int | None = None,
+                        **env: str) -> tuple[str, int, int, int, int, int]:
+    limit = [] if address_space is None else [str(address_space)]
+    result = subprocess.run([sys.executable, "-c", CAPPED_RESERVATION, str(cap), caller, *limit], capture_output=True,
                             text=True, timeout=120, env={**os.environ, cpu_memory.ENV: "keep",
                                                          cpu_memory.HUGE_PAGES_ENV: "auto", **env})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -226,6 +231,13 @@ def test_the_marked_range_is_at_most_its_cap_and_inside_the_main_heap():
 def test_a_call_from_another_thread_marks_nothing():
     # its arena maps the request afresh and unmaps it on free: nothing would stay marked
     allocator, start, end, *_ = _capped_reservation(2 ** 28, "thread")
+    assert (allocator, end - start) == ("keep", 0)
+
+
+@pytest.mark.skipif(not _host_marks_huge_pages(), reason="the kernel gives huge pages without asking, or never")
+def test_a_cap_on_address_space_marks_nothing():
+    # the range would spend 256 MB of a 64 GB budget of address space that later mappings may need
+    allocator, start, end, *_ = _capped_reservation(2 ** 28, address_space=2 ** 36)
     assert (allocator, end - start) == ("keep", 0)
 
 
