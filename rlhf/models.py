@@ -254,7 +254,46 @@ def load_base_model(name_or_path: str, bf16: bool = False) -> nn.Module:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
     disable_dropout(model)
+    weights_into_own_memory(model)
     return model
+
+
+def _file_mappings(maps: str | None = None) -> list[tuple[int, int]]:
+    """(start, end) of every file-backed mapping of this process (/proc/self/maps; ``maps``: its
+    text, read when None); [] where it cannot be read."""
+    if maps is None:
+        try:
+            with open("/proc/self/maps") as file:
+                maps = file.read()
+        except OSError:
+            return []
+    ranges = []
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            start, _, end = fields[0].partition("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def weights_into_own_memory(model: nn.Module) -> int:
+    """Copy the CPU parameters that transformers left as views of the mapped safetensors file into
+    memory of the process's own; the number copied. Those views start wherever the file puts them
+    (SmolLM2-135M's: not even 64-byte aligned) on page-cache pages that are never huge, and every
+    product that reads a frozen weight in place (the update's input gradients through ``W.t()``,
+    its prompt forward) reads them there: on the 2-core Zen 3 EPYC a [2048, 1536] x [1536, 576]
+    input gradient took 54.7 ms through the mapped weight against 33.0 through a copy of it (the
+    same strides, the same numbers). The file's pages are page cache, so the copy costs no more
+    memory than the mapping did once it is let go."""
+    mapped = _file_mappings()
+    copied = 0
+    with torch.no_grad():
+        for parameter in model.parameters():  # a tied weight is one parameter: copied once, still tied
+            address = parameter.data_ptr()
+            if parameter.device.type == "cpu" and any(start <= address < end for start, end in mapped):
+                parameter.data = parameter.data.clone()
+                copied += 1
+    return copied
 
 
 def merge_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:

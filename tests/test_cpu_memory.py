@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import FIXTURES, assert_one_line_error, tiny_args
@@ -432,3 +433,39 @@ def test_a_child_reports_the_allocator_it_ran_with(monkeypatch, tmp_path):
     queue = _Queue()
     benchmark._child("ours-grpo", {**BenchmarkConfig().__dict__}, str(tmp_path), queue)
     assert queue[0][0]["malloc"] == "jemalloc"
+
+
+def _in_file_mapping(tensor) -> bool:
+    from rlhf.models import _file_mappings
+
+    return any(start <= tensor.data_ptr() < end for start, end in _file_mappings())
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings")
+def test_loaded_weights_leave_the_mapped_file_with_the_same_values_and_ties(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.models import load_base_model, weights_into_own_memory
+
+    mapped = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    if not any(_in_file_mapping(parameter) for parameter in mapped.parameters()):
+        pytest.skip("this transformers copies the file's tensors on loading")
+    expected = {name: parameter.detach().clone() for name, parameter in mapped.named_parameters()}
+    assert weights_into_own_memory(mapped) > 0
+    assert not any(_in_file_mapping(parameter) for parameter in mapped.parameters())
+    assert all(torch.equal(parameter, expected[name]) for name, parameter in mapped.named_parameters())
+    assert all(parameter.data_ptr() % 64 == 0 for parameter in mapped.parameters())
+    loaded = load_base_model(str(tiny_model_dir))  # what every run loads
+    assert not any(_in_file_mapping(parameter) for parameter in loaded.parameters())
+    if loaded.config.tie_word_embeddings:
+        assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+
+
+def test_file_mappings_are_the_maps_lines_with_a_path():
+    from rlhf.models import _file_mappings
+
+    maps = ("7f0000000000-7f0000100000 r--s 00000000 08:01 42   /root/.cache/model.safetensors\n"
+            "7f0000200000-7f0000300000 rw-p 00000000 00:00 0 \n"
+            "55d0c3a4b000-55d0c3b6c000 rw-p 00000000 00:00 0                          [heap]\n")
+    assert _file_mappings(maps) == [(0x7f0000000000, 0x7f0000100000)]
