@@ -442,7 +442,7 @@ def _in_file_mapping(tensor) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings")
-def test_loaded_weights_leave_the_mapped_file_with_the_same_values_and_ties(tiny_model_dir):
+def test_loaded_weights_leave_the_mapped_file_with_the_same_values_and_ties(tiny_model_dir, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -456,7 +456,9 @@ def test_loaded_weights_leave_the_mapped_file_with_the_same_values_and_ties(tiny
     assert not any(_in_file_mapping(parameter) for parameter in mapped.parameters())
     assert all(torch.equal(parameter, expected[name]) for name, parameter in mapped.named_parameters())
     assert all(parameter.data_ptr() % 64 == 0 for parameter in mapped.parameters())
-    loaded = load_base_model(str(tiny_model_dir))  # what every run loads
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU would take the weights instead
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    loaded = load_base_model(str(tiny_model_dir))  # what every CPU run of one process per host loads
     assert not any(_in_file_mapping(parameter) for parameter in loaded.parameters())
     if loaded.config.tie_word_embeddings:
         assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
@@ -469,3 +471,18 @@ def test_file_mappings_are_the_maps_lines_with_a_path():
             "7f0000200000-7f0000300000 rw-p 00000000 00:00 0 \n"
             "55d0c3a4b000-55d0c3b6c000 rw-p 00000000 00:00 0                          [heap]\n")
     assert _file_mappings(maps) == [(0x7f0000000000, 0x7f0000100000)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings")
+def test_several_processes_on_a_host_keep_sharing_the_mapped_file(tiny_model_dir, monkeypatch):
+    import torch
+
+    from rlhf.models import load_base_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    alone = load_base_model(str(tiny_model_dir))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # each would hold a private copy of what the page cache shares
+    shared = load_base_model(str(tiny_model_dir))
+    if not any(_in_file_mapping(parameter) for parameter in shared.parameters()):
+        pytest.skip("this transformers copies the file's tensors on loading")
+    assert not any(_in_file_mapping(parameter) for parameter in alone.parameters())
