@@ -159,6 +159,23 @@ def transparent_huge_pages_mode(setting: str | None = None) -> str:
     return chosen[0] if chosen else ""
 
 
+def huge_page_heap_wanted(setting: str | None = None, overcommit: str | None = None) -> bool:
+    """Whether keeping freed memory here also marks the heap for huge pages (``reserve_huge_page_heap``):
+    glibc's malloc, ``RLHF_CPU_HUGE_PAGES`` auto, the kernel's THP mode 'madvise' and nothing that
+    rules the untouched range out; ``setting``/``overcommit``: the sysfs and procfs texts, read when None."""
+    if _glibc() is None or huge_pages_choice() == "off" or transparent_huge_pages_mode(setting) != "madvise":
+        return False
+    try:
+        overcommit = OVERCOMMIT_SETTING.read_text() if overcommit is None else overcommit
+    except OSError:
+        overcommit = ""
+    # strict commit: the untouched range would count against the commit limit; a preloaded
+    # allocator: glibc's heap serves nothing; perturbed: glibc would write every byte of the range,
+    # on malloc and again on free; a cap on address space: the range would spend it for good
+    return (overcommit.strip() != "2" and allocator_in_use() not in PRELOADED_ALLOCATORS
+            and not malloc_perturbed() and not address_space_limited())
+
+
 def reserve_huge_page_heap(setting: str | None = None, overcommit: str | None = None) -> tuple[int, int] | None:
     """Grow glibc's main heap by the memory now available (at most ``MAX_HUGE_PAGE_HEAP_BYTES``)
     without touching it, mark that range ``MADV_HUGEPAGE`` and free it again, so that buffers
@@ -171,19 +188,7 @@ def reserve_huge_page_heap(setting: str | None = None, overcommit: str | None = 
     import psutil
 
     libc = _glibc()
-    if not _kept or libc is None or huge_pages_choice() == "off" or transparent_huge_pages_mode(setting) != "madvise":
-        return None
-    try:
-        overcommit = OVERCOMMIT_SETTING.read_text() if overcommit is None else overcommit
-    except OSError:
-        overcommit = ""
-    if overcommit.strip() == "2":  # the untouched range would count against the commit limit
-        return None
-    if allocator_in_use() in PRELOADED_ALLOCATORS:  # glibc's heap serves nothing then
-        return None
-    if malloc_perturbed():  # glibc would write every byte of the range, on malloc and again on free
-        return None
-    if address_space_limited():  # the range would spend a budget of address space that later mappings need
+    if not _kept or libc is None or not huge_page_heap_wanted(setting, overcommit):
         return None
     size = min(int(psutil.virtual_memory().available), MAX_HUGE_PAGE_HEAP_BYTES) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
     address = libc.malloc(size) if size > 2 * HUGE_PAGE_BYTES else None
@@ -232,16 +237,21 @@ def address_space_limited() -> bool:
                for limit in (resource.RLIMIT_AS, resource.RLIMIT_DATA))
 
 
+def process_maps() -> str:
+    """This process's /proc/self/maps text; '' where there is none (not Linux)."""
+    try:
+        with open("/proc/self/maps") as file:
+            return file.read()
+    except OSError:
+        return ""
+
+
 def main_heap_range(maps: str | None = None) -> tuple[int, int] | None:
     """(start, end) of glibc's main heap, the ``[heap]`` lines of /proc/self/maps (``maps``: its
     text, read when None; a range marked for huge pages is a line of its own); None where there
     is none."""
     if maps is None:
-        try:
-            with open("/proc/self/maps") as file:
-                maps = file.read()
-        except OSError:
-            return None
+        maps = process_maps()
     pieces = [[int(bound, 16) for bound in line.split()[0].split("-")]
               for line in maps.splitlines() if line.rstrip().endswith("[heap]")]
     return (min(start for start, _ in pieces), max(end for _, end in pieces)) if pieces else None
@@ -282,11 +292,7 @@ def allocator_in_use(maps: str | None = None) -> str:
     among the mapped libraries; ``maps`` is /proc/self/maps' text, read when None), else 'keep'
     where ``keep_freed_memory`` set glibc's switches, else 'default'."""
     if maps is None:
-        try:
-            with open("/proc/self/maps") as file:
-                maps = file.read()
-        except OSError:  # not Linux
-            maps = ""
+        maps = process_maps()
     libraries = {line.rsplit("/", 1)[-1] for line in maps.splitlines() if "/" in line}
     for name in PRELOADED_ALLOCATORS:
         if any(library.startswith(f"lib{name}") for library in libraries):

@@ -266,12 +266,10 @@ def load_base_model(name_or_path: str, bf16: bool = False) -> nn.Module:
 def _file_mappings(maps: str | None = None) -> list[tuple[int, int]]:
     """(start, end) of every file-backed mapping of this process (/proc/self/maps; ``maps``: its
     text, read when None); [] where it cannot be read."""
+    from rlhf.cpu_memory import process_maps
+
     if maps is None:
-        try:
-            with open("/proc/self/maps") as file:
-                maps = file.read()
-        except OSError:
-            return []
+        maps = process_maps()
     ranges = []
     for line in maps.splitlines():
         fields = line.split(maxsplit=5)

@@ -20,14 +20,7 @@ def _expected_allocator() -> str:
     """What a benchmark child's keep_freed_memory gives on this host: the heap also marked for huge
     pages where the kernel hands them out on request and nothing rules the range out."""
     choice = malloc_choice()
-    try:
-        overcommit = cpu_memory.OVERCOMMIT_SETTING.read_text().strip()
-    except OSError:
-        overcommit = "2"
-    marks = (choice == "keep" and cpu_memory.huge_pages_choice() == "auto" and overcommit != "2"
-             and cpu_memory.transparent_huge_pages_mode() == "madvise" and not cpu_memory.malloc_perturbed()
-             and not cpu_memory.address_space_limited())
-    return f"{choice}+thp" if marks else choice
+    return f"{choice}+thp" if choice == "keep" and cpu_memory.huge_page_heap_wanted() else choice
 
 
 def test_length_sweep_of_ours_and_trl_with_roofline_floor_and_profile(tiny_model_dir, tmp_path):

@@ -107,38 +107,27 @@ def test_malloc_choice_reads_the_environment(monkeypatch):
     assert cpu_memory.malloc_choice() == ("keep" if GLIBC_HERE else "default")
 
 
-def test_an_unknown_malloc_choice_stops_a_training_run_in_one_line(tiny_model_dir, tmp_path, run_here):
-    result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, tmp_path / "run"), env={cpu_memory.ENV: "jemalloc"})
-    assert_one_line_error(result, "RLHF_CPU_MALLOC must be auto, keep or default, got 'jemalloc'")
+@pytest.mark.parametrize("name, value, message", [
+    (cpu_memory.ENV, "jemalloc", "RLHF_CPU_MALLOC must be auto, keep or default, got 'jemalloc'"),
+    (cpu_memory.HUGE_PAGES_ENV, "always", "RLHF_CPU_HUGE_PAGES must be auto or off, got 'always'")])
+def test_an_unknown_memory_choice_stops_a_training_run_in_one_line(name, value, message, tiny_model_dir, tmp_path,
+                                                                   run_here):
+    result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, tmp_path / "run"), env={name: value})
+    assert_one_line_error(result, message)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_an_unknown_malloc_choice_stops_the_benchmark_before_any_system(tmp_path, run_here):
-    result = run_here("benchmark.py", "--out", str(tmp_path / "b.json"), env={cpu_memory.ENV: "tcmalloc"})
-    assert_one_line_error(result, "RLHF_CPU_MALLOC must be auto, keep or default, got 'tcmalloc'")
-    assert not list(tmp_path.iterdir())
-
-
-def test_an_unknown_huge_pages_choice_stops_a_training_run_in_one_line(tiny_model_dir, tmp_path, run_here):
-    result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, tmp_path / "run"),
-                      env={cpu_memory.HUGE_PAGES_ENV: "always"})
-    assert_one_line_error(result, "RLHF_CPU_HUGE_PAGES must be auto or off, got 'always'")
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
-
-
-def test_an_unknown_huge_pages_choice_stops_the_benchmark_before_any_system(tmp_path, run_here):
-    result = run_here("benchmark.py", "--out", str(tmp_path / "b.json"), env={cpu_memory.HUGE_PAGES_ENV: "on"})
-    assert_one_line_error(result, "RLHF_CPU_HUGE_PAGES must be auto or off, got 'on'")
+@pytest.mark.parametrize("name, value, message", [
+    (cpu_memory.ENV, "tcmalloc", "RLHF_CPU_MALLOC must be auto, keep or default, got 'tcmalloc'"),
+    (cpu_memory.HUGE_PAGES_ENV, "on", "RLHF_CPU_HUGE_PAGES must be auto or off, got 'on'")])
+def test_an_unknown_memory_choice_stops_the_benchmark_before_any_system(name, value, message, tmp_path, run_here):
+    result = run_here("benchmark.py", "--out", str(tmp_path / "b.json"), env={name: value})
+    assert_one_line_error(result, message)
     assert not list(tmp_path.iterdir())
 
 
 def _host_marks_huge_pages() -> bool:
-    try:
-        overcommit = cpu_memory.OVERCOMMIT_SETTING.read_text().strip()
-    except OSError:
-        return False
-    return (GLIBC_HERE and cpu_memory.transparent_huge_pages_mode() == "madvise" and overcommit != "2"
-            and not cpu_memory.malloc_perturbed() and not cpu_memory.address_space_limited())
+    return GLIBC_HERE and cpu_memory.huge_page_heap_wanted()
 
 
 # After keep_freed_memory: how the process allocates, how much of a 64 MB buffer filled then came in
