@@ -246,15 +246,29 @@ def process_maps() -> str:
         return ""
 
 
+def _mapped_range(line: str) -> tuple[int, int]:
+    """(start, end) of one /proc/self/maps line."""
+    start, _, end = line.split(maxsplit=1)[0].partition("-")
+    return int(start, 16), int(end, 16)
+
+
 def main_heap_range(maps: str | None = None) -> tuple[int, int] | None:
     """(start, end) of glibc's main heap, the ``[heap]`` lines of /proc/self/maps (``maps``: its
     text, read when None; a range marked for huge pages is a line of its own); None where there
     is none."""
     if maps is None:
         maps = process_maps()
-    pieces = [[int(bound, 16) for bound in line.split()[0].split("-")]
-              for line in maps.splitlines() if line.rstrip().endswith("[heap]")]
+    pieces = [_mapped_range(line) for line in maps.splitlines() if line.rstrip().endswith("[heap]")]
     return (min(start for start, _ in pieces), max(end for _, end in pieces)) if pieces else None
+
+
+def file_mappings(maps: str | None = None) -> list[tuple[int, int]]:
+    """(start, end) of every file-backed mapping of this process (/proc/self/maps; ``maps``: its
+    text, read when None); [] where it cannot be read."""
+    if maps is None:
+        maps = process_maps()
+    return [_mapped_range(line) for line in maps.splitlines()
+            if len(fields := line.split(maxsplit=5)) == 6 and fields[5].startswith("/")]
 
 
 def untouched_bytes(address_range: tuple[int, int]) -> int:

@@ -24,6 +24,7 @@ from rlhf.algorithms import (entropy_from_logits, logprobs_and_entropy_from_logi
                              logprobs_from_logits)
 from rlhf.cpu_linear import (available_memory_bytes, bf16_packing_exact, onednn_linear, onednn_packing_usable,
                               pack_for_onednn, routes_to_onednn, times_weight)
+from rlhf.cpu_memory import file_mappings
 from rlhf.kv_cache import config_cache_rows_selectable, rows_selectable, select_cache_rows
 from rlhf.paths import looks_local
 from rlhf.sampled_products import kept_logits, kept_output, replaying
@@ -263,22 +264,6 @@ def load_base_model(name_or_path: str, bf16: bool = False) -> nn.Module:
     return model
 
 
-def _file_mappings(maps: str | None = None) -> list[tuple[int, int]]:
-    """(start, end) of every file-backed mapping of this process (/proc/self/maps; ``maps``: its
-    text, read when None); [] where it cannot be read."""
-    from rlhf.cpu_memory import process_maps
-
-    if maps is None:
-        maps = process_maps()
-    ranges = []
-    for line in maps.splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].startswith("/"):
-            start, _, end = fields[0].partition("-")
-            ranges.append((int(start, 16), int(end, 16)))
-    return ranges
-
-
 def weights_into_own_memory(model: nn.Module) -> int:
     """Copy the CPU parameters that transformers left as views of the mapped safetensors file into
     memory of the process's own; the number copied. Those views start wherever the file puts them
@@ -290,7 +275,7 @@ def weights_into_own_memory(model: nn.Module) -> int:
     memory than the mapping did once it is let go; while loading, both are resident (a reviewer's
     167 MB model peaked at 691 MB against 519 MB, the page cache reclaimable), which stays below a
     training step's peak."""
-    mapped = _file_mappings()
+    mapped = file_mappings()
     copied = 0
     with torch.no_grad():
         for parameter in model.parameters():  # a tied weight is one parameter: copied once, still tied

@@ -425,9 +425,7 @@ def test_a_child_reports_the_allocator_it_ran_with(monkeypatch, tmp_path):
 
 
 def _in_file_mapping(tensor) -> bool:
-    from rlhf.models import _file_mappings
-
-    return any(start <= tensor.data_ptr() < end for start, end in _file_mappings())
+    return any(start <= tensor.data_ptr() < end for start, end in cpu_memory.file_mappings())
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings")
@@ -454,12 +452,10 @@ def test_loaded_weights_leave_the_mapped_file_with_the_same_values_and_ties(tiny
 
 
 def test_file_mappings_are_the_maps_lines_with_a_path():
-    from rlhf.models import _file_mappings
-
     maps = ("7f0000000000-7f0000100000 r--s 00000000 08:01 42   /root/.cache/model.safetensors\n"
             "7f0000200000-7f0000300000 rw-p 00000000 00:00 0 \n"
             "55d0c3a4b000-55d0c3b6c000 rw-p 00000000 00:00 0                          [heap]\n")
-    assert _file_mappings(maps) == [(0x7f0000000000, 0x7f0000100000)]
+    assert cpu_memory.file_mappings(maps) == [(0x7f0000000000, 0x7f0000100000)]
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings")
