@@ -111,26 +111,26 @@ def bf16_packing_exact() -> bool:
 
 def available_memory_bytes() -> int:
     """Memory this process can still take: its share of the system's available memory, or less
-    where a cgroup (container) limit is nearer, plus what its own heap holds free for reuse
-    (``rlhf.cpu_memory``). The processes a launcher started on this machine share it evenly: they
-    sample and update in step, and each sizes its weight copies by this figure, so each taking
-    half of all that is free would together leave nothing."""
+    where a limit of its cgroups (a container, a batch job) is nearer, and no more than its caps on
+    address space leave (``ulimit -v`` / ``-d``), plus what its own heap holds free for reuse
+    (``rlhf.cpu_memory``). The processes a launcher started on this machine share the memory
+    evenly: they sample and update in step, and each sizes its weight copies by this figure, so
+    each taking half of all that is free would together leave nothing; a cap on address space is
+    each process's own."""
     import psutil
 
-    from rlhf.cpu_memory import reusable_heap_bytes
+    from rlhf.cpu_memory import address_space_headroom, cgroup_memory_headroom, reusable_heap_bytes
     from rlhf.distributed import local_process_count
 
     available = int(psutil.virtual_memory().available)
-    for limit_file, usage_file in (("memory.max", "memory.current"),  # cgroup v2
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):  # v1
-        try:
-            limit = Path("/sys/fs/cgroup", limit_file).read_text().strip()
-            if limit != "max":  # v1 writes a huge number for no limit, which min() leaves alone
-                used = int(Path("/sys/fs/cgroup", usage_file).read_text().strip())
-                available = min(available, int(limit) - used)
-        except (OSError, ValueError):
-            pass
-    return available // local_process_count() + reusable_heap_bytes()
+    limited = cgroup_memory_headroom()
+    if limited is not None:
+        available = min(available, limited)
+    available //= local_process_count()
+    mappable = address_space_headroom()
+    if mappable is not None:
+        available = min(available, mappable)
+    return available + reusable_heap_bytes()
 
 
 def onednn_usable() -> bool:
@@ -156,16 +156,35 @@ def cpu_vendor() -> str:
     return ""
 
 
-@functools.cache
-def use_onednn() -> bool:
-    """Whether float32 CPU linears go through oneDNN on this machine (see the module docstring)."""
+def linear_choice() -> str:
+    """``RLHF_CPU_LINEAR`` as read now: auto, onednn or blas. A bad value stops the run (ConfigError)."""
     choice = os.environ.get(ENV, "").strip().lower() or "auto"
     if choice not in ("auto", "onednn", "blas"):
         from rlhf.errors import ConfigError
         raise ConfigError(f"{ENV} must be auto, onednn or blas, got {choice!r}")
+    return choice
+
+
+@functools.cache
+def use_onednn() -> bool:
+    """Whether float32 CPU linears go through oneDNN on this machine (see the module docstring);
+    decided once per process."""
+    choice = linear_choice()
     if choice == "blas" or not onednn_usable():
         return False
     return choice == "onednn" or cpu_vendor() == "AuthenticAMD"
+
+
+def check_cpu_settings() -> None:
+    """Stop on a bad ``RLHF_CPU_LINEAR``, ``RLHF_CPU_MALLOC`` or ``RLHF_CPU_HUGE_PAGES`` (ConfigError:
+    one line, exit 2) before a command loads anything or writes its output, on any device: each is
+    otherwise read only where the CPU path first needs it (until 2026-12-07 ``evaluate.py`` ignored a
+    bad ``RLHF_CPU_MALLOC`` and stopped on a bad ``RLHF_CPU_LINEAR`` mid-sampling, and ``train_dpo.py``
+    ignored a bad ``RLHF_CPU_LINEAR`` and read the malloc choice after building TRL's trainer)."""
+    from rlhf.cpu_memory import malloc_choice
+
+    linear_choice()  # as set now: ``use_onednn`` answers once per process
+    malloc_choice()
 
 
 def routes_to_onednn(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:

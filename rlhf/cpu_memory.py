@@ -26,8 +26,9 @@ too): configs/grpo.yaml at 128 new tokens, one thread, peak RSS over 30 steps 3.
 against 3.13 -> 3.82 GB default; with a reward of noise, whose lengths keep varying, 3.16 -> 3.56
 against 3.13 -> 3.58 GB over 24 steps (2026-12-06). What the heap holds free counts as available
 memory where this project decides whether copies of the weights fit (``reusable_heap_bytes``), and
-the trainer hands it back to the kernel when training ends (``release_freed_memory``), so a
-notebook or service that trains once does not keep its peak. jemalloc and tcmalloc, which PyTorch's
+the trainer hands it back to the kernel when training ends, however it ends (``release_freed_memory``),
+and gives glibc back its default thresholds where it set them itself, so a notebook or service
+that trains once does not keep its peak, nor the peaks of what it does afterwards. jemalloc and tcmalloc, which PyTorch's
 CPU tuning guides suggest preloading, also keep freed memory for reuse (returning it gradually).
 
 Only on Linux with glibc, and in the trainer and ``train_dpo`` (``freed_memory_kept``) only for
@@ -62,6 +63,7 @@ import ctypes.util
 import functools
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -77,9 +79,11 @@ MADV_HUGEPAGE = 14  # linux/mman.h
 # terabyte free: 5 ms for 22 GB of range on the quiet 2-core EPYC, 16-45 ms at the cap under load.
 MAX_HUGE_PAGE_HEAP_BYTES = 64 << 30
 
-# glibc's malloc.h
+# glibc's malloc.h, and its defaults (malloc/malloc.c: DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD)
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
+DEFAULT_MMAP_MAX = 65536
+DEFAULT_TRIM_THRESHOLD = 128 * 1024
 
 
 class _Mallinfo2(ctypes.Structure):  # struct mallinfo2 (glibc 2.33+)
@@ -137,7 +141,8 @@ _huge_page_range: tuple[int, int] | None = None  # the heap's range marked MADV_
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory in this process for reuse, and grow its heap in
     transparent huge pages where the kernel wants that asked for (see the module docstring);
-    whether it now keeps freed memory. The switches hold for the rest of the process."""
+    whether it now keeps freed memory. The switches hold until ``release_freed_memory`` is told
+    to stop keeping (the trainer does so when its training ends, where it set them itself)."""
     global _kept
     libc = _glibc()
     if not _kept and libc is not None and malloc_choice() == "keep":
@@ -237,6 +242,97 @@ def address_space_limited() -> bool:
                for limit in (resource.RLIMIT_AS, resource.RLIMIT_DATA))
 
 
+def address_space_headroom(status_file: str = "/proc/self/status") -> int | None:
+    """Bytes this process may still map under its caps on address space and data segment
+    (``ulimit -v`` / ``-d``: the soft limit less VmSize / VmData, as the kernel counts them), or
+    None where neither is capped (or the sizes cannot be read). A cap counts mappings, not memory:
+    a run under one fails at the cap with the kernel's available memory still high."""
+    import resource
+
+    caps = [(resource.getrlimit(limit)[0], field) for limit, field in
+            ((resource.RLIMIT_AS, "VmSize"), (resource.RLIMIT_DATA, "VmData"))]
+    caps = [(cap, field) for cap, field in caps if cap != resource.RLIM_INFINITY]
+    if not caps:
+        return None
+    try:
+        sizes = {name: int(value.split()[0]) * 1024 for name, _, value in
+                 (line.partition(":") for line in Path(status_file).read_text().splitlines()) if value.strip()
+                 and name in ("VmSize", "VmData")}
+    except (OSError, ValueError):
+        return None
+    headrooms = [cap - sizes[field] for cap, field in caps if field in sizes]
+    return max(min(headrooms), 0) if headrooms else None
+
+
+def _unescape_mount_field(text: str) -> str:
+    """A /proc/self/mountinfo path field with its octal escapes (``\\040`` for a space) decoded."""
+    return re.sub(r"\\([0-7]{3})", lambda escape: chr(int(escape.group(1), 8)), text)
+
+
+def _cgroup_mounts(mountinfo: str) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
+    """(mount point, root within the hierarchy) of the cgroup v2 hierarchy and of the v1 hierarchy
+    that carries the memory controller, from /proc/self/mountinfo text; None for one not mounted."""
+    unified = memory = None
+    for line in mountinfo.splitlines():
+        before, separator, after = line.partition(" - ")
+        fields, tail = before.split(), after.split()
+        if not separator or len(fields) < 5 or len(tail) < 3:
+            continue
+        mount = (_unescape_mount_field(fields[4]), _unescape_mount_field(fields[3]))
+        if tail[0] == "cgroup2" and unified is None:
+            unified = mount
+        elif tail[0] == "cgroup" and "memory" in tail[2].split(",") and memory is None:
+            memory = mount
+    return unified, memory
+
+
+def cgroup_memory_headroom(cgroup_file: str = "/proc/self/cgroup",
+                           mountinfo_file: str = "/proc/self/mountinfo") -> int | None:
+    """Bytes this process's memory cgroups still let it take: the least of limit - usage over its
+    own cgroup and every one above it, cgroup v2 (``memory.max`` / ``memory.current``) and v1
+    (``memory.limit_in_bytes`` / ``memory.usage_in_bytes``) alike; None where no limit is set or
+    none can be read. A limit is often set below the hierarchy's root (a Slurm job's step,
+    ``systemd-run -p MemoryMax=``, a container that shares the host's cgroup namespace), so the
+    root's files alone miss it (until 2026-12-07 only those were read: a run in a 1.4 GB child
+    cgroup sized its kept products by the machine's 22 GB and was killed by the OOM killer)."""
+    try:
+        memberships = Path(cgroup_file).read_text().splitlines()
+        unified, memory = _cgroup_mounts(Path(mountinfo_file).read_text())
+    except OSError:
+        return None
+    headroom = None
+    for line in memberships:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:
+            mount, limit_name, usage_name = unified, "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            mount, limit_name, usage_name = memory, "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        if mount is None:
+            continue
+        mount_point, mount_root = Path(mount[0]), mount[1].rstrip("/")
+        # the membership is a path from the hierarchy's root; the mount shows it from mount_root on
+        # (a path outside that root, as a container sees its host-side cgroup, reads the mount's top)
+        if path == mount_root or path.startswith(mount_root + "/"):
+            directory = mount_point / path[len(mount_root):].lstrip("/")
+        else:
+            directory = mount_point
+        while True:
+            try:
+                limit = (directory / limit_name).read_text().strip()
+                if limit != "max":  # v1 writes a huge number for no limit, which min() leaves alone
+                    left = int(limit) - int((directory / usage_name).read_text().strip())
+                    headroom = left if headroom is None else min(headroom, left)
+            except (OSError, ValueError):
+                pass
+            if directory == mount_point or directory.parent == directory:
+                break
+            directory = directory.parent
+    return None if headroom is None else max(headroom, 0)
+
+
 def process_maps() -> str:
     """This process's /proc/self/maps text; '' where there is none (not Linux)."""
     try:
@@ -330,12 +426,29 @@ def reusable_heap_bytes() -> int:
     return max(free, 0)
 
 
-def release_freed_memory() -> None:
+def keeping_freed_memory() -> bool:
+    """Whether ``keep_freed_memory`` has glibc's switches set in this process now."""
+    return _kept
+
+
+def release_freed_memory(stop_keeping: bool = False) -> None:
     """Hand what the heaps hold free back to the kernel (``malloc_trim``), where freed memory is
-    kept (``keep_freed_memory``); the process goes on keeping what it frees afterwards."""
+    kept (``keep_freed_memory``). ``stop_keeping``: first give glibc back its default thresholds
+    (``mmap`` for large requests, the heap's free top trimmed past 128 KiB), so that the work a
+    notebook or service does after training frees its memory as it did before (until 2026-12-07
+    the switches held for the rest of the process: 2 GB of tensors allocated and freed after a
+    training run left the process at 2.7 GB, against 0.4 GB without the run); otherwise the
+    process goes on keeping what it frees. The huge-page range stays marked: a later
+    ``keep_freed_memory`` grows the heap into it again."""
+    global _kept
     libc = _glibc()
-    if _kept and libc is not None:
-        libc.malloc_trim(0)
+    if not _kept or libc is None:
+        return
+    if stop_keeping:
+        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+        _kept = False
+    libc.malloc_trim(0)
 
 
 @contextlib.contextmanager
@@ -347,10 +460,11 @@ def freed_memory_kept(device_type: str) -> Iterator[None]:
     faults, training 112.5 -> 69.7 s (1 thread: 181 -> 117 s), identical metrics and adapter.
     TRL's RewardTrainer on the embedded MiniLM (21-22 s either way) and ``evaluate.py`` (39-42 s,
     half the faults) showed no gain, so they keep glibc's default."""
+    kept_before = keeping_freed_memory()  # a process that keeps freed memory throughout (the benchmark's) goes on
     if device_type == "cpu":
         keep_freed_memory()
     try:
         yield
     finally:
         if device_type == "cpu":
-            release_freed_memory()
+            release_freed_memory(stop_keeping=not kept_before)

@@ -74,10 +74,12 @@ def train_dpo(config: DPORunConfig) -> dict[str, float]:
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
+    from rlhf.cpu_linear import check_cpu_settings
     from rlhf.cpu_memory import freed_memory_kept
     from rlhf.data import load_preference_dataset
     from rlhf.models import load_base_model, load_tokenizer
 
+    check_cpu_settings()
     output_dir = Path(config.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not config.overwrite_output_dir:
         raise ConfigError(f"output_dir {output_dir} is not empty; choose another or pass --overwrite_output_dir true")

@@ -592,6 +592,9 @@ class EvalConfig:
 
 def evaluate_from_config(config: EvalConfig) -> dict[str, Any]:
     """The command: refuses to overwrite an earlier report unless asked, then evaluates."""
+    from rlhf.cpu_linear import check_cpu_settings
+
+    check_cpu_settings()
     output_dir = Path(config.output_dir)
     if (output_dir / "report.json").exists() and not config.overwrite_output_dir:
         raise ConfigError(f"{output_dir} already holds a report; choose another --output_dir or pass "

@@ -274,16 +274,23 @@ def weights_into_own_memory(model: nn.Module) -> int:
     same strides, the same numbers). The file's pages are page cache, so the copy costs no more
     memory than the mapping did once it is let go; while loading, both are resident (a reviewer's
     167 MB model peaked at 691 MB against 519 MB, the page cache reclaimable), which stays below a
-    training step's peak."""
+    training step's peak. Nothing is copied where the copies would take more than half the memory
+    this process can still take (``available_memory_bytes``: a cgroup's limit, a cap on address
+    space, which counts the mapping and the copy both until the copying ends): the run needs the
+    rest, and reads the mapped weights as before (until 2026-12-07 they were copied regardless:
+    under ``ulimit -v 2600000`` a 111 MB model's GRPO stopped in the copy)."""
+    from rlhf.cpu_linear import available_memory_bytes
+
     mapped = file_mappings()
-    copied = 0
+    in_mapping = [parameter for parameter in model.parameters()  # a tied weight is one parameter: copied once
+                  if parameter.device.type == "cpu" and any(start <= parameter.data_ptr() < end
+                                                            for start, end in mapped)]
+    if sum(parameter.nbytes for parameter in in_mapping) > available_memory_bytes() // 2:
+        return 0
     with torch.no_grad():
-        for parameter in model.parameters():  # a tied weight is one parameter: copied once, still tied
-            address = parameter.data_ptr()
-            if parameter.device.type == "cpu" and any(start <= address < end for start, end in mapped):
-                parameter.data = parameter.data.clone()
-                copied += 1
-    return copied
+        for parameter in in_mapping:
+            parameter.data = parameter.data.clone()
+    return len(in_mapping)
 
 
 def merge_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:

@@ -629,8 +629,12 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
                                columns=longest) as (policy, fast_forward):
             # decided once the sampling's weight copies exist, which speed every token and come first;
             # kept only where a forward can take them: a group's rows share their prompt's prefix (the
-            # update's forward after it is the one that takes them) and the sampler's forward runs every step
+            # update's forward after it is the one that takes them) and the sampler's forward runs every step.
+            # Not for TRPO: its old logprobs would be the sampler's products, its surrogate and KL its own
+            # forward's, and the conjugate-gradient step magnifies that rounding (a reviewer's Qwen2 shape:
+            # step 1's KL after the step 6% apart, the step size 1.3%; 1e-5 of noise moved it by 2e-4)
             eligible = (episodes is None and num_generations > 1 and fast_forward is not None
+                        and getattr(config, "update_method", None) != "trpo"
                         and fast_forward.runs_every_step(config.max_prompt_length + config.max_new_tokens))
             products_bytes = sampled_products_bytes(plain, len(raw_prompts), config.max_new_tokens, eligible,
                                                     cache_bytes)

@@ -471,16 +471,10 @@ def test_processes_on_one_machine_each_count_their_share_of_its_free_memory(monk
     free memory, plus what its own heap holds free."""
     import types
 
-    class NoCgroup:
-        def __init__(self, *parts):
-            pass
-
-        def read_text(self):
-            raise OSError("no cgroup here")
-
     monkeypatch.setattr("psutil.virtual_memory", lambda: types.SimpleNamespace(available=8 * 2 ** 30))
     monkeypatch.setattr("rlhf.cpu_memory.reusable_heap_bytes", lambda: 2 ** 30)
-    monkeypatch.setattr(cpu_linear, "Path", NoCgroup)
+    monkeypatch.setattr("rlhf.cpu_memory.cgroup_memory_headroom", lambda: None)  # no limit, no cap
+    monkeypatch.setattr("rlhf.cpu_memory.address_space_headroom", lambda: None)
     for name in ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE",
                  "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)

@@ -92,10 +92,50 @@ def test_kept_memory_counts_as_available_and_goes_back_when_training_ends():
 
 def test_training_hands_the_kept_memory_back_at_its_end(tiny_model_dir, tmp_path, run_here, monkeypatch):
     released = []
-    monkeypatch.setattr("rlhf.trainer.release_freed_memory", lambda: released.append(True))
+    monkeypatch.setattr(cpu_memory, "_kept", False)  # a process that did not keep freed memory before
+    monkeypatch.setattr("rlhf.trainer.release_freed_memory", lambda stop_keeping=False: released.append(stop_keeping))
     result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert released == [True]  # and glibc's own thresholds back, where the trainer set the switches
+
+
+def test_a_training_run_that_fails_hands_the_kept_memory_back_too(tiny_model_dir, tmp_path, run_here, monkeypatch):
+    """A reward function that raises stops the run (one line, exit 2): before 2026-12-07 the
+    process kept its peak then (1.8 GB against 0.6 GB after a finished run, a reviewer's model)."""
+    (tmp_path / "broken.py").write_text("def broken(prompts, completions, **kwargs):\n    raise ValueError('no')\n")
+    released = []
+    monkeypatch.setattr(cpu_memory, "_kept", False)
+    monkeypatch.setattr("rlhf.trainer.release_freed_memory", lambda stop_keeping=False: released.append(stop_keeping))
+    args = tiny_args(tiny_model_dir, tmp_path / "run")
+    args[args.index("--reward_funcs") + 1] = f"{tmp_path / 'broken.py'}:broken"
+    result = run_here("train_grpo.py", *args, "--reward_error", "raise")
+    assert result.returncode == 2, result.stderr[-3000:]
     assert released == [True]
+
+
+# After keep_freed_memory and its release with stop_keeping: the process allocates as glibc does by
+# default again, so a 256 MB buffer freed afterwards leaves the resident set (mmap'd, unmapped on free).
+KEPT_THEN_STOPPED = """
+import os, psutil, torch
+from rlhf import cpu_memory
+rss = lambda: psutil.Process(os.getpid()).memory_info().rss
+assert cpu_memory.keep_freed_memory()
+buffer = torch.empty(2 ** 26); buffer.fill_(1.0); del buffer
+cpu_memory.release_freed_memory(stop_keeping=True)
+before = rss()
+buffer = torch.empty(2 ** 26); buffer.fill_(1.0); del buffer
+print(cpu_memory.allocator_in_use(), cpu_memory.keeping_freed_memory(), rss() - before)
+"""
+
+
+@glibc
+def test_releasing_with_stop_keeping_gives_glibc_its_default_back():
+    result = subprocess.run([sys.executable, "-c", KEPT_THEN_STOPPED], capture_output=True, text=True,
+                            env={**os.environ, cpu_memory.ENV: "keep"}, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    allocator, keeping, grown = result.stdout.split()
+    assert (allocator, keeping) == ("default", "False")
+    assert int(grown) < 2 ** 26  # the freed 256 MB went back (kept, the heap would hold it)
 
 
 def test_malloc_choice_reads_the_environment(monkeypatch):
@@ -471,3 +511,127 @@ def test_several_processes_on_a_host_keep_sharing_the_mapped_file(tiny_model_dir
     if not any(_in_file_mapping(parameter) for parameter in shared.parameters()):
         pytest.skip("this transformers copies the file's tensors on loading")
     assert not any(_in_file_mapping(parameter) for parameter in alone.parameters())
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings")
+def test_weights_stay_mapped_where_their_copies_would_take_over_half_the_memory_left(tiny_model_dir, monkeypatch):
+    """Under a cgroup's limit or ``ulimit -v`` the copy (mapped beside the file until it ends) can
+    be what stops the run: the run reads the mapped weights instead."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf import cpu_linear
+    from rlhf.models import weights_into_own_memory
+
+    mapped = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    in_mapping = [parameter for parameter in mapped.parameters() if _in_file_mapping(parameter)]
+    if not in_mapping:
+        pytest.skip("this transformers copies the file's tensors on loading")
+    needed = sum(parameter.nbytes for parameter in in_mapping)
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 2 * needed - 2)
+    assert weights_into_own_memory(mapped) == 0
+    assert all(_in_file_mapping(parameter) for parameter in in_mapping)
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 2 * needed)
+    assert weights_into_own_memory(mapped) == len(in_mapping)
+    assert not any(_in_file_mapping(parameter) for parameter in mapped.parameters())
+
+
+def _fake_cgroups(root: Path, memberships: str, mounts: list[tuple[str, str, str, str]],
+                  files: dict[str, str]) -> tuple[str, str]:
+    """/proc/self/cgroup and /proc/self/mountinfo stand-ins under ``root``, and cgroup files there:
+    ``mounts`` (mount root, mount point under ``root``, fstype, super options), ``files`` (path under
+    ``root``: contents)."""
+    for path, text in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text + "\n")
+    lines = [f"{30 + i} 23 0:{40 + i} {mount_root} {root / point} rw,relatime - {fstype} {fstype} {options}"
+             for i, (mount_root, point, fstype, options) in enumerate(mounts)]
+    (root / "mountinfo").write_text("22 1 8:1 / / rw - ext4 /dev/sda1 rw\n" + "\n".join(lines) + "\n")
+    (root / "cgroup").write_text(memberships)
+    return str(root / "cgroup"), str(root / "mountinfo")
+
+
+def test_a_memory_limit_below_the_cgroup_root_is_read(tmp_path):
+    """A Slurm job, ``systemd-run -p MemoryMax=`` or a container sharing the host's cgroup
+    namespace sets its limit on a child cgroup: the least headroom of the process's own cgroup
+    and each one above it counts (before 2026-12-07 only the root's files were read)."""
+    gib = 2 ** 30
+    unlimited = str(2 ** 63 - 4096)
+    v1 = _fake_cgroups(tmp_path / "v1", "4:memory:/jobs/job7/step0\n3:cpu:/\n",
+                       [("/", "fs/memory", "cgroup", "rw,memory"), ("/", "fs/cpu", "cgroup", "rw,cpu")],
+                       {"fs/memory/memory.limit_in_bytes": unlimited, "fs/memory/memory.usage_in_bytes": str(9 * gib),
+                        "fs/memory/jobs/job7/memory.limit_in_bytes": str(4 * gib),
+                        "fs/memory/jobs/job7/memory.usage_in_bytes": str(3 * gib),
+                        "fs/memory/jobs/job7/step0/memory.limit_in_bytes": str(2 * gib),
+                        "fs/memory/jobs/job7/step0/memory.usage_in_bytes": str(gib // 2)})
+    assert cpu_memory.cgroup_memory_headroom(*v1) == gib  # the job's 4 - 3 GiB, below the step's 1.5
+    v2 = _fake_cgroups(tmp_path / "v2", "0::/user.slice/run-1.scope\n",
+                       [("/", "fs", "cgroup2", "rw,nsdelegate")],
+                       {"fs/user.slice/memory.max": "max", "fs/user.slice/memory.current": str(5 * gib),
+                        "fs/user.slice/run-1.scope/memory.max": str(3 * gib),
+                        "fs/user.slice/run-1.scope/memory.current": str(gib)})
+    assert cpu_memory.cgroup_memory_headroom(*v2) == 2 * gib
+    # a mount of part of the hierarchy (its root the job's cgroup), as a container is given it
+    bound = _fake_cgroups(tmp_path / "bound", "0::/jobs/job7\n", [("/jobs/job7", "fs", "cgroup2", "rw")],
+                          {"fs/memory.max": str(3 * gib), "fs/memory.current": str(2 * gib)})
+    assert cpu_memory.cgroup_memory_headroom(*bound) == gib
+    free = _fake_cgroups(tmp_path / "free", "0::/a\n", [("/", "fs", "cgroup2", "rw")],
+                         {"fs/a/memory.max": "max", "fs/a/memory.current": str(gib)})
+    assert cpu_memory.cgroup_memory_headroom(*free) is None
+    assert cpu_memory.cgroup_memory_headroom(str(tmp_path / "absent"), str(tmp_path / "absent")) is None
+
+
+def test_available_memory_counts_the_cgroup_and_the_address_space_cap(monkeypatch):
+    import resource
+    import types
+
+    from rlhf import cpu_linear
+
+    gib = 2 ** 30
+    monkeypatch.setattr("psutil.virtual_memory", lambda: types.SimpleNamespace(available=8 * gib))
+    monkeypatch.setattr(cpu_memory, "reusable_heap_bytes", lambda: gib)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cpu_memory, "address_space_headroom", lambda: None)
+    monkeypatch.setattr(cpu_memory, "cgroup_memory_headroom", lambda: 3 * gib)
+    assert cpu_linear.available_memory_bytes() == 4 * gib
+    monkeypatch.setattr(cpu_memory, "address_space_headroom", lambda: 2 * gib)
+    assert cpu_linear.available_memory_bytes() == 3 * gib
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # the cgroup is shared, the cap is each process's own
+    monkeypatch.setattr(cpu_memory, "address_space_headroom", lambda: gib)
+    assert cpu_linear.available_memory_bytes() == 2 * gib
+    monkeypatch.undo()
+    cap = (int(Path("/proc/self/status").read_text().split("VmSize:")[1].split()[0]) * 1024 + 300 * 2 ** 20
+           if Path("/proc/self/status").exists() else None)
+    if cap is not None:
+        real = resource.getrlimit
+
+        def capped(limit):
+            return (cap, resource.RLIM_INFINITY) if limit == resource.RLIMIT_AS else real(limit)
+
+        monkeypatch.setattr(resource, "getrlimit", capped)
+        monkeypatch.setattr(cpu_memory, "reusable_heap_bytes", lambda: 0)  # it moves with every allocation
+        assert 0 < cpu_memory.address_space_headroom() <= 300 * 2 ** 20
+        assert cpu_linear.available_memory_bytes() <= 300 * 2 ** 20
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("RLHF_CPU_LINEAR", "mkl", "RLHF_CPU_LINEAR must be auto, onednn or blas, got 'mkl'"),
+    (cpu_memory.ENV, "jemalloc", "RLHF_CPU_MALLOC must be auto, keep or default, got 'jemalloc'"),
+    (cpu_memory.HUGE_PAGES_ENV, "always", "RLHF_CPU_HUGE_PAGES must be auto or off, got 'always'")])
+@pytest.mark.parametrize("script", ["evaluate.py", "train_dpo.py"])
+def test_a_bad_cpu_setting_stops_evaluation_and_dpo_before_they_load_anything(script, name, value, message,
+                                                                              tiny_model_dir, tmp_path, run_here):
+    """Before 2026-12-07 evaluate.py ignored a bad RLHF_CPU_MALLOC and stopped on a bad
+    RLHF_CPU_LINEAR only mid-sampling, and train_dpo.py ignored a bad RLHF_CPU_LINEAR."""
+    from test_dpo import dpo_args
+
+    out = tmp_path / "out"
+    if script == "evaluate.py":
+        args = ["--checkpoints", str(tiny_model_dir), "--output_dir", str(out), "--num_prompts", "1",
+                "--num_samples", "1", "--max_new_tokens", "2", "--reward_funcs", f"{FIXTURES / 'rewards.py'}:char_diversity"]
+    else:
+        args = dpo_args(tiny_model_dir, out, tmp_path)
+    result = run_here(script, *args, env={name: value})
+    assert_one_line_error(result, message)
+    assert not out.exists()

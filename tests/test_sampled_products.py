@@ -380,11 +380,12 @@ def test_a_grpo_step_takes_the_products_and_releases_them(tiny_model_dir, tmp_pa
         assert taken[name] == pytest.approx(plain[name], rel=1e-4, abs=1e-6), name
 
 
-@pytest.mark.parametrize("case", ["groups", "one_sample_per_prompt", "window_inside", "window_beyond"])
+@pytest.mark.parametrize("case", ["groups", "one_sample_per_prompt", "window_inside", "window_beyond", "trpo_groups"])
 def test_products_are_kept_only_where_a_forward_can_take_them(tiny_model_dir, tmp_path, monkeypatch, case):
     """Without groups no two rows share a prompt, so no forward runs after a shared prefix; a
     sliding window the sequence can reach hands the steps past it to the model's own forward,
-    which keeps nothing: either way the products would only take memory (found by a review)."""
+    which keeps nothing: either way the products would only take memory (found by a review).
+    TRPO's groups keep none either: its step must see old logprobs from its own forward."""
     import contextlib
 
     from test_correctness import make_trainer
@@ -401,7 +402,8 @@ def test_products_are_kept_only_where_a_forward_can_take_them(tiny_model_dir, tm
 
     monkeypatch.setattr(rollout_module, "sampling_speedups", windowed)
     one = {"num_generations": 1, "rollout_batch_size": 8}
-    algorithm, overrides = ("ppo", one) if case == "one_sample_per_prompt" else ("grpo", {})
+    trpo = {"update_method": "trpo", "advantage_estimator": "grpo"}
+    algorithm, overrides = {"one_sample_per_prompt": ("ppo", one), "trpo_groups": ("trpo", trpo)}.get(case, ("grpo", {}))
     trainer = make_trainer(tiny_model_dir, tmp_path, algorithm, **overrides)
     rollout = trainer.rollout()
     assert (rollout.sampled_products is not None) == (case in ("groups", "window_beyond"))
