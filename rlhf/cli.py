@@ -1,7 +1,7 @@
 """Entry points shared by scripts/*.py and the ``rlhf`` console command.
 
-Bad input (rlhf.errors.UserError) becomes one line on stderr and exit code 2; anything else is
-a bug and keeps its traceback.
+Bad input (rlhf.errors.UserError) becomes one line on stderr and exit code 2, as does a run that
+needs more memory than it has (``out_of_memory``); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -94,9 +94,48 @@ def exit_on_user_error(fn: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
+    except (MemoryError, RuntimeError) as exc:  # torch's OutOfMemoryError is a RuntimeError
+        message = out_of_memory(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        code = 2
     finally:
         _leave_if_reward_calls_hang(code)
     sys.exit(code)
+
+
+LOW_MEMORY_BYTES = 1 << 30
+
+
+def _memory_left() -> int:
+    from rlhf.cpu_linear import available_memory_bytes
+
+    return available_memory_bytes()
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """The one line for an allocation that failed (a CPU allocation past the machine's memory, a
+    cgroup's limit or ``ulimit -v``; a GPU's memory), or None for any other error. Checkpoints
+    written before it stay; the run's settings asked for more memory than the process has."""
+    import torch
+
+    text = str(exc).strip()
+    if isinstance(exc, torch.OutOfMemoryError):
+        found = text.splitlines()[0] if text else "the GPU's memory ran out"
+    elif isinstance(exc, MemoryError):
+        found = text or "an allocation failed"
+    elif "can't allocate memory" in text:  # DefaultCPUAllocator's "[enforce fail at ...] err == 0. ..." line
+        found = text.splitlines()[0]
+        found = found[found.find("DefaultCPUAllocator"):] if "DefaultCPUAllocator" in found else found
+    elif "could not create a primitive" in text and _memory_left() < LOW_MEMORY_BYTES:
+        # oneDNN's products were probed at the start, so one failing mid-run found no memory for itself
+        found = f"oneDNN could not create a primitive with {_memory_left() >> 20} MB left to this process"
+    else:
+        return None
+    return (f"out of memory: {found}. Shorter sequences (max_new_tokens, max_prompt_length, max_length) or "
+            "smaller batches (generation_batch_size, mini_batch_size with gradient_accumulation_steps) need "
+            "less; or give the process more memory")
 
 
 ABANDONED_CALLS_GRACE_SECONDS = 5.0

@@ -297,3 +297,65 @@ def test_a_tokenizer_within_the_embedding_passes_the_check(tiny_model_dir):
     assert not hasattr(wrapped.get_input_embeddings(), "num_embeddings")
     with pytest.raises(ConfigError, match=f"has {len(tokenizer) - 1} rows"):
         check_tokenizer_fits(wrapped, tokenizer)
+
+
+ALLOCATION_FAILED = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                     "you tried to allocate 50331648 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("error", [RuntimeError(ALLOCATION_FAILED), MemoryError()])
+def test_a_run_that_runs_out_of_memory_stops_in_one_line_and_keeps_its_checkpoints(error, tiny_model_dir, tmp_path,
+                                                                                    run_here, monkeypatch):
+    """An allocation past the machine's memory, a cgroup's limit or ``ulimit -v`` (torch's CPU
+    allocator raises the RuntimeError above): before 2026-12-07 a traceback and exit 1 (a
+    reviewer's 111 MB model under ``ulimit -v 2600000``)."""
+    from rlhf import trainer
+
+    rollouts = []
+    sample_rollout = trainer.sample_rollout
+
+    def failing_in_step_two(*args, **kwargs):
+        rollouts.append(1)
+        if len(rollouts) == 2:
+            raise error
+        return sample_rollout(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "sample_rollout", failing_in_step_two)
+    out = tmp_path / "run"
+    result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, out, "--save_steps", "1"))
+    found = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 50331648 bytes" \
+        if isinstance(error, RuntimeError) else "an allocation failed"
+    assert_one_line_error(result, f"out of memory: {found}", "smaller batches")
+    assert (out / "checkpoints" / "step-1").is_dir()  # what was written before stays
+
+
+def test_another_runtime_error_keeps_its_traceback(tiny_model_dir, tmp_path, run_here, monkeypatch):
+    from rlhf import trainer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(trainer, "sample_rollout", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_here("train_grpo.py", *tiny_args(tiny_model_dir, tmp_path / "run"))
+
+
+@pytest.mark.parametrize("left_mb", [28, 8192])
+def test_a_onednn_product_that_fails_with_no_memory_left_is_out_of_memory(left_mb, tiny_model_dir, tmp_path, run_here,
+                                                                           monkeypatch):
+    """oneDNN says only "could not create a primitive" when its memory runs out (a reviewer's run
+    under ``ulimit -v 2600000``, 28 MB left); with memory left it is another error and keeps its traceback."""
+    from rlhf import cli, trainer
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(trainer, "sample_rollout", failing)
+    monkeypatch.setattr(cli, "_memory_left", lambda: left_mb << 20)
+    args = tiny_args(tiny_model_dir, tmp_path / "run")
+    if left_mb < 1024:
+        assert_one_line_error(run_here("train_grpo.py", *args),
+                              "out of memory: oneDNN could not create a primitive with 28 MB left to this process")
+    else:
+        with pytest.raises(RuntimeError, match="could not create a primitive"):
+            run_here("train_grpo.py", *args)
