@@ -94,7 +94,7 @@ def exit_on_user_error(fn: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
-    except (MemoryError, RuntimeError) as exc:  # torch's OutOfMemoryError is a RuntimeError
+    except (MemoryError, RuntimeError, OSError) as exc:  # torch's OutOfMemoryError is a RuntimeError
         message = out_of_memory(exc)
         if message is None:
             raise
@@ -106,36 +106,53 @@ def exit_on_user_error(fn: Callable[[], Any]) -> Any:
 
 
 LOW_MEMORY_BYTES = 1 << 30
+# what an allocation that failed says, where no exception class tells: torch's CPU allocator
+# (Linux, Windows), a CUDA call outside PyTorch's allocator, cuBLAS, Apple's MPS backend
+OUT_OF_MEMORY_TEXTS = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory",
+                       "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "MPS backend out of memory")
 
 
 def _memory_left() -> int:
-    from rlhf.cpu_linear import available_memory_bytes
+    """What the process can still take, not shared among the machine's processes."""
+    import psutil
 
-    return available_memory_bytes()
+    from rlhf.cpu_memory import address_space_headroom, cgroup_memory_headroom
+
+    limits = [int(psutil.virtual_memory().available), cgroup_memory_headroom(), address_space_headroom()]
+    return min(limit for limit in limits if limit is not None)
 
 
 def out_of_memory(exc: BaseException) -> str | None:
     """The one line for an allocation that failed (a CPU allocation past the machine's memory, a
     cgroup's limit or ``ulimit -v``; a GPU's memory), or None for any other error. Checkpoints
     written before it stay; the run's settings asked for more memory than the process has."""
+    import errno
+
     import torch
 
     text = str(exc).strip()
-    if isinstance(exc, torch.OutOfMemoryError):
-        found = text.splitlines()[0] if text else "the GPU's memory ran out"
+    first = text.splitlines()[0].rstrip(".") if text else ""
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
+        found = first or "the GPU's memory ran out"
     elif isinstance(exc, MemoryError):
-        found = text or "an allocation failed"
-    elif "can't allocate memory" in text:  # DefaultCPUAllocator's "[enforce fail at ...] err == 0. ..." line
-        found = text.splitlines()[0]
-        found = found[found.find("DefaultCPUAllocator"):] if "DefaultCPUAllocator" in found else found
-    elif "could not create a primitive" in text and _memory_left() < LOW_MEMORY_BYTES:
-        # oneDNN's products were probed at the start, so one failing mid-run found no memory for itself
+        found = first or "an allocation failed"
+    elif isinstance(exc, OSError):
+        if exc.errno != errno.ENOMEM:
+            return None
+        found = first
+    elif any(marker in text for marker in OUT_OF_MEMORY_TEXTS):
+        # the line that says so ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: ...")
+        found = next(line for line in text.splitlines() if any(marker in line for marker in OUT_OF_MEMORY_TEXTS))
+        marker = next(marker for marker in OUT_OF_MEMORY_TEXTS if marker in found)
+        found = found[found.index(marker):].strip().rstrip(".")
+    elif text == "could not create a primitive" and _memory_left() < LOW_MEMORY_BYTES:
+        # oneDNN says only this when its allocation fails; its products were probed at the start
+        # (an unsupported one says "could not create a primitive descriptor ...")
         found = f"oneDNN could not create a primitive with {_memory_left() >> 20} MB left to this process"
     else:
         return None
-    return (f"out of memory: {found}. Shorter sequences (max_new_tokens, max_prompt_length, max_length) or "
-            "smaller batches (generation_batch_size, mini_batch_size with gradient_accumulation_steps) need "
-            "less; or give the process more memory")
+    return (f"out of memory: {found}. Shorter sequences or smaller batches need less; "
+            "or give the process more memory")
 
 
 ABANDONED_CALLS_GRACE_SECONDS = 5.0

@@ -269,32 +269,53 @@ def _unescape_mount_field(text: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda escape: chr(int(escape.group(1), 8)), text)
 
 
-def _cgroup_mounts(mountinfo: str) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
-    """(mount point, root within the hierarchy) of the cgroup v2 hierarchy and of the v1 hierarchy
-    that carries the memory controller, from /proc/self/mountinfo text; None for one not mounted."""
-    unified = memory = None
+def _cgroup_mounts(mountinfo: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(mount point, root within the hierarchy) of every mount of the cgroup v2 hierarchy and of
+    every v1 hierarchy that carries the memory controller, from /proc/self/mountinfo text."""
+    unified, memory = [], []
     for line in mountinfo.splitlines():
         before, separator, after = line.partition(" - ")
         fields, tail = before.split(), after.split()
         if not separator or len(fields) < 5 or len(tail) < 3:
             continue
         mount = (_unescape_mount_field(fields[4]), _unescape_mount_field(fields[3]))
-        if tail[0] == "cgroup2" and unified is None:
-            unified = mount
-        elif tail[0] == "cgroup" and "memory" in tail[2].split(",") and memory is None:
-            memory = mount
+        if tail[0] == "cgroup2":
+            unified.append(mount)
+        elif tail[0] == "cgroup" and "memory" in tail[2].split(","):
+            memory.append(mount)
     return unified, memory
+
+
+def _cgroup_directory(mounts: list[tuple[str, str]], path: str) -> tuple[Path, Path] | None:
+    """(the directory of cgroup ``path``, the top of its mount) through the mount whose root holds
+    ``path`` most closely (a monitoring agent's extra mount of another container's cgroup is not
+    it); the top of the first mount where none holds it (a container that sees its host-side path)."""
+    best = None
+    for point, root in mounts:
+        root = root.rstrip("/")
+        if (path == root or path.startswith(root + "/")) and (best is None or len(root) > len(best[1])):
+            best = (point, root)
+    if best is None:
+        return (Path(mounts[0][0]), Path(mounts[0][0])) if mounts else None
+    point, root = best
+    return Path(point) / path[len(root):].lstrip("/"), Path(point)
+
+
+# a v1 limit this large means none (the kernel writes 2^63 rounded down to a page)
+NO_CGROUP_LIMIT = 1 << 62
 
 
 def cgroup_memory_headroom(cgroup_file: str = "/proc/self/cgroup",
                            mountinfo_file: str = "/proc/self/mountinfo") -> int | None:
     """Bytes this process's memory cgroups still let it take: the least of limit - usage over its
     own cgroup and every one above it, cgroup v2 (``memory.max`` / ``memory.current``) and v1
-    (``memory.limit_in_bytes`` / ``memory.usage_in_bytes``) alike; None where no limit is set or
-    none can be read. A limit is often set below the hierarchy's root (a Slurm job's step,
-    ``systemd-run -p MemoryMax=``, a container that shares the host's cgroup namespace), so the
-    root's files alone miss it (until 2026-12-07 only those were read: a run in a 1.4 GB child
-    cgroup sized its kept products by the machine's 22 GB and was killed by the OOM killer)."""
+    (``memory.limit_in_bytes`` / ``memory.usage_in_bytes``) alike, the usage less the page cache
+    the kernel reclaims first (``inactive_file`` in ``memory.stat``, as the kubelet counts it);
+    None where no limit is set or none can be read. A limit is often set below the hierarchy's
+    root (a Slurm job's step, ``systemd-run -p MemoryMax=``, a container that shares the host's
+    cgroup namespace), so the root's files alone miss it (until 2026-12-07 only those were read: a
+    run in a 1.4 GB child cgroup sized its kept products by the machine's 22 GB and was killed by
+    the OOM killer)."""
     try:
         memberships = Path(cgroup_file).read_text().splitlines()
         unified, memory = _cgroup_mounts(Path(mountinfo_file).read_text())
@@ -305,32 +326,40 @@ def cgroup_memory_headroom(cgroup_file: str = "/proc/self/cgroup",
         hierarchy, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
         if hierarchy == "0" and not controllers:
-            mount, limit_name, usage_name = unified, "memory.max", "memory.current"
+            mounts, limit_name, usage_name, cache_name = unified, "memory.max", "memory.current", "inactive_file"
         elif "memory" in controllers.split(","):
-            mount, limit_name, usage_name = memory, "memory.limit_in_bytes", "memory.usage_in_bytes"
+            mounts, limit_name, usage_name, cache_name = (memory, "memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                          "total_inactive_file")
         else:
             continue
-        if mount is None:
+        found = _cgroup_directory(mounts, path) if ".." not in path.split("/") else None
+        if found is None:
             continue
-        mount_point, mount_root = Path(mount[0]), mount[1].rstrip("/")
-        # the membership is a path from the hierarchy's root; the mount shows it from mount_root on
-        # (a path outside that root, as a container sees its host-side cgroup, reads the mount's top)
-        if path == mount_root or path.startswith(mount_root + "/"):
-            directory = mount_point / path[len(mount_root):].lstrip("/")
-        else:
-            directory = mount_point
+        directory, top = found
         while True:
             try:
                 limit = (directory / limit_name).read_text().strip()
-                if limit != "max":  # v1 writes a huge number for no limit, which min() leaves alone
-                    left = int(limit) - int((directory / usage_name).read_text().strip())
-                    headroom = left if headroom is None else min(headroom, left)
+                if limit != "max" and int(limit) < NO_CGROUP_LIMIT:
+                    used = int((directory / usage_name).read_text().strip()) - _stat_field(directory, cache_name)
+                    headroom = min(headroom, int(limit) - used) if headroom is not None else int(limit) - used
             except (OSError, ValueError):
                 pass
-            if directory == mount_point or directory.parent == directory:
+            if directory == top or directory.parent == directory:
                 break
             directory = directory.parent
     return None if headroom is None else max(headroom, 0)
+
+
+def _stat_field(directory: Path, name: str) -> int:
+    """``name``'s value in the cgroup's ``memory.stat``; 0 where it cannot be read."""
+    try:
+        for line in (directory / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == name:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def process_maps() -> str:

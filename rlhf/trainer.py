@@ -173,62 +173,67 @@ class RLTrainer:
         self._stops_keeping_freed_memory = not keeping_freed_memory()
         if accelerator.device.type == "cpu":
             keep_freed_memory()  # the update's large buffers are reused, not faulted in afresh
-        self.reducer = Reducer(accelerator)
-        config.check_world_size(accelerator.num_processes)
-        estimator, updater = ADVANTAGE_ESTIMATORS[config.advantage_estimator], UPDATERS[config.update_method]
-        self.passes = plan_passes(config, estimator, updater)
-        # Sequences per forward pass on this process (the no-grad passes use it too).
-        self.micro_batch_size = config.mini_batch_size // (accelerator.num_processes * config.gradient_accumulation_steps)
-        configure_sharding(accelerator, config, self.micro_batch_size, updater.needs["unsharded_weights"])
-        ckpt.check_output_dir(self.output_dir, accelerator.process_index, bool(config.resume_from_checkpoint),
-                              config.overwrite_output_dir)
-        set_seed(config.seed + accelerator.process_index * RANK_SEED_STRIDE)
+        try:
+            self.reducer = Reducer(accelerator)
+            config.check_world_size(accelerator.num_processes)
+            estimator, updater = ADVANTAGE_ESTIMATORS[config.advantage_estimator], UPDATERS[config.update_method]
+            self.passes = plan_passes(config, estimator, updater)
+            # Sequences per forward pass on this process (the no-grad passes use it too).
+            self.micro_batch_size = config.mini_batch_size // (accelerator.num_processes * config.gradient_accumulation_steps)
+            configure_sharding(accelerator, config, self.micro_batch_size, updater.needs["unsharded_weights"])
+            ckpt.check_output_dir(self.output_dir, accelerator.process_index, bool(config.resume_from_checkpoint),
+                                  config.overwrite_output_dir)
+            set_seed(config.seed + accelerator.process_index * RANK_SEED_STRIDE)
 
-        self.dataset = load_prompt_dataset(config.dataset, config.dataset_split, config.prompt_column,
-                                           config.dataset_config)
-        self.eval_dataset = load_eval_dataset(config, eval_dataset) if config.eval_steps else None
-        self.tokenizer = load_tokenizer(processing_class or config.model_name_or_path)
-        if config.chat_template is not None:
-            self.tokenizer.chat_template = resolve_chat_template(config.chat_template)
-        self.episodes = make_episodes(config, self.tokenizer, accelerator)  # None: one-turn responses
-        self.reward = combined_reward(config, self.episodes, accelerator.device)
-        # every id that ends a response
-        self.stop_ids = stop_token_ids(self.base_model or config.model_name_or_path, self.tokenizer)
-        if self.episodes is not None:  # every row names an environment there is (not found out at some later step)
-            self.episodes.check_dataset(self.dataset, describe_dataset(config.dataset))
-        check_prompt_lengths(self.dataset, self.tokenizer, config, describe_dataset(config.dataset),
-                             warn=accelerator.is_main_process, episodes=self.episodes)
-        # Read (and refused if it cannot be saved with the RL LoRA) before any model loads, so final/
-        # and checkpoints can hold init + RL as one adapter of the original base (rlhf.adapters).
-        self.init_adapter = read_init_adapter(config.init_adapter) if config.init_adapter else None
-        self.model, optimizer, scheduler = build_model(config, accelerator, self.init_adapter,
-                                                       optimizer_trains_policy=updater.needs["policy_optimizer"],
-                                                       base=self.base_model)
-        self.optimizer, self.scheduler = optimizer, scheduler
-        check_sequence_fits(self.unwrapped.policy.config, config.max_prompt_length, config.max_new_tokens)
-        check_tokenizer_fits(self.unwrapped.policy, self.tokenizer)
-        if self.base_model is None:
-            # Adapters name their base as given (the embedded model by its registered name, a hub id),
-            # not the dir it was loaded from here (a cache path of this machine): they load elsewhere.
-            self.unwrapped.policy.peft_config["default"].base_model_name_or_path = config.model_name_or_path
+            self.dataset = load_prompt_dataset(config.dataset, config.dataset_split, config.prompt_column,
+                                               config.dataset_config)
+            self.eval_dataset = load_eval_dataset(config, eval_dataset) if config.eval_steps else None
+            self.tokenizer = load_tokenizer(processing_class or config.model_name_or_path)
+            if config.chat_template is not None:
+                self.tokenizer.chat_template = resolve_chat_template(config.chat_template)
+            self.episodes = make_episodes(config, self.tokenizer, accelerator)  # None: one-turn responses
+            self.reward = combined_reward(config, self.episodes, accelerator.device)
+            # every id that ends a response
+            self.stop_ids = stop_token_ids(self.base_model or config.model_name_or_path, self.tokenizer)
+            if self.episodes is not None:  # every row names an environment there is (not found out at some later step)
+                self.episodes.check_dataset(self.dataset, describe_dataset(config.dataset))
+            check_prompt_lengths(self.dataset, self.tokenizer, config, describe_dataset(config.dataset),
+                                 warn=accelerator.is_main_process, episodes=self.episodes)
+            # Read (and refused if it cannot be saved with the RL LoRA) before any model loads, so final/
+            # and checkpoints can hold init + RL as one adapter of the original base (rlhf.adapters).
+            self.init_adapter = read_init_adapter(config.init_adapter) if config.init_adapter else None
+            self.model, optimizer, scheduler = build_model(config, accelerator, self.init_adapter,
+                                                           optimizer_trains_policy=updater.needs["policy_optimizer"],
+                                                           base=self.base_model)
+            self.optimizer, self.scheduler = optimizer, scheduler
+            check_sequence_fits(self.unwrapped.policy.config, config.max_prompt_length, config.max_new_tokens)
+            check_tokenizer_fits(self.unwrapped.policy, self.tokenizer)
+            if self.base_model is None:
+                # Adapters name their base as given (the embedded model by its registered name, a hub id),
+                # not the dir it was loaded from here (a cache path of this machine): they load elsewhere.
+                self.unwrapped.policy.peft_config["default"].base_model_name_or_path = config.model_name_or_path
 
-        self.estimator = estimator
-        self.updater = updater(model=self.model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
-                               config=config, policy_loss=POLICY_LOSSES[config.policy_loss], reducer=self.reducer,
-                               micro_batch_size=self.micro_batch_size)
-        self.kl_controller = (
-            AdaptiveKLController(config.kl_coef, config.adaptive_kl_target, config.adaptive_kl_horizon)
-            if config.adaptive_kl_target else FixedKLController(config.kl_coef)
-        )
-        self.baseline = MovingAverageBaseline(config.baseline_decay)
-        self.sampler = PromptSampler(len(self.dataset), config.rollout_batch_size, config.seed)
-        self.step = 0
-        self.lineage: lineage.Lineage | None = None  # the run and branch being trained (rlhf.lineage)
-        self._stop: StopOnSignal | None = None  # while train() runs
-        self.last_logged: dict[str, Any] | None = None  # the latest metrics row (for the model card)
-        self.logged_columns: dict[str, list[Any]] = {}  # reward functions' log_extra, per step
-        self.reward_columns: dict[str, list[float]] = {}  # each reward function's value per sample, per step
-        self.raw_totals: list[float] = []  # each sample's reward before clipping/normalising, per step
+            self.estimator = estimator
+            self.updater = updater(model=self.model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
+                                   config=config, policy_loss=POLICY_LOSSES[config.policy_loss], reducer=self.reducer,
+                                   micro_batch_size=self.micro_batch_size)
+            self.kl_controller = (
+                AdaptiveKLController(config.kl_coef, config.adaptive_kl_target, config.adaptive_kl_horizon)
+                if config.adaptive_kl_target else FixedKLController(config.kl_coef)
+            )
+            self.baseline = MovingAverageBaseline(config.baseline_decay)
+            self.sampler = PromptSampler(len(self.dataset), config.rollout_batch_size, config.seed)
+            self.step = 0
+            self.lineage: lineage.Lineage | None = None  # the run and branch being trained (rlhf.lineage)
+            self._stop: StopOnSignal | None = None  # while train() runs
+            self.last_logged: dict[str, Any] | None = None  # the latest metrics row (for the model card)
+            self.logged_columns: dict[str, list[Any]] = {}  # reward functions' log_extra, per step
+            self.reward_columns: dict[str, list[float]] = {}  # each reward function's value per sample, per step
+            self.raw_totals: list[float] = []  # each sample's reward before clipping/normalising, per step
+        except BaseException:
+            # a trainer that cannot be built hands the switches back too (a notebook goes on with glibc's default)
+            release_freed_memory(stop_keeping=self._stops_keeping_freed_memory)
+            raise
 
     @property
     def unwrapped(self) -> PolicyWithValue:

@@ -359,3 +359,20 @@ def test_a_onednn_product_that_fails_with_no_memory_left_is_out_of_memory(left_m
     else:
         with pytest.raises(RuntimeError, match="could not create a primitive"):
             run_here("train_grpo.py", *args)
+
+
+def test_out_of_memory_is_told_from_other_errors():
+    import errno
+
+    import torch
+
+    from rlhf.cli import out_of_memory
+
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+    assert out_of_memory(cuda).startswith("out of memory: CUDA out of memory. Tried to allocate 2.00 GiB. Shorter")
+    assert out_of_memory(OSError(errno.ENOMEM, "Cannot allocate memory")).startswith("out of memory: [Errno 12]")
+    assert out_of_memory(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be ...")).startswith(
+        "out of memory: CUDA error: out of memory. Shorter")
+    for other in (OSError(errno.ENOENT, "No such file"), RuntimeError("a bug"),
+                  RuntimeError("could not create a primitive descriptor for a matmul primitive")):
+        assert out_of_memory(other) is None

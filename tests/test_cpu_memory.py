@@ -90,13 +90,16 @@ def test_kept_memory_counts_as_available_and_goes_back_when_training_ends():
     assert released >= 2 ** 28 * 0.9
 
 
-def test_training_hands_the_kept_memory_back_at_its_end(tiny_model_dir, tmp_path, run_here, monkeypatch):
+@pytest.mark.parametrize("kept_before", [False, True])
+def test_training_hands_the_kept_memory_back_at_its_end(kept_before, tiny_model_dir, tmp_path, run_here, monkeypatch):
+    """glibc's own thresholds come back too where the trainer set the switches; a process that kept
+    freed memory before (the benchmark's, the learning race's) goes on keeping it."""
     released = []
-    monkeypatch.setattr(cpu_memory, "_kept", False)  # a process that did not keep freed memory before
+    monkeypatch.setattr(cpu_memory, "_kept", kept_before)
     monkeypatch.setattr("rlhf.trainer.release_freed_memory", lambda stop_keeping=False: released.append(stop_keeping))
     result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert released == [True]  # and glibc's own thresholds back, where the trainer set the switches
+    assert released == [not kept_before]
 
 
 def test_a_training_run_that_fails_hands_the_kept_memory_back_too(tiny_model_dir, tmp_path, run_here, monkeypatch):
@@ -578,6 +581,21 @@ def test_a_memory_limit_below_the_cgroup_root_is_read(tmp_path):
     free = _fake_cgroups(tmp_path / "free", "0::/a\n", [("/", "fs", "cgroup2", "rw")],
                          {"fs/a/memory.max": "max", "fs/a/memory.current": str(gib)})
     assert cpu_memory.cgroup_memory_headroom(*free) is None
+    free_v1 = _fake_cgroups(tmp_path / "free_v1", "4:memory:/a\n", [("/", "fs", "cgroup", "rw,memory")],
+                            {"fs/a/memory.limit_in_bytes": unlimited, "fs/a/memory.usage_in_bytes": str(gib)})
+    assert cpu_memory.cgroup_memory_headroom(*free_v1) is None
+    # another container's cgroup mounted first (a monitoring agent's): the mount that holds this one counts
+    agents = _fake_cgroups(tmp_path / "agents", "0::/kubepods/pod1/c1\n",
+                           [("/kubepods/pod2/c9", "other", "cgroup2", "rw"), ("/", "fs", "cgroup2", "rw")],
+                           {"other/memory.max": str(gib // 4), "other/memory.current": "0",
+                            "fs/kubepods/pod1/c1/memory.max": str(8 * gib),
+                            "fs/kubepods/pod1/c1/memory.current": str(gib)})
+    assert cpu_memory.cgroup_memory_headroom(*agents) == 7 * gib
+    # page cache the kernel reclaims first is not in use (the kubelet's count)
+    cached = _fake_cgroups(tmp_path / "cached", "0::/job\n", [("/", "fs", "cgroup2", "rw")],
+                           {"fs/job/memory.max": str(4 * gib), "fs/job/memory.current": str(3 * gib),
+                            "fs/job/memory.stat": f"anon {gib}\nfile {2 * gib}\ninactive_file {2 * gib}"})
+    assert cpu_memory.cgroup_memory_headroom(*cached) == 3 * gib
     assert cpu_memory.cgroup_memory_headroom(str(tmp_path / "absent"), str(tmp_path / "absent")) is None
 
 
@@ -635,3 +653,20 @@ def test_a_bad_cpu_setting_stops_evaluation_and_dpo_before_they_load_anything(sc
     result = run_here(script, *args, env={name: value})
     assert_one_line_error(result, message)
     assert not out.exists()
+
+
+def test_a_trainer_that_cannot_be_built_hands_the_switches_back(tiny_model_dir, tmp_path, monkeypatch):
+    """The trainer sets glibc's switches before it loads data and model: a construction that fails
+    after that (here a missing dataset) gives them back, as a failed run does."""
+    from rlhf import trainer
+    from rlhf.config import RLConfig
+    from rlhf.errors import UserError
+
+    released = []
+    monkeypatch.setattr(cpu_memory, "_kept", False)
+    monkeypatch.setattr(trainer, "release_freed_memory", lambda stop_keeping=False: released.append(stop_keeping))
+    with pytest.raises(UserError, match="dataset"):
+        trainer.RLTrainer(RLConfig(model_name_or_path=str(tiny_model_dir), output_dir=str(tmp_path / "run"),
+                                   dataset=str(tmp_path / "missing.jsonl"), max_new_tokens=4, rollout_batch_size=2,
+                                   mini_batch_size=2, lora_r=4, reward_funcs=[f"{FIXTURES / 'rewards.py'}:char_diversity"]))
+    assert released == [True]
