@@ -26,10 +26,11 @@ too): configs/grpo.yaml at 128 new tokens, one thread, peak RSS over 30 steps 3.
 against 3.13 -> 3.82 GB default; with a reward of noise, whose lengths keep varying, 3.16 -> 3.56
 against 3.13 -> 3.58 GB over 24 steps (2026-12-06). What the heap holds free counts as available
 memory where this project decides whether copies of the weights fit (``reusable_heap_bytes``), and
-the trainer hands it back to the kernel when training ends, however it ends (``release_freed_memory``),
-and gives glibc back its default thresholds where it set them itself, so a notebook or service
-that trains once does not keep its peak, nor the peaks of what it does afterwards. jemalloc and tcmalloc, which PyTorch's
-CPU tuning guides suggest preloading, also keep freed memory for reuse (returning it gradually).
+the trainer hands it back to the kernel when training ends, however it ends
+(``release_freed_memory``), and gives glibc back its default thresholds where it set them itself,
+so a notebook or service that trains once keeps neither its peak nor the peaks of what it does
+afterwards. jemalloc and tcmalloc, which PyTorch's CPU tuning guides suggest preloading, also keep
+freed memory for reuse (returning it gradually).
 
 Only on Linux with glibc, and in the trainer and ``train_dpo`` (``freed_memory_kept``) only for
 runs on CPU (a GPU's memory has its own caching allocator); the benchmark applies it to every
