@@ -145,10 +145,10 @@ def out_of_memory(exc: BaseException) -> str | None:
         found = next(line for line in text.splitlines() if any(marker in line for marker in OUT_OF_MEMORY_TEXTS))
         marker = next(marker for marker in OUT_OF_MEMORY_TEXTS if marker in found)
         found = found[found.index(marker):].strip().rstrip(".")
-    elif text == "could not create a primitive" and _memory_left() < LOW_MEMORY_BYTES:
+    elif text == "could not create a primitive" and (left := _memory_left()) < LOW_MEMORY_BYTES:
         # oneDNN says only this when its allocation fails; its products were probed at the start
         # (an unsupported one says "could not create a primitive descriptor ...")
-        found = f"oneDNN could not create a primitive with {_memory_left() >> 20} MB left to this process"
+        found = f"oneDNN could not create a primitive with {left >> 20} MB left to this process"
     else:
         return None
     return (f"out of memory: {found}. Shorter sequences or smaller batches need less; "
