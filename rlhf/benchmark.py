@@ -18,10 +18,12 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import os
 import queue as queues
 import resource
 import shutil
 import signal
+import stat
 import statistics
 import sys
 import tempfile
@@ -91,11 +93,18 @@ class BenchmarkConfig:
                                                              ".png beside it)."})
 
     def __post_init__(self) -> None:
+        from rlhf.config import MAX_LEARNING_RATE, MAX_SEED
         from rlhf.random_models import check_spec
 
         for name in ("steps", "prompts_per_step", "num_generations", "max_new_tokens", "lora_r"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        # as our trainer checks them, here rather than in each system's process after loading the model
+        # (until 2026-12-07 --learning_rate 20 ran TRL alone and replaced an earlier report with that)
+        if not 0 < self.learning_rate <= MAX_LEARNING_RATE:  # nan fails too
+            raise ConfigError(f"learning_rate must be in (0, {MAX_LEARNING_RATE:g}], got {self.learning_rate:g}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.lengths is not None and (not self.lengths or min(self.lengths) < 1):
@@ -681,9 +690,15 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
     if out.suffix.lower() in (".md", ".png"):
         raise ConfigError(f"--out names the JSON results, and the table (.md) and plot (.png) go beside it: "
                           f"give it another suffix than {out.suffix} (e.g. {out.with_name(out.stem + '.json')})")
-    taken = [path for kind, path in output_paths(out).items() if (kind != "profile" or config.profile) and path.is_dir()]
+    written = [path for kind, path in output_paths(out).items() if kind != "profile" or config.profile]
+    taken = [path for path in written if path.is_dir()]
     if taken:
         raise ConfigError(f"--out {out}: {taken[0]} is a folder, where the run would write a file; choose another --out")
+    for path in written:
+        special = special_file(path)
+        if special:
+            raise ConfigError(f"--out {out}: {path} is {special}, where the run writes a file of its own (the "
+                              "JSON, with the table and plot beside it; the table is printed too): choose another --out")
     runs = runs_dir(out)
     if config.learning and runs.is_symlink():  # the race renames and deletes its runs folder: never a link's target
         raise ConfigError(f"--out {out}: {runs} is a link, where the race keeps its runs in a folder of its own; "
@@ -696,6 +711,14 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
     if config.roofline and torch.cuda.is_available():  # our Accelerator and TRL's trainer take the GPU
         raise ConfigError("roofline measures this machine's CPU (fp32 GEMM rates, memory bandwidth), and here the "
                           "systems train on the GPU: drop --roofline")
+    if config.learning and config.eval_num_prompts is not None:
+        from rlhf.data import load_prompt_dataset
+        from rlhf.learning_race import EVAL_SPLIT
+
+        held_out = len(load_prompt_dataset("builtin:prompts", EVAL_SPLIT))
+        if config.eval_num_prompts > held_out:  # the evaluation would take all of them and say so only in its table
+            raise ConfigError(f"eval_num_prompts {config.eval_num_prompts} is more than the {held_out} held-out prompts "
+                              f"of builtin:prompts ({EVAL_SPLIT} split): choose at most {held_out}")
     if config.learning or ("trl-grpo" in config.systems and not config.grow):
         prompts = len(builtin_train_prompts())
         if config.prompts_per_step > prompts:  # TRL's sampler drops an incomplete batch: no step at all
@@ -730,6 +753,37 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
             shutil.rmtree(made, ignore_errors=True)
         raise ConfigError(f"--out {out}: cannot write in {folder} ({exc.strerror or exc})") from None
     return made
+
+
+# the kernel's file systems, where a name is a device or a process's file, not a result's place
+SPECIAL_FOLDERS = (Path("/dev"), Path("/proc"), Path("/sys"))
+MEMORY_FOLDERS = (Path("/dev/shm"),)  # a tmpfs: an ordinary place for files
+
+
+def special_file(path: Path) -> str | None:
+    """What makes ``path`` no place for a result file, or None: an existing device, pipe or socket
+    (the result would be written beside it and renamed over it), or a path in /dev (but /dev/shm),
+    /proc or /sys, itself, through a linked folder or through a link (``/dev/stdout`` leads to
+    whatever stdout was redirected to, which the result would replace). Until 2026-12-07
+    ``--out /dev/null`` replaced the null device with a file."""
+    seen: set[str] = set()
+    given = current = os.path.abspath(path)
+    while True:
+        # the name as given and in its folder's real place (a linked folder)
+        for place in (current, os.path.join(os.path.realpath(os.path.dirname(current)), os.path.basename(current))):
+            kernel = next((folder for folder in SPECIAL_FOLDERS if Path(place).is_relative_to(folder)), None)
+            if kernel is not None and not any(Path(place).is_relative_to(folder) for folder in MEMORY_FOLDERS):
+                return f"in {kernel}" if current == given else f"a link into {kernel}"
+        try:
+            mode = os.lstat(current).st_mode
+        except OSError:
+            return None  # not there yet (or a dangling link): the write check says whether it can be made
+        if not stat.S_ISLNK(mode):
+            return None if stat.S_ISREG(mode) else "not a regular file (a device, pipe or socket)"
+        if current in seen:
+            return "a loop of links"
+        seen.add(current)
+        current = os.path.normpath(os.path.join(os.path.dirname(current), os.readlink(current)))
 
 
 def builtin_train_prompts() -> Any:

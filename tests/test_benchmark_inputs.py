@@ -554,3 +554,67 @@ def test_an_earlier_runs_profile_does_not_stay_beside_a_report_without_one(tmp_p
 def test_lengths_run_shortest_first_each_once():
     assert BenchmarkConfig(lengths=[6, 2, 6]).sweep_lengths == [2, 6]
     assert BenchmarkConfig(max_new_tokens=5).sweep_lengths == [5]
+
+
+def test_an_out_that_is_a_device_a_pipe_or_a_kernel_file_is_refused(tmp_path, tiny_model_dir):
+    """The report is written beside --out and renamed over it: over a pipe or a device node that
+    replaced it with a file (a reviewer's ``--out /dev/null``, as root, left the machine without
+    its null device), and ``/dev/stdout`` led to the file stdout went to, which the JSON replaced
+    (the log, with the printed table). Until 2026-12-07."""
+    model = str(tiny_model_dir)
+    pipe = tmp_path / "pipe.json"
+    os.mkfifo(pipe)
+    with pytest.raises(ConfigError, match="pipe.json is not a regular file"):
+        check_inputs(_config(tmp_path, model=model, out=str(pipe)))
+    os.mkfifo(tmp_path / "b.png")  # the plot's place beside an ordinary --out
+    with pytest.raises(ConfigError, match="b.png is not a regular file"):
+        check_inputs(_config(tmp_path, model=model, out=str(tmp_path / "b.json")))
+    for out in ("/dev/null", "/dev/stdout", "/proc/self/fd/1", "/sys/kernel/bench.json"):
+        with pytest.raises(ConfigError, match=f"{out} is in /(dev|proc|sys)"):
+            check_inputs(_config(tmp_path, model=model, out=out))
+    log = tmp_path / "log.json"  # stdout's file, reached through a link as /dev/stdout reaches it
+    log.write_text("earlier")
+    (tmp_path / "stdout.json").symlink_to("/proc/self/fd/1")
+    with pytest.raises(ConfigError, match="stdout.json is a link into /proc"):
+        check_inputs(_config(tmp_path, model=model, out=str(tmp_path / "stdout.json")))
+    (tmp_path / "kernel").symlink_to("/dev", target_is_directory=True)
+    with pytest.raises(ConfigError, match="is in /dev"):
+        check_inputs(_config(tmp_path, model=model, out=str(tmp_path / "kernel" / "bench.json")))
+    assert pipe.is_fifo() and log.read_text() == "earlier" and os.path.exists("/dev/null")
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):  # a tmpfs is an ordinary place for results
+        out = shm / f"rlhf-test-{os.getpid()}.json"
+        try:
+            check_inputs(_config(tmp_path, model=model, out=str(out)))
+        finally:
+            out.unlink(missing_ok=True)
+
+
+def test_a_fifo_out_stops_the_script_in_one_line_and_stays_a_fifo(tmp_path, run_here):
+    pipe = tmp_path / "b.json"
+    os.mkfifo(pipe)
+    result = run_here("benchmark.py", "--out", str(pipe))
+    assert_one_line_error(result, "is not a regular file (a device, pipe or socket)")
+    assert pipe.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--learning_rate", "20"], "learning_rate must be in (0, 10], got 20"),
+    (["--learning_rate", "-1"], "learning_rate must be in (0, 10], got -1"),
+    (["--learning_rate", "nan"], "learning_rate must be in (0, 10], got nan"),
+    (["--seed", "4294967296"], "seed must be an integer in 0..4294967295, got 4294967296"),
+    (["--seed", "-1"], "seed must be an integer in 0..4294967295, got -1"),
+])
+def test_a_learning_rate_or_seed_our_trainer_refuses_stops_before_any_system(args, message, tmp_path, run_here):
+    """Checked as our trainer checks them, before any system's process loads the model (until
+    2026-12-07 --learning_rate 20 ran TRL alone and wrote that half-failed report over an earlier one)."""
+    (tmp_path / "b.json").write_text("earlier")
+    result = run_here("benchmark.py", *args, "--out", str(tmp_path / "b.json"))
+    assert_one_line_error(result, message)
+    assert (tmp_path / "b.json").read_text() == "earlier" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_more_held_out_prompts_than_there_are_is_refused(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match="eval_num_prompts 41 is more than the 40 held-out prompts"):
+        check_inputs(_config(tmp_path, model=str(tiny_model_dir), learning=True, eval_num_prompts=41))
+    check_inputs(_config(tmp_path, model=str(tiny_model_dir), learning=True, eval_num_prompts=40))
