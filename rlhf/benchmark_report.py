@@ -27,7 +27,10 @@ def _cells(values: list[str]) -> str:
 
 
 def _number(value: Any, digits: int = 3) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # -0.00004 is 0.000, not -0.000
 
 
 def render_table(report: dict[str, Any]) -> str:
@@ -139,7 +142,10 @@ def malloc_note(report: dict[str, Any]) -> list[str]:
 
 
 def _percent(fraction: float | None) -> str:
-    return "—" if fraction is None else f"{100 * fraction:.0f}%"
+    if fraction is None:
+        return "—"
+    shown = f"{100 * fraction:.0f}"
+    return "<1%" if shown == "0" and fraction > 0 else f"{shown}%"  # a share measured is not 0%
 
 
 def _describe_bound(phase: str, bound: dict[str, Any]) -> str:

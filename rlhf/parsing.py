@@ -93,6 +93,8 @@ def _unknown_key_message(cls: type, key: str, where: str) -> str:
 
 def load_yaml(path: str) -> dict[str, Any]:
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a YAML file")
     if not file.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

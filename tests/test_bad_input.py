@@ -21,6 +21,7 @@ from conftest import assert_one_line_error, tiny_args
         (["--learning_rate", "fast"], ["learning_rate expects float"]),
         (["--advantage_estimator", "vtrace"], ["advantage_estimator 'vtrace'", "gae"]),
         (["--config", "does/not/exist.yaml"], ["config file not found"]),
+        (["--config", "/tmp"], ["config file /tmp is a folder, not a YAML file"]),
         (["--reward_weights", "1.0", "2.0"], ["reward_weights has 2 values"]),
         (["--gradient_accumulation_steps", "3"], ["gradient_accumulation_steps 3 must divide"]),
         (["--learning_rate=-1e-4"], ["learning_rate must be in (0, 10], got -0.0001"]),

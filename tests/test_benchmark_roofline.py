@@ -248,3 +248,14 @@ def test_a_stopped_build_of_a_random_model_ends_its_builder_and_leaves_nothing(m
     assert not left
     time.sleep(1)
     assert not list(tmp_path.glob("rlhf-random-models-*"))
+
+
+def test_report_numbers_show_no_negative_zero_and_no_zero_share():
+    """A KL estimate of -4e-5 is 0.000, not -0.000; a phase at 0.2% of its bound is under 1%, not 0%
+    (found by a reviewer in the race's table and a roofline of a tiny Gemma2)."""
+    from rlhf.benchmark_report import _number, _percent
+
+    assert _number(-4e-5) == "0.000" and _number(-0.0) == "0.000" and _number(-0.0006) == "-0.001"
+    assert _number(-1.25, 1) == "-1.2" and _number(float("nan")) == "—" and _number(None) == "—"
+    assert _percent(0.002) == "<1%" and _percent(0.006) == "1%" and _percent(0.0) == "0%" and _percent(0.5) == "50%"
+    assert _percent(None) == "—"
