@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,33 @@ def available_memory_bytes() -> int:
     if mappable is not None:
         available = min(available, mappable)
     return available + reusable_heap_bytes()
+
+
+# Each memory copy whose presence moves float rounding, and whether it fitted the first time this
+# process asked (``memory_choice``); and those whose answer has changed since (told once each).
+_memory_choices: dict[str, bool] = {}
+_memory_choices_changed: set[str] = set()
+
+
+def memory_choice(copy: str, fits: bool) -> bool:
+    """``fits``, for one of the CPU speed-ups' copies whose presence moves the float rounding of
+    every later number (the sampler's products, logits or attention kept for the update, the LoRA
+    folded or merged into copies of the weights), sized by the memory free now; the first time it
+    differs from this process's first answer for ``copy``, a warning says so (once per copy).
+
+    Such a choice follows the memory: a process whose heap has grown over its steps, or a machine
+    whose other processes took memory, can leave a copy off at a later step. That moves the run's
+    numbers by float rounding (1e-8 to 1e-6 of the adapter after a few steps), and a run resumed
+    from an earlier checkpoint, in a fresh process with more memory free, may choose otherwise and
+    end that far from the uninterrupted run (a reviewer's run under ``ulimit -v``: 6e-8). Sizing
+    them by a figure fixed at the run's start instead was tried on 2026-12-07: the same run then ran
+    out of memory at step 4, the copies kept where its grown heap had no room for them."""
+    if _memory_choices.setdefault(copy, fits) != fits and copy not in _memory_choices_changed:
+        _memory_choices_changed.add(copy)
+        warnings.warn(f"memory: the sampler's {copy} {'now fit and are made' if fits else 'no longer fit and are left off'}"
+                      ", as the memory free changed; this moves the run's numbers by float rounding, and a run resumed "
+                      "from an earlier checkpoint may choose otherwise and differ by as much", stacklevel=2)
+    return fits
 
 
 def onednn_usable() -> bool:

@@ -22,8 +22,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from rlhf.algorithms import (entropy_from_logits, logprobs_and_entropy_from_logits, logprobs_from_hidden,
                              logprobs_from_logits)
-from rlhf.cpu_linear import (available_memory_bytes, bf16_packing_exact, onednn_linear, onednn_packing_usable,
-                              pack_for_onednn, routes_to_onednn, times_weight)
+from rlhf.cpu_linear import (available_memory_bytes, bf16_packing_exact, memory_choice, onednn_linear,
+                              onednn_packing_usable, pack_for_onednn, routes_to_onednn, times_weight)
 from rlhf.cpu_memory import file_mappings
 from rlhf.kv_cache import config_cache_rows_selectable, rows_selectable, select_cache_rows
 from rlhf.paths import looks_local
@@ -584,9 +584,10 @@ def merged_lora_weights(policy: PeftModel, reserve_bytes: int = 0) -> Iterator[P
         for layer in layers
     ))
     # The merged weights are copies held while sampling: where they would not fit twice over (the
-    # packed oneDNN copies come next), the adapters stay unmerged (slower, the same distribution).
-    mergeable = mergeable and all(2 * size + reserve_bytes < free_memory_bytes(device)
-                                  for device, size in _weight_bytes(layers).items())
+    # packed oneDNN copies come next), the adapters stay unmerged (slower, the same distribution up
+    # to float rounding).
+    mergeable = mergeable and memory_choice("LoRA merged into the weights", all(
+        2 * size + reserve_bytes < free_memory_bytes(device) for device, size in _weight_bytes(layers).items()))
     if not mergeable:
         yield policy
         return

@@ -697,9 +697,13 @@ def sampled_products_bytes(model: PolicyWithValue, rows: int, max_new_tokens: in
     shared prompt prefix in the update's forward (the only forward that takes them), no layer that
     could take them, or more than a quarter of the memory free beyond ``reserve_bytes`` (the KV
     cache the sampling will fill)."""
-    from rlhf.cpu_linear import available_memory_bytes
+    from rlhf.cpu_linear import available_memory_bytes, memory_choice
 
     if not eligible or not model.share_prompt_prefix or next(model.policy.parameters()).device.type != "cpu":
         return 0
     needed = SampledProducts.bytes_needed(model.policy, rows, max_new_tokens, vocabulary) + attention_bytes
-    return needed if 0 < needed <= (available_memory_bytes() - reserve_bytes) // 4 else 0
+    if needed <= 0:
+        return 0
+    kept = "attention outputs" if attention_bytes else "logits" if vocabulary else "products"
+    return needed if memory_choice(f"{kept} kept for the update",
+                                   needed <= (available_memory_bytes() - reserve_bytes) // 4) else 0

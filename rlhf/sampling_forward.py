@@ -55,8 +55,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from rlhf.cpu_linear import (available_memory_bytes, onednn_linear, onednn_packing_usable, pack_for_onednn,
-                              routes_to_onednn, use_onednn)
+from rlhf.cpu_linear import (available_memory_bytes, memory_choice, onednn_linear, onednn_packing_usable,
+                              pack_for_onednn, routes_to_onednn, use_onednn)
 from rlhf.kv_cache import ordinary_tensors
 
 # The architectures whose decoder layer is exactly norm -> attention (q/k/v, rotary, cache, o) ->
@@ -672,7 +672,7 @@ def sampling_forward(model: nn.Module, fuse: bool = False, reserve_bytes: int = 
             folds.append(folded)
     if fold:
         folded_bytes = sum(part.base.weight.nbytes for layer in folds for part in layer.values())
-        if 2 * folded_bytes + reserve_bytes >= available_memory_bytes():
+        if not memory_choice("LoRA folded into packed weights", 2 * folded_bytes + reserve_bytes < available_memory_bytes()):
             return None
         return SamplingForward(causal_lm, projections, fuse=True, window=window, folds=folds)
     fused_bytes = sum(parts[name].base.weight.nbytes for parts in projections for name in FUSED

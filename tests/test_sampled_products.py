@@ -832,3 +832,52 @@ def test_attention_outputs_are_kept_where_memory_holds_them_too(tiny_model_dir, 
     torch.manual_seed(0)
     make_trainer(tiny_model_dir, tmp_path / "step", "grpo", max_new_tokens=6).train_step()
     assert calls.count(True) == layers and kept[-1].attended == {}
+
+
+def test_a_copy_that_stops_fitting_mid_run_is_told_once(tiny_model_dir, tmp_path, monkeypatch):
+    """Keeping the sampler's products moves the numbers by float rounding, and whether they fit
+    follows the memory free at each step: a run whose heap grew until they no longer fit at step 3
+    leaves them off from there (and a run resumed at step 2 in a fresh process may keep them and
+    end 1e-8 away: a reviewer's run under ``ulimit -v``). The run says so, once; until 2026-12-07
+    it changed its numbers silently."""
+    import warnings
+
+    from test_correctness import make_trainer
+
+    from rlhf import cpu_linear
+    from rlhf import rollout as rollout_module
+
+    monkeypatch.setattr(cpu_linear, "_memory_choices", {})
+    monkeypatch.setattr(cpu_linear, "_memory_choices_changed", set())
+    memory = {"bytes": 1 << 40}
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: memory["bytes"])
+    kept = _remembered_products(monkeypatch)
+    trainer = make_trainer(tiny_model_dir, tmp_path, "grpo", max_steps=4, max_new_tokens=6)
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        trainer.train_step()
+        trainer.train_step()
+        memory["bytes"] = rollout_module.sampled_products_bytes(trainer.unwrapped, 2, 6, True) * 3  # short of 4x
+        trainer.train_step()
+        trainer.train_step()
+    assert [products is not None for products in kept] == [True, True, False, False]
+    about = [str(w.message) for w in told if "no longer fit" in str(w.message)]
+    assert len(about) == 1 and "products kept for the update no longer fit" in about[0], about
+    assert "a run resumed from an earlier checkpoint may choose otherwise" in about[0]
+
+
+def test_memory_choice_tells_each_copy_s_first_change_only(monkeypatch):
+    import warnings
+
+    from rlhf import cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "_memory_choices", {})
+    monkeypatch.setattr(cpu_linear, "_memory_choices_changed", set())
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        answers = [cpu_linear.memory_choice("products", fits) for fits in (True, True, False, True, False)]
+        answers.append(cpu_linear.memory_choice("logits", False))
+        answers.append(cpu_linear.memory_choice("logits", True))
+    assert answers == [True, True, False, True, False, False, True]
+    assert [str(w.message).split(" fit")[0] for w in told] == ["memory: the sampler's products no longer",
+                                                                "memory: the sampler's logits now"]
