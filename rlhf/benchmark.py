@@ -744,8 +744,9 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         # where each file lands: beside --out, or where a symlink there points
-        for folder in dict.fromkeys(through_link(path).parent for kind, path in output_paths(out).items()
-                                    if kind != "profile" or config.profile):
+        # the folder as the kernel finds it (tempfile would drop "x/.." before following x's link)
+        for folder in dict.fromkeys(Path(os.path.realpath(through_link(path).parent)) for kind, path in
+                                    output_paths(out).items() if kind != "profile" or config.profile):
             with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{out.name}."):
                 pass
     except OSError as exc:
@@ -765,25 +766,31 @@ def special_file(path: Path) -> str | None:
     (the result would be written beside it and renamed over it), or a path in /dev (but /dev/shm),
     /proc or /sys, itself, through a linked folder or through a link (``/dev/stdout`` leads to
     whatever stdout was redirected to, which the result would replace). Until 2026-12-07
-    ``--out /dev/null`` replaced the null device with a file."""
+    ``--out /dev/null`` replaced the null device with a file.
+
+    Each step resolves the folder as the kernel does (its links first, then ``..``), never by
+    tidying the text: ``link-to-/dev/shm/../null`` is /dev/null (a reviewer's way past the first
+    version of this check)."""
     seen: set[str] = set()
-    given = current = os.path.abspath(path)
+    current = os.path.join(os.getcwd(), path)  # not abspath: it drops "x/.." before x's link is followed
     while True:
-        # the name as given and in its folder's real place (a linked folder)
-        for place in (current, os.path.join(os.path.realpath(os.path.dirname(current)), os.path.basename(current))):
-            kernel = next((folder for folder in SPECIAL_FOLDERS if Path(place).is_relative_to(folder)), None)
-            if kernel is not None and not any(Path(place).is_relative_to(folder) for folder in MEMORY_FOLDERS):
-                return f"in {kernel}" if current == given else f"a link into {kernel}"
+        place = os.path.join(os.path.realpath(os.path.dirname(current)), os.path.basename(current))
+        kernel = next((folder for folder in SPECIAL_FOLDERS if Path(place).is_relative_to(folder)), None)
+        if kernel is not None and not any(Path(place).is_relative_to(folder) for folder in MEMORY_FOLDERS):
+            if seen:
+                return f"a link into {kernel}"
+            named_there = Path(os.path.normpath(current)).is_relative_to(kernel)
+            return f"in {kernel}" if named_there else f"a path into {kernel} (through a linked folder)"
         try:
-            mode = os.lstat(current).st_mode
+            mode = os.lstat(place).st_mode
         except OSError:
             return None  # not there yet (or a dangling link): the write check says whether it can be made
         if not stat.S_ISLNK(mode):
             return None if stat.S_ISREG(mode) else "not a regular file (a device, pipe or socket)"
-        if current in seen:
+        if place in seen:
             return "a loop of links"
-        seen.add(current)
-        current = os.path.normpath(os.path.join(os.path.dirname(current), os.readlink(current)))
+        seen.add(place)
+        current = os.path.join(os.path.dirname(place), os.readlink(place))
 
 
 def builtin_train_prompts() -> Any:

@@ -23,7 +23,7 @@ import os
 import platform
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,17 +134,19 @@ def available_memory_bytes() -> int:
     return available + reusable_heap_bytes()
 
 
-# Each memory copy whose presence moves float rounding, and whether it fitted the first time this
-# process asked (``memory_choice``); and those whose answer has changed since (told once each).
-_memory_choices: dict[str, bool] = {}
-_memory_choices_changed: set[str] = set()
+# The memory free the first time this process sized each copy that moves float rounding
+# (``memory_choice``), and the copies whose answer that memory has changed since (told once each).
+_first_memory: dict[str, float] = {}
+_memory_choices_told: set[str] = set()
 
 
-def memory_choice(copy: str, fits: bool) -> bool:
-    """``fits``, for one of the CPU speed-ups' copies whose presence moves the float rounding of
-    every later number (the sampler's products, logits or attention kept for the update, the LoRA
-    folded or merged into copies of the weights), sized by the memory free now; the first time it
-    differs from this process's first answer for ``copy``, a warning says so (once per copy).
+def memory_choice(copy: str, fits: Callable[[float], bool], memory: float | None = None) -> bool:
+    """``fits(memory)``, for one of the CPU speed-ups' copies whose presence moves the float rounding
+    of every later number (the sampler's products, logits or attention kept for the update, the LoRA
+    folded or merged into copies of the weights); ``memory``: the memory free now (default
+    ``available_memory_bytes()``). Where the answer differs from the one the memory free at this
+    process's first call for ``copy`` would give the same ``fits`` (its sizes change with each
+    batch's shapes, which a resumed run sees alike), a warning says so, once per copy.
 
     Such a choice follows the memory: a process whose heap has grown over its steps, or a machine
     whose other processes took memory, can leave a copy off at a later step. That moves the run's
@@ -153,12 +155,15 @@ def memory_choice(copy: str, fits: bool) -> bool:
     end that far from the uninterrupted run (a reviewer's run under ``ulimit -v``: 6e-8). Sizing
     them by a figure fixed at the run's start instead was tried on 2026-12-07: the same run then ran
     out of memory at step 4, the copies kept where its grown heap had no room for them."""
-    if _memory_choices.setdefault(copy, fits) != fits and copy not in _memory_choices_changed:
-        _memory_choices_changed.add(copy)
-        warnings.warn(f"memory: the sampler's {copy} {'now fit and are made' if fits else 'no longer fit and are left off'}"
-                      ", as the memory free changed; this moves the run's numbers by float rounding, and a run resumed "
+    memory = available_memory_bytes() if memory is None else memory
+    first = _first_memory.setdefault(copy, memory)
+    answer = fits(memory)
+    if answer != fits(first) and copy not in _memory_choices_told:
+        _memory_choices_told.add(copy)
+        warnings.warn(f"memory: the {copy} {'now fit and are made' if answer else 'no longer fit and are left off'}, "
+                      "as the memory free changed; this moves the run's numbers by float rounding, and a run resumed "
                       "from an earlier checkpoint may choose otherwise and differ by as much", stacklevel=2)
-    return fits
+    return answer
 
 
 def onednn_usable() -> bool:

@@ -586,8 +586,10 @@ def merged_lora_weights(policy: PeftModel, reserve_bytes: int = 0) -> Iterator[P
     # The merged weights are copies held while sampling: where they would not fit twice over (the
     # packed oneDNN copies come next), the adapters stay unmerged (slower, the same distribution up
     # to float rounding).
-    mergeable = mergeable and memory_choice("LoRA merged into the weights", all(
-        2 * size + reserve_bytes < free_memory_bytes(device) for device, size in _weight_bytes(layers).items()))
+    mergeable = mergeable and all(
+        memory_choice(f"LoRA merged into the weights ({device.type})", lambda memory: 2 * size + reserve_bytes < memory,
+                      free_memory_bytes(device))
+        for device, size in _weight_bytes(layers).items())
     if not mergeable:
         yield policy
         return

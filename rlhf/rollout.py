@@ -697,7 +697,7 @@ def sampled_products_bytes(model: PolicyWithValue, rows: int, max_new_tokens: in
     shared prompt prefix in the update's forward (the only forward that takes them), no layer that
     could take them, or more than a quarter of the memory free beyond ``reserve_bytes`` (the KV
     cache the sampling will fill)."""
-    from rlhf.cpu_linear import available_memory_bytes, memory_choice
+    from rlhf.cpu_linear import memory_choice
 
     if not eligible or not model.share_prompt_prefix or next(model.policy.parameters()).device.type != "cpu":
         return 0
@@ -705,5 +705,5 @@ def sampled_products_bytes(model: PolicyWithValue, rows: int, max_new_tokens: in
     if needed <= 0:
         return 0
     kept = "attention outputs" if attention_bytes else "logits" if vocabulary else "products"
-    return needed if memory_choice(f"{kept} kept for the update",
-                                   needed <= (available_memory_bytes() - reserve_bytes) // 4) else 0
+    return needed if memory_choice(f"sampler's {kept} kept for the update",
+                                   lambda memory: needed <= (memory - reserve_bytes) // 4) else 0

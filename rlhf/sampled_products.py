@@ -179,7 +179,7 @@ class SampledProducts:
         ``prefix_ids``, ``prefix_mask`` [b, p]: their prompts but the last token, left-padded): it runs
         once per distinct prompt (``rlhf.models.shared_prompt_cache``), and each projection's whole
         output there is kept, for the update's prefix forward at unchanged weights (``prefix_replay``)."""
-        from rlhf.cpu_linear import available_memory_bytes, memory_choice
+        from rlhf.cpu_linear import memory_choice
         from rlhf.models import distinct_prompts
 
         shared = distinct_prompts(prefix_ids, prefix_mask)
@@ -187,7 +187,7 @@ class SampledProducts:
         needed = 0 if shared is None else 4 * shared[0].numel() * prefix_ids.shape[1] * sum(
             kept.shape[-1] for kept in self.outputs.values())
         fits = shared is not None and memory_choice("prompt prefill's products kept for the update",
-                                                    needed <= available_memory_bytes() // 4)
+                                                    lambda memory: needed <= memory // 4)
         self._prefix = _Prefix(first_row, shared[1], prefix_ids[shared[0]], prefix_mask[shared[0]]) if fits else None
         try:
             yield

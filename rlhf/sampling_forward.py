@@ -672,7 +672,8 @@ def sampling_forward(model: nn.Module, fuse: bool = False, reserve_bytes: int = 
             folds.append(folded)
     if fold:
         folded_bytes = sum(part.base.weight.nbytes for layer in folds for part in layer.values())
-        if not memory_choice("LoRA folded into packed weights", 2 * folded_bytes + reserve_bytes < available_memory_bytes()):
+        if not memory_choice("sampler's LoRA folded into packed weights",
+                             lambda memory: 2 * folded_bytes + reserve_bytes < memory):
             return None
         return SamplingForward(causal_lm, projections, fuse=True, window=window, folds=folds)
     fused_bytes = sum(parts[name].base.weight.nbytes for parts in projections for name in FUSED

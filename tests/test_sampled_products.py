@@ -847,8 +847,8 @@ def test_a_copy_that_stops_fitting_mid_run_is_told_once(tiny_model_dir, tmp_path
     from rlhf import cpu_linear
     from rlhf import rollout as rollout_module
 
-    monkeypatch.setattr(cpu_linear, "_memory_choices", {})
-    monkeypatch.setattr(cpu_linear, "_memory_choices_changed", set())
+    monkeypatch.setattr(cpu_linear, "_first_memory", {})
+    monkeypatch.setattr(cpu_linear, "_memory_choices_told", set())
     memory = {"bytes": 1 << 40}
     monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: memory["bytes"])
     kept = _remembered_products(monkeypatch)
@@ -866,18 +866,29 @@ def test_a_copy_that_stops_fitting_mid_run_is_told_once(tiny_model_dir, tmp_path
     assert "a run resumed from an earlier checkpoint may choose otherwise" in about[0]
 
 
-def test_memory_choice_tells_each_copy_s_first_change_only(monkeypatch):
+def test_memory_choice_tells_a_change_the_memory_made_once_and_no_other(monkeypatch):
+    """A copy's size changes with each batch's shapes, which a resumed run sees alike: only an answer
+    that the memory free at the process's first call would have given otherwise is told (a reviewer's
+    run with the memory held still was told its prefill products 'no longer fit as the memory free
+    changed' when only its prompts had grown)."""
     import warnings
 
     from rlhf import cpu_linear
 
-    monkeypatch.setattr(cpu_linear, "_memory_choices", {})
-    monkeypatch.setattr(cpu_linear, "_memory_choices_changed", set())
+    monkeypatch.setattr(cpu_linear, "_first_memory", {})
+    monkeypatch.setattr(cpu_linear, "_memory_choices_told", set())
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 1000)
+
+    def under(needed):
+        return lambda memory: needed <= memory // 4
+
     with warnings.catch_warnings(record=True) as told:
         warnings.simplefilter("always")
-        answers = [cpu_linear.memory_choice("products", fits) for fits in (True, True, False, True, False)]
-        answers.append(cpu_linear.memory_choice("logits", False))
-        answers.append(cpu_linear.memory_choice("logits", True))
-    assert answers == [True, True, False, True, False, False, True]
-    assert [str(w.message).split(" fit")[0] for w in told] == ["memory: the sampler's products no longer",
-                                                                "memory: the sampler's logits now"]
+        answers = [cpu_linear.memory_choice("products", under(needed)) for needed in (200, 260, 240)]
+        assert not told  # 1000 bytes throughout: the batches' sizes alone decided
+        answers += [cpu_linear.memory_choice("products", under(200), memory) for memory in (700, 600, 1000, 500)]
+        answers.append(cpu_linear.memory_choice("logits", under(100), 300))
+        answers.append(cpu_linear.memory_choice("logits", under(100), 400))
+    assert answers == [True, False, True, False, False, True, False, False, True]
+    assert [str(w.message).split(" fit")[0] for w in told] == ["memory: the products no longer",
+                                                                "memory: the logits now"]
