@@ -93,7 +93,7 @@ class BenchmarkConfig:
                                                              ".png beside it)."})
 
     def __post_init__(self) -> None:
-        from rlhf.config import MAX_LEARNING_RATE, MAX_SEED
+        from rlhf.config import check_learning_rate, check_seed
         from rlhf.random_models import check_spec
 
         for name in ("steps", "prompts_per_step", "num_generations", "max_new_tokens", "lora_r"):
@@ -101,10 +101,8 @@ class BenchmarkConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         # as our trainer checks them, here rather than in each system's process after loading the model
         # (until 2026-12-07 --learning_rate 20 ran TRL alone and replaced an earlier report with that)
-        if not 0 < self.learning_rate <= MAX_LEARNING_RATE:  # nan fails too
-            raise ConfigError(f"learning_rate must be in (0, {MAX_LEARNING_RATE:g}], got {self.learning_rate:g}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ConfigError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed}")
+        check_learning_rate(self.learning_rate)
+        check_seed(self.seed)
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.lengths is not None and (not self.lengths or min(self.lengths) < 1):
@@ -745,8 +743,7 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
         out.parent.mkdir(parents=True, exist_ok=True)
         # where each file lands: beside --out, or where a symlink there points
         # the folder as the kernel finds it (tempfile would drop "x/.." before following x's link)
-        for folder in dict.fromkeys(Path(os.path.realpath(through_link(path).parent)) for kind, path in
-                                    output_paths(out).items() if kind != "profile" or config.profile):
+        for folder in dict.fromkeys(Path(os.path.realpath(through_link(path).parent)) for path in written):
             with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{out.name}."):
                 pass
     except OSError as exc:

@@ -51,6 +51,20 @@ MAX_LEARNING_RATE = 10.0
 MIN_TEMPERATURE = 1e-6
 
 
+
+def check_learning_rate(learning_rate: float) -> None:
+    """ConfigError unless 0 < learning_rate <= MAX_LEARNING_RATE (NaN fails too). Above ~1 Adam
+    moves every LoRA weight by about the rate per step (and past 3e37 its step size overflows
+    float32 inside torch); RL on LMs uses 1e-7..1e-3."""
+    if not 0 < learning_rate <= MAX_LEARNING_RATE:
+        raise ConfigError(f"learning_rate must be in (0, {MAX_LEARNING_RATE:g}], got {learning_rate:g}")
+
+
+def check_seed(seed: Any) -> None:
+    """ConfigError unless ``seed`` is an integer numpy and torch can seed with."""
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED):
+        raise ConfigError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
+
 @dataclass
 class RLConfig:
     """Every knob of an RL run. Field docs are the ``--help`` text."""
@@ -354,10 +368,7 @@ class RLConfig:
             require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         require(self.chunked_logprobs_mb is None or self.chunked_logprobs_mb >= 0,
                 f"chunked_logprobs_mb must be >= 0 (0 = always chunk) or none (= never), got {self.chunked_logprobs_mb}")
-        # Above ~1 Adam moves every LoRA weight by about the rate per step (and past 3e37 its step
-        # size overflows float32 inside torch); RL on LMs uses 1e-7..1e-3.
-        require(0 < self.learning_rate <= MAX_LEARNING_RATE,
-                f"learning_rate must be in (0, {MAX_LEARNING_RATE:g}], got {self.learning_rate:g}")
+        check_learning_rate(self.learning_rate)
         require(self.value_learning_rate is None or 0 < self.value_learning_rate <= MAX_LEARNING_RATE,
                 f"value_learning_rate must be in (0, {MAX_LEARNING_RATE:g}]")
         # logits / temperature: below this float32 loses the value (1e-46 is 0) or the logits overflow
@@ -365,8 +376,7 @@ class RLConfig:
                 f"temperature must be >= {MIN_TEMPERATURE:g} (use a small one such as 0.01 for near-greedy "
                 f"sampling), got {self.temperature:g}")
         require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED,
-                f"seed must be an integer in 0..{MAX_SEED}, got {self.seed!r}")
+        check_seed(self.seed)
         require(self.lr_scheduler_type in LR_SCHEDULER_TYPES,
                 f"lr_scheduler_type {self.lr_scheduler_type!r} is not one of: {', '.join(LR_SCHEDULER_TYPES)}")
         require(self.max_prompt_length + self.max_new_tokens <= MAX_SEQUENCE_LENGTH,
