@@ -134,10 +134,19 @@ def available_memory_bytes() -> int:
     return available + reusable_heap_bytes()
 
 
-# The memory free the first time this process sized each copy that moves float rounding
-# (``memory_choice``), and the copies whose answer that memory has changed since (told once each).
+# The memory free the first time this run (this process, until a trainer starts another run) sized
+# each copy that moves float rounding (``memory_choice``), and the copies whose answer that memory
+# has changed since (told once each).
 _first_memory: dict[str, float] = {}
 _memory_choices_told: set[str] = set()
+
+
+def forget_memory_choices() -> None:
+    """Start ``memory_choice``'s comparisons afresh: a trainer built in a process that trained
+    before (a notebook's second run) measures its memory against its own first step, not the
+    earlier run's."""
+    _first_memory.clear()
+    _memory_choices_told.clear()
 
 
 def memory_choice(copy: str, fits: Callable[[float], bool], memory: float | None = None) -> bool:
@@ -145,7 +154,7 @@ def memory_choice(copy: str, fits: Callable[[float], bool], memory: float | None
     of every later number (the sampler's products, logits or attention kept for the update, the LoRA
     folded or merged into copies of the weights); ``memory``: the memory free now (default
     ``available_memory_bytes()``). Where the answer differs from the one the memory free at this
-    process's first call for ``copy`` would give the same ``fits`` (its sizes change with each
+    run's first call for ``copy`` would give the same ``fits`` (its sizes change with each
     batch's shapes, which a resumed run sees alike), a warning says so, once per copy.
 
     Such a choice follows the memory: a process whose heap has grown over its steps, or a machine

@@ -95,10 +95,14 @@ def load_yaml(path: str) -> dict[str, Any]:
     file = Path(path)
     if file.is_dir():
         raise ConfigError(f"config file {path} is a folder, not a YAML file")
-    if not file.is_file():
+    if not file.exists():
         raise ConfigError(f"config file not found: {path}")
+    try:  # not only a regular file: `--config <(envsubst < ppo.yaml)` passes a pipe
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)

@@ -42,7 +42,7 @@ from rlhf.algorithms import MovingAverageBaseline
 from rlhf.config import RLConfig, changed_settings, save_config, with_overrides
 from rlhf.data import PromptSampler, check_prompt_lengths, describe_dataset, load_eval_dataset, load_prompt_dataset
 from rlhf.build import build_model, fused_adamw, use_fused_adamw
-from rlhf.cpu_linear import check_cpu_settings, transposed_weights_kept
+from rlhf.cpu_linear import check_cpu_settings, forget_memory_choices, transposed_weights_kept
 from rlhf.cpu_memory import keep_freed_memory, keeping_freed_memory, release_freed_memory
 from rlhf.card import render_model_card
 from rlhf.distributed import (Reducer, configure_sharding, gathered_state, make_accelerator, shards_weights,
@@ -154,6 +154,7 @@ class RLTrainer:
                                 train_dataset=train_dataset, tools=tools, environment_factory=environment_factory)
         config.check_reward_weights()
         check_cpu_settings()  # a bad RLHF_CPU_LINEAR or RLHF_CPU_MALLOC stops the run here, not later
+        forget_memory_choices()
         self.config = config
         self.base_model = model if isinstance(model, torch.nn.Module) else None
         self.output_dir = Path(config.output_dir)

@@ -44,6 +44,36 @@ def test_bad_cli_values_exit_2(args, fragments, tmp_path, run_here):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_config_given_through_a_pipe_is_read(tmp_path):
+    """`--config <(envsubst < ppo.yaml)` hands the script a pipe; until 2026-12-07 it said
+    'config file not found'."""
+    import os
+    import threading
+
+    from rlhf.config import RLConfig
+    from rlhf.parsing import parse_dataclass
+
+    pipe = tmp_path / "config.fifo"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=pipe.write_text, args=("learning_rate: 0.003\nmax_steps: 7\n",))
+    writer.start()
+    try:
+        config = parse_dataclass(RLConfig, ["--config", str(pipe)])
+    finally:
+        if writer.is_alive():  # the pipe was not read: let the writer finish
+            pipe.read_bytes()
+        writer.join()
+    assert (config.learning_rate, config.max_steps) == (0.003, 7)
+
+
+def test_a_config_that_is_not_text_is_refused_in_one_line(tmp_path, run_here):
+    config = tmp_path / "weights.yaml"
+    config.write_bytes(bytes(range(128, 256)))
+    assert_one_line_error(run_here("train_ppo.py", "--config", str(config), "--output_dir", str(tmp_path / "out")),
+                          f"config file {config} cannot be read")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_key_in_yaml(tmp_path, run_here):
     config = tmp_path / "bad.yaml"
     config.write_text("learning_rate: 1e-4\nkl_coeff: 0.1\n")

@@ -866,6 +866,34 @@ def test_a_copy_that_stops_fitting_mid_run_is_told_once(tiny_model_dir, tmp_path
     assert "a run resumed from an earlier checkpoint may choose otherwise" in about[0]
 
 
+def test_a_second_run_in_one_process_compares_its_memory_with_its_own_start(tiny_model_dir, tmp_path, monkeypatch):
+    """A notebook that trains twice: the second trainer, started with less memory free, leaves the
+    products off from its first step, and nothing in its run changed; until 2026-12-07 it was told
+    they 'no longer fit as the memory free changed', measured against the first run's memory."""
+    import warnings
+
+    from test_correctness import make_trainer
+
+    from rlhf import cpu_linear
+    from rlhf import rollout as rollout_module
+
+    monkeypatch.setattr(cpu_linear, "_first_memory", {})
+    monkeypatch.setattr(cpu_linear, "_memory_choices_told", set())
+    memory = {"bytes": 1 << 40}
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: memory["bytes"])
+    kept = _remembered_products(monkeypatch)
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        first = make_trainer(tiny_model_dir, tmp_path / "first", "grpo", max_new_tokens=6)
+        first.train_step()
+        memory["bytes"] = rollout_module.sampled_products_bytes(first.unwrapped, 2, 6, True) * 3  # short of 4x
+        second = make_trainer(tiny_model_dir, tmp_path / "second", "grpo", max_new_tokens=6)
+        second.train_step()
+        second.train_step()
+    assert [products is not None for products in kept] == [True, False, False]
+    assert not [str(w.message) for w in told if str(w.message).startswith("memory: ")]
+
+
 def test_memory_choice_tells_a_change_the_memory_made_once_and_no_other(monkeypatch):
     """A copy's size changes with each batch's shapes, which a resumed run sees alike: only an answer
     that the memory free at the process's first call would have given otherwise is told (a reviewer's
