@@ -26,12 +26,13 @@ METADATA_FILE = "rlhf_reward_model.json"
 class LearnedReward:
     def __init__(self, name_or_path: str, device: str | torch.device | None = None, batch_size: int = 16,
                  max_length: int = 512, normalize: bool = False):
+        from safetensors import SafetensorError
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:
             raise RewardError(f"cannot load reward model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
         self._setup(name_or_path, model, tokenizer, device, batch_size, max_length, normalize)
 

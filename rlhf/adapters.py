@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftConfig
 from peft.utils import load_peft_weights
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -81,7 +82,7 @@ def read_init_adapter(adapter_dir: str) -> SavedLora:
     try:
         config = PeftConfig.from_pretrained(str(path))
         weights = load_peft_weights(str(path), device="cpu")
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, SafetensorError) as exc:
         raise CheckpointError(f"init_adapter {adapter_dir} is unreadable: {str(exc).strip().splitlines()[0][:200]}") from None
     unsupported = [
         reason for reason, present in (

@@ -140,7 +140,7 @@ def read_run_settings(adapter_dir: Path) -> tuple[Path, dict[str, Any]] | None:
         if config_file.is_file():
             try:
                 settings = yaml.safe_load(config_file.read_text()) or {}
-            except yaml.YAMLError:
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
                 return None
             return run_dir, settings if isinstance(settings, dict) else {}
     return None
@@ -156,7 +156,7 @@ def read_run_for_card(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]
     metrics = None
     metrics_file = run_dir / "metrics.jsonl"
     if metrics_file.is_file():
-        for line in metrics_file.read_text().splitlines():
+        for line in metrics_file.read_text(errors="replace").splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:

@@ -91,9 +91,10 @@ def _looks_like_hub_id(spec: str) -> bool:
 
 def _adapter_base(adapter_dir: Path) -> str:
     try:
-        base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError) as exc:
+        settings = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
         raise CheckpointError(f"cannot read {adapter_dir / ADAPTER_CONFIG}: {exc}") from None
+    base = settings.get("base_model_name_or_path") if isinstance(settings, dict) else None
     if not base:
         raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG} does not name its base model")
     from rlhf.models import EMBEDDED_MODEL
@@ -492,6 +493,7 @@ def evaluate(
 def _attach_adapters(base_model: Any, candidates: list[Candidate]) -> tuple[Any, dict[str, str]]:
     """One PeftModel holding every adapter by name; the base weights are loaded once."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     names: dict[str, str] = {}
     peft_model = None
@@ -504,6 +506,9 @@ def _attach_adapters(base_model: Any, candidates: list[Candidate]) -> tuple[Any,
                 peft_model.load_adapter(str(candidate.adapter_dir), adapter_name=name)
             if candidate.reference_dir is not None:
                 peft_model.load_adapter(str(candidate.reference_dir), adapter_name=name + REFERENCE_SUFFIX)
+        except SafetensorError as exc:
+            raise CheckpointError(f"adapter {candidate.label} is corrupted: its {ADAPTER_WEIGHTS} is unreadable "
+                                  f"({exc})") from None
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"adapter {candidate.label} does not fit its base model: "
                                   f"{str(exc).strip().splitlines()[0][:200]}") from None

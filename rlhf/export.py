@@ -29,6 +29,7 @@ def export_merged(checkpoint: str | Path, output_dir: str | Path, dtype: str = "
                   overwrite: bool = False) -> Path:
     """Write the merged model to ``output_dir`` (atomically: a staging dir renamed at the end)."""
     from peft import PeftModel
+    from safetensors import SafetensorError
     from transformers import GenerationConfig
 
     from rlhf.checkpoint import publish
@@ -46,6 +47,9 @@ def export_merged(checkpoint: str | Path, output_dir: str | Path, dtype: str = "
     base = load_base_model(candidate.base)
     try:
         merged = PeftModel.from_pretrained(base, str(candidate.adapter_dir)).merge_and_unload()
+    except SafetensorError as exc:
+        raise CheckpointError(f"adapter {candidate.adapter_dir} is corrupted: its adapter_model.safetensors is "
+                              f"unreadable ({exc})") from None
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"adapter {candidate.adapter_dir} does not fit its base {candidate.base!r}: "
                               f"{str(exc).strip().splitlines()[0][:200]}") from None

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
@@ -252,7 +253,7 @@ def load_base_model(name_or_path: str, bf16: bool = False) -> nn.Module:
     dtype = torch.bfloat16 if bf16 else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or corrupted weights file
         raise ConfigError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
     disable_dropout(model)
     from rlhf.distributed import local_process_count
@@ -304,6 +305,9 @@ def merge_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
         raise CheckpointError(f"init_adapter {adapter_dir} is not a PEFT adapter dir (no adapter_config.json)")
     try:
         merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    except SafetensorError as exc:
+        raise CheckpointError(f"init_adapter {adapter_dir} is corrupted: its adapter_model.safetensors is unreadable "
+                              f"({exc})") from None
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(
             f"init_adapter {adapter_dir} does not fit model_name_or_path (was it trained on another base?): "

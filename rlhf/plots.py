@@ -131,14 +131,21 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"no metrics.jsonl in {run_dir}")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             raise DataError(f"{path} line {number} is not valid JSON") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {number} is not a JSON object of metrics")
+        rows.append(row)
     if not rows:
         raise DataError(f"{path} is empty")
     return rows

@@ -61,6 +61,7 @@ def _with_separator(dataset: Any) -> Any:
 
 def train_reward_model(config: RewardModelConfig) -> dict[str, float]:
     """Train, save, calibrate and evaluate; returns the final metrics (also in metrics.jsonl)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
@@ -78,7 +79,7 @@ def train_reward_model(config: RewardModelConfig) -> dict[str, float]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(backbone)
         model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise ConfigError(f"cannot load reward backbone {config.model_name_or_path!r}: {str(exc).splitlines()[0]}") from None
     # BERT-style tokenizers have no EOS; TRL appends one to every text ("Adding EOS"), so use [SEP].
     if tokenizer.eos_token is None:

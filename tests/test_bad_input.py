@@ -407,3 +407,76 @@ def test_out_of_memory_is_told_from_other_errors():
     for other in (OSError(errno.ENOENT, "No such file"), RuntimeError("a bug"),
                   RuntimeError("could not create a primitive descriptor for a matmul primitive")):
         assert out_of_memory(other) is None
+
+
+NOT_TEXT = bytes(range(128, 160))  # not UTF-8, not JSON, not a safetensors header
+
+
+@pytest.fixture
+def trained_adapter(tiny_model_dir, tmp_path):
+    """A run dir (config.yaml, metrics.jsonl) whose final/ holds a small LoRA of the tiny model."""
+    from test_evaluate import make_adapter
+
+    run = tmp_path / "run"
+    make_adapter(tiny_model_dir, run / "final", seed=1)
+    (run / "config.yaml").write_text("run_name: demo\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "reward/mean": 0.5}\n')
+    return run / "final"
+
+
+@pytest.mark.parametrize("broken,script,fragment", [
+    ("adapter_model.safetensors", "evaluate.py", "is corrupted: its adapter_model.safetensors is unreadable"),
+    ("adapter_model.safetensors", "export.py", "is corrupted: its adapter_model.safetensors is unreadable"),
+    ("adapter_model.safetensors", "init_adapter", "is unreadable: Error while deserializing header"),
+    ("adapter_config.json", "evaluate.py", "cannot read"),
+    ("base model.safetensors", "train_grpo.py", "cannot load model"),
+    ("base model.safetensors", "evaluate.py", "cannot load model"),
+])
+def test_a_corrupted_weights_or_adapter_file_stops_in_one_line(broken, script, fragment, trained_adapter, tiny_model_dir,
+                                                                tmp_path, run_here):
+    """Files cut short or overwritten (a full disk, a half-copied checkpoint); until 2026-12-07 each
+    of these ended in a SafetensorError or UnicodeDecodeError traceback with exit code 1."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    adapter_config = trained_adapter / "adapter_config.json"
+    adapter_config.write_text(adapter_config.read_text().replace(str(tiny_model_dir), str(base)))
+    if broken == "base model.safetensors":
+        (base / "model.safetensors").write_bytes(NOT_TEXT)
+    else:
+        (trained_adapter / broken).write_bytes(NOT_TEXT)
+    out = tmp_path / "out"
+    if script == "evaluate.py":
+        checkpoint = base if broken.startswith("base") else trained_adapter
+        result = run_here("evaluate.py", "--checkpoints", str(checkpoint), "--output_dir", str(out),
+                          "--num_prompts", "1", "--num_samples", "1", "--max_new_tokens", "2")
+    elif script == "export.py":
+        result = run_here("export.py", "--checkpoint", str(trained_adapter), "--output_dir", str(out))
+    else:
+        extra = ("--init_adapter", str(trained_adapter)) if script == "init_adapter" else ()
+        result = run_here("train_grpo.py", *tiny_args(base, out, *extra))
+    assert_one_line_error(result, fragment)
+    assert not (out / "report.json").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_files_that_are_not_text_stop_in_one_line_or_are_passed_over(trained_adapter, tiny_model_dir, tmp_path,
+                                                                     run_here):
+    """A chat template or metrics file that is not text: one line (was a UnicodeDecodeError
+    traceback); a run's config.yaml that is not text only costs the model card its settings."""
+    template = tmp_path / "template.jinja"
+    template.write_bytes(NOT_TEXT)
+    result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--chat_template", str(template)))
+    assert_one_line_error(result, f"chat_template {template} cannot be read")
+
+    run = trained_adapter.parent
+    (run / "metrics.jsonl").write_bytes(NOT_TEXT)
+    assert_one_line_error(run_here("plot_metrics.py", str(run)), f"{run / 'metrics.jsonl'} is not UTF-8 text")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n[1, 2]\n')
+    assert_one_line_error(run_here("plot_metrics.py", str(run)), "line 2 is not a JSON object of metrics")
+
+    (run / "config.yaml").write_bytes(NOT_TEXT)
+    result = run_here("evaluate.py", "--checkpoints", str(trained_adapter), "--output_dir", str(tmp_path / "report"),
+                      "--num_prompts", "1", "--num_samples", "1", "--max_new_tokens", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "report" / "report.json").is_file()

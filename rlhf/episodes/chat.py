@@ -22,7 +22,10 @@ def resolve_chat_template(spec: str) -> str:
         return spec
     path = Path(spec).expanduser()
     if path.is_file():
-        return path.read_text()
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"chat_template {spec} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
     import trl
 
     shipped = Path(trl.__file__).parent / "chat_templates"
