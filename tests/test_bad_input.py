@@ -480,3 +480,20 @@ def test_files_that_are_not_text_stop_in_one_line_or_are_passed_over(trained_ada
                       "--num_prompts", "1", "--num_samples", "1", "--max_new_tokens", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "report" / "report.json").is_file()
+
+
+@pytest.mark.parametrize("script", ["train_grpo.py", "train_reward_model.py"])
+def test_a_reward_model_with_corrupted_weights_stops_in_one_line(script, tiny_reward_backbone, tiny_model_dir, tmp_path,
+                                                                  run_here):
+    import shutil
+
+    reward_model = tmp_path / "reward_model"
+    shutil.copytree(tiny_reward_backbone, reward_model)
+    (reward_model / "model.safetensors").write_bytes(NOT_TEXT)
+    if script == "train_grpo.py":
+        args = [*tiny_args(tiny_model_dir, tmp_path / "out")[:-2], "--reward_funcs", str(reward_model)]
+        fragment = f"cannot load reward model '{reward_model}'"
+    else:
+        args = ["--model_name_or_path", str(reward_model), "--output_dir", str(tmp_path / "out"), "--max_steps", "1"]
+        fragment = f"cannot load reward backbone '{reward_model}'"
+    assert_one_line_error(run_here(script, *args), fragment, "deserializing header")
