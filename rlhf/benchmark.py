@@ -679,7 +679,7 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
 
     from rlhf.config import RLConfig
     from rlhf.cpu_linear import use_onednn
-    from rlhf.learning_race import holds_another_folder, runs_dir
+    from rlhf.learning_race import holds_another_folder, runs_dir, unmatched_race_runs
 
     out = Path(config.out)
     if not out.name or out.name == "..":  # "", ".", "/", "..": a folder, where the JSON would be a file
@@ -703,6 +703,10 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
                           "remove it or choose another --out")
     if config.learning and runs.exists() and not runs.is_dir():
         raise ConfigError(f"--out {out}: {runs} is a file, where the race keeps its runs; choose another --out")
+    unmatched = unmatched_race_runs(out) if config.learning else None
+    if unmatched:
+        raise ConfigError(f"--out {out}: {runs} holds an earlier race's runs (adapters, metrics) but {unmatched}, "
+                          "and the race would delete them; restore that file, or move the folder away")
     if config.learning and holds_another_folder(out):
         raise ConfigError(f"--out {out}: {runs} is not empty and holds no earlier race's runs, and the race "
                           "would replace that folder; move it or choose another --out")

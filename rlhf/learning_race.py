@@ -279,10 +279,27 @@ def holds_another_folder(out: Path) -> bool:
     return report is None or "race_id" in report
 
 
+def unmatched_race_runs(out: Path) -> str | None:
+    """Why the runs folder of a race at ``out`` holds a race's runs that cannot be matched to a
+    report (the report at ``out`` is there but unreadable or not a race's, or the runs' race id is
+    unreadable), or None. A race would delete such runs (``settle_runs``: runs without their
+    report go), adapters included, so ``check_inputs`` refuses instead."""
+    runs = runs_dir(out)
+    if not (runs / RACE_ID_FILE).exists():
+        return None
+    try:
+        (runs / RACE_ID_FILE).read_text()
+    except (OSError, ValueError):
+        return f"its race id ({runs / RACE_ID_FILE}) is unreadable"
+    if out.exists() and _learning_report(out) is None:
+        return f"{out} is there but is not a readable race report"
+    return None
+
+
 def _race_id(runs: Path) -> str | None:
     try:
         return (runs / RACE_ID_FILE).read_text().strip() or None
-    except OSError:
+    except (OSError, ValueError):  # ValueError: not UTF-8 text
         return None
 
 

@@ -632,3 +632,28 @@ def test_more_held_out_prompts_than_there_are_is_refused(tmp_path, tiny_model_di
     with pytest.raises(ConfigError, match="eval_num_prompts 41 is more than the 40 held-out prompts"):
         check_inputs(_config(tmp_path, model=str(tiny_model_dir), learning=True, eval_num_prompts=41))
     check_inputs(_config(tmp_path, model=str(tiny_model_dir), learning=True, eval_num_prompts=40))
+
+
+@pytest.mark.parametrize("damage", ["report not text", "report cut short", "report not a race's", "race id not text"])
+def test_a_race_keeps_earlier_runs_whose_report_or_id_is_damaged(damage, tmp_path, tiny_model_dir):
+    """Runs that no readable report claims were deleted as a killed race's leftovers: a race.json
+    damaged on disk cost the earlier race's adapters and metrics (found by a stranger's review)."""
+    from rlhf import learning_race
+
+    out = tmp_path / "race.json"
+    runs = _earlier_race(out)
+    (runs / learning_race.RACE_ID_FILE).write_text("A")
+    out.write_text('{"kind": "learning", "race_id": "A"}')
+    if damage == "report not text":
+        out.write_bytes(bytes(range(128, 160)))
+    elif damage == "report cut short":
+        out.write_text('{"kind": "learn')
+    elif damage == "report not a race's":
+        out.write_text("[1, 2]")
+    else:
+        (runs / learning_race.RACE_ID_FILE).write_bytes(bytes(range(128, 160)))
+    config = BenchmarkConfig(learning=True, seconds=1, model=str(tiny_model_dir), out=str(out))
+    with pytest.raises(ConfigError, match="race-runs holds an earlier race's runs .* and the race would delete them"):
+        benchmark_to_files(config)
+    assert _files(runs) == [".race_id", *EARLIER_RACE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["race-runs", "race.json"]
