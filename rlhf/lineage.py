@@ -179,16 +179,21 @@ class Start:
 
 def _on(branch: Lineage, checkpoint: Path) -> bool:
     """Whether ``checkpoint`` is on ``branch``. One whose state cannot be read counts as on it, so
-    that choosing it reports the damage (load_checkpoint) instead of silently taking an older one,
-    and it is never moved aside."""
+    that choosing it reports the damage (load_checkpoint) instead of silently taking an older one;
+    it is moved aside only where the resumed branch would save over it (``_off_branch``)."""
+    written_on = _written_on(checkpoint)
+    return written_on is None or branch.covers(written_on, _step_of(checkpoint))
+
+
+def _written_on(checkpoint: Path) -> Lineage | None:
+    """The lineage the checkpoint was written on; None where its state cannot be read."""
     from rlhf.checkpoint import TRAINER_STATE
 
     try:
         state = json.loads((checkpoint / TRAINER_STATE).read_text())
-        written_on = of_trainer_state(state, checkpoint / TRAINER_STATE) if isinstance(state, dict) else None
+        return of_trainer_state(state, checkpoint / TRAINER_STATE) if isinstance(state, dict) else None
     except (OSError, ValueError, CheckpointError):
-        written_on = None
-    return written_on is None or branch.covers(written_on, _step_of(checkpoint))
+        return None
 
 
 def _step_of(path: Path) -> int:
@@ -227,7 +232,8 @@ def plan_start(output_dir: Path, resume: str | None) -> Start:
     if lineage.run_id is UNKNOWN:  # written before run ids: adopt it into this output_dir's run
         lineage = Lineage(record.run_id if record is not None else new_id(), [])
     branch = lineage.started(segment, state["step"])
-    return Start(branch, checkpoint, state["step"], off_branch=_off_branch(output_dir, branch, checkpoints),
+    return Start(branch, checkpoint, state["step"],
+                 off_branch=_off_branch(output_dir, branch, checkpoints, state["step"]),
                  metrics=_split_rows(output_dir, state["step"]))
 
 
@@ -250,8 +256,10 @@ def _restart(output_dir: Path, record: Lineage | None, checkpoints: list[Path], 
                  metrics=_split_rows(output_dir, 0))
 
 
-def _off_branch(output_dir: Path, branch: Lineage, checkpoints: list[Path]) -> list[Path]:
-    off = [path for path in checkpoints if not _on(branch, path)]
+def _off_branch(output_dir: Path, branch: Lineage, checkpoints: list[Path], resumed_step: int) -> list[Path]:
+    # a damaged checkpoint after the resumed step goes aside too: the branch would save over it
+    off = [path for path in checkpoints if not _on(branch, path)
+           or (_written_on(path) is None and _step_of(path) > resumed_step)]
     final = output_dir / "final"
     if final.is_dir() and not branch.covers(*of_final(final)):
         off.append(final)

@@ -211,3 +211,21 @@ def test_a_damaged_run_record_is_one_line(tmp_path):
     (out / lineage.RUN_RECORD).write_text('{"run_id": 3}')
     with pytest.raises(CheckpointError, match="run.json is invalid"):
         lineage.plan_start(out, "latest")
+
+
+def test_a_damaged_checkpoint_after_the_resumed_step_is_set_aside_not_saved_over(tmp_path):
+    """Resuming step-1 explicitly where step-2's trainer_state.json was damaged: step-2 counted as on
+    the branch (so that `latest` reports the damage) and stayed, and the resumed run's save of
+    step 2 replaced it (found by a stranger's review). A damaged checkpoint before the resumed step
+    stays where it is."""
+    out = tmp_path / "run"
+    first = lineage.Lineage("run-a", [["seg-1", 0]])
+    for step in (1, 2, 3):
+        fake_checkpoint(out, step, first)
+    lineage.write_record(out, first)
+    (out / "checkpoints" / "step-3" / "trainer_state.json").write_bytes(bytes(range(128, 160)))
+    (out / "checkpoints" / "step-1" / "trainer_state.json").write_text("[")
+    with pytest.raises(CheckpointError, match="step-3 is corrupted"):
+        lineage.plan_start(out, "latest")
+    start = lineage.plan_start(out, str(out / "checkpoints" / "step-2"))
+    assert [path.name for path in start.off_branch] == ["step-3"]
