@@ -161,7 +161,9 @@ def read_run_for_card(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and (at_step is None or (row.get("step") or 0) <= at_step):
+            step = row.get("step") or 0 if isinstance(row, dict) else None
+            # a hand-edited row (not an object, a step that is no number) is passed over
+            if isinstance(step, (int, float)) and (at_step is None or step <= at_step):
                 metrics = row
     steps = at_step if at_step is not None else int((metrics or {}).get("step") or 0)
     return settings, metrics, steps

@@ -140,21 +140,28 @@ def split_rows(path: Path, last_step: int) -> RowSplit:  # metrics.jsonl and sam
     """The rows up to ``last_step`` (kept) and after it (dropped: a resumed run re-logs them;
     never double a step). A torn last row (a crash or full disk mid-write) is neither; any other
     unreadable row is a CheckpointError."""
+    from rlhf.errors import CheckpointError
+
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path} is not a file; move it away to resume")
     if not path.is_file():
         return RowSplit(False)
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    lines = [line for line in path.read_bytes().splitlines() if line.strip()]
     split = RowSplit(True)
     for number, line in enumerate(lines):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            text = line.decode()  # strictly: the kept rows are written back as they were
+            row = json.loads(text)
+        except ValueError:  # not UTF-8, or not JSON
             if number == len(lines) - 1:
                 continue  # the torn last row of a killed write
-            from rlhf.errors import CheckpointError
-
             raise CheckpointError(f"{path}: row {number + 1} is not JSON (edited by hand?); repair or remove it "
                                   "to resume") from None
-        (split.kept if row.get("step", 0) <= last_step else split.dropped).append(line)
+        step = row.get("step", 0) if isinstance(row, dict) else None
+        if not isinstance(step, (int, float)) or isinstance(step, bool):
+            raise CheckpointError(f"{path}: row {number + 1} is not a JSON object with a numeric step (edited by "
+                                  "hand?); repair or remove it to resume")
+        (split.kept if step <= last_step else split.dropped).append(text)
     return split
 
 

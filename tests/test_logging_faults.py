@@ -59,3 +59,39 @@ def test_a_torn_last_row_is_dropped_on_resume(tmp_path):
     metrics.write_text('{"step": 1}\nnot json\n{"step": 2}\n')  # damage inside the file is not a torn row
     with pytest.raises(CheckpointError, match="row 2 is not JSON"):
         split_rows(metrics, 2)
+
+
+def test_rows_a_resume_keeps_are_written_back_byte_for_byte_and_odd_rows_are_refused(tmp_path):
+    """A kept row's non-UTF-8 byte came back as U+FFFD; a row that is JSON but not an object, or
+    whose step is not a number, and a metrics.jsonl that is a folder ended the resume in a
+    traceback (found by a stranger's review)."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b'{"step": 1, "note": "caf\xc3\xa9"}\n{"step": 2}\n')
+    write_rows(metrics, split_rows(metrics, 2).kept)
+    assert metrics.read_bytes() == b'{"step": 1, "note": "caf\xc3\xa9"}\n{"step": 2}\n'
+    metrics.write_bytes(b'{"step": 1, "note": "caf\xe9"}\n{"step": 2}\n')  # Latin-1 written by hand
+    with pytest.raises(CheckpointError, match="row 1 is not JSON"):
+        split_rows(metrics, 2)
+    for row in ("[1, 2]", '{"step": "2"}', "7"):
+        metrics.write_text(f'{{"step": 1}}\n{row}\n{{"step": 2}}\n')
+        with pytest.raises(CheckpointError, match="row 2 is not a JSON object with a numeric step"):
+            split_rows(metrics, 2)
+    metrics.unlink()
+    metrics.mkdir()
+    with pytest.raises(CheckpointError, match="metrics.jsonl is not a file; move it away"):
+        split_rows(metrics, 2)
+
+
+def test_the_model_card_passes_over_a_hand_edited_metrics_row(tmp_path):
+    """evaluate.py's card update read a row whose step was a string and ended in a TypeError."""
+    from rlhf.card import read_run_for_card
+
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "step-3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"step": 3}')
+    (run / "config.yaml").write_text("run_name: demo\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.1}\n{"step": "two"}\n[3]\n'
+                                       '{"step": 3, "reward_mean": 0.3}\n{"step": 4, "reward_mean": 0.4}\n')
+    settings, metrics, steps = read_run_for_card(checkpoint)
+    assert settings == {"run_name": "demo"} and metrics["reward_mean"] == 0.3 and steps == 3
