@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rlhf.errors import ConfigError
+
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 # What a reader needs to know to reproduce or judge the run, in this order.
 KEY_SETTINGS = ("advantage_estimator", "policy_loss", "beta", "loss_type", "learning_rate", "num_generations",
@@ -130,20 +132,58 @@ def _algorithm(settings: dict[str, Any]) -> str:
     return f"{str(estimator).upper()} ({loss})" if estimator else "RL"
 
 
+# The run settings that evaluate.py and the model card read back, and the types a run saves them as
+# (RLConfig.to_dict); a hand-edited config.yaml with others is refused, naming the key.
+RUN_SETTING_TYPES: dict[str, tuple[type, ...]] = {
+    "reward_funcs": (list, type(None)), "reward_weights": (list, type(None)), "reward_kwargs": (dict, type(None)),
+    "tools": (list, type(None)), "environment_factory": (str, dict, type(None)),
+    "max_tool_calling_iterations": (int, type(None)), "tool_timeout": (int, float, type(None)),
+    "chat_template": (str, type(None)), "chat_template_kwargs": (dict, type(None)),
+    "model_name_or_path": (str, type(None)), "dataset": (str, type(None)), "run_name": (str, type(None)),
+}
+RUN_LIST_ITEM_TYPES: dict[str, tuple[type, ...]] = {"reward_funcs": (str,), "tools": (str,),
+                                                    "reward_weights": (int, float)}
+
+
 def read_run_settings(adapter_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """(run dir, its config.yaml as data) of the run an adapter dir belongs to (final/ or
-    checkpoints/step-N inside a run dir), or None when there is no readable config.yaml."""
+    checkpoints/step-N inside a run dir), or None when there is no config.yaml. One that is there
+    but unreadable, not a mapping, or with a setting of another type than a run saves is a
+    ConfigError: read as missing, the evaluation would score with another reward and the card
+    lose the run's settings."""
     import yaml
 
     for run_dir in (adapter_dir.parent, adapter_dir.parent.parent):
         config_file = run_dir / "config.yaml"
-        if config_file.is_file():
-            try:
-                settings = yaml.safe_load(config_file.read_text()) or {}
-            except (OSError, UnicodeDecodeError, yaml.YAMLError):
-                return None
-            return run_dir, settings if isinstance(settings, dict) else {}
+        if not config_file.exists():
+            continue
+        try:
+            settings = yaml.safe_load(config_file.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            problem = getattr(exc, "strerror", None) or getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{config_file}: the run's config is unreadable ({problem}); repair it from the run's "
+                              "settings, or move it away to evaluate without them") from None
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{config_file}: the run's config must be a mapping of key: value, got "
+                              f"{type(settings).__name__}; repair it, or move it away to evaluate without it")
+        for key in RUN_SETTING_TYPES.keys() & settings.keys():
+            if not _saved_as_a_run_saves(key, settings[key]):
+                items = " or ".join(t.__name__ for t in RUN_LIST_ITEM_TYPES.get(key, ()))
+                expected = " or ".join("none" if t is type(None) else f"a list of {items}" if t is list and items
+                                       else t.__name__ for t in RUN_SETTING_TYPES[key])
+                raise ConfigError(f"{config_file}: the run's {key} is {settings[key]!r}, not what a run saves "
+                                  f"({expected}); repair that line")
+        return run_dir, settings
     return None
+
+
+def _saved_as_a_run_saves(key: str, value: Any) -> bool:
+    def of(types: tuple[type, ...], item: Any) -> bool:
+        return isinstance(item, types) and not isinstance(item, bool)
+
+    if not of(RUN_SETTING_TYPES[key], value):
+        return False
+    return not isinstance(value, list) or all(of(RUN_LIST_ITEM_TYPES.get(key, (object,)), item) for item in value)
 
 
 def read_run_for_card(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None, int] | None:
@@ -180,7 +220,10 @@ def _checkpoint_step(adapter_dir: Path) -> int | None:
 def run_label(adapter_dir: Path) -> str:
     """The adapter as plots name it: its run (config.yaml's run_name, else the run dir's name)
     and which adapter of the run it is, e.g. "ppo-demo (final)", "ppo (step-3)"."""
-    run = read_run_settings(adapter_dir)
+    try:
+        run = read_run_settings(adapter_dir)
+    except ConfigError:  # a name for plots only: the evaluation refused such a config before
+        run = None
     if run is not None:
         run_dir, settings = run
         name = str(settings.get("run_name") or run_dir.resolve().name)

@@ -373,11 +373,15 @@ def evaluate(
     from accelerate.utils import gather_object
 
     from rlhf import report as reporting
+    from rlhf.card import read_run_settings
     from rlhf.models import check_tokenizer_fits, load_base_model, load_tokenizer, stop_token_ids
 
     _check_settings(checkpoints, include_base, num_samples, max_new_tokens, temperature, top_p, batch_size, num_prompts)
     check_episode_limits(max_tool_calling_iterations, tool_timeout)
     candidates = [resolve_candidate(spec) for spec in checkpoints]
+    for candidate in candidates:  # a damaged run config.yaml is refused before any work (ConfigError)
+        if candidate.adapter_dir is not None:
+            read_run_settings(candidate.adapter_dir)
     base_id = common_base(candidates)
     split = dataset_split or ("eval" if dataset.startswith(BUILTIN_PREFIX) else "train")
     prompts = load_prompt_dataset(dataset, split, prompt_column)

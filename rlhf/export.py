@@ -44,6 +44,7 @@ def export_merged(checkpoint: str | Path, output_dir: str | Path, dtype: str = "
     target = Path(output_dir)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ConfigError(f"output_dir {target} is not empty; choose another or pass --overwrite true")
+    run = read_run_for_card(candidate.adapter_dir)  # a damaged run config.yaml is refused before the merge
     base = load_base_model(candidate.base)
     try:
         merged = PeftModel.from_pretrained(base, str(candidate.adapter_dir)).merge_and_unload()
@@ -72,7 +73,6 @@ def export_merged(checkpoint: str | Path, output_dir: str | Path, dtype: str = "
         shutil.rmtree(staging)
     try:
         merged.save_pretrained(staging, safe_serialization=True)
-        run = read_run_for_card(candidate.adapter_dir)
         evaluation = read_evaluation(candidate.adapter_dir)
         if evaluation is not None:  # measured on the adapter; the card says so
             shutil.copyfile(candidate.adapter_dir / EVALUATION_FILE, staging / EVALUATION_FILE)

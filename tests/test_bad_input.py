@@ -463,7 +463,7 @@ def test_a_corrupted_weights_or_adapter_file_stops_in_one_line(broken, script, f
 def test_files_that_are_not_text_stop_in_one_line_or_are_passed_over(trained_adapter, tiny_model_dir, tmp_path,
                                                                      run_here):
     """A chat template or metrics file that is not text: one line (was a UnicodeDecodeError
-    traceback); a run's config.yaml that is not text only costs the model card its settings."""
+    traceback)."""
     template = tmp_path / "template.jinja"
     template.write_bytes(NOT_TEXT)
     result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--chat_template", str(template)))
@@ -475,11 +475,34 @@ def test_files_that_are_not_text_stop_in_one_line_or_are_passed_over(trained_ada
     (run / "metrics.jsonl").write_text('{"step": 1}\n[1, 2]\n')
     assert_one_line_error(run_here("plot_metrics.py", str(run)), "line 2 is not a JSON object of metrics")
 
-    (run / "config.yaml").write_bytes(NOT_TEXT)
-    result = run_here("evaluate.py", "--checkpoints", str(trained_adapter), "--output_dir", str(tmp_path / "report"),
-                      "--num_prompts", "1", "--num_samples", "1", "--max_new_tokens", "2")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "report" / "report.json").is_file()
+
+@pytest.mark.parametrize("content,fragment", [
+    (NOT_TEXT, "the run's config is unreadable"),
+    (b"- a list\n", "the run's config must be a mapping of key: value, got list"),
+    (b"", "must be a mapping of key: value, got NoneType"),
+    (b"reward_funcs: 5\n", "the run's reward_funcs is 5, not what a run saves (a list of str or none)"),
+    (b"reward_funcs: [sentiment]\nreward_kwargs: [1]\n", "the run's reward_kwargs is [1]"),
+    (b"chat_template: 5\n", "the run's chat_template is 5"),
+])
+@pytest.mark.parametrize("script", ["evaluate.py", "export.py"])
+def test_a_damaged_run_config_stops_evaluation_and_export_before_they_write(content, fragment, script, trained_adapter,
+                                                                            tmp_path, run_here):
+    """evaluate.py read a run config.yaml it could not parse as missing: it scored with the default
+    reward and rewrote the adapter's card as 'RL fine-tune of unknown ... scored by no reward
+    function'; wrong-typed settings ended in tracebacks (found by a stranger's review)."""
+    run = trained_adapter.parent
+    (run / "config.yaml").write_bytes(content)
+    card_before = (trained_adapter / "README.md").read_bytes() if (trained_adapter / "README.md").exists() else None
+    out = tmp_path / "out"
+    if script == "evaluate.py":
+        result = run_here("evaluate.py", "--checkpoints", str(trained_adapter), "--output_dir", str(out),
+                          "--num_prompts", "1", "--num_samples", "1", "--max_new_tokens", "2")
+    else:
+        result = run_here("export.py", "--checkpoint", str(trained_adapter), "--output_dir", str(out))
+    assert_one_line_error(result, f"{run / 'config.yaml'}: ", fragment)
+    assert not out.exists()
+    after = (trained_adapter / "README.md").read_bytes() if (trained_adapter / "README.md").exists() else None
+    assert after == card_before and not (trained_adapter / "evaluation.json").exists()
 
 
 @pytest.mark.parametrize("script", ["train_grpo.py", "train_reward_model.py"])
