@@ -32,7 +32,7 @@ class LearnedReward:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
-        except (OSError, ValueError, SafetensorError) as exc:
+        except (OSError, ValueError, SafetensorError, TypeError, AttributeError) as exc:
             raise RewardError(f"cannot load reward model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
         self._setup(name_or_path, model, tokenizer, device, batch_size, max_length, normalize)
 
@@ -66,7 +66,15 @@ class LearnedReward:
         self.batch_size = batch_size
         self.max_length = max_length
         metadata_path = Path(name_or_path) / METADATA_FILE
-        self.metadata: dict[str, Any] = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
+        self.metadata: dict[str, Any] = {}
+        if metadata_path.exists():  # written by scripts/train_reward_model.py
+            try:
+                self.metadata = json.loads(metadata_path.read_text())
+            except (OSError, ValueError) as exc:
+                raise RewardError(f"cannot read {metadata_path}: {exc}; restore it from the reward model's "
+                                  "training, or delete it (normalize needs it)") from None
+            if not isinstance(self.metadata, dict):
+                raise RewardError(f"{metadata_path} must be a JSON object, got {type(self.metadata).__name__}")
         self.separator = self.metadata.get("prompt_separator", "\n")
         self.normalize = normalize
         if normalize and not {"score_mean", "score_std"} <= self.metadata.keys():

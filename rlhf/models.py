@@ -104,7 +104,7 @@ def load_tokenizer(name_or_path: str | PreTrainedTokenizerBase) -> PreTrainedTok
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError, AttributeError) as exc:  # the last two: a JSON file of another shape
             raise ConfigError(f"cannot load tokenizer for {name_or_path!r}: {str(exc).splitlines()[0]}") from None
     tokenizer.padding_side = "left"
     if tokenizer.eos_token_id is None:
@@ -131,12 +131,16 @@ def stop_token_ids(model: str | nn.Module, tokenizer: PreTrainedTokenizerBase) -
         path = resolve_model_path(model)
         try:
             declared = GenerationConfig.from_pretrained(path).eos_token_id
-        except OSError:
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            written = Path(path) / "generation_config.json"
+            if written.exists():  # there but damaged: read as missing, the model's other stop ids would go unseen
+                raise ConfigError(f"cannot read {written}, which names the model's stop tokens: "
+                                  f"{str(exc).strip().splitlines()[0][:200]}") from None
             declared = None
         if declared is None:
             try:
                 declared = AutoConfig.from_pretrained(path).get_text_config().eos_token_id
-            except (OSError, ValueError):
+            except (OSError, ValueError, TypeError, AttributeError):  # load_base_model says what is wrong
                 declared = None
     else:
         declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -253,7 +257,9 @@ def load_base_model(name_or_path: str, bf16: bool = False) -> nn.Module:
     dtype = torch.bfloat16 if bf16 else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)
-    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or corrupted weights file
+    # SafetensorError: a truncated or corrupted weights file; TypeError, AttributeError: a config.json
+    # that is JSON of another shape (a list, a number)
+    except (OSError, ValueError, SafetensorError, TypeError, AttributeError) as exc:
         raise ConfigError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
     disable_dropout(model)
     from rlhf.distributed import local_process_count

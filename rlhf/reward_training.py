@@ -79,7 +79,7 @@ def train_reward_model(config: RewardModelConfig) -> dict[str, float]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(backbone)
         model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
-    except (OSError, ValueError, SafetensorError) as exc:
+    except (OSError, ValueError, SafetensorError, TypeError, AttributeError) as exc:
         raise ConfigError(f"cannot load reward backbone {config.model_name_or_path!r}: {str(exc).splitlines()[0]}") from None
     # BERT-style tokenizers have no EOS; TRL appends one to every text ("Adding EOS"), so use [SEP].
     if tokenizer.eos_token is None:

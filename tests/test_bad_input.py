@@ -520,3 +520,37 @@ def test_a_reward_model_with_corrupted_weights_stops_in_one_line(script, tiny_re
         args = ["--model_name_or_path", str(reward_model), "--output_dir", str(tmp_path / "out"), "--max_steps", "1"]
         fragment = f"cannot load reward backbone '{reward_model}'"
     assert_one_line_error(run_here(script, *args), fragment, "deserializing header")
+
+
+@pytest.mark.parametrize("name,content,fragment", [
+    ("config.json", b"[1, 2]", "cannot load"),
+    ("config.json", b"7", "cannot load"),
+    ("tokenizer_config.json", b"[1, 2]", "cannot load tokenizer"),
+    ("generation_config.json", b"[1, 2]", "generation_config.json, which names the model's stop tokens"),
+    ("generation_config.json", NOT_TEXT, "generation_config.json, which names the model's stop tokens"),
+])
+def test_a_model_dir_with_a_damaged_config_file_stops_in_one_line(name, content, fragment, tiny_model_dir, tmp_path,
+                                                                  run_here):
+    """JSON of another shape ended in a TypeError/AttributeError traceback from transformers; a
+    damaged generation_config.json was read as missing, so its extra stop ids (Llama-3's
+    <|eot_id|>) silently went unseen (found by a stranger's review)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    if name == "generation_config.json" and not (model / name).exists():
+        (model / name).write_text('{"eos_token_id": [2, 3]}')
+    (model / name).write_bytes(content)
+    assert_one_line_error(run_here("train_grpo.py", *tiny_args(model, tmp_path / "out")), fragment)
+
+
+@pytest.mark.parametrize("content", [NOT_TEXT, b"[1]", b""])
+def test_a_reward_model_with_damaged_calibration_stops_in_one_line(content, tiny_reward_backbone, tiny_model_dir,
+                                                                   tmp_path, run_here):
+    import shutil
+
+    reward_model = tmp_path / "reward_model"
+    shutil.copytree(tiny_reward_backbone, reward_model)
+    (reward_model / "rlhf_reward_model.json").write_bytes(content)
+    args = [*tiny_args(tiny_model_dir, tmp_path / "out")[:-2], "--reward_funcs", str(reward_model)]
+    assert_one_line_error(run_here("train_grpo.py", *args), "rlhf_reward_model.json")
