@@ -88,9 +88,12 @@ def train_all(names: list[str], scripts: dict[str, str], output_dir: Path, max_s
 
 
 def seconds_per_step(run_dir: Path) -> float:
-    """Median wall time of the run's steps (metrics.jsonl step_time_s): robust to a busy moment."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    times = [row["step_time_s"] for row in rows if row.get("step_time_s") is not None]
+    """Median wall time of the run's steps (metrics.jsonl step_time_s): robust to a busy moment.
+    A damaged metrics.jsonl is a DataError (one line; rlhf.plots.read_metrics)."""
+    from rlhf.plots import read_metrics
+
+    times = [row["step_time_s"] for row in read_metrics(run_dir)
+             if isinstance(row.get("step_time_s"), (int, float)) and not isinstance(row["step_time_s"], bool)]
     return statistics.median(times) if times else math.nan
 
 
@@ -111,6 +114,7 @@ def compare(names: list[str] | None = None, *, output_dir: str = "outputs/compar
     task = ["--dataset", "builtin:prompts", "--reward_funcs", "sentiment", "--max_new_tokens", str(max_new_tokens),
             "--seed", str(seed), *(task_flags or [])]
     runs = train_all(names, scripts, out, max_steps, task, runner, reuse)
+    step_seconds = {name: seconds_per_step(run_dir) for name, run_dir in runs.items()}  # a damaged log stops it here
     finals = {name: str(run_dir / "final") for name, run_dir in runs.items()}
     report = evaluate(list(finals.values()), "builtin:prompts", ["sentiment"], str(out / "eval"), include_base=True,
                       num_samples=eval_num_samples, max_new_tokens=max_new_tokens, seed=seed,
@@ -122,7 +126,7 @@ def compare(names: list[str] | None = None, *, output_dir: str = "outputs/compar
     for name, final in finals.items():
         numbers = report["checkpoints"][final]
         rows.append({"config": name, "script": scripts[name], "reward": numbers["reward"], "gain": gains[final],
-                     "kl_per_sequence": numbers["kl_per_sequence"], "seconds_per_step": seconds_per_step(runs[name])})
+                     "kl_per_sequence": numbers["kl_per_sequence"], "seconds_per_step": step_seconds[name]})
     result = {"settings": {"max_steps": max_steps, "task_flags": task, "eval_num_prompts": report["settings"]["num_prompts"],
                            "eval_num_samples": eval_num_samples, "max_new_tokens": max_new_tokens, "seed": seed,
                            "eval_split": "eval"},

@@ -95,7 +95,7 @@ def _adapter_base(adapter_dir: Path) -> str:
     except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
         raise CheckpointError(f"cannot read {adapter_dir / ADAPTER_CONFIG}: {exc}") from None
     base = settings.get("base_model_name_or_path") if isinstance(settings, dict) else None
-    if not base:
+    if not base or not isinstance(base, str):
         raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG} does not name its base model")
     from rlhf.models import EMBEDDED_MODEL
 

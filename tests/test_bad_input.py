@@ -554,3 +554,27 @@ def test_a_reward_model_with_damaged_calibration_stops_in_one_line(content, tiny
     (reward_model / "rlhf_reward_model.json").write_bytes(content)
     args = [*tiny_args(tiny_model_dir, tmp_path / "out")[:-2], "--reward_funcs", str(reward_model)]
     assert_one_line_error(run_here("train_grpo.py", *args), "rlhf_reward_model.json")
+
+
+def test_a_reused_runs_damaged_metrics_stop_the_comparison_in_one_line(tmp_path):
+    """compare_algorithms.py --reuse read a reused run's metrics.jsonl after the whole evaluation
+    and ended in a traceback there; rlhf.compare now reads it before the evaluation, checked."""
+    from rlhf.compare import seconds_per_step
+    from rlhf.errors import DataError
+
+    run = tmp_path / "ppo"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "step_time_s": 2.0}\n{"step": 2, "step_time_s": 4.0}\n')
+    assert seconds_per_step(run) == 3.0
+    for content, fragment in ((NOT_TEXT, "is not UTF-8 text"), (b"[1]\n", "line 1 is not a JSON object"),
+                              (b'{"step": 1, "step_t\n{"step": 2}\n', "line 1 is not valid JSON")):
+        (run / "metrics.jsonl").write_bytes(content)
+        with pytest.raises(DataError, match=fragment):
+            seconds_per_step(run)
+
+
+def test_an_adapter_config_whose_base_is_not_a_name_is_refused(trained_adapter, tmp_path, run_here):
+    config = trained_adapter / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": 5}))
+    result = run_here("export.py", "--checkpoint", str(trained_adapter), "--output_dir", str(tmp_path / "out"))
+    assert_one_line_error(result, "adapter_config.json does not name its base model")
