@@ -255,10 +255,10 @@ def check_bf16(device: torch.device) -> None:
 
 def load_base_model(name_or_path: str, bf16: bool = False) -> nn.Module:
     dtype = torch.bfloat16 if bf16 else torch.float32
-    try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)
     # SafetensorError: a truncated or corrupted weights file; TypeError, AttributeError: a config.json
     # that is JSON of another shape (a list, a number)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)
     except (OSError, ValueError, SafetensorError, TypeError, AttributeError) as exc:
         raise ConfigError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
     disable_dropout(model)
