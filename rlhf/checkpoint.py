@@ -374,6 +374,15 @@ def check_output_dir(output_dir: Path, process_index: int, resuming: bool, overw
     except OSError as exc:
         raise ConfigError(f"output_dir {output_dir} is not writable ({exc.strerror or exc}); "
                           "choose another --output_dir") from None
+    # what the run writes, of the kind it writes it: a folder where a file goes (or the other way
+    # round) would fail mid-start, some of it already written
+    for name, folder in (("run.json", False), ("config.yaml", False), ("metrics.jsonl", False),
+                         ("samples.jsonl", False), (".run.lock", False), ("abandoned", True),
+                         ("checkpoints", True), ("final", True)):
+        path = output_dir / name
+        if path.exists() and path.is_dir() != folder:
+            raise ConfigError(f"output_dir {output_dir}: {name} is a {'file' if folder else 'folder'}, where the run "
+                              f"keeps its {'folder' if folder else 'file'} of that name; move it away")
     existing = [p for p in ("metrics.jsonl", "samples.jsonl", "final", "checkpoints") if (output_dir / p).exists()]
     if existing and not resuming and not overwrite:
         raise ConfigError(

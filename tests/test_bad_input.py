@@ -578,3 +578,27 @@ def test_an_adapter_config_whose_base_is_not_a_name_is_refused(trained_adapter, 
     config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": 5}))
     result = run_here("export.py", "--checkpoint", str(trained_adapter), "--output_dir", str(tmp_path / "out"))
     assert_one_line_error(result, "adapter_config.json does not name its base model")
+
+
+@pytest.mark.parametrize("name,folder", [("run.json", True), ("config.yaml", True), (".run.lock", True),
+                                         ("metrics.jsonl", True), ("abandoned", False), ("checkpoints", False)])
+def test_an_output_dir_entry_of_the_wrong_kind_stops_before_anything_is_written(name, folder, tiny_model_dir, tmp_path,
+                                                                                 run_here):
+    """A folder where the run writes a file (or a file where it keeps a folder) ended the start in
+    IsADirectoryError / NotADirectoryError, some of it after run.json was rewritten (found by a
+    stranger's review)."""
+    out = tmp_path / "out"
+    assert run_here("train_grpo.py", *tiny_args(tiny_model_dir, out, "--save_steps", "1")).returncode == 0
+    path = out / name
+    if path.is_dir():
+        import shutil
+
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    path.mkdir() if folder else path.write_text("")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "3", "--resume_from_checkpoint",
+                                                  "latest"))
+    assert_one_line_error(result, f"{name} is a {'folder' if folder else 'file'}, where the run keeps its")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
