@@ -201,13 +201,15 @@ def _rotate(checkpoints_dir: Path, total_limit: int | None) -> None:
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
-    """Complete checkpoints (those with trainer_state.json), oldest first."""
+    """The ``step-N`` checkpoints, oldest first. Saves are staged and renamed into place, so every
+    one was complete when written; one whose trainer_state.json is gone or damaged is listed, so
+    that resuming it reports the damage and a save never silently replaces it (``lineage``)."""
     if not checkpoints_dir.is_dir():
         return []
     found = []
     for path in checkpoints_dir.iterdir():
         match = CHECKPOINT_PATTERN.match(path.name)
-        if match and (path / TRAINER_STATE).is_file():
+        if match:
             found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found)]
 
@@ -219,7 +221,7 @@ def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
             raise CheckpointError(f"resume_from_checkpoint=latest but {output_dir / 'checkpoints'} has no complete checkpoint")
         return checkpoints[-1]
     path = Path(spec)
-    if not (path / TRAINER_STATE).is_file():
+    if not (path / TRAINER_STATE).exists():
         raise CheckpointError(f"{spec} is not a complete checkpoint (no {TRAINER_STATE}); use a checkpoints/step-N dir or 'latest'")
     return path
 
@@ -229,8 +231,13 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     try:
         state = json.loads((path / TRAINER_STATE).read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupted: {TRAINER_STATE} unreadable ({exc})") from None
+        raise CheckpointError(f"checkpoint {path} is corrupted: {TRAINER_STATE} unreadable ({exc}); restore it or "
+                              "resume from another checkpoint with --resume_from_checkpoint DIR") from None
     _check_trainer_state(state, path / TRAINER_STATE)
+    named = CHECKPOINT_PATTERN.match(path.name)
+    if named and int(named.group(1)) != state["step"]:  # a copied or edited state: the resume would skip or redo steps
+        raise CheckpointError(f"{path / TRAINER_STATE} is invalid: step is {state['step']} in the checkpoint of "
+                              f"step {named.group(1)}; restore the file or resume from another checkpoint")
     return state
 
 
@@ -324,7 +331,7 @@ def _check_trainer_state(state: Any, file: Path) -> None:
     skips = state.get("consecutive_skips", 0)
     if not is_int(skips) or skips < 0:
         refuse(f"consecutive_skips must be an integer >= 0, got {skips!r}")
-    for key, fields in (("kl_controller", {"value": is_number}),
+    for key, fields in (("kl_controller", {"value": lambda v: is_number(v) and v >= 0}),
                         ("baseline", {"value": is_number, "initialized": lambda v: isinstance(v, bool)}),
                         ("sampler", {"epoch": lambda v: is_int(v) and v >= 0, "position": lambda v: is_int(v) and v >= 0})):
         entry = state[key]
@@ -332,7 +339,7 @@ def _check_trainer_state(state: Any, file: Path) -> None:
             refuse(f"{key} must be a JSON object, got {type(entry).__name__}")
         for name, ok in fields.items():
             if name not in entry or not ok(entry[name]):
-                refuse(f"{key}.{name} is missing or of the wrong type ({entry.get(name)!r})")
+                refuse(f"{key}.{name} is missing, of the wrong type or out of range ({entry.get(name)!r})")
     if "entropy_controller" in state:  # adaptive entropy control (use_adaptive_entropy)
         entry = state["entropy_controller"]
         if not isinstance(entry, dict) or not is_number(entry.get("value")) or not (

@@ -229,3 +229,23 @@ def test_a_damaged_checkpoint_after_the_resumed_step_is_set_aside_not_saved_over
         lineage.plan_start(out, "latest")
     start = lineage.plan_start(out, str(out / "checkpoints" / "step-2"))
     assert [path.name for path in start.off_branch] == ["step-3"]
+
+
+@pytest.mark.parametrize("damage", ["folder", "missing"])
+def test_a_checkpoint_without_a_readable_state_file_is_reported_not_saved_over(tmp_path, damage):
+    """step-3's trainer_state.json a folder (or gone): the checkpoint was not listed at all, so
+    `latest` silently resumed step-2 and the save of step 3 replaced it (a stranger's review). Now
+    `latest` reports it, and an explicit resume of step-2 sets it aside."""
+    out = tmp_path / "run"
+    first = lineage.Lineage("run-a", [["seg-1", 0]])
+    for step in (1, 2, 3):
+        fake_checkpoint(out, step, first)
+    lineage.write_record(out, first)
+    state_file = out / "checkpoints" / "step-3" / "trainer_state.json"
+    state_file.unlink()
+    if damage == "folder":
+        state_file.mkdir()
+    with pytest.raises(CheckpointError, match="step-3 is corrupted: trainer_state.json unreadable .*resume from another"):
+        lineage.plan_start(out, "latest")
+    start = lineage.plan_start(out, str(out / "checkpoints" / "step-2"))
+    assert [path.name for path in start.off_branch] == ["step-3"]

@@ -131,6 +131,10 @@ def test_hand_edited_resume_files_exit_2(tiny_model_dir, tmp_path, run_here):
         (lambda s: {k: v for k, v in s.items() if k != "sampler"}, "no 'sampler' entry"),
         (lambda s: {**s, "step": "two"}, "step must be an integer >= 0"),
         (lambda s: {**s, "kl_controller": {"value": "big"}}, "kl_controller.value"),
+        # in range too: a negative coefficient rewards drifting from the reference; a step other than
+        # the checkpoint's own skips (1e6 "finished" at once) or redoes steps
+        (lambda s: {**s, "kl_controller": {"value": -1e30}}, "kl_controller.value is missing, of the wrong type or out of range"),
+        (lambda s: {**s, "step": 1000000}, "step is 1000000 in the checkpoint of step 2"),
         (lambda s: {**s, "sampler": {"epoch": 0}}, "sampler.position"),
         (lambda s: {**s, "python_rng": [3, [1, 2], None]}, "python_rng"),
     ):
