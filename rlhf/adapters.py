@@ -19,8 +19,11 @@ one of them adapts gets zeros in the other's block. The layout written next to i
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftConfig
@@ -37,6 +40,61 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 # Saved LoRA tensors of linear (and conv) layers and of embeddings: rank is dim 0 of A, dim 1 of B.
 _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B"}
+
+
+def read_adapter_config(adapter_dir: Path, subject: str) -> dict[str, Any]:
+    """adapter_config.json of ``adapter_dir``, read and checked (``check_adapter_config``)."""
+    import json
+
+    file = adapter_dir / "adapter_config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{subject} is not a PEFT adapter dir (no adapter_config.json)")
+    try:
+        settings = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
+        raise CheckpointError(f"cannot read {file}: {exc}") from None
+    check_adapter_config(settings, file)
+    return settings
+
+
+def check_adapter_config(settings: Any, file: Path) -> None:
+    """The adapter_config.json settings peft uses without checking their type: a hand-edited
+    ``"r": "abc"`` ends in a TypeError deep in peft's layer code, a missing peft_type in a bare
+    KeyError. One line naming the file and the setting instead (CheckpointError)."""
+    def refuse(what: str) -> None:
+        raise CheckpointError(f"{file}: {what}; restore the file (it is the adapter's, written by peft)")
+
+    def is_number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not isinstance(settings, dict):
+        refuse(f"expected a JSON object, got {type(settings).__name__}")
+    if not isinstance(settings.get("peft_type"), str):
+        refuse(f"peft_type must name a PEFT method (e.g. \"LORA\"), got {settings.get('peft_type')!r}")
+    if settings["peft_type"].upper() != "LORA":
+        return  # other methods: peft's own checks (LoRA on top refuses them where it matters)
+    rank = settings.get("r", 8)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        refuse(f"r must be a positive integer, got {rank!r}")
+    for name in ("lora_alpha", "lora_dropout"):
+        if name in settings and not is_number(settings[name]):
+            refuse(f"{name} must be a number, got {settings[name]!r}")
+    targets = settings.get("target_modules")
+    if not (targets is None or isinstance(targets, str)
+            or (isinstance(targets, list) and all(isinstance(name, str) for name in targets))):
+        refuse(f"target_modules must be a module name or a list of them, got {targets!r}")
+
+
+@contextmanager
+def adapter_load_errors(subject: str, mismatch: str) -> Iterator[None]:
+    """peft loading ``subject`` (an adapter dir, named as the user gave it): its errors as one line.
+    ``mismatch`` says what a shape or key mismatch means for this caller."""
+    try:
+        yield
+    except SafetensorError as exc:
+        raise CheckpointError(f"{subject} is corrupted: its {ADAPTER_WEIGHTS} is unreadable ({exc})") from None
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{subject} {mismatch}: {str(exc).strip().splitlines()[0][:200]}") from None
 
 
 @dataclass
@@ -77,8 +135,7 @@ def read_init_adapter(adapter_dir: str) -> SavedLora:
     """The init adapter's config and weights, refused (CheckpointError) where concatenation could
     not reproduce it exactly: another PEFT method, DoRA, trained biases or full modules, per-module alphas."""
     path = Path(adapter_dir)
-    if not (path / "adapter_config.json").is_file():
-        raise CheckpointError(f"init_adapter {adapter_dir} is not a PEFT adapter dir (no adapter_config.json)")
+    read_adapter_config(path, f"init_adapter {adapter_dir}")
     try:
         config = PeftConfig.from_pretrained(str(path))
         weights = load_peft_weights(str(path), device="cpu")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import re
 import warnings
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
-from rlhf.adapters import ADAPTER_WEIGHTS, INIT_ADAPTER_DIR
+from rlhf.adapters import ADAPTER_WEIGHTS, INIT_ADAPTER_DIR, adapter_load_errors, read_adapter_config
 from rlhf.algorithms import kl_penalty
 from rlhf.config import check_episode_limits
 from rlhf.data import BUILTIN_PREFIX, check_room_for_prompt, format_prompt, load_prompt_dataset, prompt_token_lengths
@@ -90,11 +89,8 @@ def _looks_like_hub_id(spec: str) -> bool:
 
 
 def _adapter_base(adapter_dir: Path) -> str:
-    try:
-        settings = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
-        raise CheckpointError(f"cannot read {adapter_dir / ADAPTER_CONFIG}: {exc}") from None
-    base = settings.get("base_model_name_or_path") if isinstance(settings, dict) else None
+    settings = read_adapter_config(adapter_dir, f"adapter {adapter_dir}")
+    base = settings.get("base_model_name_or_path")
     if not base or not isinstance(base, str):
         raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG} does not name its base model")
     from rlhf.models import EMBEDDED_MODEL
@@ -497,25 +493,18 @@ def evaluate(
 def _attach_adapters(base_model: Any, candidates: list[Candidate]) -> tuple[Any, dict[str, str]]:
     """One PeftModel holding every adapter by name; the base weights are loaded once."""
     from peft import PeftModel
-    from safetensors import SafetensorError
 
     names: dict[str, str] = {}
     peft_model = None
     for i, candidate in enumerate(c for c in candidates if c.adapter_dir is not None):
         name = f"candidate{i}"
-        try:
+        with adapter_load_errors(f"adapter {candidate.label}", "does not fit its base model"):
             if peft_model is None:
                 peft_model = PeftModel.from_pretrained(base_model, str(candidate.adapter_dir), adapter_name=name)
             else:
                 peft_model.load_adapter(str(candidate.adapter_dir), adapter_name=name)
             if candidate.reference_dir is not None:
                 peft_model.load_adapter(str(candidate.reference_dir), adapter_name=name + REFERENCE_SUFFIX)
-        except SafetensorError as exc:
-            raise CheckpointError(f"adapter {candidate.label} is corrupted: its {ADAPTER_WEIGHTS} is unreadable "
-                                  f"({exc})") from None
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"adapter {candidate.label} does not fit its base model: "
-                                  f"{str(exc).strip().splitlines()[0][:200]}") from None
         names[candidate.label] = name
     if peft_model is not None:
         peft_model.eval()

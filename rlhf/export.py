@@ -29,9 +29,9 @@ def export_merged(checkpoint: str | Path, output_dir: str | Path, dtype: str = "
                   overwrite: bool = False) -> Path:
     """Write the merged model to ``output_dir`` (atomically: a staging dir renamed at the end)."""
     from peft import PeftModel
-    from safetensors import SafetensorError
     from transformers import GenerationConfig
 
+    from rlhf.adapters import adapter_load_errors
     from rlhf.checkpoint import publish
     from rlhf.evaluate import resolve_candidate
     from rlhf.models import load_base_model, load_tokenizer, resolve_model_path, stop_token_ids
@@ -46,14 +46,8 @@ def export_merged(checkpoint: str | Path, output_dir: str | Path, dtype: str = "
         raise ConfigError(f"output_dir {target} is not empty; choose another or pass --overwrite true")
     run = read_run_for_card(candidate.adapter_dir)  # a damaged run config.yaml is refused before the merge
     base = load_base_model(candidate.base)
-    try:
+    with adapter_load_errors(f"adapter {candidate.adapter_dir}", f"does not fit its base {candidate.base!r}"):
         merged = PeftModel.from_pretrained(base, str(candidate.adapter_dir)).merge_and_unload()
-    except SafetensorError as exc:
-        raise CheckpointError(f"adapter {candidate.adapter_dir} is corrupted: its adapter_model.safetensors is "
-                              f"unreadable ({exc})") from None
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"adapter {candidate.adapter_dir} does not fit its base {candidate.base!r}: "
-                              f"{str(exc).strip().splitlines()[0][:200]}") from None
     merged = merged.to(DTYPES[dtype])
     has_tokenizer = (candidate.adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(candidate.adapter_dir) if has_tokenizer else candidate.base)

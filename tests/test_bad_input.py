@@ -602,3 +602,31 @@ def test_an_output_dir_entry_of_the_wrong_kind_stops_before_anything_is_written(
                                                   "latest"))
     assert_one_line_error(result, f"{name} is a {'folder' if folder else 'file'}, where the run keeps its")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    ({"r": "abc"}, "adapter_config.json: r must be a positive integer, got 'abc'"),
+    ({"r": 0}, "adapter_config.json: r must be a positive integer, got 0"),
+    ({"lora_alpha": "x"}, "adapter_config.json: lora_alpha must be a number, got 'x'"),
+    ({"target_modules": 5}, "adapter_config.json: target_modules must be a module name or a list of them, got 5"),
+    ({"peft_type": None}, "adapter_config.json: peft_type must name a PEFT method"),
+])
+@pytest.mark.parametrize("script", ["evaluate.py", "export.py", "init_adapter"])
+def test_an_adapter_config_setting_of_the_wrong_type_is_one_line(edit, fragment, script, trained_adapter, tiny_model_dir,
+                                                                  tmp_path, run_here):
+    """A hand-edited adapter_config.json: peft's TypeError (`"r": "abc"`) or KeyError ('peft_type')
+    surfaced as a traceback or as a raw key name (found by a stranger's review)."""
+    config = trained_adapter / "adapter_config.json"
+    settings = {**json.loads(config.read_text()), **edit}
+    config.write_text(json.dumps({k: v for k, v in settings.items() if v is not None}))
+    out = tmp_path / "out"
+    if script == "evaluate.py":
+        result = run_here("evaluate.py", "--checkpoints", str(trained_adapter), "--output_dir", str(out),
+                          "--num_prompts", "1", "--num_samples", "1", "--max_new_tokens", "2")
+    elif script == "export.py":
+        result = run_here("export.py", "--checkpoint", str(trained_adapter), "--output_dir", str(out))
+    else:
+        result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, out, "--init_adapter", str(trained_adapter)))
+    assert_one_line_error(result, fragment)
+    assert not (out / "report.json").exists() and not (out / "metrics.jsonl").exists()
+    assert not (out / "model.safetensors").exists()
