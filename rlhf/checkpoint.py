@@ -368,11 +368,13 @@ def decode_python_rng(state: list) -> tuple:
     return (version, tuple(internal), gauss)
 
 
-def check_output_dir(output_dir: Path, process_index: int, resuming: bool, overwrite: bool) -> None:
+def check_output_dir(output_dir: Path, process_index: int, resuming: bool, overwrite: bool) -> Path | None:
     """Fail before the first step's compute when output_dir is not writable, and never write
-    over another run's results (a resumed run continues its own)."""
+    over another run's results (a resumed run continues its own). Returns the outermost dir it
+    created (None: output_dir was there), for ``remove_created_dirs`` if the start is refused."""
     from rlhf.errors import ConfigError
 
+    created = next((path for path in reversed([output_dir, *output_dir.parents]) if not path.exists()), None)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / f".write-test-{process_index}"
@@ -396,6 +398,21 @@ def check_output_dir(output_dir: Path, process_index: int, resuming: bool, overw
             f"output_dir {output_dir} already holds a run ({', '.join(existing)}); choose another output_dir, "
             "resume it with --resume_from_checkpoint latest, or pass --overwrite_output_dir true"
         )
+    return created
+
+
+def remove_created_dirs(output_dir: Path, created: Path | None) -> None:
+    """A start refused after ``check_output_dir`` made output_dir (a model that cannot load, a
+    missing dataset) leaves no empty dirs behind: output_dir and the parents it made, while empty."""
+    if created is None:
+        return
+    for path in [output_dir, *output_dir.parents]:
+        try:
+            path.rmdir()  # only an empty dir; another process may be writing into it
+        except OSError:
+            return
+        if path == created:
+            return
 
 
 OPTIMIZER_SETTINGS = ("learning_rate", "value_learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps")

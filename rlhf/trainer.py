@@ -174,6 +174,7 @@ class RLTrainer:
         self._stops_keeping_freed_memory = not keeping_freed_memory()
         if accelerator.device.type == "cpu":
             keep_freed_memory()  # the update's large buffers are reused, not faulted in afresh
+        created_dir = None  # output_dir and the parents this start made (removed again if it is refused)
         try:
             self.reducer = Reducer(accelerator)
             config.check_world_size(accelerator.num_processes)
@@ -182,8 +183,8 @@ class RLTrainer:
             # Sequences per forward pass on this process (the no-grad passes use it too).
             self.micro_batch_size = config.mini_batch_size // (accelerator.num_processes * config.gradient_accumulation_steps)
             configure_sharding(accelerator, config, self.micro_batch_size, updater.needs["unsharded_weights"])
-            ckpt.check_output_dir(self.output_dir, accelerator.process_index, bool(config.resume_from_checkpoint),
-                                  config.overwrite_output_dir)
+            created_dir = ckpt.check_output_dir(self.output_dir, accelerator.process_index,
+                                                bool(config.resume_from_checkpoint), config.overwrite_output_dir)
             set_seed(config.seed + accelerator.process_index * RANK_SEED_STRIDE)
 
             self.dataset = load_prompt_dataset(config.dataset, config.dataset_split, config.prompt_column,
@@ -234,6 +235,7 @@ class RLTrainer:
         except BaseException:
             # a trainer that cannot be built hands the switches back too (a notebook goes on with glibc's default)
             release_freed_memory(stop_keeping=self._stops_keeping_freed_memory)
+            ckpt.remove_created_dirs(self.output_dir, created_dir)
             raise
 
     @property

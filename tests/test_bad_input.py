@@ -630,3 +630,17 @@ def test_an_adapter_config_setting_of_the_wrong_type_is_one_line(edit, fragment,
     assert_one_line_error(result, fragment)
     assert not (out / "report.json").exists() and not (out / "metrics.jsonl").exists()
     assert not (out / "model.safetensors").exists()
+
+
+def test_a_refused_start_leaves_no_empty_output_dir_behind(tiny_model_dir, tmp_path, run_here):
+    """The writability probe made output_dir (and its parents) before the model and dataset were
+    read; a start refused there left them behind, empty (found by a stranger's review). A dir
+    that was there before stays."""
+    made = tmp_path / "runs" / "new" / "out"
+    result = run_here("train_grpo.py", *tiny_args(tmp_path / "no-model", made))
+    assert_one_line_error(result, "cannot load model")
+    assert not (tmp_path / "runs").exists()
+    made.mkdir(parents=True)
+    result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, made, "--dataset", str(tmp_path / "none.jsonl")))
+    assert_one_line_error(result, "dataset not found")
+    assert made.is_dir()
