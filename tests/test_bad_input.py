@@ -644,3 +644,12 @@ def test_a_refused_start_leaves_no_empty_output_dir_behind(tiny_model_dir, tmp_p
     result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, made, "--dataset", str(tmp_path / "none.jsonl")))
     assert_one_line_error(result, "dataset not found")
     assert made.is_dir()
+
+
+def test_a_missing_local_reward_backbone_is_named_as_a_path(tmp_path, run_here):
+    """Was transformers' "Repo id must be in the form 'repo_name' or 'namespace/repo_name'" for a
+    path that does not exist (the policy model's loader already said what is missing)."""
+    missing = tmp_path / "no-backbone"
+    result = run_here("train_reward_model.py", "--model_name_or_path", str(missing), "--output_dir",
+                      str(tmp_path / "out"), "--max_steps", "1")
+    assert_one_line_error(result, f"cannot load reward backbone '{missing}': no such local dir")
