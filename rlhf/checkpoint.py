@@ -304,6 +304,26 @@ def _verify_state_files(state_dir: Path, process_index: int) -> None:
         if damaged:
             raise CheckpointError(f"checkpoint {state_dir.parent} is corrupted: optimizer/RNG state unreadable "
                                   f"({file.name}: {damaged}); resume from another checkpoint")
+    _check_rng_state(rng_file)
+
+
+def _check_rng_state(rng_file: Path) -> None:
+    """Load the RNG states the way Accelerate's load_state does (which logs and skips one it cannot
+    set, e.g. another state file copied over it) and set them on throwaway generators."""
+    import random
+
+    import numpy
+    from accelerate.utils import load
+
+    try:
+        states = load(rng_file)
+        random.Random().setstate(states["random_state"])
+        numpy.random.RandomState().set_state(states["numpy_random_seed"])
+        torch.Generator().set_state(states["torch_manual_seed"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"checkpoint {rng_file.parent.parent} is corrupted: optimizer/RNG state unreadable "
+                              f"({rng_file.name} is not an RNG state: {type(exc).__name__} {str(exc)[:100]}); "
+                              "resume from another checkpoint") from None
 
 
 def _check_trainer_state(state: Any, file: Path) -> None:

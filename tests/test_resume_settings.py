@@ -127,3 +127,12 @@ def test_a_missing_or_damaged_rng_state_is_refused(tiny_model_dir, tmp_path, run
     missing = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "3",
                                                   "--resume_from_checkpoint", "latest"))
     assert missing.returncode == 2 and "random_states_0.pkl, this process's RNG state, is missing" in missing.stderr
+    # a complete archive that is not an RNG state (another file of the checkpoint copied over it):
+    # Accelerate skipped it with a log line, and the resume was not the uninterrupted run's
+    import shutil
+
+    shutil.copyfile(state.parent / "optimizer.bin", state)
+    swapped = run_here("train_ppo.py", *tiny_args(tiny_model_dir, out, "--max_steps", "3",
+                                                  "--resume_from_checkpoint", "latest"))
+    assert swapped.returncode == 2, swapped.stderr[-1500:]
+    assert "random_states_0.pkl is not an RNG state" in swapped.stderr.strip().splitlines()[-1]
