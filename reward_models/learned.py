@@ -88,21 +88,32 @@ class LearnedReward:
             messages = _as_messages(prompt, "user") + _as_messages(completion, "assistant")
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         eos = self.tokenizer.eos_token or ""
-        prompt_text = prompt if isinstance(prompt, str) else "\n".join(content_text(m.get("content")) for m in prompt)
-        return prompt_text + self.separator + completion_text(completion) + eos
+        return plain_prompt(prompt) + self.separator + completion_text(completion) + eos
+
+    def encode(self, texts: list[str]) -> Any:
+        """``format``'s texts as token ids, as TRL's RewardTrainer tokenised them in training: text
+        from a chat template as it is (the template writes its special tokens; ``tokenize=True``
+        adds none), plain text with the tokenizer's special tokens ([CLS]/[SEP], a BOS)."""
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
+                              add_special_tokens=not self.tokenizer.chat_template)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str | Messages], completions: list[str | Messages], **columns: Any) -> list[float]:
         texts = [self.format(p, c) for p, c in zip(prompts, completions)]
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
-            encoded = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt").to(self.device)
+            encoded = self.encode(texts[start:start + self.batch_size]).to(self.device)
             scores.extend(self.model(**encoded).logits[:, 0].float().tolist())
         if self.normalize:
             mean, std = self.metadata["score_mean"], self.metadata["score_std"]
             scores = [(s - mean) / max(std, 1e-6) for s in scores]
         return scores
+
+
+def plain_prompt(prompt: str | Messages) -> str:
+    """A prompt as the text a reward model without a chat template reads: a message list's
+    contents joined by newlines."""
+    return prompt if isinstance(prompt, str) else "\n".join(content_text(m.get("content")) for m in prompt)
 
 
 def _as_messages(text_or_messages: str | Messages, role: str) -> Messages:

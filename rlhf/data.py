@@ -89,18 +89,66 @@ def _pick_split(loaded: Any, split: str, where: str) -> datasets.Dataset:
 
 
 def load_preference_dataset(spec: str, split: str = "train") -> datasets.Dataset:
-    """Preference pairs with string columns prompt, chosen, rejected (TRL's standard format)."""
+    """Preference pairs in any of TRL's preference formats, returned with an explicit prompt
+    (columns prompt, chosen, rejected, nothing else):
+
+    - standard, explicit prompt: ``{"prompt": str, "chosen": str, "rejected": str}``
+    - conversational, explicit prompt: ``prompt`` a list of messages, ``chosen`` / ``rejected`` the
+      assistant's messages
+    - implicit prompt (no prompt column, or a text prompt beside conversational replies): the
+      shared beginning of chosen and rejected is the prompt, as TRL's ``maybe_extract_prompt``
+      finds it (``trl-lib/ultrafeedback_binarized``, ``Anthropic/hh-rlhf`` style)
+    """
+    from trl.data_utils import maybe_extract_prompt
+
     dataset = _load_any(spec, split)
-    missing = [c for c in PREFERENCE_COLUMNS if c not in dataset.column_names]
+    missing = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
     if missing:
-        raise DataError(f"preference dataset {spec} lacks column(s) {', '.join(missing)}; it needs prompt, chosen, rejected")
+        raise DataError(f"preference dataset {spec} lacks column(s) {', '.join(missing)}; it needs chosen and rejected, "
+                        "and prompt unless both begin with it (TRL's preference formats)")
     if len(dataset) == 0:
         raise DataError(f"preference dataset {spec} has no rows")
-    for index, row in enumerate(dataset.select_columns(list(PREFERENCE_COLUMNS))):
-        bad = [c for c in PREFERENCE_COLUMNS if not isinstance(row[c], str) or not row[c].strip()]
-        if bad:
-            raise DataError(f"preference dataset {spec} row {index}: {', '.join(bad)} must be non-empty strings")
+    dataset = dataset.select_columns([c for c in PREFERENCE_COLUMNS if c in dataset.column_names])
+    for index, row in enumerate(dataset):  # checked before the prompt is extracted: the rows as the file holds them
+        _check_preference_row(row, f"preference dataset {spec} row {index}")
+    if "prompt" not in dataset.column_names or isinstance(dataset[0]["prompt"], str) != isinstance(dataset[0]["chosen"], str):
+        dataset = dataset.map(maybe_extract_prompt, remove_columns=dataset.column_names)
+        for index, row in enumerate(dataset):
+            if not _is_valid_prompt(row["prompt"]) or not row["chosen"] or not row["rejected"]:
+                raise DataError(f"preference dataset {spec} row {index}: chosen and rejected must begin with the same "
+                                "prompt and then differ (no prompt column, so the prompt is their shared beginning), "
+                                f"got prompt {str(row['prompt'])[:60]!r}")
     return dataset
+
+
+def preference_conversations(pairs: datasets.Dataset) -> datasets.Dataset:
+    """prompt/chosen/rejected strings -> TRL's conversational format, so the chat template the
+    RL rollouts use (``format_prompt``) also frames the pairs in DPO and reward-model training;
+    conversational pairs stay as they are."""
+    if not isinstance(pairs[0]["chosen"], str):
+        return pairs
+    return pairs.map(lambda row: {
+        "prompt": [{"role": "user", "content": row["prompt"]}],
+        "chosen": [{"role": "assistant", "content": row["chosen"]}],
+        "rejected": [{"role": "assistant", "content": row["rejected"]}],
+    }, remove_columns=[c for c in pairs.column_names if c not in ("prompt", "chosen", "rejected")])
+
+
+def _check_preference_row(row: dict[str, Any], where: str) -> None:
+    """Every column a non-empty string, or every column a list of {role, content} messages (a text
+    prompt may stand beside message replies: TRL then reads the prompt from the replies)."""
+    conversational = not isinstance(row["chosen"], str)
+    for column in PREFERENCE_COLUMNS:
+        if column not in row or (column == "prompt" and conversational and isinstance(row[column], str)):
+            continue
+        value = row[column]
+        if conversational and not isinstance(value, list) or not conversational and not isinstance(value, str):
+            raise DataError(f"{where}: {column} is {'a string' if isinstance(value, str) else type(value).__name__} "
+                            f"but chosen is {'chat messages' if conversational else 'a string'}; use one form for "
+                            "chosen, rejected and prompt")
+        if not _is_valid_prompt(value):
+            raise DataError(f"{where}: {column} must be a non-empty string or a list of {{role, content}} messages "
+                            f"with non-empty content, got {str(value)[:60]!r}")
 
 
 def load_prompt_dataset(spec: Any, split: str = "train", prompt_column: str = "prompt",

@@ -35,7 +35,9 @@ class DPORunConfig(TrainerKeys):
     """Keys of scripts/train_dpo.py (YAML or CLI); the Trainer's keys come from TrainerKeys."""
 
     model_name_or_path: str = _f("smollm2-135m-instruct", "Policy base: 'smollm2-135m-instruct' (embedded), a local dir, or a hub id.")
-    dataset: str = _f("builtin:preferences", "Preference pairs (prompt, chosen, rejected): jsonl/json/csv/parquet, datasets dir, or builtin:preferences.")
+    dataset: str = _f("builtin:preferences", "Preference pairs in TRL's formats (prompt, chosen, rejected, or chosen "
+                      "and rejected that begin with the prompt; strings or chat messages): jsonl/json/csv/parquet, "
+                      "datasets dir, hub id, or builtin:preferences.")
     eval_dataset: str | None = _f(None, "Held-out pairs for preference accuracy (default: the eval split of the built-in set).")
     output_dir: str = _f("outputs/dpo", "Where final/ (the PEFT adapter), metrics.jsonl and config.yaml go.")
     overwrite_output_dir: bool = _f(False, "Allow replacing an existing DPO run.")
@@ -59,16 +61,6 @@ class DPORunConfig(TrainerKeys):
             raise ConfigError(f"loss_type {self.loss_type!r} is not one of: {', '.join(DPO_LOSS_TYPES)}")
 
 
-def as_conversations(pairs: Any) -> Any:
-    """prompt/chosen/rejected strings -> TRL's conversational format, so the chat template the
-    RL rollouts use (rlhf.data.format_prompt) also frames the DPO pairs."""
-    return pairs.map(lambda row: {
-        "prompt": [{"role": "user", "content": row["prompt"]}],
-        "chosen": [{"role": "assistant", "content": row["chosen"]}],
-        "rejected": [{"role": "assistant", "content": row["rejected"]}],
-    }, remove_columns=[c for c in pairs.column_names if c not in ("prompt", "chosen", "rejected")])
-
-
 def train_dpo(config: DPORunConfig) -> dict[str, float]:
     """Evaluate, train, evaluate, save final/; returns the metrics also written to metrics.jsonl."""
     from peft import LoraConfig
@@ -76,16 +68,16 @@ def train_dpo(config: DPORunConfig) -> dict[str, float]:
 
     from rlhf.cpu_linear import check_cpu_settings
     from rlhf.cpu_memory import freed_memory_kept
-    from rlhf.data import load_preference_dataset
+    from rlhf.data import load_preference_dataset, preference_conversations
     from rlhf.models import load_base_model, load_tokenizer
 
     check_cpu_settings()
     output_dir = Path(config.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not config.overwrite_output_dir:
         raise ConfigError(f"output_dir {output_dir} is not empty; choose another or pass --overwrite_output_dir true")
-    train_pairs = as_conversations(load_preference_dataset(config.dataset, "train"))
+    train_pairs = preference_conversations(load_preference_dataset(config.dataset, "train"))
     eval_spec = config.eval_dataset or ("builtin:preferences" if config.dataset.startswith("builtin:") else None)
-    eval_pairs = as_conversations(load_preference_dataset(eval_spec, "eval")) if eval_spec else None
+    eval_pairs = preference_conversations(load_preference_dataset(eval_spec, "eval")) if eval_spec else None
 
     tokenizer = load_tokenizer(config.model_name_or_path)
     model = load_base_model(config.model_name_or_path, bf16=config.bf16)

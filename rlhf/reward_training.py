@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import save_config
+from rlhf.data import preference_conversations
 from rlhf.errors import ConfigError
 from rlhf.paths import looks_local
 from rlhf.tracking import write_trainer_log
@@ -33,7 +34,9 @@ class RewardModelConfig(TrainerKeys):
     model_name_or_path: str = field(default=EMBEDDED_REWARD_BACKBONE, metadata={
         "help": "Backbone: 'all-minilm-l6-v2' (embedded MiniLM, no download), a local HF model dir, or a hub id."})
     dataset: str = field(default="builtin:preferences", metadata={
-        "help": "Preference pairs (prompt, chosen, rejected): jsonl/json/csv/parquet file, datasets dir, or builtin:preferences."})
+        "help": "Preference pairs in TRL's formats (prompt, chosen, rejected, or chosen and rejected that begin with "
+                "the prompt; strings or chat messages): jsonl/json/csv/parquet file, datasets dir, hub id, or "
+                "builtin:preferences."})
     eval_dataset: str | None = field(default=None, metadata={
         "help": "Held-out pairs for pairwise accuracy (default: the eval split of the built-in set)."})
     output_dir: str = field(default="outputs/reward_model", metadata={"help": "Where the trained reward model goes."})
@@ -59,8 +62,30 @@ def resolve_backbone(name_or_path: str) -> str:
     return str(Path(spec.origin).parent / "model")
 
 
-def _with_separator(dataset: Any) -> Any:
-    return dataset.map(lambda row: {"prompt": row["prompt"] + PROMPT_SEPARATOR})
+def with_eos_and_pad(tokenizer: Any) -> Any:
+    """BERT-style tokenizers have no EOS; TRL appends one to every plain text ("Adding EOS"), so
+    [SEP] serves; a tokenizer without a pad token pads with its EOS."""
+    if tokenizer.eos_token is None:
+        tokenizer.eos_token = tokenizer.sep_token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def training_pairs(pairs: Any, tokenizer: Any) -> Any:
+    """The pairs in the form in which TRL's RewardTrainer tokenises the text that
+    ``LearnedReward`` scores at RL time (``LearnedReward.format``): with a chat template,
+    conversational (TRL renders prompt + reply through the template); without one, strings:
+    the prompt (a message list's contents joined by newlines) + separator, and the reply's text
+    (TRL appends EOS)."""
+    from reward_models.builtins import completion_text
+    from reward_models.learned import plain_prompt
+
+    if tokenizer.chat_template:
+        return preference_conversations(pairs)
+    return pairs.map(lambda row: {"prompt": plain_prompt(row["prompt"]) + PROMPT_SEPARATOR,
+                                  "chosen": completion_text(row["chosen"]),
+                                  "rejected": completion_text(row["rejected"])})
 
 
 def train_reward_model(config: RewardModelConfig) -> dict[str, float]:
@@ -85,16 +110,13 @@ def train_reward_model(config: RewardModelConfig) -> dict[str, float]:
         model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
     except (OSError, ValueError, SafetensorError, TypeError, AttributeError) as exc:
         raise ConfigError(f"cannot load reward backbone {config.model_name_or_path!r}: {str(exc).splitlines()[0]}") from None
-    # BERT-style tokenizers have no EOS; TRL appends one to every text ("Adding EOS"), so use [SEP].
-    if tokenizer.eos_token is None:
-        tokenizer.eos_token = tokenizer.sep_token
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    with_eos_and_pad(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
 
     args = RewardConfig(output_dir=str(output_dir), max_length=config.max_length, **trainer_kwargs(config))
     start = time.perf_counter()
-    trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=_with_separator(train_pairs))
+    trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
+                            train_dataset=training_pairs(train_pairs, tokenizer))
     trainer.train()
     train_time = time.perf_counter() - start
     trainer.save_model(str(output_dir))

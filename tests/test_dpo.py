@@ -132,3 +132,37 @@ def test_dpo_on_cpu_trains_with_freed_memory_kept_and_hands_it_back(tiny_model_d
     result = run_here("train_dpo.py", *dpo_args(tiny_model_dir, tmp_path / "out", tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert events == ["keep", "train", "release+stop"]  # glibc's own thresholds back too
+
+
+def test_dpo_trains_on_conversational_pairs_with_an_implicit_prompt(tiny_model_dir, tmp_path, run_here):
+    """TRL's conversational, implicit-prompt format (trl-lib/ultrafeedback_binarized's): before,
+    "lacks column(s) prompt"."""
+    rows = [{"chosen": [{"role": "user", "content": f"Topic {i}?"}, {"role": "assistant", "content": "Lovely!"}],
+             "rejected": [{"role": "user", "content": f"Topic {i}?"}, {"role": "assistant", "content": "No."}]}
+            for i in range(8)]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    args = dpo_args(tiny_model_dir, out, tmp_path)
+    args[args.index("--dataset") + 1] = args[args.index("--eval_dataset") + 1] = str(pairs)
+    result = run_here("train_dpo.py", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "Hi", "chosen": [{"role": "assistant", "content": "Yo"}], "rejected": "No."},
+     "row 0: rejected is a string but chosen is chat messages"),
+    ({"prompt": "Hi", "chosen": "", "rejected": "No."}, "row 0: chosen must be a non-empty string"),
+    ({"chosen": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}],
+      "rejected": [{"role": "user", "content": "C"}, {"role": "assistant", "content": "D"}]},
+     "row 0: chosen and rejected must begin with the same prompt"),
+    ({"prompt": "Hi", "chosen": "Yo"}, "lacks column(s) rejected"),
+])
+def test_malformed_preference_rows_exit_2(row, message, tmp_path, run_here):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps(row) + "\n")
+    for script in ("train_dpo.py", "train_reward_model.py"):
+        result = run_here(script, "--output_dir", str(tmp_path / script), "--dataset", str(pairs))
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert message in result.stderr and "Traceback" not in result.stderr

@@ -227,3 +227,54 @@ def test_readme_custom_reward_example_works(tmp_path):
                               kwargs={"polite_and_brief": {"max_words": 20}})
     output = combined(["p", "p"], ["Thank you so much!", "word " * 40])
     assert output.components["polite_and_brief"] == [1.0, pytest.approx(-1.0)]
+
+
+# A chat template on the BERT tokenizer (which adds [CLS]/[SEP] to plain text): a template that
+# writes its own markers, like Llama-3's BOS.
+SIMPLE_TEMPLATE = ("{% for m in messages %}[CLS] {{ m['role'] }}: {{ m['content'] }} [SEP]{% endfor %}"
+                   "{% if add_generation_prompt %}[CLS] assistant:{% endif %}")
+PAIR_FORMS = {
+    "standard": {"prompt": "Is rain wet?", "chosen": "Yes, quite wet.", "rejected": "No."},
+    "conversational": {"prompt": [{"role": "user", "content": "Is rain wet?"}],
+                       "chosen": [{"role": "assistant", "content": "Yes, quite wet."}],
+                       "rejected": [{"role": "assistant", "content": "No."}]},
+    "implicit conversational": {
+        "chosen": [{"role": "user", "content": "Is rain wet?"}, {"role": "assistant", "content": "Yes, quite wet."}],
+        "rejected": [{"role": "user", "content": "Is rain wet?"}, {"role": "assistant", "content": "No."}]},
+    "text prompt beside conversational replies": {
+        "prompt": "Is rain wet?",
+        "chosen": [{"role": "user", "content": "Is rain wet?"}, {"role": "assistant", "content": "Yes, quite wet."}],
+        "rejected": [{"role": "user", "content": "Is rain wet?"}, {"role": "assistant", "content": "No."}]},
+}
+
+
+@pytest.mark.parametrize("template", [False, True])
+@pytest.mark.parametrize("form", list(PAIR_FORMS))
+def test_a_reward_model_trains_on_the_tokens_it_is_scored_on(form, template, tiny_reward_backbone, tmp_path):
+    """TRL's RewardTrainer must see the pairs as ``LearnedReward`` scores them at RL time. Before:
+    a backbone with a chat template trained on plain "prompt\\nreply" text and was scored on
+    the template's text, and template text was tokenised with the tokenizer's special tokens on
+    top of the template's own; conversational and implicit-prompt pairs were refused."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from reward_models.learned import LearnedReward
+    from rlhf.data import load_preference_dataset
+    from rlhf.reward_training import training_pairs, with_eos_and_pad
+
+    file = tmp_path / "pairs.jsonl"
+    file.write_text(json.dumps(PAIR_FORMS[form]) + "\n")
+    pairs = load_preference_dataset(str(file))
+    assert pairs[0]["prompt"] in ("Is rain wet?", [{"role": "user", "content": "Is rain wet?"}])
+    tokenizer = with_eos_and_pad(AutoTokenizer.from_pretrained(tiny_reward_backbone))
+    if template:
+        tokenizer.chat_template = SIMPLE_TEMPLATE
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_backbone)
+    trainer = RewardTrainer(model=model, args=RewardConfig(output_dir=str(tmp_path / "out"), report_to=[], bf16=False),
+                            processing_class=tokenizer, train_dataset=training_pairs(pairs, tokenizer))
+    trained_on = trainer.train_dataset[0]
+    scorer = LearnedReward.from_model(model, tokenizer)
+    for reply in ("chosen", "rejected"):
+        scored = scorer.encode([scorer.format(pairs[0]["prompt"], pairs[0][reply])])["input_ids"][0].tolist()
+        assert scored == trained_on[f"{reply}_ids"], (scorer.format(pairs[0]["prompt"], pairs[0][reply]),
+                                                     tokenizer.decode(trained_on[f"{reply}_ids"]))
