@@ -14,24 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from rlhf.defaults import ALGORITHM_DEFAULTS
 from rlhf.errors import ConfigError, UserError
 from rlhf.signals import TrainingInterrupted
-
-# What each train script means by its name; a --config file or CLI flag can still override.
-# The group methods differ only in their estimator (and RLOO/REINFORCE++ put KL in the reward);
-# train_grpo.py runs all four, picked by --config or --advantage_estimator.
-_GROUP = {"policy_loss": "ppo_clip", "num_generations": 4, "whiten_advantages": False}
-ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ppo": {"advantage_estimator": "gae", "policy_loss": "ppo_clip", "whiten_advantages": True},
-    "reinforce": {"advantage_estimator": "reinforce", "policy_loss": "pg", "whiten_advantages": False},
-    "grpo": {**_GROUP, "advantage_estimator": "grpo", "kl_in_reward": False, "kl_estimator": "k3"},
-    "dr_grpo": {**_GROUP, "advantage_estimator": "dr_grpo", "kl_in_reward": False, "kl_estimator": "k3",
-                "loss_agg_mode": "seq-mean-token-sum-norm"},
-    "rloo": {**_GROUP, "advantage_estimator": "rloo", "kl_in_reward": True, "kl_estimator": "k1"},
-    "reinforce_pp": {**_GROUP, "advantage_estimator": "reinforce_pp", "kl_in_reward": True, "kl_estimator": "k1"},
-    "trpo": {"advantage_estimator": "gae", "update_method": "trpo", "whiten_advantages": True},
-}
-
 
 # The repository's configs/ and scripts/ (absent from a plain `pip install`; then the built-in
 # defaults above apply and the repo-only commands say so).

@@ -2,7 +2,9 @@
 
     python scripts/train_ppo.py --config configs/ppo.yaml --max_steps 10 --kl_coef 0.1
 
-Precedence: dataclass default < the script's algorithm defaults < YAML file < CLI flags.
+Precedence: dataclass default < the script's algorithm defaults < YAML file < CLI flags; the
+settings that follow the estimator (``rlhf.defaults``) take the chosen estimator's defaults where
+no file, flag or keyword gives them.
 Unknown keys and impossible values raise ``ConfigError`` whose message says what to change.
 """
 
@@ -10,12 +12,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
+from rlhf.defaults import ALGORITHM_DEFAULTS, ESTIMATOR_SETTINGS, estimator_defaults  # noqa: F401 (public here too)
 from rlhf.errors import ConfigError
 # The parsing lives in rlhf.parsing; these names are this module's public API too.
 from rlhf.parsing import OneLineParser, changed_settings, load_yaml, parse_dataclass, save_config  # noqa: F401
@@ -638,10 +642,26 @@ class RLConfig:
     def from_dict(cls, settings: dict[str, Any]) -> "RLConfig":
         """A config from keyword settings in which TRL's GRPOConfig names may stand for ours, e.g.
         ``RLConfig.from_dict({"max_completion_length": 64, "beta": 0.0, "loss_type": "dapo"})``;
-        settings of another meaning are refused with the conversion (ConfigError)."""
+        settings of another meaning are refused with the conversion (ConfigError). Read as a
+        GRPOConfig is: GRPO unless advantage_estimator says otherwise, with that algorithm's
+        defaults where the settings say nothing (as train_grpo.py reads a --config file)."""
         from rlhf.parsing import dataclass_from_dict
 
-        return dataclass_from_dict(cls, settings, "RLConfig.from_dict")
+        return dataclass_from_dict(cls, settings, "RLConfig.from_dict", default_estimator="grpo")
+
+    @staticmethod
+    def complete_settings(values: dict[str, Any], given: set[str], default_estimator: str | None = None) -> None:
+        """The settings of ESTIMATOR_SETTINGS that nobody gave (``given``: the user's keys, from a
+        config file, flags or keywords) follow the chosen estimator (``estimator_defaults``): an
+        RLConfig with advantage_estimator grpo trains GRPO as train_grpo.py does (KL as a k3 loss
+        term, no batch whitening), not PPO's KL-in-reward. ``values``: every field, updated in place."""
+        if default_estimator is not None and "advantage_estimator" not in given:
+            values["advantage_estimator"] = default_estimator
+        chosen = estimator_defaults(values["advantage_estimator"])
+        fields = {f.name: f.default for f in dataclasses.fields(RLConfig)}
+        for key in ESTIMATOR_SETTINGS:
+            if key not in given:
+                values[key] = chosen.get(key, fields[key])
 
     def check_reward_weights(self) -> None:
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
@@ -652,6 +672,32 @@ class RLConfig:
         """Every setting as plain data (what config.yaml holds): a Python reward function becomes
         'python:module.name', a Dataset object '<Dataset N rows>'."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _init_following_the_estimator(init: Any) -> Any:
+    """RLConfig(...) as a user writes it, with some keywords: the ones left out that follow the
+    estimator are filled in from it (``complete_settings``). The dataclass's own __init__ runs
+    with them; a call that names every field (the parsers, dataclasses.replace) is unchanged."""
+    names = [f.name for f in dataclasses.fields(RLConfig)]
+
+    @functools.wraps(init)
+    def __init__(self: RLConfig, *args: Any, **kwargs: Any) -> None:
+        given = set(kwargs) | set(names[:len(args)])
+        if not set(ESTIMATOR_SETTINGS) <= given:
+            values = {**{f.name: _field_default(f) for f in dataclasses.fields(RLConfig)},
+                      **dict(zip(names, args)), **kwargs}
+            RLConfig.complete_settings(values, given)
+            kwargs.update({key: values[key] for key in ESTIMATOR_SETTINGS if key not in given})
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+RLConfig.__init__ = _init_following_the_estimator(RLConfig.__init__)  # type: ignore[method-assign]
 
 
 def _plain(value: Any) -> Any:

@@ -225,23 +225,31 @@ def parse_dataclass(cls: type, argv: list[str] | None = None, script_defaults: d
     given = _flags_given(argv)
     cli = {key.removeprefix(_ALIAS_DEST): value for key, value in args.items()
            if key.startswith(_ALIAS_DEST) or key in given}
-    _apply(cls, values, origin, cli, {key for key in cli if key in values and key in given}, "the command line")
+    cli_keys = {key for key in cli if key in values and key in given}
+    _apply(cls, values, origin, cli, cli_keys, "the command line")
     _settle(values, origin)
+    if hasattr(cls, "complete_settings"):
+        # the user's keys (the config file's, the command line's) stay; the script's defaults are its
+        # estimator's, and give way where the user chose another estimator
+        cls.complete_settings(values, (set(data) if config_file else set()) | cli_keys | set(origin))
     try:
         return cls(**values)
     except TypeError as exc:  # pragma: no cover - guarded by the key checks above
         raise ConfigError(str(exc)) from None
 
 
-def dataclass_from_dict(cls: type, settings: dict[str, Any], where: str) -> Any:
+def dataclass_from_dict(cls: type, settings: dict[str, Any], where: str, **complete: Any) -> Any:
     """``cls`` from a mapping in which TRL's names may stand for ours (the Python API's
     ``RLConfig.from_dict``). Our keys keep their Python values as given (a reward callable, a
-    Dataset); TRL's are translated as in a YAML file. Raises ConfigError (one line)."""
+    Dataset); TRL's are translated as in a YAML file. ``complete``: keywords of the class's
+    ``complete_settings``. Raises ConfigError (one line)."""
     values: dict[str, Any] = {f.name: _default_of(f) for f in dataclasses.fields(cls)}
     origin: dict[str, str] = {}
-    _apply(cls, values, origin, dict(settings), {key for key in settings if key in values}, where,
-           coerce_native=False)
+    native = {key for key in settings if key in values}
+    _apply(cls, values, origin, dict(settings), native, where, coerce_native=False)
     _settle(values, origin)
+    if hasattr(cls, "complete_settings"):
+        cls.complete_settings(values, native | set(origin), **complete)
     return cls(**values)
 
 

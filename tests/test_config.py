@@ -266,3 +266,39 @@ def test_help_texts_name_only_files_in_the_repository():
         assert "RL_NOTES" not in text, text
         for name in re.findall(r"[\w/-]*\w\.md\b|configs/[\w/-]+\.yaml", text):
             assert (ROOT / name).is_file(), (name, text)
+
+
+def test_the_python_api_trains_the_algorithm_its_estimator_names(tmp_path):
+    """A stranger's review: RLConfig.from_dict with TRL's GRPO settings built PPO (gae, a value
+    head, KL in the reward, batch whitening), and RLConfig(advantage_estimator="grpo") kept PPO's
+    KL-in-reward and whitening, unlike train_grpo.py with the same keys. The settings that follow
+    the estimator now come from it unless given; what the user gives wins."""
+    from rlhf import RLConfig
+    from rlhf.cli import parse_train_args
+
+    def algorithm(config):
+        return {key: getattr(config, key) for key in ("advantage_estimator", "policy_loss", "num_generations",
+                                                      "whiten_advantages", "kl_in_reward", "kl_estimator",
+                                                      "loss_agg_mode")}
+
+    trl = RLConfig.from_dict({"num_generations": 2, "beta": 0.04, "loss_type": "grpo", "max_completion_length": 6,
+                              "rollout_batch_size": 2, "mini_batch_size": 4})
+    assert trl.advantage_estimator == "grpo" and not trl.needs_value_head
+    assert (trl.kl_in_reward, trl.kl_estimator, trl.whiten_advantages, trl.kl_coef) == (False, "k3", False, 0.04)
+    assert trl.num_generations == 2 and trl.loss_agg_mode == "seq-mean-token-mean"  # given (loss_type grpo)
+
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("max_steps: 2\n")
+    for estimator, script in (("grpo", "grpo"), ("dr_grpo", "dr_grpo"), ("rloo", "rloo"), ("reinforce", "reinforce"),
+                              ("gae", "ppo")):
+        from_script = algorithm(parse_train_args(script, ["--config", str(plain)]))
+        assert algorithm(RLConfig(advantage_estimator=estimator)) == from_script, estimator
+        assert algorithm(RLConfig.from_dict({"advantage_estimator": estimator})) == from_script, estimator
+    assert RLConfig(advantage_estimator="grpo", kl_in_reward=True, kl_estimator="k2").kl_estimator == "k2"
+    assert RLConfig(advantage_estimator="grpo", kl_in_reward=True).kl_in_reward is True
+    assert RLConfig.from_dict({"whiten_advantages": True}).whiten_advantages is True
+
+    # a config file that picks another estimator than the script's gets that estimator's defaults
+    rloo = tmp_path / "rloo.yaml"
+    rloo.write_text("advantage_estimator: rloo\n")
+    assert algorithm(parse_train_args("ppo", ["--config", str(rloo)])) == algorithm(RLConfig(advantage_estimator="rloo"))
