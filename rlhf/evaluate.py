@@ -34,8 +34,8 @@ from rlhf.config import check_episode_limits
 from rlhf.data import BUILTIN_PREFIX, check_room_for_prompt, format_prompt, load_prompt_dataset, prompt_token_lengths
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.rollout import Rollout, forward_response, generate_rollout, sampling_cache_bytes, sampling_speedups
-from rlhf.run_settings import EpisodeSettings, evaluation_reward
-from rlhf.scoring import reward_inputs
+from rlhf.run_settings import EpisodeSettings, evaluation_reward, run_config
+from rlhf.scoring import RewardTrainerState, reward_inputs
 
 if TYPE_CHECKING:
     from rlhf.episodes import ToolEpisodes
@@ -100,6 +100,26 @@ def _adapter_base(adapter_dir: Path) -> str:
     if Path(base).name == EMBEDDED_MODEL and not Path(base).exists():
         return EMBEDDED_MODEL
     return base
+
+
+def _evaluation_tokenizer(candidates: list[Candidate], base_id: str, chat_template_given: bool) -> Any:
+    """The tokenizer the adapters' runs trained with, which their final/ and checkpoints save
+    (its chat template is how a run's prompts were written, e.g. one set through the Python API's
+    processing_class); the base model's where no adapter saved one. Every row is sampled with it,
+    the base's too (training measured KL against the base on these prompts). Runs whose saved
+    templates differ cannot share one evaluation unless --chat_template sets one for all."""
+    from rlhf.models import load_tokenizer
+
+    saved = [c for c in candidates if c.adapter_dir is not None and (c.adapter_dir / "tokenizer_config.json").is_file()]
+    if not saved:
+        return load_tokenizer(base_id)
+    tokenizers = [load_tokenizer(str(c.adapter_dir)) for c in saved]
+    differing = [c.label for c, t in zip(saved, tokenizers) if t.chat_template != tokenizers[0].chat_template]
+    if differing and not chat_template_given:
+        raise ConfigError(f"checkpoints {saved[0].label} and {differing[0]} were trained with different chat templates "
+                          "(their saved tokenizers), so their prompts would be written differently; evaluate them "
+                          "separately, or pass --chat_template to write every prompt with one")
+    return tokenizers[0]
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -193,7 +213,8 @@ def sample_and_score(
         chunk = jobs[start:start + batch_size]
         rows = dataset.select([p for p, _ in chunk])
         raw = rows[prompt_column]
-        columns = {name: rows[name] for name in rows.column_names if name != prompt_column}
+        # lists, as training passes them (a datasets Column is not JSON-serialisable, nor a list)
+        columns = {name: list(rows[name]) for name in rows.column_names if name != prompt_column}
         row_seeds = [sample_seed(seed, p, s) for p, s in chunk]
         # per chunk: the scores below need the policy as it is (adapters on, weights unmerged)
         cache_bytes = sampling_cache_bytes(policy, len(chunk), max_prompt_length, max_new_tokens, episodes is not None)
@@ -370,7 +391,7 @@ def evaluate(
 
     from rlhf import report as reporting
     from rlhf.card import read_run_settings
-    from rlhf.models import check_tokenizer_fits, load_base_model, load_tokenizer, stop_token_ids
+    from rlhf.models import check_tokenizer_fits, load_base_model, stop_token_ids
 
     _check_settings(checkpoints, include_base, num_samples, max_new_tokens, temperature, top_p, batch_size, num_prompts)
     check_episode_limits(max_tool_calling_iterations, tool_timeout)
@@ -383,7 +404,7 @@ def evaluate(
     prompts = load_prompt_dataset(dataset, split, prompt_column)
     count = len(prompts) if num_prompts is None else min(num_prompts, len(prompts))
     accelerator = accelerator or make_accelerator()
-    tokenizer = load_tokenizer(base_id)
+    tokenizer = _evaluation_tokenizer(candidates, base_id, chat_template_given=chat_template is not None)
     given = dict(tools=tools, environment_factory=environment_factory, chat_template=chat_template,
                  max_tool_calling_iterations=max_tool_calling_iterations, tool_timeout=tool_timeout,
                  chat_template_kwargs=chat_template_kwargs)
@@ -405,6 +426,11 @@ def evaluate(
                       stacklevel=2)
     reward, reward_settings = evaluation_reward(candidates, reward_funcs, reward_weights, reward_kwargs, episodes,
                                                 accelerator.device)
+    run = run_config(candidates)
+    # TRL passes every reward call a trainer_state: the end of the run whose settings are read, for every row
+    # (so all rows are scored by one reward), as a scheduled reward stood when training finished
+    finished = run[1].get("max_steps") if run is not None else None
+    finished = finished if isinstance(finished, int) and not isinstance(finished, bool) else 0
     if reward_settings["reward_source"] != "given":
         accelerator.print(f"rewards: {', '.join(map(str, reward_settings['reward_funcs'])) or 'none'} "
                           f"({reward_settings['reward_source']})")
@@ -418,7 +444,8 @@ def evaluate(
     starting_policy = shared_reference(candidates)
     settings = dict(num_samples=num_samples, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_p=top_p, max_prompt_length=max_prompt_length, prompt_column=prompt_column,
-                    batch_size=batch_size, eos_token_ids=stops, episodes=episodes)
+                    batch_size=batch_size, eos_token_ids=stops, episodes=episodes,
+                    reward_extras={"trainer_state": RewardTrainerState(finished, finished)})
 
     def base_model_itself() -> contextlib.AbstractContextManager[Any]:
         # PeftModel.from_pretrained injects LoRA layers into base_model itself: the plain base

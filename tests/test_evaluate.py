@@ -341,3 +341,46 @@ def test_evaluation_samples_with_trainings_speed_ups_and_the_same_numbers(tiny_m
         assert a["kl"] == pytest.approx(b["kl"], abs=1e-4) and a["base_nll"] == pytest.approx(b["base_nll"], abs=1e-4)
     for name, parameter in policy.named_parameters():
         assert torch.equal(parameter, weights[name]), name
+
+
+def test_evaluation_calls_rewards_as_training_does_and_writes_prompts_with_the_runs_tokenizer(tiny_model_dir,
+                                                                                              tmp_path):
+    """A stranger's review: evaluate.py passed dataset columns as datasets Column objects (a reward
+    that logs them as JSON failed), passed no trainer_state (a TRL-style scheduled reward failed),
+    and wrote prompts with the base model's chat template, not the one the run trained with and
+    saved with its adapter (a tokenizer without one, given through the Python API)."""
+    from transformers import AutoTokenizer
+
+    from rlhf.data import format_prompt
+    from rlhf.errors import ConfigError
+    from rlhf.evaluate import evaluate, resolve_candidate
+
+    run = tmp_path / "run"
+    make_adapter(tiny_model_dir, run / "final", seed=1)
+    plain = AutoTokenizer.from_pretrained(tiny_model_dir)
+    plain.chat_template = None
+    plain.save_pretrained(run / "final")
+    (run / "config.yaml").write_text("max_steps: 7\nreward_funcs: []\n")
+    seen = []
+
+    def scheduled(prompts, completions, trainer_state, answer, **kwargs):
+        seen.append((type(answer), trainer_state.global_step, trainer_state.max_steps, prompts[0]))
+        json.dumps(answer)
+        return [float(trainer_state.global_step) / trainer_state.max_steps] * len(completions)
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}", "answer": i}) + "\n" for i in range(3)))
+    report = evaluate([str(run / "final")], str(prompts), [scheduled], include_base=True, num_samples=1,
+                      max_new_tokens=3)
+    assert report["checkpoints"]["base"]["reward"]["mean"] == 1.0
+    assert {entry[:3] for entry in seen} == {(list, 7, 7)}
+    from rlhf.evaluate import _evaluation_tokenizer
+
+    written = format_prompt("Say 0", _evaluation_tokenizer([resolve_candidate(str(run / "final"))], "base", False))
+    assert written == "Say 0"  # the run's tokenizer has no template: the text as it is
+
+    other = tmp_path / "other"
+    make_adapter(tiny_model_dir, other / "final", seed=2)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other / "final")
+    with pytest.raises(ConfigError, match="were trained with different chat templates"):
+        evaluate([str(run / "final"), str(other / "final")], str(prompts), [scheduled], num_samples=1, max_new_tokens=3)
