@@ -39,6 +39,7 @@ import importlib.util
 import inspect
 import math
 import numbers
+import re
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ from reward_models.builtins import BUILTIN_REWARDS
 from reward_models.guard import RewardTimeout, run_guarded
 from rlhf.errors import RewardError, RewardUnavailable
 from rlhf.paths import looks_local
+
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max (no torch import here)
 
 RewardFn = Callable[..., Any]
 
@@ -137,6 +140,20 @@ def _is_call_mismatch(exc: BaseException) -> bool:
     function: its traceback ends in this file."""
     frames = traceback.extract_tb(exc.__traceback__)
     return isinstance(exc, TypeError) and bool(frames) and frames[-1].filename == __file__
+
+
+def _call_mismatch_message(label: str, exc: BaseException, call_kwargs: dict[str, Any]) -> str:
+    """A parameter no call passes (a dataset column the dataset lacks) is named as such; any
+    other mismatch (a keyword the function does not take) asks for **kwargs."""
+    text = str(exc)
+    if "missing" in text and "required" in text:
+        lacking = [name for name in re.findall(r"'(\w+)'", text.split(":", 1)[-1]) if name not in call_kwargs]
+        if lacking:
+            return (f"reward {label!r} needs {', '.join(map(repr, lacking))}, which no reward call here passes: it is "
+                    f"not a column of the dataset nor one of the arguments reward functions get "
+                    f"({', '.join(call_kwargs)}); add the column to the dataset, or give the parameter a default")
+    return (f"reward {label!r} cannot take the arguments reward functions get ({', '.join(call_kwargs)}): {text}; "
+            "add **kwargs to its signature")
 
 
 def _label(spec: Any) -> str:
@@ -279,7 +296,7 @@ def _finite(value: Any) -> float:
         number = float(value)
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(value) from None
-    if not math.isfinite(number):
+    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:  # scores are float32 tensors: 1e39 would be inf
         raise ValueError(value)
     return number
 
@@ -469,8 +486,7 @@ class CombinedReward:
                 raise
             except (Exception, SystemExit) as exc:  # SystemExit too: it would end the run with rc 0
                 if _is_call_mismatch(exc):
-                    raise RewardError(f"reward {_label(spec)!r} cannot take the arguments reward functions get "
-                                      f"({', '.join(call_kwargs)}): {exc}; add **kwargs to its signature") from None
+                    raise RewardError(_call_mismatch_message(_label(spec), exc, call_kwargs)) from None
                 found = _failing_sample(fn, call_kwargs, lambda work: self._invoke(_label(spec), work))
                 raise RewardError(f"reward {_label(spec)!r} raised {_describe(exc)}{found}") from None
             if inspect.isawaitable(result):
@@ -544,7 +560,7 @@ class CombinedReward:
             except ValueError:
                 raise RewardError(
                     f"reward {_label(spec)!r} returned {value!r} for sample {i} (completion "
-                    f"{_text(completions[i])[:50]!r}); rewards must be finite numbers, None (not applicable), "
+                    f"{_text(completions[i])[:50]!r}); rewards must be finite numbers (float32's range: |r| <= 3.4e38), None (not applicable), "
                     "or lists of (char_position, reward) pairs for process rewards"
                 ) from None
         return checked

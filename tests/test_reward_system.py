@@ -278,3 +278,20 @@ def test_a_reward_model_trains_on_the_tokens_it_is_scored_on(form, template, tin
         scored = scorer.encode([scorer.format(pairs[0]["prompt"], pairs[0][reply])])["input_ids"][0].tolist()
         assert scored == trained_on[f"{reply}_ids"], (scorer.format(pairs[0]["prompt"], pairs[0][reply]),
                                                      tokenizer.decode(trained_on[f"{reply}_ids"]))
+
+
+def test_a_reward_beyond_float32_or_needing_a_missing_column_is_named(tmp_path):
+    """A stranger's review: a reward of 1e39 passed the finite check and became inf in the float32
+    scores (the step was skipped with a warning, exit 0); a parameter the dataset has no column for
+    was reported as "add **kwargs to its signature"."""
+    with pytest.raises(RewardError, match=r"returned 1e\+39 for sample 0 .*float32's range"):
+        CombinedReward._check("f", [1e39], ["c"])
+    assert CombinedReward._check("f", [3e38, -3e38], ["a", "b"]) == [3e38, -3e38]
+
+    def needs_solution(completions, solution, **kwargs):
+        return [1.0] * len(completions)
+
+    with pytest.raises(RewardError, match="needs 'solution', which no reward call here passes: it is not a column "
+                                          "of the dataset"):
+        CombinedReward([needs_solution])(["a"], ["b"], completion_ids=[[1]])
+    assert list(CombinedReward([needs_solution])(["a"], ["b"], solution=["x"]).combined()) == [1.0]
