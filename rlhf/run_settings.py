@@ -31,7 +31,8 @@ def run_rewards(candidates: list[Candidate], weights: list[float] | None, kwargs
         if run is not None and (run[1].get("reward_funcs") or (environment_pays and "reward_funcs" in run[1])):
             settings = run[1]
             source = f"the run's own, from the config.yaml next to {candidate.adapter_dir}"
-            return (list(settings["reward_funcs"]), weights if weights is not None else settings.get("reward_weights"),
+            return ([_importable(spec, "reward_funcs") for spec in settings["reward_funcs"]],
+                    weights if weights is not None else settings.get("reward_weights"),
                     kwargs if kwargs else settings.get("reward_kwargs") or {}, source)
     if environment_pays:
         source = "the environment's get_reward: no run config.yaml found next to the checkpoints"
@@ -162,12 +163,13 @@ class EpisodeSettings:
 
 
 def _importable(spec: Any, flag: str) -> Any:
-    """A tool or environment as rlhf.episodes.load_object reads it. A run given Python objects
-    saved them as 'python:package.module.name' (rlhf.config): that is 'package.module:name'."""
+    """A tool, environment or reward function as the loaders read it. A run given Python objects
+    saved them as 'python:package.module.name' (rlhf.config): that is 'package.module:name'. One
+    defined in a script run as __main__ or inside a function cannot be imported again."""
     if not (isinstance(spec, str) and spec.startswith("python:")):
         return spec
     module, _, name = spec.removeprefix("python:").rpartition(".")
-    if not module or "<locals>" in spec:
+    if not module or "<locals>" in spec or module == "__main__" or module.startswith("__main__."):
         raise ConfigError(f"the run's {flag} entry {spec} was a Python object defined where it cannot be imported "
                           f"again; pass --{flag} path/to/file.py:name")
     return f"{module}:{name}"

@@ -384,3 +384,21 @@ def test_evaluation_calls_rewards_as_training_does_and_writes_prompts_with_the_r
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other / "final")
     with pytest.raises(ConfigError, match="were trained with different chat templates"):
         evaluate([str(run / "final"), str(other / "final")], str(prompts), [scheduled], num_samples=1, max_new_tokens=3)
+
+
+def test_a_runs_python_reward_functions_are_imported_again(tiny_model_dir, tmp_path):
+    """A stranger's review: a run trained through the Python API records its function as
+    'python:module.name'; evaluation tried to import a module called 'python'. An importable
+    function loads again; one of a script run as __main__ (or a local one) is one line."""
+    from rlhf.errors import ConfigError
+    from rlhf.evaluate import evaluate
+
+    run = tmp_path / "run"
+    make_adapter(tiny_model_dir, run / "final", seed=1)
+    (run / "config.yaml").write_text("reward_funcs: [python:reward_models.builtins.sentiment]\n")
+    report = evaluate([str(run / "final")], "builtin:prompts", None, num_prompts=2, num_samples=1, max_new_tokens=3)
+    assert report["settings"]["reward_funcs"] == ["reward_models.builtins:sentiment"]
+    (run / "config.yaml").write_text("reward_funcs: [python:__main__.charlen]\n")
+    with pytest.raises(ConfigError, match="reward_funcs entry python:__main__.charlen was a Python object defined "
+                                          "where it cannot be imported again; pass --reward_funcs"):
+        evaluate([str(run / "final")], "builtin:prompts", None, num_prompts=2, num_samples=1, max_new_tokens=3)
