@@ -388,10 +388,12 @@ def decode_python_rng(state: list) -> tuple:
     return (version, tuple(internal), gauss)
 
 
-def check_output_dir(output_dir: Path, process_index: int, resuming: bool, overwrite: bool) -> Path | None:
+def check_output_dir(output_dir: Path, process_index: int, resuming: bool, overwrite: bool,
+                     other_run: bool = True) -> Path | None:
     """Fail before the first step's compute when output_dir is not writable, and never write
-    over another run's results (a resumed run continues its own). Returns the outermost dir it
-    created (None: output_dir was there), for ``remove_created_dirs`` if the start is refused."""
+    over another run's results (a resumed run continues its own; ``other_run`` False leaves that
+    check to ``refuse_other_run`` later). Returns the outermost dir it created (None: output_dir
+    was there), for ``remove_created_dirs`` if the start is refused."""
     from rlhf.errors import ConfigError
 
     created = next((path for path in reversed([output_dir, *output_dir.parents]) if not path.exists()), None)
@@ -412,13 +414,22 @@ def check_output_dir(output_dir: Path, process_index: int, resuming: bool, overw
         if path.exists() and path.is_dir() != folder:
             raise ConfigError(f"output_dir {output_dir}: {name} is a {'file' if folder else 'folder'}, where the run "
                               f"keeps its {'folder' if folder else 'file'} of that name; move it away")
+    if other_run:
+        refuse_other_run(output_dir, resuming, overwrite)
+    return created
+
+
+def refuse_other_run(output_dir: Path, resuming: bool, overwrite: bool) -> None:
+    """ConfigError where output_dir holds a run that this start would neither resume nor replace."""
+    from rlhf.errors import ConfigError
+
     existing = [p for p in ("metrics.jsonl", "samples.jsonl", "final", "checkpoints") if (output_dir / p).exists()]
     if existing and not resuming and not overwrite:
         raise ConfigError(
             f"output_dir {output_dir} already holds a run ({', '.join(existing)}); choose another output_dir, "
-            "resume it with --resume_from_checkpoint latest, or pass --overwrite_output_dir true"
+            "resume it with --resume_from_checkpoint latest (trainer.train(resume_from_checkpoint=True)), or pass "
+            "--overwrite_output_dir true"
         )
-    return created
 
 
 def remove_created_dirs(output_dir: Path, created: Path | None) -> None:

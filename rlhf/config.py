@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -349,9 +350,16 @@ class RLConfig:
     save_total_limit: int | None = _field(2, "Keep at most this many checkpoints (newest kept).")
     eval_steps: int = _field(0, "Evaluate on eval_dataset every this many steps (0 = off).")
     eval_num_prompts: int = _field(32, "Prompts used per evaluation.")
-    resume_from_checkpoint: str | None = _field(None, "Checkpoint dir to resume from, or 'latest' (newest in output_dir/checkpoints).")
+    resume_from_checkpoint: str | None = _field(None, "Checkpoint dir to resume from, or 'latest' (newest in "
+                                                      "output_dir/checkpoints; TRL's true means it too).")
 
     def __post_init__(self) -> None:
+        # TRL's resume_from_checkpoint=True (YAML true, --resume_from_checkpoint true) is the newest checkpoint
+        if self.resume_from_checkpoint is True or (self.resume_from_checkpoint in ("true", "True")
+                                                  and not os.path.exists(self.resume_from_checkpoint)):
+            self.resume_from_checkpoint = "latest"
+        elif self.resume_from_checkpoint is False or self.resume_from_checkpoint in ("false", "False", ""):
+            self.resume_from_checkpoint = None
         self.validate()
 
     # Rules are grouped by what they protect; each message names the key to change.
@@ -725,11 +733,12 @@ def check_episode_limits(max_tool_calling_iterations: int | None, tool_timeout: 
 
 
 def with_overrides(config: RLConfig, *, model: Any = None, reward_funcs: Any = None, train_dataset: Any = None,
-                   tools: Any = None, environment_factory: Any = None) -> RLConfig:
+                   tools: Any = None, environment_factory: Any = None, peft_config: Any = None) -> RLConfig:
     """A copy of ``config`` with what the Python API (RLTrainer's keywords) gives instead: a model
     name or loaded model (its name_or_path is recorded), reward functions, a training dataset,
-    tools (functions or specs) and an environment factory (a class, a callable, a spec, or a dict)."""
-    changes: dict[str, Any] = {}
+    tools (functions or specs), an environment factory (a class, a callable, a spec, or a dict)
+    and a peft LoraConfig (its rank, alpha, dropout and target modules)."""
+    changes: dict[str, Any] = lora_settings(peft_config) if peft_config is not None else {}
     if tools is not None:
         changes["tools"] = list(tools) if isinstance(tools, (list, tuple)) else [tools]
     if environment_factory is not None:
@@ -750,6 +759,32 @@ def with_overrides(config: RLConfig, *, model: Any = None, reward_funcs: Any = N
     if train_dataset is not None:
         changes["dataset"] = train_dataset
     return dataclasses.replace(config, **changes) if changes else config
+
+
+def lora_settings(peft_config: Any) -> dict[str, Any]:
+    """TRL's ``peft_config`` (a peft LoraConfig) as this config's LoRA settings. What the LoRA
+    trained here cannot be (DoRA, rsLoRA, trained biases, saved full modules, per-layer ranks or
+    alphas, other initialisations) is refused in one line rather than dropped."""
+    from peft import LoraConfig
+
+    if not isinstance(peft_config, LoraConfig):
+        raise ConfigError(f"peft_config must be a peft LoraConfig (the adapters trained here are LoRA), got "
+                          f"{type(peft_config).__name__}")
+    unsupported = [f"{name}={value!r}" for name, value, default in (
+        ("use_dora", peft_config.use_dora, False), ("use_rslora", peft_config.use_rslora, False),
+        ("bias", peft_config.bias, "none"), ("modules_to_save", peft_config.modules_to_save, None),
+        ("rank_pattern", peft_config.rank_pattern or None, None), ("alpha_pattern", peft_config.alpha_pattern or None, None),
+        ("layers_to_transform", peft_config.layers_to_transform, None),
+        ("init_lora_weights", peft_config.init_lora_weights, True)) if value != default]
+    if unsupported:
+        raise ConfigError(f"peft_config sets {', '.join(unsupported)}, which the LoRA trained here does not take; "
+                          "leave them at peft's defaults (lora_r, lora_alpha, lora_target_modules are what it reads)")
+    targets = peft_config.target_modules
+    if targets is None or (isinstance(targets, str) and targets != "all-linear"):
+        raise ConfigError(f"peft_config.target_modules is {targets!r}: name the modules (e.g. ['q_proj', 'v_proj']) "
+                          "or give 'all-linear'; peft's per-architecture default and regular expressions are not read here")
+    return {"lora_r": peft_config.r, "lora_alpha": peft_config.lora_alpha, "lora_dropout": peft_config.lora_dropout,
+            "lora_target_modules": ["all-linear"] if targets == "all-linear" else sorted(targets)}
 
 
 def parse_config(argv: list[str] | None = None, script_defaults: dict[str, Any] | None = None,

@@ -147,11 +147,16 @@ class RLTrainer:
 
     def __init__(self, config: RLConfig | Any = None, *, model: Any = None, reward_funcs: Any = None,
                  train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None,
-                 args: RLConfig | None = None, tools: Any = None, environment_factory: Any = None):
+                 args: RLConfig | None = None, tools: Any = None, environment_factory: Any = None,
+                 peft_config: Any = None):
+        # The scripts pass their config first and are refused at once where output_dir holds another
+        # run; built as TRL's trainer is (args=...), train(resume_from_checkpoint=...) may still resume it.
+        self._other_run_checked = isinstance(config, RLConfig)
         if config is not None and not isinstance(config, RLConfig):  # TRL order: the model comes first
             config, model = None, config
         config = with_overrides(args or config or RLConfig(), model=model, reward_funcs=reward_funcs,
-                                train_dataset=train_dataset, tools=tools, environment_factory=environment_factory)
+                                train_dataset=train_dataset, tools=tools, environment_factory=environment_factory,
+                                peft_config=peft_config)
         config.check_reward_weights()
         check_cpu_settings()  # a bad RLHF_CPU_LINEAR or RLHF_CPU_MALLOC stops the run here, not later
         forget_memory_choices()
@@ -184,7 +189,8 @@ class RLTrainer:
             self.micro_batch_size = config.mini_batch_size // (accelerator.num_processes * config.gradient_accumulation_steps)
             configure_sharding(accelerator, config, self.micro_batch_size, updater.needs["unsharded_weights"])
             created_dir = ckpt.check_output_dir(self.output_dir, accelerator.process_index,
-                                                bool(config.resume_from_checkpoint), config.overwrite_output_dir)
+                                                bool(config.resume_from_checkpoint), config.overwrite_output_dir,
+                                                other_run=self._other_run_checked)
             set_seed(config.seed + accelerator.process_index * RANK_SEED_STRIDE)
 
             self.dataset = load_prompt_dataset(config.dataset, config.dataset_split, config.prompt_column,
@@ -253,7 +259,15 @@ class RLTrainer:
 
     # ------------------------------------------------------------------------------ the loop
 
-    def train(self) -> None:
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> None:
+        """Train to max_steps. ``resume_from_checkpoint`` (TRL's): a checkpoint dir, or True for the
+        newest of this output_dir (``"latest"``); None or False: as the config says."""
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            self.config.resume_from_checkpoint = ("latest" if resume_from_checkpoint is True
+                                                  else str(resume_from_checkpoint))
+        if not self._other_run_checked:
+            ckpt.refuse_other_run(self.output_dir, bool(self.config.resume_from_checkpoint),
+                                  self.config.overwrite_output_dir)
         try:
             with OutputDirLock(self.output_dir, enabled=self.accelerator.is_main_process), long_lived_objects_frozen():
                 self._train()

@@ -476,3 +476,42 @@ def test_report_json_has_null_not_nan(tmp_path):
 
     assert json.loads(json.dumps(json_safe({"a": [math.nan, 1.0], "b": {"c": math.nan}}))) == {
         "a": [None, 1.0], "b": {"c": None}}
+
+
+def test_trls_peft_config_and_resume_from_checkpoint_through_the_python_api(tiny_model_dir, tmp_path):
+    """A stranger's review: RLTrainer refused TRL's peft_config keyword, train() took no
+    resume_from_checkpoint, and resume_from_checkpoint: true (TRL's "latest") was read as a
+    checkpoint dir named True."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    from rlhf import RLConfig
+    from rlhf.errors import ConfigError
+    from rlhf.trainer import RLTrainer
+
+    out = tmp_path / "run"
+    config = dataclasses.replace(grpo_config(tiny_model_dir, out), save_steps=1, max_steps=1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    trainer = RLTrainer(model=str(tiny_model_dir), args=config, peft_config=lora,
+                        reward_funcs=[lambda completions, **kw: [1.0] * len(completions)],
+                        train_dataset=datasets.Dataset.from_list(CHAT_ROWS))
+    trainer.train()
+    saved = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], sorted(saved["target_modules"])) == (4, 8, ["q_proj", "v_proj"])
+
+    longer = dataclasses.replace(config, max_steps=2)
+    again = RLTrainer(model=str(tiny_model_dir), args=longer, peft_config=lora,
+                      reward_funcs=[lambda completions, **kw: [1.0] * len(completions)],
+                      train_dataset=datasets.Dataset.from_list(CHAT_ROWS))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        again.train()  # neither resumed nor overwritten: refused before anything is written
+    again.train(resume_from_checkpoint=True)
+    assert [row["step"] for row in metrics_rows(out)] == [1, 2]
+
+    assert RLConfig(resume_from_checkpoint=True).resume_from_checkpoint == "latest"
+    assert RLConfig.from_dict({"resume_from_checkpoint": "true"}).resume_from_checkpoint == "latest"
+    for refused, fragment in ((LoraConfig(use_dora=True, target_modules=["q_proj"]), "use_dora=True"),
+                              (LoraConfig(), "target_modules is None"), ("lora", "must be a peft LoraConfig")):
+        with pytest.raises(ConfigError, match=fragment):
+            RLTrainer(model=str(tiny_model_dir), args=config, peft_config=refused)
