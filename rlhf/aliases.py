@@ -274,6 +274,8 @@ def translate(cls_name: str, fields: set[str], given: dict[str, Any], native: di
         out[key], origin[key] = value, alias
 
     for key in [k for k in given if k not in fields]:
+        if key == "use_vllm" and str(given[key]).strip().lower() in ("false", "0", "no"):
+            continue  # says what happens here anyway: the policy generates its own responses
         if key in renames and renames[key] in fields:
             put(renames[key], given[key], key)
         elif not any(key in keys for keys, _ in translations):

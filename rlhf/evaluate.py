@@ -122,6 +122,23 @@ def _evaluation_tokenizer(candidates: list[Candidate], base_id: str, chat_templa
     return tokenizers[0]
 
 
+def _prompts_of(dataset: str, split: str, prompt_column: str | None, candidates: list[Candidate]) -> tuple[Any, str]:
+    """The prompt dataset and its prompt column: the given one; else the run's own prompt_column
+    (its config.yaml) where the dataset has that column; else "prompt"."""
+    from rlhf.errors import DataError
+
+    run = run_config(candidates) if prompt_column is None else None
+    runs_column = run[1].get("prompt_column") if run is not None else None
+    if isinstance(runs_column, str) and runs_column != "prompt":
+        try:
+            return load_prompt_dataset(dataset, split, runs_column), runs_column
+        except DataError as exc:
+            if f"has no column {runs_column!r}" not in str(exc):
+                raise
+    column = prompt_column or "prompt"
+    return load_prompt_dataset(dataset, split, column), column
+
+
 def _same_model(a: str, b: str) -> bool:
     from rlhf.models import EMBEDDED_MODEL, embedded_model_dir
 
@@ -364,7 +381,7 @@ def evaluate(
     batch_size: int = 16,
     num_prompts: int | None = None,
     dataset_split: str | None = None,
-    prompt_column: str = "prompt",
+    prompt_column: str | None = None,
     max_prompt_length: int = 256,
     reward_weights: list[float] | None = None,
     reward_kwargs: dict[str, dict[str, Any]] | None = None,
@@ -401,7 +418,7 @@ def evaluate(
             read_run_settings(candidate.adapter_dir)
     base_id = common_base(candidates)
     split = dataset_split or ("eval" if dataset.startswith(BUILTIN_PREFIX) else "train")
-    prompts = load_prompt_dataset(dataset, split, prompt_column)
+    prompts, prompt_column = _prompts_of(dataset, split, prompt_column, candidates)
     count = len(prompts) if num_prompts is None else min(num_prompts, len(prompts))
     accelerator = accelerator or make_accelerator()
     tokenizer = _evaluation_tokenizer(candidates, base_id, chat_template_given=chat_template is not None)
@@ -566,7 +583,8 @@ class EvalConfig:
     dataset: str = field(default="builtin:prompts", metadata={
         "help": "Prompts: .jsonl/.json/.csv/.parquet, a datasets dir, or builtin:prompts (its eval split)."})
     dataset_split: str | None = field(default=None, metadata={"help": "Split (default: eval for built-in sets)."})
-    prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt."})
+    prompt_column: str | None = field(default=None, metadata={
+        "help": "Column with the prompt (default: the run's prompt_column where the dataset has it, else 'prompt')."})
     num_prompts: int | None = field(default=None, metadata={"help": "Use the first N prompts (default: all)."})
     reward_funcs: list[str] | None = field(default=None, metadata={
         "help": "Reward functions, as in training (built-in names, file.py:fn, module:fn, RM dir, URL). Default: "

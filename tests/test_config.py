@@ -302,3 +302,13 @@ def test_the_python_api_trains_the_algorithm_its_estimator_names(tmp_path):
     rloo = tmp_path / "rloo.yaml"
     rloo.write_text("advantage_estimator: rloo\n")
     assert algorithm(parse_train_args("ppo", ["--config", str(rloo)])) == algorithm(RLConfig(advantage_estimator="rloo"))
+
+
+def test_trls_use_vllm_false_is_read_and_true_refused():
+    """use_vllm: false (a common line of TRL configs) said "no counterpart"; it is what happens here."""
+    from rlhf import RLConfig
+    from rlhf.errors import ConfigError
+
+    assert RLConfig.from_dict({"use_vllm": False, "max_steps": 2}).max_steps == 2
+    with pytest.raises(ConfigError, match="use_vllm .*there is no vLLM mode"):
+        RLConfig.from_dict({"use_vllm": True})

@@ -402,3 +402,20 @@ def test_a_runs_python_reward_functions_are_imported_again(tiny_model_dir, tmp_p
     with pytest.raises(ConfigError, match="reward_funcs entry python:__main__.charlen was a Python object defined "
                                           "where it cannot be imported again; pass --reward_funcs"):
         evaluate([str(run / "final")], "builtin:prompts", None, num_prompts=2, num_samples=1, max_new_tokens=3)
+
+
+def test_the_runs_prompt_column_is_read_where_the_dataset_has_it(tiny_model_dir, tmp_path):
+    """A stranger's review: a run trained with prompt_column question was evaluated on its own
+    data only with the flag given again ("no column 'prompt'"). Another dataset without that
+    column still takes "prompt"."""
+    from rlhf.evaluate import evaluate
+
+    run = tmp_path / "run"
+    make_adapter(tiny_model_dir, run / "final", seed=1)
+    (run / "config.yaml").write_text("prompt_column: question\nreward_funcs: [sentiment]\n")
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"question": f"Why {i}?"}) + "\n" for i in range(2)))
+    report = evaluate([str(run / "final")], str(questions), None, num_samples=1, max_new_tokens=3)
+    assert report["checkpoints"][str(run / "final")]["reward"]["mean"] is not None
+    report = evaluate([str(run / "final")], "builtin:prompts", None, num_prompts=2, num_samples=1, max_new_tokens=3)
+    assert report["checkpoints"][str(run / "final")]["reward"]["mean"] is not None
