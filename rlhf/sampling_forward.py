@@ -55,8 +55,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from rlhf import cpu_linear
 from rlhf.cpu_linear import (available_memory_bytes, memory_choice, onednn_linear, onednn_packing_usable,
-                              pack_for_onednn, routes_to_onednn, use_onednn)
+                              pack_for_onednn, routes_to_onednn)
 from rlhf.kv_cache import ordinary_tensors
 
 # The architectures whose decoder layer is exactly norm -> attention (q/k/v, rotary, cache, o) ->
@@ -647,7 +648,8 @@ def sampling_forward(model: nn.Module, fuse: bool = False, reserve_bytes: int = 
             or not all(hasattr(sys.modules[modeling], name) for name in ("eager_attention_forward", "apply_rotary_pos_emb"))):
         return None
     window_reached = window is not None and (columns is None or columns >= window)
-    if fold and (window_reached or not (onednn_packing_usable() and use_onednn())):
+    # the module's: the machine's choice as routes_to_onednn reads it (tests set it there)
+    if fold and (window_reached or not (onednn_packing_usable() and cpu_linear.use_onednn())):
         return None
     projections = []  # per layer: name -> how the model computes that projection
     folds: list[dict[str, _Fold]] = []
