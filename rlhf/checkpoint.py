@@ -119,12 +119,15 @@ def write_atomically(accelerator: Any, final: Path, write_on_main: Callable[[Pat
 def save_checkpoint(accelerator: Any, policy: PeftModel, value_head: torch.nn.Module | None,
                     trainer_state: dict[str, Any], checkpoints_dir: Path, step: int, total_limit: int | None,
                     full_state: dict[str, torch.Tensor] | None = None, init_adapter: SavedLora | None = None,
-                    after_state_saved: Callable[[Path], None] | None = None) -> Path:
+                    after_state_saved: Callable[[Path], None] | None = None, tokenizer: Any = None) -> Path:
     """Write ``checkpoints_dir/step-<step>`` atomically (``write_atomically``), then delete the
     complete checkpoints beyond ``total_limit``, oldest first. ``after_state_saved(dir)`` runs on
-    every process once Accelerate wrote its state into ``dir``."""
+    every process once Accelerate wrote its state into ``dir``. ``tokenizer``: saved beside the
+    adapter, as in final/ (its chat template is how the run wrote prompts; evaluate.py reads it)."""
     def write_weights_and_state(staging: Path) -> None:
         save_adapter_and_head(policy, value_head, staging, full_state, init_adapter)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
         (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
 
     def write_accelerate_state(staging: Path) -> None:
@@ -396,7 +399,8 @@ def check_output_dir(output_dir: Path, process_index: int, resuming: bool, overw
     was there), for ``remove_created_dirs`` if the start is refused."""
     from rlhf.errors import ConfigError
 
-    created = next((path for path in reversed([output_dir, *output_dir.parents]) if not path.exists()), None)
+    absolute = Path(os.path.abspath(output_dir))  # "a/new/../out" makes a/out, not a/new
+    created = next((path for path in reversed([absolute, *absolute.parents]) if not path.exists()), None)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / f".write-test-{process_index}"
@@ -437,7 +441,8 @@ def remove_created_dirs(output_dir: Path, created: Path | None) -> None:
     missing dataset) leaves no empty dirs behind: output_dir and the parents it made, while empty."""
     if created is None:
         return
-    for path in [output_dir, *output_dir.parents]:
+    absolute = Path(os.path.abspath(output_dir))
+    for path in [absolute, *absolute.parents]:
         try:
             path.rmdir()  # only an empty dir; another process may be writing into it
         except OSError:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -26,6 +25,8 @@ from rlhf.errors import ConfigError
 from rlhf.parsing import OneLineParser, changed_settings, load_yaml, parse_dataclass, save_config  # noqa: F401
 
 REPORT_TARGETS = ("none", "jsonl", "tensorboard", "wandb")
+# id(config) -> the fields its constructor call named, from RLConfig.__new__ to its __post_init__
+_GIVEN: dict[int, set[str]] = {}
 # How the policy is updated (rlhf.update.UPDATERS, whose import needs transformers; a test keeps
 # the two in step): first-order steps on the policy loss, or TRPO's natural-gradient step.
 UPDATE_METHODS = ("optimizer", "trpo")
@@ -353,7 +354,20 @@ class RLConfig:
     resume_from_checkpoint: str | None = _field(None, "Checkpoint dir to resume from, or 'latest' (newest in "
                                                       "output_dir/checkpoints; TRL's true means it too).")
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> RLConfig:
+        # the keywords a user wrote (RLConfig(...), a subclass): __post_init__ fills the settings that
+        # follow the estimator where they are missing; the parsers and dataclasses.replace name every field
+        config = super().__new__(cls)
+        _GIVEN[id(config)] = set(kwargs) | {f.name for f in dataclasses.fields(cls)[:len(args)]}
+        return config
+
     def __post_init__(self) -> None:
+        given = _GIVEN.pop(id(self), None)
+        if given is not None and not set(ESTIMATOR_SETTINGS) <= given:
+            values = {key: getattr(self, key) for key in ("advantage_estimator", *ESTIMATOR_SETTINGS)}
+            RLConfig.complete_settings(values, given)
+            for key in ESTIMATOR_SETTINGS:
+                setattr(self, key, values[key])
         # TRL's resume_from_checkpoint=True (YAML true, --resume_from_checkpoint true) is the newest checkpoint
         if self.resume_from_checkpoint is True or (self.resume_from_checkpoint in ("true", "True")
                                                   and not os.path.exists(self.resume_from_checkpoint)):
@@ -665,7 +679,8 @@ class RLConfig:
         term, no batch whitening), not PPO's KL-in-reward. ``values``: every field, updated in place."""
         if default_estimator is not None and "advantage_estimator" not in given:
             values["advantage_estimator"] = default_estimator
-        chosen = estimator_defaults(values["advantage_estimator"])
+        estimator = values["advantage_estimator"]
+        chosen = estimator_defaults(estimator) if isinstance(estimator, str) else {}  # else refused by validate
         fields = {f.name: f.default for f in dataclasses.fields(RLConfig)}
         for key in ESTIMATOR_SETTINGS:
             if key not in given:
@@ -680,32 +695,6 @@ class RLConfig:
         """Every setting as plain data (what config.yaml holds): a Python reward function becomes
         'python:module.name', a Dataset object '<Dataset N rows>'."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-
-def _init_following_the_estimator(init: Any) -> Any:
-    """RLConfig(...) as a user writes it, with some keywords: the ones left out that follow the
-    estimator are filled in from it (``complete_settings``). The dataclass's own __init__ runs
-    with them; a call that names every field (the parsers, dataclasses.replace) is unchanged."""
-    names = [f.name for f in dataclasses.fields(RLConfig)]
-
-    @functools.wraps(init)
-    def __init__(self: RLConfig, *args: Any, **kwargs: Any) -> None:
-        given = set(kwargs) | set(names[:len(args)])
-        if not set(ESTIMATOR_SETTINGS) <= given:
-            values = {**{f.name: _field_default(f) for f in dataclasses.fields(RLConfig)},
-                      **dict(zip(names, args)), **kwargs}
-            RLConfig.complete_settings(values, given)
-            kwargs.update({key: values[key] for key in ESTIMATOR_SETTINGS if key not in given})
-        init(self, *args, **kwargs)
-
-    return __init__
-
-
-def _field_default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
-
-
-RLConfig.__init__ = _init_following_the_estimator(RLConfig.__init__)  # type: ignore[method-assign]
 
 
 def _plain(value: Any) -> Any:

@@ -97,10 +97,9 @@ def load_preference_dataset(spec: str, split: str = "train") -> datasets.Dataset
       assistant's messages
     - implicit prompt (no prompt column, or a text prompt beside conversational replies): the
       shared beginning of chosen and rejected is the prompt, as TRL's ``maybe_extract_prompt``
-      finds it (``trl-lib/ultrafeedback_binarized``, ``Anthropic/hh-rlhf`` style)
+      finds it (``trl-lib/ultrafeedback_binarized``, ``Anthropic/hh-rlhf`` style), text cut
+      between words (``_extract_prompt``)
     """
-    from trl.data_utils import maybe_extract_prompt
-
     dataset = _load_any(spec, split)
     missing = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
     if missing:
@@ -109,16 +108,38 @@ def load_preference_dataset(spec: str, split: str = "train") -> datasets.Dataset
     if len(dataset) == 0:
         raise DataError(f"preference dataset {spec} has no rows")
     dataset = dataset.select_columns([c for c in PREFERENCE_COLUMNS if c in dataset.column_names])
+    first = None
     for index, row in enumerate(dataset):  # checked before the prompt is extracted: the rows as the file holds them
-        _check_preference_row(row, f"preference dataset {spec} row {index}")
+        form = _check_preference_row(row, f"preference dataset {spec} row {index}")
+        first = first or form
+        if form != first:  # one form for every row: how the pairs are framed is decided once
+            raise DataError(f"preference dataset {spec} row {index} is {form}, row 0 {first}; use one form for every row")
     if "prompt" not in dataset.column_names or isinstance(dataset[0]["prompt"], str) != isinstance(dataset[0]["chosen"], str):
-        dataset = dataset.map(maybe_extract_prompt, remove_columns=dataset.column_names)
+        dataset = dataset.map(_extract_prompt, remove_columns=dataset.column_names)
         for index, row in enumerate(dataset):
-            if not _is_valid_prompt(row["prompt"]) or not row["chosen"] or not row["rejected"]:
+            if not _is_valid_prompt(row["prompt"]) or not row["chosen"] or not row["rejected"] \
+                    or row["chosen"] == row["rejected"]:
                 raise DataError(f"preference dataset {spec} row {index}: chosen and rejected must begin with the same "
-                                "prompt and then differ (no prompt column, so the prompt is their shared beginning), "
+                                "prompt and then differ (no prompt column, so the prompt is their shared beginning"
+                                f"{', up to a space between words' if isinstance(row['chosen'], str) else ''}), "
                                 f"got prompt {str(row['prompt'])[:60]!r}")
     return dataset
+
+
+def _extract_prompt(row: dict[str, Any]) -> dict[str, Any]:
+    """TRL's ``maybe_extract_prompt``, with text cut between words: TRL's shared beginning of two
+    texts ends where they first differ, mid-word ("...Assistant: Blue" / "...Assistant: Bright" ->
+    prompt "...Assistant: B"), and the prompt and reply are framed apart here (a chat turn or a
+    separator between them). The cut moves back to the last space of the shared beginning."""
+    from trl.data_utils import maybe_extract_prompt
+
+    pair = maybe_extract_prompt(row)
+    prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
+    if isinstance(prompt, str) and prompt and not prompt[-1].isspace() \
+            and chosen[:1].strip() and rejected[:1].strip():  # both replies go on mid-word
+        cut = max(prompt.rfind(" "), prompt.rfind("\n"), prompt.rfind("\t")) + 1
+        prompt, chosen, rejected = prompt[:cut], prompt[cut:] + chosen, prompt[cut:] + rejected
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 def preference_conversations(pairs: datasets.Dataset) -> datasets.Dataset:
@@ -134,21 +155,27 @@ def preference_conversations(pairs: datasets.Dataset) -> datasets.Dataset:
     }, remove_columns=[c for c in pairs.column_names if c not in ("prompt", "chosen", "rejected")])
 
 
-def _check_preference_row(row: dict[str, Any], where: str) -> None:
+def _check_preference_row(row: dict[str, Any], where: str) -> str:
     """Every column a non-empty string, or every column a list of {role, content} messages (a text
-    prompt may stand beside message replies: TRL then reads the prompt from the replies)."""
-    conversational = not isinstance(row["chosen"], str)
+    prompt may stand beside message replies: TRL then reads the prompt from the replies). Returns
+    the row's form, for the check that all rows share it."""
+    conversational = isinstance(row["chosen"], list)
     for column in PREFERENCE_COLUMNS:
         if column not in row or (column == "prompt" and conversational and isinstance(row[column], str)):
             continue
         value = row[column]
-        if conversational and not isinstance(value, list) or not conversational and not isinstance(value, str):
-            raise DataError(f"{where}: {column} is {'a string' if isinstance(value, str) else type(value).__name__} "
+        if not isinstance(value, (str, list)):
+            raise DataError(f"{where}: {column} must be a non-empty string or a list of {{role, content}} messages, "
+                            f"got {type(value).__name__} {str(value)[:40]!r}")
+        if isinstance(value, list) != conversational:
+            raise DataError(f"{where}: {column} is {'chat messages' if isinstance(value, list) else 'a string'} "
                             f"but chosen is {'chat messages' if conversational else 'a string'}; use one form for "
                             "chosen, rejected and prompt")
         if not _is_valid_prompt(value):
             raise DataError(f"{where}: {column} must be a non-empty string or a list of {{role, content}} messages "
                             f"with non-empty content, got {str(value)[:60]!r}")
+    text_prompt = "prompt" in row and isinstance(row["prompt"], str)
+    return ("chat messages" + (" beside a text prompt" if text_prompt else "")) if conversational else "strings"
 
 
 def load_prompt_dataset(spec: Any, split: str = "train", prompt_column: str = "prompt",

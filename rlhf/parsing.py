@@ -229,9 +229,14 @@ def parse_dataclass(cls: type, argv: list[str] | None = None, script_defaults: d
     _apply(cls, values, origin, cli, cli_keys, "the command line")
     _settle(values, origin)
     if hasattr(cls, "complete_settings"):
-        # the user's keys (the config file's, the command line's) stay; the script's defaults are its
-        # estimator's, and give way where the user chose another estimator
-        cls.complete_settings(values, (set(data) if config_file else set()) | cli_keys | set(origin))
+        # the user's keys (a --config file's, the command line's) stay; the script's defaults and its
+        # documented config are its estimator's, and give way where the user chose another estimator
+        given = cli_keys | set(origin) | (set(data) if known.config else set())
+        documented = data if config_file and not known.config else {}
+        documented_estimator = documented.get("advantage_estimator", (script_defaults or {}).get("advantage_estimator"))
+        if values.get("advantage_estimator") == documented_estimator:
+            given |= set(documented)
+        cls.complete_settings(values, given)
     try:
         return cls(**values)
     except TypeError as exc:  # pragma: no cover - guarded by the key checks above

@@ -17,6 +17,7 @@ The algorithm is chosen only through the registries (``ADVANTAGE_ESTIMATORS``, `
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import time
@@ -48,13 +49,13 @@ from rlhf.card import render_model_card
 from rlhf.distributed import (Reducer, configure_sharding, gathered_state, make_accelerator, shards_weights,
                               unwrapped_full_weights)
 from rlhf.episodes.chat import resolve_chat_template
-from rlhf.errors import ConfigError, TrainingDiverged
+from rlhf.errors import ConfigError, TrainingDiverged, UserError
 from rlhf.evaluate import adapter_disabled, sample_and_score
 from rlhf.experience import Experience, make_experience, plan_passes
 from rlhf.models import PolicyWithValue, check_sequence_fits, check_tokenizer_fits, load_tokenizer, stop_token_ids
 from rlhf.python_gc import long_lived_objects_frozen, thaw_long_lived_objects
 from rlhf.rollout import Rollout, sample_rollout
-from rlhf.runlock import OutputDirLock
+from rlhf.runlock import LOCK_FILE, OutputDirLock
 from rlhf.scoring import RewardTrainerState, sample_with_spread, score
 from rlhf.signals import ScoringInterrupted, StopOnSignal, TrainingInterrupted, run_abandonable
 from rlhf.tracking import append_samples, check_wandb_login, completion_rows, flat_config, log_completions, make_trackers, metrics_row
@@ -243,6 +244,7 @@ class RLTrainer:
             release_freed_memory(stop_keeping=self._stops_keeping_freed_memory)
             ckpt.remove_created_dirs(self.output_dir, created_dir)
             raise
+        self._created_dir = created_dir
 
     @property
     def unwrapped(self) -> PolicyWithValue:
@@ -265,18 +267,29 @@ class RLTrainer:
         if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
             self.config.resume_from_checkpoint = ("latest" if resume_from_checkpoint is True
                                                   else str(resume_from_checkpoint))
-        if not self._other_run_checked:
-            ckpt.refuse_other_run(self.output_dir, bool(self.config.resume_from_checkpoint),
-                                  self.config.overwrite_output_dir)
+        self._check_other_run()
         try:
             with OutputDirLock(self.output_dir, enabled=self.accelerator.is_main_process), long_lived_objects_frozen():
                 self._train()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, UserError) and self.step == 0 and self._created_dir is not None:
+                # refused at its start in a dir it made (a checkpoint that does not load): the dirs go
+                # again, as after a refusal in __init__ (no other run can hold a lock on a dir just made)
+                (self.output_dir / LOCK_FILE).unlink(missing_ok=True)
+                ckpt.remove_created_dirs(self.output_dir, self._created_dir)
             # a failed run (a reward function that raised, diverged training) hands back what the heap
             # kept too; the ends that went through _end_training did so already (until 2026-12-07 a
             # train() that raised left the process at its peak: 1.8 GB against 0.6 GB after a run)
             release_freed_memory(stop_keeping=self._stops_keeping_freed_memory)
             raise
+
+    def _check_other_run(self) -> None:
+        """Built with args=, output_dir holding another run is refused at the first write into it
+        (train(), or save_model / save_checkpoint there), unless the run resumes or overwrites it."""
+        if not self._other_run_checked:
+            ckpt.refuse_other_run(self.output_dir, bool(self.config.resume_from_checkpoint),
+                                  self.config.overwrite_output_dir)
+            self._other_run_checked = True
 
     def _train(self) -> None:
         config, accelerator = self.config, self.accelerator
@@ -583,6 +596,7 @@ class RLTrainer:
 
     def save_checkpoint(self, random_streams: RolloutState | None = None) -> Path:
         """``random_streams``: save these instead of the current ones (an abandoned step's)."""
+        self._check_other_run()
         unwrapped = self.unwrapped
         state = self.trainer_state()
         rank = self.accelerator.process_index
@@ -592,7 +606,8 @@ class RLTrainer:
             self.accelerator, unwrapped.policy, unwrapped.value_head, state, self.output_dir / "checkpoints",
             self.step, self.config.save_total_limit, full_state=gathered_state(self.accelerator, self.model),
             init_adapter=self.init_adapter,
-            after_state_saved=None if random_streams is None else lambda d: random_streams.write_into(d, rank))
+            after_state_saved=None if random_streams is None else lambda d: random_streams.write_into(d, rank),
+            tokenizer=self.tokenizer)
 
     def save_final(self) -> Path:
         return self.save_model(self.output_dir / "final")
@@ -602,6 +617,8 @@ class RLTrainer:
         the base), the value head if any, and the tokenizer to output_dir (default:
         output_dir/final), atomically: an existing dir is replaced only by a complete one."""
         target = Path(output_dir) if output_dir is not None else self.output_dir / "final"
+        if Path(os.path.abspath(self.output_dir)) in Path(os.path.abspath(target)).parents:
+            self._check_other_run()  # never into another run's output_dir unawares (TRL's save_model before train)
         full_state = gathered_state(self.accelerator, self.model)
         unwrapped = self.unwrapped
 

@@ -60,9 +60,13 @@ def test_a_config_given_through_a_pipe_is_read(tmp_path):
     try:
         config = parse_dataclass(RLConfig, ["--config", str(pipe)])
     finally:
-        if writer.is_alive():  # the pipe was not read: let the writer finish
-            pipe.read_bytes()
-        writer.join()
+        # a writer that has closed the pipe may still be alive a moment: wait for it, and only one still
+        # blocked on an unread pipe gets a reader (a blocking open with no writer would hang: it did once)
+        writer.join(timeout=10)
+        if writer.is_alive():
+            reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
+            writer.join(timeout=10)
+            os.close(reader)
     assert (config.learning_rate, config.max_steps) == (0.003, 7)
 
 

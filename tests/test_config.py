@@ -273,8 +273,11 @@ def test_the_python_api_trains_the_algorithm_its_estimator_names(tmp_path):
     head, KL in the reward, batch whitening), and RLConfig(advantage_estimator="grpo") kept PPO's
     KL-in-reward and whitening, unlike train_grpo.py with the same keys. The settings that follow
     the estimator now come from it unless given; what the user gives wins."""
+    import dataclasses
+
     from rlhf import RLConfig
     from rlhf.cli import parse_train_args
+    from rlhf.errors import ConfigError
 
     def algorithm(config):
         return {key: getattr(config, key) for key in ("advantage_estimator", "policy_loss", "num_generations",
@@ -298,10 +301,23 @@ def test_the_python_api_trains_the_algorithm_its_estimator_names(tmp_path):
     assert RLConfig(advantage_estimator="grpo", kl_in_reward=True).kl_in_reward is True
     assert RLConfig.from_dict({"whiten_advantages": True}).whiten_advantages is True
 
-    # a config file that picks another estimator than the script's gets that estimator's defaults
+    # a config file or flag that picks another estimator than the script's gets that estimator's
+    # defaults (the script's documented config gives way too), as RLConfig does; so does a subclass
     rloo = tmp_path / "rloo.yaml"
     rloo.write_text("advantage_estimator: rloo\n")
     assert algorithm(parse_train_args("ppo", ["--config", str(rloo)])) == algorithm(RLConfig(advantage_estimator="rloo"))
+    assert algorithm(parse_train_args("grpo", ["--advantage_estimator", "rloo"])) == \
+        algorithm(RLConfig(advantage_estimator="rloo"))
+    assert algorithm(parse_train_args("ppo", ["--advantage_estimator", "reinforce"])) == \
+        algorithm(RLConfig(advantage_estimator="reinforce"))
+
+    @dataclasses.dataclass
+    class MyConfig(RLConfig):
+        note: str = ""
+
+    assert algorithm(MyConfig(advantage_estimator="grpo")) == algorithm(RLConfig(advantage_estimator="grpo"))
+    with pytest.raises(ConfigError, match="advantage_estimator"):
+        RLConfig(advantage_estimator=["grpo"])
 
 
 def test_trls_use_vllm_false_is_read_and_true_refused():
