@@ -166,3 +166,23 @@ def test_malformed_preference_rows_exit_2(row, message, tmp_path, run_here):
         result = run_here(script, "--output_dir", str(tmp_path / script), "--dataset", str(pairs))
         assert result.returncode == 2, result.stderr[-2000:]
         assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_preference_rows_of_mixed_forms_and_implicit_text_prompts(tmp_path):
+    """Review of 787ff9d: rows mixing strings and chat messages passed the per-row check and ended in
+    a jinja TypeError; TRL's shared beginning of two texts ends mid-word ("...Assistant: B"), and
+    DPO then put a chat turn inside the word. The cut now falls between words."""
+    from rlhf.data import load_preference_dataset
+    from rlhf.errors import DataError
+
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"prompt": "Hi", "chosen": "Yo", "rejected": "No"}) + "\n"
+                     + json.dumps({"prompt": "Hi", "chosen": [{"role": "assistant", "content": "Yo"}],
+                                   "rejected": [{"role": "assistant", "content": "No"}]}) + "\n")
+    with pytest.raises(DataError, match="row 1 is chat messages beside a text prompt, row 0 strings"):
+        load_preference_dataset(str(mixed))
+    implicit = tmp_path / "implicit.jsonl"
+    human = "\n\nHuman: What color is the sky?\n\nAssistant: "
+    implicit.write_text(json.dumps({"chosen": human + "Blue, on a clear day.", "rejected": human + "Bright green."}))
+    row = load_preference_dataset(str(implicit))[0]
+    assert (row["prompt"], row["chosen"], row["rejected"]) == (human, "Blue, on a clear day.", "Bright green.")

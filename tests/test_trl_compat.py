@@ -515,3 +515,33 @@ def test_trls_peft_config_and_resume_from_checkpoint_through_the_python_api(tiny
                               (LoraConfig(), "target_modules is None"), ("lora", "must be a peft LoraConfig")):
         with pytest.raises(ConfigError, match=fragment):
             RLTrainer(model=str(tiny_model_dir), args=config, peft_config=refused)
+
+
+def test_an_args_built_trainer_never_writes_into_another_run_unawares(tiny_model_dir, tmp_path):
+    """Review of 7843dcb: with the other-run check moved to train(), save_model() before train()
+    replaced another run's final/ adapter. A start refused in train() left the dirs it made."""
+    import dataclasses
+
+    from rlhf.errors import CheckpointError, ConfigError
+    from rlhf.trainer import RLTrainer
+
+    out = tmp_path / "run"
+    config = dataclasses.replace(grpo_config(tiny_model_dir, out), max_steps=1, save_steps=1)
+    reward = [lambda completions, **kw: [1.0] * len(completions)]
+    rows = datasets.Dataset.from_list(CHAT_ROWS)
+    RLTrainer(model=str(tiny_model_dir), args=config, reward_funcs=reward, train_dataset=rows).train()
+    assert (out / "checkpoints" / "step-1" / "tokenizer_config.json").is_file()  # as final/ has it
+    final = (out / "final" / "adapter_model.safetensors").read_bytes()
+    other = RLTrainer(model=str(tiny_model_dir), args=config, reward_funcs=reward, train_dataset=rows)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        other.save_model()
+    assert (out / "final" / "adapter_model.safetensors").read_bytes() == final
+    other.save_model(tmp_path / "elsewhere")  # outside the run: as TRL saves anywhere
+    assert (tmp_path / "elsewhere" / "adapter_model.safetensors").is_file()
+
+    fresh = tmp_path / "new" / "nested" / "run"
+    refused = RLTrainer(model=str(tiny_model_dir), args=dataclasses.replace(config, output_dir=str(fresh)),
+                        reward_funcs=reward, train_dataset=rows)
+    with pytest.raises(CheckpointError):
+        refused.train(resume_from_checkpoint=str(tmp_path / "nope"))
+    assert not (tmp_path / "new").exists()
