@@ -410,7 +410,12 @@ def _combine(names: list[str], weights: list[float], raw: dict[str, list[Any]], 
         steps = [[(position, w * reward) for name, w in zip(names, weights) if isinstance(raw[name][i], list)
                   for position, reward in raw[name][i]] for i in range(count)]
     unscorable = [all(raw[name][i] is None for name in names) for i in range(count)]
-    return RewardOutput(total=total, components=components, steps=steps, unscorable=unscorable)
+    output = RewardOutput(total=total, components=components, steps=steps, unscorable=unscorable)
+    for i, value in enumerate(output.combined()):  # each value was in range; their weighted sum may not be
+        if math.isfinite(value) and abs(value) > FLOAT32_MAX or math.isinf(value):
+            raise RewardError(f"sample {i}'s weighted reward sum is {value:g}, past float32's range (|r| <= 3.4e38) "
+                              "that the scores are kept in; scale the rewards or reward_weights down")
+    return output
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:

@@ -69,10 +69,14 @@ def check_adapter_config(settings: Any, file: Path) -> None:
 
     if not isinstance(settings, dict):
         refuse(f"expected a JSON object, got {type(settings).__name__}")
-    if not isinstance(settings.get("peft_type"), str):
-        refuse(f"peft_type must name a PEFT method (e.g. \"LORA\"), got {settings.get('peft_type')!r}")
-    if settings["peft_type"].upper() != "LORA":
+    from peft import PeftType
+
+    if settings.get("peft_type") not in {member.value for member in PeftType}:
+        refuse(f"peft_type must name a PEFT method as peft writes it (e.g. \"LORA\"), got {settings.get('peft_type')!r}")
+    if settings["peft_type"] != "LORA":
         return  # other methods: peft's own checks (LoRA on top refuses them where it matters)
+    if settings.get("bias", "none") not in ("none", "all", "lora_only"):
+        refuse(f"bias must be none, all or lora_only, got {settings.get('bias')!r}")
     rank = settings.get("r", 8)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         refuse(f"r must be a positive integer, got {rank!r}")
@@ -93,7 +97,7 @@ def adapter_load_errors(subject: str, mismatch: str) -> Iterator[None]:
         yield
     except SafetensorError as exc:
         raise CheckpointError(f"{subject} is corrupted: its {ADAPTER_WEIGHTS} is unreadable ({exc})") from None
-    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:  # the last two: a setting's type
         raise CheckpointError(f"{subject} {mismatch}: {str(exc).strip().splitlines()[0][:200]}") from None
 
 

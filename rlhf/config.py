@@ -750,6 +750,12 @@ def with_overrides(config: RLConfig, *, model: Any = None, reward_funcs: Any = N
     return dataclasses.replace(config, **changes) if changes else config
 
 
+# LoraConfig fields lora_settings reads, or that say nothing about the adapter's weights (peft fills
+# fan_in_fan_out for GPT-2's Conv1D layers itself; task_type, inference_mode and the names are records)
+LORA_CONFIG_READ = ("r", "lora_alpha", "lora_dropout", "target_modules", "task_type", "inference_mode",
+                    "base_model_name_or_path", "revision", "peft_type", "auto_mapping", "fan_in_fan_out")
+
+
 def lora_settings(peft_config: Any) -> dict[str, Any]:
     """TRL's ``peft_config`` (a peft LoraConfig) as this config's LoRA settings. What the LoRA
     trained here cannot be (DoRA, rsLoRA, trained biases, saved full modules, per-layer ranks or
@@ -759,12 +765,11 @@ def lora_settings(peft_config: Any) -> dict[str, Any]:
     if not isinstance(peft_config, LoraConfig):
         raise ConfigError(f"peft_config must be a peft LoraConfig (the adapters trained here are LoRA), got "
                           f"{type(peft_config).__name__}")
-    unsupported = [f"{name}={value!r}" for name, value, default in (
-        ("use_dora", peft_config.use_dora, False), ("use_rslora", peft_config.use_rslora, False),
-        ("bias", peft_config.bias, "none"), ("modules_to_save", peft_config.modules_to_save, None),
-        ("rank_pattern", peft_config.rank_pattern or None, None), ("alpha_pattern", peft_config.alpha_pattern or None, None),
-        ("layers_to_transform", peft_config.layers_to_transform, None),
-        ("init_lora_weights", peft_config.init_lora_weights, True)) if value != default]
+    # every other field at peft's default: what this LoRA does not read is refused, not dropped
+    # (exclude_modules, lora_bias, layer_replication and the fields of later peft versions too)
+    plain = LoraConfig()
+    unsupported = [f"{f.name}={getattr(peft_config, f.name)!r}" for f in dataclasses.fields(LoraConfig)
+                   if f.name not in LORA_CONFIG_READ and getattr(peft_config, f.name) != getattr(plain, f.name)]
     if unsupported:
         raise ConfigError(f"peft_config sets {', '.join(unsupported)}, which the LoRA trained here does not take; "
                           "leave them at peft's defaults (lora_r, lora_alpha, lora_target_modules are what it reads)")

@@ -100,7 +100,7 @@ def load_preference_dataset(spec: str, split: str = "train") -> datasets.Dataset
       finds it (``trl-lib/ultrafeedback_binarized``, ``Anthropic/hh-rlhf`` style), text cut
       between words (``_extract_prompt``)
     """
-    dataset = _load_any(spec, split)
+    dataset = _preference_split(spec, split)
     missing = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
     if missing:
         raise DataError(f"preference dataset {spec} lacks column(s) {', '.join(missing)}; it needs chosen and rejected, "
@@ -124,6 +124,26 @@ def load_preference_dataset(spec: str, split: str = "train") -> datasets.Dataset
                                 f"{', up to a space between words' if isinstance(row['chosen'], str) else ''}), "
                                 f"got prompt {str(row['prompt'])[:60]!r}")
     return dataset
+
+
+def _preference_split(spec: str, split: str) -> datasets.Dataset:
+    """``split`` of a preference dataset; held-out pairs ("eval") of a dataset with splits come from
+    its eval, test or validation split, whichever it has (DPO and reward-model training have no
+    split setting: a hub-style DatasetDict holds train and test)."""
+    names = (split, "test", "validation") if split == "eval" else (split,)
+    for name in names[:-1]:
+        try:
+            return _load_any(spec, name)
+        except DataError as exc:
+            if "has splits" not in str(exc):
+                raise
+    try:
+        return _load_any(spec, names[-1])
+    except DataError as exc:
+        if "has splits" not in str(exc) or len(names) == 1:
+            raise
+        raise DataError(f"preference dataset {spec} has no split named {', '.join(names[:-1])} or {names[-1]} "
+                        "for the held-out pairs; save those as a dataset of their own and give it as --eval_dataset") from None
 
 
 def _extract_prompt(row: dict[str, Any]) -> dict[str, Any]:

@@ -110,15 +110,18 @@ def _evaluation_tokenizer(candidates: list[Candidate], base_id: str, chat_templa
     templates differ cannot share one evaluation unless --chat_template sets one for all."""
     from rlhf.models import load_tokenizer
 
-    saved = [c for c in candidates if c.adapter_dir is not None and (c.adapter_dir / "tokenizer_config.json").is_file()]
+    adapters = [c for c in candidates if c.adapter_dir is not None]
+    saved = [c for c in adapters if (c.adapter_dir / "tokenizer_config.json").is_file()]
     if not saved:
         return load_tokenizer(base_id)
-    tokenizers = [load_tokenizer(str(c.adapter_dir)) for c in saved]
-    differing = [c.label for c, t in zip(saved, tokenizers) if t.chat_template != tokenizers[0].chat_template]
+    base = load_tokenizer(base_id) if len(saved) < len(adapters) else None  # what one without a saved tokenizer used
+    tokenizers = [load_tokenizer(str(c.adapter_dir)) if c in saved else base for c in adapters]
+    differing = [c.label for c, t in zip(adapters, tokenizers) if t.chat_template != tokenizers[0].chat_template]
     if differing and not chat_template_given:
-        raise ConfigError(f"checkpoints {saved[0].label} and {differing[0]} were trained with different chat templates "
-                          "(their saved tokenizers), so their prompts would be written differently; evaluate them "
-                          "separately, or pass --chat_template to write every prompt with one")
+        raise ConfigError(f"checkpoints {adapters[0].label} and {differing[0]} were trained with different chat "
+                          "templates (their saved tokenizers, or the base model's where none was saved), so their "
+                          "prompts would be written differently; evaluate them separately, or pass --chat_template to "
+                          "write every prompt with one")
     return tokenizers[0]
 
 

@@ -117,6 +117,9 @@ def train_reward_model(config: RewardModelConfig) -> dict[str, float]:
     start = time.perf_counter()
     trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
                             train_dataset=training_pairs(train_pairs, tokenizer))
+    if len(trainer.train_dataset) == 0:  # TRL drops the pairs longer than max_length; its sampler then fails
+        raise ConfigError(f"every pair of {config.dataset} is longer than max_length {config.max_length} tokens as the "
+                          "backbone reads it (chat template included), and TRL drops those; raise --max_length")
     trainer.train()
     train_time = time.perf_counter() - start
     trainer.save_model(str(output_dir))

@@ -614,6 +614,8 @@ def test_an_output_dir_entry_of_the_wrong_kind_stops_before_anything_is_written(
     ({"lora_alpha": "x"}, "adapter_config.json: lora_alpha must be a number, got 'x'"),
     ({"target_modules": 5}, "adapter_config.json: target_modules must be a module name or a list of them, got 5"),
     ({"peft_type": None}, "adapter_config.json: peft_type must name a PEFT method"),
+    ({"peft_type": "lora"}, "adapter_config.json: peft_type must name a PEFT method as peft writes it"),
+    ({"bias": 3}, "adapter_config.json: bias must be none, all or lora_only, got 3"),
 ])
 @pytest.mark.parametrize("script", ["evaluate.py", "export.py", "init_adapter"])
 def test_an_adapter_config_setting_of_the_wrong_type_is_one_line(edit, fragment, script, trained_adapter, tiny_model_dir,

@@ -384,6 +384,9 @@ def test_evaluation_calls_rewards_as_training_does_and_writes_prompts_with_the_r
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other / "final")
     with pytest.raises(ConfigError, match="were trained with different chat templates"):
         evaluate([str(run / "final"), str(other / "final")], str(prompts), [scheduled], num_samples=1, max_new_tokens=3)
+    unsaved = make_adapter(tiny_model_dir, tmp_path / "unsaved" / "checkpoints" / "step-1", seed=3)  # the base's template
+    with pytest.raises(ConfigError, match="or the base model's where none was saved"):
+        evaluate([str(unsaved), str(run / "final")], str(prompts), [scheduled], num_samples=1, max_new_tokens=3)
 
 
 def test_a_runs_python_reward_functions_are_imported_again(tiny_model_dir, tmp_path):

@@ -295,3 +295,33 @@ def test_a_reward_beyond_float32_or_needing_a_missing_column_is_named(tmp_path):
                                           "of the dataset"):
         CombinedReward([needs_solution])(["a"], ["b"], completion_ids=[[1]])
     assert list(CombinedReward([needs_solution])(["a"], ["b"], solution=["x"]).combined()) == [1.0]
+
+
+def test_a_weighted_reward_sum_past_float32_is_refused():
+    """Review of de32e1c: each value was checked, their weighted sum was not (3e38 x weight 2: inf,
+    the step skipped, exit 0)."""
+    def big(completions, **kwargs):
+        return [3e38] * len(completions)
+
+    with pytest.raises(RewardError, match="sample 0's weighted reward sum is 6e\\+38, past float32's range"):
+        CombinedReward([big], [2.0])(["p"], ["c"])
+    assert list(CombinedReward([big], [1.0])(["p"], ["c"]).combined()) == [3e38]
+
+
+def test_reward_model_data_a_stranger_brings(tiny_reward_backbone, tmp_path, run_here):
+    """Review of 787ff9d: every pair longer than max_length ended in a sampler ValueError
+    traceback; a hub-style DatasetDict (train/test) as --eval_dataset was refused with a hint to set
+    eval_dataset_split, a key these scripts do not have."""
+    import datasets
+
+    from conftest import assert_one_line_error
+    from rlhf.data import load_preference_dataset
+
+    rows = [{"prompt": f"Question {i}?", "chosen": "A long and helpful answer.", "rejected": "No."} for i in range(4)]
+    saved = tmp_path / "pairs"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(rows[:2])}).save_to_disk(saved)
+    assert len(load_preference_dataset(str(saved), "eval")) == 2 and len(load_preference_dataset(str(saved))) == 4
+    result = run_here("train_reward_model.py", "--model_name_or_path", str(tiny_reward_backbone), "--dataset",
+                      str(saved), "--eval_dataset", str(saved), "--output_dir", str(tmp_path / "rm"), "--max_length", "3")
+    assert_one_line_error(result, "is longer than max_length 3 tokens")

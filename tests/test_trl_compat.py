@@ -512,6 +512,7 @@ def test_trls_peft_config_and_resume_from_checkpoint_through_the_python_api(tiny
     assert RLConfig(resume_from_checkpoint=True).resume_from_checkpoint == "latest"
     assert RLConfig.from_dict({"resume_from_checkpoint": "true"}).resume_from_checkpoint == "latest"
     for refused, fragment in ((LoraConfig(use_dora=True, target_modules=["q_proj"]), "use_dora=True"),
+                              (LoraConfig(target_modules="all-linear", exclude_modules=["q_proj"]), "exclude_modules"),
                               (LoraConfig(), "target_modules is None"), ("lora", "must be a peft LoraConfig")):
         with pytest.raises(ConfigError, match=fragment):
             RLTrainer(model=str(tiny_model_dir), args=config, peft_config=refused)
