@@ -617,7 +617,8 @@ class RLTrainer:
         the base), the value head if any, and the tokenizer to output_dir (default:
         output_dir/final), atomically: an existing dir is replaced only by a complete one."""
         target = Path(output_dir) if output_dir is not None else self.output_dir / "final"
-        if Path(os.path.abspath(self.output_dir)) in Path(os.path.abspath(target)).parents:
+        run_dir, into = Path(os.path.abspath(self.output_dir)), Path(os.path.abspath(target))
+        if run_dir == into or run_dir in into.parents:
             self._check_other_run()  # never into another run's output_dir unawares (TRL's save_model before train)
         full_state = gathered_state(self.accelerator, self.model)
         unwrapped = self.unwrapped
