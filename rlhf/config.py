@@ -358,7 +358,8 @@ class RLConfig:
         # the keywords a user wrote (RLConfig(...), a subclass): __post_init__ fills the settings that
         # follow the estimator where they are missing; the parsers and dataclasses.replace name every field
         config = super().__new__(cls)
-        _GIVEN[id(config)] = set(kwargs) | {f.name for f in dataclasses.fields(cls)[:len(args)]}
+        if args or kwargs:  # RLConfig() is PPO's defaults as they stand; copy and pickle call __new__ bare
+            _GIVEN[id(config)] = set(kwargs) | {f.name for f in dataclasses.fields(cls)[:len(args)]}
         return config
 
     def __post_init__(self) -> None:
