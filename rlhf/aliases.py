@@ -35,6 +35,10 @@ _RL_RENAMES = {
 _PAIRS_RENAMES = {"dataset_name": "dataset", "warmup_ratio": "warmup_steps"}
 
 # TRL name -> why it cannot be mapped, naming our key and the conversion.
+# TRL's settings of another meaning (_RL_DIFFERENT), at the value that states what happens here:
+# read and passed over (TRL configs carry them), not refused
+SAYS_WHAT_HAPPENS_HERE = {"use_vllm": "false", "sync_ref_model": "false", "eval_strategy": "no", "save_strategy": "no",
+                          "logging_strategy": "steps", "do_eval": "false"}
 _RL_DIFFERENT = {
     "per_device_train_batch_size": f"TRL's per_device_train_batch_size counts completions per process per micro-step; {_GLOBAL_BATCH}",
     "per_device_eval_batch_size": "evaluation samples eval_num_prompts prompts every eval_steps; its batches follow "
@@ -269,13 +273,15 @@ def translate(cls_name: str, fields: set[str], given: dict[str, Any], native: di
             out[key], origin[key] = {**out.get(key, {}), **value}, alias
             return
         if key in native or key in origin:
+            if (native[key] if key in native else out[key]) == value:  # two names that agree (torch_dtype + bf16)
+                return
             other = key if key in native else origin[key]
             raise ConfigError(f"{alias} (TRL's name) and {other} both set {key} in {where}; keep one")
         out[key], origin[key] = value, alias
 
     for key in [k for k in given if k not in fields]:
-        if key == "use_vllm" and str(given[key]).strip().lower() in ("false", "0", "no"):
-            continue  # says what happens here anyway: the policy generates its own responses
+        if str(given[key]).strip().lower() == SAYS_WHAT_HAPPENS_HERE.get(key):
+            continue  # TRL's setting at the value that says what happens here anyway (use_vllm: false)
         if key in renames and renames[key] in fields:
             put(renames[key], given[key], key)
         elif not any(key in keys for keys, _ in translations):

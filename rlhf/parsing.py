@@ -169,7 +169,12 @@ def _apply(cls: type, values: dict[str, Any], origin: dict[str, str], given: dic
     ``coerce_native`` is off: Python values of the API), TRL's through rlhf.aliases."""
     fields = {f.name for f in dataclasses.fields(cls)}
     for key in native:
-        values[key] = _coerce(cls, key, given[key]) if coerce_native else given[key]
+        value = _coerce(cls, key, given[key]) if coerce_native else given[key]
+        if isinstance(value, dict) and key in origin and isinstance(values[key], dict):
+            # a mapping an earlier source filled from TRL's names (scale_rewards -> advantage_kwargs): one
+            # setting each to the user, so a later --advantage_kwargs adds to it, as TRL's keys would
+            value = {**values[key], **value}
+        values[key] = value
         origin.pop(key, None)
     translated, came_from = aliases.translate(cls.__name__, fields, given, {key: values[key] for key in native}, where)
     for key, value in translated.items():
@@ -199,6 +204,27 @@ def _settle(values: dict[str, Any], origin: dict[str, str]) -> None:
                       "which scales REINFORCE rather than clipping it; ScaleRL/TRL recommend epsilon_high 5.0",
                       stacklevel=2)
         values["policy_loss_kwargs"] = {"epsilon_high": cap, **(values["policy_loss_kwargs"] or {})}
+
+
+# GRPOConfig's defaults (TRL 1.16) where ours differ: (our key, TRL's name, TRL's default, shown as)
+TRL_DEFAULTS_THAT_DIFFER = (("kl_coef", "beta", 0.0, "0.0: no KL term"), ("learning_rate", "learning_rate", 1e-6, "1e-6"),
+                            ("lr_scheduler_type", "lr_scheduler_type", "linear", "linear"),
+                            ("use_bias_correction_kl", "use_bias_correction_kl", True, "true"))
+
+
+def _warn_of_trl_defaults(values: dict[str, Any], given: set[str], origin: dict[str, str], stacklevel: int = 3) -> None:
+    """A config written in TRL's names (some key translated) that leaves out a setting whose
+    default differs from GRPOConfig's trains with ours: said once, listing them, so a TRL recipe
+    does not silently run another KL or learning rate."""
+    if not origin:
+        return
+    differ = [f"{trl_name} ({'' if key == trl_name else key + ' '}{values[key]!r} here, TRL's default {shown})"
+              for key, trl_name, trl_default, shown in TRL_DEFAULTS_THAT_DIFFER
+              if key in values and key not in given and values[key] != trl_default
+              and (key != "use_bias_correction_kl" or (values.get("kl_coef") and not values.get("kl_in_reward")))]
+    if differ:
+        warnings.warn(f"this config uses TRL's names but leaves out settings whose defaults here are not GRPOConfig's: "
+                      f"{'; '.join(differ)}; set them to train as TRL would", stacklevel=stacklevel)
 
 
 def parse_dataclass(cls: type, argv: list[str] | None = None, script_defaults: dict[str, Any] | None = None,
@@ -237,6 +263,7 @@ def parse_dataclass(cls: type, argv: list[str] | None = None, script_defaults: d
         if values.get("advantage_estimator") == documented_estimator:
             given |= set(documented)
         cls.complete_settings(values, given)
+        _warn_of_trl_defaults(values, given, origin)
     try:
         return cls(**values)
     except TypeError as exc:  # pragma: no cover - guarded by the key checks above
@@ -255,6 +282,7 @@ def dataclass_from_dict(cls: type, settings: dict[str, Any], where: str, **compl
     _settle(values, origin)
     if hasattr(cls, "complete_settings"):
         cls.complete_settings(values, native | set(origin), **complete)
+        _warn_of_trl_defaults(values, native | set(origin), origin, stacklevel=4)  # the caller of from_dict
     return cls(**values)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 
 import pytest
 import yaml
@@ -328,3 +329,23 @@ def test_trls_use_vllm_false_is_read_and_true_refused():
     assert RLConfig.from_dict({"use_vllm": False, "max_steps": 2}).max_steps == 2
     with pytest.raises(ConfigError, match="use_vllm .*there is no vLLM mode"):
         RLConfig.from_dict({"use_vllm": True})
+
+
+def test_a_trl_recipe_is_read_as_trl_means_it(tmp_path):
+    """Real open-r1 recipes run through train_grpo.py (a helper's review): torch_dtype and bf16 that
+    agree were refused; sync_ref_model: false and eval_strategy/save_strategy "no" (what happens
+    here anyway) were refused; a --advantage_kwargs flag dropped the recipe's scale_rewards: false
+    (Dr. GRPO became GRPO); a recipe without beta trained with KL 0.05 where TRL has none, silently."""
+    from rlhf import RLConfig
+    from rlhf.cli import parse_train_args
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("torch_dtype: bfloat16\nbf16: true\nsync_ref_model: false\neval_strategy: 'no'\n"
+                      "save_strategy: 'no'\nuse_vllm: false\nloss_type: dr_grpo\nscale_rewards: false\n"
+                      "num_generations: 4\nmax_completion_length: 16\n")
+    with pytest.warns(UserWarning, match=r"beta \(kl_coef 0.05 here, TRL's default 0.0: no KL term\)"):
+        config = parse_train_args("grpo", ["--config", str(recipe), "--advantage_kwargs", '{"eps": 0.0001}'])
+    assert config.bf16 and config.advantage_kwargs == {"scale_rewards": False, "eps": 0.0001}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every differing default given: nothing to say
+        RLConfig.from_dict({"num_generations": 4, "beta": 0.0, "learning_rate": 1e-6, "lr_scheduler_type": "linear"})
