@@ -51,6 +51,9 @@ from reward_models.guard import RewardTimeout, run_guarded
 from rlhf.errors import RewardError, RewardUnavailable
 from rlhf.paths import looks_local
 
+# the names TRL's `trl grpo` script reads as reward_funcs (trl/scripts/grpo.py)
+TRL_SCRIPT_REWARDS = {name: f"trl.rewards:{name}" for name in ("accuracy_reward", "reasoning_accuracy_reward",
+                                                              "think_format_reward", "get_soft_overlong_punishment")}
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max (no torch import here)
 
 RewardFn = Callable[..., Any]
@@ -86,9 +89,17 @@ def load_reward_function(spec: str | RewardFn, kwargs: dict[str, Any] | None = N
         return LearnedReward(spec, device=device, **kwargs)
     if looks_local(spec):  # e.g. outputs/reward_model before train_reward_model.py wrote it: not a hub id
         raise RewardError(f"reward model dir not found: {spec} (a local path; train_reward_model.py writes one)")
+    if spec in TRL_SCRIPT_REWARDS or (re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", spec) and not spec.endswith(".py")):
+        # what TRL's own `trl grpo` script takes: its reward names, or a dotted import path
+        target = TRL_SCRIPT_REWARDS.get(spec) or ":".join(spec.rsplit(".", 1))
+        fn = _load_user_function(target)
+        if spec == "get_soft_overlong_punishment":  # a factory: TRL's script calls it with these
+            return fn(**(kwargs or {"max_completion_len": 1280, "soft_punish_cache": 256}))
+        return _with_kwargs(fn, kwargs) if kwargs else fn
     raise RewardError(
-        f"unknown reward {spec!r}: use a built-in ({', '.join(BUILTIN_REWARDS)}), path/to/file.py:function, "
-        "package.module:function, a reward-model dir, or an http(s):// URL"
+        f"unknown reward {spec!r}: use a built-in ({', '.join(BUILTIN_REWARDS)}), one of TRL's "
+        f"({', '.join(TRL_SCRIPT_REWARDS)}), path/to/file.py:function, package.module:function (or "
+        "package.module.function), a reward-model dir, or an http(s):// URL"
     )
 
 

@@ -546,3 +546,18 @@ def test_an_args_built_trainer_never_writes_into_another_run_unawares(tiny_model
     with pytest.raises(CheckpointError):
         refused.train(resume_from_checkpoint=str(tmp_path / "nope"))
     assert not (tmp_path / "new").exists()
+
+
+def test_the_reward_names_trls_grpo_script_reads():
+    """TRL's `trl grpo` script reads reward_funcs as its own names (accuracy_reward, ...) or a
+    dotted import path; a recipe written for it was refused here ("unknown reward")."""
+    from reward_models import CombinedReward
+    from reward_models.loader import load_reward_function
+    from trl.rewards import think_format_reward
+
+    assert load_reward_function("think_format_reward") is think_format_reward
+    assert load_reward_function("trl.rewards.think_format_reward") is think_format_reward
+    overlong = load_reward_function("get_soft_overlong_punishment")  # TRL's script: max_completion_len 1280
+    assert overlong(completion_ids=[[0] * 1000]) == [0.0] and overlong(completion_ids=[[0] * 1152]) == [-0.5]
+    chat = [[{"role": "user", "content": "Hi"}]]
+    assert list(CombinedReward(["think_format_reward"])(chat, ["<think>\nok\n</think>\nyes"]).combined()) == [1.0]
