@@ -257,9 +257,13 @@ def _restart(output_dir: Path, record: Lineage | None, checkpoints: list[Path], 
 
 
 def _off_branch(output_dir: Path, branch: Lineage, checkpoints: list[Path], resumed_step: int) -> list[Path]:
-    # a damaged checkpoint after the resumed step goes aside too: the branch would save over it
-    off = [path for path in checkpoints if not _on(branch, path)
-           or (_written_on(path) is None and _step_of(path) > resumed_step)]
+    def goes_aside(path: Path) -> bool:  # not _on the branch, its state read once
+        written_on = _written_on(path)
+        if written_on is None:  # damaged: aside only after the resumed step, where the branch would save over it
+            return _step_of(path) > resumed_step
+        return not branch.covers(written_on, _step_of(path))
+
+    off = [path for path in checkpoints if goes_aside(path)]
     final = output_dir / "final"
     if final.is_dir() and not branch.covers(*of_final(final)):
         off.append(final)
