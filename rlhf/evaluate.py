@@ -125,13 +125,13 @@ def _evaluation_tokenizer(candidates: list[Candidate], base_id: str, chat_templa
     return tokenizers[0]
 
 
-def _prompts_of(dataset: str, split: str, prompt_column: str | None, candidates: list[Candidate]) -> tuple[Any, str]:
+def _prompts_of(dataset: str, split: str, prompt_column: str | None,
+                run: tuple[Candidate, dict[str, Any]] | None) -> tuple[Any, str]:
     """The prompt dataset and its prompt column: the given one; else the run's own prompt_column
-    (its config.yaml) where the dataset has that column; else "prompt"."""
+    (``run``: ``run_config``'s, its config.yaml) where the dataset has that column; else "prompt"."""
     from rlhf.errors import DataError
 
-    run = run_config(candidates) if prompt_column is None else None
-    runs_column = run[1].get("prompt_column") if run is not None else None
+    runs_column = run[1].get("prompt_column") if run is not None and prompt_column is None else None
     if isinstance(runs_column, str) and runs_column != "prompt":
         try:
             return load_prompt_dataset(dataset, split, runs_column), runs_column
@@ -421,7 +421,8 @@ def evaluate(
             read_run_settings(candidate.adapter_dir)
     base_id = common_base(candidates)
     split = dataset_split or ("eval" if dataset.startswith(BUILTIN_PREFIX) else "train")
-    prompts, prompt_column = _prompts_of(dataset, split, prompt_column, candidates)
+    run = run_config(candidates)  # the run whose settings are read: prompt column, trainer_state
+    prompts, prompt_column = _prompts_of(dataset, split, prompt_column, run)
     count = len(prompts) if num_prompts is None else min(num_prompts, len(prompts))
     accelerator = accelerator or make_accelerator()
     tokenizer = _evaluation_tokenizer(candidates, base_id, chat_template_given=chat_template is not None)
@@ -446,7 +447,6 @@ def evaluate(
                       stacklevel=2)
     reward, reward_settings = evaluation_reward(candidates, reward_funcs, reward_weights, reward_kwargs, episodes,
                                                 accelerator.device)
-    run = run_config(candidates)
     # TRL passes every reward call a trainer_state: the end of the run whose settings are read, for every row
     # (so all rows are scored by one reward), as a scheduled reward stood when training finished
     finished = run[1].get("max_steps") if run is not None else None
