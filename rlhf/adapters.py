@@ -61,11 +61,10 @@ def check_adapter_config(settings: Any, file: Path) -> None:
     """The adapter_config.json settings peft uses without checking their type: a hand-edited
     ``"r": "abc"`` ends in a TypeError deep in peft's layer code, a missing peft_type in a bare
     KeyError. One line naming the file and the setting instead (CheckpointError)."""
+    from rlhf.checkpoint import is_finite_number, is_int  # here: rlhf.checkpoint imports this module
+
     def refuse(what: str) -> None:
         raise CheckpointError(f"{file}: {what}; restore the file (it is the adapter's, written by peft)")
-
-    def is_number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
     if not isinstance(settings, dict):
         refuse(f"expected a JSON object, got {type(settings).__name__}")
@@ -78,10 +77,10 @@ def check_adapter_config(settings: Any, file: Path) -> None:
     if settings.get("bias", "none") not in ("none", "all", "lora_only"):
         refuse(f"bias must be none, all or lora_only, got {settings.get('bias')!r}")
     rank = settings.get("r", 8)
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+    if not is_int(rank) or rank <= 0:
         refuse(f"r must be a positive integer, got {rank!r}")
     for name in ("lora_alpha", "lora_dropout"):
-        if name in settings and not is_number(settings[name]):
+        if name in settings and not is_finite_number(settings[name]):
             refuse(f"{name} must be a number, got {settings[name]!r}")
     targets = settings.get("target_modules")
     if not (targets is None or isinstance(targets, str)

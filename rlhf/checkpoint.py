@@ -13,6 +13,7 @@ A checkpoint is written to ``.tmp-step-N``, fsynced and renamed, so ``step-N`` i
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -329,20 +330,23 @@ def _check_rng_state(rng_file: Path) -> None:
                               "resume from another checkpoint") from None
 
 
+def is_int(value: Any) -> bool:
+    """An integer as JSON gives it (not a bool): for the checks of files read back."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A finite int or float as JSON gives it (not a bool, NaN or infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_trainer_state(state: Any, file: Path) -> None:
     """A hand-edited trainer_state.json: one line naming the file and the entry, not a KeyError
     or TypeError from deep inside the resume."""
-    import math
     import random
 
     def refuse(what: str) -> None:
         raise CheckpointError(f"{file} is invalid: {what}; restore the file or resume from another checkpoint")
-
-    def is_int(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    def is_number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
     if not isinstance(state, dict):
         refuse(f"expected a JSON object, got {type(state).__name__}")
@@ -354,8 +358,8 @@ def _check_trainer_state(state: Any, file: Path) -> None:
     skips = state.get("consecutive_skips", 0)
     if not is_int(skips) or skips < 0:
         refuse(f"consecutive_skips must be an integer >= 0, got {skips!r}")
-    for key, fields in (("kl_controller", {"value": lambda v: is_number(v) and v >= 0}),
-                        ("baseline", {"value": is_number, "initialized": lambda v: isinstance(v, bool)}),
+    for key, fields in (("kl_controller", {"value": lambda v: is_finite_number(v) and v >= 0}),
+                        ("baseline", {"value": is_finite_number, "initialized": lambda v: isinstance(v, bool)}),
                         ("sampler", {"epoch": lambda v: is_int(v) and v >= 0, "position": lambda v: is_int(v) and v >= 0})):
         entry = state[key]
         if not isinstance(entry, dict):
@@ -365,8 +369,8 @@ def _check_trainer_state(state: Any, file: Path) -> None:
                 refuse(f"{key}.{name} is missing, of the wrong type or out of range ({entry.get(name)!r})")
     if "entropy_controller" in state:  # adaptive entropy control (use_adaptive_entropy)
         entry = state["entropy_controller"]
-        if not isinstance(entry, dict) or not is_number(entry.get("value")) or not (
-                entry.get("last_entropy") is None or is_number(entry.get("last_entropy"))):
+        if not isinstance(entry, dict) or not is_finite_number(entry.get("value")) or not (
+                entry.get("last_entropy") is None or is_finite_number(entry.get("last_entropy"))):
             refuse(f"entropy_controller must hold a number value and a number or null last_entropy, got {entry!r}")
     if not isinstance(state.get("compatibility", {}), dict):
         refuse("compatibility must be a JSON object")
