@@ -1,4 +1,4 @@
-"""Float32 linear layers on CPU through oneDNN on AMD processors, where MKL is the slower of the two.
+"""Float32 linear layers on CPU through oneDNN on AMD processors and AVX-512 Intel ones, where MKL is the slower of the two.
 
 PyTorch's x86 CPU wheels send a float32 ``F.linear`` / ``@`` to MKL's sgemm, which is tuned for
 Intel processors. On AMD EPYC (the 2-core machine this project is measured on) oneDNN, which
@@ -10,7 +10,13 @@ summation order, so results agree to float rounding, not bitwise.
 
 The choice is fixed per machine, not timed per run: a run must not switch backend (and so its
 rounding, and with it every later sample) with the machine's load. oneDNN is used on x86 CPUs
-whose vendor is AMD; elsewhere (Intel, where MKL is at home, and non-x86) PyTorch's own product
+whose vendor is AMD, and on Intel CPUs where PyTorch runs its AVX-512 kernels: on a 2-core Intel
+Xeon with AVX-512 and AMX (2026-12-07) MKL was no faster at an update's shapes (4096 rows, 290-330
+GFLOP/s either way) and slower at a decode step's: 16 rows of SmolLM2-135M's layers through
+oneDNN's packed weights 132-148 GFLOP/s against MKL's 92-122, its LM head 135 against 90; the
+benchmark's GRPO step (4 x 4 samples, 32 and 128 tokens, two processes each) generation 3.8-4.3
+-> 3.2-3.4 s and 13.9-15.1 -> 10.9-11.5 s, update 1.96-2.20 -> 1.99-2.02 s and 5.26-5.58 ->
+4.92-5.36 s. Elsewhere (Intel without AVX-512, unmeasured, and non-x86) PyTorch's own product
 stays. ``RLHF_CPU_LINEAR=onednn`` or ``=blas`` overrides that.
 """
 
@@ -214,7 +220,19 @@ def use_onednn() -> bool:
     choice = linear_choice()
     if choice == "blas" or not onednn_usable():
         return False
-    return choice == "onednn" or cpu_vendor() == "AuthenticAMD"
+    if choice == "onednn":
+        return True
+    vendor = cpu_vendor()
+    return vendor == "AuthenticAMD" or (vendor == "GenuineIntel" and cpu_capability().startswith("AVX512"))
+
+
+def cpu_capability() -> str:
+    """The widest x86 vector kernels PyTorch dispatches to here (``AVX512``, ``AVX2``, ``DEFAULT``...;
+    lowered by ``ATEN_CPU_CAPABILITY``), or '' where this torch cannot say."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return ""
 
 
 def check_cpu_settings() -> None:

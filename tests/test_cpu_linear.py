@@ -113,12 +113,17 @@ def test_fused_layers_leave_base_layers_with_their_own_forward_alone(monkeypatch
         assert torch.allclose(model(x), torch.nn.functional.linear(x, base.weight, base.bias), atol=1e-5)
 
 
-@pytest.mark.parametrize("value, vendor, expected", [
-    ("auto", "AuthenticAMD", True), ("auto", "GenuineIntel", False), ("auto", "", False), ("", "AuthenticAMD", True),
-    ("blas", "AuthenticAMD", False), ("BLAS ", "AuthenticAMD", False), ("onednn", "GenuineIntel", True)])
-def test_the_choice_is_oneDNN_on_AMD_unless_the_environment_says_otherwise(monkeypatch, value, vendor, expected):
+@pytest.mark.parametrize("value, vendor, capability, expected", [
+    ("auto", "AuthenticAMD", "AVX2", True), ("auto", "AuthenticAMD", "AVX512", True),
+    ("auto", "GenuineIntel", "AVX512", True), ("auto", "GenuineIntel", "AVX2", False),
+    ("auto", "GenuineIntel", "", False), ("auto", "", "AVX512", False), ("", "AuthenticAMD", "AVX2", True),
+    ("blas", "AuthenticAMD", "AVX2", False), ("BLAS ", "GenuineIntel", "AVX512", False),
+    ("onednn", "GenuineIntel", "AVX2", True)])
+def test_the_choice_is_oneDNN_on_AMD_and_AVX512_Intel_unless_the_environment_says_otherwise(
+        monkeypatch, value, vendor, capability, expected):
     monkeypatch.setenv(cpu_linear.ENV, value)
     monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(cpu_linear, "cpu_capability", lambda: capability)
     cpu_linear.use_onednn.cache_clear()
     try:
         assert cpu_linear.use_onednn() is (expected and cpu_linear.onednn_usable())
