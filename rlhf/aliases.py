@@ -279,19 +279,37 @@ def translate(cls_name: str, fields: set[str], given: dict[str, Any], native: di
             raise ConfigError(f"{alias} (TRL's name) and {other} both set {key} in {where}; keep one")
         out[key], origin[key] = value, alias
 
+    unknown = []
     for key in [k for k in given if k not in fields]:
         if str(given[key]).strip().lower() == SAYS_WHAT_HAPPENS_HERE.get(key):
             continue  # TRL's setting at the value that says what happens here anyway (use_vllm: false)
         if key in renames and renames[key] in fields:
             put(renames[key], given[key], key)
         elif not any(key in keys for keys, _ in translations):
-            raise ConfigError(unknown_key_message(cls_name, fields, key, where))
+            unknown.append(key)
+    if unknown:  # all of them at once: a TRL recipe can hold twenty, one refusal per run would be twenty runs
+        raise ConfigError(unknown_keys_message(cls_name, fields, unknown, where))
     for keys, fn in translations:
         present = {key: given[key] for key in keys if key in given}
         if present:
             for our_key, value in fn(present).items():
                 put(our_key, value, "/".join(present))
     return out, origin
+
+
+def unknown_keys_message(cls_name: str, fields: set[str], keys: list[str], where: str) -> str:
+    """Why each of ``keys`` is refused, in one line (``unknown_key_message`` for a single key)."""
+    if len(keys) == 1:
+        return unknown_key_message(cls_name, fields, keys[0], where)
+    reasons = []
+    for key in keys:
+        message = unknown_key_message(cls_name, fields, key, where)
+        if message.startswith("unknown config key"):  # its hint alone: "did you mean ...?" or nothing
+            hint = message.split("; ", 1)[1] if "did you mean" in message else ""
+            reasons.append(f"{key} ({hint})" if hint else key)
+        else:
+            reasons.append(f"{key} ({message.split(': ', 1)[1]})")
+    return f"{len(keys)} unknown config keys in {where}: {', '.join(reasons)}; see --help for the valid keys"
 
 
 def unknown_key_message(cls_name: str, fields: set[str], key: str, where: str) -> str:
