@@ -387,7 +387,10 @@ class RLConfig:
         for name in ("max_steps", "rollout_batch_size", "num_generations", "mini_batch_size", "ppo_epochs",
                      "gradient_accumulation_steps", "max_new_tokens", "max_prompt_length", "lora_r",
                      "logging_steps", "eval_num_prompts", "max_consecutive_skips"):
-            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}"
+                    + (" (TRL's -1, train for num_train_epochs, has no counterpart: RL runs count steps; set max_steps = "
+                       "num_train_epochs x prompts in the dataset / rollout_batch_size)"
+                       if name == "max_steps" and getattr(self, name) == -1 else ""))
         for name in ("generation_batch_size", "logprob_batch_size", "log_completions_steps"):
             require(getattr(self, name) is None or getattr(self, name) >= 1,
                     f"{name} must be >= 1 or none (= automatic), got {getattr(self, name)}")

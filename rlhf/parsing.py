@@ -63,7 +63,20 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
             expected = f"a list of {getattr(typing.get_args(tp)[0], '__name__', 'values')} values"
         else:
             expected = getattr(tp, "__name__", tp)
-        raise ConfigError(f"{key} expects {expected}, got {value!r}") from None
+        raise ConfigError(f"{key} expects {expected}, got {value!r}{_trl_fraction_hint(key, value)}") from None
+
+
+def _trl_fraction_hint(key: str, value: Any) -> str:
+    """TRL (transformers' TrainingArguments) reads save/eval/logging steps below 1 as a fraction of
+    the run's steps; here they count RL steps, so such a value gets the conversion."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return ""
+    if key in ("save_steps", "eval_steps", "logging_steps") and 0 < number < 1:
+        return (f" (TRL reads a value below 1 as that fraction of the run's steps; here {key} counts RL steps: "
+                f"set it to {number:g} x max_steps, rounded)")
+    return ""
 
 
 def _scalar(tp: Any, value: Any) -> Any:

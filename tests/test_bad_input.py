@@ -100,6 +100,23 @@ def test_every_unknown_key_of_a_config_is_named_in_one_refusal(tmp_path, run_her
                           f"unknown config key 'kl_coeff' in {config}; did you mean 'kl_coef'?")
 
 
+@pytest.mark.parametrize("line,fragment", [
+    ("system_prompt: You are helpful.", "system_prompt (open-r1's setting) has no counterpart of that meaning here: "
+                                        "there is no system-prompt setting: give the prompts as conversations"),
+    ("max_steps: -1", "max_steps must be >= 1, got -1 (TRL's -1, train for num_train_epochs, has no counterpart"),
+    ("save_steps: 0.25", "save_steps expects int, got 0.25 (TRL reads a value below 1 as that fraction of the run's "
+                         "steps; here save_steps counts RL steps: set it to 0.25 x max_steps, rounded)"),
+    ("eval_steps: 0.5", "eval_steps expects int, got 0.5 (TRL reads a value below 1 as that fraction")])
+def test_trl_recipe_values_of_another_meaning_say_what_to_set(line, fragment, tmp_path, run_here):
+    """A TRL user's values that TRL reads otherwise: open-r1's system_prompt was answered "did you mean
+    'eval_num_prompts'?", max_steps -1 and a fractional save_steps got no word of TRL's meaning."""
+    config = tmp_path / "recipe.yaml"
+    config.write_text(line + "\n")
+    assert_one_line_error(run_here("train_grpo.py", "--config", str(config), "--output_dir", str(tmp_path / "out")),
+                          fragment)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("line,fragment", [("max_steps: true", "max_steps expects int, got True"),
                                            ("learning_rate: false", "learning_rate expects float, got False")])
 def test_a_yaml_boolean_in_a_numeric_key_is_refused(line, fragment, tmp_path, run_here):
