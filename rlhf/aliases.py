@@ -39,7 +39,10 @@ _PAIRS_RENAMES = {"dataset_name": "dataset", "warmup_ratio": "warmup_steps"}
 # read and passed over (TRL configs carry them), not refused
 OPEN_R1_KEYS = {"system_prompt"}  # open-r1's GRPOConfig adds them to TRL's; its recipes carry them
 SAYS_WHAT_HAPPENS_HERE = {"use_vllm": "false", "sync_ref_model": "false", "eval_strategy": "no", "save_strategy": "no",
-                          "logging_strategy": "steps", "do_eval": "false"}
+                          "logging_strategy": "steps", "do_eval": "false",
+                          # TRL's ModelConfig (model loading), as every model loads here
+                          "trust_remote_code": "false", "load_in_4bit": "false", "load_in_8bit": "false",
+                          "model_revision": "main", "attn_implementation": "sdpa"}
 _RL_DIFFERENT = {
     "per_device_train_batch_size": f"TRL's per_device_train_batch_size counts completions per process per micro-step; {_GLOBAL_BATCH}",
     "per_device_eval_batch_size": "evaluation samples eval_num_prompts prompts every eval_steps; its batches follow "
@@ -50,6 +53,13 @@ _RL_DIFFERENT = {
     "warmup_ratio": f"set warmup_steps = warmup_ratio x the run's optimizer steps ({_OPT_STEPS})",
     "num_train_epochs": "RL runs count steps: set max_steps = num_train_epochs x prompts in the dataset / rollout_batch_size",
     "top_k": "sampling here has temperature and top_p only",
+    "trust_remote_code": "models load with the code transformers ships (a model class of its own is not run); "
+                         "trust_remote_code: false is read",
+    "load_in_4bit": "no quantized loading here (the base's weights load in float32 or, with bf16, bfloat16); false is read",
+    "load_in_8bit": "no quantized loading here (the base's weights load in float32 or, with bf16, bfloat16); false is read",
+    "model_revision": "the model loads at its default revision (a local dir, or the hub's main); main is read",
+    "attn_implementation": "models load with transformers' default attention, PyTorch's SDPA where the model has it (what the sampler's fast "
+                           "path runs); sdpa is read",
     "system_prompt": "there is no system-prompt setting: give the prompts as conversations (a list of {role, content} "
                      "messages) that open with the system message",
     "min_p": "sampling here has temperature and top_p only",

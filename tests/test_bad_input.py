@@ -100,13 +100,28 @@ def test_every_unknown_key_of_a_config_is_named_in_one_refusal(tmp_path, run_her
                           f"unknown config key 'kl_coeff' in {config}; did you mean 'kl_coef'?")
 
 
+def test_trl_model_settings_that_say_what_happens_here_are_read(tmp_path, tiny_model_dir, run_here):
+    """TRL's ModelConfig keys at the values that describe how a model loads here (a TRL recipe's
+    trust_remote_code: false, attn_implementation: sdpa, ...) were unknown keys."""
+    config = tmp_path / "recipe.yaml"
+    config.write_text("trust_remote_code: false\nattn_implementation: sdpa\nload_in_4bit: false\nload_in_8bit: false\n"
+                      "model_revision: main\nmax_steps: 0\n")
+    # read past every one of them: the run stops at the first check of our own settings
+    assert_one_line_error(run_here("train_grpo.py", "--config", str(config), "--model_name_or_path", str(tiny_model_dir),
+                                   "--output_dir", str(tmp_path / "out")), "max_steps must be >= 1, got 0")
+
+
 @pytest.mark.parametrize("line,fragment", [
     ("system_prompt: You are helpful.", "system_prompt (open-r1's setting) has no counterpart of that meaning here: "
                                         "there is no system-prompt setting: give the prompts as conversations"),
     ("max_steps: -1", "max_steps must be >= 1, got -1 (TRL's -1, train for num_train_epochs, has no counterpart"),
     ("save_steps: 0.25", "save_steps expects int, got 0.25 (TRL reads a value below 1 as that fraction of the run's "
                          "steps; here save_steps counts RL steps: set it to 0.25 x max_steps, rounded)"),
-    ("eval_steps: 0.5", "eval_steps expects int, got 0.5 (TRL reads a value below 1 as that fraction")])
+    ("eval_steps: 0.5", "eval_steps expects int, got 0.5 (TRL reads a value below 1 as that fraction"),
+    ("attn_implementation: flash_attention_2", "attn_implementation (TRL's setting) has no counterpart of that meaning "
+                                               "here: models load with transformers' default attention"),
+    ("trust_remote_code: true", "trust_remote_code (TRL's setting) has no counterpart"),
+    ("load_in_4bit: true", "load_in_4bit (TRL's setting) has no counterpart of that meaning here: no quantized loading")])
 def test_trl_recipe_values_of_another_meaning_say_what_to_set(line, fragment, tmp_path, run_here):
     """A TRL user's values that TRL reads otherwise: open-r1's system_prompt was answered "did you mean
     'eval_num_prompts'?", max_steps -1 and a fractional save_steps got no word of TRL's meaning."""
