@@ -238,6 +238,31 @@ def _warn_of_trl_defaults(values: dict[str, Any], given: set[str], origin: dict[
     if differ:
         warnings.warn(f"this config uses TRL's names but leaves out settings whose defaults here are not GRPOConfig's: "
                       f"{'; '.join(differ)}; set them to train as TRL would", stacklevel=stacklevel)
+    other_meaning = [meaning(values) for key, meaning in TRL_NAMES_OF_ANOTHER_MEANING.items() if key in given]
+    if other_meaning:
+        warnings.warn(f"this config uses TRL's names, and some of its keys mean something else here: "
+                      f"{'; '.join(other_meaning)}", stacklevel=stacklevel)
+
+
+def _optimizer_steps_per_rl_step(values: dict[str, Any]) -> str:
+    try:
+        steps = values["ppo_epochs"] * values["rollout_batch_size"] * values["num_generations"] / values["mini_batch_size"]
+    except (KeyError, TypeError, ZeroDivisionError):
+        return "several"
+    return f"{steps:g}"
+
+
+# Keys a TRL config gives with TRL's meaning, which they do not have here (the run goes on, told).
+TRL_NAMES_OF_ANOTHER_MEANING = {
+    "max_steps": lambda values: (
+        f"max_steps {values.get('max_steps')} counts RL steps (a rollout of rollout_batch_size x num_generations "
+        f"completions and {_optimizer_steps_per_rl_step(values)} optimizer steps each with these settings), "
+        "TRL's counts optimizer steps"),
+    "generation_batch_size": lambda values: (
+        f"generation_batch_size {values.get('generation_batch_size')} is how many rows are sampled at once (a memory "
+        "chunk; the rollout is rollout_batch_size x num_generations whatever it is), TRL's is the completions per "
+        "generation round"),
+}
 
 
 def parse_dataclass(cls: type, argv: list[str] | None = None, script_defaults: dict[str, Any] | None = None,

@@ -331,6 +331,28 @@ def test_trls_use_vllm_false_is_read_and_true_refused():
         RLConfig.from_dict({"use_vllm": True})
 
 
+def test_trl_names_of_another_meaning_are_told_where_a_trl_config_gives_them(tmp_path):
+    """A TRL recipe's max_steps (TRL: optimizer steps) and generation_batch_size (TRL: completions per
+    generation round) ran with this project's meanings without a word (a session's left-alone list)."""
+    from rlhf import RLConfig
+    from rlhf.cli import parse_train_args
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("beta: 0.0\nlearning_rate: 1.0e-6\nlr_scheduler_type: linear\nmax_steps: 3\n"
+                      "generation_batch_size: 8\nmax_completion_length: 8\nnum_generations: 4\n")
+    with pytest.warns(UserWarning, match=r"max_steps 3 counts RL steps \(a rollout of rollout_batch_size x "
+                                         r"num_generations completions and 2 optimizer steps each .*generation_batch_size 8 "
+                                         r"is how many rows are sampled at once"):
+        parse_train_args("grpo", ["--config", str(recipe), "--rollout_batch_size", "4", "--mini_batch_size", "8"])
+    with pytest.warns(UserWarning, match=r"mean something else here: max_steps 5 counts RL steps"):
+        RLConfig.from_dict({"max_completion_length": 8, "beta": 0.0, "learning_rate": 1e-6, "lr_scheduler_type": "linear",
+                            "max_steps": 5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # our own names: nothing to say
+        parse_train_args("grpo", ["--max_steps", "3", "--generation_batch_size", "8"])
+        RLConfig.from_dict({"max_new_tokens": 8, "max_steps": 5})
+
+
 def test_a_trl_recipe_is_read_as_trl_means_it(tmp_path):
     """Real open-r1 recipes run through train_grpo.py (a helper's review): torch_dtype and bf16 that
     agree were refused; sync_ref_model: false and eval_strategy/save_strategy "no" (what happens
