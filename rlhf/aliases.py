@@ -25,6 +25,7 @@ _RL_RENAMES = {
     "epsilon": "clip_range", "epsilon_high": "clip_range_high", "dataset_name": "dataset",
     "dataset_train_split": "dataset_split", "dataset_test_split": "eval_dataset_split",
     "project": "project_name", "num_completions_to_print": "num_samples_to_log",
+    "dataset_prompt_column": "prompt_column",  # open-r1's GRPOScriptArguments
     # The sampler here is our own (or transformers' generate), but the correction is the same.
     "vllm_importance_sampling_clip_min": "importance_sampling_min",
     "vllm_importance_sampling_clip_max": "importance_sampling_max",
@@ -38,11 +39,31 @@ _PAIRS_RENAMES = {"dataset_name": "dataset", "warmup_ratio": "warmup_steps"}
 # TRL's settings of another meaning (_RL_DIFFERENT), at the value that states what happens here:
 # read and passed over (TRL configs carry them), not refused
 OPEN_R1_KEYS = {"system_prompt"}  # open-r1's GRPOConfig adds them to TRL's; its recipes carry them
-SAYS_WHAT_HAPPENS_HERE = {"use_vllm": "false", "sync_ref_model": "false", "eval_strategy": "no", "save_strategy": "no",
-                          "logging_strategy": "steps", "do_eval": "false",
-                          # TRL's ModelConfig (model loading), as every model loads here
-                          "trust_remote_code": "false", "load_in_4bit": "false", "load_in_8bit": "false",
-                          "model_revision": "main", "attn_implementation": "sdpa"}
+_NO = ("false", "0", "none")  # YAML's false, 0 and null (and "no", which YAML reads as false)
+SAYS_WHAT_HAPPENS_HERE: dict[str, tuple[str, ...]] = {
+    "use_vllm": ("false",), "sync_ref_model": ("false",), "eval_strategy": ("no",), "save_strategy": ("no",),
+    "logging_strategy": ("steps",), "do_eval": ("false",),
+    # TRL's ModelConfig (model loading), as every model loads here
+    "trust_remote_code": _NO, "load_in_4bit": _NO, "load_in_8bit": _NO, "model_revision": ("main", "none"),
+    "attn_implementation": ("sdpa", "none"),
+}
+# TRL's ModelConfig keys at other values: what every script here does instead (every config class)
+_MODEL_LOADING = {
+    "trust_remote_code": "models load with the code transformers ships (a model class of its own is not run); "
+                         "trust_remote_code: false is read",
+    "load_in_4bit": "no quantized loading here (the base's weights load in float32 or, with bf16, bfloat16); false is read",
+    "load_in_8bit": "no quantized loading here (the base's weights load in float32 or, with bf16, bfloat16); false is read",
+    "model_revision": "the model loads at its default revision (a local dir, or the hub's main); main is read",
+    "attn_implementation": "models load with transformers' default attention, PyTorch's SDPA where the model has it "
+                           "(what the sampler's fast path runs); sdpa is read",
+}
+
+
+def says_what_happens_here(key: str, value: Any) -> bool:
+    """Whether TRL's ``key`` at ``value`` states what happens here anyway (``use_vllm: false``): read, not refused."""
+    return str(value).strip().lower() in SAYS_WHAT_HAPPENS_HERE.get(key, ())
+
+
 _RL_DIFFERENT = {
     "per_device_train_batch_size": f"TRL's per_device_train_batch_size counts completions per process per micro-step; {_GLOBAL_BATCH}",
     "per_device_eval_batch_size": "evaluation samples eval_num_prompts prompts every eval_steps; its batches follow "
@@ -53,13 +74,6 @@ _RL_DIFFERENT = {
     "warmup_ratio": f"set warmup_steps = warmup_ratio x the run's optimizer steps ({_OPT_STEPS})",
     "num_train_epochs": "RL runs count steps: set max_steps = num_train_epochs x prompts in the dataset / rollout_batch_size",
     "top_k": "sampling here has temperature and top_p only",
-    "trust_remote_code": "models load with the code transformers ships (a model class of its own is not run); "
-                         "trust_remote_code: false is read",
-    "load_in_4bit": "no quantized loading here (the base's weights load in float32 or, with bf16, bfloat16); false is read",
-    "load_in_8bit": "no quantized loading here (the base's weights load in float32 or, with bf16, bfloat16); false is read",
-    "model_revision": "the model loads at its default revision (a local dir, or the hub's main); main is read",
-    "attn_implementation": "models load with transformers' default attention, PyTorch's SDPA where the model has it (what the sampler's fast "
-                           "path runs); sdpa is read",
     "system_prompt": "there is no system-prompt setting: give the prompts as conversations (a list of {role, content} "
                      "messages) that open with the system message",
     "min_p": "sampling here has temperature and top_p only",
@@ -203,7 +217,9 @@ _RL_TRANSLATIONS: list[_Translation] = [
     (("vllm_importance_sampling_correction", "vllm_importance_sampling_mode"), _sampler_correction),
 ]
 
-SWITCHES = {"use_peft", "disable_dropout", "vllm_importance_sampling_correction"}  # TRL booleans: a bare --flag means true
+# TRL booleans: a bare --flag means true
+SWITCHES = {"use_peft", "disable_dropout", "vllm_importance_sampling_correction", "use_vllm", "sync_ref_model", "do_eval",
+            "trust_remote_code", "load_in_4bit", "load_in_8bit"}
 
 ALIASES: dict[str, tuple[dict[str, str], list[_Translation], dict[str, str]]] = {
     "RLConfig": (_RL_RENAMES, _RL_TRANSLATIONS, _RL_DIFFERENT),
@@ -246,6 +262,12 @@ def alias_names(cls_name: str) -> list[str]:
     """Every TRL name the class accepts on the command line (renamed or translated)."""
     renames, translations, _ = ALIASES.get(cls_name, ({}, [], {}))
     return [*renames, *(key for keys, _ in translations for key in keys)]
+
+
+def explained_names(cls_name: str) -> list[str]:
+    """TRL's settings the class reads at some values or refuses with an explanation (``use_vllm``,
+    ``trust_remote_code``, ``num_train_epochs``), so a command-line flag gets what a file's key gets."""
+    return [*SAYS_WHAT_HAPPENS_HERE, *_MODEL_LOADING, *ALIASES.get(cls_name, ({}, [], {}))[2]]
 
 
 def aliases_of(cls_name: str) -> dict[str, list[str]]:
@@ -294,14 +316,14 @@ def translate(cls_name: str, fields: set[str], given: dict[str, Any], native: di
 
     unknown = []
     for key in [k for k in given if k not in fields]:
-        if str(given[key]).strip().lower() == SAYS_WHAT_HAPPENS_HERE.get(key):
+        if says_what_happens_here(key, given[key]):
             continue  # TRL's setting at the value that says what happens here anyway (use_vllm: false)
         if key in renames and renames[key] in fields:
             put(renames[key], given[key], key)
         elif not any(key in keys for keys, _ in translations):
             unknown.append(key)
     if unknown:  # all of them at once: a TRL recipe can hold twenty, one refusal per run would be twenty runs
-        raise ConfigError(unknown_keys_message(cls_name, fields, unknown, where))
+        raise ConfigError(unknown_keys_message(cls_name, fields, unknown, where, given))
     for keys, fn in translations:
         present = {key: given[key] for key in keys if key in given}
         if present:
@@ -310,33 +332,56 @@ def translate(cls_name: str, fields: set[str], given: dict[str, Any], native: di
     return out, origin
 
 
-def unknown_keys_message(cls_name: str, fields: set[str], keys: list[str], where: str) -> str:
-    """Why each of ``keys`` is refused, in one line (``unknown_key_message`` for a single key)."""
+def unknown_keys_message(cls_name: str, fields: set[str], keys: list[str], where: str,
+                         given: dict[str, Any] | None = None) -> str:
+    """Why each of ``keys`` is refused, in one line (``unknown_key_message`` for a single key); a TRL
+    setting read at some values (``trust_remote_code: false``) is shown with the value ``given``."""
     if len(keys) == 1:
-        return unknown_key_message(cls_name, fields, keys[0], where)
+        return unknown_key_message(cls_name, fields, keys[0], where, given)
     reasons = []
     for key in keys:
-        message = unknown_key_message(cls_name, fields, key, where)
+        message = unknown_key_message(cls_name, fields, key, where, given)
+        shown = f"{key}: {given[key]}" if given is not None and key in given and key in SAYS_WHAT_HAPPENS_HERE else key
         if message.startswith("unknown config key"):  # its hint alone: "did you mean ...?" or nothing
             hint = message.split("; ", 1)[1] if "did you mean" in message else ""
-            reasons.append(f"{key} ({hint})" if hint else key)
+            reasons.append(f"{shown} ({hint})" if hint else shown)
         else:
-            reasons.append(f"{key} ({message.split(': ', 1)[1]})")
-    return f"{len(keys)} unknown config keys in {where}: {', '.join(reasons)}; see --help for the valid keys"
+            reasons.append(f"{shown} ({message.split(': ', 1)[1]})")
+    return f"{len(keys)} config keys in {where} have no setting here: {', '.join(reasons)}; see --help for the valid keys"
 
 
-def unknown_key_message(cls_name: str, fields: set[str], key: str, where: str) -> str:
+def unknown_key_message(cls_name: str, fields: set[str], key: str, where: str,
+                        given: dict[str, Any] | None = None) -> str:
     """Why ``key`` is refused: TRL's setting of another meaning (with the conversion to ours), or
     unknown, with a 'did you mean' by meaning (SYNONYMS) before spelling."""
     import difflib
 
-    different = ALIASES.get(cls_name, ({}, [], {}))[2]
+    different = {**_MODEL_LOADING, **ALIASES.get(cls_name, ({}, [], {}))[2]}
     if key in different or (key.startswith("vllm_") and "use_vllm" in different):
         owner = "open-r1's" if key in OPEN_R1_KEYS else "TRL's"
-        return f"{key} ({owner} setting) has no counterpart of that meaning here: {different.get(key, different.get('use_vllm'))}"
+        shown = f" {given[key]!r}" if given is not None and key in given and key in SAYS_WHAT_HAPPENS_HERE else ""
+        return (f"{key}{shown} ({owner} setting) in {where} has no counterpart of that meaning here: "
+                f"{different.get(key, different.get('use_vllm'))}")
 
     accepted = [*fields, *alias_names(cls_name)]
     by_meaning = _SYNONYM_OF.get(key.lower())
-    close = [by_meaning] if by_meaning in fields else difflib.get_close_matches(key, accepted, n=1)
+    close = [by_meaning] if by_meaning in fields else sorted(
+        (name for name in accepted if _misspelt(key, name)),
+        key=lambda name: -difflib.SequenceMatcher(None, key.lower(), name.lower()).ratio())[:1]
     hint = f"; did you mean {close[0]!r}?" if close else "; see --help for the valid keys"
     return f"unknown config key {key!r} in {where}{hint}"
+
+
+def _misspelt(key: str, name: str) -> bool:
+    """Whether ``key`` reads as a misspelling of ``name`` (kl_coeff, clip_rnage, learningrate), not as
+    another setting that shares words with it (lr_scheduler_kwargs is not lr_scheduler_type, nor
+    gradient_checkpointing_kwargs gradient_checkpointing): word by word alike, or alike as a whole."""
+    import difflib
+
+    def alike(a: str, b: str) -> float:
+        return difflib.SequenceMatcher(None, a.lower(), b.lower()).ratio()
+
+    words, name_words = key.split("_"), name.split("_")
+    if len(words) == len(name_words) and all(alike(a, b) >= 0.6 for a, b in zip(words, name_words)):
+        return alike(key, name) >= 0.6
+    return alike(key, name) >= 0.9

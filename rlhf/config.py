@@ -529,6 +529,12 @@ class RLConfig:
             for item in values:
                 if isinstance(item, float) and not math.isfinite(item):
                     raise ConfigError(f"{f.name} must be a finite number, got {item}")
+                if kind.startswith("int") and isinstance(item, float) and item.is_integer():
+                    setattr(self, f.name, int(item))  # 3.0 steps are 3, as a YAML file's 3.0 reads
+                elif kind.startswith("int") and (isinstance(item, bool) or not isinstance(item, int)):
+                    # RLConfig(save_steps=0.5): TRL's fraction of the run; a step count here
+                    from rlhf.parsing import trl_fraction_hint
+                    raise ConfigError(f"{f.name} expects int, got {item!r}{trl_fraction_hint(f.name, item)}")
                 # The tensors these reach are float32: a larger value overflows inside torch (a traceback)
                 if isinstance(item, float) and abs(item) > FLOAT32_MAX:
                     raise ConfigError(f"{f.name} must be a finite number within float32 range (|x| <= 3.4e38), "

@@ -63,10 +63,10 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
             expected = f"a list of {getattr(typing.get_args(tp)[0], '__name__', 'values')} values"
         else:
             expected = getattr(tp, "__name__", tp)
-        raise ConfigError(f"{key} expects {expected}, got {value!r}{_trl_fraction_hint(key, value)}") from None
+        raise ConfigError(f"{key} expects {expected}, got {value!r}{trl_fraction_hint(key, value)}") from None
 
 
-def _trl_fraction_hint(key: str, value: Any) -> str:
+def trl_fraction_hint(key: str, value: Any) -> str:
     """TRL (transformers' TrainingArguments) reads save/eval/logging steps below 1 as a fraction of
     the run's steps; here they count RL steps, so such a value gets the conversion."""
     try:
@@ -133,8 +133,11 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         if message.startswith("unrecognized arguments:") and dataclasses.is_dataclass(self.config_cls):
-            flag = message.split(":", 1)[1].split()[0]
-            raise ConfigError(_unknown_key_message(self.config_cls, flag.lstrip("-").split("=")[0], "the command line"))
+            words = message.split(":", 1)[1].split()
+            flags = [word.lstrip("-").split("=")[0] for word in words if word.startswith("--")] or words[:1]
+            fields = {f.name for f in dataclasses.fields(self.config_cls)}
+            raise ConfigError(aliases.unknown_keys_message(self.config_cls.__name__, fields, list(dict.fromkeys(flags)),
+                                                           "the command line"))
         raise ConfigError(message)
 
 
@@ -162,7 +165,9 @@ def build_parser(cls: type, defaults: dict[str, Any], prog: str | None = None,
         nargs = "*" if typing.get_origin(tp) is list else None  # a bare --reward_funcs: none (an environment pays)
         parser.add_argument(f"--{f.name}", nargs=nargs, default=defaults.get(f.name), help=help_text,
                             metavar=f.name.upper())
-    for name in aliases.alias_names(cls.__name__):
+    # TRL's names, and TRL's settings read at some values or explained (--trust_remote_code false,
+    # --use_vllm true): rlhf.aliases decides on each as it does for a YAML file's
+    for name in dict.fromkeys([*aliases.alias_names(cls.__name__), *aliases.explained_names(cls.__name__)]):
         if name in hints:
             continue
         switch = {"nargs": "?", "const": "true"} if name in aliases.SWITCHES else {}
@@ -181,22 +186,39 @@ def _apply(cls: type, values: dict[str, Any], origin: dict[str, str], given: dic
     """One source's keys into ``values``: ours as they are (coerced from text unless
     ``coerce_native`` is off: Python values of the API), TRL's through rlhf.aliases."""
     fields = {f.name for f in dataclasses.fields(cls)}
+    problems = []  # every one of this source's, in one refusal: a TRL recipe can hold several
+    hints = typing.get_type_hints(cls)
     for key in native:
-        value = _coerce(cls, key, given[key]) if coerce_native else given[key]
+        try:
+            # the API's Python values as given (a reward callable, a Dataset), but numbers and
+            # switches as a file's: save_steps 0.5 is TRL's fraction of the run, not a step count
+            scalar = _unwrap_optional(hints[key])[0] in (int, float, bool)
+            value = _coerce(cls, key, given[key]) if coerce_native or scalar else given[key]
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
         if isinstance(value, dict) and key in origin and isinstance(values[key], dict):
             # a mapping an earlier source filled from TRL's names (scale_rewards -> advantage_kwargs): one
             # setting each to the user, so a later --advantage_kwargs adds to it, as TRL's keys would
             value = {**values[key], **value}
         values[key] = value
         origin.pop(key, None)
-    translated, came_from = aliases.translate(cls.__name__, fields, given, {key: values[key] for key in native}, where)
+    try:
+        translated, came_from = aliases.translate(cls.__name__, fields, given, {key: values[key] for key in native}, where)
+    except ConfigError as exc:
+        problems.append(str(exc))
+        translated, came_from = {}, {}
     for key, value in translated.items():
         try:
             value = _coerce(cls, key, value)
         except ConfigError as exc:
-            raise ConfigError(f"{came_from[key]} (TRL's name for {key}): {exc}") from None
+            problems.append(f"{came_from[key]} (TRL's name for {key}): {exc}")
+            continue
         values[key] = {**(values[key] or {}), **value} if isinstance(value, dict) else value
         origin[key] = came_from[key]
+    if problems:
+        raise ConfigError(problems[0] if len(problems) == 1 else f"{len(problems)} problems in {where}: "
+                          + "; and ".join(problems))
 
 
 def _settle(values: dict[str, Any], origin: dict[str, str]) -> None:
