@@ -35,11 +35,10 @@ _RL_RENAMES = {
 # Reward model / DPO: transformers 5 reads a warmup_steps below 1 as TRL's warmup_ratio.
 _PAIRS_RENAMES = {"dataset_name": "dataset", "warmup_ratio": "warmup_steps"}
 
-# TRL name -> why it cannot be mapped, naming our key and the conversion.
-# TRL's settings of another meaning (_RL_DIFFERENT), at the value that states what happens here:
-# read and passed over (TRL configs carry them), not refused
 OPEN_R1_KEYS = {"system_prompt"}  # open-r1's GRPOConfig adds them to TRL's; its recipes carry them
 _NO = ("false", "0", "none")  # YAML's false, 0 and null (and "no", which YAML reads as false)
+# TRL's settings of another meaning (_RL_DIFFERENT, _MODEL_LOADING), at the values that state what
+# happens here: read and passed over (TRL configs carry them), not refused
 SAYS_WHAT_HAPPENS_HERE: dict[str, tuple[str, ...]] = {
     "use_vllm": ("false",), "sync_ref_model": ("false",), "eval_strategy": ("no",), "save_strategy": ("no",),
     "logging_strategy": ("steps",), "do_eval": ("false",),
@@ -64,6 +63,7 @@ def says_what_happens_here(key: str, value: Any) -> bool:
     return str(value).strip().lower() in SAYS_WHAT_HAPPENS_HERE.get(key, ())
 
 
+# TRL name -> why it cannot be mapped, naming our key and the conversion.
 _RL_DIFFERENT = {
     "per_device_train_batch_size": f"TRL's per_device_train_batch_size counts completions per process per micro-step; {_GLOBAL_BATCH}",
     "per_device_eval_batch_size": "evaluation samples eval_num_prompts prompts every eval_steps; its batches follow "

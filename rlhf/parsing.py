@@ -100,10 +100,6 @@ def _scalar(tp: Any, value: Any) -> Any:
     return str(value)
 
 
-def _unknown_key_message(cls: type, key: str, where: str) -> str:
-    return aliases.unknown_key_message(cls.__name__, {f.name for f in dataclasses.fields(cls)}, key, where)
-
-
 def load_yaml(path: str) -> dict[str, Any]:
     file = Path(path)
     if file.is_dir():
