@@ -36,12 +36,13 @@ _RL_RENAMES = {
 _PAIRS_RENAMES = {"dataset_name": "dataset", "warmup_ratio": "warmup_steps"}
 
 OPEN_R1_KEYS = {"system_prompt"}  # open-r1's GRPOConfig adds them to TRL's; its recipes carry them
-_NO = ("false", "0", "none")  # YAML's false, 0 and null (and "no", which YAML reads as false)
+_NO = ("false", "0", "0.0", "none", "no", "off")  # YAML's false, 0 and null; the command line's no / off
 # TRL's settings of another meaning (_RL_DIFFERENT, _MODEL_LOADING), at the values that state what
 # happens here: read and passed over (TRL configs carry them), not refused
 SAYS_WHAT_HAPPENS_HERE: dict[str, tuple[str, ...]] = {
-    "use_vllm": ("false",), "sync_ref_model": ("false",), "eval_strategy": ("no",), "save_strategy": ("no",),
-    "logging_strategy": ("steps",), "do_eval": ("false",),
+    # an unquoted `no` is YAML's false
+    "use_vllm": _NO, "sync_ref_model": _NO, "eval_strategy": ("no", "false"), "save_strategy": ("no", "false"),
+    "logging_strategy": ("steps",), "do_eval": _NO,
     # TRL's ModelConfig (model loading), as every model loads here
     "trust_remote_code": _NO, "load_in_4bit": _NO, "load_in_8bit": _NO, "model_revision": ("main", "none"),
     "attn_implementation": ("sdpa", "none"),
@@ -82,6 +83,7 @@ _RL_DIFFERENT = {
     "eval_strategy": "set eval_steps N (0 = off)",
     "save_strategy": "set save_steps N (0 = only the final adapter)",
     "logging_strategy": "set logging_steps N",
+    "do_eval": "evaluation runs every eval_steps (0 = off) on eval_num_prompts prompts",
     "sync_ref_model": "the KL reference is the initial policy and stays fixed",
     "ref_model_sync_steps": "the KL reference is the initial policy and stays fixed",
 }
@@ -363,6 +365,10 @@ def unknown_key_message(cls_name: str, fields: set[str], key: str, where: str,
         return (f"{key}{shown} ({owner} setting) in {where} has no counterpart of that meaning here: "
                 f"{different.get(key, different.get('use_vllm'))}")
 
+    if key in SAYS_WHAT_HAPPENS_HERE:  # read at some values, and this is not one of them
+        shown = f" {given[key]!r}" if given is not None and key in given else ""
+        return (f"{key}{shown} (TRL's setting) in {where} has no counterpart of that meaning here; only "
+                f"{' / '.join(SAYS_WHAT_HAPPENS_HERE[key])} is read")
     accepted = [*fields, *alias_names(cls_name)]
     by_meaning = _SYNONYM_OF.get(key.lower())
     close = [by_meaning] if by_meaning in fields else sorted(
@@ -383,5 +389,5 @@ def _misspelt(key: str, name: str) -> bool:
 
     words, name_words = key.split("_"), name.split("_")
     if len(words) == len(name_words) and all(alike(a, b) >= 0.6 for a, b in zip(words, name_words)):
-        return alike(key, name) >= 0.6
+        return alike(key, name) >= 0.8  # not fp16 for bf16, deepspeed for seed
     return alike(key, name) >= 0.9

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -520,6 +521,9 @@ class RLConfig:
         for f in dataclasses.fields(self):
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
             value = getattr(self, f.name)
+            if kind in ("float", "float | None", "int", "int | None") and (
+                    isinstance(value, (str, bytes)) or (value is None and kind in ("float", "int"))):
+                raise ConfigError(f"{f.name} expects {kind.split(' ')[0]}, got {value!r}")
             if kind in ("float", "float | None", "int", "int | None") and value is not None:
                 values = [value]
             elif kind in ("list[float] | None", "list[float]") and isinstance(value, (list, tuple)):
@@ -531,7 +535,7 @@ class RLConfig:
                     raise ConfigError(f"{f.name} must be a finite number, got {item}")
                 if kind.startswith("int") and isinstance(item, float) and item.is_integer():
                     setattr(self, f.name, int(item))  # 3.0 steps are 3, as a YAML file's 3.0 reads
-                elif kind.startswith("int") and (isinstance(item, bool) or not isinstance(item, int)):
+                elif kind.startswith("int") and (isinstance(item, bool) or not isinstance(item, numbers.Integral)):
                     # RLConfig(save_steps=0.5): TRL's fraction of the run; a step count here
                     from rlhf.parsing import trl_fraction_hint
                     raise ConfigError(f"{f.name} expects int, got {item!r}{trl_fraction_hint(f.name, item)}")

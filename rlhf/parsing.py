@@ -63,7 +63,8 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
             expected = f"a list of {getattr(typing.get_args(tp)[0], '__name__', 'values')} values"
         else:
             expected = getattr(tp, "__name__", tp)
-        raise ConfigError(f"{key} expects {expected}, got {value!r}{trl_fraction_hint(key, value)}") from None
+        hint = trl_fraction_hint(key, value) if cls.__name__ == "RLConfig" else ""
+        raise ConfigError(f"{key} expects {expected}, got {value!r}{hint}") from None
 
 
 def trl_fraction_hint(key: str, value: Any) -> str:
@@ -119,7 +120,15 @@ def load_yaml(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {where}: not valid YAML ({problem}); check that line and the one before it") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must be a mapping of key: value")
+    check_key_names(data, f"config file {path}")
     return data
+
+
+def check_key_names(settings: dict[Any, Any], where: str) -> None:
+    """Every key a name (YAML reads `1:`, `null:` and `true:` as a number, None and a bool)."""
+    for key in settings:
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: every key must be a setting's name, got {key!r}")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -184,7 +193,7 @@ def _apply(cls: type, values: dict[str, Any], origin: dict[str, str], given: dic
     fields = {f.name for f in dataclasses.fields(cls)}
     problems = []  # every one of this source's, in one refusal: a TRL recipe can hold several
     hints = typing.get_type_hints(cls)
-    for key in native:
+    for key in [key for key in given if key in native]:  # in the source's order
         try:
             # the API's Python values as given (a reward callable, a Dataset), but numbers and
             # switches as a file's: save_steps 0.5 is TRL's fraction of the run, not a step count
@@ -213,8 +222,7 @@ def _apply(cls: type, values: dict[str, Any], origin: dict[str, str], given: dic
         values[key] = {**(values[key] or {}), **value} if isinstance(value, dict) else value
         origin[key] = came_from[key]
     if problems:
-        raise ConfigError(problems[0] if len(problems) == 1 else f"{len(problems)} problems in {where}: "
-                          + "; and ".join(problems))
+        raise ConfigError(problems[0] if len(problems) == 1 else f"several problems in {where}: " + "; and ".join(problems))
 
 
 def _settle(values: dict[str, Any], origin: dict[str, str]) -> None:
@@ -331,6 +339,7 @@ def dataclass_from_dict(cls: type, settings: dict[str, Any], where: str, **compl
     ``RLConfig.from_dict``). Our keys keep their Python values as given (a reward callable, a
     Dataset); TRL's are translated as in a YAML file. ``complete``: keywords of the class's
     ``complete_settings``. Raises ConfigError (one line)."""
+    check_key_names(settings, where)
     values: dict[str, Any] = {f.name: _default_of(f) for f in dataclasses.fields(cls)}
     origin: dict[str, str] = {}
     native = {key for key in settings if key in values}

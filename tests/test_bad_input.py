@@ -113,7 +113,7 @@ def test_a_trl_recipe_hears_of_every_problem_of_a_source_at_once(tmp_path, tiny_
     config.write_text("save_steps: 0.1\nlog_level: info\ngradient_checkpointing_kwargs: {use_reentrant: false}\n"
                       "lr_scheduler_kwargs: {}\ntrust_remote_code: null\nmodel_revision: null\nload_in_8bit: no\n")
     assert_one_line_error(run_here("train_grpo.py", "--config", str(config), "--output_dir", str(tmp_path / "out")),
-                          f"2 problems in {config}: save_steps expects int, got 0.1 (TRL reads a value below 1",
+                          f"several problems in {config}: save_steps expects int, got 0.1 (TRL reads a value below 1",
                           "; and 3 config keys in", "have no setting here: log_level, gradient_checkpointing_kwargs, "
                           "lr_scheduler_kwargs; see --help")
     assert not (tmp_path / "out").exists()
@@ -135,6 +135,50 @@ def test_a_trl_recipe_hears_of_every_problem_of_a_source_at_once(tmp_path, tiny_
         RLConfig(eval_steps=0.25)
     assert RLConfig(save_steps=3.0).save_steps == 3 and RLConfig.from_dict({"dataset_prompt_column": "question"}
                                                                            ).prompt_column == "question"
+
+
+def test_config_values_of_odd_types_and_names_get_one_true_line(tmp_path, run_here):
+    """A second stranger's review: RLConfig refused numpy ints (new today); a YAML key that is not a
+    name (`1: 2`) and RLConfig(max_steps=None) were tracebacks; `--use_vllm no` and an unquoted
+    `save_strategy: no` (YAML's false) were refused; --fp16 was answered "did you mean 'bf16'?" and
+    --deepspeed "did you mean 'seed'?"; `do_eval: true` was "unknown" though `do_eval: false` is
+    read; train_dpo.py's save_steps 0.5 was told about RL steps; problems came in set order."""
+    import numpy as np
+
+    from rlhf import RLConfig
+    from rlhf.errors import ConfigError
+
+    assert RLConfig(max_steps=np.int64(5), save_steps=np.int32(2)).max_steps == 5
+    for settings, message in (({"max_steps": None}, "max_steps expects int, got None"),
+                              ({"learning_rate": "1e-5"}, "learning_rate expects float, got '1e-5'")):
+        with pytest.raises(ConfigError, match=message):
+            RLConfig(**settings)
+    with pytest.raises(ConfigError, match="RLConfig.from_dict: every key must be a setting's name, got 1"):
+        RLConfig.from_dict({1: 2})
+    assert RLConfig.from_dict({"use_vllm": 0, "load_in_4bit": 0.0, "max_new_tokens": 8}).max_new_tokens == 8
+    config = tmp_path / "recipe.yaml"
+    config.write_text("1: 2\n")
+    assert_one_line_error(run_here("train_grpo.py", "--config", str(config)),
+                          f"config file {config}: every key must be a setting's name, got 1")
+    config.write_text("save_strategy: no\neval_strategy: no\nuse_vllm: off\ndo_eval: no\n")
+    assert_one_line_error(run_here("train_grpo.py", "--config", str(config), "--use_vllm", "no", "--max_steps", "0"),
+                          "max_steps must be >= 1, got 0")
+    assert_one_line_error(run_here("train_grpo.py", "--fp16", "true", "--deepspeed", "ds.json"),
+                          "2 config keys in the command line have no setting here: fp16, deepspeed; see --help")
+    assert_one_line_error(run_here("train_grpo.py", "--do_eval"),
+                          "do_eval 'true' (TRL's setting) in the command line has no counterpart of that meaning here: "
+                          "evaluation runs every eval_steps")
+    assert_one_line_error(run_here("train_dpo.py", "--use_vllm", "--output_dir", str(tmp_path / "dpo")),
+                          "use_vllm 'true' (TRL's setting) in the command line has no counterpart of that meaning here; "
+                          "only false / 0")
+    result = run_here("train_dpo.py", "--save_steps", "0.5", "--output_dir", str(tmp_path / "dpo"))
+    assert_one_line_error(result, "save_steps expects int, got '0.5'")
+    assert "RL steps" not in result.stderr
+    config.write_text("save_steps: 0.1\nzeta: 1\nlogging_steps: 0.5\nalpha: 2\nlearning_rate: abc\n")
+    result = run_here("train_grpo.py", "--config", str(config), "--output_dir", str(tmp_path / "out"))
+    assert_one_line_error(result, f"several problems in {config}: save_steps expects int, got 0.1")
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.index("save_steps") < line.index("logging_steps") < line.index("learning_rate") < line.index("zeta")
 
 
 def test_trl_model_settings_that_say_what_happens_here_are_read(tmp_path, tiny_model_dir, run_here):
