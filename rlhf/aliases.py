@@ -342,40 +342,42 @@ def unknown_keys_message(cls_name: str, fields: set[str], keys: list[str], where
         return unknown_key_message(cls_name, fields, keys[0], where, given)
     reasons = []
     for key in keys:
-        message = unknown_key_message(cls_name, fields, key, where, given)
+        reason = _why_refused(cls_name, fields, key)[1]
         shown = f"{key}: {given[key]}" if given is not None and key in given and key in SAYS_WHAT_HAPPENS_HERE else key
-        if message.startswith("unknown config key"):  # its hint alone: "did you mean ...?" or nothing
-            hint = message.split("; ", 1)[1] if "did you mean" in message else ""
-            reasons.append(f"{shown} ({hint})" if hint else shown)
-        else:
-            reasons.append(f"{shown} ({message.split(': ', 1)[1]})")
+        reasons.append(f"{shown} ({reason})" if reason else shown)
     return f"{len(keys)} config keys in {where} have no setting here: {', '.join(reasons)}; see --help for the valid keys"
 
 
 def unknown_key_message(cls_name: str, fields: set[str], key: str, where: str,
                         given: dict[str, Any] | None = None) -> str:
-    """Why ``key`` is refused: TRL's setting of another meaning (with the conversion to ours), or
-    unknown, with a 'did you mean' by meaning (SYNONYMS) before spelling."""
+    """Why ``key`` is refused, in one line naming ``where`` (and the value ``given`` for a TRL setting
+    read at some values)."""
+    kind, reason = _why_refused(cls_name, fields, key)
+    if kind == "unknown":
+        return f"unknown config key {key!r} in {where}; {reason or 'see --help for the valid keys'}"
+    shown = f" {given[key]!r}" if given is not None and key in given and key in SAYS_WHAT_HAPPENS_HERE else ""
+    owner = "open-r1's" if key in OPEN_R1_KEYS else "TRL's"
+    joint = ": " if kind == "other meaning" else "; "
+    return f"{key}{shown} ({owner} setting) in {where} has no counterpart of that meaning here{joint}{reason}"
+
+
+def _why_refused(cls_name: str, fields: set[str], key: str) -> tuple[str, str | None]:
+    """(kind, reason) for a key the class refuses: ("other meaning", the conversion to ours) for TRL's
+    setting of another meaning; ("read at", which values are read) for one read at some values only;
+    ("unknown", a 'did you mean' by meaning (SYNONYMS) before spelling, or None)."""
     import difflib
 
     different = {**_MODEL_LOADING, **ALIASES.get(cls_name, ({}, [], {}))[2]}
     if key in different or (key.startswith("vllm_") and "use_vllm" in different):
-        owner = "open-r1's" if key in OPEN_R1_KEYS else "TRL's"
-        shown = f" {given[key]!r}" if given is not None and key in given and key in SAYS_WHAT_HAPPENS_HERE else ""
-        return (f"{key}{shown} ({owner} setting) in {where} has no counterpart of that meaning here: "
-                f"{different.get(key, different.get('use_vllm'))}")
-
+        return "other meaning", different.get(key, different.get("use_vllm"))
     if key in SAYS_WHAT_HAPPENS_HERE:  # read at some values, and this is not one of them
-        shown = f" {given[key]!r}" if given is not None and key in given else ""
-        return (f"{key}{shown} (TRL's setting) in {where} has no counterpart of that meaning here; only "
-                f"{' / '.join(SAYS_WHAT_HAPPENS_HERE[key])} is read")
+        return "read at", f"only {' / '.join(SAYS_WHAT_HAPPENS_HERE[key])} is read"
     accepted = [*fields, *alias_names(cls_name)]
     by_meaning = _SYNONYM_OF.get(key.lower())
     close = [by_meaning] if by_meaning in fields else sorted(
         (name for name in accepted if _misspelt(key, name)),
         key=lambda name: -difflib.SequenceMatcher(None, key.lower(), name.lower()).ratio())[:1]
-    hint = f"; did you mean {close[0]!r}?" if close else "; see --help for the valid keys"
-    return f"unknown config key {key!r} in {where}{hint}"
+    return "unknown", f"did you mean {close[0]!r}?" if close else None
 
 
 def _misspelt(key: str, name: str) -> bool:

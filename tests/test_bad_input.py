@@ -171,6 +171,10 @@ def test_config_values_of_odd_types_and_names_get_one_true_line(tmp_path, run_he
     assert_one_line_error(run_here("train_dpo.py", "--use_vllm", "--output_dir", str(tmp_path / "dpo")),
                           "use_vllm 'true' (TRL's setting) in the command line has no counterpart of that meaning here; "
                           "only false / 0")
+    config.write_text("use_vllm: true\nfoo: 1\n")  # with another key: was an IndexError traceback
+    assert_one_line_error(run_here("train_dpo.py", "--config", str(config), "--output_dir", str(tmp_path / "dpo")),
+                          f"2 config keys in {config} have no setting here: use_vllm: True (only false / 0",
+                          "), foo; see --help")
     result = run_here("train_dpo.py", "--save_steps", "0.5", "--output_dir", str(tmp_path / "dpo"))
     assert_one_line_error(result, "save_steps expects int, got '0.5'")
     assert "RL steps" not in result.stderr
