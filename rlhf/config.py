@@ -24,6 +24,7 @@ from rlhf.defaults import ALGORITHM_DEFAULTS, ESTIMATOR_SETTINGS, estimator_defa
 from rlhf.errors import ConfigError
 # The parsing lives in rlhf.parsing; these names are this module's public API too.
 from rlhf.parsing import OneLineParser, changed_settings, load_yaml, parse_dataclass, save_config  # noqa: F401
+from rlhf.parsing import trl_fraction_hint
 
 REPORT_TARGETS = ("none", "jsonl", "tensorboard", "wandb")
 # id(config) -> the fields its constructor call named, from RLConfig.__new__ to its __post_init__
@@ -516,15 +517,16 @@ class RLConfig:
         )
 
     def _check_finite_numbers(self) -> None:
-        """Every float setting (optional ones when set) and every number in reward_weights must be
-        finite: .inf / .nan parse as floats but train nothing useful (or nothing at all)."""
+        """Every number setting a number (an int one an integer: 3.0 becomes 3, 0.5 is refused), set
+        where it is not optional, and finite, as is every number in reward_weights: .inf / .nan parse as
+        floats but train nothing useful (or nothing at all)."""
+        numeric = ("float", "float | None", "int", "int | None")
         for f in dataclasses.fields(self):
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
             value = getattr(self, f.name)
-            if kind in ("float", "float | None", "int", "int | None") and (
-                    isinstance(value, (str, bytes)) or (value is None and kind in ("float", "int"))):
+            if kind in numeric and (isinstance(value, (str, bytes)) or (value is None and kind in ("float", "int"))):
                 raise ConfigError(f"{f.name} expects {kind.split(' ')[0]}, got {value!r}")
-            if kind in ("float", "float | None", "int", "int | None") and value is not None:
+            if kind in numeric and value is not None:
                 values = [value]
             elif kind in ("list[float] | None", "list[float]") and isinstance(value, (list, tuple)):
                 values = list(value)
@@ -537,7 +539,6 @@ class RLConfig:
                     setattr(self, f.name, int(item))  # 3.0 steps are 3, as a YAML file's 3.0 reads
                 elif kind.startswith("int") and (isinstance(item, bool) or not isinstance(item, numbers.Integral)):
                     # RLConfig(save_steps=0.5): TRL's fraction of the run; a step count here
-                    from rlhf.parsing import trl_fraction_hint
                     raise ConfigError(f"{f.name} expects int, got {item!r}{trl_fraction_hint(f.name, item)}")
                 # The tensors these reach are float32: a larger value overflows inside torch (a traceback)
                 if isinstance(item, float) and abs(item) > FLOAT32_MAX:
