@@ -656,7 +656,8 @@ def sample_rollout(model: torch.nn.Module, accelerator: Any, tokenizer: Any, dat
                         SampledProducts.attention_bytes(attentions, len(raw_prompts), config.max_new_tokens)):
                     attentions = {}
                 recorder = SampledProducts(replayable, len(raw_prompts), config.max_new_tokens,
-                                           next(plain.policy.parameters()).device, vocabulary, attentions)
+                                           next(plain.policy.parameters()).device, vocabulary, attentions,
+                                           fast_forward.projection_groups())
             for start in range(0, len(raw_prompts), chunk):
                 part = slice(start, start + chunk)
                 if episodes is not None:

@@ -494,7 +494,11 @@ class SamplingForward:
         # float rounding either way, and no product on an unpacked weight for a row decoded alone)
         fused = ((batch * length >= 2 or self.folded) and not torch.is_grad_enabled()
                  and not torch.is_autocast_enabled(hidden.device.type))
-        keep = self.recorder.write if self.recorder is not None and self.recorder.recording else None
+        recording = self.recorder is not None and self.recorder.recording
+        # each layer's products (and attention) are handed to the recorder once the layer is done
+        # (``SampledProducts.write_together``), not each right after its product
+        kept_outputs: list[Tensor] = []
+        keep = kept_outputs.append if recording else None
         # the attention's output and log-sum-exp too, for the update's backward (rlhf.sampled_products)
         keep_attention = (keep is not None and length == 1 and attention_function is sdpa_attention_forward
                           and bool(self.recorder.attended))
@@ -517,8 +521,7 @@ class SamplingForward:
             else:
                 query, key, value = layer.q(normed), layer.k(normed), layer.v(normed)
             if keep is not None:
-                for module, output in zip(layer.modules, (query, key, value)):
-                    keep(module, output)
+                kept_outputs += (query, key, value)
             value = value.view(head_shape)
             if together:
                 if together_cos is None:
@@ -537,7 +540,6 @@ class SamplingForward:
                               if keep_attention and self.recorder.keeps_attention(layer.attention) else None)
             if kept_attention is not None:
                 attended = kept_attention[0].reshape(batch, length, -1).contiguous()
-                self.recorder.write_attention(layer.attention, attended, kept_attention[1])
             else:
                 attended, _ = attention_function(layer.attention, query, key, value, mask, dropout=0.0,
                                                  scaling=layer.attention.scaling)
@@ -545,7 +547,7 @@ class SamplingForward:
             attention_output = (_packed_product(attended, layer.o_packed, layer.o_lora)
                                 if fused and layer.o_packed is not None else layer.o(attended))
             if keep is not None:
-                keep(layer.modules[3], attention_output)
+                keep(attention_output)
             hidden = hidden + attention_output
             normed = layer.post_attention_norm(hidden)
             if fused and layer.gate_up is not None:
@@ -558,14 +560,16 @@ class SamplingForward:
             activated = layer.act(gate) * up
             mlp_output = (_packed_product(activated, layer.down_packed, layer.down_lora)
                           if fused and layer.down_packed is not None else layer.down(activated))
-            if keep is not None:
-                keep(layer.modules[4], gate)
-                keep(layer.modules[5], up)
-                keep(layer.modules[6], mlp_output)
             hidden = hidden + mlp_output
+            if keep is not None:
+                kept_outputs += (gate, up, mlp_output)
+                self.recorder.write_together(layer.modules, kept_outputs)
+                kept_outputs.clear()
+                if kept_attention is not None:
+                    self.recorder.write_attention(layer.attention, attended, kept_attention[1])
         hidden = slice_logits_to_keep(self.decoder.norm(hidden), logits_to_keep)
         logits = self.lm_head(hidden)
-        if keep is not None:
+        if recording:
             self.recorder.write_logits(logits)
         return SamplingOutput(logits=logits, cache=cache if use_cache else None)
 
@@ -577,6 +581,11 @@ class SamplingForward:
     def projection_modules(self) -> set[nn.Module]:
         """The projection modules whose outputs a recording call keeps (``recorder``)."""
         return {module for layer in self.layers for module in layer.modules}
+
+    def projection_groups(self) -> list[tuple[nn.Module, ...]]:
+        """Each layer's projection modules, in the order a recording call hands their outputs to
+        ``SampledProducts.write_together``."""
+        return [layer.modules for layer in self.layers]
 
     def attention_modules(self) -> dict[nn.Module, tuple[nn.Module, ...]]:
         """Each layer's attention module, with its q, k and v projections: a recording decode step

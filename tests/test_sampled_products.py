@@ -18,10 +18,12 @@ def _policy(model_dir, chunked):
     return PolicyWithValue(policy, None, share_prompt_prefix=True, chunk_logits_bytes=0 if chunked else None)
 
 
-def _sample(model, model_dir, stops=None, max_new_tokens=7, rotated_together=None, logits=False, attention=False):
+def _sample(model, model_dir, stops=None, max_new_tokens=7, rotated_together=None, logits=False, attention=False,
+            layer_buffers=False):
     """A grouped rollout sampled through the sampler's forward, its products kept (``rotated_together``:
     whether its layers must rotate q and k as one view of the fused q/k/v product; ``logits``: its
-    logits too; ``attention``: its attention outputs too)."""
+    logits too; ``attention``: its attention outputs too; ``layer_buffers``: each layer's products in
+    one buffer, as the trainer keeps them)."""
     from rlhf.models import load_tokenizer
     from rlhf.rollout import generate_rollout, sampling_speedups
     from rlhf.sampled_products import SampledProducts, replayable_modules
@@ -32,7 +34,8 @@ def _sample(model, model_dir, stops=None, max_new_tokens=7, rotated_together=Non
     with sampling_speedups(model.policy) as (sampler, fast_forward):
         assert fast_forward is not None
         recorder = SampledProducts(replayable_modules(model.policy), len(PROMPTS), max_new_tokens, torch.device("cpu"),
-                                   vocabulary, fast_forward.attention_modules() if attention else None)
+                                   vocabulary, fast_forward.attention_modules() if attention else None,
+                                   fast_forward.projection_groups() if layer_buffers else None)
         assert len(recorder.attended) == (model.policy.config.num_hidden_layers if attention else 0)
         for kept in [*recorder.outputs.values(), *recorder.attended.values(), *recorder.logsumexp.values(),
                      *([recorder.logits] if logits else [])]:
@@ -151,6 +154,49 @@ def test_rows_that_left_the_decode_batch_and_a_micro_batchs_rows(tiny_model_dir,
     plain = _logprobs_and_grads(model, narrowed)
     mask = narrowed.mask.bool()
     _assert_close((taken[0][mask], taken[1][mask], taken[2]), (plain[0][mask], plain[1][mask], plain[2]))
+
+
+@pytest.mark.parametrize("stops, routed", [(None, False), (list(range(0, 49152, 4)), False), (None, True)])
+def test_a_layers_products_in_one_buffer_are_those_kept_one_by_one(tiny_model_dir, replays, stops, routed,
+                                                                   monkeypatch):
+    """The trainer's recorder keeps each layer's products side by side in one buffer, which a decode
+    step writes as one concatenation: bitwise the buffers of one write per projection, also once
+    rows left the decode batch (``stops``: those steps write each projection on its own) and with
+    q, k and v views of one fused product (``routed``), and the layer's buffer goes once the forward
+    has taken every row of every projection in it."""
+    import gc
+    import weakref
+
+    from rlhf import cpu_linear
+    from rlhf.rollout import forward_response
+
+    if routed:
+        if not cpu_linear.onednn_packing_usable():
+            pytest.skip("this torch build cannot pack oneDNN weights")
+        monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)
+        monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+    model = _policy(tiny_model_dir, False)
+    alone = _sample(model, tiny_model_dir, stops=stops, max_new_tokens=9, rotated_together=routed).sampled_products
+    together = _sample(model, tiny_model_dir, stops=stops, max_new_tokens=9, rotated_together=routed,
+                       layer_buffers=True)
+    products = together.sampled_products
+    assert torch.equal(alone.tokens, products.tokens)
+    assert ((products.tokens == -1).any() and products.tokens[:, 1:].ne(-1).any()) == (stops is not None)
+    assert products.outputs.keys() == alone.outputs.keys() and products.written == alone.written
+    layers = model.policy.config.num_hidden_layers
+    buffers = {id(kept._base): weakref.ref(kept._base) for kept in products.outputs.values()}
+    assert len(buffers) == layers and None not in buffers  # one buffer per layer
+    for module, kept in alone.outputs.items():
+        assert torch.equal(products.outputs[module], kept), module
+    del alone, kept
+    with torch.no_grad():
+        forward_response(model, together, torch.tensor([0, 1, 3]), 1.0)  # some rows: every buffer stays
+        gc.collect()
+        assert all(buffer() is not None for buffer in buffers.values())
+        forward_response(model, together, torch.tensor([2, 4, 5]), 1.0)
+    gc.collect()
+    assert products.outputs == {} and all(buffer() is None for buffer in buffers.values())
+    assert replays.count(True) == 2 * 7 * layers
 
 
 @pytest.mark.parametrize("change", ["in_place", "data", "fused_adamw", "frozen_in_place", "frozen_data_swap",
@@ -285,6 +331,37 @@ def test_a_prefill_output_that_is_part_of_a_fused_product_is_kept_alone():
     kept = products.prefixes[0].outputs[layer]
     assert kept.is_contiguous() and kept.untyped_storage().nbytes() == kept.nbytes
     assert torch.equal(kept, fused[..., 6:])
+
+
+def test_a_layer_buffer_holds_only_the_kept_projections_of_its_group():
+    """A LoRA on some projections only (q and v, say): a layer's buffer holds those, the others'
+    outputs are passed along and not kept; rows that left the batch (an index, not a slice) and a
+    group with one kept projection write each on its own, the same numbers."""
+    from rlhf.sampled_products import SampledProducts
+
+    class Projection(torch.nn.Linear):
+        def get_base_layer(self):
+            return self
+
+    q, k, v, gate = (Projection(4, width) for width in (6, 2, 3, 5))
+    products = SampledProducts([q, v, gate], 4, 3, torch.device("cpu"), groups=[(q, k, v), (gate, k)])
+    assert products.outputs[q]._base is products.outputs[v]._base is not None
+    assert products.outputs[q]._base.shape == (3, 4, 9) and products.outputs[gate]._base is None
+    outputs = {column: [torch.randn(4, 1, m.out_features) for m in (q, k, v)] for column in range(3)}
+    gates = {column: torch.randn(4, 1, 5) for column in range(3)}
+    ids = torch.arange(4)
+    for column, rows in ((0, slice(0, 4)), (1, torch.tensor([0, 2, 3])), (2, slice(1, 3))):
+        chosen = rows if isinstance(rows, slice) else rows
+        with products.writing(rows, column, ids[chosen]):
+            products.write_together((q, k, v), [out[chosen] for out in outputs[column]])
+            products.write_together((gate, k), [gates[column][chosen], outputs[column][1][chosen]])
+    assert products.written == {q, v, gate}
+    for module, index in ((q, 0), (v, 2)):
+        kept = products.outputs[module]
+        assert torch.equal(kept[0], outputs[0][index][:, 0])
+        assert torch.equal(kept[1, [0, 2, 3]], outputs[1][index][[0, 2, 3], 0])
+        assert torch.equal(kept[2, 1:3], outputs[2][index][1:3, 0])
+    assert torch.equal(products.outputs[gate][0], gates[0][:, 0])
 
 
 @pytest.mark.parametrize("change", ["weights", "prompt_token", "more_padding", "dropped_tokens", "rows_of_two_chunks"])
