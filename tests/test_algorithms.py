@@ -312,6 +312,21 @@ def test_grpo_zero_mean_per_group():
         assert float(group.std()) == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.parametrize("scale_rewards", ["group", "batch"])
+def test_grpo_advantages_do_not_vanish_for_rewards_whose_squares_overflow_float32(scale_rewards):
+    """GRPO's advantages do not depend on the rewards' scale. Before: rewards of 1e25 squared past
+    float32's range, the std was inf and every advantage silently 0 (measured: [-0, 0, 0, -0])."""
+    ids = torch.tensor([0, 0, 0, 0, 1, 1])
+    scores = torch.tensor([1.0, 2.0, 3.0, -1.0, 0.5, 4.0])
+    mask = torch.ones(6, 2)
+    grpo = A.ADVANTAGE_ESTIMATORS["grpo"]
+    unit, _ = grpo(A.token_level_rewards(scores, mask), mask, group_ids=ids, scale_rewards=scale_rewards)
+    huge, _ = grpo(A.token_level_rewards(scores * 1e25, mask), mask, group_ids=ids, scale_rewards=scale_rewards)
+    assert huge.dtype == torch.float32 and bool(unit.abs().min() > 0.1)
+    torch.testing.assert_close(huge, unit, rtol=1e-5, atol=1e-6)
+    assert A.group_stats(scores * 1e25, ids)[2].dtype == torch.float32
+
+
 def test_dr_grpo_and_rloo_by_hand():
     rewards = group_rewards()
     adv, _ = A.ADVANTAGE_ESTIMATORS["dr_grpo"](rewards, GROUP_MASK, group_ids=GROUP_IDS)

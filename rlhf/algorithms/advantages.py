@@ -120,7 +120,12 @@ def group_stats(scores: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tens
     means = sums / counts
     sq_dev = (scores - means[inverse]) ** 2
     sum_sq = torch.zeros(n_groups, dtype=torch.float32, device=scores.device).index_add(0, inverse, sq_dev)
-    stds = torch.where(counts > 1, (sum_sq / (counts - 1).clamp(min=1.0)).sqrt(), torch.zeros_like(sums))
+    if not bool(torch.isfinite(sum_sq).all()) and bool(torch.isfinite(sums).all()):
+        # finite scores beyond ~1e19 square past float32's range: the std would be inf and every
+        # advantage (s - mean) / std silently 0; their squares fit in float64
+        deviations = scores.double() - means.double()[inverse]
+        sum_sq = torch.zeros(n_groups, dtype=torch.float64, device=scores.device).index_add(0, inverse, deviations ** 2)
+    stds = torch.where(counts > 1, (sum_sq / (counts - 1).clamp(min=1.0)).sqrt(), torch.zeros_like(sum_sq)).float()
     return sums[inverse], counts[inverse], stds[inverse]
 
 
@@ -203,7 +208,10 @@ def batch_std(scores: Tensor, all_reduce: Callable[[Tensor], Tensor] | None = No
         return torch.zeros((), dtype=torch.float32, device=scores.device)
     sum_sq = ((scores - total / count) ** 2).sum().reshape(1)
     sum_sq = all_reduce(sum_sq) if all_reduce is not None else sum_sq
-    return (sum_sq[0] / (count - 1)).sqrt()
+    if not math.isfinite(float(sum_sq[0])) and math.isfinite(total):  # squares past float32's range (group_stats)
+        sum_sq = ((scores.double() - total / count) ** 2).sum().reshape(1)
+        sum_sq = all_reduce(sum_sq) if all_reduce is not None else sum_sq
+    return (sum_sq[0] / (count - 1)).sqrt().float()
 
 
 @ADVANTAGE_ESTIMATORS.register("grpo", groups=True)
