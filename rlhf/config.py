@@ -520,6 +520,19 @@ class RLConfig:
         """Every number setting a number (an int one an integer: 3.0 becomes 3, 0.5 is refused), set
         where it is not optional, and finite, as is every number in reward_weights: .inf / .nan parse as
         floats but train nothing useful (or nothing at all)."""
+        weights = self.reward_weights
+        if weights is not None and not isinstance(weights, list):
+            # a tuple, a numpy array or a tensor of weights (TRL's trainer takes any torch.tensor reads)
+            # becomes a list of Python numbers; a lone number or a name is not a list of weights
+            if hasattr(weights, "tolist") and getattr(weights, "ndim", None) == 1:
+                weights = weights.tolist()
+            if not isinstance(weights, (list, tuple)):
+                raise ConfigError(f"reward_weights expects a list of numbers (one per reward function), got {weights!r}")
+            self.reward_weights = list(weights)
+        if self.reward_weights is not None:
+            # numpy's float32 and int64 scalars are numbers too
+            self.reward_weights = [float(w) if isinstance(w, numbers.Real) and not isinstance(w, bool)
+                                   and type(w) not in (int, float) else w for w in self.reward_weights]
         numeric = ("float", "float | None", "int", "int | None")
         for f in dataclasses.fields(self):
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))

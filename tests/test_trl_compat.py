@@ -364,6 +364,24 @@ def test_rlconfig_from_dict_reads_trl_names_and_keeps_python_values():
         RLConfig.from_dict({"max_completion_length": 24, "max_new_tokens": 16})
 
 
+def test_reward_weights_as_an_array_a_tuple_or_a_tensor_are_a_list_of_numbers():
+    """TRL's trainer reads reward_weights through torch.tensor, so an array of weights works there.
+    Before: a numpy array or a tensor of weights was a ValueError traceback (an array's truth value),
+    numpy's float32 weights were refused as not numbers."""
+    import numpy as np
+
+    from rlhf.errors import ConfigError
+
+    two = ["sentiment", "length"]
+    for weights in (np.array([1.0, 0.5]), (1.0, 0.5), torch.tensor([1.0, 0.5]), [np.float32(1.0), np.float64(0.5)]):
+        config = RLConfig.from_dict({"reward_funcs": two, "reward_weights": weights})
+        assert config.reward_weights == [1.0, 0.5] and all(type(w) is float for w in config.reward_weights)
+        assert RLConfig(reward_funcs=two, reward_weights=weights).reward_weights == [1.0, 0.5]
+    for weights in (np.array([[1.0, 0.5]]), np.array(2.0), 2.0, "1,2"):
+        with pytest.raises(ConfigError, match="reward_weights expects a list of numbers"):
+            RLConfig.from_dict({"reward_funcs": two, "reward_weights": weights})
+
+
 # ------------------------------------------------------------------ found by trying it as a stranger
 
 
