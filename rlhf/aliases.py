@@ -226,7 +226,8 @@ SWITCHES = {"use_peft", "disable_dropout", "vllm_importance_sampling_correction"
 ALIASES: dict[str, tuple[dict[str, str], list[_Translation], dict[str, str]]] = {
     "RLConfig": (_RL_RENAMES, _RL_TRANSLATIONS, _RL_DIFFERENT),
     "EvalConfig": ({"dataset_name": "dataset", "dataset_test_split": "dataset_split",
-                    "max_completion_length": "max_new_tokens", "environment": "environment_factory"}, [], {}),
+                    "max_completion_length": "max_new_tokens", "environment": "environment_factory",
+                    "dataset_prompt_column": "prompt_column"}, [], {}),
     "RewardModelConfig": (_PAIRS_RENAMES, _DTYPES, {}),
     "DPORunConfig": (_PAIRS_RENAMES, [*_DTYPES, _LORA_ALWAYS], {}),
 }

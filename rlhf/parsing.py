@@ -93,6 +93,11 @@ def _scalar(tp: Any, value: Any) -> Any:
     if tp in (int, float) and isinstance(value, bool):  # YAML's true would pass as 1
         raise ValueError(value)
     if tp is int:
+        if isinstance(value, str):  # "3.0" and "1e3" on the command line, as YAML's 3.0 reads
+            try:
+                return int(value)
+            except ValueError:
+                value = float(value)
         if isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         return int(value)
@@ -327,11 +332,14 @@ def parse_dataclass(cls: type, argv: list[str] | None = None, script_defaults: d
         if values.get("advantage_estimator") == documented_estimator:
             given |= set(documented)
         cls.complete_settings(values, given)
-        _warn_of_trl_defaults(values, given, origin)
     try:
-        return cls(**values)
+        config = cls(**values)
     except TypeError as exc:  # pragma: no cover - guarded by the key checks above
         raise ConfigError(str(exc)) from None
+    if hasattr(cls, "complete_settings"):
+        # once the settings are known to be valid: a refused config is its one error line alone
+        _warn_of_trl_defaults({key: getattr(config, key) for key in values}, given, origin)
+    return config
 
 
 def dataclass_from_dict(cls: type, settings: dict[str, Any], where: str, **complete: Any) -> Any:
@@ -347,8 +355,11 @@ def dataclass_from_dict(cls: type, settings: dict[str, Any], where: str, **compl
     _settle(values, origin)
     if hasattr(cls, "complete_settings"):
         cls.complete_settings(values, native | set(origin), **complete)
-        _warn_of_trl_defaults(values, native | set(origin), origin, stacklevel=4)  # the caller of from_dict
-    return cls(**values)
+    config = cls(**values)
+    if hasattr(cls, "complete_settings"):  # once valid, as parse_dataclass
+        _warn_of_trl_defaults({key: getattr(config, key) for key in values}, native | set(origin), origin,
+                              stacklevel=4)  # the caller of from_dict
+    return config
 
 
 def _default_of(f: dataclasses.Field) -> Any:

@@ -151,6 +151,20 @@ def test_alias_and_own_name_in_one_yaml_file(tmp_path):
     assert parse_config(["--config", str(yaml_file), "--max_new_tokens", "30"]).max_new_tokens == 30
 
 
+def test_a_whole_number_written_as_a_float_is_read_on_the_command_line_as_in_a_file(tmp_path):
+    """YAML's max_steps: 3.0 and RLConfig(max_steps=3.0) were read as 3; before, --max_steps 3.0
+    (and --save_steps 1e3, which YAML files write too) was refused on the command line."""
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("max_steps: 3.0\nsave_steps: 1000.0\n")
+    from_file = parse_config(["--config", str(yaml_file)])
+    from_flags = parse_config(["--max_steps", "3.0", "--save_steps", "1e3"])
+    assert (from_file.max_steps, from_file.save_steps) == (from_flags.max_steps, from_flags.save_steps) == (3, 1000)
+    assert type(from_flags.max_steps) is int and type(from_flags.save_steps) is int
+    for value in ("2.5", "nan", "inf", "three"):
+        with pytest.raises(ConfigError, match=re.escape(f"max_steps expects int, got '{value}'")):
+            parse_config(["--max_steps", value])
+
+
 @pytest.mark.parametrize("key,suggestion", [("kl_beta", "kl_coef"), ("max_length", "max_new_tokens"),
                                             ("cliprange", "clip_range"), ("gae_lambda", "lam"),
                                             ("num_ppo_epochs", "ppo_epochs"), ("lr", "learning_rate")])
@@ -175,6 +189,34 @@ def test_bare_boolean_flags(cls):
             config = parse_dataclass(classes[cls], argv + extra)
             assert getattr(config, name) is value, (name, argv)
     assert parse_dataclass(RLConfig, ["--bf16", "--max_steps", "3"]).max_steps == 3
+
+
+def test_a_refused_trl_config_is_its_error_alone_and_an_accepted_one_hears_its_warnings():
+    """Before, a config in TRL's names printed its warnings (defaults that differ, max_steps' other
+    meaning) and then was refused: several lines of stderr for one error."""
+    import warnings
+
+    trl_named = ["--max_completion_length", "32", "--beta", "0.1", "--max_steps"]
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        with pytest.raises(ConfigError, match="max_steps must be >= 1, got 0"):
+            parse_config(trl_named + ["0"])
+        with pytest.raises(ConfigError, match="max_steps must be >= 1, got 0"):
+            RLConfig.from_dict({"max_completion_length": 32, "beta": 0.1, "max_steps": 0})
+    assert [str(w.message) for w in heard] == []
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        assert parse_config(trl_named + ["3.0"]).max_steps == 3
+        RLConfig.from_dict({"max_completion_length": 32, "beta": 0.1, "max_steps": 3.0})
+    messages = [str(w.message) for w in heard]
+    assert len(messages) == 4 and sum("max_steps 3 counts RL steps" in m for m in messages) == 2, messages
+
+
+def test_open_r1s_prompt_column_name_is_read_by_evaluate_too():
+    """open-r1's dataset_prompt_column is RLConfig's prompt_column; before, evaluate.py, run on the
+    same recipe's names, refused it as an unknown key."""
+    evaluated = parse_dataclass(EvalConfig, ["--checkpoints", "a", "--dataset_prompt_column", "problem"])
+    assert evaluated.prompt_column == "problem" == parse_config(["--dataset_prompt_column", "problem"]).prompt_column
 
 
 def test_trainer_keys_of_reward_model_and_dpo_reach_their_training_arguments(tmp_path):
