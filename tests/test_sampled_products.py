@@ -92,18 +92,24 @@ def _assert_close(taken, plain):
         torch.testing.assert_close(taken[2][name], plain[2][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def _route_every_projection_to_onednn(monkeypatch):
+    """Every projection to oneDNN (as SmolLM2's go on AMD and AVX-512 Intel): the sampler then fuses
+    q/k/v and gate/up, keeping q, k and v as views of the fused product."""
+    from rlhf import cpu_linear
+
+    if not cpu_linear.onednn_packing_usable():
+        pytest.skip("this torch build cannot pack oneDNN weights")
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)
+    monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+
+
 @pytest.mark.parametrize("chunked, routed", [(False, False), (True, False), (False, True)])
 def test_the_forward_takes_the_samplers_products_and_gives_the_plain_numbers(tiny_model_dir, replays, chunked, routed,
                                                                             monkeypatch):
     """``routed``: every projection goes to oneDNN (as SmolLM2's do on AMD), so the sampler fuses
     q/k/v and gate/up and keeps q, k and v as views of the fused product it rotates q and k from."""
-    from rlhf import cpu_linear
-
     if routed:
-        if not cpu_linear.onednn_packing_usable():
-            pytest.skip("this torch build cannot pack oneDNN weights")
-        monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)
-        monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+        _route_every_projection_to_onednn(monkeypatch)
     model = _policy(tiny_model_dir, chunked)
     rollout = _sample(model, tiny_model_dir, rotated_together=routed)
     taken = _logprobs_and_grads(model, rollout)
@@ -167,14 +173,10 @@ def test_a_layers_products_in_one_buffer_are_those_kept_one_by_one(tiny_model_di
     import gc
     import weakref
 
-    from rlhf import cpu_linear
     from rlhf.rollout import forward_response
 
     if routed:
-        if not cpu_linear.onednn_packing_usable():
-            pytest.skip("this torch build cannot pack oneDNN weights")
-        monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)
-        monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
+        _route_every_projection_to_onednn(monkeypatch)
     model = _policy(tiny_model_dir, False)
     alone = _sample(model, tiny_model_dir, stops=stops, max_new_tokens=9, rotated_together=routed).sampled_products
     together = _sample(model, tiny_model_dir, stops=stops, max_new_tokens=9, rotated_together=routed,
