@@ -325,6 +325,17 @@ def test_grpo_advantages_do_not_vanish_for_rewards_whose_squares_overflow_float3
     assert huge.dtype == torch.float32 and bool(unit.abs().min() > 0.1)
     torch.testing.assert_close(huge, unit, rtol=1e-5, atol=1e-6)
     assert A.group_stats(scores * 1e25, ids)[2].dtype == torch.float32
+    if scale_rewards == "batch":  # as the trainer calls it: summed over processes by a float32 reduction
+        from rlhf.algorithms.advantages import batch_std
+
+        def float32_sum(tensor):
+            return torch.as_tensor(tensor, dtype=torch.float32).clone()
+
+        reduced, _ = grpo(A.token_level_rewards(scores * 1e25, mask), mask, group_ids=ids, scale_rewards="batch",
+                          all_reduce=float32_sum)
+        torch.testing.assert_close(reduced, unit, rtol=1e-5, atol=1e-6)  # a reviewer: 0 everywhere at 313bc9e
+        torch.testing.assert_close(batch_std(scores * 1e25, float32_sum), batch_std(scores) * 1e25, rtol=1e-5,
+                                   atol=0)
 
 
 def test_dr_grpo_and_rloo_by_hand():

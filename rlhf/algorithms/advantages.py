@@ -208,10 +208,17 @@ def batch_std(scores: Tensor, all_reduce: Callable[[Tensor], Tensor] | None = No
         return torch.zeros((), dtype=torch.float32, device=scores.device)
     sum_sq = ((scores - total / count) ** 2).sum().reshape(1)
     sum_sq = all_reduce(sum_sq) if all_reduce is not None else sum_sq
-    if not math.isfinite(float(sum_sq[0])) and math.isfinite(total):  # squares past float32's range (group_stats)
-        sum_sq = ((scores.double() - total / count) ** 2).sum().reshape(1)
-        sum_sq = all_reduce(sum_sq) if all_reduce is not None else sum_sq
-    return (sum_sq[0] / (count - 1)).sqrt().float()
+    if not math.isfinite(float(sum_sq[0])) and math.isfinite(total):
+        # squares past float32's range (group_stats): summed as (deviation / scale)^2, so the sum
+        # over processes (a float32 reduction) holds them; the scale, a sum of each process's
+        # largest deviation, is the same on every process and at least the largest one
+        deviations = scores.double() - total / count
+        largest = (deviations.abs().max() if deviations.numel() else deviations.new_zeros(())).reshape(1).float()
+        scale = float((all_reduce(largest) if all_reduce is not None else largest)[0])
+        scaled = ((deviations / scale) ** 2).sum().reshape(1).float()
+        scaled = all_reduce(scaled) if all_reduce is not None else scaled
+        return torch.tensor(scale * math.sqrt(float(scaled[0]) / (count - 1)), dtype=torch.float32, device=scores.device)
+    return (sum_sq[0] / (count - 1)).sqrt()
 
 
 @ADVANTAGE_ESTIMATORS.register("grpo", groups=True)
