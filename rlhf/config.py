@@ -527,7 +527,10 @@ class RLConfig:
             if hasattr(weights, "tolist") and getattr(weights, "ndim", None) == 1:
                 weights = weights.tolist()
             if not isinstance(weights, (list, tuple)):
-                raise ConfigError(f"reward_weights expects a list of numbers (one per reward function), got {weights!r}")
+                shape = getattr(weights, "shape", None)
+                # an array's repr runs over several lines
+                given = f"an array of shape {tuple(shape)}" if shape is not None and len(shape) > 1 else repr(weights)
+                raise ConfigError(f"reward_weights expects a list of numbers (one per reward function), got {given}")
             self.reward_weights = list(weights)
         if self.reward_weights is not None:
             # numpy's float32 and int64 scalars are numbers too
