@@ -520,22 +520,7 @@ class RLConfig:
         """Every number setting a number (an int one an integer: 3.0 becomes 3, 0.5 is refused), set
         where it is not optional, and finite, as is every number in reward_weights: .inf / .nan parse as
         floats but train nothing useful (or nothing at all)."""
-        weights = self.reward_weights
-        if weights is not None and not isinstance(weights, list):
-            # a tuple, a numpy array or a tensor of weights (TRL's trainer takes any torch.tensor reads)
-            # becomes a list of Python numbers; a lone number or a name is not a list of weights
-            if hasattr(weights, "tolist") and getattr(weights, "ndim", None) == 1:
-                weights = weights.tolist()
-            if not isinstance(weights, (list, tuple)):
-                shape = getattr(weights, "shape", None)
-                # an array's repr runs over several lines
-                given = f"an array of shape {tuple(shape)}" if shape is not None and len(shape) > 1 else repr(weights)
-                raise ConfigError(f"reward_weights expects a list of numbers (one per reward function), got {given}")
-            self.reward_weights = list(weights)
-        if self.reward_weights is not None:
-            # numpy's float32 and int64 scalars are numbers too
-            self.reward_weights = [float(w) if isinstance(w, numbers.Real) and not isinstance(w, bool)
-                                   and type(w) not in (int, float) else w for w in self.reward_weights]
+        self.reward_weights = reward_weights_list(self.reward_weights)
         numeric = ("float", "float | None", "int", "int | None")
         for f in dataclasses.fields(self):
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
@@ -810,6 +795,24 @@ def lora_settings(peft_config: Any) -> dict[str, Any]:
                           "or give 'all-linear'; peft's per-architecture default and regular expressions are not read here")
     return {"lora_r": peft_config.r, "lora_alpha": peft_config.lora_alpha, "lora_dropout": peft_config.lora_dropout,
             "lora_target_modules": ["all-linear"] if targets == "all-linear" else sorted(targets)}
+
+
+def reward_weights_list(weights: Any) -> list[Any] | None:
+    """``reward_weights`` as a list: a tuple, a numpy array or a tensor of weights (TRL's trainer takes
+    whatever torch.tensor reads) becomes a list of Python numbers, numpy's scalars floats; a lone
+    number, a name or a 2-d array is refused (ConfigError). The items' own checks are the caller's."""
+    if weights is None:
+        return None
+    if not isinstance(weights, list):
+        if hasattr(weights, "tolist") and getattr(weights, "ndim", None) == 1:
+            weights = weights.tolist()
+        if not isinstance(weights, (list, tuple)):
+            shape = getattr(weights, "shape", None)
+            # an array's repr runs over several lines
+            given = f"an array of shape {tuple(shape)}" if shape is not None and len(shape) > 1 else repr(weights)
+            raise ConfigError(f"reward_weights expects a list of numbers (one per reward function), got {given}")
+    return [float(w) if isinstance(w, numbers.Real) and not isinstance(w, bool) and type(w) not in (int, float) else w
+            for w in weights]
 
 
 def parse_config(argv: list[str] | None = None, script_defaults: dict[str, Any] | None = None,

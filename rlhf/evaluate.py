@@ -30,7 +30,7 @@ import torch
 
 from rlhf.adapters import ADAPTER_WEIGHTS, INIT_ADAPTER_DIR, adapter_load_errors, read_adapter_config
 from rlhf.algorithms import kl_penalty
-from rlhf.config import check_episode_limits
+from rlhf.config import check_episode_limits, reward_weights_list
 from rlhf.data import BUILTIN_PREFIX, check_room_for_prompt, format_prompt, load_prompt_dataset, prompt_token_lengths
 from rlhf.errors import CheckpointError, ConfigError
 from rlhf.rollout import Rollout, forward_response, generate_rollout, sampling_cache_bytes, sampling_speedups
@@ -415,6 +415,10 @@ def evaluate(
 
     _check_settings(checkpoints, include_base, num_samples, max_new_tokens, temperature, top_p, batch_size, num_prompts)
     check_episode_limits(max_tool_calling_iterations, tool_timeout)
+    reward_weights = reward_weights_list(reward_weights)  # an array of weights was a JSON traceback at the end
+    for weight in reward_weights or []:
+        if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)):
+            raise ConfigError(f"reward_weights must be finite numbers, got {weight!r}")
     candidates = [resolve_candidate(spec) for spec in checkpoints]
     for candidate in candidates:  # a damaged run config.yaml is refused before any work (ConfigError)
         if candidate.adapter_dir is not None:
