@@ -7,6 +7,8 @@ the TrainingArguments (RewardConfig / DPOConfig) those scripts build.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +47,11 @@ class TrainerKeys:
     gradient_checkpointing: bool = _f(False, "Recompute activations to save memory (TRL defaults to on; about 20 percent slower).")
 
     def check_trainer_keys(self) -> None:
+        # nan passes every comparison below, and trained on (a reviewer's --beta nan, --learning_rate nan)
+        for setting in dataclasses.fields(self):
+            value = getattr(self, setting.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{setting.name} must be a finite number, got {value}")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -212,6 +212,14 @@ def test_a_refused_trl_config_is_its_error_alone_and_an_accepted_one_hears_its_w
     assert len(messages) == 4 and sum("max_steps 3 counts RL steps" in m for m in messages) == 2, messages
 
 
+def test_the_reward_model_configs_numbers_are_finite():
+    """A reviewer's: nan passed every comparison of RewardModelConfig's checks (DPO: test_dpo)."""
+    for flag in ("--learning_rate", "--weight_decay", "--max_grad_norm"):
+        with pytest.raises(ConfigError, match=f"{flag[2:]} must be a finite number, got nan"):
+            parse_dataclass(RewardModelConfig, [flag, "nan"])
+    assert parse_dataclass(RewardModelConfig, ["--weight_decay", "0.1"]).weight_decay == 0.1
+
+
 def test_open_r1s_prompt_column_name_is_read_by_evaluate_too():
     """open-r1's dataset_prompt_column is RLConfig's prompt_column; before, evaluate.py, run on the
     same recipe's names, refused it as an unknown key."""

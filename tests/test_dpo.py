@@ -76,6 +76,10 @@ def test_rl_starts_from_the_dpo_adapter(dpo_run, tiny_model_dir, tmp_path, run_h
     (["--loss_type", "nope"], "loss_type 'nope' is not one of: sigmoid, hinge, ipo"),
     (["--beta", "0"], "beta must be > 0"),
     (["--dataset", "missing.jsonl"], "missing.jsonl"),
+    # a reviewer's: nan passed every check and trained
+    (["--beta", "nan"], "beta must be a finite number, got nan"),
+    (["--learning_rate", "nan"], "learning_rate must be a finite number, got nan"),
+    (["--max_grad_norm", "1e400"], "max_grad_norm must be a finite number, got inf"),
 ])
 def test_dpo_bad_input_exits_2(flags, message, tmp_path, run_here):
     result = run_here("train_dpo.py", "--output_dir", str(tmp_path / "out"), *flags)
