@@ -181,6 +181,20 @@ def test_normalize_then_sum_separates_what_a_sum_merges():
     assert torch.allclose(z.sum(0), torch.zeros(2), atol=1e-6)  # each function has group mean 0
 
 
+def test_normalize_then_sum_keeps_a_function_whose_squares_overflow_float32():
+    """Each function's z does not depend on its scale. Before: a function returning values of 1e25
+    had a float32 std of inf, so its z was 0 for every sample (measured: z[:, 0] all 0) and the
+    advantages the other function's alone; a function of NaNs and a normal one stay as they were."""
+    rewards = torch.tensor([[1.0, 0.0], [3.0, 1.0], [0.5, 0.0], [2.0, float("nan")], [4.0, 1.0], [1.0, 2.0]])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1])
+    unit_total, unit_z = normalize_then_sum(rewards, torch.tensor([1.0, 0.5]), groups, eps=1e-12)
+    huge_total, huge_z = normalize_then_sum(rewards * torch.tensor([1e25, 1.0]), torch.tensor([1.0, 0.5]), groups,
+                                            eps=1e-12)  # eps 1e-4 moves unit-scale z by 1e-4, not huge ones
+    assert bool(unit_z[:, 0].abs().min() > 0.1)
+    torch.testing.assert_close(huge_z, unit_z, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(huge_total, unit_total, rtol=1e-5, atol=1e-6)
+
+
 def test_normalize_then_sum_settings_and_trls_names():
     with pytest.raises(ConfigError, match="normalize_then_sum normalises each reward function .* num_generations >= 2"):
         RLConfig(reward_aggregation="normalize_then_sum", advantage_estimator="reinforce")

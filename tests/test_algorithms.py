@@ -338,6 +338,31 @@ def test_grpo_advantages_do_not_vanish_for_rewards_whose_squares_overflow_float3
                                    atol=0)
 
 
+def test_whitening_does_not_zero_entries_whose_squares_overflow_float32():
+    """masked_whiten (REINFORCE++, whiten_advantages) is scale-free too. Before: returns of 1e25 gave a
+    float32 variance of nan (inf squares, times 0 on padding) and every advantage nan (measured:
+    reinforce_pp all nan, a step the trainer skips as non-finite)."""
+    returns = torch.tensor([[1.0, 2.0, 0.0], [3.0, -1.0, 0.5], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+
+    def float32_sum(tensor):  # one process's all_reduce, a float32 reduction as the trainer's
+        return torch.as_tensor(tensor, dtype=torch.float32).clone()
+
+    for all_reduce in (None, float32_sum):
+        for shift_mean in (True, False):
+            unit = A.masked_whiten(returns, mask, shift_mean=shift_mean, all_reduce=all_reduce)
+            huge = A.masked_whiten(returns * 1e25, mask, shift_mean=shift_mean, all_reduce=all_reduce)
+            assert huge.dtype == torch.float32 and bool(unit[mask.bool()].abs().min() > 0.1)
+            expected = unit if shift_mean else (unit - A.masked_mean(returns, mask) * mask) + \
+                A.masked_mean(returns * 1e25, mask) * mask
+            torch.testing.assert_close(huge, expected, rtol=1e-5, atol=1e-6)
+        rewards = torch.zeros(3, 3)
+        rewards[[0, 1, 2], [1, 2, 0]] = torch.tensor([2.0, 0.5, 4.0])
+        unit, _ = A.ADVANTAGE_ESTIMATORS["reinforce_pp"](rewards, mask, all_reduce=all_reduce)
+        huge, _ = A.ADVANTAGE_ESTIMATORS["reinforce_pp"](rewards * 1e25, mask, all_reduce=all_reduce)
+        torch.testing.assert_close(huge, unit, rtol=1e-5, atol=1e-6)
+
+
 def test_dr_grpo_and_rloo_by_hand():
     rewards = group_rewards()
     adv, _ = A.ADVANTAGE_ESTIMATORS["dr_grpo"](rewards, GROUP_MASK, group_ids=GROUP_IDS)

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from rlhf.algorithms.aggregation import masked_sum, masked_whiten
+from rlhf.algorithms.aggregation import masked_sum, masked_whiten, scaled_std
 from rlhf.algorithms.registry import Registry, variant
 
 ADVANTAGE_ESTIMATORS: Registry = Registry("advantage estimator", inputs=("token_rewards", "mask", "values", "group_ids", "baseline", "all_reduce"))
@@ -209,15 +209,9 @@ def batch_std(scores: Tensor, all_reduce: Callable[[Tensor], Tensor] | None = No
     sum_sq = ((scores - total / count) ** 2).sum().reshape(1)
     sum_sq = all_reduce(sum_sq) if all_reduce is not None else sum_sq
     if not math.isfinite(float(sum_sq[0])) and math.isfinite(total):
-        # squares past float32's range (group_stats): summed as (deviation / scale)^2, so the sum
-        # over processes (a float32 reduction) holds them; the scale, a sum of each process's
-        # largest deviation, is the same on every process and at least the largest one
+        # squares past float32's range (group_stats): the std of the deviations scaled down
         deviations = scores.double() - total / count
-        largest = (deviations.abs().max() if deviations.numel() else deviations.new_zeros(())).reshape(1).float()
-        scale = float((all_reduce(largest) if all_reduce is not None else largest)[0])
-        scaled = ((deviations / scale) ** 2).sum().reshape(1).float()
-        scaled = all_reduce(scaled) if all_reduce is not None else scaled
-        return torch.tensor(scale * math.sqrt(float(scaled[0]) / (count - 1)), dtype=torch.float32, device=scores.device)
+        return torch.tensor(scaled_std(deviations, count, all_reduce), dtype=torch.float32, device=scores.device)
     return (sum_sq[0] / (count - 1)).sqrt()
 
 
@@ -351,7 +345,15 @@ def normalize_then_sum(rewards: Tensor, weights: Tensor, group_ids: Tensor, eps:
     sums = zero.index_add(0, group, torch.where(present, values, 0.0))
     means = sums / counts  # NaN for a function absent from the whole group
     sq_dev = torch.where(present, (values - means[group]) ** 2, 0.0)
-    stds = (zero.index_add(0, group, sq_dev) / (counts - 1)).sqrt()
+    sum_sq = zero.index_add(0, group, sq_dev)
+    stds = (sum_sq / (counts - 1)).sqrt()
+    overflowed = ~torch.isfinite(sum_sq) & torch.isfinite(sums)
+    if bool(overflowed.any()):
+        # finite values beyond ~1e19 square past float32's range: that function's std would be inf
+        # and its z silently 0 (group_stats); its squares fit in float64
+        deviations = torch.where(present, values.double() - means.double()[group], 0.0)
+        wide = (zero.double().index_add(0, group, deviations ** 2) / (counts.double() - 1)).sqrt().float()
+        stds = torch.where(overflowed, wide, stds)
     stds = torch.where(counts > 1, stds, torch.full_like(stds, math.nan))
     z = (values - means[group]) / (stds[group] + eps)  # NaN wherever r is NaN or the std is
     total = (torch.where(z.isnan(), 0.0, z) * weights.to(z).unsqueeze(0)).sum(-1)

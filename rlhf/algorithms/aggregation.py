@@ -5,6 +5,7 @@ Shapes: x, loss, mask are [B, T] (B sequences, T padded response tokens; mask 1 
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -68,14 +69,41 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     """
     mask_f = mask.float()
     if all_reduce is None:
-        return whiten_with_stats(x, mask_f, masked_mean(x, mask_f), masked_var(x, mask_f), shift_mean, eps)
-    # Two reductions (mean, then squared deviations from it): the one-pass E[x^2] - E[x]^2 loses
-    # the variance in float32 when the mean is large against the spread.
-    total, count = all_reduce(torch.stack([masked_sum(x, mask_f), mask_f.sum()])).tolist()
-    mean = total / max(count, 1.0)
-    sum_sq = float(all_reduce(masked_sum((x.float() - mean) ** 2, mask_f).reshape(1)))
-    var = sum_sq / max(count - 1.0, 1.0)
+        mean, var = masked_mean(x, mask_f), masked_var(x, mask_f)
+        count = float(mask_f.sum())
+    else:
+        # Two reductions (mean, then squared deviations from it): the one-pass E[x^2] - E[x]^2
+        # loses the variance in float32 when the mean is large against the spread.
+        total, count = all_reduce(torch.stack([masked_sum(x, mask_f), mask_f.sum()])).tolist()
+        mean = total / max(count, 1.0)
+        sum_sq = float(all_reduce(masked_sum((x.float() - mean) ** 2, mask_f).reshape(1)))
+        var = sum_sq / max(count - 1.0, 1.0)
+    if not math.isfinite(float(var)) and math.isfinite(float(mean)):
+        # finite entries beyond ~1e19 square past float32's range: the variance would be inf and
+        # every entry silently 0; the deviations are whitened in float64 by their scaled std
+        deviations = (x.double() - float(mean)) * mask_f.double()
+        whitened = deviations / scaled_std(deviations, count, all_reduce)
+        if not shift_mean:
+            whitened = whitened + float(mean)
+        return (whitened * mask_f.double()).float()
     return whiten_with_stats(x, mask_f, mean, var, shift_mean, eps)
+
+
+def scaled_std(deviations: Tensor, count: float, all_reduce: Callable[[Tensor], Tensor] | None = None) -> float:
+    """Unbiased std from deviations from the mean whose squares overflow float32, as a Python float.
+
+    deviations: any shape, 0 where not counted (float64); count: entries counted over every process.
+    std = scale * sqrt(sum((d / scale)^2) / (count - 1)): each process's sum of (d / scale)^2 fits the
+    float32 all_reduce, and the scale, a sum of each process's largest |d|, is the same on every
+    process and at least the largest one.
+    """
+    largest = (deviations.abs().max() if deviations.numel() else deviations.new_zeros(())).reshape(1).float()
+    scale = float((all_reduce(largest) if all_reduce is not None else largest)[0])
+    if not scale > 0:
+        return 0.0
+    scaled = ((deviations / scale) ** 2).sum().reshape(1).float()
+    scaled = all_reduce(scaled) if all_reduce is not None else scaled
+    return scale * math.sqrt(float(scaled[0]) / max(count - 1.0, 1.0))
 
 
 def whiten_with_stats(x: Tensor, mask: Tensor, mean: Tensor | float, var: Tensor | float,
