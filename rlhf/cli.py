@@ -11,6 +11,7 @@ import json
 import os
 import runpy
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -159,10 +160,17 @@ def train_main(algorithm: str, argv: list[str] | None = None, prog: str | None =
     """``python scripts/train_<algorithm>.py [--config FILE] [--key value ...]``."""
 
     def run() -> None:
-        config = parse_train_args(algorithm, argv, prog)
+        # the config's warnings (TRL defaults it leaves out, TRL names that mean something else here)
+        # wait until the trainer is built: a model, dataset or reward file that is not there is
+        # then its one error line, not that line after four of warnings
+        with warnings.catch_warnings(record=True) as config_warnings:
+            config = parse_train_args(algorithm, argv, prog)
         from rlhf.trainer import RLTrainer  # heavy imports only after the config is valid
 
-        RLTrainer(config).train()
+        trainer = RLTrainer(config)
+        for held in config_warnings:
+            warnings.showwarning(held.message, held.category, held.filename, held.lineno)
+        trainer.train()
 
     exit_on_user_error(run)
 

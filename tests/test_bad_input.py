@@ -794,3 +794,27 @@ def test_a_missing_local_reward_backbone_is_named_as_a_path(tmp_path, run_here):
     result = run_here("train_reward_model.py", "--model_name_or_path", str(missing), "--output_dir",
                       str(tmp_path / "out"), "--max_steps", "1")
     assert_one_line_error(result, f"cannot load reward backbone '{missing}': no such local dir")
+
+
+@pytest.mark.parametrize("missing", ["model", "dataset", "reward"])
+def test_a_trl_named_run_with_a_missing_input_prints_its_error_line_alone(missing, tiny_model_dir, tmp_path, run_here):
+    """A config in TRL's names hears warnings (TRL defaults it leaves out, max_steps' other meaning);
+    before, they were printed as it was parsed, so a model, dataset or reward file that is not
+    there came as its error line after four lines of warnings."""
+    args = tiny_args(tiny_model_dir, tmp_path / "out", "--beta", "0.1")
+    where = {"model": ("--model_name_or_path", str(tmp_path / "no-model")),
+             "dataset": ("--dataset_name", str(tmp_path / "no-data.jsonl")),
+             "reward": ("--reward_funcs", f"{tmp_path / 'no_rewards.py'}:score")}[missing]
+    result = run_here("train_grpo.py", *args, *where)
+    assert_one_line_error(result, where[1].split(":")[0])
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_trl_named_run_that_trains_hears_its_warnings(tiny_model_dir, tmp_path, run_here):
+    """The warnings held back while the trainer is built are shown once it is, before training."""
+    args = tiny_args(tiny_model_dir, tmp_path / "out", "--beta", "0.1", "--max_steps", "1", "--save_steps", "0")
+    result = run_here("train_grpo.py", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("this config uses TRL's names") == 2, result.stderr
+    assert "max_steps 1 counts RL steps" in result.stderr
