@@ -482,9 +482,6 @@ class RLConfig:
                 f"dataset must be a path, a hub id, builtin:<name> or a datasets.Dataset, got {type(self.dataset).__name__}")
         # The count is checked where the functions are final (RLTrainer, whose
         # reward_funcs may replace these, as TRL's GRPOConfig takes weights for the trainer's functions).
-        for weight in self.reward_weights or []:
-            require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight),
-                    f"reward_weights must be numbers, got {weight!r}")
         estimator = ADVANTAGE_ESTIMATORS[self.advantage_estimator]
         if estimator.needs["groups"]:
             require(
@@ -800,7 +797,8 @@ def lora_settings(peft_config: Any) -> dict[str, Any]:
 def reward_weights_list(weights: Any) -> list[Any] | None:
     """``reward_weights`` as a list: a tuple, a numpy array or a tensor of weights (TRL's trainer takes
     whatever torch.tensor reads) becomes a list of Python numbers, numpy's scalars floats; a lone
-    number, a name or a 2-d array is refused (ConfigError). The items' own checks are the caller's."""
+    number, a name, a 2-d array or a weight that is no finite number in float32's range (the
+    rewards it scales are float32) is refused (ConfigError). RLConfig and evaluate() read them so."""
     if weights is None:
         return None
     if not isinstance(weights, list):
@@ -811,8 +809,13 @@ def reward_weights_list(weights: Any) -> list[Any] | None:
             # an array's repr runs over several lines
             given = f"an array of shape {tuple(shape)}" if shape is not None and len(shape) > 1 else repr(weights)
             raise ConfigError(f"reward_weights expects a list of numbers (one per reward function), got {given}")
-    return [float(w) if isinstance(w, numbers.Real) and not isinstance(w, bool) and type(w) not in (int, float) else w
-            for w in weights]
+    listed = [float(w) if isinstance(w, numbers.Real) and not isinstance(w, bool) and type(w) not in (int, float) else w
+              for w in weights]
+    for weight in listed:
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not abs(weight) <= FLOAT32_MAX:
+            raise ConfigError(f"reward_weights must be finite numbers within float32 range (|x| <= 3.4e38), "
+                              f"got {weight!r}")
+    return listed
 
 
 def parse_config(argv: list[str] | None = None, script_defaults: dict[str, Any] | None = None,

@@ -416,9 +416,6 @@ def evaluate(
     _check_settings(checkpoints, include_base, num_samples, max_new_tokens, temperature, top_p, batch_size, num_prompts)
     check_episode_limits(max_tool_calling_iterations, tool_timeout)
     reward_weights = reward_weights_list(reward_weights)  # an array of weights was a JSON traceback at the end
-    for weight in reward_weights or []:
-        if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)):
-            raise ConfigError(f"reward_weights must be finite numbers, got {weight!r}")
     candidates = [resolve_candidate(spec) for spec in checkpoints]
     for candidate in candidates:  # a damaged run config.yaml is refused before any work (ConfigError)
         if candidate.adapter_dir is not None:

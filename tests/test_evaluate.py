@@ -195,7 +195,8 @@ def test_reward_weights_as_an_array_are_read_and_bad_ones_refused_before_any_wor
     as_list = evaluate(checkpoints, reward_weights=[1.0, 0.5], **common)
     as_array = evaluate(checkpoints, reward_weights=np.array([1.0, 0.5]), output_dir=str(tmp_path / "out"), **common)
     assert as_array["checkpoints"] == as_list["checkpoints"] and (tmp_path / "out" / "report.json").is_file()
-    for weights, message in (([1.0, float("nan")], "reward_weights must be finite numbers, got nan"),
+    for weights, message in (([1.0, float("nan")], "reward_weights must be finite numbers within float32 range (|x| <= 3.4e38), got nan"),
+                             ([1.0, 1e39], "got 1e+39"),  # was taken: rewards scaled to inf
                              (np.ones((2, 2)), "got an array of shape (2, 2)")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             evaluate(["no/such/checkpoint"], reward_weights=weights, **common)

@@ -422,7 +422,7 @@ def test_reward_weights_in_the_config_go_with_the_trainers_functions(tiny_model_
     assert trainer.reward.weights == [0.5, 2.0]
     with pytest.raises(ConfigError, match="reward_weights has 2 values but reward_funcs has 3"):
         RLTrainer(model=str(tiny_model_dir), reward_funcs=[scaled, scaled, scaled], args=config)
-    with pytest.raises(ConfigError, match="reward_weights must be numbers, got None"):
+    with pytest.raises(ConfigError, match="reward_weights must be finite numbers .*, got None"):
         RLConfig(reward_funcs=["sentiment", "length"], reward_weights=[None, 1.0])
 
 
