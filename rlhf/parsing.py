@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import decimal
 import json
+import re
 import sys
 import types
 import typing
@@ -97,7 +99,14 @@ def _scalar(tp: Any, value: Any) -> Any:
             try:
                 return int(value)
             except ValueError:
-                value = float(value)
+                pass
+            try:  # exactly: 1e-400 is no integer, though its float is 0.0
+                exact = decimal.Decimal(value.strip())
+            except decimal.InvalidOperation:
+                raise ValueError(value) from None
+            if not exact.is_finite() or exact != exact.to_integral_value() or exact.adjusted() > 300:
+                raise ValueError(value)
+            return int(exact)
         if isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         return int(value)
@@ -140,6 +149,14 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that raises ConfigError (-> one line, exit 2) instead of printing usage."""
 
     config_cls: type = object
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse reads only -5 and -0.5 as negative numbers (before Python 3.13), so --seed -1e3 and
+        # --learning_rate -1e-4 were "expected one argument"; these parsers have no option that
+        # looks like a number, so any number's text is a value (and its check says what is wrong)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$",
+                                                   re.IGNORECASE)
 
     def error(self, message: str) -> typing.NoReturn:
         if message.startswith("unrecognized arguments:") and dataclasses.is_dataclass(self.config_cls):

@@ -25,6 +25,10 @@ from conftest import assert_one_line_error, tiny_args
         (["--reward_weights", "1.0", "2.0"], ["reward_weights has 2 values"]),
         (["--gradient_accumulation_steps", "3"], ["gradient_accumulation_steps 3 must divide"]),
         (["--learning_rate=-1e-4"], ["learning_rate must be in (0, 10], got -0.0001"]),
+        # argparse read -1e-4 and -1e3 as flags: "argument --learning_rate: expected one argument"
+        (["--learning_rate", "-1e-4"], ["learning_rate must be in (0, 10], got -0.0001"]),
+        (["--seed", "-1e3"], ["seed must be an integer in 0..4294967295, got -1000"]),
+        (["--lora_r", "1e-400"], ["lora_r expects int, got '1e-400'"]),  # was "must be >= 1, got 0"
         (["--learning_rate", "1e38"], ["learning_rate must be in (0, 10], got 1e+38"]),
         (["--temperature", "0"], ["temperature must be >= 1e-06", "got 0"]),
         (["--temperature", "1e-46"], ["temperature must be >= 1e-06", "got 1e-46"]),
