@@ -14,7 +14,7 @@ from rlhf.adapters import SavedLora, check_untied_targets
 from rlhf.distributed import shards_weights
 from rlhf.models import (
     PolicyWithValue, ValueHead, add_lora, check_bf16, disable_dropout, fuse_lora_layers, fuse_swiglu_mlps, load_base_model,
-    merge_adapter, trainable_parameter_groups,
+    last_hidden_size, merge_adapter, trainable_parameter_groups,
 )
 
 
@@ -47,7 +47,7 @@ def build_model(config: Any, accelerator: Any, init_adapter: SavedLora | None,
     if not shards_weights(accelerator):
         fuse_lora_layers(policy)
         fuse_swiglu_mlps(policy)
-    value_head = ValueHead(base.config.hidden_size) if config.needs_value_head else None
+    value_head = ValueHead(last_hidden_size(base)) if config.needs_value_head else None
     # Sharing runs the policy twice in one forward with a cache: fine for DDP, not for sharding
     # hooks; checkpointed layers switch the cache off.
     share_prompt_prefix = (config.share_prompt_prefix and not config.gradient_checkpointing

@@ -813,6 +813,17 @@ def inference_linears(model: nn.Module, reserve_bytes: int = 0) -> Iterator[nn.M
             vars(layer).pop("forward", None)  # the instance attribute: nn.Linear.forward again
 
 
+def last_hidden_size(model: nn.Module) -> int:
+    """Width of the last hidden states, which the LM head reads and so does the value head: not
+    always config.hidden_size (OPT-350m projects its 1024 down to word_embed_proj_dim 512 first)."""
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is None:
+        return model.config.hidden_size
+    shape = getattr(weight, "ds_shape", None) or weight.shape  # ZeRO-3's partitions keep the full shape there
+    return int(shape[-1])
+
+
 class ValueHead(nn.Module):
     """V(s_t) = w . h_t + b on the policy's last hidden state; zero-initialised so the critic
     starts neutral and early advantages are just rewards (RL_NOTES 11)."""

@@ -5,6 +5,7 @@ untied LM heads, each on a tiny random model built to have that property."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -624,3 +625,26 @@ def test_converting_the_embedded_model_leaves_the_seeded_generator_alone(tiny_mo
     target = models.embedded_model_dir()
     assert (target / "config.json").is_file() and (target / "model.safetensors").is_file()
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_value_head_reads_hidden_states_narrower_than_hidden_size(tmp_path, tiny_model_dir):
+    """OPT-350m projects its hidden states to word_embed_proj_dim before the LM head. Before, PPO's
+    value head was hidden_size wide: 'mat1 and mat2 shapes cannot be multiplied (16x16 and 32x1)'."""
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "tokenizer")
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, word_embed_proj_dim=16,
+                                     num_hidden_layers=2, ffn_dim=64, num_attention_heads=4, max_position_embeddings=128,
+                                     do_layer_norm_before=False, bos_token_id=tokenizer.bos_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(tmp_path / "opt")
+    tokenizer.save_pretrained(tmp_path / "opt")
+    trainer = make_trainer(tmp_path / "opt", tmp_path / "run", "ppo", max_prompt_length=32,
+                           lora_target_modules=["q_proj", "v_proj"])
+    metrics = trainer.train_step()
+    assert trainer.model.value_head.summary.in_features == 16
+    assert math.isfinite(metrics["value_loss"]) and math.isfinite(metrics["policy_loss"]), metrics
+    from rlhf.models import last_hidden_size
+
+    assert last_hidden_size(model) == 16 and last_hidden_size(load_base_model(str(tiny_model_dir))) == 32
