@@ -61,6 +61,14 @@ class LearnedReward:
         num_labels = getattr(model.config, "num_labels", None)
         if num_labels != 1:
             raise RewardError(f"reward model {name_or_path!r} has {num_labels} outputs; it needs exactly 1")
+        if tokenizer.pad_token_id is None:  # GPT-2-style tokenizers: batches pad with EOS, as TRL's GRPOTrainer does
+            if tokenizer.eos_token is None:
+                raise RewardError(f"reward model {name_or_path!r}: its tokenizer has neither a pad nor an EOS token "
+                                  "to pad a batch with; set tokenizer.pad_token and save it")
+            tokenizer.pad_token = tokenizer.eos_token
+        # the model scores the last token that is not padding, found through its config's pad id (TRL sets it so)
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        text_config.pad_token_id = tokenizer.pad_token_id
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.model.to(self.device).eval()
         self.batch_size = batch_size

@@ -9,8 +9,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
-from conftest import ROOT, free_port, run_script, tiny_args
+from conftest import FIXTURES, ROOT, free_port, run_script, tiny_args
 from reward_models import CombinedReward, load_reward_function
 from reward_models.remote import RemoteReward
 from reward_models.server import make_server
@@ -325,3 +326,31 @@ def test_reward_model_data_a_stranger_brings(tiny_reward_backbone, tmp_path, run
     result = run_here("train_reward_model.py", "--model_name_or_path", str(tiny_reward_backbone), "--dataset",
                       str(saved), "--eval_dataset", str(saved), "--output_dir", str(tmp_path / "rm"), "--max_length", "3")
     assert_one_line_error(result, "is longer than max_length 3 tokens")
+
+
+@pytest.mark.parametrize("pad", ["none", "tokenizer only"])
+def test_a_reward_model_without_a_pad_token_scores_batches_as_one_by_one(pad, tmp_path):
+    """An externally trained GPT-2 reward model: no pad token in its tokenizer, or none in its config.
+    Before: 'Asking to pad but the tokenizer does not have a padding token' and 'Cannot handle batch
+    sizes > 1 if no padding token is defined', each a failed reward call on every batch."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    from reward_models.learned import LearnedReward
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "tokenizer")
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2,
+                                                     n_positions=128, num_labels=1, pad_token_id=None))
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    if pad == "none":
+        path = tmp_path / "rm" / "tokenizer_config.json"
+        settings = json.loads(path.read_text())
+        settings.pop("pad_token")
+        path.write_text(json.dumps(settings))
+    assert (AutoTokenizer.from_pretrained(tmp_path / "rm").pad_token is None) == (pad == "none")
+    prompts = ["Say hi", "Describe rain", "Tell a joke"]
+    completions = ["Hello!", "It is wet and grey outside today.", "Why?"]
+    whole = LearnedReward(str(tmp_path / "rm"), batch_size=8)(prompts, completions)
+    split = LearnedReward(str(tmp_path / "rm"), batch_size=1)(prompts, completions)
+    assert whole == pytest.approx(split, abs=1e-5) and len(set(whole)) == 3
