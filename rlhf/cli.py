@@ -252,8 +252,8 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> None:
         parser.add_argument("--output_dir", required=True, help="Where the merged model goes.")
         parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                             help="Weight dtype of the export.")
-        parser.add_argument("--overwrite", default="false", choices=["true", "false"],
-                            help="Replace a non-empty output_dir.")
+        parser.add_argument("--overwrite", "--overwrite_output_dir", default="false", choices=["true", "false"],
+                            help="Replace a non-empty output_dir (never the checkpoint's run nor its base model).")
         parser.add_argument("--push_to_hub", default="false", choices=["true", "false"],
                             help="Upload the export to the Hugging Face hub after writing it.")
         parser.add_argument("--hub_model_id", default=None, help="Hub repo (default: the output_dir's name).")

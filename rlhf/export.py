@@ -25,6 +25,23 @@ from rlhf.errors import CheckpointError, ConfigError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_export_keeps_its_inputs(target: Path, adapter_dir: Path, base: str) -> None:
+    """ConfigError when writing ``target`` would replace the adapter being merged or the base model
+    it is merged into: the dir itself or a dir holding it (its run). --overwrite replaces a dir
+    whole, so the checkpoints, metrics or the base that other adapters name would be gone."""
+    from rlhf.models import EMBEDDED_MODEL, resolve_model_path
+
+    replaced = target.expanduser().resolve()
+    inputs = {"the adapter it merges": adapter_dir}
+    if base == EMBEDDED_MODEL or Path(base).expanduser().exists():  # not a hub id
+        inputs["its base model"] = Path(resolve_model_path(base))
+    for what, path in inputs.items():
+        path = path.expanduser().resolve()
+        if replaced == path or replaced in path.parents:
+            raise ConfigError(f"output_dir {target} holds {what} ({path}); the export would replace it: "
+                              "choose another output_dir")
+
+
 def export_merged(checkpoint: str | Path, output_dir: str | Path, dtype: str = "float32",
                   overwrite: bool = False) -> Path:
     """Write the merged model to ``output_dir`` (atomically: a staging dir renamed at the end)."""
@@ -44,6 +61,7 @@ def export_merged(checkpoint: str | Path, output_dir: str | Path, dtype: str = "
     target = Path(output_dir)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ConfigError(f"output_dir {target} is not empty; choose another or pass --overwrite true")
+    check_export_keeps_its_inputs(target, candidate.adapter_dir, candidate.base)
     run = read_run_for_card(candidate.adapter_dir)  # a damaged run config.yaml is refused before the merge
     base = load_base_model(candidate.base)
     with adapter_load_errors(f"adapter {candidate.adapter_dir}", f"does not fit its base {candidate.base!r}"):

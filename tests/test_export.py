@@ -348,3 +348,27 @@ def test_card_of_an_embedded_model_run_says_how_to_load_its_base():
     # any other base (a local dir here; a hub id takes the same branch) loads as named; nothing loads in the test
     other = render_model_card({"model_name_or_path": "my-policy-0.5b"}, None, 3)
     assert "AutoModelForCausalLM.from_pretrained('my-policy-0.5b')" in other
+
+
+def test_an_export_never_replaces_its_adapter_its_run_or_its_base(trained_run, tiny_model_dir, tmp_path, run_here):
+    """--overwrite replaces output_dir whole. Before: output_dir = the run (or its final/) printed
+    'exported RUN -> RUN' and left only the merged model (checkpoints, metrics, adapter gone), and
+    output_dir = the adapter's base dir replaced the base, under every adapter that names it."""
+    run, base = tmp_path / "run", tmp_path / "base"
+    shutil.copytree(trained_run, run)
+    shutil.copytree(tiny_model_dir, base)
+    config_path = run / "final" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = str(base)
+    config_path.write_text(json.dumps(config))
+    before = {path: path.read_bytes() for path in [*run.rglob("*"), *base.rglob("*")] if path.is_file()}
+    for target, what in ((run, "the adapter it merges"), (run / "final", "the adapter it merges"),
+                         (base, "its base model")):
+        result = run_here("export.py", "--checkpoint", str(run), "--output_dir", str(target),
+                          "--overwrite_output_dir", "true")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines()[-1].startswith(f"error: output_dir {target} holds {what}")
+    assert {path: path.read_bytes() for path in [*run.rglob("*"), *base.rglob("*")] if path.is_file()} == before
+    beside = run_here("export.py", "--checkpoint", str(run), "--output_dir", str(tmp_path / "merged"),
+                      "--overwrite", "true")
+    assert beside.returncode == 0 and (tmp_path / "merged" / "model.safetensors").is_file()
