@@ -353,10 +353,21 @@ def parse_dataclass(cls: type, argv: list[str] | None = None, script_defaults: d
         config = cls(**values)
     except TypeError as exc:  # pragma: no cover - guarded by the key checks above
         raise ConfigError(str(exc)) from None
+    except ConfigError as exc:
+        raise ConfigError(in_the_names_given(str(exc), origin)) from None
     if hasattr(cls, "complete_settings"):
         # once the settings are known to be valid: a refused config is its one error line alone
         _warn_of_trl_defaults({key: getattr(config, key) for key in values}, given, origin)
     return config
+
+
+def in_the_names_given(message: str, origin: dict[str, str]) -> str:
+    """A refusal that starts with our name of a setting the config gave under TRL's name says TRL's
+    too: ``--num_iterations 0`` is refused as "num_iterations (ppo_epochs here) must be >= 1"."""
+    key = message.split(" ", 1)[0]
+    if key in origin and origin[key] != key:
+        return f"{origin[key]} ({key} here){message[len(key):]}"
+    return message
 
 
 def dataclass_from_dict(cls: type, settings: dict[str, Any], where: str, **complete: Any) -> Any:
@@ -372,7 +383,10 @@ def dataclass_from_dict(cls: type, settings: dict[str, Any], where: str, **compl
     _settle(values, origin)
     if hasattr(cls, "complete_settings"):
         cls.complete_settings(values, native | set(origin), **complete)
-    config = cls(**values)
+    try:
+        config = cls(**values)
+    except ConfigError as exc:
+        raise ConfigError(in_the_names_given(str(exc), origin)) from None
     if hasattr(cls, "complete_settings"):  # once valid, as parse_dataclass
         _warn_of_trl_defaults({key: getattr(config, key) for key in values}, native | set(origin), origin,
                               stacklevel=4)  # the caller of from_dict

@@ -29,6 +29,9 @@ from conftest import assert_one_line_error, tiny_args
         (["--learning_rate", "-1e-4"], ["learning_rate must be in (0, 10], got -0.0001"]),
         (["--seed", "-1e3"], ["seed must be an integer in 0..4294967295, got -1000"]),
         (["--lora_r", "1e-400"], ["lora_r expects int, got '1e-400'"]),  # was "must be >= 1, got 0"
+        # a value given under TRL's name is refused in that name (was "ppo_epochs must be >= 1")
+        (["--num_iterations", "0"], ["num_iterations (ppo_epochs here) must be >= 1, got 0"]),
+        (["--beta", "-0.1"], ["beta (kl_coef here) must be >= 0, got -0.1"]),
         (["--learning_rate", "1e38"], ["learning_rate must be in (0, 10], got 1e+38"]),
         (["--temperature", "0"], ["temperature must be >= 1e-06", "got 0"]),
         (["--temperature", "1e-46"], ["temperature must be >= 1e-06", "got 1e-46"]),

@@ -212,6 +212,13 @@ def test_a_refused_trl_config_is_its_error_alone_and_an_accepted_one_hears_its_w
     assert len(messages) == 4 and sum("max_steps 3 counts RL steps" in m for m in messages) == 2, messages
 
 
+def test_a_refusal_names_the_trl_key_the_config_gave():
+    with pytest.raises(ConfigError, match=re.escape("epsilon (clip_range here) must be > 0")):
+        RLConfig.from_dict({"epsilon": 0.0})
+    with pytest.raises(ConfigError, match="^clip_range must be > 0"):
+        RLConfig.from_dict({"clip_range": 0.0})
+
+
 def test_the_reward_model_configs_numbers_are_finite():
     """A reviewer's: nan passed every comparison of RewardModelConfig's checks (DPO: test_dpo)."""
     for flag in ("--learning_rate", "--weight_decay", "--max_grad_norm"):
