@@ -410,8 +410,9 @@ def evaluate(
     from accelerate.utils import gather_object
 
     from rlhf import report as reporting
+    from rlhf.benchmark import model_config
     from rlhf.card import read_run_settings
-    from rlhf.models import check_tokenizer_fits, load_base_model, stop_token_ids
+    from rlhf.models import check_sequence_fits, check_tokenizer_fits, load_base_model, stop_token_ids
 
     _check_settings(checkpoints, include_base, num_samples, max_new_tokens, temperature, top_p, batch_size, num_prompts)
     check_episode_limits(max_tool_calling_iterations, tool_timeout)
@@ -433,6 +434,9 @@ def evaluate(
     episode_settings = EpisodeSettings.resolve(given, candidates)
     episodes = episode_settings.build(tokenizer)  # before any model loads: a bad tool spec fails fast
     check_room_for_prompt(tokenizer, max_prompt_length)
+    # as training refuses them: beyond a learned position table sampling fails with a bare index error
+    for model in dict.fromkeys([base_id, *(c.base for c in candidates if c.adapter_dir is None)]):
+        check_sequence_fits(model_config(model), max_prompt_length, max_new_tokens)
     evaluated = prompts.select(range(count))
     if episodes is not None:
         accelerator.print(f"episodes: {episode_settings.describe()} ({episode_settings.source})")

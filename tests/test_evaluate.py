@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import FIXTURES, ROOT, run_script
+from conftest import FIXTURES, ROOT, assert_one_line_error, run_script
 from rlhf.report import bootstrap_ci, distinct_n, render_markdown, win_rate
 
 REWARD = f"{FIXTURES / 'rewards.py'}:char_diversity"
@@ -209,6 +209,36 @@ def test_refuses_to_overwrite_a_report(adapters, tmp_path, run_here):
     result = run_here("evaluate.py", "--checkpoints", str(adapters["final"]), "--output_dir", str(out))
     assert result.returncode == 2 and "already holds a report" in result.stderr
     assert (out / "report.json").read_text() == "{}"
+
+
+def build_tiny_gpt2(directory, positions):
+    """A 2-layer GPT-2 (learned position table of ``positions`` rows) with the fixture tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "tokenizer")
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=positions, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_prompt_and_response_beyond_the_models_positions_are_refused(adapters, tmp_path, run_here):
+    """A reviewer's find: evaluate.py's defaults (256 + 64 tokens) on a GPT-2 of fewer positions
+    stopped with an IndexError traceback in the sampler; training refuses them in one line. The
+    model compared beside an adapter is checked too, before anything is sampled."""
+    gpt2 = build_tiny_gpt2(tmp_path / "gpt2", positions=64)
+    common = ["--output_dir", str(tmp_path / "out"), "--num_prompts", "2", "--reward_funcs", REWARD]
+    for checkpoints in ([str(gpt2)], [str(adapters["final"]), str(gpt2)]):
+        result = run_here("evaluate.py", "--checkpoints", *checkpoints, *common)
+        assert_one_line_error(result, "max_prompt_length 256 + max_new_tokens 64 = 320 tokens exceeds the model's "
+                                      "64 positions")
+        assert "evaluate:" not in result.stderr  # refused before the sampling's progress bar
+        assert not (tmp_path / "out").exists()
+    result = run_here("evaluate.py", "--checkpoints", str(gpt2), *common, "--max_prompt_length", "56",
+                      "--max_new_tokens", "8", "--num_samples", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_prompts_cut_by_max_prompt_length_are_announced(adapters, tmp_path, run_here):
