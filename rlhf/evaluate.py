@@ -601,7 +601,8 @@ class EvalConfig:
     reward_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "Parameters per reward name (JSON on the CLI)."})
     output_dir: str = field(default="outputs/eval", metadata={"help": "Where report.json/.md, samples.jsonl, PNGs go."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing report in output_dir."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Replace the files of a report (report.json/.md, samples.jsonl, the PNGs) already in output_dir."})
     num_samples: int = field(default=1, metadata={"help": "Responses per prompt."})
     max_new_tokens: int = field(default=64, metadata={"help": "Maximum response length in tokens."})
     max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this are truncated from the left."})
@@ -642,13 +643,17 @@ class EvalConfig:
 
 
 def evaluate_from_config(config: EvalConfig) -> dict[str, Any]:
-    """The command: refuses to overwrite an earlier report unless asked, then evaluates."""
+    """The command: refuses to overwrite an earlier report, or any file of one (a training run's
+    samples.jsonl), unless asked; then evaluates."""
     from rlhf.cpu_linear import check_cpu_settings
+    from rlhf.report import OUTPUT_FILES
 
     check_cpu_settings()
     output_dir = Path(config.output_dir)
-    if (output_dir / "report.json").exists() and not config.overwrite_output_dir:
-        raise ConfigError(f"{output_dir} already holds a report; choose another --output_dir or pass "
-                          "--overwrite_output_dir true")
+    taken = [name for name in OUTPUT_FILES if (output_dir / name).exists()]
+    if taken and not config.overwrite_output_dir:
+        raise ConfigError(f"{output_dir} already holds {', '.join(taken)}, which a report would replace (an earlier "
+                          "report's, or a training run's); choose another --output_dir or pass --overwrite_output_dir "
+                          "true")
     options = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("checkpoints", "overwrite_output_dir")}
     return evaluate(config.checkpoints, **options)

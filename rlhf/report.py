@@ -20,6 +20,8 @@ import numpy as np
 from reward_models.builtins import completion_text
 
 CI_LEVEL = 0.95
+# What write_outputs puts in an evaluation's output_dir (evaluate.py refuses a dir holding any of them)
+OUTPUT_FILES = ("report.json", "report.md", "samples.jsonl", "reward_distribution.png", "reward_vs_kl.png")
 
 
 def json_safe(value: Any) -> Any:
@@ -309,16 +311,17 @@ def write_outputs(output_dir: Path, report: dict[str, Any], records: dict[str, l
     """``names``: label -> what the plots call the checkpoint (rlhf.plots.checkpoint_names)."""
     from rlhf.plots import plot_reward_distribution, plot_reward_vs_kl
 
+    json_path, markdown_path, samples_path, distribution_plot, kl_plot = (output_dir / name for name in OUTPUT_FILES)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "report.json").write_text(json.dumps(json_safe(report), indent=2))
-    (output_dir / "report.md").write_text(render_markdown(report))
+    json_path.write_text(json.dumps(json_safe(report), indent=2))
+    markdown_path.write_text(render_markdown(report))
     first = next(iter(records.values()))
-    with (output_dir / "samples.jsonl").open("w") as handle:
+    with samples_path.open("w") as handle:
         for i, record in enumerate(first):
             keys = ("response", "reward", "rewards", "kl") + (EPISODE_FIELDS if "turns" in record else ())
             row = {"prompt_index": record["prompt_index"], "sample_index": record["sample_index"],
                    "prompt": record["prompt"],
                    "responses": {label: {key: records[label][i][key] for key in keys} for label in records}}
             handle.write(json.dumps(json_safe(row)) + "\n")
-    plot_reward_distribution(records, output_dir / "reward_distribution.png", names)
-    plot_reward_vs_kl(records, output_dir / "reward_vs_kl.png", names)
+    plot_reward_distribution(records, distribution_plot, names)
+    plot_reward_vs_kl(records, kl_plot, names)

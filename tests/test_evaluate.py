@@ -207,8 +207,27 @@ def test_refuses_to_overwrite_a_report(adapters, tmp_path, run_here):
     out.mkdir()
     (out / "report.json").write_text("{}")
     result = run_here("evaluate.py", "--checkpoints", str(adapters["final"]), "--output_dir", str(out))
-    assert result.returncode == 2 and "already holds a report" in result.stderr
+    assert_one_line_error(result, f"{out} already holds report.json, which a report would replace")
     assert (out / "report.json").read_text() == "{}"
+
+
+def test_refuses_to_overwrite_a_training_runs_samples(adapters, tmp_path, run_here):
+    """A reviewer's find: --output_dir a training run's dir replaced the run's samples.jsonl with
+    the evaluation's (only report.json was checked). Nothing is written unless asked."""
+    run = tmp_path / "run"
+    run.mkdir()
+    training_rows = '{"step": 1, "prompt": "p", "completion": "c", "reward": 0.5}\n'
+    (run / "samples.jsonl").write_text(training_rows)
+    args = ["--checkpoints", str(adapters["final"]), "--output_dir", str(run), "--num_prompts", "1",
+            "--num_samples", "1", "--max_new_tokens", "2", "--reward_funcs", REWARD]
+    result = run_here("evaluate.py", *args)
+    assert_one_line_error(result, f"{run} already holds samples.jsonl, which a report would replace",
+                          "--overwrite_output_dir")
+    assert sorted(p.name for p in run.iterdir()) == ["samples.jsonl"]
+    assert (run / "samples.jsonl").read_text() == training_rows
+    result = run_here("evaluate.py", *args, "--overwrite_output_dir", "true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '"responses"' in (run / "samples.jsonl").read_text() and (run / "report.json").is_file()
 
 
 def build_tiny_gpt2(directory, positions):
