@@ -449,11 +449,20 @@ def load_eval_dataset(config: Any, eval_dataset: Any = None) -> datasets.Dataset
     if given is not None:
         return load_prompt_dataset(given, config.eval_dataset_split or config.dataset_split, config.prompt_column,
                                    config.dataset_config)
-    dataset = config.dataset
-    if isinstance(dataset, str) and dataset.startswith(BUILTIN_PREFIX):
-        return load_prompt_dataset(dataset, config.eval_dataset_split or "eval", config.prompt_column)
-    single_file = isinstance(dataset, str) and Path(dataset).is_file()
-    if single_file or (not isinstance(dataset, (str, datasets.DatasetDict))):
+    split = default_eval_split(config.dataset)
+    if split is None:
         raise ConfigError("eval_steps > 0 needs eval_dataset (prompts to evaluate on) when dataset is a single file "
                           "or a Dataset; or give a dataset with a test split (eval_dataset_split)")
-    return load_prompt_dataset(dataset, config.eval_dataset_split or "test", config.prompt_column, config.dataset_config)
+    return load_prompt_dataset(config.dataset, config.eval_dataset_split or split, config.prompt_column,
+                               config.dataset_config)
+
+
+def default_eval_split(spec: Any) -> str | None:
+    """The held-out split of ``spec`` that evaluations read unless a split is named: 'eval' of a
+    built-in set, 'test' of a dir, a hub dataset or a DatasetDict; None for a single file or a
+    Dataset, which have no splits to choose from."""
+    if isinstance(spec, str) and spec.startswith(BUILTIN_PREFIX):
+        return "eval"
+    if (isinstance(spec, str) and Path(spec).is_file()) or not isinstance(spec, (str, datasets.DatasetDict)):
+        return None
+    return "test"

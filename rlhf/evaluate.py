@@ -31,8 +31,9 @@ import torch
 from rlhf.adapters import ADAPTER_WEIGHTS, INIT_ADAPTER_DIR, adapter_load_errors, read_adapter_config
 from rlhf.algorithms import kl_penalty
 from rlhf.config import check_episode_limits, reward_weights_list
-from rlhf.data import BUILTIN_PREFIX, check_room_for_prompt, format_prompt, load_prompt_dataset, prompt_token_lengths
-from rlhf.errors import CheckpointError, ConfigError
+from rlhf.data import (check_room_for_prompt, default_eval_split, format_prompt, load_prompt_dataset,
+                       prompt_token_lengths)
+from rlhf.errors import CheckpointError, ConfigError, DataError
 from rlhf.rollout import Rollout, forward_response, generate_rollout, sampling_cache_bytes, sampling_speedups
 from rlhf.run_settings import EpisodeSettings, evaluation_reward, run_config
 from rlhf.scoring import RewardTrainerState, reward_inputs
@@ -129,8 +130,6 @@ def _prompts_of(dataset: str, split: str, prompt_column: str | None,
                 run: tuple[Candidate, dict[str, Any]] | None) -> tuple[Any, str]:
     """The prompt dataset and its prompt column: the given one; else the run's own prompt_column
     (``run``: ``run_config``'s, its config.yaml) where the dataset has that column; else "prompt"."""
-    from rlhf.errors import DataError
-
     runs_column = run[1].get("prompt_column") if run is not None and prompt_column is None else None
     if isinstance(runs_column, str) and runs_column != "prompt":
         try:
@@ -422,9 +421,16 @@ def evaluate(
         if candidate.adapter_dir is not None:
             read_run_settings(candidate.adapter_dir)
     base_id = common_base(candidates)
-    split = dataset_split or ("eval" if dataset.startswith(BUILTIN_PREFIX) else "train")
+    split = dataset_split or default_eval_split(dataset) or "train"  # the held-out prompts, as training's evaluation
     run = run_config(candidates)  # the run whose settings are read: prompt column, trainer_state
-    prompts, prompt_column = _prompts_of(dataset, split, prompt_column, run)
+    try:
+        prompts, prompt_column = _prompts_of(dataset, split, prompt_column, run)
+    except DataError as exc:
+        # data without a test split (a dir of one file) has only its training prompts to give
+        if dataset_split is not None or "has splits" not in str(exc):
+            raise
+        split = "train"
+        prompts, prompt_column = _prompts_of(dataset, split, prompt_column, run)
     count = len(prompts) if num_prompts is None else min(num_prompts, len(prompts))
     accelerator = accelerator or make_accelerator()
     tokenizer = _evaluation_tokenizer(candidates, base_id, chat_template_given=chat_template is not None)
@@ -590,7 +596,9 @@ class EvalConfig:
     include_base: bool = field(default=False, metadata={"help": "Also evaluate the base model (and win rates vs it)."})
     dataset: str = field(default="builtin:prompts", metadata={
         "help": "Prompts: .jsonl/.json/.csv/.parquet, a datasets dir, or builtin:prompts (its eval split)."})
-    dataset_split: str | None = field(default=None, metadata={"help": "Split (default: eval for built-in sets)."})
+    dataset_split: str | None = field(default=None, metadata={
+        "help": "Split (default: the one training's periodic evaluation reads: eval of a built-in set, else test, "
+                "or train where the dataset has no test split)."})
     prompt_column: str | None = field(default=None, metadata={
         "help": "Column with the prompt (default: the run's prompt_column where the dataset has it, else 'prompt')."})
     num_prompts: int | None = field(default=None, metadata={"help": "Use the first N prompts (default: all)."})

@@ -480,6 +480,34 @@ def test_a_runs_python_reward_functions_are_imported_again(tiny_model_dir, tmp_p
         evaluate([str(run / "final")], "builtin:prompts", None, num_prompts=2, num_samples=1, max_new_tokens=3)
 
 
+def test_a_dataset_with_splits_is_evaluated_on_its_test_split(adapters, tmp_path):
+    """A reviewer's find: without --dataset_split a saved DatasetDict was evaluated on its train
+    split (the prompts the run trained on), where training's periodic evaluation reads test. Data
+    without a test split (a dir of one file) still gives its rows; a named split is read."""
+    import datasets
+
+    from rlhf.evaluate import evaluate
+
+    def prompts_of(name, count):
+        return datasets.Dataset.from_dict({"prompt": [f"{name} prompt {i}" for i in range(count)]})
+
+    def evaluated_prompts(dataset, output_dir, **split):
+        report = evaluate([str(adapters["final"])], str(dataset), [REWARD], str(output_dir), num_samples=1,
+                          max_new_tokens=2, update_model_cards=False, **split)
+        rows = [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]
+        return report["settings"]["dataset_split"], [row["prompt"] for row in rows]
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": prompts_of("train", 3), "test": prompts_of("test", 2)}).save_to_disk(saved)
+    assert evaluated_prompts(saved, tmp_path / "default") == ("test", ["test prompt 0", "test prompt 1"])
+    assert evaluated_prompts(saved, tmp_path / "named", dataset_split="train")[1] == [f"train prompt {i}"
+                                                                                      for i in range(3)]
+    one_file = tmp_path / "one_file"
+    one_file.mkdir()
+    (one_file / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"only {i}"}) + "\n" for i in range(2)))
+    assert evaluated_prompts(one_file, tmp_path / "one") == ("train", ["only 0", "only 1"])
+
+
 def test_the_runs_prompt_column_is_read_where_the_dataset_has_it(tiny_model_dir, tmp_path):
     """A stranger's review: a run trained with prompt_column question was evaluated on its own
     data only with the flag given again ("no column 'prompt'"). Another dataset without that
