@@ -426,8 +426,9 @@ def evaluate(
     try:
         prompts, prompt_column = _prompts_of(dataset, split, prompt_column, run)
     except DataError as exc:
-        # data without a test split (a dir of one file) has only its training prompts to give
-        if dataset_split is not None or "has splits" not in str(exc):
+        # data without a test split (a dir of one file, a hub dataset of one split) has only its
+        # training prompts to give
+        if dataset_split is not None or not ("has splits" in str(exc) or "Unknown split" in str(exc)):
             raise
         split = "train"
         prompts, prompt_column = _prompts_of(dataset, split, prompt_column, run)

@@ -480,7 +480,7 @@ def test_a_runs_python_reward_functions_are_imported_again(tiny_model_dir, tmp_p
         evaluate([str(run / "final")], "builtin:prompts", None, num_prompts=2, num_samples=1, max_new_tokens=3)
 
 
-def test_a_dataset_with_splits_is_evaluated_on_its_test_split(adapters, tmp_path):
+def test_a_dataset_with_splits_is_evaluated_on_its_test_split(adapters, tmp_path, monkeypatch):
     """A reviewer's find: without --dataset_split a saved DatasetDict was evaluated on its train
     split (the prompts the run trained on), where training's periodic evaluation reads test. Data
     without a test split (a dir of one file) still gives its rows; a named split is read."""
@@ -506,6 +506,18 @@ def test_a_dataset_with_splits_is_evaluated_on_its_test_split(adapters, tmp_path
     one_file.mkdir()
     (one_file / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"only {i}"}) + "\n" for i in range(2)))
     assert evaluated_prompts(one_file, tmp_path / "one") == ("train", ["only 0", "only 1"])
+    # a hub dataset of one split (as datasets refuses another split) gives its train rows too
+    real_load = datasets.load_dataset
+
+    def hub_of_one_split(name, config_name=None, split=None, **kwargs):
+        if name != "someone/prompts":
+            return real_load(name, config_name, split=split, **kwargs)
+        if split != "train":
+            raise ValueError(f'Unknown split "{split}". Should be one of [\'train\'].')
+        return prompts_of("hub", 2)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub_of_one_split)
+    assert evaluated_prompts("someone/prompts", tmp_path / "hub") == ("train", ["hub prompt 0", "hub prompt 1"])
 
 
 def test_the_runs_prompt_column_is_read_where_the_dataset_has_it(tiny_model_dir, tmp_path):
