@@ -68,18 +68,21 @@ def train_dpo(config: DPORunConfig) -> dict[str, float]:
 
     from rlhf.cpu_linear import check_cpu_settings
     from rlhf.cpu_memory import freed_memory_kept
-    from rlhf.data import load_preference_dataset, preference_conversations
+    from rlhf.data import load_preference_dataset
     from rlhf.models import load_base_model, load_tokenizer
 
     check_cpu_settings()
     output_dir = Path(config.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not config.overwrite_output_dir:
         raise ConfigError(f"output_dir {output_dir} is not empty; choose another or pass --overwrite_output_dir true")
-    train_pairs = preference_conversations(load_preference_dataset(config.dataset, "train"))
+    train_pairs = load_preference_dataset(config.dataset, "train")
     eval_spec = config.eval_dataset or ("builtin:preferences" if config.dataset.startswith("builtin:") else None)
-    eval_pairs = preference_conversations(load_preference_dataset(eval_spec, "eval")) if eval_spec else None
+    eval_pairs = load_preference_dataset(eval_spec, "eval") if eval_spec else None
 
     tokenizer = load_tokenizer(config.model_name_or_path)
+    train_pairs = _pairs_as_the_policy_reads_them(train_pairs, tokenizer, config.dataset, config.model_name_or_path)
+    if eval_pairs is not None:
+        eval_pairs = _pairs_as_the_policy_reads_them(eval_pairs, tokenizer, eval_spec, config.model_name_or_path)
     model = load_base_model(config.model_name_or_path, bf16=config.bf16)
     targets: Any = "all-linear" if config.lora_target_modules == ["all-linear"] else config.lora_target_modules
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=targets,
@@ -107,6 +110,21 @@ def train_dpo(config: DPORunConfig) -> dict[str, float]:
                           {"loss": "loss", "epoch": "epoch", "accuracy": "rewards/accuracies", "margin": "rewards/margins"})
         save_config(config, output_dir / "config.yaml")
     return final
+
+
+def _pairs_as_the_policy_reads_them(pairs: Any, tokenizer: Any, dataset: str, model: str) -> Any:
+    """Text pairs framed as RL's rollouts frame a text prompt (``format_prompt``): through the chat
+    template when the tokenizer has one, else raw text, which TRL trains as its standard format
+    (prompt + reply + EOS)."""
+    from rlhf.data import preference_conversations
+
+    if tokenizer.chat_template:
+        return preference_conversations(pairs)
+    if not isinstance(pairs[0]["chosen"], str):
+        raise ConfigError(f"preference pairs of {dataset} are chat messages but the tokenizer of {model!r} has no "
+                          "chat template to render them; give prompt, chosen and rejected as strings (trained as "
+                          "plain text) or use a model with a chat template")
+    return pairs
 
 
 def _preference_metrics(trainer: Any, when: str) -> dict[str, float]:

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, run_script, tiny_args
+from conftest import ROOT, assert_one_line_error, run_script, tiny_args
 from test_train_e2e import lora_b_norm, read_metrics
 
 
@@ -152,6 +152,45 @@ def test_dpo_trains_on_conversational_pairs_with_an_implicit_prompt(tiny_model_d
     result = run_here("train_dpo.py", *args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def base_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a base model's tokenizer: no chat template (GPT-2's, Pythia's)."""
+    import shutil
+
+    base = tmp_path_factory.mktemp("no-template") / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    settings = json.loads((base / "tokenizer_config.json").read_text())
+    settings.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(settings))
+    return base
+
+
+def test_dpo_trains_text_pairs_on_a_model_without_chat_template(base_model_dir, tmp_path, run_here):
+    """TRL's standard (text) format as TRL trains it: before, the pairs were always turned into chat
+    messages, and a tokenizer without a template failed ('Cannot use chat template functions')."""
+    from rlhf.models import load_tokenizer
+
+    assert not load_tokenizer(str(base_model_dir)).chat_template
+    out = tmp_path / "out"
+    args = dpo_args(base_model_dir, out, tmp_path)
+    args[args.index("--max_steps") + 1] = "1"
+    result = run_here("train_dpo.py", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    assert read_metrics(out)[-1]["train_steps"] == 1
+
+
+def test_dpo_refuses_chat_pairs_on_a_model_without_chat_template(base_model_dir, tmp_path, run_here):
+    rows = [{"prompt": [{"role": "user", "content": f"Topic {i}?"}], "chosen": [{"role": "assistant", "content": "Yes"}],
+             "rejected": [{"role": "assistant", "content": "No."}]} for i in range(4)]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = run_here("train_dpo.py", "--model_name_or_path", str(base_model_dir), "--output_dir", str(tmp_path / "out"),
+                      "--dataset", str(pairs))
+    assert_one_line_error(result, f"preference pairs of {pairs} are chat messages", "has no chat template")
 
 
 @pytest.mark.parametrize("row,message", [
