@@ -111,8 +111,9 @@ def test_a_trl_recipe_hears_of_every_problem_of_a_source_at_once(tmp_path, tiny_
     """A stranger's review of the one-refusal change: a value error (save_steps 0.1) came alone, then
     the unknown keys a run later; several unknown command-line flags came one per run; the flags
     read at some values (--trust_remote_code false, --use_vllm false) were unknown flags; 'did you
-    mean' sent gradient_checkpointing_kwargs to gradient_checkpointing; null for trust_remote_code
-    was refused; RLConfig.from_dict took save_steps 0.5 as a step count (a save every step)."""
+    mean' sent gradient_checkpointing_kwargs to gradient_checkpointing (since read at use_reentrant
+    false); null for trust_remote_code was refused; RLConfig.from_dict took save_steps 0.5 as a step
+    count (a save every step)."""
     from rlhf import RLConfig
     from rlhf.errors import ConfigError
 
@@ -121,8 +122,7 @@ def test_a_trl_recipe_hears_of_every_problem_of_a_source_at_once(tmp_path, tiny_
                       "lr_scheduler_kwargs: {}\ntrust_remote_code: null\nmodel_revision: null\nload_in_8bit: no\n")
     assert_one_line_error(run_here("train_grpo.py", "--config", str(config), "--output_dir", str(tmp_path / "out")),
                           f"several problems in {config}: save_steps expects int, got 0.1 (TRL reads a value below 1",
-                          "; and 3 config keys in", "have no setting here: log_level, gradient_checkpointing_kwargs, "
-                          "lr_scheduler_kwargs; see --help")
+                          "; and 2 config keys in", "have no setting here: log_level, lr_scheduler_kwargs; see --help")
     assert not (tmp_path / "out").exists()
     result = run_here("train_grpo.py", "--output_dir", str(tmp_path / "out"), "--foo", "1", "--log_level", "info",
                       "--hub_strategy", "end")

@@ -428,3 +428,67 @@ def test_a_trl_recipe_is_read_as_trl_means_it(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every differing default given: nothing to say
         RLConfig.from_dict({"num_generations": 4, "beta": 0.0, "learning_rate": 1e-6, "lr_scheduler_type": "linear"})
+
+
+def test_trl_save_and_eval_strategy_steps_are_read_with_their_step_counts(tmp_path, run_here):
+    """A reviewer's: `save_strategy: steps` beside `save_steps: 1` (what save_steps does here) was
+    refused ("set save_steps N"); without a step count beside it, TRL's default 500 is not ours."""
+    from conftest import assert_one_line_error
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TRL's names: the note on GRPOConfig's other defaults
+        config = parse_train_args("grpo", ["--save_strategy", "steps", "--save_steps", "1",
+                                           "--eval_strategy", "steps", "--eval_steps", "2"])
+    assert (config.save_steps, config.eval_steps) == (1, 2)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("save_strategy: steps\nsave_steps: 3\neval_strategy: no\n")  # an unquoted no: YAML's false
+    assert parse_dpo_args(["--config", str(recipe)]).save_steps == 3
+    for flags, message in (
+            (["--save_strategy", "steps"], "save_strategy 'steps' needs save_steps N >= 1 beside it"),
+            (["--save_strategy", "epoch"], "save_strategy 'epoch' (TRL's setting) has no counterpart of that meaning "
+                                           "here: set save_steps N, a checkpoint every N RL steps")):
+        assert_one_line_error(run_here("train_grpo.py", "--output_dir", str(tmp_path / "out"), *flags), message)
+    assert_one_line_error(run_here("train_dpo.py", "--output_dir", str(tmp_path / "dpo"), "--eval_strategy", "steps"),
+                          "the held-out pairs (eval_dataset) are evaluated when training ends")
+
+
+def test_trl_save_and_eval_strategy_no_mean_no_periodic_saves_or_evaluations(tmp_path, run_here):
+    """A reviewer's: `--save_strategy no --save_steps 1` was passed over and saved every step (TRL
+    saves nothing), as did `--save_strategy no` beside configs/grpo.yaml's save_steps 10."""
+    from conftest import assert_one_line_error
+
+    assert parse_train_args("grpo", []).save_steps == 10  # configs/grpo.yaml's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TRL's names: the note on GRPOConfig's other defaults
+        config = parse_train_args("grpo", ["--save_strategy", "no", "--eval_strategy", "no"])
+    assert (config.save_steps, config.eval_steps) == (0, 0)
+    assert parse_reward_model_args(["--save_strategy", "no", "--save_steps", "0"]).save_steps == 0
+    for flags, message in (
+            (["--save_strategy", "no", "--save_steps", "1"],
+             "save_strategy 'no' (never) and save_steps 1 (every 1 steps) contradict each other; give save_steps 0"),
+            (["--eval_strategy", "no", "--eval_steps", "5"], "eval_strategy 'no' (never) and eval_steps 5")):
+        assert_one_line_error(run_here("train_grpo.py", "--output_dir", str(tmp_path / "out"), *flags), message)
+    assert not (tmp_path / "out").exists()
+    assert_one_line_error(run_here("train_dpo.py", "--output_dir", str(tmp_path / "dpo"), "--save_strategy", "no",
+                                   "--save_steps", "1"), "save_strategy 'no' (never) and save_steps 1")
+
+
+def test_trl_gradient_checkpointing_kwargs_at_what_happens_here(tmp_path, run_here):
+    """open-r1's recipes all carry `gradient_checkpointing_kwargs: {use_reentrant: false}`, which was
+    an unknown key: checkpointing here is non-reentrant anyway, so it is read; what would change it
+    (use_reentrant true, other keywords) is refused in one line."""
+    from conftest import assert_one_line_error
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("gradient_checkpointing: true\ngradient_checkpointing_kwargs: {use_reentrant: false}\n")
+    for parse in (lambda argv: parse_train_args("grpo", argv), parse_dpo_args, parse_reward_model_args):
+        assert parse(["--config", str(recipe)]).gradient_checkpointing
+    parse_train_args("grpo", ["--gradient_checkpointing_kwargs", '{"use_reentrant": false}'])  # read, not refused
+    recipe.write_text("gradient_checkpointing: true\ngradient_checkpointing_kwargs: {use_reentrant: true}\n")
+    for script in ("train_grpo.py", "train_dpo.py"):
+        assert_one_line_error(run_here(script, "--config", str(recipe), "--output_dir", str(tmp_path / script)),
+                              "gradient_checkpointing_kwargs use_reentrant True: gradient checkpointing here is always "
+                              "torch's non-reentrant checkpoint")
+    assert_one_line_error(run_here("train_grpo.py", "--output_dir", str(tmp_path / "out"),
+                                   "--gradient_checkpointing_kwargs", '{"preserve_rng_state": false}'),
+                          "gradient_checkpointing_kwargs preserve_rng_state False:")
