@@ -299,10 +299,15 @@ def _as_reward(value: Any) -> float | Steps | None:
 
 
 def _finite(value: Any) -> float:
-    """A number (bool, int, float, numpy or 0-d/1-element torch value) as a finite float. Strings
+    """A number (bool, int, float, a numpy or torch value of one element) as a finite float. Strings
     are refused as TRL's torch.tensor(...) refuses them; bools count 1/0 as there."""
     if value is None or isinstance(value, (str, bytes)):
         raise ValueError(value)
+    if getattr(value, "ndim", 0) and hasattr(value, "item"):
+        try:  # a row of an [N, 1] array or tensor, one element as torch.tensor(...) reads it
+            value = value.item()
+        except (ValueError, RuntimeError):
+            raise ValueError(value) from None
     try:
         number = float(value)
     except (TypeError, ValueError, RuntimeError):

@@ -437,6 +437,11 @@ def test_return_values_as_trl_takes_them():
         return [True, np.float32(0.5), torch.tensor(0.25), None]
 
     assert CombinedReward([mixed])(["p"] * 4, ["a"] * 4).components["mixed"][:3] == [1.0, 0.5, 0.25]
+    # a column of values, numpy's as torch's (a reviewer: np.array [N, 1] was refused, a tensor taken)
+    for column in (np.array([[1.0], [2.0]]), torch.tensor([[1.0], [2.0]])):
+        assert CombinedReward([lambda completions, **kw: column])(["p"] * 2, ["a"] * 2).combined() == [1.0, 2.0]
+    with pytest.raises(RewardError, match="for sample 0"):
+        CombinedReward([lambda completions, **kw: np.ones((2, 2))])(["p"] * 2, ["a"] * 2)
     with pytest.raises(RewardError, match="returned '0.5' for sample 0"):
         CombinedReward([lambda completions, **kw: ["0.5"] * len(completions)])(["p"], ["a"])
 
