@@ -144,7 +144,10 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
             reward_columns.setdefault(name, []).extend(values)
         metrics.update(function_reward_stats(name, torch.tensor(values, dtype=torch.float32, device=device), reducer))
     for name, values in logged.items():  # this process's values (the main process's are logged)
+        if name in metrics:
+            raise logged_over_a_trainer_metric(name)
         metrics[name] = sum(values) / len(values)
+    metrics[LOGGED_BY_REWARDS] = sorted(logged)
     if config.reward_aggregation == "normalize_then_sum":  # reward_mean and the columns above stay the plain sum
         aggregated, aggregation_metrics = group_normalized_scores(output, rollout.group_ids, config, reducer)
         scores = aggregated - penalties
@@ -160,6 +163,17 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
     if config.normalize_rewards:
         scores = (scores - all_scores.mean()) / (all_scores.std() + 1e-6) if all_scores.numel() > 1 else scores * 0
     return scores.masked_fill(unscorable, math.nan), token_scores, metrics
+
+
+# Key of score()'s metrics naming those a reward function logged (log_metric); the trainer takes it out
+LOGGED_BY_REWARDS = "_logged_by_rewards"
+
+
+def logged_over_a_trainer_metric(name: str) -> RewardError:
+    """A reward function's log_metric under a name the trainer logs itself would replace (or be
+    replaced by) the trainer's value, silently: refused."""
+    return RewardError(f"a reward function logged {name!r} with log_metric, a metric the trainer logs itself; "
+                       f"give it a name of its own (e.g. 'reward_fn/{name}')")
 
 
 def function_reward_stats(name: str, values: Tensor, reducer: Reducer, prefix: str = "rewards") -> dict[str, float]:

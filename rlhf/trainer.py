@@ -56,7 +56,7 @@ from rlhf.models import PolicyWithValue, check_sequence_fits, check_tokenizer_fi
 from rlhf.python_gc import long_lived_objects_frozen, thaw_long_lived_objects
 from rlhf.rollout import Rollout, sample_rollout
 from rlhf.runlock import LOCK_FILE, OutputDirLock
-from rlhf.scoring import RewardTrainerState, sample_with_spread, score
+from rlhf.scoring import LOGGED_BY_REWARDS, RewardTrainerState, logged_over_a_trainer_metric, sample_with_spread, score
 from rlhf.signals import ScoringInterrupted, StopOnSignal, TrainingInterrupted, run_abandonable
 from rlhf.tracking import append_samples, check_wandb_login, completion_rows, flat_config, log_completions, make_trackers, metrics_row
 from rlhf.tracking import throughput, tracker_names
@@ -402,9 +402,14 @@ class RLTrainer:
             from rlhf.episodes import episode_metrics
 
             reward_metrics.update(episode_metrics(rollout.episodes, lambda values: self.reducer.sum(values).tolist()))
-        metrics = {**reward_metrics, **experience_metrics, **update_metrics,
+        logged_by_rewards = reward_metrics.pop(LOGGED_BY_REWARDS, [])
+        metrics = {**experience_metrics, **update_metrics,
                    **throughput(rollout, self.reducer, step_time, rollout_time, update_time),
                    "score_time_s": score_time, "logprob_time_s": logprob_time}
+        for name in logged_by_rewards:
+            if name in metrics or name == "kl":
+                raise logged_over_a_trainer_metric(name)
+        metrics = {**reward_metrics, **metrics}
         metrics.setdefault("kl", math.nan)
         if math.isfinite(metrics["kl"]):
             self.kl_controller.update(metrics["kl"], config.rollout_batch_size * config.num_generations)

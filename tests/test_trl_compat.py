@@ -410,6 +410,32 @@ def test_training_and_periodic_evaluation_pass_what_trl_passes(tiny_model_dir, t
     assert sample["length"] == len(sample["completion"])
 
 
+@pytest.mark.parametrize("name", ["reward_mean", "policy_loss", "kl"])
+def test_a_reward_functions_metric_cannot_replace_the_trainers(name, tiny_model_dir, tmp_path):
+    """A reviewer's: log_metric("reward_mean", 123.0) logged reward_mean 123.0 (the rewards' mean
+    was 1.5), and under the trainer's later names (policy_loss) the user's value was dropped."""
+    from rlhf.errors import RewardError
+    from rlhf.trainer import RLTrainer
+
+    def clashing(completions, log_metric, **kwargs):
+        log_metric(name, 123.0)
+        return [float(i % 4) for i in range(len(completions))]
+
+    def own_name(completions, log_metric, **kwargs):
+        log_metric("reward_fn/calls", 1.0)
+        return [float(i % 4) for i in range(len(completions))]
+
+    dataset = datasets.Dataset.from_list(CHAT_ROWS)
+    trainer = RLTrainer(model=str(tiny_model_dir), reward_funcs=[clashing], train_dataset=dataset,
+                        args=grpo_config(tiny_model_dir, tmp_path / "run", max_steps=1))
+    with pytest.raises(RewardError, match=f"logged '{name}' with log_metric, a metric the trainer logs itself"):
+        trainer.train()
+    RLTrainer(model=str(tiny_model_dir), reward_funcs=[own_name], train_dataset=dataset,
+              args=grpo_config(tiny_model_dir, tmp_path / "own", max_steps=1)).train()
+    row = metrics_rows(tmp_path / "own")[0]
+    assert row["reward_fn/calls"] == 1.0 and row["reward_mean"] == 1.5
+
+
 def test_reward_weights_in_the_config_go_with_the_trainers_functions(tiny_model_dir, tmp_path):
     """TRL's pattern: GRPOConfig(reward_weights=...) + GRPOTrainer(reward_funcs=[a, b]). Before:
     'reward_weights has 2 values but reward_funcs has 1' when the config was built."""
