@@ -479,9 +479,9 @@ class RLTrainer:
         with transposed_weights_kept(self.model):  # the backward's products with frozen weights, on a CPU
             metrics = self.updater(batch, self.kl_controller.value)
         if metrics.get("empty_updates"):
-            warnings.warn(f"step {self.step + 1}: every response was left out of the loss (all groups without reward "
-                          "spread dropped, or all cut off at max_new_tokens with mask_truncated_completions); no "
-                          "update this step", stacklevel=2)
+            warnings.warn(f"step {self.step + 1}: every response was left out of the loss (every reward function "
+                          "returned None for them, all groups without reward spread dropped, or all cut off at "
+                          "max_new_tokens with mask_truncated_completions); no update this step", stacklevel=2)
         if metrics.get("skipped_steps"):
             warnings.warn(f"step {self.step + 1}: skipped {int(metrics['skipped_steps'])} optimizer step(s) with a "
                           f"non-finite loss, gradient or updated weights ({self.consecutive_skips} in a row)", stacklevel=2)

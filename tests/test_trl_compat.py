@@ -221,6 +221,26 @@ def test_unscorable_samples_warn_and_leave_the_update(tmp_path):
     assert all_missing.tolist() == [0.0, 0.0, 1.0]
 
 
+def test_a_step_where_no_reward_applies_says_so(tiny_model_dir, tmp_path):
+    """A reviewer's: every reward None gave 'every response was left out of the loss (all groups
+    without reward spread dropped, or all cut off ...)', naming neither cause it had."""
+    import warnings
+
+    from rlhf.trainer import RLTrainer
+
+    def never_applies(completions, **kwargs):
+        return [None] * len(completions)
+
+    trainer = RLTrainer(model=str(tiny_model_dir), reward_funcs=[never_applies],
+                        train_dataset=datasets.Dataset.from_list(CHAT_ROWS),
+                        args=grpo_config(tiny_model_dir, tmp_path / "run", max_steps=1))
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        trainer.train()
+    empty = [str(w.message) for w in heard if "left out of the loss" in str(w.message)]
+    assert len(empty) == 1 and "every reward function returned None for them" in empty[0], empty
+
+
 def test_a_run_with_unscorable_samples_masks_them_out(tiny_model_dir, tmp_path, monkeypatch):
     import rlhf.experience as experience
     from rlhf.trainer import RLTrainer
