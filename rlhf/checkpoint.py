@@ -350,6 +350,10 @@ def _check_trainer_state(state: Any, file: Path) -> None:
 
     if not isinstance(state, dict):
         refuse(f"expected a JSON object, got {type(state).__name__}")
+    if "step" not in state and "global_step" in state:  # transformers' Trainer writes global_step, log_history, ...
+        raise CheckpointError(f"{file.parent} is a checkpoint of transformers' Trainer (TRL's checkpoint-N), not of "
+                              "a run here, so it holds no RL state to resume; start a run with init_adapter "
+                              f"{file.parent} to train on from its adapter")
     for key in ("step", "kl_controller", "baseline", "sampler", "python_rng"):
         if key not in state:
             refuse(f"no {key!r} entry")

@@ -825,3 +825,22 @@ def test_a_trl_named_run_that_trains_hears_its_warnings(tiny_model_dir, tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.count("this config uses TRL's names") == 2, result.stderr
     assert "max_steps 1 counts RL steps" in result.stderr
+
+
+def test_resume_from_a_trl_checkpoint_says_what_it_is(trained_adapter, tiny_model_dir, tmp_path, run_here):
+    """A reviewer's: TRL's checkpoint-N was refused as 'trainer_state.json is invalid: no 'step'
+    entry; restore the file', as if a file of ours were damaged."""
+    import shutil
+
+    trl_checkpoint = tmp_path / "trl-run" / "checkpoint-5"
+    trl_checkpoint.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(trained_adapter / name, trl_checkpoint / name)
+    (trl_checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 5, "log_history": []}))
+    result = run_here("train_grpo.py", *tiny_args(tiny_model_dir, tmp_path / "out", "--resume_from_checkpoint",
+                                                  str(trl_checkpoint)))
+    assert_one_line_error(result, f"{trl_checkpoint} is a checkpoint of transformers' Trainer (TRL's checkpoint-N)",
+                          f"init_adapter {trl_checkpoint}")
+    started = run_here("train_grpo.py", *tiny_args(tiny_model_dir, tmp_path / "again", "--max_steps", "1",
+                                                   "--init_adapter", str(trl_checkpoint)))
+    assert started.returncode == 0, started.stderr[-2000:]
