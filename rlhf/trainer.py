@@ -129,6 +129,18 @@ def combined_reward(config: RLConfig, episodes: Any, device: Any) -> CombinedRew
                           device=device, on_error=config.reward_error, timeout=config.reward_timeout)
 
 
+# What stands in for GRPOTrainer's arguments that RLTrainer refuses
+UNHEARD_ARGUMENTS = {
+    "reward_processing_classes": "a reward model's tokenizer is loaded from its dir; to give one, pass "
+                                 "reward_models.learned.LearnedReward.from_model(model, tokenizer) as the reward function",
+    "callbacks": "the RL loop calls no TrainerCallback; metrics go to metrics.jsonl and the report_to trackers",
+    "optimizers": "the trainer builds AdamW over the adapter (and value head) from learning_rate, weight_decay, "
+                  "lr_scheduler_type and warmup_steps",
+    "quantization_config": "the policy loads in float32, or bfloat16 with bf16",
+    "rollout_func": "responses come from the policy's own sampler; multi-turn episodes take environment_factory or tools",
+}
+
+
 class RLTrainer:
     """The RL trainer, called as TRL's GRPOTrainer is::
 
@@ -146,15 +158,23 @@ class RLTrainer:
     replaces the config's setting. ``RLTrainer(config)`` alone runs what the config says (as the scripts do).
     """
 
-    def __init__(self, config: RLConfig | Any = None, *, model: Any = None, reward_funcs: Any = None,
+    def __init__(self, config: RLConfig | Any = None, reward_funcs: Any = None, args: RLConfig | None = None,
                  train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None,
-                 args: RLConfig | None = None, tools: Any = None, environment_factory: Any = None,
-                 peft_config: Any = None):
+                 reward_processing_classes: Any = None, callbacks: Any = None, optimizers: Any = (None, None),
+                 quantization_config: Any = None, peft_config: Any = None, tools: Any = None, rollout_func: Any = None,
+                 environment_factory: Any = None, *, model: Any = None):
         # The scripts pass their config first and are refused at once where output_dir holds another
         # run; built as TRL's trainer is (args=...), train(resume_from_checkpoint=...) may still resume it.
         self._other_run_checked = isinstance(config, RLConfig)
         if config is not None and not isinstance(config, RLConfig):  # TRL order: the model comes first
             config, model = None, config
+        # GRPOTrainer's arguments, in its order; those that change nothing here are refused, not dropped
+        unheard = {"reward_processing_classes": reward_processing_classes, "callbacks": callbacks or None,
+                   "optimizers": None if optimizers is None or tuple(optimizers) == (None, None) else optimizers,
+                   "quantization_config": quantization_config, "rollout_func": rollout_func}
+        for name, value in unheard.items():
+            if value is not None:
+                raise ConfigError(f"{name} (GRPOTrainer's argument) has no counterpart here: {UNHEARD_ARGUMENTS[name]}")
         config = with_overrides(args or config or RLConfig(), model=model, reward_funcs=reward_funcs,
                                 train_dataset=train_dataset, tools=tools, environment_factory=environment_factory,
                                 peft_config=peft_config)

@@ -456,6 +456,27 @@ def test_a_reward_functions_metric_cannot_replace_the_trainers(name, tiny_model_
     assert row["reward_fn/calls"] == 1.0 and row["reward_mean"] == 1.5
 
 
+def test_the_trainer_takes_grpo_trainers_arguments_in_its_order(tiny_model_dir, tmp_path):
+    """A reviewer's: RLTrainer(model, reward_fn, args, dataset) as GRPOTrainer is called was a
+    TypeError (keyword-only), as were reward_processing_classes, callbacks, optimizers, rollout_func."""
+    from rlhf.errors import ConfigError
+    from rlhf.trainer import RLTrainer
+
+    dataset = datasets.Dataset.from_list(CHAT_ROWS)
+    trainer = RLTrainer(str(tiny_model_dir), [scaled], grpo_config(tiny_model_dir, tmp_path / "run", max_steps=1),
+                        dataset)
+    assert trainer.config.dataset is dataset and trainer.reward.weights == [1.0]
+    trainer.train()
+    assert metrics_rows(tmp_path / "run")[0]["step"] == 1
+    for name, value in (("callbacks", [object()]), ("optimizers", (object(), None)), ("rollout_func", print),
+                        ("reward_processing_classes", [object()]), ("quantization_config", object())):
+        with pytest.raises(ConfigError, match=f"^{name} \\(GRPOTrainer's argument\\) has no counterpart here"):
+            RLTrainer(str(tiny_model_dir), [scaled], grpo_config(tiny_model_dir, tmp_path / name), dataset,
+                      **{name: value})
+    RLTrainer(str(tiny_model_dir), [scaled], grpo_config(tiny_model_dir, tmp_path / "defaults"), dataset,
+              callbacks=[], optimizers=(None, None))  # GRPOTrainer's defaults are no request
+
+
 def test_reward_weights_in_the_config_go_with_the_trainers_functions(tiny_model_dir, tmp_path):
     """TRL's pattern: GRPOConfig(reward_weights=...) + GRPOTrainer(reward_funcs=[a, b]). Before:
     'reward_weights has 2 values but reward_funcs has 1' when the config was built."""
