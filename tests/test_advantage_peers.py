@@ -193,6 +193,10 @@ def test_normalize_then_sum_keeps_a_function_whose_squares_overflow_float32():
     assert bool(unit_z[:, 0].abs().min() > 0.1)
     torch.testing.assert_close(huge_z, unit_z, rtol=1e-5, atol=1e-6, equal_nan=True)
     torch.testing.assert_close(huge_total, unit_total, rtol=1e-5, atol=1e-6)
+    # a reviewer's: equal huge values have no spread (z near 0, as equal small ones), not a z of -0.82
+    _, equal_z = normalize_then_sum(torch.tensor([[1e30, 1.0], [1e30, 2.0], [1e30, 3.0]]), torch.ones(2),
+                                    torch.zeros(3, dtype=torch.long))
+    assert float(equal_z[:, 0].abs().max()) < 1e-3
 
 
 def test_normalize_then_sum_settings_and_trls_names():

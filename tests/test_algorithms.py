@@ -334,8 +334,36 @@ def test_grpo_advantages_do_not_vanish_for_rewards_whose_squares_overflow_float3
         reduced, _ = grpo(A.token_level_rewards(scores * 1e25, mask), mask, group_ids=ids, scale_rewards="batch",
                           all_reduce=float32_sum)
         torch.testing.assert_close(reduced, unit, rtol=1e-5, atol=1e-6)  # a reviewer: 0 everywhere at 313bc9e
-        torch.testing.assert_close(batch_std(scores * 1e25, float32_sum), batch_std(scores) * 1e25, rtol=1e-5,
-                                   atol=0)
+
+
+def test_rescaled_advantages_of_equal_huge_rewards_are_those_of_equal_small_ones():
+    """A reviewer's, of the float64 fallbacks that came before the power-of-two rescaling: equal
+    rewards of 1e26 in a group of 6 got advantages of -0.91 each (the float32 mean's rounding error,
+    whitened by itself), masked_whiten -0.97 on every token; and the fallback's float32 scale
+    overflowed for values near float32's limit over two processes (NaN). Now they are those of the
+    same rewards times a power of two, as equal rewards near 1 get."""
+    grpo = A.ADVANTAGE_ESTIMATORS["grpo"]
+    mask = torch.ones(6, 2)
+    ids = torch.zeros(6, dtype=torch.long)
+    huge, _ = grpo(A.token_level_rewards(torch.full((6,), 1e26), mask), mask, group_ids=ids)
+    scale = 2.0 ** -87  # 2^87 is the first power of two above 1e26
+    small, _ = grpo(A.token_level_rewards(torch.full((6,), 1e26 * scale), mask), mask, group_ids=ids)
+    assert torch.equal(huge, small) and float(huge.abs().max()) < 0.1
+    padded = torch.ones(4, 5)
+    padded[0, 3:] = 0
+    whitened = A.masked_whiten(torch.full((4, 5), 1e26), padded)
+    assert torch.equal(whitened, A.masked_whiten(torch.full((4, 5), 1e26 * scale), padded))
+    assert float(whitened.abs().max()) < 0.01
+
+    def two_processes(tensor):  # each holding the same values: sums double
+        return torch.as_tensor(tensor, dtype=torch.float32) * 2
+
+    extreme = A.masked_whiten(torch.tensor([[2e38, -2e38]]), torch.ones(1, 2), all_reduce=two_processes)
+    torch.testing.assert_close(extreme, torch.tensor([[0.8660254, -0.8660254]]))  # 4 values ±1: std 2 / sqrt(3)
+    mask = torch.ones(2, 2)
+    extreme, _ = grpo(A.token_level_rewards(torch.tensor([2e38, -2e38]), mask), mask, group_ids=torch.zeros(2, dtype=torch.long),
+                      scale_rewards="batch", all_reduce=two_processes)
+    torch.testing.assert_close(extreme[:, 0], torch.tensor([0.8660254, -0.8660254]))
 
 
 def test_whitening_does_not_zero_entries_whose_squares_overflow_float32():

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from rlhf.algorithms.aggregation import masked_sum, masked_whiten, scaled_std
+from rlhf.algorithms.aggregation import masked_sum, masked_whiten, power_of_two_scale
 from rlhf.algorithms.registry import Registry, variant
 
 ADVANTAGE_ESTIMATORS: Registry = Registry("advantage estimator", inputs=("token_rewards", "mask", "values", "group_ids", "baseline", "all_reduce"))
@@ -120,12 +120,7 @@ def group_stats(scores: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tens
     means = sums / counts
     sq_dev = (scores - means[inverse]) ** 2
     sum_sq = torch.zeros(n_groups, dtype=torch.float32, device=scores.device).index_add(0, inverse, sq_dev)
-    if not bool(torch.isfinite(sum_sq).all()) and bool(torch.isfinite(sums).all()):
-        # finite scores beyond ~1e19 square past float32's range: the std would be inf and every
-        # advantage (s - mean) / std silently 0; their squares fit in float64
-        deviations = scores.double() - means.double()[inverse]
-        sum_sq = torch.zeros(n_groups, dtype=torch.float64, device=scores.device).index_add(0, inverse, deviations ** 2)
-    stds = torch.where(counts > 1, (sum_sq / (counts - 1).clamp(min=1.0)).sqrt(), torch.zeros_like(sum_sq)).float()
+    stds = torch.where(counts > 1, (sum_sq / (counts - 1).clamp(min=1.0)).sqrt(), torch.zeros_like(sums))
     return sums[inverse], counts[inverse], stds[inverse]
 
 
@@ -208,17 +203,13 @@ def batch_std(scores: Tensor, all_reduce: Callable[[Tensor], Tensor] | None = No
         return torch.zeros((), dtype=torch.float32, device=scores.device)
     sum_sq = ((scores - total / count) ** 2).sum().reshape(1)
     sum_sq = all_reduce(sum_sq) if all_reduce is not None else sum_sq
-    if not math.isfinite(float(sum_sq[0])) and math.isfinite(total):
-        # squares past float32's range (group_stats): the std of the deviations scaled down
-        deviations = scores.double() - total / count
-        return torch.tensor(scaled_std(deviations, count, all_reduce), dtype=torch.float32, device=scores.device)
     return (sum_sq[0] / (count - 1)).sqrt()
 
 
 @ADVANTAGE_ESTIMATORS.register("grpo", groups=True)
 def grpo_advantages(
     token_rewards: Tensor, mask: Tensor, *, group_ids: Tensor, eps: float = 1e-6, scale_rewards: bool | str = True,
-    all_reduce: Callable[[Tensor], Tensor] | None = None,
+    all_reduce: Callable[[Tensor], Tensor] | None = None, _rescaled: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Group-relative advantages of GRPO (Shao et al. 2024, DeepSeekMath).
 
@@ -237,12 +228,26 @@ def grpo_advantages(
     scores = sequence_scores(token_rewards, mask)
     group_sum, group_count, group_std = group_stats(scores, group_ids)
     seq_adv = scores - group_sum / group_count
-    if mode == "group":
-        seq_adv = seq_adv / (group_std + eps)
-    elif mode == "batch":
-        seq_adv = seq_adv / (batch_std(scores, all_reduce) + eps)
+    if mode != "none":
+        spread = group_std if mode == "group" else batch_std(scores, all_reduce)
+        if not bool(torch.isfinite(spread).all()) and not _rescaled and _finite_everywhere(scores, mode, all_reduce):
+            # scores beyond ~1e19 square past float32's range: the stds would be inf and every
+            # advantage silently 0. The same advantages of the scores times a power of two (exact)
+            # that brings them within [-1, 1]; only these steps take this path
+            scale = power_of_two_scale(scores, all_reduce=all_reduce if mode == "batch" else None)
+            return grpo_advantages(token_rewards * scale, mask, group_ids=group_ids, eps=eps,
+                                   scale_rewards=scale_rewards, all_reduce=all_reduce, _rescaled=True)
+        seq_adv = seq_adv / (spread + eps)
     advantages = seq_adv.unsqueeze(1) * mask.float()
     return advantages, advantages.clone()
+
+
+def _finite_everywhere(scores: Tensor, mode: str, all_reduce: Callable[[Tensor], Tensor] | None) -> bool:
+    """Every score finite: this process's (group mode), every process's (batch mode: all decide alike)."""
+    bad = (~torch.isfinite(scores)).sum().reshape(1).float()
+    if mode == "batch" and all_reduce is not None:
+        bad = all_reduce(bad)
+    return float(bad[0]) == 0
 
 
 dr_grpo_advantages = ADVANTAGE_ESTIMATORS.register("dr_grpo", groups=True)(variant(
@@ -346,14 +351,16 @@ def normalize_then_sum(rewards: Tensor, weights: Tensor, group_ids: Tensor, eps:
     means = sums / counts  # NaN for a function absent from the whole group
     sq_dev = torch.where(present, (values - means[group]) ** 2, 0.0)
     sum_sq = zero.index_add(0, group, sq_dev)
+    overflowed = (~torch.isfinite(sum_sq) & torch.isfinite(sums)).any(0)  # [K]
+    if bool(overflowed.any()) and torch.isfinite(rewards.float()[present]).all():
+        # a function's values beyond ~1e19 square past float32's range: its std would be inf and its
+        # z silently 0. z does not depend on the scale: those columns times a power of two (exact)
+        # that brings them within [-1, 1]
+        scales = torch.ones(values.shape[1], dtype=torch.float32, device=values.device)
+        for k in overflowed.nonzero().flatten().tolist():
+            scales[k] = power_of_two_scale(torch.where(present[:, k], values[:, k], 0.0))
+        return normalize_then_sum(values * scales, weights, group_ids, eps)
     stds = (sum_sq / (counts - 1)).sqrt()
-    overflowed = ~torch.isfinite(sum_sq) & torch.isfinite(sums)
-    if bool(overflowed.any()):
-        # finite values beyond ~1e19 square past float32's range: that function's std would be inf
-        # and its z silently 0 (group_stats); its squares fit in float64
-        deviations = torch.where(present, values.double() - means.double()[group], 0.0)
-        wide = (zero.double().index_add(0, group, deviations ** 2) / (counts.double() - 1)).sqrt().float()
-        stds = torch.where(overflowed, wide, stds)
     stds = torch.where(counts > 1, stds, torch.full_like(stds, math.nan))
     z = (values - means[group]) / (stds[group] + eps)  # NaN wherever r is NaN or the std is
     total = (torch.where(z.isnan(), 0.0, z) * weights.to(z).unsqueeze(0)).sum(-1)

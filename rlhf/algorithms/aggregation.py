@@ -80,30 +80,28 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
         var = sum_sq / max(count - 1.0, 1.0)
     if not math.isfinite(float(var)) and math.isfinite(float(mean)):
         # finite entries beyond ~1e19 square past float32's range: the variance would be inf and
-        # every entry silently 0; the deviations are whitened in float64 by their scaled std
-        deviations = (x.double() - float(mean)) * mask_f.double()
-        whitened = deviations / scaled_std(deviations, count, all_reduce)
-        if not shift_mean:
-            whitened = whitened + float(mean)
-        return (whitened * mask_f.double()).float()
+        # every entry silently 0 (or NaN). Whitening does not depend on the scale: the same of x
+        # times a power of two (exact) that brings it within [-1, 1]; only these batches take it
+        scale = power_of_two_scale(x, mask_f, all_reduce)
+        whitened = masked_whiten(x.float() * scale, mask, True, eps, all_reduce)
+        return whitened if shift_mean else (whitened + mean) * mask_f
     return whiten_with_stats(x, mask_f, mean, var, shift_mean, eps)
 
 
-def scaled_std(deviations: Tensor, count: float, all_reduce: Callable[[Tensor], Tensor] | None = None) -> float:
-    """Unbiased std from deviations from the mean whose squares overflow float32, as a Python float.
+def power_of_two_scale(x: Tensor, mask: Tensor | None = None,
+                       all_reduce: Callable[[Tensor], Tensor] | None = None) -> float:
+    """2^-k for the smallest k with 2^k >= the largest |x| (where mask is set; over every process
+    with ``all_reduce``, a sum): x * 2^-k is exact (a power of two) and within [-1, 1], where
+    squares and their sums cannot overflow float32. 1.0 when x is all 0.
 
-    deviations: any shape, 0 where not counted (float64); count: entries counted over every process.
-    std = scale * sqrt(sum((d / scale)^2) / (count - 1)): each process's sum of (d / scale)^2 fits the
-    float32 all_reduce, and the scale, a sum of each process's largest |d|, is the same on every
-    process and at least the largest one.
+    x: any shape, finite; mask: x's shape or None.
     """
-    largest = (deviations.abs().max() if deviations.numel() else deviations.new_zeros(())).reshape(1).float()
-    scale = float((all_reduce(largest) if all_reduce is not None else largest)[0])
-    if not scale > 0:
-        return 0.0
-    scaled = ((deviations / scale) ** 2).sum().reshape(1).float()
-    scaled = all_reduce(scaled) if all_reduce is not None else scaled
-    return scale * math.sqrt(float(scaled[0]) / max(count - 1.0, 1.0))
+    magnitudes = x.float().abs() if mask is None else (x.float() * mask.float()).abs()
+    # scaled by 2^-64 (exact) so that a sum of every process's largest stays finite
+    largest = (magnitudes.max() if magnitudes.numel() else magnitudes.new_zeros(())).reshape(1) * 2.0 ** -64
+    largest = all_reduce(largest) if all_reduce is not None else largest
+    bound = float(largest[0]) * 2.0 ** 64
+    return 2.0 ** -math.ceil(math.log2(bound)) if bound > 0 else 1.0
 
 
 def whiten_with_stats(x: Tensor, mask: Tensor, mean: Tensor | float, var: Tensor | float,
