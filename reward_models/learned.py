@@ -102,8 +102,10 @@ class LearnedReward:
         """``format``'s texts as token ids, as TRL's RewardTrainer tokenised them in training: text
         from a chat template as it is (the template writes its special tokens; ``tokenize=True``
         adds none), plain text with the tokenizer's special tokens ([CLS]/[SEP], a BOS)."""
+        # padded on the right, as TRL's GRPOTrainer pads reward inputs: a model with learned absolute
+        # positions (GPT-2) would score a left-padded text at other positions than alone
         return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
-                              add_special_tokens=not self.tokenizer.chat_template)
+                              add_special_tokens=not self.tokenizer.chat_template, padding_side="right")
 
     @torch.no_grad()
     def __call__(self, prompts: list[str | Messages], completions: list[str | Messages], **columns: Any) -> list[float]:

@@ -282,6 +282,11 @@ Value = "float | Steps | None"  # one sample's checked value; None = not applica
 def _as_reward(value: Any) -> float | Steps | None:
     """A sample's value as a finite number, process rewards or None (not applicable); ValueError
     otherwise."""
+    if getattr(value, "ndim", 0) and getattr(value, "dtype", None) == object and hasattr(value, "item"):
+        try:  # a row of an [N, 1] object array: its one element (None: not applicable)
+            value = value.item()
+        except ValueError:
+            raise ValueError(value) from None
     if value is None:
         return None
     if isinstance(value, (list, tuple)):
@@ -308,6 +313,8 @@ def _finite(value: Any) -> float:
             value = value.item()
         except (ValueError, RuntimeError):
             raise ValueError(value) from None
+        if value is None or isinstance(value, (str, bytes)):  # an array of text is text
+            raise ValueError(value)
     try:
         number = float(value)
     except (TypeError, ValueError, RuntimeError):

@@ -223,9 +223,12 @@ def _strategy(key: str, steps_key: str | None, instead: str) -> Callable[[dict[s
                                   f"other; give {steps_key} 0 or leave out {key}")
             return {steps_key: 0} if steps_key else {}
         if strategy == "steps" and steps_key:
-            if steps is None or every == 0:
-                raise ConfigError(f"{key} 'steps' needs {steps_key} N >= 1 beside it (TRL's default of 500 is not "
-                                  f"ours): {instead}")
+            if steps is None:  # read source by source: a count elsewhere may be a default, not a choice
+                raise ConfigError(f"{key} 'steps' is read with {steps_key} N >= 1 given beside it, in the same file "
+                                  f"or on the same command line (TRL's default of 500 is not ours): {instead}")
+            if every == 0:
+                raise ConfigError(f"{key} 'steps' needs {steps_key} N >= 1 beside it, got {steps_key} {steps}: "
+                                  f"{instead}")
             return {}
         raise ConfigError(f"{key} {given[key]!r} (TRL's setting) has no counterpart of that meaning here: {instead}")
     return translate

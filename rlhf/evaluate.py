@@ -126,6 +126,15 @@ def _evaluation_tokenizer(candidates: list[Candidate], base_id: str, chat_templa
     return tokenizers[0]
 
 
+def _only_a_train_split(message: str) -> bool:
+    """Whether a refused split's message (rlhf.data's "has splits a, b, not 'test'", datasets'
+    "Unknown split ... Should be one of ['a', 'b']") lists train as the data's only split."""
+    local = re.search(r"has splits (.*), not '", message)
+    hub = re.search(r"Should be one of \[(.*?)\]", message)
+    listed = local.group(1).split(", ") if local else [name.strip(" '\"") for name in hub.group(1).split(",")] if hub else []
+    return listed == ["train"]
+
+
 def _prompts_of(dataset: str, split: str, prompt_column: str | None,
                 run: tuple[Candidate, dict[str, Any]] | None) -> tuple[Any, str]:
     """The prompt dataset and its prompt column: the given one; else the run's own prompt_column
@@ -426,9 +435,10 @@ def evaluate(
     try:
         prompts, prompt_column = _prompts_of(dataset, split, prompt_column, run)
     except DataError as exc:
-        # data without a test split (a dir of one file, a hub dataset of one split) has only its
-        # training prompts to give
-        if dataset_split is not None or not ("has splits" in str(exc) or "Unknown split" in str(exc)):
+        # data whose only split is train (a dir of one file, a hub dataset of one split) has only its
+        # training prompts to give; data with another held-out split (validation) is refused, as
+        # training's evaluation refuses it, rather than evaluated on the prompts it trained on
+        if dataset_split is not None or not _only_a_train_split(str(exc)):
             raise
         split = "train"
         prompts, prompt_column = _prompts_of(dataset, split, prompt_column, run)
@@ -659,6 +669,8 @@ def evaluate_from_config(config: EvalConfig) -> dict[str, Any]:
 
     check_cpu_settings()
     output_dir = Path(config.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():  # found only when the report is written, after the work
+        raise ConfigError(f"output_dir {output_dir} is a file, not a folder; choose another --output_dir")
     taken = [name for name in OUTPUT_FILES if (output_dir / name).exists()]
     if taken and not config.overwrite_output_dir:
         raise ConfigError(f"{output_dir} already holds {', '.join(taken)}, which a report would replace (an earlier "

@@ -59,6 +59,8 @@ def export_merged(checkpoint: str | Path, output_dir: str | Path, dtype: str = "
     if candidate.adapter_dir is None:
         raise CheckpointError(f"{checkpoint} is a model, not an adapter: there is nothing to merge")
     target = Path(output_dir)
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"output_dir {target} is a file, not a folder; choose another output_dir")
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ConfigError(f"output_dir {target} is not empty; choose another or pass --overwrite true")
     check_export_keeps_its_inputs(target, candidate.adapter_dir, candidate.base)

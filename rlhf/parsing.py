@@ -354,19 +354,23 @@ def parse_dataclass(cls: type, argv: list[str] | None = None, script_defaults: d
     except TypeError as exc:  # pragma: no cover - guarded by the key checks above
         raise ConfigError(str(exc)) from None
     except ConfigError as exc:
-        raise ConfigError(in_the_names_given(str(exc), origin)) from None
+        raise ConfigError(in_the_names_given(str(exc), origin, cls)) from None
     if hasattr(cls, "complete_settings"):
         # once the settings are known to be valid: a refused config is its one error line alone
         _warn_of_trl_defaults({key: getattr(config, key) for key in values}, given, origin)
     return config
 
 
-def in_the_names_given(message: str, origin: dict[str, str]) -> str:
-    """A refusal that starts with our name of a setting the config gave under TRL's name says TRL's
-    too: ``--num_iterations 0`` is refused as "num_iterations (ppo_epochs here) must be >= 1"."""
+def in_the_names_given(message: str, origin: dict[str, str], cls: type) -> str:
+    """A refusal that starts with our name of a setting the config gave under TRL's name for the
+    same setting says TRL's too: ``--num_iterations 0`` is refused as "num_iterations (ppo_epochs
+    here) must be >= 1". TRL names translated into another kind of setting (loss_type into
+    loss_agg_mode, delta into policy_loss_kwargs) keep our name: the message is about that."""
     key = message.split(" ", 1)[0]
-    if key in origin and origin[key] != key:
-        return f"{origin[key]} ({key} here){message[len(key):]}"
+    renames = aliases.ALIASES.get(cls.__name__, ({}, [], {}))[0]
+    given = origin.get(key)
+    if given is not None and given != key and renames.get(given) == key:
+        return f"{given} ({key} here){message[len(key):]}"
     return message
 
 
@@ -386,7 +390,7 @@ def dataclass_from_dict(cls: type, settings: dict[str, Any], where: str, **compl
     try:
         config = cls(**values)
     except ConfigError as exc:
-        raise ConfigError(in_the_names_given(str(exc), origin)) from None
+        raise ConfigError(in_the_names_given(str(exc), origin, cls)) from None
     if hasattr(cls, "complete_settings"):  # once valid, as parse_dataclass
         _warn_of_trl_defaults({key: getattr(config, key) for key in values}, native | set(origin), origin,
                               stacklevel=4)  # the caller of from_dict

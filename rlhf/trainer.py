@@ -169,8 +169,9 @@ class RLTrainer:
         if config is not None and not isinstance(config, RLConfig):  # TRL order: the model comes first
             config, model = None, config
         # GRPOTrainer's arguments, in its order; those that change nothing here are refused, not dropped
-        unheard = {"reward_processing_classes": reward_processing_classes, "callbacks": callbacks or None,
-                   "optimizers": None if optimizers is None or tuple(optimizers) == (None, None) else optimizers,
+        nothing = (None, (None, None), [None, None])
+        unheard = {"reward_processing_classes": reward_processing_classes or None, "callbacks": callbacks or None,
+                   "optimizers": None if any(optimizers is none or optimizers == none for none in nothing) else optimizers,
                    "quantization_config": quantization_config, "rollout_func": rollout_func}
         for name, value in unheard.items():
             if value is not None:
@@ -418,18 +419,19 @@ class RLTrainer:
         self.step += 1
 
         step_time = clock() - step_start
+        logged_by_rewards = reward_metrics.pop(LOGGED_BY_REWARDS, [])
+        episodes: dict[str, float] = {}
         if rollout.episodes is not None:  # turns, tool calls and failures, episode lengths (global)
             from rlhf.episodes import episode_metrics
 
-            reward_metrics.update(episode_metrics(rollout.episodes, lambda values: self.reducer.sum(values).tolist()))
-        logged_by_rewards = reward_metrics.pop(LOGGED_BY_REWARDS, [])
+            episodes = episode_metrics(rollout.episodes, lambda values: self.reducer.sum(values).tolist())
         metrics = {**experience_metrics, **update_metrics,
                    **throughput(rollout, self.reducer, step_time, rollout_time, update_time),
                    "score_time_s": score_time, "logprob_time_s": logprob_time}
-        for name in logged_by_rewards:
-            if name in metrics or name == "kl":
+        for name in logged_by_rewards:  # names logged later too: the KL, the row's step, evaluations
+            if name in metrics or name in episodes or name in ("kl", "step") or name.startswith("eval/"):
                 raise logged_over_a_trainer_metric(name)
-        metrics = {**reward_metrics, **metrics}
+        metrics = {**reward_metrics, **episodes, **metrics}
         metrics.setdefault("kl", math.nan)
         if math.isfinite(metrics["kl"]):
             self.kl_controller.update(metrics["kl"], config.rollout_batch_size * config.num_generations)

@@ -326,8 +326,6 @@ def test_grpo_advantages_do_not_vanish_for_rewards_whose_squares_overflow_float3
     torch.testing.assert_close(huge, unit, rtol=1e-5, atol=1e-6)
     assert A.group_stats(scores * 1e25, ids)[2].dtype == torch.float32
     if scale_rewards == "batch":  # as the trainer calls it: summed over processes by a float32 reduction
-        from rlhf.algorithms.advantages import batch_std
-
         def float32_sum(tensor):
             return torch.as_tensor(tensor, dtype=torch.float32).clone()
 

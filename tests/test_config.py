@@ -217,6 +217,10 @@ def test_a_refusal_names_the_trl_key_the_config_gave():
         RLConfig.from_dict({"epsilon": 0.0})
     with pytest.raises(ConfigError, match="^clip_range must be > 0"):
         RLConfig.from_dict({"clip_range": 0.0})
+    # a TRL name translated into another kind of setting keeps our name: the message is about that
+    # (a reviewer's: "loss_type (loss_agg_mode here) micro-batch-token-mean (TRL's bnpo) needs ...")
+    with pytest.raises(ConfigError, match=re.escape("loss_agg_mode micro-batch-token-mean (TRL's bnpo) needs")):
+        parse_train_args("trpo", ["--loss_type", "bnpo"])
 
 
 def test_the_reward_model_configs_numbers_are_finite():
@@ -444,7 +448,10 @@ def test_trl_save_and_eval_strategy_steps_are_read_with_their_step_counts(tmp_pa
     recipe.write_text("save_strategy: steps\nsave_steps: 3\neval_strategy: no\n")  # an unquoted no: YAML's false
     assert parse_dpo_args(["--config", str(recipe)]).save_steps == 3
     for flags, message in (
-            (["--save_strategy", "steps"], "save_strategy 'steps' needs save_steps N >= 1 beside it"),
+            (["--save_strategy", "steps"], "save_strategy 'steps' is read with save_steps N >= 1 given beside it, in "
+                                           "the same file or on the same command line"),
+            (["--save_strategy", "steps", "--save_steps", "0"], "save_strategy 'steps' needs save_steps N >= 1 beside "
+                                                                "it, got save_steps 0"),
             (["--save_strategy", "epoch"], "save_strategy 'epoch' (TRL's setting) has no counterpart of that meaning "
                                            "here: set save_steps N, a checkpoint every N RL steps")):
         assert_one_line_error(run_here("train_grpo.py", "--output_dir", str(tmp_path / "out"), *flags), message)

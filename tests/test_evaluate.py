@@ -209,6 +209,11 @@ def test_refuses_to_overwrite_a_report(adapters, tmp_path, run_here):
     result = run_here("evaluate.py", "--checkpoints", str(adapters["final"]), "--output_dir", str(out))
     assert_one_line_error(result, f"{out} already holds report.json, which a report would replace")
     assert (out / "report.json").read_text() == "{}"
+    a_file = tmp_path / "a_file"  # a reviewer's: evaluated everything, then a FileExistsError traceback
+    a_file.write_text("kept")
+    result = run_here("evaluate.py", "--checkpoints", str(adapters["final"]), "--output_dir", str(a_file))
+    assert_one_line_error(result, f"output_dir {a_file} is a file, not a folder")
+    assert a_file.read_text() == "kept" and "prompts from" not in result.stderr + result.stdout
 
 
 def test_refuses_to_overwrite_a_training_runs_samples(adapters, tmp_path, run_here):
@@ -486,6 +491,7 @@ def test_a_dataset_with_splits_is_evaluated_on_its_test_split(adapters, tmp_path
     without a test split (a dir of one file) still gives its rows; a named split is read."""
     import datasets
 
+    from rlhf import errors as rlhf_errors
     from rlhf.evaluate import evaluate
 
     def prompts_of(name, count):
@@ -506,6 +512,14 @@ def test_a_dataset_with_splits_is_evaluated_on_its_test_split(adapters, tmp_path
     one_file.mkdir()
     (one_file / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"only {i}"}) + "\n" for i in range(2)))
     assert evaluated_prompts(one_file, tmp_path / "one") == ("train", ["only 0", "only 1"])
+    # a held-out split of another name is no reason to evaluate on the training prompts (a reviewer:
+    # train + validation gave the 3 train prompts); it is refused as training's evaluation refuses it
+    named_validation = tmp_path / "validation"
+    datasets.DatasetDict({"train": prompts_of("train", 3), "validation": prompts_of("v", 2)}).save_to_disk(
+        named_validation)
+    with pytest.raises(rlhf_errors.DataError, match="has splits train, validation, not 'test'"):
+        evaluated_prompts(named_validation, tmp_path / "validation-out")
+    assert evaluated_prompts(named_validation, tmp_path / "v-out", dataset_split="validation")[0] == "validation"
     # a hub dataset of one split (as datasets refuses another split) gives its train rows too
     real_load = datasets.load_dataset
 

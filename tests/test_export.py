@@ -59,6 +59,12 @@ def test_bfloat16_export_and_bad_input(trained_run, tiny_model_dir, tmp_path, ru
     assert model_dir.returncode == 2 and "is a model, not an adapter" in model_dir.stderr
     missing = run_here("export.py", "--checkpoint", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "y"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    a_file = tmp_path / "a_file"
+    a_file.write_text("kept")
+    into_a_file = run_here("export.py", "--checkpoint", str(trained_run), "--output_dir", str(a_file), "--overwrite", "true")
+    assert into_a_file.returncode == 2 and "Traceback" not in into_a_file.stderr  # was NotADirectoryError
+    assert into_a_file.stderr.strip().splitlines()[-1] == f"error: output_dir {a_file} is a file, not a folder; choose " \
+        "another output_dir" and a_file.read_text() == "kept"
 
 
 def test_adapters_name_the_embedded_model_by_its_name(tiny_model_dir, tmp_path, run_here, monkeypatch):

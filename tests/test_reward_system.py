@@ -354,3 +354,8 @@ def test_a_reward_model_without_a_pad_token_scores_batches_as_one_by_one(pad, tm
     whole = LearnedReward(str(tmp_path / "rm"), batch_size=8)(prompts, completions)
     split = LearnedReward(str(tmp_path / "rm"), batch_size=1)(prompts, completions)
     assert whole == pytest.approx(split, abs=1e-5) and len(set(whole)) == 3
+    # a tokenizer that pads on the left (a policy's, given with the model): GPT-2's learned positions
+    # scored a left-padded text elsewhere than alone (a reviewer: 0.75 apart); TRL pads reward inputs right
+    left = AutoTokenizer.from_pretrained(tmp_path / "rm", padding_side="left")
+    model = GPT2ForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert LearnedReward.from_model(model, left, batch_size=8)(prompts, completions) == pytest.approx(split, abs=1e-5)

@@ -430,7 +430,7 @@ def test_training_and_periodic_evaluation_pass_what_trl_passes(tiny_model_dir, t
     assert sample["length"] == len(sample["completion"])
 
 
-@pytest.mark.parametrize("name", ["reward_mean", "policy_loss", "kl"])
+@pytest.mark.parametrize("name", ["reward_mean", "policy_loss", "kl", "step", "eval/reward_mean"])
 def test_a_reward_functions_metric_cannot_replace_the_trainers(name, tiny_model_dir, tmp_path):
     """A reviewer's: log_metric("reward_mean", 123.0) logged reward_mean 123.0 (the rewards' mean
     was 1.5), and under the trainer's later names (policy_loss) the user's value was dropped."""
@@ -473,8 +473,11 @@ def test_the_trainer_takes_grpo_trainers_arguments_in_its_order(tiny_model_dir, 
         with pytest.raises(ConfigError, match=f"^{name} \\(GRPOTrainer's argument\\) has no counterpart here"):
             RLTrainer(str(tiny_model_dir), [scaled], grpo_config(tiny_model_dir, tmp_path / name), dataset,
                       **{name: value})
+    with pytest.raises(ConfigError, match="^optimizers \\(GRPOTrainer's argument\\)"):  # not a pair: was a TypeError
+        RLTrainer(str(tiny_model_dir), [scaled], grpo_config(tiny_model_dir, tmp_path / "sgd"), dataset,
+                  optimizers=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
     RLTrainer(str(tiny_model_dir), [scaled], grpo_config(tiny_model_dir, tmp_path / "defaults"), dataset,
-              callbacks=[], optimizers=(None, None))  # GRPOTrainer's defaults are no request
+              callbacks=[], optimizers=(None, None), reward_processing_classes=[])  # no request
 
 
 def test_reward_weights_in_the_config_go_with_the_trainers_functions(tiny_model_dir, tmp_path):
@@ -509,6 +512,11 @@ def test_return_values_as_trl_takes_them():
         assert CombinedReward([lambda completions, **kw: column])(["p"] * 2, ["a"] * 2).combined() == [1.0, 2.0]
     with pytest.raises(RewardError, match="for sample 0"):
         CombinedReward([lambda completions, **kw: np.ones((2, 2))])(["p"] * 2, ["a"] * 2)
+    # a reviewer's: a column of text was read as numbers; a column of objects may say None (not applicable)
+    with pytest.raises(RewardError, match="for sample 0"):
+        CombinedReward([lambda completions, **kw: np.array([["1.5"], ["2"]])])(["p"] * 2, ["a"] * 2)
+    objects = np.array([[None], [2.0]], dtype=object)
+    assert CombinedReward([lambda completions, **kw: objects])(["p"] * 2, ["a"] * 2).combined()[1] == 2.0
     with pytest.raises(RewardError, match="returned '0.5' for sample 0"):
         CombinedReward([lambda completions, **kw: ["0.5"] * len(completions)])(["p"], ["a"])
 
