@@ -609,7 +609,7 @@ class EvalConfig:
         "help": "Prompts: .jsonl/.json/.csv/.parquet, a datasets dir, or builtin:prompts (its eval split)."})
     dataset_split: str | None = field(default=None, metadata={
         "help": "Split (default: the one training's periodic evaluation reads: eval of a built-in set, else test, "
-                "or train where the dataset has no test split)."})
+                "or train where that is its only split)."})
     prompt_column: str | None = field(default=None, metadata={
         "help": "Column with the prompt (default: the run's prompt_column where the dataset has it, else 'prompt')."})
     num_prompts: int | None = field(default=None, metadata={"help": "Use the first N prompts (default: all)."})
