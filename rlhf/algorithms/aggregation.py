@@ -70,7 +70,6 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     mask_f = mask.float()
     if all_reduce is None:
         mean, var = masked_mean(x, mask_f), masked_var(x, mask_f)
-        count = float(mask_f.sum())
     else:
         # Two reductions (mean, then squared deviations from it): the one-pass E[x^2] - E[x]^2
         # loses the variance in float32 when the mean is large against the spread.
