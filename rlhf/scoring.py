@@ -143,11 +143,6 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
         if reward_columns is not None:
             reward_columns.setdefault(name, []).extend(values)
         metrics.update(function_reward_stats(name, torch.tensor(values, dtype=torch.float32, device=device), reducer))
-    for name, values in logged.items():  # this process's values (the main process's are logged)
-        if name in metrics:
-            raise logged_over_a_trainer_metric(name)
-        metrics[name] = sum(values) / len(values)
-    metrics[LOGGED_BY_REWARDS] = sorted(logged)
     if config.reward_aggregation == "normalize_then_sum":  # reward_mean and the columns above stay the plain sum
         aggregated, aggregation_metrics = group_normalized_scores(output, rollout.group_ids, config, reducer)
         scores = aggregated - penalties
@@ -162,6 +157,12 @@ def score(reward: Any, rollout: Rollout, config: Any, reducer: Reducer, step: in
         all_scores = all_scores.clamp(-config.reward_clip, config.reward_clip)
     if config.normalize_rewards:
         scores = (scores - all_scores.mean()) / (all_scores.std() + 1e-6) if all_scores.numel() > 1 else scores * 0
+    # once every metric of scoring is in (reward_clip_frac, the aggregation's): none is replaced
+    for name, values in logged.items():  # this process's values (the main process's are logged)
+        if name in metrics:
+            raise logged_over_a_trainer_metric(name)
+        metrics[name] = sum(values) / len(values)
+    metrics[LOGGED_BY_REWARDS] = sorted(logged)
     return scores.masked_fill(unscorable, math.nan), token_scores, metrics
 
 

@@ -430,7 +430,7 @@ def test_training_and_periodic_evaluation_pass_what_trl_passes(tiny_model_dir, t
     assert sample["length"] == len(sample["completion"])
 
 
-@pytest.mark.parametrize("name", ["reward_mean", "policy_loss", "kl", "step", "eval/reward_mean"])
+@pytest.mark.parametrize("name", ["reward_mean", "policy_loss", "kl", "step", "eval/reward_mean", "reward_clip_frac"])
 def test_a_reward_functions_metric_cannot_replace_the_trainers(name, tiny_model_dir, tmp_path):
     """A reviewer's: log_metric("reward_mean", 123.0) logged reward_mean 123.0 (the rewards' mean
     was 1.5), and under the trainer's later names (policy_loss) the user's value was dropped."""
@@ -447,7 +447,7 @@ def test_a_reward_functions_metric_cannot_replace_the_trainers(name, tiny_model_
 
     dataset = datasets.Dataset.from_list(CHAT_ROWS)
     trainer = RLTrainer(model=str(tiny_model_dir), reward_funcs=[clashing], train_dataset=dataset,
-                        args=grpo_config(tiny_model_dir, tmp_path / "run", max_steps=1))
+                        args=grpo_config(tiny_model_dir, tmp_path / "run", max_steps=1, reward_clip=10.0))
     with pytest.raises(RewardError, match=f"logged '{name}' with log_metric, a metric the trainer logs itself"):
         trainer.train()
     RLTrainer(model=str(tiny_model_dir), reward_funcs=[own_name], train_dataset=dataset,
