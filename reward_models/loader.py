@@ -282,11 +282,7 @@ Value = "float | Steps | None"  # one sample's checked value; None = not applica
 def _as_reward(value: Any) -> float | Steps | None:
     """A sample's value as a finite number, process rewards or None (not applicable); ValueError
     otherwise."""
-    if getattr(value, "ndim", 0) and getattr(value, "dtype", None) == object and hasattr(value, "item"):
-        try:  # a row of an [N, 1] object array: its one element (None: not applicable)
-            value = value.item()
-        except ValueError:
-            raise ValueError(value) from None
+    value = _one_element(value)  # a row of an [N, 1] array (an object array's may say None)
     if value is None:
         return None
     if isinstance(value, (list, tuple)):
@@ -303,18 +299,23 @@ def _as_reward(value: Any) -> float | Steps | None:
     return _finite(value)
 
 
+def _one_element(value: Any) -> Any:
+    """A numpy array's or tensor's one element, as torch.tensor(...) reads a row of an [N, 1] one;
+    anything else as it is. ValueError for an array of more elements."""
+    if not (getattr(value, "ndim", 0) and hasattr(value, "item")):
+        return value
+    try:
+        return value.item()
+    except (ValueError, RuntimeError):
+        raise ValueError(value) from None
+
+
 def _finite(value: Any) -> float:
     """A number (bool, int, float, a numpy or torch value of one element) as a finite float. Strings
     are refused as TRL's torch.tensor(...) refuses them; bools count 1/0 as there."""
-    if value is None or isinstance(value, (str, bytes)):
+    value = _one_element(value)
+    if value is None or isinstance(value, (str, bytes)):  # an array of text is text
         raise ValueError(value)
-    if getattr(value, "ndim", 0) and hasattr(value, "item"):
-        try:  # a row of an [N, 1] array or tensor, one element as torch.tensor(...) reads it
-            value = value.item()
-        except (ValueError, RuntimeError):
-            raise ValueError(value) from None
-        if value is None or isinstance(value, (str, bytes)):  # an array of text is text
-            raise ValueError(value)
     try:
         number = float(value)
     except (TypeError, ValueError, RuntimeError):
