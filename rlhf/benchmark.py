@@ -511,6 +511,10 @@ def _child(system: str, config_dict: dict[str, Any], workdir: str, queue: Any) -
         result.update(_gpu_facts())
         if system in SYSTEMS:  # what this trainer's process got, for the table's note
             result["malloc"] = allocator_in_use()
+        if system.startswith("ours-"):
+            from rlhf.decode_linear import library
+
+            result["decode_kernel"] = "on" if library() is not None and not config.bf16 else "off"
         queue.put((result, None))
     except Exception as exc:  # reported in the table, the other systems still run
         queue.put((None, one_line(exc)))
@@ -617,7 +621,9 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
         raise ConfigError(f"every system failed, nothing written (the first: {failure})")
     # What the systems' processes got (a preloaded jemalloc, a failed switch), not what was asked for
     allocators = sorted(set(_values_of("malloc", report)))
-    return {**report, "malloc": ", ".join(allocators) or requested}
+    kernels = sorted(set(_values_of("decode_kernel", report)))
+    return {**report, "malloc": ", ".join(allocators) or requested,
+            **({"decode_kernel": ", ".join(kernels)} if kernels else {})}
 
 
 def benchmark_to_files(config: BenchmarkConfig) -> tuple[dict[str, Any], str, list[Path]]:

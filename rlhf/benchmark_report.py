@@ -111,6 +111,7 @@ def render_sweep(report: dict[str, Any]) -> str:
                                   if settings["full_length"] else "end at EOS (lengths are caps)"))
     notes.append(WEIGHTS_NOTE[bool(settings.get("bf16"))])
     notes.extend(malloc_note(report))
+    notes.extend(decode_kernel_note(report))
     if settings["model"].startswith("random:"):
         notes.append(RANDOM_NOTE)
     return "\n".join([*lines, "", *notes])
@@ -141,6 +142,17 @@ def malloc_note(report: dict[str, Any]) -> list[str]:
                                                      "(RLHF_CPU_MALLOC does not reach it)")]
 
 
+def decode_kernel_note(report: dict[str, Any]) -> list[str]:
+    """Whether our systems' float32 decode products ran through rlhf.decode_linear's kernel, where the report says."""
+    kernel = report.get("decode_kernel")
+    if kernel is None:  # no system of ours, or a report written before it was recorded
+        return []
+    return [{"on": "ours' float32 decode products: the AVX-512 kernel (rlhf.decode_linear, oneDNN's sums)",
+             "off": "ours' decode products: not through the decode kernel (bfloat16, or it does not run here or "
+                    "is off)"}
+            .get(kernel, f"ours' decode kernel differed between processes ({kernel})")]
+
+
 def _percent(fraction: float | None) -> str:
     if fraction is None:
         return "—"
@@ -169,6 +181,7 @@ def render_growth(report: dict[str, Any]) -> str:
     notes = [f"ours-grpo, {settings['prompts_per_step']} prompts per step, one factor varied at a time from "
              f"{settings['max_new_tokens']} new tokens, group {settings['num_generations']}, {settings['model']}"]
     notes.extend(malloc_note(report))
+    notes.extend(decode_kernel_note(report))
     if any(row["model"].startswith("random:") for row in report["rows"]):
         notes.append(RANDOM_NOTE)
     return "\n".join([*lines, "", *notes])

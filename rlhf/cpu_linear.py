@@ -32,9 +32,13 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from rlhf.decode_linear import DecodePacked
 
 ENV = "RLHF_CPU_LINEAR"
 
@@ -71,6 +75,24 @@ def pack_for_onednn(weight: Tensor) -> Tensor:
     single row takes another kernel and differs by rounding, and so does a weight with strided
     rows (a column slice), so callers keep the plain weight for both."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
+
+
+def pack_for_sampling(weight: Tensor) -> Tensor | DecodePacked:
+    """``weight`` [out, in] packed for ``packed_linear``: for the decode kernel where it runs here
+    (``rlhf.decode_linear``: float32, bitwise oneDNN's sums, faster at a decode step's rows), else
+    for oneDNN (``pack_for_onednn``)."""
+    from rlhf import decode_linear
+
+    return decode_linear.pack(weight) or pack_for_onednn(weight)
+
+
+def packed_linear(x: Tensor, packed: Tensor | DecodePacked, bias: Tensor | None = None) -> Tensor:
+    """x W^T + b through a weight from ``pack_for_sampling`` (no autograd): x [..., in] -> [..., out]."""
+    from rlhf import decode_linear
+
+    if isinstance(packed, decode_linear.DecodePacked):
+        return decode_linear.linear(x, packed, bias)
+    return onednn_linear(x, packed, bias)
 
 
 @functools.cache
@@ -236,14 +258,16 @@ def cpu_capability() -> str:
 
 
 def check_cpu_settings() -> None:
-    """Stop on a bad ``RLHF_CPU_LINEAR``, ``RLHF_CPU_MALLOC`` or ``RLHF_CPU_HUGE_PAGES`` (ConfigError:
-    one line, exit 2) before a command loads anything or writes its output, on any device: each is
-    otherwise read only where the CPU path first needs it (until 2026-12-07 ``evaluate.py`` ignored a
+    """Stop on a bad ``RLHF_CPU_LINEAR``, ``RLHF_CPU_DECODE_KERNEL``, ``RLHF_CPU_MALLOC`` or
+    ``RLHF_CPU_HUGE_PAGES`` (ConfigError: one line, exit 2) before a command loads anything or
+    writes its output, on any device: each is otherwise read only where the CPU path first needs it (until 2026-12-07 ``evaluate.py`` ignored a
     bad ``RLHF_CPU_MALLOC`` and stopped on a bad ``RLHF_CPU_LINEAR`` mid-sampling, and ``train_dpo.py``
     ignored a bad ``RLHF_CPU_LINEAR`` and read the malloc choice after building TRL's trainer)."""
     from rlhf.cpu_memory import malloc_choice
+    from rlhf.decode_linear import kernel_choice
 
     linear_choice()  # as set now: ``use_onednn`` answers once per process
+    kernel_choice()
     malloc_choice()
 
 

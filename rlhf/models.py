@@ -24,7 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from rlhf.algorithms import (entropy_from_logits, logprobs_and_entropy_from_logits, logprobs_from_hidden,
                              logprobs_from_logits)
 from rlhf.cpu_linear import (available_memory_bytes, bf16_packing_exact, memory_choice, onednn_linear,
-                              onednn_packing_usable, pack_for_onednn, routes_to_onednn, times_weight)
+                              onednn_packing_usable, pack_for_sampling, packed_linear, routes_to_onednn,
+                              times_weight)
 from rlhf.cpu_memory import file_mappings
 from rlhf.kv_cache import config_cache_rows_selectable, rows_selectable, select_cache_rows
 from rlhf.paths import looks_local
@@ -774,7 +775,7 @@ def inference_linears(model: nn.Module, reserve_bytes: int = 0) -> Iterator[nn.M
             weight = layer.weight
             state = (weight._version, weight.data_ptr())
             if not packed or packed[0]() is not weight or packed[1] != state:
-                packed[:] = [weakref.ref(weight), state, pack_for_onednn(weight)]
+                packed[:] = [weakref.ref(weight), state, pack_for_sampling(weight)]
             return packed[2]
 
         def forward(x: Tensor) -> Tensor:
@@ -788,9 +789,10 @@ def inference_linears(model: nn.Module, reserve_bytes: int = 0) -> Iterator[nn.M
                 # kernel in F.linear there, which adds the bias after rounding the product
                 if not use_packed or not x.is_contiguous() or (layer.bias is not None and layer.bias.dtype != x.dtype):
                     return plain(x)
-                return onednn_linear(x, packed_weight(), layer.bias)
+                return packed_linear(x, packed_weight(), layer.bias)
             if routes_to_onednn(x, layer.weight, layer.bias):
-                return onednn_linear(x, packed_weight() if use_packed else layer.weight, layer.bias)
+                return (packed_linear(x, packed_weight(), layer.bias) if use_packed
+                        else onednn_linear(x, layer.weight, layer.bias))
             rows = x.reshape(-1, x.shape[-1])
             if rows.shape[0] > WEIGHT_MAJOR_MAX_ROWS:
                 return plain(x)

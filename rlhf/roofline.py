@@ -308,12 +308,14 @@ def gemm_rates(model: ModelShape, rows: int, backward: bool) -> dict[str, Any]:
 
     Forward ``F.linear(x, W)``, the same product as ``(W @ x^T)^T`` (faster on some BLAS at small
     M) and through oneDNN where this torch has it (rlhf.cpu_linear), with the weight as it is and
-    packed into oneDNN's layout; the fastest counts: a bound is what the machine can do.
+    packed into oneDNN's layout, and for a few rows through the decode kernel where it runs
+    (rlhf.decode_linear); the fastest counts: a bound is what the machine can do.
     ``backward``: also the input gradient ``g @ W`` of every shape, as an update runs it, on BLAS
     and oneDNN (with ``W^T`` as a strided view, as a contiguous copy and packed)."""
     import torch
     import torch.nn.functional as F
 
+    from rlhf import decode_linear
     from rlhf.cpu_linear import onednn_linear, onednn_packing_usable, onednn_usable, pack_for_onednn
 
     onednn, packing = onednn_usable(), onednn_packing_usable()
@@ -327,9 +329,12 @@ def gemm_rates(model: ModelShape, rows: int, backward: bool) -> dict[str, Any]:
             x, weight, grad = torch.randn(rows, fan_in), torch.randn(fan_out, fan_in), torch.randn(rows, fan_out)
             flops = 2.0 * rows * fan_in * fan_out
             packed = pack_for_onednn(weight) if packing and rows >= 2 else None
+            kernel_packed = decode_linear.pack(weight) if rows <= decode_linear.MAX_ROWS else None
             seconds = min(_best_seconds(lambda: F.linear(x, weight)), _best_seconds(lambda: weight @ x.T),
                           _best_seconds(lambda: onednn_linear(x, weight)) if onednn else math.inf,
-                          _best_seconds(lambda: onednn_linear(x, packed)) if packed is not None else math.inf)
+                          _best_seconds(lambda: onednn_linear(x, packed)) if packed is not None else math.inf,
+                          _best_seconds(lambda: decode_linear.linear(x, kernel_packed))
+                          if kernel_packed is not None else math.inf)
             per_shape[f"{name} {fan_in}->{fan_out}"] = flops / seconds / 1e9
             total_flops, total_seconds = total_flops + count * flops, total_seconds + count * seconds
             if backward:

@@ -56,8 +56,8 @@ import torch
 from torch import Tensor, nn
 
 from rlhf import cpu_linear
-from rlhf.cpu_linear import (available_memory_bytes, memory_choice, onednn_linear, onednn_packing_usable,
-                              pack_for_onednn, routes_to_onednn)
+from rlhf.cpu_linear import (available_memory_bytes, memory_choice, onednn_packing_usable, pack_for_sampling,
+                              packed_linear, routes_to_onednn)
 from rlhf.kv_cache import ordinary_tensors
 
 # The architectures whose decoder layer is exactly norm -> attention (q/k/v, rotary, cache, o) ->
@@ -292,7 +292,7 @@ def _pack_folded(folds: list[_Fold]) -> tuple[Tensor, Tensor | None]:
                 lora_a, lora_b, scaling = fold.lora
                 torch.addmm(fold.base.weight, lora_b, lora_a, alpha=scaling, out=rows)
         bias = None if folds[0].base.bias is None else torch.cat([fold.base.bias for fold in folds])
-        return pack_for_onednn(merged), bias
+        return pack_for_sampling(merged), bias
 
 
 def _fusable(linears: list[nn.Linear | None]) -> bool:
@@ -314,7 +314,7 @@ def _fusable(linears: list[nn.Linear | None]) -> bool:
 
 def _pack(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
     with torch.no_grad():
-        weight = pack_for_onednn(torch.cat([layer.weight for layer in linears]))
+        weight = pack_for_sampling(torch.cat([layer.weight for layer in linears]))
         bias = None if linears[0].bias is None else torch.cat([layer.bias for layer in linears])
     return weight, bias
 
@@ -332,7 +332,7 @@ def _packed_by_inference_linears(linear: nn.Linear | None) -> tuple[Tensor, Tens
 def _packed_product(x: Tensor, packed: tuple[Tensor, Tensor | None],
                     lora: Callable[[Tensor, Tensor], Tensor] | None) -> Tensor:
     """A projection through its packed weight (and bias), then its LoRA term where one is unfolded."""
-    product = onednn_linear(x, *packed)
+    product = packed_linear(x, *packed)
     return product if lora is None else lora(x, product)
 
 
@@ -510,7 +510,7 @@ class SamplingForward:
             head_shape = (batch, length, -1, layer.attention.head_dim)
             together = fused and layer.rotate_together
             if fused and layer.qkv is not None:
-                qkv = onednn_linear(normed, *layer.qkv)
+                qkv = packed_linear(normed, *layer.qkv)
                 widths = [layer.q_width, layer.k_width, qkv.shape[-1] - layer.q_width - layer.k_width]
                 parts = qkv.split(widths, -1)
                 if together:  # views of the product: q and k are rotated from it below
@@ -551,7 +551,7 @@ class SamplingForward:
             hidden = hidden + attention_output
             normed = layer.post_attention_norm(hidden)
             if fused and layer.gate_up is not None:
-                gate, up = onednn_linear(normed, *layer.gate_up).split(layer.intermediate, -1)
+                gate, up = packed_linear(normed, *layer.gate_up).split(layer.intermediate, -1)
                 gate_lora, up_lora = layer.gate_up_lora
                 gate = gate.contiguous() if gate_lora is None else gate_lora(normed, gate)
                 up = up if up_lora is None else up_lora(normed, up)

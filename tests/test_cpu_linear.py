@@ -190,7 +190,7 @@ def test_sampling_packs_each_routed_weight_once_and_samples_the_same(tiny_model_
 
     monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
     packs = []
-    monkeypatch.setattr(models, "pack_for_onednn", lambda weight: packs.append(1) or cpu_linear.pack_for_onednn(weight))
+    monkeypatch.setattr(models, "pack_for_sampling", lambda weight: packs.append(1) or cpu_linear.pack_for_sampling(weight))
     model = load_base_model(str(tiny_model_dir)).eval()
     ids = torch.randint(0, 1000, (5, 7))
     attention = torch.ones_like(ids)
@@ -244,7 +244,7 @@ def test_strided_weights_and_replaced_weights_are_not_held(monkeypatch):
 
     monkeypatch.setattr(cpu_linear, "use_onednn", lambda: True)
     packs = []
-    monkeypatch.setattr(models, "pack_for_onednn", lambda weight: packs.append(1) or cpu_linear.pack_for_onednn(weight))
+    monkeypatch.setattr(models, "pack_for_sampling", lambda weight: packs.append(1) or cpu_linear.pack_for_sampling(weight))
     torch.manual_seed(0)
     layer = torch.nn.Linear(300, 777)
     layer.weight = torch.nn.Parameter(torch.randn(777, 600)[:, 150:450])  # column slice: row stride 600

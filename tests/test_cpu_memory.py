@@ -635,6 +635,7 @@ def test_available_memory_counts_the_cgroup_and_the_address_space_cap(monkeypatc
 
 @pytest.mark.parametrize("name, value, message", [
     ("RLHF_CPU_LINEAR", "mkl", "RLHF_CPU_LINEAR must be auto, onednn or blas, got 'mkl'"),
+    ("RLHF_CPU_DECODE_KERNEL", "on", "RLHF_CPU_DECODE_KERNEL must be auto or off, got 'on'"),
     (cpu_memory.ENV, "jemalloc", "RLHF_CPU_MALLOC must be auto, keep or default, got 'jemalloc'"),
     (cpu_memory.HUGE_PAGES_ENV, "always", "RLHF_CPU_HUGE_PAGES must be auto or off, got 'always'")])
 @pytest.mark.parametrize("script", ["evaluate.py", "train_dpo.py"])

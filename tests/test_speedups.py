@@ -1184,8 +1184,8 @@ def test_each_sampling_weight_copy_leaves_room_for_the_reserve(tiny_model_dir, m
             assert any(param is not weights.get(name) for name, param in sampler.named_parameters()) == folds
 
     packed = []
-    real_pack = models.pack_for_onednn
-    monkeypatch.setattr(models, "pack_for_onednn", lambda weight: packed.append(1) or real_pack(weight))
+    real_pack = models.pack_for_sampling
+    monkeypatch.setattr(models, "pack_for_sampling", lambda weight: packed.append(1) or real_pack(weight))
     base = policy.get_base_model()
     linears = [m for m in base.modules() if type(m) is torch.nn.Linear]
     linear_bytes = sum(m.weight.nbytes for m in linears)

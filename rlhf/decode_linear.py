@@ -1,0 +1,236 @@
+"""The sampler's float32 products for a few rows on AVX-512 CPUs, bitwise oneDNN's, at a higher rate.
+
+A decode step multiplies 16 rows (4 prompts x 4 samples) by every weight of the model once: a
+stream of the weights with 16 FMAs per weight. oneDNN's kernels, at that row count, read them far
+below the memory's rate: on the 2-core Xeon with AVX-512 and AMX (2026-12-07), the 121 products of
+a SmolLM2-135M decode step (538 MB of weights, packed for oneDNN) took 46-49 ms, 11 GB/s, where a
+plain read of the same weights in the same 121 calls takes 27 ms (20 GB/s). Hand-written here
+(``decode_linear.c``, 60 lines) since no library kernel does better at these rows (MKL's is slower
+still), and measured to pay: the same products 34-36 ms (three runs each, alternating), at 32
+rows 57 against 60 ms, from 64 rows on slower than oneDNN (which then takes over).
+
+Its sums are oneDNN's bitwise, so the sampler still draws from the numbers the update scores:
+oneDNN sums a product's inputs (K) in order with one FMA each, in segments of 512 (K up to 1024 on
+that machine) or 1024 (from K = 1536) summed from zero and then added in order, whatever the row
+count from 2 on. The kernel takes the segments as an argument, and ``onednn_segments`` finds the
+ones that give oneDNN's sums for each weight shape on this machine, once per process, by
+comparing both on random inputs; a shape none matches keeps oneDNN. A single row, where oneDNN
+takes another kernel, gets the sums of 2+ rows (those the update's products have).
+
+Used only where oneDNN takes the sampler's float32 products (``rlhf.cpu_linear.use_onednn``), the
+CPU has AVX-512F, a C compiler builds ``decode_linear.c`` (about a second, once per machine,
+into ``RLHF_CACHE_DIR``), and PyTorch's OpenMP runtime is libgomp, which the kernel's threads
+then share; anywhere else the products stay oneDNN's. ``RLHF_CPU_DECODE_KERNEL=off`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+ENV = "RLHF_CPU_DECODE_KERNEL"
+SOURCE = Path(__file__).with_name("decode_linear.c")
+FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC")
+# Output columns per packed block: one AVX-512 register of float32.
+BLOCK = 16
+# Most rows the kernel takes; more go to oneDNN through the weight unpacked. SmolLM2-135M's decode
+# products on the 2-core Xeon: 16 rows 35 vs 47 ms, 32 rows 57 vs 60, 64 rows 91 vs 85.
+MAX_ROWS = 32
+# Segment lengths tried, in order, for the one that gives oneDNN's sums (512 and 1024 seen).
+SEGMENT_CANDIDATES = (512, 1024, None, 256, 2048, 128, 4096, 64)  # None: K in one segment
+
+
+def kernel_choice() -> str:
+    """``RLHF_CPU_DECODE_KERNEL`` as read now: auto or off. A bad value stops the run (ConfigError)."""
+    choice = os.environ.get(ENV, "").strip().lower() or "auto"
+    if choice not in ("auto", "off"):
+        from rlhf.errors import ConfigError
+        raise ConfigError(f"{ENV} must be auto or off, got {choice!r}")
+    return choice
+
+
+def _cpu_has_avx512f() -> bool:
+    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return "avx512f" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
+
+
+def _mapped_openmp_runtimes() -> set[str]:
+    """Paths of the OpenMP runtimes (libgomp, libiomp, libomp) mapped into this process."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return set()
+    names = ("libgomp", "libiomp", "libomp")
+    return {line.split()[-1] for line in lines if any(name in line.rsplit("/", 1)[-1] for name in names)}
+
+
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+
+
+def _build() -> Path:
+    """The kernel's shared library, compiled into the cache on first use (keyed by source, flags and
+    compiler, so an edit or another compiler builds afresh). Raises OSError / CalledProcessError /
+    TimeoutExpired where it cannot be built."""
+    from rlhf.models import cache_root
+
+    compiler = _compiler()
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((compiler, FLAGS)).encode()).hexdigest()[:16]
+    for folder in (cache_root() / "kernels", Path(tempfile.gettempdir()) / f"rlhf-kernels-{os.getuid()}"):
+        target = folder / f"decode_linear-{key}.so"
+        if target.exists():
+            return target
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            partial = folder / f".{target.name}.{os.getpid()}"
+            subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True,
+                           capture_output=True, timeout=120)
+            os.replace(partial, target)  # whole or absent for another process building it too
+            return target
+        except PermissionError:
+            continue  # an unwritable cache: the temporary folder
+    raise OSError("no writable folder for the kernel")
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None where it is off or cannot run here (see the module docstring);
+    decided once per process."""
+    from rlhf.cpu_linear import use_onednn
+
+    if kernel_choice() == "off" or not _cpu_has_avx512f() or not use_onednn():
+        return None
+    runtimes = _mapped_openmp_runtimes()
+    # the kernel's OpenMP must be PyTorch's own libgomp, loaded already (the loader then binds the
+    # kernel's libgomp.so.1 to it): a second runtime would spin its own threads beside PyTorch's
+    if len(runtimes) != 1 or "libgomp" not in next(iter(runtimes)):
+        return None
+    try:
+        loaded = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if _mapped_openmp_runtimes() != runtimes:
+        return None
+    function = loaded.rlhf_decode_linear
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                         ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                         ctypes.c_int]
+    return loaded
+
+
+@dataclass(eq=False)
+class DecodePacked:
+    """A float32 weight [out, in] packed for the kernel: ``blocks`` [ceil(out / 16), in, 16] (zero
+    columns past ``out_features``), and the segments of ``in`` that give oneDNN's sums."""
+
+    blocks: Tensor
+    out_features: int
+    bounds: ctypes.Array
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks.dtype
+
+    @property
+    def in_features(self) -> int:
+        return self.blocks.shape[1]
+
+    def unpacked(self) -> Tensor:
+        """The weight [out, in] again (a copy)."""
+        plain = self.blocks.transpose(1, 2).reshape(-1, self.in_features)
+        return plain[:self.out_features].contiguous()
+
+
+def _segment_bounds(in_features: int, length: int | None) -> list[int]:
+    step = length or in_features
+    return [*range(0, in_features, step), in_features]
+
+
+def _as_array(bounds: list[int]) -> ctypes.Array:
+    return (ctypes.c_int * len(bounds))(*bounds)
+
+
+def _blocks(weight: Tensor) -> Tensor:
+    out_features, in_features = weight.shape
+    padding = -out_features % BLOCK
+    if padding:
+        weight = torch.cat([weight, weight.new_zeros(padding, in_features)])
+    return weight.view(-1, BLOCK, in_features).transpose(1, 2).contiguous()
+
+
+@functools.cache
+def onednn_segments(in_features: int, out_features: int) -> tuple[int, ...] | None:
+    """The segment bounds of ``in_features`` for which the kernel's sums equal oneDNN's bitwise at
+    this weight shape (with and without a bias, 2, 16 and 19 rows, random inputs), or None."""
+    from rlhf.cpu_linear import onednn_linear
+
+    if library() is None:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator)
+    inputs = [torch.randn(rows, in_features, generator=generator) for rows in (2, 16, 19)]
+    expected = [(onednn_linear(x, weight), onednn_linear(x, weight, bias)) for x in inputs]
+    blocks = _blocks(weight)
+    for length in SEGMENT_CANDIDATES:
+        bounds = _segment_bounds(in_features, length)
+        packed = DecodePacked(blocks, out_features, _as_array(bounds))
+        if all(torch.equal(linear(x, packed), plain) and torch.equal(linear(x, packed, bias), biased)
+               for x, (plain, biased) in zip(inputs, expected)):
+            return tuple(bounds)
+    return None
+
+
+def pack(weight: Tensor) -> DecodePacked | None:
+    """``weight`` [out, in] packed for the kernel, or None where the kernel does not run here or
+    does not give oneDNN's sums at this shape (the caller packs for oneDNN then)."""
+    if (weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu"
+            or library() is None):
+        return None
+    bounds = onednn_segments(*weight.shape[::-1])
+    if bounds is None:
+        return None
+    with torch.no_grad():
+        return DecodePacked(_blocks(weight.detach()), weight.shape[0], _as_array(list(bounds)))
+
+
+def linear(x: Tensor, packed: DecodePacked, bias: Tensor | None = None) -> Tensor:
+    """x W^T + b: x [..., in] float32, ``packed`` from ``pack`` -> [..., out]. No autograd.
+    More than MAX_ROWS rows go to oneDNN through the weight unpacked (the same sums)."""
+    from rlhf.cpu_linear import onednn_linear
+
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > MAX_ROWS:
+        return onednn_linear(x, packed.unpacked(), bias)
+    if rows.stride(-1) != 1 or rows.data_ptr() % 4:
+        rows = rows.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    out = x.new_empty(rows.shape[0], packed.out_features)
+    if rows.shape[0] and library().rlhf_decode_linear(
+            rows.data_ptr(), rows.stride(0), packed.blocks.data_ptr(), None if bias is None else bias.data_ptr(),
+            out.data_ptr(), out.stride(0), rows.shape[0], packed.in_features, packed.out_features,
+            ctypes.addressof(packed.bounds), len(packed.bounds) - 1, torch.get_num_threads()):
+        raise MemoryError("decode_linear: no memory for the transposed rows")
+    return out.view(*x.shape[:-1], packed.out_features)

@@ -1,0 +1,162 @@
+"""The decode kernel (rlhf.decode_linear) gives oneDNN's products bitwise, and keeps oneDNN wherever it cannot."""
+
+import pytest
+import torch
+
+from rlhf import cpu_linear, decode_linear
+from rlhf.errors import ConfigError
+
+needs_kernel = pytest.mark.skipif(decode_linear.library() is None,
+                                  reason="the decode kernel does not run here (no AVX-512F, oneDNN or C compiler)")
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """The kernel decided afresh (its choices are cached per process), built into an empty cache."""
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path))
+    decode_linear.library.cache_clear()
+    decode_linear.onednn_segments.cache_clear()
+    yield
+    decode_linear.library.cache_clear()
+    decode_linear.onednn_segments.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("outputs, inputs", [(960, 576), (576, 1536), (100, 576), (72, 1000), (257, 2048)])
+def test_its_products_are_onednns_bitwise_at_every_row_count_from_two(outputs, inputs):
+    """The sums of the plain weight through oneDNN (as the update multiplies), for 2 to 33 rows (33:
+    past MAX_ROWS, oneDNN through the weight unpacked), with and without a bias, rows of a 3-D
+    input and rows strided in memory (the LM head reads the last position of each sequence)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(outputs, inputs, generator=generator)
+    bias = torch.randn(outputs, generator=generator)
+    packed = decode_linear.pack(weight)
+    assert packed is not None and torch.equal(packed.unpacked(), weight)
+    for rows in (2, 3, 15, 16, 17, 31, 32, 33):
+        x = torch.randn(rows, inputs, generator=generator)
+        for with_bias in (None, bias):
+            expected = cpu_linear.onednn_linear(x, weight, with_bias)
+            assert torch.equal(decode_linear.linear(x, packed, with_bias), expected)
+    batch = torch.randn(4, 5, inputs, generator=generator)
+    last = batch[:, -1:, :]  # strided rows
+    expected = cpu_linear.onednn_linear(last.contiguous(), weight, bias)
+    assert torch.equal(decode_linear.linear(last, packed, bias), expected)
+    assert torch.equal(decode_linear.linear(batch, packed), cpu_linear.onednn_linear(batch, weight))
+    assert decode_linear.linear(batch[:0], packed).shape == (0, 5, outputs)
+
+
+@needs_kernel
+def test_a_single_row_gets_the_sums_two_rows_get():
+    """oneDNN multiplies one row through another kernel (other rounding); the kernel gives it the
+    sums of 2+ rows, those the update's products have."""
+    generator = torch.Generator().manual_seed(1)
+    weight, x = torch.randn(576, 1536, generator=generator), torch.randn(2, 1536, generator=generator)
+    packed = decode_linear.pack(weight)
+    assert torch.equal(decode_linear.linear(x[:1], packed), cpu_linear.onednn_linear(x, weight)[:1])
+
+
+@needs_kernel
+def test_sampling_packs_for_it_and_packed_linear_runs_it():
+    weight = torch.randn(192, 576)
+    packed = cpu_linear.pack_for_sampling(weight)
+    assert isinstance(packed, decode_linear.DecodePacked)
+    x = torch.randn(16, 576)
+    assert torch.equal(cpu_linear.packed_linear(x, packed), cpu_linear.onednn_linear(x, weight))
+    # not float32: oneDNN's packing as before
+    assert isinstance(cpu_linear.pack_for_sampling(weight.bfloat16()), torch.Tensor)
+
+
+@needs_kernel
+def test_a_shape_whose_sums_no_segments_match_keeps_onednn(monkeypatch, fresh_kernel):
+    monkeypatch.setattr(decode_linear, "SEGMENT_CANDIDATES", (7,))
+    weight = torch.randn(192, 576)
+    assert decode_linear.onednn_segments(576, 192) is None and decode_linear.pack(weight) is None
+    packed = cpu_linear.pack_for_sampling(weight)
+    assert isinstance(packed, torch.Tensor)
+    x = torch.randn(16, 576)
+    assert torch.equal(cpu_linear.packed_linear(x, packed), cpu_linear.onednn_linear(x, weight))
+
+
+@needs_kernel
+def test_it_is_built_into_the_cache_once(fresh_kernel, tmp_path):
+    assert decode_linear.library() is not None
+    built = list((tmp_path / "kernels").glob("decode_linear-*.so"))
+    assert len(built) == 1 and not list((tmp_path / "kernels").glob(".*"))
+    stamp = built[0].stat().st_mtime_ns
+    decode_linear.library.cache_clear()
+    assert decode_linear.library() is not None and built[0].stat().st_mtime_ns == stamp
+
+
+def test_without_a_compiler_sampling_keeps_onednn(monkeypatch, fresh_kernel):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert decode_linear.library() is None
+    weight = torch.randn(192, 576)
+    assert decode_linear.pack(weight) is None
+    if cpu_linear.onednn_packing_usable():
+        packed = cpu_linear.pack_for_sampling(weight)
+        x = torch.randn(16, 576)
+        assert isinstance(packed, torch.Tensor)
+        assert torch.equal(cpu_linear.packed_linear(x, packed), cpu_linear.onednn_linear(x, weight))
+
+
+def test_a_compiler_that_fails_keeps_onednn(monkeypatch, fresh_kernel, tmp_path):
+    failing = tmp_path / "cc"
+    failing.write_text("#!/bin/sh\necho 'cc: error' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    assert decode_linear.library() is None
+
+
+def test_the_switch_turns_it_off_and_a_bad_value_stops_in_one_line(monkeypatch, fresh_kernel):
+    monkeypatch.setenv(decode_linear.ENV, "off")
+    assert decode_linear.library() is None and decode_linear.pack(torch.randn(192, 576)) is None
+    monkeypatch.setenv(decode_linear.ENV, "fast")
+    with pytest.raises(ConfigError, match="RLHF_CPU_DECODE_KERNEL must be auto or off, got 'fast'"):
+        cpu_linear.check_cpu_settings()
+
+
+@needs_kernel
+def test_the_sampler_draws_the_same_tokens_and_logprobs_with_it_and_without(monkeypatch):
+    """A Llama whose layers go to oneDNN (>= 2**16 weights), LoRA folded into the sampler's packed
+    weights, 6 rows sampled 10 tokens: the same tokens and logprobs as with oneDNN's packed
+    weights, and the kernel ran for the decode steps."""
+    import transformers
+
+    from rlhf.models import add_lora
+    from rlhf.rollout import sample_responses, sampling_speedups
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    policy = add_lora(transformers.LlamaForCausalLM(config), 4, 8, 0.0,
+                      ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]).eval()
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(1)).repeat_interleave(3, 0)
+    mask = torch.ones_like(ids)
+    calls = []
+    real_linear = decode_linear.linear
+    monkeypatch.setattr(decode_linear, "linear", lambda *args: calls.append(args[0].shape) or real_linear(*args))
+    draws = []
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(decode_linear, "pack", lambda weight: None)
+        with sampling_speedups(policy, columns=ids.shape[1] + 10) as (sampler, fast):
+            torch.manual_seed(5)
+            draws.append(sample_responses(sampler, ids, mask, max_new_tokens=10, temperature=0.9, top_p=0.95,
+                                          eos_token_ids=[], pad_token_id=0, share_prompt_prefix=True,
+                                          fast_forward=fast))
+        if kernel:
+            assert fast is not None and any(shape[0] == 6 for shape in calls)  # decode steps: 6 rows
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+
+
+def test_the_benchmark_table_says_whether_ours_decoded_through_it():
+    from rlhf.benchmark_report import decode_kernel_note
+
+    assert "AVX-512 kernel" in decode_kernel_note({"decode_kernel": "on"})[0]
+    assert "not through the decode kernel" in decode_kernel_note({"decode_kernel": "off"})[0]
+    assert "differed" in decode_kernel_note({"decode_kernel": "off, on"})[0]
+    assert decode_kernel_note({}) == []
