@@ -675,7 +675,8 @@ def through_link(path: Path) -> Path:
 
 def check_inputs(config: BenchmarkConfig) -> Path | None:
     """Refuse, in one line and before anything runs or is written, what would otherwise fail in
-    every system's process: an --out that cannot take the results, a bad RLHF_CPU_LINEAR, a model
+    every system's process: an --out that cannot take the results, a bad RLHF_CPU_LINEAR or
+    RLHF_CPU_DECODE_KERNEL, a model
     whose config does not load, a response length beyond the model's positions (``run_sweep``
     refuses a model the roofline cannot count). Then --out's folder exists (--profile writes there
     while running);
@@ -685,6 +686,7 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
 
     from rlhf.config import RLConfig
     from rlhf.cpu_linear import use_onednn
+    from rlhf.decode_linear import kernel_choice
     from rlhf.learning_race import holds_another_folder, runs_dir, unmatched_race_runs
 
     out = Path(config.out)
@@ -737,6 +739,7 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
     if not existing.is_dir():
         raise ConfigError(f"--out {out}: {existing} is a file, not a folder")
     use_onednn()  # a bad RLHF_CPU_LINEAR
+    kernel_choice()  # a bad RLHF_CPU_DECODE_KERNEL
     # the prompt budget every system's run gets (ours_config leaves RLConfig's default)
     prompt_budget = next(f.default for f in dataclasses.fields(RLConfig) if f.name == "max_prompt_length")
     longest = max([*config.sweep_lengths, *([config.max_new_tokens] if config.grow else [])])

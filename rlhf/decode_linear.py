@@ -1,13 +1,15 @@
-"""The sampler's float32 products for a few rows on AVX-512 CPUs, bitwise oneDNN's, at a higher rate.
+"""The sampler's float32 products on AVX-512 CPUs, bitwise oneDNN's, faster at a decode step's rows.
 
 A decode step multiplies 16 rows (4 prompts x 4 samples) by every weight of the model once: a
 stream of the weights with 16 FMAs per weight. oneDNN's kernels, at that row count, read them far
 below the memory's rate: on the 2-core Xeon with AVX-512 and AMX (2026-12-07), the 121 products of
-a SmolLM2-135M decode step (538 MB of weights, packed for oneDNN) took 46-49 ms, 11 GB/s, where a
-plain read of the same weights in the same 121 calls takes 27 ms (20 GB/s). Hand-written here
-(``decode_linear.c``, 60 lines) since no library kernel does better at these rows (MKL's is slower
-still), and measured to pay: the same products 34-36 ms (three runs each, alternating), at 32
-rows 57 against 60 ms, from 64 rows on slower than oneDNN (which then takes over).
+a SmolLM2-135M decode step (538 MB of weights, packed for oneDNN) took 41-44 ms, 13 GB/s, where a
+plain read of the same weights in the same 121 calls takes about 27 ms (20 GB/s). Hand-written
+here (``decode_linear.c``, about 90 lines) since no library kernel does better at these rows
+(MKL's is slower still), and measured to pay: the same products 32-33 ms (three runs each,
+alternating), 23 against 28 ms at 2 rows, 49 against 58 at 32, 109-111 against 115-118 at 128; a
+prefill of 384 rows takes about 1.1x oneDNN's time (302 against 270-280 ms for the layers), once
+per rollout, so the sampler takes the kernel at every row count rather than hold a second copy.
 
 Its sums are oneDNN's bitwise, so the sampler still draws from the numbers the update scores:
 oneDNN sums a product's inputs (K) in order with one FMA each, in segments of 512 (K up to 1024 on
@@ -46,9 +48,6 @@ SOURCE = Path(__file__).with_name("decode_linear.c")
 FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC")
 # Output columns per packed block: one AVX-512 register of float32.
 BLOCK = 16
-# Most rows the kernel takes; more go to oneDNN through the weight unpacked. SmolLM2-135M's decode
-# products on the 2-core Xeon: 16 rows 35 vs 47 ms, 32 rows 57 vs 60, 64 rows 91 vs 85.
-MAX_ROWS = 32
 # Segment lengths tried, in order, for the one that gives oneDNN's sums (512 and 1024 seen).
 SEGMENT_CANDIDATES = (512, 1024, None, 256, 2048, 128, 4096, 64)  # None: K in one segment
 
@@ -156,11 +155,6 @@ class DecodePacked:
     def in_features(self) -> int:
         return self.blocks.shape[1]
 
-    def unpacked(self) -> Tensor:
-        """The weight [out, in] again (a copy)."""
-        plain = self.blocks.transpose(1, 2).reshape(-1, self.in_features)
-        return plain[:self.out_features].contiguous()
-
 
 def _segment_bounds(in_features: int, length: int | None) -> list[int]:
     step = length or in_features
@@ -216,14 +210,9 @@ def pack(weight: Tensor) -> DecodePacked | None:
 
 
 def linear(x: Tensor, packed: DecodePacked, bias: Tensor | None = None) -> Tensor:
-    """x W^T + b: x [..., in] float32, ``packed`` from ``pack`` -> [..., out]. No autograd.
-    More than MAX_ROWS rows go to oneDNN through the weight unpacked (the same sums)."""
-    from rlhf.cpu_linear import onednn_linear
-
+    """x W^T + b: x [..., in] float32, ``packed`` from ``pack`` -> [..., out]. No autograd."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > MAX_ROWS:
-        return onednn_linear(x, packed.unpacked(), bias)
-    if rows.stride(-1) != 1 or rows.data_ptr() % 4:
+    if rows.stride(-1) != 1:
         rows = rows.contiguous()
     if bias is not None:
         bias = bias.contiguous()

@@ -308,7 +308,7 @@ def gemm_rates(model: ModelShape, rows: int, backward: bool) -> dict[str, Any]:
 
     Forward ``F.linear(x, W)``, the same product as ``(W @ x^T)^T`` (faster on some BLAS at small
     M) and through oneDNN where this torch has it (rlhf.cpu_linear), with the weight as it is and
-    packed into oneDNN's layout, and for a few rows through the decode kernel where it runs
+    packed into oneDNN's layout, and through the sampler's kernel where it runs
     (rlhf.decode_linear); the fastest counts: a bound is what the machine can do.
     ``backward``: also the input gradient ``g @ W`` of every shape, as an update runs it, on BLAS
     and oneDNN (with ``W^T`` as a strided view, as a contiguous copy and packed)."""
@@ -329,7 +329,7 @@ def gemm_rates(model: ModelShape, rows: int, backward: bool) -> dict[str, Any]:
             x, weight, grad = torch.randn(rows, fan_in), torch.randn(fan_out, fan_in), torch.randn(rows, fan_out)
             flops = 2.0 * rows * fan_in * fan_out
             packed = pack_for_onednn(weight) if packing and rows >= 2 else None
-            kernel_packed = decode_linear.pack(weight) if rows <= decode_linear.MAX_ROWS else None
+            kernel_packed = decode_linear.pack(weight) if rows >= 2 else None
             seconds = min(_best_seconds(lambda: F.linear(x, weight)), _best_seconds(lambda: weight @ x.T),
                           _best_seconds(lambda: onednn_linear(x, weight)) if onednn else math.inf,
                           _best_seconds(lambda: onednn_linear(x, packed)) if packed is not None else math.inf,

@@ -76,6 +76,9 @@ def test_what_would_fail_in_every_system_is_refused_up_front(tmp_path, tiny_mode
     finally:
         monkeypatch.delenv("RLHF_CPU_LINEAR")
         use_onednn.cache_clear()
+    monkeypatch.setenv("RLHF_CPU_DECODE_KERNEL", "fast")
+    with pytest.raises(ConfigError, match="RLHF_CPU_DECODE_KERNEL must be auto or off, got 'fast'"):
+        check_inputs(_config(tmp_path, model=str(tiny_model_dir)))
 
 
 def test_a_bad_model_keeps_the_earlier_results_and_exits_2_in_one_line(tmp_path, run_here):

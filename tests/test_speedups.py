@@ -607,15 +607,19 @@ def test_inference_linears_sample_the_same_tokens_and_are_put_back(tiny_model_di
     path, and so do wide inputs on BLAS; exit restores the layers."""
     import torch
 
-    from rlhf import cpu_linear
+    from rlhf import cpu_linear, decode_linear
     from rlhf.models import WEIGHT_MAJOR_MAX_ROWS, inference_linears, load_base_model
     from rlhf.rollout import sample_responses
 
     monkeypatch.setattr(cpu_linear, "use_onednn", lambda: onednn)
+    cpu_linear.onednn_packing_usable()  # its probe (once per process) is not a routed product
     routed = []
     monkeypatch.setattr(cpu_linear, "onednn_linear",
                         lambda *args, _real=cpu_linear.onednn_linear: routed.append(1) or _real(*args))
     monkeypatch.setattr("rlhf.models.onednn_linear", cpu_linear.onednn_linear)
+    # the sampler's packed weights may take the decode kernel instead: oneDNN's sums (rlhf.decode_linear)
+    monkeypatch.setattr(decode_linear, "linear",
+                        lambda *args, _real=decode_linear.linear: routed.append(1) or _real(*args))
     model = load_base_model(str(tiny_model_dir)).eval()
     ids = torch.randint(0, 1000, (5, 7))
     attention = torch.ones_like(ids)
