@@ -95,19 +95,26 @@ def _build() -> Path:
 
     compiler = _compiler()
     key = hashlib.sha256(SOURCE.read_bytes() + repr((compiler, FLAGS)).encode()).hexdigest()[:16]
-    for folder in (cache_root() / "kernels", Path(tempfile.gettempdir()) / f"rlhf-kernels-{os.getuid()}"):
-        target = folder / f"decode_linear-{key}.so"
-        if target.exists():
-            return target
+    folders = (cache_root() / "kernels", Path(tempfile.gettempdir()) / f"rlhf-kernels-{os.getuid()}")
+    for folder in folders:
+        if (folder / f"decode_linear-{key}.so").exists():
+            return folder / f"decode_linear-{key}.so"
+    for folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            partial = folder / f".{target.name}.{os.getpid()}"
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".decode_linear-"):
+                pass
+        except OSError:
+            continue  # an unwritable cache (read-only, not ours): the temporary folder
+        target = folder / f"decode_linear-{key}.so"
+        partial = folder / f".{target.name}.{os.getpid()}"
+        try:
             subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True,
                            capture_output=True, timeout=120)
             os.replace(partial, target)  # whole or absent for another process building it too
-            return target
-        except PermissionError:
-            continue  # an unwritable cache: the temporary folder
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
     raise OSError("no writable folder for the kernel")
 
 

@@ -99,12 +99,26 @@ def test_without_a_compiler_sampling_keeps_onednn(monkeypatch, fresh_kernel):
         assert torch.equal(cpu_linear.packed_linear(x, packed), cpu_linear.onednn_linear(x, weight))
 
 
-def test_a_compiler_that_fails_keeps_onednn(monkeypatch, fresh_kernel, tmp_path):
+def test_a_compiler_that_fails_keeps_onednn_and_leaves_nothing(monkeypatch, fresh_kernel, tmp_path):
     failing = tmp_path / "cc"
-    failing.write_text("#!/bin/sh\necho 'cc: error' >&2\nexit 1\n")
+    failing.write_text("#!/bin/sh\nfor last; do :; done; echo partial > \"$last\"; echo 'cc: error' >&2; exit 1\n")
     failing.chmod(0o755)
     monkeypatch.setenv("CC", str(failing))
     assert decode_linear.library() is None
+    assert list((tmp_path / "kernels").iterdir()) == []
+
+
+@needs_kernel
+def test_an_unwritable_cache_builds_it_in_the_temporary_folder(monkeypatch, fresh_kernel, tmp_path):
+    import tempfile
+
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("")
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(blocked))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert decode_linear.library() is not None
+    assert len(list((tmp_path / "tmp").glob("rlhf-kernels-*/decode_linear-*.so"))) == 1
 
 
 def test_the_switch_turns_it_off_and_a_bad_value_stops_in_one_line(monkeypatch, fresh_kernel):
