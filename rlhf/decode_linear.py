@@ -33,6 +33,7 @@ import hashlib
 import os
 import platform
 import shlex
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -87,6 +88,17 @@ def _compiler() -> list[str]:
     return shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
 
 
+def _private(folder: Path) -> bool:
+    """Whether ``folder`` is a folder (not a link) of this user's that no one else can write into.
+    The temporary folder is shared by the machine's users: a library another user placed in
+    ``rlhf-kernels-<uid>`` there would otherwise be loaded into this process."""
+    try:
+        info = folder.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
 def _build() -> Path:
     """The kernel's shared library, compiled into the cache on first use (keyed by source, flags and
     compiler, so an edit or another compiler builds afresh). Raises OSError / CalledProcessError /
@@ -95,13 +107,15 @@ def _build() -> Path:
 
     compiler = _compiler()
     key = hashlib.sha256(SOURCE.read_bytes() + repr((compiler, FLAGS)).encode()).hexdigest()[:16]
-    folders = (cache_root() / "kernels", Path(tempfile.gettempdir()) / f"rlhf-kernels-{os.getuid()}")
-    for folder in folders:
-        if (folder / f"decode_linear-{key}.so").exists():
+    cache, shared = cache_root() / "kernels", Path(tempfile.gettempdir()) / f"rlhf-kernels-{os.getuid()}"
+    for folder in (cache, shared):
+        if (folder / f"decode_linear-{key}.so").exists() and (folder is cache or _private(shared)):
             return folder / f"decode_linear-{key}.so"
-    for folder in folders:
+    for folder in (cache, shared):
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700 if folder is shared else 0o777, parents=True, exist_ok=True)
+            if folder is shared and not _private(shared):
+                continue
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".decode_linear-"):
                 pass
         except OSError:

@@ -1,5 +1,7 @@
 """The decode kernel (rlhf.decode_linear) gives oneDNN's products bitwise, and keeps oneDNN wherever it cannot."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -174,3 +176,40 @@ def test_the_benchmark_table_says_whether_ours_decoded_through_it():
     assert "not through the decode kernel" in decode_kernel_note({"decode_kernel": "off"})[0]
     assert "differed" in decode_kernel_note({"decode_kernel": "off, on"})[0]
     assert decode_kernel_note({}) == []
+
+
+@needs_kernel
+def test_a_temporary_folder_others_can_write_into_is_not_trusted(monkeypatch, fresh_kernel, tmp_path):
+    """The temporary folder is shared: a library planted in ``rlhf-kernels-<uid>`` by another user
+    (a folder others can write into, or one they own) must not be loaded into this process."""
+    import hashlib
+    import os
+    import subprocess
+    import tempfile
+
+    shared_tmp = tmp_path / "tmp"
+    shared_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(shared_tmp))
+    marker = tmp_path / "planted_was_loaded"
+    planted_source = tmp_path / "planted.c"
+    planted_source.write_text(
+        '#include <stdio.h>\n__attribute__((constructor)) static void planted(void) {\n'
+        f'    FILE *f = fopen("{marker}", "w"); if (f) fclose(f);\n}}\n'
+        'int rlhf_decode_linear(void) { return 0; }\n')
+    folder = shared_tmp / f"rlhf-kernels-{os.getuid()}"
+    folder.mkdir()
+    folder.chmod(0o777)
+    key = hashlib.sha256(decode_linear.SOURCE.read_bytes()
+                         + repr((decode_linear._compiler(), decode_linear.FLAGS)).encode()).hexdigest()[:16]
+    key_name = f"decode_linear-{key}.so"
+    subprocess.run([*decode_linear._compiler(), "-shared", "-fPIC", str(planted_source), "-o", str(folder / key_name)],
+                   check=True)
+    loaded = decode_linear.library()
+    assert not marker.exists()
+    assert loaded is not None and Path(loaded._name) == tmp_path / "kernels" / key_name
+    if os.getuid() == 0:  # a folder of another user's, however private
+        decode_linear.library.cache_clear()
+        (tmp_path / "kernels" / key_name).unlink()
+        folder.chmod(0o700)
+        os.chown(folder, 65534, 65534)
+        assert decode_linear.library() is not None and not marker.exists()
