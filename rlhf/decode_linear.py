@@ -194,27 +194,50 @@ def _blocks(weight: Tensor) -> Tensor:
     return weight.view(-1, BLOCK, in_features).transpose(1, 2).contiguous()
 
 
-@functools.cache
-def onednn_segments(in_features: int, out_features: int) -> tuple[int, ...] | None:
-    """The segment bounds of ``in_features`` for which the kernel's sums equal oneDNN's bitwise at
-    this weight shape (with and without a bias, 2, 16 and 19 rows, random inputs), or None."""
+# (in, out) -> the segment bounds found for that weight shape, or None: none matched
+_segments_by_shape: dict[tuple[int, int], tuple[int, ...] | None] = {}
+
+
+def forget_segments() -> None:
+    """Probe every weight shape afresh (tests)."""
+    _segments_by_shape.clear()
+
+
+def onednn_segments(weight: Tensor, blocks: Tensor) -> tuple[int, ...] | None:
+    """The segment bounds of the inputs for which the kernel's sums through ``blocks`` (``weight``
+    packed) equal oneDNN's through ``weight`` bitwise, or None; probed once per weight shape and
+    process, on the weight itself (no second weight of its size in memory; oneDNN's reorder inside
+    the product is the only transient copy), with random inputs of 2 and 19 rows, with and without
+    a bias, at this process's thread count, one thread and one per core: oneDNN splits the inputs
+    of a weight with very few outputs and very many inputs (such as 32 x 32768) across threads,
+    and a sum that changes with the thread count matches no segments (a reviewer's probe at one
+    thread had matched, then differed at two)."""
     from rlhf.cpu_linear import onednn_linear
 
-    if library() is None:
-        return None
+    shape = (weight.shape[1], weight.shape[0])
+    if shape in _segments_by_shape:
+        return _segments_by_shape[shape]
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(out_features, in_features, generator=generator)
-    bias = torch.randn(out_features, generator=generator)
-    inputs = [torch.randn(rows, in_features, generator=generator) for rows in (2, 16, 19)]
-    expected = [(onednn_linear(x, weight), onednn_linear(x, weight, bias)) for x in inputs]
-    blocks = _blocks(weight)
+    inputs = [torch.randn(rows, shape[0], generator=generator) for rows in (2, 19)]
+    bias = torch.randn(shape[1], generator=generator)
+    threads = torch.get_num_threads()
+    expected = [(x, None, onednn_linear(x, weight)) for x in inputs]
+    expected.append((inputs[1], bias, onednn_linear(inputs[1], weight, bias)))
+    try:
+        for other in sorted({1, os.cpu_count() or 1} - {threads}):
+            torch.set_num_threads(other)
+            expected += [(x, None, onednn_linear(x, weight)) for x in inputs]
+    finally:
+        torch.set_num_threads(threads)
+    found = None
     for length in SEGMENT_CANDIDATES:
-        bounds = _segment_bounds(in_features, length)
-        packed = DecodePacked(blocks, out_features, _as_array(bounds))
-        if all(torch.equal(linear(x, packed), plain) and torch.equal(linear(x, packed, bias), biased)
-               for x, (plain, biased) in zip(inputs, expected)):
-            return tuple(bounds)
-    return None
+        bounds = _segment_bounds(shape[0], length)
+        packed = DecodePacked(blocks, shape[1], _as_array(bounds))
+        if all(torch.equal(linear(x, packed, with_bias), sums) for x, with_bias, sums in expected):
+            found = tuple(bounds)
+            break
+    _segments_by_shape[shape] = found
+    return found
 
 
 def pack(weight: Tensor) -> DecodePacked | None:
@@ -223,11 +246,11 @@ def pack(weight: Tensor) -> DecodePacked | None:
     if (weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu"
             or library() is None):
         return None
-    bounds = onednn_segments(*weight.shape[::-1])
-    if bounds is None:
-        return None
     with torch.no_grad():
-        return DecodePacked(_blocks(weight.detach()), weight.shape[0], _as_array(list(bounds)))
+        weight = weight.detach()
+        blocks = _blocks(weight)
+        bounds = onednn_segments(weight, blocks)
+        return None if bounds is None else DecodePacked(blocks, weight.shape[0], _as_array(list(bounds)))
 
 
 def linear(x: Tensor, packed: DecodePacked, bias: Tensor | None = None) -> Tensor:

@@ -17,10 +17,10 @@ def fresh_kernel(monkeypatch, tmp_path):
     """The kernel decided afresh (its choices are cached per process), built into an empty cache."""
     monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path))
     decode_linear.library.cache_clear()
-    decode_linear.onednn_segments.cache_clear()
+    decode_linear.forget_segments()
     yield
     decode_linear.library.cache_clear()
-    decode_linear.onednn_segments.cache_clear()
+    decode_linear.forget_segments()
 
 
 @needs_kernel
@@ -48,6 +48,29 @@ def test_its_products_are_onednns_bitwise_at_every_row_count_from_two(outputs, i
 
 
 @needs_kernel
+def test_a_shape_whose_onednn_sums_move_with_the_thread_count_is_packed_only_where_they_match(fresh_kernel):
+    """oneDNN splits the inputs of a weight with few outputs and very many inputs across threads
+    (a reviewer's 32 x 32768): a kernel packed while the process ran one thread must still give
+    oneDNN's sums at every thread count, or keep oneDNN (before: probed at one thread, it differed
+    at two)."""
+    import os
+
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(32, 32768, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        packed = decode_linear.pack(weight)
+        for count in sorted({1, os.cpu_count() or 1, threads}):
+            torch.set_num_threads(count)
+            for rows in (2, 5, 16):
+                x = torch.randn(rows, 32768, generator=generator)
+                assert packed is None or torch.equal(decode_linear.linear(x, packed), cpu_linear.onednn_linear(x, weight))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
 def test_a_single_row_gets_the_sums_two_rows_get():
     """oneDNN multiplies one row through another kernel (other rounding); the kernel gives it the
     sums of 2+ rows, those the update's products have."""
@@ -72,7 +95,7 @@ def test_sampling_packs_for_it_and_packed_linear_runs_it():
 def test_a_shape_whose_sums_no_segments_match_keeps_onednn(monkeypatch, fresh_kernel):
     monkeypatch.setattr(decode_linear, "SEGMENT_CANDIDATES", (7,))
     weight = torch.randn(192, 576)
-    assert decode_linear.onednn_segments(576, 192) is None and decode_linear.pack(weight) is None
+    assert decode_linear.pack(weight) is None
     packed = cpu_linear.pack_for_sampling(weight)
     assert isinstance(packed, torch.Tensor)
     x = torch.randn(16, 576)
