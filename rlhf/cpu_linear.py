@@ -260,9 +260,10 @@ def cpu_capability() -> str:
 def check_cpu_settings() -> None:
     """Stop on a bad ``RLHF_CPU_LINEAR``, ``RLHF_CPU_DECODE_KERNEL``, ``RLHF_CPU_MALLOC`` or
     ``RLHF_CPU_HUGE_PAGES`` (ConfigError: one line, exit 2) before a command loads anything or
-    writes its output, on any device: each is otherwise read only where the CPU path first needs it (until 2026-12-07 ``evaluate.py`` ignored a
-    bad ``RLHF_CPU_MALLOC`` and stopped on a bad ``RLHF_CPU_LINEAR`` mid-sampling, and ``train_dpo.py``
-    ignored a bad ``RLHF_CPU_LINEAR`` and read the malloc choice after building TRL's trainer)."""
+    writes its output, on any device: each is otherwise read only where the CPU path first needs it
+    (until 2026-12-07 ``evaluate.py`` ignored a bad ``RLHF_CPU_MALLOC`` and stopped on a bad
+    ``RLHF_CPU_LINEAR`` mid-sampling, and ``train_dpo.py`` ignored a bad ``RLHF_CPU_LINEAR`` and read
+    the malloc choice after building TRL's trainer)."""
     from rlhf.cpu_memory import malloc_choice
     from rlhf.decode_linear import kernel_choice
 

@@ -14,9 +14,10 @@ per rollout, so the sampler takes the kernel at every row count rather than hold
 Its sums are oneDNN's bitwise, so the sampler still draws from the numbers the update scores:
 oneDNN sums a product's inputs (K) in order with one FMA each, in segments of 512 (K up to 1024 on
 that machine) or 1024 (from K = 1536) summed from zero and then added in order, whatever the row
-count from 2 on. The kernel takes the segments as an argument, and ``onednn_segments`` finds the
-ones that give oneDNN's sums for each weight shape on this machine, once per process, by
-comparing both on random inputs; a shape none matches keeps oneDNN. A single row, where oneDNN
+count from 2 on (for all but weights with very few outputs and very many inputs, whose inputs it
+splits across threads). The kernel takes the segments as an argument, and ``onednn_segments``
+finds the ones that give oneDNN's sums for each weight shape on this machine, once per process,
+by comparing both on random inputs; a shape none matches keeps oneDNN. A single row, where oneDNN
 takes another kernel, gets the sums of 2+ rows (those the update's products have).
 
 Used only where oneDNN takes the sampler's float32 products (``rlhf.cpu_linear.use_onednn``), the
@@ -208,7 +209,7 @@ def onednn_segments(weight: Tensor, blocks: Tensor) -> tuple[int, ...] | None:
     packed) equal oneDNN's through ``weight`` bitwise, or None; probed once per weight shape and
     process, on the weight itself (no second weight of its size in memory; oneDNN's reorder inside
     the product is the only transient copy), with random inputs of 2 and 19 rows, with and without
-    a bias, at this process's thread count, one thread and one per core: oneDNN splits the inputs
+    a bias, at this process's thread count, one thread and one per core (``_cores``): oneDNN splits the inputs
     of a weight with very few outputs and very many inputs (such as 32 x 32768) across threads,
     and a sum that changes with the thread count matches no segments (a reviewer's probe at one
     thread had matched, then differed at two)."""
@@ -224,20 +225,29 @@ def onednn_segments(weight: Tensor, blocks: Tensor) -> tuple[int, ...] | None:
     expected = [(x, None, onednn_linear(x, weight)) for x in inputs]
     expected.append((inputs[1], bias, onednn_linear(inputs[1], weight, bias)))
     try:
-        for other in sorted({1, os.cpu_count() or 1} - {threads}):
+        for other in sorted({1, _cores()} - {threads}):
             torch.set_num_threads(other)
             expected += [(x, None, onednn_linear(x, weight)) for x in inputs]
     finally:
         torch.set_num_threads(threads)
-    found = None
-    for length in SEGMENT_CANDIDATES:
-        bounds = _segment_bounds(shape[0], length)
-        packed = DecodePacked(blocks, shape[1], _as_array(bounds))
-        if all(torch.equal(linear(x, packed, with_bias), sums) for x, with_bias, sums in expected):
-            found = tuple(bounds)
-            break
-    _segments_by_shape[shape] = found
-    return found
+    candidates = dict.fromkeys(tuple(_segment_bounds(shape[0], length)) for length in SEGMENT_CANDIDATES)
+    matching = [bounds for bounds in candidates
+                if all(torch.equal(linear(x, DecodePacked(blocks, shape[1], _as_array(list(bounds))), with_bias), sums)
+                       for x, with_bias, sums in expected)]
+    if len(matching) > 1:
+        # a weight whose sums come out exact in several orders (zeros, a few distinct small values)
+        # tells nothing about the order: this one keeps oneDNN, the next of its shape probes again
+        return None
+    _segments_by_shape[shape] = matching[0] if matching else None
+    return _segments_by_shape[shape]
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def pack(weight: Tensor) -> DecodePacked | None:
