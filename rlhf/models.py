@@ -742,7 +742,8 @@ def inference_linears(model: nn.Module, reserve_bytes: int = 0) -> Iterator[nn.M
     (SmolLM2-135M's layer shapes at 16 rows: 29.0 -> 19.8 ms on two threads; bitwise equal to
     F.linear at 1, 16 and 64 rows); else ``F.linear``. Decoding is the few-rows case.
 
-    oneDNN layers take their contiguous weight packed into oneDNN's layout on first use (or when
+    oneDNN layers take their contiguous weight packed into oneDNN's layout (or, float32 where it
+    runs, the decode kernel's: ``rlhf.decode_linear``, oneDNN's sums) on first use (or when
     ``rlhf.sampling_forward`` is built, which calls o's and down's packed weights directly)
     (``pack_for_onednn``: the same products for 2+ rows; a decode step's linears 56 -> 36 ms),
     held until exit and made again when the weight is replaced or changed by a tracked in-place
