@@ -20,10 +20,11 @@ finds the ones that give oneDNN's sums for each weight shape on this machine, on
 by comparing both on random inputs; a shape none matches keeps oneDNN. A single row, where oneDNN
 takes another kernel, gets the sums of 2+ rows (those the update's products have).
 
-Used only where oneDNN takes the sampler's float32 products (``rlhf.cpu_linear.use_onednn``), the
-CPU has AVX-512F, a C compiler builds ``decode_linear.c`` (about a second, once per machine,
-into ``RLHF_CACHE_DIR``), and PyTorch's OpenMP runtime is libgomp, which the kernel's threads
-then share; anywhere else the products stay oneDNN's. ``RLHF_CPU_DECODE_KERNEL=off`` turns it off.
+Used only where oneDNN takes the sampler's float32 products (``rlhf.cpu_linear.use_onednn``),
+PyTorch runs its AVX-512 kernels (``cpu_capability``: AVX-512F and more), a C compiler builds
+``decode_linear.c`` (about a second, once per machine, into ``RLHF_CACHE_DIR``), and PyTorch's
+OpenMP runtime is libgomp, which the kernel's threads then share; anywhere else the products
+stay oneDNN's. ``RLHF_CPU_DECODE_KERNEL=off`` turns it off.
 """
 
 from __future__ import annotations
@@ -32,14 +33,12 @@ import ctypes
 import functools
 import hashlib
 import os
-import platform
 import shlex
 import stat
 import subprocess
-import sys
 import sysconfig
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,18 +60,6 @@ def kernel_choice() -> str:
         from rlhf.errors import ConfigError
         raise ConfigError(f"{ENV} must be auto or off, got {choice!r}")
     return choice
-
-
-def _cpu_has_avx512f() -> bool:
-    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return "avx512f" in line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    return False
 
 
 def _mapped_openmp_runtimes() -> set[str]:
@@ -137,9 +124,10 @@ def _build() -> Path:
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None where it is off or cannot run here (see the module docstring);
     decided once per process."""
-    from rlhf.cpu_linear import use_onednn
+    from rlhf.cpu_linear import cpu_capability, use_onednn
 
-    if kernel_choice() == "off" or not _cpu_has_avx512f() or not use_onednn():
+    # PyTorch's AVX-512 kernels need AVX-512F among others; ATEN_CPU_CAPABILITY lowering them turns it off too
+    if kernel_choice() == "off" or not cpu_capability().startswith("AVX512") or not use_onednn():
         return None
     runtimes = _mapped_openmp_runtimes()
     # the kernel's OpenMP must be PyTorch's own libgomp, loaded already (the loader then binds the
@@ -167,7 +155,11 @@ class DecodePacked:
 
     blocks: Tensor
     out_features: int
-    bounds: ctypes.Array
+    bounds: tuple[int, ...]
+    bounds_array: ctypes.Array = field(init=False, repr=False)  # as the kernel reads them
+
+    def __post_init__(self) -> None:
+        self.bounds_array = (ctypes.c_int * len(self.bounds))(*self.bounds)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -178,13 +170,9 @@ class DecodePacked:
         return self.blocks.shape[1]
 
 
-def _segment_bounds(in_features: int, length: int | None) -> list[int]:
+def _segment_bounds(in_features: int, length: int | None) -> tuple[int, ...]:
     step = length or in_features
-    return [*range(0, in_features, step), in_features]
-
-
-def _as_array(bounds: list[int]) -> ctypes.Array:
-    return (ctypes.c_int * len(bounds))(*bounds)
+    return (*range(0, in_features, step), in_features)
 
 
 def _blocks(weight: Tensor) -> Tensor:
@@ -230,9 +218,9 @@ def onednn_segments(weight: Tensor, blocks: Tensor) -> tuple[int, ...] | None:
             expected += [(x, None, onednn_linear(x, weight)) for x in inputs]
     finally:
         torch.set_num_threads(threads)
-    candidates = dict.fromkeys(tuple(_segment_bounds(shape[0], length)) for length in SEGMENT_CANDIDATES)
+    candidates = dict.fromkeys(_segment_bounds(shape[0], length) for length in SEGMENT_CANDIDATES)
     matching = [bounds for bounds in candidates
-                if all(torch.equal(linear(x, DecodePacked(blocks, shape[1], _as_array(list(bounds))), with_bias), sums)
+                if all(torch.equal(linear(x, DecodePacked(blocks, shape[1], bounds), with_bias), sums)
                        for x, with_bias, sums in expected)]
     if len(matching) > 1:
         # a weight whose sums come out exact in several orders (zeros, a few distinct small values)
@@ -260,7 +248,7 @@ def pack(weight: Tensor) -> DecodePacked | None:
         weight = weight.detach()
         blocks = _blocks(weight)
         bounds = onednn_segments(weight, blocks)
-        return None if bounds is None else DecodePacked(blocks, weight.shape[0], _as_array(list(bounds)))
+        return None if bounds is None else DecodePacked(blocks, weight.shape[0], bounds)
 
 
 def linear(x: Tensor, packed: DecodePacked, bias: Tensor | None = None) -> Tensor:
@@ -274,6 +262,6 @@ def linear(x: Tensor, packed: DecodePacked, bias: Tensor | None = None) -> Tenso
     if rows.shape[0] and library().rlhf_decode_linear(
             rows.data_ptr(), rows.stride(0), packed.blocks.data_ptr(), None if bias is None else bias.data_ptr(),
             out.data_ptr(), out.stride(0), rows.shape[0], packed.in_features, packed.out_features,
-            ctypes.addressof(packed.bounds), len(packed.bounds) - 1, torch.get_num_threads()):
+            ctypes.addressof(packed.bounds_array), len(packed.bounds) - 1, torch.get_num_threads()):
         raise MemoryError("decode_linear: no memory for the transposed rows")
     return out.view(*x.shape[:-1], packed.out_features)
