@@ -512,9 +512,10 @@ def _child(system: str, config_dict: dict[str, Any], workdir: str, queue: Any) -
         if system in SYSTEMS:  # what this trainer's process got, for the table's note
             result["malloc"] = allocator_in_use()
         if system.startswith("ours-"):
-            from rlhf.decode_linear import library
+            from rlhf.decode_linear import library, vector_width
 
-            result["decode_kernel"] = "on" if library() is not None and not config.bf16 else "off"
+            # the width it was built for (reports before the AVX2 build say "on": AVX-512)
+            result["decode_kernel"] = vector_width() if library() is not None and not config.bf16 else "off"
         queue.put((result, None))
     except Exception as exc:  # reported in the table, the other systems still run
         queue.put((None, one_line(exc)))

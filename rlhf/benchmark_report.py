@@ -147,10 +147,12 @@ def decode_kernel_note(report: dict[str, Any]) -> list[str]:
     kernel = report.get("decode_kernel")
     if kernel is None:  # no system of ours, or a report written before it was recorded
         return []
-    return [{"on": "ours' float32 decode products: the AVX-512 kernel (rlhf.decode_linear, oneDNN's sums)",
-             "off": "ours' decode products: not through the decode kernel (bfloat16, or it does not run here or "
-                    "is off)"}
-            .get(kernel, f"ours' decode kernel differed between processes ({kernel})")]
+    built = {"on": "AVX-512", "AVX512": "AVX-512", "AVX2": "AVX2"}  # "on": reports before the AVX2 build
+    if kernel in built:
+        return [f"ours' float32 decode products: the {built[kernel]} kernel (rlhf.decode_linear, oneDNN's sums)"]
+    if kernel == "off":
+        return ["ours' decode products: not through the decode kernel (bfloat16, or it does not run here or is off)"]
+    return [f"ours' decode kernel differed between processes ({kernel})"]
 
 
 def _percent(fraction: float | None) -> str:

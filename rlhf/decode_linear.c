@@ -1,19 +1,67 @@
-/* y = x W^T (+ bias) in float32 with AVX-512, for the sampler's products: decode steps (a few rows)
- * and prefills. Built and loaded by rlhf/decode_linear.py, which says why and what it measured.
+/* y = x W^T (+ bias) in float32 with AVX-512 or AVX2, for the sampler's products: decode steps (a
+ * few rows) and prefills. Built and loaded by rlhf/decode_linear.py, which says why and what it
+ * measured; built with -mavx512f the AVX-512 code below, else (-mavx2 -mfma) the AVX2 code.
  *
- * W is packed as blocks of 16 output columns, [ceil(N / 16)][K][16] (zero columns past N), so a
- * thread streams its blocks from memory in order. Three blocks (48 columns) are multiplied with 8
- * rows of x at a time: 24 accumulators, and per input k three weight loads and eight broadcasts
- * for 24 FMAs, so the FMAs, not the loads, set the pace. K is summed in segments (bounds[0] = 0 <
- * ... < bounds[segments] = K), each from zero with one FMA per k in order, and the segments' sums
- * are added in order: the caller picks the segments that give oneDNN's own sums. */
+ * W is packed as blocks of LANES output columns (one vector register: 16 with AVX-512, 8 with
+ * AVX2), [ceil(N / LANES)][K][LANES] (zero columns past N), so a thread streams its blocks from
+ * memory in order. Three blocks are multiplied with TILE_ROWS rows of x at a time (AVX-512: 8 rows
+ * x 48 columns, 24 accumulators, three weight loads and eight broadcasts per 24 FMAs; AVX2 with its
+ * 16 registers: 4 rows x 24 columns, 12 accumulators, three loads and four broadcasts per 12 FMAs),
+ * so the FMAs, not the loads, set the pace. K is summed in segments (bounds[0] = 0 < ... <
+ * bounds[segments] = K), each from zero with one FMA per k in order, and the segments' sums are
+ * added in order: the caller picks the segments that give oneDNN's own sums. */
 #include <immintrin.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef __AVX512F__
+/* one register holds 16 float32 columns; 32 registers: 8 rows x 3 blocks = 24 accumulators */
+#define LANES 16
 #define TILE_ROWS 8
+typedef __m512 vector;
+#define vector_zero _mm512_setzero_ps
+#define vector_load _mm512_loadu_ps
+#define vector_broadcast _mm512_set1_ps
+#define vector_fma _mm512_fmadd_ps
+#define vector_add _mm512_add_ps
+#else
+/* AVX2: 8 columns per register, 16 registers: 4 rows x 3 blocks = 12 accumulators, three weights
+ * and a broadcast */
+#define LANES 8
+#define TILE_ROWS 4
+typedef __m256 vector;
+#define vector_zero _mm256_setzero_ps
+#define vector_load _mm256_loadu_ps
+#define vector_broadcast _mm256_set1_ps
+#define vector_fma _mm256_fmadd_ps
+#define vector_add _mm256_add_ps
+#endif
 #define BLOCKS_PER_GROUP 3
+
+/* the first ``columns`` of a block (columns < LANES only for the last block of a weight) */
+static inline vector load_columns(const float *source, int columns)
+{
+#ifdef __AVX512F__
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << columns) - 1), source);
+#else
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(source, _mm256_cmpgt_epi32(_mm256_set1_epi32(columns), lane));
+#endif
+}
+
+static inline void store_columns(float *target, vector value, int columns)
+{
+#ifdef __AVX512F__
+    _mm512_mask_storeu_ps(target, (__mmask16)((1u << columns) - 1), value);
+#else
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_maskstore_ps(target, _mm256_cmpgt_epi32(_mm256_set1_epi32(columns), lane), value);
+#endif
+}
+
+/* the columns per packed block this build was made for (the packing must match) */
+int rlhf_decode_lanes(void) { return LANES; }
 /* bytes ahead of the weight being read that are fetched into the cache: the products start cold
  * on every call and read each weight once, so the hardware's prefetcher alone leaves the FMAs
  * waiting (on the 2-core Xeon a decode step's products 46 -> 34 ms; a non-temporal hint: slower) */
@@ -23,10 +71,10 @@ int rlhf_decode_linear(const float *x, long x_row_stride, const float *packed, c
                        float *y, long y_row_stride, int rows, int k_size, int n_size,
                        const int *bounds, int segments, int threads)
 {
-    int tiles = (rows + TILE_ROWS - 1) / TILE_ROWS, blocks = (n_size + 15) / 16;
+    int tiles = (rows + TILE_ROWS - 1) / TILE_ROWS, blocks = (n_size + LANES - 1) / LANES;
     int groups = (blocks + BLOCKS_PER_GROUP - 1) / BLOCKS_PER_GROUP;
-    /* x transposed per tile of 8 rows, [tiles][K][8]: the 8 values one k multiplies are adjacent
-     * (rows past the last are zero; their sums are not stored) */
+    /* x transposed per tile of rows, [tiles][K][TILE_ROWS]: the values one k multiplies are
+     * adjacent (rows past the last are zero; their sums are not stored) */
     size_t tile_floats = (size_t)k_size * TILE_ROWS;
     float *x_tiles = aligned_alloc(64, ((tiles * tile_floats * sizeof(float) + 63) / 64) * 64);
     if (x_tiles == NULL)
@@ -43,43 +91,42 @@ int rlhf_decode_linear(const float *x, long x_row_stride, const float *packed, c
         int first = group * BLOCKS_PER_GROUP;
         int in_group = blocks - first < BLOCKS_PER_GROUP ? blocks - first : BLOCKS_PER_GROUP;
         /* a short last group multiplies its first block again in the missing places, never stored */
-        const float *w0 = packed + (size_t)first * k_size * 16;
-        const float *w1 = in_group > 1 ? w0 + (size_t)k_size * 16 : w0;
-        const float *w2 = in_group > 2 ? w0 + (size_t)2 * k_size * 16 : w0;
+        const float *w0 = packed + (size_t)first * k_size * LANES;
+        const float *w1 = in_group > 1 ? w0 + (size_t)k_size * LANES : w0;
+        const float *w2 = in_group > 2 ? w0 + (size_t)2 * k_size * LANES : w0;
         for (int tile = 0; tile < tiles; tile++) {
             const float *x_tile = x_tiles + (size_t)tile * tile_floats;
-            __m512 total[3 * TILE_ROWS];
+            vector total[3 * TILE_ROWS];
             for (int segment = 0; segment < segments; segment++) {
-                __m512 sums[3 * TILE_ROWS];
+                vector sums[3 * TILE_ROWS];
                 for (int i = 0; i < 3 * TILE_ROWS; i++)
-                    sums[i] = _mm512_setzero_ps();
+                    sums[i] = vector_zero();
                 for (int k = bounds[segment]; k < bounds[segment + 1]; k++) {
-                    size_t at = (size_t)k * 16;
+                    size_t at = (size_t)k * LANES;
                     _mm_prefetch((const char *)(w0 + at) + PREFETCH_BYTES, _MM_HINT_T0);
                     _mm_prefetch((const char *)(w1 + at) + PREFETCH_BYTES, _MM_HINT_T0);
                     _mm_prefetch((const char *)(w2 + at) + PREFETCH_BYTES, _MM_HINT_T0);
-                    __m512 v0 = _mm512_loadu_ps(w0 + at), v1 = _mm512_loadu_ps(w1 + at), v2 = _mm512_loadu_ps(w2 + at);
+                    vector v0 = vector_load(w0 + at), v1 = vector_load(w1 + at), v2 = vector_load(w2 + at);
                     const float *xk = x_tile + (size_t)k * TILE_ROWS;
                     for (int i = 0; i < TILE_ROWS; i++) {
-                        __m512 xi = _mm512_set1_ps(xk[i]);
-                        sums[i] = _mm512_fmadd_ps(xi, v0, sums[i]);
-                        sums[TILE_ROWS + i] = _mm512_fmadd_ps(xi, v1, sums[TILE_ROWS + i]);
-                        sums[2 * TILE_ROWS + i] = _mm512_fmadd_ps(xi, v2, sums[2 * TILE_ROWS + i]);
+                        vector xi = vector_broadcast(xk[i]);
+                        sums[i] = vector_fma(xi, v0, sums[i]);
+                        sums[TILE_ROWS + i] = vector_fma(xi, v1, sums[TILE_ROWS + i]);
+                        sums[2 * TILE_ROWS + i] = vector_fma(xi, v2, sums[2 * TILE_ROWS + i]);
                     }
                 }
                 for (int i = 0; i < 3 * TILE_ROWS; i++)
-                    total[i] = segment == 0 ? sums[i] : _mm512_add_ps(total[i], sums[i]);
+                    total[i] = segment == 0 ? sums[i] : vector_add(total[i], sums[i]);
             }
             int tile_rows = rows - tile * TILE_ROWS < TILE_ROWS ? rows - tile * TILE_ROWS : TILE_ROWS;
             for (int j = 0; j < in_group; j++) {
-                int block = first + j, columns = n_size - block * 16 < 16 ? n_size - block * 16 : 16;
-                __mmask16 column_mask = (__mmask16)((1u << columns) - 1);
-                __m512 bias_vector = bias ? _mm512_maskz_loadu_ps(column_mask, bias + block * 16) : _mm512_setzero_ps();
+                int block = first + j, columns = n_size - block * LANES < LANES ? n_size - block * LANES : LANES;
+                vector bias_vector = bias ? load_columns(bias + block * LANES, columns) : vector_zero();
                 for (int m = 0; m < tile_rows; m++) {
-                    __m512 out = total[j * TILE_ROWS + m];
+                    vector out = total[j * TILE_ROWS + m];
                     if (bias)
-                        out = _mm512_add_ps(out, bias_vector);
-                    _mm512_mask_storeu_ps(y + (size_t)(tile * TILE_ROWS + m) * y_row_stride + block * 16, column_mask, out);
+                        out = vector_add(out, bias_vector);
+                    store_columns(y + (size_t)(tile * TILE_ROWS + m) * y_row_stride + block * LANES, out, columns);
                 }
             }
         }

@@ -1,11 +1,11 @@
-"""The sampler's float32 products on AVX-512 CPUs, bitwise oneDNN's, faster at a decode step's rows.
+"""The sampler's float32 products on AVX-512 and AVX2 CPUs, bitwise oneDNN's, faster at a decode step's rows.
 
 A decode step multiplies 16 rows (4 prompts x 4 samples) by every weight of the model once: a
 stream of the weights with 16 FMAs per weight. oneDNN's kernels, at that row count, read them far
 below the memory's rate: on the 2-core Xeon with AVX-512 and AMX (2026-12-07), the 121 products of
 a SmolLM2-135M decode step (538 MB of weights, packed for oneDNN) took 41-44 ms, 13 GB/s, where a
 plain read of the same weights in the same 121 calls takes about 27 ms (20 GB/s). Hand-written
-here (``decode_linear.c``, about 90 lines) since no library kernel does better at these rows
+here (``decode_linear.c``, about 140 lines) since no library kernel does better at these rows
 (MKL's is slower still), and measured to pay: the same products 32-33 ms (three runs each,
 alternating), 23 against 28 ms at 2 rows, 49 against 58 at 32, 109-111 against 115-118 at 128; a
 prefill of 384 rows takes about 1.1x oneDNN's time (302 against 270-280 ms for the layers), once
@@ -20,11 +20,22 @@ finds the ones that give oneDNN's sums for each weight shape on this machine, on
 by comparing both on random inputs; a shape none matches keeps oneDNN. A single row, where oneDNN
 takes another kernel, gets the sums of 2+ rows (those the update's products have).
 
+On the 2-core Zen 4 EPYC (AVX-512; 2026-12-08) the same 121 products took 26.7-28.4 ms against
+oneDNN's 28.6-31.9 at 16 rows and 15.7-18.1 against 23.6-25.9 at 2; from 32 rows they are as fast
+as oneDNN's (47-53 against 49-51 ms), and 3-10% slower at 128 (168-201 against 162-176). The
+same source built for AVX2 (``FLAGS_BY_WIDTH``; 8 columns per register and 16 registers: 4 rows
+x 24 columns per tile) against oneDNN's AVX2 kernels (``ONEDNN_MAX_CPU_ISA=AVX2`` on that Zen 4,
+whose 256-bit FMAs run at the same rate as on the AVX2 EPYCs; not measured on an AVX2 machine):
+33.8-34.9 against 41.0-47.7 ms at 16 rows, 18.7-21.2 against 25.4-27.6 at 2, 54-55 against 60-62
+at 32, the same at 128. oneDNN's AVX2 kernels sum in order too, in segments of their own (K =
+576 in one), which the probe below finds as it finds the AVX-512 ones.
+
 Used only where oneDNN takes the sampler's float32 products (``rlhf.cpu_linear.use_onednn``),
-PyTorch runs its AVX-512 kernels (``cpu_capability``: AVX-512F and more), a C compiler builds
-``decode_linear.c`` (about a second, once per machine, into ``RLHF_CACHE_DIR``), and PyTorch's
-OpenMP runtime is libgomp, which the kernel's threads then share; anywhere else the products
-stay oneDNN's. ``RLHF_CPU_DECODE_KERNEL=off`` turns it off.
+PyTorch runs its AVX-512 or AVX2 kernels (``vector_width``: its CPU capability, which
+``ATEN_CPU_CAPABILITY`` lowers), a C compiler builds ``decode_linear.c`` for that width (about a
+second, once per machine, into ``RLHF_CACHE_DIR``), and PyTorch's OpenMP runtime is libgomp,
+which the kernel's threads then share; anywhere else the products stay oneDNN's.
+``RLHF_CPU_DECODE_KERNEL=off`` turns it off.
 """
 
 from __future__ import annotations
@@ -46,9 +57,10 @@ from torch import Tensor
 
 ENV = "RLHF_CPU_DECODE_KERNEL"
 SOURCE = Path(__file__).with_name("decode_linear.c")
-FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC")
-# Output columns per packed block: one AVX-512 register of float32.
-BLOCK = 16
+# The compiler's flags for each vector width the kernel is built for (PyTorch's CPU capability:
+# AVX512 for every AVX-512 level it names, AVX2 with FMA); the source picks its code by them.
+FLAGS_BY_WIDTH = {"AVX512": ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC"),
+                  "AVX2": ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")}
 # Segment lengths tried, in order, for the one that gives oneDNN's sums (512 and 1024 seen).
 SEGMENT_CANDIDATES = (512, 1024, None, 256, 2048, 128, 4096, 64)  # None: K in one segment
 
@@ -72,6 +84,14 @@ def _mapped_openmp_runtimes() -> set[str]:
     return {line.split()[-1] for line in lines if any(name in line.rsplit("/", 1)[-1] for name in names)}
 
 
+def vector_width() -> str | None:
+    """AVX512 or AVX2: the kernel built for PyTorch's own CPU capability here, or None (no kernel)."""
+    from rlhf.cpu_linear import cpu_capability
+
+    capability = cpu_capability()  # ATEN_CPU_CAPABILITY lowers it, and the kernel with it
+    return "AVX512" if capability.startswith("AVX512") else "AVX2" if capability == "AVX2" else None
+
+
 def _compiler() -> list[str]:
     return shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
 
@@ -87,14 +107,14 @@ def _private(folder: Path) -> bool:
     return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
-def _build() -> Path:
-    """The kernel's shared library, compiled into the cache on first use (keyed by source, flags and
-    compiler, so an edit or another compiler builds afresh). Raises OSError / CalledProcessError /
-    TimeoutExpired where it cannot be built."""
+def _build(width: str) -> Path:
+    """The kernel's shared library for ``width`` (AVX512 or AVX2), compiled into the cache on first
+    use (keyed by source, flags and compiler, so an edit or another compiler builds afresh). Raises
+    OSError / CalledProcessError / TimeoutExpired where it cannot be built."""
     from rlhf.models import cache_root
 
-    compiler = _compiler()
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((compiler, FLAGS)).encode()).hexdigest()[:16]
+    compiler, build_flags = _compiler(), FLAGS_BY_WIDTH[width]
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((compiler, build_flags)).encode()).hexdigest()[:16]
     cache, shared = cache_root() / "kernels", Path(tempfile.gettempdir()) / f"rlhf-kernels-{os.getuid()}"
     for folder in (cache, shared):
         if (folder / f"decode_linear-{key}.so").exists() and (folder is cache or _private(shared)):
@@ -111,7 +131,7 @@ def _build() -> Path:
         target = folder / f"decode_linear-{key}.so"
         partial = folder / f".{target.name}.{os.getpid()}"
         try:
-            subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True,
+            subprocess.run([*compiler, *build_flags, str(SOURCE), "-o", str(partial)], check=True,
                            capture_output=True, timeout=120)
             os.replace(partial, target)  # whole or absent for another process building it too
         finally:
@@ -124,10 +144,9 @@ def _build() -> Path:
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None where it is off or cannot run here (see the module docstring);
     decided once per process."""
-    from rlhf.cpu_linear import cpu_capability, use_onednn
+    from rlhf.cpu_linear import use_onednn
 
-    # PyTorch's AVX-512 kernels need AVX-512F among others; ATEN_CPU_CAPABILITY lowering them turns it off too
-    if kernel_choice() == "off" or not cpu_capability().startswith("AVX512") or not use_onednn():
+    if kernel_choice() == "off" or vector_width() is None or not use_onednn():
         return None
     runtimes = _mapped_openmp_runtimes()
     # the kernel's OpenMP must be PyTorch's own libgomp, loaded already (the loader then binds the
@@ -135,11 +154,18 @@ def library() -> ctypes.CDLL | None:
     if len(runtimes) != 1 or "libgomp" not in next(iter(runtimes)):
         return None
     try:
-        loaded = ctypes.CDLL(str(_build()))
-    except (OSError, subprocess.SubprocessError):
+        loaded = load(vector_width())
+    except (OSError, AttributeError, subprocess.SubprocessError):  # AttributeError: a function missing
         return None
-    if _mapped_openmp_runtimes() != runtimes:
-        return None
+    return loaded if _mapped_openmp_runtimes() == runtimes else None
+
+
+def load(width: str) -> ctypes.CDLL:
+    """The kernel built for ``width`` (AVX512 or AVX2), loaded and its functions typed; ``library``
+    decides which, if any, runs here. Raises where it cannot be built or loaded."""
+    loaded = ctypes.CDLL(str(_build(width)))
+    loaded.rlhf_decode_lanes.restype = ctypes.c_int
+    loaded.rlhf_decode_lanes.argtypes = []
     function = loaded.rlhf_decode_linear
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -150,8 +176,9 @@ def library() -> ctypes.CDLL | None:
 
 @dataclass(eq=False)
 class DecodePacked:
-    """A float32 weight [out, in] packed for the kernel: ``blocks`` [ceil(out / 16), in, 16] (zero
-    columns past ``out_features``), and the segments of ``in`` that give oneDNN's sums."""
+    """A float32 weight [out, in] packed for the kernel: ``blocks`` [ceil(out / lanes), in, lanes]
+    (``lanes()``; zero columns past ``out_features``), and the segments of ``in`` that give oneDNN's
+    sums."""
 
     blocks: Tensor
     out_features: int
@@ -175,12 +202,19 @@ def _segment_bounds(in_features: int, length: int | None) -> tuple[int, ...]:
     return (*range(0, in_features, step), in_features)
 
 
+def lanes() -> int:
+    """Output columns per packed block: one vector register of float32 in the loaded kernel (16
+    with AVX-512, 8 with AVX2). Only where ``library()`` is not None."""
+    return library().rlhf_decode_lanes()
+
+
 def _blocks(weight: Tensor) -> Tensor:
     out_features, in_features = weight.shape
-    padding = -out_features % BLOCK
+    block = lanes()
+    padding = -out_features % block
     if padding:
         weight = torch.cat([weight, weight.new_zeros(padding, in_features)])
-    return weight.view(-1, BLOCK, in_features).transpose(1, 2).contiguous()
+    return weight.view(-1, block, in_features).transpose(1, 2).contiguous()
 
 
 # (in, out) -> the segment bounds found for that weight shape, or None: none matched
@@ -253,13 +287,17 @@ def pack(weight: Tensor) -> DecodePacked | None:
 
 def linear(x: Tensor, packed: DecodePacked, bias: Tensor | None = None) -> Tensor:
     """x W^T + b: x [..., in] float32, ``packed`` from ``pack`` -> [..., out]. No autograd."""
+    kernel = library()
+    if kernel is None or packed.blocks.shape[-1] != kernel.rlhf_decode_lanes():
+        # packed for another build of the kernel (the process changed its mind): its blocks would be misread
+        raise RuntimeError("decode_linear: this weight was packed for another vector width than the kernel loaded")
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     if bias is not None:
         bias = bias.contiguous()
     out = x.new_empty(rows.shape[0], packed.out_features)
-    if rows.shape[0] and library().rlhf_decode_linear(
+    if rows.shape[0] and kernel.rlhf_decode_linear(
             rows.data_ptr(), rows.stride(0), packed.blocks.data_ptr(), None if bias is None else bias.data_ptr(),
             out.data_ptr(), out.stride(0), rows.shape[0], packed.in_features, packed.out_features,
             ctypes.addressof(packed.bounds_array), len(packed.bounds) - 1, torch.get_num_threads()):

@@ -1,5 +1,6 @@
 """The decode kernel (rlhf.decode_linear) gives oneDNN's products bitwise, and keeps oneDNN wherever it cannot."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from rlhf import cpu_linear, decode_linear
 from rlhf.errors import ConfigError
 
 needs_kernel = pytest.mark.skipif(decode_linear.library() is None,
-                                  reason="the decode kernel does not run here (no AVX-512F, oneDNN or C compiler)")
+                                  reason="the decode kernel does not run here (no AVX-512F or AVX2, oneDNN or compiler)")
 
 
 @pytest.fixture
@@ -23,18 +24,31 @@ def fresh_kernel(monkeypatch, tmp_path):
     decode_linear.forget_segments()
 
 
+@pytest.fixture(params=["native", "AVX2"])
+def kernel_width(request, fresh_kernel):
+    """The kernel this machine builds, and its AVX2 build (which an AVX-512 machine runs too: the
+    AVX2 machines' code path, tested here against this machine's oneDNN sums)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "AVX2":
+            avx2 = decode_linear.load("AVX2")
+            patch.setattr(decode_linear, "library", lambda: avx2)
+        yield request.param
+
+
 @needs_kernel
 @pytest.mark.parametrize("outputs, inputs", [(960, 576), (576, 1536), (100, 576), (72, 1000), (257, 2048)])
-def test_its_products_are_onednns_bitwise_at_every_row_count_from_two(outputs, inputs):
+def test_its_products_are_onednns_bitwise_at_every_row_count_from_two(outputs, inputs, kernel_width):
     """The sums of the plain weight through oneDNN (as the update multiplies), for 2 to 300 rows
-    (tiles of 8 rows, full and not), with and without a bias, rows of a 3-D input and rows strided
-    in memory (the LM head reads the last position of each sequence)."""
+    (tiles of 8 rows with AVX-512, 4 with AVX2, full and not), with and without a bias, rows of a
+    3-D input and rows strided in memory (the LM head reads the last position of each sequence)."""
+    lanes = 8 if kernel_width == "AVX2" else {"AVX512": 16, "AVX2": 8}[decode_linear.vector_width()]
+    assert decode_linear.lanes() == lanes
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(outputs, inputs, generator=generator)
     bias = torch.randn(outputs, generator=generator)
     packed = decode_linear.pack(weight)
-    assert packed is not None
-    for rows in (2, 3, 7, 8, 9, 15, 16, 17, 33, 300):
+    assert packed is not None and packed.blocks.shape == (-(-outputs // lanes), inputs, lanes)
+    for rows in (2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33, 300):
         x = torch.randn(rows, inputs, generator=generator)
         for with_bias in (None, bias):
             expected = cpu_linear.onednn_linear(x, weight, with_bias)
@@ -81,6 +95,45 @@ def test_a_weight_whose_sums_are_exact_in_any_order_decides_no_order(fresh_kerne
     packed = decode_linear.pack(weight)
     x = torch.randn(16, 1536)
     assert packed is not None and torch.equal(decode_linear.linear(x, packed), cpu_linear.onednn_linear(x, weight))
+
+
+@needs_kernel
+def test_an_avx2_machine_builds_and_runs_the_avx2_kernel(tmp_path):
+    """Where PyTorch and oneDNN run AVX2 kernels (here lowered to them, as on the AVX2 EPYCs), the
+    sampler packs for the kernel's AVX2 build (8 columns per block) and its products are oneDNN's
+    AVX2 sums bitwise (which oneDNN segments its own way: the probe finds them)."""
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from rlhf import cpu_linear, decode_linear
+assert torch.backends.cpu.get_cpu_capability() == "AVX2" and decode_linear.vector_width() == "AVX2"
+assert decode_linear.library() is not None and decode_linear.lanes() == 8
+generator = torch.Generator().manual_seed(0)
+for outputs, inputs in [(960, 576), (100, 1536), (3072, 576)]:
+    weight, bias = torch.randn(outputs, inputs, generator=generator), torch.randn(outputs, generator=generator)
+    packed = cpu_linear.pack_for_sampling(weight)
+    assert isinstance(packed, decode_linear.DecodePacked) and packed.blocks.shape[-1] == 8
+    for rows in (2, 5, 16, 19):
+        x = torch.randn(rows, inputs, generator=generator)
+        assert torch.equal(cpu_linear.packed_linear(x, packed, bias), cpu_linear.onednn_linear(x, weight, bias))
+print("ok")
+"""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "RLHF_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    assert [path.name.startswith("decode_linear-") for path in (tmp_path / "kernels").glob("*.so")] == [True]
+
+
+@needs_kernel
+def test_a_weight_packed_for_another_width_is_refused_not_misread(fresh_kernel):
+    weight, x = torch.randn(96, 576), torch.randn(4, 576)
+    native = decode_linear.pack(weight)
+    other = decode_linear.load("AVX2" if decode_linear.vector_width() == "AVX512" else "AVX512")
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError, match="another vector width"):
+        patch.setattr(decode_linear, "library", lambda: other)
+        decode_linear.linear(x, native)
 
 
 @needs_kernel
@@ -208,7 +261,9 @@ def test_the_sampler_draws_the_same_tokens_and_logprobs_with_it_and_without(monk
 def test_the_benchmark_table_says_whether_ours_decoded_through_it():
     from rlhf.benchmark_report import decode_kernel_note
 
-    assert "AVX-512 kernel" in decode_kernel_note({"decode_kernel": "on"})[0]
+    assert "AVX-512 kernel" in decode_kernel_note({"decode_kernel": "on"})[0]  # reports before the AVX2 build
+    assert "AVX-512 kernel" in decode_kernel_note({"decode_kernel": "AVX512"})[0]
+    assert "AVX2 kernel" in decode_kernel_note({"decode_kernel": "AVX2"})[0]
     assert "not through the decode kernel" in decode_kernel_note({"decode_kernel": "off"})[0]
     assert "differed" in decode_kernel_note({"decode_kernel": "off, on"})[0]
     assert decode_kernel_note({}) == []
@@ -235,8 +290,9 @@ def test_a_temporary_folder_others_can_write_into_is_not_trusted(monkeypatch, fr
     folder = shared_tmp / f"rlhf-kernels-{os.getuid()}"
     folder.mkdir()
     folder.chmod(0o777)
+    flags = decode_linear.FLAGS_BY_WIDTH[decode_linear.vector_width()]
     key = hashlib.sha256(decode_linear.SOURCE.read_bytes()
-                         + repr((decode_linear._compiler(), decode_linear.FLAGS)).encode()).hexdigest()[:16]
+                         + repr((decode_linear._compiler(), flags)).encode()).hexdigest()[:16]
     key_name = f"decode_linear-{key}.so"
     subprocess.run([*decode_linear._compiler(), "-shared", "-fPIC", str(planted_source), "-o", str(folder / key_name)],
                    check=True)
