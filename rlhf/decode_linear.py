@@ -214,7 +214,7 @@ def _blocks(weight: Tensor) -> Tensor:
     padding = -out_features % block
     if padding:
         weight = torch.cat([weight, weight.new_zeros(padding, in_features)])
-    return weight.view(-1, block, in_features).transpose(1, 2).contiguous()
+    return weight.reshape(-1, block, in_features).transpose(1, 2).contiguous()  # any strides
 
 
 # (in, out) -> the segment bounds found for that weight shape, or None: none matched
@@ -276,7 +276,7 @@ def pack(weight: Tensor) -> DecodePacked | None:
     """``weight`` [out, in] packed for the kernel, or None where the kernel does not run here or
     does not give oneDNN's sums at this shape (the caller packs for oneDNN then)."""
     if (weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu"
-            or library() is None):
+            or 0 in weight.shape or library() is None):
         return None
     with torch.no_grad():
         weight = weight.detach()

@@ -137,6 +137,18 @@ def test_a_weight_packed_for_another_width_is_refused_not_misread(fresh_kernel):
 
 
 @needs_kernel
+def test_any_weight_layout_packs_and_an_empty_weight_keeps_onednn():
+    """A weight viewed transposed (strides of another layout) packs as its contiguous copy would,
+    and a weight with no inputs or outputs is left to oneDNN (before: both raised in ``pack``)."""
+    generator = torch.Generator().manual_seed(4)
+    for weight in (torch.randn(576, 32, generator=generator).t(), torch.randn(576, 48, generator=generator).t()):
+        packed, x = decode_linear.pack(weight), torch.randn(5, 576, generator=generator)
+        assert packed is not None
+        assert torch.equal(decode_linear.linear(x, packed), cpu_linear.onednn_linear(x, weight.contiguous()))
+    assert decode_linear.pack(torch.randn(16, 0)) is None and decode_linear.pack(torch.randn(0, 16)) is None
+
+
+@needs_kernel
 def test_a_single_row_gets_the_sums_two_rows_get():
     """oneDNN multiplies one row through another kernel (other rounding); the kernel gives it the
     sums of 2+ rows, those the update's products have."""
