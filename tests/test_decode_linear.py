@@ -10,7 +10,7 @@ from rlhf import cpu_linear, decode_linear
 from rlhf.errors import ConfigError
 
 needs_kernel = pytest.mark.skipif(decode_linear.library() is None,
-                                  reason="the decode kernel does not run here (no AVX-512F or AVX2, oneDNN or compiler)")
+                                  reason="the decode kernel does not run here (no AVX-512F or AVX2, oneDNN, compiler)")
 
 
 @pytest.fixture
