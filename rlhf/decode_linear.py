@@ -146,7 +146,8 @@ def library() -> ctypes.CDLL | None:
     decided once per process."""
     from rlhf.cpu_linear import use_onednn
 
-    if kernel_choice() == "off" or vector_width() is None or not use_onednn():
+    width = vector_width()
+    if kernel_choice() == "off" or width is None or not use_onednn():
         return None
     runtimes = _mapped_openmp_runtimes()
     # the kernel's OpenMP must be PyTorch's own libgomp, loaded already (the loader then binds the
@@ -154,18 +155,20 @@ def library() -> ctypes.CDLL | None:
     if len(runtimes) != 1 or "libgomp" not in next(iter(runtimes)):
         return None
     try:
-        loaded = load(vector_width())
+        loaded = load(width)
     except (OSError, AttributeError, subprocess.SubprocessError):  # AttributeError: a function missing
         return None
     return loaded if _mapped_openmp_runtimes() == runtimes else None
 
 
 def load(width: str) -> ctypes.CDLL:
-    """The kernel built for ``width`` (AVX512 or AVX2), loaded and its functions typed; ``library``
-    decides which, if any, runs here. Raises where it cannot be built or loaded."""
+    """The kernel built for ``width`` (AVX512 or AVX2), loaded and its functions typed, and its
+    ``lanes`` (output columns per packed block) read once; ``library`` decides which, if any, runs
+    here. Raises where it cannot be built or loaded."""
     loaded = ctypes.CDLL(str(_build(width)))
     loaded.rlhf_decode_lanes.restype = ctypes.c_int
     loaded.rlhf_decode_lanes.argtypes = []
+    loaded.lanes = loaded.rlhf_decode_lanes()
     function = loaded.rlhf_decode_linear
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -205,7 +208,7 @@ def _segment_bounds(in_features: int, length: int | None) -> tuple[int, ...]:
 def lanes() -> int:
     """Output columns per packed block: one vector register of float32 in the loaded kernel (16
     with AVX-512, 8 with AVX2). Only where ``library()`` is not None."""
-    return library().rlhf_decode_lanes()
+    return library().lanes
 
 
 def _blocks(weight: Tensor) -> Tensor:
@@ -288,7 +291,7 @@ def pack(weight: Tensor) -> DecodePacked | None:
 def linear(x: Tensor, packed: DecodePacked, bias: Tensor | None = None) -> Tensor:
     """x W^T + b: x [..., in] float32, ``packed`` from ``pack`` -> [..., out]. No autograd."""
     kernel = library()
-    if kernel is None or packed.blocks.shape[-1] != kernel.rlhf_decode_lanes():
+    if kernel is None or packed.blocks.shape[-1] != kernel.lanes:
         # packed for another build of the kernel (the process changed its mind): its blocks would be misread
         raise RuntimeError("decode_linear: this weight was packed for another vector width than the kernel loaded")
     rows = x.reshape(-1, x.shape[-1])
