@@ -677,12 +677,10 @@ def through_link(path: Path) -> Path:
 def check_inputs(config: BenchmarkConfig) -> Path | None:
     """Refuse, in one line and before anything runs or is written, what would otherwise fail in
     every system's process: an --out that cannot take the results, a bad RLHF_CPU_LINEAR or
-    RLHF_CPU_DECODE_KERNEL, a model
-    whose config does not load, a response length beyond the model's positions (``run_sweep``
-    refuses a model the roofline cannot count). Then --out's folder exists (--profile writes there
-    while running);
-    returns the outermost folder made for it (None: it was there), for ``benchmark_to_files`` to
-    take back if nothing gets written."""
+    RLHF_CPU_DECODE_KERNEL, a model whose config does not load, a response length beyond the
+    model's positions (``run_sweep`` refuses a model the roofline cannot count). Then --out's
+    folder exists (--profile writes there while running); returns the outermost folder made for it
+    (None: it was there), for ``benchmark_to_files`` to take back if nothing gets written."""
     import torch
 
     from rlhf.config import RLConfig

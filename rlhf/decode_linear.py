@@ -234,10 +234,10 @@ def onednn_segments(weight: Tensor, blocks: Tensor) -> tuple[int, ...] | None:
     packed) equal oneDNN's through ``weight`` bitwise, or None; probed once per weight shape and
     process, on the weight itself (no second weight of its size in memory; oneDNN's reorder inside
     the product is the only transient copy), with random inputs of 2 and 19 rows, with and without
-    a bias, at this process's thread count, one thread and one per core (``_cores``): oneDNN splits the inputs
-    of a weight with very few outputs and very many inputs (such as 32 x 32768) across threads,
-    and a sum that changes with the thread count matches no segments (a reviewer's probe at one
-    thread had matched, then differed at two)."""
+    a bias, at this process's thread count, one thread and one per core (``_cores``): oneDNN
+    splits the inputs of a weight with very few outputs and very many inputs (such as 32 x 32768)
+    across threads, and a sum that changes with the thread count matches no segments (a
+    reviewer's probe at one thread had matched, then differed at two)."""
     from rlhf.cpu_linear import onednn_linear
 
     shape = (weight.shape[1], weight.shape[0])
