@@ -67,6 +67,53 @@ int rlhf_decode_lanes(void) { return LANES; }
  * waiting (on the 2-core Xeon a decode step's products 46 -> 34 ms; a non-temporal hint: slower) */
 #define PREFETCH_BYTES 4096
 
+/* One tile's sums: ``tile_rows`` rows of x (the tile's first ones) times a group's three blocks,
+ * into total[block * TILE_ROWS + row]. Inlined with a constant ``tile_rows`` (see multiply_tile),
+ * so each row count gets its own unrolled loop: a last tile of fewer rows multiplies only those
+ * (until 2026-12-08 every tile multiplied all TILE_ROWS, zero rows included; 10 rows cost 16). */
+static inline __attribute__((always_inline)) void multiply_rows(
+    const float *x_tile, const float *w0, const float *w1, const float *w2, const int *bounds, int segments,
+    vector *total, const int tile_rows)
+{
+    for (int segment = 0; segment < segments; segment++) {
+        vector sums[3 * TILE_ROWS];
+        for (int i = 0; i < 3 * TILE_ROWS; i++)
+            sums[i] = vector_zero();
+        for (int k = bounds[segment]; k < bounds[segment + 1]; k++) {
+            size_t at = (size_t)k * LANES;
+            _mm_prefetch((const char *)(w0 + at) + PREFETCH_BYTES, _MM_HINT_T0);
+            _mm_prefetch((const char *)(w1 + at) + PREFETCH_BYTES, _MM_HINT_T0);
+            _mm_prefetch((const char *)(w2 + at) + PREFETCH_BYTES, _MM_HINT_T0);
+            vector v0 = vector_load(w0 + at), v1 = vector_load(w1 + at), v2 = vector_load(w2 + at);
+            const float *xk = x_tile + (size_t)k * TILE_ROWS;
+            for (int i = 0; i < tile_rows; i++) {
+                vector xi = vector_broadcast(xk[i]);
+                sums[i] = vector_fma(xi, v0, sums[i]);
+                sums[TILE_ROWS + i] = vector_fma(xi, v1, sums[TILE_ROWS + i]);
+                sums[2 * TILE_ROWS + i] = vector_fma(xi, v2, sums[2 * TILE_ROWS + i]);
+            }
+        }
+        for (int j = 0; j < 3; j++)
+            for (int i = 0; i < tile_rows; i++)
+                total[j * TILE_ROWS + i] = segment == 0 ? sums[j * TILE_ROWS + i]
+                                                        : vector_add(total[j * TILE_ROWS + i], sums[j * TILE_ROWS + i]);
+    }
+}
+
+#define ROWS_CASE(count) \
+    case count: multiply_rows(x_tile, w0, w1, w2, bounds, segments, total, count); break;
+
+static void multiply_tile(const float *x_tile, const float *w0, const float *w1, const float *w2, const int *bounds,
+                          int segments, vector *total, int tile_rows)
+{
+    switch (tile_rows) {
+    ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4)
+#if TILE_ROWS > 4
+    ROWS_CASE(5) ROWS_CASE(6) ROWS_CASE(7) ROWS_CASE(8)
+#endif
+    }
+}
+
 int rlhf_decode_linear(const float *x, long x_row_stride, const float *packed, const float *bias,
                        float *y, long y_row_stride, int rows, int k_size, int n_size,
                        const int *bounds, int segments, int threads)
@@ -96,29 +143,9 @@ int rlhf_decode_linear(const float *x, long x_row_stride, const float *packed, c
         const float *w2 = in_group > 2 ? w0 + (size_t)2 * k_size * LANES : w0;
         for (int tile = 0; tile < tiles; tile++) {
             const float *x_tile = x_tiles + (size_t)tile * tile_floats;
-            vector total[3 * TILE_ROWS];
-            for (int segment = 0; segment < segments; segment++) {
-                vector sums[3 * TILE_ROWS];
-                for (int i = 0; i < 3 * TILE_ROWS; i++)
-                    sums[i] = vector_zero();
-                for (int k = bounds[segment]; k < bounds[segment + 1]; k++) {
-                    size_t at = (size_t)k * LANES;
-                    _mm_prefetch((const char *)(w0 + at) + PREFETCH_BYTES, _MM_HINT_T0);
-                    _mm_prefetch((const char *)(w1 + at) + PREFETCH_BYTES, _MM_HINT_T0);
-                    _mm_prefetch((const char *)(w2 + at) + PREFETCH_BYTES, _MM_HINT_T0);
-                    vector v0 = vector_load(w0 + at), v1 = vector_load(w1 + at), v2 = vector_load(w2 + at);
-                    const float *xk = x_tile + (size_t)k * TILE_ROWS;
-                    for (int i = 0; i < TILE_ROWS; i++) {
-                        vector xi = vector_broadcast(xk[i]);
-                        sums[i] = vector_fma(xi, v0, sums[i]);
-                        sums[TILE_ROWS + i] = vector_fma(xi, v1, sums[TILE_ROWS + i]);
-                        sums[2 * TILE_ROWS + i] = vector_fma(xi, v2, sums[2 * TILE_ROWS + i]);
-                    }
-                }
-                for (int i = 0; i < 3 * TILE_ROWS; i++)
-                    total[i] = segment == 0 ? sums[i] : vector_add(total[i], sums[i]);
-            }
             int tile_rows = rows - tile * TILE_ROWS < TILE_ROWS ? rows - tile * TILE_ROWS : TILE_ROWS;
+            vector total[3 * TILE_ROWS];
+            multiply_tile(x_tile, w0, w1, w2, bounds, segments, total, tile_rows);
             for (int j = 0; j < in_group; j++) {
                 int block = first + j, columns = n_size - block * LANES < LANES ? n_size - block * LANES : LANES;
                 vector bias_vector = bias ? load_columns(bias + block * LANES, columns) : vector_zero();

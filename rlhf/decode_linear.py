@@ -30,6 +30,13 @@ whose 256-bit FMAs run at the same rate as on the AVX2 EPYCs; not measured on an
 at 32, the same at 128. oneDNN's AVX2 kernels sum in order too, in segments of their own (K =
 576 in one), which the probe below finds as it finds the AVX-512 ones.
 
+A last tile of fewer rows than a full one multiplies only its rows (since 2026-12-08; before, the
+zero rows too): on the Zen 4 the 121 products at 9 / 10 / 12 / 14 / 20 rows 29.3 / 29.5 / 29.3 /
+29.5 / 40.3 -> 23.2 / 24.0 / 24.6 / 27.0 / 34.9 ms, full tiles (16, 24 rows) and 2 to 6 rows as
+before; the benchmark's GRPO at 4 prompts x 3 samples (12 rows) and 128 tokens generated in 6.21
+/ 6.73 s against 6.78 / 7.37 (alternating processes). Such counts are common: groups of 3 or 6,
+and rows leaving the decode batch as their responses end (``compact_finished_rows``).
+
 Used only where oneDNN takes the sampler's float32 products (``rlhf.cpu_linear.use_onednn``),
 PyTorch runs its AVX-512 or AVX2 kernels (``vector_width``: its CPU capability, which
 ``ATEN_CPU_CAPABILITY`` lowers), a C compiler builds ``decode_linear.c`` for that width (about a

@@ -39,8 +39,9 @@ def kernel_width(request, fresh_kernel):
 @pytest.mark.parametrize("outputs, inputs", [(960, 576), (576, 1536), (100, 576), (72, 1000), (257, 2048)])
 def test_its_products_are_onednns_bitwise_at_every_row_count_from_two(outputs, inputs, kernel_width):
     """The sums of the plain weight through oneDNN (as the update multiplies), for 2 to 300 rows
-    (tiles of 8 rows with AVX-512, 4 with AVX2, full and not), with and without a bias, rows of a
-    3-D input and rows strided in memory (the LM head reads the last position of each sequence)."""
+    (tiles of 8 rows with AVX-512, 4 with AVX2: full ones, and a last tile of every row count,
+    each its own code), with and without a bias, rows of a 3-D input and rows strided in memory
+    (the LM head reads the last position of each sequence)."""
     lanes = 8 if kernel_width == "AVX2" else {"AVX512": 16, "AVX2": 8}[decode_linear.vector_width()]
     assert decode_linear.lanes() == lanes
     generator = torch.Generator().manual_seed(0)
@@ -48,7 +49,7 @@ def test_its_products_are_onednns_bitwise_at_every_row_count_from_two(outputs, i
     bias = torch.randn(outputs, generator=generator)
     packed = decode_linear.pack(weight)
     assert packed is not None and packed.blocks.shape == (-(-outputs // lanes), inputs, lanes)
-    for rows in (2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33, 300):
+    for rows in (2, 3, 4, 5, 6, 7, 8, 9, 10, 14, 15, 16, 17, 33, 300):
         x = torch.randn(rows, inputs, generator=generator)
         for with_bias in (None, bias):
             expected = cpu_linear.onednn_linear(x, weight, with_bias)
