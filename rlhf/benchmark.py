@@ -179,7 +179,9 @@ def _summarise(rows: list[dict[str, float]], sequences: int) -> dict[str, Any]:
         "steps_measured": len(rows),
         "step_time_s": step,
         "samples_per_second": sequences / step,
-        "tokens_per_second": statistics.median(r["tokens"] / r["step"] for r in rows),
+        # the same median step as samples/s: a median of per-step rates averages two rates over an
+        # even number of steps, so tokens/s was not samples/s x the length at full length
+        "tokens_per_second": statistics.median(r["tokens"] for r in rows) / step,
         **{f"{phase}_s": statistics.median(r[phase] for r in rows) for phase in PHASES},
         # the batch's shape as our trainer ran it (for the roofline): padded prompt and response columns
         **{key: statistics.median(r[key] for r in rows)
