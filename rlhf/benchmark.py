@@ -879,6 +879,7 @@ def run_sweep(config: BenchmarkConfig, model_path: str) -> dict[str, Any]:
     report: dict[str, Any] = {"kind": "sweep", "settings": dataclasses.asdict(config), "runs": []}
     if config.roofline:
         model_shape(model_path)  # a model the roofline cannot count fails here, before any system runs
+        check_full_attention(model_path, config.model, max(config.sweep_lengths))
         report["machine"] = run_in_child("machine", base)
     for index, length in enumerate(config.sweep_lengths):
         at = dataclasses.replace(base, max_new_tokens=length)
@@ -903,6 +904,28 @@ def compare(results: dict[str, Any]) -> dict[str, Any]:
     if "step_time_s" in ours and "floor_step_s" in results.get("floor", {}):
         found["ours_grpo_step_over_floor"] = ours["step_time_s"] / results["floor"]["floor_step_s"]
     return found
+
+
+def check_full_attention(model: str, shown: str, longest: int) -> None:
+    """ConfigError (one line) where ``model`` has sliding-window layers whose window the benchmark's
+    sequences (the prompt budget and ``longest`` new tokens) may pass: rlhf.roofline counts every
+    query against every earlier key and every row's whole KV cache read per decoded token, so there
+    its bound would be too high and the share of it too flattering (Mistral's ``sliding_window``,
+    Qwen2/3's ``use_sliding_window``, Gemma 2/3's local layers)."""
+    from rlhf.config import RLConfig
+
+    text = model_config(model)
+    text = text.get_text_config() if hasattr(text, "get_text_config") else text
+    window = getattr(text, "sliding_window", None)
+    kinds = getattr(text, "layer_types", None)
+    if not isinstance(window, int) or isinstance(window, bool) or (kinds is not None and "sliding_attention" not in kinds):
+        return
+    budget = next(f.default for f in dataclasses.fields(RLConfig) if f.name == "max_prompt_length")
+    if budget + longest > window:
+        raise ConfigError(f"--roofline counts full causal attention, and {shown} has sliding-window layers of "
+                          f"{window} tokens that {longest} new tokens after the benchmark's {budget}-token prompt "
+                          f"budget may pass ({budget + longest}): drop --roofline or choose lengths up to "
+                          f"{max(window - budget, 0)}")
 
 
 def roofline_of(config: BenchmarkConfig, ours: dict[str, Any], machine: dict[str, Any]) -> dict[str, Any]:

@@ -259,3 +259,32 @@ def test_report_numbers_show_no_negative_zero_and_no_zero_share():
     assert _number(-1.25, 1) == "-1.2" and _number(float("nan")) == "—" and _number(None) == "—"
     assert _percent(0.002) == "<1%" and _percent(0.006) == "1%" and _percent(0.0) == "0%" and _percent(0.5) == "50%"
     assert _percent(None) == "—"
+
+
+def test_roofline_refuses_a_sliding_window_the_sequences_may_pass(tmp_path, run_here):
+    """rlhf.roofline counts full causal attention and each row's whole KV cache: a review's Mistral
+    with sliding_window 4 ran --roofline at 4 and 8 new tokens (51-token prompts) and got a bound
+    counting every key; now one line and exit 2 before any system runs, and a window wider than
+    the sequences (Mistral's 4096 at short lengths) or none (Qwen2 without use_sliding_window) passes."""
+    from conftest import assert_one_line_error
+    from transformers import MistralConfig, Qwen2Config
+
+    from rlhf.benchmark import check_full_attention
+    from rlhf.errors import ConfigError
+
+    shape = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    for name, config in {"narrow": MistralConfig(**shape, sliding_window=4),
+                         "wide": MistralConfig(**shape, sliding_window=4096),
+                         "qwen2": Qwen2Config(**shape),
+                         "qwen2-window": Qwen2Config(**shape, use_sliding_window=True, sliding_window=64,
+                                                     max_window_layers=0)}.items():
+        config.save_pretrained(tmp_path / name)
+    check_full_attention(str(tmp_path / "wide"), "wide", 256)
+    check_full_attention(str(tmp_path / "qwen2"), "qwen2", 256)
+    with pytest.raises(ConfigError, match="sliding-window layers of 64 tokens"):
+        check_full_attention(str(tmp_path / "qwen2-window"), "qwen2-window", 8)
+    result = run_here("benchmark.py", "--systems", "ours-grpo", "--model", str(tmp_path / "narrow"), "--roofline",
+                      "true", "--steps", "1", "--lengths", "4", "8", "--out", str(tmp_path / "bench.json"))
+    assert_one_line_error(result, "--roofline counts full causal attention", "sliding-window layers of 4 tokens")
+    assert "ours-grpo" not in result.stdout and not (tmp_path / "bench.json").exists()
