@@ -924,8 +924,8 @@ def check_full_attention(model: str, shown: str, longest: int) -> None:
     if budget + longest > window:
         raise ConfigError(f"--roofline counts full causal attention, and {shown} has sliding-window layers of "
                           f"{window} tokens that {longest} new tokens after the benchmark's {budget}-token prompt "
-                          f"budget may pass ({budget + longest}): drop --roofline or choose lengths up to "
-                          f"{max(window - budget, 0)}")
+                          f"budget may pass ({budget + longest}): drop --roofline"
+                          + (f" or choose lengths up to {window - budget}" if window > budget else " for this model"))
 
 
 def roofline_of(config: BenchmarkConfig, ours: dict[str, Any], machine: dict[str, Any]) -> dict[str, Any]:
