@@ -121,7 +121,7 @@ int rlhf_decode_linear(const float *x, long x_row_stride, const float *packed, c
     int tiles = (rows + TILE_ROWS - 1) / TILE_ROWS, blocks = (n_size + LANES - 1) / LANES;
     int groups = (blocks + BLOCKS_PER_GROUP - 1) / BLOCKS_PER_GROUP;
     /* x transposed per tile of rows, [tiles][K][TILE_ROWS]: the values one k multiplies are
-     * adjacent (rows past the last are zero; their sums are not stored) */
+     * adjacent (rows past the last are zero, and a last tile multiplies only its own) */
     size_t tile_floats = (size_t)k_size * TILE_ROWS;
     float *x_tiles = aligned_alloc(64, ((tiles * tile_floats * sizeof(float) + 63) / 64) * 64);
     if (x_tiles == NULL)
