@@ -706,6 +706,15 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
         if special:
             raise ConfigError(f"--out {out}: {path} is {special}, where the run writes a file of its own (the "
                               "JSON, with the table and plot beside it; the table is printed too): choose another --out")
+    if not out.exists() and not out.is_symlink():
+        # a table, plot or op table with no JSON at --out is another report's, whose --out had this
+        # stem (``x/b`` after ``x/b.json``): until 2026-12-08 this run replaced it, the other JSON kept
+        another = next((path for kind, path in output_paths(out).items()
+                        if kind != "json" and path.is_file() and not path.is_symlink()), None)
+        if another is not None:
+            raise ConfigError(f"--out {out}: {another} is there without {out.name}, so it is another report's (an "
+                              f"--out with the stem {out.stem!r}), and this run would replace it; choose another "
+                              "--out, or move that file away")
     runs = runs_dir(out)
     if config.learning and runs.is_symlink():  # the race renames and deletes its runs folder: never a link's target
         raise ConfigError(f"--out {out}: {runs} is a link, where the race keeps its runs in a folder of its own; "
@@ -918,7 +927,8 @@ def check_full_attention(model: str, shown: str, longest: int) -> None:
     text = text.get_text_config() if hasattr(text, "get_text_config") else text
     window = getattr(text, "sliding_window", None)
     kinds = getattr(text, "layer_types", None)
-    if not isinstance(window, int) or isinstance(window, bool) or (kinds is not None and "sliding_attention" not in kinds):
+    no_window = not isinstance(window, int) or isinstance(window, bool)
+    if no_window or (kinds is not None and "sliding_attention" not in kinds):
         return
     budget = next(f.default for f in dataclasses.fields(RLConfig) if f.name == "max_prompt_length")
     if budget + longest > window:

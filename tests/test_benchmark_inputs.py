@@ -136,11 +136,13 @@ def test_a_failed_run_leaves_no_profile_and_no_folder_of_its_own(tmp_path, tiny_
     assert not (tmp_path / "made").exists()
 
     out = tmp_path / "b.json"
+    out.write_text('{"kind": "sweep"}')  # an earlier run's report, with its profile
     benchmark.output_paths(out)["profile"].write_text("an earlier profile")
     with pytest.raises(ConfigError, match="every system failed"):
         benchmark_to_files(_config(tmp_path, model=str(tiny_model_dir), out=str(out), profile=True))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.profile.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.profile.txt"]
     assert benchmark.output_paths(out)["profile"].read_text() == "an earlier profile"
+    assert out.read_text() == '{"kind": "sweep"}'
 
     def ran(config, model_path):
         benchmark.unfinished_profile(out).write_text("this run's profile")
@@ -533,6 +535,7 @@ def test_an_out_that_names_a_folder_is_one_line_and_exit_2(out, run_here):
 def test_an_earlier_runs_profile_does_not_stay_beside_a_report_without_one(tmp_path, tiny_model_dir, monkeypatch):
     _written_plainly(monkeypatch)
     out = tmp_path / "b.json"
+    out.write_text('{"kind": "sweep"}')  # the earlier run's report, beside its op table
     stale = benchmark.output_paths(out)["profile"]
     stale.write_text("an earlier run's op table")
     monkeypatch.setattr(benchmark, "run_sweep", lambda config, model_path: {
@@ -660,3 +663,24 @@ def test_a_race_keeps_earlier_runs_whose_report_or_id_is_damaged(damage, tmp_pat
         benchmark_to_files(config)
     assert _files(runs) == [".race_id", *EARLIER_RACE]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["race-runs", "race.json"]
+
+
+def test_an_out_whose_table_and_plot_are_another_reports_is_refused(tmp_path, tiny_model_dir, run_here):
+    """--out x/b after --out x/b.json would write b.md and b.png over that report's table and plot
+    while its JSON stays (a review found them replaced): one line, exit 2, every file as it was; the
+    same --out again replaces its own files, and a link placed at the table's path is no report's."""
+    from conftest import assert_one_line_error
+
+    earlier = {tmp_path / "b.json": "{}", tmp_path / "b.md": "| table |", tmp_path / "b.png": "png"}
+    for path, text in earlier.items():
+        path.write_text(text)
+    result = run_here("benchmark.py", "--systems", "ours-grpo", "--model", str(tiny_model_dir), "--steps", "1",
+                      "--warmup_steps", "0", "--lengths", "4", "--out", str(tmp_path / "b"))
+    assert_one_line_error(result, "b.md is there without b, so it is another report's", "choose another --out")
+    assert {path: path.read_text() for path in earlier} == earlier and not (tmp_path / "b").exists()
+    (tmp_path / "c.profile.txt").write_text("an op table")
+    with pytest.raises(ConfigError, match="c.profile.txt is there without c.json"):
+        check_inputs(_config(tmp_path, model=str(tiny_model_dir), out=str(tmp_path / "c.json")))
+    check_inputs(_config(tmp_path, model=str(tiny_model_dir), out=str(tmp_path / "b.json")))  # its own files
+    (tmp_path / "d.md").symlink_to(tmp_path / "elsewhere.md")
+    check_inputs(_config(tmp_path, model=str(tiny_model_dir), out=str(tmp_path / "d.json")))
