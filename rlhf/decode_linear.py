@@ -301,6 +301,8 @@ def linear(x: Tensor, packed: DecodePacked, bias: Tensor | None = None) -> Tenso
     if kernel is None or packed.blocks.shape[-1] != kernel.lanes:
         # packed for another build of the kernel (the process changed its mind): its blocks would be misread
         raise RuntimeError("decode_linear: this weight was packed for another vector width than the kernel loaded")
+    if x.shape[-1] != packed.in_features:  # the kernel would read past each row's end
+        raise ValueError(f"decode_linear: x has {x.shape[-1]} features, the weight {packed.in_features} inputs")
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()

@@ -131,6 +131,16 @@ print("ok")
 
 
 @needs_kernel
+def test_rows_of_another_width_than_the_weights_inputs_are_refused():
+    """Rows narrower than the weight's inputs were read past their end (a review's [3, 100] rows
+    through a [64, 576] weight gave a [3, 64] product of whatever memory followed), wider ones cut."""
+    packed = decode_linear.pack(torch.randn(64, 576))
+    for width in (100, 577):
+        with pytest.raises(ValueError, match=f"x has {width} features, the weight 576 inputs"):
+            decode_linear.linear(torch.randn(3, width), packed)
+
+
+@needs_kernel
 def test_a_weight_packed_for_another_width_is_refused_not_misread(fresh_kernel):
     weight, x = torch.randn(96, 576), torch.randn(4, 576)
     native = decode_linear.pack(weight)
