@@ -5,7 +5,7 @@ stream of the weights with 16 FMAs per weight. oneDNN's kernels, at that row cou
 below the memory's rate: on the 2-core Xeon with AVX-512 and AMX (2026-12-07), the 121 products of
 a SmolLM2-135M decode step (538 MB of weights, packed for oneDNN) took 41-44 ms, 13 GB/s, where a
 plain read of the same weights in the same 121 calls takes about 27 ms (20 GB/s). Hand-written
-here (``decode_linear.c``, about 140 lines) since no library kernel does better at these rows
+here (``decode_linear.c``, about 160 lines) since no library kernel does better at these rows
 (MKL's is slower still), and measured to pay: the same products 32-33 ms (three runs each,
 alternating), 23 against 28 ms at 2 rows, 49 against 58 at 32, 109-111 against 115-118 at 128; a
 prefill of 384 rows takes about 1.1x oneDNN's time (302 against 270-280 ms for the layers), once
