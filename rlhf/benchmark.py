@@ -685,7 +685,6 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
     (None: it was there), for ``benchmark_to_files`` to take back if nothing gets written."""
     import torch
 
-    from rlhf.config import RLConfig
     from rlhf.cpu_linear import use_onednn
     from rlhf.decode_linear import kernel_choice
     from rlhf.learning_race import holds_another_folder, runs_dir, unmatched_race_runs
@@ -750,8 +749,7 @@ def check_inputs(config: BenchmarkConfig) -> Path | None:
         raise ConfigError(f"--out {out}: {existing} is a file, not a folder")
     use_onednn()  # a bad RLHF_CPU_LINEAR
     kernel_choice()  # a bad RLHF_CPU_DECODE_KERNEL
-    # the prompt budget every system's run gets (ours_config leaves RLConfig's default)
-    prompt_budget = next(f.default for f in dataclasses.fields(RLConfig) if f.name == "max_prompt_length")
+    prompt_budget = benchmark_prompt_budget()
     longest = max([*config.sweep_lengths, *([config.max_new_tokens] if config.grow else [])])
     for spec in dict.fromkeys([config.model, *(config.grow_models if config.grow else [])]):
         positions = model_positions(spec)
@@ -915,14 +913,20 @@ def compare(results: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+def benchmark_prompt_budget() -> int:
+    """The prompt budget every system's run gets: RLConfig's default max_prompt_length, which
+    ours_config leaves as it is."""
+    from rlhf.config import RLConfig
+
+    return next(f.default for f in dataclasses.fields(RLConfig) if f.name == "max_prompt_length")
+
+
 def check_full_attention(model: str, shown: str, longest: int) -> None:
     """ConfigError (one line) where ``model`` has sliding-window layers whose window the benchmark's
     sequences (the prompt budget and ``longest`` new tokens) may pass: rlhf.roofline counts every
     query against every earlier key and every row's whole KV cache read per decoded token, so there
     its bound would be too high and the share of it too flattering (Mistral's ``sliding_window``,
     Qwen2/3's ``use_sliding_window``, Gemma 2/3's local layers)."""
-    from rlhf.config import RLConfig
-
     text = model_config(model)
     text = text.get_text_config() if hasattr(text, "get_text_config") else text
     window = getattr(text, "sliding_window", None)
@@ -930,7 +934,7 @@ def check_full_attention(model: str, shown: str, longest: int) -> None:
     no_window = not isinstance(window, int) or isinstance(window, bool)
     if no_window or (kinds is not None and "sliding_attention" not in kinds):
         return
-    budget = next(f.default for f in dataclasses.fields(RLConfig) if f.name == "max_prompt_length")
+    budget = benchmark_prompt_budget()
     if budget + longest > window:
         raise ConfigError(f"--roofline counts full causal attention, and {shown} has sliding-window layers of "
                           f"{window} tokens that {longest} new tokens after the benchmark's {budget}-token prompt "
